@@ -1,1 +1,26 @@
 //! sluice block devices.
+//!
+//! A [`Bdev`] is a named block device; I/O goes through a per-reactor
+//! [`IoChannel`] (see [`channel`]), is described by a [`BdevIo`] that the caller
+//! owns until submission and gets back on completion through its [`IoDone`], and
+//! always completes on the reactor that submitted it, never inside `submit`.
+
+mod async_io;
+mod bdev;
+mod channel;
+mod deferred;
+pub mod dma;
+mod error;
+mod io;
+mod registry;
+mod stats;
+
+pub use async_io::{read_at, simple_io, submit_wait, write_at, IoResult};
+pub use bdev::{Bdev, Channel};
+pub use channel::{channel, drop_cached_channels, local_stats, IoChannel};
+pub use deferred::complete_deferred;
+pub use dma::DmaBuf;
+pub use error::BdevError;
+pub use io::{BdevIo, IoDone, IoStatus, IoType, IoVec};
+pub use registry::{registry, release_channels, Registry};
+pub use stats::{IoStats, IoStatsSnapshot};

@@ -1,0 +1,65 @@
+//! The block device trait and its per-reactor channel.
+
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoType};
+use serde_json::Value;
+use std::any::Any;
+
+/// A named block device. Shared across reactors (`Send + Sync`); I/O goes through
+/// per-reactor [`Channel`]s made by [`Bdev::create_channel`].
+pub trait Bdev: Send + Sync + 'static {
+    /// Unique name.
+    fn name(&self) -> &str;
+    /// SPDK's `product_name` (e.g. "Malloc disk").
+    fn product_name(&self) -> &str;
+    /// Logical block size in bytes.
+    fn block_size(&self) -> u32;
+    /// Number of blocks.
+    fn num_blocks(&self) -> u64;
+    /// Size in bytes.
+    fn size(&self) -> u64 {
+        self.num_blocks() * self.block_size() as u64
+    }
+    /// Whether an I/O type is supported.
+    fn io_type_supported(&self, t: IoType) -> bool;
+    /// Required buffer alignment in bytes (1 = any).
+    fn required_alignment(&self) -> u32 {
+        1
+    }
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// A UUID string, if the bdev has one.
+    fn uuid(&self) -> Option<String> {
+        None
+    }
+    /// Creates this reactor's channel. Called on the reactor that will use it.
+    fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError>;
+    /// `driver_specific` of `bdev_get_bdevs`.
+    fn driver_specific(&self) -> Value {
+        Value::Null
+    }
+    /// The `{"method", "params"}` that recreates this bdev (for `save_config`), if any.
+    fn config(&self) -> Option<Value> {
+        None
+    }
+    /// Called once when the bdev is deleted from the registry.
+    fn on_delete(&self) {}
+    /// For downcasting to the concrete bdev (qcow2 block status, error injection).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One reactor's path to a bdev. Not `Send`: used only on the reactor that made it.
+pub trait Channel {
+    /// Takes the request. `Ok`: it will complete later on this reactor through its
+    /// `IoDone`, never inside this call. `Err(io)`: the queue is full; the request
+    /// is handed back untouched, retry after [`Channel::wait_for_space`].
+    fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>>;
+
+    /// Calls `f` once on this reactor when a submission may succeed again.
+    /// The default retries on the next reactor iteration.
+    fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
+        reactor::spawn_local(async move { f() });
+    }
+}

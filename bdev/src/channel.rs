@@ -1,0 +1,133 @@
+//! The generic front of every channel: validation, statistics and the
+//! per-reactor cache of channels (one per bdev per reactor).
+
+use crate::bdev::{Bdev, Channel};
+use crate::deferred::complete_deferred;
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoStatus, IoType};
+use crate::stats::IoStats;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// A bdev's channel on this reactor, wrapped with request validation and stats.
+pub struct IoChannel {
+    bdev: Arc<dyn Bdev>,
+    inner: Box<dyn Channel>,
+    block_mask: u64,
+    size: u64,
+    read_only: bool,
+    supported: [bool; 5],
+    stats: Rc<IoStats>,
+}
+
+fn type_index(t: IoType) -> usize {
+    match t {
+        IoType::Read => 0,
+        IoType::Write => 1,
+        IoType::Flush => 2,
+        IoType::Unmap => 3,
+        IoType::WriteZeroes => 4,
+    }
+}
+
+impl IoChannel {
+    fn new(bdev: Arc<dyn Bdev>) -> Result<Self, BdevError> {
+        let inner = bdev.create_channel()?;
+        let mut supported = [false; 5];
+        for t in [IoType::Read, IoType::Write, IoType::Flush, IoType::Unmap, IoType::WriteZeroes] {
+            supported[type_index(t)] = bdev.io_type_supported(t);
+        }
+        Ok(Self {
+            block_mask: bdev.block_size() as u64 - 1,
+            size: bdev.size(),
+            read_only: bdev.read_only(),
+            supported,
+            stats: Rc::new(IoStats::default()),
+            inner,
+            bdev,
+        })
+    }
+
+    /// The bdev behind this channel.
+    pub fn bdev(&self) -> &Arc<dyn Bdev> {
+        &self.bdev
+    }
+
+    /// This reactor's counters for the bdev.
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+
+    /// Validates and submits. Invalid requests complete (later) with `Einval`,
+    /// `Unsupported` or `ReadOnly`; `Err(io)` means the queue is full.
+    #[inline]
+    pub fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        io.submit_tick = reactor::ticks();
+        io.stats = Some(self.stats.clone());
+        if let Some(bad) = self.check(&io) {
+            complete_deferred(io, bad);
+            return Ok(());
+        }
+        self.inner.submit(io)
+    }
+
+    #[inline]
+    fn check(&self, io: &BdevIo) -> Option<IoStatus> {
+        let t = io.io_type;
+        if !self.supported[type_index(t)] {
+            return Some(IoStatus::Unsupported);
+        }
+        if self.read_only && t != IoType::Read && t != IoType::Flush {
+            return Some(IoStatus::ReadOnly);
+        }
+        if t == IoType::Flush {
+            return None;
+        }
+        let end = io.offset.checked_add(io.len);
+        if (io.offset | io.len) & self.block_mask != 0 || end.is_none_or(|e| e > self.size) || io.len == 0 {
+            return Some(IoStatus::Einval);
+        }
+        if t.has_data() && io.iovs().iter().map(|v| v.len() as u64).sum::<u64>() < io.len {
+            return Some(IoStatus::Einval);
+        }
+        None
+    }
+
+    /// See [`Channel::wait_for_space`].
+    pub fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
+        self.inner.wait_for_space(f)
+    }
+}
+
+thread_local! {
+    static CHANNELS: RefCell<HashMap<usize, Rc<IoChannel>>> = RefCell::new(HashMap::new());
+}
+
+fn key(b: &Arc<dyn Bdev>) -> usize {
+    Arc::as_ptr(b) as *const () as usize
+}
+
+/// This reactor's channel to `bdev`, created on first use and cached.
+pub fn channel(bdev: &Arc<dyn Bdev>) -> Result<Rc<IoChannel>, BdevError> {
+    let k = key(bdev);
+    if let Some(c) = CHANNELS.with(|m| m.borrow().get(&k).cloned()) {
+        return Ok(c);
+    }
+    let c = Rc::new(IoChannel::new(bdev.clone())?);
+    CHANNELS.with(|m| m.borrow_mut().insert(k, c.clone()));
+    Ok(c)
+}
+
+/// Drops this reactor's cached channel to `bdev` (on delete), returning its final stats.
+pub fn drop_cached_channels(bdev: &Arc<dyn Bdev>) {
+    let k = key(bdev);
+    CHANNELS.with(|m| m.borrow_mut().remove(&k));
+}
+
+/// This reactor's counters for `bdev`, if it has a channel.
+pub fn local_stats(bdev: &Arc<dyn Bdev>) -> Option<crate::IoStatsSnapshot> {
+    let k = key(bdev);
+    CHANNELS.with(|m| m.borrow().get(&k).map(|c| c.stats.snapshot()))
+}

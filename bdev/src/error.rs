@@ -1,0 +1,63 @@
+use thiserror::Error;
+
+/// Errors of the bdev layer (control path; data-path failures are [`crate::IoStatus`]).
+#[derive(Debug, Error)]
+pub enum BdevError {
+    /// No bdev of that name.
+    #[error("no bdev named {0:?}")]
+    NotFound(String),
+    /// A bdev of that name exists already.
+    #[error("a bdev named {0:?} already exists")]
+    Exists(String),
+    /// The bdev is in use by a layer above and cannot be deleted or claimed again.
+    #[error("bdev {name:?} is in use by {by}")]
+    Claimed { name: String, by: String },
+    /// A parameter is wrong; the message names it.
+    #[error("invalid parameter: {0}")]
+    InvalidParam(String),
+    /// The operation is not supported by this bdev.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// Out of (DMA) memory.
+    #[error("out of memory: {0}")]
+    NoMem(String),
+    /// An I/O failed with this status.
+    #[error("I/O error: {0}")]
+    Io(crate::IoStatus),
+    /// The image or device contents are invalid.
+    #[error("corrupt or invalid data: {0}")]
+    Corrupt(String),
+    /// An operating-system error, with what was being done.
+    #[error("{what}: {source}")]
+    Os {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reactor runtime refused the work.
+    #[error("runtime: {0}")]
+    Runtime(String),
+}
+
+impl BdevError {
+    /// Wraps an OS error with context.
+    pub fn os(what: impl Into<String>, source: std::io::Error) -> Self {
+        BdevError::Os { what: what.into(), source }
+    }
+
+    /// The negative errno SPDK would return for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            BdevError::NotFound(_) => -libc::ENODEV,
+            BdevError::Exists(_) => -libc::EEXIST,
+            BdevError::Claimed { .. } => -libc::EBUSY,
+            BdevError::InvalidParam(_) => -libc::EINVAL,
+            BdevError::Unsupported(_) => -libc::ENOTSUP,
+            BdevError::NoMem(_) => -libc::ENOMEM,
+            BdevError::Io(s) => -s.errno(),
+            BdevError::Corrupt(_) => -libc::EINVAL,
+            BdevError::Os { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
+            BdevError::Runtime(_) => -libc::ESHUTDOWN,
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The I/O request: what to do, where, with which memory, and who to tell.
+
+use crate::dma::DmaBuf;
+use crate::stats::IoStats;
+use smallvec::SmallVec;
+use std::rc::Rc;
+
+/// The kinds of I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoType {
+    /// Read into the request's buffers.
+    Read,
+    /// Write from the request's buffers.
+    Write,
+    /// Make earlier completed writes durable.
+    Flush,
+    /// Discard a range (reads may then return anything the bdev documents; ours return zeroes).
+    Unmap,
+    /// Make a range read as zeroes.
+    WriteZeroes,
+}
+
+impl IoType {
+    /// SPDK's name of the type (as in `supported_io_types`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Flush => "flush",
+            IoType::Unmap => "unmap",
+            IoType::WriteZeroes => "write_zeroes",
+        }
+    }
+
+    /// Whether the type moves data through buffers.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoType::Read | IoType::Write)
+    }
+}
+
+/// The outcome of an I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStatus {
+    /// Not completed yet.
+    Pending,
+    /// Done.
+    Success,
+    /// Device error.
+    Eio,
+    /// No space left (thin provisioning, a full image file).
+    Enospc,
+    /// Out of range or misaligned request.
+    Einval,
+    /// The bdev does not support this I/O type.
+    Unsupported,
+    /// No memory / resources to carry it out.
+    Nomem,
+    /// Aborted (reset, detach, shutdown).
+    Aborted,
+    /// The device is read-only.
+    ReadOnly,
+}
+
+impl IoStatus {
+    /// Whether it succeeded.
+    pub fn is_ok(self) -> bool {
+        self == IoStatus::Success
+    }
+
+    /// The positive errno matching this status.
+    pub fn errno(self) -> i32 {
+        match self {
+            IoStatus::Pending | IoStatus::Success => 0,
+            IoStatus::Eio => libc::EIO,
+            IoStatus::Enospc => libc::ENOSPC,
+            IoStatus::Einval => libc::EINVAL,
+            IoStatus::Unsupported => libc::ENOTSUP,
+            IoStatus::Nomem => libc::ENOMEM,
+            IoStatus::Aborted => libc::ECANCELED,
+            IoStatus::ReadOnly => libc::EPERM,
+        }
+    }
+
+    /// The status matching a (positive or negative) errno.
+    pub fn from_errno(e: i32) -> Self {
+        match e.abs() {
+            0 => IoStatus::Success,
+            libc::ENOSPC | libc::EDQUOT => IoStatus::Enospc,
+            libc::EINVAL => IoStatus::Einval,
+            libc::ENOTSUP => IoStatus::Unsupported,
+            libc::ENOMEM | libc::EAGAIN => IoStatus::Nomem,
+            libc::ECANCELED => IoStatus::Aborted,
+            libc::EPERM | libc::EROFS | libc::EACCES => IoStatus::ReadOnly,
+            _ => IoStatus::Eio,
+        }
+    }
+}
+
+impl std::fmt::Display for IoStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            IoStatus::Pending => "pending",
+            IoStatus::Success => "success",
+            IoStatus::Eio => "input/output error (EIO)",
+            IoStatus::Enospc => "no space left on device (ENOSPC)",
+            IoStatus::Einval => "invalid request: out of range or misaligned (EINVAL)",
+            IoStatus::Unsupported => "operation not supported by this bdev (ENOTSUP)",
+            IoStatus::Nomem => "out of resources (ENOMEM)",
+            IoStatus::Aborted => "aborted (ECANCELED)",
+            IoStatus::ReadOnly => "device is read-only (EPERM)",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One segment of a request's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct IoVec {
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: usize,
+}
+
+impl IoVec {
+    /// Start address (for io_uring / NVMe PRPs).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Who is told when a request completes. Called on the submitting reactor,
+/// never from inside `submit`.
+pub trait IoDone {
+    /// The request comes back with its status set.
+    fn io_done(&self, io: Box<BdevIo>);
+}
+
+/// An I/O request. The submitter owns it (and its memory) until it submits it;
+/// the bdev owns it until it completes it, which hands it back through `done`.
+///
+/// Memory safety of the segments: a request built with [`BdevIo::new`] owns its
+/// buffer; one built with [`BdevIo::sub_io`] borrows its parent's memory and the
+/// parent must outlive it (an `unsafe` contract for virtual bdevs).
+pub struct BdevIo {
+    /// What to do.
+    pub io_type: IoType,
+    /// Byte offset on the bdev.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Force unit access: the write is durable when it completes.
+    pub fua: bool,
+    /// The outcome, set on completion.
+    pub status: IoStatus,
+    /// Free for the submitter (a slot index, a sequence number).
+    pub tag: u64,
+    /// Tick of submission (set by [`crate::IoChannel::submit`]).
+    pub submit_tick: u64,
+    iovs: SmallVec<[IoVec; 2]>,
+    buf: Option<DmaBuf>,
+    done: Option<Rc<dyn IoDone>>,
+    pub(crate) stats: Option<Rc<IoStats>>,
+}
+
+impl BdevIo {
+    /// A request over a whole buffer (`buf` may be `None` for flush, unmap and
+    /// write-zeroes). For reads and writes, `len` is the buffer's length.
+    pub fn new(io_type: IoType, offset: u64, len: u64, buf: Option<DmaBuf>, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+        let mut iovs = SmallVec::new();
+        let len = match &buf {
+            Some(b) if io_type.has_data() => {
+                iovs.push(IoVec { ptr: b.as_ptr() as *mut u8, len: b.len() });
+                b.len() as u64
+            }
+            _ => len,
+        };
+        Box::new(Self {
+            io_type,
+            offset,
+            len,
+            fua: false,
+            status: IoStatus::Pending,
+            tag: 0,
+            submit_tick: 0,
+            iovs,
+            buf,
+            done,
+            stats: None,
+        })
+    }
+
+    /// A read of `buf.len()` bytes at `offset` into `buf`.
+    pub fn read(offset: u64, buf: DmaBuf, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+        let len = buf.len() as u64;
+        Self::new(IoType::Read, offset, len, Some(buf), done)
+    }
+
+    /// A write of `buf` at `offset`.
+    pub fn write(offset: u64, buf: DmaBuf, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+        let len = buf.len() as u64;
+        Self::new(IoType::Write, offset, len, Some(buf), done)
+    }
+
+    /// A request over several buffers (vectored); `len` is their total length.
+    pub fn vectored(io_type: IoType, offset: u64, bufs: &[&DmaBuf], owner: Option<DmaBuf>, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+        let mut io = Self::new(io_type, offset, 0, None, done);
+        for b in bufs {
+            io.iovs.push(IoVec { ptr: b.as_ptr() as *mut u8, len: b.len() });
+            io.len += b.len() as u64;
+        }
+        io.buf = owner;
+        io
+    }
+
+    /// A request of `io_type` at `offset` over bytes `[start, start+len)` of
+    /// `parent`'s memory (for virtual bdevs splitting a request).
+    ///
+    /// # Safety
+    /// The parent's memory must stay valid (the parent not completed, not dropped,
+    /// its buffers not touched) until this request has completed.
+    pub unsafe fn sub_io(parent: &BdevIo, start: u64, len: u64, io_type: IoType, offset: u64, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+        let mut io = Self::new(io_type, offset, len, None, done);
+        if io_type.has_data() {
+            let mut skip = start as usize;
+            let mut want = len as usize;
+            for v in &parent.iovs {
+                if want == 0 {
+                    break;
+                }
+                if skip >= v.len {
+                    skip -= v.len;
+                    continue;
+                }
+                let take = (v.len - skip).min(want);
+                // The pointer stays inside the parent's segment: skip < v.len and take <= v.len - skip.
+                io.iovs.push(IoVec { ptr: v.ptr.wrapping_add(skip), len: take });
+                want -= take;
+                skip = 0;
+            }
+        }
+        io
+    }
+
+    /// The memory segments.
+    pub fn iovs(&self) -> &[IoVec] {
+        &self.iovs
+    }
+
+    /// The owned buffer, if the request was built over one.
+    pub fn buf(&self) -> Option<&DmaBuf> {
+        self.buf.as_ref()
+    }
+
+    /// Takes the owned buffer back (after completion).
+    pub fn take_buf(&mut self) -> Option<DmaBuf> {
+        self.iovs.clear();
+        self.buf.take()
+    }
+
+    /// Replaces the completion target.
+    pub fn set_done(&mut self, done: Option<Rc<dyn IoDone>>) {
+        self.done = done;
+    }
+
+    /// Copies `dst.len()` bytes from the request's memory at byte `pos` into `dst`.
+    pub fn copy_out(&self, mut pos: usize, dst: &mut [u8]) {
+        let mut filled = 0;
+        for v in &self.iovs {
+            if filled == dst.len() {
+                break;
+            }
+            if pos >= v.len {
+                pos -= v.len;
+                continue;
+            }
+            let n = (v.len - pos).min(dst.len() - filled);
+            // SAFETY: the segment is valid for v.len bytes for the life of the request
+            // (see the type's contract); pos + n <= v.len.
+            let src = unsafe { std::slice::from_raw_parts(v.ptr.add(pos), n) };
+            dst[filled..filled + n].copy_from_slice(src);
+            filled += n;
+            pos = 0;
+        }
+    }
+
+    /// Copies `src` into the request's memory at byte `pos`.
+    pub fn copy_in(&mut self, mut pos: usize, src: &[u8]) {
+        let mut done = 0;
+        for v in &self.iovs {
+            if done == src.len() {
+                break;
+            }
+            if pos >= v.len {
+                pos -= v.len;
+                continue;
+            }
+            let n = (v.len - pos).min(src.len() - done);
+            // SAFETY: as in `copy_out`; the request owns (or exclusively borrows) this memory.
+            let dst = unsafe { std::slice::from_raw_parts_mut(v.ptr.add(pos), n) };
+            dst.copy_from_slice(&src[done..done + n]);
+            done += n;
+            pos = 0;
+        }
+    }
+
+    /// Fills `len` bytes of the request's memory at `pos` with zeroes.
+    pub fn zero(&mut self, mut pos: usize, len: usize) {
+        let mut done = 0;
+        for v in &self.iovs {
+            if done == len {
+                break;
+            }
+            if pos >= v.len {
+                pos -= v.len;
+                continue;
+            }
+            let n = (v.len - pos).min(len - done);
+            // SAFETY: as in `copy_in`.
+            unsafe { std::ptr::write_bytes(v.ptr.add(pos), 0, n) };
+            done += n;
+            pos = 0;
+        }
+    }
+
+    /// Sets the status and hands the request back to its submitter. Bdevs call
+    /// this from their pollers (or [`crate::complete_deferred`]), never inside `submit`.
+    #[inline]
+    pub fn complete(mut self: Box<Self>, status: IoStatus) {
+        self.status = status;
+        if let Some(st) = self.stats.take() {
+            st.record(&self);
+        }
+        if let Some(d) = self.done.clone() {
+            d.io_done(self);
+        }
+    }
+}
