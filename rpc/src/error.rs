@@ -1,0 +1,125 @@
+//! RPC errors, and the one place where every crate's errors become JSON-RPC
+//! codes and QMP error classes.
+
+use serde_json::{json, Value};
+use thiserror::Error;
+
+/// QMP error classes (QEMU 10's, plus the 2011 streaming API's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Everything QEMU reports without a specific class.
+    GenericError,
+    /// Unknown command (or not yet negotiated).
+    CommandNotFound,
+    /// A device or node that does not exist.
+    DeviceNotFound,
+    /// No job/stream on the device.
+    DeviceNotActive,
+    /// The device is busy (2011 API).
+    DeviceInUse,
+    /// The operation is not supported (2011 API).
+    NotSupported,
+}
+
+impl ErrorClass {
+    /// The class name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::GenericError => "GenericError",
+            ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
+            ErrorClass::DeviceInUse => "DeviceInUse",
+            ErrorClass::NotSupported => "NotSupported",
+        }
+    }
+}
+
+/// JSON-RPC 2.0 error codes.
+pub mod codes {
+    /// Invalid JSON.
+    pub const PARSE_ERROR: i32 = -32700;
+    /// Not a valid request object.
+    pub const INVALID_REQUEST: i32 = -32600;
+    /// Unknown method.
+    pub const METHOD_NOT_FOUND: i32 = -32601;
+    /// Wrong parameters.
+    pub const INVALID_PARAMS: i32 = -32602;
+    /// Internal error.
+    pub const INTERNAL_ERROR: i32 = -32603;
+}
+
+/// An error answered to an RPC client: a JSON-RPC code and a QMP class.
+#[derive(Debug, Clone, Error, PartialEq)]
+#[error("{message}")]
+pub struct RpcError {
+    /// JSON-RPC code (SPDK's: -326xx or a negative errno).
+    pub code: i32,
+    /// QMP class.
+    pub class: ErrorClass,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl RpcError {
+    /// A new error.
+    pub fn new(code: i32, class: ErrorClass, message: impl Into<String>) -> Self {
+        Self { code, class, message: message.into() }
+    }
+    /// -32602 invalid params.
+    pub fn invalid_params(message: impl Into<String>) -> Self {
+        Self::new(codes::INVALID_PARAMS, ErrorClass::GenericError, message)
+    }
+    /// -32601 / CommandNotFound.
+    pub fn method_not_found(method: &str) -> Self {
+        Self::new(codes::METHOD_NOT_FOUND, ErrorClass::CommandNotFound, format!("The command {method} has not been found"))
+    }
+    /// -32603 internal error.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(codes::INTERNAL_ERROR, ErrorClass::GenericError, message)
+    }
+    /// A negative-errno error (SPDK style) with a generic class.
+    pub fn errno(errno: i32, message: impl Into<String>) -> Self {
+        Self::new(-errno.abs(), ErrorClass::GenericError, message)
+    }
+    /// With another QMP class.
+    pub fn with_class(mut self, class: ErrorClass) -> Self {
+        self.class = class;
+        self
+    }
+    /// JSON-RPC `error` member.
+    pub fn to_jsonrpc(&self) -> Value {
+        json!({"code": self.code, "message": self.message})
+    }
+    /// QMP `error` member.
+    pub fn to_qmp(&self) -> Value {
+        json!({"class": self.class.as_str(), "desc": self.message})
+    }
+}
+
+impl From<bdev::BdevError> for RpcError {
+    fn from(e: bdev::BdevError) -> Self {
+        use bdev::BdevError as B;
+        let class = match &e {
+            B::NotFound(_) => ErrorClass::DeviceNotFound,
+            _ => ErrorClass::GenericError,
+        };
+        let code = match &e {
+            B::InvalidParam(_) => codes::INVALID_PARAMS,
+            _ => e.errno(),
+        };
+        RpcError::new(code, class, e.to_string())
+    }
+}
+
+impl From<reactor::ReactorError> for RpcError {
+    fn from(e: reactor::ReactorError) -> Self {
+        RpcError::errno(libc::ESHUTDOWN, e.to_string())
+    }
+}
+
+impl From<reactor::JoinError> for RpcError {
+    fn from(e: reactor::JoinError) -> Self {
+        RpcError::errno(libc::ESHUTDOWN, e.to_string())
+    }
+}

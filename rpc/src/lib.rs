@@ -1,0 +1,14 @@
+//! sluice's control plane and front ends: the JSON-RPC (SPDK dialect) and QMP
+//! servers over one method table, config replay, the `sluice` command line
+//! (serve, rpc, perf) and the NBD export.
+
+pub mod error;
+pub mod methods;
+pub mod serve;
+pub mod service;
+pub mod startup;
+pub mod table;
+
+pub use error::{ErrorClass, RpcError};
+pub use service::Service;
+pub use table::{MethodTable, Params};

@@ -1,0 +1,56 @@
+//! The state every RPC handler reaches: the runtime, the event bus, the method
+//! table, and each subsystem's state (added by the subsystems).
+
+use crate::table::MethodTable;
+use reactor::RuntimeHandle;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock};
+use stream::events::EventBus;
+
+/// Why the service is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGINT / SIGTERM.
+    Signal(i32),
+    /// `spdk_kill_instance` or QMP `quit`.
+    Rpc,
+}
+
+/// Shared service state.
+pub struct Service {
+    /// The reactors.
+    pub rt: RuntimeHandle,
+    /// Events for QMP and `notify_get_notifications`.
+    pub events: EventBus,
+    /// Runtime files (pid file, default sockets).
+    pub runtime_dir: PathBuf,
+    /// The method table (set once at start-up).
+    pub table: OnceLock<Arc<MethodTable>>,
+    stop: Mutex<Option<Sender<StopReason>>>,
+}
+
+impl Service {
+    /// A service over running reactors.
+    pub fn new(rt: RuntimeHandle, runtime_dir: PathBuf, stop: Sender<StopReason>) -> Arc<Self> {
+        Arc::new(Self {
+            rt,
+            events: EventBus::default(),
+            runtime_dir,
+            table: OnceLock::new(),
+            stop: Mutex::new(Some(stop)),
+        })
+    }
+
+    /// Asks the daemon to stop.
+    pub fn request_stop(&self, why: StopReason) {
+        if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(why);
+        }
+    }
+
+    /// The method table.
+    pub fn table(&self) -> Arc<MethodTable> {
+        self.table.get().cloned().unwrap_or_default()
+    }
+}
