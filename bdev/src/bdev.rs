@@ -4,6 +4,22 @@ use crate::error::BdevError;
 use crate::io::{BdevIo, IoType};
 use serde_json::Value;
 use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+
+/// Allocation status of the start of a range (NBD `base:allocation`, `qemu-img map`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeStatus {
+    /// Bytes from the queried offset over which this status holds (> 0).
+    pub len: u64,
+    /// Whether the data is allocated (in this bdev or anywhere in its chain).
+    pub allocated: bool,
+    /// Whether the range reads as zeroes.
+    pub zero: bool,
+}
+
+/// A local future of a range-status query.
+pub type RangeStatusFuture = Pin<Box<dyn Future<Output = Result<RangeStatus, BdevError>>>>;
 
 /// A named block device. Shared across reactors (`Send + Sync`); I/O goes through
 /// per-reactor [`Channel`]s made by [`Bdev::create_channel`].
@@ -46,6 +62,11 @@ pub trait Bdev: Send + Sync + 'static {
     }
     /// Called once when the bdev is deleted from the registry.
     fn on_delete(&self) {}
+    /// Allocation status at `offset` (at most `len` bytes), if the bdev knows it;
+    /// `None` means "all data, allocated". Call on a reactor.
+    fn range_status(&self, _offset: u64, _len: u64) -> Option<RangeStatusFuture> {
+        None
+    }
     /// For downcasting to the concrete bdev (qcow2 block status, error injection).
     fn as_any(&self) -> &dyn Any;
 }

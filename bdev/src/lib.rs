@@ -16,7 +16,7 @@ mod registry;
 mod stats;
 
 pub use async_io::{read_at, simple_io, submit_wait, write_at, IoResult};
-pub use bdev::{Bdev, Channel};
+pub use bdev::{Bdev, Channel, RangeStatus, RangeStatusFuture};
 pub use channel::{channel, drop_cached_channels, local_stats, IoChannel};
 pub use deferred::complete_deferred;
 pub use dma::DmaBuf;
