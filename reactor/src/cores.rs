@@ -12,9 +12,15 @@ impl CoreSet {
     /// Parses a hexadecimal core mask such as `0x3` or `3` (bit n = core n).
     pub fn from_mask(mask: &str) -> Result<Self, ReactorError> {
         let s = mask.trim();
-        let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+        let hex = s
+            .strip_prefix("0x")
+            .or_else(|| s.strip_prefix("0X"))
+            .unwrap_or(s);
         if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(ReactorError::InvalidCoreSpec(mask.into(), "not a hexadecimal mask".into()));
+            return Err(ReactorError::InvalidCoreSpec(
+                mask.into(),
+                "not a hexadecimal mask".into(),
+            ));
         }
         let mut cores = Vec::new();
         // Walk the digits from the least significant end so masks of any width work.
@@ -37,7 +43,8 @@ impl CoreSet {
         let s = list.trim().trim_start_matches('[').trim_end_matches(']');
         let mut cores = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let bad = |why: &str| ReactorError::InvalidCoreSpec(list.into(), format!("{part:?}: {why}"));
+            let bad =
+                |why: &str| ReactorError::InvalidCoreSpec(list.into(), format!("{part:?}: {why}"));
             let (lo, hi) = match part.split_once('-') {
                 Some((a, b)) => (
                     a.trim().parse::<usize>().map_err(|_| bad("not a number"))?,
@@ -93,7 +100,11 @@ impl CoreSet {
         let avail = available_cores();
         for &c in &self.cores {
             if !avail.contains(&c) {
-                let available = avail.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+                let available = avail
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
                 return Err(ReactorError::CoreNotAvailable { core: c, available });
             }
         }
@@ -122,13 +133,29 @@ impl CoreSet {
         for &c in &self.cores {
             digits[c / 4] |= 1 << (c % 4);
         }
-        let s: String = digits.iter().rev().map(|d| char::from_digit(*d as u32, 16).unwrap_or('0')).collect();
-        format!("0x{}", s.trim_start_matches('0').to_string() + if s.trim_start_matches('0').is_empty() { "0" } else { "" })
+        let s: String = digits
+            .iter()
+            .rev()
+            .map(|d| char::from_digit(*d as u32, 16).unwrap_or('0'))
+            .collect();
+        format!(
+            "0x{}",
+            s.trim_start_matches('0').to_string()
+                + if s.trim_start_matches('0').is_empty() {
+                    "0"
+                } else {
+                    ""
+                }
+        )
     }
 }
 
 fn available_cores() -> Vec<usize> {
-    let mut v: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let mut v: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     v.sort_unstable();
     v
 }
@@ -142,8 +169,14 @@ mod tests {
         assert_eq!(CoreSet::from_mask("0x3").unwrap().cores(), &[0, 1]);
         assert_eq!(CoreSet::from_mask("0x10").unwrap().cores(), &[4]);
         assert_eq!(CoreSet::from_mask("5").unwrap().cores(), &[0, 2]);
-        assert!(matches!(CoreSet::from_mask("0x0"), Err(ReactorError::NoCores)));
-        assert!(matches!(CoreSet::from_mask("0xg"), Err(ReactorError::InvalidCoreSpec(..))));
+        assert!(matches!(
+            CoreSet::from_mask("0x0"),
+            Err(ReactorError::NoCores)
+        ));
+        assert!(matches!(
+            CoreSet::from_mask("0xg"),
+            Err(ReactorError::InvalidCoreSpec(..))
+        ));
         assert_eq!(CoreSet::from_mask("0x3").unwrap().to_mask(), "0x3");
         assert_eq!(CoreSet::from_mask("0x110").unwrap().to_mask(), "0x110");
     }
@@ -151,9 +184,18 @@ mod tests {
     #[test]
     fn lists() {
         assert_eq!(CoreSet::from_list("0,1").unwrap().cores(), &[0, 1]);
-        assert_eq!(CoreSet::from_list("[0,2-4]").unwrap().cores(), &[0, 2, 3, 4]);
-        assert_eq!(CoreSet::from_list("1,1"), Err(ReactorError::DuplicateCore(1)));
-        assert!(matches!(CoreSet::from_list("a"), Err(ReactorError::InvalidCoreSpec(..))));
+        assert_eq!(
+            CoreSet::from_list("[0,2-4]").unwrap().cores(),
+            &[0, 2, 3, 4]
+        );
+        assert_eq!(
+            CoreSet::from_list("1,1"),
+            Err(ReactorError::DuplicateCore(1))
+        );
+        assert!(matches!(
+            CoreSet::from_list("a"),
+            Err(ReactorError::InvalidCoreSpec(..))
+        ));
         assert!(matches!(CoreSet::from_list(""), Err(ReactorError::NoCores)));
     }
 

@@ -7,7 +7,9 @@ pub enum ReactorError {
     #[error("invalid core mask or list {0:?}: {1}")]
     InvalidCoreSpec(String, String),
     /// A core is named that this machine (or this process's affinity) does not have.
-    #[error("core {core} does not exist or is not available to this process (available: {available})")]
+    #[error(
+        "core {core} does not exist or is not available to this process (available: {available})"
+    )]
     CoreNotAvailable { core: usize, available: String },
     /// A core is named twice.
     #[error("core {0} is given twice")]

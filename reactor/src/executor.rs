@@ -51,7 +51,11 @@ impl Wake for TaskWaker {
 
 impl Executor {
     pub(crate) fn new() -> Self {
-        Self { tasks: RefCell::new(Slab::new()), ready: RefCell::new(VecDeque::new()), next_gen: Cell::new(0) }
+        Self {
+            tasks: RefCell::new(Slab::new()),
+            ready: RefCell::new(VecDeque::new()),
+            next_gen: Cell::new(0),
+        }
     }
 
     pub(crate) fn spawn(&self, runtime_id: u64, reactor: &Arc<ReactorShared>, fut: LocalFuture) {
@@ -60,8 +64,18 @@ impl Executor {
         let mut tasks = self.tasks.borrow_mut();
         let entry = tasks.vacant_entry();
         let key = entry.key();
-        let waker = Waker::from(Arc::new(TaskWaker { runtime_id, reactor: reactor.clone(), key, gen }));
-        entry.insert(Slot { gen, fut: Some(fut), waker, scheduled: true });
+        let waker = Waker::from(Arc::new(TaskWaker {
+            runtime_id,
+            reactor: reactor.clone(),
+            key,
+            gen,
+        }));
+        entry.insert(Slot {
+            gen,
+            fut: Some(fut),
+            waker,
+            scheduled: true,
+        });
         self.ready.borrow_mut().push_back((key, gen));
     }
 
@@ -80,10 +94,14 @@ impl Executor {
     pub(crate) fn run_ready(&self, budget: usize) -> bool {
         let mut ran = false;
         for _ in 0..budget {
-            let Some((key, gen)) = self.ready.borrow_mut().pop_front() else { break };
+            let Some((key, gen)) = self.ready.borrow_mut().pop_front() else {
+                break;
+            };
             let (mut fut, waker) = {
                 let mut tasks = self.tasks.borrow_mut();
-                let Some(s) = tasks.get_mut(key) else { continue };
+                let Some(s) = tasks.get_mut(key) else {
+                    continue;
+                };
                 if s.gen != gen {
                     continue;
                 }
@@ -145,9 +163,15 @@ impl<T> JoinHandle<T> {
         Self { rx: Err(e) }
     }
 
+    /// Lets the task run on without waiting for its result.
+    pub fn detach(self) {}
+
     /// Blocks the calling (non-reactor) thread until the task finishes.
     pub fn block(self) -> Result<T, JoinError> {
-        debug_assert!(!local::is_reactor_thread(), "JoinHandle::block on a reactor thread would deadlock");
+        debug_assert!(
+            !local::is_reactor_thread(),
+            "JoinHandle::block on a reactor thread would deadlock"
+        );
         futures::executor::block_on(self)
     }
 }
@@ -157,7 +181,9 @@ impl<T> Future for JoinHandle<T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.rx {
             Err(e) => Poll::Ready(Err(e.clone())),
-            Ok(rx) => Pin::new(rx).poll(cx).map(|r| r.map_err(|_| JoinError::Cancelled)),
+            Ok(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.map_err(|_| JoinError::Cancelled)),
         }
     }
 }

@@ -19,6 +19,7 @@ pub(crate) struct LocalReactor {
     pub(crate) timers: Timers,
     pub(crate) parker: Parker,
     pub(crate) awake_holds: Cell<usize>,
+    pub(crate) counters: crate::reactor::Counters,
 }
 
 thread_local! {
@@ -37,7 +38,9 @@ pub(crate) fn set(r: Option<Rc<LocalReactor>>) {
 pub(crate) fn with<R>(f: impl FnOnce(&LocalReactor) -> R) -> R {
     CURRENT.with(|c| {
         let b = c.borrow();
-        let r = b.as_ref().expect("this function must be called on a sluice reactor thread");
+        let r = b
+            .as_ref()
+            .expect("this function must be called on a sluice reactor thread");
         f(r)
     })
 }
@@ -96,7 +99,9 @@ pub struct AwakeGuard {
 /// Keeps the current reactor from parking until the guard is dropped.
 pub fn keep_awake() -> AwakeGuard {
     with(|r| r.awake_holds.set(r.awake_holds.get() + 1));
-    AwakeGuard { _not_send: PhantomData }
+    AwakeGuard {
+        _not_send: PhantomData,
+    }
 }
 
 impl Drop for AwakeGuard {

@@ -48,7 +48,10 @@ pub(crate) struct Parker {
 impl Parker {
     pub(crate) fn new(notifier: &Notifier) -> nix::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(notifier.efd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        epoll.add(
+            notifier.efd.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+        )?;
         Ok(Self { epoll })
     }
 
@@ -68,7 +71,12 @@ impl Parker {
 
     /// Sleeps until woken or `timeout` passes. `has_work` is re-checked after the
     /// sleeping flag is published so no wake-up can be lost.
-    pub(crate) fn park(&self, notifier: &Notifier, timeout: Option<Duration>, has_work: impl Fn() -> bool) {
+    pub(crate) fn park(
+        &self,
+        notifier: &Notifier,
+        timeout: Option<Duration>,
+        has_work: impl Fn() -> bool,
+    ) {
         notifier.sleeping.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if !has_work() {

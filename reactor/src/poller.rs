@@ -44,7 +44,9 @@ impl Poller {
     #[inline]
     fn run(&self) -> bool {
         // A poller that is already running (it re-entered the reactor) is skipped.
-        let Ok(mut f) = self.f.try_borrow_mut() else { return false };
+        let Ok(mut f) = self.f.try_borrow_mut() else {
+            return false;
+        };
         let busy = f() == PollStatus::Busy;
         self.run_count.set(self.run_count.get() + 1);
         if busy {
@@ -58,7 +60,11 @@ impl Poller {
             name: self.name.clone(),
             id: self.id,
             period_us: (self.period != 0).then(|| self.period * 1_000_000 / ticks_hz().max(1)),
-            state: if self.paused.get() { "paused" } else { "running" },
+            state: if self.paused.get() {
+                "paused"
+            } else {
+                "running"
+            },
             run_count: self.run_count.get(),
             busy_count: self.busy_count.get(),
         }
@@ -204,7 +210,11 @@ pub fn register_poller(name: &str, f: impl FnMut() -> PollStatus + 'static) -> P
 ///
 /// # Panics
 /// When called off a reactor thread (a programming error).
-pub fn register_timed_poller(name: &str, period: Duration, f: impl FnMut() -> PollStatus + 'static) -> PollerHandle {
+pub fn register_timed_poller(
+    name: &str,
+    period: Duration,
+    f: impl FnMut() -> PollStatus + 'static,
+) -> PollerHandle {
     let t = duration_to_ticks(period).max(1);
     local::with(|r| r.pollers.add(name, t, Box::new(f)))
 }

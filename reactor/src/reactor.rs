@@ -9,43 +9,48 @@ use crate::poller::PollerSet;
 use crate::runtime::{ReactorShared, RuntimeHandle};
 use crate::stats::ReactorStats;
 use crate::timer::Timers;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Default, Clone)]
-struct Counters {
-    busy: u64,
-    idle: u64,
-    iterations: u64,
-    parks: u64,
-    messages: u64,
+/// Loop counters, written only by the owning reactor.
+#[derive(Default)]
+pub(crate) struct Counters {
+    busy: Cell<u64>,
+    idle: Cell<u64>,
+    iterations: Cell<u64>,
+    parks: Cell<u64>,
+    messages: Cell<u64>,
 }
 
-thread_local! {
-    static COUNTERS: RefCell<Counters> = RefCell::new(Counters::default());
+#[inline(always)]
+fn add(c: &Cell<u64>, v: u64) {
+    c.set(c.get() + v);
 }
 
 pub(crate) fn local_stats() -> ReactorStats {
-    let c = COUNTERS.with(|c| c.borrow().clone());
     local::with(|r| ReactorStats {
         index: r.shared.index,
         core: r.shared.core,
-        busy_ticks: c.busy,
-        idle_ticks: c.idle,
-        iterations: c.iterations,
-        parks: c.parks,
-        messages: c.messages,
+        busy_ticks: r.counters.busy.get(),
+        idle_ticks: r.counters.idle.get(),
+        iterations: r.counters.iterations.get(),
+        parks: r.counters.parks.get(),
+        messages: r.counters.messages.get(),
         tasks: r.executor.len(),
         tick_rate: ticks_hz(),
         pollers: r.pollers.stats(),
     })
 }
 
-pub(crate) fn run(rt: RuntimeHandle, shared: Arc<ReactorShared>, ready: Sender<Result<(), ReactorError>>) {
+pub(crate) fn run(
+    rt: RuntimeHandle,
+    shared: Arc<ReactorShared>,
+    ready: Sender<Result<(), ReactorError>>,
+) {
     let core = shared.core;
     if rt.config().pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         tracing::warn!(core, "could not pin reactor thread to its core");
@@ -53,7 +58,10 @@ pub(crate) fn run(rt: RuntimeHandle, shared: Arc<ReactorShared>, ready: Sender<R
     let parker = match Parker::new(&shared.notifier) {
         Ok(p) => p,
         Err(e) => {
-            let _ = ready.send(Err(ReactorError::Start { core, msg: e.to_string() }));
+            let _ = ready.send(Err(ReactorError::Start {
+                core,
+                msg: e.to_string(),
+            }));
             return;
         }
     };
@@ -65,6 +73,7 @@ pub(crate) fn run(rt: RuntimeHandle, shared: Arc<ReactorShared>, ready: Sender<R
         timers: Timers::default(),
         parker,
         awake_holds: Cell::new(0),
+        counters: Counters::default(),
     });
     local::set(Some(local.clone()));
     let _ = ready.send(Ok(()));
@@ -85,10 +94,11 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
     let park_after = duration_to_ticks(cfg.idle_before_park);
     let msg_batch = cfg.message_batch;
     let task_batch = cfg.task_batch;
+    let c = &r.counters;
+    let sub_ms = duration_to_ticks(Duration::from_millis(1));
     let mut last = ticks();
     let mut idle_since: Option<u64> = None;
     let mut stop_deadline: Option<u64> = None;
-    let mut c = Counters::default();
     loop {
         let mut busy = false;
         let mut n = 0;
@@ -103,30 +113,28 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         }
         if n > 0 {
             busy = true;
-            c.messages += n as u64;
+            add(&c.messages, n as u64);
         }
         busy |= r.pollers.run_active();
-        let now = ticks();
-        busy |= r.pollers.run_timed(now);
-        busy |= r.timers.fire(now);
+        busy |= r.pollers.run_timed(last);
+        busy |= r.timers.fire(last);
         busy |= r.executor.run_ready(task_batch);
         r.pollers.sweep();
+        // One clock read per iteration: it ends this iteration's accounting and is
+        // "now" for the next iteration's timers.
         let end = ticks();
         if busy {
-            c.busy += end - last;
+            add(&c.busy, end - last);
         } else {
-            c.idle += end - last;
+            add(&c.idle, end - last);
         }
         last = end;
-        c.iterations += 1;
-        // Publish counters cheaply every 1024 iterations (and on every idle turn).
-        if c.iterations & 1023 == 0 || !busy {
-            COUNTERS.with(|g| *g.borrow_mut() = c.clone());
-        }
+        add(&c.iterations, 1);
 
         if rt.shared.stopping.load(Ordering::Relaxed) {
             let dl = *stop_deadline.get_or_insert(end + duration_to_ticks(cfg.drain_timeout));
-            let drained = r.executor.len() == 0 && r.shared.inbox.is_empty() && r.awake_holds.get() == 0;
+            let drained =
+                r.executor.len() == 0 && r.shared.inbox.is_empty() && r.awake_holds.get() == 0;
             if drained || end >= dl {
                 break;
             }
@@ -140,20 +148,27 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         if end - since < park_after || r.awake_holds.get() != 0 {
             continue;
         }
-        let next = [r.pollers.next_deadline(), r.timers.next_deadline()].into_iter().flatten().min();
+        let next = [r.pollers.next_deadline(), r.timers.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        // epoll's timeout has millisecond granularity: keep polling for a timer due sooner.
+        if next.is_some_and(|d| d.saturating_sub(end) < sub_ms) {
+            continue;
+        }
         let timeout = next.map(|d| {
             let t = d.saturating_sub(end);
             Duration::from_nanos((t as u128 * 1_000_000_000 / ticks_hz().max(1) as u128) as u64)
         });
         r.parker.park(&r.shared.notifier, timeout, || {
-            !r.shared.inbox.is_empty() || r.executor.has_ready() || rt.shared.stopping.load(Ordering::Relaxed)
+            !r.shared.inbox.is_empty()
+                || r.executor.has_ready()
+                || rt.shared.stopping.load(Ordering::Relaxed)
         });
-        c.parks += 1;
+        add(&c.parks, 1);
         let after = ticks();
-        c.idle += after - last;
+        add(&c.idle, after - last);
         last = after;
         idle_since = None;
-        COUNTERS.with(|g| *g.borrow_mut() = c.clone());
     }
-    COUNTERS.with(|g| *g.borrow_mut() = c);
 }

@@ -91,8 +91,16 @@ impl Runtime {
         let _ = ticks_hz();
         let mut reactors = Vec::new();
         for (index, &core) in config.cores.cores().iter().enumerate() {
-            let notifier = Notifier::new().map_err(|e| ReactorError::Start { core, msg: e.to_string() })?;
-            reactors.push(Arc::new(ReactorShared { index, core, inbox: SegQueue::new(), notifier }));
+            let notifier = Notifier::new().map_err(|e| ReactorError::Start {
+                core,
+                msg: e.to_string(),
+            })?;
+            reactors.push(Arc::new(ReactorShared {
+                index,
+                core,
+                inbox: SegQueue::new(),
+                notifier,
+            }));
         }
         let shared = Arc::new(RuntimeShared {
             id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
@@ -110,7 +118,10 @@ impl Runtime {
             let t = std::thread::Builder::new()
                 .name(format!("reactor_{}", r.index))
                 .spawn(move || reactor::run(h, r, tx))
-                .map_err(|e| ReactorError::Start { core: 0, msg: e.to_string() })?;
+                .map_err(|e| ReactorError::Start {
+                    core: 0,
+                    msg: e.to_string(),
+                })?;
             threads.push(t);
         }
         drop(tx);
@@ -124,7 +135,10 @@ impl Runtime {
                 }
                 Err(_) => {
                     rt.stop_and_join();
-                    return Err(ReactorError::Start { core: 0, msg: "reactor thread died".into() });
+                    return Err(ReactorError::Start {
+                        core: 0,
+                        msg: "reactor thread died".into(),
+                    });
                 }
             }
         }
@@ -190,7 +204,11 @@ impl RuntimeHandle {
     }
 
     /// Runs `f` on reactor `index`. Messages from one sender run in send order.
-    pub fn send(&self, index: usize, f: impl FnOnce() + Send + 'static) -> Result<(), ReactorError> {
+    pub fn send(
+        &self,
+        index: usize,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), ReactorError> {
         if self.is_stopping() {
             return Err(ReactorError::ShuttingDown);
         }
@@ -199,12 +217,20 @@ impl RuntimeHandle {
 
     /// Like [`RuntimeHandle::send`] but also during shutdown, for completions of
     /// work already in flight.
-    pub fn send_completion(&self, index: usize, f: impl FnOnce() + Send + 'static) -> Result<(), ReactorError> {
+    pub fn send_completion(
+        &self,
+        index: usize,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), ReactorError> {
         self.send_internal(index, Box::new(f))
     }
 
     fn send_internal(&self, index: usize, m: Message) -> Result<(), ReactorError> {
-        let r = self.shared.reactors.get(index).ok_or(ReactorError::NoSuchReactor(index))?;
+        let r = self
+            .shared
+            .reactors
+            .get(index)
+            .ok_or(ReactorError::NoSuchReactor(index))?;
         r.push(m);
         Ok(())
     }
@@ -251,9 +277,12 @@ impl RuntimeHandle {
             return JoinHandle::failed(JoinError::ShuttingDown);
         }
         let (tx, rx) = futures::channel::oneshot::channel();
-        match self.send_internal(index, Box::new(move || {
-            let _ = tx.send(f());
-        })) {
+        match self.send_internal(
+            index,
+            Box::new(move || {
+                let _ = tx.send(f());
+            }),
+        ) {
             Ok(()) => JoinHandle { rx: Ok(rx) },
             Err(_) => JoinHandle::failed(JoinError::NoSuchReactor(index)),
         }

@@ -49,7 +49,11 @@ impl Timers {
     fn add(&self, deadline: u64, slot: Rc<Slot>) {
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
-        self.heap.borrow_mut().push(Reverse(Entry { deadline, seq, slot }));
+        self.heap.borrow_mut().push(Reverse(Entry {
+            deadline,
+            seq,
+            slot,
+        }));
     }
 
     /// Wakes every timer due at `now`.
@@ -91,7 +95,10 @@ pub struct Sleep {
 
 /// Sleeps for `d` on the current reactor.
 pub fn sleep(d: Duration) -> Sleep {
-    Sleep { deadline: ticks() + duration_to_ticks(d), slot: None }
+    Sleep {
+        deadline: ticks() + duration_to_ticks(d),
+        slot: None,
+    }
 }
 
 impl Future for Sleep {
@@ -107,7 +114,10 @@ impl Future for Sleep {
         if ticks() >= self.deadline {
             return Poll::Ready(());
         }
-        let slot = Rc::new(Slot { fired: Cell::new(false), waker: RefCell::new(Some(cx.waker().clone())) });
+        let slot = Rc::new(Slot {
+            fired: Cell::new(false),
+            waker: RefCell::new(Some(cx.waker().clone())),
+        });
         let deadline = self.deadline;
         local::with(|r| r.timers.add(deadline, slot.clone()));
         self.slot = Some(slot);
@@ -124,7 +134,10 @@ pub struct Interval {
 /// Creates an interval whose first tick is one period from now.
 pub fn interval(period: Duration) -> Interval {
     let p = duration_to_ticks(period).max(1);
-    Interval { period: p, next: ticks() + p }
+    Interval {
+        period: p,
+        next: ticks() + p,
+    }
 }
 
 impl Interval {
@@ -132,7 +145,11 @@ impl Interval {
     pub async fn tick(&mut self) {
         let now = ticks();
         if self.next > now {
-            Sleep { deadline: self.next, slot: None }.await;
+            Sleep {
+                deadline: self.next,
+                slot: None,
+            }
+            .await;
         }
         let now = ticks();
         self.next += self.period;
