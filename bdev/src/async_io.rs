@@ -84,5 +84,7 @@ pub async fn write_at(ch: &IoChannel, offset: u64, buf: DmaBuf) -> IoResult {
 
 /// Runs a request without data (flush, unmap, write-zeroes) and returns its status.
 pub async fn simple_io(ch: &IoChannel, t: IoType, offset: u64, len: u64) -> IoStatus {
-    submit_wait(ch, BdevIo::new(t, offset, len, None, None)).await.status
+    submit_wait(ch, BdevIo::new(t, offset, len, None, None))
+        .await
+        .status
 }

@@ -36,7 +36,13 @@ impl IoChannel {
     fn new(bdev: Arc<dyn Bdev>) -> Result<Self, BdevError> {
         let inner = bdev.create_channel()?;
         let mut supported = [false; 5];
-        for t in [IoType::Read, IoType::Write, IoType::Flush, IoType::Unmap, IoType::WriteZeroes] {
+        for t in [
+            IoType::Read,
+            IoType::Write,
+            IoType::Flush,
+            IoType::Unmap,
+            IoType::WriteZeroes,
+        ] {
             supported[type_index(t)] = bdev.io_type_supported(t);
         }
         Ok(Self {
@@ -86,7 +92,10 @@ impl IoChannel {
             return None;
         }
         let end = io.offset.checked_add(io.len);
-        if (io.offset | io.len) & self.block_mask != 0 || end.is_none_or(|e| e > self.size) || io.len == 0 {
+        if (io.offset | io.len) & self.block_mask != 0
+            || end.is_none_or(|e| e > self.size)
+            || io.len == 0
+        {
             return Some(IoStatus::Einval);
         }
         if t.has_data() && io.iovs().iter().map(|v| v.len() as u64).sum::<u64>() < io.len {

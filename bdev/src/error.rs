@@ -42,7 +42,10 @@ pub enum BdevError {
 impl BdevError {
     /// Wraps an OS error with context.
     pub fn os(what: impl Into<String>, source: std::io::Error) -> Self {
-        BdevError::Os { what: what.into(), source }
+        BdevError::Os {
+            what: what.into(),
+            source,
+        }
     }
 
     /// The negative errno SPDK would return for this error.

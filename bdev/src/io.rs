@@ -172,11 +172,20 @@ pub struct BdevIo {
 impl BdevIo {
     /// A request over a whole buffer (`buf` may be `None` for flush, unmap and
     /// write-zeroes). For reads and writes, `len` is the buffer's length.
-    pub fn new(io_type: IoType, offset: u64, len: u64, buf: Option<DmaBuf>, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+    pub fn new(
+        io_type: IoType,
+        offset: u64,
+        len: u64,
+        buf: Option<DmaBuf>,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Box<Self> {
         let mut iovs = SmallVec::new();
         let len = match &buf {
             Some(b) if io_type.has_data() => {
-                iovs.push(IoVec { ptr: b.as_ptr() as *mut u8, len: b.len() });
+                iovs.push(IoVec {
+                    ptr: b.as_ptr() as *mut u8,
+                    len: b.len(),
+                });
                 b.len() as u64
             }
             _ => len,
@@ -209,10 +218,19 @@ impl BdevIo {
     }
 
     /// A request over several buffers (vectored); `len` is their total length.
-    pub fn vectored(io_type: IoType, offset: u64, bufs: &[&DmaBuf], owner: Option<DmaBuf>, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+    pub fn vectored(
+        io_type: IoType,
+        offset: u64,
+        bufs: &[&DmaBuf],
+        owner: Option<DmaBuf>,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Box<Self> {
         let mut io = Self::new(io_type, offset, 0, None, done);
         for b in bufs {
-            io.iovs.push(IoVec { ptr: b.as_ptr() as *mut u8, len: b.len() });
+            io.iovs.push(IoVec {
+                ptr: b.as_ptr() as *mut u8,
+                len: b.len(),
+            });
             io.len += b.len() as u64;
         }
         io.buf = owner;
@@ -225,7 +243,14 @@ impl BdevIo {
     /// # Safety
     /// The parent's memory must stay valid (the parent not completed, not dropped,
     /// its buffers not touched) until this request has completed.
-    pub unsafe fn sub_io(parent: &BdevIo, start: u64, len: u64, io_type: IoType, offset: u64, done: Option<Rc<dyn IoDone>>) -> Box<Self> {
+    pub unsafe fn sub_io(
+        parent: &BdevIo,
+        start: u64,
+        len: u64,
+        io_type: IoType,
+        offset: u64,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Box<Self> {
         let mut io = Self::new(io_type, offset, len, None, done);
         if io_type.has_data() {
             let mut skip = start as usize;
@@ -240,7 +265,10 @@ impl BdevIo {
                 }
                 let take = (v.len - skip).min(want);
                 // The pointer stays inside the parent's segment: skip < v.len and take <= v.len - skip.
-                io.iovs.push(IoVec { ptr: v.ptr.wrapping_add(skip), len: take });
+                io.iovs.push(IoVec {
+                    ptr: v.ptr.wrapping_add(skip),
+                    len: take,
+                });
                 want -= take;
                 skip = 0;
             }
@@ -267,6 +295,12 @@ impl BdevIo {
     /// Replaces the completion target.
     pub fn set_done(&mut self, done: Option<Rc<dyn IoDone>>) {
         self.done = done;
+    }
+
+    /// Takes the completion target out (a forwarding layer that re-targets the
+    /// request and restores the original before completing it).
+    pub fn take_done(&mut self) -> Option<Rc<dyn IoDone>> {
+        self.done.take()
     }
 
     /// Copies `dst.len()` bytes from the request's memory at byte `pos` into `dst`.

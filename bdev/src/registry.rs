@@ -21,7 +21,9 @@ static REGISTRY: OnceLock<Registry> = OnceLock::new();
 
 /// The process-wide registry.
 pub fn registry() -> &'static Registry {
-    REGISTRY.get_or_init(|| Registry { inner: Mutex::new(BTreeMap::new()) })
+    REGISTRY.get_or_init(|| Registry {
+        inner: Mutex::new(BTreeMap::new()),
+    })
 }
 
 impl Registry {
@@ -40,13 +42,22 @@ impl Registry {
             return Err(BdevError::Exists(name));
         }
         tracing::info!(bdev = %name, "bdev registered");
-        m.insert(name, Entry { bdev, claims: Vec::new() });
+        m.insert(
+            name,
+            Entry {
+                bdev,
+                claims: Vec::new(),
+            },
+        );
         Ok(())
     }
 
     /// Looks a bdev up.
     pub fn get(&self, name: &str) -> Result<Arc<dyn Bdev>, BdevError> {
-        self.lock().get(name).map(|e| e.bdev.clone()).ok_or_else(|| BdevError::NotFound(name.into()))
+        self.lock()
+            .get(name)
+            .map(|e| e.bdev.clone())
+            .ok_or_else(|| BdevError::NotFound(name.into()))
     }
 
     /// Whether a bdev of that name exists.
@@ -61,13 +72,18 @@ impl Registry {
 
     /// Who claims a bdev.
     pub fn claims(&self, name: &str) -> Vec<String> {
-        self.lock().get(name).map(|e| e.claims.clone()).unwrap_or_default()
+        self.lock()
+            .get(name)
+            .map(|e| e.claims.clone())
+            .unwrap_or_default()
     }
 
     /// Records that `by` uses `name`; returns the bdev.
     pub fn claim(&self, name: &str, by: &str) -> Result<Arc<dyn Bdev>, BdevError> {
         let mut m = self.lock();
-        let e = m.get_mut(name).ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let e = m
+            .get_mut(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
         e.claims.push(by.to_string());
         Ok(e.bdev.clone())
     }
@@ -86,11 +102,18 @@ impl Registry {
     /// [`Registry::delete`]).
     pub fn unregister(&self, name: &str) -> Result<Arc<dyn Bdev>, BdevError> {
         let mut m = self.lock();
-        let e = m.get(name).ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let e = m
+            .get(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
         if !e.claims.is_empty() {
-            return Err(BdevError::Claimed { name: name.into(), by: e.claims.join(", ") });
+            return Err(BdevError::Claimed {
+                name: name.into(),
+                by: e.claims.join(", "),
+            });
         }
-        let e = m.remove(name).ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let e = m
+            .remove(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
         tracing::info!(bdev = %name, "bdev unregistered");
         Ok(e.bdev)
     }
@@ -109,6 +132,8 @@ impl Registry {
 pub fn release_channels(bdev: &Arc<dyn Bdev>, rt: &RuntimeHandle) {
     for i in 0..rt.num_reactors() {
         let b = bdev.clone();
-        let _ = rt.call_on(i, move || crate::channel::drop_cached_channels(&b)).block();
+        let _ = rt
+            .call_on(i, move || crate::channel::drop_cached_channels(&b))
+            .block();
     }
 }

@@ -132,10 +132,12 @@ impl IoStatsSnapshot {
         self.min_read_latency_ticks = min_nz(self.min_read_latency_ticks, o.min_read_latency_ticks);
         self.write_latency_ticks += o.write_latency_ticks;
         self.max_write_latency_ticks = self.max_write_latency_ticks.max(o.max_write_latency_ticks);
-        self.min_write_latency_ticks = min_nz(self.min_write_latency_ticks, o.min_write_latency_ticks);
+        self.min_write_latency_ticks =
+            min_nz(self.min_write_latency_ticks, o.min_write_latency_ticks);
         self.unmap_latency_ticks += o.unmap_latency_ticks;
         self.max_unmap_latency_ticks = self.max_unmap_latency_ticks.max(o.max_unmap_latency_ticks);
-        self.min_unmap_latency_ticks = min_nz(self.min_unmap_latency_ticks, o.min_unmap_latency_ticks);
+        self.min_unmap_latency_ticks =
+            min_nz(self.min_unmap_latency_ticks, o.min_unmap_latency_ticks);
         self.num_io_errors += o.num_io_errors;
     }
 }

@@ -64,7 +64,11 @@ pub struct RpcError {
 impl RpcError {
     /// A new error.
     pub fn new(code: i32, class: ErrorClass, message: impl Into<String>) -> Self {
-        Self { code, class, message: message.into() }
+        Self {
+            code,
+            class,
+            message: message.into(),
+        }
     }
     /// -32602 invalid params.
     pub fn invalid_params(message: impl Into<String>) -> Self {
@@ -72,7 +76,11 @@ impl RpcError {
     }
     /// -32601 / CommandNotFound.
     pub fn method_not_found(method: &str) -> Self {
-        Self::new(codes::METHOD_NOT_FOUND, ErrorClass::CommandNotFound, format!("The command {method} has not been found"))
+        Self::new(
+            codes::METHOD_NOT_FOUND,
+            ErrorClass::CommandNotFound,
+            format!("The command {method} has not been found"),
+        )
     }
     /// -32603 internal error.
     pub fn internal(message: impl Into<String>) -> Self {
@@ -121,5 +129,90 @@ impl From<reactor::ReactorError> for RpcError {
 impl From<reactor::JoinError> for RpcError {
     fn from(e: reactor::JoinError) -> Self {
         RpcError::errno(libc::ESHUTDOWN, e.to_string())
+    }
+}
+
+impl From<crate::config::ConfigError> for RpcError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        use crate::config::ConfigError as C;
+        match e {
+            C::Method { error, .. } => error,
+            C::Io { ref source, .. } => RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string()),
+            C::Json { .. } | C::Format(_) => RpcError::invalid_params(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::nbd::NbdError> for RpcError {
+    fn from(e: crate::nbd::NbdError) -> Self {
+        use crate::nbd::NbdError as N;
+        match e {
+            N::Bdev(b) => {
+                let msg = b.to_string();
+                let mut r = RpcError::from(b);
+                r.message = msg;
+                r
+            }
+            N::Invalid(_) | N::BadAddress { .. } => RpcError::invalid_params(e.to_string()),
+            N::NoSuchExport(_) => RpcError::errno(libc::ENOENT, e.to_string()),
+            N::IdInUse(_) | N::NameInUse(_) => RpcError::errno(libc::EEXIST, e.to_string()),
+            N::InUse(_) => RpcError::errno(libc::EBUSY, e.to_string()),
+            N::AlreadyRunning => RpcError::errno(libc::EALREADY, e.to_string()),
+            N::NotRunning => RpcError::errno(libc::ENOTCONN, e.to_string()),
+            N::ReadOnlyNode(_) => RpcError::errno(libc::EROFS, e.to_string()),
+            N::Listen { ref source, .. } => RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string()),
+            N::Runtime(_) => RpcError::errno(libc::ESHUTDOWN, e.to_string()),
+        }
+    }
+}
+
+impl From<stream::job::JobError> for RpcError {
+    fn from(e: stream::job::JobError) -> Self {
+        use stream::job::JobError as J;
+        let (code, class) = match &e {
+            J::InvalidId(_) => (codes::INVALID_PARAMS, ErrorClass::GenericError),
+            J::IdInUse(_) => (-libc::EEXIST, ErrorClass::GenericError),
+            J::NodeBusy { .. } => (-libc::EBUSY, ErrorClass::GenericError),
+            J::BlockJobNotFound(_) => (-libc::ENODEV, ErrorClass::DeviceNotActive),
+            J::JobNotFound => (-libc::ENODEV, ErrorClass::GenericError),
+            J::Refused(_) => (-libc::EPERM, ErrorClass::GenericError),
+        };
+        RpcError::new(code, class, e.to_string())
+    }
+}
+
+impl From<stream::stream_job::StreamError> for RpcError {
+    fn from(e: stream::stream_job::StreamError) -> Self {
+        use stream::stream_job::StreamError as S;
+        match e {
+            S::Job(j) => j.into(),
+            S::NotFound { .. } => RpcError::new(-libc::ENODEV, ErrorClass::GenericError, e.to_string()),
+            S::Invalid(_) => RpcError::new(codes::INVALID_PARAMS, ErrorClass::GenericError, e.to_string()),
+            S::ReadOnly => RpcError::new(-libc::EROFS, ErrorClass::GenericError, e.to_string()),
+        }
+    }
+}
+
+impl From<stream::legacy::LegacyError> for RpcError {
+    fn from(e: stream::legacy::LegacyError) -> Self {
+        use stream::legacy::LegacyError as L;
+        match e {
+            L::DeviceNotFound(_) => RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string()),
+            L::DeviceInUse(_) => RpcError::new(-libc::EBUSY, ErrorClass::DeviceInUse, e.to_string()),
+            L::NotSupported => RpcError::new(-libc::ENOTSUP, ErrorClass::NotSupported, e.to_string()),
+            L::DeviceNotActive(_) => RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotActive, e.to_string()),
+            L::Stream(s) => s.into(),
+        }
+    }
+}
+
+impl From<stream::snapshot::SnapshotError> for RpcError {
+    fn from(e: stream::snapshot::SnapshotError) -> Self {
+        use stream::snapshot::SnapshotError as S;
+        match e {
+            S::DeviceNotFound(_) => RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string()),
+            S::Invalid(_) => RpcError::new(codes::INVALID_PARAMS, ErrorClass::GenericError, e.to_string()),
+            S::Bdev(b) => b.into(),
+        }
     }
 }

@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A userspace, polled-mode block storage service with live image streaming")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A userspace, polled-mode block storage service with live image streaming"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -14,18 +18,25 @@ struct Cli {
 enum Cmd {
     /// Run the service.
     Serve(rpc::serve::ServeArgs),
+    /// Call a JSON-RPC method of a running sluice and print the result.
+    Rpc(rpc::client::RpcArgs),
+    /// Measure bdevs as SPDK's bdevperf does.
+    Perf(rpc::perf::PerfArgs),
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Serve(a) => rpc::serve::run(a).map_err(|e| e.to_string()),
+        Cmd::Rpc(a) => return rpc::client::run(a),
+        Cmd::Perf(a) => return rpc::perf::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,19 +35,48 @@ pub struct ServeArgs {
     /// SPDK-format JSON config to replay at start-up.
     #[arg(long = "json")]
     pub json_config: Option<PathBuf>,
+    /// Most simultaneous connections per RPC socket; more are refused with an error.
+    #[arg(long, default_value_t = 256)]
+    pub rpc_max_connections: usize,
+    /// Largest RPC request in bytes; a larger one gets an error.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub rpc_max_request_size: usize,
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Start the NBD server on unix:PATH or HOST:PORT (repeatable; TCP on
+    /// loopback unless --nbd-allow-remote).
+    #[arg(long = "nbd-listen", value_name = "unix:PATH|HOST:PORT")]
+    pub nbd_listen: Vec<String>,
+    /// Allow NBD on non-loopback TCP addresses (command line and nbd-server-start).
+    #[arg(long)]
+    pub nbd_allow_remote: bool,
+    /// Export a bdev or device over NBD at start-up, under its own name
+    /// (repeatable; read-only unless ":writable"). Needs --nbd-listen.
+    #[arg(long = "export", value_name = "NAME[:writable]")]
+    pub nbd_exports: Vec<String>,
 }
 
 impl ServeArgs {
     /// The JSON-RPC socket path.
     pub fn rpc_socket_path(&self) -> PathBuf {
-        self.rpc_socket.clone().unwrap_or_else(|| self.runtime_dir.join("sluice.sock"))
+        self.rpc_socket
+            .clone()
+            .unwrap_or_else(|| self.runtime_dir.join("sluice.sock"))
     }
     /// The QMP socket path.
     pub fn qmp_socket_path(&self) -> PathBuf {
-        self.qmp_socket.clone().unwrap_or_else(|| self.runtime_dir.join("sluice-qmp.sock"))
+        self.qmp_socket
+            .clone()
+            .unwrap_or_else(|| self.runtime_dir.join("sluice-qmp.sock"))
+    }
+    /// The caps of the RPC servers.
+    pub fn rpc_limits(&self) -> crate::transport::Limits {
+        crate::transport::Limits {
+            max_connections: self.rpc_max_connections.max(1),
+            max_request: self.rpc_max_request_size.max(64),
+            ..Default::default()
+        }
     }
     /// The reactors' cores.
     pub fn core_set(&self) -> Result<CoreSet, reactor::ReactorError> {
@@ -67,7 +96,11 @@ pub enum ServeError {
     Cores(#[from] reactor::ReactorError),
     /// A runtime file could not be made.
     #[error("{what} {path}: {source}")]
-    File { what: &'static str, path: PathBuf, source: std::io::Error },
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A subsystem failed to start.
     #[error("{0}")]
     Start(String),
@@ -85,8 +118,11 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     cfg.pin = !args.no_pin;
     let (stop_tx, stop_rx) = channel();
     // Signals become stop requests (handled on a dedicated thread so no reactor blocks).
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .map_err(|e| ServeError::Start(format!("installing signal handlers: {e}")))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| ServeError::Start(format!("installing signal handlers: {e}")))?;
     let sig_tx = stop_tx.clone();
     let sig_handle = signals.handle();
     std::thread::Builder::new()

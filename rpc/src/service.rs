@@ -27,15 +27,19 @@ pub struct Service {
     pub runtime_dir: PathBuf,
     /// The method table (set once at start-up).
     pub table: OnceLock<Arc<MethodTable>>,
+    /// Block jobs (they publish on `events`).
+    pub jobs: stream::job::JobManager,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
 impl Service {
     /// A service over running reactors.
     pub fn new(rt: RuntimeHandle, runtime_dir: PathBuf, stop: Sender<StopReason>) -> Arc<Self> {
+        let events = EventBus::default();
         Arc::new(Self {
             rt,
-            events: EventBus::default(),
+            jobs: stream::job::JobManager::new(events.clone()),
+            events,
             runtime_dir,
             table: OnceLock::new(),
             stop: Mutex::new(Some(stop)),

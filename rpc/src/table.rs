@@ -38,7 +38,9 @@ impl Params {
             Some(Value::Object(m)) if m.is_empty() => Ok(()),
             Some(Value::Object(m)) => {
                 let k = m.keys().next().cloned().unwrap_or_default();
-                Err(RpcError::invalid_params(format!("parameter '{k}' is unexpected")))
+                Err(RpcError::invalid_params(format!(
+                    "parameter '{k}' is unexpected"
+                )))
             }
             Some(_) => Err(RpcError::invalid_params("params must be an object")),
         }
@@ -63,25 +65,67 @@ struct Entry {
     dialect: Dialect,
 }
 
+/// Produces one subsystem's part of `save_config`: the `{"method", "params"}`
+/// calls that recreate its current state, in the order they must be replayed.
+pub type SectionFn = Box<dyn Fn(&Service) -> Vec<Value> + Send + Sync>;
+
+/// A subsystem's section of the saved configuration.
+pub struct ConfigSection {
+    /// The subsystem name (SPDK's `subsystem`, e.g. "bdev").
+    pub name: String,
+    /// Subsystems whose sections must be replayed before this one.
+    pub depends_on: Vec<String>,
+    /// Collects the section.
+    pub collect: SectionFn,
+}
+
 /// Name → handler.
 #[derive(Default)]
 pub struct MethodTable {
     methods: BTreeMap<String, Entry>,
+    sections: Vec<ConfigSection>,
 }
 
 impl MethodTable {
     /// Adds a method callable from both sockets.
-    pub fn add(&mut self, name: &str, h: impl Fn(&Service, Params) -> Result<Value, RpcError> + Send + Sync + 'static) {
-        self.methods.insert(name.to_string(), Entry { handler: Box::new(h), dialect: Dialect::Both });
+    pub fn add(
+        &mut self,
+        name: &str,
+        h: impl Fn(&Service, Params) -> Result<Value, RpcError> + Send + Sync + 'static,
+    ) {
+        self.methods.insert(
+            name.to_string(),
+            Entry {
+                handler: Box::new(h),
+                dialect: Dialect::Both,
+            },
+        );
     }
 
     /// Adds a method with an explicit dialect.
-    pub fn add_in(&mut self, name: &str, dialect: Dialect, h: impl Fn(&Service, Params) -> Result<Value, RpcError> + Send + Sync + 'static) {
-        self.methods.insert(name.to_string(), Entry { handler: Box::new(h), dialect });
+    pub fn add_in(
+        &mut self,
+        name: &str,
+        dialect: Dialect,
+        h: impl Fn(&Service, Params) -> Result<Value, RpcError> + Send + Sync + 'static,
+    ) {
+        self.methods.insert(
+            name.to_string(),
+            Entry {
+                handler: Box::new(h),
+                dialect,
+            },
+        );
     }
 
     /// Calls `name`.
-    pub fn call(&self, svc: &Service, name: &str, params: Params, qmp: bool) -> Result<Value, RpcError> {
+    pub fn call(
+        &self,
+        svc: &Service,
+        name: &str,
+        params: Params,
+        qmp: bool,
+    ) -> Result<Value, RpcError> {
         match self.methods.get(name) {
             Some(e) if qmp || e.dialect == Dialect::Both => (e.handler)(svc, params),
             _ => Err(RpcError::method_not_found(name)),
@@ -90,11 +134,49 @@ impl MethodTable {
 
     /// Whether `name` exists (for the given dialect).
     pub fn contains(&self, name: &str, qmp: bool) -> bool {
-        self.methods.get(name).is_some_and(|e| qmp || e.dialect == Dialect::Both)
+        self.methods
+            .get(name)
+            .is_some_and(|e| qmp || e.dialect == Dialect::Both)
     }
 
     /// Every method name, sorted.
     pub fn names(&self, qmp: bool) -> Vec<String> {
-        self.methods.iter().filter(|(_, e)| qmp || e.dialect == Dialect::Both).map(|(n, _)| n.clone()).collect()
+        self.methods
+            .iter()
+            .filter(|(_, e)| qmp || e.dialect == Dialect::Both)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Adds a subsystem section to `save_config` (replayed after `depends_on`).
+    pub fn add_config_section(
+        &mut self,
+        name: &str,
+        depends_on: &[&str],
+        collect: impl Fn(&Service) -> Vec<Value> + Send + Sync + 'static,
+    ) {
+        self.sections.push(ConfigSection {
+            name: name.to_string(),
+            depends_on: depends_on.iter().map(|s| s.to_string()).collect(),
+            collect: Box::new(collect),
+        });
+    }
+
+    /// The config sections, each after the ones it depends on (otherwise in
+    /// registration order).
+    pub fn config_sections(&self) -> Vec<&ConfigSection> {
+        let mut out: Vec<&ConfigSection> = Vec::with_capacity(self.sections.len());
+        let mut left: Vec<&ConfigSection> = self.sections.iter().collect();
+        while !left.is_empty() {
+            let ready = left.iter().position(|s| {
+                s.depends_on
+                    .iter()
+                    .all(|d| out.iter().any(|o| &o.name == d) || !left.iter().any(|l| &l.name == d))
+            });
+            // A dependency cycle cannot be ordered: keep registration order.
+            let i = ready.unwrap_or(0);
+            out.push(left.remove(i));
+        }
+        out
     }
 }

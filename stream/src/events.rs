@@ -56,14 +56,20 @@ impl EventBus {
     /// A bus that remembers the last `capacity` events.
     pub fn new(capacity: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner { next_seq: 1, history: VecDeque::new(), subscribers: Vec::new() })),
+            inner: Arc::new(Mutex::new(Inner {
+                next_seq: 1,
+                history: VecDeque::new(),
+                subscribers: Vec::new(),
+            })),
             capacity,
         }
     }
 
     /// Publishes an event to every subscriber and the history.
     pub fn publish(&self, name: &str, data: Value) -> Event {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let ev = Event {
             seq: g.next_seq,
@@ -85,14 +91,23 @@ impl EventBus {
     /// A receiver of every event published from now on.
     pub fn subscribe(&self) -> Receiver<Event> {
         let (tx, rx) = channel();
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).subscribers.push(tx);
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscribers
+            .push(tx);
         rx
     }
 
     /// Events with `seq > after`, at most `max` of them (oldest first).
     pub fn since(&self, after: u64, max: usize) -> Vec<Event> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.history.iter().filter(|e| e.seq > after).take(max).cloned().collect()
+        g.history
+            .iter()
+            .filter(|e| e.seq > after)
+            .take(max)
+            .cloned()
+            .collect()
     }
 }
 
@@ -107,7 +122,10 @@ mod tests {
         bus.publish("A", serde_json::json!({"x": 1}));
         bus.publish("B", Value::Null);
         bus.publish("C", Value::Null);
-        assert_eq!(rx.try_iter().map(|e| e.name).collect::<Vec<_>>(), ["A", "B", "C"]);
+        assert_eq!(
+            rx.try_iter().map(|e| e.name).collect::<Vec<_>>(),
+            ["A", "B", "C"]
+        );
         let h = bus.since(0, 10);
         assert_eq!(h.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(bus.since(2, 10).len(), 1);

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Path of the `sluice` binary: `$SLUICE_BIN`, else target/{release,debug}/sluice
@@ -21,14 +24,23 @@ pub fn sluice_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = workspace_root();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
     let cands = [target.join("debug/sluice"), target.join("release/sluice")];
     let best = cands
         .iter()
-        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok().map(|t| (t, p.clone())))
+        .filter_map(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, p.clone()))
+        })
         .max_by_key(|(t, _)| *t)
         .map(|(_, p)| p);
-    best.expect("sluice binary not built: run `cargo build -p rpc --bin sluice` (scripts/test.sh does)")
+    best.expect(
+        "sluice binary not built: run `cargo build -p rpc --bin sluice` (scripts/test.sh does)",
+    )
 }
 
 /// The Python interpreter of the test venv (`.venv`, made by scripts/test.sh).
@@ -88,15 +100,28 @@ impl Daemon {
     pub fn start_with(cores: &[&str], extra: &[&str]) -> Daemon {
         let dir = TempDir::new("d");
         let mut cmd = Command::new(sluice_bin());
-        cmd.arg("serve").arg("--runtime-dir").arg(&dir.0).arg("--no-pin").args(cores).args(extra);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.arg("serve")
+            .arg("--runtime-dir")
+            .arg(&dir.0)
+            .arg("--no-pin")
+            .args(cores)
+            .args(extra);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         if std::env::var("RUST_LOG").is_err() {
             cmd.env("RUST_LOG", "warn");
         }
         let child = cmd.spawn().expect("spawn sluice");
         let rpc_sock = dir.join("sluice.sock");
         let qmp_sock = dir.join("sluice-qmp.sock");
-        let mut d = Daemon { child, dir, rpc_sock, qmp_sock, next_id: 1 };
+        let mut d = Daemon {
+            child,
+            dir,
+            rpc_sock,
+            qmp_sock,
+            next_id: 1,
+        };
         d.wait_ready();
         d
     }
@@ -116,7 +141,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("sluice did not open {} within 20 s", self.rpc_sock.display());
+        panic!(
+            "sluice did not open {} within 20 s",
+            self.rpc_sock.display()
+        );
     }
 
     /// Calls a JSON-RPC method; returns the whole reply object.
@@ -147,12 +175,20 @@ impl Daemon {
     /// Calls a method that must fail; returns the `error` object.
     pub fn call_err(&mut self, method: &str, params: Value) -> Value {
         let r = self.call_raw(method, params);
-        r.get("error").cloned().unwrap_or_else(|| panic!("{method} unexpectedly succeeded: {r}"))
+        r.get("error")
+            .cloned()
+            .unwrap_or_else(|| panic!("{method} unexpectedly succeeded: {r}"))
     }
 
     /// Runs `sluice rpc -s SOCK ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(sluice_bin()).arg("rpc").arg("-s").arg(&self.rpc_sock).args(args).output().expect("run sluice rpc")
+        Command::new(sluice_bin())
+            .arg("rpc")
+            .arg("-s")
+            .arg(&self.rpc_sock)
+            .args(args)
+            .output()
+            .expect("run sluice rpc")
     }
 
     /// Runs a Python script from tests/py with the venv interpreter; the
@@ -191,7 +227,10 @@ impl Daemon {
 }
 
 fn send_signal(pid: i32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Daemon {
@@ -207,24 +246,37 @@ impl Drop for Daemon {
 pub fn check(out: Output, what: &str) -> String {
     let so = String::from_utf8_lossy(&out.stdout).to_string();
     let se = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{what} failed ({}):\nstdout:\n{so}\nstderr:\n{se}", out.status);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{so}\nstderr:\n{se}",
+        out.status
+    );
     so
 }
 
 /// Runs a command and returns its output.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"))
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"))
 }
 
 /// Runs `qemu-img ARGS` and asserts success; returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
-    check(run("qemu-img", args), &format!("qemu-img {}", args.join(" ")))
+    check(
+        run("qemu-img", args),
+        &format!("qemu-img {}", args.join(" ")),
+    )
 }
 
 /// Runs `qemu-io ARGS` and asserts success; returns stdout.
 pub fn qemu_io(args: &[&str]) -> String {
     let out = check(run("qemu-io", args), &format!("qemu-io {}", args.join(" ")));
-    assert!(!out.contains("Pattern verification failed"), "qemu-io verification failed:\n{out}");
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "qemu-io verification failed:\n{out}"
+    );
     out
 }
 

@@ -1,10 +1,29 @@
 //! Every RPC method, grouped by subsystem; [`build_table`] is the one place the
 //! table is assembled.
 
+pub mod bdev;
+pub mod core;
+pub mod jobs;
+pub mod nbd;
+pub mod notify;
+pub mod qcow2;
+pub mod snapshot;
+pub mod stream2011;
+pub mod nvme;
+
 use crate::table::MethodTable;
 
 /// Builds the method table with every subsystem's methods.
 pub fn build_table() -> MethodTable {
-    let t = MethodTable::default();
+    let mut t = MethodTable::default();
+    core::register(&mut t);
+    bdev::register(&mut t);
+    notify::register(&mut t);
+    qcow2::register(&mut t);
+    jobs::register(&mut t);
+    stream2011::register(&mut t);
+    snapshot::register(&mut t);
+    nvme::register(&mut t);
+    nbd::register(&mut t);
     t
 }

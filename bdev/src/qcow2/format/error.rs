@@ -29,9 +29,9 @@ pub enum FormatError {
 impl From<FormatError> for BdevError {
     fn from(e: FormatError) -> Self {
         match e {
-            FormatError::IncompatibleFeatures(_) | FormatError::Unsupported(_) | FormatError::BadVersion(_) => {
-                BdevError::Unsupported(e.to_string())
-            }
+            FormatError::IncompatibleFeatures(_)
+            | FormatError::Unsupported(_)
+            | FormatError::BadVersion(_) => BdevError::Unsupported(e.to_string()),
             _ => BdevError::Corrupt(e.to_string()),
         }
     }

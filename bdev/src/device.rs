@@ -1,0 +1,519 @@
+//! The `Device`: a named front door (QEMU's drive / block backend) whose root
+//! node can be swapped live.
+//!
+//! Exports, `perf` jobs and clients open a device by name like any bdev. Each
+//! reactor's channel forwards requests to that reactor's channel of the current
+//! root. A swap (a snapshot moving the device onto a new overlay) *quiesces*:
+//! new requests are parked, every reactor waits for its in-flight requests to
+//! drain, the root is switched, and the parked requests are forwarded to the
+//! new root. All of it is done with messages to the reactors; the data path
+//! takes no lock and allocates nothing (a per-channel slot table keeps each
+//! forwarded request's original tag and completion target).
+
+use crate::bdev::{Bdev, Channel, RangeStatusFuture};
+use crate::channel::{channel, IoChannel};
+use crate::deferred::complete_deferred;
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoDone, IoStatus, IoType};
+use crate::registry::registry;
+use crate::stats::IoStats;
+use reactor::RuntimeHandle;
+use serde_json::{json, Value};
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What is shared by every reactor's channel of one device.
+struct Shared {
+    id: u64,
+    name: String,
+    root: Mutex<Arc<dyn Bdev>>,
+    /// Bumped on every swap; channels compare it to refresh their root channel.
+    gen: AtomicU64,
+    /// Nesting depth of quiesce requests; > 0 parks new requests.
+    paused: AtomicUsize,
+    /// Number of watchers of client activity (the counters below only run while > 0).
+    watchers: AtomicUsize,
+    client_ops: AtomicU64,
+    client_lat_ticks: AtomicU64,
+}
+
+impl Shared {
+    fn root(&self) -> Arc<dyn Bdev> {
+        self.root.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A named device over a swappable root node.
+pub struct Device {
+    shared: Arc<Shared>,
+}
+
+/// Client I/O counters of a device (see [`Device::watch_clients`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientActivity {
+    /// Client requests completed.
+    pub ops: u64,
+    /// Sum of their latencies in reactor ticks.
+    pub latency_ticks: u64,
+}
+
+/// While alive, the device counts client requests and their latency.
+pub struct ClientWatch {
+    shared: Arc<Shared>,
+}
+
+impl ClientWatch {
+    /// Counters so far (monotonic; subtract two readings for an interval).
+    pub fn activity(&self) -> ClientActivity {
+        ClientActivity {
+            ops: self.shared.client_ops.load(Ordering::Relaxed),
+            latency_ticks: self.shared.client_lat_ticks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        self.shared.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn claim_name(device: &str) -> String {
+    format!("device {device}")
+}
+
+impl Device {
+    /// A device named `name` over `root`. The root is claimed in the registry
+    /// (when registered there) for as long as it is the device's root.
+    pub fn new(name: &str, root: Arc<dyn Bdev>) -> Result<Arc<Device>, BdevError> {
+        if name.is_empty() {
+            return Err(BdevError::InvalidParam(
+                "device name must not be empty".into(),
+            ));
+        }
+        if registry().contains(root.name()) {
+            registry().claim(root.name(), &claim_name(name))?;
+        }
+        Ok(Arc::new(Device {
+            shared: Arc::new(Shared {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                name: name.to_string(),
+                root: Mutex::new(root),
+                gen: AtomicU64::new(1),
+                paused: AtomicUsize::new(0),
+                watchers: AtomicUsize::new(0),
+                client_ops: AtomicU64::new(0),
+                client_lat_ticks: AtomicU64::new(0),
+            }),
+        }))
+    }
+
+    /// The device behind a bdev, if it is one.
+    pub fn from_bdev(b: &Arc<dyn Bdev>) -> Option<&Device> {
+        b.as_any().downcast_ref::<Device>()
+    }
+
+    /// The registered device whose current root is the bdev named `root`.
+    pub fn find_by_root(root: &str) -> Option<Arc<dyn Bdev>> {
+        registry()
+            .list()
+            .into_iter()
+            .find(|b| Device::from_bdev(b).is_some_and(|d| d.root().name() == root))
+    }
+
+    /// The current root node.
+    pub fn root(&self) -> Arc<dyn Bdev> {
+        self.shared.root()
+    }
+
+    /// Starts counting client requests (for jobs that yield to clients).
+    pub fn watch_clients(&self) -> ClientWatch {
+        self.shared.watchers.fetch_add(1, Ordering::Relaxed);
+        ClientWatch {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Stops admitting requests and waits until no request is in flight on any
+    /// reactor. New requests are parked until [`Device::resume`]. Nests.
+    /// Callable from a reactor task or (with `block_on`) from any thread.
+    pub async fn quiesce(&self, rt: &RuntimeHandle) -> Result<(), BdevError> {
+        self.shared.paused.fetch_add(1, Ordering::SeqCst);
+        let mut waits = Vec::new();
+        for i in 0..rt.num_reactors() {
+            let id = self.shared.id;
+            waits.push(rt.spawn_on(i, move || async move {
+                if let Some(l) = Local::lookup(id) {
+                    l.drained().await;
+                }
+            }));
+        }
+        let mut res = Ok(());
+        for w in waits {
+            if let Err(e) = w.await {
+                res = Err(BdevError::Runtime(e.to_string()));
+            }
+        }
+        if res.is_err() {
+            self.resume(rt).await;
+        }
+        res
+    }
+
+    /// Ends one [`Device::quiesce`]; when none is left, parked requests are
+    /// forwarded to the (possibly new) root.
+    pub async fn resume(&self, rt: &RuntimeHandle) {
+        let prev = self.shared.paused.fetch_sub(1, Ordering::SeqCst);
+        if prev != 1 {
+            return;
+        }
+        let mut waits = Vec::new();
+        for i in 0..rt.num_reactors() {
+            let id = self.shared.id;
+            waits.push(rt.call_on(i, move || {
+                if let Some(l) = Local::lookup(id) {
+                    l.flush_parked();
+                }
+            }));
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+    }
+
+    /// Moves the device onto `new_root` (same size) with no request lost or
+    /// reordered across the switch; returns the old root. The new root is
+    /// claimed and the old one released.
+    pub async fn swap_root(
+        &self,
+        rt: &RuntimeHandle,
+        new_root: Arc<dyn Bdev>,
+    ) -> Result<Arc<dyn Bdev>, BdevError> {
+        let cur = self.root();
+        if new_root.size() != cur.size() || new_root.block_size() != cur.block_size() {
+            return Err(BdevError::InvalidParam(format!(
+                "new root {:?} has {} bytes in blocks of {}, the device has {} in blocks of {}",
+                new_root.name(),
+                new_root.size(),
+                new_root.block_size(),
+                cur.size(),
+                cur.block_size()
+            )));
+        }
+        let claim = claim_name(&self.shared.name);
+        if registry().contains(new_root.name()) {
+            registry().claim(new_root.name(), &claim)?;
+        }
+        if let Err(e) = self.quiesce(rt).await {
+            registry().release(new_root.name(), &claim);
+            return Err(e);
+        }
+        let old = {
+            let mut g = self.shared.root.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *g, new_root.clone())
+        };
+        self.shared.gen.fetch_add(1, Ordering::SeqCst);
+        self.resume(rt).await;
+        registry().release(old.name(), &claim);
+        tracing::info!(device = %self.shared.name, from = %old.name(), to = %new_root.name(), "device root switched");
+        Ok(old)
+    }
+}
+
+impl Bdev for Device {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+    fn product_name(&self) -> &str {
+        "Device"
+    }
+    fn block_size(&self) -> u32 {
+        self.root().block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.root().num_blocks()
+    }
+    fn io_type_supported(&self, t: IoType) -> bool {
+        self.root().io_type_supported(t)
+    }
+    fn required_alignment(&self) -> u32 {
+        self.root().required_alignment()
+    }
+    fn read_only(&self) -> bool {
+        self.root().read_only()
+    }
+    fn uuid(&self) -> Option<String> {
+        self.root().uuid()
+    }
+    fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
+        Ok(Box::new(DeviceChannel {
+            local: Local::get_or_create(&self.shared),
+        }))
+    }
+    fn driver_specific(&self) -> Value {
+        json!({"device": {"root": self.root().name()}})
+    }
+    fn on_delete(&self) {
+        let root = self.root();
+        registry().release(root.name(), &claim_name(&self.shared.name));
+    }
+    fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
+        self.root().range_status(offset, len)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// What a forwarded request had before it was re-targeted.
+struct Slot {
+    tag: u64,
+    done: Option<Rc<dyn IoDone>>,
+    stats: Option<Rc<IoStats>>,
+    submit_tick: u64,
+}
+
+/// One reactor's state for one device.
+struct Local {
+    shared: Arc<Shared>,
+    me: Weak<Local>,
+    gen: Cell<u64>,
+    root: RefCell<Option<Rc<IoChannel>>>,
+    inflight: Cell<usize>,
+    parked: RefCell<VecDeque<Box<BdevIo>>>,
+    drained: RefCell<Option<Waker>>,
+    slots: RefCell<Vec<Option<Slot>>>,
+    free: RefCell<Vec<usize>>,
+    flush_pending: Cell<bool>,
+}
+
+thread_local! {
+    static LOCALS: RefCell<HashMap<u64, Weak<Local>>> = RefCell::new(HashMap::new());
+}
+
+impl Local {
+    fn lookup(id: u64) -> Option<Rc<Local>> {
+        LOCALS.with(|m| m.borrow().get(&id).and_then(Weak::upgrade))
+    }
+
+    fn get_or_create(shared: &Arc<Shared>) -> Rc<Local> {
+        if let Some(l) = Self::lookup(shared.id) {
+            return l;
+        }
+        let l = Rc::new_cyclic(|me| Local {
+            shared: shared.clone(),
+            me: me.clone(),
+            gen: Cell::new(0),
+            root: RefCell::new(None),
+            inflight: Cell::new(0),
+            parked: RefCell::new(VecDeque::new()),
+            drained: RefCell::new(None),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            flush_pending: Cell::new(false),
+        });
+        LOCALS.with(|m| m.borrow_mut().insert(shared.id, Rc::downgrade(&l)));
+        l
+    }
+
+    fn paused(&self) -> bool {
+        self.shared.paused.load(Ordering::Relaxed) > 0
+    }
+
+    /// This reactor's channel of the current root.
+    fn root_channel(&self) -> Result<Rc<IoChannel>, BdevError> {
+        let g = self.shared.gen.load(Ordering::Acquire);
+        if g == self.gen.get() {
+            if let Some(c) = self.root.borrow().as_ref() {
+                return Ok(c.clone());
+            }
+        }
+        let c = channel(&self.shared.root())?;
+        *self.root.borrow_mut() = Some(c.clone());
+        self.gen.set(g);
+        Ok(c)
+    }
+
+    /// Forwards to the root; `Err(io)` (restored) when its queue is full.
+    fn forward(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        let ch = match self.root_channel() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(device = %self.shared.name, "no channel to the root: {e}");
+                complete_deferred(io, IoStatus::Aborted);
+                return Ok(());
+            }
+        };
+        let slot = Slot {
+            tag: io.tag,
+            done: io.take_done(),
+            stats: io.stats.take(),
+            submit_tick: io.submit_tick,
+        };
+        let idx = match self.free.borrow_mut().pop() {
+            Some(i) => {
+                self.slots.borrow_mut()[i] = Some(slot);
+                i
+            }
+            None => {
+                let mut s = self.slots.borrow_mut();
+                s.push(Some(slot));
+                s.len() - 1
+            }
+        };
+        io.tag = idx as u64;
+        let me: Option<Rc<dyn IoDone>> = self.me.upgrade().map(|m| m as Rc<dyn IoDone>);
+        io.set_done(me);
+        match ch.submit(io) {
+            Ok(()) => {
+                self.inflight.set(self.inflight.get() + 1);
+                Ok(())
+            }
+            Err(mut io) => {
+                self.restore(&mut io);
+                Err(io)
+            }
+        }
+    }
+
+    /// Puts back what [`Local::forward`] took out of the request.
+    fn restore(&self, io: &mut BdevIo) -> Option<u64> {
+        let idx = io.tag as usize;
+        let slot = self
+            .slots
+            .borrow_mut()
+            .get_mut(idx)
+            .and_then(Option::take)?;
+        self.free.borrow_mut().push(idx);
+        io.tag = slot.tag;
+        io.set_done(slot.done);
+        io.stats = slot.stats;
+        io.submit_tick = slot.submit_tick;
+        Some(slot.submit_tick)
+    }
+
+    /// Forwards parked requests (after a resume, or when the root has room again).
+    fn flush_parked(&self) {
+        self.flush_pending.set(false);
+        loop {
+            if self.paused() {
+                return;
+            }
+            let Some(io) = self.parked.borrow_mut().pop_front() else {
+                return;
+            };
+            if let Err(io) = self.forward(io) {
+                self.parked.borrow_mut().push_front(io);
+                self.wait_then_flush();
+                return;
+            }
+        }
+    }
+
+    fn wait_then_flush(&self) {
+        if self.flush_pending.replace(true) {
+            return;
+        }
+        let me = self.me.clone();
+        let again = Box::new(move || {
+            if let Some(l) = me.upgrade() {
+                l.flush_parked();
+            }
+        });
+        match self.root_channel() {
+            Ok(c) => c.wait_for_space(again),
+            Err(_) => {
+                reactor::spawn_local(async move { again() });
+            }
+        }
+    }
+
+    /// Resolves when nothing is in flight on this reactor.
+    async fn drained(self: Rc<Self>) {
+        poll_fn(|cx| {
+            if self.inflight.get() == 0 {
+                Poll::Ready(())
+            } else {
+                *self.drained.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl IoDone for Local {
+    fn io_done(&self, mut io: Box<BdevIo>) {
+        let Some(submit_tick) = self.restore(&mut io) else {
+            tracing::error!(device = %self.shared.name, tag = io.tag, "completion of an unknown forwarded request");
+            return;
+        };
+        self.inflight.set(self.inflight.get() - 1);
+        if self.shared.watchers.load(Ordering::Relaxed) > 0 {
+            self.shared.client_ops.fetch_add(1, Ordering::Relaxed);
+            self.shared.client_lat_ticks.fetch_add(
+                reactor::ticks().saturating_sub(submit_tick),
+                Ordering::Relaxed,
+            );
+        }
+        let st = io.status;
+        io.complete(st);
+        if self.inflight.get() == 0 {
+            if let Some(w) = self.drained.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let id = self.shared.id;
+        LOCALS.with(|m| {
+            if let Ok(mut m) = m.try_borrow_mut() {
+                if m.get(&id).is_some_and(|w| w.strong_count() == 0) {
+                    m.remove(&id);
+                }
+            }
+        });
+    }
+}
+
+/// The device's channel on one reactor.
+struct DeviceChannel {
+    local: Rc<Local>,
+}
+
+impl Channel for DeviceChannel {
+    fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        let l = &self.local;
+        if l.paused() || !l.parked.borrow().is_empty() {
+            l.parked.borrow_mut().push_back(io);
+            if !l.paused() {
+                l.wait_then_flush();
+            }
+            return Ok(());
+        }
+        l.forward(io)
+    }
+
+    fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
+        match self.local.root_channel() {
+            Ok(c) => c.wait_for_space(f),
+            Err(_) => {
+                reactor::spawn_local(async move { f() });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

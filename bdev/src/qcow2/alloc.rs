@@ -1,0 +1,330 @@
+//! Refcounts, cluster allocation, refcount table growth and the ordered
+//! write-out of metadata (refcounts before the L2 entries that need them, L2
+//! entries cleared before the refcounts drop).
+
+use super::format::{put64, FormatError, L1Entry, COPIED, MAX_REFTABLE_BYTES};
+use super::image::{Image, R};
+use crate::{BdevError, DmaBuf, IoStatus};
+use futures::future::LocalBoxFuture;
+
+impl Image {
+    /// Refcount of host cluster `c`; the metadata lock is held.
+    pub(crate) async fn refcount(&self, c: u64) -> R<u64> {
+        let (ti, bi) = self.rf.split(c);
+        let off = self
+            .reftable
+            .borrow()
+            .get(ti as usize)
+            .copied()
+            .unwrap_or(0);
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load(false, off).await?;
+        Ok(self.rb.with(off, |b| self.rf.get(b, bi)).unwrap_or(0))
+    }
+
+    /// Adds `delta` to the refcount of host cluster `c`; the metadata lock is held.
+    pub(crate) fn update_refcount(&self, c: u64, delta: i64) -> LocalBoxFuture<'_, R<()>> {
+        Box::pin(async move {
+            let (ti, bi) = self.rf.split(c);
+            let off = self.ensure_refblock(ti).await?;
+            self.load(false, off).await?;
+            let rf = self.rf;
+            let res = self
+                .rb
+                .with_mut(off, |b| {
+                    let cur = rf.get(b, bi);
+                    let new = cur as i128 + delta as i128;
+                    if new < 0 || new > rf.max() as i128 {
+                        return Err(FormatError::Corrupt(format!(
+                            "refcount of cluster {c} would go from {cur} to {new}"
+                        )));
+                    }
+                    rf.set(b, bi, new as u64).map(|_| new as u64)
+                })
+                .ok_or_else(|| {
+                    BdevError::Corrupt("refcount block vanished from the cache".into())
+                })?;
+            let new = res.map_err(BdevError::from)?;
+            if new == 0 && c < self.free_hint.get() {
+                self.free_hint.set(c);
+            }
+            Ok(())
+        })
+    }
+
+    /// The host offset of refcount block `ti`, allocating it (and growing the
+    /// refcount table) when missing; the metadata lock is held.
+    async fn ensure_refblock(&self, ti: u64) -> R<u64> {
+        loop {
+            let (len, off) = {
+                let t = self.reftable.borrow();
+                (t.len() as u64, t.get(ti as usize).copied().unwrap_or(0))
+            };
+            if ti >= len {
+                self.grow_reftable(ti).await?;
+                continue;
+            }
+            if off != 0 {
+                return Ok(off);
+            }
+            let c = self.find_free(1).await?;
+            let boff = c * self.cs;
+            self.make_room(false).await?;
+            if self.reftable.borrow()[ti as usize] != 0 {
+                continue; // a nested allocation created it meanwhile
+            }
+            self.rb.insert(boff, vec![0u8; self.cs as usize], true);
+            self.reftable.borrow_mut()[ti as usize] = boff;
+            self.reftable_dirty.borrow_mut().insert(ti * 8 / self.align);
+            self.reserved.borrow_mut().push(c);
+            let r = self.update_refcount(c, 1).await;
+            self.reserved.borrow_mut().retain(|&x| x != c);
+            r?;
+            return Ok(boff);
+        }
+    }
+
+    /// Finds `n` contiguous free host clusters; the metadata lock is held.
+    pub(crate) async fn find_free(&self, n: u64) -> R<u64> {
+        let start = self.free_hint.get();
+        let mut c = start;
+        'outer: loop {
+            if (c + n) * self.cs > self.capacity {
+                return Err(BdevError::Io(IoStatus::Enospc));
+            }
+            for i in 0..n {
+                let k = c + i;
+                if self.reserved.borrow().contains(&k)
+                    || self.overlaps_metadata(k * self.cs, self.cs)
+                    || self.refcount(k).await? != 0
+                {
+                    c = k + 1;
+                    continue 'outer;
+                }
+            }
+            if self.free_hint.get() >= start {
+                self.free_hint.set(c + n);
+            }
+            return Ok(c);
+        }
+    }
+
+    /// Allocates one host cluster (refcount 1); the metadata lock is held.
+    pub(crate) async fn alloc_cluster(&self) -> R<u64> {
+        let c = self.find_free(1).await?;
+        self.reserved.borrow_mut().push(c);
+        let r = self.update_refcount(c, 1).await;
+        self.reserved.borrow_mut().retain(|&x| x != c);
+        r?;
+        Ok(c * self.cs)
+    }
+
+    /// Replaces the refcount table with a larger one covering index `need`.
+    async fn grow_reftable(&self, need: u64) -> R<()> {
+        self.write_refblocks().await?;
+        let cs = self.cs;
+        let e = self.rf.block_entries();
+        let (old_off, old_clusters) = {
+            let h = self.hdr.borrow();
+            (h.refcount_table_offset, h.refcount_table_clusters as u64)
+        };
+        let old_len = self.reftable.borrow().len() as u64;
+        let p = self.free_hint.get().max(old_len * e);
+        let mut t = ((need + 1) * 8 * 3 / 2).div_ceil(cs).max(old_clusters + 1);
+        let mut b = 1u64;
+        let first_ti = p / e;
+        loop {
+            let last_ti = (p + t + b - 1) / e;
+            let nb = last_ti - first_ti + 1;
+            let nt = t.max(((last_ti + 1) * 8).div_ceil(cs));
+            if nb == b && nt == t {
+                break;
+            }
+            b = nb;
+            t = nt;
+        }
+        if t * cs > MAX_REFTABLE_BYTES || (p + t + b) * cs > self.capacity {
+            return Err(BdevError::Io(IoStatus::Enospc));
+        }
+        tracing::debug!(image = %self.name, from = old_clusters, to = t, "growing the refcount table");
+        let mut table = self.reftable.borrow().clone();
+        table.resize((t * cs / 8) as usize, 0);
+        for j in 0..b {
+            table[(first_ti + j) as usize] = (p + t + j) * cs;
+        }
+        for j in 0..b {
+            let mut blk = vec![0u8; cs as usize];
+            for k in p..p + t + b {
+                if k / e == first_ti + j {
+                    self.rf.set(&mut blk, k % e, 1).map_err(BdevError::from)?;
+                }
+            }
+            self.write_meta((p + t + j) * cs, DmaBuf::from_slice(&blk)?)
+                .await?;
+        }
+        let mut tb = vec![0u8; (t * cs) as usize];
+        for (i, &v) in table.iter().enumerate() {
+            put64(&mut tb, i * 8, v);
+        }
+        self.write_meta(p * cs, DmaBuf::from_slice(&tb)?).await?;
+        self.flush_base().await?;
+        {
+            let mut h = self.hdr.borrow_mut();
+            h.refcount_table_offset = p * cs;
+            h.refcount_table_clusters = t as u32;
+        }
+        self.write_header().await?;
+        *self.reftable.borrow_mut() = table;
+        self.reftable_dirty.borrow_mut().clear();
+        self.frees.borrow_mut().push((old_off, old_clusters * cs));
+        if self.free_hint.get() == p {
+            self.free_hint.set(p + t + b);
+        }
+        Ok(())
+    }
+
+    /// Points guest cluster `gc` at `val` (a raw L2 entry), allocating its L2
+    /// table if needed; the metadata lock is held.
+    pub(crate) async fn set_entry(&self, gc: u64, val: u64) -> R<()> {
+        let l1i = gc / self.l2_entries;
+        if l1i >= self.hdr.borrow().l1_size as u64 {
+            return Err(BdevError::Io(IoStatus::Einval));
+        }
+        let mut l2off = L1Entry(self.l1.borrow()[l1i as usize]).l2_offset();
+        if l2off == 0 {
+            if val == 0 {
+                return Ok(());
+            }
+            l2off = self.alloc_cluster().await?;
+            self.make_room(true).await?;
+            self.l2.insert(l2off, vec![0u8; self.cs as usize], true);
+            self.l1.borrow_mut()[l1i as usize] = l2off | COPIED;
+            self.l1_dirty.borrow_mut().insert(l1i * 8 / self.align);
+        } else {
+            self.load(true, l2off).await?;
+        }
+        let idx = ((gc % self.l2_entries) * 8) as usize;
+        self.l2
+            .with_mut(l2off, |t| put64(t, idx, val))
+            .ok_or_else(|| BdevError::Corrupt("L2 table vanished from the cache".into()))
+    }
+
+    /// Writes every dirty refcount block (no flush). Returns whether it wrote.
+    pub(crate) async fn write_refblocks(&self) -> R<bool> {
+        self.write_cache(false).await
+    }
+
+    async fn write_cache(&self, l2: bool) -> R<bool> {
+        let dirty = self.cache(l2).dirty();
+        if dirty.is_empty() {
+            return Ok(false);
+        }
+        let mut futs = Vec::with_capacity(dirty.len());
+        for (off, data) in &dirty {
+            let buf = DmaBuf::from_slice(data)?;
+            futs.push(self.write_meta(*off, buf));
+        }
+        for r in futures::future::join_all(futs).await {
+            r?;
+        }
+        for (off, data) in &dirty {
+            self.cache(l2).mark_clean(*off, data);
+        }
+        Ok(true)
+    }
+
+    /// Writes the dirty chunks of the L1 table (`l1`) or the refcount table.
+    async fn write_table_chunks(&self, l1: bool) -> R<bool> {
+        let chunks: Vec<u64> = {
+            let set = if l1 {
+                &self.l1_dirty
+            } else {
+                &self.reftable_dirty
+            };
+            std::mem::take(&mut *set.borrow_mut()).into_iter().collect()
+        };
+        if chunks.is_empty() {
+            return Ok(false);
+        }
+        let base = if l1 {
+            self.hdr.borrow().l1_table_offset
+        } else {
+            self.hdr.borrow().refcount_table_offset
+        };
+        let per = (self.align / 8) as usize;
+        for k in chunks {
+            let mut b = vec![0u8; self.align as usize];
+            {
+                let t = if l1 {
+                    self.l1.borrow()
+                } else {
+                    self.reftable.borrow()
+                };
+                for i in 0..per {
+                    let v = t.get(k as usize * per + i).copied().unwrap_or(0);
+                    put64(&mut b, i * 8, v);
+                }
+            }
+            self.write_meta(base + k * self.align, DmaBuf::from_slice(&b)?)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// Writes all dirty metadata in crash-safe order, then applies deferred
+    /// refcount decrements. With `flush`, always ends with a base flush (a guest
+    /// flush); the metadata lock is held.
+    pub(crate) fn sync_locked(&self, flush: bool) -> LocalBoxFuture<'_, R<()>> {
+        Box::pin(async move {
+            if self.read_only {
+                return if flush {
+                    self.flush_base().await
+                } else {
+                    Ok(())
+                };
+            }
+            let l2_pending = self.l2.any_dirty() || !self.l1_dirty.borrow().is_empty();
+            let rc = self.write_refblocks().await? | self.write_table_chunks(false).await?;
+            if rc && l2_pending {
+                self.flush_base().await?;
+            }
+            let l2w = self.write_cache(true).await?;
+            let l1_pending = !self.l1_dirty.borrow().is_empty();
+            if l2w && l1_pending {
+                self.flush_base().await?;
+            }
+            let l1w = self.write_table_chunks(true).await?;
+            let mut need_flush = rc || l2w || l1w;
+            if !self.frees.borrow().is_empty() {
+                // The L2 entries that dropped these clusters must be durable first.
+                self.flush_base().await?;
+                self.drain.drain().await;
+                let list = std::mem::take(&mut *self.frees.borrow_mut());
+                *self.zcache.borrow_mut() = None;
+                for (off, len) in list {
+                    let first = off / self.cs;
+                    let last = (off + len.max(1) - 1) / self.cs;
+                    for c in first..=last {
+                        if let Err(e) = self.update_refcount(c, -1).await {
+                            // Leaking is safe; failing the flush over it is not useful.
+                            tracing::warn!(image = %self.name, cluster = c, error = %e, "cannot release cluster; leaking it");
+                        }
+                    }
+                }
+                need_flush = self.write_refblocks().await? | self.write_table_chunks(false).await?;
+            }
+            if need_flush || flush {
+                self.flush_base().await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A guest flush: everything written before it becomes durable.
+    pub(crate) async fn flush(&self) -> R<()> {
+        let _g = self.meta.lock().await;
+        self.sync_locked(true).await
+    }
+}

@@ -1,0 +1,452 @@
+//! [`Qcow2Bdev`]: the qcow2 image as a [`Bdev`]. Its metadata lives on the owner
+//! reactor (the one that opened it); channels on other reactors forward each
+//! request there by message and complete it back on the submitting reactor.
+
+use super::image::Image;
+use crate::{
+    complete_deferred, Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus, IoType, RangeStatus,
+    RangeStatusFuture,
+};
+use reactor::RuntimeHandle;
+use serde_json::{json, Value};
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+thread_local! {
+    /// The images owned by this reactor, by id.
+    static ENGINES: RefCell<HashMap<u64, Rc<Image>>> = RefCell::new(HashMap::new());
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn engine(id: u64) -> Option<Rc<Image>> {
+    ENGINES.with(|m| m.borrow().get(&id).cloned())
+}
+
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+pub(crate) fn install_engine(id: u64, img: Rc<Image>) {
+    ENGINES.with(|m| m.borrow_mut().insert(id, img));
+}
+
+/// Allocation status of a range of a qcow2 image and its backing chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Allocated in this image (data, compressed or a zero cluster).
+    pub allocated_here: bool,
+    /// Allocated in some image from this one down to, not including, `base`
+    /// (or anywhere in the chain when no base is given).
+    pub allocated_above_base: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Bytes from the queried offset over which this answer holds (> 0).
+    pub len: u64,
+}
+
+/// Mutable, shared-across-reactors facts about an open image.
+#[derive(Default)]
+pub(crate) struct Info {
+    pub(crate) filename: Option<PathBuf>,
+    pub(crate) backing: Option<Arc<dyn Bdev>>,
+    pub(crate) backing_file: Option<String>,
+    pub(crate) backing_format: Option<String>,
+    /// Registry names this image claimed (released on drop).
+    pub(crate) claims: Vec<String>,
+}
+
+/// A qcow2 image over a base bdev, with an optional backing chain.
+pub struct Qcow2Bdev {
+    pub(crate) me: Weak<Qcow2Bdev>,
+    pub(crate) name: String,
+    pub(crate) id: u64,
+    pub(crate) owner: usize,
+    pub(crate) rt: RuntimeHandle,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) alignment: u32,
+    pub(crate) read_only: bool,
+    pub(crate) cluster_size: u64,
+    pub(crate) version: u32,
+    pub(crate) base: Arc<dyn Bdev>,
+    pub(crate) info: Mutex<Info>,
+}
+
+impl Qcow2Bdev {
+    fn info(&self) -> std::sync::MutexGuard<'_, Info> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bdev the image is stored on.
+    pub fn base(&self) -> &Arc<dyn Bdev> {
+        &self.base
+    }
+    /// The backing bdev (a raw leaf or another [`Qcow2Bdev`]), if any.
+    pub fn backing(&self) -> Option<Arc<dyn Bdev>> {
+        self.info().backing.clone()
+    }
+    /// The backing file name recorded in the header.
+    pub fn backing_file(&self) -> Option<String> {
+        self.info().backing_file.clone()
+    }
+    /// The backing format recorded in the header.
+    pub fn backing_format(&self) -> Option<String> {
+        self.info().backing_format.clone()
+    }
+    /// The image file's path, when opened from a file.
+    pub fn filename(&self) -> Option<PathBuf> {
+        self.info().filename.clone()
+    }
+    /// Always `"qcow2"`.
+    pub fn format(&self) -> &'static str {
+        "qcow2"
+    }
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+    /// qcow2 version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Index of the reactor owning the image's metadata.
+    pub fn owner(&self) -> usize {
+        self.owner
+    }
+
+    /// Runs `f` with the engine on the owner reactor (directly when already there).
+    async fn on_owner<T, F, Fut>(&self, f: F) -> Result<T, BdevError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<Image>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, BdevError>> + 'static,
+    {
+        let id = self.id;
+        let gone = || BdevError::NotFound(format!("qcow2 image {} is closed", self.name));
+        if reactor::current_index() == Some(self.owner) {
+            let img = engine(id).ok_or_else(gone)?;
+            return f(img).await;
+        }
+        let name = self.name.clone();
+        self.rt
+            .spawn_on(self.owner, move || async move {
+                match engine(id) {
+                    Some(img) => f(img).await,
+                    None => Err(BdevError::NotFound(format!("qcow2 image {name} is closed"))),
+                }
+            })
+            .await
+            .map_err(|e| BdevError::Runtime(e.to_string()))?
+    }
+
+    /// This layer's own status at `offset`: `(Some(zero) | None, run length)`.
+    async fn layer_status(&self, offset: u64, len: u64) -> Result<(Option<bool>, u64), BdevError> {
+        self.on_owner(move |img| async move { img.layer_status(offset, len).await })
+            .await
+    }
+
+    /// Block status of `[offset, offset+len)`, answered for the start of the range.
+    /// `base`: a bdev of the backing chain where "above base" stops (excluded).
+    /// Call on any reactor.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        base: Option<&Arc<dyn Bdev>>,
+    ) -> Result<BlockStatus, BdevError> {
+        if offset >= self.size || len == 0 {
+            return Err(BdevError::InvalidParam(format!(
+                "block_status: range {offset}+{len} outside the image"
+            )));
+        }
+        let base_key = base.map(|b| Arc::as_ptr(b) as *const () as usize);
+        let mut run = len.min(self.size - offset);
+        let (here, r) = self.layer_status(offset, run).await?;
+        run = run.min(r).max(1);
+        // (zero, below_or_at_base) of the first layer that allocates the range.
+        let mut first: Option<(bool, bool)> = here.map(|z| (z, false));
+        let mut next = self.backing();
+        let mut at_or_below_base = false;
+        let mut depth = 0usize;
+        while first.is_none() {
+            let Some(b) = next.take() else { break };
+            depth += 1;
+            if depth > 4096 {
+                return Err(BdevError::Corrupt("backing chain too long (loop?)".into()));
+            }
+            if base_key == Some(Arc::as_ptr(&b) as *const () as usize) {
+                at_or_below_base = true;
+            }
+            if offset >= b.size() {
+                break;
+            }
+            run = run.min(b.size() - offset);
+            if let Some(q) = b.as_any().downcast_ref::<Qcow2Bdev>() {
+                let (h, r) = q.layer_status(offset, run).await?;
+                run = run.min(r).max(1);
+                if let Some(z) = h {
+                    first = Some((z, at_or_below_base));
+                }
+                next = q.backing();
+            } else {
+                match b.range_status(offset, run) {
+                    Some(fut) => {
+                        let rs = fut.await?;
+                        run = run.min(rs.len).max(1);
+                        if rs.allocated {
+                            first = Some((rs.zero, at_or_below_base));
+                        }
+                    }
+                    None => first = Some((false, at_or_below_base)),
+                }
+            }
+        }
+        Ok(BlockStatus {
+            allocated_here: here.is_some(),
+            allocated_above_base: first.is_some_and(|(_, below)| !below),
+            zero: first.is_none_or(|(z, _)| z),
+            len: run,
+        })
+    }
+
+    /// Writes one whole cluster at `offset` (cluster-aligned; `data` is the
+    /// cluster size, or shorter for the image's last cluster) only if the cluster
+    /// is still unallocated in this image. Serialised with guest writes to that
+    /// cluster: a guest write always wins. Returns whether it wrote.
+    pub async fn populate_if_unallocated(
+        &self,
+        offset: u64,
+        data: DmaBuf,
+    ) -> Result<bool, BdevError> {
+        self.on_owner(move |img| async move { img.populate(offset, data).await })
+            .await
+    }
+
+    /// Rewrites the header's backing file name and format (`None`: no backing
+    /// file) after making all earlier writes durable. Does not change which bdev
+    /// reads fall through to; see [`Qcow2Bdev::set_backing_bdev`].
+    pub async fn set_backing_file(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<(), BdevError> {
+        let (n, f) = (name.map(str::to_string), format.map(str::to_string));
+        let (n2, f2) = (n.clone(), f.clone());
+        self.on_owner(
+            move |img| async move { img.set_backing_file(n.as_deref(), f.as_deref()).await },
+        )
+        .await?;
+        let mut i = self.info();
+        i.backing_file = n2.clone();
+        i.backing_format = if n2.is_some() { f2 } else { None };
+        Ok(())
+    }
+
+    /// Changes the bdev unallocated reads fall through to (`None`: read zeroes).
+    pub async fn set_backing_bdev(&self, backing: Option<Arc<dyn Bdev>>) -> Result<(), BdevError> {
+        let b2 = backing.clone();
+        self.on_owner(move |img| async move {
+            *img.backing.borrow_mut() = b2;
+            Ok(())
+        })
+        .await?;
+        self.info().backing = backing;
+        Ok(())
+    }
+
+    /// Makes every completed write durable (like a flush request).
+    pub async fn flush(&self) -> Result<(), BdevError> {
+        self.on_owner(move |img| async move { img.flush().await })
+            .await
+    }
+
+    /// Flushes, and for an image opened with [`super::open_file`] trims the file to
+    /// the end of the last cluster in use. The bdev stays usable.
+    pub async fn close(&self) -> Result<(), BdevError> {
+        self.flush().await?;
+        let end = self
+            .on_owner(move |img| async move { img.used_end().await })
+            .await?;
+        if let Some(p) = self.filename() {
+            if !self.read_only && end > 0 {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .map_err(|e| BdevError::os(format!("opening {}", p.display()), e))?;
+                f.set_len(end)
+                    .map_err(|e| BdevError::os(format!("trimming {}", p.display()), e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2Bdev {
+    fn drop(&mut self) {
+        let id = self.id;
+        if reactor::current_index() == Some(self.owner) {
+            ENGINES.with(|m| m.borrow_mut().remove(&id));
+        } else {
+            let _ = self.rt.send_completion(self.owner, move || {
+                ENGINES.with(|m| m.borrow_mut().remove(&id));
+            });
+        }
+        let claims = std::mem::take(&mut self.info().claims);
+        for c in claims {
+            crate::registry().release(&c, &self.name);
+        }
+    }
+}
+
+impl Bdev for Qcow2Bdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "QCOW2 disk"
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.size.div_ceil(self.block_size as u64)
+    }
+    fn io_type_supported(&self, _t: IoType) -> bool {
+        true
+    }
+    fn required_alignment(&self) -> u32 {
+        self.alignment
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
+        let here = reactor::current_index()
+            .ok_or_else(|| BdevError::Runtime("qcow2 channels are made on reactors".into()))?;
+        if here == self.owner {
+            let img = engine(self.id).ok_or_else(|| {
+                BdevError::NotFound(format!("qcow2 image {} is closed", self.name))
+            })?;
+            return Ok(Box::new(LocalChannel { img }));
+        }
+        Ok(Box::new(RemoteChannel {
+            id: self.id,
+            owner: self.owner,
+            here,
+            rt: self.rt.clone(),
+        }))
+    }
+    fn driver_specific(&self) -> Value {
+        let i = self.info();
+        json!({ "qcow2": {
+            "base_bdev": self.base.name(),
+            "filename": i.filename.as_ref().map(|p| p.display().to_string()),
+            "cluster_size": self.cluster_size,
+            "version": self.version,
+            "backing_file": i.backing_file,
+            "backing_format": i.backing_format,
+            "backing_bdev": i.backing.as_ref().map(|b| b.name().to_string()),
+            "owner_reactor": self.owner,
+        }})
+    }
+    fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
+        let me = self.me.upgrade()?;
+        Some(Box::pin(async move {
+            let s = me.block_status(offset, len, None).await?;
+            Ok(RangeStatus {
+                len: s.len,
+                allocated: s.allocated_above_base,
+                zero: s.zero,
+            })
+        }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The owner reactor's channel: one local task per request.
+struct LocalChannel {
+    img: Rc<Image>,
+}
+
+impl Channel for LocalChannel {
+    fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        let img = self.img.clone();
+        reactor::spawn_local(async move {
+            let st = img.execute(&mut io).await;
+            io.complete(st);
+        });
+        Ok(())
+    }
+}
+
+/// A request travelling between reactors.
+struct SendIo(Option<Box<BdevIo>>);
+
+// SAFETY: the request and its memory belong to the submitter, who does not touch
+// them until completion. The owner reactor only uses the request's offsets and
+// memory segments, never its (reactor-local) completion target or stats, and the
+// request is completed (and dropped) back on the submitting reactor.
+unsafe impl Send for SendIo {}
+
+impl Drop for SendIo {
+    fn drop(&mut self) {
+        // Only reached if a message is dropped unrun (runtime gone): leaking is the
+        // one safe choice for reactor-local parts on a foreign thread.
+        if let Some(io) = self.0.take() {
+            std::mem::forget(io);
+        }
+    }
+}
+
+/// A non-owner reactor's channel: forwards to the owner by message.
+struct RemoteChannel {
+    id: u64,
+    owner: usize,
+    here: usize,
+    rt: RuntimeHandle,
+}
+
+fn send_back(rt: &RuntimeHandle, to: usize, sio: SendIo, st: IoStatus) {
+    let _ = rt.send_completion(to, move || {
+        let mut sio = sio;
+        if let Some(io) = sio.0.take() {
+            io.complete(st);
+        }
+    });
+}
+
+impl Channel for RemoteChannel {
+    fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        if self.rt.is_stopping() {
+            complete_deferred(io, IoStatus::Aborted);
+            return Ok(());
+        }
+        let (id, here, rt) = (self.id, self.here, self.rt.clone());
+        let sio = SendIo(Some(io));
+        let _ = self
+            .rt
+            .send_completion(self.owner, move || match engine(id) {
+                None => send_back(&rt, here, sio, IoStatus::Aborted),
+                Some(img) => {
+                    reactor::spawn_local(async move {
+                        let mut sio = sio;
+                        let st = match sio.0.as_mut() {
+                            Some(io) => img.execute(io).await,
+                            None => IoStatus::Aborted,
+                        };
+                        send_back(&rt, here, sio, st);
+                    });
+                }
+            });
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! The open image's state on its owner reactor: header, L1 and refcount tables,
+//! metadata caches, locks; loading and lookups.
+
+use super::cache::TableCache;
+use super::format::{
+    be64, FormatError, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
+use super::sync::{ClusterLocks, Drain};
+use crate::{channel, read_at, write_at, Bdev, BdevError, DmaBuf, IoChannel, IoType};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Result of engine operations.
+pub(crate) type R<T> = Result<T, BdevError>;
+
+/// How an image is opened (engine level).
+pub(crate) struct LoadOptions {
+    pub(crate) read_only: bool,
+    pub(crate) cache_bytes: u64,
+}
+
+/// One open qcow2 image. Lives on (and is only touched by) its owner reactor.
+pub(crate) struct Image {
+    pub(crate) name: String,
+    pub(crate) ch: Rc<IoChannel>,
+    pub(crate) hdr: RefCell<Header>,
+    pub(crate) cs: u64,
+    pub(crate) cluster_bits: u32,
+    pub(crate) l2_entries: u64,
+    pub(crate) rf: RefcountFormat,
+    pub(crate) version: u32,
+    pub(crate) size: u64,
+    pub(crate) read_only: bool,
+    /// Base block size: the unit of every metadata write.
+    pub(crate) align: u64,
+    /// Base size: allocation beyond it fails with ENOSPC.
+    pub(crate) capacity: u64,
+    pub(crate) l1: RefCell<Vec<u64>>,
+    pub(crate) l1_dirty: RefCell<BTreeSet<u64>>,
+    pub(crate) reftable: RefCell<Vec<u64>>,
+    pub(crate) reftable_dirty: RefCell<BTreeSet<u64>>,
+    pub(crate) l2: TableCache,
+    pub(crate) rb: TableCache,
+    pub(crate) meta: futures::lock::Mutex<()>,
+    pub(crate) locks: Rc<ClusterLocks>,
+    pub(crate) drain: Rc<Drain>,
+    /// Host byte ranges to unreference once the L2 tables that dropped them are durable.
+    pub(crate) frees: RefCell<Vec<(u64, u64)>>,
+    pub(crate) free_hint: Cell<u64>,
+    /// Clusters chosen by an allocation whose refcount is not set yet.
+    pub(crate) reserved: RefCell<Vec<u64>>,
+    pub(crate) backing: RefCell<Option<Arc<dyn Bdev>>>,
+    /// Last decompressed cluster: its raw L2 entry and data.
+    pub(crate) zcache: RefCell<Option<(u64, Rc<Vec<u8>>)>>,
+    /// Set after a metadata write failed: writes are refused from then on.
+    pub(crate) broken: Cell<bool>,
+}
+
+impl Image {
+    /// Reads and checks the header and tables of the image on `base`.
+    pub(crate) async fn open_image(
+        name: &str,
+        base: &Arc<dyn Bdev>,
+        opts: &LoadOptions,
+    ) -> R<Rc<Image>> {
+        let ch = channel(base)?;
+        let align = (base.block_size() as u64).max(512);
+        let capacity = base.size();
+        let first = read_meta(&ch, capacity, 0, 512).await?;
+        if super::format::be32(&first, 0) != super::format::MAGIC {
+            return Err(FormatError::BadMagic.into());
+        }
+        let bits = super::format::be32(&first, 20);
+        if !(9..=21).contains(&bits) {
+            return Err(
+                FormatError::BadHeader(format!("cluster_bits {bits} outside 9..=21")).into(),
+            );
+        }
+        let cs = 1u64 << bits;
+        // A file may end inside its last block (QEMU writes a small L1 table as a few
+        // bytes): the image's extent is the base rounded up to a cluster, and bytes
+        // past the base read as zeroes.
+        let extent = (capacity + 1).next_multiple_of(cs);
+        let hbuf = read_meta(&ch, capacity, 0, cs).await?;
+        let hdr = Header::parse(&hbuf, extent)?;
+        if cs < align {
+            return Err(BdevError::Unsupported(format!(
+                "cluster size {cs} is smaller than the base device's block size {align}"
+            )));
+        }
+        let mut read_only = opts.read_only || base.read_only();
+        if hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+            if !read_only {
+                tracing::warn!(image = name, "image is marked corrupt: opening read-only");
+            }
+            read_only = true;
+        }
+        if !read_only && hdr.nb_snapshots > 0 {
+            return Err(BdevError::Unsupported(format!(
+                "writing images with internal snapshots ({} here); open read-only",
+                hdr.nb_snapshots
+            )));
+        }
+        let rf = RefcountFormat {
+            order: hdr.refcount_order,
+            cluster_bits: bits,
+        };
+        let l1_bytes = hdr.l1_size as u64 * 8;
+        let l1_clusters = l1_bytes.div_ceil(cs);
+        let mut l1 = vec![0u64; (l1_clusters * cs / 8) as usize];
+        if l1_bytes > 0 {
+            let b = read_meta(&ch, capacity, hdr.l1_table_offset, l1_bytes).await?;
+            for (i, e) in l1.iter_mut().enumerate().take(hdr.l1_size as usize) {
+                *e = be64(&b, i * 8);
+            }
+        }
+        let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
+        let rtb = read_meta(&ch, capacity, hdr.refcount_table_offset, rt_bytes).await?;
+        let reftable: Vec<u64> = (0..(rt_bytes / 8) as usize)
+            .map(|i| be64(&rtb, i * 8))
+            .collect();
+        let cache_clusters = (opts.cache_bytes / cs).clamp(16, 4096) as usize;
+        let img = Image {
+            name: name.to_string(),
+            ch,
+            cs,
+            cluster_bits: bits,
+            l2_entries: cs / 8,
+            rf,
+            version: hdr.version,
+            size: hdr.size,
+            read_only,
+            align,
+            capacity,
+            l1: RefCell::new(l1),
+            l1_dirty: RefCell::new(BTreeSet::new()),
+            reftable: RefCell::new(reftable),
+            reftable_dirty: RefCell::new(BTreeSet::new()),
+            l2: TableCache::new(cache_clusters),
+            rb: TableCache::new(cache_clusters / 4),
+            meta: futures::lock::Mutex::new(()),
+            locks: Rc::new(ClusterLocks::default()),
+            drain: Rc::new(Drain::default()),
+            frees: RefCell::new(Vec::new()),
+            free_hint: Cell::new(0),
+            reserved: RefCell::new(Vec::new()),
+            backing: RefCell::new(None),
+            zcache: RefCell::new(None),
+            broken: Cell::new(false),
+            hdr: RefCell::new(hdr),
+        };
+        img.check_tables()?;
+        let img = Rc::new(img);
+        if !img.read_only {
+            let (dirty, autoclear) = {
+                let h = img.hdr.borrow();
+                (h.incompatible & INCOMPAT_DIRTY != 0, h.autoclear)
+            };
+            if dirty {
+                tracing::warn!(
+                    image = name,
+                    "image has the dirty bit set: rebuilding refcounts"
+                );
+                img.rebuild_refcounts().await?;
+            }
+            if autoclear != 0 {
+                // We maintain none of the autoclear features (bitmaps included): clear them
+                // so that a later reader knows their data may be stale.
+                img.hdr.borrow_mut().autoclear = 0;
+                img.write_header().await?;
+            }
+        }
+        Ok(img)
+    }
+
+    /// Validates the L1 and refcount table entries against the image geometry.
+    fn check_tables(&self) -> R<()> {
+        let h = self.hdr.borrow();
+        let l1_range = (
+            h.l1_table_offset,
+            h.l1_table_offset + (h.l1_size as u64 * 8).next_multiple_of(self.cs),
+        );
+        let rt_range = (
+            h.refcount_table_offset,
+            h.refcount_table_offset + h.refcount_table_clusters as u64 * self.cs,
+        );
+        let check = |what: &str, off: u64| -> R<()> {
+            if !off.is_multiple_of(self.cs) || off < self.cs || off >= self.capacity {
+                return Err(FormatError::Corrupt(format!(
+                    "{what} at {off:#x} is outside the image or misaligned"
+                ))
+                .into());
+            }
+            for (n, (a, b)) in [("L1 table", l1_range), ("refcount table", rt_range)] {
+                if off >= a && off < b {
+                    return Err(FormatError::Corrupt(format!(
+                        "{what} at {off:#x} overlaps the {n}"
+                    ))
+                    .into());
+                }
+            }
+            Ok(())
+        };
+        for (i, &e) in self.l1.borrow().iter().enumerate().take(h.l1_size as usize) {
+            let l1e = L1Entry(e);
+            l1e.validate(self.cs).map_err(BdevError::from)?;
+            if l1e.l2_offset() != 0 {
+                check(&format!("L2 table {i}"), l1e.l2_offset())?;
+            }
+        }
+        for (i, &e) in self.reftable.borrow().iter().enumerate() {
+            if e & 0x1ff != 0 {
+                return Err(FormatError::Corrupt(format!(
+                    "refcount table entry {i} has reserved bits set"
+                ))
+                .into());
+            }
+            if e != 0 {
+                check(&format!("refcount block {i}"), e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw L2 entry of guest cluster `gc` when its table is cached (no I/O).
+    pub(crate) fn entry_cached(&self, gc: u64) -> Option<u64> {
+        let l1i = (gc / self.l2_entries) as usize;
+        let l1e = self.l1.borrow().get(l1i).copied().unwrap_or(0);
+        let off = L1Entry(l1e).l2_offset();
+        if off == 0 {
+            return Some(0);
+        }
+        self.l2
+            .with(off, |t| be64(t, ((gc % self.l2_entries) * 8) as usize))
+    }
+
+    /// The raw L2 entry of guest cluster `gc`.
+    pub(crate) async fn entry(&self, gc: u64) -> R<u64> {
+        if let Some(e) = self.entry_cached(gc) {
+            return Ok(e);
+        }
+        let _g = self.meta.lock().await;
+        self.entry_locked(gc).await
+    }
+
+    /// The raw L2 entry of guest cluster `gc`; the metadata lock is held.
+    pub(crate) async fn entry_locked(&self, gc: u64) -> R<u64> {
+        let l1i = (gc / self.l2_entries) as usize;
+        let l1e = self.l1.borrow().get(l1i).copied().unwrap_or(0);
+        let off = L1Entry(l1e).l2_offset();
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load(true, off).await?;
+        Ok(self
+            .l2
+            .with(off, |t| be64(t, ((gc % self.l2_entries) * 8) as usize))
+            .unwrap_or(0))
+    }
+
+    /// The cache of L2 tables (`true`) or refcount blocks (`false`).
+    pub(crate) fn cache(&self, l2: bool) -> &TableCache {
+        if l2 {
+            &self.l2
+        } else {
+            &self.rb
+        }
+    }
+
+    /// Makes room in a cache, writing metadata out first when the victim is dirty.
+    pub(crate) async fn make_room(&self, l2: bool) -> R<()> {
+        while self.cache(l2).full() {
+            let Some((off, dirty)) = self.cache(l2).victim() else {
+                break;
+            };
+            if dirty {
+                self.sync_locked(false).await?;
+            }
+            // A sync may leave the victim dirty again only if it was re-dirtied; re-check.
+            if self.cache(l2).victim().is_some_and(|(o, d)| o == off && !d) || !dirty {
+                self.cache(l2).remove(off);
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a metadata cluster into its cache; the metadata lock is held.
+    pub(crate) async fn load(&self, l2: bool, off: u64) -> R<()> {
+        if self.cache(l2).contains(off) {
+            return Ok(());
+        }
+        if off >= self.capacity {
+            return Err(FormatError::Corrupt(format!(
+                "metadata cluster {off:#x} lies past the end of the image"
+            ))
+            .into());
+        }
+        self.make_room(l2).await?;
+        let b = read_meta(&self.ch, self.capacity, off, self.cs).await?;
+        if !self.cache(l2).contains(off) {
+            self.cache(l2).insert(off, b, false);
+        }
+        Ok(())
+    }
+
+    /// Writes the header cluster (whole, as QEMU does) and flushes.
+    pub(crate) async fn write_header(&self) -> R<()> {
+        let bytes = self.hdr.borrow().to_cluster().map_err(BdevError::from)?;
+        let buf = DmaBuf::from_slice(&bytes)?;
+        self.write_meta(0, buf).await?;
+        self.flush_base().await
+    }
+
+    /// Writes a metadata buffer; a failure marks the image broken (no more writes).
+    pub(crate) async fn write_meta(&self, off: u64, buf: DmaBuf) -> R<()> {
+        if self.read_only {
+            return Err(BdevError::Io(crate::IoStatus::ReadOnly));
+        }
+        match write_at(&self.ch, off, buf).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(image = %self.name, offset = off, error = %e, "metadata write failed; image now refuses writes");
+                self.broken.set(true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes the base device.
+    pub(crate) async fn flush_base(&self) -> R<()> {
+        let st = crate::simple_io(&self.ch, IoType::Flush, 0, 0).await;
+        if st.is_ok() || st == crate::IoStatus::Unsupported {
+            Ok(())
+        } else {
+            Err(BdevError::Io(st))
+        }
+    }
+
+    /// Whether `[host, host+len)` overlaps the header, the L1 table or the refcount table.
+    pub(crate) fn overlaps_metadata(&self, host: u64, len: u64) -> bool {
+        let h = self.hdr.borrow();
+        let ranges = [
+            (0, self.cs),
+            (
+                h.l1_table_offset,
+                (h.l1_size as u64 * 8).next_multiple_of(self.cs),
+            ),
+            (
+                h.refcount_table_offset,
+                h.refcount_table_clusters as u64 * self.cs,
+            ),
+        ];
+        ranges
+            .iter()
+            .any(|&(a, l)| l > 0 && host < a + l && a < host + len)
+    }
+}
+
+/// Reads `len` bytes at `off` from the base, in whole blocks; bytes past the
+/// base's end read as zeroes.
+pub(crate) async fn read_meta(ch: &IoChannel, capacity: u64, off: u64, len: u64) -> R<Vec<u8>> {
+    let mut out = vec![0u8; len as usize];
+    if off >= capacity {
+        return Ok(out);
+    }
+    let align = (ch.bdev().block_size() as u64).max(1);
+    let a0 = off / align * align;
+    let a1 = (off + len).next_multiple_of(align).min(capacity);
+    if a1 <= a0 {
+        return Ok(out);
+    }
+    let b = read_at(ch, a0, (a1 - a0) as usize).await?;
+    let skip = (off - a0) as usize;
+    let n = (b.len() - skip).min(out.len());
+    out[..n].copy_from_slice(&b.as_slice()[skip..skip + n]);
+    Ok(out)
+}

@@ -1,0 +1,68 @@
+//! The qcow2 bdev: QEMU's image format (versions 2 and 3, as
+//! `docs/interop/qcow2.txt` defines it) over any base bdev, with a backing chain.
+//!
+//! # API
+//!
+//! - [`create`] / [`create_file`]: write a new empty image ([`CreateOptions`]:
+//!   size, cluster size 512 B..2 MiB, version, refcount width, backing file and
+//!   format, compression type), laid out as `qemu-img create -f qcow2` does.
+//! - [`Qcow2Bdev::open`] (on a reactor; that reactor becomes the image's *owner*)
+//!   or [`open_file`]: returns an `Arc<Qcow2Bdev>`, which is a [`crate::Bdev`]
+//!   (register it with [`crate::registry`] to name it). [`OpenOptions::backing`]
+//!   says where unallocated clusters read from: the header's backing file
+//!   (resolved against the image's directory, format from the backing-format
+//!   extension or probed by magic; chains of any length; loops refused), no
+//!   backing, or a given / registered bdev.
+//! - Chain walking: [`Qcow2Bdev::backing`] (the backing bdev; downcast with
+//!   `as_any()` to `Qcow2Bdev` for the next level), [`Qcow2Bdev::backing_file`],
+//!   [`Qcow2Bdev::backing_format`], [`Qcow2Bdev::filename`], [`Qcow2Bdev::format`],
+//!   [`Qcow2Bdev::cluster_size`].
+//! - Streaming helpers (callable on any reactor; forwarded to the owner):
+//!   [`Qcow2Bdev::block_status`] -> [`BlockStatus`] `{ allocated_here,
+//!   allocated_above_base, zero, len }`; [`Qcow2Bdev::populate_if_unallocated`]
+//!   (one whole cluster; a guest write to that cluster always wins);
+//!   [`Qcow2Bdev::set_backing_file`] (header rewrite after a full flush) and
+//!   [`Qcow2Bdev::set_backing_bdev`] (where reads fall through from now on).
+//! - [`Qcow2Bdev::flush`], [`Qcow2Bdev::close`] (flush and trim the file).
+//!
+//! # Semantics
+//!
+//! - Reads: data, v3 zero clusters (zeroes), compressed clusters (deflate, zstd),
+//!   unallocated clusters from the backing chain (zeroes past its end).
+//! - Writes: in place for clusters with refcount 1 (COPIED); otherwise a new
+//!   cluster is allocated under a per-cluster lock, filled copy-on-write from the
+//!   old contents (backing, compressed, zero) and the L2 entry switched.
+//! - Metadata is cached write-back and written in order on flush (and on cache
+//!   eviction): refcount blocks and table, base flush, L2 tables, base flush, L1
+//!   entries, base flush; clusters an L2 entry stopped using are unreferenced only
+//!   after that, so a crash can only leak clusters. A completed flush makes every
+//!   write completed before it durable.
+//! - Write-zeroes: v3 zero clusters for whole clusters (v2 without backing:
+//!   unallocated); discard: unallocated (zero clusters when there is a backing
+//!   file); partial clusters get zero data. Both read back as zeroes.
+//! - Header: unknown incompatible bits refuse the open, naming each (from the
+//!   image's feature name table); the corrupt bit opens read-only; the dirty bit
+//!   makes a read-write open rebuild the refcounts; autoclear bits are cleared on
+//!   a read-write open (no autoclear feature is maintained); every header
+//!   extension is kept.
+//! - Refused: extended L2 entries (subclusters), external data files,
+//!   encryption, and writing to images with internal snapshots (they open read-only).
+//! - The image grows inside its base bdev: allocation past the base's end fails
+//!   with ENOSPC ([`open_file`] extends the file sparsely first).
+
+mod alloc;
+mod bdev;
+mod cache;
+mod compress;
+mod create;
+pub mod format;
+mod image;
+mod io;
+mod open;
+mod rebuild;
+mod status;
+mod sync;
+
+pub use bdev::{BlockStatus, Qcow2Bdev};
+pub use create::{create, create_file, CreateOptions};
+pub use open::{open_file, resolve_backing_path, BackingSpec, OpenOptions};

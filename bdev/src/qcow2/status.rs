@@ -1,0 +1,123 @@
+//! Engine-level helpers for streaming: per-layer allocation status, "populate
+//! if still unallocated", and changing the backing file in the header.
+
+use super::format::{ClusterKind, FormatError, L2Entry, EXT_FEATURE_TABLE};
+use super::image::{Image, R};
+use crate::{write_at, BdevError, DmaBuf};
+use std::rc::Rc;
+
+impl Image {
+    /// Status of this layer alone at `offset`: `None` when not allocated here,
+    /// `Some(zero)` when allocated (zero: reads as zeroes), and the number of bytes
+    /// (at most `len`) over which that answer holds.
+    pub(crate) async fn layer_status(&self, offset: u64, len: u64) -> R<(Option<bool>, u64)> {
+        let class = |k: ClusterKind| match k {
+            ClusterKind::Unallocated => None,
+            ClusterKind::Zero { .. } => Some(true),
+            _ => Some(false),
+        };
+        let mut first = None;
+        let mut run = 0u64;
+        for (gc, _intra, n, _) in self.segments(offset, len) {
+            let c = class(self.kind(self.entry(gc).await?)?);
+            match first {
+                None => first = Some(c),
+                Some(f) if f != c => break,
+                _ => {}
+            }
+            run += n;
+        }
+        Ok((first.flatten(), run))
+    }
+
+    /// Writes one whole guest cluster at `offset` only if nothing allocated it yet
+    /// (serialised with guest writes through the cluster lock). Returns whether it wrote.
+    pub(crate) async fn populate(self: &Rc<Self>, offset: u64, data: DmaBuf) -> R<bool> {
+        if self.read_only || self.broken.get() {
+            return Err(BdevError::Io(crate::IoStatus::ReadOnly));
+        }
+        let cs = self.cs;
+        let last = offset < self.size && offset + data.len() as u64 >= self.size;
+        if !offset.is_multiple_of(cs)
+            || data.is_empty()
+            || data.len() as u64 > cs
+            || (data.len() as u64 != cs && !last)
+        {
+            return Err(BdevError::InvalidParam(format!(
+                "populate: offset {offset} and length {} must cover one whole cluster of {cs} bytes",
+                data.len()
+            )));
+        }
+        let gc = offset / cs;
+        let _lk = self.locks.lock(gc).await;
+        let e = self.entry(gc).await?;
+        if self.kind(e)? != ClusterKind::Unallocated {
+            return Ok(false);
+        }
+        let host = {
+            let _m = self.meta.lock().await;
+            self.alloc_cluster().await?
+        };
+        let buf = if data.len() as u64 == cs {
+            data
+        } else {
+            let mut b = DmaBuf::new(cs as usize)?;
+            b.as_mut_slice()[..data.len()].copy_from_slice(data.as_slice());
+            b
+        };
+        let res = write_at(&self.ch, host, buf).await;
+        let _m = self.meta.lock().await;
+        if let Err(e) = res {
+            let _ = self.update_refcount(host / cs, -1).await;
+            return Err(e);
+        }
+        self.set_entry(gc, L2Entry::normal(host).0).await?;
+        Ok(true)
+    }
+
+    /// Rewrites the header with a new backing file name and format (or none),
+    /// after making every earlier write durable; one write of the header cluster.
+    pub(crate) async fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> R<()> {
+        if self.read_only || self.broken.get() {
+            return Err(BdevError::Io(crate::IoStatus::ReadOnly));
+        }
+        let _m = self.meta.lock().await;
+        self.sync_locked(true).await?;
+        let mut h = self.hdr.borrow().clone();
+        h.backing_file = name.map(str::to_string);
+        h.backing_format = if name.is_some() {
+            format.map(str::to_string)
+        } else {
+            None
+        };
+        if h.to_cluster().is_err() {
+            // Make room by dropping the (informative) feature name table.
+            h.extensions.retain(|e| e.kind != EXT_FEATURE_TABLE);
+        }
+        h.to_cluster()
+            .map_err(|e: FormatError| BdevError::InvalidParam(e.to_string()))?;
+        *self.hdr.borrow_mut() = h;
+        self.write_header().await
+    }
+
+    /// Bytes up to the end of the last cluster in use (for trimming an image file).
+    pub(crate) async fn used_end(&self) -> R<u64> {
+        let _m = self.meta.lock().await;
+        let n = self.reftable.borrow().len() as u64 * self.rf.block_entries();
+        let limit = (self.capacity / self.cs).min(n);
+        let mut end = 0;
+        let mut c = 0;
+        while c < limit {
+            let (ti, _) = self.rf.split(c);
+            if self.reftable.borrow()[ti as usize] == 0 {
+                c = (ti + 1) * self.rf.block_entries();
+                continue;
+            }
+            if self.refcount(c).await? != 0 {
+                end = c + 1;
+            }
+            c += 1;
+        }
+        Ok(end * self.cs)
+    }
+}

@@ -1,0 +1,197 @@
+//! The uring bdev: a file or block device through io_uring, one ring per
+//! reactor (SPDK's `bdev_uring_create`). O_DIRECT by default, with a buffered
+//! option; the block size is detected (512 or 4096) or given.
+
+mod channel;
+mod probe;
+
+use crate::bdev::{Bdev, Channel};
+use crate::error::BdevError;
+use crate::io::IoType;
+use crate::leaf::uuid_or_random;
+use serde_json::{json, Value};
+use std::any::Any;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How to open the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UringOptions {
+    /// O_DIRECT: bypass the page cache (the default).
+    pub direct: bool,
+    /// Open read-only and refuse writes.
+    pub read_only: bool,
+    /// Logical block size; detected when `None`.
+    pub block_size: Option<u32>,
+}
+
+impl Default for UringOptions {
+    fn default() -> Self {
+        Self { direct: true, read_only: false, block_size: None }
+    }
+}
+
+/// A bdev over a file or block device.
+pub struct UringBdev {
+    name: String,
+    path: PathBuf,
+    file: Arc<File>,
+    opts: UringOptions,
+    block_size: u32,
+    num_blocks: u64,
+    mem_align: u32,
+    is_block_device: bool,
+    uuid: String,
+}
+
+impl UringBdev {
+    /// Opens `path` as bdev `name`. The caller registers it (see [`crate::registry`]).
+    pub fn open(name: &str, path: &Path, opts: UringOptions) -> Result<Arc<UringBdev>, BdevError> {
+        Self::open_with_uuid(name, path, opts, None)
+    }
+
+    /// Like [`UringBdev::open`] with a given UUID (a random one when `None`), so a
+    /// config replay keeps the bdev's identity.
+    pub fn open_with_uuid(name: &str, path: &Path, opts: UringOptions, uuid: Option<String>) -> Result<Arc<UringBdev>, BdevError> {
+        let uuid = uuid_or_random(uuid)?;
+        if name.is_empty() {
+            return Err(BdevError::InvalidParam("name: must not be empty".into()));
+        }
+        if let Some(bs) = opts.block_size {
+            if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
+                return Err(BdevError::InvalidParam(format!("block_size: {bs} is not a power of two between 512 and 65536")));
+            }
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let file = oo.open(path).map_err(|e| {
+            let what = if e.raw_os_error() == Some(libc::EINVAL) && opts.direct {
+                format!("opening {} with O_DIRECT (the filesystem may not support it; try direct=false)", path.display())
+            } else {
+                format!("opening {}", path.display())
+            };
+            BdevError::os(what, e)
+        })?;
+        let g = probe::probe(&file, path)?;
+        let detected = if opts.direct { g.dio_block.clamp(512, 4096) } else { 512 };
+        let block_size = match opts.block_size {
+            Some(bs) if opts.direct && bs < g.dio_block => {
+                return Err(BdevError::InvalidParam(format!(
+                    "block_size: {bs} is smaller than the direct I/O block size {} of {}",
+                    g.dio_block,
+                    path.display()
+                )))
+            }
+            Some(bs) => bs,
+            None => detected,
+        };
+        let num_blocks = g.size / block_size as u64;
+        if num_blocks == 0 {
+            return Err(BdevError::InvalidParam(format!(
+                "filename: {} ({} bytes) is smaller than one block of {block_size} bytes",
+                path.display(),
+                g.size
+            )));
+        }
+        if g.size % block_size as u64 != 0 {
+            tracing::warn!(bdev = name, size = g.size, block_size, "file size is not a multiple of the block size; the tail is not used");
+        }
+        tracing::info!(bdev = name, path = %path.display(), block_size, num_blocks, direct = opts.direct, "uring bdev opened");
+        Ok(Arc::new(UringBdev {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            opts,
+            block_size,
+            num_blocks,
+            mem_align: if opts.direct { g.dio_mem_align.max(1) } else { 1 },
+            is_block_device: g.is_block_device,
+            uuid,
+        }))
+    }
+
+    /// The file or device path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> UringOptions {
+        self.opts
+    }
+}
+
+impl Bdev for UringBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "URING bdev"
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    fn io_type_supported(&self, t: IoType) -> bool {
+        match t {
+            IoType::Read | IoType::Write | IoType::Flush | IoType::WriteZeroes | IoType::Unmap => true,
+        }
+    }
+    fn required_alignment(&self) -> u32 {
+        self.mem_align
+    }
+    fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+    fn uuid(&self) -> Option<String> {
+        Some(self.uuid.clone())
+    }
+    fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
+        let info = channel::FileInfo {
+            fd: self.file.as_raw_fd(),
+            direct: self.opts.direct,
+            block: self.block_size,
+            mem_align: self.mem_align,
+        };
+        let ch = channel::UringChannel::new(&self.name, info, self.file.clone())
+            .map_err(|e| BdevError::os(format!("creating an io_uring for {}", self.name), e))?;
+        Ok(Box::new(ch))
+    }
+    fn driver_specific(&self) -> Value {
+        json!({
+            "uring": {
+                "filename": self.path.display().to_string(),
+                "direct": self.opts.direct,
+                "block_device": self.is_block_device,
+            }
+        })
+    }
+    fn config(&self) -> Option<Value> {
+        let mut params = json!({
+            "name": self.name,
+            "filename": self.path.display().to_string(),
+            "block_size": self.block_size,
+            "uuid": self.uuid,
+        });
+        if !self.opts.direct {
+            params["direct"] = json!(false);
+        }
+        if self.opts.read_only {
+            params["readonly"] = json!(true);
+        }
+        Some(json!({ "method": "bdev_uring_create", "params": params }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,203 @@
+//! QEMU's block-job API: `block-stream`, `query-block-jobs`, `query-jobs`,
+//! `block-job-*`, `job-*` and `change-backing-file`.
+
+use crate::error::RpcError;
+use crate::service::Service;
+use crate::table::{MethodTable, Params};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::{Arc, OnceLock};
+use stream::job::{Job, JobError, OnError};
+use stream::stream_job::{self, StreamParams, Tuning};
+
+/// Registers the methods.
+pub fn register(t: &mut MethodTable) {
+    t.add("block-stream", block_stream);
+    t.add("query-block-jobs", |svc, p| {
+        p.none()?;
+        Ok(Value::Array(svc.jobs.list().iter().map(|j| j.block_job_info()).collect()))
+    });
+    t.add("query-jobs", |svc, p| {
+        p.none()?;
+        Ok(Value::Array(svc.jobs.list().iter().map(|j| j.job_info()).collect()))
+    });
+    t.add("block-job-cancel", |svc, p| {
+        let a: Cancel = p.parse()?;
+        let job = svc.jobs.block_job(&a.device)?;
+        drop(job.cancel().map_err(JobError::Refused)?);
+        Ok(json!({}))
+    });
+    t.add("block-job-set-speed", |svc, p| {
+        let a: SetSpeed = p.parse()?;
+        let job = svc.jobs.block_job(&a.device)?;
+        job.check_verb(stream::job::JobVerb::SetSpeed).map_err(JobError::Refused)?;
+        if a.speed < 0 {
+            return Err(RpcError::invalid_params("Parameter 'speed' expects a non-negative value"));
+        }
+        job.set_speed(a.speed as u64).map_err(JobError::Refused)?;
+        Ok(json!({}))
+    });
+    block_verb(t, "block-job-pause", Job::pause);
+    block_verb(t, "block-job-resume", Job::resume);
+    block_verb(t, "block-job-complete", complete);
+    id_verb(t, "block-job-finalize", true, Job::finalize);
+    id_verb(t, "block-job-dismiss", true, Job::dismiss);
+    id_verb(t, "job-pause", false, Job::pause);
+    id_verb(t, "job-resume", false, Job::resume);
+    id_verb(t, "job-complete", false, complete);
+    id_verb(t, "job-finalize", false, Job::finalize);
+    id_verb(t, "job-dismiss", false, Job::dismiss);
+    id_verb(t, "job-cancel", false, |j: &Job| j.cancel().map(|_| ()));
+    t.add("change-backing-file", change_backing_file);
+}
+
+/// Stream jobs never become ready, so `complete` is always refused by the verb table.
+fn complete(j: &Job) -> Result<(), String> {
+    j.check_verb(stream::job::JobVerb::Complete)
+}
+
+/// The stream job's tuning: defaults, or `SLUICE_STREAM_CHUNK_KB` /
+/// `SLUICE_STREAM_INFLIGHT` / `SLUICE_STREAM_YIELD=0` from the environment (benchmarks).
+pub fn tuning() -> Tuning {
+    static T: OnceLock<Tuning> = OnceLock::new();
+    *T.get_or_init(|| {
+        let mut t = Tuning::default();
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        if let Some(kb) = env("SLUICE_STREAM_CHUNK_KB") {
+            t.chunk = kb.max(4) << 10;
+        }
+        if let Some(n) = env("SLUICE_STREAM_INFLIGHT") {
+            t.max_inflight = n.clamp(1, 1024) as usize;
+        }
+        if env("SLUICE_STREAM_YIELD") == Some(0) {
+            t.yield_to_clients = false;
+        }
+        t
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByDevice {
+    device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ById {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cancel {
+    device: String,
+    /// Only meaningful for jobs that become ready; streams cancel the same way.
+    #[allow(dead_code)]
+    force: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetSpeed {
+    device: String,
+    speed: i64,
+}
+
+fn block_verb(t: &mut MethodTable, name: &str, f: fn(&Job) -> Result<(), String>) {
+    t.add(name, move |svc, p| {
+        let a: ByDevice = p.parse()?;
+        let job = svc.jobs.block_job(&a.device)?;
+        f(&job).map_err(JobError::Refused)?;
+        Ok(json!({}))
+    });
+}
+
+fn id_verb(t: &mut MethodTable, name: &str, block: bool, f: fn(&Job) -> Result<(), String>) {
+    t.add(name, move |svc, p| {
+        let a: ById = p.parse()?;
+        let job: Arc<Job> = if block { svc.jobs.block_job(&a.id)? } else { svc.jobs.job(&a.id)? };
+        f(&job).map_err(JobError::Refused)?;
+        Ok(json!({}))
+    });
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockStream {
+    job_id: Option<String>,
+    device: String,
+    base: Option<String>,
+    base_node: Option<String>,
+    bottom: Option<String>,
+    backing_file: Option<String>,
+    speed: Option<i64>,
+    on_error: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+fn parse_on_error(v: Option<String>) -> Result<Option<OnError>, RpcError> {
+    match v {
+        None => Ok(None),
+        Some(s) => OnError::parse(&s)
+            .map(Some)
+            .ok_or_else(|| RpcError::invalid_params(format!("Parameter 'on-error' does not accept value '{s}'"))),
+    }
+}
+
+fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let a: BlockStream = p.parse()?;
+    let sp = StreamParams {
+        job_id: a.job_id,
+        device: a.device,
+        base: a.base,
+        base_node: a.base_node,
+        bottom: a.bottom,
+        backing_file: a.backing_file,
+        speed: a.speed.unwrap_or(0),
+        on_error: parse_on_error(a.on_error)?,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+        legacy: false,
+    };
+    stream_job::start(&svc.jobs, &svc.rt, sp, tuning())?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ChangeBackingFile {
+    device: String,
+    image_node_name: String,
+    backing_file: String,
+}
+
+fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let a: ChangeBackingFile = p.parse()?;
+    let dev = bdev::registry()
+        .get(&a.device)
+        .map_err(|_| RpcError::new(-libc::ENODEV, crate::ErrorClass::GenericError, format!("Cannot find device='{}' nor node-name='{}'", a.device, a.device)))?;
+    let top = bdev::device::Device::from_bdev(&dev).map(|d| d.root()).unwrap_or(dev);
+    let chain = stream::node::chain(&top);
+    let node = chain
+        .iter()
+        .find(|b| b.name() == a.image_node_name)
+        .cloned()
+        .ok_or_else(|| RpcError::invalid_params(format!("Node '{}' not found", a.image_node_name)))?;
+    let img = stream::node::image(&node)
+        .ok_or_else(|| RpcError::invalid_params(format!("Node '{}' has no backing file to change", a.image_node_name)))?;
+    let Some(backing) = img.backing() else {
+        return Err(RpcError::invalid_params(format!("Node '{}' has no backing file to change", a.image_node_name)));
+    };
+    if node.read_only() {
+        return Err(RpcError::errno(libc::EROFS, format!("Node '{}' is read-only", a.image_node_name)));
+    }
+    let fmt = stream::node::format_of(&backing);
+    let owner = img.owner();
+    let file = a.backing_file;
+    svc.rt
+        .spawn_on(owner, move || async move { img.set_backing_file(Some(&file), Some(fmt)).await })
+        .block()??;
+    Ok(json!({}))
+}

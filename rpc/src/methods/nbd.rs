@@ -1,0 +1,115 @@
+//! The NBD export's methods, in QEMU's names: `nbd-server-start`,
+//! `nbd-server-stop`, `block-export-add` (type `nbd`), `block-export-del`,
+//! `query-block-exports`.
+
+use crate::error::RpcError;
+use crate::nbd::{self, ExportConfig, ListenAddr, StartOptions};
+use crate::service::Service;
+use crate::table::{MethodTable, Params};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Registers the NBD methods.
+pub fn register(t: &mut MethodTable) {
+    t.add("nbd-server-start", nbd_server_start);
+    t.add("nbd-server-stop", |_, p| {
+        p.none()?;
+        nbd::global().stop()?;
+        Ok(json!({}))
+    });
+    t.add("block-export-add", block_export_add);
+    t.add("block-export-del", block_export_del);
+    t.add("query-block-exports", |_, p| {
+        p.none()?;
+        Ok(Value::Array(nbd::global().exports().iter().map(|e| e.to_qmp()).collect()))
+    });
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StartParams {
+    addr: Value,
+    tls_creds: Option<String>,
+    tls_authz: Option<String>,
+    max_connections: Option<u32>,
+}
+
+fn nbd_server_start(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let p: StartParams = p.parse()?;
+    if p.tls_creds.is_some() || p.tls_authz.is_some() {
+        return Err(RpcError::invalid_params("TLS is not supported by this NBD server"));
+    }
+    let addr = ListenAddr::from_qmp(&p.addr)?;
+    let opts = StartOptions { max_connections: p.max_connections.unwrap_or(0), allow_remote: false };
+    nbd::global().start(&svc.rt, Some(svc.events.clone()), &[addr], opts)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ExportAddParams {
+    #[serde(rename = "type")]
+    ty: String,
+    id: String,
+    node_name: Option<String>,
+    /// Accepted as another spelling of `node-name`.
+    device: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    writable: Option<bool>,
+    /// Writes complete when the device completes them: always write-through.
+    #[allow(dead_code)]
+    writethrough: Option<bool>,
+    bitmaps: Option<Vec<Value>>,
+    allocation_depth: Option<bool>,
+    /// Connections run on every reactor; the iothread choice is accepted and unused.
+    #[allow(dead_code)]
+    iothread: Option<String>,
+    #[allow(dead_code)]
+    fixed_iothread: Option<bool>,
+}
+
+fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
+    let p: ExportAddParams = p.parse()?;
+    if p.ty != "nbd" {
+        return Err(RpcError::invalid_params(format!("block export type '{}' is not supported (only 'nbd')", p.ty)));
+    }
+    let node = match (p.node_name, p.device) {
+        (Some(n), None) | (None, Some(n)) => n,
+        (Some(_), Some(_)) => return Err(RpcError::invalid_params("give 'node-name' or 'device', not both")),
+        (None, None) => return Err(RpcError::invalid_params("parameter 'node-name' is missing")),
+    };
+    if p.bitmaps.is_some_and(|b| !b.is_empty()) {
+        return Err(RpcError::invalid_params("exporting dirty bitmaps is not supported"));
+    }
+    if p.allocation_depth == Some(true) {
+        return Err(RpcError::invalid_params("the qemu:allocation-depth context is not supported"));
+    }
+    let cfg = ExportConfig {
+        id: p.id,
+        name: p.name.unwrap_or_else(|| node.clone()),
+        node,
+        description: p.description.unwrap_or_default(),
+        writable: p.writable.unwrap_or(false),
+    };
+    nbd::global().add_export(cfg)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportDelParams {
+    id: String,
+    mode: Option<String>,
+}
+
+fn block_export_del(_: &Service, p: Params) -> Result<Value, RpcError> {
+    let p: ExportDelParams = p.parse()?;
+    let hard = match p.mode.as_deref() {
+        None | Some("safe") => false,
+        Some("hard") => true,
+        Some(m) => return Err(RpcError::invalid_params(format!("invalid parameter 'mode': '{m}' (use 'safe' or 'hard')"))),
+    };
+    nbd::global().del_export(&p.id, hard)?;
+    Ok(json!({}))
+}

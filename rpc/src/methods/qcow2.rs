@@ -1,0 +1,321 @@
+//! qcow2 images as devices: `bdev_qcow2_create`, `bdev_qcow2_open`,
+//! `bdev_qcow2_delete`, and QEMU's `query-block` / `query-named-block-nodes`.
+//!
+//! An image is a *node* (named like QEMU's node-names); opening it with a
+//! `name` also makes a *device* of that name over it, which clients, exports
+//! and jobs address and which snapshots move onto new overlays. The backing
+//! chain read from the header is registered as nodes `<node>.backing`,
+//! `<node>.backing.backing`, ... each claimed by the node above it.
+
+use super::bdev::{delete_bdev, register_bdev};
+use crate::error::RpcError;
+use crate::service::Service;
+use crate::table::{MethodTable, Params};
+use bdev::device::Device;
+use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
+use bdev::{registry, Bdev};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use stream::node;
+
+/// Registers the methods.
+pub fn register(t: &mut MethodTable) {
+    t.add("bdev_qcow2_create", bdev_qcow2_create);
+    t.add("bdev_qcow2_open", |svc, p| open(svc, p.parse()?));
+    t.add("bdev_qcow2_delete", bdev_qcow2_delete);
+    t.add("query-block", |_, p| {
+        p.none()?;
+        Ok(query_block())
+    });
+    t.add("query-named-block-nodes", |_, p| {
+        p.none()?;
+        Ok(query_named_block_nodes())
+    });
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct Open {
+    /// Device name (none: only a node).
+    name: Option<String>,
+    /// Node name (default: `<name>-node`).
+    node_name: Option<String>,
+    /// Image file.
+    filename: Option<String>,
+    /// Or: the registered bdev holding the image.
+    base_bdev: Option<String>,
+    /// Backing: a registered node name to read through; default: the header's file.
+    backing: Option<String>,
+    /// Ignore the header's backing file.
+    #[serde(default)]
+    no_backing: bool,
+    #[serde(default)]
+    read_only: bool,
+    /// O_DIRECT for files (default true).
+    direct: Option<bool>,
+    /// The reactor owning the image's metadata (default 0).
+    reactor: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: Option<String>,
+    node_name: Option<String>,
+    filename: Option<String>,
+    base_bdev: Option<String>,
+    direct: Option<bool>,
+    reactor: Option<usize>,
+    /// Virtual size in bytes.
+    size: u64,
+    cluster_size: Option<u64>,
+    /// 2 or 3 (default 3).
+    version: Option<u32>,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+}
+
+fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<String, RpcError> {
+    match (name, node_name) {
+        (_, Some(n)) => Ok(n.clone()),
+        (Some(d), None) => Ok(format!("{d}-node")),
+        (None, None) => Err(RpcError::invalid_params("one of 'name' and 'node_name' is required")),
+    }
+}
+
+fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let c: Create = p.parse()?;
+    let opts = CreateOptions {
+        cluster_size: c.cluster_size.unwrap_or(65536),
+        version: c.version.unwrap_or(3),
+        backing_file: c.backing_file.clone(),
+        backing_format: c.backing_format.clone(),
+        ..CreateOptions::new(c.size)
+    };
+    let target: Result<Arc<dyn Bdev>, PathBuf> = match (&c.filename, &c.base_bdev) {
+        (Some(f), None) => Err(PathBuf::from(f)),
+        (None, Some(b)) => Ok(registry().get(b)?),
+        _ => return Err(RpcError::invalid_params("exactly one of 'filename' and 'base_bdev' is required")),
+    };
+    let reactor = c.reactor.unwrap_or(0);
+    svc.rt
+        .spawn_on(reactor, move || async move {
+            match target {
+                Ok(b) => qcow2::create(b, &opts).await,
+                Err(path) => qcow2::create_file(&path, &opts).await,
+            }
+        })
+        .block()??;
+    // The new image's backing file (if any) is opened from its header.
+    open(
+        svc,
+        Open {
+            name: c.name,
+            node_name: c.node_name,
+            filename: c.filename,
+            base_bdev: c.base_bdev,
+            backing: None,
+            no_backing: false,
+            read_only: false,
+            direct: c.direct,
+            reactor: c.reactor,
+        },
+    )
+}
+
+/// Registers the chain below `top` that is not registered yet, each node
+/// claimed by the one above it.
+fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
+    let chain = node::chain(top);
+    for w in chain.windows(2) {
+        let (above, b) = (&w[0], &w[1]);
+        if !registry().contains(b.name()) {
+            register_bdev(svc, b.clone())?;
+            registry().claim(b.name(), above.name())?;
+        }
+    }
+    Ok(())
+}
+
+fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
+    let node_name = node_name_of(&o.name, &o.node_name)?;
+    if let Some(d) = &o.name {
+        if registry().contains(d) {
+            return Err(RpcError::errno(libc::EEXIST, format!("a bdev named {d:?} already exists")));
+        }
+    }
+    if registry().contains(&node_name) {
+        return Err(RpcError::errno(libc::EEXIST, format!("Duplicate nodes with node-name='{node_name}'")));
+    }
+    let backing = match (&o.backing, o.no_backing) {
+        (Some(_), true) => return Err(RpcError::invalid_params("'backing' and 'no_backing' exclude each other")),
+        (Some(n), false) => BackingSpec::Named(n.clone()),
+        (None, true) => BackingSpec::None,
+        (None, false) => BackingSpec::FromHeader,
+    };
+    let opts = OpenOptions { read_only: o.read_only, backing, direct: o.direct.unwrap_or(true), ..OpenOptions::default() };
+    let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {
+        (Some(f), None) => Err(PathBuf::from(f)),
+        (None, Some(b)) => Ok(registry().get(b)?),
+        _ => return Err(RpcError::invalid_params("exactly one of 'filename' and 'base_bdev' is required")),
+    };
+    let base_name = o.base_bdev.clone();
+    let nn = node_name.clone();
+    let img: Arc<Qcow2Bdev> = svc
+        .rt
+        .spawn_on(o.reactor.unwrap_or(0), move || async move {
+            match base {
+                Ok(b) => Qcow2Bdev::open(&nn, b, opts).await,
+                Err(path) => qcow2::open_file(&nn, &path, opts).await,
+            }
+        })
+        .block()??;
+    let img: Arc<dyn Bdev> = img;
+    register_bdev(svc, img.clone())?;
+    if let Some(b) = &base_name {
+        registry().claim(b, &node_name)?;
+    }
+    if let Err(e) = register_chain(svc, &img) {
+        tracing::warn!(node = %node_name, "registering the backing chain: {e}");
+    }
+    match &o.name {
+        Some(d) => {
+            let dev: Arc<dyn Bdev> = Device::new(d, img.clone())?;
+            register_bdev(svc, dev)?;
+            Ok(json!(d))
+        }
+        None => Ok(json!(node_name)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delete {
+    name: String,
+}
+
+/// Flushes and trims an image node, then deletes it and whatever below it
+/// nothing else uses any more.
+fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
+    let chain = node::chain(&b);
+    if let Some(img) = node::image(&b) {
+        let owner = img.owner();
+        let b2 = b.clone();
+        svc.rt
+            .spawn_on(owner, move || async move {
+                match b2.as_any().downcast_ref::<Qcow2Bdev>() {
+                    Some(q) => q.close().await,
+                    None => Ok(()),
+                }
+            })
+            .block()??;
+    }
+    let mut above: Option<String> = None;
+    for n in chain {
+        let name = n.name().to_string();
+        if let Some(a) = &above {
+            registry().release(&name, a);
+        }
+        if !registry().contains(&name) || !registry().claims(&name).is_empty() {
+            break;
+        }
+        delete_bdev(svc, &name)?;
+        above = Some(name);
+    }
+    Ok(())
+}
+
+fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let d: Delete = p.parse()?;
+    let b = registry().get(&d.name)?;
+    if let Some(dev) = Device::from_bdev(&b) {
+        if let Some(j) = svc.jobs.job_on_node(dev.root().name()) {
+            return Err(RpcError::errno(libc::EBUSY, format!("device {:?} is in use by job {:?}", d.name, j.id())));
+        }
+        let root = dev.root();
+        delete_bdev(svc, &d.name)?;
+        if registry().claims(root.name()).is_empty() {
+            delete_node(svc, root)?;
+        }
+    } else {
+        if !registry().claims(&d.name).is_empty() {
+            return Err(RpcError::errno(libc::EBUSY, format!("bdev {:?} is in use by {}", d.name, registry().claims(&d.name).join(", "))));
+        }
+        delete_node(svc, b)?;
+    }
+    Ok(Value::Bool(true))
+}
+
+/// QAPI `ImageInfo` of a node and the chain below it.
+fn image_info(b: &Arc<dyn Bdev>, depth: usize) -> Value {
+    let mut v = json!({
+        "filename": node::filename_of(b),
+        "format": node::format_of(b),
+        "virtual-size": b.size(),
+        "dirty-flag": false,
+    });
+    if let Some(img) = node::image(b) {
+        v["cluster-size"] = json!(img.cluster_size());
+        if let Some(f) = img.backing_file() {
+            v["backing-filename"] = json!(f);
+        }
+        if let Some(back) = img.backing() {
+            v["full-backing-filename"] = json!(node::filename_of(&back));
+            v["backing-filename-format"] = json!(node::format_of(&back));
+            if depth < 64 {
+                v["backing-image"] = image_info(&back, depth + 1);
+            }
+        }
+    }
+    v
+}
+
+/// QAPI `BlockDeviceInfo` of a node.
+fn node_info(b: &Arc<dyn Bdev>) -> Value {
+    let depth = node::chain(b).len() - 1;
+    let mut v = json!({
+        "node-name": b.name(),
+        "file": node::filename_of(b),
+        "ro": b.read_only(),
+        "drv": node::format_of(b),
+        "backing_file_depth": depth,
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "cache": {"writeback": true, "direct": false, "no-flush": false},
+        "image": image_info(b, 0),
+    });
+    if let Some(f) = node::image(b).and_then(|i| i.backing_file()) {
+        v["backing_file"] = json!(f);
+    }
+    v
+}
+
+/// `query-block`: every device with its chain.
+fn query_block() -> Value {
+    let v: Vec<Value> = registry()
+        .list()
+        .iter()
+        .filter_map(|b| Device::from_bdev(b).map(|d| (b.name().to_string(), d.root())))
+        .map(|(name, root)| {
+            json!({
+                "device": name,
+                "qdev": "",
+                "locked": false,
+                "removable": false,
+                "type": "unknown",
+                "io-status": "ok",
+                "inserted": node_info(&root),
+            })
+        })
+        .collect();
+    Value::Array(v)
+}
+
+/// `query-named-block-nodes`: every node (image or leaf) that is not a device.
+fn query_named_block_nodes() -> Value {
+    Value::Array(registry().list().iter().filter(|b| Device::from_bdev(b).is_none()).map(node_info).collect())
+}

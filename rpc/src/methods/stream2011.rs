@@ -1,0 +1,43 @@
+//! The 2011 streaming API: `block_stream`, `block_stream_cancel`,
+//! `query-block-stream` (the event `BLOCK_STREAM_COMPLETED` is published by the job).
+
+use super::jobs::tuning;
+use crate::error::RpcError;
+use crate::table::MethodTable;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use stream::legacy;
+
+/// Registers the methods.
+pub fn register(t: &mut MethodTable) {
+    t.add("block_stream", |svc, p| {
+        let a: Stream = p.parse()?;
+        legacy::block_stream(&svc.jobs, &svc.rt, &a.device, a.base, tuning())?;
+        Ok(json!({}))
+    });
+    t.add("block_stream_cancel", |svc, p| {
+        let a: Device = p.parse()?;
+        let stopped = legacy::block_stream_cancel(&svc.jobs, &a.device)?;
+        // Returns once the job has stopped (its task always answers; a dropped
+        // sender means the runtime is going away, which also ends the job).
+        let _ = futures::executor::block_on(stopped);
+        Ok(json!({}))
+    });
+    t.add("query-block-stream", |svc, p| -> Result<Value, RpcError> {
+        p.none()?;
+        Ok(legacy::query_block_stream(&svc.jobs))
+    });
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stream {
+    device: String,
+    base: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Device {
+    device: String,
+}

@@ -1,0 +1,29 @@
+//! The NBD export: a server speaking the NBD protocol (fixed newstyle handshake,
+//! structured replies, `base:allocation`) over Unix and TCP sockets, served on
+//! the reactors without a thread per connection.
+//!
+//! - [`server::NbdServer`] owns the listeners and the exports; [`server::global`]
+//!   is the daemon's (driven by `nbd-server-start`, `block-export-add`, ...).
+//! - Listeners accept on the main reactor; each connection is a local task on
+//!   one reactor (round-robin), parked on its socket's readiness ([`net`]).
+//! - An export holds its bdev (a device keeps its identity across snapshot and
+//!   stream switches), claims it in the registry, and counts its connections.
+
+pub mod addr;
+mod conn;
+pub mod error;
+pub mod export;
+mod handshake;
+pub mod net;
+mod pool;
+pub mod proto;
+pub mod server;
+pub mod startup;
+mod status;
+#[cfg(test)]
+mod tests;
+
+pub use addr::ListenAddr;
+pub use error::NbdError;
+pub use export::ExportConfig;
+pub use server::{global, ExportInfo, NbdServer, StartOptions};

@@ -1,0 +1,312 @@
+//! Socket readiness on the reactors, without a thread per connection.
+//!
+//! Each reactor that serves sockets gets one private epoll set; that set's fd is
+//! registered with the reactor ([`reactor::register_fd`]) so a parked reactor
+//! wakes when any socket becomes ready, and an active poller harvests its events
+//! (`epoll_wait` with a zero timeout, skipped while no socket is registered) and
+//! wakes the task that owns each ready socket. Sockets are edge-triggered: a task
+//! reads (or writes) until the kernel says "would block", then waits for the next
+//! edge. An idle reactor parks; an idle connection costs nothing.
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use reactor::{register_poller, PollStatus, PollerHandle};
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// Readiness of one registered fd.
+struct Source {
+    gen: u64,
+    readable: Cell<bool>,
+    writable: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+struct Net {
+    epoll: Epoll,
+    sources: RefCell<Slab<Rc<Source>>>,
+    next_gen: Cell<u64>,
+    _poller: PollerHandle,
+}
+
+thread_local! {
+    static NET: RefCell<Option<Rc<Net>>> = const { RefCell::new(None) };
+}
+
+fn net() -> io::Result<Rc<Net>> {
+    if let Some(n) = NET.with(|n| n.borrow().clone()) {
+        return Ok(n);
+    }
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+    reactor::register_fd(epoll.0.as_raw_fd())?;
+    let poller = register_poller("nbd_sockets", poll_sockets);
+    let n = Rc::new(Net { epoll, sources: RefCell::new(Slab::new()), next_gen: Cell::new(0), _poller: poller });
+    NET.with(|c| *c.borrow_mut() = Some(n.clone()));
+    Ok(n)
+}
+
+/// The reactor poller: harvests ready sockets and wakes their tasks.
+fn poll_sockets() -> PollStatus {
+    let Some(n) = NET.with(|n| n.borrow().clone()) else { return PollStatus::Idle };
+    if n.sources.borrow().is_empty() {
+        return PollStatus::Idle;
+    }
+    let mut events = [EpollEvent::empty(); 64];
+    let got = match n.epoll.wait(&mut events, EpollTimeout::ZERO) {
+        Ok(k) => k,
+        Err(_) => return PollStatus::Idle,
+    };
+    for ev in &events[..got] {
+        let token = ev.data();
+        let key = (token & 0xffff_ffff) as usize;
+        let gen = token >> 32;
+        let src = n.sources.borrow().get(key).cloned();
+        let Some(src) = src else { continue };
+        if src.gen & 0xffff_ffff != gen {
+            continue;
+        }
+        let f = ev.events();
+        let err = f.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP);
+        if err || f.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP) {
+            src.readable.set(true);
+        }
+        if err || f.contains(EpollFlags::EPOLLOUT) {
+            src.writable.set(true);
+        }
+        // The waker stays: the owning task keeps waiting on this fd for its life.
+        let w = src.waker.borrow().clone();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+    PollStatus::from(got > 0)
+}
+
+/// An fd registered with the current reactor's socket set; removed on drop.
+/// Must be created, used and dropped on one reactor.
+pub struct Registration {
+    fd: RawFd,
+    key: usize,
+    src: Rc<Source>,
+    net: Rc<Net>,
+}
+
+impl Registration {
+    /// Registers `fd` (edge-triggered, read and write) on the current reactor.
+    /// The caller keeps the fd open for the life of the registration.
+    pub fn new(fd: RawFd) -> io::Result<Registration> {
+        let net = net()?;
+        let gen = net.next_gen.get() + 1;
+        net.next_gen.set(gen);
+        // Ready until the first "would block": nothing is missed before the first edge.
+        let src = Rc::new(Source { gen, readable: Cell::new(true), writable: Cell::new(true), waker: RefCell::new(None) });
+        let key = net.sources.borrow_mut().insert(src.clone());
+        let token = ((gen & 0xffff_ffff) << 32) | key as u64;
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        // SAFETY: the caller keeps `fd` open while registered; epoll only records it.
+        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Err(e) = net.epoll.add(bfd, EpollEvent::new(flags, token)) {
+            net.sources.borrow_mut().remove(key);
+            return Err(e.into());
+        }
+        Ok(Registration { fd, key, src, net })
+    }
+
+    /// Whether the fd may be readable (no "would block" seen since the last edge).
+    pub fn readable(&self) -> bool {
+        self.src.readable.get()
+    }
+
+    /// Whether the fd may be writable.
+    pub fn writable(&self) -> bool {
+        self.src.writable.get()
+    }
+
+    /// Records that a read would block (or came back short).
+    pub fn clear_readable(&self) {
+        self.src.readable.set(false);
+    }
+
+    /// Records that a write would block (or was partial).
+    pub fn clear_writable(&self) {
+        self.src.writable.set(false);
+    }
+
+    /// Sets the waker to call on the next readiness edge.
+    pub fn set_waker(&self, w: &Waker) {
+        let mut slot = self.src.waker.borrow_mut();
+        match slot.as_ref() {
+            Some(old) if old.will_wake(w) => {}
+            _ => *slot = Some(w.clone()),
+        }
+    }
+
+    /// Ready when the fd may be readable.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.readable() {
+            return Poll::Ready(());
+        }
+        self.set_waker(cx.waker());
+        Poll::Pending
+    }
+
+    /// Ready when the fd may be writable.
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.writable() {
+            return Poll::Ready(());
+        }
+        self.set_waker(cx.waker());
+        Poll::Pending
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // SAFETY: the fd is still open (the registration is dropped before its socket).
+        let bfd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let _ = self.net.epoll.delete(bfd);
+        self.net.sources.borrow_mut().try_remove(self.key);
+    }
+}
+
+/// A connected stream socket (TCP or Unix), non-blocking.
+pub enum Sock {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain.
+    Unix(UnixStream),
+}
+
+impl Sock {
+    /// Puts the socket in non-blocking mode (and disables Nagle on TCP).
+    pub fn prepare(&self) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => {
+                s.set_nodelay(true)?;
+                s.set_nonblocking(true)
+            }
+            Sock::Unix(s) => s.set_nonblocking(true),
+        }
+    }
+
+    /// The peer, for logs.
+    pub fn peer(&self) -> String {
+        match self {
+            Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp peer".into()),
+            Sock::Unix(_) => "unix peer".into(),
+        }
+    }
+
+    /// Shuts both directions down (the peer sees EOF).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl AsFd for Sock {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Tcp(s) => s.as_fd(),
+            Sock::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for Sock {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(bufs),
+            Sock::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A socket with its registration: async exact reads and whole writes, for the
+/// handshake (the transmission phase drives the socket directly).
+pub struct AsyncSock {
+    /// Its readiness (declared first: dropped while the socket is still open).
+    pub reg: Registration,
+    /// The socket.
+    pub sock: Sock,
+}
+
+impl AsyncSock {
+    /// Registers `sock` (already non-blocking) on the current reactor.
+    pub fn new(sock: Sock) -> io::Result<AsyncSock> {
+        let reg = Registration::new(sock.as_fd().as_raw_fd())?;
+        Ok(AsyncSock { sock, reg })
+    }
+
+    /// Reads exactly `buf.len()` bytes; EOF before that is `UnexpectedEof`.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            poll_fn(|cx| self.reg.poll_readable(cx)).await;
+            match self.sock.read(&mut buf[got..]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.reg.clear_readable(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and drops `n` bytes.
+    pub async fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        let mut scratch = [0u8; 4096];
+        while n > 0 {
+            let k = n.min(scratch.len() as u64) as usize;
+            self.read_exact(&mut scratch[..k]).await?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf`.
+    pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut off = 0;
+        while off < buf.len() {
+            poll_fn(|cx| self.reg.poll_writable(cx)).await;
+            match self.sock.write(&buf[off..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.reg.clear_writable(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,54 @@
+#!/bin/sh
+# The NVMe scenario run inside the guest. Writes its verdict to /tmp/result
+# ("PASS ..." or "FAIL ..."); init prints it as the SLUICE-VM-RESULT line.
+set -u
+fail() { echo "FAIL $*" > /tmp/result; echo "scenario: FAIL: $*"; exit 1; }
+step() { echo "scenario: $*"; }
+
+NVME=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/class)" = 0x010802 ] && basename $d; done | head -1)
+[ -n "$NVME" ] || fail "no NVMe controller in the guest"
+OTHER=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/class)" != 0x010802 ] && basename $d; done | head -1)
+step "NVMe controller $NVME (driver $(basename $(readlink /sys/bus/pci/devices/$NVME/driver 2>/dev/null) 2>/dev/null)), other device $OTHER"
+
+# setup.sh: hugepages and the vfio-pci binding, as a user would run it.
+HUGEMEM=${HUGEMEM:-160} PCI_ALLOWED="$NVME" sh /scripts/setup.sh config || fail "setup.sh config"
+sh /scripts/setup.sh status
+DRV=$(basename "$(readlink /sys/bus/pci/devices/$NVME/driver)")
+[ "$DRV" = vfio-pci ] || fail "setup.sh left $NVME on $DRV"
+step "bound to vfio-pci: /dev/vfio/$(basename $(readlink /sys/bus/pci/devices/$NVME/iommu_group))"
+
+# The driver's own checks (attach errors, identify, verified I/O on two queue
+# pairs, non-data commands, past-the-end reads, reset and detach with I/O in flight).
+/usr/bin/nvme_guest "$NVME" "$OTHER" > /tmp/guest.log 2>&1
+rc=$?
+cat /tmp/guest.log
+[ $rc -eq 0 ] && grep -q "NVME-GUEST: PASS" /tmp/guest.log || fail "nvme_guest: $(grep NVME-GUEST /tmp/guest.log)"
+
+# The service: attach through the RPC, list, detach.
+S=/usr/bin/sluice
+SOCK=/var/tmp/sluice.sock
+$S serve --runtime-dir /var/tmp > /tmp/serve.log 2>&1 &
+SERVE=$!
+i=0; while [ ! -S $SOCK ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+[ -S $SOCK ] || { cat /tmp/serve.log; fail "sluice serve did not start"; }
+$S rpc bdev_nvme_attach_controller name=Nvme0 trtype=PCIe traddr=$NVME || fail "rpc attach"
+$S rpc bdev_nvme_get_controllers | grep -q '"enabled"' || fail "rpc get_controllers"
+$S rpc bdev_get_bdevs name=Nvme0n1 | grep -q '"NVMe disk"' || fail "rpc bdev_get_bdevs"
+if $S rpc bdev_nvme_attach_controller name=Nvme1 trtype=PCIe traddr=0000:00:1f.6 2>/tmp/err; then fail "attach to an absent device succeeded"; fi
+step "rpc attach to an absent device: $(cat /tmp/err)"
+for extra in /scenario.d/*.sh; do
+    [ -f "$extra" ] || continue
+    step "running $extra"
+    . "$extra" || fail "$extra"
+done
+$S rpc bdev_nvme_detach_controller name=Nvme0 || fail "rpc detach"
+kill $SERVE; wait $SERVE 2>/dev/null
+
+# Give the controller back to the kernel driver.
+sh /scripts/setup.sh reset || fail "setup.sh reset"
+sleep 1
+DRV=$(basename "$(readlink /sys/bus/pci/devices/$NVME/driver 2>/dev/null)" 2>/dev/null)
+[ "$DRV" = nvme ] || fail "after setup.sh reset the controller is on '$DRV', not nvme"
+i=0; while ! ls /sys/bus/pci/devices/$NVME/nvme/nvme*/ 2>/dev/null | grep -q n1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+step "kernel nvme driver took the controller back: $(ls /sys/bus/pci/devices/$NVME/nvme/)"
+echo "PASS nvme $NVME: $(grep -c '^nvme_guest:' /tmp/guest.log) driver checks, rpc attach/detach, setup.sh bind and reset" > /tmp/result

@@ -1,0 +1,164 @@
+//! Snapshots: a new qcow2 overlay whose backing file is the device's current
+//! image, and the device moved onto it (quiesced, so clients notice nothing).
+//! With a target on other storage (a malloc or NVMe bdev) followed by a stream,
+//! this is a live block copy.
+
+use crate::node;
+use bdev::device::Device;
+use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
+use bdev::{registry, Bdev, BdevError};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// How the overlay comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotMode {
+    /// Create it, recording the backing image's file name (QEMU's `absolute-paths`).
+    #[default]
+    Create,
+    /// It exists already (made by the user); only open it over the current image.
+    Existing,
+}
+
+/// A snapshot request.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotRequest {
+    /// Device name.
+    pub device: String,
+    /// A file path, or the name of a registered bdev to format as qcow2.
+    pub target: String,
+    /// Node name of the overlay (default: `<device>-snapN`).
+    pub node_name: Option<String>,
+    /// Create or use an existing image.
+    pub mode: SnapshotMode,
+    /// O_DIRECT for a file target.
+    pub direct: bool,
+}
+
+/// Why a snapshot failed.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// No device of that name.
+    #[error("Device '{0}' not found")]
+    DeviceNotFound(String),
+    /// A bad request (the message says why).
+    #[error("{0}")]
+    Invalid(String),
+    /// Creating or opening the overlay failed.
+    #[error(transparent)]
+    Bdev(#[from] BdevError),
+}
+
+static NEXT_SNAP: AtomicU64 = AtomicU64::new(0);
+
+/// The device named `name` and its reactor of choice for the overlay (the
+/// current root's owner, so the chain's metadata stays on one reactor).
+pub fn device_and_owner(name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotError> {
+    let b = registry().get(name).map_err(|_| SnapshotError::DeviceNotFound(name.into()))?;
+    let d = Device::from_bdev(&b).ok_or_else(|| SnapshotError::DeviceNotFound(name.into()))?;
+    let owner = node::image(&d.root()).map(|i| i.owner()).unwrap_or(0);
+    Ok((b, owner))
+}
+
+/// Takes the snapshot; returns the overlay's node name. Run on a reactor (it
+/// becomes the overlay's owner).
+pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
+    let (dev_bdev, _) = device_and_owner(&req.device)?;
+    let dev = Device::from_bdev(&dev_bdev).ok_or_else(|| SnapshotError::DeviceNotFound(req.device.clone()))?;
+    let rt = reactor::handle().ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
+    let root = dev.root();
+    let node_name = match &req.node_name {
+        Some(n) => n.clone(),
+        None => format!("{}-snap{}", req.device, NEXT_SNAP.fetch_add(1, Ordering::Relaxed)),
+    };
+    if registry().contains(&node_name) {
+        return Err(SnapshotError::Invalid(format!("Duplicate nodes with node-name='{node_name}'")));
+    }
+    let opts = CreateOptions {
+        backing_file: Some(node::filename_of(&root)),
+        backing_format: Some(node::format_of(&root).to_string()),
+        ..CreateOptions::new(root.size())
+    };
+    let open_opts = OpenOptions { backing: BackingSpec::Bdev(root.clone()), direct: req.direct, ..OpenOptions::default() };
+    let overlay: Arc<Qcow2Bdev> = match registry().get(&req.target) {
+        Ok(target) if !Path::new(&req.target).exists() => {
+            if !registry().claims(&req.target).is_empty() {
+                return Err(SnapshotError::Invalid(format!("bdev '{}' is in use", req.target)));
+            }
+            if req.mode == SnapshotMode::Create {
+                if target.size() < root.size() / 8 {
+                    tracing::warn!(target = %req.target, "snapshot target is small; the copy may run out of space");
+                }
+                qcow2::create(target.clone(), &opts).await?;
+            }
+            let q = Qcow2Bdev::open(&node_name, target, open_opts).await?;
+            registry().claim(&req.target, &node_name)?;
+            q
+        }
+        _ => {
+            let path = Path::new(&req.target);
+            match req.mode {
+                SnapshotMode::Create => qcow2::create_file(path, &opts).await?,
+                SnapshotMode::Existing if !path.exists() => {
+                    return Err(SnapshotError::Invalid(format!(
+                        "Could not open '{}': No such file or directory",
+                        req.target
+                    )))
+                }
+                SnapshotMode::Existing => {}
+            }
+            qcow2::open_file(&node_name, path, open_opts).await?
+        }
+    };
+    if overlay.size() != root.size() {
+        return Err(SnapshotError::Invalid(format!(
+            "the overlay has {} bytes, the device {}",
+            overlay.size(),
+            root.size()
+        )));
+    }
+    let overlay: Arc<dyn Bdev> = overlay;
+    registry().register(overlay.clone())?;
+    if registry().contains(root.name()) {
+        let _ = registry().claim(root.name(), &node_name);
+    }
+    if let Err(e) = dev.swap_root(&rt, overlay.clone()).await {
+        registry().release(root.name(), &node_name);
+        let _ = registry().unregister(&node_name);
+        return Err(e.into());
+    }
+    tracing::info!(device = %req.device, overlay = %node_name, target = %req.target, "snapshot taken");
+    Ok(node_name)
+}
+
+/// `blockdev-snapshot`: puts the existing image node `overlay` (opened without
+/// a backing file) on top of the device whose root is `node`.
+pub async fn snapshot_existing_node(node_name: &str, overlay_name: &str) -> Result<(), SnapshotError> {
+    let rt = reactor::handle().ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
+    let base = registry().get(node_name).map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
+    let dev_bdev = match Device::from_bdev(&base) {
+        Some(_) => base.clone(),
+        None => Device::find_by_root(node_name)
+            .ok_or_else(|| SnapshotError::Invalid(format!("Node '{node_name}' is not the root of a device")))?,
+    };
+    let dev = Device::from_bdev(&dev_bdev).ok_or_else(|| SnapshotError::DeviceNotFound(node_name.into()))?;
+    let root = dev.root();
+    let overlay = registry().get(overlay_name).map_err(|_| SnapshotError::DeviceNotFound(overlay_name.into()))?;
+    let img = node::image(&overlay)
+        .ok_or_else(|| SnapshotError::Invalid(format!("The overlay '{overlay_name}' does not support backing images")))?;
+    if img.backing().is_some() {
+        return Err(SnapshotError::Invalid(format!("The overlay '{overlay_name}' already has a backing image")));
+    }
+    if overlay.read_only() {
+        return Err(SnapshotError::Invalid(format!("The overlay '{overlay_name}' is read-only")));
+    }
+    img.set_backing_file(Some(&node::filename_of(&root)), Some(node::format_of(&root))).await?;
+    img.set_backing_bdev(Some(root.clone())).await?;
+    if registry().contains(root.name()) {
+        let _ = registry().claim(root.name(), overlay_name);
+    }
+    dev.swap_root(&rt, overlay).await?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! The stream job: copy into the top image what its backing chain above `base`
+//! holds, then drop the backing file (or point it at `base`).
+//!
+//! [`start`] resolves and validates the request as QEMU's `qmp_block_stream`
+//! does, creates the job and spawns [`run`] on the reactor that owns the top
+//! image's metadata.
+
+mod copy;
+mod resolve;
+mod run;
+
+pub use resolve::{resolve, StreamError, StreamParams, StreamPlan};
+pub use run::{run, Tuning};
+
+use crate::job::{Job, JobManager};
+use reactor::RuntimeHandle;
+use std::sync::Arc;
+
+/// Validates `p`, creates the job and starts it. Returns at once.
+pub fn start(
+    mgr: &JobManager,
+    rt: &RuntimeHandle,
+    p: StreamParams,
+    tuning: Tuning,
+) -> Result<Arc<Job>, StreamError> {
+    let (plan, spec) = resolve(mgr, &p)?;
+    let job = mgr.create(spec).map_err(StreamError::Job)?;
+    let owner = plan.owner;
+    // Running by the time the command returns, as in QEMU.
+    job.start();
+    let j = job.clone();
+    let h = rt.spawn_on(owner, move || run(j, plan, tuning));
+    drop(h);
+    Ok(job)
+}

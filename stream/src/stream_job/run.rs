@@ -1,0 +1,311 @@
+//! The stream job's task on the top image's owner reactor: walk the image,
+//! skip what the top has, copy what the chain above base has with many chunks
+//! in flight (fewer while clients are busy), honour pause, cancel, speed and
+//! the error policy, then change the backing file.
+
+use super::copy::{copy_chunk, Chunk, CopyError};
+use super::resolve::StreamPlan;
+use crate::job::{IoOperation, Job, Verdict};
+use crate::node;
+use bdev::device::Device;
+use bdev::registry;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the job copies. The defaults come from `scripts/bench/stream.sh`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Largest chunk (rounded to whole clusters).
+    pub chunk: u64,
+    /// Chunks in flight while clients are idle.
+    pub max_inflight: usize,
+    /// Lower the in-flight count while clients use the device.
+    pub yield_to_clients: bool,
+    /// How often client activity is sampled.
+    pub sample: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self { chunk: 1 << 20, max_inflight: 16, yield_to_clients: true, sample: Duration::from_millis(5) }
+    }
+}
+
+/// The C library's text for an errno (what QEMU puts in `error`).
+pub(crate) fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno.abs()).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    inflight: usize,
+    queue: VecDeque<Chunk>,
+    error: Option<String>,
+    report: bool,
+}
+
+impl Shared {
+    fn note_error(&mut self, errno: i32) {
+        if self.error.is_none() {
+            self.error = Some(strerror(errno));
+        }
+    }
+}
+
+/// Applies the error policy to a failed chunk.
+fn on_failure(job: &Job, st: &RefCell<Shared>, c: Chunk, e: CopyError) {
+    match job.io_error(e.op, e.errno) {
+        Verdict::Report => {
+            let mut s = st.borrow_mut();
+            s.note_error(e.errno);
+            s.report = true;
+        }
+        Verdict::Ignore => {
+            st.borrow_mut().note_error(e.errno);
+            job.add_progress(c.progress);
+        }
+        Verdict::Stop => st.borrow_mut().queue.push_back(c),
+    }
+}
+
+/// Adapts the in-flight count to client activity (AIMD).
+struct Yield {
+    watch: Option<bdev::device::ClientWatch>,
+    last_ops: u64,
+    last_tick: u64,
+    period: u64,
+    window: usize,
+    max: usize,
+}
+
+impl Yield {
+    fn window(&mut self) -> usize {
+        let Some(w) = &self.watch else { return self.max };
+        let now = reactor::ticks();
+        if now.saturating_sub(self.last_tick) >= self.period {
+            let ops = w.activity().ops;
+            if ops != self.last_ops {
+                self.window = (self.window / 2).max(1);
+            } else {
+                self.window = (self.window + 1).min(self.max);
+            }
+            self.last_ops = ops;
+            self.last_tick = now;
+        }
+        self.window
+    }
+}
+
+async fn wait_kick_or(job: &Job, d: Duration) {
+    let sleep = Box::pin(reactor::sleep(d));
+    let kick = Box::pin(job.wait_kick());
+    let _ = futures::future::select(sleep, kick).await;
+}
+
+/// Copies everything the chain above base holds and the top lacks. Returns the
+/// job's error, if any (the caller completes the job).
+async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<String> {
+    let top = plan.top.clone()?;
+    let ch = match bdev::channel(&plan.top_bdev) {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    let size = plan.top_bdev.size();
+    let cs = top.cluster_size().max(512);
+    let chunk_max = (t.chunk.max(cs) / cs) * cs;
+    let st = Rc::new(RefCell::new(Shared::default()));
+    let watch = plan
+        .device
+        .as_ref()
+        .and_then(Device::from_bdev)
+        .filter(|_| t.yield_to_clients)
+        .map(|d| d.watch_clients());
+    let period = (reactor::ticks_hz() as u128 * t.sample.as_nanos() / 1_000_000_000) as u64;
+    let mut yld = Yield {
+        last_ops: watch.as_ref().map(|w| w.activity().ops).unwrap_or(0),
+        watch,
+        last_tick: reactor::ticks(),
+        period,
+        window: t.max_inflight.max(1),
+        max: t.max_inflight.max(1),
+    };
+    let mut cursor = 0u64;
+    // The extent being copied: [cursor, end), and whether it reads as zeroes.
+    let mut extent: Option<(u64, bool)> = None;
+    loop {
+        let (inflight, report) = {
+            let s = st.borrow();
+            (s.inflight, s.report)
+        };
+        if job.is_cancelled() || report || job.pause_requested() {
+            if inflight > 0 {
+                job.wait_kick().await;
+                continue;
+            }
+            if report || !job.pause_point().await {
+                break;
+            }
+            continue;
+        }
+        let queued = st.borrow_mut().queue.pop_front();
+        let c = if let Some(c) = queued {
+            c
+        } else if cursor < size {
+            let (ext_end, zero) = match extent {
+                Some(e) => e,
+                None => match top.block_status(cursor, size - cursor, plan.base.as_ref()).await {
+                    Ok(s) => {
+                        let copy = !s.allocated_here && s.allocated_above_base && !(s.zero && plan.base.is_none());
+                        if !copy {
+                            job.add_progress(s.len);
+                            cursor += s.len;
+                            continue;
+                        }
+                        (cursor + s.len, s.zero)
+                    }
+                    Err(e) => {
+                        let errno = match &e {
+                            bdev::BdevError::Io(s) => s.errno(),
+                            other => -other.errno(),
+                        };
+                        // The range is unknown: fail, skip or retry one cluster.
+                        let n = (cs - cursor % cs).min(size - cursor);
+                        let c = Chunk { offset: cursor, len: n, zero: false, progress: n };
+                        on_failure(job, &st, c, CopyError { op: IoOperation::Read, errno });
+                        let mut s = st.borrow_mut();
+                        if s.queue.back() == Some(&c) {
+                            s.queue.pop_back();
+                        } else if !s.report {
+                            cursor += n;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let start = cursor / cs * cs;
+            let end = (start + chunk_max).min(ext_end.next_multiple_of(cs)).min(size);
+            let c = Chunk {
+                offset: start,
+                len: end - start,
+                zero: zero && start == cursor && end <= ext_end,
+                progress: end - cursor,
+            };
+            cursor = end;
+            extent = if end < ext_end { Some((ext_end, zero)) } else { None };
+            c
+        } else if inflight == 0 {
+            // Done, once the rate limit's debt is paid: a limited job lasts
+            // at least bytes/speed, as QEMU's does.
+            match job.rate_delay(0) {
+                None => break,
+                Some(ns) => {
+                    wait_kick_or(job, Duration::from_nanos(ns).min(Duration::from_millis(50))).await;
+                    continue;
+                }
+            }
+        } else {
+            job.wait_kick().await;
+            continue;
+        };
+        if inflight >= yld.window() {
+            st.borrow_mut().queue.push_front(c);
+            wait_kick_or(job, t.sample).await;
+            continue;
+        }
+        if let Some(ns) = job.rate_delay(c.len) {
+            st.borrow_mut().queue.push_front(c);
+            wait_kick_or(job, Duration::from_nanos(ns).min(Duration::from_millis(50))).await;
+            continue;
+        }
+        st.borrow_mut().inflight += 1;
+        let (job2, st2, top2, ch2) = (job.clone(), st.clone(), top.clone(), ch.clone());
+        reactor::spawn_local(async move {
+            let r = copy_chunk(&top2, &ch2, cs, c).await;
+            match r {
+                Ok(()) => job2.add_progress(c.progress),
+                Err(e) => on_failure(&job2, &st2, c, e),
+            }
+            st2.borrow_mut().inflight -= 1;
+            job2.kick();
+        });
+    }
+    let e = st.borrow_mut().error.take();
+    e
+}
+
+/// Commits (`ok`) the new backing: header first, then the in-memory link, with
+/// the device quiesced so no request is traversing the chain meanwhile; then
+/// releases the images between top and base that nothing else uses.
+async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
+    if !ok || plan.noop {
+        return Ok(());
+    }
+    let Some(top) = plan.top.clone() else { return Ok(()) };
+    let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
+    let dev = plan.device.as_ref().and_then(Device::from_bdev);
+    if let Some(d) = dev {
+        d.quiesce(&rt).await.map_err(|e| e.to_string())?;
+    }
+    let fmt = plan.base.as_ref().map(node::format_of);
+    let r = async {
+        top.set_backing_file(plan.backing_file.as_deref(), fmt).await?;
+        top.set_backing_bdev(plan.base.clone()).await
+    }
+    .await;
+    if let Some(d) = dev {
+        d.resume(&rt).await;
+    }
+    r.map_err(|e| e.to_string())?;
+    // Claims follow the chain (a node is claimed by the node above it): the
+    // released images let go of what is below them, the top takes the base.
+    let top_name = plan.top_bdev.name().to_string();
+    let mut parent = top_name.clone();
+    for b in &plan.intermediates {
+        registry().release(b.name(), &parent);
+        parent = b.name().to_string();
+    }
+    if let Some(base) = &plan.base {
+        if registry().contains(base.name()) && !plan.intermediates.is_empty() {
+            registry().release(base.name(), &parent);
+            let _ = registry().claim(base.name(), &top_name);
+        }
+    }
+    for b in &plan.intermediates {
+        let name = b.name();
+        if registry().contains(name) && registry().claims(name).is_empty() {
+            if let Ok(b) = registry().unregister(name) {
+                for i in 0..rt.num_reactors() {
+                    let b2 = b.clone();
+                    let _ = rt.call_on(i, move || bdev::drop_cached_channels(&b2)).await;
+                }
+                b.on_delete();
+                tracing::info!(node = name, "intermediate image released after stream");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The job's task (the job is already running): the copy, then QEMU's completion sequence.
+pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
+    let error = if plan.noop {
+        None
+    } else {
+        job.set_len(plan.top_bdev.size());
+        copy_all(&job, &plan, &t).await
+    };
+    let id = job.id().to_string();
+    let p = plan.clone();
+    let e = job.complete(error, move |ok| finish(p, ok)).await;
+    match e {
+        Some(e) => tracing::warn!(job = %id, error = %e, "stream job failed"),
+        None => tracing::info!(job = %id, cancelled = job.is_cancelled(), "stream job ended"),
+    }
+}

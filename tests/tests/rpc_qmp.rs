@@ -1,0 +1,297 @@
+//! The QMP server on the wire: greeting, negotiation, commands, errors, ids,
+//! CRLF line ends, pushed events; and `notify_get_notifications` on JSON-RPC.
+
+use serde_json::{json, Value};
+use sluice_tests::Daemon;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    /// Connects and reads the greeting.
+    fn open(d: &Daemon) -> (Qmp, Value) {
+        let s = UnixStream::connect(&d.qmp_sock).expect("connect qmp");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut q = Qmp {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        };
+        let g = q.line();
+        (q, g)
+    }
+    /// Connects and negotiates.
+    fn negotiated(d: &Daemon) -> Qmp {
+        let (mut q, _) = Qmp::open(d);
+        assert_eq!(
+            q.cmd(json!({"execute": "qmp_capabilities"})),
+            json!({"return": {}})
+        );
+        q
+    }
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        assert!(
+            self.r.read_line(&mut l).expect("read") > 0,
+            "QMP connection closed"
+        );
+        assert!(l.ends_with("\r\n"), "line does not end with CRLF: {l:?}");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
+    }
+    fn send(&mut self, b: &[u8]) {
+        self.w.write_all(b).unwrap();
+    }
+    fn cmd(&mut self, c: Value) -> Value {
+        self.send(c.to_string().as_bytes());
+        self.line()
+    }
+    /// The next line that is not an event.
+    fn reply(&mut self) -> Value {
+        loop {
+            let v = self.line();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+}
+
+fn class(v: &Value) -> &str {
+    v["error"]["class"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error: {v}"))
+}
+
+#[test]
+fn greeting_negotiation_commands_and_errors() {
+    let mut d = Daemon::start(&[]);
+    let (mut q, g) = Qmp::open(&d);
+    assert!(g["QMP"]["version"]["qemu"]["major"].is_u64(), "{g}");
+    assert!(
+        g["QMP"]["version"]["package"]
+            .as_str()
+            .unwrap()
+            .starts_with("sluice"),
+        "{g}"
+    );
+    assert_eq!(g["QMP"]["capabilities"], json!([]));
+
+    // Anything before negotiation: CommandNotFound, id echoed.
+    let r = q.cmd(json!({"execute": "query-version", "id": "early"}));
+    assert_eq!(class(&r), "CommandNotFound");
+    assert_eq!(r["id"], "early");
+    // Bad negotiation arguments are refused and negotiation is still pending.
+    let r = q.cmd(json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}));
+    assert_eq!(class(&r), "GenericError");
+    assert!(r["error"]["desc"].as_str().unwrap().contains("oob"), "{r}");
+    let r = q.cmd(json!({"execute": "qmp_capabilities", "arguments": {"bogus": 1}}));
+    assert_eq!(class(&r), "GenericError");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("bogus"),
+        "{r}"
+    );
+    let r = q.cmd(json!({"execute": "bdev_get_bdevs"}));
+    assert_eq!(class(&r), "CommandNotFound");
+
+    let r = q.cmd(json!({"execute": "qmp_capabilities", "id": 1}));
+    assert_eq!(r, json!({"return": {}, "id": 1}));
+    let r = q.cmd(json!({"execute": "qmp_capabilities"}));
+    assert_eq!(class(&r), "CommandNotFound", "a second negotiation: {r}");
+
+    // Ids of any JSON type come back verbatim.
+    for id in [
+        json!({"a": [1, "x", null]}),
+        json!("s"),
+        json!(3.5),
+        json!([]),
+    ] {
+        let r = q.cmd(json!({"execute": "query-version", "id": id}));
+        assert_eq!(r["id"], id);
+        assert_eq!(r["return"]["qemu"]["major"], 10);
+    }
+    let r = q.cmd(json!({"execute": "query-commands"}));
+    let names: Vec<&str> = r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "qmp_capabilities",
+        "query-version",
+        "query-commands",
+        "quit",
+        "bdev_get_bdevs",
+    ] {
+        assert!(names.contains(&n), "{n} missing from query-commands");
+    }
+
+    let r = q.cmd(json!({"execute": "no-such-command", "id": 2}));
+    assert_eq!(class(&r), "CommandNotFound");
+    assert_eq!(r["id"], 2);
+    // Unknown arguments are rejected before anything happens.
+    let r = q.cmd(json!({"execute": "bdev_null_create", "arguments": {"name": "X", "num_blocks": 8, "block_size": 512, "extra": 1}}));
+    assert_eq!(class(&r), "GenericError");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("extra"),
+        "{r}"
+    );
+    assert_eq!(
+        d.call("bdev_get_bdevs", Value::Null),
+        json!([]),
+        "the rejected command created something"
+    );
+    let r = q.cmd(json!({"execute": "bdev_get_bdevs", "arguments": {"name": "X"}}));
+    assert_eq!(class(&r), "DeviceNotFound", "{r}");
+
+    // Malformed input: each gets an error and the session continues.
+    q.send(b"[1, 2]");
+    assert!(q.line()["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("JSON object"));
+    q.send(b"{\"execute\": }");
+    assert!(q.line()["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("JSON parse error"));
+    let r = q.cmd(json!({"arguments": {}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("lacks member 'execute'"),
+        "{r}"
+    );
+    let r = q.cmd(json!({"execute": "query-version", "arguments": [1]}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("'arguments' must be an object"),
+        "{r}"
+    );
+    let r = q.cmd(json!({"execute": "query-version", "control": 1}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("'control' is unexpected"),
+        "{r}"
+    );
+    q.send(b"garbage\n");
+    assert_eq!(class(&q.line()), "GenericError");
+    let r = q.cmd(json!({"execute": "query-version", "id": "after"}));
+    assert_eq!(r["id"], "after", "{r}");
+
+    // QMP-only commands are not JSON-RPC methods.
+    assert_eq!(d.call_err("query-version", Value::Null)["code"], -32601);
+}
+
+#[test]
+fn events_are_pushed_to_negotiated_clients_and_polled_over_jsonrpc() {
+    let mut d = Daemon::start(&[]);
+    let mut a = Qmp::negotiated(&d);
+    let mut b = Qmp::negotiated(&d);
+    let (mut pending, _) = Qmp::open(&d);
+    d.call(
+        "bdev_null_create",
+        json!({"name": "Ev0", "num_blocks": 8, "block_size": 512}),
+    );
+    for q in [&mut a, &mut b] {
+        let ev = q.line();
+        assert_eq!(ev["event"], "bdev_register", "{ev}");
+        assert_eq!(ev["data"]["name"], "Ev0");
+        assert!(
+            ev["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000,
+            "{ev}"
+        );
+        assert!(
+            ev["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000,
+            "{ev}"
+        );
+    }
+    // The unnegotiated client got nothing.
+    pending
+        .r
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert!(
+        pending.r.read(&mut buf).is_err(),
+        "an event reached a client before negotiation"
+    );
+
+    // Commands and events interleave on one connection.
+    let r =
+        a.cmd(json!({"execute": "bdev_null_delete", "arguments": {"name": "Ev0"}, "id": "del"}));
+    let (reply, ev) = if r.get("event").is_some() {
+        (a.reply(), r)
+    } else {
+        (r, a.line())
+    };
+    assert_eq!(reply, json!({"return": true, "id": "del"}));
+    assert_eq!(ev["event"], "bdev_unregister");
+
+    // JSON-RPC clients poll the same events, SPDK's way.
+    let n = d.call("notify_get_notifications", json!({}));
+    assert_eq!(
+        n,
+        json!([{"type": "bdev_register", "ctx": "Ev0", "id": 0}, {"type": "bdev_unregister", "ctx": "Ev0", "id": 1}])
+    );
+    assert_eq!(
+        d.call("notify_get_notifications", json!({"id": 1}))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        d.call("notify_get_notifications", json!({"id": 0, "max": 1}))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        d.call("notify_get_notifications", json!({"id": 2})),
+        json!([])
+    );
+    let types = d.call("notify_get_types", Value::Null);
+    assert!(
+        types.as_array().unwrap().contains(&json!("bdev_register")),
+        "{types}"
+    );
+}
+
+#[test]
+fn quit_replies_then_stops_the_daemon() {
+    let d = Daemon::start(&[]);
+    let mut q = Qmp::negotiated(&d);
+    let mut watcher = Qmp::negotiated(&d);
+    let r = q.cmd(json!({"execute": "quit", "id": 5}));
+    assert_eq!(r, json!({"return": {}, "id": 5}));
+    assert_eq!(watcher.line()["event"], "SHUTDOWN");
+    let mut d = d;
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "daemon did not stop after quit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st}");
+    assert!(
+        !d.qmp_sock.exists() && !d.rpc_sock.exists(),
+        "sockets left behind"
+    );
+}
