@@ -207,7 +207,7 @@ impl Controller {
 
     fn identify_and_create_queues(&mut self, nq: usize) -> Result<Vec<QueuePair>, NvmeError> {
         let page = self.identify(spec::admin::CNS_CONTROLLER, 0)?;
-        self.data = CtrlrData::parse(&*page);
+        self.data = CtrlrData::parse(&page);
         let mdts_bytes = if self.data.mdts == 0 { usize::MAX } else { self.cap.mps_min << self.data.mdts.min(20) };
         self.max_xfer = mdts_bytes.min(MAX_XFER_LIMIT);
         tracing::info!(
@@ -215,9 +215,9 @@ impl Controller {
             sn = %self.data.sn, mqes = self.cap.mqes, dstrd = self.cap.doorbell_stride, max_xfer = self.max_xfer,
             "NVMe controller enabled"
         );
-        let ids = active_ns_list(&*self.identify(spec::admin::CNS_ACTIVE_NS_LIST, 0)?);
+        let ids = active_ns_list(&self.identify(spec::admin::CNS_ACTIVE_NS_LIST, 0)?);
         for nsid in ids {
-            let d = NsData::parse(nsid, &*self.identify(spec::admin::CNS_NAMESPACE, nsid)?);
+            let d = NsData::parse(nsid, &self.identify(spec::admin::CNS_NAMESPACE, nsid)?);
             let Some(fmt) = d.format() else {
                 tracing::warn!(nsid, "namespace has an invalid LBA format index: skipped");
                 continue;

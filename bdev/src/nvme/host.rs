@@ -32,6 +32,8 @@ pub(crate) struct Host {
     waiters: RefCell<Vec<Box<dyn FnOnce()>>>,
     awake: RefCell<Option<AwakeGuard>>,
     poller: RefCell<Option<PollerHandle>>,
+    // Boxes: requests are owned as Box<BdevIo> throughout the bdev API.
+    #[allow(clippy::vec_box)]
     done: RefCell<Vec<Box<BdevIo>>>,
     actions: RefCell<Vec<TimeoutAction>>,
 }

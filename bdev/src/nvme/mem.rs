@@ -11,7 +11,12 @@ use std::sync::{Arc, Mutex};
 pub trait DmaSpace: Send + Sync {
     /// Makes `[ptr, ptr + len)` reachable by the device; returns its device
     /// address (IOVA). Control path (may be a system call).
-    fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError>;
+    ///
+    /// # Safety
+    /// The range must be memory of this process that stays mapped until
+    /// [`DmaSpace::unmap`], and that Rust code touches only through raw pointers
+    /// (volatile accesses) or while the device does not use it.
+    unsafe fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError>;
     /// Undoes [`DmaSpace::map`].
     fn unmap(&self, iova: u64, len: usize);
     /// The device address of `[ptr, ptr + len)` if that whole range lies in
@@ -95,7 +100,9 @@ pub fn follow_arena<S: DmaSpace + 'static>(space: &Arc<S>) {
     let weak = Arc::downgrade(space);
     crate::dma::subscribe_fn(move |base, len| {
         if let Some(d) = weak.upgrade() {
-            if let Err(e) = d.map(base as *mut u8, len) {
+            // SAFETY: arena regions are never unmapped while the process runs, and
+            // their memory is handed out as DmaBuf, accessed through raw pointers.
+            if let Err(e) = unsafe { d.map(base as *mut u8, len) } {
                 tracing::warn!("mapping DMA arena region {base:#x}+{len:#x}: {e} (its buffers will be bounced)");
             }
         }
@@ -123,7 +130,7 @@ impl IdentityDma {
 }
 
 impl DmaSpace for IdentityDma {
-    fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError> {
+    unsafe fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError> {
         self.ranges.insert(ptr as u64, len as u64, ptr as u64)?;
         Ok(ptr as u64)
     }
@@ -195,7 +202,9 @@ impl DmaRegion {
             }
         }
         let ptr = p as *mut u8;
-        match space.map(ptr, map_len) {
+        // SAFETY: the mapping just made is owned by the region and unmapped from
+        // the device in `drop` before it is unmapped from the process.
+        match unsafe { space.map(ptr, map_len) } {
             Ok(iova) => Ok(Self { ptr, len: map_len, iova, space }),
             Err(e) => {
                 // SAFETY: unmapping the mapping made above, which nothing else references.

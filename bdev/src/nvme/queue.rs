@@ -102,6 +102,8 @@ pub struct QueuePair {
     max_xfer: usize,
     timeout_ticks: u64,
     next_timeout_check: u64,
+    // Boxes: requests are owned as Box<BdevIo> throughout the bdev API.
+    #[allow(clippy::vec_box)]
     done: Vec<Box<BdevIo>>,
     inflight: usize,
 }
@@ -423,7 +425,7 @@ impl QueuePair {
                 while lba < end {
                     let n = (end - lba).min(RANGE_MAX);
                     // A range is 16 bytes: attributes, length in blocks, starting LBA.
-                    let words = [(n as u64) << 32, lba];
+                    let words = [n << 32, lba];
                     for (k, w) in words.iter().enumerate() {
                         // SAFETY: the PRP page of `cid` is 4096 bytes; at most 256
                         // ranges of 16 bytes are written into it.
@@ -461,11 +463,11 @@ impl QueuePair {
                 continue;
             }
             let Some(iova) = self.dma.translate(v.as_ptr(), take) else { return false };
-            if iova & 3 != 0 || (i > 0 && iova % PAGE_SIZE as u64 != 0) {
+            if iova & 3 != 0 || (i > 0 && !iova.is_multiple_of(PAGE_SIZE as u64)) {
                 return false;
             }
             remaining -= take;
-            if remaining > 0 && (iova + take as u64) % PAGE_SIZE as u64 != 0 {
+            if remaining > 0 && !(iova + take as u64).is_multiple_of(PAGE_SIZE as u64) {
                 return false;
             }
             segs.push((iova, take));

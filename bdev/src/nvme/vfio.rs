@@ -154,15 +154,14 @@ fn iova_ranges(container: &VfioContainer) -> Vec<(u64, u64)> {
 }
 
 impl DmaSpace for VfioDma {
-    fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError> {
+    unsafe fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError> {
         let va = ptr as u64;
         let iova = self
             .pick_iova(va, len as u64)
             .ok_or_else(|| NvmeError::Dma(format!("no room for {len} bytes in the IOMMU's address ranges {:x?}", self.aperture)))?;
-        // SAFETY: `ptr..ptr+len` is memory the driver allocated for DMA (or the
-        // DMA arena) and keeps mapped until `unmap`; the driver accesses it only
-        // through raw pointers with volatile operations or while the device does
-        // not use it.
+        // SAFETY: the caller upholds this method's contract, which is the one of
+        // `vfio_dma_map`: the memory stays mapped until `unmap` and is accessed
+        // only through raw pointers.
         unsafe { self.container.vfio_dma_map(iova, len, ptr) }
             .map_err(|e| NvmeError::Dma(format!("VFIO_IOMMU_MAP_DMA of {len} bytes at {va:#x} (IOVA {iova:#x}): {e}")))?;
         if let Err(e) = self.ranges.insert(va, len as u64, iova) {
