@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 type R<T> = Result<T, String>;
 
 fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((off as usize + i) as u8).wrapping_mul(13) ^ seed ^ ((off as usize + i) >> 12) as u8).collect()
+    (0..len)
+        .map(|i| {
+            ((off as usize + i) as u8).wrapping_mul(13) ^ seed ^ ((off as usize + i) >> 12) as u8
+        })
+        .collect()
 }
 
 /// Writes then reads back and compares ranges of several shapes, from reactor `r`.
@@ -32,8 +36,16 @@ fn verify_io(h: &RuntimeHandle, bdev_name: &str, r: usize, base: u64, seed: u8) 
         let mut n = 0;
         for len in [512usize, 4096, 8192, 65536, 1 << 20, 3 << 20] {
             let data = pattern(off, len, seed);
-            bdev::write_at(&ch, off, DmaBuf::from_slice(&data).map_err(|e| e.to_string())?).await.map_err(|e| format!("write {len} at {off}: {e}"))?;
-            let got = bdev::read_at(&ch, off, len).await.map_err(|e| format!("read {len} at {off}: {e}"))?;
+            bdev::write_at(
+                &ch,
+                off,
+                DmaBuf::from_slice(&data).map_err(|e| e.to_string())?,
+            )
+            .await
+            .map_err(|e| format!("write {len} at {off}: {e}"))?;
+            let got = bdev::read_at(&ch, off, len)
+                .await
+                .map_err(|e| format!("read {len} at {off}: {e}"))?;
             if got.as_slice() != &data[..] {
                 return Err(format!("data mismatch: {len} bytes at {off}"));
             }
@@ -52,8 +64,13 @@ fn non_data(h: &RuntimeHandle, bdev_name: &str) -> R<()> {
         let b = registry().get(&name).map_err(|e| e.to_string())?;
         let ch = bdev::channel(&b).map_err(|e| e.to_string())?;
         let off = 64 << 20;
-        bdev::write_at(&ch, off, DmaBuf::from_slice(&[0xa5; 65536]).unwrap()).await.map_err(|e| e.to_string())?;
-        for (t, what) in [(IoType::WriteZeroes, "write zeroes"), (IoType::Flush, "flush")] {
+        bdev::write_at(&ch, off, DmaBuf::from_slice(&[0xa5; 65536]).unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        for (t, what) in [
+            (IoType::WriteZeroes, "write zeroes"),
+            (IoType::Flush, "flush"),
+        ] {
             if b.io_type_supported(t) {
                 let st = bdev::simple_io(&ch, t, off, 32768).await;
                 if !st.is_ok() {
@@ -61,8 +78,12 @@ fn non_data(h: &RuntimeHandle, bdev_name: &str) -> R<()> {
                 }
             }
         }
-        let got = bdev::read_at(&ch, off, 65536).await.map_err(|e| e.to_string())?;
-        if b.io_type_supported(IoType::WriteZeroes) && (got.as_slice()[..32768].iter().any(|&x| x != 0) || got.as_slice()[32768] != 0xa5) {
+        let got = bdev::read_at(&ch, off, 65536)
+            .await
+            .map_err(|e| e.to_string())?;
+        if b.io_type_supported(IoType::WriteZeroes)
+            && (got.as_slice()[..32768].iter().any(|&x| x != 0) || got.as_slice()[32768] != 0xa5)
+        {
             return Err("write zeroes did not zero exactly its range".into());
         }
         if b.io_type_supported(IoType::Unmap) {
@@ -111,7 +132,9 @@ fn past_end(h: &RuntimeHandle, bdev_name: &str) -> R<(String, String)> {
         }
         let st = slot.0.borrow().unwrap_or(IoStatus::Pending);
         if st != IoStatus::Einval {
-            return Err(format!("device answered {st}, expected LBA out of range (EINVAL)"));
+            return Err(format!(
+                "device answered {st}, expected LBA out of range (EINVAL)"
+            ));
         }
         Ok((layer, st.to_string()))
     })
@@ -120,17 +143,30 @@ fn past_end(h: &RuntimeHandle, bdev_name: &str) -> R<(String, String)> {
 }
 
 /// Starts `n` 64 KiB writes from reactor `r` without waiting; the handle yields their statuses.
-fn start_writes(h: &RuntimeHandle, bdev_name: &str, r: usize, base: u64, n: u64, seed: u8) -> reactor::JoinHandle<Vec<IoStatus>> {
+fn start_writes(
+    h: &RuntimeHandle,
+    bdev_name: &str,
+    r: usize,
+    base: u64,
+    n: u64,
+    seed: u8,
+) -> reactor::JoinHandle<Vec<IoStatus>> {
     let name = bdev_name.to_string();
     h.spawn_on(r, move || async move {
-        let Ok(b) = registry().get(&name) else { return vec![] };
-        let Ok(ch) = bdev::channel(&b) else { return vec![] };
+        let Ok(b) = registry().get(&name) else {
+            return vec![];
+        };
+        let Ok(ch) = bdev::channel(&b) else {
+            return vec![];
+        };
         let futs = (0..n).map(|i| {
             let ch = ch.clone();
             async move {
                 let off = base + i * 65536;
                 let buf = DmaBuf::from_slice(&pattern(off, 65536, seed)).unwrap();
-                bdev::submit_wait(&ch, BdevIo::write(off, buf, None)).await.status
+                bdev::submit_wait(&ch, BdevIo::write(off, buf, None))
+                    .await
+                    .status
             }
         });
         futures::future::join_all(futs).await
@@ -142,10 +178,14 @@ fn check_range(h: &RuntimeHandle, bdev_name: &str, base: u64, n: u64, seed: u8) 
     h.spawn_on(1.min(h.num_reactors() - 1), move || async move {
         let b = registry().get(&name).map_err(|e| e.to_string())?;
         let ch = bdev::channel(&b).map_err(|e| e.to_string())?;
-        let got = bdev::read_at(&ch, base, (n * 65536) as usize).await.map_err(|e| e.to_string())?;
+        let got = bdev::read_at(&ch, base, (n * 65536) as usize)
+            .await
+            .map_err(|e| e.to_string())?;
         for i in 0..n {
             let off = base + i * 65536;
-            if got.as_slice()[(i * 65536) as usize..((i + 1) * 65536) as usize] != pattern(off, 65536, seed)[..] {
+            if got.as_slice()[(i * 65536) as usize..((i + 1) * 65536) as usize]
+                != pattern(off, 65536, seed)[..]
+            {
                 return Err(format!("block at {off} differs"));
             }
         }
@@ -157,12 +197,19 @@ fn check_range(h: &RuntimeHandle, bdev_name: &str, base: u64, n: u64, seed: u8) 
 
 fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
     let mut log = Vec::new();
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut cfg = RuntimeConfig::new(CoreSet::from_list(if n >= 2 { "0,1" } else { "0" }).map_err(|e| e.to_string())?);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut cfg = RuntimeConfig::new(
+        CoreSet::from_list(if n >= 2 { "0,1" } else { "0" }).map_err(|e| e.to_string())?,
+    );
     cfg.pin = n >= 2;
     let rt = Runtime::start(cfg).map_err(|e| e.to_string())?;
     let h = rt.handle();
-    let opts = CtrlrOpts { io_timeout: Duration::from_secs(20), ..CtrlrOpts::default() };
+    let opts = CtrlrOpts {
+        io_timeout: Duration::from_secs(20),
+        ..CtrlrOpts::default()
+    };
 
     match nvme::attach_pcie(&h, "Bad", "0000:ff:1f.7", opts.clone()) {
         Err(e @ NvmeError::NoDevice(_)) => log.push(format!("attach to an absent device: {e}")),
@@ -170,11 +217,14 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
     }
     if let Some(o) = other {
         match nvme::attach_pcie(&h, "Bad", o, opts.clone()) {
-            Err(e @ NvmeError::NotNvme { .. }) => log.push(format!("attach to a non-NVMe device: {e}")),
+            Err(e @ NvmeError::NotNvme { .. }) => {
+                log.push(format!("attach to a non-NVMe device: {e}"))
+            }
             other => return Err(format!("attach to a non-NVMe device: {other:?}")),
         }
     }
-    let names = nvme::attach_pcie(&h, "Nvme0", traddr, opts.clone()).map_err(|e| format!("attach: {e}"))?;
+    let names =
+        nvme::attach_pcie(&h, "Nvme0", traddr, opts.clone()).map_err(|e| format!("attach: {e}"))?;
     let c = nvme::controller("Nvme0").ok_or("controller missing")?;
     let b = registry().get(&names[0]).map_err(|e| e.to_string())?;
     log.push(format!(
@@ -186,12 +236,17 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
     drop((b, c.clone()));
     for r in 0..h.num_reactors() {
         let k = verify_io(&h, &bn, r, r as u64 * (16 << 20), 0x30 + r as u8)?;
-        log.push(format!("reactor {r} (queue pair {}): {k} write+read shapes verified (512 B .. 3 MiB)", r + 1));
+        log.push(format!(
+            "reactor {r} (queue pair {}): {k} write+read shapes verified (512 B .. 3 MiB)",
+            r + 1
+        ));
     }
     non_data(&h, &bn)?;
     log.push("write zeroes, flush, unmap: ok".into());
     let (layer, dev) = past_end(&h, &bn)?;
-    log.push(format!("read past the end: bdev layer: {layer}; device: {dev}"));
+    log.push(format!(
+        "read past the end: bdev layer: {layer}; device: {dev}"
+    ));
 
     let job = start_writes(&h, &bn, 0, 80 << 20, 64, 0x77);
     std::thread::sleep(Duration::from_millis(5));
@@ -201,7 +256,10 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
         return Err(format!("writes across a reset: {st:?}"));
     }
     check_range(&h, &bn, 80 << 20, 64, 0x77)?;
-    log.push(format!("reset with I/O in flight: 64 writes retried and verified (resets: {})", c.reset_count()));
+    log.push(format!(
+        "reset with I/O in flight: 64 writes retried and verified (resets: {})",
+        c.reset_count()
+    ));
 
     let job = start_writes(&h, &bn, 0, 100 << 20, 64, 0x12);
     std::thread::sleep(Duration::from_millis(5));
@@ -210,14 +268,19 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
     let ok = st.iter().filter(|s| **s == IoStatus::Success).count();
     let aborted = st.iter().filter(|s| **s == IoStatus::Aborted).count();
     if ok + aborted != st.len() {
-        return Err(format!("detach with I/O in flight: unexpected statuses {st:?}"));
+        return Err(format!(
+            "detach with I/O in flight: unexpected statuses {st:?}"
+        ));
     }
     if registry().contains(&bn) {
         return Err("bdev still registered after detach".into());
     }
-    log.push(format!("detach with I/O in flight: {ok} completed, {aborted} aborted, none lost"));
+    log.push(format!(
+        "detach with I/O in flight: {ok} completed, {aborted} aborted, none lost"
+    ));
 
-    let names = nvme::attach_pcie(&h, "Nvme0", traddr, opts).map_err(|e| format!("re-attach: {e}"))?;
+    let names =
+        nvme::attach_pcie(&h, "Nvme0", traddr, opts).map_err(|e| format!("re-attach: {e}"))?;
     check_range(&h, &names[0], 80 << 20, 64, 0x77)?;
     nvme::detach(&h, "Nvme0").map_err(|e| format!("final detach: {e}"))?;
     log.push("re-attach after detach: data written before is there".into());

@@ -12,17 +12,40 @@ use bdev::{BdevIo, IoStatus};
 use std::sync::Arc;
 
 fn main() {
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let total = args.first().copied().unwrap_or(2_000_000);
     let batch = args.get(1).copied().unwrap_or(32) as usize;
     let size = args.get(2).copied().unwrap_or(4096) as usize;
     // SAFETY: every address the queue pair hands the controller is memory it or
     // this program allocated, alive while the controller is stepped here.
-    let mut fake = unsafe { FakeNvme::new(FakeConfig { namespaces: vec![1 << 20], lba_shift: 9, ..FakeConfig::default() }) };
-    let cfg = QueueConfig { qid: 1, entries: 256, doorbell_stride: 4, max_xfer: 128 << 10, bounce_pages: 0, timeout_ticks: 0 };
-    let (_admin, mut qp) = inline_queue_pair(&mut fake, Arc::new(IdentityDma::all_memory()), cfg).expect("queue pair");
-    let ns = NsParams { nsid: 1, lba_shift: 9, max_zeroes_blocks: 65536 };
-    let mut ios: Vec<Box<BdevIo>> = (0..batch).map(|i| BdevIo::read((i * size) as u64, DmaBuf::new(size).unwrap(), None)).collect();
+    let mut fake = unsafe {
+        FakeNvme::new(FakeConfig {
+            namespaces: vec![1 << 20],
+            lba_shift: 9,
+            ..FakeConfig::default()
+        })
+    };
+    let cfg = QueueConfig {
+        qid: 1,
+        entries: 256,
+        doorbell_stride: 4,
+        max_xfer: 128 << 10,
+        bounce_pages: 0,
+        timeout_ticks: 0,
+    };
+    let (_admin, mut qp) =
+        inline_queue_pair(&mut fake, Arc::new(IdentityDma::all_memory()), cfg).expect("queue pair");
+    let ns = NsParams {
+        nsid: 1,
+        lba_shift: 9,
+        max_zeroes_blocks: 65536,
+    };
+    let mut ios: Vec<Box<BdevIo>> = (0..batch)
+        .map(|i| BdevIo::read((i * size) as u64, DmaBuf::new(size).unwrap(), None))
+        .collect();
     let mut done = Vec::with_capacity(batch);
     let hz = reactor::ticks_hz();
     let (mut submit_ticks, mut complete_ticks, mut n) = (0u64, 0u64, 0u64);

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn runtime() -> Runtime {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut cfg = RuntimeConfig::new(CoreSet::from_list(if n >= 2 { "0,1" } else { "0" }).unwrap());
     cfg.pin = false;
     Runtime::start(cfg).unwrap()
@@ -38,14 +40,24 @@ fn attach(rt: &Runtime, name: &str, f: &FakeThread, opts: CtrlrOpts) -> Vec<Stri
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
 
 /// Writes `n` 4 KiB blocks starting at block `first` from reactor `r`, all at once;
 /// returns their statuses.
-fn write_many(rt: &Runtime, bdev_name: &str, r: usize, first: u64, n: u64, seed: u8) -> reactor::JoinHandle<Vec<IoStatus>> {
+fn write_many(
+    rt: &Runtime,
+    bdev_name: &str,
+    r: usize,
+    first: u64,
+    n: u64,
+    seed: u8,
+) -> reactor::JoinHandle<Vec<IoStatus>> {
     let name = bdev_name.to_string();
     rt.handle().spawn_on(r, move || async move {
         let b = registry().get(&name).unwrap();
@@ -54,7 +66,9 @@ fn write_many(rt: &Runtime, bdev_name: &str, r: usize, first: u64, n: u64, seed:
             let ch = ch.clone();
             async move {
                 let buf = DmaBuf::from_slice(&[seed.wrapping_add(i as u8); 4096]).unwrap();
-                bdev::submit_wait(&ch, BdevIo::write((first + i) * 4096, buf, None)).await.status
+                bdev::submit_wait(&ch, BdevIo::write((first + i) * 4096, buf, None))
+                    .await
+                    .status
             }
         });
         futures::future::join_all(futs).await
@@ -64,20 +78,31 @@ fn write_many(rt: &Runtime, bdev_name: &str, r: usize, first: u64, n: u64, seed:
 #[test]
 fn attach_io_from_two_reactors_and_namespaces() {
     let rt = runtime();
-    let f = fake(FakeConfig { namespaces: vec![8192, 4096], ..FakeConfig::default() });
+    let f = fake(FakeConfig {
+        namespaces: vec![8192, 4096],
+        ..FakeConfig::default()
+    });
     let names = attach(&rt, "FakeA", &f, CtrlrOpts::default());
     assert_eq!(names, vec!["FakeAn1".to_string(), "FakeAn2".to_string()]);
     let b = registry().get("FakeAn2").unwrap();
-    assert_eq!((b.block_size(), b.num_blocks(), b.product_name()), (512, 4096, "NVMe disk"));
+    assert_eq!(
+        (b.block_size(), b.num_blocks(), b.product_name()),
+        (512, 4096, "NVMe disk")
+    );
     let info = nvme::controllers(Some("FakeA")).unwrap();
     assert_eq!(info[0].model_number, "sluice software NVMe");
     assert_eq!(info[0].bdevs, names);
     assert_eq!(b.driver_specific()["nvme"][0]["ns_data"]["id"], 2);
-    assert!(registry().get("FakeAn1").unwrap().config().is_some(), "the first namespace carries save_config");
+    assert!(
+        registry().get("FakeAn1").unwrap().config().is_some(),
+        "the first namespace carries save_config"
+    );
     assert!(b.config().is_none());
     let nr = rt.handle().num_reactors();
     for r in 0..nr {
-        let st = write_many(&rt, "FakeAn1", r, r as u64 * 100, 64, r as u8 * 50).block().unwrap();
+        let st = write_many(&rt, "FakeAn1", r, r as u64 * 100, 64, r as u8 * 50)
+            .block()
+            .unwrap();
         assert!(st.iter().all(|s| *s == IoStatus::Success), "{st:?}");
     }
     let disks = f.disks();
@@ -85,7 +110,12 @@ fn attach_io_from_two_reactors_and_namespaces() {
         let d = &disks.lock().unwrap()[0];
         for i in 0..64usize {
             let off = (r * 100 + i) * 4096;
-            assert!(d[off..off + 4096].iter().all(|&x| x == (r as u8 * 50).wrapping_add(i as u8)), "block {r}/{i}");
+            assert!(
+                d[off..off + 4096]
+                    .iter()
+                    .all(|&x| x == (r as u8 * 50).wrapping_add(i as u8)),
+                "block {r}/{i}"
+            );
         }
     }
     // Reading back through the other reactor, and from the second namespace.
@@ -97,7 +127,10 @@ fn attach_io_from_two_reactors_and_namespaces() {
             let ch2 = bdev::channel(&registry().get("FakeAn2").unwrap()).unwrap();
             let a = bdev::read_at(&ch1, 4096, 4096).await.unwrap();
             let b = bdev::read_at(&ch2, 512, 512).await.unwrap();
-            let past = bdev::read_at(&ch2, 4096 * 512 - 512, 1024).await.err().map(|e| e.to_string());
+            let past = bdev::read_at(&ch2, 4096 * 512 - 512, 1024)
+                .await
+                .err()
+                .map(|e| e.to_string());
             (a.as_slice()[0], b.as_slice().to_vec(), past)
         })
         .block()
@@ -111,28 +144,46 @@ fn attach_io_from_two_reactors_and_namespaces() {
     // Detached like the kernel driver expects: shut down and disabled.
     let regs = f.regs();
     assert_eq!(regs.read32(0x1c) & 1, 0, "CSTS.RDY clear");
-    assert_eq!(regs.read32(0x1c) & 0xc, 0x8, "CSTS.SHST = shutdown complete");
+    assert_eq!(
+        regs.read32(0x1c) & 0xc,
+        0x8,
+        "CSTS.SHST = shutdown complete"
+    );
     rt.shutdown();
 }
 
 #[test]
 fn reset_with_io_in_flight_retries_it() {
     let rt = runtime();
-    let f = fake(FakeConfig { namespaces: vec![8192], ..FakeConfig::default() });
+    let f = fake(FakeConfig {
+        namespaces: vec![8192],
+        ..FakeConfig::default()
+    });
     attach(&rt, "FakeR", &f, CtrlrOpts::default());
     let faults = f.faults();
     faults.hold_next.store(8, Ordering::Relaxed);
     let before = faults.io_commands.load(Ordering::Relaxed);
     let job = write_many(&rt, "FakeRn1", 0, 0, 16, 9);
-    wait_until("16 commands at the device", || faults.io_commands.load(Ordering::Relaxed) >= before + 16);
+    wait_until("16 commands at the device", || {
+        faults.io_commands.load(Ordering::Relaxed) >= before + 16
+    });
     nvme::reset("FakeR").unwrap();
     let st = job.block().unwrap();
-    assert!(st.iter().all(|s| *s == IoStatus::Success), "held writes retried after the reset: {st:?}");
-    assert_eq!(faults.resets.load(Ordering::Relaxed), 1, "the reset disabled the controller once");
+    assert!(
+        st.iter().all(|s| *s == IoStatus::Success),
+        "held writes retried after the reset: {st:?}"
+    );
+    assert_eq!(
+        faults.resets.load(Ordering::Relaxed),
+        1,
+        "the reset disabled the controller once"
+    );
     let disks = f.disks();
     let d = &disks.lock().unwrap()[0];
     for i in 0..16usize {
-        assert!(d[i * 4096..(i + 1) * 4096].iter().all(|&x| x == 9u8.wrapping_add(i as u8)));
+        assert!(d[i * 4096..(i + 1) * 4096]
+            .iter()
+            .all(|&x| x == 9u8.wrapping_add(i as u8)));
     }
     assert_eq!(nvme::controller("FakeR").unwrap().reset_count(), 1);
     nvme::detach(&rt.handle(), "FakeR").unwrap();
@@ -142,8 +193,14 @@ fn reset_with_io_in_flight_retries_it() {
 #[test]
 fn timed_out_command_is_aborted_or_the_controller_reset() {
     let rt = runtime();
-    let f = fake(FakeConfig { namespaces: vec![8192], ..FakeConfig::default() });
-    let opts = CtrlrOpts { io_timeout: Duration::from_millis(200), ..CtrlrOpts::default() };
+    let f = fake(FakeConfig {
+        namespaces: vec![8192],
+        ..FakeConfig::default()
+    });
+    let opts = CtrlrOpts {
+        io_timeout: Duration::from_millis(200),
+        ..CtrlrOpts::default()
+    };
     attach(&rt, "FakeT", &f, opts);
     let faults = f.faults();
     // The controller honours the abort: the request fails as aborted.
@@ -158,10 +215,15 @@ fn timed_out_command_is_aborted_or_the_controller_reset() {
     let t = Instant::now();
     let st = write_many(&rt, "FakeTn1", 0, 5, 1, 77).block().unwrap();
     assert_eq!(st, vec![IoStatus::Success]);
-    assert!(t.elapsed() >= Duration::from_millis(400), "abort, then reset after a second timeout");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "abort, then reset after a second timeout"
+    );
     let c = nvme::controller("FakeT").unwrap();
     assert_eq!(c.reset_count(), 1);
-    assert!(f.disks().lock().unwrap()[0][5 * 4096..6 * 4096].iter().all(|&x| x == 77));
+    assert!(f.disks().lock().unwrap()[0][5 * 4096..6 * 4096]
+        .iter()
+        .all(|&x| x == 77));
     nvme::detach(&rt.handle(), "FakeT").unwrap();
     rt.shutdown();
 }
@@ -169,23 +231,34 @@ fn timed_out_command_is_aborted_or_the_controller_reset() {
 #[test]
 fn detach_with_io_in_flight_fails_it_cleanly() {
     let rt = runtime();
-    let f = fake(FakeConfig { namespaces: vec![8192], ..FakeConfig::default() });
+    let f = fake(FakeConfig {
+        namespaces: vec![8192],
+        ..FakeConfig::default()
+    });
     attach(&rt, "FakeD", &f, CtrlrOpts::default());
     let faults = f.faults();
     faults.hold_next.store(1000, Ordering::Relaxed);
     let before = faults.io_commands.load(Ordering::Relaxed);
     let job = write_many(&rt, "FakeDn1", 0, 0, 8, 3);
-    wait_until("8 commands at the device", || faults.io_commands.load(Ordering::Relaxed) >= before + 8);
+    wait_until("8 commands at the device", || {
+        faults.io_commands.load(Ordering::Relaxed) >= before + 8
+    });
     // A claimed namespace blocks detach.
     registry().claim("FakeDn1", "test").unwrap();
-    assert!(matches!(nvme::detach(&rt.handle(), "FakeD"), Err(NvmeError::Bdev(bdev::BdevError::Claimed { .. }))));
+    assert!(matches!(
+        nvme::detach(&rt.handle(), "FakeD"),
+        Err(NvmeError::Bdev(bdev::BdevError::Claimed { .. }))
+    ));
     registry().release("FakeDn1", "test");
     nvme::detach(&rt.handle(), "FakeD").unwrap();
     let st = job.block().unwrap();
     assert_eq!(st.len(), 8);
     assert!(st.iter().all(|s| *s == IoStatus::Aborted), "{st:?}");
     assert!(!registry().contains("FakeDn1"));
-    assert!(matches!(nvme::detach(&rt.handle(), "FakeD"), Err(NvmeError::NotFound(_))));
+    assert!(matches!(
+        nvme::detach(&rt.handle(), "FakeD"),
+        Err(NvmeError::NotFound(_))
+    ));
     rt.shutdown();
 }
 
@@ -196,12 +269,21 @@ fn attach_errors_are_clear() {
     let e = nvme::attach_pcie(&h, "X", "not-an-address", CtrlrOpts::default()).unwrap_err();
     assert!(matches!(e, NvmeError::BadAddress(_)), "{e}");
     let e = nvme::attach_pcie(&h, "X", "0000:ff:1f.7", CtrlrOpts::default()).unwrap_err();
-    assert!(e.to_string().contains("no PCI device at 0000:ff:1f.7"), "{e}");
+    assert!(
+        e.to_string().contains("no PCI device at 0000:ff:1f.7"),
+        "{e}"
+    );
     assert_eq!(e.errno(), -libc::ENODEV);
     // A PCI device that is not an NVMe controller, when this machine has one.
-    let other = std::fs::read_dir("/sys/bus/pci/devices").into_iter().flatten().flatten().find(|d| {
-        std::fs::read_to_string(d.path().join("class")).map(|c| c.trim() != "0x010802").unwrap_or(false)
-    });
+    let other = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|d| {
+            std::fs::read_to_string(d.path().join("class"))
+                .map(|c| c.trim() != "0x010802")
+                .unwrap_or(false)
+        });
     if let Some(d) = other {
         let addr = d.file_name().to_string_lossy().into_owned();
         let e = nvme::attach_pcie(&h, "X", &addr, CtrlrOpts::default()).unwrap_err();
@@ -211,7 +293,16 @@ fn attach_errors_are_clear() {
     let f = fake(FakeConfig::default());
     attach(&rt, "FakeE", &f, CtrlrOpts::default());
     let regs: Arc<dyn RegisterIo> = f.regs();
-    let e = nvme::attach_with(&h, "FakeE", "fake", regs, Arc::new(IdentityDma::new()), CtrlrOpts::default(), None).unwrap_err();
+    let e = nvme::attach_with(
+        &h,
+        "FakeE",
+        "fake",
+        regs,
+        Arc::new(IdentityDma::new()),
+        CtrlrOpts::default(),
+        None,
+    )
+    .unwrap_err();
     assert!(matches!(e, NvmeError::Exists(_)), "{e}");
     nvme::detach(&h, "FakeE").unwrap();
     rt.shutdown();

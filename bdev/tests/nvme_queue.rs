@@ -12,7 +12,11 @@ use bdev::{BdevIo, IoStatus, IoType};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-const NS: NsParams = NsParams { nsid: 1, lba_shift: 9, max_zeroes_blocks: 65536 };
+const NS: NsParams = NsParams {
+    nsid: 1,
+    lba_shift: 9,
+    max_zeroes_blocks: 65536,
+};
 
 struct Rig {
     fake: FakeNvme,
@@ -23,14 +27,28 @@ struct Rig {
 fn rig(entries: u16, dma: Arc<dyn DmaSpace>, blocks: u64) -> Rig {
     // SAFETY: the queue pairs allocate through an IdentityDma and live as long as
     // the controller is stepped (both are in the rig).
-    let mut fake = unsafe { FakeNvme::new(FakeConfig { namespaces: vec![blocks], mdts: 5, ..FakeConfig::default() }) };
-    let cfg = QueueConfig { qid: 1, entries, doorbell_stride: 4, max_xfer: 4096 << 5, bounce_pages: 512, timeout_ticks: 0 };
+    let mut fake = unsafe {
+        FakeNvme::new(FakeConfig {
+            namespaces: vec![blocks],
+            mdts: 5,
+            ..FakeConfig::default()
+        })
+    };
+    let cfg = QueueConfig {
+        qid: 1,
+        entries,
+        doorbell_stride: 4,
+        max_xfer: 4096 << 5,
+        bounce_pages: 512,
+        timeout_ticks: 0,
+    };
     let (admin, io) = inline_queue_pair(&mut fake, dma, cfg).expect("queue pair");
     Rig { fake, io, admin }
 }
 
 impl Rig {
     /// Runs until every request has come back; returns them.
+    #[allow(clippy::vec_box)]
     fn run(&mut self) -> Vec<Box<BdevIo>> {
         let mut out = Vec::new();
         for _ in 0..10_000 {
@@ -46,7 +64,10 @@ impl Rig {
     }
 
     fn one(&mut self, io: Box<BdevIo>) -> Box<BdevIo> {
-        self.io.submit_io(io, &NS, 0).map_err(|_| "queue full").unwrap();
+        self.io
+            .submit_io(io, &NS, 0)
+            .map_err(|_| "queue full")
+            .unwrap();
         let mut v = self.run();
         assert_eq!(v.len(), 1);
         v.pop().unwrap()
@@ -57,10 +78,25 @@ impl Rig {
     }
 
     /// Another I/O queue pair on the same controller, through `regs`.
-    fn extra_queue(&mut self, qid: u16, timeout_ticks: u64, regs: Arc<dyn RegisterIo>) -> QueuePair {
-        let cfg = QueueConfig { qid, entries: 64, doorbell_stride: 4, max_xfer: 4096 << 5, bounce_pages: 0, timeout_ticks };
+    fn extra_queue(
+        &mut self,
+        qid: u16,
+        timeout_ticks: u64,
+        regs: Arc<dyn RegisterIo>,
+    ) -> QueuePair {
+        let cfg = QueueConfig {
+            qid,
+            entries: 64,
+            doorbell_stride: 4,
+            max_xfer: 4096 << 5,
+            bounce_pages: 0,
+            timeout_ticks,
+        };
         let qp = QueuePair::new(cfg, regs, Arc::new(IdentityDma::all_memory())).unwrap();
-        for cmd in [build::create_cq(qid, 64, qp.cq_iova()), build::create_sq(qid, 64, qp.sq_iova())] {
+        for cmd in [
+            build::create_cq(qid, 64, qp.cq_iova()),
+            build::create_sq(qid, 64, qp.sq_iova()),
+        ] {
             let cid = self.admin.submit_raw(cmd, 0).unwrap();
             self.admin.ring();
             self.fake.step();
@@ -72,17 +108,27 @@ impl Rig {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
 }
 
 fn write_read(r: &mut Rig, off: u64, len: usize, seed: u8) {
     let data = pattern(len, seed);
     let w = r.one(BdevIo::write(off, DmaBuf::from_slice(&data).unwrap(), None));
     assert_eq!(w.status, IoStatus::Success, "write {len} at {off}");
-    assert_eq!(&r.disk()[off as usize..off as usize + len], &data[..], "device contents after write {len} at {off}");
+    assert_eq!(
+        &r.disk()[off as usize..off as usize + len],
+        &data[..],
+        "device contents after write {len} at {off}"
+    );
     let mut rd = r.one(BdevIo::read(off, DmaBuf::new(len).unwrap(), None));
     assert_eq!(rd.status, IoStatus::Success);
-    assert_eq!(rd.take_buf().unwrap().as_slice(), &data[..], "read back {len} at {off}");
+    assert_eq!(
+        rd.take_buf().unwrap().as_slice(),
+        &data[..],
+        "read back {len} at {off}"
+    );
 }
 
 #[test]
@@ -90,7 +136,19 @@ fn direct_transfers_of_every_shape_round_trip() {
     // Every address reachable: PRPs point straight at the request's buffers.
     let mut r = rig(64, Arc::new(IdentityDma::all_memory()), 16384);
     // One page, two pages (PRP2 is data), a PRP list, a split beyond MDTS (128 KiB).
-    for (i, len) in [512usize, 4096, 8192, 12288, 65536, 128 << 10, 300 << 10, 1 << 20].into_iter().enumerate() {
+    for (i, len) in [
+        512usize,
+        4096,
+        8192,
+        12288,
+        65536,
+        128 << 10,
+        300 << 10,
+        1 << 20,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         write_read(&mut r, (i as u64) * 4096 * 3, len, i as u8);
     }
 }
@@ -116,7 +174,13 @@ fn unreachable_and_misaligned_memory_goes_through_bounce_buffers() {
     let mut rb = DmaBuf::new(1024).unwrap();
     ra.as_mut_slice().fill(0xee);
     rb.as_mut_slice().fill(0xee);
-    let rd = r.one(BdevIo::vectored(IoType::Read, 4096, &[&ra, &rb], None, None));
+    let rd = r.one(BdevIo::vectored(
+        IoType::Read,
+        4096,
+        &[&ra, &rb],
+        None,
+        None,
+    ));
     assert_eq!(rd.status, IoStatus::Success);
     assert_eq!(ra.as_slice(), &disk[4096..4608]);
     assert_eq!(rb.as_slice(), &disk[4608..5632]);
@@ -129,19 +193,26 @@ fn phase_bit_wraps_many_times_on_a_tiny_queue() {
         // Three in flight at once: the most a 4-entry queue holds.
         for k in 0..3u64 {
             let off = ((round * 3 + k) % 4096) * 512;
-            let io = BdevIo::write(off, DmaBuf::from_slice(&[(round + k) as u8; 512]).unwrap(), None);
+            let io = BdevIo::write(
+                off,
+                DmaBuf::from_slice(&[(round + k) as u8; 512]).unwrap(),
+                None,
+            );
             r.io.submit_io(io, &NS, 0).map_err(|_| "full").unwrap();
         }
         // A fourth does not fit and is handed back untouched.
         let extra = BdevIo::write(0, DmaBuf::new(512).unwrap(), None);
-        let back = r.io.submit_io(extra, &NS, 0).expect_err("queue must be full");
+        let back =
+            r.io.submit_io(extra, &NS, 0)
+                .expect_err("queue must be full");
         assert_eq!(back.status, IoStatus::Pending);
         let done = r.run();
         assert_eq!(done.len(), 3);
         assert!(done.iter().all(|d| d.status == IoStatus::Success));
     }
     let disk = r.disk();
-    assert_eq!(disk[((199 * 3 + 2) % 4096) * 512], (199 + 2) as u8);
+    let last = 199 * 3 + 2; // below 4096: no wrap of the offsets
+    assert_eq!(disk[last * 512], (199 + 2) as u8);
 }
 
 struct CountingRegs {
@@ -167,18 +238,39 @@ impl RegisterIo for CountingRegs {
 #[test]
 fn one_doorbell_write_per_batch() {
     let mut r = rig(64, Arc::new(IdentityDma::all_memory()), 4096);
-    let counting = Arc::new(CountingRegs { inner: r.fake.regs(), writes: AtomicU64::new(0) });
+    let counting = Arc::new(CountingRegs {
+        inner: r.fake.regs(),
+        writes: AtomicU64::new(0),
+    });
     let mut qp = r.extra_queue(2, 0, counting.clone());
     for i in 0..16u64 {
-        qp.submit_io(BdevIo::read(i * 512, DmaBuf::new(512).unwrap(), None), &NS, 0).map_err(|_| "full").unwrap();
+        qp.submit_io(
+            BdevIo::read(i * 512, DmaBuf::new(512).unwrap(), None),
+            &NS,
+            0,
+        )
+        .map_err(|_| "full")
+        .unwrap();
     }
-    assert_eq!(counting.writes.load(Ordering::Relaxed), 0, "no doorbell before the batch is rung");
+    assert_eq!(
+        counting.writes.load(Ordering::Relaxed),
+        0,
+        "no doorbell before the batch is rung"
+    );
     qp.ring();
     qp.ring();
-    assert_eq!(counting.writes.load(Ordering::Relaxed), 1, "one SQ tail write for 16 commands");
+    assert_eq!(
+        counting.writes.load(Ordering::Relaxed),
+        1,
+        "one SQ tail write for 16 commands"
+    );
     r.fake.step();
     assert_eq!(qp.process_completions(usize::MAX), 16);
-    assert_eq!(counting.writes.load(Ordering::Relaxed), 2, "one CQ head write for 16 completions");
+    assert_eq!(
+        counting.writes.load(Ordering::Relaxed),
+        2,
+        "one CQ head write for 16 completions"
+    );
     let mut out = Vec::new();
     qp.take_done(&mut out);
     assert_eq!(out.len(), 16);
@@ -189,7 +281,13 @@ fn flush_write_zeroes_unmap_and_device_errors() {
     let mut r = rig(64, Arc::new(IdentityDma::all_memory()), 300_000);
     let len = 200_000usize * 512; // beyond one Write Zeroes (65536 blocks): split
     r.fake.disks().lock().unwrap()[0].fill(0xab);
-    let z = r.one(BdevIo::new(IoType::WriteZeroes, 512, len as u64, None, None));
+    let z = r.one(BdevIo::new(
+        IoType::WriteZeroes,
+        512,
+        len as u64,
+        None,
+        None,
+    ));
     assert_eq!(z.status, IoStatus::Success);
     let disk = r.disk();
     assert_eq!(disk[511], 0xab);
@@ -200,7 +298,10 @@ fn flush_write_zeroes_unmap_and_device_errors() {
     assert_eq!(u.status, IoStatus::Success);
     let disk = r.disk();
     assert!(disk[4096..12288].iter().all(|&b| b == 0) && disk[4095] == 0xcd && disk[12288] == 0xcd);
-    assert_eq!(r.one(BdevIo::new(IoType::Flush, 0, 0, None, None)).status, IoStatus::Success);
+    assert_eq!(
+        r.one(BdevIo::new(IoType::Flush, 0, 0, None, None)).status,
+        IoStatus::Success
+    );
     // Past the end of the namespace: the device answers LBA Out of Range.
     let end = 300_000u64 * 512;
     let past = r.one(BdevIo::read(end - 512, DmaBuf::new(1024).unwrap(), None));
@@ -211,8 +312,17 @@ fn flush_write_zeroes_unmap_and_device_errors() {
     assert_eq!(bad.status, IoStatus::Einval);
     assert_eq!(r.fake.faults().io_commands.load(Ordering::Relaxed), before);
     // Write Zeroes unsupported by the namespace: reported, not sent.
-    let no_wz = NsParams { max_zeroes_blocks: 0, ..NS };
-    r.io.submit_io(BdevIo::new(IoType::WriteZeroes, 0, 512, None, None), &no_wz, 0).map_err(|_| "full").unwrap();
+    let no_wz = NsParams {
+        max_zeroes_blocks: 0,
+        ..NS
+    };
+    r.io.submit_io(
+        BdevIo::new(IoType::WriteZeroes, 0, 512, None, None),
+        &no_wz,
+        0,
+    )
+    .map_err(|_| "full")
+    .unwrap();
     let v = r.run();
     assert_eq!(v[0].status, IoStatus::Unsupported);
 }
@@ -224,11 +334,21 @@ fn timeouts_ask_for_abort_then_reset_and_reset_takes_requests_back() {
     let mut q = r.extra_queue(3, 1000, regs);
     r.fake.faults().hold_next.store(2, Ordering::Relaxed);
     for i in 0..2u64 {
-        q.submit_io(BdevIo::read(i * 512, DmaBuf::new(512).unwrap(), None), &NS, 10_000).map_err(|_| "full").unwrap();
+        q.submit_io(
+            BdevIo::read(i * 512, DmaBuf::new(512).unwrap(), None),
+            &NS,
+            10_000,
+        )
+        .map_err(|_| "full")
+        .unwrap();
     }
     q.ring();
     r.fake.step();
-    assert_eq!(q.process_completions(16), 0, "held commands do not complete");
+    assert_eq!(
+        q.process_completions(16),
+        0,
+        "held commands do not complete"
+    );
     let mut acts = Vec::new();
     q.check_timeouts(10_500, &mut acts);
     assert!(acts.is_empty(), "not timed out yet");
@@ -241,7 +361,9 @@ fn timeouts_ask_for_abort_then_reset_and_reset_takes_requests_back() {
     let mut back = Vec::new();
     q.reset_rings(&mut back);
     assert_eq!(back.len(), 2, "outstanding requests come back for a retry");
-    assert!(back.iter().all(|(io, ns)| io.status == IoStatus::Pending && ns.nsid == 1));
+    assert!(back
+        .iter()
+        .all(|(io, ns)| io.status == IoStatus::Pending && ns.nsid == 1));
     assert_eq!(q.inflight(), 0);
     assert_eq!(q.free_slots(), 63);
 }
@@ -250,11 +372,21 @@ fn timeouts_ask_for_abort_then_reset_and_reset_takes_requests_back() {
 fn arena_buffers_are_mapped_once_and_reach_the_device_directly() {
     let dma = Arc::new(IdentityDma::new());
     let buf = DmaBuf::new(8192).unwrap();
-    assert!(dma.translate(buf.as_ptr(), 8192).is_none(), "nothing mapped yet");
+    assert!(
+        dma.translate(buf.as_ptr(), 8192).is_none(),
+        "nothing mapped yet"
+    );
     bdev::nvme::mem::follow_arena(&dma);
-    assert_eq!(dma.translate(buf.as_ptr(), 8192), Some(buf.as_ptr() as u64), "arena regions are mapped");
+    assert_eq!(
+        dma.translate(buf.as_ptr(), 8192),
+        Some(buf.as_ptr() as u64),
+        "arena regions are mapped"
+    );
     let mut r = rig(32, dma.clone(), 4096);
     write_read(&mut r, 0, 64 << 10, 3);
     let heap = vec![0u8; 4096];
-    assert!(dma.translate(heap.as_ptr(), 4096).is_none(), "ordinary heap memory is not");
+    assert!(
+        dma.translate(heap.as_ptr(), 4096).is_none(),
+        "ordinary heap memory is not"
+    );
 }

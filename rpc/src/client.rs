@@ -4,6 +4,8 @@
 //! request and prints the result as JSON; on an error it prints the message on
 //! stderr and exits non-zero.
 
+mod wait;
+
 use clap::Args;
 use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
@@ -25,6 +27,10 @@ pub struct RpcArgs {
     /// Parameters as one JSON object (merged under the key=value ones).
     #[arg(long)]
     pub params: Option<String>,
+    /// Follow the block job the command starts (`job-id`, else `device`) with a
+    /// progress bar on stderr; print its completion event; fail if it failed.
+    #[arg(long)]
+    pub wait: bool,
     /// The method, e.g. bdev_get_bdevs.
     pub method: String,
     /// Parameters as key=value; a value that reads as JSON (a number, true,
@@ -208,12 +214,22 @@ pub fn run(args: RpcArgs) -> ExitCode {
             ));
         }
         let params = build_params(args.params.as_deref(), &args.args)?;
-        call(
-            &args.socket,
-            &args.method,
-            params,
-            Duration::from_secs_f64(args.timeout),
-        )
+        let timeout = Duration::from_secs_f64(args.timeout);
+        if !args.wait {
+            return call(&args.socket, &args.method, params, timeout);
+        }
+        let id = wait::job_id_of(&params)
+            .ok_or_else(|| ClientError::Usage("--wait needs a job-id or device parameter".into()))?;
+        let after = wait::last_event_id(&args.socket, timeout)?;
+        call(&args.socket, &args.method, params, timeout)?;
+        let legacy = args.method == "block_stream";
+        let (event, ok) = wait::follow(&args.socket, &id, after, legacy, timeout)?;
+        if ok {
+            Ok(event)
+        } else {
+            println!("{}", serde_json::to_string_pretty(&event).unwrap_or_else(|_| event.to_string()));
+            Err(ClientError::Rpc { code: -1, message: format!("job {id} did not complete successfully") })
+        }
     })();
     match res {
         Ok(v) => {

@@ -32,17 +32,24 @@ pub enum LegacyError {
 }
 
 fn active(j: &Job) -> bool {
-    j.spec().job_type == JobType::Stream && !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
+    j.spec().job_type == JobType::Stream
+        && !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
 }
 
 /// The active stream job on `device`, if any.
 fn stream_on(mgr: &JobManager, device: &str) -> Option<Arc<Job>> {
-    mgr.list().into_iter().find(|j| active(j) && j.spec().device == device)
+    mgr.list()
+        .into_iter()
+        .find(|j| active(j) && j.spec().device == device)
 }
 
 fn device_root(device: &str) -> Result<Arc<dyn bdev::Bdev>, LegacyError> {
-    let b = registry().get(device).map_err(|_| LegacyError::DeviceNotFound(device.into()))?;
-    Device::from_bdev(&b).map(|d| d.root()).ok_or_else(|| LegacyError::DeviceNotFound(device.into()))
+    let b = registry()
+        .get(device)
+        .map_err(|_| LegacyError::DeviceNotFound(device.into()))?;
+    Device::from_bdev(&b)
+        .map(|d| d.root())
+        .ok_or_else(|| LegacyError::DeviceNotFound(device.into()))
 }
 
 /// `block_stream`: starts streaming `device` (down to `base`) and returns at once.
@@ -60,9 +67,16 @@ pub fn block_stream(
     if node::backing_of(&root).is_none() {
         return Err(LegacyError::NotSupported);
     }
-    let p = StreamParams { job_id: Some(device.into()), device: device.into(), base, legacy: true, ..Default::default() };
+    let p = StreamParams {
+        job_id: Some(device.into()),
+        device: device.into(),
+        base,
+        legacy: true,
+        ..Default::default()
+    };
     stream_job::start(mgr, rt, p, tuning).map_err(|e| match e {
-        StreamError::Job(crate::job::JobError::IdInUse(_)) | StreamError::Job(crate::job::JobError::NodeBusy { .. }) => {
+        StreamError::Job(crate::job::JobError::IdInUse(_))
+        | StreamError::Job(crate::job::JobError::NodeBusy { .. }) => {
             LegacyError::DeviceInUse(device.into())
         }
         other => LegacyError::Stream(other),
@@ -81,7 +95,8 @@ pub fn block_stream_cancel(
     if job.is_cancelled() {
         return Err(LegacyError::DeviceInUse(device.into()));
     }
-    job.cancel().map_err(|_| LegacyError::DeviceNotActive(device.into()))
+    job.cancel()
+        .map_err(|_| LegacyError::DeviceNotActive(device.into()))
 }
 
 /// `query-block-stream`: `[{device, len, offset}]` for every active stream.

@@ -114,7 +114,11 @@ pub fn filename_of(b: &Arc<dyn Bdev>) -> String {
     if let Some(f) = image(b).and_then(|i| i.filename()) {
         return f;
     }
-    if let Some(f) = b.driver_specific().pointer("/uring/filename").and_then(|v| v.as_str()) {
+    if let Some(f) = b
+        .driver_specific()
+        .pointer("/uring/filename")
+        .and_then(|v| v.as_str())
+    {
         return f.to_string();
     }
     b.name().to_string()

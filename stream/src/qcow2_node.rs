@@ -13,7 +13,10 @@ struct Qcow2Node {
 impl Qcow2Node {
     fn q(&self) -> &Qcow2Bdev {
         // Invariant: built by `resolve` only for bdevs that downcast to Qcow2Bdev.
-        self.bdev.as_any().downcast_ref::<Qcow2Bdev>().expect("Qcow2Node over a qcow2 bdev")
+        self.bdev
+            .as_any()
+            .downcast_ref::<Qcow2Bdev>()
+            .expect("Qcow2Node over a qcow2 bdev")
     }
 }
 
@@ -45,7 +48,12 @@ impl ImageNode for Qcow2Node {
     fn backing_file(&self) -> Option<String> {
         self.q().backing_file()
     }
-    fn block_status<'a>(&'a self, offset: u64, len: u64, base: Option<&'a Arc<dyn Bdev>>) -> NodeFuture<'a, ChainStatus> {
+    fn block_status<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        base: Option<&'a Arc<dyn Bdev>>,
+    ) -> NodeFuture<'a, ChainStatus> {
         Box::pin(async move {
             let s = self.q().block_status(offset, len, base).await?;
             Ok(ChainStatus {
@@ -59,7 +67,11 @@ impl ImageNode for Qcow2Node {
     fn populate_if_unallocated(&self, offset: u64, data: DmaBuf) -> NodeFuture<'_, bool> {
         Box::pin(self.q().populate_if_unallocated(offset, data))
     }
-    fn set_backing_file<'a>(&'a self, file: Option<&'a str>, format: Option<&'a str>) -> NodeFuture<'a, ()> {
+    fn set_backing_file<'a>(
+        &'a self,
+        file: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> NodeFuture<'a, ()> {
         Box::pin(self.q().set_backing_file(file, format))
     }
     fn set_backing_bdev(&self, backing: Option<Arc<dyn Bdev>>) -> NodeFuture<'_, ()> {

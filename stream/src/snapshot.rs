@@ -56,7 +56,9 @@ static NEXT_SNAP: AtomicU64 = AtomicU64::new(0);
 /// The device named `name` and its reactor of choice for the overlay (the
 /// current root's owner, so the chain's metadata stays on one reactor).
 pub fn device_and_owner(name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotError> {
-    let b = registry().get(name).map_err(|_| SnapshotError::DeviceNotFound(name.into()))?;
+    let b = registry()
+        .get(name)
+        .map_err(|_| SnapshotError::DeviceNotFound(name.into()))?;
     let d = Device::from_bdev(&b).ok_or_else(|| SnapshotError::DeviceNotFound(name.into()))?;
     let owner = node::image(&d.root()).map(|i| i.owner()).unwrap_or(0);
     Ok((b, owner))
@@ -66,26 +68,41 @@ pub fn device_and_owner(name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotEr
 /// becomes the overlay's owner).
 pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
     let (dev_bdev, _) = device_and_owner(&req.device)?;
-    let dev = Device::from_bdev(&dev_bdev).ok_or_else(|| SnapshotError::DeviceNotFound(req.device.clone()))?;
-    let rt = reactor::handle().ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
+    let dev = Device::from_bdev(&dev_bdev)
+        .ok_or_else(|| SnapshotError::DeviceNotFound(req.device.clone()))?;
+    let rt = reactor::handle()
+        .ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
     let root = dev.root();
     let node_name = match &req.node_name {
         Some(n) => n.clone(),
-        None => format!("{}-snap{}", req.device, NEXT_SNAP.fetch_add(1, Ordering::Relaxed)),
+        None => format!(
+            "{}-snap{}",
+            req.device,
+            NEXT_SNAP.fetch_add(1, Ordering::Relaxed)
+        ),
     };
     if registry().contains(&node_name) {
-        return Err(SnapshotError::Invalid(format!("Duplicate nodes with node-name='{node_name}'")));
+        return Err(SnapshotError::Invalid(format!(
+            "Duplicate nodes with node-name='{node_name}'"
+        )));
     }
     let opts = CreateOptions {
         backing_file: Some(node::filename_of(&root)),
         backing_format: Some(node::format_of(&root).to_string()),
         ..CreateOptions::new(root.size())
     };
-    let open_opts = OpenOptions { backing: BackingSpec::Bdev(root.clone()), direct: req.direct, ..OpenOptions::default() };
+    let open_opts = OpenOptions {
+        backing: BackingSpec::Bdev(root.clone()),
+        direct: req.direct,
+        ..OpenOptions::default()
+    };
     let overlay: Arc<Qcow2Bdev> = match registry().get(&req.target) {
         Ok(target) if !Path::new(&req.target).exists() => {
             if !registry().claims(&req.target).is_empty() {
-                return Err(SnapshotError::Invalid(format!("bdev '{}' is in use", req.target)));
+                return Err(SnapshotError::Invalid(format!(
+                    "bdev '{}' is in use",
+                    req.target
+                )));
             }
             if req.mode == SnapshotMode::Create {
                 if target.size() < root.size() / 8 {
@@ -135,26 +152,47 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
 
 /// `blockdev-snapshot`: puts the existing image node `overlay` (opened without
 /// a backing file) on top of the device whose root is `node`.
-pub async fn snapshot_existing_node(node_name: &str, overlay_name: &str) -> Result<(), SnapshotError> {
-    let rt = reactor::handle().ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
-    let base = registry().get(node_name).map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
+pub async fn snapshot_existing_node(
+    node_name: &str,
+    overlay_name: &str,
+) -> Result<(), SnapshotError> {
+    let rt = reactor::handle()
+        .ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
+    let base = registry()
+        .get(node_name)
+        .map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
     let dev_bdev = match Device::from_bdev(&base) {
         Some(_) => base.clone(),
-        None => Device::find_by_root(node_name)
-            .ok_or_else(|| SnapshotError::Invalid(format!("Node '{node_name}' is not the root of a device")))?,
+        None => Device::find_by_root(node_name).ok_or_else(|| {
+            SnapshotError::Invalid(format!("Node '{node_name}' is not the root of a device"))
+        })?,
     };
-    let dev = Device::from_bdev(&dev_bdev).ok_or_else(|| SnapshotError::DeviceNotFound(node_name.into()))?;
+    let dev = Device::from_bdev(&dev_bdev)
+        .ok_or_else(|| SnapshotError::DeviceNotFound(node_name.into()))?;
     let root = dev.root();
-    let overlay = registry().get(overlay_name).map_err(|_| SnapshotError::DeviceNotFound(overlay_name.into()))?;
-    let img = node::image(&overlay)
-        .ok_or_else(|| SnapshotError::Invalid(format!("The overlay '{overlay_name}' does not support backing images")))?;
+    let overlay = registry()
+        .get(overlay_name)
+        .map_err(|_| SnapshotError::DeviceNotFound(overlay_name.into()))?;
+    let img = node::image(&overlay).ok_or_else(|| {
+        SnapshotError::Invalid(format!(
+            "The overlay '{overlay_name}' does not support backing images"
+        ))
+    })?;
     if img.backing().is_some() {
-        return Err(SnapshotError::Invalid(format!("The overlay '{overlay_name}' already has a backing image")));
+        return Err(SnapshotError::Invalid(format!(
+            "The overlay '{overlay_name}' already has a backing image"
+        )));
     }
     if overlay.read_only() {
-        return Err(SnapshotError::Invalid(format!("The overlay '{overlay_name}' is read-only")));
+        return Err(SnapshotError::Invalid(format!(
+            "The overlay '{overlay_name}' is read-only"
+        )));
     }
-    img.set_backing_file(Some(&node::filename_of(&root)), Some(node::format_of(&root))).await?;
+    img.set_backing_file(
+        Some(&node::filename_of(&root)),
+        Some(node::format_of(&root)),
+    )
+    .await?;
     img.set_backing_bdev(Some(root.clone())).await?;
     if registry().contains(root.name()) {
         let _ = registry().claim(root.name(), overlay_name);

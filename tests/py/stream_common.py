@@ -2,6 +2,7 @@
 legacy client with iotests-style helpers, and qemu-img / qemu-io wrappers."""
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -114,7 +115,10 @@ class Vm:
                     return self.pending.pop(i)
             left = deadline - time.time()
             assert left > 0, f"no {name} {match} within {timeout}s; got {[e['event'] for e in self.pending]}"
-            ev = self.q.pull_event(wait=min(left, 1.0))
+            try:
+                ev = self.q.pull_event(wait=min(left, 1.0))
+            except (TimeoutError, asyncio.TimeoutError):
+                ev = None
             if ev is not None:
                 self.pending.append(ev)
 

@@ -500,3 +500,22 @@ impl CliTcp for Daemon {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 }
+
+#[test]
+fn a_live_foreign_server_on_the_path_is_refused_and_kept() {
+    let dir = TempDir::new("foreign");
+    let path = dir.join("busy.sock");
+    let _live = UnixListener::bind(&path).unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["serve", "--no-pin", "-m", "0x1", "--runtime-dir"])
+        .arg(&dir.0)
+        .arg("-r")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a live server accepts connections on it"), "{err}");
+    assert!(path.exists(), "the live server's socket was removed");
+    UnixStream::connect(&path).expect("the live server is still reachable");
+}

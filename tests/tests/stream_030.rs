@@ -7,7 +7,10 @@ fn scenario(case: &str) {
     let d = Daemon::start(&[]);
     let work = TempDir::new(case);
     let out = check(
-        d.python("stream_030.py", &["--dir", work.0.to_str().unwrap(), "--case", case]),
+        d.python(
+            "stream_030.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", case],
+        ),
         &format!("stream_030.py --case {case}"),
     );
     assert!(out.trim_end().ends_with("ok"), "{out}");

@@ -9,7 +9,10 @@ fn scenario(case: &str) {
     let d = Daemon::start_with(&["-m", "0x3"], &[]);
     let work = TempDir::new(case);
     let out = check(
-        d.python("stream_clients.py", &["--dir", work.0.to_str().unwrap(), "--case", case]),
+        d.python(
+            "stream_clients.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", case],
+        ),
         &format!("stream_clients.py --case {case}"),
     );
     assert!(out.trim_end().ends_with("ok"), "{out}");
@@ -26,7 +29,10 @@ fn live_copy_onto_malloc_under_client_io() {
 }
 
 fn kill_phase(d: &Daemon, dir: &str, phase: &str) {
-    let out = check(d.python("stream_kill.py", &["--dir", dir, "--case", phase]), &format!("stream_kill.py {phase}"));
+    let out = check(
+        d.python("stream_kill.py", &["--dir", dir, "--case", phase]),
+        &format!("stream_kill.py {phase}"),
+    );
     assert!(out.trim_end().ends_with("ok"), "{out}");
 }
 
@@ -44,9 +50,19 @@ fn sigkill_during_a_stream_leaves_valid_images_and_a_new_stream_finishes() {
             let p = work.join(&format!("{img}.qcow2"));
             let out = run("qemu-img", &["check", p.to_str().unwrap()]);
             let rc = out.status.code().unwrap_or(-1);
-            assert!(rc == 0 || rc == 3, "qemu-img check {img} after SIGKILL: rc {rc}: {}", String::from_utf8_lossy(&out.stdout));
+            assert!(
+                rc == 0 || rc == 3,
+                "qemu-img check {img} after SIGKILL: rc {rc}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
-        qemu_img(&["compare", "-F", "raw", work.join("top.qcow2").to_str().unwrap(), work.join("ref.raw").to_str().unwrap()]);
+        qemu_img(&[
+            "compare",
+            "-F",
+            "raw",
+            work.join("top.qcow2").to_str().unwrap(),
+            work.join("ref.raw").to_str().unwrap(),
+        ]);
     }
     let d = Daemon::start(&[]);
     kill_phase(&d, dir, "finish");

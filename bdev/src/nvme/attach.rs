@@ -25,11 +25,19 @@ fn lock() -> std::sync::MutexGuard<'static, BTreeMap<String, Arc<Controller>>> {
 /// Attaches the NVMe controller at PCI address `traddr` (bound to vfio-pci) as
 /// `name`; returns the names of the namespace bdevs (`NAMEnN`). Blocks the
 /// calling thread, which must not be a reactor.
-pub fn attach_pcie(rt: &RuntimeHandle, name: &str, traddr: &str, opts: CtrlrOpts) -> Result<Vec<String>, NvmeError> {
+pub fn attach_pcie(
+    rt: &RuntimeHandle,
+    name: &str,
+    traddr: &str,
+    opts: CtrlrOpts,
+) -> Result<Vec<String>, NvmeError> {
     check_name(name)?;
     let addr = super::pci::normalize(traddr)?;
     if let Some(c) = lock().values().find(|c| c.traddr() == addr) {
-        return Err(NvmeError::InvalidParam(format!("{addr} is already attached as {:?}", c.name())));
+        return Err(NvmeError::InvalidParam(format!(
+            "{addr} is already attached as {:?}",
+            c.name()
+        )));
     }
     let dev = super::vfio::VfioNvme::open(&addr)?;
     let (regs, dma) = (dev.regs(), dev.dma());
@@ -38,7 +46,9 @@ pub fn attach_pcie(rt: &RuntimeHandle, name: &str, traddr: &str, opts: CtrlrOpts
 
 fn check_name(name: &str) -> Result<(), NvmeError> {
     if name.is_empty() || name.contains(['/', ' ']) {
-        return Err(NvmeError::InvalidParam(format!("name {name:?}: must be non-empty, without '/' or spaces")));
+        return Err(NvmeError::InvalidParam(format!(
+            "name {name:?}: must be non-empty, without '/' or spaces"
+        )));
     }
     if lock().contains_key(name) {
         return Err(NvmeError::Exists(name.into()));
@@ -90,12 +100,22 @@ pub fn attach_with(
 /// layer above claims one), fails I/O still in flight with `Aborted`, shuts the
 /// controller down and releases the device. Blocks the calling (non-reactor) thread.
 pub fn detach(rt: &RuntimeHandle, name: &str) -> Result<(), NvmeError> {
-    let ctrlr = lock().get(name).cloned().ok_or_else(|| NvmeError::NotFound(name.into()))?;
-    let bdevs: Vec<String> = ctrlr.namespaces().iter().map(|n| format!("{}n{}", name, n.params.nsid)).collect();
+    let ctrlr = lock()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| NvmeError::NotFound(name.into()))?;
+    let bdevs: Vec<String> = ctrlr
+        .namespaces()
+        .iter()
+        .map(|n| format!("{}n{}", name, n.params.nsid))
+        .collect();
     for b in &bdevs {
         let claims = registry().claims(b);
         if !claims.is_empty() {
-            return Err(NvmeError::Bdev(crate::BdevError::Claimed { name: b.clone(), by: claims.join(", ") }));
+            return Err(NvmeError::Bdev(crate::BdevError::Claimed {
+                name: b.clone(),
+                by: claims.join(", "),
+            }));
         }
     }
     for b in &bdevs {
@@ -111,7 +131,10 @@ pub fn detach(rt: &RuntimeHandle, name: &str) -> Result<(), NvmeError> {
 
 /// Resets controller `name` (queues rebuilt, in-flight I/O retried). Blocks.
 pub fn reset(name: &str) -> Result<(), NvmeError> {
-    let ctrlr = lock().get(name).cloned().ok_or_else(|| NvmeError::NotFound(name.into()))?;
+    let ctrlr = lock()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| NvmeError::NotFound(name.into()))?;
     ctrlr.reset()
 }
 
@@ -164,7 +187,10 @@ pub fn controllers(name: Option<&str>) -> Result<Vec<ControllerInfo>, NvmeError>
         .filter(|c| name.is_none_or(|n| n == c.name()))
         .map(|c| ControllerInfo {
             name: c.name().to_string(),
-            trid: Trid { trtype: "PCIe", traddr: c.traddr().to_string() },
+            trid: Trid {
+                trtype: "PCIe",
+                traddr: c.traddr().to_string(),
+            },
             state: match c.state() {
                 CtrlrState::Enabled => "enabled",
                 CtrlrState::Resetting => "resetting",
@@ -174,7 +200,11 @@ pub fn controllers(name: Option<&str>) -> Result<Vec<ControllerInfo>, NvmeError>
             model_number: c.data().mn.clone(),
             serial_number: c.data().sn.clone(),
             firmware_revision: c.data().fr.clone(),
-            bdevs: c.namespaces().iter().map(|n| format!("{}n{}", c.name(), n.params.nsid)).collect(),
+            bdevs: c
+                .namespaces()
+                .iter()
+                .map(|n| format!("{}n{}", c.name(), n.params.nsid))
+                .collect(),
             resets: c.reset_count(),
             aborts: c.abort_count(),
         })

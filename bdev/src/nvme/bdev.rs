@@ -21,7 +21,12 @@ impl NvmeBdev {
     /// The bdev of namespace `ns`; `primary` makes it carry the controller's
     /// `save_config` entry (one per controller).
     pub(crate) fn new(ctrlr: Arc<Controller>, ns: Namespace, primary: bool) -> Self {
-        Self { name: format!("{}n{}", ctrlr.name(), ns.params.nsid), ctrlr, ns, primary }
+        Self {
+            name: format!("{}n{}", ctrlr.name(), ns.params.nsid),
+            ctrlr,
+            ns,
+            primary,
+        }
     }
 
     /// The controller.

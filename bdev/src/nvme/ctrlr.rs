@@ -106,7 +106,11 @@ pub struct Controller {
     _backend: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool, NvmeError>) -> Result<(), NvmeError> {
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool, NvmeError>,
+) -> Result<(), NvmeError> {
     let start = Instant::now();
     let mut spins = 0u32;
     loop {
@@ -114,7 +118,10 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool, N
             return Ok(());
         }
         if start.elapsed() > timeout {
-            return Err(NvmeError::Timeout(format!("{what} (waited {} ms)", timeout.as_millis())));
+            return Err(NvmeError::Timeout(format!(
+                "{what} (waited {} ms)",
+                timeout.as_millis()
+            )));
         }
         spins += 1;
         if spins < 1000 {
@@ -140,18 +147,28 @@ impl Controller {
     ) -> Result<Arc<Self>, NvmeError> {
         let cap = Cap::decode(regs.read64(spec::REG_CAP));
         if regs.read32(spec::REG_CSTS) == u32::MAX {
-            return Err(NvmeError::Controller("registers read all ones: device not responding".into()));
+            return Err(NvmeError::Controller(
+                "registers read all ones: device not responding".into(),
+            ));
         }
         if !cap.nvm_css {
-            return Err(NvmeError::Controller("the NVM command set is not supported".into()));
+            return Err(NvmeError::Controller(
+                "the NVM command set is not supported".into(),
+            ));
         }
         if cap.mps_min > PAGE_SIZE {
-            return Err(NvmeError::Controller(format!("minimum page size {} is above 4096", cap.mps_min)));
+            return Err(NvmeError::Controller(format!(
+                "minimum page size {} is above 4096",
+                cap.mps_min
+            )));
         }
         let nq = rt.num_reactors();
         let last_db = spec::doorbell_offset(nq as u16, true, cap.doorbell_stride) + 4;
         if last_db > regs.len() {
-            return Err(NvmeError::Controller(format!("BAR0 of {} bytes too small for {nq} queue doorbells", regs.len())));
+            return Err(NvmeError::Controller(format!(
+                "BAR0 of {} bytes too small for {nq} queue doorbells",
+                regs.len()
+            )));
         }
         let admin_entries = opts.admin_queue_entries.clamp(2, cap.mqes.min(4096) as u16);
         let admin_cfg = QueueConfig {
@@ -208,16 +225,22 @@ impl Controller {
     fn identify_and_create_queues(&mut self, nq: usize) -> Result<Vec<QueuePair>, NvmeError> {
         let page = self.identify(spec::admin::CNS_CONTROLLER, 0)?;
         self.data = CtrlrData::parse(&page);
-        let mdts_bytes = if self.data.mdts == 0 { usize::MAX } else { self.cap.mps_min << self.data.mdts.min(20) };
+        let mdts_bytes = if self.data.mdts == 0 {
+            usize::MAX
+        } else {
+            self.cap.mps_min << self.data.mdts.min(20)
+        };
         self.max_xfer = mdts_bytes.min(MAX_XFER_LIMIT);
         tracing::info!(
             ctrlr = %self.name, traddr = %self.traddr, vid = format_args!("{:#06x}", self.data.vid), mn = %self.data.mn,
             sn = %self.data.sn, mqes = self.cap.mqes, dstrd = self.cap.doorbell_stride, max_xfer = self.max_xfer,
             "NVMe controller enabled"
         );
-        let ids = active_ns_list(&self.identify(spec::admin::CNS_ACTIVE_NS_LIST, 0)?);
+        let list = self.identify(spec::admin::CNS_ACTIVE_NS_LIST, 0)?;
+        let ids = active_ns_list(&list);
         for nsid in ids {
-            let d = NsData::parse(nsid, &self.identify(spec::admin::CNS_NAMESPACE, nsid)?);
+            let page = self.identify(spec::admin::CNS_NAMESPACE, nsid)?;
+            let d = NsData::parse(nsid, &page);
             let Some(fmt) = d.format() else {
                 tracing::warn!(nsid, "namespace has an invalid LBA format index: skipped");
                 continue;
@@ -226,22 +249,42 @@ impl Controller {
                 continue;
             }
             if fmt.ms != 0 || !(9..=16).contains(&fmt.lbads) {
-                tracing::warn!(nsid, ms = fmt.ms, lbads = fmt.lbads, "namespace format with metadata or odd block size: skipped");
+                tracing::warn!(
+                    nsid,
+                    ms = fmt.ms,
+                    lbads = fmt.lbads,
+                    "namespace format with metadata or odd block size: skipped"
+                );
                 continue;
             }
-            let max_zeroes_blocks = if self.data.supports_write_zeroes() { 65536 } else { 0 };
+            let max_zeroes_blocks = if self.data.supports_write_zeroes() {
+                65536
+            } else {
+                0
+            };
             self.namespaces.push(Namespace {
-                params: NsParams { nsid, lba_shift: fmt.lbads as u32, max_zeroes_blocks },
+                params: NsParams {
+                    nsid,
+                    lba_shift: fmt.lbads as u32,
+                    max_zeroes_blocks,
+                },
                 block_size: 1 << fmt.lbads,
                 data: d,
             });
         }
         let granted = self.set_num_queues(nq)?;
         if granted < nq {
-            return Err(NvmeError::Controller(format!("controller grants {granted} I/O queue pairs, {nq} needed (one per reactor)")));
+            return Err(NvmeError::Controller(format!(
+                "controller grants {granted} I/O queue pairs, {nq} needed (one per reactor)"
+            )));
         }
-        let entries = self.opts.io_queue_entries.clamp(2, self.cap.mqes.min(65535) as u16);
-        let timeout_ticks = (self.opts.io_timeout.as_nanos() * reactor::ticks_hz() as u128 / 1_000_000_000).min(u64::MAX as u128) as u64;
+        let entries = self
+            .opts
+            .io_queue_entries
+            .clamp(2, self.cap.mqes.min(65535) as u16);
+        let timeout_ticks = (self.opts.io_timeout.as_nanos() * reactor::ticks_hz() as u128
+            / 1_000_000_000)
+            .min(u64::MAX as u128) as u64;
         let mut qps = Vec::with_capacity(nq);
         for i in 0..nq {
             let cfg = QueueConfig {
@@ -253,7 +296,12 @@ impl Controller {
                 timeout_ticks,
             };
             let qp = QueuePair::new(cfg, self.regs.clone(), self.dma.clone())?;
-            self.io_queues.push(IoQueueInfo { qid: cfg.qid, entries, sq_iova: qp.sq_iova(), cq_iova: qp.cq_iova() });
+            self.io_queues.push(IoQueueInfo {
+                qid: cfg.qid,
+                entries,
+                sq_iova: qp.sq_iova(),
+                cq_iova: qp.cq_iova(),
+            });
             qps.push(qp);
         }
         self.create_io_queues()?;
@@ -264,7 +312,11 @@ impl Controller {
         let mut a = self.lock_admin();
         let iova = a.page.iova();
         a.page.zero(0, PAGE_SIZE);
-        exec(&mut a.qp, build::identify(cns, nsid, iova), self.opts.admin_timeout)?;
+        exec(
+            &mut a.qp,
+            build::identify(cns, nsid, iova),
+            self.opts.admin_timeout,
+        )?;
         let mut out = Box::new([0u8; 4096]);
         // SAFETY: the identify page is PAGE_SIZE bytes, and the controller finished
         // writing it (the command completed); the admin lock is held.
@@ -274,7 +326,11 @@ impl Controller {
 
     fn set_num_queues(&self, n: usize) -> Result<usize, NvmeError> {
         let mut a = self.lock_admin();
-        let c = exec(&mut a.qp, build::set_num_queues(n as u16), self.opts.admin_timeout)?;
+        let c = exec(
+            &mut a.qp,
+            build::set_num_queues(n as u16),
+            self.opts.admin_timeout,
+        )?;
         let nsq = (c.dw0 & 0xffff) as usize + 1;
         let ncq = (c.dw0 >> 16) as usize + 1;
         Ok(nsq.min(ncq))
@@ -283,8 +339,16 @@ impl Controller {
     fn create_io_queues(&self) -> Result<(), NvmeError> {
         let mut a = self.lock_admin();
         for q in &self.io_queues {
-            exec(&mut a.qp, build::create_cq(q.qid, q.entries, q.cq_iova), self.opts.admin_timeout)?;
-            exec(&mut a.qp, build::create_sq(q.qid, q.entries, q.sq_iova), self.opts.admin_timeout)?;
+            exec(
+                &mut a.qp,
+                build::create_cq(q.qid, q.entries, q.cq_iova),
+                self.opts.admin_timeout,
+            )?;
+            exec(
+                &mut a.qp,
+                build::create_sq(q.qid, q.entries, q.sq_iova),
+                self.opts.admin_timeout,
+            )?;
         }
         Ok(())
     }
@@ -370,11 +434,13 @@ impl Controller {
             return;
         }
         let c = self.clone();
-        let spawned = std::thread::Builder::new().name("nvme-reset".into()).spawn(move || {
-            if let Err(e) = c.reset() {
-                tracing::error!(ctrlr = %c.name, "controller reset failed: {e}");
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("nvme-reset".into())
+            .spawn(move || {
+                if let Err(e) = c.reset() {
+                    tracing::error!(ctrlr = %c.name, "controller reset failed: {e}");
+                }
+            });
         if let Err(e) = spawned {
             self.reset_pending.store(false, Ordering::Release);
             tracing::error!("cannot start the reset thread: {e}");
@@ -416,7 +482,9 @@ impl Controller {
             }
             let granted = self.set_num_queues(self.io_queues.len())?;
             if granted < self.io_queues.len() {
-                return Err(NvmeError::Controller(format!("controller grants only {granted} I/O queue pairs after reset")));
+                return Err(NvmeError::Controller(format!(
+                    "controller grants only {granted} I/O queue pairs after reset"
+                )));
             }
             self.create_io_queues()
         })();
@@ -452,14 +520,19 @@ impl Controller {
             let mut a = self.lock_admin();
             let t = self.opts.admin_timeout.min(Duration::from_secs(2));
             for q in self.io_queues.iter().rev() {
-                if let Err(e) = exec(&mut a.qp, build::delete_sq(q.qid), t).and_then(|_| exec(&mut a.qp, build::delete_cq(q.qid), t)) {
+                if let Err(e) = exec(&mut a.qp, build::delete_sq(q.qid), t)
+                    .and_then(|_| exec(&mut a.qp, build::delete_cq(q.qid), t))
+                {
                     tracing::warn!(ctrlr = %self.name, qid = q.qid, "deleting I/O queue failed: {e}");
                     break;
                 }
             }
         }
         let cc = self.regs.read32(spec::REG_CC);
-        self.regs.write32(spec::REG_CC, (cc & !spec::CC_SHN_MASK) | spec::CC_SHN_NORMAL);
+        self.regs.write32(
+            spec::REG_CC,
+            (cc & !spec::CC_SHN_MASK) | spec::CC_SHN_NORMAL,
+        );
         let to = Duration::from_millis(self.cap.timeout_ms);
         if let Err(e) = wait_for("shutdown", to, || {
             Ok(self.regs.read32(spec::REG_CSTS) & spec::CSTS_SHST_MASK == spec::CSTS_SHST_COMPLETE)
@@ -474,7 +547,12 @@ impl Controller {
         // Release the device (VFIO file, BAR mapping, IOMMU group) now, even if
         // references to this controller linger: the kernel driver or a new attach
         // can take the device at once.
-        drop(self._backend.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(
+            self._backend
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         tracing::info!(ctrlr = %self.name, "controller detached");
     }
 }
@@ -498,7 +576,10 @@ fn exec(qp: &mut QueuePair, cmd: Command, timeout: Duration) -> Result<Completio
     }
     let c = got.ok_or_else(|| NvmeError::Timeout(format!("admin command {opc:#04x}")))?;
     if !c.is_ok() {
-        return Err(NvmeError::Command { opc, status: c.status_code() & 0x7ff });
+        return Err(NvmeError::Command {
+            opc,
+            status: c.status_code() & 0x7ff,
+        });
     }
     Ok(c)
 }
@@ -509,13 +590,19 @@ fn disable(regs: &dyn RegisterIo, cap: &Cap) -> Result<(), NvmeError> {
     if cc & spec::CC_EN != 0 {
         regs.write32(spec::REG_CC, cc & !spec::CC_EN);
     }
-    wait_for("controller disable (CSTS.RDY = 0)", Duration::from_millis(cap.timeout_ms), || {
-        let csts = regs.read32(spec::REG_CSTS);
-        if csts == u32::MAX {
-            return Err(NvmeError::Controller("device disappeared (registers read all ones)".into()));
-        }
-        Ok(csts & spec::CSTS_RDY == 0)
-    })
+    wait_for(
+        "controller disable (CSTS.RDY = 0)",
+        Duration::from_millis(cap.timeout_ms),
+        || {
+            let csts = regs.read32(spec::REG_CSTS);
+            if csts == u32::MAX {
+                return Err(NvmeError::Controller(
+                    "device disappeared (registers read all ones)".into(),
+                ));
+            }
+            Ok(csts & spec::CSTS_RDY == 0)
+        },
+    )
 }
 
 /// Programs the admin queue, sets CC.EN = 1 and waits for CSTS.RDY = 1.
@@ -524,15 +611,26 @@ fn enable(regs: &dyn RegisterIo, cap: &Cap, admin: &QueuePair) -> Result<(), Nvm
     regs.write32(spec::REG_AQA, n << 16 | n);
     regs.write64(spec::REG_ASQ, admin.sq_iova());
     regs.write64(spec::REG_ACQ, admin.cq_iova());
-    regs.write32(spec::REG_CC, spec::CC_EN | spec::CC_IOSQES_64 | spec::CC_IOCQES_16);
-    wait_for("controller enable (CSTS.RDY = 1)", Duration::from_millis(cap.timeout_ms), || {
-        let csts = regs.read32(spec::REG_CSTS);
-        if csts == u32::MAX {
-            return Err(NvmeError::Controller("device disappeared (registers read all ones)".into()));
-        }
-        if csts & spec::CSTS_CFS != 0 {
-            return Err(NvmeError::Controller("controller fatal status (CSTS.CFS) while enabling".into()));
-        }
-        Ok(csts & spec::CSTS_RDY != 0)
-    })
+    regs.write32(
+        spec::REG_CC,
+        spec::CC_EN | spec::CC_IOSQES_64 | spec::CC_IOCQES_16,
+    );
+    wait_for(
+        "controller enable (CSTS.RDY = 1)",
+        Duration::from_millis(cap.timeout_ms),
+        || {
+            let csts = regs.read32(spec::REG_CSTS);
+            if csts == u32::MAX {
+                return Err(NvmeError::Controller(
+                    "device disappeared (registers read all ones)".into(),
+                ));
+            }
+            if csts & spec::CSTS_CFS != 0 {
+                return Err(NvmeError::Controller(
+                    "controller fatal status (CSTS.CFS) while enabling".into(),
+                ));
+            }
+            Ok(csts & spec::CSTS_RDY != 0)
+        },
+    )
 }

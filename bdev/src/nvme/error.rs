@@ -54,7 +54,9 @@ impl NvmeError {
     pub fn errno(&self) -> i32 {
         match self {
             NvmeError::NoDevice(_) | NvmeError::NotFound(_) => -libc::ENODEV,
-            NvmeError::NotNvme { .. } | NvmeError::BadAddress(_) | NvmeError::InvalidParam(_) => -libc::EINVAL,
+            NvmeError::NotNvme { .. } | NvmeError::BadAddress(_) | NvmeError::InvalidParam(_) => {
+                -libc::EINVAL
+            }
             NvmeError::NotVfio { .. } | NvmeError::Busy(_) => -libc::EBUSY,
             NvmeError::Vfio(_) => -libc::ENXIO,
             NvmeError::Dma(_) => -libc::ENOMEM,

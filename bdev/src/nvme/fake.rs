@@ -24,14 +24,18 @@ pub struct FakeRegs {
 
 impl FakeRegs {
     fn new() -> Self {
-        Self { words: (0..REG_BYTES / 4).map(|_| AtomicU32::new(0)).collect() }
+        Self {
+            words: (0..REG_BYTES / 4).map(|_| AtomicU32::new(0)).collect(),
+        }
     }
 }
 
 impl RegisterIo for FakeRegs {
     #[inline]
     fn read32(&self, off: usize) -> u32 {
-        self.words.get(off / 4).map_or(u32::MAX, |w| w.load(Ordering::Acquire))
+        self.words
+            .get(off / 4)
+            .map_or(u32::MAX, |w| w.load(Ordering::Acquire))
     }
     #[inline]
     fn write32(&self, off: usize, v: u32) {
@@ -78,7 +82,14 @@ pub struct FakeConfig {
 
 impl Default for FakeConfig {
     fn default() -> Self {
-        Self { namespaces: vec![2048], lba_shift: 9, mdts: 5, max_entries: 1024, max_queues: 8, dstrd: 0 }
+        Self {
+            namespaces: vec![2048],
+            lba_shift: 9,
+            mdts: 5,
+            max_entries: 1024,
+            max_queues: 8,
+            dstrd: 0,
+        }
     }
 }
 
@@ -124,11 +135,16 @@ impl FakeNvme {
     /// and the controller is stopped before that memory is freed.
     pub unsafe fn new(cfg: FakeConfig) -> Self {
         let regs = Arc::new(FakeRegs::new());
-        let cap: u64 = (cfg.max_entries as u64 - 1) | 1 << 16 | 10 << 24 | (cfg.dstrd as u64) << 32 | 1 << 37;
+        let cap: u64 =
+            (cfg.max_entries as u64 - 1) | 1 << 16 | 10 << 24 | (cfg.dstrd as u64) << 32 | 1 << 37;
         regs.write64(spec::REG_CAP, cap);
         regs.write32(spec::REG_VS, 0x0001_0400);
         let bs = 1usize << cfg.lba_shift;
-        let disks = cfg.namespaces.iter().map(|&n| vec![0u8; n as usize * bs]).collect();
+        let disks = cfg
+            .namespaces
+            .iter()
+            .map(|&n| vec![0u8; n as usize * bs])
+            .collect();
         Self {
             regs,
             cfg,
@@ -159,10 +175,13 @@ impl FakeNvme {
     pub fn step(&mut self) -> bool {
         let cc = self.regs.read32(spec::REG_CC);
         let mut busy = false;
-        if cc & spec::CC_SHN_MASK != 0 && self.regs.read32(spec::REG_CSTS) & spec::CSTS_SHST_MASK == 0 {
+        if cc & spec::CC_SHN_MASK != 0
+            && self.regs.read32(spec::REG_CSTS) & spec::CSTS_SHST_MASK == 0
+        {
             self.stop();
             let csts = self.regs.read32(spec::REG_CSTS);
-            self.regs.write32(spec::REG_CSTS, csts | spec::CSTS_SHST_COMPLETE);
+            self.regs
+                .write32(spec::REG_CSTS, csts | spec::CSTS_SHST_COMPLETE);
             return true;
         }
         if cc & spec::CC_EN != 0 && !self.enabled && cc & spec::CC_SHN_MASK == 0 {
@@ -176,7 +195,8 @@ impl FakeNvme {
                 self.faults.resets.fetch_add(1, Ordering::Relaxed);
             }
             // Disabling clears RDY; a completed shutdown stays visible.
-            self.regs.write32(spec::REG_CSTS, csts & spec::CSTS_SHST_MASK);
+            self.regs
+                .write32(spec::REG_CSTS, csts & spec::CSTS_SHST_MASK);
             return true;
         }
         if !self.enabled {
@@ -184,13 +204,20 @@ impl FakeNvme {
         }
         let qids: Vec<u16> = self.sqs.keys().copied().collect();
         for qid in qids {
-            let tail = self.regs.read32(spec::doorbell_offset(qid, false, stride(&self.cfg))) as u16;
+            let tail = self
+                .regs
+                .read32(spec::doorbell_offset(qid, false, stride(&self.cfg)))
+                as u16;
             while let Some(sq) = self.sqs.get(&qid).copied() {
                 if sq.head == tail || tail >= sq.entries {
                     break;
                 }
                 // SAFETY: the queue base and head were given by the driver (see `new`).
-                let cmd = unsafe { (sq.base as *const Command).add(sq.head as usize).read_volatile() };
+                let cmd = unsafe {
+                    (sq.base as *const Command)
+                        .add(sq.head as usize)
+                        .read_volatile()
+                };
                 if let Some(s) = self.sqs.get_mut(&qid) {
                     s.head = (sq.head + 1) % sq.entries;
                 }
@@ -205,8 +232,24 @@ impl FakeNvme {
         let aqa = self.regs.read32(spec::REG_AQA);
         let asq = self.regs.read64(spec::REG_ASQ);
         let acq = self.regs.read64(spec::REG_ACQ);
-        self.sqs.insert(0, Sq { base: asq, entries: (aqa & 0xfff) as u16 + 1, head: 0, cqid: 0 });
-        self.cqs.insert(0, Cq { base: acq, entries: ((aqa >> 16) & 0xfff) as u16 + 1, tail: 0, phase: 1 });
+        self.sqs.insert(
+            0,
+            Sq {
+                base: asq,
+                entries: (aqa & 0xfff) as u16 + 1,
+                head: 0,
+                cqid: 0,
+            },
+        );
+        self.cqs.insert(
+            0,
+            Cq {
+                base: acq,
+                entries: ((aqa >> 16) & 0xfff) as u16 + 1,
+                tail: 0,
+                phase: 1,
+            },
+        );
         self.enabled = true;
         self.regs.write32(spec::REG_CSTS, spec::CSTS_RDY);
     }
@@ -217,23 +260,36 @@ impl FakeNvme {
         self.cqs.clear();
         self.held.clear();
         for q in 0..=self.cfg.max_queues {
-            self.regs.write32(spec::doorbell_offset(q, false, stride(&self.cfg)), 0);
-            self.regs.write32(spec::doorbell_offset(q, true, stride(&self.cfg)), 0);
+            self.regs
+                .write32(spec::doorbell_offset(q, false, stride(&self.cfg)), 0);
+            self.regs
+                .write32(spec::doorbell_offset(q, true, stride(&self.cfg)), 0);
         }
     }
 
     fn post(&mut self, sqid: u16, cqid: u16, cid: u16, sc: u16, dw0: u32) {
         let head = self.sqs.get(&sqid).map_or(0, |s| s.head);
-        let Some(cq) = self.cqs.get_mut(&cqid) else { return };
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
         let slot = (cq.base as *mut Completion).wrapping_add(cq.tail as usize);
-        let cqe = Completion { dw0, dw1: 0, sq_head: head, sq_id: sqid, cid, status: 0 };
+        let cqe = Completion {
+            dw0,
+            dw1: 0,
+            sq_head: head,
+            sq_id: sqid,
+            cid,
+            status: 0,
+        };
         // SAFETY: the completion ring was given by the driver (see `new`); the entry
         // is written before its status word, which carries the phase bit.
         unsafe {
             let words = slot as *mut u32;
             words.write_volatile(cqe.dw0);
             words.add(1).write_volatile(0);
-            words.add(2).write_volatile(head as u32 | (sqid as u32) << 16);
+            words
+                .add(2)
+                .write_volatile(head as u32 | (sqid as u32) << 16);
             (slot as *mut u16).add(6).write_volatile(cid);
             fence(Ordering::Release);
             (slot as *mut u16).add(7).write_volatile(sc << 1 | cq.phase);
@@ -247,7 +303,9 @@ impl FakeNvme {
 
     fn write_page(iova: u64, data: &[u8]) {
         // SAFETY: the destination is a driver-provided page (see `new`).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), iova as *mut u8, data.len().min(PAGE_SIZE)) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), iova as *mut u8, data.len().min(PAGE_SIZE))
+        };
     }
 
     fn execute(&mut self, sqid: u16, cqid: u16, cmd: Command) {
@@ -258,7 +316,13 @@ impl FakeNvme {
         }
         self.faults.io_commands.fetch_add(1, Ordering::Relaxed);
         let hold = self.faults.hold_next.load(Ordering::Relaxed);
-        if hold > 0 && self.faults.hold_next.compare_exchange(hold, hold - 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if hold > 0
+            && self
+                .faults
+                .hold_next
+                .compare_exchange(hold, hold - 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             self.held.push((sqid, cmd));
             return;
         }
@@ -274,15 +338,18 @@ impl FakeNvme {
                     admin::CNS_CONTROLLER => {
                         page[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
                         page[4..24].copy_from_slice(b"FAKE0001            ");
-                        page[24..64].copy_from_slice(format!("{:<40}", "sluice software NVMe").as_bytes());
+                        page[24..64]
+                            .copy_from_slice(format!("{:<40}", "sluice software NVMe").as_bytes());
                         page[64..72].copy_from_slice(b"1.0     ");
                         page[77] = self.cfg.mdts;
-                        page[516..520].copy_from_slice(&(self.cfg.namespaces.len() as u32).to_le_bytes());
+                        page[516..520]
+                            .copy_from_slice(&(self.cfg.namespaces.len() as u32).to_le_bytes());
                         page[520..522].copy_from_slice(&(1u16 << 2 | 1 << 3).to_le_bytes());
                         page[525] = 1;
                     }
                     admin::CNS_NAMESPACE => {
-                        let Some(&n) = self.cfg.namespaces.get((cmd.nsid as usize).wrapping_sub(1)) else {
+                        let Some(&n) = self.cfg.namespaces.get((cmd.nsid as usize).wrapping_sub(1))
+                        else {
                             return (status::INVALID_NAMESPACE, 0);
                         };
                         page[0..8].copy_from_slice(&n.to_le_bytes());
@@ -319,7 +386,15 @@ impl FakeNvme {
                 if entries > self.cfg.max_entries {
                     return (status::INVALID_QUEUE_SIZE, 0);
                 }
-                self.cqs.insert(qid, Cq { base: cmd.prp1, entries, tail: 0, phase: 1 });
+                self.cqs.insert(
+                    qid,
+                    Cq {
+                        base: cmd.prp1,
+                        entries,
+                        tail: 0,
+                        phase: 1,
+                    },
+                );
                 (status::SUCCESS, 0)
             }
             admin::CREATE_SQ => {
@@ -329,12 +404,25 @@ impl FakeNvme {
                 if qid == 0 || self.sqs.contains_key(&qid) || !self.cqs.contains_key(&cqid) {
                     return (status::INVALID_QUEUE_ID, 0);
                 }
-                self.sqs.insert(qid, Sq { base: cmd.prp1, entries, head: 0, cqid });
+                self.sqs.insert(
+                    qid,
+                    Sq {
+                        base: cmd.prp1,
+                        entries,
+                        head: 0,
+                        cqid,
+                    },
+                );
                 (status::SUCCESS, 0)
             }
             admin::DELETE_SQ => {
                 let qid = (cmd.cdw10 & 0xffff) as u16;
-                let held: Vec<_> = self.held.iter().filter(|(q, _)| *q == qid).copied().collect();
+                let held: Vec<_> = self
+                    .held
+                    .iter()
+                    .filter(|(q, _)| *q == qid)
+                    .copied()
+                    .collect();
                 self.held.retain(|(q, _)| *q != qid);
                 if let Some(sq) = self.sqs.get(&qid).copied() {
                     for (_, c) in held {
@@ -357,7 +445,11 @@ impl FakeNvme {
                 if self.faults.ignore_abort.load(Ordering::Relaxed) {
                     return (status::SUCCESS, 1);
                 }
-                if let Some(i) = self.held.iter().position(|(q, c)| *q == sqid && c.cid == cid) {
+                if let Some(i) = self
+                    .held
+                    .iter()
+                    .position(|(q, c)| *q == sqid && c.cid == cid)
+                {
                     let (_, c) = self.held.remove(i);
                     if let Some(sq) = self.sqs.get(&sqid).copied() {
                         self.post(sqid, sq.cqid, c.cid, status::ABORTED_BY_REQUEST, 0);
@@ -423,7 +515,11 @@ impl FakeNvme {
                         if cmd.opc == nvm::READ {
                             std::ptr::copy_nonoverlapping(disk[range].as_ptr(), addr as *mut u8, n);
                         } else {
-                            std::ptr::copy_nonoverlapping(addr as *const u8, disk[range].as_mut_ptr(), n);
+                            std::ptr::copy_nonoverlapping(
+                                addr as *const u8,
+                                disk[range].as_mut_ptr(),
+                                n,
+                            );
                         }
                     }
                     pos += n;
@@ -442,7 +538,12 @@ impl FakeNvme {
                 let list = cmd.prp1 as *const u64;
                 for i in 0..nr {
                     // SAFETY: the range list page was given by the driver (see `new`).
-                    let (w0, lba) = unsafe { (list.add(2 * i).read_volatile(), list.add(2 * i + 1).read_volatile()) };
+                    let (w0, lba) = unsafe {
+                        (
+                            list.add(2 * i).read_volatile(),
+                            list.add(2 * i + 1).read_volatile(),
+                        )
+                    };
                     let n = w0 >> 32;
                     if lba + n > nsze {
                         return status::LBA_OUT_OF_RANGE;
@@ -480,7 +581,13 @@ impl FakeNvme {
                 }
             })
             .ok();
-        FakeThread { stop, thread, regs, faults, disks }
+        FakeThread {
+            stop,
+            thread,
+            regs,
+            faults,
+            disks,
+        }
     }
 }
 
@@ -530,26 +637,47 @@ pub fn inline_queue_pair(
     cfg: QueueConfig,
 ) -> Result<(QueuePair, QueuePair), NvmeError> {
     let regs: Arc<dyn RegisterIo> = fake.regs();
-    let acfg = QueueConfig { qid: 0, entries: 8, bounce_pages: 0, timeout_ticks: 0, ..cfg };
+    let acfg = QueueConfig {
+        qid: 0,
+        entries: 8,
+        bounce_pages: 0,
+        timeout_ticks: 0,
+        ..cfg
+    };
     let mut admin = QueuePair::new(acfg, regs.clone(), dma.clone())?;
     regs.write32(spec::REG_AQA, 7 << 16 | 7);
     regs.write64(spec::REG_ASQ, admin.sq_iova());
     regs.write64(spec::REG_ACQ, admin.cq_iova());
-    regs.write32(spec::REG_CC, spec::CC_EN | spec::CC_IOSQES_64 | spec::CC_IOCQES_16);
+    regs.write32(
+        spec::REG_CC,
+        spec::CC_EN | spec::CC_IOSQES_64 | spec::CC_IOCQES_16,
+    );
     fake.step();
     if regs.read32(spec::REG_CSTS) & spec::CSTS_RDY == 0 {
-        return Err(NvmeError::Controller("software controller did not become ready".into()));
+        return Err(NvmeError::Controller(
+            "software controller did not become ready".into(),
+        ));
     }
     let io = QueuePair::new(cfg, regs, dma)?;
-    for cmd in [build::create_cq(cfg.qid, cfg.entries, io.cq_iova()), build::create_sq(cfg.qid, cfg.entries, io.sq_iova())] {
+    for cmd in [
+        build::create_cq(cfg.qid, cfg.entries, io.cq_iova()),
+        build::create_sq(cfg.qid, cfg.entries, io.sq_iova()),
+    ] {
         let opc = cmd.opc;
-        let cid = admin.submit_raw(cmd, 0).map_err(|_| NvmeError::Controller("admin queue full".into()))?;
+        let cid = admin
+            .submit_raw(cmd, 0)
+            .map_err(|_| NvmeError::Controller("admin queue full".into()))?;
         admin.ring();
         fake.step();
         admin.process_completions(usize::MAX);
-        let c = admin.take_raw(cid).ok_or_else(|| NvmeError::Timeout("software controller did not answer".into()))?;
+        let c = admin
+            .take_raw(cid)
+            .ok_or_else(|| NvmeError::Timeout("software controller did not answer".into()))?;
         if !c.is_ok() {
-            return Err(NvmeError::Command { opc, status: c.status_code() });
+            return Err(NvmeError::Command {
+                opc,
+                status: c.status_code(),
+            });
         }
     }
     Ok((admin, io))

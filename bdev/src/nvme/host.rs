@@ -70,7 +70,9 @@ pub(crate) fn install(ctrlr: &Arc<Controller>, qps: Vec<QueuePair>) -> Result<()
             HOSTS.with(|m| m.borrow_mut().insert(c.id(), host));
         })
         .block()
-        .map_err(|e| NvmeError::Controller(format!("installing the queue pair on reactor {i}: {e:?}")))?;
+        .map_err(|e| {
+            NvmeError::Controller(format!("installing the queue pair on reactor {i}: {e:?}"))
+        })?;
     }
     Ok(())
 }
@@ -136,7 +138,11 @@ impl Host {
                 w();
             }
         }
-        if idle && !resubmitted && self.pending.borrow().is_empty() && self.qp.borrow().inflight() == 0 {
+        if idle
+            && !resubmitted
+            && self.pending.borrow().is_empty()
+            && self.qp.borrow().inflight() == 0
+        {
             self.awake.borrow_mut().take();
         }
         PollStatus::from(busy || resubmitted)
@@ -146,7 +152,9 @@ impl Host {
     fn drain_pending(&self) -> bool {
         let mut any = false;
         loop {
-            let Some((io, ns)) = self.pending.borrow_mut().pop_front() else { break };
+            let Some((io, ns)) = self.pending.borrow_mut().pop_front() else {
+                break;
+            };
             let r = self.qp.borrow_mut().submit_io(io, &ns, reactor::ticks());
             match r {
                 Ok(()) => any = true,
@@ -244,7 +252,11 @@ pub(crate) struct NvmeChannel {
 impl NvmeChannel {
     /// The channel of namespace `ns` of controller `id` on this reactor.
     pub(crate) fn new(id: u64, ns: NsParams) -> Result<Self, BdevError> {
-        let host = get(id).ok_or_else(|| BdevError::Unsupported("the NVMe controller has no queue pair on this reactor (detached?)".into()))?;
+        let host = get(id).ok_or_else(|| {
+            BdevError::Unsupported(
+                "the NVMe controller has no queue pair on this reactor (detached?)".into(),
+            )
+        })?;
         Ok(Self { host, ns })
     }
 }

@@ -3,7 +3,9 @@
 use serde::Serialize;
 
 fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).trim_end_matches([' ', '\0']).to_string()
+    String::from_utf8_lossy(b)
+        .trim_end_matches([' ', '\0'])
+        .to_string()
 }
 
 fn u16_at(p: &[u8], o: usize) -> u16 {
@@ -97,11 +99,20 @@ impl NsData {
         let lbafs = (0..nlbaf.min(64))
             .map(|i| {
                 let v = u32_at(p, 128 + 4 * i);
-                LbaFormat { ms: v as u16, lbads: (v >> 16) as u8 }
+                LbaFormat {
+                    ms: v as u16,
+                    lbads: (v >> 16) as u8,
+                }
             })
             .collect();
         let flbas = (p[26] & 0xf) | ((p[26] >> 5) & 3) << 4;
-        Self { nsid, nsze: u64_at(p, 0), ncap: u64_at(p, 8), flbas, lbafs }
+        Self {
+            nsid,
+            nsze: u64_at(p, 0),
+            ncap: u64_at(p, 8),
+            flbas,
+            lbafs,
+        }
     }
     /// The format in use.
     pub fn format(&self) -> Option<LbaFormat> {
@@ -111,5 +122,8 @@ impl NsData {
 
 /// Active namespace ids from an Identify CNS 02h page.
 pub fn active_ns_list(p: &[u8; 4096]) -> Vec<u32> {
-    (0..1024).map(|i| u32_at(p, i * 4)).take_while(|&id| id != 0).collect()
+    (0..1024)
+        .map(|i| u32_at(p, i * 4))
+        .take_while(|&id| id != 0)
+        .collect()
 }

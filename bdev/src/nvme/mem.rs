@@ -54,9 +54,13 @@ impl RangeTable {
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let n = self.count.load(Ordering::Relaxed);
         // Reuse a slot freed by `remove`.
-        let slot = (0..n).find(|&i| self.ends[i].load(Ordering::Relaxed) == 0).unwrap_or(n);
+        let slot = (0..n)
+            .find(|&i| self.ends[i].load(Ordering::Relaxed) == 0)
+            .unwrap_or(n);
         if slot == MAX_RANGES {
-            return Err(NvmeError::Dma(format!("more than {MAX_RANGES} DMA mappings")));
+            return Err(NvmeError::Dma(format!(
+                "more than {MAX_RANGES} DMA mappings"
+            )));
         }
         self.starts[slot].store(start, Ordering::Relaxed);
         self.iovas[slot].store(iova, Ordering::Relaxed);
@@ -72,7 +76,9 @@ impl RangeTable {
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let n = self.count.load(Ordering::Relaxed);
         for i in 0..n {
-            if self.ends[i].load(Ordering::Relaxed) != 0 && self.iovas[i].load(Ordering::Relaxed) == iova {
+            if self.ends[i].load(Ordering::Relaxed) != 0
+                && self.iovas[i].load(Ordering::Relaxed) == iova
+            {
                 self.ends[i].store(0, Ordering::Release);
             }
         }
@@ -125,7 +131,10 @@ impl IdentityDma {
     }
     /// A space that translates any address.
     pub fn all_memory() -> Self {
-        Self { all_memory: true, ..Self::default() }
+        Self {
+            all_memory: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -193,19 +202,30 @@ impl DmaRegion {
                 )
             };
             if p == libc::MAP_FAILED {
-                return Err(NvmeError::Dma(format!("mmap of {map_len} bytes: {}", std::io::Error::last_os_error())));
+                return Err(NvmeError::Dma(format!(
+                    "mmap of {map_len} bytes: {}",
+                    std::io::Error::last_os_error()
+                )));
             }
             // SAFETY: p..p+map_len is the mapping just made. Locking keeps the pages
             // resident; VFIO pins them anyway, so a failure here is only logged.
             if unsafe { libc::mlock(p, map_len) } != 0 {
-                tracing::debug!("mlock of NVMe DMA memory failed: {}", std::io::Error::last_os_error());
+                tracing::debug!(
+                    "mlock of NVMe DMA memory failed: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
         let ptr = p as *mut u8;
         // SAFETY: the mapping just made is owned by the region and unmapped from
         // the device in `drop` before it is unmapped from the process.
         match unsafe { space.map(ptr, map_len) } {
-            Ok(iova) => Ok(Self { ptr, len: map_len, iova, space }),
+            Ok(iova) => Ok(Self {
+                ptr,
+                len: map_len,
+                iova,
+                space,
+            }),
             Err(e) => {
                 // SAFETY: unmapping the mapping made above, which nothing else references.
                 unsafe { libc::munmap(p, map_len) };
@@ -265,7 +285,12 @@ impl PagePool {
     /// A pool over a new region of `pages` pages.
     pub fn new(space: Arc<dyn DmaSpace>, pages: usize) -> Result<Self, NvmeError> {
         let region = DmaRegion::new(space, pages * PAGE_SIZE)?;
-        Ok(Self { region, used: vec![false; pages], hint: 0, free_pages: pages })
+        Ok(Self {
+            region,
+            used: vec![false; pages],
+            hint: 0,
+            free_pages: pages,
+        })
     }
 
     /// Total pages.
@@ -280,7 +305,11 @@ impl PagePool {
         }
         let total = self.used.len();
         for pass in 0..2 {
-            let (from, to) = if pass == 0 { (self.hint, total) } else { (0, self.hint.min(total)) };
+            let (from, to) = if pass == 0 {
+                (self.hint, total)
+            } else {
+                (0, self.hint.min(total))
+            };
             let mut run = 0;
             let mut i = from;
             while i < to {

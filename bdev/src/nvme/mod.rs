@@ -27,6 +27,8 @@ pub mod regs;
 pub mod spec;
 pub mod vfio;
 
-pub use attach::{attach_pcie, attach_with, controller, controllers, detach, reset, ControllerInfo};
+pub use attach::{
+    attach_pcie, attach_with, controller, controllers, detach, reset, ControllerInfo,
+};
 pub use ctrlr::{Controller, CtrlrOpts, CtrlrState};
 pub use error::NvmeError;

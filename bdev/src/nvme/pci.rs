@@ -18,8 +18,15 @@ pub fn normalize(traddr: &str) -> Result<String, NvmeError> {
         _ => return Err(bad()),
     };
     let (dev, func) = rest.split_once('.').ok_or_else(bad)?;
-    let hex = |s: &str, max: usize| s.len() <= max && !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
-    if !(hex(dom, 4) && hex(bus, 2) && hex(dev, 2) && func.len() == 1 && matches!(func.as_bytes()[0], b'0'..=b'7')) {
+    let hex = |s: &str, max: usize| {
+        s.len() <= max && !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    if !(hex(dom, 4)
+        && hex(bus, 2)
+        && hex(dev, 2)
+        && func.len() == 1
+        && matches!(func.as_bytes()[0], b'0'..=b'7'))
+    {
         return Err(bad());
     }
     let n = |s: &str| u32::from_str_radix(s, 16).map_err(|_| bad());
@@ -42,27 +49,38 @@ pub fn check_vfio_nvme(addr: &str) -> Result<u32, NvmeError> {
     if !dir.exists() {
         return Err(NvmeError::NoDevice(addr.into()));
     }
-    let class_txt = std::fs::read_to_string(dir.join("class")).map_err(|e| NvmeError::Vfio(format!("reading the class of {addr}: {e}")))?;
+    let class_txt = std::fs::read_to_string(dir.join("class"))
+        .map_err(|e| NvmeError::Vfio(format!("reading the class of {addr}: {e}")))?;
     let class = u32::from_str_radix(class_txt.trim().trim_start_matches("0x"), 16).unwrap_or(0);
     if class != NVME_CLASS {
-        return Err(NvmeError::NotNvme { addr: addr.into(), class });
+        return Err(NvmeError::NotNvme {
+            addr: addr.into(),
+            class,
+        });
     }
     let driver = std::fs::read_link(dir.join("driver"))
         .ok()
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "no driver".into());
     if driver != "vfio-pci" {
-        return Err(NvmeError::NotVfio { addr: addr.into(), driver });
+        return Err(NvmeError::NotVfio {
+            addr: addr.into(),
+            driver,
+        });
     }
     let group = std::fs::read_link(dir.join("iommu_group"))
         .ok()
         .and_then(|p| p.file_name().and_then(|f| f.to_str()).and_then(|s| s.parse::<u32>().ok()))
         .ok_or_else(|| NvmeError::Vfio(format!("{addr} has no IOMMU group: the IOMMU is off (boot with intel_iommu=on or amd_iommu=on)")))?;
     if !Path::new(&format!("/dev/vfio/{group}")).exists() {
-        return Err(NvmeError::Vfio(format!("/dev/vfio/{group} is missing (is vfio-pci loaded?)")));
+        return Err(NvmeError::Vfio(format!(
+            "/dev/vfio/{group} is missing (is vfio-pci loaded?)"
+        )));
     }
     if !Path::new("/dev/vfio/vfio").exists() {
-        return Err(NvmeError::Vfio("/dev/vfio/vfio is missing: load the vfio and vfio_iommu_type1 modules".into()));
+        return Err(NvmeError::Vfio(
+            "/dev/vfio/vfio is missing: load the vfio and vfio_iommu_type1 modules".into(),
+        ));
     }
     Ok(group)
 }
@@ -76,7 +94,15 @@ mod tests {
         assert_eq!(normalize("0000:00:04.0").unwrap(), "0000:00:04.0");
         assert_eq!(normalize("00:1F.7").unwrap(), "0000:00:1f.7");
         assert_eq!(normalize(" 0001:af:00.1 ").unwrap(), "0001:af:00.1");
-        for bad in ["", "00:04", "0000:00:04.8", "0000:00:20.0", "zz:00.0", "0000:00:04.0.1", "1:2:3:4.0"] {
+        for bad in [
+            "",
+            "00:04",
+            "0000:00:04.8",
+            "0000:00:20.0",
+            "zz:00.0",
+            "0000:00:04.0.1",
+            "1:2:3:4.0",
+        ] {
             assert!(normalize(bad).is_err(), "{bad:?} accepted");
         }
     }

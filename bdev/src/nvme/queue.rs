@@ -9,7 +9,9 @@
 use super::error::NvmeError;
 use super::mem::{DmaRegion, DmaSpace, PagePool};
 use super::regs::RegisterIo;
-use super::spec::{self, doorbell_offset, nvm, status, Command, Completion, CQE_SIZE, PAGE_SIZE, SQE_SIZE};
+use super::spec::{
+    self, doorbell_offset, nvm, status, Command, Completion, CQE_SIZE, PAGE_SIZE, SQE_SIZE,
+};
 use crate::io::{BdevIo, IoStatus, IoType};
 use smallvec::SmallVec;
 use std::sync::atomic::{fence, Ordering};
@@ -121,9 +123,13 @@ pub fn io_status(sc: u16) -> IoStatus {
     match sc & 0x7ff {
         status::SUCCESS => IoStatus::Success,
         status::INVALID_OPCODE => IoStatus::Unsupported,
-        status::INVALID_FIELD | status::INVALID_NAMESPACE | status::LBA_OUT_OF_RANGE => IoStatus::Einval,
+        status::INVALID_FIELD | status::INVALID_NAMESPACE | status::LBA_OUT_OF_RANGE => {
+            IoStatus::Einval
+        }
         status::CAPACITY_EXCEEDED => IoStatus::Enospc,
-        status::ABORTED_BY_REQUEST | status::ABORTED_SQ_DELETION | status::ABORTED_POWER_LOSS => IoStatus::Aborted,
+        status::ABORTED_BY_REQUEST | status::ABORTED_SQ_DELETION | status::ABORTED_POWER_LOSS => {
+            IoStatus::Aborted
+        }
         status::WRITE_TO_READ_ONLY => IoStatus::ReadOnly,
         _ => IoStatus::Eio,
     }
@@ -132,9 +138,16 @@ pub fn io_status(sc: u16) -> IoStatus {
 impl QueuePair {
     /// Allocates the rings, PRP list pages and bounce pool of a queue pair.
     /// The controller must still be told about it (Create I/O CQ/SQ, or AQA/ASQ/ACQ).
-    pub fn new(cfg: QueueConfig, regs: Arc<dyn RegisterIo>, dma: Arc<dyn DmaSpace>) -> Result<Self, NvmeError> {
+    pub fn new(
+        cfg: QueueConfig,
+        regs: Arc<dyn RegisterIo>,
+        dma: Arc<dyn DmaSpace>,
+    ) -> Result<Self, NvmeError> {
         if cfg.entries < 2 {
-            return Err(NvmeError::InvalidParam(format!("queue of {} entries", cfg.entries)));
+            return Err(NvmeError::InvalidParam(format!(
+                "queue of {} entries",
+                cfg.entries
+            )));
         }
         let max_xfer = cfg.max_xfer.clamp(PAGE_SIZE, MAX_XFER_LIMIT) / PAGE_SIZE * PAGE_SIZE;
         let n = cfg.entries as usize;
@@ -142,10 +155,22 @@ impl QueuePair {
         let cq_len = align_page(n * CQE_SIZE);
         let prp_off = sq_len + cq_len;
         let rings = DmaRegion::new(dma.clone(), prp_off + (n - 1) * PAGE_SIZE)?;
-        let bounce = if cfg.bounce_pages > 0 { Some(PagePool::new(dma.clone(), cfg.bounce_pages)?) } else { None };
+        let bounce = if cfg.bounce_pages > 0 {
+            Some(PagePool::new(dma.clone(), cfg.bounce_pages)?)
+        } else {
+            None
+        };
         let sq = rings.ptr() as *mut Command;
         let cq = rings.ptr().wrapping_add(sq_len) as *mut Completion;
-        let trackers = vec![Tracker { target: Target::Free, submit_tick: 0, abort_tick: 0, cqe: None }; n - 1];
+        let trackers = vec![
+            Tracker {
+                target: Target::Free,
+                submit_tick: 0,
+                abort_tick: 0,
+                cqe: None
+            };
+            n - 1
+        ];
         let mut qp = Self {
             qid: cfg.qid,
             entries: cfg.entries,
@@ -166,7 +191,11 @@ impl QueuePair {
             reqs: (0..n - 1)
                 .map(|_| Req {
                     io: None,
-                    ns: NsParams { nsid: 0, lba_shift: 9, max_zeroes_blocks: 0 },
+                    ns: NsParams {
+                        nsid: 0,
+                        lba_shift: 9,
+                        max_zeroes_blocks: 0,
+                    },
                     outstanding: 0,
                     status: IoStatus::Success,
                     bounce: None,
@@ -252,9 +281,16 @@ impl QueuePair {
     /// `Err` gives it back when every slot is taken. Fetch the result with
     /// [`QueuePair::take_raw`] after [`QueuePair::process_completions`].
     pub fn submit_raw(&mut self, mut cmd: Command, now: u64) -> Result<u16, Command> {
-        let Some(cid) = self.free_cids.pop() else { return Err(cmd) };
+        let Some(cid) = self.free_cids.pop() else {
+            return Err(cmd);
+        };
         cmd.cid = cid;
-        self.trackers[cid as usize] = Tracker { target: Target::Raw, submit_tick: now, abort_tick: 0, cqe: None };
+        self.trackers[cid as usize] = Tracker {
+            target: Target::Raw,
+            submit_tick: now,
+            abort_tick: 0,
+            cqe: None,
+        };
         self.push_sqe(&cmd);
         self.inflight += 1;
         Ok(cid)
@@ -295,7 +331,12 @@ impl QueuePair {
     /// hands it back untouched when there are not enough free slots or bounce
     /// pages right now. Requests that cannot be carried out at all are completed
     /// with an error status through [`QueuePair::take_done`], never here.
-    pub fn submit_io(&mut self, io: Box<BdevIo>, ns: &NsParams, now: u64) -> Result<(), Box<BdevIo>> {
+    pub fn submit_io(
+        &mut self,
+        io: Box<BdevIo>,
+        ns: &NsParams,
+        now: u64,
+    ) -> Result<(), Box<BdevIo>> {
         let shift = ns.lba_shift;
         let bmask = (1u64 << shift) - 1;
         if io.io_type != IoType::Flush && ((io.offset | io.len) & bmask != 0 || io.len == 0) {
@@ -327,7 +368,9 @@ impl QueuePair {
                         self.fail_later(io, IoStatus::Nomem);
                         return Ok(());
                     }
-                    let Some(first) = pool.alloc(pages) else { return Err(io) };
+                    let Some(first) = pool.alloc(pages) else {
+                        return Err(io);
+                    };
                     let (p, iova) = pool.page(first);
                     if io.io_type == IoType::Write {
                         // SAFETY: the bounce pages are ours (just allocated) and `len`
@@ -338,8 +381,16 @@ impl QueuePair {
                     segs.push((iova, len));
                     bounce = Some((first, pages));
                 }
-                let opc = if io.io_type == IoType::Read { nvm::READ } else { nvm::WRITE };
-                let fua = if io.fua && io.io_type == IoType::Write { nvm::FUA } else { 0 };
+                let opc = if io.io_type == IoType::Read {
+                    nvm::READ
+                } else {
+                    nvm::WRITE
+                };
+                let fua = if io.fua && io.io_type == IoType::Write {
+                    nvm::FUA
+                } else {
+                    0
+                };
                 let req = self.start_req(io, ns, children as u32, bounce);
                 let mut cursor = (0usize, 0usize);
                 let mut done = 0usize;
@@ -370,7 +421,12 @@ impl QueuePair {
                 }
                 let req = self.start_req(io, ns, 1, None);
                 let cid = self.take_cid(req, now);
-                self.push_sqe(&Command { opc: nvm::FLUSH, cid, nsid: ns.nsid, ..Default::default() });
+                self.push_sqe(&Command {
+                    opc: nvm::FLUSH,
+                    cid,
+                    nsid: ns.nsid,
+                    ..Default::default()
+                });
             }
             IoType::WriteZeroes => {
                 if ns.max_zeroes_blocks == 0 {
@@ -451,7 +507,12 @@ impl QueuePair {
     /// Whether the request's memory can be described by PRPs directly; fills
     /// `segs` with (device address, length) pieces covering `len` bytes.
     #[inline]
-    fn direct_segments(&self, io: &BdevIo, len: usize, segs: &mut SmallVec<[(u64, usize); 4]>) -> bool {
+    fn direct_segments(
+        &self,
+        io: &BdevIo,
+        len: usize,
+        segs: &mut SmallVec<[(u64, usize); 4]>,
+    ) -> bool {
         let mut remaining = len;
         let iovs = io.iovs();
         for (i, v) in iovs.iter().enumerate() {
@@ -462,7 +523,9 @@ impl QueuePair {
             if take == 0 {
                 continue;
             }
-            let Some(iova) = self.dma.translate(v.as_ptr(), take) else { return false };
+            let Some(iova) = self.dma.translate(v.as_ptr(), take) else {
+                return false;
+            };
             if iova & 3 != 0 || (i > 0 && !iova.is_multiple_of(PAGE_SIZE as u64)) {
                 return false;
             }
@@ -476,9 +539,18 @@ impl QueuePair {
     }
 
     #[inline]
-    fn start_req(&mut self, io: Box<BdevIo>, ns: &NsParams, children: u32, bounce: Option<(usize, usize)>) -> u32 {
+    fn start_req(
+        &mut self,
+        io: Box<BdevIo>,
+        ns: &NsParams,
+        children: u32,
+        bounce: Option<(usize, usize)>,
+    ) -> u32 {
         // Callers checked that `children` slots are free; requests never outnumber slots.
-        let r = self.free_reqs.pop().expect("request slots match command slots");
+        let r = self
+            .free_reqs
+            .pop()
+            .expect("request slots match command slots");
         let req = &mut self.reqs[r as usize];
         req.io = Some(io);
         req.ns = *ns;
@@ -491,14 +563,28 @@ impl QueuePair {
 
     #[inline]
     fn take_cid(&mut self, req: u32, now: u64) -> u16 {
-        let cid = self.free_cids.pop().expect("slots were checked before building commands");
-        self.trackers[cid as usize] = Tracker { target: Target::Req(req), submit_tick: now, abort_tick: 0, cqe: None };
+        let cid = self
+            .free_cids
+            .pop()
+            .expect("slots were checked before building commands");
+        self.trackers[cid as usize] = Tracker {
+            target: Target::Req(req),
+            submit_tick: now,
+            abort_tick: 0,
+            cqe: None,
+        };
         cid
     }
 
     /// Fills the PRP entries for `len` bytes at `cursor` in `segs`.
     #[inline]
-    fn fill_prps(&mut self, cid: u16, segs: &[(u64, usize)], cursor: &mut (usize, usize), mut len: usize) -> (u64, u64) {
+    fn fill_prps(
+        &mut self,
+        cid: u16,
+        segs: &[(u64, usize)],
+        cursor: &mut (usize, usize),
+        mut len: usize,
+    ) -> (u64, u64) {
         let (list, list_iova) = self.prp_page(cid);
         let mut n = 0usize;
         let mut prp1 = 0;
@@ -570,12 +656,20 @@ impl QueuePair {
     fn complete_cmd(&mut self, cqe: Completion) {
         let cid = cqe.cid;
         let Some(t) = self.trackers.get_mut(cid as usize) else {
-            tracing::warn!(qid = self.qid, cid, "completion for an unknown command id ignored");
+            tracing::warn!(
+                qid = self.qid,
+                cid,
+                "completion for an unknown command id ignored"
+            );
             return;
         };
         match t.target {
             Target::Free => {
-                tracing::warn!(qid = self.qid, cid, "completion for a command not outstanding ignored");
+                tracing::warn!(
+                    qid = self.qid,
+                    cid,
+                    "completion for a command not outstanding ignored"
+                );
             }
             Target::Raw => t.cqe = Some(cqe),
             Target::Req(r) => {
@@ -584,7 +678,12 @@ impl QueuePair {
                 let req = &mut self.reqs[r as usize];
                 if !cqe.is_ok() && req.status.is_ok() {
                     req.status = io_status(cqe.status_code());
-                    tracing::debug!(qid = self.qid, cid, status = format_args!("{:#x}", cqe.status_code()), "command failed");
+                    tracing::debug!(
+                        qid = self.qid,
+                        cid,
+                        status = format_args!("{:#x}", cqe.status_code()),
+                        "command failed"
+                    );
                 }
                 req.outstanding -= 1;
                 if req.outstanding == 0 {
@@ -637,10 +736,17 @@ impl QueuePair {
                 if now.saturating_sub(t.submit_tick) > self.timeout_ticks {
                     tracing::warn!(qid = self.qid, cid, "command timed out: aborting it");
                     t.abort_tick = now.max(1);
-                    out.push(TimeoutAction::Abort { sqid: self.qid, cid: cid as u16 });
+                    out.push(TimeoutAction::Abort {
+                        sqid: self.qid,
+                        cid: cid as u16,
+                    });
                 }
             } else if now.saturating_sub(t.abort_tick) > self.timeout_ticks {
-                tracing::warn!(qid = self.qid, cid, "aborted command still outstanding: controller reset needed");
+                tracing::warn!(
+                    qid = self.qid,
+                    cid,
+                    "aborted command still outstanding: controller reset needed"
+                );
                 out.push(TimeoutAction::Reset);
                 return;
             }
@@ -661,7 +767,9 @@ impl QueuePair {
         for r in 0..self.reqs.len() {
             let req = &mut self.reqs[r];
             if let Some(io) = req.io.take() {
-                if let (Some((first, pages)), Some(pool)) = (req.bounce.take(), self.bounce.as_mut()) {
+                if let (Some((first, pages)), Some(pool)) =
+                    (req.bounce.take(), self.bounce.as_mut())
+                {
                     pool.free(first, pages);
                 }
                 out.push((io, req.ns));
@@ -680,12 +788,23 @@ pub mod build {
 
     /// Identify with `cns` for `nsid` into the page at `iova`.
     pub fn identify(cns: u32, nsid: u32, iova: u64) -> Command {
-        Command { opc: admin::IDENTIFY, nsid, prp1: iova, cdw10: cns, ..Default::default() }
+        Command {
+            opc: admin::IDENTIFY,
+            nsid,
+            prp1: iova,
+            cdw10: cns,
+            ..Default::default()
+        }
     }
     /// Set Features: Number of Queues (`n` submission and completion queues).
     pub fn set_num_queues(n: u16) -> Command {
         let v = (n as u32 - 1) << 16 | (n as u32 - 1);
-        Command { opc: admin::SET_FEATURES, cdw10: admin::FEAT_NUM_QUEUES, cdw11: v, ..Default::default() }
+        Command {
+            opc: admin::SET_FEATURES,
+            cdw10: admin::FEAT_NUM_QUEUES,
+            cdw11: v,
+            ..Default::default()
+        }
     }
     /// Create I/O Completion Queue (physically contiguous, interrupts off).
     pub fn create_cq(qid: u16, entries: u16, iova: u64) -> Command {
@@ -709,14 +828,26 @@ pub mod build {
     }
     /// Delete I/O Submission Queue.
     pub fn delete_sq(qid: u16) -> Command {
-        Command { opc: admin::DELETE_SQ, cdw10: qid as u32, ..Default::default() }
+        Command {
+            opc: admin::DELETE_SQ,
+            cdw10: qid as u32,
+            ..Default::default()
+        }
     }
     /// Delete I/O Completion Queue.
     pub fn delete_cq(qid: u16) -> Command {
-        Command { opc: admin::DELETE_CQ, cdw10: qid as u32, ..Default::default() }
+        Command {
+            opc: admin::DELETE_CQ,
+            cdw10: qid as u32,
+            ..Default::default()
+        }
     }
     /// Abort command `cid` of submission queue `sqid`.
     pub fn abort(sqid: u16, cid: u16) -> Command {
-        Command { opc: admin::ABORT, cdw10: (cid as u32) << 16 | sqid as u32, ..Default::default() }
+        Command {
+            opc: admin::ABORT,
+            cdw10: (cid as u32) << 16 | sqid as u32,
+            ..Default::default()
+        }
     }
 }

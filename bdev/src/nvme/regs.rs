@@ -55,7 +55,10 @@ impl MmioRegs {
 
     #[inline]
     fn ptr(&self, off: usize) -> *mut u32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= self.len, "register offset {off:#x} outside the BAR");
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "register offset {off:#x} outside the BAR"
+        );
         self.base.wrapping_add(off) as *mut u32
     }
 }

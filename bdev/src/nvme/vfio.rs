@@ -11,7 +11,9 @@ use super::regs::{MmioRegs, RegisterIo};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP};
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 
 const PCI_COMMAND: u64 = 0x04;
@@ -88,18 +90,31 @@ impl VfioDma {
         let aperture = iova_ranges(&container);
         tracing::debug!(?aperture, "IOMMU valid IOVA ranges");
         let first = aperture.first().map_or(0, |r| r.0);
-        Self { container, ranges: RangeTable::default(), aperture, next: Mutex::new((0, first)) }
+        Self {
+            container,
+            ranges: RangeTable::default(),
+            aperture,
+            next: Mutex::new((0, first)),
+        }
     }
 
     fn pick_iova(&self, va: u64, len: u64) -> Option<u64> {
-        if self.aperture.is_empty() || self.aperture.iter().any(|&(s, e)| va >= s && va.checked_add(len - 1).is_some_and(|end| end <= e)) {
+        if self.aperture.is_empty()
+            || self
+                .aperture
+                .iter()
+                .any(|&(s, e)| va >= s && va.checked_add(len - 1).is_some_and(|end| end <= e))
+        {
             return Some(va);
         }
         let mut n = self.next.lock().unwrap_or_else(|p| p.into_inner());
         while n.0 < self.aperture.len() {
             let (s, e) = self.aperture[n.0];
             // Keep clear of the low 4 GiB (MSI window and friends) when the range allows.
-            let start = n.1.max(s).max(if e > (8u64 << 30) { 4u64 << 30 } else { 0 }).next_multiple_of(IOVA_ALIGN);
+            let start =
+                n.1.max(s)
+                    .max(if e > (8u64 << 30) { 4u64 << 30 } else { 0 })
+                    .next_multiple_of(IOVA_ALIGN);
             if let Some(end) = start.checked_add(len - 1) {
                 if end <= e {
                     n.1 = end + 1;
@@ -122,8 +137,8 @@ fn iova_ranges(container: &VfioContainer) -> Vec<(u64, u64)> {
     let mut buf = vec![0u64; 512];
     let bytes = buf.len() * 8;
     buf[0] = bytes as u64; // argsz (low half), flags 0
-    // SAFETY: the buffer is `bytes` long and argsz says so; the kernel writes at
-    // most argsz bytes of vfio_iommu_type1_info and its capability chain.
+                           // SAFETY: the buffer is `bytes` long and argsz says so; the kernel writes at
+                           // most argsz bytes of vfio_iommu_type1_info and its capability chain.
     let r = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_IOMMU_GET_INFO, buf.as_mut_ptr()) };
     if r != 0 {
         tracing::debug!("VFIO_IOMMU_GET_INFO: {}", std::io::Error::last_os_error());
@@ -131,10 +146,20 @@ fn iova_ranges(container: &VfioContainer) -> Vec<(u64, u64)> {
     }
     // SAFETY: reinterpreting the u64 buffer as bytes (same memory, u8 has no alignment).
     let b = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, bytes) };
-    let u32_at = |o: usize| b.get(o..o + 4).map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]));
-    let u64_at = |o: usize| b.get(o..o + 8).map(|x| u64::from_le_bytes(x.try_into().unwrap_or([0; 8])));
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .map(|x| u64::from_le_bytes(x.try_into().unwrap_or([0; 8])))
+    };
     let flags = u32_at(4).unwrap_or(0);
-    let mut off = if flags & INFO_CAPS != 0 { u32_at(16).unwrap_or(0) as usize } else { 0 };
+    let mut off = if flags & INFO_CAPS != 0 {
+        u32_at(16).unwrap_or(0) as usize
+    } else {
+        0
+    };
     let mut out = Vec::new();
     let mut hops = 0;
     while off != 0 && off + 8 <= bytes && hops < 16 {
@@ -156,14 +181,20 @@ fn iova_ranges(container: &VfioContainer) -> Vec<(u64, u64)> {
 impl DmaSpace for VfioDma {
     unsafe fn map(&self, ptr: *mut u8, len: usize) -> Result<u64, NvmeError> {
         let va = ptr as u64;
-        let iova = self
-            .pick_iova(va, len as u64)
-            .ok_or_else(|| NvmeError::Dma(format!("no room for {len} bytes in the IOMMU's address ranges {:x?}", self.aperture)))?;
+        let iova = self.pick_iova(va, len as u64).ok_or_else(|| {
+            NvmeError::Dma(format!(
+                "no room for {len} bytes in the IOMMU's address ranges {:x?}",
+                self.aperture
+            ))
+        })?;
         // SAFETY: the caller upholds this method's contract, which is the one of
         // `vfio_dma_map`: the memory stays mapped until `unmap` and is accessed
         // only through raw pointers.
-        unsafe { self.container.vfio_dma_map(iova, len, ptr) }
-            .map_err(|e| NvmeError::Dma(format!("VFIO_IOMMU_MAP_DMA of {len} bytes at {va:#x} (IOVA {iova:#x}): {e}")))?;
+        unsafe { self.container.vfio_dma_map(iova, len, ptr) }.map_err(|e| {
+            NvmeError::Dma(format!(
+                "VFIO_IOMMU_MAP_DMA of {len} bytes at {va:#x} (IOVA {iova:#x}): {e}"
+            ))
+        })?;
         if let Err(e) = self.ranges.insert(va, len as u64, iova) {
             let _ = self.container.vfio_dma_unmap(iova, len);
             return Err(e);
@@ -196,9 +227,16 @@ impl VfioNvme {
     /// Opens the controller at PCI address `addr` (normalized, bound to vfio-pci).
     pub fn open(addr: &str) -> Result<Self, NvmeError> {
         let group = pci::check_vfio_nvme(addr)?;
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| NvmeError::Vfio(format!("opening the container: {e}")))?);
-        let device = VfioDevice::new(&pci::sysfs_path(addr), container.clone() as Arc<dyn VfioOps>, false)
-            .map_err(|e| NvmeError::Vfio(format!("opening {addr} (IOMMU group {group}): {e}")))?;
+        let container = Arc::new(
+            VfioContainer::new(None)
+                .map_err(|e| NvmeError::Vfio(format!("opening the container: {e}")))?,
+        );
+        let device = VfioDevice::new(
+            &pci::sysfs_path(addr),
+            container.clone() as Arc<dyn VfioOps>,
+            false,
+        )
+        .map_err(|e| NvmeError::Vfio(format!("opening {addr} (IOMMU group {group}): {e}")))?;
         set_command(&device, CMD_MEMORY | CMD_BUS_MASTER | CMD_INTX_DISABLE, 0);
         let regs = Arc::new(map_bar0(&device, addr)?);
         let dma = Arc::new(VfioDma::new(container));
@@ -206,7 +244,12 @@ impl VfioNvme {
         // buffers (DmaBuf) reach the device without bounce copies.
         super::mem::follow_arena(&dma);
         tracing::info!(%addr, group, bar0 = regs.len(), "VFIO device opened");
-        Ok(Self { regs, dma, device, addr: addr.into() })
+        Ok(Self {
+            regs,
+            dma,
+            device,
+            addr: addr.into(),
+        })
     }
 
     /// The register window.
@@ -234,7 +277,11 @@ fn set_command(device: &VfioDevice, set: u16, clear: u16) {
     let mut b = [0u8; 2];
     device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, PCI_COMMAND);
     let cmd = (u16::from_le_bytes(b) | set) & !clear;
-    device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &cmd.to_le_bytes(), PCI_COMMAND);
+    device.region_write(
+        VFIO_PCI_CONFIG_REGION_INDEX,
+        &cmd.to_le_bytes(),
+        PCI_COMMAND,
+    );
 }
 
 fn map_bar0(device: &VfioDevice, addr: &str) -> Result<BarRegs, NvmeError> {
@@ -242,10 +289,14 @@ fn map_bar0(device: &VfioDevice, addr: &str) -> Result<BarRegs, NvmeError> {
     let size = device.get_region_size(idx) as usize;
     let offset = device.get_region_offset(idx);
     if size < 0x2000 {
-        return Err(NvmeError::Vfio(format!("{addr}: BAR0 of {size} bytes is too small for an NVMe controller")));
+        return Err(NvmeError::Vfio(format!(
+            "{addr}: BAR0 of {size} bytes is too small for an NVMe controller"
+        )));
     }
     if device.get_region_flags(idx) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-        return Err(NvmeError::Vfio(format!("{addr}: BAR0 cannot be memory-mapped")));
+        return Err(NvmeError::Vfio(format!(
+            "{addr}: BAR0 cannot be memory-mapped"
+        )));
     }
     let mut areas: Vec<(u64, u64)> = vec![(0, size as u64)];
     for cap in device.get_region_caps(idx) {
@@ -256,10 +307,20 @@ fn map_bar0(device: &VfioDevice, addr: &str) -> Result<BarRegs, NvmeError> {
     // Reserve the whole BAR, then map the mappable areas into the reservation.
     // SAFETY: an anonymous PROT_NONE reservation at an address the kernel picks.
     let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), size, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     if base == libc::MAP_FAILED {
-        return Err(NvmeError::Vfio(format!("reserving {size} bytes for BAR0: {}", std::io::Error::last_os_error())));
+        return Err(NvmeError::Vfio(format!(
+            "reserving {size} bytes for BAR0: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     let mut contiguous = 0usize;
     for (off, len) in &areas {
@@ -282,7 +343,9 @@ fn map_bar0(device: &VfioDevice, addr: &str) -> Result<BarRegs, NvmeError> {
             let e = std::io::Error::last_os_error();
             // SAFETY: releasing the reservation made above.
             unsafe { libc::munmap(base, size) };
-            return Err(NvmeError::Vfio(format!("mmap of BAR0 area {off:#x}+{len:#x}: {e}")));
+            return Err(NvmeError::Vfio(format!(
+                "mmap of BAR0 area {off:#x}+{len:#x}: {e}"
+            )));
         }
         if *off as usize == contiguous {
             contiguous += *len as usize;
@@ -291,9 +354,16 @@ fn map_bar0(device: &VfioDevice, addr: &str) -> Result<BarRegs, NvmeError> {
     if contiguous < 0x1008 {
         // SAFETY: releasing the reservation made above.
         unsafe { libc::munmap(base, size) };
-        return Err(NvmeError::Vfio(format!("{addr}: the registers and doorbells of BAR0 are not mappable")));
+        return Err(NvmeError::Vfio(format!(
+            "{addr}: the registers and doorbells of BAR0 are not mappable"
+        )));
     }
     // SAFETY: `base..base+contiguous` is mapped device memory, kept until BarRegs drops.
     let mmio = unsafe { MmioRegs::new(base as *mut u8, contiguous) };
-    Ok(BarRegs { mmio, base: base as *mut u8, size, live: AtomicBool::new(true) })
+    Ok(BarRegs {
+        mmio,
+        base: base as *mut u8,
+        size,
+        live: AtomicBool::new(true),
+    })
 }

@@ -2,6 +2,7 @@
 //! reactor (the one that opened it); channels on other reactors forward each
 //! request there by message and complete it back on the submitting reactor.
 
+use super::fast::FastPath;
 use super::image::Image;
 use crate::{
     complete_deferred, Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus, IoType, RangeStatus,
@@ -334,7 +335,8 @@ impl Bdev for Qcow2Bdev {
             let img = engine(self.id).ok_or_else(|| {
                 BdevError::NotFound(format!("qcow2 image {} is closed", self.name))
             })?;
-            return Ok(Box::new(LocalChannel { img }));
+            let fast = FastPath::new(img.clone());
+            return Ok(Box::new(LocalChannel { img, fast }));
         }
         Ok(Box::new(RemoteChannel {
             id: self.id,
@@ -372,13 +374,19 @@ impl Bdev for Qcow2Bdev {
     }
 }
 
-/// The owner reactor's channel: one local task per request.
+/// The owner reactor's channel: the fast path when the request's clusters are
+/// mapped, else one local task per request.
 struct LocalChannel {
     img: Rc<Image>,
+    fast: Rc<FastPath>,
 }
 
 impl Channel for LocalChannel {
-    fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+    fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        let mut io = match self.fast.try_submit(io) {
+            Ok(()) => return Ok(()),
+            Err(io) => io,
+        };
         let img = self.img.clone();
         reactor::spawn_local(async move {
             let st = img.execute(&mut io).await;

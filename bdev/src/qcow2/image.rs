@@ -56,6 +56,9 @@ pub(crate) struct Image {
     pub(crate) zcache: RefCell<Option<(u64, Rc<Vec<u8>>)>>,
     /// Set after a metadata write failed: writes are refused from then on.
     pub(crate) broken: Cell<bool>,
+    /// Whether new clusters whose old contents read as zeroes are filled with
+    /// base write-zeroes (cleared when the base turns out not to support them).
+    pub(crate) zeroes_on_base: Cell<bool>,
 }
 
 impl Image {
@@ -149,6 +152,7 @@ impl Image {
             backing: RefCell::new(None),
             zcache: RefCell::new(None),
             broken: Cell::new(false),
+            zeroes_on_base: Cell::new(base.io_type_supported(IoType::WriteZeroes)),
             hdr: RefCell::new(hdr),
         };
         img.check_tables()?;

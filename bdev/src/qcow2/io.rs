@@ -4,7 +4,9 @@
 use super::compress::decompress;
 use super::format::{ClusterKind, FormatError, L2Entry};
 use super::image::{Image, R};
-use crate::{channel, read_at, submit_wait, write_at, BdevError, BdevIo, DmaBuf, IoStatus, IoType};
+use crate::{
+    channel, read_at, simple_io, submit_wait, write_at, BdevError, BdevIo, DmaBuf, IoStatus, IoType,
+};
 use std::rc::Rc;
 
 /// What to write into a cluster range.
@@ -134,7 +136,7 @@ impl Image {
     }
 
     /// A data cluster must lie inside the image and outside the fixed metadata.
-    fn check_data_cluster(&self, host: u64) -> R<()> {
+    pub(crate) fn check_data_cluster(&self, host: u64) -> R<()> {
         if host + self.cs > self.capacity {
             return Err(FormatError::Corrupt(format!(
                 "data cluster {host:#x} lies past the end of the image"
@@ -330,14 +332,16 @@ impl Image {
     ) -> R<()> {
         let full = intra == 0 && n == self.cs;
         if let (true, Src::Guest(pos), Some(io)) = (full, src, io) {
-            // SAFETY: the parent request outlives this sub-request: we await it here.
-            let sub = unsafe { BdevIo::sub_io(io, pos as u64, n, IoType::Write, host, None) };
-            let st = submit_wait(&self.ch, sub).await.status;
-            return if st.is_ok() {
-                Ok(())
-            } else {
-                Err(BdevError::Io(st))
-            };
+            return self.write_guest(io, pos, n, host).await;
+        }
+        if self.zeroes_on_base.get() && self.reads_zero(gc, kind) {
+            match self.fill_zero_cluster(io, host, intra, n, src).await {
+                Err(BdevError::Io(IoStatus::Unsupported)) => {
+                    // The base cannot write zeroes: fill a buffer from now on.
+                    self.zeroes_on_base.set(false);
+                }
+                r => return r,
+            }
         }
         let mut buf = DmaBuf::new(self.cs as usize)?;
         if !full {
@@ -355,6 +359,61 @@ impl Image {
         }
         write_at(&self.ch, host, buf).await?;
         Ok(())
+    }
+
+    /// Writes `n` bytes of the parent's memory from `pos` at host offset `host`.
+    async fn write_guest(&self, io: &BdevIo, pos: usize, n: u64, host: u64) -> R<()> {
+        // SAFETY: the parent request outlives this sub-request: we await it here.
+        let sub = unsafe { BdevIo::sub_io(io, pos as u64, n, IoType::Write, host, None) };
+        let st = submit_wait(&self.ch, sub).await.status;
+        if st.is_ok() {
+            Ok(())
+        } else {
+            Err(BdevError::Io(st))
+        }
+    }
+
+    /// Writes zeroes on the base over `[off, off+len)` (nothing when empty).
+    async fn zero_on_base(&self, off: u64, len: u64) -> R<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let st = simple_io(&self.ch, IoType::WriteZeroes, off, len).await;
+        if st.is_ok() {
+            Ok(())
+        } else {
+            Err(BdevError::Io(st))
+        }
+    }
+
+    /// Fills a new cluster whose old contents read as zeroes without a bounce
+    /// buffer: the guest data goes straight from the request, the rest of the
+    /// cluster is zeroed by the base (a cheap `fallocate` on files). The three
+    /// ranges are disjoint, so they run concurrently.
+    async fn fill_zero_cluster(
+        &self,
+        io: Option<&BdevIo>,
+        host: u64,
+        intra: u64,
+        n: u64,
+        src: Src,
+    ) -> R<()> {
+        let cs = self.cs;
+        match (src, io) {
+            (Src::Guest(pos), Some(io)) => {
+                let (head, tail, data) = futures::future::join3(
+                    self.zero_on_base(host, intra),
+                    self.zero_on_base(host + intra + n, cs - intra - n),
+                    self.write_guest(io, pos, n, host + intra),
+                )
+                .await;
+                head.and(tail).and(data)
+            }
+            (Src::Guest(_), None) => Err(BdevError::InvalidParam(
+                "guest data without a request".into(),
+            )),
+            (Src::Zeros, _) => self.zero_on_base(host, cs).await,
+        }
     }
 
     /// The current contents of guest cluster `gc` (described by `e`/`kind`) into `out`.
@@ -414,7 +473,7 @@ impl Image {
     }
 
     /// Whether a guest cluster of this kind already reads as zeroes.
-    fn reads_zero(&self, gc: u64, kind: ClusterKind) -> bool {
+    pub(crate) fn reads_zero(&self, gc: u64, kind: ClusterKind) -> bool {
         match kind {
             ClusterKind::Zero { .. } => true,
             ClusterKind::Unallocated => self

@@ -55,6 +55,7 @@ mod bdev;
 mod cache;
 mod compress;
 mod create;
+mod fast;
 pub mod format;
 mod image;
 mod io;

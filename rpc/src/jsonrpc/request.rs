@@ -82,7 +82,7 @@ pub fn handle_request(svc: &Service, v: Value) -> Option<String> {
         None => return invalid(&reply_id, "'method' is missing"),
     };
     let params = match obj.remove("params") {
-        None => None,
+        None | Some(Value::Null) => None,
         Some(p @ (Value::Object(_) | Value::Array(_))) => Some(p),
         Some(_) => return invalid(&reply_id, "'params' must be an object or an array"),
     };

@@ -15,11 +15,15 @@ pub fn register(t: &mut MethodTable) {
     t.add("block-stream", block_stream);
     t.add("query-block-jobs", |svc, p| {
         p.none()?;
-        Ok(Value::Array(svc.jobs.list().iter().map(|j| j.block_job_info()).collect()))
+        Ok(Value::Array(
+            svc.jobs.list().iter().map(|j| j.block_job_info()).collect(),
+        ))
     });
     t.add("query-jobs", |svc, p| {
         p.none()?;
-        Ok(Value::Array(svc.jobs.list().iter().map(|j| j.job_info()).collect()))
+        Ok(Value::Array(
+            svc.jobs.list().iter().map(|j| j.job_info()).collect(),
+        ))
     });
     t.add("block-job-cancel", |svc, p| {
         let a: Cancel = p.parse()?;
@@ -30,9 +34,12 @@ pub fn register(t: &mut MethodTable) {
     t.add("block-job-set-speed", |svc, p| {
         let a: SetSpeed = p.parse()?;
         let job = svc.jobs.block_job(&a.device)?;
-        job.check_verb(stream::job::JobVerb::SetSpeed).map_err(JobError::Refused)?;
+        job.check_verb(stream::job::JobVerb::SetSpeed)
+            .map_err(JobError::Refused)?;
         if a.speed < 0 {
-            return Err(RpcError::invalid_params("Parameter 'speed' expects a non-negative value"));
+            return Err(RpcError::invalid_params(
+                "Parameter 'speed' expects a non-negative value",
+            ));
         }
         job.set_speed(a.speed as u64).map_err(JobError::Refused)?;
         Ok(json!({}))
@@ -49,6 +56,44 @@ pub fn register(t: &mut MethodTable) {
     id_verb(t, "job-dismiss", false, Job::dismiss);
     id_verb(t, "job-cancel", false, |j: &Job| j.cancel().map(|_| ()));
     t.add("change-backing-file", change_backing_file);
+    t.add("x-query-job-events", query_job_events);
+}
+
+/// The block-job events in full (SPDK's notifications carry no data).
+const JOB_EVENTS: [&str; 7] = [
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "BLOCK_JOB_ERROR",
+    "BLOCK_JOB_PENDING",
+    "BLOCK_JOB_READY",
+    "BLOCK_STREAM_COMPLETED",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct After {
+    /// Only events with a larger sequence number.
+    #[serde(default)]
+    after: u64,
+}
+
+/// `x-query-job-events {after}`: `[{seq, event, data, timestamp}]` of the job
+/// events still in the bus's history, for JSON-RPC clients (`sluice rpc --wait`).
+fn query_job_events(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let a: After = p.parse()?;
+    let v: Vec<Value> = svc
+        .events
+        .since(a.after, usize::MAX)
+        .into_iter()
+        .filter(|e| JOB_EVENTS.contains(&e.name.as_str()))
+        .map(|e| {
+            let mut q = e.to_qmp();
+            q["seq"] = json!(e.seq);
+            q
+        })
+        .collect();
+    Ok(Value::Array(v))
 }
 
 /// Stream jobs never become ready, so `complete` is always refused by the verb table.
@@ -116,7 +161,11 @@ fn block_verb(t: &mut MethodTable, name: &str, f: fn(&Job) -> Result<(), String>
 fn id_verb(t: &mut MethodTable, name: &str, block: bool, f: fn(&Job) -> Result<(), String>) {
     t.add(name, move |svc, p| {
         let a: ById = p.parse()?;
-        let job: Arc<Job> = if block { svc.jobs.block_job(&a.id)? } else { svc.jobs.job(&a.id)? };
+        let job: Arc<Job> = if block {
+            svc.jobs.block_job(&a.id)?
+        } else {
+            svc.jobs.job(&a.id)?
+        };
         f(&job).map_err(JobError::Refused)?;
         Ok(json!({}))
     });
@@ -140,9 +189,9 @@ struct BlockStream {
 fn parse_on_error(v: Option<String>) -> Result<Option<OnError>, RpcError> {
     match v {
         None => Ok(None),
-        Some(s) => OnError::parse(&s)
-            .map(Some)
-            .ok_or_else(|| RpcError::invalid_params(format!("Parameter 'on-error' does not accept value '{s}'"))),
+        Some(s) => OnError::parse(&s).map(Some).ok_or_else(|| {
+            RpcError::invalid_params(format!("Parameter 'on-error' does not accept value '{s}'"))
+        }),
     }
 }
 
@@ -175,29 +224,52 @@ struct ChangeBackingFile {
 
 fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: ChangeBackingFile = p.parse()?;
-    let dev = bdev::registry()
-        .get(&a.device)
-        .map_err(|_| RpcError::new(-libc::ENODEV, crate::ErrorClass::GenericError, format!("Cannot find device='{}' nor node-name='{}'", a.device, a.device)))?;
-    let top = bdev::device::Device::from_bdev(&dev).map(|d| d.root()).unwrap_or(dev);
+    let dev = bdev::registry().get(&a.device).map_err(|_| {
+        RpcError::new(
+            -libc::ENODEV,
+            crate::ErrorClass::GenericError,
+            format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                a.device, a.device
+            ),
+        )
+    })?;
+    let top = bdev::device::Device::from_bdev(&dev)
+        .map(|d| d.root())
+        .unwrap_or(dev);
     let chain = stream::node::chain(&top);
     let node = chain
         .iter()
         .find(|b| b.name() == a.image_node_name)
         .cloned()
-        .ok_or_else(|| RpcError::invalid_params(format!("Node '{}' not found", a.image_node_name)))?;
-    let img = stream::node::image(&node)
-        .ok_or_else(|| RpcError::invalid_params(format!("Node '{}' has no backing file to change", a.image_node_name)))?;
+        .ok_or_else(|| {
+            RpcError::invalid_params(format!("Node '{}' not found", a.image_node_name))
+        })?;
+    let img = stream::node::image(&node).ok_or_else(|| {
+        RpcError::invalid_params(format!(
+            "Node '{}' has no backing file to change",
+            a.image_node_name
+        ))
+    })?;
     let Some(backing) = img.backing() else {
-        return Err(RpcError::invalid_params(format!("Node '{}' has no backing file to change", a.image_node_name)));
+        return Err(RpcError::invalid_params(format!(
+            "Node '{}' has no backing file to change",
+            a.image_node_name
+        )));
     };
     if node.read_only() {
-        return Err(RpcError::errno(libc::EROFS, format!("Node '{}' is read-only", a.image_node_name)));
+        return Err(RpcError::errno(
+            libc::EROFS,
+            format!("Node '{}' is read-only", a.image_node_name),
+        ));
     }
     let fmt = stream::node::format_of(&backing);
     let owner = img.owner();
     let file = a.backing_file;
     svc.rt
-        .spawn_on(owner, move || async move { img.set_backing_file(Some(&file), Some(fmt)).await })
+        .spawn_on(owner, move || async move {
+            img.set_backing_file(Some(&file), Some(fmt)).await
+        })
         .block()??;
     Ok(json!({}))
 }

@@ -40,7 +40,10 @@ impl From<NvmeError> for RpcError {
 static OPTS: Mutex<Option<CtrlrOpts>> = Mutex::new(None);
 
 fn opts() -> CtrlrOpts {
-    OPTS.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+    OPTS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -66,17 +69,32 @@ struct Attach {
 fn attach(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Attach = p.parse()?;
     if !a.trtype.eq_ignore_ascii_case("pcie") {
-        return Err(RpcError::errno(libc::ENOTSUP, format!("trtype {:?} is not supported (only PCIe)", a.trtype)));
+        return Err(RpcError::errno(
+            libc::ENOTSUP,
+            format!("trtype {:?} is not supported (only PCIe)", a.trtype),
+        ));
     }
-    let fabric = [&a.adrfam, &a.trsvcid, &a.subnqn, &a.hostnqn, &a.hostaddr, &a.hostsvcid];
+    let fabric = [
+        &a.adrfam,
+        &a.trsvcid,
+        &a.subnqn,
+        &a.hostnqn,
+        &a.hostaddr,
+        &a.hostsvcid,
+    ];
     if fabric.iter().any(|v| v.is_some()) {
-        return Err(RpcError::invalid_params("adrfam, trsvcid, subnqn, hostnqn, hostaddr and hostsvcid are for fabrics, not PCIe"));
+        return Err(RpcError::invalid_params(
+            "adrfam, trsvcid, subnqn, hostnqn, hostaddr and hostsvcid are for fabrics, not PCIe",
+        ));
     }
     if a.multipath.as_deref().is_some_and(|m| m != "disable") {
         return Err(RpcError::errno(libc::ENOTSUP, "multipath is not supported"));
     }
     if [a.prchk_reftag, a.prchk_guard, a.hdgst, a.ddgst].contains(&Some(true)) {
-        return Err(RpcError::errno(libc::ENOTSUP, "protection information checks and digests are not supported"));
+        return Err(RpcError::errno(
+            libc::ENOTSUP,
+            "protection information checks and digests are not supported",
+        ));
     }
     let names = nvme::attach_pcie(&svc.rt, &a.name, &a.traddr, opts())?;
     for n in &names {
@@ -100,14 +118,29 @@ struct Detach {
 
 fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let d: Detach = p.parse()?;
-    let c = nvme::controller(&d.name).ok_or_else(|| RpcError::from(NvmeError::NotFound(d.name.clone())))?;
+    let c = nvme::controller(&d.name)
+        .ok_or_else(|| RpcError::from(NvmeError::NotFound(d.name.clone())))?;
     if let Some(t) = &d.traddr {
         if bdev::nvme::pci::normalize(t).ok().as_deref() != Some(c.traddr()) {
-            return Err(RpcError::errno(libc::ENODEV, format!("controller {:?} has no path {t}", d.name)));
+            return Err(RpcError::errno(
+                libc::ENODEV,
+                format!("controller {:?} has no path {t}", d.name),
+            ));
         }
     }
-    let _ = (&d.trtype, &d.adrfam, &d.trsvcid, &d.subnqn, &d.hostaddr, &d.hostsvcid);
-    let bdevs: Vec<String> = c.namespaces().iter().map(|n| format!("{}n{}", d.name, n.params.nsid)).collect();
+    let _ = (
+        &d.trtype,
+        &d.adrfam,
+        &d.trsvcid,
+        &d.subnqn,
+        &d.hostaddr,
+        &d.hostsvcid,
+    );
+    let bdevs: Vec<String> = c
+        .namespaces()
+        .iter()
+        .map(|n| format!("{}n{}", d.name, n.params.nsid))
+        .collect();
     nvme::detach(&svc.rt, &d.name)?;
     for b in &bdevs {
         notify::publish_bdev(svc, notify::BDEV_UNREGISTER, b);
@@ -127,7 +160,9 @@ fn get_controllers(_: &Service, p: Params) -> Result<Value, RpcError> {
     Ok(Value::Array(
         list.into_iter()
             .map(|c| {
-                let cntlid = nvme::controller(&c.name).map(|x| x.data().cntlid).unwrap_or(0);
+                let cntlid = nvme::controller(&c.name)
+                    .map(|x| x.data().cntlid)
+                    .unwrap_or(0);
                 json!({
                     "name": c.name,
                     "ctrlrs": [{
@@ -181,18 +216,26 @@ fn set_options(_: &Service, p: Params) -> Result<Value, RpcError> {
     }
     if let Some(t) = s.timeout_admin_us {
         if t == 0 {
-            return Err(RpcError::invalid_params("timeout_admin_us must be positive"));
+            return Err(RpcError::invalid_params(
+                "timeout_admin_us must be positive",
+            ));
         }
         o.admin_timeout = Duration::from_micros(t);
     }
     match s.action_on_timeout.as_deref() {
         None | Some("abort") | Some("reset") => {}
         Some("none") => o.io_timeout = Duration::ZERO,
-        Some(x) => return Err(RpcError::invalid_params(format!("action_on_timeout {x:?}: expected none, reset or abort"))),
+        Some(x) => {
+            return Err(RpcError::invalid_params(format!(
+                "action_on_timeout {x:?}: expected none, reset or abort"
+            )))
+        }
     }
     if let Some(n) = s.io_queue_requests {
         if !(2..=65535).contains(&n) {
-            return Err(RpcError::invalid_params("io_queue_requests must be within 2..=65535"));
+            return Err(RpcError::invalid_params(
+                "io_queue_requests must be within 2..=65535",
+            ));
         }
         o.io_queue_entries = n as u16;
     }

@@ -81,7 +81,9 @@ fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<Str
     match (name, node_name) {
         (_, Some(n)) => Ok(n.clone()),
         (Some(d), None) => Ok(format!("{d}-node")),
-        (None, None) => Err(RpcError::invalid_params("one of 'name' and 'node_name' is required")),
+        (None, None) => Err(RpcError::invalid_params(
+            "one of 'name' and 'node_name' is required",
+        )),
     }
 }
 
@@ -97,7 +99,11 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let target: Result<Arc<dyn Bdev>, PathBuf> = match (&c.filename, &c.base_bdev) {
         (Some(f), None) => Err(PathBuf::from(f)),
         (None, Some(b)) => Ok(registry().get(b)?),
-        _ => return Err(RpcError::invalid_params("exactly one of 'filename' and 'base_bdev' is required")),
+        _ => {
+            return Err(RpcError::invalid_params(
+                "exactly one of 'filename' and 'base_bdev' is required",
+            ))
+        }
     };
     let reactor = c.reactor.unwrap_or(0);
     svc.rt
@@ -143,23 +149,42 @@ fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     let node_name = node_name_of(&o.name, &o.node_name)?;
     if let Some(d) = &o.name {
         if registry().contains(d) {
-            return Err(RpcError::errno(libc::EEXIST, format!("a bdev named {d:?} already exists")));
+            return Err(RpcError::errno(
+                libc::EEXIST,
+                format!("a bdev named {d:?} already exists"),
+            ));
         }
     }
     if registry().contains(&node_name) {
-        return Err(RpcError::errno(libc::EEXIST, format!("Duplicate nodes with node-name='{node_name}'")));
+        return Err(RpcError::errno(
+            libc::EEXIST,
+            format!("Duplicate nodes with node-name='{node_name}'"),
+        ));
     }
     let backing = match (&o.backing, o.no_backing) {
-        (Some(_), true) => return Err(RpcError::invalid_params("'backing' and 'no_backing' exclude each other")),
+        (Some(_), true) => {
+            return Err(RpcError::invalid_params(
+                "'backing' and 'no_backing' exclude each other",
+            ))
+        }
         (Some(n), false) => BackingSpec::Named(n.clone()),
         (None, true) => BackingSpec::None,
         (None, false) => BackingSpec::FromHeader,
     };
-    let opts = OpenOptions { read_only: o.read_only, backing, direct: o.direct.unwrap_or(true), ..OpenOptions::default() };
+    let opts = OpenOptions {
+        read_only: o.read_only,
+        backing,
+        direct: o.direct.unwrap_or(true),
+        ..OpenOptions::default()
+    };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {
         (Some(f), None) => Err(PathBuf::from(f)),
         (None, Some(b)) => Ok(registry().get(b)?),
-        _ => return Err(RpcError::invalid_params("exactly one of 'filename' and 'base_bdev' is required")),
+        _ => {
+            return Err(RpcError::invalid_params(
+                "exactly one of 'filename' and 'base_bdev' is required",
+            ))
+        }
     };
     let base_name = o.base_bdev.clone();
     let nn = node_name.clone();
@@ -232,7 +257,10 @@ fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let b = registry().get(&d.name)?;
     if let Some(dev) = Device::from_bdev(&b) {
         if let Some(j) = svc.jobs.job_on_node(dev.root().name()) {
-            return Err(RpcError::errno(libc::EBUSY, format!("device {:?} is in use by job {:?}", d.name, j.id())));
+            return Err(RpcError::errno(
+                libc::EBUSY,
+                format!("device {:?} is in use by job {:?}", d.name, j.id()),
+            ));
         }
         let root = dev.root();
         delete_bdev(svc, &d.name)?;
@@ -241,7 +269,14 @@ fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
         }
     } else {
         if !registry().claims(&d.name).is_empty() {
-            return Err(RpcError::errno(libc::EBUSY, format!("bdev {:?} is in use by {}", d.name, registry().claims(&d.name).join(", "))));
+            return Err(RpcError::errno(
+                libc::EBUSY,
+                format!(
+                    "bdev {:?} is in use by {}",
+                    d.name,
+                    registry().claims(&d.name).join(", ")
+                ),
+            ));
         }
         delete_node(svc, b)?;
     }
@@ -317,5 +352,12 @@ fn query_block() -> Value {
 
 /// `query-named-block-nodes`: every node (image or leaf) that is not a device.
 fn query_named_block_nodes() -> Value {
-    Value::Array(registry().list().iter().filter(|b| Device::from_bdev(b).is_none()).map(node_info).collect())
+    Value::Array(
+        registry()
+            .list()
+            .iter()
+            .filter(|b| Device::from_bdev(b).is_none())
+            .map(node_info)
+            .collect(),
+    )
 }

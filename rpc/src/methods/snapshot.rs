@@ -20,13 +20,20 @@ pub fn register(t: &mut MethodTable) {
 
 fn run(svc: &Service, req: SnapshotRequest) -> Result<String, RpcError> {
     let (_, owner) = snapshot::device_and_owner(&req.device)?;
-    Ok(svc.rt.spawn_on(owner, move || snapshot::snapshot(req)).block()??)
+    Ok(svc
+        .rt
+        .spawn_on(owner, move || snapshot::snapshot(req))
+        .block()??)
 }
 
 fn check_format(format: &Option<String>, class: ErrorClass) -> Result<(), RpcError> {
     match format.as_deref() {
         None | Some("qcow2") => Ok(()),
-        Some(f) => Err(RpcError::errno(libc::ENOTSUP, format!("snapshot format '{f}' is not supported (only qcow2)")).with_class(class)),
+        Some(f) => Err(RpcError::errno(
+            libc::ENOTSUP,
+            format!("snapshot format '{f}' is not supported (only qcow2)"),
+        )
+        .with_class(class)),
     }
 }
 
@@ -41,7 +48,15 @@ struct Blkdev {
 fn snapshot_blkdev(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Blkdev = p.parse()?;
     check_format(&a.format, ErrorClass::NotSupported)?;
-    run(svc, SnapshotRequest { device: a.device, target: a.snapshot_file, direct: true, ..Default::default() })?;
+    run(
+        svc,
+        SnapshotRequest {
+            device: a.device,
+            target: a.snapshot_file,
+            direct: true,
+            ..Default::default()
+        },
+    )?;
     Ok(json!({}))
 }
 
@@ -62,7 +77,11 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let mode = match a.mode.as_deref() {
         None | Some("absolute-paths") => SnapshotMode::Create,
         Some("existing") => SnapshotMode::Existing,
-        Some(m) => return Err(RpcError::invalid_params(format!("Parameter 'mode' does not accept value '{m}'"))),
+        Some(m) => {
+            return Err(RpcError::invalid_params(format!(
+                "Parameter 'mode' does not accept value '{m}'"
+            )))
+        }
     };
     // A node name designates the device whose root it is.
     let device = match (a.device, a.node_name) {
@@ -70,15 +89,32 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
         (None, Some(n)) => match bdev::device::Device::find_by_root(&n) {
             Some(d) => d.name().to_string(),
             None if bdev::registry().contains(&n) => {
-                return Err(RpcError::invalid_params(format!("Node '{n}' is not the root of a device")))
+                return Err(RpcError::invalid_params(format!(
+                    "Node '{n}' is not the root of a device"
+                )))
             }
-            None => return Err(RpcError::errno(libc::ENODEV, format!("Cannot find device='' nor node-name='{n}'"))),
+            None => {
+                return Err(RpcError::errno(
+                    libc::ENODEV,
+                    format!("Cannot find device='' nor node-name='{n}'"),
+                ))
+            }
         },
-        (None, None) => return Err(RpcError::invalid_params("Cannot find device='' nor node-name=''")),
+        (None, None) => {
+            return Err(RpcError::invalid_params(
+                "Cannot find device='' nor node-name=''",
+            ))
+        }
     };
     run(
         svc,
-        SnapshotRequest { device, target: a.snapshot_file, node_name: a.snapshot_node_name, mode, direct: true },
+        SnapshotRequest {
+            device,
+            target: a.snapshot_file,
+            node_name: a.snapshot_node_name,
+            mode,
+            direct: true,
+        },
     )?;
     Ok(json!({}))
 }
@@ -99,7 +135,9 @@ fn blockdev_snapshot(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .map(|i| i.owner())
         .unwrap_or(0);
     svc.rt
-        .spawn_on(owner, move || async move { snapshot::snapshot_existing_node(&a.node, &a.overlay).await })
+        .spawn_on(owner, move || async move {
+            snapshot::snapshot_existing_node(&a.node, &a.overlay).await
+        })
         .block()??;
     Ok(json!({}))
 }

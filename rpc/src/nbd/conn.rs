@@ -96,11 +96,16 @@ async fn bounded<F: Future + Unpin>(mut f: F, limit: Duration, kick: &Kick) -> O
     .await
 }
 
+/// A finished block-status query: the request's slot and its payload or errno.
+type StatusDone = (usize, Result<Vec<u8>, u32>);
+
 /// What completions hand back to the connection task (same reactor).
 #[derive(Default)]
 struct Shared {
+    // Requests travel as `Box<BdevIo>` (the bdev API); they are moved, not copied.
+    #[allow(clippy::vec_box)]
     ios: RefCell<Vec<Box<BdevIo>>>,
-    status: RefCell<Vec<(usize, Result<Vec<u8>, u32>)>>,
+    status: RefCell<Vec<StatusDone>>,
     space: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
@@ -222,6 +227,7 @@ struct Transmission {
     out_bytes: usize,
     pending_submit: VecDeque<Box<BdevIo>>,
     waiting_space: bool,
+    #[allow(clippy::vec_box)]
     reap_buf: Vec<Box<BdevIo>>,
     accepting: bool,
     eof: bool,
@@ -326,9 +332,10 @@ impl Transmission {
         self.recs.len() >= MAX_INFLIGHT || self.out_bytes >= MAX_OUT_BYTES || !self.pending_submit.is_empty()
     }
 
+    /// Replies can no longer be sent. Requests the client already sent are still
+    /// carried out (until end of stream), their replies dropped.
     fn set_broken(&mut self) {
         self.broken = true;
-        self.accepting = false;
         self.out_off = 0;
         self.out_bytes = 0;
         for o in self.out.drain(..) {
@@ -381,6 +388,7 @@ impl Transmission {
                 Err(e) => {
                     tracing::debug!(error = %e, "NBD socket read failed");
                     self.set_broken();
+                    self.accepting = false;
                     break;
                 }
             }

@@ -297,7 +297,7 @@ impl NbdServer {
             return Err(NbdError::Invalid("no listen address".into()));
         }
         for a in addrs {
-            if !(opts.allow_remote || self.allow_remote.load(Ordering::SeqCst)) && !a.is_local()? {
+            if !(opts.allow_remote || self.allow_remote.load(Ordering::SeqCst) || a.is_local()?) {
                 return Err(NbdError::BadAddress {
                     addr: a.to_string(),
                     why: "not a loopback address (start sluice with --nbd-allow-remote to serve other hosts)".into(),

@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn oversized_value_is_skipped_and_stream_resumes() {
         let mut s = Splitter::new(16);
-        s.feed(b"{\"a\": \"0123456789");
+        s.feed(b"{\"a\": \"0123");
         assert_eq!(all(&mut s), vec![]);
         s.feed(b"0123456789\"");
         assert_eq!(all(&mut s), vec![Frame::TooLarge]);

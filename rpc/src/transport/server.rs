@@ -245,7 +245,6 @@ fn admit(
     let p = proto.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-conn"))
-        .stack_size(512 << 10)
         .spawn(move || {
             tracing::debug!(server = name, id, "connection opened");
             p.serve(conn);

@@ -181,7 +181,10 @@ pub fn bind_unix(path: &Path) -> Result<Listener, TransportError> {
     let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
         TransportError::InUse {
             path: path.to_path_buf(),
-            why: format!("{} is locked by another process", lock_path.display()),
+            why: format!(
+                "another sluice is serving on it (it holds {})",
+                lock_path.display()
+            ),
         }
     })?;
 

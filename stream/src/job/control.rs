@@ -121,6 +121,15 @@ pub struct Job {
     started: AtomicBool,
 }
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.spec.id)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
 fn now_ns() -> u64 {
     reactor::ticks_to_ns(reactor::ticks())
 }
@@ -165,7 +174,10 @@ impl Job {
         }
         c.status = to;
         tracing::debug!(job = %self.spec.id, status = %to, "job status");
-        self.events.publish("JOB_STATUS_CHANGE", json!({"id": self.spec.id, "status": to.as_str()}));
+        self.events.publish(
+            "JOB_STATUS_CHANGE",
+            json!({"id": self.spec.id, "status": to.as_str()}),
+        );
     }
 
     fn wake(c: &mut Ctl) {
@@ -193,7 +205,10 @@ impl Job {
     }
     /// Progress: (offset, len).
     pub fn progress(&self) -> (u64, u64) {
-        (self.offset.load(Ordering::Relaxed), self.len.load(Ordering::Relaxed))
+        (
+            self.offset.load(Ordering::Relaxed),
+            self.len.load(Ordering::Relaxed),
+        )
     }
     /// Sets the total amount of work.
     pub fn set_len(&self, len: u64) {
@@ -228,7 +243,11 @@ impl Job {
     pub fn pause(&self) -> Result<(), String> {
         let mut c = self.lock();
         if !verb_allowed(JobVerb::Pause, c.status) {
-            return Err(verb_refused_message(&self.spec.id, c.status, JobVerb::Pause));
+            return Err(verb_refused_message(
+                &self.spec.id,
+                c.status,
+                JobVerb::Pause,
+            ));
         }
         if c.user_paused {
             return Err("Job is already paused".into());
@@ -242,7 +261,11 @@ impl Job {
     pub fn resume(&self) -> Result<(), String> {
         let mut c = self.lock();
         if !verb_allowed(JobVerb::Resume, c.status) {
-            return Err(verb_refused_message(&self.spec.id, c.status, JobVerb::Resume));
+            return Err(verb_refused_message(
+                &self.spec.id,
+                c.status,
+                JobVerb::Resume,
+            ));
         }
         if !c.user_paused {
             return Err("Can't resume a job that was not paused".into());
@@ -257,7 +280,11 @@ impl Job {
     pub fn set_speed(&self, speed: u64) -> Result<(), String> {
         let mut c = self.lock();
         if !verb_allowed(JobVerb::SetSpeed, c.status) {
-            return Err(verb_refused_message(&self.spec.id, c.status, JobVerb::SetSpeed));
+            return Err(verb_refused_message(
+                &self.spec.id,
+                c.status,
+                JobVerb::SetSpeed,
+            ));
         }
         c.limiter.set_speed(speed, now_ns());
         Self::wake(&mut c);
@@ -269,7 +296,11 @@ impl Job {
     pub fn cancel(&self) -> Result<futures::channel::oneshot::Receiver<()>, String> {
         let mut c = self.lock();
         if !verb_allowed(JobVerb::Cancel, c.status) {
-            return Err(verb_refused_message(&self.spec.id, c.status, JobVerb::Cancel));
+            return Err(verb_refused_message(
+                &self.spec.id,
+                c.status,
+                JobVerb::Cancel,
+            ));
         }
         let (tx, rx) = futures::channel::oneshot::channel();
         c.stopped_waiters.push(tx);
@@ -283,7 +314,11 @@ impl Job {
     pub fn finalize(&self) -> Result<(), String> {
         let mut c = self.lock();
         if !verb_allowed(JobVerb::Finalize, c.status) {
-            return Err(verb_refused_message(&self.spec.id, c.status, JobVerb::Finalize));
+            return Err(verb_refused_message(
+                &self.spec.id,
+                c.status,
+                JobVerb::Finalize,
+            ));
         }
         c.finalize_requested = true;
         Self::wake(&mut c);
@@ -294,7 +329,11 @@ impl Job {
     pub fn dismiss(&self) -> Result<(), String> {
         let mut c = self.lock();
         if !verb_allowed(JobVerb::Dismiss, c.status) {
-            return Err(verb_refused_message(&self.spec.id, c.status, JobVerb::Dismiss));
+            return Err(verb_refused_message(
+                &self.spec.id,
+                c.status,
+                JobVerb::Dismiss,
+            ));
         }
         self.transition(&mut c, JobStatus::Null);
         Ok(())
@@ -419,7 +458,10 @@ impl Job {
                 self.transition(&mut c, JobStatus::Pending);
             }
             if !self.spec.auto_finalize {
-                self.events.publish("BLOCK_JOB_PENDING", json!({"type": self.spec.job_type.as_str(), "id": self.spec.id}));
+                self.events.publish(
+                    "BLOCK_JOB_PENDING",
+                    json!({"type": self.spec.job_type.as_str(), "id": self.spec.id}),
+                );
                 loop {
                     {
                         let c = self.lock();

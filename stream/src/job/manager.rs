@@ -47,7 +47,10 @@ pub struct JobManager {
 impl JobManager {
     /// A table publishing on `events`.
     pub fn new(events: EventBus) -> Self {
-        Self { jobs: Arc::default(), events }
+        Self {
+            jobs: Arc::default(),
+            events,
+        }
     }
 
     /// The bus the jobs publish on.
@@ -72,7 +75,10 @@ impl JobManager {
         }
         for n in &spec.nodes {
             if let Some(j) = Self::live(&m).find(|j| j.spec().nodes.contains(n)) {
-                return Err(JobError::NodeBusy { node: n.clone(), job_type: j.spec().job_type.as_str().into() });
+                return Err(JobError::NodeBusy {
+                    node: n.clone(),
+                    job_type: j.spec().job_type.as_str().into(),
+                });
             }
         }
         let job = Arc::new(Job::new(spec, self.events.clone()));
@@ -83,13 +89,16 @@ impl JobManager {
     /// The job using `node`, if any.
     pub fn job_on_node(&self, node: &str) -> Option<Arc<Job>> {
         let m = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let found = Self::live(&m).find(|j| j.spec().nodes.iter().any(|n| n == node)).cloned();
+        let found = Self::live(&m)
+            .find(|j| j.spec().nodes.iter().any(|n| n == node))
+            .cloned();
         found
     }
 
     /// Looks a job up for a `block-job-*` command.
     pub fn block_job(&self, id: &str) -> Result<Arc<Job>, JobError> {
-        self.get(id).ok_or_else(|| JobError::BlockJobNotFound(id.to_string()))
+        self.get(id)
+            .ok_or_else(|| JobError::BlockJobNotFound(id.to_string()))
     }
 
     /// Looks a job up for a `job-*` command.
@@ -133,20 +142,37 @@ mod tests {
     fn ids_and_blockers() {
         let bus = EventBus::new(64);
         let m = JobManager::new(bus.clone());
-        assert_eq!(m.create(spec("", &[])).unwrap_err().to_string(), "Invalid job ID ''");
-        assert_eq!(m.create(spec("0x", &[])).unwrap_err().to_string(), "Invalid job ID '0x'");
+        assert_eq!(
+            m.create(spec("", &[])).unwrap_err().to_string(),
+            "Invalid job ID ''"
+        );
+        assert_eq!(
+            m.create(spec("0x", &[])).unwrap_err().to_string(),
+            "Invalid job ID '0x'"
+        );
         let j = m.create(spec("s1", &["node4", "node3"])).unwrap();
         assert_eq!(j.status(), JobStatus::Created);
-        assert_eq!(m.create(spec("s1", &[])).unwrap_err().to_string(), "Job ID 's1' already in use");
         assert_eq!(
-            m.create(spec("s2", &["node5", "node4"])).unwrap_err().to_string(),
+            m.create(spec("s1", &[])).unwrap_err().to_string(),
+            "Job ID 's1' already in use"
+        );
+        assert_eq!(
+            m.create(spec("s2", &["node5", "node4"]))
+                .unwrap_err()
+                .to_string(),
             "Node 'node4' is busy: block device is in use by block job: stream"
         );
         assert!(m.create(spec("s3", &["node2"])).is_ok());
-        assert_eq!(m.block_job("nope").unwrap_err().to_string(), "Block job 'nope' not found");
+        assert_eq!(
+            m.block_job("nope").unwrap_err().to_string(),
+            "Block job 'nope' not found"
+        );
         assert_eq!(m.job("nope").unwrap_err().to_string(), "Job not found");
         let ev = bus.since(0, 10);
         assert_eq!(ev[0].name, "JOB_STATUS_CHANGE");
-        assert_eq!(ev[0].data, serde_json::json!({"id": "s1", "status": "created"}));
+        assert_eq!(
+            ev[0].data,
+            serde_json::json!({"id": "s1", "status": "created"})
+        );
     }
 }

@@ -40,7 +40,10 @@ pub(crate) async fn copy_chunk(
     cluster: u64,
     c: Chunk,
 ) -> Result<(), CopyError> {
-    let nomem = |_| CopyError { op: IoOperation::Read, errno: libc::ENOMEM };
+    let nomem = |_| CopyError {
+        op: IoOperation::Read,
+        errno: libc::ENOMEM,
+    };
     let mut bufs = Vec::new();
     let mut off = c.offset;
     let end = c.offset + c.len;
@@ -55,7 +58,10 @@ pub(crate) async fn copy_chunk(
         drop(refs);
         let io = submit_wait(ch, io).await;
         if !io.status.is_ok() {
-            return Err(CopyError { op: IoOperation::Read, errno: io.status.errno() });
+            return Err(CopyError {
+                op: IoOperation::Read,
+                errno: io.status.errno(),
+            });
         }
     }
     let mut off = c.offset;
@@ -67,7 +73,10 @@ pub(crate) async fn copy_chunk(
     }
     for r in join_all(writes).await {
         if let Err(e) = r {
-            return Err(CopyError { op: IoOperation::Write, errno: errno_of(&e) });
+            return Err(CopyError {
+                op: IoOperation::Write,
+                errno: errno_of(&e),
+            });
         }
     }
     Ok(())

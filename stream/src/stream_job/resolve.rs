@@ -90,7 +90,10 @@ fn matches_file(b: &Arc<dyn Bdev>, above: &Arc<dyn Bdev>, name: &str) -> bool {
     if node::image(above).and_then(|i| i.backing_file()).as_deref() == Some(name) {
         return true;
     }
-    match (std::fs::canonicalize(Path::new(&f)), std::fs::canonicalize(Path::new(name))) {
+    match (
+        std::fs::canonicalize(Path::new(&f)),
+        std::fs::canonicalize(Path::new(name)),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
@@ -99,13 +102,19 @@ fn matches_file(b: &Arc<dyn Bdev>, above: &Arc<dyn Bdev>, name: &str) -> bool {
 /// Resolves and validates a request (QEMU's `qmp_block_stream` and `stream_start`).
 pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpec), StreamError> {
     if p.base.is_some() && p.base_node.is_some() {
-        return Err(StreamError::Invalid("'base' and 'base-node' cannot be specified at the same time".into()));
+        return Err(StreamError::Invalid(
+            "'base' and 'base-node' cannot be specified at the same time".into(),
+        ));
     }
     if p.base.is_some() && p.bottom.is_some() {
-        return Err(StreamError::Invalid("'base' and 'bottom' cannot be specified at the same time".into()));
+        return Err(StreamError::Invalid(
+            "'base' and 'bottom' cannot be specified at the same time".into(),
+        ));
     }
     if p.bottom.is_some() && p.base_node.is_some() {
-        return Err(StreamError::Invalid("'bottom' and 'base-node' cannot be specified at the same time".into()));
+        return Err(StreamError::Invalid(
+            "'bottom' and 'base-node' cannot be specified at the same time".into(),
+        ));
     }
     let named = lookup(Some(&p.device), &p.device)?;
     let (top, device) = match Device::from_bdev(&named) {
@@ -123,13 +132,20 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         let i = (1..chain.len()).find(|&i| matches_file(&chain[i], &chain[i - 1], name));
         match i {
             Some(i) => base = Some(chain[i].clone()),
-            None => return Err(StreamError::Invalid(format!("Can't find '{name}' in the backing chain"))),
+            None => {
+                return Err(StreamError::Invalid(format!(
+                    "Can't find '{name}' in the backing chain"
+                )))
+            }
         }
     }
     if let Some(name) = &p.base_node {
         let b = lookup(None, name)?;
         if position(&b).is_none_or(|i| i == 0) {
-            return Err(StreamError::Invalid(format!("Node '{name}' is not a backing image of '{}'", p.device)));
+            return Err(StreamError::Invalid(format!(
+                "Node '{name}' is not a backing image of '{}'",
+                p.device
+            )));
         }
         base = Some(b);
     }
@@ -148,28 +164,42 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
     let nodes: Vec<String> = chain[..end].iter().map(|b| b.name().to_string()).collect();
     for n in &nodes {
         if let Some(j) = mgr.job_on_node(n) {
-            return Err(StreamError::Job(JobError::NodeBusy { node: n.clone(), job_type: j.spec().job_type.as_str().into() }));
+            return Err(StreamError::Job(JobError::NodeBusy {
+                node: n.clone(),
+                job_type: j.spec().job_type.as_str().into(),
+            }));
         }
     }
     if base.is_none() && p.backing_file.is_some() {
-        return Err(StreamError::Invalid("backing file specified, but streaming the entire chain".into()));
+        return Err(StreamError::Invalid(
+            "backing file specified, but streaming the entire chain".into(),
+        ));
     }
     let job_id = match &p.job_id {
         Some(id) => id.clone(),
-        None => device.as_ref().map(|d| d.name().to_string()).unwrap_or_default(),
+        None => device
+            .as_ref()
+            .map(|d| d.name().to_string())
+            .unwrap_or_default(),
     };
     if !crate::job::id_wellformed(&job_id) {
         return Err(StreamError::Job(JobError::InvalidId(job_id)));
     }
     if p.speed < 0 {
-        return Err(StreamError::Invalid("Parameter 'speed' expects a non-negative value".into()));
+        return Err(StreamError::Invalid(
+            "Parameter 'speed' expects a non-negative value".into(),
+        ));
     }
     if top.read_only() {
         return Err(StreamError::ReadOnly);
     }
     let image = node::image(&top);
     let noop = end <= 1;
-    let backing_file = base.as_ref().map(|b| p.backing_file.clone().unwrap_or_else(|| node::filename_of(b)));
+    let backing_file = base.as_ref().map(|b| {
+        p.backing_file
+            .clone()
+            .unwrap_or_else(|| node::filename_of(b))
+    });
     let owner = image.as_ref().map(|i| i.owner()).unwrap_or(0);
     let plan = StreamPlan {
         top: image,
@@ -184,7 +214,9 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
     let spec = JobSpec {
         id: job_id,
         job_type: JobType::Stream,
-        device: device.map(|d| d.name().to_string()).unwrap_or_else(|| p.device.clone()),
+        device: device
+            .map(|d| d.name().to_string())
+            .unwrap_or_else(|| p.device.clone()),
         speed: p.speed as u64,
         on_error: p.on_error.unwrap_or(OnError::Report),
         auto_finalize: p.auto_finalize.unwrap_or(true),

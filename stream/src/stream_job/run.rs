@@ -30,7 +30,12 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Self { chunk: 1 << 20, max_inflight: 16, yield_to_clients: true, sample: Duration::from_millis(5) }
+        Self {
+            chunk: 1 << 20,
+            max_inflight: 16,
+            yield_to_clients: true,
+            sample: Duration::from_millis(5),
+        }
     }
 }
 
@@ -87,7 +92,9 @@ struct Yield {
 
 impl Yield {
     fn window(&mut self) -> usize {
-        let Some(w) = &self.watch else { return self.max };
+        let Some(w) = &self.watch else {
+            return self.max;
+        };
         let now = reactor::ticks();
         if now.saturating_sub(self.last_tick) >= self.period {
             let ops = w.activity().ops;
@@ -160,9 +167,14 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
         } else if cursor < size {
             let (ext_end, zero) = match extent {
                 Some(e) => e,
-                None => match top.block_status(cursor, size - cursor, plan.base.as_ref()).await {
+                None => match top
+                    .block_status(cursor, size - cursor, plan.base.as_ref())
+                    .await
+                {
                     Ok(s) => {
-                        let copy = !s.allocated_here && s.allocated_above_base && !(s.zero && plan.base.is_none());
+                        let copy = !s.allocated_here
+                            && s.allocated_above_base
+                            && !(s.zero && plan.base.is_none());
                         if !copy {
                             job.add_progress(s.len);
                             cursor += s.len;
@@ -177,8 +189,21 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
                         };
                         // The range is unknown: fail, skip or retry one cluster.
                         let n = (cs - cursor % cs).min(size - cursor);
-                        let c = Chunk { offset: cursor, len: n, zero: false, progress: n };
-                        on_failure(job, &st, c, CopyError { op: IoOperation::Read, errno });
+                        let c = Chunk {
+                            offset: cursor,
+                            len: n,
+                            zero: false,
+                            progress: n,
+                        };
+                        on_failure(
+                            job,
+                            &st,
+                            c,
+                            CopyError {
+                                op: IoOperation::Read,
+                                errno,
+                            },
+                        );
                         let mut s = st.borrow_mut();
                         if s.queue.back() == Some(&c) {
                             s.queue.pop_back();
@@ -190,7 +215,9 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
                 },
             };
             let start = cursor / cs * cs;
-            let end = (start + chunk_max).min(ext_end.next_multiple_of(cs)).min(size);
+            let end = (start + chunk_max)
+                .min(ext_end.next_multiple_of(cs))
+                .min(size);
             let c = Chunk {
                 offset: start,
                 len: end - start,
@@ -198,7 +225,11 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
                 progress: end - cursor,
             };
             cursor = end;
-            extent = if end < ext_end { Some((ext_end, zero)) } else { None };
+            extent = if end < ext_end {
+                Some((ext_end, zero))
+            } else {
+                None
+            };
             c
         } else if inflight == 0 {
             // Done, once the rate limit's debt is paid: a limited job lasts
@@ -206,7 +237,8 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
             match job.rate_delay(0) {
                 None => break,
                 Some(ns) => {
-                    wait_kick_or(job, Duration::from_nanos(ns).min(Duration::from_millis(50))).await;
+                    wait_kick_or(job, Duration::from_nanos(ns).min(Duration::from_millis(50)))
+                        .await;
                     continue;
                 }
             }
@@ -247,7 +279,9 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     if !ok || plan.noop {
         return Ok(());
     }
-    let Some(top) = plan.top.clone() else { return Ok(()) };
+    let Some(top) = plan.top.clone() else {
+        return Ok(());
+    };
     let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
     let dev = plan.device.as_ref().and_then(Device::from_bdev);
     if let Some(d) = dev {
@@ -255,7 +289,8 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     }
     let fmt = plan.base.as_ref().map(node::format_of);
     let r = async {
-        top.set_backing_file(plan.backing_file.as_deref(), fmt).await?;
+        top.set_backing_file(plan.backing_file.as_deref(), fmt)
+            .await?;
         top.set_backing_bdev(plan.base.clone()).await
     }
     .await;
