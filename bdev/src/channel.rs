@@ -69,8 +69,16 @@ impl IoChannel {
     /// Validates and submits. Invalid requests complete (later) with `Einval`,
     /// `Unsupported` or `ReadOnly`; `Err(io)` means the queue is full.
     #[inline]
-    pub fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        io.submit_tick = reactor::ticks();
+    pub fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        self.submit_at(io, reactor::ticks())
+    }
+
+    /// [`IoChannel::submit`] with the submission tick given by the caller (one
+    /// that has just read the clock, e.g. a completion resubmitting at once:
+    /// [`BdevIo::complete_tick`]), saving a clock read per request.
+    #[inline]
+    pub fn submit_at(&self, mut io: Box<BdevIo>, now: u64) -> Result<(), Box<BdevIo>> {
+        io.submit_tick = now;
         io.stats = Some(self.stats.clone());
         if let Some(bad) = self.check(&io) {
             complete_deferred(io, bad);

@@ -163,6 +163,10 @@ pub struct BdevIo {
     pub tag: u64,
     /// Tick of submission (set by [`crate::IoChannel::submit`]).
     pub submit_tick: u64,
+    /// Tick of completion, read once by [`BdevIo::complete`] for the channel's
+    /// statistics (0 for requests that did not go through an [`crate::IoChannel`]).
+    /// Submitters measuring latency reuse it instead of reading the clock again.
+    pub complete_tick: u64,
     iovs: SmallVec<[IoVec; 2]>,
     buf: Option<DmaBuf>,
     done: Option<Rc<dyn IoDone>>,
@@ -198,6 +202,7 @@ impl BdevIo {
             status: IoStatus::Pending,
             tag: 0,
             submit_tick: 0,
+            complete_tick: 0,
             iovs,
             buf,
             done,
@@ -369,7 +374,9 @@ impl BdevIo {
     pub fn complete(mut self: Box<Self>, status: IoStatus) {
         self.status = status;
         if let Some(st) = self.stats.take() {
-            st.record(&self);
+            let now = reactor::ticks();
+            self.complete_tick = now;
+            st.record_at(&self, now);
         }
         if let Some(d) = self.done.clone() {
             d.io_done(self);

@@ -1,5 +1,10 @@
 //! The null bdev: every request succeeds on the next reactor iteration, writes
 //! go nowhere and reads return zeroes (SPDK's `bdev_null_create`).
+//!
+//! Zeroing a read buffer costs as much as the rest of the request; SPDK's null
+//! bdev leaves the caller's buffer untouched ("undefined data"). That behaviour
+//! is available with [`NullOptions::zero_reads`] off, for benchmarks of the
+//! I/O stack itself.
 
 use crate::bdev::{Bdev, Channel};
 use crate::error::BdevError;
@@ -11,21 +16,52 @@ use std::any::Any;
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// Behaviour switches of a null bdev.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NullOptions {
+    /// Reads fill the caller's buffers with zeroes (default). Off: buffers are
+    /// left as they are (SPDK's behaviour).
+    pub zero_reads: bool,
+}
+
+impl Default for NullOptions {
+    fn default() -> Self {
+        Self { zero_reads: true }
+    }
+}
+
 /// A bdev that stores nothing.
 pub struct NullBdev {
     name: String,
     num_blocks: u64,
     block_size: u32,
     uuid: String,
+    opts: NullOptions,
 }
 
 impl NullBdev {
-    /// A null bdev of `num_blocks` blocks of `block_size` bytes. The caller
-    /// registers it (see [`crate::registry`]).
+    /// A null bdev of `num_blocks` blocks of `block_size` bytes whose reads
+    /// return zeroes. The caller registers it (see [`crate::registry`]).
     pub fn new(name: &str, num_blocks: u64, block_size: u32, uuid: Option<String>) -> Result<Arc<NullBdev>, BdevError> {
+        Self::with_options(name, num_blocks, block_size, uuid, NullOptions::default())
+    }
+
+    /// Like [`NullBdev::new`] with explicit options.
+    pub fn with_options(
+        name: &str,
+        num_blocks: u64,
+        block_size: u32,
+        uuid: Option<String>,
+        opts: NullOptions,
+    ) -> Result<Arc<NullBdev>, BdevError> {
         check_geometry(name, num_blocks, block_size)?;
         let uuid = uuid_or_random(uuid)?;
-        Ok(Arc::new(NullBdev { name: name.to_string(), num_blocks, block_size, uuid }))
+        Ok(Arc::new(NullBdev { name: name.to_string(), num_blocks, block_size, uuid, opts }))
+    }
+
+    /// The options it was created with.
+    pub fn options(&self) -> NullOptions {
+        self.opts
     }
 }
 
@@ -50,18 +86,22 @@ impl Bdev for NullBdev {
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         let (q, poller) = LocalQueue::start(&format!("bdev_null_{}", self.name));
-        Ok(Box::new(NullChannel { q, poller }))
+        Ok(Box::new(NullChannel { q, poller, zero_reads: self.opts.zero_reads }))
     }
     fn config(&self) -> Option<Value> {
-        Some(json!({
-            "method": "bdev_null_create",
-            "params": {
-                "name": self.name,
-                "num_blocks": self.num_blocks,
-                "block_size": self.block_size,
-                "uuid": self.uuid,
-            }
-        }))
+        let mut params = json!({
+            "name": self.name,
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "uuid": self.uuid,
+        });
+        if !self.opts.zero_reads {
+            params["zero_reads"] = json!(false);
+        }
+        Some(json!({ "method": "bdev_null_create", "params": params }))
+    }
+    fn driver_specific(&self) -> Value {
+        json!({ "null": { "zero_reads": self.opts.zero_reads } })
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -71,6 +111,7 @@ impl Bdev for NullBdev {
 struct NullChannel {
     q: Rc<LocalQueue>,
     poller: PollerHandle,
+    zero_reads: bool,
 }
 
 impl Channel for NullChannel {
@@ -80,7 +121,9 @@ impl Channel for NullChannel {
             return Err(io);
         }
         if io.io_type == IoType::Read {
-            if std::env::var_os("XNZ").is_none() { zero_read(&mut io); }
+            if self.zero_reads {
+                zero_read(&mut io);
+            }
         }
         io.status = IoStatus::Success;
         self.q.push(io);
@@ -92,9 +135,40 @@ impl Channel for NullChannel {
     }
 }
 
-/// Whether `b` is all zeroes (64-byte blocks, vectorisable, early exit).
+/// Whether `b` is all zeroes.
 #[inline]
 fn is_zero(b: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { is_zero_avx2(b) };
+        }
+    }
+    is_zero_generic(b)
+}
+
+/// AVX2 version: 128 bytes per step, early exit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn is_zero_avx2(b: &[u8]) -> bool {
+    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_or_si256, _mm256_testz_si256};
+    let mut chunks = b.chunks_exact(128);
+    for c in &mut chunks {
+        let p = c.as_ptr() as *const __m256i;
+        // SAFETY: `c` is 128 readable bytes; unaligned loads are allowed.
+        let (a, b2, c2, d) = unsafe { (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)), _mm256_loadu_si256(p.add(2)), _mm256_loadu_si256(p.add(3))) };
+        let o = _mm256_or_si256(_mm256_or_si256(a, b2), _mm256_or_si256(c2, d));
+        if _mm256_testz_si256(o, o) == 0 {
+            return false;
+        }
+    }
+    is_zero_generic(chunks.remainder())
+}
+
+/// Portable version (64-byte blocks, vectorisable, early exit).
+#[inline]
+fn is_zero_generic(b: &[u8]) -> bool {
     let mut blocks = b.chunks_exact(64);
     for c in &mut blocks {
         let mut acc = 0u64;

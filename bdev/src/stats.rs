@@ -65,14 +65,14 @@ pub struct IoStatsSnapshot {
 }
 
 impl IoStats {
-    /// Records a completed request.
+    /// Records a request completed at tick `now`.
     #[inline]
-    pub(crate) fn record(&self, io: &BdevIo) {
+    pub(crate) fn record_at(&self, io: &BdevIo, now: u64) {
         if !io.status.is_ok() {
             self.errors.set(self.errors.get() + 1);
             return;
         }
-        let lat = reactor::ticks().saturating_sub(io.submit_tick);
+        let lat = now.saturating_sub(io.submit_tick);
         let t = match io.io_type {
             IoType::Read => &self.read,
             IoType::Write => &self.write,

@@ -218,8 +218,9 @@ pub fn run(args: RpcArgs) -> ExitCode {
         if !args.wait {
             return call(&args.socket, &args.method, params, timeout);
         }
-        let id = wait::job_id_of(&params)
-            .ok_or_else(|| ClientError::Usage("--wait needs a job-id or device parameter".into()))?;
+        let id = wait::job_id_of(&params).ok_or_else(|| {
+            ClientError::Usage("--wait needs a job-id or device parameter".into())
+        })?;
         let after = wait::last_event_id(&args.socket, timeout)?;
         call(&args.socket, &args.method, params, timeout)?;
         let legacy = args.method == "block_stream";
@@ -227,8 +228,14 @@ pub fn run(args: RpcArgs) -> ExitCode {
         if ok {
             Ok(event)
         } else {
-            println!("{}", serde_json::to_string_pretty(&event).unwrap_or_else(|_| event.to_string()));
-            Err(ClientError::Rpc { code: -1, message: format!("job {id} did not complete successfully") })
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&event).unwrap_or_else(|_| event.to_string())
+            );
+            Err(ClientError::Rpc {
+                code: -1,
+                message: format!("job {id} did not complete successfully"),
+            })
         }
     })();
     match res {

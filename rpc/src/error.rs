@@ -137,7 +137,9 @@ impl From<crate::config::ConfigError> for RpcError {
         use crate::config::ConfigError as C;
         match e {
             C::Method { error, .. } => error,
-            C::Io { ref source, .. } => RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string()),
+            C::Io { ref source, .. } => {
+                RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+            }
             C::Json { .. } | C::Format(_) => RpcError::invalid_params(e.to_string()),
         }
     }
@@ -160,7 +162,9 @@ impl From<crate::nbd::NbdError> for RpcError {
             N::AlreadyRunning => RpcError::errno(libc::EALREADY, e.to_string()),
             N::NotRunning => RpcError::errno(libc::ENOTCONN, e.to_string()),
             N::ReadOnlyNode(_) => RpcError::errno(libc::EROFS, e.to_string()),
-            N::Listen { ref source, .. } => RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string()),
+            N::Listen { ref source, .. } => {
+                RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+            }
             N::Runtime(_) => RpcError::errno(libc::ESHUTDOWN, e.to_string()),
         }
     }
@@ -186,8 +190,14 @@ impl From<stream::stream_job::StreamError> for RpcError {
         use stream::stream_job::StreamError as S;
         match e {
             S::Job(j) => j.into(),
-            S::NotFound { .. } => RpcError::new(-libc::ENODEV, ErrorClass::GenericError, e.to_string()),
-            S::Invalid(_) => RpcError::new(codes::INVALID_PARAMS, ErrorClass::GenericError, e.to_string()),
+            S::NotFound { .. } => {
+                RpcError::new(-libc::ENODEV, ErrorClass::GenericError, e.to_string())
+            }
+            S::Invalid(_) => RpcError::new(
+                codes::INVALID_PARAMS,
+                ErrorClass::GenericError,
+                e.to_string(),
+            ),
             S::ReadOnly => RpcError::new(-libc::EROFS, ErrorClass::GenericError, e.to_string()),
         }
     }
@@ -197,10 +207,18 @@ impl From<stream::legacy::LegacyError> for RpcError {
     fn from(e: stream::legacy::LegacyError) -> Self {
         use stream::legacy::LegacyError as L;
         match e {
-            L::DeviceNotFound(_) => RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string()),
-            L::DeviceInUse(_) => RpcError::new(-libc::EBUSY, ErrorClass::DeviceInUse, e.to_string()),
-            L::NotSupported => RpcError::new(-libc::ENOTSUP, ErrorClass::NotSupported, e.to_string()),
-            L::DeviceNotActive(_) => RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotActive, e.to_string()),
+            L::DeviceNotFound(_) => {
+                RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string())
+            }
+            L::DeviceInUse(_) => {
+                RpcError::new(-libc::EBUSY, ErrorClass::DeviceInUse, e.to_string())
+            }
+            L::NotSupported => {
+                RpcError::new(-libc::ENOTSUP, ErrorClass::NotSupported, e.to_string())
+            }
+            L::DeviceNotActive(_) => {
+                RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotActive, e.to_string())
+            }
             L::Stream(s) => s.into(),
         }
     }
@@ -210,8 +228,14 @@ impl From<stream::snapshot::SnapshotError> for RpcError {
     fn from(e: stream::snapshot::SnapshotError) -> Self {
         use stream::snapshot::SnapshotError as S;
         match e {
-            S::DeviceNotFound(_) => RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string()),
-            S::Invalid(_) => RpcError::new(codes::INVALID_PARAMS, ErrorClass::GenericError, e.to_string()),
+            S::DeviceNotFound(_) => {
+                RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string())
+            }
+            S::Invalid(_) => RpcError::new(
+                codes::INVALID_PARAMS,
+                ErrorClass::GenericError,
+                e.to_string(),
+            ),
             S::Bdev(b) => b.into(),
         }
     }

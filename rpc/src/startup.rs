@@ -57,14 +57,15 @@ fn start_into(svc: &Arc<Service>, args: &ServeArgs, subs: &mut Subsystems) -> Re
     Ok(())
 }
 
-/// The JSON-RPC servers (Unix socket, optional TCP) and the QMP server.
+/// The QMP server and the JSON-RPC servers (optional TCP, Unix socket). The
+/// JSON-RPC Unix socket opens last: once it accepts, every server is up.
 fn start_rpc_servers(svc: &Arc<Service>, args: &ServeArgs, subs: &mut Subsystems) -> Result<(), ServeError> {
     let limits = args.rpc_limits();
     let err = |e: crate::transport::TransportError| ServeError::Start(e.to_string());
-    subs.push(Box::new(crate::jsonrpc::start_unix(svc, &args.rpc_socket_path(), limits).map_err(err)?));
+    subs.push(Box::new(crate::qmp::start_unix(svc, &args.qmp_socket_path(), limits).map_err(err)?));
     if let Some(addr) = &args.rpc_listen {
         subs.push(Box::new(crate::jsonrpc::start_tcp(svc, addr, args.rpc_allow_remote, limits).map_err(err)?));
     }
-    subs.push(Box::new(crate::qmp::start_unix(svc, &args.qmp_socket_path(), limits).map_err(err)?));
+    subs.push(Box::new(crate::jsonrpc::start_unix(svc, &args.rpc_socket_path(), limits).map_err(err)?));
     Ok(())
 }

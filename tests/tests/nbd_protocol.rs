@@ -18,7 +18,15 @@ fn daemon() -> NbdDaemon {
 
 /// The server still serves a real client.
 fn still_serving(n: &NbdDaemon) {
-    qemu_io(&["-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k", &n.uri("m0")]);
+    qemu_io(&[
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 0 64k",
+        "-c",
+        "read -P 0x5a 0 64k",
+        &n.uri("m0"),
+    ]);
 }
 
 #[test]
@@ -32,7 +40,11 @@ fn option_haggling_errors_and_successes() {
     r.opt(OPT_LIST, b"x");
     assert_eq!(r.reply().ty, REP_ERR_INVALID);
     r.opt(OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(r.reply().ty, REP_ERR_INVALID, "meta contexts need structured replies first");
+    assert_eq!(
+        r.reply().ty,
+        REP_ERR_INVALID,
+        "meta contexts need structured replies first"
+    );
     r.opt(OPT_GO, &[0, 0, 0, 9, b'm']);
     assert_eq!(r.reply().ty, REP_ERR_INVALID, "truncated GO data");
     r.opt(OPT_GO, &Raw::go_data("nosuch", &[]));
@@ -50,23 +62,37 @@ fn option_haggling_errors_and_successes() {
     let names: Vec<String> = reps
         .iter()
         .filter(|x| x.ty == REP_SERVER)
-        .map(|x| String::from_utf8_lossy(&x.data[4..4 + be32_of(&x.data[0..4]) as usize]).to_string())
+        .map(|x| {
+            String::from_utf8_lossy(&x.data[4..4 + be32_of(&x.data[0..4]) as usize]).to_string()
+        })
         .collect();
     assert_eq!(names, ["m0", "ro"]);
     assert_eq!(reps.last().map(|x| x.ty), Some(REP_ACK));
     r.opt(OPT_INFO, &Raw::go_data("ro", &[1, 3]));
     let reps = r.replies();
     assert_eq!(reps.last().map(|x| x.ty), Some(REP_ACK));
-    let export = reps.iter().find(|x| x.data[0..2] == [0, 0]).expect("INFO_EXPORT");
-    assert_eq!(u64::from_be_bytes(export.data[2..10].try_into().unwrap()), 4 << 20);
+    let export = reps
+        .iter()
+        .find(|x| x.data[0..2] == [0, 0])
+        .expect("INFO_EXPORT");
+    assert_eq!(
+        u64::from_be_bytes(export.data[2..10].try_into().unwrap()),
+        4 << 20
+    );
     let flags = u16::from_be_bytes([export.data[10], export.data[11]]);
     assert_ne!(flags & TFLAG_READ_ONLY, 0);
-    assert!(reps.iter().any(|x| x.data[0..2] == [0, 3]), "block sizes sent");
+    assert!(
+        reps.iter().any(|x| x.data[0..2] == [0, 3]),
+        "block sizes sent"
+    );
     // Still in option haggling after INFO: GO works.
     r.opt(OPT_GO, &Raw::go_data("m0", &[]));
     let reps = r.replies();
     assert_eq!(reps.last().map(|x| x.ty), Some(REP_ACK));
-    let export = reps.iter().find(|x| x.data[0..2] == [0, 0]).expect("INFO_EXPORT");
+    let export = reps
+        .iter()
+        .find(|x| x.data[0..2] == [0, 0])
+        .expect("INFO_EXPORT");
     let flags = u16::from_be_bytes([export.data[10], export.data[11]]);
     assert_eq!(flags & TFLAG_READ_ONLY, 0);
     assert_ne!(flags & TFLAG_CAN_MULTI_CONN, 0);
@@ -137,7 +163,11 @@ fn bad_requests_get_the_right_errno() {
     r.request(0, CMD_READ, 4, 1, 512, &[]);
     assert_eq!(r.simple(), (EINVAL, 4), "misaligned read");
     r.request(0, CMD_READ, 5, 0, 64 << 20, &[]);
-    assert_eq!(r.simple(), (EINVAL, 5), "read larger than the maximum block size");
+    assert_eq!(
+        r.simple(),
+        (EINVAL, 5),
+        "read larger than the maximum block size"
+    );
     r.request(0, 99, 6, 0, 0, &[]);
     assert_eq!(r.simple(), (EINVAL, 6), "unknown command");
     r.request(0x4000, CMD_READ, 7, 0, 512, &[]);
@@ -218,12 +248,18 @@ fn pipelined_requests_all_answered_and_bad_magic_closes() {
     }
     assert_eq!(seen.len(), 200);
     for i in [0u64, 77, 199] {
-        assert!(r.read_simple(i, i * 4096, 4096).iter().all(|&b| b == i as u8));
+        assert!(r
+            .read_simple(i, i * 4096, 4096)
+            .iter()
+            .all(|&b| b == i as u8));
     }
     let (mut other, _, _) = Raw::attach(&n.sock, "m0", false, false);
     r.send(&[0xff; 28]);
     assert!(r.closed(), "bad request magic closes the connection");
-    assert!(other.read_simple(1, 77 * 4096, 4096).iter().all(|&b| b == 77));
+    assert!(other
+        .read_simple(1, 77 * 4096, 4096)
+        .iter()
+        .all(|&b| b == 77));
 }
 
 #[test]

@@ -336,15 +336,38 @@ fn sixty_four_concurrent_clients() {
     );
 }
 
+/// A connection that the server admitted (answered a call on).
+fn admitted(d: &Daemon) -> Conn {
+    let t0 = Instant::now();
+    loop {
+        let s = UnixStream::connect(&d.rpc_sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = json!({"jsonrpc": "2.0", "method": "spdk_get_version", "id": 0});
+        let _ = (&s).write_all(req.to_string().as_bytes());
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v.get("result").is_some() {
+            return Conn { w: s, r };
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "never admitted: {line:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn connection_cap_refuses_with_a_clear_error() {
     let d = Daemon::start(&["--rpc-max-connections", "4"]);
-    let mut held: Vec<Conn> = (0..4).map(|_| Conn::open(&d)).collect();
+    // The harness's readiness probe may still count for a moment: retry until
+    // each of the four is admitted.
+    let mut held: Vec<Conn> = (0..4).map(|_| admitted(&d)).collect();
     for c in held.iter_mut() {
-        assert_eq!(
-            c.call(json!({"jsonrpc": "2.0", "method": "spdk_get_version", "id": 1}))["id"],
-            1
-        );
+        let r = c.call(json!({"jsonrpc": "2.0", "method": "spdk_get_version", "id": 1}));
+        assert_eq!(r["id"], 1);
     }
     let mut extra = Conn::open(&d);
     let r = extra.reply();
@@ -357,20 +380,8 @@ fn connection_cap_refuses_with_a_clear_error() {
     );
     assert!(extra.closed());
     held.pop();
-    // The freed slot is usable again (the server notices the close promptly).
-    let t0 = Instant::now();
-    loop {
-        let mut c = Conn::open(&d);
-        let r = c.call(json!({"jsonrpc": "2.0", "method": "spdk_get_version", "id": 2}));
-        if r["id"] == 2 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "slot never freed: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The freed slot is usable again once the server notices the close.
+    drop(admitted(&d));
 }
 
 #[test]
@@ -515,7 +526,10 @@ fn a_live_foreign_server_on_the_path_is_refused_and_kept() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("a live server accepts connections on it"), "{err}");
+    assert!(
+        err.contains("a live server accepts connections on it"),
+        "{err}"
+    );
     assert!(path.exists(), "the live server's socket was removed");
     UnixStream::connect(&path).expect("the live server is still reachable");
 }

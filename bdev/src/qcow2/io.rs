@@ -18,6 +18,50 @@ pub(crate) enum Src {
     Zeros,
 }
 
+/// A run of a read request that one I/O (or one fill) serves: adjacent
+/// clusters merge when their data lies contiguously on the host, when they all
+/// fall through to the backing file, or when they all read as zeroes.
+enum Piece {
+    /// `n` bytes at host offset `host` into the parent at `pos`.
+    Host { host: u64, n: u64, pos: usize },
+    /// `n` bytes at guest offset `goff` from the backing chain.
+    Backing { goff: u64, n: u64, pos: usize },
+    /// Zeroes.
+    Zero { n: u64, pos: usize },
+    /// Part of one compressed cluster (raw entry `e`).
+    Compressed {
+        e: u64,
+        host: u64,
+        len: u64,
+        intra: u64,
+        n: u64,
+        pos: usize,
+    },
+}
+
+impl Piece {
+    /// Extends `self` by the next piece `p` of the same request if one I/O can serve both.
+    fn merge(&mut self, p: &Piece) -> bool {
+        match (self, p) {
+            (
+                Piece::Host { host, n, .. },
+                Piece::Host {
+                    host: h2, n: n2, ..
+                },
+            ) if *host + *n == *h2 => {
+                *n += n2;
+                true
+            }
+            (Piece::Backing { n, .. }, Piece::Backing { n: n2, .. })
+            | (Piece::Zero { n, .. }, Piece::Zero { n: n2, .. }) => {
+                *n += n2;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Work left after a read segment's I/O: fill the parent's memory.
 enum Post {
     Zero(usize, usize),
@@ -85,13 +129,48 @@ impl Image {
     }
 
     async fn read_req(self: &Rc<Self>, io: &mut BdevIo) -> R<()> {
+        // Held from before the first lookup: no host cluster found below is
+        // freed (and reused) until every read of this request is done.
+        let _g = self.drain.enter();
+        let mut pieces: Vec<Piece> = Vec::new();
+        for (gc, intra, n, pos) in self.segments(io.offset, io.len) {
+            let e = self.entry(gc).await?;
+            let p = match self.kind(e)? {
+                ClusterKind::Unallocated => Piece::Backing {
+                    goff: gc * self.cs + intra,
+                    n,
+                    pos,
+                },
+                ClusterKind::Zero { .. } => Piece::Zero { n, pos },
+                ClusterKind::Normal { host, .. } => {
+                    self.check_data_cluster(host)?;
+                    Piece::Host {
+                        host: host + intra,
+                        n,
+                        pos,
+                    }
+                }
+                ClusterKind::Compressed { host, len } => Piece::Compressed {
+                    e,
+                    host,
+                    len,
+                    intra,
+                    n,
+                    pos,
+                },
+            };
+            if !pieces.last_mut().is_some_and(|last| last.merge(&p)) {
+                pieces.push(p);
+            }
+        }
         let posts = {
             let pio: &BdevIo = io;
-            let futs: Vec<_> = self
-                .segments(pio.offset, pio.len)
-                .map(|(gc, intra, n, pos)| self.read_segment(pio, gc, intra, n, pos))
-                .collect();
-            futures::future::join_all(futs).await
+            if pieces.len() == 1 {
+                vec![self.read_piece(pio, &pieces[0]).await]
+            } else {
+                let futs: Vec<_> = pieces.iter().map(|p| self.read_piece(pio, p)).collect();
+                futures::future::join_all(futs).await
+            }
         };
         for p in posts {
             for p in p? {
@@ -104,31 +183,29 @@ impl Image {
         Ok(())
     }
 
-    async fn read_segment(
-        self: &Rc<Self>,
-        io: &BdevIo,
-        gc: u64,
-        intra: u64,
-        n: u64,
-        pos: usize,
-    ) -> R<Vec<Post>> {
-        let e = self.entry(gc).await?;
-        match self.kind(e)? {
-            ClusterKind::Unallocated => self.read_backing(io, gc * self.cs + intra, n, pos).await,
-            ClusterKind::Zero { .. } => Ok(vec![Post::Zero(pos, n as usize)]),
-            ClusterKind::Normal { host, .. } => {
-                self.check_data_cluster(host)?;
-                let _g = self.drain.enter();
+    /// Reads one run of a request: one base (or backing) I/O straight into the
+    /// parent's memory, or work to do on the parent's memory afterwards.
+    async fn read_piece(&self, io: &BdevIo, p: &Piece) -> R<Vec<Post>> {
+        match *p {
+            Piece::Backing { goff, n, pos } => self.read_backing(io, goff, n, pos).await,
+            Piece::Zero { n, pos } => Ok(vec![Post::Zero(pos, n as usize)]),
+            Piece::Host { host, n, pos } => {
                 // SAFETY: the parent request outlives this sub-request: we await it here.
-                let sub =
-                    unsafe { BdevIo::sub_io(io, pos as u64, n, IoType::Read, host + intra, None) };
+                let sub = unsafe { BdevIo::sub_io(io, pos as u64, n, IoType::Read, host, None) };
                 let st = submit_wait(&self.ch, sub).await.status;
                 if !st.is_ok() {
                     return Err(BdevError::Io(st));
                 }
                 Ok(Vec::new())
             }
-            ClusterKind::Compressed { host, len } => {
+            Piece::Compressed {
+                e,
+                host,
+                len,
+                intra,
+                n,
+                pos,
+            } => {
                 let d = self.decompressed(e, host, len).await?;
                 Ok(vec![Post::Data(pos, d, intra as usize, n as usize)])
             }

@@ -21,7 +21,9 @@ pub fn register(t: &mut MethodTable) {
     t.add("block-export-del", block_export_del);
     t.add("query-block-exports", |_, p| {
         p.none()?;
-        Ok(Value::Array(nbd::global().exports().iter().map(|e| e.to_qmp()).collect()))
+        Ok(Value::Array(
+            nbd::global().exports().iter().map(|e| e.to_qmp()).collect(),
+        ))
     });
 }
 
@@ -37,10 +39,15 @@ struct StartParams {
 fn nbd_server_start(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let p: StartParams = p.parse()?;
     if p.tls_creds.is_some() || p.tls_authz.is_some() {
-        return Err(RpcError::invalid_params("TLS is not supported by this NBD server"));
+        return Err(RpcError::invalid_params(
+            "TLS is not supported by this NBD server",
+        ));
     }
     let addr = ListenAddr::from_qmp(&p.addr)?;
-    let opts = StartOptions { max_connections: p.max_connections.unwrap_or(0), allow_remote: false };
+    let opts = StartOptions {
+        max_connections: p.max_connections.unwrap_or(0),
+        allow_remote: false,
+    };
     nbd::global().start(&svc.rt, Some(svc.events.clone()), &[addr], opts)?;
     Ok(json!({}))
 }
@@ -72,18 +79,29 @@ struct ExportAddParams {
 fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
     let p: ExportAddParams = p.parse()?;
     if p.ty != "nbd" {
-        return Err(RpcError::invalid_params(format!("block export type '{}' is not supported (only 'nbd')", p.ty)));
+        return Err(RpcError::invalid_params(format!(
+            "block export type '{}' is not supported (only 'nbd')",
+            p.ty
+        )));
     }
     let node = match (p.node_name, p.device) {
         (Some(n), None) | (None, Some(n)) => n,
-        (Some(_), Some(_)) => return Err(RpcError::invalid_params("give 'node-name' or 'device', not both")),
+        (Some(_), Some(_)) => {
+            return Err(RpcError::invalid_params(
+                "give 'node-name' or 'device', not both",
+            ))
+        }
         (None, None) => return Err(RpcError::invalid_params("parameter 'node-name' is missing")),
     };
     if p.bitmaps.is_some_and(|b| !b.is_empty()) {
-        return Err(RpcError::invalid_params("exporting dirty bitmaps is not supported"));
+        return Err(RpcError::invalid_params(
+            "exporting dirty bitmaps is not supported",
+        ));
     }
     if p.allocation_depth == Some(true) {
-        return Err(RpcError::invalid_params("the qemu:allocation-depth context is not supported"));
+        return Err(RpcError::invalid_params(
+            "the qemu:allocation-depth context is not supported",
+        ));
     }
     let cfg = ExportConfig {
         id: p.id,
@@ -108,7 +126,11 @@ fn block_export_del(_: &Service, p: Params) -> Result<Value, RpcError> {
     let hard = match p.mode.as_deref() {
         None | Some("safe") => false,
         Some("hard") => true,
-        Some(m) => return Err(RpcError::invalid_params(format!("invalid parameter 'mode': '{m}' (use 'safe' or 'hard')"))),
+        Some(m) => {
+            return Err(RpcError::invalid_params(format!(
+                "invalid parameter 'mode': '{m}' (use 'safe' or 'hard')"
+            )))
+        }
     };
     nbd::global().del_export(&p.id, hard)?;
     Ok(json!({}))

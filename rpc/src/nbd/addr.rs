@@ -35,11 +35,15 @@ impl fmt::Display for ListenAddr {
 }
 
 fn bad(addr: &str, why: impl Into<String>) -> NbdError {
-    NbdError::BadAddress { addr: addr.to_string(), why: why.into() }
+    NbdError::BadAddress {
+        addr: addr.to_string(),
+        why: why.into(),
+    }
 }
 
 fn parse_port(addr: &str, p: &str) -> Result<u16, NbdError> {
-    p.parse::<u16>().map_err(|_| bad(addr, format!("port {p:?} is not a number from 0 to 65535")))
+    p.parse::<u16>()
+        .map_err(|_| bad(addr, format!("port {p:?} is not a number from 0 to 65535")))
 }
 
 impl ListenAddr {
@@ -59,7 +63,10 @@ impl ListenAddr {
                 None if tail.is_empty() => DEFAULT_PORT,
                 None => return Err(bad(s, "expected ':PORT' after ']'")),
             };
-            return Ok(ListenAddr::Tcp { host: host.to_string(), port });
+            return Ok(ListenAddr::Tcp {
+                host: host.to_string(),
+                port,
+            });
         }
         let (host, port) = match t.rsplit_once(':') {
             Some((h, p)) => (h, parse_port(s, p)?),
@@ -68,14 +75,19 @@ impl ListenAddr {
         if host.is_empty() || host.contains(':') {
             return Err(bad(s, "expected unix:PATH or HOST:PORT"));
         }
-        Ok(ListenAddr::Tcp { host: host.to_string(), port })
+        Ok(ListenAddr::Tcp {
+            host: host.to_string(),
+            port,
+        })
     }
 
     /// Parses QEMU's `SocketAddress` (`{"type": "unix", "path"}`, `{"type":
     /// "inet", "host", "port"}`) or its legacy form with the fields under `data`.
     pub fn from_qmp(v: &Value) -> Result<ListenAddr, NbdError> {
         let text = v.to_string();
-        let obj = v.as_object().ok_or_else(|| NbdError::Invalid("addr: must be an object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| NbdError::Invalid("addr: must be an object".into()))?;
         let ty = obj
             .get("type")
             .and_then(Value::as_str)
@@ -110,12 +122,20 @@ impl ListenAddr {
                         .as_u64()
                         .and_then(|n| u16::try_from(n).ok())
                         .ok_or_else(|| bad(&text, "port out of range"))?,
-                    None => return Err(NbdError::Invalid("addr: inet address needs 'port'".into())),
+                    None => {
+                        return Err(NbdError::Invalid("addr: inet address needs 'port'".into()))
+                    }
                     Some(_) => return Err(bad(&text, "port must be a string or a number")),
                 };
-                Ok(ListenAddr::Tcp { host: host.to_string(), port })
+                Ok(ListenAddr::Tcp {
+                    host: host.to_string(),
+                    port,
+                })
             }
-            other => Err(bad(&text, format!("address type '{other}' is not supported (use unix or inet)"))),
+            other => Err(bad(
+                &text,
+                format!("address type '{other}' is not supported (use unix or inet)"),
+            )),
         }
     }
 
@@ -149,13 +169,31 @@ mod tests {
 
     #[test]
     fn parses_command_line_forms() {
-        assert_eq!(ListenAddr::parse("unix:/tmp/n.sock").unwrap(), ListenAddr::Unix("/tmp/n.sock".into()));
+        assert_eq!(
+            ListenAddr::parse("unix:/tmp/n.sock").unwrap(),
+            ListenAddr::Unix("/tmp/n.sock".into())
+        );
         assert_eq!(
             ListenAddr::parse("127.0.0.1:10810").unwrap(),
-            ListenAddr::Tcp { host: "127.0.0.1".into(), port: 10810 }
+            ListenAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10810
+            }
         );
-        assert_eq!(ListenAddr::parse("[::1]:5").unwrap(), ListenAddr::Tcp { host: "::1".into(), port: 5 });
-        assert_eq!(ListenAddr::parse("localhost").unwrap(), ListenAddr::Tcp { host: "localhost".into(), port: 10809 });
+        assert_eq!(
+            ListenAddr::parse("[::1]:5").unwrap(),
+            ListenAddr::Tcp {
+                host: "::1".into(),
+                port: 5
+            }
+        );
+        assert_eq!(
+            ListenAddr::parse("localhost").unwrap(),
+            ListenAddr::Tcp {
+                host: "localhost".into(),
+                port: 10809
+            }
+        );
         assert!(ListenAddr::parse("unix:").is_err());
         assert!(ListenAddr::parse("host:99999").is_err());
         assert!(ListenAddr::parse("::1:5").is_err());
@@ -165,17 +203,35 @@ mod tests {
     fn parses_qmp_forms() {
         let a = ListenAddr::from_qmp(&json!({"type": "unix", "data": {"path": "/x"}})).unwrap();
         assert_eq!(a, ListenAddr::Unix("/x".into()));
-        let a = ListenAddr::from_qmp(&json!({"type": "inet", "host": "127.0.0.1", "port": "10809"})).unwrap();
-        assert_eq!(a, ListenAddr::Tcp { host: "127.0.0.1".into(), port: 10809 });
-        let a = ListenAddr::from_qmp(&json!({"type": "inet", "data": {"host": "::1", "port": 7}})).unwrap();
-        assert_eq!(a, ListenAddr::Tcp { host: "::1".into(), port: 7 });
+        let a =
+            ListenAddr::from_qmp(&json!({"type": "inet", "host": "127.0.0.1", "port": "10809"}))
+                .unwrap();
+        assert_eq!(
+            a,
+            ListenAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809
+            }
+        );
+        let a = ListenAddr::from_qmp(&json!({"type": "inet", "data": {"host": "::1", "port": 7}}))
+            .unwrap();
+        assert_eq!(
+            a,
+            ListenAddr::Tcp {
+                host: "::1".into(),
+                port: 7
+            }
+        );
         assert!(ListenAddr::from_qmp(&json!({"type": "vsock", "cid": "3"})).is_err());
         assert!(ListenAddr::from_qmp(&json!({"type": "inet", "host": "h"})).is_err());
     }
 
     #[test]
     fn loopback_detection() {
-        assert!(ListenAddr::parse("127.0.0.1:1").unwrap().is_local().unwrap());
+        assert!(ListenAddr::parse("127.0.0.1:1")
+            .unwrap()
+            .is_local()
+            .unwrap());
         assert!(ListenAddr::parse("unix:/a").unwrap().is_local().unwrap());
         assert!(!ListenAddr::parse("0.0.0.0:1").unwrap().is_local().unwrap());
     }

@@ -8,7 +8,9 @@ use super::export::Kick;
 use super::handshake::{self, HandshakeError, Negotiated};
 use super::net::{AsyncSock, Registration, Sock};
 use super::pool;
-use super::proto::{self, cflags, chunk, cmd, errno, Head, Request, BASE_ALLOCATION_ID, MAX_PAYLOAD, REQUEST_LEN};
+use super::proto::{
+    self, cflags, chunk, cmd, errno, Head, Request, BASE_ALLOCATION_ID, MAX_PAYLOAD, REQUEST_LEN,
+};
 use super::server::ConnSlot;
 use super::status;
 use bdev::{Bdev, BdevIo, DmaBuf, IoChannel, IoDone, IoStatus, IoType};
@@ -65,12 +67,18 @@ pub(crate) async fn serve(sock: Sock, slot: ConnSlot) {
             tracing::debug!(%peer, export = %n.attached.export().cfg.name, structured = n.structured, "NBD client attached");
             match Transmission::new(s, n, kick) {
                 Ok(mut t) => poll_fn(|cx| t.step(cx)).await,
-                Err(e) => tracing::warn!(%peer, error = %e, "NBD export has no channel on this reactor"),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "NBD export has no channel on this reactor")
+                }
             }
             tracing::debug!(%peer, "NBD client gone");
         }
-        Some(Err(HandshakeError::Aborted)) => tracing::debug!(%peer, "NBD client aborted the handshake"),
-        Some(Err(HandshakeError::Io(e))) => tracing::debug!(%peer, error = %e, "NBD handshake ended"),
+        Some(Err(HandshakeError::Aborted)) => {
+            tracing::debug!(%peer, "NBD client aborted the handshake")
+        }
+        Some(Err(HandshakeError::Io(e))) => {
+            tracing::debug!(%peer, error = %e, "NBD handshake ended")
+        }
         Some(Err(e)) => tracing::info!(%peer, error = %e, "NBD handshake failed"),
         None if kick.is_set() => tracing::debug!(%peer, "NBD handshake stopped: server closing"),
         None => tracing::info!(%peer, "NBD handshake timed out"),
@@ -159,8 +167,17 @@ impl Rec {
 
 /// A write's payload being received, or one being thrown away.
 enum Payload {
-    Write { req: Request, buf: DmaBuf, got: usize },
-    Discard { req: Request, left: u64, errno: u32, msg: &'static str },
+    Write {
+        req: Request,
+        buf: DmaBuf,
+        got: usize,
+    },
+    Discard {
+        req: Request,
+        left: u64,
+        errno: u32,
+        msg: &'static str,
+    },
 }
 
 enum Body {
@@ -329,7 +346,9 @@ impl Transmission {
 
     #[inline]
     fn backpressured(&self) -> bool {
-        self.recs.len() >= MAX_INFLIGHT || self.out_bytes >= MAX_OUT_BYTES || !self.pending_submit.is_empty()
+        self.recs.len() >= MAX_INFLIGHT
+            || self.out_bytes >= MAX_OUT_BYTES
+            || !self.pending_submit.is_empty()
     }
 
     /// Replies can no longer be sent. Requests the client already sent are still
@@ -349,9 +368,12 @@ impl Transmission {
     /// comes back short), parsing as it goes.
     fn fill(&mut self) {
         while self.accepting && !self.eof && !self.backpressured() && self.reg.readable() {
-            let direct = matches!(self.payload, Some(Payload::Write { .. })) && self.rx_start == self.rx_end;
+            let direct =
+                matches!(self.payload, Some(Payload::Write { .. })) && self.rx_start == self.rx_end;
             let (res, asked) = if direct {
-                let Some(Payload::Write { buf, got, .. }) = self.payload.as_mut() else { break };
+                let Some(Payload::Write { buf, got, .. }) = self.payload.as_mut() else {
+                    break;
+                };
                 let dst = &mut buf.as_mut_slice()[*got..];
                 let asked = dst.len();
                 (self.sock.read(dst), asked)
@@ -414,7 +436,8 @@ impl Transmission {
                 let complete = match p {
                     Payload::Write { buf, got, .. } => {
                         let n = (buf.len() - *got).min(avail);
-                        buf.as_mut_slice()[*got..*got + n].copy_from_slice(&self.rx[self.rx_start..self.rx_start + n]);
+                        buf.as_mut_slice()[*got..*got + n]
+                            .copy_from_slice(&self.rx[self.rx_start..self.rx_start + n]);
                         *got += n;
                         self.rx_start += n;
                         *got == buf.len()
@@ -434,7 +457,8 @@ impl Transmission {
                 }
                 continue;
             }
-            if !self.accepting || self.backpressured() || self.rx_end - self.rx_start < REQUEST_LEN {
+            if !self.accepting || self.backpressured() || self.rx_end - self.rx_start < REQUEST_LEN
+            {
                 break;
             }
             let mut hdr = [0u8; REQUEST_LEN];
@@ -465,11 +489,18 @@ impl Transmission {
         }
         let end = r.offset.checked_add(r.len as u64);
         if end.is_none_or(|e| e > self.size) {
-            let e = if r.cmd == cmd::WRITE || r.cmd == cmd::WRITE_ZEROES { errno::ENOSPC } else { errno::EINVAL };
+            let e = if r.cmd == cmd::WRITE || r.cmd == cmd::WRITE_ZEROES {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            };
             return Some((e, "request beyond the end of the export"));
         }
         if (r.offset | r.len as u64) & self.block_mask != 0 {
-            return Some((errno::EINVAL, "request not aligned to the export's block size"));
+            return Some((
+                errno::EINVAL,
+                "request not aligned to the export's block size",
+            ));
         }
         None
     }
@@ -499,15 +530,29 @@ impl Transmission {
                     self.check(&r, cflags::FUA)
                 };
                 if let Some((errno, msg)) = bad {
-                    self.payload = Some(Payload::Discard { req: r, left: r.len as u64, errno, msg });
+                    self.payload = Some(Payload::Discard {
+                        req: r,
+                        left: r.len as u64,
+                        errno,
+                        msg,
+                    });
                     return;
                 }
                 if r.len == 0 {
                     return self.ok(&r);
                 }
                 self.payload = Some(match pool::get(r.len as usize) {
-                    Ok(buf) => Payload::Write { req: r, buf, got: 0 },
-                    Err(_) => Payload::Discard { req: r, left: r.len as u64, errno: errno::ENOMEM, msg: "out of buffer memory" },
+                    Ok(buf) => Payload::Write {
+                        req: r,
+                        buf,
+                        got: 0,
+                    },
+                    Err(_) => Payload::Discard {
+                        req: r,
+                        left: r.len as u64,
+                        errno: errno::ENOMEM,
+                        msg: "out of buffer memory",
+                    },
                 });
             }
             cmd::DISC => {
@@ -540,7 +585,13 @@ impl Transmission {
                 let mut rec = Rec::new(&r, 1);
                 rec.flush_after = rec.fua && self.can_flush;
                 let key = self.recs.insert(rec);
-                self.submit_simple(key, IoType::Unmap, r.offset, r.len as u64, r.flags & cflags::FUA != 0);
+                self.submit_simple(
+                    key,
+                    IoType::Unmap,
+                    r.offset,
+                    r.len as u64,
+                    r.flags & cflags::FUA != 0,
+                );
             }
             cmd::CACHE => {
                 // Data is served from the device; there is nothing to prefetch into.
@@ -573,7 +624,13 @@ impl Transmission {
                     let mut rec = Rec::new(&r, 1);
                     rec.flush_after = rec.fua && self.can_flush;
                     let key = self.recs.insert(rec);
-                    self.submit_simple(key, IoType::WriteZeroes, r.offset, r.len as u64, r.flags & cflags::FUA != 0);
+                    self.submit_simple(
+                        key,
+                        IoType::WriteZeroes,
+                        r.offset,
+                        r.len as u64,
+                        r.flags & cflags::FUA != 0,
+                    );
                 }
             }
             cmd::BLOCK_STATUS => {
@@ -611,7 +668,9 @@ impl Transmission {
                 io.tag = key as u64;
                 self.submit(io);
             }
-            Payload::Discard { req, errno, msg, .. } => self.fail(&req, errno, msg),
+            Payload::Discard {
+                req, errno, msg, ..
+            } => self.fail(&req, errno, msg),
         }
     }
 
@@ -726,12 +785,28 @@ impl Transmission {
         }
         let done = std::mem::take(&mut *self.shared.status.borrow_mut());
         for (key, res) in done {
-            let Some(rec) = self.recs.try_remove(key) else { continue };
-            let r = Request { flags: 0, cmd: rec.cmd, cookie: rec.cookie, offset: rec.offset, len: 0 };
+            let Some(rec) = self.recs.try_remove(key) else {
+                continue;
+            };
+            let r = Request {
+                flags: 0,
+                cmd: rec.cmd,
+                cookie: rec.cookie,
+                offset: rec.offset,
+                len: 0,
+            };
             match res {
                 Ok(payload) => {
-                    let head = Head::chunk(chunk::FLAG_DONE, chunk::BLOCK_STATUS, rec.cookie, payload.len() as u32);
-                    self.push(Out { head, body: Body::Bytes(payload) });
+                    let head = Head::chunk(
+                        chunk::FLAG_DONE,
+                        chunk::BLOCK_STATUS,
+                        rec.cookie,
+                        payload.len() as u32,
+                    );
+                    self.push(Out {
+                        head,
+                        body: Body::Bytes(payload),
+                    });
                 }
                 Err(e) => self.fail(&r, e, "block status failed"),
             }
@@ -740,7 +815,9 @@ impl Transmission {
 
     /// All parts of a request are done: flush if FUA asked for it, else reply.
     fn finish(&mut self, key: usize) {
-        let Some(mut rec) = self.recs.try_remove(key) else { return };
+        let Some(mut rec) = self.recs.try_remove(key) else {
+            return;
+        };
         if rec.status.is_ok() && rec.flush_after {
             rec.flush_after = false;
             rec.pending = 1;
@@ -748,7 +825,13 @@ impl Transmission {
             self.submit_simple(key, IoType::Flush, 0, 0, false);
             return;
         }
-        let r = Request { flags: 0, cmd: rec.cmd, cookie: rec.cookie, offset: rec.offset, len: 0 };
+        let r = Request {
+            flags: 0,
+            cmd: rec.cmd,
+            cookie: rec.cookie,
+            offset: rec.offset,
+            len: 0,
+        };
         if !rec.status.is_ok() {
             if let Some(b) = rec.data.take() {
                 pool::put(b);
@@ -763,7 +846,10 @@ impl Transmission {
                 } else {
                     Head::simple(0, rec.cookie)
                 };
-                self.push(Out { head, body: Body::Dma(buf) });
+                self.push(Out {
+                    head,
+                    body: Body::Dma(buf),
+                });
             }
             None => self.ok(&r),
         }
@@ -777,7 +863,9 @@ impl Transmission {
             IoStatus::Unsupported if self.structured => (errno::ENOTSUP, "operation not supported"),
             IoStatus::Unsupported => (errno::EINVAL, "operation not supported"),
             IoStatus::Nomem => (errno::ENOMEM, "out of memory"),
-            IoStatus::Aborted if self.kick.is_set() => (errno::ESHUTDOWN, "server is shutting down"),
+            IoStatus::Aborted if self.kick.is_set() => {
+                (errno::ESHUTDOWN, "server is shutting down")
+            }
             IoStatus::Aborted => (errno::EIO, "request aborted"),
             IoStatus::ReadOnly => (errno::EPERM, "device is read-only"),
         }
@@ -791,17 +879,32 @@ impl Transmission {
         } else {
             Head::simple(0, r.cookie)
         };
-        self.push(Out { head, body: Body::None });
+        self.push(Out {
+            head,
+            body: Body::None,
+        });
     }
 
     fn fail(&mut self, r: &Request, e: u32, msg: &str) {
-        tracing::debug!(cmd = r.cmd, offset = r.offset, errno = e, msg, "NBD request failed");
+        tracing::debug!(
+            cmd = r.cmd,
+            offset = r.offset,
+            errno = e,
+            msg,
+            "NBD request failed"
+        );
         if self.structured {
             let p = proto::error_payload(e, msg);
             let head = Head::chunk(chunk::FLAG_DONE, chunk::ERROR, r.cookie, p.len() as u32);
-            self.push(Out { head, body: Body::Bytes(p) });
+            self.push(Out {
+                head,
+                body: Body::Bytes(p),
+            });
         } else {
-            self.push(Out { head: Head::simple(e, r.cookie), body: Body::None });
+            self.push(Out {
+                head: Head::simple(e, r.cookie),
+                body: Body::None,
+            });
         }
     }
 

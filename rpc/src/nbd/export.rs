@@ -23,7 +23,12 @@ impl Kick {
     /// Asks the connection to finish its in-flight requests and close.
     pub fn kick(&self) {
         self.set.store(true, Ordering::SeqCst);
-        if let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             w.wake_by_ref();
         }
     }
@@ -82,7 +87,12 @@ impl Export {
             cfg,
             bdev,
             closing_flag: AtomicBool::new(false),
-            state: Mutex::new(State { conns: 0, closing: false, kicks: Vec::new(), on_gone: Some(on_gone) }),
+            state: Mutex::new(State {
+                conns: 0,
+                closing: false,
+                kicks: Vec::new(),
+                on_gone: Some(on_gone),
+            }),
         })
     }
 
@@ -109,7 +119,10 @@ impl Export {
         st.conns += 1;
         st.kicks.retain(|k| k.strong_count() > 0);
         st.kicks.push(Arc::downgrade(kick));
-        Some(Attached { export: self.clone(), kick: Arc::downgrade(kick) })
+        Some(Attached {
+            export: self.clone(),
+            kick: Arc::downgrade(kick),
+        })
     }
 
     /// Stops taking connections; `hard` also asks every attached connection to
@@ -173,7 +186,8 @@ impl Drop for Attached {
             let mut st = self.export.lock();
             st.conns = st.conns.saturating_sub(1);
             let me = self.kick.as_ptr();
-            st.kicks.retain(|k| k.strong_count() > 0 && k.as_ptr() != me);
+            st.kicks
+                .retain(|k| k.strong_count() > 0 && k.as_ptr() != me);
             if st.closing && st.conns == 0 {
                 st.on_gone.take()
             } else {

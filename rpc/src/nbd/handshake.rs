@@ -52,7 +52,11 @@ struct Haggle<'a> {
 }
 
 /// Runs the handshake on `s`.
-pub(crate) async fn negotiate(s: &mut AsyncSock, inst: &Instance, kick: &Arc<Kick>) -> Result<Negotiated, HandshakeError> {
+pub(crate) async fn negotiate(
+    s: &mut AsyncSock,
+    inst: &Instance,
+    kick: &Arc<Kick>,
+) -> Result<Negotiated, HandshakeError> {
     let mut greet = Vec::with_capacity(18);
     greet.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     greet.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -62,23 +66,37 @@ pub(crate) async fn negotiate(s: &mut AsyncSock, inst: &Instance, kick: &Arc<Kic
     s.read_exact(&mut cf).await?;
     let cflags = u32::from_be_bytes(cf);
     if cflags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
-        return Err(HandshakeError::Protocol(format!("unknown client flags {cflags:#x}")));
+        return Err(HandshakeError::Protocol(format!(
+            "unknown client flags {cflags:#x}"
+        )));
     }
-    let mut h = Haggle { s, inst, kick, no_zeroes: cflags & proto::FLAG_C_NO_ZEROES != 0, structured: false, meta: None };
+    let mut h = Haggle {
+        s,
+        inst,
+        kick,
+        no_zeroes: cflags & proto::FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta: None,
+    };
     loop {
         let mut hdr = [0u8; 16];
         h.s.read_exact(&mut hdr).await?;
         if proto::be64(&hdr[0..8]) != proto::IHAVEOPT {
-            return Err(HandshakeError::Protocol("option without IHAVEOPT magic".into()));
+            return Err(HandshakeError::Protocol(
+                "option without IHAVEOPT magic".into(),
+            ));
         }
         let option = proto::be32(&hdr[8..12]);
         let len = proto::be32(&hdr[12..16]);
         if len > MAX_OPTION_LEN {
             if len > MAX_SKIP_LEN || option == opt::EXPORT_NAME {
-                return Err(HandshakeError::Protocol(format!("option {option} with {len} bytes of data")));
+                return Err(HandshakeError::Protocol(format!(
+                    "option {option} with {len} bytes of data"
+                )));
             }
             h.s.skip(len as u64).await?;
-            h.reply(option, rep::ERR_TOO_BIG, b"option data too large").await?;
+            h.reply(option, rep::ERR_TOO_BIG, b"option data too large")
+                .await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
@@ -91,17 +109,25 @@ pub(crate) async fn negotiate(s: &mut AsyncSock, inst: &Instance, kick: &Arc<Kic
 
 impl Haggle<'_> {
     async fn reply(&mut self, option: u32, ty: u32, data: &[u8]) -> io::Result<()> {
-        self.s.write_all(&proto::option_reply(option, ty, data)).await
+        self.s
+            .write_all(&proto::option_reply(option, ty, data))
+            .await
     }
 
     async fn error(&mut self, option: u32, ty: u32, msg: &str) -> io::Result<()> {
-        self.reply(option, ty, proto::truncate_utf8(msg, MAX_STRING).as_bytes()).await
+        self.reply(option, ty, proto::truncate_utf8(msg, MAX_STRING).as_bytes())
+            .await
     }
 
     /// Handles one option; `Some` when transmission begins.
-    async fn option(&mut self, option: u32, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+    async fn option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+    ) -> Result<Option<Negotiated>, HandshakeError> {
         if self.kick.is_set() && option != opt::ABORT {
-            self.error(option, rep::ERR_SHUTDOWN, "server is shutting down").await?;
+            self.error(option, rep::ERR_SHUTDOWN, "server is shutting down")
+                .await?;
             return Ok(None);
         }
         match option {
@@ -109,9 +135,16 @@ impl Haggle<'_> {
                 let name = std::str::from_utf8(data)
                     .ok()
                     .filter(|n| n.len() <= MAX_STRING && !n.contains('\0'))
-                    .ok_or_else(|| HandshakeError::Protocol("export name is not a valid string".into()))?;
-                let e = self.inst.find(name).ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
-                let attached = e.attach(self.kick).ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
+                    .ok_or_else(|| {
+                        HandshakeError::Protocol("export name is not a valid string".into())
+                    })?;
+                let e = self
+                    .inst
+                    .find(name)
+                    .ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
+                let attached = e
+                    .attach(self.kick)
+                    .ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
                 let mut v = Vec::with_capacity(134);
                 v.extend_from_slice(&e.bdev.size().to_be_bytes());
                 v.extend_from_slice(&e.transmission_flags(self.structured).to_be_bytes());
@@ -120,7 +153,11 @@ impl Haggle<'_> {
                 }
                 self.s.write_all(&v).await?;
                 let base_allocation = self.meta_for(name);
-                Ok(Some(Negotiated { attached, structured: self.structured, base_allocation }))
+                Ok(Some(Negotiated {
+                    attached,
+                    structured: self.structured,
+                    base_allocation,
+                }))
             }
             opt::ABORT => {
                 // The client may already have closed; a failed ACK does not matter.
@@ -129,7 +166,8 @@ impl Haggle<'_> {
             }
             opt::LIST => {
                 if !data.is_empty() {
-                    self.error(option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                    self.error(option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data")
+                        .await?;
                     return Ok(None);
                 }
                 for (name, desc) in self.inst.list() {
@@ -143,15 +181,26 @@ impl Haggle<'_> {
                 Ok(None)
             }
             opt::STARTTLS => {
-                self.error(option, rep::ERR_POLICY, "TLS is not offered by this server").await?;
+                self.error(option, rep::ERR_POLICY, "TLS is not offered by this server")
+                    .await?;
                 Ok(None)
             }
             opt::INFO | opt::GO => self.info_go(option, data).await,
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    self.error(option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                    self.error(
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
                 } else if self.structured {
-                    self.error(option, rep::ERR_INVALID, "structured replies already negotiated").await?;
+                    self.error(
+                        option,
+                        rep::ERR_INVALID,
+                        "structured replies already negotiated",
+                    )
+                    .await?;
                 } else {
                     self.structured = true;
                     self.reply(option, rep::ACK, &[]).await?;
@@ -163,7 +212,12 @@ impl Haggle<'_> {
                 Ok(None)
             }
             _ => {
-                self.error(option, rep::ERR_UNSUP, &format!("option {option} is not supported")).await?;
+                self.error(
+                    option,
+                    rep::ERR_UNSUP,
+                    &format!("option {option} is not supported"),
+                )
+                .await?;
                 Ok(None)
             }
         }
@@ -174,7 +228,11 @@ impl Haggle<'_> {
         matches!(&self.meta, Some((n, true)) if n == name)
     }
 
-    async fn info_go(&mut self, option: u32, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+    async fn info_go(
+        &mut self,
+        option: u32,
+        data: &[u8],
+    ) -> Result<Option<Negotiated>, HandshakeError> {
         let mut c = Cursor::new(data);
         let parsed = (|| {
             let name = c.lstring()?;
@@ -186,11 +244,17 @@ impl Haggle<'_> {
             c.at_end().then_some((name, reqs))
         })();
         let Some((name, reqs)) = parsed else {
-            self.error(option, rep::ERR_INVALID, "malformed NBD_OPT_INFO/GO data").await?;
+            self.error(option, rep::ERR_INVALID, "malformed NBD_OPT_INFO/GO data")
+                .await?;
             return Ok(None);
         };
         let Some(e) = self.inst.find(name) else {
-            self.error(option, rep::ERR_UNKNOWN, &format!("export '{name}' not present")).await?;
+            self.error(
+                option,
+                rep::ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            )
+            .await?;
             return Ok(None);
         };
         self.send_info(option, &e, &reqs).await?;
@@ -199,12 +263,21 @@ impl Haggle<'_> {
             return Ok(None);
         }
         let Some(attached) = e.attach(self.kick) else {
-            self.error(option, rep::ERR_UNKNOWN, &format!("export '{name}' is being removed")).await?;
+            self.error(
+                option,
+                rep::ERR_UNKNOWN,
+                &format!("export '{name}' is being removed"),
+            )
+            .await?;
             return Ok(None);
         };
         self.reply(option, rep::ACK, &[]).await?;
         let base_allocation = self.meta_for(name);
-        Ok(Some(Negotiated { attached, structured: self.structured, base_allocation }))
+        Ok(Some(Negotiated {
+            attached,
+            structured: self.structured,
+            base_allocation,
+        }))
     }
 
     async fn send_info(&mut self, option: u32, e: &Export, reqs: &[u16]) -> io::Result<()> {
@@ -234,7 +307,13 @@ impl Haggle<'_> {
 
     async fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
         if !self.structured {
-            return self.error(option, rep::ERR_INVALID, "structured replies must be negotiated first").await;
+            return self
+                .error(
+                    option,
+                    rep::ERR_INVALID,
+                    "structured replies must be negotiated first",
+                )
+                .await;
         }
         let mut c = Cursor::new(data);
         let parsed = (|| {
@@ -247,16 +326,26 @@ impl Haggle<'_> {
             c.at_end().then_some((name, queries))
         })();
         let Some((name, queries)) = parsed else {
-            return self.error(option, rep::ERR_INVALID, "malformed meta context data").await;
+            return self
+                .error(option, rep::ERR_INVALID, "malformed meta context data")
+                .await;
         };
         if self.inst.find(name).is_none() {
-            return self.error(option, rep::ERR_UNKNOWN, &format!("export '{name}' not present")).await;
+            return self
+                .error(
+                    option,
+                    rep::ERR_UNKNOWN,
+                    &format!("export '{name}' not present"),
+                )
+                .await;
         }
         let list = option == opt::LIST_META_CONTEXT;
         let selected = if list && queries.is_empty() {
             true
         } else {
-            queries.iter().any(|q| *q == BASE_ALLOCATION || (list && *q == "base:"))
+            queries
+                .iter()
+                .any(|q| *q == BASE_ALLOCATION || (list && *q == "base:"))
         };
         if selected {
             let id = if list { 0 } else { BASE_ALLOCATION_ID };

@@ -46,14 +46,21 @@ fn net() -> io::Result<Rc<Net>> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
     reactor::register_fd(epoll.0.as_raw_fd())?;
     let poller = register_poller("nbd_sockets", poll_sockets);
-    let n = Rc::new(Net { epoll, sources: RefCell::new(Slab::new()), next_gen: Cell::new(0), _poller: poller });
+    let n = Rc::new(Net {
+        epoll,
+        sources: RefCell::new(Slab::new()),
+        next_gen: Cell::new(0),
+        _poller: poller,
+    });
     NET.with(|c| *c.borrow_mut() = Some(n.clone()));
     Ok(n)
 }
 
 /// The reactor poller: harvests ready sockets and wakes their tasks.
 fn poll_sockets() -> PollStatus {
-    let Some(n) = NET.with(|n| n.borrow().clone()) else { return PollStatus::Idle };
+    let Some(n) = NET.with(|n| n.borrow().clone()) else {
+        return PollStatus::Idle;
+    };
     if n.sources.borrow().is_empty() {
         return PollStatus::Idle;
     }
@@ -105,10 +112,18 @@ impl Registration {
         let gen = net.next_gen.get() + 1;
         net.next_gen.set(gen);
         // Ready until the first "would block": nothing is missed before the first edge.
-        let src = Rc::new(Source { gen, readable: Cell::new(true), writable: Cell::new(true), waker: RefCell::new(None) });
+        let src = Rc::new(Source {
+            gen,
+            readable: Cell::new(true),
+            writable: Cell::new(true),
+            waker: RefCell::new(None),
+        });
         let key = net.sources.borrow_mut().insert(src.clone());
         let token = ((gen & 0xffff_ffff) << 32) | key as u64;
-        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        let flags = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
         // SAFETY: the caller keeps `fd` open while registered; epoll only records it.
         let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
         if let Err(e) = net.epoll.add(bfd, EpollEvent::new(flags, token)) {
@@ -198,7 +213,10 @@ impl Sock {
     /// The peer, for logs.
     pub fn peer(&self) -> String {
         match self {
-            Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp peer".into()),
+            Sock::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp peer".into()),
             Sock::Unix(_) => "unix peer".into(),
         }
     }

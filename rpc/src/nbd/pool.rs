@@ -21,7 +21,9 @@ fn class_of(cap: usize) -> Option<usize> {
         return None;
     }
     let shift = cap.trailing_zeros();
-    (MIN_SHIFT..=MAX_SHIFT).contains(&shift).then(|| (shift - MIN_SHIFT) as usize)
+    (MIN_SHIFT..=MAX_SHIFT)
+        .contains(&shift)
+        .then(|| (shift - MIN_SHIFT) as usize)
 }
 
 /// A buffer of `len` bytes (contents unspecified: previous data of this reactor's

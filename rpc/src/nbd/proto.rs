@@ -276,7 +276,10 @@ impl Head {
         buf[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         buf[4..8].copy_from_slice(&error.to_be_bytes());
         buf[8..16].copy_from_slice(&cookie.to_be_bytes());
-        Head { buf, len: SIMPLE_REPLY_LEN as u8 }
+        Head {
+            buf,
+            len: SIMPLE_REPLY_LEN as u8,
+        }
     }
 
     /// A structured chunk header announcing `payload_len` bytes of payload.
@@ -288,7 +291,10 @@ impl Head {
         buf[6..8].copy_from_slice(&ty.to_be_bytes());
         buf[8..16].copy_from_slice(&cookie.to_be_bytes());
         buf[16..20].copy_from_slice(&payload_len.to_be_bytes());
-        Head { buf, len: CHUNK_LEN as u8 }
+        Head {
+            buf,
+            len: CHUNK_LEN as u8,
+        }
     }
 
     /// The final `OFFSET_DATA` chunk header of a read: the chunk header and the
@@ -386,7 +392,13 @@ mod tests {
 
     #[test]
     fn request_round_trip_and_bad_magic() {
-        let r = Request { flags: cflags::FUA, cmd: cmd::WRITE, cookie: 0x0102030405060708, offset: 4096, len: 512 };
+        let r = Request {
+            flags: cflags::FUA,
+            cmd: cmd::WRITE,
+            cookie: 0x0102030405060708,
+            offset: 4096,
+            len: 512,
+        };
         let b = encode_request(&r);
         assert_eq!(decode_request(&b), Some(r));
         let mut bad = b;

@@ -67,24 +67,37 @@ impl Instance {
     /// The export a client asks for by name, unless it is closing.
     pub(crate) fn find(&self, name: &str) -> Option<Arc<Export>> {
         let m = self.exports.lock().unwrap_or_else(|p| p.into_inner());
-        m.values().find(|e| e.cfg.name == name && !e.is_closing()).cloned()
+        m.values()
+            .find(|e| e.cfg.name == name && !e.is_closing())
+            .cloned()
     }
 
     /// Names and descriptions of the open exports.
     pub(crate) fn list(&self) -> Vec<(String, String)> {
         let m = self.exports.lock().unwrap_or_else(|p| p.into_inner());
-        m.values().filter(|e| !e.is_closing()).map(|e| (e.cfg.name.clone(), e.cfg.description.clone())).collect()
+        m.values()
+            .filter(|e| !e.is_closing())
+            .map(|e| (e.cfg.name.clone(), e.cfg.description.clone()))
+            .collect()
     }
 
     fn open_conn(self: &Arc<Self>) -> ConnSlot {
         let kick = Arc::new(Kick::default());
         self.live.fetch_add(1, Ordering::SeqCst);
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&kick));
-        ConnSlot { inst: self.clone(), kick }
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&kick));
+        ConnSlot {
+            inst: self.clone(),
+            kick,
+        }
     }
 
     fn dispatch(self: &Arc<Self>, sock: Sock) {
-        if self.max_connections > 0 && self.live.load(Ordering::SeqCst) >= self.max_connections as usize {
+        if self.max_connections > 0
+            && self.live.load(Ordering::SeqCst) >= self.max_connections as usize
+        {
             tracing::warn!(peer = %sock.peer(), max = self.max_connections, "NBD connection refused: too many connections");
             return;
         }
@@ -105,22 +118,43 @@ impl Instance {
 
     /// Waits until every (stopped) listener has closed its socket.
     fn join_listeners(&self) {
-        let tasks: Vec<_> = self.listener_tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        let tasks: Vec<_> = self
+            .listener_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
         for t in tasks {
             let _ = t.block();
         }
     }
 
     fn close_all(&self) {
-        for k in self.listeners.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for k in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             k.kick();
         }
-        let exports: Vec<Arc<Export>> = self.exports.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let exports: Vec<Arc<Export>> = self
+            .exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for e in exports {
             e.close(true);
         }
-        let conns: Vec<Arc<Kick>> =
-            self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        let conns: Vec<Arc<Kick>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         for k in conns {
             k.kick();
         }
@@ -156,7 +190,10 @@ impl Drop for Listener {
 }
 
 fn bind(addr: &ListenAddr) -> Result<Vec<Listener>, NbdError> {
-    let err = |source| NbdError::Listen { addr: addr.to_string(), source };
+    let err = |source| NbdError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
     match addr {
         ListenAddr::Unix(path) => {
             if let Ok(md) = std::fs::symlink_metadata(path) {
@@ -164,11 +201,17 @@ fn bind(addr: &ListenAddr) -> Result<Vec<Listener>, NbdError> {
                     // A stale socket of an earlier run: nobody can be listening on it
                     // unless it answers.
                     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                        return Err(err(io::Error::new(io::ErrorKind::AddrInUse, "a server is already listening there")));
+                        return Err(err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "a server is already listening there",
+                        )));
                     }
                     let _ = std::fs::remove_file(path);
                 } else {
-                    return Err(err(io::Error::new(io::ErrorKind::AlreadyExists, "path exists and is not a socket")));
+                    return Err(err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "path exists and is not a socket",
+                    )));
                 }
             }
             let l = UnixListener::bind(path).map_err(err)?;
@@ -213,7 +256,14 @@ async fn accept_loop(l: Listener, inst: Weak<Instance>, stop: Arc<Kick>) {
         if stop.is_set() {
             break;
         }
-        poll_fn(|cx| if stop.is_set() { Poll::Ready(()) } else { reg.poll_readable(cx) }).await;
+        poll_fn(|cx| {
+            if stop.is_set() {
+                Poll::Ready(())
+            } else {
+                reg.poll_readable(cx)
+            }
+        })
+        .await;
         if stop.is_set() {
             break;
         }
@@ -288,7 +338,13 @@ impl NbdServer {
 
     /// Starts listening on `addrs`; accepting runs on reactor 0, connections on
     /// every reactor. `events` gets `BLOCK_EXPORT_DELETED`.
-    pub fn start(&self, rt: &RuntimeHandle, events: Option<EventBus>, addrs: &[ListenAddr], opts: StartOptions) -> Result<(), NbdError> {
+    pub fn start(
+        &self,
+        rt: &RuntimeHandle,
+        events: Option<EventBus>,
+        addrs: &[ListenAddr],
+        opts: StartOptions,
+    ) -> Result<(), NbdError> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_some() {
             return Err(NbdError::AlreadyRunning);
@@ -321,11 +377,18 @@ impl NbdServer {
         });
         for l in listeners {
             let stop = Arc::new(Kick::default());
-            inst.listeners.lock().unwrap_or_else(|p| p.into_inner()).push(stop.clone());
+            inst.listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(stop.clone());
             let weak = Arc::downgrade(&inst);
             let started = rt.call_on(0, move || reactor::spawn_local(accept_loop(l, weak, stop)));
             match started.block() {
-                Ok(task) => inst.listener_tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task),
+                Ok(task) => inst
+                    .listener_tasks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(task),
                 Err(e) => {
                     inst.close_all();
                     inst.join_listeners();
@@ -343,7 +406,12 @@ impl NbdServer {
     /// Stops listening and closes every export (connections finish what is in
     /// flight, then close). Returns at once; see [`NbdServer::wait_idle`].
     pub fn stop(&self) -> Result<(), NbdError> {
-        let inst = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or(NbdError::NotRunning)?;
+        let inst = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or(NbdError::NotRunning)?;
         inst.close_all();
         inst.join_listeners();
         tracing::info!("NBD server stopped");
@@ -369,7 +437,9 @@ impl NbdServer {
 
     /// Connections open now (handshaking or attached).
     pub fn connections(&self) -> usize {
-        self.current().map(|i| i.live.load(Ordering::SeqCst)).unwrap_or(0)
+        self.current()
+            .map(|i| i.live.load(Ordering::SeqCst))
+            .unwrap_or(0)
     }
 
     /// Exports `cfg.node` (a bdev or device in the registry), claiming it.
@@ -385,7 +455,9 @@ impl NbdServer {
         if m.contains_key(&cfg.id) {
             return Err(NbdError::IdInUse(cfg.id));
         }
-        if m.values().any(|e| e.cfg.name == cfg.name && !e.is_closing()) {
+        if m.values()
+            .any(|e| e.cfg.name == cfg.name && !e.is_closing())
+        {
             return Err(NbdError::NameInUse(cfg.name));
         }
         let bdev = bdev::registry().get(&cfg.node)?;
@@ -399,7 +471,10 @@ impl NbdServer {
         let events = inst.events.clone();
         let on_gone = Box::new(move || {
             if let Some(i) = weak.upgrade() {
-                i.exports.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                i.exports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
             }
             bdev::registry().release(&node, &claim);
             tracing::info!(id = %id, "NBD export deleted");
@@ -436,7 +511,9 @@ impl NbdServer {
 
     /// Every export of the running server.
     pub fn exports(&self) -> Vec<ExportInfo> {
-        let Some(inst) = self.current() else { return Vec::new() };
+        let Some(inst) = self.current() else {
+            return Vec::new();
+        };
         let m = inst.exports.lock().unwrap_or_else(|p| p.into_inner());
         m.values()
             .map(|e| ExportInfo {

@@ -54,12 +54,21 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
     for spec in &args.nbd_exports {
         exports.push(parse_export(spec).map_err(ServeError::Start)?);
     }
-    let opts = StartOptions { max_connections: 0, allow_remote: args.nbd_allow_remote };
+    let opts = StartOptions {
+        max_connections: 0,
+        allow_remote: args.nbd_allow_remote,
+    };
     global()
         .start(&svc.rt, Some(svc.events.clone()), &addrs, opts)
         .map_err(|e| ServeError::Start(format!("NBD server: {e}")))?;
     for (name, writable) in exports {
-        let cfg = ExportConfig { id: name.clone(), node: name.clone(), name: name.clone(), description: String::new(), writable };
+        let cfg = ExportConfig {
+            id: name.clone(),
+            node: name.clone(),
+            name: name.clone(),
+            description: String::new(),
+            writable,
+        };
         if let Err(e) = global().add_export(cfg) {
             global().shutdown(SHUTDOWN_WAIT);
             return Err(ServeError::Start(format!("--export {name}: {e}")));
@@ -75,7 +84,10 @@ mod tests {
     #[test]
     fn export_specs() {
         assert_eq!(parse_export("disk0").unwrap(), ("disk0".into(), false));
-        assert_eq!(parse_export("disk0:writable").unwrap(), ("disk0".into(), true));
+        assert_eq!(
+            parse_export("disk0:writable").unwrap(),
+            ("disk0".into(), true)
+        );
         assert_eq!(parse_export("a:b:ro").unwrap(), ("a:b".into(), false));
         assert!(parse_export(":writable").is_err());
     }

@@ -21,7 +21,12 @@ fn flags(st: &RangeStatus) -> u32 {
 
 /// Extents `(length, flags)` from `offset` covering at most `len` bytes; one
 /// extent if `one`. Errors are NBD errnos.
-pub(crate) async fn extents(bdev: &Arc<dyn Bdev>, offset: u64, len: u32, one: bool) -> Result<Vec<(u32, u32)>, u32> {
+pub(crate) async fn extents(
+    bdev: &Arc<dyn Bdev>,
+    offset: u64,
+    len: u32,
+    one: bool,
+) -> Result<Vec<(u32, u32)>, u32> {
     let mut out: Vec<(u32, u32)> = Vec::new();
     let mut done: u64 = 0;
     let want = len as u64;
@@ -37,7 +42,11 @@ pub(crate) async fn extents(bdev: &Arc<dyn Bdev>, offset: u64, len: u32, one: bo
             _ => errno::EIO,
         })?;
         if st.len == 0 {
-            tracing::warn!(bdev = bdev.name(), offset = offset + done, "range_status returned an empty extent");
+            tracing::warn!(
+                bdev = bdev.name(),
+                offset = offset + done,
+                "range_status returned an empty extent"
+            );
             return Err(errno::EIO);
         }
         let n = st.len.min(want - done);

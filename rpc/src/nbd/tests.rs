@@ -42,11 +42,23 @@ impl Bdev for HoleyBdev {
     }
     fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
         let st = if offset < MIB {
-            RangeStatus { len: (MIB - offset).min(len), allocated: true, zero: false }
+            RangeStatus {
+                len: (MIB - offset).min(len),
+                allocated: true,
+                zero: false,
+            }
         } else if offset < 2 * MIB {
-            RangeStatus { len: (2 * MIB - offset).min(len), allocated: false, zero: true }
+            RangeStatus {
+                len: (2 * MIB - offset).min(len),
+                allocated: false,
+                zero: true,
+            }
         } else {
-            RangeStatus { len, allocated: true, zero: false }
+            RangeStatus {
+                len,
+                allocated: true,
+                zero: false,
+            }
         };
         Some(Box::pin(async move { Ok(st) }))
     }
@@ -76,7 +88,11 @@ impl Channel for HoleyChannel {
 static N: AtomicU32 = AtomicU32::new(0);
 
 fn tmpdir(tag: &str) -> PathBuf {
-    let p = PathBuf::from(format!("/tmp/sl-nbdut-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let p = PathBuf::from(format!(
+        "/tmp/sl-nbdut-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).expect("temp dir");
     p
@@ -93,9 +109,16 @@ fn have(tool: &str) -> bool {
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     let so = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{cmd} {args:?} failed:\n{so}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed:\n{so}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     so
 }
 
@@ -109,23 +132,44 @@ fn map_reports_holes_from_range_status() {
     let dir = tmpdir("map");
     let name = format!("holey{}", N.fetch_add(1, Ordering::Relaxed));
     bdev::registry()
-        .register(Arc::new(HoleyBdev { name: name.clone(), data: Arc::new(Mutex::new(Vec::new())) }))
+        .register(Arc::new(HoleyBdev {
+            name: name.clone(),
+            data: Arc::new(Mutex::new(Vec::new())),
+        }))
         .expect("register");
     let srv = NbdServer::default();
     let sock = dir.join("n.sock");
-    srv.start(&rt.handle(), None, &[ListenAddr::Unix(sock.clone())], StartOptions::default()).expect("start");
-    let cfg = ExportConfig { id: name.clone(), node: name.clone(), name: name.clone(), description: "holes".into(), writable: false };
+    srv.start(
+        &rt.handle(),
+        None,
+        &[ListenAddr::Unix(sock.clone())],
+        StartOptions::default(),
+    )
+    .expect("start");
+    let cfg = ExportConfig {
+        id: name.clone(),
+        node: name.clone(),
+        name: name.clone(),
+        description: "holes".into(),
+        writable: false,
+    };
     srv.add_export(cfg).expect("export");
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
     let map = run("nbdinfo", &["--map", &uri]);
-    let rows: Vec<Vec<String>> = map.lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    let rows: Vec<Vec<String>> = map
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
     assert_eq!(rows.len(), 3, "{map}");
     assert_eq!(rows[0][..3], ["0", "1048576", "0"], "{map}");
     assert_eq!(rows[1][..3], ["1048576", "1048576", "3"], "{map}");
     assert_eq!(rows[2][..3], ["2097152", "2097152", "0"], "{map}");
     let j = run("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
     let v: serde_json::Value = serde_json::from_str(&j).expect("qemu-img map json");
-    let hole = v.as_array().and_then(|a| a.iter().find(|e| e["start"] == 1048576)).expect("hole extent");
+    let hole = v
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["start"] == 1048576))
+        .expect("hole extent");
     assert_eq!(hole["data"], false, "{j}");
     assert_eq!(hole["zero"], true, "{j}");
     // The claim keeps the bdev while exported, and goes with the export.
@@ -139,7 +183,9 @@ fn map_reports_holes_from_range_status() {
     assert!(srv.exports().is_empty());
     srv.shutdown(std::time::Duration::from_secs(2));
     assert!(!sock.exists(), "socket file removed on stop");
-    bdev::registry().unregister(&name).expect("unclaimed after export removal");
+    bdev::registry()
+        .unregister(&name)
+        .expect("unclaimed after export removal");
     rt.shutdown();
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -172,20 +218,40 @@ fn export_follows_device_root_switches_under_io() {
     let k = N.fetch_add(1, Ordering::Relaxed);
     let roots: Vec<Arc<dyn Bdev>> = (0..2)
         .map(|i| {
-            let b: Arc<dyn Bdev> = bdev::malloc::MallocBdev::new(&format!("devroot{k}_{i}"), 32 * MIB / 512, 512, None).expect("malloc");
+            let b: Arc<dyn Bdev> = bdev::malloc::MallocBdev::new(
+                &format!("devroot{k}_{i}"),
+                32 * MIB / 512,
+                512,
+                None,
+            )
+            .expect("malloc");
             bdev::registry().register(b.clone()).expect("register");
             b
         })
         .collect();
     let dev = bdev::device::Device::new(&format!("dev{k}"), roots[0].clone()).expect("device");
     let dev_bdev: Arc<dyn Bdev> = dev.clone();
-    bdev::registry().register(dev_bdev.clone()).expect("register device");
+    bdev::registry()
+        .register(dev_bdev.clone())
+        .expect("register device");
     let srv = NbdServer::default();
     let sock = dir.join("n.sock");
-    srv.start(&h, None, &[ListenAddr::Unix(sock.clone())], StartOptions::default()).expect("start");
+    srv.start(
+        &h,
+        None,
+        &[ListenAddr::Unix(sock.clone())],
+        StartOptions::default(),
+    )
+    .expect("start");
     let name = dev_bdev.name().to_string();
-    srv.add_export(ExportConfig { id: name.clone(), node: name.clone(), name: name.clone(), description: String::new(), writable: true })
-        .expect("export");
+    srv.add_export(ExportConfig {
+        id: name.clone(),
+        node: name.clone(),
+        name: name.clone(),
+        description: String::new(),
+        writable: true,
+    })
+    .expect("export");
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
     // fio writes with checksums and verifies them as it goes (and at the end),
     // over two connections, while the device's root is switched under it.
@@ -225,9 +291,16 @@ fn export_follows_device_root_switches_under_io() {
     }
     let out = fio.wait_with_output().expect("fio output");
     let so = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio failed:\n{so}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio failed:\n{so}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(so.contains("err= 0"), "{so}");
-    assert!(switches >= 2, "fio finished before the root could be switched twice");
+    assert!(
+        switches >= 2,
+        "fio finished before the root could be switched twice"
+    );
     assert_eq!(dev.root().name(), roots[cur].name());
     srv.shutdown(std::time::Duration::from_secs(2));
     rt.shutdown();

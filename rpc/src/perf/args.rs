@@ -34,8 +34,9 @@ pub struct PerfArgs {
     /// SPDK JSON config to create bdevs from (any method sluice serves).
     #[arg(short = 'c', long = "config", alias = "json-config")]
     pub config: Option<PathBuf>,
-    /// Create a null bdev: NAME:SIZE_MIB[:BLOCK_SIZE] (repeatable).
-    #[arg(long = "null", value_name = "NAME:MIB[:BS]")]
+    /// Create a null bdev: NAME:SIZE_MIB[:BLOCK_SIZE][:nozero] (repeatable); `nozero`
+    /// leaves read buffers untouched, as SPDK's null bdev does.
+    #[arg(long = "null", value_name = "NAME:MIB[:BS][:nozero]")]
     pub null: Vec<String>,
     /// Create a malloc bdev: NAME:SIZE_MIB[:BLOCK_SIZE] (repeatable).
     #[arg(long = "malloc", value_name = "NAME:MIB[:BS]")]
@@ -185,6 +186,14 @@ impl PerfArgs {
     }
 }
 
+/// A `NAME:MIB[:BS]` bdev flag (`--null` also takes a final `:nozero`, returned as true).
+pub fn parse_null_spec(s: &str) -> Result<(String, u64, u32, bool), PerfError> {
+    match s.strip_suffix(":nozero") {
+        Some(rest) => parse_mem_spec("null", rest).map(|(n, m, b)| (n, m, b, true)),
+        None => parse_mem_spec("null", s).map(|(n, m, b)| (n, m, b, false)),
+    }
+}
+
 /// A `NAME:MIB[:BS]` bdev flag.
 pub fn parse_mem_spec(flag: &str, s: &str) -> Result<(String, u64, u32), PerfError> {
     let bad = |why: &str| PerfError::Args(format!("--{flag} {s:?}: {why} (expected NAME:SIZE_MIB[:BLOCK_SIZE])"));
@@ -227,5 +236,7 @@ mod tests {
         assert!(parse_mem_spec("null", "N0").is_err());
         assert!(parse_mem_spec("null", ":16").is_err());
         assert!(parse_mem_spec("null", "N0:x").is_err());
+        assert_eq!(parse_null_spec("N0:16:4096:nozero").unwrap(), ("N0".into(), 16, 4096, true));
+        assert_eq!(parse_null_spec("N0:16").unwrap(), ("N0".into(), 16, 512, false));
     }
 }

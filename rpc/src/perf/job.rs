@@ -352,7 +352,8 @@ impl Job {
 impl IoDone for Job {
     #[inline]
     fn io_done(&self, mut io: Box<BdevIo>) {
-        let now = reactor::ticks();
+        // The channel read the clock at completion; reuse it (one read per request).
+        let now = if io.complete_tick != 0 { io.complete_tick } else { reactor::ticks() };
         self.last_tick.set(now);
         if io.status == IoStatus::Success {
             let lat = now.wrapping_sub(io.submit_tick);
@@ -383,6 +384,8 @@ impl IoDone for Job {
             return self.retire(io);
         }
         self.prepare(&mut io);
-        self.submit(io);
+        if let Err(io) = self.ch.submit_at(io, now) {
+            self.park(io);
+        }
     }
 }

@@ -13,7 +13,7 @@ pub use args::{PerfArgs, Workload};
 
 use crate::service::Service;
 use bdev::malloc::MallocBdev;
-use bdev::null::NullBdev;
+use bdev::null::{NullBdev, NullOptions};
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{registry, Bdev, BdevError, IoType};
 use job::{Job, JobResult, JobSpec};
@@ -114,8 +114,9 @@ pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
 
 fn create_bdevs(args: &PerfArgs, h: &RuntimeHandle) -> Result<Option<Arc<Service>>, PerfError> {
     for s in &args.null {
-        let (name, mib, bs) = args::parse_mem_spec("null", s)?;
-        registry().register(NullBdev::new(&name, (mib << 20) / bs as u64, bs, None)?)?;
+        let (name, mib, bs, nozero) = args::parse_null_spec(s)?;
+        let opts = NullOptions { zero_reads: !nozero };
+        registry().register(NullBdev::with_options(&name, (mib << 20) / bs as u64, bs, None, opts)?)?;
     }
     for s in &args.malloc {
         let (name, mib, bs) = args::parse_mem_spec("malloc", s)?;

@@ -7,6 +7,7 @@
 
 pub mod session;
 
+use crate::error::ErrorClass;
 use crate::service::Service;
 use crate::transport::{
     self, server::read_some, Conn, Frame, Limits, Protocol, Server, Splitter, TransportError,
@@ -20,8 +21,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use stream::events::Event;
-
-use crate::error::ErrorClass;
 
 /// How often an idle event writer checks whether its connection closed.
 const EVENT_POLL: Duration = Duration::from_millis(100);

@@ -20,11 +20,17 @@ pub enum Frame {
 }
 
 /// Incremental splitter of concatenated JSON objects/arrays.
+///
+/// Consumed bytes are dropped once per [`Splitter::next_frame`] round (when it
+/// returns `None`), not per value, so many pipelined requests in one read cost
+/// linear time.
 pub struct Splitter {
     buf: Vec<u8>,
-    /// Next byte of `buf` to scan.
+    /// Start of the bytes not consumed yet (the open value starts here).
+    head: usize,
+    /// Next byte to scan.
     pos: usize,
-    /// Whether a value is open (its bytes start at `buf[0]`).
+    /// Whether a value is open.
     open: bool,
     depth: usize,
     in_str: bool,
@@ -41,6 +47,7 @@ impl Splitter {
     pub fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
+            head: 0,
             pos: 0,
             open: false,
             depth: 0,
@@ -62,30 +69,35 @@ impl Splitter {
         self.open && !self.skipping
     }
 
+    /// Drops the consumed bytes.
+    fn compact(&mut self) {
+        if self.head > 0 {
+            self.buf.drain(..self.head);
+            self.pos -= self.head;
+            self.head = 0;
+        }
+    }
+
     /// The next complete frame, if the buffered bytes hold one.
     pub fn next_frame(&mut self) -> Option<Frame> {
         loop {
             if self.pos >= self.buf.len() {
                 if !self.open || self.skipping {
-                    self.buf.clear();
-                    self.pos = 0;
+                    self.head = self.buf.len();
                 }
+                self.compact();
                 return None;
             }
             if self.discard_line {
                 match self.buf[self.pos..].iter().position(|&b| b == b'\n') {
                     Some(i) => {
-                        self.buf.drain(..self.pos + i + 1);
-                        self.pos = 0;
+                        self.pos += i + 1;
                         self.discard_line = false;
-                        continue;
                     }
-                    None => {
-                        self.buf.clear();
-                        self.pos = 0;
-                        return None;
-                    }
+                    None => self.pos = self.buf.len(),
                 }
+                self.head = self.pos;
+                continue;
             }
             if !self.open {
                 // Skip whitespace between values.
@@ -94,18 +106,16 @@ impl Splitter {
                     .take_while(|b| b.is_ascii_whitespace())
                     .count();
                 self.pos += ws;
+                self.head = self.pos;
                 if self.pos >= self.buf.len() {
                     continue;
                 }
                 let b = self.buf[self.pos];
                 if b != b'{' && b != b'[' {
-                    self.buf.drain(..self.pos);
-                    self.pos = 0;
                     self.discard_line = true;
                     return Some(Frame::Garbage { byte: b });
                 }
-                self.buf.drain(..self.pos);
-                self.pos = 1;
+                self.pos += 1;
                 self.open = true;
                 self.depth = 1;
                 self.in_str = false;
@@ -115,28 +125,23 @@ impl Splitter {
             if let Some(end) = self.scan() {
                 // `end` is the index just past the closing bracket.
                 self.open = false;
+                let start = std::mem::replace(&mut self.head, end);
                 if self.skipping {
                     self.skipping = false;
-                    self.buf.drain(..end);
-                    self.pos = 0;
                     continue;
                 }
-                let rest = self.buf.split_off(end);
-                let value = std::mem::replace(&mut self.buf, rest);
-                self.pos = 0;
-                return Some(Frame::Value(value));
+                return Some(Frame::Value(self.buf[start..end].to_vec()));
             }
-            // The value is still open and every buffered byte was scanned.
+            // The value is still open and every byte up to the limit was scanned.
             if self.skipping {
-                self.buf.clear();
-                self.pos = 0;
-                return None;
+                continue;
             }
-            if self.buf.len() > self.max {
+            if self.buf.len() - self.head > self.max {
                 // Report now; the next call scans (and drops) the rest in skipping mode.
                 self.skipping = true;
                 return Some(Frame::TooLarge);
             }
+            self.compact();
             return None;
         }
     }
@@ -146,7 +151,7 @@ impl Splitter {
         let limit = if self.skipping {
             self.buf.len()
         } else {
-            self.buf.len().min(self.max)
+            self.buf.len().min(self.head + self.max)
         };
         let mut i = self.pos;
         while i < limit {
@@ -245,6 +250,7 @@ mod tests {
         s.feed(&[b'x'; 1000]);
         assert_eq!(all(&mut s), vec![]);
         assert!(s.buf.len() < 100, "skipped bytes are not kept");
+        assert!(!s.has_partial());
         s.feed(b"}{\"ok\":1}");
         assert_eq!(all(&mut s), vec![val("{\"ok\":1}")]);
     }
@@ -257,6 +263,24 @@ mod tests {
             all(&mut s),
             vec![val("{\"a\":12}"), Frame::TooLarge, val("{}")]
         );
+    }
+
+    #[test]
+    fn many_pipelined_values_in_one_feed() {
+        let mut s = Splitter::new(1 << 20);
+        let one = b"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":1}";
+        let mut all_bytes = Vec::new();
+        for _ in 0..10_000 {
+            all_bytes.extend_from_slice(one);
+        }
+        s.feed(&all_bytes[..all_bytes.len() - 3]);
+        let got = all(&mut s);
+        assert_eq!(got.len(), 9_999);
+        assert!(got.iter().all(|f| *f == Frame::Value(one.to_vec())));
+        assert_eq!(s.buf.len(), one.len() - 3, "consumed bytes are dropped");
+        s.feed(&all_bytes[all_bytes.len() - 3..]);
+        assert_eq!(all(&mut s), vec![Frame::Value(one.to_vec())]);
+        assert!(s.buf.is_empty());
     }
 
     #[test]

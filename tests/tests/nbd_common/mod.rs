@@ -71,12 +71,18 @@ impl NbdDaemon {
 
     /// A malloc bdev of `mib` MiB in 512-byte blocks.
     pub fn malloc(&mut self, name: &str, mib: u64) {
-        self.d.call("bdev_malloc_create", json!({"name": name, "num_blocks": mib * 2048, "block_size": 512}));
+        self.d.call(
+            "bdev_malloc_create",
+            json!({"name": name, "num_blocks": mib * 2048, "block_size": 512}),
+        );
     }
 
     /// Exports `node` under its own name.
     pub fn export(&mut self, node: &str, writable: bool) {
-        self.d.call("block-export-add", json!({"type": "nbd", "id": node, "node-name": node, "writable": writable}));
+        self.d.call(
+            "block-export-add",
+            json!({"type": "nbd", "id": node, "node-name": node, "writable": writable}),
+        );
     }
 
     /// The `nbd+unix://` URI of an export.
@@ -124,7 +130,8 @@ impl Raw {
     /// Connects and reads the greeting (checking its magics).
     pub fn connect(sock: &PathBuf) -> Raw {
         let s = UnixStream::connect(sock).expect("connect nbd socket");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let mut r = Raw { s };
         let g = r.read_n(18);
         assert_eq!(be64(&g[0..8]), NBDMAGIC);
@@ -158,7 +165,12 @@ impl Raw {
             match self.s.read(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
                 Err(_) => return true,
             }
         }
@@ -176,7 +188,11 @@ impl Raw {
         let h = self.read_n(20);
         assert_eq!(be64(&h[0..8]), REP_MAGIC);
         let len = be32(&h[16..20]) as usize;
-        OptReply { option: be32(&h[8..12]), ty: be32(&h[12..16]), data: self.read_n(len) }
+        OptReply {
+            option: be32(&h[8..12]),
+            ty: be32(&h[12..16]),
+            data: self.read_n(len),
+        }
     }
 
     /// Replies up to and including the first that is not `REP_INFO`,
@@ -225,12 +241,27 @@ impl Raw {
         }
         r.opt(OPT_GO, &Raw::go_data(name, &[3]));
         let reps = r.replies();
-        assert_eq!(reps.last().map(|x| x.ty), Some(REP_ACK), "GO failed: {reps:?}");
-        let info = reps.iter().find(|x| x.ty == REP_INFO && be16(&x.data[0..2]) == 0).expect("NBD_INFO_EXPORT");
+        assert_eq!(
+            reps.last().map(|x| x.ty),
+            Some(REP_ACK),
+            "GO failed: {reps:?}"
+        );
+        let info = reps
+            .iter()
+            .find(|x| x.ty == REP_INFO && be16(&x.data[0..2]) == 0)
+            .expect("NBD_INFO_EXPORT");
         (r, be64(&info.data[2..10]), be16(&info.data[10..12]))
     }
 
-    pub fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub fn request(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut v = Vec::with_capacity(28 + payload.len());
         v.extend_from_slice(&0x2560_9513u32.to_be_bytes());
         v.extend_from_slice(&flags.to_be_bytes());
@@ -254,7 +285,12 @@ impl Raw {
         let h = self.read_n(20);
         assert_eq!(be32(&h[0..4]), CHUNK_MAGIC, "expected a structured chunk");
         let len = be32(&h[16..20]) as usize;
-        (be16(&h[4..6]), be16(&h[6..8]), be64(&h[8..16]), self.read_n(len))
+        (
+            be16(&h[4..6]),
+            be16(&h[6..8]),
+            be64(&h[8..16]),
+            self.read_n(len),
+        )
     }
 
     /// Either reply kind, for commands that may get a simple reply: (error, cookie).

@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# Streaming benchmark: sluice vs qemu-storage-daemon, side by side, one run each,
+# on the same three-layer qcow2 chains (64 KiB clusters; base 60%, mid 20%,
+# top 10% of the disk written in 1 MiB extents of random data), same cache mode.
+#
+#   scripts/bench/stream.sh                 # 1 GiB and 4 GiB, every storage, both modes
+#   SIZES="1" STORAGE="pagecache" scripts/bench/stream.sh
+#
+# Storage: pagecache (files, page cache), direct (files, O_DIRECT), tmpfs (chain in
+# /dev/shm, page cache). Modes: full (whole chain) and base (base-node=base).
+# For O_DIRECT it also measures with fio what the disk does for the same read +
+# write volume (reads from the chain's files and writes to a scratch file at once).
+# LATENCY=1 (default) also measures client 4 KiB random-read p99 over NBD
+# (fio's nbd engine) idle and during a full stream of the 1 GiB chain.
+# Results: a table on stdout; JSON lines in $OUT (default bench-stream.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SIZES=${SIZES:-"1 4"}
+STORAGE=${STORAGE:-"pagecache direct tmpfs"}
+MODES=${MODES:-"full base"}
+LATENCY=${LATENCY:-1}
+DISK_DIR=${DISK_DIR:-/var/tmp/sluice-bench}
+TMPFS_DIR=${TMPFS_DIR:-/dev/shm/sluice-bench}
+CORES=${CORES:-0x1}
+OUT=${OUT:-bench-stream.jsonl}
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
+cargo build --release -p rpc --bin sluice >&2
+export SLUICE=$PWD/target/release/sluice SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT
+exec "$PY" - <<'PYEOF'
+import json, os, random, shutil, subprocess, sys, tempfile, time
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+E = os.environ
+MiB = 1 << 20
+
+
+def sh(*a, **kw):
+    return subprocess.run([str(x) for x in a], check=True, capture_output=True, text=True, **kw).stdout
+
+
+def make_chain(d, gib):
+    """base/mid/top.qcow2 in d (kept between runs; pristine top in top.orig)."""
+    os.makedirs(d, exist_ok=True)
+    stamp = os.path.join(d, f"chain-{gib}G.done")
+    names = [os.path.join(d, f"{n}-{gib}G.qcow2") for n in ("base", "mid", "top")]
+    if os.path.exists(stamp):
+        return names
+    rnd = random.Random(gib)
+    srcs = []
+    for i in range(8):
+        p = os.path.join(d, f"rand{i}.bin")
+        with open(p, "wb") as f:
+            f.write(os.urandom(MiB))
+        srcs.append(p)
+    extents = gib * 1024
+    for i, (p, frac) in enumerate(zip(names, (0.6, 0.2, 0.1))):
+        args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+        if i:
+            args += ["-b", names[i - 1], "-F", "qcow2"]
+        sh(*args, p, f"{gib}G")
+        chosen = sorted(rnd.sample(range(extents), int(extents * frac)))
+        for k in range(0, len(chosen), 256):
+            cmds = []
+            for e in chosen[k:k + 256]:
+                cmds += ["-c", f"write -q -s {srcs[rnd.randrange(8)]} {e * MiB} {MiB}"]
+            sh("qemu-io", "-f", "qcow2", *cmds, p)
+    shutil.copyfile(names[2], names[2] + ".orig")
+    open(stamp, "w").close()
+    return names
+
+
+def fresh_top(names):
+    shutil.copyfile(names[2] + ".orig", names[2])
+
+
+def copied_bytes(names, mode):
+    """Bytes a stream copies: allocated above base (or anywhere) and not in top."""
+    top_map = json.loads(sh("qemu-img", "map", "--output=json", names[2]))
+    n = 0
+    for e in top_map:
+        if not e["data"] or e["depth"] == 0:
+            continue
+        if mode == "base" and e["depth"] >= 2:
+            continue
+        n += e["length"]
+    return n
+
+
+class Qmp:
+    def __init__(self, path):
+        for _ in range(200):
+            if os.path.exists(path):
+                break
+            time.sleep(0.05)
+        self.q = QEMUMonitorProtocol(path)
+        self.q.connect(negotiate=True)
+
+    def cmd(self, c, **a):
+        r = self.q.cmd_raw(c, a)
+        if "error" in r:
+            raise RuntimeError(f"{c} {a}: {r['error']}")
+        return r["return"]
+
+    def wait(self, name, timeout=3600):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                ev = self.q.pull_event(wait=1.0)
+            except Exception:
+                ev = None
+            if ev and ev["event"] == name:
+                return ev
+        raise RuntimeError(f"no {name}")
+
+
+def run_qsd(names, mode, direct, tmp):
+    sock = os.path.join(tmp, "qsd.sock")
+    args = ["qemu-storage-daemon"]
+    for n, p in zip(("base", "mid", "top"), names):
+        f = {"driver": "file", "node-name": f"{n}-file", "filename": p, "aio": "io_uring",
+             "cache": {"direct": direct, "no-flush": False}}
+        args += ["--blockdev", json.dumps(f)]
+        back = {"base": None, "mid": "base", "top": "mid"}[n]
+        args += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": n, "file": f"{n}-file", "backing": back})]
+    args += ["--chardev", f"socket,id=qmp0,path={sock},server=on,wait=off", "--monitor", "chardev=qmp0"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        q = Qmp(sock)
+        kw = {"job-id": "job0", "device": "top"}
+        if mode == "base":
+            kw["base-node"] = "base"
+        t0 = time.perf_counter()
+        q.cmd("block-stream", **kw)
+        ev = q.wait("BLOCK_JOB_COMPLETED")
+        dt = time.perf_counter() - t0
+        assert "error" not in ev["data"], ev
+        q.cmd("quit")
+    finally:
+        p.wait(30)
+    return dt
+
+
+def start_sluice(tmp):
+    p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", E["CORES"]],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return p, Qmp(os.path.join(tmp, "sluice-qmp.sock"))
+
+
+def open_sluice(q, names, direct):
+    q.cmd("bdev_qcow2_open", node_name="base", filename=names[0], no_backing=True, direct=direct)
+    q.cmd("bdev_qcow2_open", node_name="mid", filename=names[1], backing="base", direct=direct)
+    q.cmd("bdev_qcow2_open", name="drive0", node_name="top", filename=names[2], backing="mid", direct=direct)
+
+
+def run_sluice(names, mode, direct, tmp):
+    p, q = start_sluice(tmp)
+    try:
+        open_sluice(q, names, direct)
+        kw = {"device": "drive0"}
+        if mode == "base":
+            kw["base-node"] = "base"
+        t0 = time.perf_counter()
+        q.cmd("block-stream", **kw)
+        ev = q.wait("BLOCK_JOB_COMPLETED")
+        dt = time.perf_counter() - t0
+        assert "error" not in ev["data"], ev
+        q.cmd("bdev_qcow2_delete", name="drive0")
+        q.cmd("quit")
+    finally:
+        p.wait(30)
+    return dt
+
+
+def fio_disk(d, src, nbytes):
+    """Seconds the disk needs to read and write nbytes at once (O_DIRECT, 1 MiB, QD 16)."""
+    scratch = os.path.join(d, "fio-scratch")
+    out = sh("fio", "--output-format=json", "--direct=1", "--ioengine=io_uring", "--bs=1M", "--iodepth=16",
+             "--name=r", "--rw=read", f"--filename={src}", f"--size={nbytes}",
+             "--name=w", "--rw=write", f"--filename={scratch}", f"--size={nbytes}")
+    os.unlink(scratch)
+    jobs = json.loads(out)["jobs"]
+    return max(j["job_runtime"] for j in jobs) / 1000.0
+
+
+def fio_p99(uri, secs):
+    out = sh("fio", "--output-format=json", "--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
+             "--bs=4k", "--iodepth=1", "--time_based", f"--runtime={secs}", "--size=1G")
+    j = json.loads(out)["jobs"][0]["read"]
+    return j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"]
+
+
+def latency(names, tmp):
+    fresh_top(names)
+    p, q = start_sluice(tmp)
+    try:
+        open_sluice(q, names, False)
+        sock = os.path.join(tmp, "nbd.sock")
+        q.cmd("nbd-server-start", addr={"type": "unix", "path": sock})
+        q.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"})
+        uri = f"nbd+unix:///drive0?socket={sock}"
+        idle, idle_iops = fio_p99(uri, 5)
+        t0 = time.perf_counter()
+        q.cmd("block-stream", device="drive0")
+        busy, busy_iops = fio_p99(uri, 3)
+        q.wait("BLOCK_JOB_COMPLETED")
+        dt = time.perf_counter() - t0
+        q.cmd("block-export-del", id="e0")
+        q.cmd("quit")
+    finally:
+        p.wait(30)
+    return idle, busy, dt, idle_iops, busy_iops
+
+
+results = []
+out = open(E["OUT"], "a")
+print(f"{'chain':>6} {'storage':>9} {'mode':>5} {'copied':>9} {'qsd s':>8} {'sluice s':>9} {'ratio':>6} {'goal':>6}  notes")
+for gib in [int(x) for x in E["SIZES"].split()]:
+    for storage in E["STORAGE"].split():
+        d = E["TMPFS_DIR"] if storage == "tmpfs" else E["DISK_DIR"]
+        names = make_chain(d, gib)
+        direct = storage == "direct"
+        for mode in E["MODES"].split():
+            fresh_top(names)
+            copied = copied_bytes(names, mode)
+            with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
+                fresh_top(names)
+                tq = run_qsd(names, mode, direct, tmp)
+                fresh_top(names)
+                ts = run_sluice(names, mode, direct, tmp)
+            ratio = ts / tq
+            goal = 1 / 1.3 if direct else 1 / 3
+            notes = ""
+            rec = {"chain_gib": gib, "storage": storage, "mode": mode, "copied": copied, "qsd_s": tq,
+                   "sluice_s": ts, "ratio": ratio, "goal": goal}
+            if direct:
+                tf = fio_disk(d, names[0], copied)
+                rec["fio_s"] = tf
+                rec["disk_fraction"] = tf / ts
+                notes = f"fio {tf:.2f}s: sluice does {100 * tf / ts:.0f}% of the disk (goal 90%)"
+            print(f"{gib:>5}G {storage:>9} {mode:>5} {copied / MiB:>7.0f}Mi {tq:>8.3f} {ts:>9.3f} {ratio:>6.2f} "
+                  f"{goal:>6.2f}  {'OK' if ratio <= goal else 'MISS'} {notes}", flush=True)
+            out.write(json.dumps(rec) + "\n")
+if E["LATENCY"] == "1":
+    names = make_chain(E["DISK_DIR"], 1)
+    with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
+        idle, busy, dt, ii, bi = latency(names, tmp)
+    print(f"client 4 KiB randread p99: idle {idle:.0f} us ({ii:.0f} IOPS), during stream {busy:.0f} us "
+          f"({bi:.0f} IOPS): {busy / idle:.2f}x (goal <= 1.5x); the stream finished in {dt:.2f}s")
+    out.write(json.dumps({"latency_p99_idle_us": idle, "latency_p99_stream_us": busy, "ratio": busy / idle,
+                          "stream_s": dt}) + "\n")
+PYEOF

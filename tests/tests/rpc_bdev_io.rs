@@ -1,0 +1,100 @@
+//! The bdev methods against real I/O: qemu-io over an NBD export drives a
+//! malloc bdev through an error bdev; `bdev_get_iostat` counts it (summed over
+//! reactors, and per channel) and `bdev_error_inject_error` makes it fail.
+
+use serde_json::{json, Value};
+use sluice_tests::{qemu_io, run, Daemon};
+
+fn stat<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["bdevs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {st}"))
+}
+
+#[test]
+fn iostat_counts_io_and_injected_errors_fail_it() {
+    let mut d = Daemon::start_with(&["-m", "0x3"], &[]);
+    let nbd = d.dir.join("nbd.sock");
+    d.call(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 2048, "block_size": 512}),
+    );
+    assert_eq!(
+        d.call("bdev_error_create", json!({"base_name": "M0"})),
+        true
+    );
+    d.call(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": nbd.to_str().unwrap()}}),
+    );
+    d.call(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "EE_M0", "writable": true}),
+    );
+    let uri = format!("nbd+unix:///EE_M0?socket={}", nbd.display());
+
+    qemu_io(&[
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 0 64k",
+        "-c",
+        "read -P 0x5a 0 64k",
+        "-c",
+        "read 64k 4k",
+        &uri,
+    ]);
+    let st = d.call("bdev_get_iostat", json!({"names": ["EE_M0", "M0"]}));
+    assert!(
+        st["tick_rate"].as_u64().unwrap() > 0 && st["ticks"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    for name in ["EE_M0", "M0"] {
+        let s = stat(&st, name);
+        assert_eq!(s["num_write_ops"], 1, "{name}: {s}");
+        assert_eq!(s["bytes_written"], 65536, "{name}: {s}");
+        assert_eq!(s["num_read_ops"], 2, "{name}: {s}");
+        assert_eq!(s["bytes_read"], 65536 + 4096, "{name}: {s}");
+        assert!(s["read_latency_ticks"].as_u64().unwrap() > 0, "{name}: {s}");
+    }
+    // Per channel: the reactors' entries add up to the sum.
+    let pc = d.call(
+        "bdev_get_iostat",
+        json!({"name": "M0", "per_channel": true}),
+    );
+    let chans = pc["channels"].as_array().unwrap();
+    assert!(!chans.is_empty(), "{pc}");
+    let reads: u64 = chans
+        .iter()
+        .map(|c| c["num_read_ops"].as_u64().unwrap())
+        .sum();
+    assert_eq!(reads, 2, "{pc}");
+
+    // One injected read failure: the next read fails, the one after succeeds.
+    assert_eq!(
+        d.call(
+            "bdev_error_inject_error",
+            json!({"name": "EE_M0", "io_type": "read", "error_type": "failure", "num": 1})
+        ),
+        true
+    );
+    let out = run("qemu-io", &["-f", "raw", "-c", "read 0 4k", &uri]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "injected read did not fail: {text}"
+    );
+    qemu_io(&["-f", "raw", "-c", "read -P 0x5a 0 4k", &uri]);
+    let st = d.call("bdev_get_iostat", json!({"name": "EE_M0"}));
+    assert_eq!(stat(&st, "EE_M0")["num_io_errors"], 1, "{st}");
+    // Injection on a bdev that is not an error bdev: -19, as SPDK.
+    let e = d.call_err(
+        "bdev_error_inject_error",
+        json!({"name": "M0", "io_type": "read", "error_type": "failure"}),
+    );
+    assert_eq!(e["code"], -19, "{e}");
+}
