@@ -477,7 +477,9 @@ impl IoDone for Local {
 impl Drop for Local {
     fn drop(&mut self) {
         let id = self.shared.id;
-        LOCALS.with(|m| {
+        // `try_with`: when the reactor thread exits, its channel table (and
+        // with it this `Local`) may be dropped after `LOCALS` itself.
+        let _ = LOCALS.try_with(|m| {
             if let Ok(mut m) = m.try_borrow_mut() {
                 if m.get(&id).is_some_and(|w| w.strong_count() == 0) {
                     m.remove(&id);

@@ -56,7 +56,8 @@ impl DmaBuf {
     pub fn new_hugepage(len: usize) -> Result<Self, BdevError> {
         let cap = arena::block_size_for(len);
         let addr = arena::arena().alloc_with(cap, false)?;
-        let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| BdevError::NoMem("null DMA block".into()))?;
+        let ptr = NonNull::new(addr as *mut u8)
+            .ok_or_else(|| BdevError::NoMem("null DMA block".into()))?;
         // SAFETY: the block is valid for `cap` bytes and exclusively ours.
         unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, cap) };
         Ok(Self { ptr, len, cap })

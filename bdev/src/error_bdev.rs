@@ -70,11 +70,9 @@ fn parse_io_type(s: &str) -> Result<u8, BdevError> {
         "unmap" => 8,
         "write_zeroes" => 16,
         "all" => 31,
-        other => {
-            return Err(BdevError::InvalidParam(format!(
-                "io_type: {other:?} is not one of read, write, flush, unmap, write_zeroes, all, clear"
-            )))
-        }
+        other => return Err(BdevError::InvalidParam(format!(
+            "io_type: {other:?} is not one of read, write, flush, unmap, write_zeroes, all, clear"
+        ))),
     })
 }
 
@@ -158,9 +156,16 @@ impl Rules {
             return Verdict::Pass;
         }
         let bit = type_bit(io.io_type);
-        let (start, end) = if io.io_type == IoType::Flush { (0, u64::MAX) } else { (io.offset, io.offset + io.len) };
+        let (start, end) = if io.io_type == IoType::Flush {
+            (0, u64::MAX)
+        } else {
+            (io.offset, io.offset + io.len)
+        };
         let mut rules = self.lock();
-        let Some(i) = rules.iter().position(|r| r.io_types & bit != 0 && start < r.end && r.offset < end) else {
+        let Some(i) = rules
+            .iter()
+            .position(|r| r.io_types & bit != 0 && start < r.end && r.offset < end)
+        else {
             return Verdict::Pass;
         };
         let r = &mut rules[i];
@@ -169,7 +174,10 @@ impl Rules {
             ErrorKind::Eio => Verdict::Fail(IoStatus::Eio),
             ErrorKind::Enospc => Verdict::Fail(IoStatus::Enospc),
             ErrorKind::Nomem => Verdict::Fail(IoStatus::Nomem),
-            ErrorKind::CorruptData if io.io_type.has_data() => Verdict::Corrupt { at: r.corrupt_offset, mask: r.corrupt_value },
+            ErrorKind::CorruptData if io.io_type.has_data() => Verdict::Corrupt {
+                at: r.corrupt_offset,
+                mask: r.corrupt_value,
+            },
             ErrorKind::CorruptData => Verdict::Pass,
         };
         if let Some(n) = r.remaining.as_mut() {
@@ -231,15 +239,24 @@ impl ErrorBdev {
         let error = ErrorKind::parse(&p.error_type)?;
         let size = self.base.size();
         if p.offset >= size {
-            return Err(BdevError::InvalidParam(format!("offset: {} is beyond the end of {} ({size} bytes)", p.offset, self.name)));
+            return Err(BdevError::InvalidParam(format!(
+                "offset: {} is beyond the end of {} ({size} bytes)",
+                p.offset, self.name
+            )));
         }
         let end = match p.length {
-            Some(0) => return Err(BdevError::InvalidParam("length: must be greater than 0".into())),
+            Some(0) => {
+                return Err(BdevError::InvalidParam(
+                    "length: must be greater than 0".into(),
+                ))
+            }
             Some(l) => p.offset.saturating_add(l).min(size),
             None => size,
         };
         if error == ErrorKind::CorruptData && p.corrupt_value == 0 {
-            return Err(BdevError::InvalidParam("corrupt_value: must be non-zero for corrupt_data".into()));
+            return Err(BdevError::InvalidParam(
+                "corrupt_value: must be non-zero for corrupt_data".into(),
+            ));
         }
         let rule = Rule {
             io_types,
@@ -252,7 +269,9 @@ impl ErrorBdev {
             hits: 0,
         };
         let mut rules = self.rules.lock();
-        rules.retain(|r| !(r.io_types == rule.io_types && r.offset == rule.offset && r.end == rule.end));
+        rules.retain(|r| {
+            !(r.io_types == rule.io_types && r.offset == rule.offset && r.end == rule.end)
+        });
         tracing::info!(bdev = %self.name, ?rule, "error injection armed");
         rules.push(rule);
         self.rules.armed.store(rules.len(), Ordering::Release);
@@ -309,8 +328,15 @@ impl Bdev for ErrorBdev {
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         let base = channel(&self.base)?;
-        let inner = Rc::new(ErrorChannelInner { base, parents: RefCell::new(Vec::new()), free: RefCell::new(Vec::new()) });
-        Ok(Box::new(ErrorChannel { inner, rules: self.rules.clone() }))
+        let inner = Rc::new(ErrorChannelInner {
+            base,
+            parents: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+        });
+        Ok(Box::new(ErrorChannel {
+            inner,
+            rules: self.rules.clone(),
+        }))
     }
     fn driver_specific(&self) -> Value {
         json!({ "error": { "base_bdev": self.base_name, "rules": self.rules() } })
@@ -326,11 +352,13 @@ impl Bdev for ErrorBdev {
     }
 }
 
+/// A request passed down, with the corruption (offset, XOR mask) to apply to the data read.
+type Forwarded = (Box<BdevIo>, Option<(u64, u8)>);
+
 struct ErrorChannelInner {
     base: Rc<IoChannel>,
-    /// Requests passed down, by slot (the child's tag), with the corruption to
-    /// apply to the data read.
-    parents: RefCell<Vec<Option<(Box<BdevIo>, Option<(u64, u8)>)>>>,
+    /// Requests passed down, by slot (the child's tag).
+    parents: RefCell<Vec<Option<Forwarded>>>,
     free: RefCell<Vec<usize>>,
 }
 
@@ -357,7 +385,9 @@ impl Channel for ErrorChannel {
                 complete_deferred(io, st);
                 return Ok(());
             }
-            Verdict::Corrupt { at, mask } if io.io_type == IoType::Write => corrupt(&mut io, at, mask),
+            Verdict::Corrupt { at, mask } if io.io_type == IoType::Write => {
+                corrupt(&mut io, at, mask)
+            }
             Verdict::Corrupt { at, mask } => corrupt_read = Some((at, mask)),
         }
         let inner = &self.inner;
@@ -372,7 +402,8 @@ impl Channel for ErrorChannel {
         let done: Rc<dyn IoDone> = inner.clone();
         // SAFETY: the parent is kept, untouched, in `parents[slot]` until the
         // child completes (ErrorChannelInner::io_done).
-        let mut child = unsafe { BdevIo::sub_io(&io, 0, io.len, io.io_type, io.offset, Some(done)) };
+        let mut child =
+            unsafe { BdevIo::sub_io(&io, 0, io.len, io.io_type, io.offset, Some(done)) };
         child.fua = io.fua;
         child.tag = slot as u64;
         inner.parents.borrow_mut()[slot] = Some((io, corrupt_read));
@@ -399,9 +430,15 @@ impl IoDone for ErrorChannelInner {
         let slot = child.tag as usize;
         let status = child.status;
         drop(child);
-        let parent = self.parents.borrow_mut().get_mut(slot).and_then(Option::take);
+        let parent = self
+            .parents
+            .borrow_mut()
+            .get_mut(slot)
+            .and_then(Option::take);
         self.free.borrow_mut().push(slot);
-        let Some((mut parent, corrupt_read)) = parent else { return };
+        let Some((mut parent, corrupt_read)) = parent else {
+            return;
+        };
         if let (Some((at, mask)), true) = (corrupt_read, status.is_ok()) {
             corrupt(&mut parent, at, mask);
         }

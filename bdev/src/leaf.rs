@@ -13,20 +13,31 @@ use std::rc::Rc;
 pub(crate) const LOCAL_QUEUE_DEPTH: usize = 4096;
 
 /// Checks a name, block size and block count for a new bdev.
-pub(crate) fn check_geometry(name: &str, num_blocks: u64, block_size: u32) -> Result<(), BdevError> {
+pub(crate) fn check_geometry(
+    name: &str,
+    num_blocks: u64,
+    block_size: u32,
+) -> Result<(), BdevError> {
     if name.is_empty() {
         return Err(BdevError::InvalidParam("name: must not be empty".into()));
     }
-    if block_size < 512 || block_size % 512 != 0 || !block_size.is_power_of_two() || block_size > 65536 {
+    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(BdevError::InvalidParam(format!(
             "block_size: {block_size} is not a power of two between 512 and 65536"
         )));
     }
     if num_blocks == 0 {
-        return Err(BdevError::InvalidParam("num_blocks: must be greater than 0".into()));
+        return Err(BdevError::InvalidParam(
+            "num_blocks: must be greater than 0".into(),
+        ));
     }
-    if num_blocks.checked_mul(block_size as u64).is_none_or(|s| s > (1u64 << 62)) {
-        return Err(BdevError::InvalidParam(format!("num_blocks: {num_blocks} blocks of {block_size} bytes is too large")));
+    if num_blocks
+        .checked_mul(block_size as u64)
+        .is_none_or(|s| s > (1u64 << 62))
+    {
+        return Err(BdevError::InvalidParam(format!(
+            "num_blocks: {num_blocks} blocks of {block_size} bytes is too large"
+        )));
     }
     Ok(())
 }
@@ -38,11 +49,16 @@ pub(crate) fn uuid_or_random(uuid: Option<String>) -> Result<String, BdevError> 
             let groups: Vec<&str> = u.split('-').collect();
             let lens = [8, 4, 4, 4, 12];
             let ok = groups.len() == 5
-                && groups.iter().zip(lens).all(|(g, l)| g.len() == l && g.chars().all(|c| c.is_ascii_hexdigit()));
+                && groups
+                    .iter()
+                    .zip(lens)
+                    .all(|(g, l)| g.len() == l && g.chars().all(|c| c.is_ascii_hexdigit()));
             if ok {
                 Ok(u.to_ascii_lowercase())
             } else {
-                Err(BdevError::InvalidParam(format!("uuid: {u:?} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")))
+                Err(BdevError::InvalidParam(format!(
+                    "uuid: {u:?} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+                )))
             }
         }
         None => Ok(random_uuid()),
@@ -56,14 +72,24 @@ pub(crate) fn random_uuid() -> String {
     let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, b.len(), 0) };
     if n != b.len() as isize {
         // Fall back to time and address entropy; uniqueness, not secrecy, is what matters.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let mix = t ^ ((&b as *const _ as usize as u128) << 64) ^ (reactor::ticks() as u128);
         b = mix.to_le_bytes();
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Unregisters a channel's poller; a no-op when the channel is dropped during
@@ -124,7 +150,9 @@ impl LocalQueue {
         // Only what was queued before this poll: completions that resubmit land
         // in the next round.
         for _ in 0..n {
-            let Some(io) = self.q.borrow_mut().pop_front() else { break };
+            let Some(io) = self.q.borrow_mut().pop_front() else {
+                break;
+            };
             let st = io.status;
             io.complete(st);
         }
@@ -140,7 +168,9 @@ impl LocalQueue {
     /// Completes everything queued with `Aborted` (the channel is going away).
     pub(crate) fn abort_all(&self) {
         loop {
-            let Some(io) = self.q.borrow_mut().pop_front() else { break };
+            let Some(io) = self.q.borrow_mut().pop_front() else {
+                break;
+            };
             io.complete(IoStatus::Aborted);
         }
         let ws = std::mem::take(&mut *self.waiters.borrow_mut());

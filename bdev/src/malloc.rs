@@ -47,11 +47,17 @@ pub struct MallocBdev {
 impl MallocBdev {
     /// A zero-filled RAM bdev of `num_blocks` blocks of `block_size` bytes. The
     /// caller registers it (see [`crate::registry`]).
-    pub fn new(name: &str, num_blocks: u64, block_size: u32, uuid: Option<String>) -> Result<Arc<MallocBdev>, BdevError> {
+    pub fn new(
+        name: &str,
+        num_blocks: u64,
+        block_size: u32,
+        uuid: Option<String>,
+    ) -> Result<Arc<MallocBdev>, BdevError> {
         check_geometry(name, num_blocks, block_size)?;
         let uuid = uuid_or_random(uuid)?;
-        let size = usize::try_from(num_blocks * block_size as u64)
-            .map_err(|_| BdevError::InvalidParam("num_blocks: too large for this machine".into()))?;
+        let size = usize::try_from(num_blocks * block_size as u64).map_err(|_| {
+            BdevError::InvalidParam("num_blocks: too large for this machine".into())
+        })?;
         let storage = if dma::hugepages_in_use() {
             match DmaBuf::new_hugepage(size) {
                 Ok(b) => Storage::Arena(b),
@@ -67,8 +73,18 @@ impl MallocBdev {
             Storage::Arena(b) => b.as_ptr() as *mut u8,
             Storage::Lazy(m) => m.as_ptr(),
         };
-        let mem = Arc::new(Memory { storage, base, size });
-        Ok(Arc::new(MallocBdev { name: name.to_string(), num_blocks, block_size, uuid, mem }))
+        let mem = Arc::new(Memory {
+            storage,
+            base,
+            size,
+        });
+        Ok(Arc::new(MallocBdev {
+            name: name.to_string(),
+            num_blocks,
+            block_size,
+            uuid,
+            mem,
+        }))
     }
 
     /// Whether the bdev's memory is in the hugepage arena.
@@ -112,14 +128,23 @@ impl Bdev for MallocBdev {
         self.num_blocks
     }
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(t, IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes)
+        matches!(
+            t,
+            IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes
+        )
     }
     fn uuid(&self) -> Option<String> {
         Some(self.uuid.clone())
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         let (q, poller) = LocalQueue::start(&format!("bdev_malloc_{}", self.name));
-        Ok(Box::new(MallocChannel { base: self.mem.base, size: self.mem.size, q, poller, mem: self.mem.clone() }))
+        Ok(Box::new(MallocChannel {
+            base: self.mem.base,
+            size: self.mem.size,
+            q,
+            poller,
+            mem: self.mem.clone(),
+        }))
     }
     fn config(&self) -> Option<Value> {
         Some(json!({
@@ -167,7 +192,9 @@ impl Channel for MallocChannel {
                     let n = v.len().min(len - pos);
                     // SAFETY: [off+pos, off+pos+n) is inside the bdev's memory (checked
                     // above) and the segment is valid for n bytes (BdevIo's contract).
-                    unsafe { std::ptr::copy_nonoverlapping(self.base.add(off + pos), v.as_ptr(), n) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(self.base.add(off + pos), v.as_ptr(), n)
+                    };
                     pos += n;
                     if pos == len {
                         break;
@@ -179,7 +206,9 @@ impl Channel for MallocChannel {
                 for v in io.iovs() {
                     let n = v.len().min(len - pos);
                     // SAFETY: as for reads, in the other direction.
-                    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.base.add(off + pos), n) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), self.base.add(off + pos), n)
+                    };
                     pos += n;
                     if pos == len {
                         break;

@@ -42,7 +42,12 @@ pub struct NullBdev {
 impl NullBdev {
     /// A null bdev of `num_blocks` blocks of `block_size` bytes whose reads
     /// return zeroes. The caller registers it (see [`crate::registry`]).
-    pub fn new(name: &str, num_blocks: u64, block_size: u32, uuid: Option<String>) -> Result<Arc<NullBdev>, BdevError> {
+    pub fn new(
+        name: &str,
+        num_blocks: u64,
+        block_size: u32,
+        uuid: Option<String>,
+    ) -> Result<Arc<NullBdev>, BdevError> {
         Self::with_options(name, num_blocks, block_size, uuid, NullOptions::default())
     }
 
@@ -56,7 +61,13 @@ impl NullBdev {
     ) -> Result<Arc<NullBdev>, BdevError> {
         check_geometry(name, num_blocks, block_size)?;
         let uuid = uuid_or_random(uuid)?;
-        Ok(Arc::new(NullBdev { name: name.to_string(), num_blocks, block_size, uuid, opts }))
+        Ok(Arc::new(NullBdev {
+            name: name.to_string(),
+            num_blocks,
+            block_size,
+            uuid,
+            opts,
+        }))
     }
 
     /// The options it was created with.
@@ -79,14 +90,21 @@ impl Bdev for NullBdev {
         self.num_blocks
     }
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(t, IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes)
+        matches!(
+            t,
+            IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes
+        )
     }
     fn uuid(&self) -> Option<String> {
         Some(self.uuid.clone())
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         let (q, poller) = LocalQueue::start(&format!("bdev_null_{}", self.name));
-        Ok(Box::new(NullChannel { q, poller, zero_reads: self.opts.zero_reads }))
+        Ok(Box::new(NullChannel {
+            q,
+            poller,
+            zero_reads: self.opts.zero_reads,
+        }))
     }
     fn config(&self) -> Option<Value> {
         let mut params = json!({
@@ -120,10 +138,8 @@ impl Channel for NullChannel {
         if !self.q.has_room() {
             return Err(io);
         }
-        if io.io_type == IoType::Read {
-            if self.zero_reads {
-                zero_read(&mut io);
-            }
+        if io.io_type == IoType::Read && self.zero_reads {
+            zero_read(&mut io);
         }
         io.status = IoStatus::Success;
         self.q.push(io);
@@ -157,7 +173,14 @@ unsafe fn is_zero_avx2(b: &[u8]) -> bool {
     for c in &mut chunks {
         let p = c.as_ptr() as *const __m256i;
         // SAFETY: `c` is 128 readable bytes; unaligned loads are allowed.
-        let (a, b2, c2, d) = unsafe { (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)), _mm256_loadu_si256(p.add(2)), _mm256_loadu_si256(p.add(3))) };
+        let (a, b2, c2, d) = unsafe {
+            (
+                _mm256_loadu_si256(p),
+                _mm256_loadu_si256(p.add(1)),
+                _mm256_loadu_si256(p.add(2)),
+                _mm256_loadu_si256(p.add(3)),
+            )
+        };
         let o = _mm256_or_si256(_mm256_or_si256(a, b2), _mm256_or_si256(c2, d));
         if _mm256_testz_si256(o, o) == 0 {
             return false;

@@ -7,11 +7,22 @@ use reactor::{CoreSet, Runtime, RuntimeConfig};
 
 #[test]
 fn claimed_bdev_cannot_be_deleted_until_released() {
-    let rt = Runtime::start(RuntimeConfig { pin: false, ..RuntimeConfig::new(CoreSet::from_list("0").unwrap()) }).unwrap();
+    let rt = Runtime::start(RuntimeConfig {
+        pin: false,
+        ..RuntimeConfig::new(CoreSet::from_list("0").unwrap())
+    })
+    .unwrap();
     let h = rt.handle();
-    registry().register(NullBdev::new("claim_base", 64, 512, None).unwrap()).unwrap();
-    registry().register(ErrorBdev::new("claim_base").unwrap()).unwrap();
-    assert_eq!(registry().claims("claim_base"), vec!["EE_claim_base".to_string()]);
+    registry()
+        .register(NullBdev::new("claim_base", 64, 512, None).unwrap())
+        .unwrap();
+    registry()
+        .register(ErrorBdev::new("claim_base").unwrap())
+        .unwrap();
+    assert_eq!(
+        registry().claims("claim_base"),
+        vec!["EE_claim_base".to_string()]
+    );
     // Use both so each reactor has channels cached.
     h.spawn_on(0, || async {
         let e = registry().get("EE_claim_base").unwrap();
@@ -22,12 +33,21 @@ fn claimed_bdev_cannot_be_deleted_until_released() {
     .unwrap();
     let err = registry().delete("claim_base", &h).unwrap_err();
     assert!(matches!(err, BdevError::Claimed { .. }));
-    assert_eq!(err.to_string(), "bdev \"claim_base\" is in use by EE_claim_base");
-    assert!(registry().contains("claim_base"), "still there after the refused delete");
+    assert_eq!(
+        err.to_string(),
+        "bdev \"claim_base\" is in use by EE_claim_base"
+    );
+    assert!(
+        registry().contains("claim_base"),
+        "still there after the refused delete"
+    );
     // Deleting the top releases its claim (on_delete), then the base can go.
     registry().delete("EE_claim_base", &h).unwrap();
     assert!(registry().claims("claim_base").is_empty());
     registry().delete("claim_base", &h).unwrap();
     assert!(!registry().contains("claim_base"));
-    assert!(matches!(registry().delete("claim_base", &h), Err(BdevError::NotFound(_))));
+    assert!(matches!(
+        registry().delete("claim_base", &h),
+        Err(BdevError::NotFound(_))
+    ));
 }

@@ -10,7 +10,10 @@ fn free_hugepages() -> usize {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:").map(|v| v.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("HugePages_Free:")
+                .map(|v| v.trim().parse().unwrap())
+        })
         .unwrap_or(0)
 }
 
@@ -23,12 +26,18 @@ fn buffers_are_aligned_zeroed_and_inside_regions() {
         assert!(b.capacity() >= len);
         assert_eq!(b.as_ptr() as usize % DMA_ALIGN, 0, "aligned");
         assert!(b.as_slice().iter().all(|&x| x == 0), "zeroed");
-        assert!(dma::contains(b.as_ptr(), b.capacity()), "inside an advertised region");
+        assert!(
+            dma::contains(b.as_ptr(), b.capacity()),
+            "inside an advertised region"
+        );
         b.as_mut_slice().fill(0x5a);
         bufs.push(b);
     }
     // Buffers do not overlap.
-    let mut spans: Vec<(usize, usize)> = bufs.iter().map(|b| (b.as_ptr() as usize, b.capacity())).collect();
+    let mut spans: Vec<(usize, usize)> = bufs
+        .iter()
+        .map(|b| (b.as_ptr() as usize, b.capacity()))
+        .collect();
     spans.sort();
     for w in spans.windows(2) {
         assert!(w[0].0 + w[0].1 <= w[1].0, "overlap");
@@ -48,7 +57,11 @@ fn growth_is_announced_to_listeners() {
     let s2 = seen.clone();
     dma::subscribe_fn(move |a, l| s2.lock().unwrap().push((a, l)));
     let before = seen.lock().unwrap().len();
-    assert_eq!(before, dma::regions().len(), "existing regions are replayed");
+    assert_eq!(
+        before,
+        dma::regions().len(),
+        "existing regions are replayed"
+    );
     // More than the initial region: the arena must grow.
     let big = DmaBuf::new_dirty(dma::stats().total_bytes + (8 << 20)).unwrap();
     let after = seen.lock().unwrap().clone();
@@ -86,24 +99,40 @@ fn concurrent_alloc_free() {
 fn child_report_arena() {
     let b = DmaBuf::new(4096).unwrap();
     let st = dma::stats();
-    println!("ARENA huge={} regions={} ptr_ok={}", st.hugepages, st.regions, dma::contains(b.as_ptr(), 4096));
+    println!(
+        "ARENA huge={} regions={} ptr_ok={}",
+        st.hugepages,
+        st.regions,
+        dma::contains(b.as_ptr(), 4096)
+    );
 }
 
 fn run_child(env: &[(&str, &str)]) -> (String, String) {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--ignored", "--exact", "child_report_arena", "--nocapture"]).env("RUST_LOG", "warn");
+    c.args(["--ignored", "--exact", "child_report_arena", "--nocapture"])
+        .env("RUST_LOG", "warn");
     for (k, v) in env {
         c.env(k, v);
     }
     let out = c.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn fallback_without_hugepages() {
     let (out, _) = run_child(&[("SLUICE_NO_HUGE", "1")]);
-    assert!(out.contains("ARENA huge=false regions=1 ptr_ok=true"), "{out}");
+    assert!(
+        out.contains("ARENA huge=false regions=1 ptr_ok=true"),
+        "{out}"
+    );
     // With the machine's own setting: hugepages if enough are reserved and free.
     let (out, _) = run_child(&[]);
     if free_hugepages() >= 16 {

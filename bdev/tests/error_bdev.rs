@@ -3,16 +3,24 @@
 
 use bdev::error_bdev::{ErrorBdev, InjectParams};
 use bdev::malloc::MallocBdev;
-use bdev::{channel, read_at, registry, simple_io, write_at, Bdev, BdevError, DmaBuf, IoStatus, IoType};
+use bdev::{
+    channel, read_at, registry, simple_io, write_at, Bdev, BdevError, DmaBuf, IoStatus, IoType,
+};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::Arc;
 
 fn runtime() -> Runtime {
-    Runtime::start(RuntimeConfig { pin: false, ..RuntimeConfig::new(CoreSet::from_list("0").unwrap()) }).unwrap()
+    Runtime::start(RuntimeConfig {
+        pin: false,
+        ..RuntimeConfig::new(CoreSet::from_list("0").unwrap())
+    })
+    .unwrap()
 }
 
 fn setup(base: &str) -> (Runtime, Arc<ErrorBdev>) {
-    registry().register(MallocBdev::new(base, 256, 512, None).unwrap()).unwrap();
+    registry()
+        .register(MallocBdev::new(base, 256, 512, None).unwrap())
+        .unwrap();
     let e = ErrorBdev::new(base).unwrap();
     registry().register(e.clone()).unwrap();
     (runtime(), e)
@@ -36,12 +44,20 @@ fn passes_through_and_fails_counted_requests() {
         .spawn_on(0, move || async move {
             let b: Arc<dyn Bdev> = e2.clone();
             let ch = channel(&b).unwrap();
-            write_at(&ch, 0, DmaBuf::from_slice(&[3u8; 1024]).unwrap()).await.unwrap();
-            assert_eq!(read_at(&ch, 0, 1024).await.unwrap().as_slice(), &[3u8; 1024][..]);
+            write_at(&ch, 0, DmaBuf::from_slice(&[3u8; 1024]).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                read_at(&ch, 0, 1024).await.unwrap().as_slice(),
+                &[3u8; 1024][..]
+            );
             e2.inject("read", "failure", 2).unwrap();
             assert_eq!(status(&read_at(&ch, 0, 512).await), IoStatus::Eio);
             // Writes are not affected by a read rule.
-            assert_eq!(status(&write_at(&ch, 512, DmaBuf::new(512).unwrap()).await), IoStatus::Success);
+            assert_eq!(
+                status(&write_at(&ch, 512, DmaBuf::new(512).unwrap()).await),
+                IoStatus::Success
+            );
             assert_eq!(status(&read_at(&ch, 0, 512).await), IoStatus::Eio);
             // Two hits: the rule is used up.
             assert_eq!(status(&read_at(&ch, 0, 512).await), IoStatus::Success);
@@ -49,17 +65,26 @@ fn passes_through_and_fails_counted_requests() {
             // Until cleared (num = 0), writes, ENOSPC.
             e2.inject("write", "enospc", 0).unwrap();
             for _ in 0..5 {
-                assert_eq!(status(&write_at(&ch, 0, DmaBuf::new(512).unwrap()).await), IoStatus::Enospc);
+                assert_eq!(
+                    status(&write_at(&ch, 0, DmaBuf::new(512).unwrap()).await),
+                    IoStatus::Enospc
+                );
             }
             assert_eq!(e2.rules()[0].hits, 5);
             e2.clear();
-            assert_eq!(status(&write_at(&ch, 0, DmaBuf::new(512).unwrap()).await), IoStatus::Success);
+            assert_eq!(
+                status(&write_at(&ch, 0, DmaBuf::new(512).unwrap()).await),
+                IoStatus::Success
+            );
             // "all" covers flush and unmap too; "clear" as an io_type removes everything.
             e2.inject("all", "nomem", 0).unwrap();
             assert_eq!(simple_io(&ch, IoType::Flush, 0, 0).await, IoStatus::Nomem);
             assert_eq!(simple_io(&ch, IoType::Unmap, 0, 512).await, IoStatus::Nomem);
             e2.inject_with(&InjectParams::new("clear", "", 0)).unwrap();
-            assert_eq!(simple_io(&ch, IoType::Unmap, 0, 512).await, IoStatus::Success);
+            assert_eq!(
+                simple_io(&ch, IoType::Unmap, 0, 512).await,
+                IoStatus::Success
+            );
             let st = ch.stats().snapshot();
             assert!(st.num_io_errors >= 9, "{st:?}");
         })
@@ -82,14 +107,32 @@ fn byte_ranges_and_corruption() {
             p.length = Some(1024);
             e2.inject_with(&p).unwrap();
             // Before, after and overlapping the range.
-            assert_eq!(status(&write_at(&ch, 0, DmaBuf::new(4096).unwrap()).await), IoStatus::Success);
-            assert_eq!(status(&write_at(&ch, 5120, DmaBuf::new(512).unwrap()).await), IoStatus::Success);
-            assert_eq!(status(&write_at(&ch, 4608, DmaBuf::new(512).unwrap()).await), IoStatus::Eio);
-            assert_eq!(status(&write_at(&ch, 3584, DmaBuf::new(1024).unwrap()).await), IoStatus::Eio);
-            assert_eq!(status(&read_at(&ch, 4096, 512).await), IoStatus::Success, "reads are not hit");
+            assert_eq!(
+                status(&write_at(&ch, 0, DmaBuf::new(4096).unwrap()).await),
+                IoStatus::Success
+            );
+            assert_eq!(
+                status(&write_at(&ch, 5120, DmaBuf::new(512).unwrap()).await),
+                IoStatus::Success
+            );
+            assert_eq!(
+                status(&write_at(&ch, 4608, DmaBuf::new(512).unwrap()).await),
+                IoStatus::Eio
+            );
+            assert_eq!(
+                status(&write_at(&ch, 3584, DmaBuf::new(1024).unwrap()).await),
+                IoStatus::Eio
+            );
+            assert_eq!(
+                status(&read_at(&ch, 4096, 512).await),
+                IoStatus::Success,
+                "reads are not hit"
+            );
             e2.clear();
             // Corrupt one byte of one read.
-            write_at(&ch, 0, DmaBuf::from_slice(&[0x11u8; 512]).unwrap()).await.unwrap();
+            write_at(&ch, 0, DmaBuf::from_slice(&[0x11u8; 512]).unwrap())
+                .await
+                .unwrap();
             let mut c = InjectParams::new("read", "corrupt_data", 1);
             c.corrupt_offset = 10;
             c.corrupt_value = 0xff;
@@ -109,21 +152,39 @@ fn byte_ranges_and_corruption() {
 #[test]
 fn bad_parameters_and_claims() {
     let (_rt, e) = setup("err_b2");
-    for (t, k) in [("reed", "failure"), ("read", "explode"), ("read", "pending")] {
+    for (t, k) in [
+        ("reed", "failure"),
+        ("read", "explode"),
+        ("read", "pending"),
+    ] {
         let err = e.inject(t, k, 1).unwrap_err();
         assert!(matches!(err, BdevError::InvalidParam(_)), "{err}");
     }
     let mut p = InjectParams::new("read", "eio", 1);
     p.offset = 1 << 40;
-    assert!(e.inject_with(&p).unwrap_err().to_string().contains("offset"));
-    assert!(e.inject("read", "corrupt_data", 1).unwrap_err().to_string().contains("corrupt_value"));
+    assert!(e
+        .inject_with(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("offset"));
+    assert!(e
+        .inject("read", "corrupt_data", 1)
+        .unwrap_err()
+        .to_string()
+        .contains("corrupt_value"));
     // The base is claimed: it cannot be deleted underneath the error bdev.
     let err = registry().unregister("err_b2").err().expect("claimed");
     assert!(matches!(err, BdevError::Claimed { .. }), "{err}");
     assert!(err.to_string().contains("EE_err_b2"), "{err}");
     // A second error bdev over the same base is refused.
-    assert!(matches!(ErrorBdev::new("err_b2"), Err(BdevError::Exists(_))));
-    assert!(matches!(ErrorBdev::new("err_nope"), Err(BdevError::NotFound(_))));
+    assert!(matches!(
+        ErrorBdev::new("err_b2"),
+        Err(BdevError::Exists(_))
+    ));
+    assert!(matches!(
+        ErrorBdev::new("err_nope"),
+        Err(BdevError::NotFound(_))
+    ));
     // Deleting the error bdev releases the claim.
     let removed = registry().unregister("EE_err_b2").unwrap();
     removed.on_delete();

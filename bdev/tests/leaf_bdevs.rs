@@ -4,7 +4,10 @@
 use bdev::malloc::MallocBdev;
 use bdev::null::NullBdev;
 use bdev::uring::{UringBdev, UringOptions};
-use bdev::{channel, read_at, registry, simple_io, submit_wait, write_at, Bdev, BdevIo, DmaBuf, IoDone, IoStatus, IoType};
+use bdev::{
+    channel, read_at, registry, simple_io, submit_wait, write_at, Bdev, BdevIo, DmaBuf, IoDone,
+    IoStatus, IoType,
+};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -12,11 +15,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 fn runtime() -> Runtime {
-    Runtime::start(RuntimeConfig { pin: false, ..RuntimeConfig::new(CoreSet::from_list("0").unwrap()) }).unwrap()
+    Runtime::start(RuntimeConfig {
+        pin: false,
+        ..RuntimeConfig::new(CoreSet::from_list("0").unwrap())
+    })
+    .unwrap()
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// Writes, reads back, zeroes, unmaps and flushes through the channel of `b`.
@@ -27,7 +36,9 @@ fn roundtrip(b: Arc<dyn Bdev>) {
             let ch = channel(&b).unwrap();
             let bs = b.block_size() as usize;
             let data = pattern(4 * bs, 7);
-            write_at(&ch, bs as u64, DmaBuf::from_slice(&data).unwrap()).await.unwrap();
+            write_at(&ch, bs as u64, DmaBuf::from_slice(&data).unwrap())
+                .await
+                .unwrap();
             let back = read_at(&ch, bs as u64, 4 * bs).await.unwrap();
             assert_eq!(back.as_slice(), &data[..], "read back what was written");
             // Vectored read over two buffers.
@@ -38,20 +49,50 @@ fn roundtrip(b: Arc<dyn Bdev>) {
             assert_eq!(a.as_slice(), &data[..bs]);
             assert_eq!(c.as_slice(), &data[bs..]);
             drop(io);
-            assert_eq!(simple_io(&ch, IoType::WriteZeroes, 2 * bs as u64, bs as u64).await, IoStatus::Success);
+            assert_eq!(
+                simple_io(&ch, IoType::WriteZeroes, 2 * bs as u64, bs as u64).await,
+                IoStatus::Success
+            );
             assert_eq!(simple_io(&ch, IoType::Flush, 0, 0).await, IoStatus::Success);
             let back = read_at(&ch, bs as u64, 4 * bs).await.unwrap();
             assert_eq!(&back.as_slice()[..bs], &data[..bs]);
-            assert!(back.as_slice()[bs..2 * bs].iter().all(|&x| x == 0), "write_zeroes range reads zero");
+            assert!(
+                back.as_slice()[bs..2 * bs].iter().all(|&x| x == 0),
+                "write_zeroes range reads zero"
+            );
             assert_eq!(&back.as_slice()[2 * bs..], &data[2 * bs..]);
-            assert_eq!(simple_io(&ch, IoType::Unmap, bs as u64, 4 * bs as u64).await, IoStatus::Success);
+            assert_eq!(
+                simple_io(&ch, IoType::Unmap, bs as u64, 4 * bs as u64).await,
+                IoStatus::Success
+            );
             let back = read_at(&ch, bs as u64, 4 * bs).await.unwrap();
-            assert!(back.as_slice().iter().all(|&x| x == 0), "unmapped range reads zero");
+            assert!(
+                back.as_slice().iter().all(|&x| x == 0),
+                "unmapped range reads zero"
+            );
             // Validation.
             let size = b.size();
-            assert!(matches!(read_at(&ch, size, bs).await, Err(bdev::BdevError::Io(IoStatus::Einval))), "past the end");
-            assert!(matches!(read_at(&ch, 1, bs).await, Err(bdev::BdevError::Io(IoStatus::Einval))), "misaligned offset");
-            assert!(matches!(read_at(&ch, 0, bs + 1).await, Err(bdev::BdevError::Io(IoStatus::Einval))), "misaligned length");
+            assert!(
+                matches!(
+                    read_at(&ch, size, bs).await,
+                    Err(bdev::BdevError::Io(IoStatus::Einval))
+                ),
+                "past the end"
+            );
+            assert!(
+                matches!(
+                    read_at(&ch, 1, bs).await,
+                    Err(bdev::BdevError::Io(IoStatus::Einval))
+                ),
+                "misaligned offset"
+            );
+            assert!(
+                matches!(
+                    read_at(&ch, 0, bs + 1).await,
+                    Err(bdev::BdevError::Io(IoStatus::Einval))
+                ),
+                "misaligned length"
+            );
             let st = ch.stats().snapshot();
             assert_eq!(st.num_write_ops, 1);
             assert_eq!(st.bytes_written, 4 * bs as u64);
@@ -60,7 +101,10 @@ fn roundtrip(b: Arc<dyn Bdev>) {
             assert_eq!(st.num_unmap_ops, 1);
             assert_eq!(st.num_flush_ops, 1);
             assert_eq!(st.num_io_errors, 3);
-            assert!(st.max_read_latency_ticks >= st.min_read_latency_ticks && st.min_read_latency_ticks > 0);
+            assert!(
+                st.max_read_latency_ticks >= st.min_read_latency_ticks
+                    && st.min_read_latency_ticks > 0
+            );
         })
         .block()
         .unwrap();
@@ -76,7 +120,15 @@ fn malloc_roundtrip_and_config() {
     assert_eq!(cfg["params"]["uuid"].as_str().unwrap().len(), 36);
     assert_eq!(b.product_name(), "Malloc disk");
     roundtrip(b);
-    roundtrip(MallocBdev::new("leaf_m1", 256, 4096, Some("6f1d8c5e-2c4a-4b8e-9f3a-0123456789ab".into())).unwrap());
+    roundtrip(
+        MallocBdev::new(
+            "leaf_m1",
+            256,
+            4096,
+            Some("6f1d8c5e-2c4a-4b8e-9f3a-0123456789ab".into()),
+        )
+        .unwrap(),
+    );
 }
 
 #[test]
@@ -90,9 +142,18 @@ fn malloc_large_is_lazy_and_zero() {
             let ch = channel(&b).unwrap();
             let back = read_at(&ch, b.size() - 4096, 4096).await.unwrap();
             assert!(back.as_slice().iter().all(|&x| x == 0));
-            write_at(&ch, b.size() - 8192, DmaBuf::from_slice(&[9u8; 8192]).unwrap()).await.unwrap();
+            write_at(
+                &ch,
+                b.size() - 8192,
+                DmaBuf::from_slice(&[9u8; 8192]).unwrap(),
+            )
+            .await
+            .unwrap();
             // A large unmap that releases pages and zeroes partial pages at the edges.
-            assert_eq!(simple_io(&ch, IoType::Unmap, b.size() - (1 << 20), 1 << 20).await, IoStatus::Success);
+            assert_eq!(
+                simple_io(&ch, IoType::Unmap, b.size() - (1 << 20), 1 << 20).await,
+                IoStatus::Success
+            );
             let back = read_at(&ch, b.size() - 8192, 8192).await.unwrap();
             assert!(back.as_slice().iter().all(|&x| x == 0));
         })
@@ -109,13 +170,21 @@ fn null_reads_zeroes_and_config() {
     rt.handle()
         .spawn_on(0, move || async move {
             let ch = channel(&b).unwrap();
-            write_at(&ch, 0, DmaBuf::from_slice(&[5u8; 4096]).unwrap()).await.unwrap();
+            write_at(&ch, 0, DmaBuf::from_slice(&[5u8; 4096]).unwrap())
+                .await
+                .unwrap();
             let mut buf = DmaBuf::new(8192).unwrap();
             buf.as_mut_slice().fill(0xAA);
             let io = submit_wait(&ch, BdevIo::read(0, buf, None)).await;
             assert_eq!(io.status, IoStatus::Success);
-            assert!(io.buf().unwrap().as_slice().iter().all(|&x| x == 0), "null reads return zeroes");
-            assert_eq!(simple_io(&ch, IoType::WriteZeroes, 0, 4096).await, IoStatus::Success);
+            assert!(
+                io.buf().unwrap().as_slice().iter().all(|&x| x == 0),
+                "null reads return zeroes"
+            );
+            assert_eq!(
+                simple_io(&ch, IoType::WriteZeroes, 0, 4096).await,
+                IoStatus::Success
+            );
         })
         .block()
         .unwrap();
@@ -123,16 +192,28 @@ fn null_reads_zeroes_and_config() {
 
 #[test]
 fn bad_geometry_is_refused() {
-    for (n, bs) in [(0u64, 512u32), (10, 0), (10, 1000), (10, 256), (10, 1 << 20)] {
-        let e = MallocBdev::new("leaf_bad", n, bs, None).err().expect("refused");
+    for (n, bs) in [
+        (0u64, 512u32),
+        (10, 0),
+        (10, 1000),
+        (10, 256),
+        (10, 1 << 20),
+    ] {
+        let e = MallocBdev::new("leaf_bad", n, bs, None)
+            .err()
+            .expect("refused");
         assert!(matches!(e, bdev::BdevError::InvalidParam(_)), "{e}");
         assert!(NullBdev::new("leaf_bad", n, bs, None).is_err());
     }
     assert!(MallocBdev::new("", 10, 512, None).is_err());
-    let e = MallocBdev::new("leaf_bad", 10, 512, Some("not-a-uuid".into())).err().unwrap();
+    let e = MallocBdev::new("leaf_bad", 10, 512, Some("not-a-uuid".into()))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("uuid"), "{e}");
 }
 
+// Completions arrive as boxes; keeping them boxed avoids a move per request.
+#[allow(clippy::vec_box)]
 struct Collect(RefCell<Vec<Box<BdevIo>>>);
 impl IoDone for Collect {
     fn io_done(&self, io: Box<BdevIo>) {
@@ -157,7 +238,10 @@ fn full_queue_pushes_back_and_never_completes_inside_submit() {
                 }
                 assert!(accepted <= 100_000, "queue never filled");
             };
-            assert!(sink.0.borrow().is_empty(), "nothing completes inside submit");
+            assert!(
+                sink.0.borrow().is_empty(),
+                "nothing completes inside submit"
+            );
             assert!(accepted >= 128, "a useful queue depth ({accepted})");
             // Wait for space, then the refused request goes in.
             let (tx, rx) = futures::channel::oneshot::channel();
@@ -165,11 +249,19 @@ fn full_queue_pushes_back_and_never_completes_inside_submit() {
                 let _ = tx.send(());
             }));
             rx.await.unwrap();
-            assert_eq!(sink.0.borrow().len(), accepted, "all accepted requests completed");
+            assert_eq!(
+                sink.0.borrow().len(),
+                accepted,
+                "all accepted requests completed"
+            );
             assert!(ch.submit(refused).is_ok());
             reactor::sleep(std::time::Duration::from_millis(5)).await;
             assert_eq!(sink.0.borrow().len(), accepted + 1);
-            assert!(sink.0.borrow().iter().all(|io| io.status == IoStatus::Success));
+            assert!(sink
+                .0
+                .borrow()
+                .iter()
+                .all(|io| io.status == IoStatus::Success));
         })
         .block()
         .unwrap();
@@ -191,10 +283,22 @@ fn uring_direct_roundtrip() {
     let cfg = b.config().unwrap();
     assert_eq!(cfg["method"], "bdev_uring_create");
     assert_eq!(cfg["params"]["filename"], p.display().to_string());
-    assert_eq!(b.driver_specific()["uring"]["filename"], p.display().to_string());
+    assert_eq!(
+        b.driver_specific()["uring"]["filename"],
+        p.display().to_string()
+    );
     roundtrip(b);
     // Data reached the file.
-    let b = UringBdev::open("leaf_u0b", &p, UringOptions { direct: false, read_only: true, block_size: Some(4096) }).unwrap();
+    let b = UringBdev::open(
+        "leaf_u0b",
+        &p,
+        UringOptions {
+            direct: false,
+            read_only: true,
+            block_size: Some(4096),
+        },
+    )
+    .unwrap();
     assert!(b.read_only());
     let b: Arc<dyn Bdev> = b;
     let rt = runtime();
@@ -202,7 +306,10 @@ fn uring_direct_roundtrip() {
         .spawn_on(0, move || async move {
             let ch = channel(&b).unwrap();
             let r = write_at(&ch, 0, DmaBuf::new(4096).unwrap()).await;
-            assert!(matches!(r, Err(bdev::BdevError::Io(IoStatus::ReadOnly))), "{r:?}");
+            assert!(
+                matches!(r, Err(bdev::BdevError::Io(IoStatus::ReadOnly))),
+                "{r:?}"
+            );
         })
         .block()
         .unwrap();
@@ -212,7 +319,18 @@ fn uring_direct_roundtrip() {
 #[test]
 fn uring_buffered_and_misaligned_buffers_are_bounced() {
     let p = temp_file("buffered", 1 << 20);
-    roundtrip(UringBdev::open("leaf_u1", &p, UringOptions { direct: false, read_only: false, block_size: None }).unwrap());
+    roundtrip(
+        UringBdev::open(
+            "leaf_u1",
+            &p,
+            UringOptions {
+                direct: false,
+                read_only: false,
+                block_size: None,
+            },
+        )
+        .unwrap(),
+    );
     let b: Arc<dyn Bdev> = UringBdev::open("leaf_u2", &p, UringOptions::default()).unwrap();
     let rt = runtime();
     rt.handle()
@@ -242,15 +360,49 @@ fn uring_buffered_and_misaligned_buffers_are_bounced() {
 
 #[test]
 fn uring_bad_files_give_clear_errors() {
-    let e = UringBdev::open("leaf_missing", std::path::Path::new("/nonexistent/sluice.img"), UringOptions::default()).err().unwrap();
+    let e = UringBdev::open(
+        "leaf_missing",
+        std::path::Path::new("/nonexistent/sluice.img"),
+        UringOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("/nonexistent/sluice.img"), "{e}");
     let p = temp_file("tiny", 100);
-    let e = UringBdev::open("leaf_tiny", &p, UringOptions { direct: false, ..Default::default() }).err().unwrap();
+    let e = UringBdev::open(
+        "leaf_tiny",
+        &p,
+        UringOptions {
+            direct: false,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("smaller than one block"), "{e}");
-    let e = UringBdev::open("leaf_tiny", &p, UringOptions { block_size: Some(1000), ..Default::default() }).err().unwrap();
+    let e = UringBdev::open(
+        "leaf_tiny",
+        &p,
+        UringOptions {
+            block_size: Some(1000),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("block_size"), "{e}");
     std::fs::remove_file(&p).unwrap();
-    let e = UringBdev::open("leaf_dir", std::path::Path::new("/tmp"), UringOptions { direct: false, read_only: true, block_size: None }).err().unwrap();
+    let e = UringBdev::open(
+        "leaf_dir",
+        std::path::Path::new("/tmp"),
+        UringOptions {
+            direct: false,
+            read_only: true,
+            block_size: None,
+        },
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("neither"), "{e}");
 }
 
@@ -258,7 +410,9 @@ fn uring_bad_files_give_clear_errors() {
 fn registry_roundtrip_of_leaf_bdevs() {
     let b = NullBdev::new("leaf_reg", 100, 512, None).unwrap();
     registry().register(b).unwrap();
-    assert!(registry().register(NullBdev::new("leaf_reg", 100, 512, None).unwrap()).is_err());
+    assert!(registry()
+        .register(NullBdev::new("leaf_reg", 100, 512, None).unwrap())
+        .is_err());
     assert_eq!(registry().get("leaf_reg").unwrap().num_blocks(), 100);
     registry().unregister("leaf_reg").unwrap();
 }

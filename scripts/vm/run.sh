@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Boots a QEMU (TCG) guest with an emulated NVMe controller behind the emulated
-# Intel IOMMU and runs sluice's NVMe scenario in it; prints the guest's
-# SLUICE-VM-RESULT line and exits 0 only on PASS.
+# Boots a QEMU (TCG) guest with an emulated NVMe controller (two namespaces)
+# behind the emulated Intel IOMMU and runs sluice's NVMe scenario in it; then
+# checks on the host, with qemu-img, the qcow2 images the guest left on the
+# namespaces. Prints the guest's SLUICE-VM-RESULT line and the host's
+# SLUICE-VM-HOST line; exits 0 only when both say PASS, 77 (and a
+# SLUICE-VM-SKIP line) when the QEMU packages can be neither found in the cache
+# nor downloaded.
 #
 #   scripts/vm/run.sh [SCENARIO.sh] [EXTRA.sh ...]
 #
 # SCENARIO defaults to scripts/vm/scenario.sh; EXTRA scripts are sourced by the
 # scenario while the service runs (with $S = sluice, $NVME = the PCI address).
 # Nothing is installed on the host: the Debian packages (kernel, QEMU 7.2,
-# busybox) are downloaded into scripts/vm/cache and unpacked into scripts/vm/work.
-# Environment: VM_TIMEOUT (seconds, default 900), SLUICE_PROFILE (release),
-# VM_SMP (2), VM_MEM (1G), VM_KEEP_LOG (path for the console log).
+# busybox) are downloaded with `apt-get download` into scripts/vm/cache and
+# unpacked with `dpkg -x` into scripts/vm/work.
+# The guest gets a qcow2 chain made here with qemu-img/qemu-io (/data/base.qcow2
+# <- /data/top.qcow2); namespace 1 (work/ns1.img) and namespace 2
+# (work/ns2.img) hold what the guest wrote.
+# Environment: VM_TIMEOUT (seconds, default 900), SLUICE_PROFILE (release; dev
+# for debug builds), VM_SMP (2), VM_MEM (1G), VM_KEEP_LOG (path for the console
+# log), VM_SKIP_BUILD=1 (use the binaries already built).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -26,24 +35,41 @@ PKGS_FIXED="qemu-system-x86 qemu-system-common qemu-system-data seabios busybox-
 
 log() { echo "vm: $*" >&2; }
 
+skip() { # the packages cannot be had: not a failure of sluice (stderr: fetch runs in $(...))
+    echo "SLUICE-VM-SKIP: $*" >&2
+    exit 77
+}
+
+kernel_pkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+
 fetch() {
     mkdir -p "$CACHE"
     local kpkg
-    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    kpkg=$(kernel_pkg)
     if [[ -z $kpkg ]]; then
         log "apt lists are empty: apt-get update"
-        apt-get update -qq
-        kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+        apt-get update -qq >&2 || true
+        kpkg=$(kernel_pkg)
     fi
-    [[ -n $kpkg ]] || { log "cannot find the Debian kernel package"; exit 1; }
+    if [[ -z $kpkg ]]; then # no lists and no network: a kernel already in the cache will do
+        local cached
+        cached=$(ls "$CACHE"/linux-image-[0-9]*_amd64.deb 2>/dev/null | head -1)
+        [[ -n $cached ]] || skip "cannot find the Debian kernel package (no apt lists, no network?)"
+        kpkg=$(basename "$cached" | cut -d_ -f1)
+    fi
     local missing=()
     for p in $kpkg $PKGS_FIXED; do
         compgen -G "$CACHE/${p}_*.deb" >/dev/null || missing+=("$p")
     done
     if ((${#missing[@]})); then
         log "downloading ${missing[*]}"
-        (cd "$CACHE" && apt-get download "${missing[@]}" 2>&1 | grep -v "^W: Download is performed unsandboxed" >&2) ||
-            { apt-get update -qq && (cd "$CACHE" && apt-get download "${missing[@]}"); }
+        if ! (cd "$CACHE" && apt-get download "${missing[@]}" >&2 2>/dev/null); then
+            apt-get update -qq >&2 || true
+            (cd "$CACHE" && apt-get download "${missing[@]}" >&2) ||
+                skip "cannot download ${missing[*]} (apt-get download failed: no network?)"
+        fi
     fi
     echo "$kpkg"
 }
@@ -77,15 +103,33 @@ vmlinux() { # uncompressed kernel: boots twice as fast under TCG
 
 build() {
     log "building sluice and nvme_guest ($PROFILE)"
-    (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p rpc --bin sluice && cargo build -q --profile "$PROFILE" -p bdev --example nvme_guest)
+    (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p rpc --bin sluice &&
+        cargo build -q --profile "$PROFILE" -p bdev --example nvme_guest)
 }
 
-copy_with_libs() { # binary dest-root
-    local bin=$1 dst=$2
-    install -D -m 0755 "$bin" "$dst/usr/bin/$(basename "$bin")"
+copy_with_libs() { # binary dest-root: the binary (without its debug info) and the libraries it links
+    local bin=$1 dst=$2 out
+    out="$dst/usr/bin/$(basename "$bin")"
+    install -D -m 0755 "$bin" "$out"
+    if command -v strip >/dev/null; then strip --strip-debug "$out"; fi
     ldd "$bin" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
         [[ -e $dst$lib ]] || install -D -m 0755 "$(readlink -f "$lib")" "$dst$lib"
     done
+}
+
+# The backing chain the guest copies live onto namespace 2, made with the host's
+# qemu-img and qemu-io (QEMU is the oracle): data in the base only, in the top
+# only, top over base, a zeroed range over base data, data at the end.
+make_chain() {
+    local d="$WORK/chain"
+    rm -rf "$d"
+    mkdir -p "$d"
+    qemu-img create -q -f qcow2 "$d/base.qcow2" 64M
+    qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -P 0x22 4M 2M' -c 'write -P 0x33 63M 1M' \
+        "$d/base.qcow2" >/dev/null
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/top.qcow2"
+    qemu-io -f qcow2 -c 'write -P 0x44 512k 1M' -c 'write -z 5M 512k' -c 'write -P 0x55 32M 64k' \
+        -c 'write -P 0x66 40M 3M' "$d/top.qcow2" >/dev/null
 }
 
 initramfs() {
@@ -107,12 +151,43 @@ initramfs() {
     install -m 0755 "$HERE/init.sh" "$stage/init"
     install -m 0755 "$SCENARIO" "$stage/scenario.sh"
     install -m 0755 "$ROOT/scripts/setup.sh" "$stage/scripts/setup.sh"
+    mkdir -p "$stage/data"
+    cp "$WORK/chain/base.qcow2" "$WORK/chain/top.qcow2" "$stage/data/"
     local i=0
     for extra in "$@"; do
         i=$((i + 1))
         install -m 0644 "$extra" "$stage/scenario.d/$(printf %02d $i)-$(basename "$extra")"
     done
     python3 "$HERE/mkinitramfs.py" "$stage" "$WORK/initrd.gz"
+}
+
+# The images the guest left behind, checked with qemu-img: namespace 1 holds the
+# qcow2 image sluice created and wrote through perf -w verify (consistent: leaked
+# clusters, which an unclean exit may leave, are allowed; errors are not);
+# namespace 2 holds the live copy of the chain, which must be a clean qcow2
+# image without a backing file whose guest-visible contents equal the chain's.
+host_checks() {
+    local ns1="$WORK/ns1.img" ns2="$WORK/ns2.img" out rc=0 why=()
+    out=$(qemu-img check -f qcow2 "$ns1" 2>&1) || rc=$?
+    log "qemu-img check of the qcow2 image on namespace 1 (exit $rc): $(echo "$out" | tr '\n' ' ')"
+    [[ $rc == 0 || $rc == 3 ]] || why+=("namespace 1: qemu-img check exit $rc")
+    local leaks=$((rc == 3))
+    rc=0
+    out=$(qemu-img check -f qcow2 "$ns2" 2>&1) || rc=$?
+    log "qemu-img check of the live copy on namespace 2 (exit $rc): $(echo "$out" | tr '\n' ' ')"
+    [[ $rc == 0 ]] || why+=("namespace 2: qemu-img check exit $rc")
+    if qemu-img info -f qcow2 "$ns2" | grep -q "^backing file"; then
+        why+=("namespace 2 still has a backing file")
+    fi
+    rc=0
+    out=$(qemu-img compare -f qcow2 -F qcow2 "$ns2" "$WORK/chain/top.qcow2" 2>&1) || rc=$?
+    log "qemu-img compare live copy vs chain (exit $rc): $(echo "$out" | tr '\n' ' ' | sed 's/\[#*\].*//')"
+    [[ $rc == 0 ]] || why+=("live copy differs from the chain (qemu-img compare exit $rc)")
+    if ((${#why[@]})); then
+        echo "SLUICE-VM-HOST: FAIL ${why[*]}"
+        return 1
+    fi
+    echo "SLUICE-VM-HOST: PASS qcow2 on namespace 1 consistent$( ((leaks)) && echo ' (leaked clusters only)'), live copy on namespace 2 clean, standalone and identical to the chain"
 }
 
 main() {
@@ -123,9 +198,11 @@ main() {
     kver=${kpkg#linux-image-}
     kernel=$(vmlinux)
     [[ ${VM_SKIP_BUILD:-0} == 1 ]] || build
+    make_chain
     initramfs "$kver" "$@"
-    rm -f "$WORK/nvme.img"
-    truncate -s 256M "$WORK/nvme.img"
+    rm -f "$WORK/nvme.img" "$WORK/ns1.img" "$WORK/ns2.img"
+    truncate -s 256M "$WORK/ns1.img"
+    truncate -s 128M "$WORK/ns2.img"
     local R="$WORK/root" out="${VM_KEEP_LOG:-$WORK/console.log}"
     log "booting the guest (TCG, timeout ${TIMEOUT}s); console in $out"
     local start=$SECONDS rc=0
@@ -133,7 +210,9 @@ main() {
         -L "$R/usr/share/qemu" -L "$R/usr/share/seabios" -nodefaults -display none \
         -serial stdio -no-reboot -m "$MEM" -smp "$SMP" -machine q35,accel=tcg -cpu max \
         -device intel-iommu,intremap=on,caching-mode=on \
-        -drive file="$WORK/nvme.img",if=none,id=nvm,format=raw -device nvme,serial=deadbeef,drive=nvm \
+        -device nvme,id=nvme0,serial=deadbeef \
+        -drive file="$WORK/ns1.img",if=none,id=ns1,format=raw -device nvme-ns,drive=ns1,bus=nvme0,nsid=1 \
+        -drive file="$WORK/ns2.img",if=none,id=ns2,format=raw -device nvme-ns,drive=ns2,bus=nvme0,nsid=2 \
         -initrd "$WORK/initrd.gz" -kernel "$kernel" \
         -append 'console=ttyS0 intel_iommu=on iommu=pt quiet panic=-1' < /dev/null > "$out" 2>&1 || rc=$?
     local line
@@ -145,7 +224,8 @@ main() {
         exit 1
     fi
     echo "$line (guest ran $((SECONDS - start)) s under TCG)"
-    [[ $line == "SLUICE-VM-RESULT: PASS"* ]]
+    [[ $line == "SLUICE-VM-RESULT: PASS"* ]] || exit 1
+    host_checks
 }
 
 main "$@"

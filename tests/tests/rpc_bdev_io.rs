@@ -98,3 +98,36 @@ fn iostat_counts_io_and_injected_errors_fail_it() {
     );
     assert_eq!(e["code"], -19, "{e}");
 }
+
+#[test]
+fn get_bdevs_waits_up_to_its_timeout_for_a_bdev() {
+    let mut d = Daemon::start(&[]);
+    let sock = d.rpc_sock.clone();
+    let creator = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let out = std::process::Command::new(sluice_tests::sluice_bin())
+            .args(["rpc", "-s"])
+            .arg(&sock)
+            .args([
+                "bdev_null_create",
+                "name=Late",
+                "num_blocks=8",
+                "block_size=512",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    });
+    let t0 = std::time::Instant::now();
+    let got = d.call("bdev_get_bdevs", json!({"name": "Late", "timeout": 10000}));
+    assert_eq!(got[0]["name"], "Late");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(250),
+        "returned before the bdev existed"
+    );
+    creator.join().unwrap();
+    let t0 = std::time::Instant::now();
+    let e = d.call_err("bdev_get_bdevs", json!({"name": "Never", "timeout": 200}));
+    assert_eq!(e["code"], -19);
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(200));
+}

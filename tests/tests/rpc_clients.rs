@@ -21,3 +21,30 @@ fn qemu_qmp_clients_negotiate_run_commands_and_get_events() {
     let out = check(d.python("qmp_clients.py", &[]), "qmp_clients.py");
     assert!(out.trim_end().ends_with("ok"), "{out}");
 }
+
+#[test]
+fn spdk_rpc_over_tcp() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let _d = Daemon::start(&["--rpc-listen", &listen]);
+    let spdk_rpc = sluice_tests::workspace_root().join(".venv/bin/spdk-rpc");
+    let port_s = port.to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&spdk_rpc)
+            .args(["-s", "127.0.0.1", "-p", &port_s])
+            .args(args)
+            .output()
+            .expect("run spdk-rpc")
+    };
+    let out = check(
+        run(&["bdev_null_create", "T0", "1", "512"]),
+        "spdk-rpc over TCP",
+    );
+    assert_eq!(out.trim(), "T0");
+    let out = check(run(&["bdev_get_bdevs", "-b", "T0"]), "spdk-rpc over TCP");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["num_blocks"], 2048);
+}

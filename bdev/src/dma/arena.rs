@@ -74,6 +74,7 @@ struct State {
     used: usize,
     listeners: Vec<RegionListener>,
     huge_failed: bool,
+    warned_small: bool,
 }
 
 pub(crate) struct Arena {
@@ -112,6 +113,7 @@ pub(crate) fn arena() -> &'static Arena {
                 used: 0,
                 listeners: Vec::new(),
                 huge_failed: false,
+                warned_small: false,
             }),
         };
         if cfg.initial > 0 {
@@ -284,15 +286,25 @@ impl State {
         }
         let try_huge = self.cfg.hugepages && !self.huge_failed;
         if !small_pages && !try_huge {
-            return Err(BdevError::NoMem(format!("{} MiB of hugepage memory (none reserved)", want.div_ceil(1 << 20))));
+            return Err(BdevError::NoMem(format!(
+                "{} MiB of hugepage memory (none reserved)",
+                want.div_ceil(1 << 20)
+            )));
         }
         let region = super::map::map_region(want, try_huge, small_pages)?;
-        if !region.huge && self.cfg.hugepages && !self.huge_failed {
-            self.huge_failed = true;
-            tracing::warn!(
-                "no hugepages available (see /proc/sys/vm/nr_hugepages); DMA memory uses ordinary 4 KiB pages, \
-                 which is slower and cannot be used with VFIO without pinning"
-            );
+        if !region.huge && !self.warned_small {
+            self.warned_small = true;
+            if self.cfg.hugepages {
+                self.huge_failed = true;
+                tracing::warn!(
+                    "no hugepages available (reserve some in /proc/sys/vm/nr_hugepages); DMA memory falls back to \
+                     ordinary pages: slower, and not usable by VFIO drivers that need pinned hugepages"
+                );
+            } else {
+                tracing::warn!(
+                    "hugepages disabled (SLUICE_NO_HUGE); DMA memory uses ordinary pages"
+                );
+            }
         }
         tracing::info!(
             addr = format_args!("{:#x}", region.base),

@@ -47,7 +47,11 @@ fn map(len: usize, flags: MapFlags) -> nix::Result<NonNull<c_void>> {
 /// Maps a region of at least `want` bytes: hugepages if `try_huge` and the
 /// kernel has them reserved, else ordinary pages; populated and (if allowed) locked.
 /// With `small_pages` false, fails instead of falling back to ordinary pages.
-pub(crate) fn map_region(want: usize, try_huge: bool, small_pages: bool) -> Result<Region, BdevError> {
+pub(crate) fn map_region(
+    want: usize,
+    try_huge: bool,
+    small_pages: bool,
+) -> Result<Region, BdevError> {
     let base_flags = MapFlags::MAP_PRIVATE | MapFlags::MAP_ANONYMOUS | MapFlags::MAP_POPULATE;
     if try_huge {
         let len = want.next_multiple_of(hugepage_size());
@@ -62,7 +66,10 @@ pub(crate) fn map_region(want: usize, try_huge: bool, small_pages: bool) -> Resu
             Err(e) => {
                 tracing::debug!(error = %e, mib = len >> 20, "hugepage mapping failed");
                 if !small_pages {
-                    return Err(BdevError::NoMem(format!("{} MiB of hugepages: {e}", len >> 20)));
+                    return Err(BdevError::NoMem(format!(
+                        "{} MiB of hugepages: {e}",
+                        len >> 20
+                    )));
                 }
             }
         }

@@ -113,12 +113,20 @@ impl Image {
 
     /// Allocates one host cluster (refcount 1); the metadata lock is held.
     pub(crate) async fn alloc_cluster(&self) -> R<u64> {
+        Ok(self.alloc_cluster_fresh().await?.0)
+    }
+
+    /// Allocates one cluster; also says whether it is fresh (never written
+    /// since the open, reads as zeroes). It is not fresh from now on.
+    pub(crate) async fn alloc_cluster_fresh(&self) -> R<(u64, bool)> {
         let c = self.find_free(1).await?;
+        let fresh = c * self.cs >= self.fresh_from.get();
+        self.not_fresh(c * self.cs, self.cs);
         self.reserved.borrow_mut().push(c);
         let r = self.update_refcount(c, 1).await;
         self.reserved.borrow_mut().retain(|&x| x != c);
         r?;
-        Ok(c * self.cs)
+        Ok((c * self.cs, fresh))
     }
 
     /// Replaces the refcount table with a larger one covering index `need`.

@@ -262,6 +262,29 @@ impl Qcow2Bdev {
         Ok(())
     }
 
+    /// After an open: the host bytes from `fresh` on (the image file's length
+    /// before its sparse growth) read as zeroes and were never written, so a
+    /// new cluster there needs only its new data; `zeroes_on_base`: whether other
+    /// new clusters are zeroed by base write-zeroes (else a filled buffer).
+    pub(crate) async fn set_fresh_from(
+        &self,
+        fresh: Option<u64>,
+        zeroes_on_base: bool,
+    ) -> Result<(), BdevError> {
+        self.on_owner(move |img| async move {
+            if !zeroes_on_base {
+                img.zeroes_on_base.set(false);
+            }
+            if let Some(f) = fresh {
+                // Whatever the open wrote (a refcount rebuild) is in use.
+                let used = img.used_end().await?;
+                img.fresh_from.set(f.next_multiple_of(img.cs).max(used));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Makes every completed write durable (like a flush request).
     pub async fn flush(&self) -> Result<(), BdevError> {
         self.on_owner(move |img| async move { img.flush().await })

@@ -59,6 +59,9 @@ pub(crate) struct Image {
     /// Whether new clusters whose old contents read as zeroes are filled with
     /// base write-zeroes (cleared when the base turns out not to support them).
     pub(crate) zeroes_on_base: Cell<bool>,
+    /// Host offsets from here on were never written since the image was opened
+    /// and read as zeroes (the sparse growth of an image file); `u64::MAX`: unknown.
+    pub(crate) fresh_from: Cell<u64>,
 }
 
 impl Image {
@@ -153,6 +156,7 @@ impl Image {
             zcache: RefCell::new(None),
             broken: Cell::new(false),
             zeroes_on_base: Cell::new(base.io_type_supported(IoType::WriteZeroes)),
+            fresh_from: Cell::new(u64::MAX),
             hdr: RefCell::new(hdr),
         };
         img.check_tables()?;
@@ -322,6 +326,7 @@ impl Image {
         if self.read_only {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
+        self.not_fresh(off, buf.len() as u64);
         match write_at(&self.ch, off, buf).await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -329,6 +334,14 @@ impl Image {
                 self.broken.set(true);
                 Err(e)
             }
+        }
+    }
+
+    /// Notes that `[off, off+len)` on the host is written: it is no longer fresh.
+    pub(crate) fn not_fresh(&self, off: u64, len: u64) {
+        let end = (off + len).next_multiple_of(self.cs);
+        if end > self.fresh_from.get() {
+            self.fresh_from.set(end);
         }
     }
 

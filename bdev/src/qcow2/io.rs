@@ -378,12 +378,12 @@ impl Image {
         src: Src,
     ) -> R<()> {
         self.writable()?;
-        let host = {
+        let (host, fresh) = {
             let _m = self.meta.lock().await;
-            self.alloc_cluster().await?
+            self.alloc_cluster_fresh().await?
         };
         let res = self
-            .fill_new_cluster(io, host, gc, e, kind, intra, n, src)
+            .fill_new_cluster(io, host, fresh, gc, e, kind, intra, n, src)
             .await;
         let _m = self.meta.lock().await;
         if let Err(err) = res {
@@ -400,6 +400,7 @@ impl Image {
         &self,
         io: Option<&BdevIo>,
         host: u64,
+        fresh: bool,
         gc: u64,
         e: u64,
         kind: ClusterKind,
@@ -410,6 +411,16 @@ impl Image {
         let full = intra == 0 && n == self.cs;
         if let (true, Src::Guest(pos), Some(io)) = (full, src, io) {
             return self.write_guest(io, pos, n, host).await;
+        }
+        if fresh && self.reads_zero(gc, kind) {
+            // The host cluster already reads as zeroes: only the new data goes down.
+            return match (src, io) {
+                (Src::Guest(pos), Some(io)) => self.write_guest(io, pos, n, host + intra).await,
+                (Src::Guest(_), None) => Err(BdevError::InvalidParam(
+                    "guest data without a request".into(),
+                )),
+                (Src::Zeros, _) => Ok(()),
+            };
         }
         if self.zeroes_on_base.get() && self.reads_zero(gc, kind) {
             match self.fill_zero_cluster(io, host, intra, n, src).await {

@@ -100,9 +100,15 @@ pub async fn open_file(
     )
     .map_err(restore)?;
     opts.filename = Some(path.to_path_buf());
+    let direct = opts.direct;
     let dyn_base: Arc<dyn Bdev> = base;
     match Qcow2Bdev::open(name, dyn_base.clone(), opts).await {
-        Ok(q) => Ok(q),
+        Ok(q) => {
+            // With O_DIRECT, fallocate waits for every direct I/O in flight on
+            // the file: new clusters get a filled buffer instead.
+            q.set_fresh_from(grown_from, !direct).await?;
+            Ok(q)
+        }
         Err(e) => {
             crate::drop_cached_channels(&dyn_base);
             Err(restore(e))

@@ -8,8 +8,8 @@ use io_uring::{opcode, squeue, types, IoUring};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use reactor::{register_poller, PollStatus, PollerHandle};
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -75,16 +75,24 @@ pub(crate) struct UringChannel {
 
 fn build_ring() -> std::io::Result<IoUring> {
     let mut b = IoUring::builder();
-    b.setup_cqsize(RING_ENTRIES * 2).setup_single_issuer().setup_clamp();
+    b.setup_cqsize(RING_ENTRIES * 2)
+        .setup_single_issuer()
+        .setup_clamp();
     match b.build(RING_ENTRIES) {
         Ok(r) => Ok(r),
         // Older kernels lack SINGLE_ISSUER; plain rings work everywhere.
-        Err(_) => IoUring::builder().setup_cqsize(RING_ENTRIES * 2).build(RING_ENTRIES),
+        Err(_) => IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 2)
+            .build(RING_ENTRIES),
     }
 }
 
 impl UringChannel {
-    pub(crate) fn new(name: &str, file: FileInfo, keep: Arc<File>) -> std::io::Result<UringChannel> {
+    pub(crate) fn new(
+        name: &str,
+        file: FileInfo,
+        keep: Arc<File>,
+    ) -> std::io::Result<UringChannel> {
         let ring = build_ring()?;
         let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(efd.as_fd().as_raw_fd())?;
@@ -96,8 +104,13 @@ impl UringChannel {
             }
         };
         let regions = dma::regions();
-        let iovs: Vec<libc::iovec> =
-            regions.iter().map(|&(base, len)| libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len }).collect();
+        let iovs: Vec<libc::iovec> = regions
+            .iter()
+            .map(|&(base, len)| libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
         let fixed_bufs = if iovs.is_empty() || iovs.iter().any(|v| v.iov_len > (1 << 30)) {
             Vec::new()
         } else {
@@ -112,7 +125,13 @@ impl UringChannel {
             }
         };
         let slots = (0..RING_ENTRIES)
-            .map(|_| Slot { io: None, bounce: None, done: 0, iov: Vec::new(), zero_fallback: false })
+            .map(|_| Slot {
+                io: None,
+                bounce: None,
+                done: 0,
+                iov: Vec::new(),
+                zero_fallback: false,
+            })
             .collect();
         let r = Rc::new(Ring {
             ring: RefCell::new(ring),
@@ -129,9 +148,11 @@ impl UringChannel {
         });
         reactor::register_fd(r.efd.as_fd().as_raw_fd())?;
         let weak = Rc::downgrade(&r);
-        let poller = register_poller(&format!("bdev_uring_{name}"), move || match weak.upgrade() {
-            Some(r) => r.poll(),
-            None => PollStatus::Idle,
+        let poller = register_poller(&format!("bdev_uring_{name}"), move || {
+            match weak.upgrade() {
+                Some(r) => r.poll(),
+                None => PollStatus::Idle,
+            }
         });
         Ok(UringChannel { ring: r, poller })
     }
@@ -139,7 +160,9 @@ impl UringChannel {
 
 impl Channel for UringChannel {
     fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        let Some(idx) = self.ring.free.borrow_mut().pop() else { return Err(io) };
+        let Some(idx) = self.ring.free.borrow_mut().pop() else {
+            return Err(io);
+        };
         self.ring.start(idx, io);
         Ok(())
     }
@@ -172,7 +195,9 @@ impl Drop for UringChannel {
 fn misaligned(io: &BdevIo, f: &FileInfo) -> bool {
     let mem = f.mem_align as usize - 1;
     let blk = f.block as usize - 1;
-    io.iovs().iter().any(|v| (v.as_ptr() as usize) & mem != 0 || v.len() & blk != 0)
+    io.iovs()
+        .iter()
+        .any(|v| (v.as_ptr() as usize) & mem != 0 || v.len() & blk != 0)
 }
 
 impl Ring {
@@ -206,20 +231,31 @@ impl Ring {
     /// Builds and queues the SQE for slot `idx` from its current progress.
     fn push_sqe(&self, idx: u32) {
         let mut slots = self.slots.borrow_mut();
-        let Slot { io, bounce, done, iov, zero_fallback } = &mut slots[idx as usize];
+        let Slot {
+            io,
+            bounce,
+            done,
+            iov,
+            zero_fallback,
+        } = &mut slots[idx as usize];
         let Some(io) = io.as_ref() else { return };
         let off = io.offset + *done;
         let rest = io.len - *done;
         let entry = match io.io_type {
             IoType::Read | IoType::Write => self.rw_sqe(io, bounce, *done as usize, iov, off, rest),
-            IoType::Flush => with_fd!(self, |fd| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()),
+            IoType::Flush => with_fd!(self, |fd| opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()),
             IoType::WriteZeroes | IoType::Unmap => {
                 let mode = if io.io_type == IoType::Unmap || *zero_fallback {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                with_fd!(self, |fd| opcode::Fallocate::new(fd, rest).offset(off).mode(mode).build())
+                with_fd!(self, |fd| opcode::Fallocate::new(fd, rest)
+                    .offset(off)
+                    .mode(mode)
+                    .build())
             }
         };
         let entry = entry.user_data(idx as u64);
@@ -258,16 +294,31 @@ impl Ring {
         let len = rest.min(u32::MAX as u64 & !4095) as u32;
         if let Some(p) = single {
             let a = p as usize;
-            let fixed = self.fixed_bufs.iter().position(|&(b, l)| a >= b && a + len as usize <= b + l);
+            let fixed = self
+                .fixed_bufs
+                .iter()
+                .position(|&(b, l)| a >= b && a + len as usize <= b + l);
             return match (fixed, write) {
                 (Some(i), false) => {
-                    with_fd!(self, |fd| opcode::ReadFixed::new(fd, p, len, i as u16).offset(off).rw_flags(flags).build())
+                    with_fd!(self, |fd| opcode::ReadFixed::new(fd, p, len, i as u16)
+                        .offset(off)
+                        .rw_flags(flags)
+                        .build())
                 }
                 (Some(i), true) => {
-                    with_fd!(self, |fd| opcode::WriteFixed::new(fd, p, len, i as u16).offset(off).rw_flags(flags).build())
+                    with_fd!(self, |fd| opcode::WriteFixed::new(fd, p, len, i as u16)
+                        .offset(off)
+                        .rw_flags(flags)
+                        .build())
                 }
-                (None, false) => with_fd!(self, |fd| opcode::Read::new(fd, p, len).offset(off).rw_flags(flags).build()),
-                (None, true) => with_fd!(self, |fd| opcode::Write::new(fd, p, len).offset(off).rw_flags(flags).build()),
+                (None, false) => with_fd!(self, |fd| opcode::Read::new(fd, p, len)
+                    .offset(off)
+                    .rw_flags(flags)
+                    .build()),
+                (None, true) => with_fd!(self, |fd| opcode::Write::new(fd, p, len)
+                    .offset(off)
+                    .rw_flags(flags)
+                    .build()),
             };
         }
         // Vectored: the segments from byte `skip` on.
@@ -287,9 +338,15 @@ impl Ring {
         let iovp = iov.as_ptr();
         let n = iov.len().min(1024) as u32;
         if write {
-            with_fd!(self, |fd| opcode::Writev::new(fd, iovp, n).offset(off).rw_flags(flags).build())
+            with_fd!(self, |fd| opcode::Writev::new(fd, iovp, n)
+                .offset(off)
+                .rw_flags(flags)
+                .build())
         } else {
-            with_fd!(self, |fd| opcode::Readv::new(fd, iovp, n).offset(off).rw_flags(flags).build())
+            with_fd!(self, |fd| opcode::Readv::new(fd, iovp, n)
+                .offset(off)
+                .rw_flags(flags)
+                .build())
         }
     }
 
@@ -301,7 +358,9 @@ impl Ring {
             if self.unsubmitted.get() > 0 {
                 match ring.submit() {
                     Ok(_) => self.unsubmitted.set(0),
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {}
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            || e.raw_os_error() == Some(libc::EAGAIN) => {}
                     Err(e) => tracing::warn!(error = %e, "io_uring submit failed"),
                 }
                 busy = true;
@@ -333,10 +392,13 @@ impl Ring {
     fn finish(&self, idx: u32, res: i32) {
         let status = {
             let mut slots = self.slots.borrow_mut();
-            let Some(s) = slots.get_mut(idx as usize) else { return };
+            let Some(s) = slots.get_mut(idx as usize) else {
+                return;
+            };
             let Some(io) = s.io.as_ref() else { return };
             if res < 0 {
-                if res == -libc::EOPNOTSUPP && io.io_type == IoType::WriteZeroes && !s.zero_fallback {
+                if res == -libc::EOPNOTSUPP && io.io_type == IoType::WriteZeroes && !s.zero_fallback
+                {
                     // The filesystem has no ZERO_RANGE: a punched hole reads as zeroes too.
                     s.zero_fallback = true;
                     drop(slots);
@@ -375,4 +437,3 @@ impl Ring {
         io.complete(status);
     }
 }
-

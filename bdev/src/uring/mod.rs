@@ -30,7 +30,11 @@ pub struct UringOptions {
 
 impl Default for UringOptions {
     fn default() -> Self {
-        Self { direct: true, read_only: false, block_size: None }
+        Self {
+            direct: true,
+            read_only: false,
+            block_size: None,
+        }
     }
 }
 
@@ -55,14 +59,21 @@ impl UringBdev {
 
     /// Like [`UringBdev::open`] with a given UUID (a random one when `None`), so a
     /// config replay keeps the bdev's identity.
-    pub fn open_with_uuid(name: &str, path: &Path, opts: UringOptions, uuid: Option<String>) -> Result<Arc<UringBdev>, BdevError> {
+    pub fn open_with_uuid(
+        name: &str,
+        path: &Path,
+        opts: UringOptions,
+        uuid: Option<String>,
+    ) -> Result<Arc<UringBdev>, BdevError> {
         let uuid = uuid_or_random(uuid)?;
         if name.is_empty() {
             return Err(BdevError::InvalidParam("name: must not be empty".into()));
         }
         if let Some(bs) = opts.block_size {
             if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
-                return Err(BdevError::InvalidParam(format!("block_size: {bs} is not a power of two between 512 and 65536")));
+                return Err(BdevError::InvalidParam(format!(
+                    "block_size: {bs} is not a power of two between 512 and 65536"
+                )));
             }
         }
         let mut oo = OpenOptions::new();
@@ -81,7 +92,11 @@ impl UringBdev {
             BdevError::os(what, e)
         })?;
         let g = probe::probe(&file, path)?;
-        let detected = if opts.direct { g.dio_block.clamp(512, 4096) } else { 512 };
+        let detected = if opts.direct {
+            g.dio_block.clamp(512, 4096)
+        } else {
+            512
+        };
         let block_size = match opts.block_size {
             Some(bs) if opts.direct && bs < g.dio_block => {
                 return Err(BdevError::InvalidParam(format!(
@@ -102,7 +117,12 @@ impl UringBdev {
             )));
         }
         if g.size % block_size as u64 != 0 {
-            tracing::warn!(bdev = name, size = g.size, block_size, "file size is not a multiple of the block size; the tail is not used");
+            tracing::warn!(
+                bdev = name,
+                size = g.size,
+                block_size,
+                "file size is not a multiple of the block size; the tail is not used"
+            );
         }
         tracing::info!(bdev = name, path = %path.display(), block_size, num_blocks, direct = opts.direct, "uring bdev opened");
         Ok(Arc::new(UringBdev {
@@ -112,7 +132,11 @@ impl UringBdev {
             opts,
             block_size,
             num_blocks,
-            mem_align: if opts.direct { g.dio_mem_align.max(1) } else { 1 },
+            mem_align: if opts.direct {
+                g.dio_mem_align.max(1)
+            } else {
+                1
+            },
             is_block_device: g.is_block_device,
             uuid,
         }))
@@ -144,7 +168,9 @@ impl Bdev for UringBdev {
     }
     fn io_type_supported(&self, t: IoType) -> bool {
         match t {
-            IoType::Read | IoType::Write | IoType::Flush | IoType::WriteZeroes | IoType::Unmap => true,
+            IoType::Read | IoType::Write | IoType::Flush | IoType::WriteZeroes | IoType::Unmap => {
+                true
+            }
         }
     }
     fn required_alignment(&self) -> u32 {

@@ -27,7 +27,15 @@ fn statx_dio(f: &File) -> Option<(u32, u32)> {
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
     // SAFETY: fd is open, the path is a valid C string, stx is a valid out-pointer.
-    let r = unsafe { libc::statx(f.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    let r = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
     if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
         return None;
     }
@@ -36,26 +44,47 @@ fn statx_dio(f: &File) -> Option<(u32, u32)> {
 
 /// Probes an open file.
 pub(crate) fn probe(f: &File, path: &Path) -> Result<Geometry, BdevError> {
-    let md = f.metadata().map_err(|e| BdevError::os(format!("stat {}", path.display()), e))?;
+    let md = f
+        .metadata()
+        .map_err(|e| BdevError::os(format!("stat {}", path.display()), e))?;
     let ft = md.file_type();
     if ft.is_block_device() {
         let mut size: u64 = 0;
         // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
         if unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) } != 0 {
-            return Err(BdevError::os(format!("BLKGETSIZE64 on {}", path.display()), std::io::Error::last_os_error()));
+            return Err(BdevError::os(
+                format!("BLKGETSIZE64 on {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
         }
         let mut ssz: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int through the pointer.
         if unsafe { libc::ioctl(f.as_raw_fd(), BLKSSZGET, &mut ssz as *mut libc::c_int) } != 0 {
-            return Err(BdevError::os(format!("BLKSSZGET on {}", path.display()), std::io::Error::last_os_error()));
+            return Err(BdevError::os(
+                format!("BLKSSZGET on {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
         }
         let block = u32::try_from(ssz).ok().filter(|b| *b >= 512).unwrap_or(512);
         let (dio_block, mem) = statx_dio(f).unwrap_or((block, 512));
-        return Ok(Geometry { size, dio_block: dio_block.max(block), dio_mem_align: mem, is_block_device: true });
+        return Ok(Geometry {
+            size,
+            dio_block: dio_block.max(block),
+            dio_mem_align: mem,
+            is_block_device: true,
+        });
     }
     if !ft.is_file() {
-        return Err(BdevError::InvalidParam(format!("filename: {} is neither a regular file nor a block device", path.display())));
+        return Err(BdevError::InvalidParam(format!(
+            "filename: {} is neither a regular file nor a block device",
+            path.display()
+        )));
     }
     let (dio_block, mem) = statx_dio(f).unwrap_or((512, 512));
-    Ok(Geometry { size: md.len(), dio_block, dio_mem_align: mem, is_block_device: false })
+    Ok(Geometry {
+        size: md.len(),
+        dio_block,
+        dio_mem_align: mem,
+        is_block_device: false,
+    })
 }

@@ -247,6 +247,11 @@ fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
             break;
         }
         delete_bdev(svc, &name)?;
+        // The node's claims on bdevs outside its chain (the `base_bdev` it
+        // was opened on, a snapshot target) end with it.
+        for other in registry().list() {
+            registry().release(other.name(), &name);
+        }
         above = Some(name);
     }
     Ok(())

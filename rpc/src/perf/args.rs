@@ -126,12 +126,18 @@ impl Workload {
 
     /// Whether offsets are random.
     pub fn random(self) -> bool {
-        matches!(self, Workload::RandRead | Workload::RandWrite | Workload::RandRw)
+        matches!(
+            self,
+            Workload::RandRead | Workload::RandWrite | Workload::RandRw
+        )
     }
 
     /// Whether requests carry data buffers.
     pub fn has_data(self) -> bool {
-        !matches!(self, Workload::Flush | Workload::Unmap | Workload::WriteZeroes)
+        !matches!(
+            self,
+            Workload::Flush | Workload::Unmap | Workload::WriteZeroes
+        )
     }
 }
 
@@ -146,8 +152,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('g') => (&lower[..lower.len() - 1], 1 << 30),
         _ => (lower, 1),
     };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 4k, 1m)"))?;
-    n.checked_mul(mult).filter(|v| *v > 0).ok_or_else(|| format!("{s:?} is not a positive size"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 4k, 1m)"))?;
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size"))
 }
 
 impl PerfArgs {
@@ -155,22 +166,42 @@ impl PerfArgs {
     pub fn validate(&self) -> Result<(), PerfError> {
         let bad = |m: String| Err(PerfError::Args(m));
         if self.queue_depth == 0 || self.queue_depth > 65536 {
-            return bad(format!("-q {}: the queue depth must be between 1 and 65536", self.queue_depth));
+            return bad(format!(
+                "-q {}: the queue depth must be between 1 and 65536",
+                self.queue_depth
+            ));
         }
         if !(self.time > 0.0 && self.time <= 86400.0) {
-            return bad(format!("-t {}: the run time must be between 0 and 86400 seconds", self.time));
+            return bad(format!(
+                "-t {}: the run time must be between 0 and 86400 seconds",
+                self.time
+            ));
         }
         if self.io_size > (1 << 30) {
-            return bad(format!("-o {}: the I/O size must be at most 1 GiB", self.io_size));
+            return bad(format!(
+                "-o {}: the I/O size must be at most 1 GiB",
+                self.io_size
+            ));
         }
         match (self.workload, self.rwmixread) {
             (Workload::Rw | Workload::RandRw, Some(m)) if m > 100 => {
-                return bad(format!("-M {m}: the read percentage must be between 0 and 100"))
+                return bad(format!(
+                    "-M {m}: the read percentage must be between 0 and 100"
+                ))
             }
             (Workload::Rw | Workload::RandRw, _) | (_, None) => {}
-            (w, Some(_)) => return bad(format!("-M only applies to rw and randrw, not {}", w.name())),
+            (w, Some(_)) => {
+                return bad(format!(
+                    "-M only applies to rw and randrw, not {}",
+                    w.name()
+                ))
+            }
         }
-        if self.null.is_empty() && self.malloc.is_empty() && self.files.is_empty() && self.config.is_none() {
+        if self.null.is_empty()
+            && self.malloc.is_empty()
+            && self.files.is_empty()
+            && self.config.is_none()
+        {
             return bad("no bdevs: give --null, --malloc, --file or -c CONFIG".into());
         }
         Ok(())
@@ -196,12 +227,18 @@ pub fn parse_null_spec(s: &str) -> Result<(String, u64, u32, bool), PerfError> {
 
 /// A `NAME:MIB[:BS]` bdev flag.
 pub fn parse_mem_spec(flag: &str, s: &str) -> Result<(String, u64, u32), PerfError> {
-    let bad = |why: &str| PerfError::Args(format!("--{flag} {s:?}: {why} (expected NAME:SIZE_MIB[:BLOCK_SIZE])"));
+    let bad = |why: &str| {
+        PerfError::Args(format!(
+            "--{flag} {s:?}: {why} (expected NAME:SIZE_MIB[:BLOCK_SIZE])"
+        ))
+    };
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() < 2 || parts.len() > 3 || parts[0].is_empty() {
         return Err(bad("malformed"));
     }
-    let mib: u64 = parts[1].parse().map_err(|_| bad("size is not a number of MiB"))?;
+    let mib: u64 = parts[1]
+        .parse()
+        .map_err(|_| bad("size is not a number of MiB"))?;
     if mib == 0 {
         return Err(bad("size must be at least 1 MiB"));
     }
@@ -209,7 +246,7 @@ pub fn parse_mem_spec(flag: &str, s: &str) -> Result<(String, u64, u32), PerfErr
         Some(b) => b.parse().map_err(|_| bad("block size is not a number"))?,
         None => 512,
     };
-    if bs == 0 || (mib << 20) % bs as u64 != 0 {
+    if bs == 0 || !(mib << 20).is_multiple_of(bs as u64) {
         return Err(bad("the size is not a multiple of the block size"));
     }
     Ok((parts[0].to_string(), mib, bs))
@@ -231,12 +268,24 @@ mod tests {
 
     #[test]
     fn mem_specs() {
-        assert_eq!(parse_mem_spec("null", "N0:16").unwrap(), ("N0".into(), 16, 512));
-        assert_eq!(parse_mem_spec("null", "N0:16:4096").unwrap(), ("N0".into(), 16, 4096));
+        assert_eq!(
+            parse_mem_spec("null", "N0:16").unwrap(),
+            ("N0".into(), 16, 512)
+        );
+        assert_eq!(
+            parse_mem_spec("null", "N0:16:4096").unwrap(),
+            ("N0".into(), 16, 4096)
+        );
         assert!(parse_mem_spec("null", "N0").is_err());
         assert!(parse_mem_spec("null", ":16").is_err());
         assert!(parse_mem_spec("null", "N0:x").is_err());
-        assert_eq!(parse_null_spec("N0:16:4096:nozero").unwrap(), ("N0".into(), 16, 4096, true));
-        assert_eq!(parse_null_spec("N0:16").unwrap(), ("N0".into(), 16, 512, false));
+        assert_eq!(
+            parse_null_spec("N0:16:4096:nozero").unwrap(),
+            ("N0".into(), 16, 4096, true)
+        );
+        assert_eq!(
+            parse_null_spec("N0:16").unwrap(),
+            ("N0".into(), 16, 512, false)
+        );
     }
 }

@@ -15,7 +15,10 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self { counts: vec![0; BUCKETS].into_boxed_slice(), total: 0 }
+        Self {
+            counts: vec![0; BUCKETS].into_boxed_slice(),
+            total: 0,
+        }
     }
 }
 
@@ -36,7 +39,7 @@ fn lower_bound(i: usize) -> u64 {
         return i;
     }
     let shift = (i >> SUB_BITS) - 1;
-    ((SUB | (i & (SUB - 1))) << shift) as u64
+    (SUB | (i & (SUB - 1))) << shift
 }
 
 impl Histogram {
@@ -74,7 +77,11 @@ impl Histogram {
             seen += c;
             if seen >= rank {
                 let lo = lower_bound(i);
-                let hi = if i + 1 < BUCKETS { lower_bound(i + 1) } else { u64::MAX };
+                let hi = if i + 1 < BUCKETS {
+                    lower_bound(i + 1)
+                } else {
+                    u64::MAX
+                };
                 return lo + (hi - lo) / 2;
             }
         }

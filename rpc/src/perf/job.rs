@@ -98,17 +98,27 @@ pub(crate) struct Job {
     scratch: RefCell<Vec<u8>>,
     mismatch: RefCell<Option<Mismatch>>,
     first_error: Cell<Option<(IoStatus, u64)>>,
+    // Requests travel as boxes (the channel API); keeping them boxed avoids a move each.
+    #[allow(clippy::vec_box)]
     parked: RefCell<Vec<Box<BdevIo>>>,
     waiting: Cell<bool>,
+    #[allow(clippy::vec_box)]
     starting: RefCell<Vec<Box<BdevIo>>>,
     result: RefCell<Option<oneshot::Sender<JobResult>>>,
 }
 
 impl Job {
     /// Builds the job and its requests on the current reactor.
-    pub(crate) fn new(spec: JobSpec, ch: Rc<IoChannel>) -> Result<(Rc<Job>, oneshot::Receiver<JobResult>), bdev::BdevError> {
+    pub(crate) fn new(
+        spec: JobSpec,
+        ch: Rc<IoChannel>,
+    ) -> Result<(Rc<Job>, oneshot::Receiver<JobResult>), bdev::BdevError> {
         let (tx, rx) = oneshot::channel();
-        let active = (spec.queue_depth as u64).min(if spec.workload == Workload::Verify { spec.region_ios } else { u64::MAX });
+        let active = (spec.queue_depth as u64).min(if spec.workload == Workload::Verify {
+            spec.region_ios
+        } else {
+            u64::MAX
+        });
         let job = Rc::new_cyclic(|me| Job {
             ch,
             me: me.clone(),
@@ -143,7 +153,11 @@ impl Job {
             let w = job.spec.workload;
             let io = if w.has_data() {
                 let buf = DmaBuf::new(job.spec.io_size as usize)?;
-                let t = if matches!(w, Workload::Write | Workload::RandWrite | Workload::Verify) { IoType::Write } else { IoType::Read };
+                let t = if matches!(w, Workload::Write | Workload::RandWrite | Workload::Verify) {
+                    IoType::Write
+                } else {
+                    IoType::Read
+                };
                 BdevIo::new(t, 0, job.spec.io_size, Some(buf), Some(done.clone()))
             } else {
                 let t = match w {
@@ -159,7 +173,11 @@ impl Job {
                 let rbuf = DmaBuf::new(job.spec.io_size as usize)?;
                 let mut r = BdevIo::read(0, rbuf, Some(done.clone()));
                 r.tag = slot | READ_TAG;
-                job.verify.borrow_mut().push(VerifySlot { idle: Some(r), offset: 0, gen: 0 });
+                job.verify.borrow_mut().push(VerifySlot {
+                    idle: Some(r),
+                    offset: 0,
+                    gen: 0,
+                });
             }
             reqs.push(io);
         }
@@ -215,7 +233,8 @@ impl Job {
         match self.spec.workload {
             Workload::Flush => {}
             Workload::Rw | Workload::RandRw => {
-                let read = ((self.next_rand() as u128 * 100) >> 64) < self.spec.read_percent as u128;
+                let read =
+                    ((self.next_rand() as u128 * 100) >> 64) < self.spec.read_percent as u128;
                 io.io_type = if read { IoType::Read } else { IoType::Write };
                 io.offset = self.next_offset();
             }
@@ -287,14 +306,20 @@ impl Job {
     }
 
     fn finish(&self) {
-        let Some(tx) = self.result.borrow_mut().take() else { return };
+        let Some(tx) = self.result.borrow_mut().take() else {
+            return;
+        };
         let ios = self.ios.get();
         let r = JobResult {
             spec: self.spec.clone(),
             ios,
             bytes: self.bytes.get(),
             fails: self.fails.get(),
-            runtime_ticks: self.last_tick.get().saturating_sub(self.start_tick.get()).max(1),
+            runtime_ticks: self
+                .last_tick
+                .get()
+                .saturating_sub(self.start_tick.get())
+                .max(1),
             lat_sum: self.lat_sum.get(),
             lat_min: if ios == 0 { 0 } else { self.lat_min.get() },
             lat_max: self.lat_max.get(),
@@ -314,12 +339,16 @@ impl Job {
         let is_read = io.tag & READ_TAG != 0;
         let (mut other, offset, gen) = {
             let mut v = self.verify.borrow_mut();
-            let Some(s) = v.get_mut(slot) else { return self.retire(io) };
+            let Some(s) = v.get_mut(slot) else {
+                return self.retire(io);
+            };
             (s.idle.take(), s.offset, s.gen)
         };
         if !is_read {
             // Read back what was just written.
-            let Some(mut r) = other.take() else { return self.retire(io) };
+            let Some(mut r) = other.take() else {
+                return self.retire(io);
+            };
             if let Some(s) = self.verify.borrow_mut().get_mut(slot) {
                 s.idle = Some(io);
             }
@@ -330,14 +359,18 @@ impl Job {
         }
         if let Some(buf) = io.buf() {
             let mut scratch = self.scratch.borrow_mut();
-            if let Some(m) = pattern::check(buf.as_slice(), offset, gen, self.spec.seed, &mut scratch) {
+            if let Some(m) =
+                pattern::check(buf.as_slice(), offset, gen, self.spec.seed, &mut scratch)
+            {
                 if self.mismatch.borrow().is_none() {
                     *self.mismatch.borrow_mut() = Some(m);
                 }
                 self.stopping.set(true);
             }
         }
-        let Some(mut w) = other.take() else { return self.retire(io) };
+        let Some(mut w) = other.take() else {
+            return self.retire(io);
+        };
         if let Some(s) = self.verify.borrow_mut().get_mut(slot) {
             s.idle = Some(io);
         }
@@ -353,7 +386,11 @@ impl IoDone for Job {
     #[inline]
     fn io_done(&self, mut io: Box<BdevIo>) {
         // The channel read the clock at completion; reuse it (one read per request).
-        let now = if io.complete_tick != 0 { io.complete_tick } else { reactor::ticks() };
+        let now = if io.complete_tick != 0 {
+            io.complete_tick
+        } else {
+            reactor::ticks()
+        };
         self.last_tick.set(now);
         if io.status == IoStatus::Success {
             let lat = now.wrapping_sub(io.submit_tick);
@@ -374,7 +411,11 @@ impl IoDone for Job {
             if io.status != IoStatus::Success {
                 // A failed write or read ends this slot's cycle.
                 let slot = (io.tag & !READ_TAG) as usize;
-                let other = self.verify.borrow_mut().get_mut(slot).and_then(|s| s.idle.take());
+                let other = self
+                    .verify
+                    .borrow_mut()
+                    .get_mut(slot)
+                    .and_then(|s| s.idle.take());
                 drop(other);
                 return self.retire(io);
             }

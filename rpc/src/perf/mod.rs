@@ -55,7 +55,10 @@ pub fn run(args: PerfArgs) -> ExitCode {
     match execute(&args) {
         Ok(outcome) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&outcome.json).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome.json).unwrap_or_default()
+                );
             } else {
                 print!("{}", outcome.table);
                 for p in &outcome.problems {
@@ -93,7 +96,10 @@ pub struct Outcome {
 pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
     args.validate()?;
     let cores = CoreSet::from_mask(&args.cpumask)?;
-    let rt = Runtime::start(RuntimeConfig { pin: !args.no_pin, ..RuntimeConfig::new(cores) })?;
+    let rt = Runtime::start(RuntimeConfig {
+        pin: !args.no_pin,
+        ..RuntimeConfig::new(cores)
+    })?;
     let h = rt.handle();
     let res = (|| {
         let _svc = create_bdevs(args, &h)?;
@@ -108,15 +114,31 @@ pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
     let results = res?;
     let hz = reactor::ticks_hz() as f64;
     let problems = report::problems(&results);
-    let ok = results.iter().all(|r| r.mismatch.is_none() && (r.fails == 0 || args.continue_on_failure));
-    Ok(Outcome { table: report::table(&results, hz), json: report::json_doc(&results, hz, ok), problems, ok, results })
+    let ok = results
+        .iter()
+        .all(|r| r.mismatch.is_none() && (r.fails == 0 || args.continue_on_failure));
+    Ok(Outcome {
+        table: report::table(&results, hz),
+        json: report::json_doc(&results, hz, ok),
+        problems,
+        ok,
+        results,
+    })
 }
 
 fn create_bdevs(args: &PerfArgs, h: &RuntimeHandle) -> Result<Option<Arc<Service>>, PerfError> {
     for s in &args.null {
         let (name, mib, bs, nozero) = args::parse_null_spec(s)?;
-        let opts = NullOptions { zero_reads: !nozero };
-        registry().register(NullBdev::with_options(&name, (mib << 20) / bs as u64, bs, None, opts)?)?;
+        let opts = NullOptions {
+            zero_reads: !nozero,
+        };
+        registry().register(NullBdev::with_options(
+            &name,
+            (mib << 20) / bs as u64,
+            bs,
+            None,
+            opts,
+        )?)?;
     }
     for s in &args.malloc {
         let (name, mib, bs) = args::parse_mem_spec("malloc", s)?;
@@ -127,10 +149,16 @@ fn create_bdevs(args: &PerfArgs, h: &RuntimeHandle) -> Result<Option<Arc<Service
             Some((n, p)) if !n.is_empty() && !n.contains('/') => (n.to_string(), p),
             _ => (format!("Uring{i}"), s.as_str()),
         };
-        let opts = UringOptions { direct: !args.buffered, read_only: false, block_size: args.block_size };
+        let opts = UringOptions {
+            direct: !args.buffered,
+            read_only: false,
+            block_size: args.block_size,
+        };
         registry().register(UringBdev::open(&name, Path::new(path), opts)?)?;
     }
-    let Some(cfg) = &args.config else { return Ok(None) };
+    let Some(cfg) = &args.config else {
+        return Ok(None);
+    };
     let (tx, _rx) = std::sync::mpsc::channel();
     let svc = Service::new(h.clone(), std::env::temp_dir(), tx);
     crate::config::replay(&svc, cfg)?;
@@ -139,12 +167,21 @@ fn create_bdevs(args: &PerfArgs, h: &RuntimeHandle) -> Result<Option<Arc<Service
 
 fn targets(args: &PerfArgs) -> Result<Vec<Arc<dyn Bdev>>, PerfError> {
     let list: Vec<Arc<dyn Bdev>> = if args.bdevs.is_empty() {
-        registry().list().into_iter().filter(|b| registry().claims(b.name()).is_empty()).collect()
+        registry()
+            .list()
+            .into_iter()
+            .filter(|b| registry().claims(b.name()).is_empty())
+            .collect()
     } else {
-        args.bdevs.iter().map(|n| registry().get(n)).collect::<Result<_, _>>()?
+        args.bdevs
+            .iter()
+            .map(|n| registry().get(n))
+            .collect::<Result<_, _>>()?
     };
     if list.is_empty() {
-        return Err(PerfError::Args("no bdev to run on (every bdev is claimed by another)".into()));
+        return Err(PerfError::Args(
+            "no bdev to run on (every bdev is claimed by another)".into(),
+        ));
     }
     Ok(list)
 }
@@ -161,14 +198,18 @@ fn needed_io_types(w: Workload) -> &'static [IoType] {
 }
 
 /// One job per reactor per bdev, each on an equal, disjoint share of the bdev.
-fn plan(args: &PerfArgs, targets: &[Arc<dyn Bdev>], h: &RuntimeHandle) -> Result<Vec<JobSpec>, PerfError> {
+fn plan(
+    args: &PerfArgs,
+    targets: &[Arc<dyn Bdev>],
+    h: &RuntimeHandle,
+) -> Result<Vec<JobSpec>, PerfError> {
     let n = h.num_reactors() as u64;
     let cores = h.cores();
     let run_ticks = (args.time * reactor::ticks_hz() as f64) as u64;
     let mut specs = Vec::new();
     for b in targets {
         let bs = b.block_size() as u64;
-        if args.io_size % bs != 0 {
+        if !args.io_size.is_multiple_of(bs) {
             return Err(PerfError::Args(format!(
                 "-o {}: the I/O size is not a multiple of {}'s block size {bs}",
                 args.io_size,
@@ -177,7 +218,11 @@ fn plan(args: &PerfArgs, targets: &[Arc<dyn Bdev>], h: &RuntimeHandle) -> Result
         }
         for t in needed_io_types(args.workload) {
             if !b.io_type_supported(*t) {
-                return Err(PerfError::Args(format!("bdev {} does not support {}", b.name(), t.name())));
+                return Err(PerfError::Args(format!(
+                    "bdev {} does not support {}",
+                    b.name(),
+                    t.name()
+                )));
             }
         }
         if b.read_only() && args.workload != Workload::Read && args.workload != Workload::RandRead {
@@ -224,7 +269,10 @@ fn run_jobs(specs: Vec<JobSpec>, h: &RuntimeHandle) -> Result<Vec<JobResult>, Pe
             let mut jobs = Vec::new();
             for spec in mine {
                 let name = spec.bdev.clone();
-                let err = |e: BdevError| PerfError::Job { bdev: name.clone(), msg: e.to_string() };
+                let err = |e: BdevError| PerfError::Job {
+                    bdev: name.clone(),
+                    msg: e.to_string(),
+                };
                 let b = registry().get(&spec.bdev).map_err(err)?;
                 let ch = bdev::channel(&b).map_err(err)?;
                 let (job, rx) = Job::new(spec, ch).map_err(err)?;
@@ -246,9 +294,14 @@ fn run_jobs(specs: Vec<JobSpec>, h: &RuntimeHandle) -> Result<Vec<JobResult>, Pe
     }
     let mut results = Vec::new();
     for hd in handles {
-        let rs = hd.block().map_err(|e| PerfError::Job { bdev: "-".into(), msg: e.to_string() })??;
+        let rs = hd.block().map_err(|e| PerfError::Job {
+            bdev: "-".into(),
+            msg: e.to_string(),
+        })??;
         results.extend(rs);
     }
-    results.sort_by(|a, b| (a.spec.bdev.as_str(), a.spec.reactor).cmp(&(b.spec.bdev.as_str(), b.spec.reactor)));
+    results.sort_by(|a, b| {
+        (a.spec.bdev.as_str(), a.spec.reactor).cmp(&(b.spec.bdev.as_str(), b.spec.reactor))
+    });
     Ok(results)
 }

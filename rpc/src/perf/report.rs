@@ -44,7 +44,11 @@ pub fn job_figures(r: &JobResult, hz: f64) -> Figures {
         iops: r.ios as f64 / runtime,
         mibps: r.bytes as f64 / runtime / (1 << 20) as f64,
         fail_per_s: r.fails as f64 / runtime,
-        avg_us: if r.ios == 0 { 0.0 } else { us(r.lat_sum, hz) / r.ios as f64 },
+        avg_us: if r.ios == 0 {
+            0.0
+        } else {
+            us(r.lat_sum, hz) / r.ios as f64
+        },
         min_us: us(r.lat_min, hz),
         max_us: us(r.lat_max, hz),
         p50_us: us(r.hist.quantile(0.5), hz),
@@ -72,7 +76,11 @@ pub fn total_figures(rs: &[JobResult], hz: f64) -> Figures {
         }
         max = max.max(r.lat_max);
     }
-    t.avg_us = if ios == 0 { 0.0 } else { us(sum, hz) / ios as f64 };
+    t.avg_us = if ios == 0 {
+        0.0
+    } else {
+        us(sum, hz) / ios as f64
+    };
     t.min_us = if ios == 0 { 0.0 } else { us(min, hz) };
     t.max_us = us(max, hz);
     t.p50_us = us(hist.quantile(0.5), hz);
@@ -118,7 +126,18 @@ pub fn table(rs: &[JobResult], hz: f64) -> String {
     let _ = writeln!(
         s,
         " {:<28}: {:>10} {:>12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "Device Information", "runtime(s)", "IOPS", "MiB/s", "Fail/s", "TO/s", "Average", "min", "max", "p50", "p99", "p99.9"
+        "Device Information",
+        "runtime(s)",
+        "IOPS",
+        "MiB/s",
+        "Fail/s",
+        "TO/s",
+        "Average",
+        "min",
+        "max",
+        "p50",
+        "p99",
+        "p99.9"
     );
     for r in rs {
         let f = job_figures(r, hz);

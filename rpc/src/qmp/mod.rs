@@ -44,12 +44,19 @@ impl Qmp {
 /// The write side of a connection, shared by the reader (replies) and the event writer.
 type Writer = Arc<Mutex<Conn>>;
 
-fn send(w: &Writer, line: &str) -> bool {
-    let mut c = w.lock().unwrap_or_else(|p| p.into_inner());
+fn write_line(c: &mut Conn, line: &str) -> bool {
     let mut out = Vec::with_capacity(line.len() + 2);
     out.extend_from_slice(line.as_bytes());
     out.extend_from_slice(b"\r\n");
     c.write_all(&out).is_ok()
+}
+
+fn lock(w: &Writer) -> std::sync::MutexGuard<'_, Conn> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn send(w: &Writer, line: &str) -> bool {
+    write_line(&mut lock(w), line)
 }
 
 /// Pushes events to one negotiated client until its connection closes; then
@@ -141,18 +148,21 @@ impl Qmp {
                         let Some(svc) = self.svc.upgrade() else {
                             return;
                         };
+                        // The output is held while the command runs: the events it
+                        // causes reach this client after its reply (as QEMU's
+                        // SHUTDOWN follows the return of `quit`), and the reply to
+                        // qmp_capabilities precedes every event.
+                        let mut out = lock(writer);
                         let (line, effect) = state.handle_text(&svc, &text);
-                        if effect == Effect::StartEvents {
-                            // Subscribe before replying (no event is lost) but push
-                            // only after the reply (it must come first).
-                            let rx = svc.events.subscribe();
-                            if !send(writer, &line) {
-                                return;
-                            }
-                            *events = start_event_writer(rx, writer.clone(), closed.clone());
-                            continue;
+                        let rx = (effect == Effect::StartEvents).then(|| svc.events.subscribe());
+                        if !write_line(&mut out, &line) {
+                            return;
                         }
-                        line
+                        drop(out);
+                        if let Some(rx) = rx {
+                            *events = start_event_writer(rx, writer.clone(), closed.clone());
+                        }
+                        continue;
                     }
                     Frame::TooLarge => session::error_reply(
                         ErrorClass::GenericError,
