@@ -44,6 +44,16 @@ pub struct MallocBdev {
     mem: Arc<Memory>,
 }
 
+/// How a malloc bdev gets its memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MallocOptions {
+    /// Fault every page in at creation (as SPDK's malloc bdev does) instead of
+    /// on first write: costs the whole size in RAM at once, spares the data
+    /// path page faults (benchmarks). Memory from the hugepage arena is always
+    /// populated.
+    pub populate: bool,
+}
+
 impl MallocBdev {
     /// A zero-filled RAM bdev of `num_blocks` blocks of `block_size` bytes. The
     /// caller registers it (see [`crate::registry`]).
@@ -52,6 +62,17 @@ impl MallocBdev {
         num_blocks: u64,
         block_size: u32,
         uuid: Option<String>,
+    ) -> Result<Arc<MallocBdev>, BdevError> {
+        Self::with_options(name, num_blocks, block_size, uuid, MallocOptions::default())
+    }
+
+    /// Like [`MallocBdev::new`] with explicit options.
+    pub fn with_options(
+        name: &str,
+        num_blocks: u64,
+        block_size: u32,
+        uuid: Option<String>,
+        opts: MallocOptions,
     ) -> Result<Arc<MallocBdev>, BdevError> {
         check_geometry(name, num_blocks, block_size)?;
         let uuid = uuid_or_random(uuid)?;
@@ -69,6 +90,9 @@ impl MallocBdev {
         } else {
             Storage::Lazy(LazyMapping::new(size)?)
         };
+        if let (Storage::Lazy(m), true) = (&storage, opts.populate) {
+            m.populate();
+        }
         let base = match &storage {
             Storage::Arena(b) => b.as_ptr() as *mut u8,
             Storage::Lazy(m) => m.as_ptr(),

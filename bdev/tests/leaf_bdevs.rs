@@ -416,3 +416,50 @@ fn registry_roundtrip_of_leaf_bdevs() {
     assert_eq!(registry().get("leaf_reg").unwrap().num_blocks(), 100);
     registry().unregister("leaf_reg").unwrap();
 }
+
+#[test]
+fn uring_full_ring_pushes_back_then_drains() {
+    let p = temp_file("push", 1 << 20);
+    let b: Arc<dyn Bdev> = UringBdev::open(
+        "leaf_upush",
+        &p,
+        UringOptions {
+            direct: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rt = runtime();
+    rt.handle()
+        .spawn_on(0, move || async move {
+            let ch = channel(&b).unwrap();
+            let sink = Rc::new(Collect(RefCell::new(Vec::new())));
+            let mut accepted = 0;
+            let refused = loop {
+                let io = BdevIo::read(0, DmaBuf::new(512).unwrap(), Some(sink.clone()));
+                match ch.submit(io) {
+                    Ok(()) => accepted += 1,
+                    Err(io) => break io,
+                }
+                assert!(accepted <= 100_000, "ring never filled");
+            };
+            assert!(accepted >= 32, "a useful ring depth ({accepted})");
+            let (tx, rx) = futures::channel::oneshot::channel();
+            ch.wait_for_space(Box::new(move || {
+                let _ = tx.send(());
+            }));
+            rx.await.unwrap();
+            assert!(ch.submit(refused).is_ok(), "room after completions");
+            while sink.0.borrow().len() < accepted + 1 {
+                reactor::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(sink
+                .0
+                .borrow()
+                .iter()
+                .all(|io| io.status == IoStatus::Success));
+        })
+        .block()
+        .unwrap();
+    std::fs::remove_file(&p).unwrap();
+}

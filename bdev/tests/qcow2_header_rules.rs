@@ -156,6 +156,9 @@ fn autoclear_cleared_and_extensions_kept() {
     assert_eq!(h1.extensions, h0.extensions, "every extension kept");
 }
 
+/// A way to damage an image file's bytes.
+type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn bad_images_give_errors_without_writes() {
     let rt = runtime(1);
@@ -164,7 +167,7 @@ fn bad_images_give_errors_without_writes() {
     let base = new_image(&d, "base.qcow2", "cluster_size=65536");
     qemu_io(&base, &["write -P 0x11 0 128k"]);
     let good = std::fs::read(&base).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Damage)> = vec![
         ("truncated", Box::new(|v: &mut Vec<u8>| v.truncate(100))),
         (
             "l1 past end",

@@ -150,7 +150,7 @@ fn exercise(
             flush(&h, &b);
         }
         if round % 8 == 7 || round == rounds - 1 {
-            let got = read_all(&h, (round % 2) as usize, &b, 256 << 10);
+            let got = read_all(&h, round % 2, &b, 256 << 10);
             if let Some(i) = (0..model.len()).find(|&i| got[i] != model[i]) {
                 panic!(
                     "{tag}: round {round}: byte {i} is {:#x}, model {:#x}",

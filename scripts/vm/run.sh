@@ -15,16 +15,19 @@
 # busybox) are downloaded with `apt-get download` into scripts/vm/cache and
 # unpacked with `dpkg -x` into scripts/vm/work.
 # The guest gets a qcow2 chain made here with qemu-img/qemu-io (/data/base.qcow2
-# <- /data/top.qcow2); namespace 1 (work/ns1.img) and namespace 2
-# (work/ns2.img) hold what the guest wrote.
+# <- /data/top.qcow2); namespace 1 (work/run/ns1.img) and namespace 2
+# (work/run/ns2.img) hold what the guest wrote.
 # Environment: VM_TIMEOUT (seconds, default 900), SLUICE_PROFILE (release; dev
 # for debug builds), VM_SMP (2), VM_MEM (1G), VM_KEEP_LOG (path for the console
-# log), VM_SKIP_BUILD=1 (use the binaries already built).
+# log), VM_SKIP_BUILD=1 (use the binaries already built), VM_RUN (folder for
+# this run's initramfs, chain, namespaces and console log; default work/run).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CACHE=${VM_CACHE:-$HERE/cache}
 WORK=${VM_WORK:-$HERE/work}
+RUN=${VM_RUN:-$WORK/run}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 TIMEOUT=${VM_TIMEOUT:-900}
 PROFILE=${SLUICE_PROFILE:-release}
 SMP=${VM_SMP:-2}
@@ -121,7 +124,7 @@ copy_with_libs() { # binary dest-root: the binary (without its debug info) and t
 # qemu-img and qemu-io (QEMU is the oracle): data in the base only, in the top
 # only, top over base, a zeroed range over base data, data at the end.
 make_chain() {
-    local d="$WORK/chain"
+    local d="$RUN/chain"
     rm -rf "$d"
     mkdir -p "$d"
     qemu-img create -q -f qcow2 "$d/base.qcow2" 64M
@@ -133,9 +136,9 @@ make_chain() {
 }
 
 initramfs() {
-    local kver=$1 stage="$WORK/initramfs" target="$ROOT/target/$PROFILE"
+    local kver=$1 stage="$RUN/initramfs" target="$TARGET/$PROFILE"
     shift
-    [[ $PROFILE == dev ]] && target="$ROOT/target/debug"
+    [[ $PROFILE == dev ]] && target="$TARGET/debug"
     rm -rf "$stage"
     mkdir -p "$stage"/{bin,lib/modules,scripts,scenario.d}
     cp "$WORK/root/bin/busybox" "$stage/bin/busybox"
@@ -152,13 +155,13 @@ initramfs() {
     install -m 0755 "$SCENARIO" "$stage/scenario.sh"
     install -m 0755 "$ROOT/scripts/setup.sh" "$stage/scripts/setup.sh"
     mkdir -p "$stage/data"
-    cp "$WORK/chain/base.qcow2" "$WORK/chain/top.qcow2" "$stage/data/"
+    cp "$RUN/chain/base.qcow2" "$RUN/chain/top.qcow2" "$stage/data/"
     local i=0
     for extra in "$@"; do
         i=$((i + 1))
         install -m 0644 "$extra" "$stage/scenario.d/$(printf %02d $i)-$(basename "$extra")"
     done
-    python3 "$HERE/mkinitramfs.py" "$stage" "$WORK/initrd.gz"
+    python3 "$HERE/mkinitramfs.py" "$stage" "$RUN/initrd.gz"
 }
 
 # The images the guest left behind, checked with qemu-img: namespace 1 holds the
@@ -167,7 +170,7 @@ initramfs() {
 # namespace 2 holds the live copy of the chain, which must be a clean qcow2
 # image without a backing file whose guest-visible contents equal the chain's.
 host_checks() {
-    local ns1="$WORK/ns1.img" ns2="$WORK/ns2.img" out rc=0 why=()
+    local ns1="$RUN/ns1.img" ns2="$RUN/ns2.img" out rc=0 why=()
     out=$(qemu-img check -f qcow2 "$ns1" 2>&1) || rc=$?
     log "qemu-img check of the qcow2 image on namespace 1 (exit $rc): $(echo "$out" | tr '\n' ' ')"
     [[ $rc == 0 || $rc == 3 ]] || why+=("namespace 1: qemu-img check exit $rc")
@@ -180,7 +183,7 @@ host_checks() {
         why+=("namespace 2 still has a backing file")
     fi
     rc=0
-    out=$(qemu-img compare -f qcow2 -F qcow2 "$ns2" "$WORK/chain/top.qcow2" 2>&1) || rc=$?
+    out=$(qemu-img compare -f qcow2 -F qcow2 "$ns2" "$RUN/chain/top.qcow2" 2>&1) || rc=$?
     log "qemu-img compare live copy vs chain (exit $rc): $(echo "$out" | tr '\n' ' ' | sed 's/\[#*\].*//')"
     [[ $rc == 0 ]] || why+=("live copy differs from the chain (qemu-img compare exit $rc)")
     if ((${#why[@]})); then
@@ -191,19 +194,23 @@ host_checks() {
 }
 
 main() {
-    mkdir -p "$WORK"
+    mkdir -p "$WORK" "$RUN"
     local kpkg kver kernel
+    # The cache and the unpacked packages are shared by concurrent runs.
+    exec 9> "$WORK/.lock"
+    flock 9
     kpkg=$(fetch)
     unpack
     kver=${kpkg#linux-image-}
     kernel=$(vmlinux)
+    flock -u 9
     [[ ${VM_SKIP_BUILD:-0} == 1 ]] || build
     make_chain
     initramfs "$kver" "$@"
-    rm -f "$WORK/nvme.img" "$WORK/ns1.img" "$WORK/ns2.img"
-    truncate -s 256M "$WORK/ns1.img"
-    truncate -s 128M "$WORK/ns2.img"
-    local R="$WORK/root" out="${VM_KEEP_LOG:-$WORK/console.log}"
+    rm -f "$RUN/ns1.img" "$RUN/ns2.img"
+    truncate -s 256M "$RUN/ns1.img"
+    truncate -s 128M "$RUN/ns2.img"
+    local R="$WORK/root" out="${VM_KEEP_LOG:-$RUN/console.log}"
     log "booting the guest (TCG, timeout ${TIMEOUT}s); console in $out"
     local start=$SECONDS rc=0
     LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu timeout "$TIMEOUT" "$R/usr/bin/qemu-system-x86_64" \
@@ -211,9 +218,9 @@ main() {
         -serial stdio -no-reboot -m "$MEM" -smp "$SMP" -machine q35,accel=tcg -cpu max \
         -device intel-iommu,intremap=on,caching-mode=on \
         -device nvme,id=nvme0,serial=deadbeef \
-        -drive file="$WORK/ns1.img",if=none,id=ns1,format=raw -device nvme-ns,drive=ns1,bus=nvme0,nsid=1 \
-        -drive file="$WORK/ns2.img",if=none,id=ns2,format=raw -device nvme-ns,drive=ns2,bus=nvme0,nsid=2 \
-        -initrd "$WORK/initrd.gz" -kernel "$kernel" \
+        -drive file="$RUN/ns1.img",if=none,id=ns1,format=raw -device nvme-ns,drive=ns1,bus=nvme0,nsid=1 \
+        -drive file="$RUN/ns2.img",if=none,id=ns2,format=raw -device nvme-ns,drive=ns2,bus=nvme0,nsid=2 \
+        -initrd "$RUN/initrd.gz" -kernel "$kernel" \
         -append 'console=ttyS0 intel_iommu=on iommu=pt quiet panic=-1' < /dev/null > "$out" 2>&1 || rc=$?
     local line
     line=$(grep -a "^SLUICE-VM-RESULT:" "$out" | tail -1 | tr -d '\r' || true)

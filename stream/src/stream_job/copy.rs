@@ -49,7 +49,9 @@ pub(crate) async fn copy_chunk(
     let end = c.offset + c.len;
     while off < end {
         let n = (cluster - off % cluster).min(end - off);
-        bufs.push(DmaBuf::new(n as usize).map_err(nomem)?);
+        // Read targets are filled completely: no need to clear them.
+        let b = if c.zero { DmaBuf::new(n as usize) } else { DmaBuf::new_dirty(n as usize) };
+        bufs.push(b.map_err(nomem)?);
         off += n;
     }
     if !c.zero {

@@ -330,17 +330,20 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
 
 /// The job's task (the job is already running): the copy, then QEMU's completion sequence.
 pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
+    let t0 = std::time::Instant::now();
     let error = if plan.noop {
         None
     } else {
         job.set_len(plan.top_bdev.size());
         copy_all(&job, &plan, &t).await
     };
+    let copy_s = t0.elapsed().as_secs_f64();
     let id = job.id().to_string();
     let p = plan.clone();
     let e = job.complete(error, move |ok| finish(p, ok)).await;
+    let total_s = t0.elapsed().as_secs_f64();
     match e {
-        Some(e) => tracing::warn!(job = %id, error = %e, "stream job failed"),
-        None => tracing::info!(job = %id, cancelled = job.is_cancelled(), "stream job ended"),
+        Some(e) => tracing::warn!(job = %id, error = %e, copy_s, total_s, "stream job failed"),
+        None => tracing::info!(job = %id, cancelled = job.is_cancelled(), copy_s, total_s, "stream job ended"),
     }
 }
