@@ -142,6 +142,7 @@ def run_qsd(names, mode, direct, tmp):
         dt = time.perf_counter() - t0
         assert "error" not in ev["data"], ev
         q.cmd("quit")
+        q.close()
         p.wait(120)  # closing the images flushes them
         durable = time.perf_counter() - t0
     finally:
@@ -176,6 +177,7 @@ def run_sluice(names, mode, direct, tmp):
         q.cmd("bdev_qcow2_delete", name="drive0")  # flush (already done by the job) and trim
         durable = time.perf_counter() - t0
         q.cmd("quit")
+        q.close()
     finally:
         p.wait(30)
     return dt, durable
@@ -216,6 +218,7 @@ def latency(names, tmp):
         dt = time.perf_counter() - t0
         q.cmd("block-export-del", id="e0")
         q.cmd("quit")
+        q.close()
     finally:
         p.wait(30)
     return idle, busy, dt, idle_iops, busy_iops
