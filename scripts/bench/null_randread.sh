@@ -38,6 +38,7 @@ print(f"null 4KiB randread QD{qd}, 1 core: sluice {s/1e6:.2f}M IOPS (zero-filled
 print(f"  ratio sluice/fio: {s/f:.2f} (zero-filled), {n/f:.2f} (untouched); "
       f"SPDK bdevperf/fio on this machine kind: {11.3/1.9:.2f}")
 if spdk:
-    print(f"  scaled to fio's 1.9M reference: sluice {n/f*1.9:.2f}M (untouched) vs SPDK {spdk/1e6:.1f}M; floor 8M")
+    print(f"  scaled to fio's 1.9M reference figure: sluice {s/f*1.9:.2f}M (zero-filled), {n/f*1.9:.2f}M (untouched) "
+          f"vs SPDK bdevperf {spdk/1e6:.1f}M; floor 8M")
 PY
 done

@@ -197,7 +197,7 @@ def fio_disk(d, src, nbytes):
 def fio_p99(uri, secs):
     out = sh("fio", "--output-format=json", "--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
              "--bs=4k", "--iodepth=1", "--time_based", f"--runtime={secs}", "--size=1G")
-    j = json.loads(out)["jobs"][0]["read"]
+    j = json.loads(out[out.index("{"):])["jobs"][0]["read"]  # the nbd engine prints a line first
     return j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"]
 
 

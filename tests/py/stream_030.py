@@ -4,7 +4,8 @@ through qemu.qmp; images judged by qemu-img. One scenario per run (--case)."""
 import os
 import time
 
-from stream_common import (Vm, check, compare_raw, info, make_chain, parse_args, qemu_img, qmap, reference)
+from stream_common import (Vm, check, compare_raw, depth_at, info, make_chain, parse_args, qemu_img, qmap,
+                           reference)
 
 SIZE = "32M"
 # base, mid, top: data in every layer, a zero cluster range in mid over base data.
@@ -113,9 +114,8 @@ def case_partial(vm, d):
     assert i["backing-filename"] == paths[0], i  # the base's file name as opened (absolute)
     check(paths[-1])
     compare_raw(paths[-1], ref)
-    depth = {e["start"]: e["depth"] for e in qmap(paths[-1])}
-    assert depth[0] == 1, depth  # base-only data stays in base
-    assert depth[2 << 20] == 0, depth  # mid's data was copied
+    assert depth_at(paths[-1], 0) == 1, qmap(paths[-1])  # base-only data stays in base
+    assert depth_at(paths[-1], 2 << 20) == 0, qmap(paths[-1])  # mid's data was copied
 
 
 def case_backing_file(vm, d):

@@ -7,7 +7,7 @@ import sys
 
 from spdk.rpc.client import JSONRPCClient, JSONRPCException
 
-from stream_common import Vm, check, compare_raw, info, make_chain, parse_args, qmap, reference
+from stream_common import Vm, check, compare_raw, depth_at, info, make_chain, parse_args, qmap, reference
 
 a = parse_args()
 d = a.dir
@@ -95,8 +95,7 @@ assert "error" not in ev["data"], ev
 vm.close("drive1")
 assert info(p2[-1])["backing-filename"] == p2[0]
 compare_raw(p2[-1], ref2)
-depth = {e["start"]: e["depth"] for e in qmap(p2[-1])}
-assert depth[0] == 1 and depth[8 << 20] == 0, depth
+assert depth_at(p2[-1], 0) == 1 and depth_at(p2[-1], 8 << 20) == 0, qmap(p2[-1])
 
 # A failing stream reports through the event's error member.
 p3 = make_chain(d, ["b3", "t3"], "8M", [["write -P 0x9 0 8M"], []])

@@ -44,6 +44,14 @@ def qmap(path):
     return json.loads(qemu_img("map", "--output=json", "-U", path))
 
 
+def depth_at(path, off):
+    """The chain depth (0 = the image itself) the byte at `off` comes from."""
+    for e in qmap(path):
+        if e["start"] <= off < e["start"] + e["length"]:
+            return e["depth"]
+    raise AssertionError(f"{off} outside {path}")
+
+
 def check(path):
     r = qemu_img_rc("check", "-U", path)
     assert r.returncode == 0, f"qemu-img check {path}: {r.stdout}{r.stderr}"

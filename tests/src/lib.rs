@@ -17,30 +17,19 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of the `sluice` binary: `$SLUICE_BIN`, else target/{release,debug}/sluice
-/// (whichever is newer). `scripts/test.sh` builds it before the tests run.
+/// Path of the `sluice` binary: `$SLUICE_BIN`, else the one of the profile the
+/// tests were built with (target/debug/sluice under `cargo test`), which
+/// `scripts/test.sh` builds before the tests run.
 pub fn sluice_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SLUICE_BIN") {
         return PathBuf::from(p);
     }
     let root = workspace_root();
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    let cands = [target.join("debug/sluice"), target.join("release/sluice")];
-    let best = cands
-        .iter()
-        .filter_map(|p| {
-            std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, p.clone()))
-        })
-        .max_by_key(|(t, _)| *t)
-        .map(|(_, p)| p);
-    best.expect(
-        "sluice binary not built: run `cargo build -p rpc --bin sluice` (scripts/test.sh does)",
-    )
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let p = target.join(profile).join("sluice");
+    assert!(p.exists(), "{} not built: run `cargo build --bins` (scripts/test.sh does)", p.display());
+    p
 }
 
 /// The Python interpreter of the test venv (`.venv`, made by scripts/test.sh).

@@ -367,3 +367,41 @@ fn dma_fallback_warns_once_and_runs() {
         "{err}"
     );
 }
+
+#[test]
+fn queue_deeper_than_the_bdev_is_pushed_back_not_dropped() {
+    // The null bdev holds 4096 requests per channel, the uring ring 512: deeper
+    // jobs wait for space (io_wait) and lose nothing.
+    let v = perf_json(
+        &[
+            "--null", "N0:64", "-q", "6000", "-o", "512", "-w", "randread", "-t", "0.3",
+        ],
+        0,
+    );
+    assert_eq!(v["results"][0]["io_failed"], 0);
+    assert!(v["results"][0]["iops"].as_f64().unwrap() > 6000.0);
+    let dir = TempDir::new("pq");
+    let img = dir.join("q.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let file = format!("Q0={}", img.display());
+    let v = perf_json(
+        &[
+            "--file",
+            &file,
+            "--buffered",
+            "-q",
+            "1000",
+            "-o",
+            "4k",
+            "-w",
+            "verify",
+            "-t",
+            "0.3",
+        ],
+        0,
+    );
+    assert_eq!(v["results"][0]["io_failed"], 0);
+}

@@ -77,9 +77,8 @@ pub(crate) fn map_region(
     // Ordinary pages: ask for transparent hugepages (fewer TLB misses), then
     // populate and lock.
     let len = want.next_multiple_of(2 << 20);
-    let p = map(len, MapFlags::MAP_PRIVATE | MapFlags::MAP_ANONYMOUS).map_err(|e| {
-        BdevError::NoMem(format!("mapping {} MiB of DMA memory: {e}", len >> 20))
-    })?;
+    let p = map(len, MapFlags::MAP_PRIVATE | MapFlags::MAP_ANONYMOUS)
+        .map_err(|e| BdevError::NoMem(format!("mapping {} MiB of DMA memory: {e}", len >> 20)))?;
     // SAFETY: advice on the mapping just made; it holds no data yet.
     let _ = unsafe { madvise(p, len, MmapAdvise::MADV_HUGEPAGE) };
     populate(p, len);

@@ -93,6 +93,11 @@ impl UringChannel {
         file: FileInfo,
         keep: Arc<File>,
     ) -> std::io::Result<UringChannel> {
+        if !reactor::is_reactor_thread() {
+            return Err(std::io::Error::other(
+                "uring channels are created on a reactor thread",
+            ));
+        }
         let ring = build_ring()?;
         let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(efd.as_fd().as_raw_fd())?;
@@ -103,7 +108,11 @@ impl UringChannel {
                 false
             }
         };
-        let regions = dma::regions();
+        // The kernel takes buffers of at most 1 GiB each.
+        let regions: Vec<(usize, usize)> = dma::regions()
+            .into_iter()
+            .filter(|&(_, len)| len <= 1 << 30)
+            .collect();
         let iovs: Vec<libc::iovec> = regions
             .iter()
             .map(|&(base, len)| libc::iovec {
@@ -111,7 +120,7 @@ impl UringChannel {
                 iov_len: len,
             })
             .collect();
-        let fixed_bufs = if iovs.is_empty() || iovs.iter().any(|v| v.iov_len > (1 << 30)) {
+        let fixed_bufs = if iovs.is_empty() {
             Vec::new()
         } else {
             // SAFETY: the arena's regions stay mapped for the life of the process,

@@ -144,7 +144,13 @@ fn create_bdevs(args: &PerfArgs, h: &RuntimeHandle) -> Result<Option<Arc<Service
         let (name, mib, bs) = args::parse_mem_spec("malloc", s)?;
         // Populated at creation, as SPDK's malloc bdev is: no page faults while measuring.
         let opts = MallocOptions { populate: true };
-        registry().register(MallocBdev::with_options(&name, (mib << 20) / bs as u64, bs, None, opts)?)?;
+        registry().register(MallocBdev::with_options(
+            &name,
+            (mib << 20) / bs as u64,
+            bs,
+            None,
+            opts,
+        )?)?;
     }
     for (i, s) in args.files.iter().enumerate() {
         let (name, path) = match s.split_once('=') {

@@ -50,7 +50,11 @@ pub(crate) async fn copy_chunk(
     while off < end {
         let n = (cluster - off % cluster).min(end - off);
         // Read targets are filled completely: no need to clear them.
-        let b = if c.zero { DmaBuf::new(n as usize) } else { DmaBuf::new_dirty(n as usize) };
+        let b = if c.zero {
+            DmaBuf::new(n as usize)
+        } else {
+            DmaBuf::new_dirty(n as usize)
+        };
         bufs.push(b.map_err(nomem)?);
         off += n;
     }

@@ -80,7 +80,7 @@ fn on_failure(job: &Job, st: &RefCell<Shared>, c: Chunk, e: CopyError) {
     }
 }
 
-/// Adapts the in-flight count to client activity (AIMD).
+/// Adapts the in-flight count (and with it the chunk size) to client activity (AIMD).
 struct Yield {
     watch: Option<bdev::device::ClientWatch>,
     last_ops: u64,
@@ -215,9 +215,10 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
                 },
             };
             let start = cursor / cs * cs;
-            let end = (start + chunk_max)
-                .min(ext_end.next_multiple_of(cs))
-                .min(size);
+            // While clients are busy, chunks shrink with the window (down to one
+            // cluster), so no client request waits behind a large copy.
+            let chunk = (chunk_max * yld.window() as u64 / yld.max as u64 / cs).max(1) * cs;
+            let end = (start + chunk).min(ext_end.next_multiple_of(cs)).min(size);
             let c = Chunk {
                 offset: start,
                 len: end - start,
@@ -344,6 +345,8 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     let total_s = t0.elapsed().as_secs_f64();
     match e {
         Some(e) => tracing::warn!(job = %id, error = %e, copy_s, total_s, "stream job failed"),
-        None => tracing::info!(job = %id, cancelled = job.is_cancelled(), copy_s, total_s, "stream job ended"),
+        None => {
+            tracing::info!(job = %id, cancelled = job.is_cancelled(), copy_s, total_s, "stream job ended")
+        }
     }
 }
