@@ -204,8 +204,7 @@ fn spdk_kill_instance(svc: &Service, p: Params) -> Result<Value, RpcError> {
         "QUIT" => libc::SIGQUIT,
         "KILL" => {
             tracing::warn!("spdk_kill_instance SIGKILL: exiting at once");
-            // SAFETY: kill(2) on our own pid has no memory effects.
-            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
             return Ok(Value::Bool(true));
         }
         _ => {
