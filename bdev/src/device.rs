@@ -268,6 +268,27 @@ impl Bdev for Device {
     fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
         self.root().range_status(offset, len)
     }
+    /// A device over a qcow2 image is recreated by opening its top image (the
+    /// chain below comes from the headers); other roots are not saved here.
+    fn config(&self) -> Option<Value> {
+        let root = self.root();
+        let q = root.as_any().downcast_ref::<crate::qcow2::Qcow2Bdev>()?;
+        let mut params = json!({ "name": self.name(), "node_name": root.name() });
+        if root.read_only() {
+            params["read_only"] = json!(true);
+        }
+        match q.filename() {
+            Some(f) => {
+                params["filename"] = json!(f.display().to_string());
+                let direct = q.base().config().and_then(|c| c["params"]["direct"].as_bool()).unwrap_or(true);
+                if !direct {
+                    params["direct"] = json!(false);
+                }
+            }
+            None => params["base_bdev"] = json!(q.base().name()),
+        }
+        Some(json!({ "method": "bdev_qcow2_open", "params": params }))
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
