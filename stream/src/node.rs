@@ -53,6 +53,47 @@ pub trait ImageNode: Send + Sync {
     /// cluster-aligned `offset` only if it is still unallocated here; a client
     /// write always wins. Returns whether it wrote.
     fn populate_if_unallocated(&self, offset: u64, data: DmaBuf) -> NodeFuture<'_, bool>;
+    /// [`ImageNode::populate_if_unallocated`] for a buffer of several whole
+    /// clusters from the cluster-aligned `offset` (the last may be shorter at
+    /// the image's end): writes the clusters still unallocated, leaves the
+    /// others. Returns the buffer (for reuse) and how many clusters it wrote.
+    /// The default populates cluster by cluster.
+    fn populate_range_if_unallocated(
+        &self,
+        offset: u64,
+        data: DmaBuf,
+    ) -> NodeFuture<'_, (DmaBuf, u64)> {
+        Box::pin(async move {
+            let cs = self.cluster_size().max(512) as usize;
+            let mut written = 0;
+            let mut pos = 0;
+            while pos < data.len() {
+                let n = cs.min(data.len() - pos);
+                let piece = DmaBuf::from_slice(&data.as_slice()[pos..pos + n])?;
+                if self
+                    .populate_if_unallocated(offset + pos as u64, piece)
+                    .await?
+                {
+                    written += 1;
+                }
+                pos += n;
+            }
+            Ok((data, written))
+        })
+    }
+    /// Makes the clusters of `[offset, offset+len)` still unallocated here read
+    /// as zeroes without data (zero clusters). Returns how many it changed.
+    /// `Unsupported` when the format (or version) has no zero clusters: the
+    /// default.
+    fn populate_zero_if_unallocated(&self, offset: u64, len: u64) -> NodeFuture<'_, u64> {
+        let _ = (offset, len);
+        Box::pin(async move {
+            Err(BdevError::Unsupported(format!(
+                "{} images have no zero clusters",
+                self.format()
+            )))
+        })
+    }
     /// Makes earlier writes durable, then records `file`/`format` as the backing
     /// file in the header (`None`: no backing file).
     fn set_backing_file<'a>(
@@ -60,7 +101,9 @@ pub trait ImageNode: Send + Sync {
         file: Option<&'a str>,
         format: Option<&'a str>,
     ) -> NodeFuture<'a, ()>;
-    /// Changes the bdev unallocated reads fall through to.
+    /// Changes the bdev unallocated reads fall through to; registry claims
+    /// move with the link (the node releases its claim on the old backing and
+    /// claims the new one, when registered).
     fn set_backing_bdev(&self, backing: Option<Arc<dyn Bdev>>) -> NodeFuture<'_, ()>;
 }
 

@@ -67,6 +67,16 @@ impl ImageNode for Qcow2Node {
     fn populate_if_unallocated(&self, offset: u64, data: DmaBuf) -> NodeFuture<'_, bool> {
         Box::pin(self.q().populate_if_unallocated(offset, data))
     }
+    fn populate_range_if_unallocated(
+        &self,
+        offset: u64,
+        data: DmaBuf,
+    ) -> NodeFuture<'_, (DmaBuf, u64)> {
+        Box::pin(self.q().populate_range_if_unallocated(offset, data))
+    }
+    fn populate_zero_if_unallocated(&self, offset: u64, len: u64) -> NodeFuture<'_, u64> {
+        Box::pin(self.q().populate_zero_if_unallocated(offset, len))
+    }
     fn set_backing_file<'a>(
         &'a self,
         file: Option<&'a str>,

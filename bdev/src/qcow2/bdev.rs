@@ -230,6 +230,36 @@ impl Qcow2Bdev {
             .await
     }
 
+    /// Like [`Qcow2Bdev::populate_if_unallocated`] for several clusters at once:
+    /// `data` covers whole clusters from the cluster-aligned `offset` (the last
+    /// may be shorter at the image's end); the clusters still unallocated in
+    /// this image are written (one write per run of new host clusters that lie
+    /// consecutively), the others are left alone. Returns the buffer, for reuse,
+    /// and how many clusters were written.
+    pub async fn populate_range_if_unallocated(
+        &self,
+        offset: u64,
+        data: DmaBuf,
+    ) -> Result<(DmaBuf, u64), BdevError> {
+        self.on_owner(move |img| async move { img.populate_many(offset, data).await })
+            .await
+    }
+
+    /// Makes the clusters of `[offset, offset+len)` (cluster-aligned, whole
+    /// clusters but at the image's end) that are still unallocated in this image
+    /// read as zeroes without writing data: v3 zero clusters, which hide the
+    /// backing file. Returns how many clusters it changed. v2 images have no
+    /// zero clusters: `Unsupported` (write zero data with
+    /// [`Qcow2Bdev::populate_range_if_unallocated`] instead).
+    pub async fn populate_zero_if_unallocated(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, BdevError> {
+        self.on_owner(move |img| async move { img.populate_zero(offset, len).await })
+            .await
+    }
+
     /// Rewrites the header's backing file name and format (`None`: no backing
     /// file) after making all earlier writes durable. Does not change which bdev
     /// reads fall through to; see [`Qcow2Bdev::set_backing_bdev`].
@@ -251,6 +281,11 @@ impl Qcow2Bdev {
     }
 
     /// Changes the bdev unallocated reads fall through to (`None`: read zeroes).
+    ///
+    /// Registry claims follow the link: a claim this image holds on the old
+    /// backing (made at open, or by whoever opened the chain, under this
+    /// image's name) is released, and the new backing, when it is registered,
+    /// is claimed by this image (released again when the image is dropped).
     pub async fn set_backing_bdev(&self, backing: Option<Arc<dyn Bdev>>) -> Result<(), BdevError> {
         let b2 = backing.clone();
         self.on_owner(move |img| async move {
@@ -258,7 +293,30 @@ impl Qcow2Bdev {
             Ok(())
         })
         .await?;
-        self.info().backing = backing;
+        let old = std::mem::replace(&mut self.info().backing, backing.clone());
+        let same = |a: &Arc<dyn Bdev>, b: &Arc<dyn Bdev>| {
+            std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+        };
+        if let (Some(o), Some(n)) = (&old, &backing) {
+            if same(o, n) {
+                return Ok(());
+            }
+        }
+        let reg = crate::registry();
+        let registered = |b: &Arc<dyn Bdev>| reg.get(b.name()).is_ok_and(|r| same(&r, b));
+        if let Some(o) = old.as_ref().filter(|o| registered(o)) {
+            if reg.claims(o.name()).iter().any(|c| c == &self.name) {
+                reg.release(o.name(), &self.name);
+            }
+            let mut i = self.info();
+            if let Some(k) = i.claims.iter().position(|c| c == o.name()) {
+                i.claims.remove(k);
+            }
+        }
+        if let Some(n) = backing.as_ref().filter(|n| registered(n)) {
+            reg.claim(n.name(), &self.name)?;
+            self.info().claims.push(n.name().to_string());
+        }
         Ok(())
     }
 

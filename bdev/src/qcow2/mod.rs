@@ -21,8 +21,11 @@
 //!   [`Qcow2Bdev::block_status`] -> [`BlockStatus`] `{ allocated_here,
 //!   allocated_above_base, zero, len }`; [`Qcow2Bdev::populate_if_unallocated`]
 //!   (one whole cluster; a guest write to that cluster always wins);
-//!   [`Qcow2Bdev::set_backing_file`] (header rewrite after a full flush) and
-//!   [`Qcow2Bdev::set_backing_bdev`] (where reads fall through from now on).
+//!   [`Qcow2Bdev::populate_range_if_unallocated`] (a buffer of several clusters,
+//!   written in runs and handed back); [`Qcow2Bdev::populate_zero_if_unallocated`]
+//!   (v3 zero clusters, no data); [`Qcow2Bdev::set_backing_file`] (header
+//!   rewrite after a full flush) and [`Qcow2Bdev::set_backing_bdev`] (where
+//!   reads fall through from now on; registry claims move with the link).
 //! - [`Qcow2Bdev::flush`], [`Qcow2Bdev::close`] (flush and trim the file).
 //!
 //! # Semantics
@@ -60,6 +63,7 @@ pub mod format;
 mod image;
 mod io;
 mod open;
+mod populate;
 mod rebuild;
 mod status;
 mod sync;

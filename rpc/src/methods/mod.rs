@@ -6,6 +6,7 @@ pub mod core;
 pub mod jobs;
 pub mod nbd;
 pub mod notify;
+pub mod perf;
 pub mod qcow2;
 pub mod snapshot;
 pub mod stream2011;
@@ -25,5 +26,6 @@ pub fn build_table() -> MethodTable {
     snapshot::register(&mut t);
     nvme::register(&mut t);
     nbd::register(&mut t);
+    perf::register(&mut t);
     t
 }

@@ -1,5 +1,7 @@
-//! The options of `sluice perf` (SPDK bdevperf's, plus flags that create bdevs).
+//! The options of `sluice perf` (SPDK bdevperf's, plus flags that create bdevs
+//! and `-s SOCK` to run inside a running `sluice serve`).
 
+use super::options::RunOptions;
 use super::PerfError;
 use clap::Args;
 use std::path::PathBuf;
@@ -22,9 +24,10 @@ pub struct PerfArgs {
     /// Run time in seconds.
     #[arg(short = 't', long = "time", default_value_t = 5.0)]
     pub time: f64,
-    /// Core mask (SPDK style, e.g. 0x3): one job per reactor per bdev.
-    #[arg(short = 'm', long = "cpumask", default_value = "0x1")]
-    pub cpumask: String,
+    /// Core mask (SPDK style, e.g. 0x3): one job per reactor per bdev. Default:
+    /// core 0 (locally), the daemon's first reactor (with -s).
+    #[arg(short = 'm', long = "cpumask")]
+    pub cpumask: Option<String>,
     /// Accepted for bdevperf compatibility: sluice always runs one job per reactor per bdev.
     #[arg(short = 'C', hide = true)]
     pub multithread: bool,
@@ -59,6 +62,23 @@ pub struct PerfArgs {
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Run inside the `sluice serve` whose JSON-RPC socket this is (a Unix
+    /// socket path or HOST:PORT), on its bdevs and devices and its reactors
+    /// (`-m` picks a subset), through the `bdev_perf_run` method.
+    #[arg(
+        short = 's',
+        long = "rpc",
+        short_alias = 'r',
+        alias = "rpc-socket",
+        value_name = "SOCK"
+    )]
+    pub rpc: Option<String>,
+    /// First byte of the range of each bdev to exercise (suffixes k, m, g).
+    #[arg(long, default_value = "0", value_parser = parse_offset)]
+    pub offset: u64,
+    /// Bytes of that range (default: to the end of the bdev).
+    #[arg(long, value_parser = parse_size)]
+    pub length: Option<u64>,
 }
 
 /// What each job does.
@@ -161,58 +181,58 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a positive size"))
 }
 
+/// Parses an offset: like [`parse_size`], and 0.
+fn parse_offset(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(s)
+}
+
 impl PerfArgs {
-    /// Checks the combination of options.
-    pub fn validate(&self) -> Result<(), PerfError> {
-        let bad = |m: String| Err(PerfError::Args(m));
-        if self.queue_depth == 0 || self.queue_depth > 65536 {
-            return bad(format!(
-                "-q {}: the queue depth must be between 1 and 65536",
-                self.queue_depth
-            ));
+    /// The run's options (what `bdev_perf_run` takes as parameters).
+    pub fn options(&self) -> RunOptions {
+        RunOptions {
+            workload: self.workload,
+            queue_depth: self.queue_depth,
+            io_size: self.io_size,
+            time_in_sec: self.time,
+            rwmixread: self.rwmixread,
+            bdevs: self.bdevs.clone(),
+            cpumask: self.cpumask.clone(),
+            continue_on_failure: self.continue_on_failure,
+            offset: self.offset,
+            length: self.length,
         }
-        if !(self.time > 0.0 && self.time <= 86400.0) {
-            return bad(format!(
-                "-t {}: the run time must be between 0 and 86400 seconds",
-                self.time
-            ));
-        }
-        if self.io_size > (1 << 30) {
-            return bad(format!(
-                "-o {}: the I/O size must be at most 1 GiB",
-                self.io_size
-            ));
-        }
-        match (self.workload, self.rwmixread) {
-            (Workload::Rw | Workload::RandRw, Some(m)) if m > 100 => {
-                return bad(format!(
-                    "-M {m}: the read percentage must be between 0 and 100"
-                ))
-            }
-            (Workload::Rw | Workload::RandRw, _) | (_, None) => {}
-            (w, Some(_)) => {
-                return bad(format!(
-                    "-M only applies to rw and randrw, not {}",
-                    w.name()
-                ))
-            }
-        }
-        if self.null.is_empty()
-            && self.malloc.is_empty()
-            && self.files.is_empty()
-            && self.config.is_none()
-        {
-            return bad("no bdevs: give --null, --malloc, --file or -c CONFIG".into());
-        }
-        Ok(())
     }
 
-    /// The read percentage of mixed workloads (bdevperf's -M; 50 if not given).
-    pub fn read_percent(&self) -> u32 {
-        match self.workload {
-            Workload::Read | Workload::RandRead => 100,
-            Workload::Rw | Workload::RandRw => self.rwmixread.unwrap_or(50),
-            _ => 0,
+    /// Whether a flag asks this process to create bdevs.
+    pub fn creates_bdevs(&self) -> bool {
+        !(self.null.is_empty()
+            && self.malloc.is_empty()
+            && self.files.is_empty()
+            && self.config.is_none())
+    }
+
+    /// Checks the combination of options.
+    pub fn validate(&self) -> Result<(), PerfError> {
+        self.options().validate()?;
+        match (&self.rpc, self.creates_bdevs()) {
+            (None, false) => Err(PerfError::Args(
+                "no bdevs: give --null, --malloc, --file or -c CONFIG (or -s SOCK to run in a daemon)"
+                    .into(),
+            )),
+            (Some(_), true) => Err(PerfError::Args(
+                "-s runs on the daemon's bdevs: create them there (sluice rpc bdev_..._create), not with --null, --malloc, --file or -c"
+                    .into(),
+            )),
+            (Some(_), false) if self.buffered || self.block_size.is_some() => {
+                Err(PerfError::Args(
+                    "--buffered and --block-size only apply to bdevs this process creates, not with -s"
+                        .into(),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Results as bdevperf prints them (a table per job and a total), or as JSON
-//! with bdevperf's result field names plus percentiles.
+//! Results as JSON with bdevperf's result field names plus percentiles, and
+//! the table bdevperf prints (a line per job and a total) rendered from it.
 
 use super::hist::Histogram;
 use super::job::JobResult;
@@ -118,8 +118,23 @@ pub fn problems(rs: &[JobResult]) -> Vec<String> {
     out
 }
 
-/// The bdevperf-style table.
-pub fn table(rs: &[JobResult], hz: f64) -> String {
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// Failures per second of a job or total line of the JSON document.
+fn fail_rate(v: &Value) -> f64 {
+    let rt = num(v, "runtime");
+    if rt > 0.0 {
+        num(v, "io_failed") / rt
+    } else {
+        0.0
+    }
+}
+
+/// The bdevperf-style table, rendered from the JSON document (so a run in a
+/// daemon prints exactly as a local one).
+pub fn table(doc: &Value) -> String {
     let mut s = String::new();
     let w = 139;
     let _ = writeln!(s, "{:>w$}", "Latency(us)");
@@ -139,29 +154,52 @@ pub fn table(rs: &[JobResult], hz: f64) -> String {
         "p99",
         "p99.9"
     );
-    for r in rs {
-        let f = job_figures(r, hz);
+    let empty = Vec::new();
+    for r in doc["results"].as_array().unwrap_or(&empty) {
+        let job = r["job"].as_str().unwrap_or("?");
         let _ = writeln!(
             s,
             " Job: {} (Core Mask {}, workload: {}, depth: {}, IO size: {})",
-            r.spec.bdev,
-            core_mask(r.spec.core),
-            r.spec.workload.name(),
-            r.spec.queue_depth,
-            r.spec.io_size
+            job,
+            r["core_mask"].as_str().unwrap_or("?"),
+            r["workload"].as_str().unwrap_or("?"),
+            r["queue_depth"],
+            r["io_size"]
         );
         let _ = writeln!(
             s,
             "\t {:<20}: {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
-            r.spec.bdev, f.runtime, f.iops, f.mibps, f.fail_per_s, 0.0, f.avg_us, f.min_us, f.max_us, f.p50_us, f.p99_us, f.p999_us
+            job,
+            num(r, "runtime"),
+            num(r, "iops"),
+            num(r, "mibps"),
+            fail_rate(r),
+            0.0,
+            num(r, "avg_latency_us"),
+            num(r, "min_latency_us"),
+            num(r, "max_latency_us"),
+            num(r, "p50_latency_us"),
+            num(r, "p99_latency_us"),
+            num(r, "p999_latency_us")
         );
     }
     let _ = writeln!(s, " {}", "=".repeat(w));
-    let t = total_figures(rs, hz);
+    let t = &doc["total"];
     let _ = writeln!(
         s,
         " {:<28}: {:>10} {:>12.2} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
-        "Total", "", t.iops, t.mibps, t.fail_per_s, 0.0, t.avg_us, t.min_us, t.max_us, t.p50_us, t.p99_us, t.p999_us
+        "Total",
+        "",
+        num(t, "iops"),
+        num(t, "mibps"),
+        fail_rate(t),
+        0.0,
+        num(t, "avg_latency_us"),
+        num(t, "min_latency_us"),
+        num(t, "max_latency_us"),
+        num(t, "p50_latency_us"),
+        num(t, "p99_latency_us"),
+        num(t, "p999_latency_us")
     );
     s
 }

@@ -1,10 +1,10 @@
-//! Copying one chunk: one vectored read through the chain into per-cluster
-//! buffers, then "populate if still unallocated" for every cluster at once.
+//! Copying one chunk: one read through the chain into one (pooled) buffer,
+//! then one multi-cluster "populate if still unallocated".
 
 use crate::job::IoOperation;
 use crate::node::ImageNode;
-use bdev::{submit_wait, BdevError, BdevIo, DmaBuf, IoChannel, IoType};
-use futures::future::join_all;
+use bdev::{submit_wait, BdevError, BdevIo, DmaBuf, IoChannel};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -33,57 +33,86 @@ fn errno_of(e: &BdevError) -> i32 {
     }
 }
 
-/// Copies `c` from the chain of `top` into `top`, cluster by cluster.
+/// Chunk buffers handed back by the image after each copy, for the next chunk
+/// (no allocation per chunk in steady state).
+#[derive(Default)]
+pub(crate) struct BufPool {
+    free: RefCell<Vec<DmaBuf>>,
+}
+
+impl BufPool {
+    /// A buffer of `len` bytes whose contents are unspecified.
+    fn take(&self, len: usize) -> Result<DmaBuf, BdevError> {
+        let mut free = self.free.borrow_mut();
+        match free.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = free.swap_remove(i);
+                b.set_len(len);
+                Ok(b)
+            }
+            None => DmaBuf::new_dirty(len),
+        }
+    }
+
+    /// Keeps `b` for a later chunk (at most `keep` buffers are kept).
+    fn give(&self, b: DmaBuf, keep: usize) {
+        let mut free = self.free.borrow_mut();
+        if free.len() < keep {
+            free.push(b);
+        }
+    }
+}
+
+/// Copies `c` from the chain of `top` into `top`: one read through the chain
+/// into one buffer, then one multi-cluster populate (clusters a client wrote
+/// meanwhile are left alone). Zero chunks become zero clusters when the image
+/// has them, else zero data.
 pub(crate) async fn copy_chunk(
     top: &Arc<dyn ImageNode>,
     ch: &Rc<IoChannel>,
-    cluster: u64,
+    pool: &BufPool,
+    keep: usize,
     c: Chunk,
 ) -> Result<(), CopyError> {
-    let nomem = |_| CopyError {
+    let write_err = |e: &BdevError| CopyError {
+        op: IoOperation::Write,
+        errno: errno_of(e),
+    };
+    if c.zero {
+        match top.populate_zero_if_unallocated(c.offset, c.len).await {
+            Ok(_) => return Ok(()),
+            Err(BdevError::Unsupported(_)) => {}
+            Err(e) => return Err(write_err(&e)),
+        }
+    }
+    let mut buf = pool.take(c.len as usize).map_err(|_| CopyError {
         op: IoOperation::Read,
         errno: libc::ENOMEM,
-    };
-    let mut bufs = Vec::new();
-    let mut off = c.offset;
-    let end = c.offset + c.len;
-    while off < end {
-        let n = (cluster - off % cluster).min(end - off);
-        // Read targets are filled completely: no need to clear them.
-        let b = if c.zero {
-            DmaBuf::new(n as usize)
-        } else {
-            DmaBuf::new_dirty(n as usize)
-        };
-        bufs.push(b.map_err(nomem)?);
-        off += n;
-    }
-    if !c.zero {
-        let refs: Vec<&DmaBuf> = bufs.iter().collect();
-        let io = BdevIo::vectored(IoType::Read, c.offset, &refs, None, None);
-        drop(refs);
-        let io = submit_wait(ch, io).await;
-        if !io.status.is_ok() {
+    })?;
+    if c.zero {
+        buf.as_mut_slice().fill(0);
+    } else {
+        let mut io = submit_wait(ch, BdevIo::read(c.offset, buf, None)).await;
+        let st = io.status;
+        let b = io.take_buf();
+        if !st.is_ok() {
+            if let Some(b) = b {
+                pool.give(b, keep);
+            }
             return Err(CopyError {
                 op: IoOperation::Read,
-                errno: io.status.errno(),
+                errno: st.errno(),
             });
         }
+        buf = b.ok_or(CopyError {
+            op: IoOperation::Read,
+            errno: libc::EIO,
+        })?;
     }
-    let mut off = c.offset;
-    let mut writes = Vec::with_capacity(bufs.len());
-    for b in bufs {
-        let n = b.len() as u64;
-        writes.push(top.populate_if_unallocated(off, b));
-        off += n;
-    }
-    for r in join_all(writes).await {
-        if let Err(e) = r {
-            return Err(CopyError {
-                op: IoOperation::Write,
-                errno: errno_of(&e),
-            });
-        }
-    }
+    let (buf, _) = top
+        .populate_range_if_unallocated(c.offset, buf)
+        .await
+        .map_err(|e| write_err(&e))?;
+    pool.give(buf, keep);
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! in flight (fewer while clients are busy), honour pause, cancel, speed and
 //! the error policy, then change the backing file.
 
-use super::copy::{copy_chunk, Chunk, CopyError};
+use super::copy::{copy_chunk, BufPool, Chunk, CopyError};
 use super::resolve::StreamPlan;
 use crate::job::{IoOperation, Job, Verdict};
 use crate::node;
@@ -31,8 +31,8 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
-            chunk: 1 << 20,
-            max_inflight: 16,
+            chunk: 2 << 20,
+            max_inflight: 8,
             yield_to_clients: true,
             sample: Duration::from_millis(5),
         }
@@ -128,6 +128,8 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
     let cs = top.cluster_size().max(512);
     let chunk_max = (t.chunk.max(cs) / cs) * cs;
     let st = Rc::new(RefCell::new(Shared::default()));
+    let pool = Rc::new(BufPool::default());
+    let keep = t.max_inflight.max(1);
     let watch = plan
         .device
         .as_ref()
@@ -259,8 +261,9 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
         }
         st.borrow_mut().inflight += 1;
         let (job2, st2, top2, ch2) = (job.clone(), st.clone(), top.clone(), ch.clone());
+        let pool2 = pool.clone();
         reactor::spawn_local(async move {
-            let r = copy_chunk(&top2, &ch2, cs, c).await;
+            let r = copy_chunk(&top2, &ch2, &pool2, keep, c).await;
             match r {
                 Ok(()) => job2.add_progress(c.progress),
                 Err(e) => on_failure(&job2, &st2, c, e),
@@ -299,20 +302,9 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
         d.resume(&rt).await;
     }
     r.map_err(|e| e.to_string())?;
-    // Claims follow the chain (a node is claimed by the node above it): the
-    // released images let go of what is below them, the top takes the base.
-    let top_name = plan.top_bdev.name().to_string();
-    let mut parent = top_name.clone();
-    for b in &plan.intermediates {
-        registry().release(b.name(), &parent);
-        parent = b.name().to_string();
-    }
-    if let Some(base) = &plan.base {
-        if registry().contains(base.name()) && !plan.intermediates.is_empty() {
-            registry().release(base.name(), &parent);
-            let _ = registry().claim(base.name(), &top_name);
-        }
-    }
+    // Claims moved with the link (the top let go of its old backing and
+    // claims the base). Going down, each image nothing claims any more is
+    // released, and lets go of what is below it in turn.
     for b in &plan.intermediates {
         let name = b.name();
         if registry().contains(name) && registry().claims(name).is_empty() {
@@ -320,6 +312,11 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
                 for i in 0..rt.num_reactors() {
                     let b2 = b.clone();
                     let _ = rt.call_on(i, move || bdev::drop_cached_channels(&b2)).await;
+                }
+                if let Some(img) = node::image(&b) {
+                    if let Err(e) = img.set_backing_bdev(None).await {
+                        tracing::warn!(node = name, error = %e, "cannot unlink released image");
+                    }
                 }
                 b.on_delete();
                 tracing::info!(node = name, "intermediate image released after stream");

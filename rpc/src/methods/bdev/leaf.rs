@@ -10,7 +10,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::malloc::MallocBdev;
-use bdev::null::NullBdev;
+use bdev::null::{NullBdev, NullOptions};
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{registry, Bdev, BdevError};
 use serde::Deserialize;
@@ -137,6 +137,9 @@ struct NullCreate {
     optimal_write_size: Option<u32>,
     preferred_unmap_alignment: Option<u32>,
     preferred_unmap_granularity: Option<u32>,
+    /// sluice: fill read buffers with zeroes (default true); `false` leaves
+    /// them untouched (benchmarks of the I/O stack). `save_config` emits it.
+    zero_reads: Option<bool>,
 }
 
 fn bdev_null_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
@@ -157,7 +160,10 @@ fn bdev_null_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         "preferred_unmap_granularity",
         &a.preferred_unmap_granularity,
     )?;
-    let b = NullBdev::new(&a.name, a.num_blocks, a.block_size, a.uuid)?;
+    let opts = NullOptions {
+        zero_reads: a.zero_reads.unwrap_or(true),
+    };
+    let b = NullBdev::with_options(&a.name, a.num_blocks, a.block_size, a.uuid, opts)?;
     Ok(Value::String(register_bdev(svc, b)?))
 }
 
