@@ -21,7 +21,7 @@ impl Image {
     /// for the image's last one. Returns the number of clusters.
     fn populate_range(&self, offset: u64, len: u64) -> R<u64> {
         let cs = self.cs;
-        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len);
         if !offset.is_multiple_of(cs)
             || len == 0
             || end > self.size.next_multiple_of(cs)
