@@ -5,6 +5,9 @@
 //!
 //! Usage: qcow2_crash_writer IMAGE SEED FIRST_GEN
 
+#[path = "../tests/qcow2_common/crash_gen.rs"]
+mod crash_gen;
+
 use bdev::qcow2::{open_file, OpenOptions};
 use bdev::{channel, simple_io, submit_wait, Bdev, BdevIo, DmaBuf, IoType};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
@@ -12,21 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Blocks written in generation `gen` of a run with `seed` (shared with the test).
-fn blocks_of(seed: u64, gen: u64, nblocks: u64) -> Vec<u64> {
-    let mut x = seed ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::new();
-    while v.len() < 16 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x % nblocks;
-        if !v.contains(&b) {
-            v.push(b);
-        }
-    }
-    v
-}
+use crash_gen::blocks_of;
 
 fn payload(block: u64, gen: u64) -> Vec<u8> {
     let mut d = vec![((block * 31 + gen * 7) % 251) as u8 | 1; 4096];

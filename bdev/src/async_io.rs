@@ -61,18 +61,17 @@ pub async fn submit_wait(ch: &IoChannel, mut io: Box<BdevIo>) -> Box<BdevIo> {
 pub async fn read_at(ch: &IoChannel, offset: u64, len: usize) -> IoResult {
     let buf = DmaBuf::new(len)?;
     let mut io = submit_wait(ch, BdevIo::read(offset, buf, None)).await;
-    let st = io.status;
-    let buf = io.take_buf().ok_or(BdevError::Io(IoStatus::Eio))?;
-    if st.is_ok() {
-        Ok(buf)
-    } else {
-        Err(BdevError::Io(st))
-    }
+    buf_result(&mut io)
 }
 
 /// Writes `buf` at `offset`; gives the buffer back.
 pub async fn write_at(ch: &IoChannel, offset: u64, buf: DmaBuf) -> IoResult {
     let mut io = submit_wait(ch, BdevIo::write(offset, buf, None)).await;
+    buf_result(&mut io)
+}
+
+/// The buffer of a finished request, or its error status.
+fn buf_result(io: &mut BdevIo) -> IoResult {
     let st = io.status;
     let buf = io.take_buf().ok_or(BdevError::Io(IoStatus::Eio))?;
     if st.is_ok() {

@@ -3,7 +3,7 @@
 
 use crate::error::BdevError;
 use crate::io::BdevIo;
-use crate::IoStatus;
+use crate::{IoStatus, IoType};
 use reactor::{register_poller, PollStatus, PollerHandle};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -89,6 +89,14 @@ pub(crate) fn random_uuid() -> String {
         &h[12..16],
         &h[16..20],
         &h[20..32]
+    )
+}
+
+/// The request types the in-memory leaves serve (all of them).
+pub(crate) fn io_type_supported(t: IoType) -> bool {
+    matches!(
+        t,
+        IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes
     )
 }
 

@@ -90,10 +90,7 @@ impl Bdev for NullBdev {
         self.num_blocks
     }
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(
-            t,
-            IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes
-        )
+        crate::leaf::io_type_supported(t)
     }
     fn uuid(&self) -> Option<String> {
         Some(self.uuid.clone())

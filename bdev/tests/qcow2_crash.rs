@@ -5,27 +5,12 @@
 
 mod qcow2_common;
 
+use qcow2_common::crash_gen::blocks_of;
 use qcow2_common::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-// Same generator as the writer.
-fn blocks_of(seed: u64, gen: u64, nblocks: u64) -> Vec<u64> {
-    let mut x = seed ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::new();
-    while v.len() < 16 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x % nblocks;
-        if !v.contains(&b) {
-            v.push(b);
-        }
-    }
-    v
-}
 
 fn writer_binary() -> std::path::PathBuf {
     // Build the example once (cargo test does not build examples of other names).
@@ -51,18 +36,10 @@ fn crash_cycles(tag: &str, cluster_size: &str, cycles: u64) {
     let d = scratch(tag);
     let img = d.join("crash.qcow2");
     let size = 32u64 << 20;
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster_size}"),
-            img.to_str().unwrap(),
-            &size.to_string(),
-        ],
+    qemu_img_create(
+        &img,
+        &size.to_string(),
+        &["-o", &format!("cluster_size={cluster_size}")],
     );
     let nblocks = size / 4096;
     // Per block: generation currently on disk (0 = never written).

@@ -42,10 +42,7 @@ fn adjacent_clusters_are_one_base_read() {
     let h = rt.handle();
     let d = scratch("merge");
     let img = d.join("t.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"],
-    );
+    qemu_img_create(&img, "4M", &[]);
     // One 256 KiB write: four host clusters in a row. Then four clusters
     // written last-first: in reverse order on the host.
     qemu_io(
@@ -105,17 +102,11 @@ fn random_spans_match_qemu() {
         let img = d.join("t.qcow2");
         let (bp, ip) = (base.to_str().unwrap(), img.to_str().unwrap());
         let co = format!("cluster_size={cs}");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &co, bp, "3M"],
-        );
+        qemu_img_create(bp, "3M", &["-o", &co]);
         qemu_io(&base, &["write -P 0x5a 0 3M"]);
         let src = d.join("src.qcow2");
         let sp = src.to_str().unwrap();
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &co, sp, "4M"],
-        );
+        qemu_img_create(sp, "4M", &["-o", &co]);
         qemu_io(&src, &["write -P 0x77 2M 512k"]);
         let conv = [
             "convert", "-c", "-O", "qcow2", "-o", &co, "-B", bp, "-F", "qcow2", sp, ip,
@@ -159,10 +150,7 @@ fn partial_first_writes_into_reused_clusters_read_zeroes_around() {
     let h = rt.handle();
     let d = scratch("reuse");
     let img = d.join("t.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"],
-    );
+    qemu_img_create(&img, "8M", &[]);
     let q = open(&h, "reuse", &img, opts()).expect("open");
     let b: Arc<dyn Bdev> = q.clone();
     // Eight whole clusters of 0xaa, then discarded: after a flush their host

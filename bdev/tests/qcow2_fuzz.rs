@@ -15,19 +15,7 @@ fn template() -> &'static Vec<u8> {
     T.get_or_init(|| {
         let d = scratch("fuzz");
         let p = d.join("t.qcow2");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4096",
-                p.to_str().unwrap(),
-                "2M",
-            ],
-        );
+        qemu_img_create(&p, "2M", &["-o", "cluster_size=4096"]);
         qemu_io(
             &p,
             &[

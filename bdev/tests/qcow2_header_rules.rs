@@ -23,19 +23,7 @@ fn header_of(path: &Path) -> Header {
 
 fn new_image(d: &Path, name: &str, opts: &str) -> std::path::PathBuf {
     let p = d.join(name);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            p.to_str().unwrap(),
-            "4M",
-        ],
-    );
+    qemu_img_create(&p, "4M", &["-o", opts]);
     p
 }
 

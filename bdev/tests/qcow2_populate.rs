@@ -26,14 +26,9 @@ fn multi_cluster_and_zero_populate() {
     let top = d.join("top.qcow2");
     let (bs, ts) = (base.to_str().unwrap(), top.to_str().unwrap());
     // 1 MiB + 32 KiB: the last cluster is partial.
-    run("qemu-img", &["create", "-q", "-f", "qcow2", bs, "1056K"]);
+    qemu_img_create(bs, "1056K", &[]);
     qemu_io(&base, &["write -P 0x11 0 1056K"]);
-    run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", bs, "-F", "qcow2", ts, "1056K",
-        ],
-    );
+    qemu_img_create(ts, "1056K", &["-b", bs, "-F", "qcow2"]);
     // Client data the populates must not overwrite.
     qemu_io(
         &top,
@@ -150,10 +145,7 @@ fn zero_populate_needs_v3() {
     let d = scratch("populate-v2");
     let p = d.join("v2.qcow2");
     let ps = p.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", ps, "1M"],
-    );
+    qemu_img_create(ps, "1M", &["-o", "compat=0.10"]);
     let rt = runtime(1);
     let h = rt.handle();
     let q = open(&h, "v2", &p, opts()).expect("open");
@@ -175,7 +167,7 @@ fn set_backing_bdev_moves_claims() {
     let d = scratch("populate-claims");
     let p = d.join("top.qcow2");
     let ps = p.to_str().unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", ps, "1M"]);
+    qemu_img_create(ps, "1M", &[]);
     let rt = runtime(1);
     let h = rt.handle();
     let mut leaves = Vec::new();

@@ -95,10 +95,7 @@ fn compressed_zlib_and_zstd() {
         let h = rt.handle();
         let d = scratch(&format!("z{ct}"));
         let src = d.join("src.qcow2");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "4M"],
-        );
+        qemu_img_create(&src, "4M", &[]);
         qemu_io(
             &src,
             &[
@@ -150,38 +147,10 @@ fn backing_chain_relative_names_and_short_backing() {
     let raw = d.join("base.raw");
     std::fs::write(&raw, vec![0x5au8; 3 << 20]).unwrap();
     let mid = d.join("mid.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            mid.to_str().unwrap(),
-            "6M",
-        ],
-    );
+    qemu_img_create(&mid, "6M", &["-b", "base.raw", "-F", "raw"]);
     qemu_io(&mid, &["write -P 0x01 1m 64k", "write -z 2m 64k"]);
     let top = d.join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-            "8M",
-        ],
-    );
+    qemu_img_create(&top, "8M", &["-b", "mid.qcow2", "-F", "qcow2"]);
     qemu_io(&top, &["write -P 0x02 1056k 4k", "write -P 0x03 7m 8k"]);
     let want = qemu_contents(&top);
     let q = open(
@@ -211,25 +180,8 @@ fn backing_loop_is_an_error() {
     let d = scratch("loop");
     let a = d.join("a.qcow2");
     let b = d.join("b.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"],
-    );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "a.qcow2",
-            "-F",
-            "qcow2",
-            b.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    qemu_img_create(&a, "1M", &[]);
+    qemu_img_create(&b, "1M", &["-b", "a.qcow2", "-F", "qcow2"]);
     // Point a at b without qemu-img's own loop check.
     run(
         "qemu-img",

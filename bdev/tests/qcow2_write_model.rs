@@ -245,28 +245,13 @@ fn sluice_created_images_match_qemu() {
 fn qemu_created_image_with_backing_chain() {
     let d = scratch("wback");
     let base = d.join("base.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "5M"],
-    );
+    qemu_img_create(&base, "5M", &[]);
     qemu_io(&base, &["write -P 0x77 0 5M"]);
     let top = d.join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-            "6M",
-        ],
+    qemu_img_create(
+        &top,
+        "6M",
+        &["-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2"],
     );
     qemu_io(&top, &["write -P 0x12 64k 8k", "write -z 1m 4k"]);
     let backing = qemu_contents(&top);
@@ -279,21 +264,16 @@ fn v2_image_with_backing_zeroes_by_data() {
     let base = d.join("base.raw");
     std::fs::write(&base, vec![0xabu8; 2 << 20]).unwrap();
     let top = d.join("top.qcow2");
-    run(
-        "qemu-img",
+    qemu_img_create(
+        &top,
+        "2M",
         &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
             "-o",
             "compat=0.10,cluster_size=4096",
             "-b",
             "base.raw",
             "-F",
             "raw",
-            top.to_str().unwrap(),
-            "2M",
         ],
     );
     exercise(
@@ -362,21 +342,7 @@ fn bound_backing_bdev_and_streaming_helpers() {
     let base = d.join("base.raw");
     std::fs::write(&base, vec![0x42u8; 1 << 20]).unwrap();
     let top = d.join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            top.to_str().unwrap(),
-            "2M",
-        ],
-    );
+    qemu_img_create(&top, "2M", &["-b", "base.raw", "-F", "raw"]);
     qemu_io(&top, &["write -P 0x01 0 64k", "write -z 128k 64k"]);
     let rt = runtime(2);
     let h = rt.handle();
@@ -446,22 +412,7 @@ fn bound_backing_bdev_and_streaming_helpers() {
     let rt = runtime(1);
     let h = rt.handle();
     let top2 = d.join("top2.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-u",
-            "-f",
-            "qcow2",
-            "-b",
-            "nonexistent.raw",
-            "-F",
-            "raw",
-            top2.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    qemu_img_create(&top2, "1M", &["-u", "-b", "nonexistent.raw", "-F", "raw"]);
     let leaf = bdev::malloc::MallocBdev::new("stream-base", 2048, 512, None).unwrap();
     bdev::registry().register(leaf.clone()).unwrap();
     let lb: Arc<dyn Bdev> = leaf;

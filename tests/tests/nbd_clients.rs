@@ -205,6 +205,28 @@ fn fio_nbd_engine_with_verify() {
     }
 }
 
+/// Starts qemu-io with `args`, its output captured.
+fn spawn_qemu_io(args: &[&str]) -> std::process::Child {
+    Command::new("qemu-io")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-io")
+}
+
+/// Waits for each qemu-io and asserts it succeeded without a failed pattern check.
+fn wait_verified(children: Vec<std::process::Child>, what: &str) {
+    for (i, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().expect("wait");
+        let so = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && !so.contains("verification failed"),
+            "{what} {i}: {so}"
+        );
+    }
+}
+
 #[test]
 fn thirty_two_clients_at_once_on_two_reactors() {
     let mut n = NbdDaemon::start(&["-m", "0x3"], &[]);
@@ -216,61 +238,37 @@ fn thirty_two_clients_at_once_on_two_reactors() {
         .map(|i| {
             let off = i << 20;
             let p = 0x40 + i;
-            Command::new("qemu-io")
-                .args([
-                    "-f",
-                    "raw",
-                    "-c",
-                    &format!("write -P {p} {off} 1M"),
-                    "-c",
-                    &format!("read -P {p} {off} 1M"),
-                    "-c",
-                    &format!("write -P {} {} 64k", p + 1, off + 4096),
-                    "-c",
-                    &format!("read -P {} {} 64k", p + 1, off + 4096),
-                    &uri,
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn qemu-io")
+            spawn_qemu_io(&[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {p} {off} 1M"),
+                "-c",
+                &format!("read -P {p} {off} 1M"),
+                "-c",
+                &format!("write -P {} {} 64k", p + 1, off + 4096),
+                "-c",
+                &format!("read -P {} {} 64k", p + 1, off + 4096),
+                &uri,
+            ])
         })
         .collect();
-    for (i, c) in writers.into_iter().enumerate() {
-        let o = c.wait_with_output().expect("wait");
-        let so = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && !so.contains("verification failed"),
-            "client {i}: {so}"
-        );
-    }
+    wait_verified(writers, "client");
     let children: Vec<_> = (0..32u64)
         .map(|i| {
-            Command::new("qemu-io")
-                .args([
-                    "-f",
-                    "raw",
-                    "-r",
-                    "-c",
-                    &format!("read -P {} {} 4096", 0x40 + i, i << 20),
-                    "-c",
-                    &format!("read -P {} {} 64k", 0x41 + i, (i << 20) + 4096),
-                    &uri,
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn qemu-io")
+            spawn_qemu_io(&[
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                &format!("read -P {} {} 4096", 0x40 + i, i << 20),
+                "-c",
+                &format!("read -P {} {} 64k", 0x41 + i, (i << 20) + 4096),
+                &uri,
+            ])
         })
         .collect();
-    for (i, c) in children.into_iter().enumerate() {
-        let o = c.wait_with_output().expect("wait");
-        let so = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && !so.contains("verification failed"),
-            "reader {i}: {so}"
-        );
-    }
+    wait_verified(children, "reader");
     // 32 idle connections held open: no thread per connection.
     let held: Vec<_> = (0..32)
         .map(|_| Raw::attach(&n.sock, "m0", false, false).0)

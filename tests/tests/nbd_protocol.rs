@@ -230,14 +230,14 @@ fn pipelined_requests_all_answered_and_bad_magic_closes() {
     // 200 requests before reading any reply.
     let mut batch = Vec::new();
     for i in 0..200u64 {
-        let mut v = 0x2560_9513u32.to_be_bytes().to_vec();
-        v.extend_from_slice(&0u16.to_be_bytes());
-        v.extend_from_slice(&CMD_WRITE.to_be_bytes());
-        v.extend_from_slice(&(1000 + i).to_be_bytes());
-        v.extend_from_slice(&(i * 4096).to_be_bytes());
-        v.extend_from_slice(&4096u32.to_be_bytes());
-        v.extend_from_slice(&[i as u8; 4096]);
-        batch.extend_from_slice(&v);
+        batch.extend_from_slice(&Raw::encode_request(
+            0,
+            CMD_WRITE,
+            1000 + i,
+            i * 4096,
+            4096,
+            &[i as u8; 4096],
+        ));
     }
     r.send(&batch);
     let mut seen = std::collections::BTreeSet::new();
@@ -268,14 +268,14 @@ fn abrupt_disconnect_loses_nothing_in_flight() {
     let (mut r, _, _) = Raw::attach(&n.sock, "m0", false, false);
     let mut batch = Vec::new();
     for i in 0..64u64 {
-        let mut v = 0x2560_9513u32.to_be_bytes().to_vec();
-        v.extend_from_slice(&0u16.to_be_bytes());
-        v.extend_from_slice(&CMD_WRITE.to_be_bytes());
-        v.extend_from_slice(&i.to_be_bytes());
-        v.extend_from_slice(&((1 << 20) + i * 65536).to_be_bytes());
-        v.extend_from_slice(&65536u32.to_be_bytes());
-        v.extend_from_slice(&[0xa0 ^ i as u8; 65536]);
-        batch.extend_from_slice(&v);
+        batch.extend_from_slice(&Raw::encode_request(
+            0,
+            CMD_WRITE,
+            i,
+            (1 << 20) + i * 65536,
+            65536,
+            &[0xa0 ^ i as u8; 65536],
+        ));
     }
     r.send(&batch);
     // Gone without reading a single reply (a reset if replies were pending).

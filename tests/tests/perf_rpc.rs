@@ -242,20 +242,25 @@ fn check_json(path: &str) -> Value {
     serde_json::from_str(&so).unwrap()
 }
 
+/// Writes a JSON config file whose bdev subsystem holds the one `entry`.
+fn write_bdev_config(path: &std::path::Path, entry: Value) {
+    std::fs::write(
+        path,
+        json!({"subsystems": [{"subsystem": "bdev", "config": [entry]}]}).to_string(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn local_perf_leaves_the_qcow2_images_it_wrote_durable_and_clean() {
     let dir = TempDir::new("pq2");
     let img = dir.join("q.qcow2");
     let p = img.to_str().unwrap().to_string();
     let cfg = dir.join("create.json");
-    std::fs::write(
+    write_bdev_config(
         &cfg,
-        json!({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_qcow2_create", "params": {"name": "Q0", "filename": p, "size": 32 << 20}}
-        ]}]})
-        .to_string(),
-    )
-    .unwrap();
+        json!({"method": "bdev_qcow2_create", "params": {"name": "Q0", "filename": p, "size": 32 << 20}}),
+    );
     let o = perf(&[
         "--no-pin",
         "-c",
@@ -278,14 +283,10 @@ fn local_perf_leaves_the_qcow2_images_it_wrote_durable_and_clean() {
     assert!(c["allocated-clusters"].as_u64().unwrap() > 0, "{c}");
     // Open the image again and verify a range: the pattern is in the file.
     let cfg = dir.join("open.json");
-    std::fs::write(
+    write_bdev_config(
         &cfg,
-        json!({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_qcow2_open", "params": {"name": "Q1", "filename": p}}
-        ]}]})
-        .to_string(),
-    )
-    .unwrap();
+        json!({"method": "bdev_qcow2_open", "params": {"name": "Q1", "filename": p}}),
+    );
     let o = perf(&[
         "--no-pin",
         "-c",

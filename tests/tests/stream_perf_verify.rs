@@ -155,15 +155,38 @@ fn raw_of(src: &str, fmt: &str, dst: &Path) -> Vec<u8> {
     std::fs::read(dst).unwrap()
 }
 
-#[test]
-fn verify_workload_passes_during_a_stream_and_nothing_is_lost() {
-    let dir = TempDir::new("spv");
-    let (top, reference) = make_chain(&dir);
+/// Makes the chain in `dir` and a two-reactor daemon with its top opened as
+/// `drive0`; returns the top's path, the reference contents and the daemon.
+fn open_chain_in_daemon(dir: &TempDir) -> (String, Vec<u8>, Daemon) {
+    let (top, reference) = make_chain(dir);
     let mut d = Daemon::start_with(&["-m", "0x3"], &[]);
     d.call(
         "bdev_qcow2_open",
         json!({"name": "drive0", "node_name": "top", "filename": top}),
     );
+    (top, reference, d)
+}
+
+/// Waits for the stream job to finish, asserts it did so while the verify run
+/// `perf` was still going (the `what` names the job in the message), then that
+/// the verify run passed.
+fn finish_under_verify(d: &mut Daemon, perf: JoinHandle<Output>, what: &str) {
+    wait_stream_done(d);
+    let overlapped = !perf.is_finished();
+    let out = perf.join().unwrap();
+    assert!(
+        overlapped,
+        "the {what} must complete while verify runs (make the run longer); perf: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_verify_passed(out);
+}
+
+#[test]
+fn verify_workload_passes_during_a_stream_and_nothing_is_lost() {
+    let dir = TempDir::new("spv");
+    let (top, reference, mut d) = open_chain_in_daemon(&dir);
     // Slow enough that the verify job starts while the stream is at work.
     d.call(
         "block-stream",
@@ -179,16 +202,7 @@ fn verify_workload_passes_during_a_stream_and_nothing_is_lost() {
     // Let it finish while verify still runs: the populate steps and the final
     // switch (backing dropped, device quiesced) happen under the workload.
     d.call("block-job-set-speed", json!({"device": "s0", "speed": 0}));
-    wait_stream_done(&mut d);
-    let overlapped = !perf.is_finished();
-    let out = perf.join().unwrap();
-    assert!(
-        overlapped,
-        "the stream must complete while verify runs (make the run longer); perf: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_verify_passed(out);
+    finish_under_verify(&mut d, perf, "stream");
     let ins = &d.call("query-block", Value::Null)[0]["inserted"];
     assert_eq!(ins["backing_file_depth"], 0, "{ins}");
     d.call("bdev_qcow2_delete", json!({"name": "drive0"}));
@@ -204,12 +218,7 @@ fn verify_workload_passes_during_a_stream_and_nothing_is_lost() {
 #[test]
 fn verify_workload_passes_during_a_live_copy_onto_malloc() {
     let dir = TempDir::new("spl");
-    let (top, reference) = make_chain(&dir);
-    let mut d = Daemon::start_with(&["-m", "0x3"], &[]);
-    d.call(
-        "bdev_qcow2_open",
-        json!({"name": "drive0", "node_name": "top", "filename": top}),
-    );
+    let (top, reference, mut d) = open_chain_in_daemon(&dir);
     d.call(
         "bdev_malloc_create",
         json!({"name": "Copy0", "num_blocks": (160 * MIB) / 512, "block_size": 512}),
@@ -226,16 +235,7 @@ fn verify_workload_passes_during_a_live_copy_onto_malloc() {
     assert_eq!(ins["backing_file_depth"], 2, "{ins}");
     // ... and the chain is streamed into it.
     d.call("block-stream", json!({"device": "drive0", "job-id": "c0"}));
-    wait_stream_done(&mut d);
-    let overlapped = !perf.is_finished();
-    let out = perf.join().unwrap();
-    assert!(
-        overlapped,
-        "the copy must complete while verify runs (make the run longer); perf: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_verify_passed(out);
+    finish_under_verify(&mut d, perf, "copy");
     let ins = &d.call("query-block", Value::Null)[0]["inserted"];
     assert_eq!(ins["node-name"], "copy", "{ins}");
     assert_eq!(ins["backing_file_depth"], 0, "{ins}");

@@ -10,6 +10,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+pub mod crash_gen;
+
 /// A runtime of `n` unpinned reactors.
 pub fn runtime(n: usize) -> Runtime {
     let list = (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
@@ -60,6 +62,15 @@ pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// `qemu-img create -q -f qcow2 EXTRA.. PATH SIZE`, asserting success.
+pub fn qemu_img_create(path: impl AsRef<Path>, size: &str, extra: &[&str]) {
+    let p = path.as_ref().to_str().expect("utf8 path");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[p, size]);
+    run("qemu-img", &args);
 }
 
 /// qemu-io commands on an image (`-f qcow2`).

@@ -262,6 +262,19 @@ impl Raw {
         len: u32,
         payload: &[u8],
     ) {
+        let v = Raw::encode_request(flags, cmd, cookie, offset, len, payload);
+        self.send(&v);
+    }
+
+    /// The bytes of one transmission request: header, then `payload`.
+    pub fn encode_request(
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut v = Vec::with_capacity(28 + payload.len());
         v.extend_from_slice(&0x2560_9513u32.to_be_bytes());
         v.extend_from_slice(&flags.to_be_bytes());
@@ -270,7 +283,7 @@ impl Raw {
         v.extend_from_slice(&offset.to_be_bytes());
         v.extend_from_slice(&len.to_be_bytes());
         v.extend_from_slice(payload);
-        self.send(&v);
+        v
     }
 
     /// A simple reply: (error, cookie).
