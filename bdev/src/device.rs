@@ -280,7 +280,11 @@ impl Bdev for Device {
         match q.filename() {
             Some(f) => {
                 params["filename"] = json!(f.display().to_string());
-                let direct = q.base().config().and_then(|c| c["params"]["direct"].as_bool()).unwrap_or(true);
+                let direct = q
+                    .base()
+                    .config()
+                    .and_then(|c| c["params"]["direct"].as_bool())
+                    .unwrap_or(true);
                 if !direct {
                     params["direct"] = json!(false);
                 }

@@ -70,9 +70,11 @@ fn parse_io_type(s: &str) -> Result<u8, BdevError> {
         "unmap" => 8,
         "write_zeroes" => 16,
         "all" => 31,
-        other => return Err(BdevError::InvalidParam(format!(
+        other => {
+            return Err(BdevError::InvalidParam(format!(
             "io_type: {other:?} is not one of read, write, flush, unmap, write_zeroes, all, clear"
-        ))),
+        )))
+        }
     })
 }
 

@@ -43,11 +43,16 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Subsystems, ServeEr
 
 /// Starts the subsystems in order, pushing each one started (so a failure
 /// stops those already running).
-fn start_into(svc: &Arc<Service>, args: &ServeArgs, subs: &mut Subsystems) -> Result<(), ServeError> {
+fn start_into(
+    svc: &Arc<Service>,
+    args: &ServeArgs,
+    subs: &mut Subsystems,
+) -> Result<(), ServeError> {
     // The config is replayed before any socket opens: once the RPC socket
     // accepts, every configured bdev exists.
     if let Some(path) = &args.json_config {
-        crate::config::replay(svc, path).map_err(|e| ServeError::Start(format!("--json {}: {e}", path.display())))?;
+        crate::config::replay(svc, path)
+            .map_err(|e| ServeError::Start(format!("--json {}: {e}", path.display())))?;
     }
     // NBD after the config replay (its exports name configured bdevs).
     if let Some(nbd) = crate::nbd::startup::start(svc, args)? {
@@ -59,13 +64,23 @@ fn start_into(svc: &Arc<Service>, args: &ServeArgs, subs: &mut Subsystems) -> Re
 
 /// The QMP server and the JSON-RPC servers (optional TCP, Unix socket). The
 /// JSON-RPC Unix socket opens last: once it accepts, every server is up.
-fn start_rpc_servers(svc: &Arc<Service>, args: &ServeArgs, subs: &mut Subsystems) -> Result<(), ServeError> {
+fn start_rpc_servers(
+    svc: &Arc<Service>,
+    args: &ServeArgs,
+    subs: &mut Subsystems,
+) -> Result<(), ServeError> {
     let limits = args.rpc_limits();
     let err = |e: crate::transport::TransportError| ServeError::Start(e.to_string());
-    subs.push(Box::new(crate::qmp::start_unix(svc, &args.qmp_socket_path(), limits).map_err(err)?));
+    subs.push(Box::new(
+        crate::qmp::start_unix(svc, &args.qmp_socket_path(), limits).map_err(err)?,
+    ));
     if let Some(addr) = &args.rpc_listen {
-        subs.push(Box::new(crate::jsonrpc::start_tcp(svc, addr, args.rpc_allow_remote, limits).map_err(err)?));
+        subs.push(Box::new(
+            crate::jsonrpc::start_tcp(svc, addr, args.rpc_allow_remote, limits).map_err(err)?,
+        ));
     }
-    subs.push(Box::new(crate::jsonrpc::start_unix(svc, &args.rpc_socket_path(), limits).map_err(err)?));
+    subs.push(Box::new(
+        crate::jsonrpc::start_unix(svc, &args.rpc_socket_path(), limits).map_err(err)?,
+    ));
     Ok(())
 }

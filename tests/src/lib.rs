@@ -25,10 +25,20 @@ pub fn sluice_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = workspace_root();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let p = target.join(profile).join("sluice");
-    assert!(p.exists(), "{} not built: run `cargo build --bins` (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --bins` (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 

@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 fn wait_for(p: &std::path::Path) {
     let t = Instant::now();
     while !p.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", p.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -31,13 +35,24 @@ fn starts_writes_pid_and_stops_on_sigterm_and_sigint() {
             .unwrap();
         let pid_file = dir.join("sluice.pid");
         wait_for(&pid_file);
-        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(pid, child.id());
         let t = Instant::now();
-        Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+        Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
         let st = child.wait().unwrap();
         assert!(st.success(), "exit status after {sig}: {st}");
-        assert!(t.elapsed() < Duration::from_secs(1), "took {:?} to stop", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "took {:?} to stop",
+            t.elapsed()
+        );
         assert!(!pid_file.exists(), "pid file left behind");
     }
 }
@@ -59,7 +74,10 @@ fn bad_core_masks_are_clear_errors() {
             .unwrap();
         assert!(!out.status.success(), "{args:?} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{args:?}: stderr does not name the problem: {err}");
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr does not name the problem: {err}"
+        );
     }
 }
 

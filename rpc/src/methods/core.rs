@@ -204,7 +204,8 @@ fn spdk_kill_instance(svc: &Service, p: Params) -> Result<Value, RpcError> {
         "QUIT" => libc::SIGQUIT,
         "KILL" => {
             tracing::warn!("spdk_kill_instance SIGKILL: exiting at once");
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
             return Ok(Value::Bool(true));
         }
         _ => {

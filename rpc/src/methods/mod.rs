@@ -6,11 +6,11 @@ pub mod core;
 pub mod jobs;
 pub mod nbd;
 pub mod notify;
+pub mod nvme;
 pub mod perf;
 pub mod qcow2;
 pub mod snapshot;
 pub mod stream2011;
-pub mod nvme;
 
 use crate::table::MethodTable;
 
