@@ -2,7 +2,7 @@
 //! write-out of metadata (refcounts before the L2 entries that need them, L2
 //! entries cleared before the refcounts drop).
 
-use super::format::{put64, FormatError, L1Entry, COPIED, MAX_REFTABLE_BYTES};
+use super::format::{put64, FormatError, L1Entry, COPIED, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use super::image::{Image, R};
 use crate::{BdevError, DmaBuf, IoStatus};
 use futures::future::LocalBoxFuture;
@@ -129,6 +129,37 @@ impl Image {
         Ok((c * self.cs, fresh))
     }
 
+    /// Writes `table` as the refcount table at cluster `p` (`t` clusters), makes
+    /// it (and the refcount blocks written before) durable, then points the
+    /// header at it; with `clear_dirty` the header also drops the dirty bit.
+    pub(super) async fn install_reftable(
+        &self,
+        p: u64,
+        t: u64,
+        table: Vec<u64>,
+        clear_dirty: bool,
+    ) -> R<()> {
+        let cs = self.cs;
+        let mut tb = vec![0u8; (t * cs) as usize];
+        for (i, &v) in table.iter().enumerate() {
+            put64(&mut tb, i * 8, v);
+        }
+        self.write_meta(p * cs, DmaBuf::from_slice(&tb)?).await?;
+        self.flush_base().await?;
+        {
+            let mut h = self.hdr.borrow_mut();
+            h.refcount_table_offset = p * cs;
+            h.refcount_table_clusters = t as u32;
+            if clear_dirty {
+                h.incompatible &= !INCOMPAT_DIRTY;
+            }
+        }
+        self.write_header().await?;
+        *self.reftable.borrow_mut() = table;
+        self.reftable_dirty.borrow_mut().clear();
+        Ok(())
+    }
+
     /// Replaces the refcount table with a larger one covering index `need`.
     async fn grow_reftable(&self, need: u64) -> R<()> {
         self.write_refblocks().await?;
@@ -172,20 +203,7 @@ impl Image {
             self.write_meta((p + t + j) * cs, DmaBuf::from_slice(&blk)?)
                 .await?;
         }
-        let mut tb = vec![0u8; (t * cs) as usize];
-        for (i, &v) in table.iter().enumerate() {
-            put64(&mut tb, i * 8, v);
-        }
-        self.write_meta(p * cs, DmaBuf::from_slice(&tb)?).await?;
-        self.flush_base().await?;
-        {
-            let mut h = self.hdr.borrow_mut();
-            h.refcount_table_offset = p * cs;
-            h.refcount_table_clusters = t as u32;
-        }
-        self.write_header().await?;
-        *self.reftable.borrow_mut() = table;
-        self.reftable_dirty.borrow_mut().clear();
+        self.install_reftable(p, t, table, false).await?;
         self.frees.borrow_mut().push((old_off, old_clusters * cs));
         if self.free_hint.get() == p {
             self.free_hint.set(p + t + b);

@@ -1,9 +1,7 @@
 //! Rebuilding refcounts from the L1/L2 tables (images opened with the dirty
 //! bit, i.e. written with lazy refcounts and not closed cleanly).
 
-use super::format::{
-    be64, put64, ClusterKind, FormatError, L1Entry, L2Entry, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
-};
+use super::format::{be64, ClusterKind, FormatError, L1Entry, L2Entry, MAX_REFTABLE_BYTES};
 use super::image::{Image, R};
 use crate::{read_at, BdevError, DmaBuf, IoStatus};
 
@@ -117,21 +115,7 @@ impl Image {
             table[j as usize] = off;
             self.write_meta(off, DmaBuf::from_slice(&blk)?).await?;
         }
-        let mut tb = vec![0u8; (t * cs) as usize];
-        for (i, &v) in table.iter().enumerate() {
-            put64(&mut tb, i * 8, v);
-        }
-        self.write_meta(p * cs, DmaBuf::from_slice(&tb)?).await?;
-        self.flush_base().await?;
-        {
-            let mut h = self.hdr.borrow_mut();
-            h.refcount_table_offset = p * cs;
-            h.refcount_table_clusters = t as u32;
-            h.incompatible &= !INCOMPAT_DIRTY;
-        }
-        self.write_header().await?;
-        *self.reftable.borrow_mut() = table;
-        self.reftable_dirty.borrow_mut().clear();
+        self.install_reftable(p, t, table, true).await?;
         self.free_hint.set(0);
         tracing::info!(image = %self.name, clusters = p + t + b, "refcounts rebuilt");
         Ok(())
