@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Microseconds of idle polling after which a reactor parks until a message,
+    /// a timer or a registered file descriptor wakes it.
+    #[arg(long, default_value_t = 500)]
+    pub park_after_us: u64,
     /// Start the NBD server on unix:PATH or HOST:PORT (repeatable; TCP on
     /// loopback unless --nbd-allow-remote).
     #[arg(long = "nbd-listen", value_name = "unix:PATH|HOST:PORT")]
@@ -116,6 +120,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     })?;
     let mut cfg = RuntimeConfig::new(cores);
     cfg.pin = !args.no_pin;
+    cfg.idle_before_park = std::time::Duration::from_micros(args.park_after_us);
     let (stop_tx, stop_rx) = channel();
     // Signals become stop requests (handled on a dedicated thread so no reactor blocks).
     let mut signals = signal_hook::iterator::Signals::new([

@@ -12,6 +12,8 @@
 # write volume (reads from the chain's files and writes to a scratch file at once).
 # LATENCY=1 (default) also measures client 4 KiB random-read p99 over NBD
 # (fio's nbd engine) idle and during a full stream of the 1 GiB chain.
+# PARK_US: sluice's --park-after-us (default 500; 50 lets the reactor park while it
+# only waits for buffered io_uring work done by the kernel's io-wq threads).
 # Results: a table on stdout; JSON lines in $OUT (default bench-stream.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -151,7 +153,8 @@ def run_qsd(names, mode, direct, tmp):
 
 
 def start_sluice(tmp):
-    p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", E["CORES"]],
+    p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", E["CORES"],
+                          "--park-after-us", E.get("PARK_US", "500")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return p, Qmp(os.path.join(tmp, "sluice-qmp.sock"))
 

@@ -83,20 +83,27 @@ fn bad_core_masks_are_clear_errors() {
 
 #[test]
 fn idle_daemon_uses_almost_no_cpu() {
-    let dir = TempDir::new("idle");
-    let mut child = Command::new(sluice_bin())
-        .args(["serve", "--no-pin", "-m", "0x3", "--runtime-dir"])
-        .arg(&dir.0)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&dir.join("sluice.pid"));
-    std::thread::sleep(Duration::from_millis(500));
-    let t0 = cpu_ticks(child.id());
-    std::thread::sleep(Duration::from_secs(3));
-    let used = cpu_ticks(child.id()) - t0;
-    let _ = child.kill();
-    let _ = child.wait();
-    // 3 s at 100 ticks/s: 2% of one core would be 6 ticks; spinning reactors would be ~600.
-    assert!(used <= 6, "idle daemon used {used} ticks of CPU in 3 s");
+    // The default park delay, and parking at once.
+    for park in [None, Some("0")] {
+        let dir = TempDir::new("idle");
+        let mut cmd = Command::new(sluice_bin());
+        cmd.args(["serve", "--no-pin", "-m", "0x3", "--runtime-dir"])
+            .arg(&dir.0);
+        if let Some(us) = park {
+            cmd.args(["--park-after-us", us]);
+        }
+        let mut child = cmd.stderr(Stdio::null()).spawn().unwrap();
+        wait_for(&dir.join("sluice.pid"));
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = cpu_ticks(child.id());
+        std::thread::sleep(Duration::from_secs(3));
+        let used = cpu_ticks(child.id()) - t0;
+        let _ = child.kill();
+        let _ = child.wait();
+        // 3 s at 100 ticks/s: 2% of one core would be 6 ticks; spinning reactors would be ~600.
+        assert!(
+            used <= 6,
+            "idle daemon (park after {park:?} us) used {used} ticks of CPU in 3 s"
+        );
+    }
 }
