@@ -191,6 +191,7 @@ fn fio_nbd_engine_with_verify() {
                 "--size=32M",
                 "--verify=crc32c",
                 "--do_verify=1",
+                "--verify_state_save=0",
                 "--verify_fatal=1",
             ],
         );

@@ -41,6 +41,7 @@ fn client_io_across_snapshot_switch_and_stream() {
             "--verify=crc32c",
             "--verify_backlog=128",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--verify_fatal=1",
         ])
         .stdout(Stdio::piped())

@@ -268,6 +268,7 @@ fn export_follows_device_root_switches_under_io() {
             "--verify=crc32c",
             "--verify_backlog=256",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--numjobs=1",
         ])
         .stdout(std::process::Stdio::piped())
