@@ -150,6 +150,22 @@ impl CoreSet {
     }
 }
 
+/// The cores this thread may run on less `reactors`, or all of them if that
+/// leaves none.
+pub(crate) fn helper_cores(reactors: &[usize]) -> Vec<usize> {
+    let all = available_cores();
+    let rest: Vec<usize> = all
+        .iter()
+        .copied()
+        .filter(|c| !reactors.contains(c))
+        .collect();
+    if rest.is_empty() {
+        all
+    } else {
+        rest
+    }
+}
+
 fn available_cores() -> Vec<usize> {
     let mut v: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()

@@ -37,6 +37,8 @@ pub(crate) struct RuntimeShared {
     pub(crate) reactors: Vec<Arc<ReactorShared>>,
     pub(crate) stopping: AtomicBool,
     pub(crate) config: RuntimeConfig,
+    /// Cores for kernel helper threads (io_uring's io-wq): see [`RuntimeHandle::helper_cores`].
+    pub(crate) helper_cores: Vec<usize>,
 }
 
 /// How to run the reactors.
@@ -102,11 +104,13 @@ impl Runtime {
                 notifier,
             }));
         }
+        let helper_cores = crate::cores::helper_cores(config.cores.cores());
         let shared = Arc::new(RuntimeShared {
             id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
             reactors,
             stopping: AtomicBool::new(false),
             config,
+            helper_cores,
         });
         let handle = RuntimeHandle { shared };
         let (tx, rx) = std::sync::mpsc::channel::<Result<(), ReactorError>>();
@@ -191,6 +195,15 @@ impl RuntimeHandle {
     /// The cores, in reactor order.
     pub fn cores(&self) -> Vec<usize> {
         self.shared.reactors.iter().map(|r| r.core).collect()
+    }
+
+    /// Cores where kernel threads working for the reactors (io_uring's io-wq
+    /// workers) should run: the cores this process was allowed when the runtime
+    /// started, less the reactors' own, or all of them when reactors take every
+    /// core. Left alone, io-wq workers inherit the pinning of the reactor that made
+    /// the ring and compete with its polling for one core.
+    pub fn helper_cores(&self) -> &[usize] {
+        &self.shared.helper_cores
     }
 
     /// The runtime's configuration.

@@ -87,6 +87,28 @@ fn build_ring() -> std::io::Result<IoUring> {
     }
 }
 
+/// Lets the ring's io-wq workers (which do buffered file I/O in the kernel) run on
+/// the runtime's helper cores rather than inherit the reactor's pinning, where
+/// they would queue behind its polling.
+fn set_worker_affinity(ring: &IoUring) {
+    let Some(rt) = reactor::handle() else { return };
+    let cores = rt.helper_cores();
+    if cores.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cores {
+        if c < libc::CPU_SETSIZE as usize {
+            // SAFETY: `c` is below CPU_SETSIZE, so the bit lies inside `set`.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    if let Err(e) = ring.submitter().register_iowq_aff(&set) {
+        tracing::debug!(error = %e, "io_uring: io-wq affinity not set");
+    }
+}
+
 impl UringChannel {
     pub(crate) fn new(
         name: &str,
@@ -101,6 +123,7 @@ impl UringChannel {
         let ring = build_ring()?;
         let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(efd.as_fd().as_raw_fd())?;
+        set_worker_affinity(&ring);
         let fixed_file = match ring.submitter().register_files(&[file.fd]) {
             Ok(()) => true,
             Err(e) => {

@@ -1,0 +1,79 @@
+//! io_uring's kernel workers (io-wq, which do buffered file I/O) run on the
+//! runtime's helper cores, not on the pinned reactor's core.
+
+use bdev::uring::{UringBdev, UringOptions};
+use bdev::{channel, read_at, write_at, Bdev, DmaBuf};
+use reactor::{CoreSet, Runtime, RuntimeConfig};
+use std::sync::Arc;
+
+/// (name, allowed cpu list) of this process's threads.
+fn threads() -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        v.push((comm.trim().to_string(), cpus));
+    }
+    v
+}
+
+#[test]
+fn io_workers_stay_off_the_reactor_core() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shm = std::path::Path::new("/dev/shm");
+    if cores < 2 || !shm.is_dir() {
+        eprintln!("skipped: needs two cores and /dev/shm");
+        return;
+    }
+    // tmpfs has no non-blocking buffered I/O, so io_uring hands every request
+    // to an io-wq worker.
+    let p = shm.join(format!("sluice-iowq-{}.img", std::process::id()));
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let b: Arc<dyn Bdev> = UringBdev::open(
+        "iowq0",
+        &p,
+        UringOptions {
+            direct: false,
+            ..UringOptions::default()
+        },
+    )
+    .unwrap();
+    let rt = Runtime::start(RuntimeConfig::new(CoreSet::from_list("0").unwrap())).unwrap();
+    assert!(!rt.handle().helper_cores().contains(&0));
+    rt.handle()
+        .spawn_on(0, move || async move {
+            let ch = channel(&b).unwrap();
+            for i in 0..16u64 {
+                let data = vec![i as u8; 1 << 20];
+                write_at(&ch, i << 20, DmaBuf::from_slice(&data).unwrap())
+                    .await
+                    .unwrap();
+                let back = read_at(&ch, i << 20, 1 << 20).await.unwrap();
+                assert_eq!(back.as_slice(), &data[..]);
+            }
+        })
+        .block()
+        .unwrap();
+    let workers: Vec<_> = threads()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("iou-wrk"))
+        .collect();
+    std::fs::remove_file(&p).unwrap();
+    assert!(!workers.is_empty(), "no io-wq worker seen: {:?}", threads());
+    for (name, cpus) in &workers {
+        let on_reactor_core = cpus.split(',').any(|r| r.split('-').next() == Some("0"));
+        assert!(
+            !on_reactor_core,
+            "{name} may run on the reactor's core 0: {cpus}"
+        );
+    }
+}
