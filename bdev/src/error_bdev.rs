@@ -407,6 +407,7 @@ impl Channel for ErrorChannel {
         let mut child =
             unsafe { BdevIo::sub_io(&io, 0, io.len, io.io_type, io.offset, Some(done)) };
         child.fua = io.fua;
+        child.write_behind = io.write_behind;
         child.tag = slot as u64;
         inner.parents.borrow_mut()[slot] = Some((io, corrupt_read));
         match inner.base.submit(child) {

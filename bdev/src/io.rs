@@ -157,6 +157,11 @@ pub struct BdevIo {
     pub len: u64,
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
+    /// A hint for buffered file bdevs: once this write is in the page cache,
+    /// start writing it back, because the submitter will flush soon (a stream
+    /// job's bulk copy), so the disk works while the copy goes on and the final
+    /// flush finds little left. Other bdevs ignore it.
+    pub write_behind: bool,
     /// The outcome, set on completion.
     pub status: IoStatus,
     /// Free for the submitter (a slot index, a sequence number).
@@ -199,6 +204,7 @@ impl BdevIo {
             offset,
             len,
             fua: false,
+            write_behind: false,
             status: IoStatus::Pending,
             tag: 0,
             submit_tick: 0,

@@ -77,3 +77,57 @@ fn io_workers_stay_off_the_reactor_core() {
         );
     }
 }
+
+/// On tmpfs the reactor reads itself (no io-wq): single and vectored reads
+/// return what was written, and a file shrunk underneath gives an error, not a hang.
+#[test]
+fn tmpfs_reads_inline_return_the_data() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: needs /dev/shm");
+        return;
+    }
+    let p = shm.join(format!("sluice-inline-{}.img", std::process::id()));
+    let data: Vec<u8> = (0..(4 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(&p, &data).unwrap();
+    let b: Arc<dyn Bdev> = UringBdev::open(
+        "inline0",
+        &p,
+        UringOptions {
+            direct: false,
+            ..UringOptions::default()
+        },
+    )
+    .unwrap();
+    let rt = Runtime::start(RuntimeConfig {
+        pin: false,
+        ..RuntimeConfig::new(CoreSet::from_list("0").unwrap())
+    })
+    .unwrap();
+    let p2 = p.clone();
+    rt.handle()
+        .spawn_on(0, move || async move {
+            let ch = channel(&b).unwrap();
+            let back = read_at(&ch, 4096, 1 << 20).await.unwrap();
+            assert_eq!(back.as_slice(), &data[4096..4096 + (1 << 20)]);
+            let (a, c) = (DmaBuf::new(512).unwrap(), DmaBuf::new(8192).unwrap());
+            let io = bdev::BdevIo::vectored(bdev::IoType::Read, 1536, &[&a, &c], None, None);
+            let io = bdev::submit_wait(&ch, io).await;
+            assert_eq!(io.status, bdev::IoStatus::Success);
+            assert_eq!(a.as_slice(), &data[1536..2048]);
+            assert_eq!(c.as_slice(), &data[2048..2048 + 8192]);
+            drop(io);
+            // The file loses its tail behind the bdev's back: reads there fail.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p2)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+            let r = read_at(&ch, 2 << 20, 4096).await;
+            assert!(matches!(r, Err(bdev::BdevError::Io(_))), "{r:?}");
+        })
+        .block()
+        .unwrap();
+    std::fs::remove_file(&p).unwrap();
+}

@@ -127,7 +127,9 @@ impl Image {
         if whole > 0 {
             // SAFETY: `parent` owns its buffer and outlives this sub-request: the
             // caller awaits every piece before taking the buffer back.
-            let sub = unsafe { BdevIo::sub_io(parent, start, whole, IoType::Write, host, None) };
+            let mut sub =
+                unsafe { BdevIo::sub_io(parent, start, whole, IoType::Write, host, None) };
+            sub.write_behind = true;
             let st = submit_wait(&self.ch, sub).await.status;
             if !st.is_ok() {
                 return Err(BdevError::Io(st));

@@ -26,6 +26,9 @@ macro_rules! with_fd {
     };
 }
 
+/// The user data of hint SQEs, whose completions are not requests.
+const HINT: u64 = u64::MAX;
+
 /// SQ entries per ring, and so requests in flight per channel.
 pub(crate) const RING_ENTRIES: u32 = 512;
 
@@ -34,6 +37,13 @@ pub(crate) const RING_ENTRIES: u32 = 512;
 pub(crate) struct FileInfo {
     pub(crate) fd: RawFd,
     pub(crate) direct: bool,
+    /// Buffered, on storage that writes back (not O_DIRECT, not tmpfs): where
+    /// [`BdevIo::write_behind`] hints are worth a `sync_file_range`.
+    pub(crate) write_back: bool,
+    /// Buffered and memory-backed (tmpfs): reads are memory copies that io_uring
+    /// would hand to an io-wq thread (tmpfs has no non-blocking reads), so the
+    /// reactor does them itself, as the malloc bdev does.
+    pub(crate) inline_reads: bool,
     pub(crate) block: u32,
     pub(crate) mem_align: u32,
 }
@@ -192,6 +202,11 @@ impl UringChannel {
 
 impl Channel for UringChannel {
     fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        if self.ring.file.inline_reads && io.io_type == IoType::Read {
+            let st = read_inline(self.ring.file.fd, &io);
+            crate::complete_deferred(io, st);
+            return Ok(());
+        }
         let Some(idx) = self.ring.free.borrow_mut().pop() else {
             return Err(io);
         };
@@ -222,6 +237,40 @@ impl Drop for UringChannel {
             w();
         }
     }
+}
+
+/// Reads a request's segments with `pread` on the calling thread.
+fn read_inline(fd: RawFd, io: &BdevIo) -> IoStatus {
+    let mut off = io.offset;
+    for v in io.iovs() {
+        let mut done = 0;
+        while done < v.len() {
+            // SAFETY: the segment is writable memory the request owns (or borrows
+            // from a parent that outlives it) until it completes.
+            let r = unsafe {
+                libc::pread(
+                    fd,
+                    v.as_ptr().add(done).cast(),
+                    v.len() - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return IoStatus::from_errno(-e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            if r == 0 {
+                tracing::warn!(offset = off + done as u64, "uring: unexpected end of file");
+                return IoStatus::Eio;
+            }
+            done += r as usize;
+        }
+        off += v.len() as u64;
+    }
+    IoStatus::Success
 }
 
 fn misaligned(io: &BdevIo, f: &FileInfo) -> bool {
@@ -408,6 +457,9 @@ impl Ring {
         }
         for i in 0..n {
             let (ud, res) = self.reaped.borrow()[i];
+            if ud == HINT {
+                continue;
+            }
             self.finish(ud as u32, res);
         }
         self.reaped.borrow_mut().clear();
@@ -418,6 +470,22 @@ impl Ring {
             }
         }
         PollStatus::Busy
+    }
+
+    /// Queues a `sync_file_range(SYNC_FILE_RANGE_WRITE)` of a range just written
+    /// (a hint: skipped when the submission queue is full; its CQE, tagged
+    /// [`HINT`], is ignored).
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let Ok(len) = u32::try_from(len) else { return };
+        let e = with_fd!(self, |fd| opcode::SyncFileRange::new(fd, len)
+            .offset(offset)
+            .flags(libc::SYNC_FILE_RANGE_WRITE)
+            .build())
+        .user_data(HINT);
+        // SAFETY: the SQE refers to no user memory.
+        if unsafe { self.ring.borrow_mut().submission().push(&e) }.is_ok() {
+            self.unsubmitted.set(self.unsubmitted.get() + 1);
+        }
     }
 
     /// Handles the CQE of slot `idx`.
@@ -461,6 +529,10 @@ impl Ring {
         };
         self.free.borrow_mut().push(idx);
         let Some(mut io) = io else { return };
+        if io.write_behind && self.file.write_back && status.is_ok() && io.io_type == IoType::Write
+        {
+            self.start_writeback(io.offset, io.len);
+        }
         if let Some(b) = bounce {
             if io.io_type == IoType::Read && status.is_ok() {
                 io.copy_in(0, b.as_slice());

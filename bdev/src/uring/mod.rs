@@ -48,6 +48,7 @@ pub struct UringBdev {
     num_blocks: u64,
     mem_align: u32,
     is_block_device: bool,
+    memory_backed: bool,
     uuid: String,
 }
 
@@ -138,6 +139,7 @@ impl UringBdev {
                 1
             },
             is_block_device: g.is_block_device,
+            memory_backed: g.memory_backed,
             uuid,
         }))
     }
@@ -186,6 +188,8 @@ impl Bdev for UringBdev {
         let info = channel::FileInfo {
             fd: self.file.as_raw_fd(),
             direct: self.opts.direct,
+            write_back: !self.opts.direct && !self.memory_backed,
+            inline_reads: !self.opts.direct && self.memory_backed,
             block: self.block_size,
             mem_align: self.mem_align,
         };

@@ -17,6 +17,18 @@ pub(crate) struct Geometry {
     pub(crate) dio_mem_align: u32,
     /// Whether it is a block device.
     pub(crate) is_block_device: bool,
+    /// Whether its data lives only in memory (tmpfs, ramfs): nothing to write back.
+    pub(crate) memory_backed: bool,
+}
+
+/// Whether the file lives on a filesystem with no backing store.
+fn memory_backed(f: &File) -> bool {
+    use nix::sys::statfs::{fstatfs, FsType, TMPFS_MAGIC};
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    fstatfs(f).is_ok_and(|s| {
+        let t = s.filesystem_type();
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
 }
 
 const BLKSSZGET: libc::c_ulong = 0x1268;
@@ -72,6 +84,7 @@ pub(crate) fn probe(f: &File, path: &Path) -> Result<Geometry, BdevError> {
             dio_block: dio_block.max(block),
             dio_mem_align: mem,
             is_block_device: true,
+            memory_backed: false,
         });
     }
     if !ft.is_file() {
@@ -86,5 +99,6 @@ pub(crate) fn probe(f: &File, path: &Path) -> Result<Geometry, BdevError> {
         dio_block,
         dio_mem_align: mem,
         is_block_device: false,
+        memory_backed: memory_backed(f),
     })
 }
