@@ -3,6 +3,7 @@
 
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{channel, read_at, write_at, Bdev, DmaBuf};
+
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::Arc;
 
@@ -117,6 +118,26 @@ fn tmpfs_reads_inline_return_the_data() {
             assert_eq!(a.as_slice(), &data[1536..2048]);
             assert_eq!(c.as_slice(), &data[2048..2048 + 8192]);
             drop(io);
+            // Concurrent writes: some go to io-wq, the ones past its backlog
+            // are done inline; all land.
+            let writes = (0..32u64).map(|i| {
+                let ch = &ch;
+                async move {
+                    let d = vec![i as u8 + 1; 64 << 10];
+                    write_at(
+                        ch,
+                        (1 << 20) + i * (64 << 10),
+                        DmaBuf::from_slice(&d).unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                }
+            });
+            futures::future::join_all(writes).await;
+            let back = read_at(&ch, 1 << 20, 32 * (64 << 10)).await.unwrap();
+            for (i, c) in back.as_slice().chunks(64 << 10).enumerate() {
+                assert!(c.iter().all(|&x| x == i as u8 + 1), "chunk {i}");
+            }
             // The file loses its tail behind the bdev's back: reads there fail.
             std::fs::OpenOptions::new()
                 .write(true)
