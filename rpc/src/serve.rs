@@ -2,10 +2,11 @@
 
 use crate::service::{Service, StopReason};
 use clap::Args;
-use reactor::{CoreSet, Runtime, RuntimeConfig};
+use reactor::{CoreSet, Runtime, RuntimeConfig, RuntimeHandle};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Options of `sluice serve`.
@@ -150,6 +151,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         Ok(s) => s,
         Err(e) => {
             let _ = std::fs::remove_file(&pid_path);
+            close_images(&runtime.handle());
             runtime.shutdown();
             return Err(e);
         }
@@ -160,10 +162,25 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     tracing::info!(?why, "stopping");
     sig_handle.close();
     subsystems.stop();
+    close_images(&runtime.handle());
     runtime.shutdown();
     let _ = std::fs::remove_file(&pid_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The longest shutdown waits for open images to be closed.
+const CLOSE_IMAGES_WAIT: Duration = Duration::from_secs(5);
+
+/// Closes the open qcow2 images whose files were extended for growth (flush,
+/// then trim the file to the image's end), while the reactors still run: once
+/// the servers stopped, so that no new request comes in.
+fn close_images(rt: &RuntimeHandle) {
+    let t = Instant::now();
+    let n = bdev::qcow2::Qcow2Bdev::close_grown_files(rt, CLOSE_IMAGES_WAIT);
+    if n > 0 {
+        tracing::info!(images = n, took = ?t.elapsed(), "qcow2 images closed");
+    }
 }
 
 fn write_pid(path: &Path) -> Result<(), ServeError> {

@@ -17,7 +17,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 thread_local! {
     /// The images owned by this reactor, by id.
@@ -25,6 +27,19 @@ thread_local! {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The images whose file [`super::open_file`] extended, for
+/// [`Qcow2Bdev::close_grown_files`] (entries of dropped images are skipped).
+static GROWN: Mutex<Vec<Weak<Qcow2Bdev>>> = Mutex::new(Vec::new());
+
+/// Notes that `open_file` extended `q`'s file: [`Qcow2Bdev::close`] trims it
+/// and [`Qcow2Bdev::close_grown_files`] will close it.
+pub(crate) fn track_grown(q: &Arc<Qcow2Bdev>) {
+    q.info().grown = true;
+    let mut g = GROWN.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|w| w.strong_count() > 0);
+    g.push(Arc::downgrade(q));
+}
 
 pub(crate) fn engine(id: u64) -> Option<Rc<Image>> {
     ENGINES.with(|m| m.borrow().get(&id).cloned())
@@ -61,6 +76,9 @@ pub(crate) struct Info {
     pub(crate) backing_format: Option<String>,
     /// Registry names this image claimed (released on drop).
     pub(crate) claims: Vec<String>,
+    /// [`super::open_file`] extended the image file (at `filename`) so the
+    /// image can grow: [`Qcow2Bdev::close`] trims it back.
+    pub(crate) grown: bool,
 }
 
 /// A qcow2 image over a base bdev, with an optional backing chain.
@@ -349,24 +367,100 @@ impl Qcow2Bdev {
             .await
     }
 
-    /// Flushes, and for an image opened with [`super::open_file`] trims the file to
-    /// the end of the last cluster in use. The bdev stays usable.
+    /// Flushes, and for an image whose file [`super::open_file`] extended trims
+    /// the file to the end of the last cluster in use. The bdev stays usable;
+    /// closing again does no harm.
     pub async fn close(&self) -> Result<(), BdevError> {
         self.flush().await?;
-        let end = self
-            .on_owner(move |img| async move { img.used_end().await })
-            .await?;
-        if let Some(p) = self.filename() {
-            if !self.read_only && end > 0 {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .map_err(|e| BdevError::os(format!("opening {}", p.display()), e))?;
+        let path = {
+            let i = self.info();
+            i.filename.clone().filter(|_| i.grown && !self.read_only)
+        };
+        let Some(p) = path else {
+            return Ok(());
+        };
+        let name = self.name.clone();
+        self.on_owner(move |img| async move {
+            // The metadata lock keeps allocations out until the file is trimmed:
+            // every cluster handed out before is below `end`.
+            let _m = img.meta.lock().await;
+            let end = img.used_end_locked().await?;
+            if end == 0 {
+                return Ok(());
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| BdevError::os(format!("opening {}", p.display()), e))?;
+            let len = f
+                .metadata()
+                .map_err(|e| BdevError::os(format!("reading {}", p.display()), e))?
+                .len();
+            if len > end {
                 f.set_len(end)
                     .map_err(|e| BdevError::os(format!("trimming {}", p.display()), e))?;
+                tracing::debug!(image = %name, from = len, to = end, "image file trimmed");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Closes ([`Qcow2Bdev::close`]: flush, then trim the file) every image still
+    /// open whose file [`super::open_file`] extended, each on its owner reactor,
+    /// all at once; for a daemon's shutdown, before its reactors stop. Waits up to
+    /// `timeout` in all. Failures are logged (such a file keeps its extended
+    /// length until its next writable open trims it). Returns how many images
+    /// were closed. Call from a thread that is not a reactor (it blocks).
+    pub fn close_grown_files(rt: &RuntimeHandle, timeout: Duration) -> usize {
+        let live: Vec<Arc<Qcow2Bdev>> = {
+            let mut g = GROWN.lock().unwrap_or_else(|p| p.into_inner());
+            g.retain(|w| w.strong_count() > 0);
+            g.iter().filter_map(Weak::upgrade).collect()
+        };
+        if live.is_empty() {
+            return 0;
+        }
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = std::sync::mpsc::channel::<(String, Result<(), BdevError>)>();
+        let n = live.len();
+        for q in live {
+            let tx = tx.clone();
+            rt.spawn_on(q.owner, move || async move {
+                let r = q.close().await;
+                let _ = tx.send((q.name.clone(), r));
+            })
+            .detach();
+        }
+        drop(tx);
+        let mut closed = 0;
+        for answered in 0..n {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((name, Ok(()))) => {
+                    closed += 1;
+                    tracing::debug!(image = %name, "image closed at shutdown");
+                }
+                Ok((name, Err(e))) => {
+                    tracing::error!(image = %name, error = %e, "closing the image at shutdown failed; its file stays extended until it is opened again");
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::error!(
+                        images = n - answered,
+                        ?timeout,
+                        "images still closing at shutdown; their files stay extended until they are opened again"
+                    );
+                    break;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    tracing::error!(
+                        images = n - answered,
+                        "the reactors stopped before these images were closed; their files stay extended until they are opened again"
+                    );
+                    break;
+                }
             }
         }
-        Ok(())
+        closed
     }
 }
 

@@ -26,7 +26,9 @@
 //!   (v3 zero clusters, no data); [`Qcow2Bdev::set_backing_file`] (header
 //!   rewrite after a full flush) and [`Qcow2Bdev::set_backing_bdev`] (where
 //!   reads fall through from now on; registry claims move with the link).
-//! - [`Qcow2Bdev::flush`], [`Qcow2Bdev::close`] (flush and trim the file).
+//! - [`Qcow2Bdev::flush`], [`Qcow2Bdev::close`] (flush and trim the file);
+//!   [`Qcow2Bdev::close_grown_files`] closes every image whose file
+//!   [`open_file`] extended (a daemon's shutdown).
 //!
 //! # Semantics
 //!
@@ -51,7 +53,8 @@
 //! - Refused: extended L2 entries (subclusters), external data files,
 //!   encryption, and writing to images with internal snapshots (they open read-only).
 //! - The image grows inside its base bdev: allocation past the base's end fails
-//!   with ENOSPC ([`open_file`] extends the file sparsely first).
+//!   with ENOSPC ([`open_file`] extends the file sparsely first, from the end
+//!   of the image's data: a tail an unclean exit left is trimmed, never piled on).
 
 mod alloc;
 mod bdev;

@@ -2,13 +2,17 @@
 //! the header (file names resolved against the image's directory) or bound to
 //! bdevs the caller names.
 
-use super::bdev::{install_engine, next_id, Info, Qcow2Bdev};
-use super::format::MAGIC;
+use super::bdev::{install_engine, next_id, track_grown, Info, Qcow2Bdev};
+use super::format::{
+    be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
+};
 use super::image::{Image, LoadOptions};
 use crate::uring::{UringBdev, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -68,9 +72,15 @@ impl Qcow2Bdev {
 }
 
 /// Opens the qcow2 image file at `path` (through the uring bdev) as bdev `name`.
+///
 /// For a writable open of a regular file, the file is first extended (sparsely)
-/// so that the image can grow; [`Qcow2Bdev::close`] trims it again.
-/// A failed open leaves the file as it was.
+/// so that the image can grow by its virtual size; [`Qcow2Bdev::close`] (or
+/// [`Qcow2Bdev::close_grown_files`] at shutdown) trims it again. The extension
+/// starts where the image's data ends (the last cluster with a refcount), not
+/// at the file's length: a tail left behind by a process that died with the
+/// image open is trimmed first, so repeated unclean exits do not pile
+/// extensions up. A read-only open never changes the file. A failed open
+/// leaves the image as it was (its file at most trimmed to the image's end).
 pub async fn open_file(
     name: &str,
     path: &Path,
@@ -79,7 +89,7 @@ pub async fn open_file(
     let grown_from = if opts.read_only {
         None
     } else {
-        reserve_growth(path)?
+        reserve_growth(name, path)?
     };
     let restore = |e: BdevError| {
         if let Some(len) = grown_from {
@@ -106,7 +116,14 @@ pub async fn open_file(
         Ok(q) => {
             // With O_DIRECT, fallocate waits for every direct I/O in flight on
             // the file: new clusters get a filled buffer instead.
-            q.set_fresh_from(grown_from, !direct).await?;
+            if let Err(e) = q.set_fresh_from(grown_from, !direct).await {
+                drop(q);
+                crate::drop_cached_channels(&dyn_base);
+                return Err(restore(e));
+            }
+            if grown_from.is_some() {
+                track_grown(&q);
+            }
             Ok(q)
         }
         Err(e) => {
@@ -116,9 +133,17 @@ pub async fn open_file(
     }
 }
 
-/// Extends a regular image file so the image can grow by its virtual size;
-/// returns the length it had when it was extended.
-fn reserve_growth(path: &Path) -> Result<Option<u64>, BdevError> {
+/// Room made for an image of virtual size `vsize` to grow: all of it, plus
+/// metadata (L2 tables and refcount blocks are far below 1/32 of the data).
+fn growth_reserve(vsize: u64) -> u64 {
+    vsize + vsize / 32 + (16 << 20)
+}
+
+/// Extends a regular image file so the image can grow by its virtual size,
+/// from the end of the image's data (a longer file is trimmed to it first);
+/// returns the length from which the file was extended: the bytes from there
+/// on read as zeroes. `None`: the file was left alone.
+fn reserve_growth(name: &str, path: &Path) -> Result<Option<u64>, BdevError> {
     let os = |what: &str, e| BdevError::os(format!("{what} {}", path.display()), e);
     let md = std::fs::metadata(path).map_err(|e| os("reading", e))?;
     if !md.is_file() {
@@ -133,17 +158,112 @@ fn reserve_growth(path: &Path) -> Result<Option<u64>, BdevError> {
     if f.read_exact(&mut h).is_err() || u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != MAGIC {
         return Ok(None); // not qcow2 or truncated: the open that follows reports it
     }
-    if u32::from_be_bytes([h[4], h[5], h[6], h[7]]) == 3 && h[79] & 2 != 0 {
+    let incompatible = be64(&h, 72);
+    if u32::from_be_bytes([h[4], h[5], h[6], h[7]]) == 3 && incompatible & INCOMPAT_CORRUPT != 0 {
         return Ok(None); // corrupt bit: the image opens read-only
     }
-    let vsize =
-        u64::from_be_bytes([h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31]]).min(1 << 50);
-    let want = (md.len() + vsize + vsize / 32 + (16 << 20)).next_multiple_of(1 << 20);
-    if want > md.len() {
-        f.set_len(want).map_err(|e| os("extending", e))?;
-        return Ok(Some(md.len()));
+    let vsize = be64(&h, 24).min(1 << 50);
+    let len = md.len();
+    let start = match data_end(&f, len) {
+        Some(end) if end < len => {
+            f.set_len(end).map_err(|e| os("trimming", e))?;
+            tracing::info!(
+                image = name,
+                path = %path.display(),
+                from = len,
+                to = end,
+                "image file trimmed to its data's end (left extended by an unclean exit)"
+            );
+            end
+        }
+        _ => len,
+    };
+    let want = (start + growth_reserve(vsize)).next_multiple_of(1 << 20);
+    f.set_len(want).map_err(|e| os("extending", e))?;
+    Ok(Some(start))
+}
+
+/// Where the data of the qcow2 image in `f` (`len` bytes) ends: the end of
+/// its last cluster with a nonzero refcount, as [`Qcow2Bdev::close`] trims to.
+/// `None` when that cannot be trusted: a header this cannot parse, the dirty
+/// bit (lazy refcounts: the open rebuilds them), internal snapshots (a
+/// writable open is refused), or tables that reach past that end. Clusters past
+/// it are in no use, so cutting them off cannot lose data.
+fn data_end(f: &File, len: u64) -> Option<u64> {
+    let mut first = [0u8; 24];
+    read_padded(f, 0, &mut first).ok()?;
+    let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+    if !(9..=21).contains(&bits) {
+        return None;
     }
-    Ok(None)
+    let cs = 1u64 << bits;
+    let mut hbuf = vec![0u8; cs as usize];
+    read_padded(f, 0, &mut hbuf).ok()?;
+    let hdr = Header::parse(&hbuf, (len + 1).next_multiple_of(cs)).ok()?;
+    if hdr.incompatible & INCOMPAT_DIRTY != 0 || hdr.nb_snapshots > 0 {
+        return None;
+    }
+    let rf = RefcountFormat {
+        order: hdr.refcount_order,
+        cluster_bits: bits,
+    };
+    // Everything the header and the tables point at lies below the end.
+    let l1_bytes = hdr.l1_size as u64 * 8;
+    let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
+    let mut floor = (hdr.l1_table_offset + l1_bytes.next_multiple_of(cs))
+        .max(hdr.refcount_table_offset + rt_bytes)
+        .max(cs);
+    let mut rt = vec![0u8; rt_bytes as usize];
+    read_padded(f, hdr.refcount_table_offset, &mut rt).ok()?;
+    let reftable: Vec<u64> = (0..rt.len() / 8).map(|i| be64(&rt, i * 8)).collect();
+    for &e in &reftable {
+        if e != 0 {
+            if !e.is_multiple_of(cs) {
+                return None;
+            }
+            floor = floor.max(e.saturating_add(cs));
+        }
+    }
+    let mut l1 = vec![0u8; l1_bytes as usize];
+    read_padded(f, hdr.l1_table_offset, &mut l1).ok()?;
+    for i in 0..hdr.l1_size as usize {
+        let e = L1Entry(be64(&l1, i * 8));
+        e.validate(cs).ok()?;
+        if e.l2_offset() != 0 {
+            floor = floor.max(e.l2_offset().saturating_add(cs));
+        }
+    }
+    let per_block = rf.block_entries();
+    let mut block = vec![0u8; cs as usize];
+    for (ti, &e) in reftable.iter().enumerate().rev() {
+        if e == 0 {
+            continue;
+        }
+        read_padded(f, e, &mut block).ok()?;
+        if let Some(i) = (0..per_block).rev().find(|&i| rf.get(&block, i) != 0) {
+            let end = (ti as u64)
+                .checked_mul(per_block)
+                .and_then(|c| c.checked_add(i + 1))
+                .and_then(|c| c.checked_mul(cs))?;
+            return (end >= floor).then_some(end);
+        }
+    }
+    None
+}
+
+/// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeroes.
+fn read_padded(f: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
 }
 
 /// Resolves a backing file name as QEMU does: relative to the image's directory.
@@ -285,6 +405,7 @@ fn open_chain(
                 backing_file: bfile,
                 backing_format: bfmt,
                 claims,
+                grown: false,
             }),
         });
         install_engine(id, img);

@@ -103,21 +103,32 @@ impl Image {
     /// Bytes up to the end of the last cluster in use (for trimming an image file).
     pub(crate) async fn used_end(&self) -> R<u64> {
         let _m = self.meta.lock().await;
-        let n = self.reftable.borrow().len() as u64 * self.rf.block_entries();
-        let limit = (self.capacity / self.cs).min(n);
-        let mut end = 0;
-        let mut c = 0;
-        while c < limit {
-            let (ti, _) = self.rf.split(c);
-            if self.reftable.borrow()[ti as usize] == 0 {
-                c = (ti + 1) * self.rf.block_entries();
+        self.used_end_locked().await
+    }
+
+    /// [`Image::used_end`] with the metadata lock held (so that no cluster is
+    /// allocated until the caller lets it go). Scans from the last refcount
+    /// block down: usually one block is read, however large the image.
+    pub(crate) async fn used_end_locked(&self) -> R<u64> {
+        let per_block = self.rf.block_entries();
+        let limit = self.capacity / self.cs;
+        let blocks = self.reftable.borrow().len();
+        for ti in (0..blocks).rev() {
+            let off = self.reftable.borrow().get(ti).copied().unwrap_or(0);
+            let first = ti as u64 * per_block;
+            if off == 0 || first >= limit {
                 continue;
             }
-            if self.refcount(c).await? != 0 {
-                end = c + 1;
+            self.load(false, off).await?;
+            let (rf, top) = (self.rf, (limit - first).min(per_block));
+            let last = self
+                .rb
+                .with(off, |b| (0..top).rev().find(|&i| rf.get(b, i) != 0))
+                .flatten();
+            if let Some(i) = last {
+                return Ok((first + i + 1) * self.cs);
             }
-            c += 1;
         }
-        Ok(end * self.cs)
+        Ok(0)
     }
 }
