@@ -338,3 +338,60 @@ fn a_stale_tail_is_cut_off_and_a_read_only_open_changes_nothing() {
         ],
     );
 }
+
+/// A full stream releases the images below the top: their files are trimmed
+/// then and there, not left extended until the daemon stops.
+#[test]
+fn images_released_by_a_stream_are_trimmed() {
+    let work = TempDir::new("qlen-stream");
+    let base = work.join("base.qcow2");
+    let mid = work.join("mid.qcow2");
+    let top = work.join("top.qcow2");
+    let (b, m, t) = (
+        base.to_str().unwrap(),
+        mid.to_str().unwrap(),
+        top.to_str().unwrap(),
+    );
+    qemu_img(&["create", "-q", "-f", "qcow2", b, &VSIZE.to_string()]);
+    qemu_io(&["-c", "write -P 0x11 0 2M", b]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", m]);
+    qemu_io(&["-c", "write -P 0x22 4M 2M", m]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", m, "-F", "qcow2", t]);
+    let mut d = Daemon::start(&[]);
+    d.call(
+        "bdev_qcow2_open",
+        json!({"node_name": "base0", "filename": b}),
+    );
+    d.call(
+        "bdev_qcow2_open",
+        json!({"node_name": "mid0", "filename": m, "backing": "base0"}),
+    );
+    d.call(
+        "bdev_qcow2_open",
+        json!({"name": "vd0", "node_name": "top0", "filename": t, "backing": "mid0"}),
+    );
+    assert!(file_len(&mid) >= VSIZE, "the writable open extends mid");
+    d.call("block-stream", json!({"job-id": "s0", "device": "vd0"}));
+    let t0 = Instant::now();
+    while d.call("query-block-jobs", json!({})) != json!([]) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the stream never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Released by the stream, while the daemon goes on.
+    assert_trimmed(&base, "base after the stream");
+    assert_trimmed(&mid, "mid after the stream");
+    qmp_quit(&mut d);
+    wait_exit(&mut d);
+    assert_trimmed(&top, "top after quit");
+    verify(
+        &top,
+        &[
+            (0x11, 0, 2 * MIB),
+            (0x22, 4 * MIB, 2 * MIB),
+            (0, 6 * MIB, VSIZE - 6 * MIB),
+        ],
+    );
+}

@@ -318,6 +318,12 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
                         tracing::warn!(node = name, error = %e, "cannot unlink released image");
                     }
                 }
+                // Flush it and trim the file its open extended.
+                if let Some(q) = b.as_any().downcast_ref::<bdev::qcow2::Qcow2Bdev>() {
+                    if let Err(e) = q.close().await {
+                        tracing::warn!(node = name, error = %e, "cannot close released image");
+                    }
+                }
                 b.on_delete();
                 tracing::info!(node = name, "intermediate image released after stream");
             }
