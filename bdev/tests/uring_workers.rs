@@ -118,8 +118,7 @@ fn tmpfs_reads_inline_return_the_data() {
             assert_eq!(a.as_slice(), &data[1536..2048]);
             assert_eq!(c.as_slice(), &data[2048..2048 + 8192]);
             drop(io);
-            // Concurrent writes: some go to io-wq, the ones past its backlog
-            // are done inline; all land.
+            // Concurrent writes (to io-wq) and inline reads of them.
             let writes = (0..32u64).map(|i| {
                 let ch = &ch;
                 async move {
