@@ -193,7 +193,9 @@ def fio_disk(d, src, nbytes):
     """Seconds the disk needs to read and write nbytes at once (O_DIRECT, 1 MiB, QD 16)."""
     scratch = os.path.join(d, "fio-scratch")
     out = sh("fio", "--output-format=json", "--direct=1", "--ioengine=io_uring", "--bs=1M", "--iodepth=16",
-             "--name=r", "--rw=read", f"--filename={src}", f"--size={nbytes}",
+             # io_size, not size: a size past the file's end makes fio lay the file out anew.
+             "--name=r", "--rw=read", f"--filename={src}",
+             f"--size={os.path.getsize(src)}", f"--io_size={nbytes}",
              "--name=w", "--rw=write", f"--filename={scratch}", f"--size={nbytes}")
     os.unlink(scratch)
     jobs = json.loads(out)["jobs"]
