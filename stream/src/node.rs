@@ -101,6 +101,21 @@ pub trait ImageNode: Send + Sync {
         file: Option<&'a str>,
         format: Option<&'a str>,
     ) -> NodeFuture<'a, ()>;
+    /// Like [`ImageNode::set_backing_file`] without the flush before the header
+    /// write: metadata is written in order, so a killed process leaves a
+    /// consistent image; a power loss may lose the copy (QEMU's behaviour).
+    fn set_backing_file_unflushed<'a>(
+        &'a self,
+        file: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> NodeFuture<'a, ()> {
+        self.set_backing_file(file, format)
+    }
+    /// Whether copies into this node ask the storage below to start writeback
+    /// at once (for a job that flushes at its end). Default: nothing to do.
+    fn set_populate_write_behind(&self, _on: bool) -> NodeFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Changes the bdev unallocated reads fall through to; registry claims
     /// move with the link (the node releases its claim on the old backing and
     /// claims the new one, when registered).

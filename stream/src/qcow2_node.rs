@@ -84,6 +84,16 @@ impl ImageNode for Qcow2Node {
     ) -> NodeFuture<'a, ()> {
         Box::pin(self.q().set_backing_file(file, format))
     }
+    fn set_backing_file_unflushed<'a>(
+        &'a self,
+        file: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> NodeFuture<'a, ()> {
+        Box::pin(self.q().set_backing_file_with(file, format, false))
+    }
+    fn set_populate_write_behind(&self, on: bool) -> NodeFuture<'_, ()> {
+        Box::pin(self.q().set_populate_write_behind(on))
+    }
     fn set_backing_bdev(&self, backing: Option<Arc<dyn Bdev>>) -> NodeFuture<'_, ()> {
         Box::pin(self.q().set_backing_bdev(backing))
     }

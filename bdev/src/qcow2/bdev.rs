@@ -278,6 +278,17 @@ impl Qcow2Bdev {
             .await
     }
 
+    /// Whether populate writes ask a buffered file to start writeback at once
+    /// ([`crate::BdevIo::write_behind`]; on by default, for a stream that ends
+    /// with a flush).
+    pub async fn set_populate_write_behind(&self, on: bool) -> Result<(), BdevError> {
+        self.on_owner(move |img| async move {
+            img.populate_write_behind.set(on);
+            Ok(())
+        })
+        .await
+    }
+
     /// Rewrites the header's backing file name and format (`None`: no backing
     /// file) after making all earlier writes durable. Does not change which bdev
     /// reads fall through to; see [`Qcow2Bdev::set_backing_bdev`].
@@ -286,11 +297,24 @@ impl Qcow2Bdev {
         name: Option<&str>,
         format: Option<&str>,
     ) -> Result<(), BdevError> {
+        self.set_backing_file_with(name, format, true).await
+    }
+
+    /// [`Qcow2Bdev::set_backing_file`], with the flush before the header write
+    /// only when `durable`; without it all metadata is still written first, in
+    /// order, so a killed process leaves a consistent image (a power loss may not).
+    pub async fn set_backing_file_with(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+        durable: bool,
+    ) -> Result<(), BdevError> {
         let (n, f) = (name.map(str::to_string), format.map(str::to_string));
         let (n2, f2) = (n.clone(), f.clone());
-        self.on_owner(
-            move |img| async move { img.set_backing_file(n.as_deref(), f.as_deref()).await },
-        )
+        self.on_owner(move |img| async move {
+            img.set_backing_file(n.as_deref(), f.as_deref(), durable)
+                .await
+        })
         .await?;
         let mut i = self.info();
         i.backing_file = n2.clone();
@@ -372,6 +396,13 @@ impl Qcow2Bdev {
     /// closing again does no harm.
     pub async fn close(&self) -> Result<(), BdevError> {
         self.flush().await?;
+        self.trim_file().await
+    }
+
+    /// For an image whose file [`super::open_file`] extended, trims the file to
+    /// the end of the last cluster in use (the clusters past it are in no use,
+    /// flushed or not, so this needs no flush). The bdev stays usable.
+    pub async fn trim_file(&self) -> Result<(), BdevError> {
         let path = {
             let i = self.info();
             i.filename.clone().filter(|_| i.grown && !self.read_only)

@@ -62,6 +62,9 @@ pub(crate) struct Image {
     /// Host offsets from here on were never written since the image was opened
     /// and read as zeroes (the sparse growth of an image file); `u64::MAX`: unknown.
     pub(crate) fresh_from: Cell<u64>,
+    /// Whether populate writes carry the write-behind hint (a stream that will
+    /// flush at its end); see [`crate::BdevIo::write_behind`].
+    pub(crate) populate_write_behind: Cell<bool>,
 }
 
 impl Image {
@@ -157,6 +160,7 @@ impl Image {
             broken: Cell::new(false),
             zeroes_on_base: Cell::new(base.io_type_supported(IoType::WriteZeroes)),
             fresh_from: Cell::new(u64::MAX),
+            populate_write_behind: Cell::new(true),
             hdr: RefCell::new(hdr),
         };
         img.check_tables()?;
@@ -315,10 +319,15 @@ impl Image {
 
     /// Writes the header cluster (whole, as QEMU does) and flushes.
     pub(crate) async fn write_header(&self) -> R<()> {
+        self.write_header_unflushed().await?;
+        self.flush_base().await
+    }
+
+    /// Writes the header cluster, without the flush that makes it durable.
+    pub(crate) async fn write_header_unflushed(&self) -> R<()> {
         let bytes = self.hdr.borrow().to_cluster().map_err(BdevError::from)?;
         let buf = DmaBuf::from_slice(&bytes)?;
-        self.write_meta(0, buf).await?;
-        self.flush_base().await
+        self.write_meta(0, buf).await
     }
 
     /// Writes a metadata buffer; a failure marks the image broken (no more writes).

@@ -129,7 +129,7 @@ impl Image {
             // caller awaits every piece before taking the buffer back.
             let mut sub =
                 unsafe { BdevIo::sub_io(parent, start, whole, IoType::Write, host, None) };
-            sub.write_behind = true;
+            sub.write_behind = self.populate_write_behind.get();
             let st = submit_wait(&self.ch, sub).await.status;
             if !st.is_ok() {
                 return Err(BdevError::Io(st));

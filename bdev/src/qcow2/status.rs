@@ -75,14 +75,25 @@ impl Image {
         Ok(true)
     }
 
-    /// Rewrites the header with a new backing file name and format (or none),
-    /// after making every earlier write durable; one write of the header cluster.
-    pub(crate) async fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> R<()> {
+    /// Rewrites the header with a new backing file name and format (or none);
+    /// one write of the header cluster. Before it, every earlier write is made
+    /// durable (`durable`), or, without it, all metadata is written in order
+    /// but not flushed: safe against a killed process, not a power loss.
+    pub(crate) async fn set_backing_file(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+        durable: bool,
+    ) -> R<()> {
         if self.read_only || self.broken.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         let _m = self.meta.lock().await;
-        self.sync_locked(true).await?;
+        if durable || !self.frees.borrow().is_empty() {
+            self.sync_locked(true).await?;
+        } else {
+            self.write_metadata_in_order().await?;
+        }
         let mut h = self.hdr.borrow().clone();
         h.backing_file = name.map(str::to_string);
         h.backing_format = if name.is_some() {
@@ -97,7 +108,11 @@ impl Image {
         h.to_cluster()
             .map_err(|e: FormatError| BdevError::InvalidParam(e.to_string()))?;
         *self.hdr.borrow_mut() = h;
-        self.write_header().await
+        if durable {
+            self.write_header().await
+        } else {
+            self.write_header_unflushed().await
+        }
     }
 
     /// Bytes up to the end of the last cluster in use (for trimming an image file).

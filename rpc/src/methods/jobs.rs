@@ -184,6 +184,9 @@ struct BlockStream {
     on_error: Option<String>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
+    /// sluice's extension: `false` skips the flush before the header drops the
+    /// backing file (QEMU's behaviour; still safe against a killed process).
+    x_durable: Option<bool>,
 }
 
 fn parse_on_error(v: Option<String>) -> Result<Option<OnError>, RpcError> {
@@ -209,6 +212,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
         legacy: false,
+        no_flush_on_complete: a.x_durable == Some(false),
     };
     stream_job::start(&svc.jobs, &svc.rt, sp, tuning())?;
     Ok(json!({}))

@@ -34,6 +34,9 @@ pub struct StreamParams {
     pub auto_dismiss: Option<bool>,
     /// Started through the 2011 API.
     pub legacy: bool,
+    /// Skip the flush that makes the copy durable before the header drops the
+    /// backing file (`x-durable: false`); see docs/streaming.md.
+    pub no_flush_on_complete: bool,
 }
 
 /// Why a stream cannot start.
@@ -72,6 +75,8 @@ pub struct StreamPlan {
     pub owner: usize,
     /// The device the top is the root of (for yielding to clients and quiescing).
     pub device: Option<Arc<dyn Bdev>>,
+    /// Make the copy durable before the header changes (the default).
+    pub durable: bool,
 }
 
 fn lookup(device: Option<&str>, node: &str) -> Result<Arc<dyn Bdev>, StreamError> {
@@ -210,6 +215,7 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         noop,
         owner,
         device: device.clone(),
+        durable: !p.no_flush_on_complete,
     };
     let spec = JobSpec {
         id: job_id,

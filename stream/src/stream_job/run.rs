@@ -293,8 +293,13 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     }
     let fmt = plan.base.as_ref().map(node::format_of);
     let r = async {
-        top.set_backing_file(plan.backing_file.as_deref(), fmt)
-            .await?;
+        if plan.durable {
+            top.set_backing_file(plan.backing_file.as_deref(), fmt)
+                .await?;
+        } else {
+            top.set_backing_file_unflushed(plan.backing_file.as_deref(), fmt)
+                .await?;
+        }
         top.set_backing_bdev(plan.base.clone()).await
     }
     .await;
@@ -318,9 +323,14 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
                         tracing::warn!(node = name, error = %e, "cannot unlink released image");
                     }
                 }
-                // Flush it and trim the file its open extended.
+                // Trim the file its open extended (after a flush, for a durable job).
                 if let Some(q) = b.as_any().downcast_ref::<bdev::qcow2::Qcow2Bdev>() {
-                    if let Err(e) = q.close().await {
+                    let r = if plan.durable {
+                        q.close().await
+                    } else {
+                        q.trim_file().await
+                    };
+                    if let Err(e) = r {
                         tracing::warn!(node = name, error = %e, "cannot close released image");
                     }
                 }
@@ -339,7 +349,16 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
         None
     } else {
         job.set_len(plan.top_bdev.size());
-        copy_all(&job, &plan, &t).await
+        // A job that will not flush has no use for early writeback.
+        let relaxed = !plan.durable;
+        if let (true, Some(top)) = (relaxed, plan.top.as_ref()) {
+            let _ = top.set_populate_write_behind(false).await;
+        }
+        let e = copy_all(&job, &plan, &t).await;
+        if let (true, Some(top)) = (relaxed, plan.top.as_ref()) {
+            let _ = top.set_populate_write_behind(true).await;
+        }
+        e
     };
     let copy_s = t0.elapsed().as_secs_f64();
     let id = job.id().to_string();
