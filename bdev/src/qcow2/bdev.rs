@@ -34,8 +34,12 @@ static GROWN: Mutex<Vec<Weak<Qcow2Bdev>>> = Mutex::new(Vec::new());
 
 /// Notes that `open_file` extended `q`'s file: [`Qcow2Bdev::close`] trims it
 /// and [`Qcow2Bdev::close_grown_files`] will close it.
-pub(crate) fn track_grown(q: &Arc<Qcow2Bdev>) {
-    q.info().grown = true;
+pub(crate) fn track_grown(q: &Arc<Qcow2Bdev>, keep: u64) {
+    {
+        let mut i = q.info();
+        i.grown = true;
+        i.keep_len = keep;
+    }
     let mut g = GROWN.lock().unwrap_or_else(|p| p.into_inner());
     g.retain(|w| w.strong_count() > 0);
     g.push(Arc::downgrade(q));
@@ -79,6 +83,9 @@ pub(crate) struct Info {
     /// [`super::open_file`] extended the image file (at `filename`) so the
     /// image can grow: [`Qcow2Bdev::close`] trims it back.
     pub(crate) grown: bool,
+    /// The file is never trimmed below this length (past the image's end it
+    /// held data at open that no refcount accounts for).
+    pub(crate) keep_len: u64,
 }
 
 /// A qcow2 image over a base bdev, with an optional backing chain.
@@ -403,9 +410,12 @@ impl Qcow2Bdev {
     /// the end of the last cluster in use (the clusters past it are in no use,
     /// flushed or not, so this needs no flush). The bdev stays usable.
     pub async fn trim_file(&self) -> Result<(), BdevError> {
-        let path = {
+        let (path, keep) = {
             let i = self.info();
-            i.filename.clone().filter(|_| i.grown && !self.read_only)
+            (
+                i.filename.clone().filter(|_| i.grown && !self.read_only),
+                i.keep_len,
+            )
         };
         let Some(p) = path else {
             return Ok(());
@@ -419,6 +429,7 @@ impl Qcow2Bdev {
             if end == 0 {
                 return Ok(());
             }
+            let end = end.max(keep);
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&p)

@@ -86,11 +86,12 @@ pub async fn open_file(
     path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
-    let grown_from = if opts.read_only {
+    let growth = if opts.read_only {
         None
     } else {
         reserve_growth(name, path)?
     };
+    let grown_from = growth.map(|g| g.from);
     let restore = |e: BdevError| {
         if let Some(len) = grown_from {
             if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
@@ -121,8 +122,8 @@ pub async fn open_file(
                 crate::drop_cached_channels(&dyn_base);
                 return Err(restore(e));
             }
-            if grown_from.is_some() {
-                track_grown(&q);
+            if let Some(g) = growth {
+                track_grown(&q, g.keep);
             }
             Ok(q)
         }
@@ -143,7 +144,7 @@ fn growth_reserve(vsize: u64) -> u64 {
 /// from the end of the image's data (a longer file is trimmed to it first);
 /// returns the length from which the file was extended: the bytes from there
 /// on read as zeroes. `None`: the file was left alone.
-fn reserve_growth(name: &str, path: &Path) -> Result<Option<u64>, BdevError> {
+fn reserve_growth(name: &str, path: &Path) -> Result<Option<Growth>, BdevError> {
     let os = |what: &str, e| BdevError::os(format!("{what} {}", path.display()), e);
     let md = std::fs::metadata(path).map_err(|e| os("reading", e))?;
     if !md.is_file() {
@@ -164,7 +165,22 @@ fn reserve_growth(name: &str, path: &Path) -> Result<Option<u64>, BdevError> {
     }
     let vsize = be64(&h, 24).min(1 << 50);
     let len = md.len();
-    let start = match data_end(&f, len) {
+    // Only holes are cut: bytes past the image's end that the filesystem holds
+    // (clusters a dead process wrote but never referenced, or data a corrupt
+    // image references without a refcount) stay; the cut lands after them.
+    let mut keep = 0;
+    let cut = data_end(&f, len).map(|end| match last_data_end(&f, end) {
+        Some(d) if d > end => {
+            keep = d.next_multiple_of(MAX_CLUSTER).min(len);
+            keep
+        }
+        Some(_) => end,
+        None => {
+            keep = len;
+            len
+        }
+    });
+    let start = match cut {
         Some(end) if end < len => {
             f.set_len(end).map_err(|e| os("trimming", e))?;
             tracing::info!(
@@ -180,7 +196,17 @@ fn reserve_growth(name: &str, path: &Path) -> Result<Option<u64>, BdevError> {
     };
     let want = (start + growth_reserve(vsize)).next_multiple_of(1 << 20);
     f.set_len(want).map_err(|e| os("extending", e))?;
-    Ok(Some(start))
+    Ok(Some(Growth { from: start, keep }))
+}
+
+/// How [`reserve_growth`] extended a file.
+#[derive(Clone, Copy)]
+struct Growth {
+    /// The bytes from here on read as zeroes (a sparse extension).
+    from: u64,
+    /// Bytes below this are never trimmed away (past the image's end they
+    /// hold data no refcount accounts for; 0 when there is none).
+    keep: u64,
 }
 
 /// Where the data of the qcow2 image in `f` (`len` bytes) ends: the end of
@@ -247,6 +273,31 @@ fn data_end(f: &File, len: u64) -> Option<u64> {
                 .and_then(|c| c.checked_mul(cs))?;
             return (end >= floor).then_some(end);
         }
+    }
+    None
+}
+
+/// The largest qcow2 cluster: a cut rounded up to it starts on a cluster boundary.
+const MAX_CLUSTER: u64 = 2 << 20;
+
+/// The end of the last extent holding data at or after `from` (`from` itself if
+/// there is none: only holes follow); `None` if that cannot be told (a
+/// filesystem without `SEEK_DATA`, or too many extents).
+fn last_data_end(f: &File, from: u64) -> Option<u64> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut pos = from;
+    let mut end = from;
+    for _ in 0..100_000 {
+        let data = match lseek(fd, pos as libc::off_t, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => return Some(end),
+            Err(_) => return None,
+        };
+        let hole = lseek(fd, data as libc::off_t, Whence::SeekHole).ok()? as u64;
+        end = hole;
+        pos = hole;
     }
     None
 }
@@ -406,6 +457,7 @@ fn open_chain(
                 backing_format: bfmt,
                 claims,
                 grown: false,
+                keep_len: 0,
             }),
         });
         install_engine(id, img);
