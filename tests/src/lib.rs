@@ -179,6 +179,27 @@ impl Daemon {
             .unwrap_or_else(|| panic!("{method} unexpectedly succeeded: {r}"))
     }
 
+    /// Opens a qcow2 chain bottom first: `chain` is `(node name, file)` pairs,
+    /// each image backed by the one before it (the first by none); the last
+    /// becomes device `device`. `extra` (an object) is added to every open.
+    pub fn open_qcow2_chain(&mut self, device: &str, chain: &[(&str, &str)], extra: Value) {
+        let mut below: Option<&str> = None;
+        for (i, (node, file)) in chain.iter().enumerate() {
+            let mut p = serde_json::json!({"node_name": node, "filename": file});
+            if let Some(b) = below {
+                p["backing"] = Value::from(b);
+            }
+            if i + 1 == chain.len() {
+                p["name"] = Value::from(device);
+            }
+            if let (Some(o), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            self.call("bdev_qcow2_open", p);
+            below = Some(node);
+        }
+    }
+
     /// Runs `sluice rpc -s SOCK ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(sluice_bin())

@@ -374,18 +374,7 @@ fn images_released_by_a_stream_are_trimmed() {
     qemu_io(&["-c", "write -P 0x22 4M 2M", m]);
     qemu_img(&["create", "-q", "-f", "qcow2", "-b", m, "-F", "qcow2", t]);
     let mut d = Daemon::start(&[]);
-    d.call(
-        "bdev_qcow2_open",
-        json!({"node_name": "base0", "filename": b}),
-    );
-    d.call(
-        "bdev_qcow2_open",
-        json!({"node_name": "mid0", "filename": m, "backing": "base0"}),
-    );
-    d.call(
-        "bdev_qcow2_open",
-        json!({"name": "vd0", "node_name": "top0", "filename": t, "backing": "mid0"}),
-    );
+    d.open_qcow2_chain("vd0", &[("base0", b), ("mid0", m), ("top0", t)], json!({}));
     assert!(file_len(&mid) >= VSIZE, "the writable open extends mid");
     d.call("block-stream", json!({"job-id": "s0", "device": "vd0"}));
     let t0 = Instant::now();

@@ -36,17 +36,10 @@ fn stream_then_kill(durable: Option<bool>) {
     let work = TempDir::new("durability");
     let [base, mid, top] = chain(&work);
     let mut d = Daemon::start(&[]);
-    d.call(
-        "bdev_qcow2_open",
-        json!({"node_name": "base0", "filename": base, "direct": false}),
-    );
-    d.call(
-        "bdev_qcow2_open",
-        json!({"node_name": "mid0", "filename": mid, "backing": "base0", "direct": false}),
-    );
-    d.call(
-        "bdev_qcow2_open",
-        json!({"name": "vd0", "node_name": "top0", "filename": top, "backing": "mid0", "direct": false}),
+    d.open_qcow2_chain(
+        "vd0",
+        &[("base0", &base), ("mid0", &mid), ("top0", &top)],
+        json!({"direct": false}),
     );
     let mut args = json!({"job-id": "s0", "device": "vd0"});
     if let Some(v) = durable {
@@ -111,17 +104,10 @@ fn x_durable_must_be_a_boolean() {
     let work = TempDir::new("durability-bad");
     let [base, mid, top] = chain(&work);
     let mut d = Daemon::start(&[]);
-    d.call(
-        "bdev_qcow2_open",
-        json!({"node_name": "base0", "filename": base}),
-    );
-    d.call(
-        "bdev_qcow2_open",
-        json!({"node_name": "mid0", "filename": mid, "backing": "base0"}),
-    );
-    d.call(
-        "bdev_qcow2_open",
-        json!({"name": "vd0", "filename": top, "backing": "mid0"}),
+    d.open_qcow2_chain(
+        "vd0",
+        &[("base0", &base), ("mid0", &mid), ("top0", &top)],
+        json!({}),
     );
     let e = d.call_err(
         "block-stream",
