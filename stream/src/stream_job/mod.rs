@@ -26,6 +26,11 @@ pub fn start(
     let (plan, spec) = resolve(mgr, &p)?;
     let job = mgr.create(spec).map_err(StreamError::Job)?;
     let owner = plan.owner;
+    // The length is known before the command returns (QEMU's job sets it on
+    // its first run, inside the command), so a query right after sees it.
+    if !plan.noop {
+        job.set_len(plan.top_bdev.size());
+    }
     // Running by the time the command returns, as in QEMU.
     job.start();
     let j = job.clone();
