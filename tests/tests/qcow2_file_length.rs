@@ -400,3 +400,38 @@ fn images_released_by_a_stream_are_trimmed() {
         ],
     );
 }
+
+/// Clusters a discard frees give their space back to the file (a punched
+/// hole) once the discard is flushed; the image stays valid and reads zeroes.
+#[test]
+fn discarded_clusters_are_punched_out_of_the_file() {
+    let work = TempDir::new("qlen-discard");
+    let img = work.join("img.qcow2");
+    let p = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, &VSIZE.to_string()]);
+    let allocated = || std::fs::metadata(&img).unwrap().blocks() * 512;
+    let mut d = Daemon::start(&[]);
+    d.call(
+        "bdev_qcow2_open",
+        json!({"name": "vd0", "filename": p, "direct": false}),
+    );
+    let uri = export(&mut d, "vd0", true);
+    nbd_io(&uri, false, &["write -P 0x42 0 16M".into()]);
+    let full = allocated();
+    assert!(full >= 16 * MIB, "16 MiB written, {full} bytes allocated");
+    nbd_io(
+        &uri,
+        false,
+        &["discard 0 12M".into(), "read -P 0 0 12M".into()],
+    );
+    let after = allocated();
+    assert!(
+        after + 11 * MIB <= full,
+        "12 MiB discarded: {full} bytes allocated before, {after} after"
+    );
+    nbd_io(&uri, true, &["read -P 0x42 12M 4M".into()]);
+    qmp_quit(&mut d);
+    wait_exit(&mut d);
+    check_end(&img);
+    verify(&img, &[(0, 0, 12 * MIB), (0x42, 12 * MIB, 4 * MIB)]);
+}

@@ -4,7 +4,7 @@
 
 use super::format::{put64, FormatError, L1Entry, COPIED, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use super::image::{Image, R};
-use crate::{BdevError, DmaBuf, IoStatus};
+use crate::{BdevError, DmaBuf, IoStatus, IoType};
 use futures::future::LocalBoxFuture;
 
 impl Image {
@@ -25,7 +25,7 @@ impl Image {
     }
 
     /// Adds `delta` to the refcount of host cluster `c`; the metadata lock is held.
-    pub(crate) fn update_refcount(&self, c: u64, delta: i64) -> LocalBoxFuture<'_, R<()>> {
+    pub(crate) fn update_refcount(&self, c: u64, delta: i64) -> LocalBoxFuture<'_, R<u64>> {
         Box::pin(async move {
             let (ti, bi) = self.rf.split(c);
             let off = self.ensure_refblock(ti).await?;
@@ -50,7 +50,7 @@ impl Image {
             if new == 0 && c < self.free_hint.get() {
                 self.free_hint.set(c);
             }
-            Ok(())
+            Ok(new)
         })
     }
 
@@ -329,16 +329,22 @@ impl Image {
                 self.drain.drain().await;
                 let list = std::mem::take(&mut *self.frees.borrow_mut());
                 *self.zcache.borrow_mut() = None;
+                let mut released = Vec::new();
                 for (off, len) in list {
                     let first = off / self.cs;
                     let last = (off + len.max(1) - 1) / self.cs;
                     for c in first..=last {
-                        if let Err(e) = self.update_refcount(c, -1).await {
+                        match self.update_refcount(c, -1).await {
+                            Ok(0) => released.push(c),
+                            Ok(_) => {}
                             // Leaking is safe; failing the flush over it is not useful.
-                            tracing::warn!(image = %self.name, cluster = c, error = %e, "cannot release cluster; leaking it");
+                            Err(e) => {
+                                tracing::warn!(image = %self.name, cluster = c, error = %e, "cannot release cluster; leaking it")
+                            }
                         }
                     }
                 }
+                self.discard_released(released).await;
                 need_flush = self.write_refblocks().await? | self.write_table_chunks(false).await?;
             }
             if need_flush || flush {
@@ -358,6 +364,37 @@ impl Image {
         self.write_cache(true).await?;
         self.write_table_chunks(true).await?;
         Ok(())
+    }
+
+    /// Gives the space of host clusters nothing references any more back to the
+    /// base (an unmap: a punched hole in a file), in runs of consecutive
+    /// clusters. Their L2 entries are durable and reads of them drained, so
+    /// nothing reads them; a crash before their refcount reaches the disk
+    /// leaves a leak that reads as zeroes. A base without unmap keeps them.
+    async fn discard_released(&self, mut clusters: Vec<u64>) {
+        if clusters.is_empty() || !self.discard_on_base.get() {
+            return;
+        }
+        clusters.sort_unstable();
+        clusters.dedup();
+        let mut i = 0;
+        while i < clusters.len() {
+            let mut j = i + 1;
+            while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
+                j += 1;
+            }
+            let (off, len) = (clusters[i] * self.cs, (j - i) as u64 * self.cs);
+            let len = len.min(self.capacity.saturating_sub(off));
+            if len > 0 {
+                let st = crate::simple_io(&self.ch, IoType::Unmap, off, len).await;
+                if !st.is_ok() {
+                    tracing::debug!(image = %self.name, offset = off, len, status = ?st, "base refused to unmap freed clusters; keeping their space");
+                    self.discard_on_base.set(false);
+                    return;
+                }
+            }
+            i = j;
+        }
     }
 
     /// A guest flush: everything written before it becomes durable.

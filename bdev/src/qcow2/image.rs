@@ -65,6 +65,8 @@ pub(crate) struct Image {
     /// Whether populate writes carry the write-behind hint (a stream that will
     /// flush at its end); see [`crate::BdevIo::write_behind`].
     pub(crate) populate_write_behind: Cell<bool>,
+    /// Whether freed clusters are unmapped on the base (cleared when it refuses).
+    pub(crate) discard_on_base: Cell<bool>,
 }
 
 impl Image {
@@ -161,6 +163,7 @@ impl Image {
             zeroes_on_base: Cell::new(base.io_type_supported(IoType::WriteZeroes)),
             fresh_from: Cell::new(u64::MAX),
             populate_write_behind: Cell::new(true),
+            discard_on_base: Cell::new(base.io_type_supported(IoType::Unmap)),
             hdr: RefCell::new(hdr),
         };
         img.check_tables()?;
