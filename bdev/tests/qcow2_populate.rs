@@ -46,14 +46,17 @@ fn multi_cluster_and_zero_populate() {
     let (r1, r2, r3, z, bad_off, bad_len) = h
         .spawn_on(1, move || async move {
             let (buf, n1) = q2
-                .populate_range_if_unallocated(0, filled(512 * K, 0x77))
+                .populate_range_if_unallocated(0, filled(512 * K, 0x77), true)
                 .await
                 .unwrap();
             assert_eq!(buf.len() as u64, 512 * K, "the buffer comes back whole");
             assert!(buf.as_slice().iter().all(|&x| x == 0x77));
-            let (_, n2) = q2.populate_range_if_unallocated(0, buf).await.unwrap();
+            let (_, n2) = q2
+                .populate_range_if_unallocated(0, buf, true)
+                .await
+                .unwrap();
             let (_, n3) = q2
-                .populate_range_if_unallocated(1 << 20, filled(32 * K, 0x88))
+                .populate_range_if_unallocated(1 << 20, filled(32 * K, 0x88), true)
                 .await
                 .unwrap();
             let z = q2
@@ -61,11 +64,11 @@ fn multi_cluster_and_zero_populate() {
                 .await
                 .unwrap();
             let bad_off = q2
-                .populate_range_if_unallocated(4096, filled(CS, 1))
+                .populate_range_if_unallocated(4096, filled(CS, 1), true)
                 .await
                 .map(|r| r.1);
             let bad_len = q2
-                .populate_range_if_unallocated(0, filled(CS + 4096, 1))
+                .populate_range_if_unallocated(0, filled(CS + 4096, 1), true)
                 .await
                 .map(|r| r.1);
             (n1, n2, n3, z, bad_off, bad_len)

@@ -58,10 +58,13 @@ pub trait ImageNode: Send + Sync {
     /// the image's end): writes the clusters still unallocated, leaves the
     /// others. Returns the buffer (for reuse) and how many clusters it wrote.
     /// The default populates cluster by cluster.
+    /// `write_behind`: ask the storage below to start writeback at once (for a
+    /// copy that ends with a flush); the default ignores it.
     fn populate_range_if_unallocated(
         &self,
         offset: u64,
         data: DmaBuf,
+        _write_behind: bool,
     ) -> NodeFuture<'_, (DmaBuf, u64)> {
         Box::pin(async move {
             let cs = self.cluster_size().max(512) as usize;
@@ -94,28 +97,17 @@ pub trait ImageNode: Send + Sync {
             )))
         })
     }
-    /// Makes earlier writes durable, then records `file`/`format` as the backing
-    /// file in the header (`None`: no backing file).
+    /// Records `file`/`format` as the backing file in the header (`None`: no
+    /// backing file), after making earlier writes durable (`durable`), or
+    /// without that flush: metadata is still written in order, so a killed
+    /// process leaves a consistent image; a power loss may lose the copy
+    /// (QEMU's behaviour).
     fn set_backing_file<'a>(
         &'a self,
         file: Option<&'a str>,
         format: Option<&'a str>,
+        durable: bool,
     ) -> NodeFuture<'a, ()>;
-    /// Like [`ImageNode::set_backing_file`] without the flush before the header
-    /// write: metadata is written in order, so a killed process leaves a
-    /// consistent image; a power loss may lose the copy (QEMU's behaviour).
-    fn set_backing_file_unflushed<'a>(
-        &'a self,
-        file: Option<&'a str>,
-        format: Option<&'a str>,
-    ) -> NodeFuture<'a, ()> {
-        self.set_backing_file(file, format)
-    }
-    /// Whether copies into this node ask the storage below to start writeback
-    /// at once (for a job that flushes at its end). Default: nothing to do.
-    fn set_populate_write_behind(&self, _on: bool) -> NodeFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
     /// Changes the bdev unallocated reads fall through to; registry claims
     /// move with the link (the node releases its claim on the old backing and
     /// claims the new one, when registered).

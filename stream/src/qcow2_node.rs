@@ -71,8 +71,12 @@ impl ImageNode for Qcow2Node {
         &self,
         offset: u64,
         data: DmaBuf,
+        write_behind: bool,
     ) -> NodeFuture<'_, (DmaBuf, u64)> {
-        Box::pin(self.q().populate_range_if_unallocated(offset, data))
+        Box::pin(
+            self.q()
+                .populate_range_if_unallocated(offset, data, write_behind),
+        )
     }
     fn populate_zero_if_unallocated(&self, offset: u64, len: u64) -> NodeFuture<'_, u64> {
         Box::pin(self.q().populate_zero_if_unallocated(offset, len))
@@ -81,18 +85,9 @@ impl ImageNode for Qcow2Node {
         &'a self,
         file: Option<&'a str>,
         format: Option<&'a str>,
+        durable: bool,
     ) -> NodeFuture<'a, ()> {
-        Box::pin(self.q().set_backing_file(file, format))
-    }
-    fn set_backing_file_unflushed<'a>(
-        &'a self,
-        file: Option<&'a str>,
-        format: Option<&'a str>,
-    ) -> NodeFuture<'a, ()> {
-        Box::pin(self.q().set_backing_file_with(file, format, false))
-    }
-    fn set_populate_write_behind(&self, on: bool) -> NodeFuture<'_, ()> {
-        Box::pin(self.q().set_populate_write_behind(on))
+        Box::pin(self.q().set_backing_file_with(file, format, durable))
     }
     fn set_backing_bdev(&self, backing: Option<Arc<dyn Bdev>>) -> NodeFuture<'_, ()> {
         Box::pin(self.q().set_backing_bdev(backing))

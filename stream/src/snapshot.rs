@@ -191,6 +191,7 @@ pub async fn snapshot_existing_node(
     img.set_backing_file(
         Some(&node::filename_of(&root)),
         Some(node::format_of(&root)),
+        true,
     )
     .await?;
     img.set_backing_bdev(Some(root.clone())).await?;

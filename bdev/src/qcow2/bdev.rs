@@ -260,13 +260,16 @@ impl Qcow2Bdev {
     /// may be shorter at the image's end); the clusters still unallocated in
     /// this image are written (one write per run of new host clusters that lie
     /// consecutively), the others are left alone. Returns the buffer, for reuse,
-    /// and how many clusters were written.
+    /// and how many clusters were written. `write_behind`: the writes ask a
+    /// buffered file to start writeback at once ([`crate::BdevIo::write_behind`];
+    /// for a copy that ends with a flush).
     pub async fn populate_range_if_unallocated(
         &self,
         offset: u64,
         data: DmaBuf,
+        write_behind: bool,
     ) -> Result<(DmaBuf, u64), BdevError> {
-        self.on_owner(move |img| async move { img.populate_many(offset, data).await })
+        self.on_owner(move |img| async move { img.populate_many(offset, data, write_behind).await })
             .await
     }
 
@@ -283,17 +286,6 @@ impl Qcow2Bdev {
     ) -> Result<u64, BdevError> {
         self.on_owner(move |img| async move { img.populate_zero(offset, len).await })
             .await
-    }
-
-    /// Whether populate writes ask a buffered file to start writeback at once
-    /// ([`crate::BdevIo::write_behind`]; on by default, for a stream that ends
-    /// with a flush).
-    pub async fn set_populate_write_behind(&self, on: bool) -> Result<(), BdevError> {
-        self.on_owner(move |img| async move {
-            img.populate_write_behind.set(on);
-            Ok(())
-        })
-        .await
     }
 
     /// Rewrites the header's backing file name and format (`None`: no backing

@@ -62,9 +62,6 @@ pub(crate) struct Image {
     /// Host offsets from here on were never written since the image was opened
     /// and read as zeroes (the sparse growth of an image file); `u64::MAX`: unknown.
     pub(crate) fresh_from: Cell<u64>,
-    /// Whether populate writes carry the write-behind hint (a stream that will
-    /// flush at its end); see [`crate::BdevIo::write_behind`].
-    pub(crate) populate_write_behind: Cell<bool>,
     /// Whether freed clusters are unmapped on the base (cleared when it refuses).
     pub(crate) discard_on_base: Cell<bool>,
 }
@@ -162,7 +159,6 @@ impl Image {
             broken: Cell::new(false),
             zeroes_on_base: Cell::new(base.io_type_supported(IoType::WriteZeroes)),
             fresh_from: Cell::new(u64::MAX),
-            populate_write_behind: Cell::new(true),
             discard_on_base: Cell::new(base.io_type_supported(IoType::Unmap)),
             hdr: RefCell::new(hdr),
         };

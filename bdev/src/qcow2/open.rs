@@ -4,7 +4,7 @@
 
 use super::bdev::{install_engine, next_id, track_grown, Info, Qcow2Bdev};
 use super::format::{
-    be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
+    be32, be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
 };
 use super::image::{Image, LoadOptions};
 use crate::uring::{UringBdev, UringOptions};
@@ -156,11 +156,11 @@ fn reserve_growth(name: &str, path: &Path) -> Result<Option<Growth>, BdevError> 
         .open(path)
         .map_err(|e| os("opening", e))?;
     let mut h = [0u8; 80];
-    if f.read_exact(&mut h).is_err() || u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != MAGIC {
+    if f.read_exact(&mut h).is_err() || be32(&h, 0) != MAGIC {
         return Ok(None); // not qcow2 or truncated: the open that follows reports it
     }
     let incompatible = be64(&h, 72);
-    if u32::from_be_bytes([h[4], h[5], h[6], h[7]]) == 3 && incompatible & INCOMPAT_CORRUPT != 0 {
+    if be32(&h, 4) == 3 && incompatible & INCOMPAT_CORRUPT != 0 {
         return Ok(None); // corrupt bit: the image opens read-only
     }
     let vsize = be64(&h, 24).min(1 << 50);
@@ -218,7 +218,7 @@ struct Growth {
 fn data_end(f: &File, len: u64) -> Option<u64> {
     let mut first = [0u8; 24];
     read_padded(f, 0, &mut first).ok()?;
-    let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+    let bits = be32(&first, 20);
     if !(9..=21).contains(&bits) {
         return None;
     }

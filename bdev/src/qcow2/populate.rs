@@ -51,6 +51,7 @@ impl Image {
         self: &Rc<Self>,
         offset: u64,
         data: DmaBuf,
+        write_behind: bool,
     ) -> R<(DmaBuf, u64)> {
         if self.read_only || self.broken.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
@@ -97,7 +98,7 @@ impl Image {
             }
             let start = todo[k] * cs;
             let end = ((todo[j - 1] + 1) * cs).min(len);
-            writes.push(self.write_piece(&parent, start, end - start, hosts[k]));
+            writes.push(self.write_piece(&parent, start, end - start, hosts[k], write_behind));
             k = j;
         }
         let results = futures::future::join_all(writes).await;
@@ -121,7 +122,14 @@ impl Image {
     /// Writes `[start, start+n)` of the parent's buffer at host offset `host`.
     /// A piece ending in the image's last, partial cluster is padded to the
     /// cluster's end (with zeroes) so the whole host cluster is initialised.
-    async fn write_piece(&self, parent: &BdevIo, start: u64, n: u64, host: u64) -> R<()> {
+    async fn write_piece(
+        &self,
+        parent: &BdevIo,
+        start: u64,
+        n: u64,
+        host: u64,
+        write_behind: bool,
+    ) -> R<()> {
         let cs = self.cs;
         let whole = n / cs * cs;
         if whole > 0 {
@@ -129,7 +137,7 @@ impl Image {
             // caller awaits every piece before taking the buffer back.
             let mut sub =
                 unsafe { BdevIo::sub_io(parent, start, whole, IoType::Write, host, None) };
-            sub.write_behind = self.populate_write_behind.get();
+            sub.write_behind = write_behind;
             let st = submit_wait(&self.ch, sub).await.status;
             if !st.is_ok() {
                 return Err(BdevError::Io(st));

@@ -37,18 +37,28 @@ pub(crate) const RING_ENTRIES: u32 = 512;
 pub(crate) struct FileInfo {
     pub(crate) fd: RawFd,
     pub(crate) direct: bool,
+    /// The file lives in memory only (tmpfs, ramfs).
+    pub(crate) memory_backed: bool,
+    pub(crate) block: u32,
+    pub(crate) mem_align: u32,
+}
+
+impl FileInfo {
     /// Buffered, on storage that writes back (not O_DIRECT, not tmpfs): where
     /// [`BdevIo::write_behind`] hints are worth a `sync_file_range`.
-    pub(crate) write_back: bool,
+    fn write_back(&self) -> bool {
+        !self.direct && !self.memory_backed
+    }
+
     /// Buffered and memory-backed (tmpfs): reads are memory copies that io_uring
     /// would hand to an io-wq thread (tmpfs has no non-blocking reads), so the
     /// reactor does them itself, as the malloc bdev does. Writes still go to
     /// io-wq: a write allocates pages, and with the reads on the reactor's core
     /// and the writes on a helper core the copy work is split (measured faster
     /// than the reactor doing both).
-    pub(crate) inline_reads: bool,
-    pub(crate) block: u32,
-    pub(crate) mem_align: u32,
+    fn inline_reads(&self) -> bool {
+        !self.direct && self.memory_backed
+    }
 }
 
 /// One request in flight.
@@ -205,7 +215,7 @@ impl UringChannel {
 
 impl Channel for UringChannel {
     fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        if self.ring.file.inline_reads && io.io_type == IoType::Read {
+        if io.io_type == IoType::Read && self.ring.file.inline_reads() {
             let st = read_inline(self.ring.file.fd, &io);
             crate::complete_deferred(io, st);
             return Ok(());
@@ -530,7 +540,10 @@ impl Ring {
         };
         self.free.borrow_mut().push(idx);
         let Some(mut io) = io else { return };
-        if io.write_behind && self.file.write_back && status.is_ok() && io.io_type == IoType::Write
+        if io.write_behind
+            && self.file.write_back()
+            && status.is_ok()
+            && io.io_type == IoType::Write
         {
             self.start_writeback(io.offset, io.len);
         }

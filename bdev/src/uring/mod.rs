@@ -188,8 +188,7 @@ impl Bdev for UringBdev {
         let info = channel::FileInfo {
             fd: self.file.as_raw_fd(),
             direct: self.opts.direct,
-            write_back: !self.opts.direct && !self.memory_backed,
-            inline_reads: !self.opts.direct && self.memory_backed,
+            memory_backed: self.memory_backed,
             block: self.block_size,
             mem_align: self.mem_align,
         };

@@ -66,13 +66,15 @@ impl BufPool {
 /// Copies `c` from the chain of `top` into `top`: one read through the chain
 /// into one buffer, then one multi-cluster populate (clusters a client wrote
 /// meanwhile are left alone). Zero chunks become zero clusters when the image
-/// has them, else zero data.
+/// has them, else zero data. `write_behind`: see
+/// [`crate::node::ImageNode::populate_range_if_unallocated`].
 pub(crate) async fn copy_chunk(
     top: &Arc<dyn ImageNode>,
     ch: &Rc<IoChannel>,
     pool: &BufPool,
     keep: usize,
     c: Chunk,
+    write_behind: bool,
 ) -> Result<(), CopyError> {
     let write_err = |e: &BdevError| CopyError {
         op: IoOperation::Write,
@@ -110,7 +112,7 @@ pub(crate) async fn copy_chunk(
         })?;
     }
     let (buf, _) = top
-        .populate_range_if_unallocated(c.offset, buf)
+        .populate_range_if_unallocated(c.offset, buf, write_behind)
         .await
         .map_err(|e| write_err(&e))?;
     pool.give(buf, keep);

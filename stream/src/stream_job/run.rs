@@ -130,6 +130,8 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
     let st = Rc::new(RefCell::new(Shared::default()));
     let pool = Rc::new(BufPool::default());
     let keep = t.max_inflight.max(1);
+    // A durable job flushes at its end: writeback may start at once.
+    let write_behind = plan.durable;
     let watch = plan
         .device
         .as_ref()
@@ -263,7 +265,7 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
         let (job2, st2, top2, ch2) = (job.clone(), st.clone(), top.clone(), ch.clone());
         let pool2 = pool.clone();
         reactor::spawn_local(async move {
-            let r = copy_chunk(&top2, &ch2, &pool2, keep, c).await;
+            let r = copy_chunk(&top2, &ch2, &pool2, keep, c, write_behind).await;
             match r {
                 Ok(()) => job2.add_progress(c.progress),
                 Err(e) => on_failure(&job2, &st2, c, e),
@@ -293,13 +295,8 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     }
     let fmt = plan.base.as_ref().map(node::format_of);
     let r = async {
-        if plan.durable {
-            top.set_backing_file(plan.backing_file.as_deref(), fmt)
-                .await?;
-        } else {
-            top.set_backing_file_unflushed(plan.backing_file.as_deref(), fmt)
-                .await?;
-        }
+        top.set_backing_file(plan.backing_file.as_deref(), fmt, plan.durable)
+            .await?;
         top.set_backing_bdev(plan.base.clone()).await
     }
     .await;
@@ -348,17 +345,7 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     let error = if plan.noop {
         None
     } else {
-        job.set_len(plan.top_bdev.size());
-        // A job that will not flush has no use for early writeback.
-        let relaxed = !plan.durable;
-        if let (true, Some(top)) = (relaxed, plan.top.as_ref()) {
-            let _ = top.set_populate_write_behind(false).await;
-        }
-        let e = copy_all(&job, &plan, &t).await;
-        if let (true, Some(top)) = (relaxed, plan.top.as_ref()) {
-            let _ = top.set_populate_write_behind(true).await;
-        }
-        e
+        copy_all(&job, &plan, &t).await
     };
     let copy_s = t0.elapsed().as_secs_f64();
     let id = job.id().to_string();
