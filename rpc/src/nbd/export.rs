@@ -3,8 +3,9 @@
 
 use bdev::{Bdev, IoType};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use super::proto::{tflags, MAX_PAYLOAD};
 
@@ -71,6 +72,8 @@ pub struct Export {
     pub bdev: Arc<dyn Bdev>,
     closing_flag: AtomicBool,
     state: Mutex<State>,
+    /// Signalled whenever a connection detaches.
+    detached: Condvar,
 }
 
 /// Keeps a connection counted on its export; dropping it detaches.
@@ -93,6 +96,7 @@ impl Export {
                 kicks: Vec::new(),
                 on_gone: Some(on_gone),
             }),
+            detached: Condvar::new(),
         })
     }
 
@@ -108,6 +112,26 @@ impl Export {
     /// Connections attached now.
     pub fn connections(&self) -> usize {
         self.lock().conns
+    }
+
+    /// Waits up to `grace` for every connection to detach; whether none is left.
+    /// A client that has just closed its socket is still counted until its
+    /// reactor sees the end of stream, so callers give it this moment.
+    pub fn wait_idle(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let mut st = self.lock();
+        while st.conns > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .detached
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Attaches a connection, unless the export is closing.
@@ -194,6 +218,7 @@ impl Drop for Attached {
                 None
             }
         };
+        self.export.detached.notify_all();
         if let Some(f) = gone {
             f();
         }

@@ -22,6 +22,9 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 use stream::events::EventBus;
 
+/// How long a safe `block-export-del` waits for clients that are hanging up.
+pub const SAFE_DEL_GRACE: Duration = Duration::from_secs(1);
+
 /// Options of a server start.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -489,7 +492,9 @@ impl NbdServer {
     }
 
     /// Removes an export. `hard` disconnects its clients (after their in-flight
-    /// requests); otherwise it fails while any client is connected.
+    /// requests); otherwise it fails while any client is still connected after
+    /// [`SAFE_DEL_GRACE`] (a client that has just hung up is given that long to
+    /// be seen gone).
     pub fn del_export(&self, id: &str, hard: bool) -> Result<(), NbdError> {
         let inst = self.current().ok_or(NbdError::NotRunning)?;
         let e = inst
@@ -502,7 +507,7 @@ impl NbdServer {
         if e.is_closing() {
             return Err(NbdError::NoSuchExport(id.to_string()));
         }
-        if !hard && e.connections() > 0 {
+        if !hard && !e.wait_idle(SAFE_DEL_GRACE) {
             return Err(NbdError::InUse(id.to_string()));
         }
         e.close(hard);

@@ -174,11 +174,8 @@ fn map_reports_holes_from_range_status() {
     assert_eq!(hole["zero"], true, "{j}");
     // The claim keeps the bdev while exported, and goes with the export.
     assert!(bdev::registry().unregister(&name).is_err());
-    // The client has exited; the server notices its hang-up asynchronously.
-    let t0 = std::time::Instant::now();
-    while srv.exports()[0].connections > 0 && t0.elapsed().as_secs() < 5 {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    // The client has exited; the server notices its hang-up asynchronously,
+    // and a safe delete gives it that moment instead of failing.
     srv.del_export(&name, false).expect("del");
     assert!(srv.exports().is_empty());
     srv.shutdown(std::time::Duration::from_secs(2));
