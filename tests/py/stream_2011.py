@@ -67,7 +67,8 @@ assert rpc.call("block_stream", {"device": "drive0"}) == {}
 ev = vm.event_wait("BLOCK_STREAM_COMPLETED", 120, {"device": "drive0"})
 assert ev["data"] == {"device": "drive0", "len": 128 << 20, "offset": 128 << 20}, ev
 notes = rpc.call("notify_get_notifications", {"id": last_id + 1, "max": 0})
-assert {"type": "BLOCK_STREAM_COMPLETED", "ctx": "drive0"} in [{"type": n["type"], "ctx": n["ctx"]} for n in notes], notes
+done = [n for n in notes if n["type"] == "BLOCK_STREAM_COMPLETED"]
+assert [(n["ctx"], n["data"]) for n in done] == [("drive0", ev["data"])], notes
 assert vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 0
 
 # Live block copy: snapshot_blkdev onto a new image, then stream into it.
@@ -109,5 +110,9 @@ rpc.call("bdev_error_inject_error", {"name": "EE_b3file", "io_type": "read", "er
 vm.rcmd("block_stream", {"device": "drive2"})
 ev = vm.event_wait("BLOCK_STREAM_COMPLETED", 60, {"device": "drive2"})
 assert ev["data"]["error"] == "Input/output error" and ev["data"]["offset"] < ev["data"]["len"], ev
+# A JSON-RPC client reads the same error from the notification's data.
+notes = rpc.call("notify_get_notifications", {"id": 0, "max": 0})
+failed = [n["data"] for n in notes if n["type"] == "BLOCK_STREAM_COMPLETED" and n["ctx"] == "drive2"]
+assert failed == [ev["data"]], notes
 assert vm.rcmd("query-block-stream") == []
 print("ok")

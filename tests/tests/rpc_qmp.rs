@@ -229,7 +229,10 @@ fn events_are_pushed_to_negotiated_clients_and_polled_over_jsonrpc() {
     let n = d.call("notify_get_notifications", json!({}));
     assert_eq!(
         n,
-        json!([{"type": "bdev_register", "ctx": "Ev0", "id": 0}, {"type": "bdev_unregister", "ctx": "Ev0", "id": 1}])
+        json!([
+            {"type": "bdev_register", "ctx": "Ev0", "id": 0, "data": {"name": "Ev0"}},
+            {"type": "bdev_unregister", "ctx": "Ev0", "id": 1, "data": {"name": "Ev0"}}
+        ])
     );
     assert_eq!(
         d.call("notify_get_notifications", json!({"id": 1}))

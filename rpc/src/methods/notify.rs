@@ -73,9 +73,11 @@ fn ctx(ev: &Event) -> String {
         })
 }
 
-/// SPDK's form of an event: `{"type", "ctx", "id"}` with `id = seq - 1`.
+/// SPDK's form of an event, `{"type", "ctx", "id"}` with `id = seq - 1`, plus
+/// `data`: the event's whole content as QMP pushes it (SPDK's clients ignore
+/// the extra member; scripts read a stream's `error` or `offset` there).
 pub fn to_notification(ev: &Event) -> Value {
-    json!({"type": ev.name, "ctx": ctx(ev), "id": ev.seq - 1})
+    json!({"type": ev.name, "ctx": ctx(ev), "id": ev.seq - 1, "data": ev.data})
 }
 
 fn notify_get_notifications(svc: &Service, p: Params) -> Result<Value, RpcError> {
