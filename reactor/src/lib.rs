@@ -13,6 +13,7 @@ mod local;
 mod notify;
 mod poller;
 mod reactor;
+mod ring;
 mod runtime;
 mod stats;
 mod timer;
@@ -26,6 +27,7 @@ pub use local::{
     unregister_fd, AwakeGuard,
 };
 pub use poller::{register_poller, register_timed_poller, PollStatus, PollerHandle};
+pub use ring::{ring_here, RingSender};
 pub use runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 pub use stats::{PollerStats, ReactorStats};
 pub use timer::{interval, sleep, Interval, Sleep};

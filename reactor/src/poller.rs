@@ -97,6 +97,23 @@ impl PollerHandle {
     pub fn id(&self) -> u64 {
         self.inner.id
     }
+    /// A handle that does not keep the poller alive, for a poller that removes
+    /// itself (its closure would otherwise own itself).
+    pub(crate) fn downgrade(&self) -> WeakPollerHandle {
+        WeakPollerHandle(Rc::downgrade(&self.inner))
+    }
+}
+
+/// See [`PollerHandle::downgrade`].
+pub(crate) struct WeakPollerHandle(std::rc::Weak<Poller>);
+
+impl WeakPollerHandle {
+    /// [`PollerHandle::unregister`], if the poller still exists.
+    pub(crate) fn unregister(&self) {
+        if let Some(inner) = self.0.upgrade() {
+            PollerHandle { inner }.unregister();
+        }
+    }
 }
 
 #[derive(Default)]

@@ -162,6 +162,7 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         });
         r.parker.park(&r.shared.notifier, timeout, || {
             !r.shared.inbox.is_empty()
+                || r.shared.ring_bell.swap(false, Ordering::Relaxed)
                 || r.executor.has_ready()
                 || rt.shared.stopping.load(Ordering::Relaxed)
         });

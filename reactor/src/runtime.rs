@@ -22,6 +22,9 @@ pub(crate) struct ReactorShared {
     pub(crate) core: usize,
     pub(crate) inbox: SegQueue<Message>,
     pub(crate) notifier: Notifier,
+    /// Set by ring senders after each push (see `ring.rs`), so a reactor about
+    /// to park sees items its ring pollers have not taken yet.
+    pub(crate) ring_bell: AtomicBool,
 }
 
 impl ReactorShared {
@@ -102,6 +105,7 @@ impl Runtime {
                 core,
                 inbox: SegQueue::new(),
                 notifier,
+                ring_bell: AtomicBool::new(false),
             }));
         }
         let helper_cores = crate::cores::helper_cores(config.cores.cores());

@@ -1,13 +1,12 @@
 //! [`Qcow2Bdev`]: the qcow2 image as a [`Bdev`]. Its metadata lives on the owner
 //! reactor (the one that opened it); channels on other reactors forward each
-//! request there by message and complete it back on the submitting reactor.
+//! request there through a ring and complete it back on the submitting reactor
+//! (`remote.rs`).
 
 use super::fast::FastPath;
 use super::image::Image;
-use crate::{
-    complete_deferred, Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus, IoType, RangeStatus,
-    RangeStatusFuture,
-};
+use super::remote::RemoteChannel;
+use crate::{Bdev, BdevError, BdevIo, Channel, DmaBuf, IoType, RangeStatus, RangeStatusFuture};
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
 use std::any::Any;
@@ -547,12 +546,9 @@ impl Bdev for Qcow2Bdev {
             let fast = FastPath::new(img.clone());
             return Ok(Box::new(LocalChannel { img, fast }));
         }
-        Ok(Box::new(RemoteChannel {
-            id: self.id,
-            owner: self.owner,
-            here,
-            rt: self.rt.clone(),
-        }))
+        Ok(Box::new(RemoteChannel::open(
+            &self.rt, self.id, self.owner,
+        )?))
     }
     fn driver_specific(&self) -> Value {
         let i = self.info();
@@ -601,69 +597,6 @@ impl Channel for LocalChannel {
             let st = img.execute(&mut io).await;
             io.complete(st);
         });
-        Ok(())
-    }
-}
-
-/// A request travelling between reactors.
-struct SendIo(Option<Box<BdevIo>>);
-
-// SAFETY: the request and its memory belong to the submitter, who does not touch
-// them until completion. The owner reactor only uses the request's offsets and
-// memory segments, never its (reactor-local) completion target or stats, and the
-// request is completed (and dropped) back on the submitting reactor.
-unsafe impl Send for SendIo {}
-
-impl Drop for SendIo {
-    fn drop(&mut self) {
-        // Only reached if a message is dropped unrun (runtime gone): leaking is the
-        // one safe choice for reactor-local parts on a foreign thread.
-        if let Some(io) = self.0.take() {
-            std::mem::forget(io);
-        }
-    }
-}
-
-/// A non-owner reactor's channel: forwards to the owner by message.
-struct RemoteChannel {
-    id: u64,
-    owner: usize,
-    here: usize,
-    rt: RuntimeHandle,
-}
-
-fn send_back(rt: &RuntimeHandle, to: usize, sio: SendIo, st: IoStatus) {
-    let _ = rt.send_completion(to, move || {
-        let mut sio = sio;
-        if let Some(io) = sio.0.take() {
-            io.complete(st);
-        }
-    });
-}
-
-impl Channel for RemoteChannel {
-    fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        if self.rt.is_stopping() {
-            complete_deferred(io, IoStatus::Aborted);
-            return Ok(());
-        }
-        let (id, here, rt) = (self.id, self.here, self.rt.clone());
-        let sio = SendIo(Some(io));
-        let _ = self
-            .rt
-            .send_completion(self.owner, move || match engine(id) {
-                None => send_back(&rt, here, sio, IoStatus::Aborted),
-                Some(img) => {
-                    reactor::spawn_local(async move {
-                        let mut sio = sio;
-                        let st = match sio.0.as_mut() {
-                            Some(io) => img.execute(io).await,
-                            None => IoStatus::Aborted,
-                        };
-                        send_back(&rt, here, sio, st);
-                    });
-                }
-            });
         Ok(())
     }
 }

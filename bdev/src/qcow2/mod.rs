@@ -68,6 +68,7 @@ mod io;
 mod open;
 mod populate;
 mod rebuild;
+mod remote;
 mod status;
 mod sync;
 
