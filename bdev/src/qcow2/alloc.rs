@@ -71,6 +71,7 @@ impl Image {
             }
             let c = self.find_free(1).await?;
             let boff = c * self.cs;
+            self.reserve_meta_cluster(boff).await?;
             self.make_room(false).await?;
             if self.reftable.borrow()[ti as usize] != 0 {
                 continue; // a nested allocation created it meanwhile
@@ -127,6 +128,21 @@ impl Image {
         self.reserved.borrow_mut().retain(|&x| x != c);
         r?;
         Ok((c * self.cs, fresh))
+    }
+
+    /// Gives a new metadata cluster (an L2 table, a refcount block) its storage
+    /// now by writing it (zeroes), as QEMU writes a new L2 table at once; its
+    /// contents go out from the cache later. Image files are extended
+    /// sparsely, so without this the space is only taken at write-back, and a
+    /// disk that filled up meanwhile (with guest data) fails that write-back:
+    /// every write acknowledged since the last flush would be lost and the
+    /// image refuse writes. This way the request that needs the new table fails
+    /// with ENOSPC instead, before anything is acknowledged. The metadata lock
+    /// is held.
+    async fn reserve_meta_cluster(&self, off: u64) -> R<()> {
+        self.not_fresh(off, self.cs);
+        crate::write_at(&self.ch, off, DmaBuf::new(self.cs as usize)?).await?;
+        Ok(())
     }
 
     /// Writes `table` as the refcount table at cluster `p` (`t` clusters), makes
@@ -224,7 +240,15 @@ impl Image {
                 return Ok(());
             }
             l2off = self.alloc_cluster().await?;
-            self.make_room(true).await?;
+            let ready = async {
+                self.reserve_meta_cluster(l2off).await?;
+                self.make_room(true).await
+            };
+            if let Err(e) = ready.await {
+                // Nothing points at the new table yet: give its cluster back.
+                let _ = self.update_refcount(l2off / self.cs, -1).await;
+                return Err(e);
+            }
             self.l2.insert(l2off, vec![0u8; self.cs as usize], true);
             self.l1.borrow_mut()[l1i as usize] = l2off | COPIED;
             self.l1_dirty.borrow_mut().insert(l1i * 8 / self.align);
@@ -280,7 +304,7 @@ impl Image {
             self.hdr.borrow().refcount_table_offset
         };
         let per = (self.align / 8) as usize;
-        for k in chunks {
+        for (n, &k) in chunks.iter().enumerate() {
             let mut b = vec![0u8; self.align as usize];
             {
                 let t = if l1 {
@@ -293,8 +317,21 @@ impl Image {
                     put64(&mut b, i * 8, v);
                 }
             }
-            self.write_meta(base + k * self.align, DmaBuf::from_slice(&b)?)
-                .await?;
+            let r = match DmaBuf::from_slice(&b) {
+                Ok(buf) => self.write_meta(base + k * self.align, buf).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                // The chunks not written stay dirty: a later sync writes them
+                // (dropped, a later flush would succeed without them).
+                let set = if l1 {
+                    &self.l1_dirty
+                } else {
+                    &self.reftable_dirty
+                };
+                set.borrow_mut().extend(chunks[n..].iter().copied());
+                return Err(e);
+            }
         }
         Ok(true)
     }

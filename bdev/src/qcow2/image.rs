@@ -329,7 +329,13 @@ impl Image {
         self.write_meta(0, buf).await
     }
 
-    /// Writes a metadata buffer; a failure marks the image broken (no more writes).
+    /// Writes a metadata buffer; a failure marks the image broken (no more
+    /// writes), except ENOSPC outside the header cluster: the caches and
+    /// dirty table chunks stay dirty (a later sync writes them again, in the
+    /// same order) and new tables are only switched to after they are written,
+    /// so the image on disk is consistent and the image works again once there
+    /// is space, as QEMU's does. A header write changes the header in memory
+    /// first, so its failure still breaks the image.
     pub(crate) async fn write_meta(&self, off: u64, buf: DmaBuf) -> R<()> {
         if self.read_only {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
@@ -337,6 +343,10 @@ impl Image {
         self.not_fresh(off, buf.len() as u64);
         match write_at(&self.ch, off, buf).await {
             Ok(_) => Ok(()),
+            Err(e @ BdevError::Io(crate::IoStatus::Enospc)) if off != 0 => {
+                tracing::warn!(image = %self.name, offset = off, "metadata write failed: no space left; it is written again by the next flush");
+                Err(e)
+            }
             Err(e) => {
                 tracing::error!(image = %self.name, offset = off, error = %e, "metadata write failed; image now refuses writes");
                 self.broken.set(true);

@@ -390,7 +390,12 @@ impl Image {
             let _ = self.update_refcount(host / self.cs, -1).await;
             return Err(err);
         }
-        self.set_entry(gc, L2Entry::normal(host).0).await?;
+        if let Err(err) = self.set_entry(gc, L2Entry::normal(host).0).await {
+            // No L2 entry points at the new cluster (e.g. no space for a new
+            // L2 table): give it back rather than leak it.
+            let _ = self.update_refcount(host / self.cs, -1).await;
+            return Err(err);
+        }
         self.queue_free(kind);
         Ok(())
     }

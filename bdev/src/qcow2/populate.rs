@@ -113,8 +113,15 @@ impl Image {
             }
             return Err(e);
         }
-        for (i, h) in todo.iter().zip(&hosts) {
-            self.set_entry(gc0 + i, L2Entry::normal(*h).0).await?;
+        for (k, (i, h)) in todo.iter().zip(&hosts).enumerate() {
+            if let Err(e) = self.set_entry(gc0 + i, L2Entry::normal(*h).0).await {
+                // The clusters entered so far are populated; the others
+                // (no L2 entry points at them) are given back, not leaked.
+                for h in &hosts[k..] {
+                    let _ = self.update_refcount(h / cs, -1).await;
+                }
+                return Err(e);
+            }
         }
         Ok((data, todo.len() as u64))
     }
