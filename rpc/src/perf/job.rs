@@ -95,6 +95,11 @@ pub(crate) struct Job {
     hist: RefCell<Histogram>,
     gen: Cell<u64>,
     verify: RefCell<Vec<VerifySlot>>,
+    /// Verify: one bit per block of the region, set while a slot's write and
+    /// read-back of that block are out, so no two slots ever overlap (as
+    /// bdevperf's `outstanding` bit array): otherwise a slow write could land
+    /// after a newer one to the same block and fail a correct device.
+    outstanding: RefCell<Vec<u64>>,
     scratch: RefCell<Vec<u8>>,
     mismatch: RefCell<Option<Mismatch>>,
     first_error: Cell<Option<(IoStatus, u64)>>,
@@ -138,6 +143,11 @@ impl Job {
             hist: RefCell::new(Histogram::default()),
             gen: Cell::new(0),
             verify: RefCell::new(Vec::new()),
+            outstanding: RefCell::new(if spec.workload == Workload::Verify {
+                vec![0; spec.region_ios.div_ceil(64) as usize]
+            } else {
+                Vec::new()
+            }),
             scratch: RefCell::new(Vec::new()),
             mismatch: RefCell::new(None),
             first_error: Cell::new(None),
@@ -227,6 +237,32 @@ impl Job {
         self.spec.region_start + idx * self.spec.io_size
     }
 
+    /// Verify: the next offset no other slot has out, marked as out. A free one
+    /// always exists: a verify job has at most one slot per block.
+    fn claim_free_offset(&self) -> u64 {
+        let mut bits = self.outstanding.borrow_mut();
+        let mut off = self.next_offset();
+        for _ in 0..self.spec.region_ios {
+            let i = ((off - self.spec.region_start) / self.spec.io_size) as usize;
+            if let Some(w) = bits.get_mut(i / 64) {
+                if *w & (1 << (i % 64)) == 0 {
+                    *w |= 1 << (i % 64);
+                    return off;
+                }
+            }
+            off = self.next_offset();
+        }
+        off
+    }
+
+    /// Verify: the block at `off` is no longer out.
+    fn release_offset(&self, off: u64) {
+        let i = ((off.saturating_sub(self.spec.region_start)) / self.spec.io_size) as usize;
+        if let Some(w) = self.outstanding.borrow_mut().get_mut(i / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
     /// Points a (write or plain) request at its next target.
     #[inline(always)]
     fn prepare(&self, io: &mut BdevIo) {
@@ -239,7 +275,7 @@ impl Job {
                 io.offset = self.next_offset();
             }
             Workload::Verify => {
-                let off = self.next_offset();
+                let off = self.claim_free_offset();
                 let gen = self.gen.get() + 1;
                 self.gen.set(gen);
                 io.offset = off;
@@ -368,6 +404,7 @@ impl Job {
                 self.stopping.set(true);
             }
         }
+        self.release_offset(offset);
         let Some(mut w) = other.take() else {
             return self.retire(io);
         };
@@ -411,11 +448,13 @@ impl IoDone for Job {
             if io.status != IoStatus::Success {
                 // A failed write or read ends this slot's cycle.
                 let slot = (io.tag & !READ_TAG) as usize;
-                let other = self
-                    .verify
-                    .borrow_mut()
-                    .get_mut(slot)
-                    .and_then(|s| s.idle.take());
+                let (other, off) = match self.verify.borrow_mut().get_mut(slot) {
+                    Some(s) => (s.idle.take(), Some(s.offset)),
+                    None => (None, None),
+                };
+                if let Some(off) = off {
+                    self.release_offset(off);
+                }
                 drop(other);
                 return self.retire(io);
             }
