@@ -179,10 +179,10 @@ fn crash_cycles(tag: &str, cluster_size: &str, cycles: u64) {
 
 #[test]
 fn sigkill_during_writes_64k_clusters() {
-    crash_cycles("crash64k", "65536", 12);
+    crash_cycles("crash64k", "65536", soak(12));
 }
 
 #[test]
 fn sigkill_during_writes_512_clusters() {
-    crash_cycles("crash512", "512", 8);
+    crash_cycles("crash512", "512", soak(8));
 }

@@ -79,7 +79,7 @@ fn exercise(img: Vec<u8>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: soak(256) as u32, ..ProptestConfig::default() })]
 
     #[test]
     fn header_parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1024), len in any::<u64>()) {
@@ -102,7 +102,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: soak(48) as u32, ..ProptestConfig::default() })]
 
     #[test]
     fn damaged_tables_fail_cleanly(flips in proptest::collection::vec((0usize..0x9000, any::<u8>()), 1..12)) {

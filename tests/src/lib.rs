@@ -9,6 +9,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// Whether this is the slow soak run (`SLUICE_SOAK=1 scripts/test.sh`):
+/// tests then repeat their crash and kill rounds many more times.
+pub fn soak() -> bool {
+    std::env::var("SLUICE_SOAK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

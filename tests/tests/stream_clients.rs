@@ -2,7 +2,7 @@
 //! (qemu-io over NBD, every block verified against a model), and a SIGKILL in
 //! the middle of a stream (images stay valid, a new stream finishes the job).
 
-use sluice_tests::{check, qemu_img, run, Daemon, TempDir};
+use sluice_tests::{check, qemu_img, run, soak, Daemon, TempDir};
 use std::time::Duration;
 
 fn scenario(case: &str) {
@@ -40,7 +40,13 @@ fn kill_phase(d: &Daemon, dir: &str, phase: &str) {
 fn sigkill_during_a_stream_leaves_valid_images_and_a_new_stream_finishes() {
     let work = TempDir::new("kill");
     let dir = work.0.to_str().unwrap();
-    for (round, wait_ms) in [(0, 150u64), (1, 400)] {
+    // Soak: 40 kills at spread-out moments of the copy.
+    let waits: Vec<u64> = if soak() {
+        (0..40u64).map(|i| 50 + i * 337 % 950).collect()
+    } else {
+        vec![150, 400]
+    };
+    for (round, wait_ms) in waits.into_iter().enumerate() {
         let d = Daemon::start(&[]);
         kill_phase(&d, dir, if round == 0 { "start" } else { "restart" });
         std::thread::sleep(Duration::from_millis(wait_ms));

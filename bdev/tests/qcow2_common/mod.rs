@@ -12,6 +12,15 @@ use std::sync::Arc;
 
 pub mod crash_gen;
 
+/// `n`, or 20 times `n` when `SLUICE_SOAK` is set (`scripts/test.sh`'s slow
+/// soak run: more crash cycles, fuzz cases and write rounds).
+pub fn soak(n: u64) -> u64 {
+    match std::env::var("SLUICE_SOAK") {
+        Ok(v) if !v.is_empty() && v != "0" => n * 20,
+        _ => n,
+    }
+}
+
 /// A runtime of `n` unpinned reactors.
 pub fn runtime(n: usize) -> Runtime {
     let list = (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
