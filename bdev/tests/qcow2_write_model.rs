@@ -237,7 +237,15 @@ fn sluice_created_images_match_qemu() {
             &["info", "--output=json", img.to_str().unwrap()],
         );
         assert!(info.contains(&format!("\"cluster-size\": {cs}")), "{info}");
-        exercise(&tag, &img, size, cs, None, 0x9e37_79b9 ^ cs, soak(16) as usize);
+        exercise(
+            &tag,
+            &img,
+            size,
+            cs,
+            None,
+            0x9e37_79b9 ^ cs,
+            soak(16) as usize,
+        );
     }
 }
 
@@ -255,7 +263,15 @@ fn qemu_created_image_with_backing_chain() {
     );
     qemu_io(&top, &["write -P 0x12 64k 8k", "write -z 1m 4k"]);
     let backing = qemu_contents(&top);
-    exercise("wback", &top, 6 << 20, 4096, Some(backing), 7, soak(16) as usize);
+    exercise(
+        "wback",
+        &top,
+        6 << 20,
+        4096,
+        Some(backing),
+        7,
+        soak(16) as usize,
+    );
 }
 
 #[test]
