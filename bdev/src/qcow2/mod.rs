@@ -74,4 +74,4 @@ mod sync;
 
 pub use bdev::{BlockStatus, Qcow2Bdev};
 pub use create::{create, create_file, CreateOptions};
-pub use open::{open_file, resolve_backing_path, BackingSpec, OpenOptions};
+pub use open::{open_file, open_file_as, resolve_backing_path, BackingSpec, OpenOptions};

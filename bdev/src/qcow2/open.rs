@@ -84,6 +84,18 @@ impl Qcow2Bdev {
 pub async fn open_file(
     name: &str,
     path: &Path,
+    opts: OpenOptions,
+) -> Result<Arc<Qcow2Bdev>, BdevError> {
+    open_file_as(name, &format!("{name}.file"), path, opts).await
+}
+
+/// [`open_file`] with the name of the uring bdev under the image chosen by the
+/// caller (QEMU's node-name of the `file` child), so that the caller can
+/// register that bdev (the image's [`Qcow2Bdev::base`]) as a node of its own.
+pub async fn open_file_as(
+    name: &str,
+    file_name: &str,
+    path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
     let growth = if opts.read_only {
@@ -101,7 +113,7 @@ pub async fn open_file(
         e
     };
     let base = UringBdev::open(
-        &format!("{name}.file"),
+        file_name,
         path,
         UringOptions {
             direct: opts.direct,

@@ -19,6 +19,8 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+pub(crate) use leaf::{open_file as open_uring_file, FileOpts};
+
 /// Registers the bdev methods and the `bdev` config section.
 pub fn register(t: &mut MethodTable) {
     info::register(t);
@@ -119,8 +121,10 @@ fn bdev_section() -> Vec<Value> {
         );
         order.extend(rest);
     }
+    // Nodes made by blockdev-add are recreated by the `blockdev` section.
     order
         .into_iter()
+        .filter(|n| !super::blockdev::owns(n))
         .filter_map(|n| bdevs.get(n).and_then(|b| b.config()))
         .collect()
 }

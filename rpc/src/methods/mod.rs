@@ -2,6 +2,7 @@
 //! table is assembled.
 
 pub mod bdev;
+pub mod blockdev;
 pub mod core;
 pub mod jobs;
 pub mod nbd;
@@ -21,6 +22,7 @@ pub fn build_table() -> MethodTable {
     bdev::register(&mut t);
     notify::register(&mut t);
     qcow2::register(&mut t);
+    blockdev::register(&mut t);
     jobs::register(&mut t);
     stream2011::register(&mut t);
     snapshot::register(&mut t);

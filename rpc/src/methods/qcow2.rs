@@ -35,28 +35,33 @@ pub fn register(t: &mut MethodTable) {
     });
 }
 
-#[derive(Deserialize, Clone)]
+/// `bdev_qcow2_open`'s parameters (also what `blockdev-add` maps onto).
+#[derive(Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
-struct Open {
+pub(crate) struct Open {
     /// Device name (none: only a node).
-    name: Option<String>,
+    pub name: Option<String>,
     /// Node name (default: `<name>-node`).
-    node_name: Option<String>,
+    pub node_name: Option<String>,
     /// Image file.
-    filename: Option<String>,
+    pub filename: Option<String>,
     /// Or: the registered bdev holding the image.
-    base_bdev: Option<String>,
+    pub base_bdev: Option<String>,
     /// Backing: a registered node name to read through; default: the header's file.
-    backing: Option<String>,
+    pub backing: Option<String>,
     /// Ignore the header's backing file.
     #[serde(default)]
-    no_backing: bool,
+    pub no_backing: bool,
     #[serde(default)]
-    read_only: bool,
+    pub read_only: bool,
     /// O_DIRECT for files (default true).
-    direct: Option<bool>,
+    pub direct: Option<bool>,
     /// The reactor owning the image's metadata (default 0).
-    reactor: Option<usize>,
+    pub reactor: Option<usize>,
+    /// Not a parameter (`blockdev-add`): with `filename`, the uring bdev under
+    /// the image gets this name and is registered too, claimed by the image.
+    #[serde(skip)]
+    pub file_node: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +132,7 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             read_only: false,
             direct: c.direct,
             reactor: c.reactor,
+            file_node: None,
         },
     )
 }
@@ -145,7 +151,9 @@ fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
     Ok(())
 }
 
-fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
+/// Opens an image as a node (and a device when `name` is given); returns the
+/// device's or the node's name.
+pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     let node_name = node_name_of(&o.name, &o.node_name)?;
     if let Some(d) = &o.name {
         if registry().contains(d) {
@@ -155,11 +163,13 @@ fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
             ));
         }
     }
-    if registry().contains(&node_name) {
-        return Err(RpcError::errno(
-            libc::EEXIST,
-            format!("Duplicate nodes with node-name='{node_name}'"),
-        ));
+    for n in std::iter::once(&node_name).chain(&o.file_node) {
+        if registry().contains(n) {
+            return Err(RpcError::errno(
+                libc::EEXIST,
+                format!("Duplicate nodes with node-name='{n}'"),
+            ));
+        }
     }
     let backing = match (&o.backing, o.no_backing) {
         (Some(_), true) => {
@@ -188,19 +198,26 @@ fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     };
     let base_name = o.base_bdev.clone();
     let nn = node_name.clone();
+    let file_node = o.file_node.clone();
     let img: Arc<Qcow2Bdev> = svc
         .rt
         .spawn_on(o.reactor.unwrap_or(0), move || async move {
-            match base {
-                Ok(b) => Qcow2Bdev::open(&nn, b, opts).await,
-                Err(path) => qcow2::open_file(&nn, &path, opts).await,
+            match (base, file_node) {
+                (Ok(b), _) => Qcow2Bdev::open(&nn, b, opts).await,
+                (Err(path), None) => qcow2::open_file(&nn, &path, opts).await,
+                (Err(path), Some(f)) => qcow2::open_file_as(&nn, &f, &path, opts).await,
             }
         })
         .block()??;
+    let file_bdev = img.base().clone();
     let img: Arc<dyn Bdev> = img;
     register_bdev(svc, img.clone())?;
     if let Some(b) = &base_name {
         registry().claim(b, &node_name)?;
+    }
+    if let (Some(f), None) = (&o.file_node, &base_name) {
+        register_bdev(svc, file_bdev)?;
+        registry().claim(f, &node_name)?;
     }
     if let Err(e) = register_chain(svc, &img) {
         tracing::warn!(node = %node_name, "registering the backing chain: {e}");
@@ -222,8 +239,9 @@ struct Delete {
 }
 
 /// Flushes and trims an image node, then deletes it and whatever below it
-/// nothing else uses any more.
-fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
+/// nothing else uses any more (a node made by `blockdev-add` stays: the
+/// monitor owns it).
+pub(crate) fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
     let chain = node::chain(&b);
     if let Some(img) = node::image(&b) {
         let owner = img.owner();
@@ -244,6 +262,9 @@ fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
             registry().release(&name, a);
         }
         if !registry().contains(&name) || !registry().claims(&name).is_empty() {
+            break;
+        }
+        if above.is_some() && super::blockdev::monitor_owned(&name) {
             break;
         }
         delete_bdev(svc, &name)?;
@@ -339,6 +360,7 @@ fn query_block() -> Value {
     let v: Vec<Value> = registry()
         .list()
         .iter()
+        .filter(|b| !super::blockdev::is_raw_node(b.name()))
         .filter_map(|b| Device::from_bdev(b).map(|d| (b.name().to_string(), d.root())))
         .map(|(name, root)| {
             json!({
@@ -361,8 +383,12 @@ fn query_named_block_nodes() -> Value {
         registry()
             .list()
             .iter()
-            .filter(|b| Device::from_bdev(b).is_none())
-            .map(node_info)
+            .filter(|b| Device::from_bdev(b).is_none() || super::blockdev::is_raw_node(b.name()))
+            .map(|b| {
+                let mut v = node_info(b);
+                super::blockdev::annotate(b, &mut v);
+                v
+            })
             .collect(),
     )
 }

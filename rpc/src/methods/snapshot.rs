@@ -88,6 +88,19 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
         (Some(d), _) => d,
         (None, Some(n)) => match bdev::device::Device::find_by_root(&n) {
             Some(d) => d.name().to_string(),
+            // A plain node (blockdev-add's): the overlay becomes a node over it.
+            None if bdev::registry().contains(&n)
+                && bdev::device::Device::from_bdev(&bdev::registry().get(&n)?).is_none() =>
+            {
+                super::blockdev::snapshot_plain_node(
+                    svc,
+                    &n,
+                    &a.snapshot_file,
+                    a.snapshot_node_name,
+                    mode == SnapshotMode::Existing,
+                )?;
+                return Ok(json!({}));
+            }
             None if bdev::registry().contains(&n) => {
                 return Err(RpcError::invalid_params(format!(
                     "Node '{n}' is not the root of a device"

@@ -169,14 +169,18 @@ fn bdev_null_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
 
 /// Opens a file as a uring bdev. `direct: None` tries O_DIRECT and falls back
 /// to buffered I/O where the filesystem refuses it (as SPDK's aio bdev does).
-struct FileOpts {
-    block_size: Option<u32>,
-    direct: Option<bool>,
-    read_only: bool,
-    uuid: Option<String>,
+pub(crate) struct FileOpts {
+    pub block_size: Option<u32>,
+    pub direct: Option<bool>,
+    pub read_only: bool,
+    pub uuid: Option<String>,
 }
 
-fn open_file(name: &str, filename: &str, o: FileOpts) -> Result<Arc<UringBdev>, RpcError> {
+pub(crate) fn open_file(
+    name: &str,
+    filename: &str,
+    o: FileOpts,
+) -> Result<Arc<UringBdev>, RpcError> {
     // SPDK: block_size 0 means "detect".
     let block_size = o.block_size.filter(|b| *b != 0);
     let opts = |direct| UringOptions {

@@ -1,0 +1,337 @@
+"""blockdev-add / blockdev-del the qemu-storage-daemon way, through qemu.qmp:
+images opened and closed as nodes, exported over NBD, streamed; errors compared
+with qemu-storage-daemon 10's own answers."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+from stream_common import (Vm, check, compare_raw, info, make_chain, parse_args,
+                           qemu_img, qemu_io, reference)
+
+MiB = 1 << 20
+
+
+def err(r):
+    assert "error" in r, r
+    return r["error"]
+
+
+def nodes(vm):
+    return {n["node-name"]: n for n in vm.cmd("query-named-block-nodes")}
+
+
+def nbd_start(vm, d):
+    sock = os.path.join(d, "nbd.sock")
+    vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    return sock
+
+
+def uri(sock, name):
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def export_del(vm, eid):
+    vm.cmd("block-export-del", id=eid)
+    vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": eid})
+
+
+def case_qsd_way(vm, d):
+    """A file node, a qcow2 node over it (chain from the headers), NBD export,
+    a client write, block-stream, then everything closed with blockdev-del."""
+    paths = make_chain(d, ["base", "mid", "top"], "8M", [
+        ["write -P 0x11 0 4M"],
+        ["write -P 0x22 1M 2M"],
+        ["write -P 0x33 2560k 512k"],
+    ])
+    ref = reference(d, paths[-1])
+    qemu_io("-f", "raw", "-c", "write -P 0x44 3M 64k", ref)
+    vm.cmd("blockdev-add", driver="file", node_name="top-file", filename=paths[-1])
+    vm.cmd("blockdev-add", driver="qcow2", node_name="top", file="top-file")
+    n = nodes(vm)
+    assert n["top"]["drv"] == "qcow2" and n["top"]["backing_file_depth"] == 2, n["top"]
+    assert n["top-file"]["drv"] == "file" and n["top-file"]["file"] == paths[-1], n["top-file"]
+    assert n["top"]["image"]["backing-image"]["filename"] == paths[1], n["top"]
+    sock = nbd_start(vm, d)
+    vm.cmd("block-export-add", type="nbd", id="e0", node_name="top", writable=True)
+    qemu_io("-f", "raw", "-c", "write -P 0x44 3M 64k", uri(sock, "top"))
+    vm.cmd("block-stream", job_id="s0", device="top")
+    vm.wait_until_completed(drive="s0")
+    assert nodes(vm)["top"]["backing_file_depth"] == 0
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "top"), ref],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    export_del(vm, "e0")
+    r = vm.qmp("blockdev-del", node_name="top-file")
+    assert err(r) == {"class": "GenericError", "desc": "Block device top-file is in use"}, r
+    vm.cmd("blockdev-del", node_name="top")
+    # The file node is a node of its own again.
+    assert set(nodes(vm)) == {"top-file"}, nodes(vm)
+    vm.cmd("blockdev-del", node_name="top-file")
+    assert nodes(vm) == {}, nodes(vm)
+    check(paths[-1])
+    i = info(paths[-1])
+    assert "backing-filename" not in i, i
+    compare_raw(paths[-1], ref)
+    # Closed cleanly: the file is trimmed back from its growth reserve.
+    assert os.path.getsize(paths[-1]) < 10 * MiB, os.path.getsize(paths[-1])
+
+
+def case_backing_forms(vm, d):
+    """backing: "<node>" reads through the named node; backing: null reads
+    the image alone (what only the backing had reads as zeroes)."""
+    base, top = make_chain(d, ["base", "top"], "4M", [
+        ["write -P 0x11 0 1M"],
+        ["write -P 0x22 1M 64k"],
+    ])
+    sock = nbd_start(vm, d)
+    vm.cmd("blockdev-add", driver="qcow2", node_name="base", read_only=True,
+           file={"driver": "file", "filename": base})
+    vm.cmd("blockdev-add", driver="qcow2", node_name="top", backing="base",
+           file={"driver": "file", "filename": top, "node-name": "top-f"})
+    n = nodes(vm)
+    assert n["top"]["backing_file_depth"] == 1, n["top"]
+    assert n["top-f"]["drv"] == "file", n
+    assert n["base"]["ro"] is True and n["base.file"]["drv"] == "file", n
+    vm.cmd("block-export-add", type="nbd", id="e0", node_name="top")
+    qemu_io("-f", "raw", "-r", "-c", "read -P 0x11 0 64k", "-c", "read -P 0x22 1M 64k",
+            uri(sock, "top"))
+    r = vm.qmp("blockdev-del", node_name="base")
+    assert err(r) == {"class": "GenericError", "desc": "Block device base is in use"}, r
+    r = vm.qmp("blockdev-del", node_name="top-f")
+    assert err(r) == {"class": "GenericError", "desc": "Node top-f is not owned by the monitor"}, r
+    export_del(vm, "e0")
+    vm.cmd("blockdev-del", node_name="top")
+    # The monitor's backing node stays.
+    assert set(nodes(vm)) == {"base", "base.file"}, nodes(vm)
+    vm.cmd("blockdev-del", node_name="base")
+    assert nodes(vm) == {}
+
+    vm.cmd("blockdev-add", driver="qcow2", node_name="alone", backing=None,
+           file={"driver": "file", "filename": top})
+    assert nodes(vm)["alone"]["backing_file_depth"] == 0
+    vm.cmd("block-export-add", type="nbd", id="e1", node_name="alone")
+    qemu_io("-f", "raw", "-r", "-c", "read -P 0 0 64k", "-c", "read -P 0x22 1M 64k",
+            uri(sock, "alone"))
+    export_del(vm, "e1")
+    vm.cmd("blockdev-del", node_name="alone")
+    assert nodes(vm) == {}
+    check(top)
+    # Opening without the backing does not change the header.
+    assert info(top)["backing-filename"] == base, info(top)
+
+
+def case_null_raw(vm, d):
+    """null-co and raw nodes: added, exported, read and written, deleted."""
+    img = os.path.join(d, "disk.raw")
+    qemu_img("create", "-q", "-f", "raw", img, "1M")
+    qemu_io("-f", "raw", "-c", "write -P 0x5a 0 64k", img)
+    sock = nbd_start(vm, d)
+    vm.cmd("blockdev-add", driver="null-co", node_name="n0", size=MiB, read_zeroes=True)
+    vm.cmd("blockdev-add", driver="null-co", node_name="n1")
+    vm.cmd("blockdev-add", driver="raw", node_name="r0", file={"driver": "file", "filename": img})
+    vm.cmd("blockdev-add", driver="raw", node_name="r1", file="n0")
+    n = nodes(vm)
+    assert n["n1"]["drv"] == "null-co" and n["n1"]["image"]["virtual-size"] == 1 << 30, n["n1"]
+    assert n["n0"]["image"]["virtual-size"] == MiB, n["n0"]
+    assert n["r0"]["drv"] == "raw" and n["r0"]["file"] == img, n["r0"]
+    assert n["r0.file"]["drv"] == "file", n
+    assert n["r1"]["drv"] == "raw", n["r1"]
+    # Raw nodes are nodes, not devices.
+    assert vm.cmd("query-block") == [], vm.cmd("query-block")
+    vm.cmd("block-export-add", type="nbd", id="e0", node_name="r0", writable=True)
+    vm.cmd("block-export-add", type="nbd", id="e1", node_name="r1")
+    vm.cmd("block-export-add", type="nbd", id="e2", node_name="n0")
+    qemu_io("-f", "raw", "-c", "read -P 0x5a 0 64k", "-c", "write -P 0x66 64k 64k",
+            uri(sock, "r0"))
+    qemu_io("-f", "raw", "-r", "-c", "read -P 0 0 1M", uri(sock, "r1"))
+    qemu_io("-f", "raw", "-r", "-c", "read -P 0 512k 64k", uri(sock, "n0"))
+    r = vm.qmp("blockdev-del", node_name="n0")
+    assert err(r) == {"class": "GenericError", "desc": "Node n0 is in use"}, r
+    for e in ("e0", "e1", "e2"):
+        export_del(vm, e)
+    r = vm.qmp("blockdev-del", node_name="n0")
+    assert err(r) == {"class": "GenericError", "desc": "Block device n0 is in use"}, r
+    for n in ("r1", "n0", "n1", "r0"):
+        vm.cmd("blockdev-del", node_name=n)
+    assert nodes(vm) == {}, nodes(vm)
+    qemu_io("-f", "raw", "-c", "read -P 0x5a 0 64k", "-c", "read -P 0x66 64k 64k", img)
+
+
+def case_snapshot_config(vm, d):
+    """blockdev-snapshot-sync on a blockdev node, then save_config's
+    blockdev section, and the overlay streamed and closed."""
+    base, top = make_chain(d, ["base", "top"], "4M", [["write -P 0x11 0 1M"], []])
+    snap = os.path.join(d, "snap.qcow2")
+    vm.cmd("blockdev-add", driver="qcow2", node_name="top",
+           file={"driver": "file", "filename": top})
+    vm.cmd("blockdev-snapshot-sync", node_name="top", snapshot_file=snap,
+           snapshot_node_name="snap", format="qcow2")
+    n = nodes(vm)
+    assert n["snap"]["backing_file_depth"] == 2, n["snap"]
+    assert info(snap)["backing-filename"] == top, info(snap)
+    cfg = vm.cmd("save_config")
+    sub = {s["subsystem"]: s["config"] for s in cfg["subsystems"]}
+    calls = sub["blockdev"]
+    assert [c["params"]["node-name"] for c in calls] == ["top", "snap"], calls
+    assert all(c["method"] == "blockdev-add" for c in calls), calls
+    # Nothing of those nodes is saved twice as bdev_* calls.
+    assert all(c["params"].get("name") not in ("top.file", "snap.file")
+               for c in sub.get("bdev", [])), sub.get("bdev")
+    vm.cmd("block-stream", job_id="s", device="snap")
+    vm.wait_until_completed(drive="s")
+    vm.cmd("blockdev-del", node_name="snap")
+    vm.cmd("blockdev-del", node_name="top")
+    assert nodes(vm) == {}, nodes(vm)
+    check(snap)
+    assert "backing-filename" not in info(snap)
+    qemu_io("-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 3M", snap)
+
+
+# --- errors, compared with qemu-storage-daemon ------------------------------
+
+def error_script(d):
+    """(command, arguments) pairs; files in d. Each must end the same on both."""
+    top, other, base = (os.path.join(d, f) for f in ("top.qcow2", "other.qcow2", "base.qcow2"))
+    missing = os.path.join(d, "missing.qcow2")
+    f = {"driver": "file", "filename": top}
+    return [
+        ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": top}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q1", "file": "f1"}),
+        ("blockdev-add", {"driver": "file", "node-name": "fro", "filename": base, "read-only": True}),
+        ("blockdev-add", {"driver": "nope", "node-name": "x"}),
+        ("blockdev-add", {"node-name": "x"}),
+        ("blockdev-add", {"driver": "qcow2", "file": f}),
+        ("blockdev-add", {"driver": "file", "node-name": "x", "filename": missing}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x",
+                          "file": {"driver": "file", "filename": missing}}),
+        ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": base}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x",
+                          "file": {"driver": "file", "filename": other, "node-name": "f1"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x",
+                          "file": {"driver": "file", "filename": other, "node-name": "x"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "nosuch"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": 5}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "read-only": "yes"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "backing": 5}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "cache": {"direct": "x"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "cache": {"bogus": True}}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "x", "size": "x"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "detect-zeroes": "bad"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "bogus": 1}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": dict(f, bogus=1)}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": {"driver": "file"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "1bad", "file": "f1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a" * 40, "file": "f1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1", "backing": "nosuch"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "f1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "x", "file": "fro"}),
+        ("blockdev-del", {"node-name": "nosuch"}),
+        ("blockdev-del", {}),
+        ("blockdev-del", {"node-name": "f1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q2",
+                          "file": {"driver": "file", "filename": other, "node-name": "n.1"}}),
+        ("blockdev-del", {"node-name": "n.1"}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": os.path.join(d, "nbd.sock")}}}),
+        ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q1"}),
+        ("blockdev-del", {"node-name": "q1"}),
+        ("block-export-del", {"id": "e1"}),
+        ("wait", "BLOCK_EXPORT_DELETED"),
+        ("block-stream", {"job-id": "j", "device": "q2", "speed": 1}),
+        ("blockdev-del", {"node-name": "q2"}),
+        ("block-job-cancel", {"device": "j"}),
+        ("wait", "BLOCK_JOB_CANCELLED"),
+        ("blockdev-del", {"node-name": "q2"}),
+        ("blockdev-del", {"node-name": "q1"}),
+        ("blockdev-del", {"node-name": "f1"}),
+        ("blockdev-del", {"node-name": "fro"}),
+        ("blockdev-del", {"node-name": "f1"}),
+        ("query-named-block-nodes", {}),
+    ]
+
+
+def run_script(vm, script):
+    out = []
+    for cmd, args in script:
+        if cmd == "wait":
+            vm.event_wait(args, 20)
+            continue
+        r = vm.raw(cmd, args)
+        if "error" in r:
+            out.append((cmd, args, r["error"]))
+        elif cmd == "query-named-block-nodes":
+            out.append((cmd, args, sorted(n["node-name"] for n in r["return"])))
+        else:
+            out.append((cmd, args, "ok"))
+    return out
+
+
+def qsd_answers(d, script):
+    sock = os.path.join(d, "qsd.sock")
+    p = subprocess.Popen(["qemu-storage-daemon", "--chardev",
+                          f"socket,path={sock},server=on,wait=off,id=m0", "--monitor", "chardev=m0"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while not os.path.exists(sock):
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()
+            time.sleep(0.02)
+        qsd = Vm(sock)
+        out = run_script(qsd, script)
+        qsd.q.close()
+        return out
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def jsonrpc(path, method, params):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode())
+    buf = b""
+    while True:
+        buf += s.recv(65536)
+        try:
+            return json.loads(buf)
+        except ValueError:
+            continue
+
+
+def case_errors(vm, d, rpc):
+    make_chain(d, ["base", "top"], "8M", [["write -P 0x11 0 8M"], []])
+    make_chain(d, ["base", "other"], "8M", [["write -P 0x11 0 8M"], []])
+    script = error_script(d)
+    want = qsd_answers(d, script)
+    got = run_script(vm, script)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == w, f"\nsluice: {g}\nqsd:    {w}"
+    # Every refusal is a GenericError, as QEMU gives it; something was refused.
+    assert sum(1 for g in got if g[2] != "ok" and isinstance(g[2], dict)) >= 30
+    # The same method through the JSON-RPC socket.
+    r = jsonrpc(rpc, "blockdev-del", {"node-name": "nosuch"})
+    assert r["error"]["message"] == "Failed to find node with node-name='nosuch'", r
+    r = jsonrpc(rpc, "blockdev-add", {"driver": "null-co", "node-name": "j0", "size": 4096})
+    assert r["result"] == {}, r
+    r = jsonrpc(rpc, "blockdev-add", {"driver": "null-co", "node-name": "j0"})
+    assert r["error"]["message"] == "Duplicate nodes with node-name='j0'", r
+    assert jsonrpc(rpc, "blockdev-del", {"node-name": "j0"})["result"] == {}
+    for p in ("top", "other"):
+        check(os.path.join(d, f"{p}.qcow2"))
+
+
+def main():
+    a = parse_args()
+    vm = Vm(a.qmp)
+    if a.case == "errors":
+        case_errors(vm, a.dir, a.rpc)
+    else:
+        globals()["case_" + a.case](vm, a.dir)
+    print("ok")
+
+
+main()
