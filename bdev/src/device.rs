@@ -24,16 +24,25 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Hidden devices (not in the registry) that are still open.
+static HIDDEN: Mutex<Vec<std::sync::Weak<dyn Bdev>>> = Mutex::new(Vec::new());
+
 /// What is shared by every reactor's channel of one device.
 struct Shared {
     id: u64,
     name: String,
+    /// The registry claim held on the current root.
+    claim: String,
+    /// Not registered (an anonymous front door, such as an NBD export's).
+    hidden: bool,
+    /// Set (under the root lock) once the device let go of its root.
+    closed: AtomicBool,
     root: Mutex<Arc<dyn Bdev>>,
     /// Bumped on every swap; channels compare it to refresh their root channel.
     gen: AtomicU64,
@@ -48,6 +57,14 @@ struct Shared {
 impl Shared {
     fn root(&self) -> Arc<dyn Bdev> {
         self.root.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets go of the root: releases the claim on it; a later swap releases
+    /// the claim it took on its new root.
+    fn close(&self) {
+        let g = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        registry().release(g.name(), &self.claim);
     }
 }
 
@@ -99,13 +116,43 @@ impl Device {
                 "device name must not be empty".into(),
             ));
         }
+        Self::build(name, claim_name(name), false, root)
+    }
+
+    /// An anonymous device over `root` (QEMU's BlockBackend of an export):
+    /// not registered, so neither listed nor addressable by name, yet moved
+    /// with its root by a snapshot (see [`Device::hidden_by_root`]). `claim`
+    /// is the registry claim it holds on its current root (and its name in
+    /// logs). Give it back with [`Device::close_hidden`].
+    pub fn new_hidden(claim: &str, root: Arc<dyn Bdev>) -> Result<Arc<dyn Bdev>, BdevError> {
+        if claim.is_empty() {
+            return Err(BdevError::InvalidParam(
+                "device claim must not be empty".into(),
+            ));
+        }
+        let d: Arc<dyn Bdev> = Self::build(claim, claim.to_string(), true, root)?;
+        let mut h = HIDDEN.lock().unwrap_or_else(|p| p.into_inner());
+        h.retain(|w| w.strong_count() > 0);
+        h.push(Arc::downgrade(&d));
+        Ok(d)
+    }
+
+    fn build(
+        name: &str,
+        claim: String,
+        hidden: bool,
+        root: Arc<dyn Bdev>,
+    ) -> Result<Arc<Device>, BdevError> {
         if registry().contains(root.name()) {
-            registry().claim(root.name(), &claim_name(name))?;
+            registry().claim(root.name(), &claim)?;
         }
         Ok(Arc::new(Device {
             shared: Arc::new(Shared {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 name: name.to_string(),
+                claim,
+                hidden,
+                closed: AtomicBool::new(false),
                 root: Mutex::new(root),
                 gen: AtomicU64::new(1),
                 paused: AtomicUsize::new(0),
@@ -127,6 +174,43 @@ impl Device {
             .list()
             .into_iter()
             .find(|b| Device::from_bdev(b).is_some_and(|d| d.root().name() == root))
+    }
+
+    /// Every open hidden device whose current root is the bdev named `root`.
+    pub fn hidden_by_root(root: &str) -> Vec<Arc<dyn Bdev>> {
+        let h = HIDDEN.lock().unwrap_or_else(|p| p.into_inner());
+        h.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|b| {
+                Device::from_bdev(b).is_some_and(|d| {
+                    !d.shared.closed.load(Ordering::SeqCst) && d.root().name() == root
+                })
+            })
+            .collect()
+    }
+
+    /// Closes a hidden device made by [`Device::new_hidden`]: it lets go of
+    /// its root and every reactor drops its cached channel to it (by
+    /// messages: callable from any thread, a reactor's included). Requests
+    /// must no longer be submitted to it.
+    pub fn close_hidden(b: &Arc<dyn Bdev>, rt: &RuntimeHandle) {
+        let Some(d) = Device::from_bdev(b) else {
+            return;
+        };
+        HIDDEN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.strong_count() > 0 && !std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(b)));
+        d.shared.close();
+        for i in 0..rt.num_reactors() {
+            let b = b.clone();
+            let _ = rt.send_completion(i, move || crate::channel::drop_cached_channels(&b));
+        }
+    }
+
+    /// Whether this is a hidden device ([`Device::new_hidden`]).
+    pub fn is_hidden(&self) -> bool {
+        self.shared.hidden
     }
 
     /// The current root node.
@@ -208,7 +292,7 @@ impl Device {
                 cur.block_size()
             )));
         }
-        let claim = claim_name(&self.shared.name);
+        let claim = self.shared.claim.clone();
         if registry().contains(new_root.name()) {
             registry().claim(new_root.name(), &claim)?;
         }
@@ -216,13 +300,16 @@ impl Device {
             registry().release(new_root.name(), &claim);
             return Err(e);
         }
-        let old = {
+        let (old, closed) = {
             let mut g = self.shared.root.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut *g, new_root.clone())
+            let old = std::mem::replace(&mut *g, new_root.clone());
+            (old, self.shared.closed.load(Ordering::SeqCst))
         };
         self.shared.gen.fetch_add(1, Ordering::SeqCst);
         self.resume(rt).await;
-        registry().release(old.name(), &claim);
+        // A device closed meanwhile has released its old root already.
+        let release = if closed { &new_root } else { &old };
+        registry().release(release.name(), &claim);
         tracing::info!(device = %self.shared.name, from = %old.name(), to = %new_root.name(), "device root switched");
         Ok(old)
     }
@@ -262,8 +349,7 @@ impl Bdev for Device {
         json!({"device": {"root": self.root().name()}})
     }
     fn on_delete(&self) {
-        let root = self.root();
-        registry().release(root.name(), &claim_name(&self.shared.name));
+        self.shared.close();
     }
     fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
         self.root().range_status(offset, len)

@@ -170,6 +170,56 @@ pub async fn snapshot_existing_node(
     let dev = Device::from_bdev(&dev_bdev)
         .ok_or_else(|| SnapshotError::DeviceNotFound(node_name.into()))?;
     let root = dev.root();
+    let overlay = attach_overlay(&root, overlay_name).await?;
+    dev.swap_root(&rt, overlay).await?;
+    Ok(())
+}
+
+/// `blockdev-snapshot` on a plain node (one that is no device's root): the
+/// existing image node `overlay` (opened without a backing file) gets the
+/// node as its backing, then every hidden device over the node (an NBD
+/// export's) is moved onto the overlay. The caller has checked that nothing
+/// else uses the node.
+pub async fn snapshot_existing_plain(
+    node_name: &str,
+    overlay_name: &str,
+) -> Result<(), SnapshotError> {
+    let rt = reactor::handle()
+        .ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
+    let root = registry()
+        .get(node_name)
+        .map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
+    let overlay = attach_overlay(&root, overlay_name).await?;
+    move_hidden(&rt, node_name, &overlay).await?;
+    Ok(())
+}
+
+/// Moves every hidden device whose root is `node_name` onto `overlay` (each
+/// swap quiesced as a device's always is); returns how many moved. Run on a
+/// reactor.
+pub async fn move_hidden(
+    rt: &reactor::RuntimeHandle,
+    node_name: &str,
+    overlay: &Arc<dyn Bdev>,
+) -> Result<usize, SnapshotError> {
+    let mut n = 0;
+    for b in Device::hidden_by_root(node_name) {
+        if let Some(d) = Device::from_bdev(&b) {
+            d.swap_root(rt, overlay.clone()).await?;
+            tracing::info!(export = %b.name(), from = %node_name, to = %overlay.name(), "moved onto the snapshot overlay");
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Links the image node `overlay_name` (without a backing yet) over `root`:
+/// its header names `root`'s file as the backing file, reads fall through to
+/// `root`, which the overlay claims.
+async fn attach_overlay(
+    root: &Arc<dyn Bdev>,
+    overlay_name: &str,
+) -> Result<Arc<dyn Bdev>, SnapshotError> {
     let overlay = registry()
         .get(overlay_name)
         .map_err(|_| SnapshotError::DeviceNotFound(overlay_name.into()))?;
@@ -188,16 +238,21 @@ pub async fn snapshot_existing_node(
             "The overlay '{overlay_name}' is read-only"
         )));
     }
+    if overlay.size() != root.size() {
+        return Err(SnapshotError::Invalid(format!(
+            "The overlay '{overlay_name}' has {} bytes, the node '{}' {}",
+            overlay.size(),
+            root.name(),
+            root.size()
+        )));
+    }
     img.set_backing_file(
-        Some(&node::filename_of(&root)),
-        Some(node::format_of(&root)),
+        Some(&node::filename_of(root)),
+        Some(node::format_of(root)),
         true,
     )
     .await?;
+    // The link claims `root` for the overlay.
     img.set_backing_bdev(Some(root.clone())).await?;
-    if registry().contains(root.name()) {
-        let _ = registry().claim(root.name(), overlay_name);
-    }
-    dev.swap_root(&rt, overlay).await?;
-    Ok(())
+    Ok(overlay)
 }

@@ -8,8 +8,8 @@ import socket
 import subprocess
 import time
 
-from stream_common import (Vm, check, compare_raw, info, make_chain, parse_args,
-                           qemu_img, qemu_io, reference)
+from stream_common import (Vm, check, compare_raw, depth_at, info, make_chain, parse_args,
+                           qmap, qemu_img, qemu_io, reference)
 
 MiB = 1 << 20
 
@@ -99,7 +99,8 @@ def case_backing_forms(vm, d):
     qemu_io("-f", "raw", "-r", "-c", "read -P 0x11 0 64k", "-c", "read -P 0x22 1M 64k",
             uri(sock, "top"))
     r = vm.qmp("blockdev-del", node_name="base")
-    assert err(r) == {"class": "GenericError", "desc": "Block device base is in use"}, r
+    assert err(r) == {"class": "GenericError",
+                      "desc": "Node 'base' is busy: node is used as backing hd of 'top'"}, r
     r = vm.qmp("blockdev-del", node_name="top-f")
     assert err(r) == {"class": "GenericError", "desc": "Node top-f is not owned by the monitor"}, r
     export_del(vm, "e0")
@@ -190,6 +191,181 @@ def case_snapshot_config(vm, d):
     qemu_io("-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 3M", snap)
 
 
+# --- snapshots of an exported node (QSD / libvirt) ---------------------------
+
+KiB = 1 << 10
+
+
+def snap_chain(vm, d):
+    """base <- top (8 MiB), top added by blockdev-add (chain from the headers),
+    exported writable over NBD, a client write; returns (paths, ref, sock)."""
+    paths = make_chain(d, ["base", "top"], "8M", [
+        ["write -P 0x11 0 4M"],
+        ["write -P 0x22 1M 2M"],
+    ])
+    ref = reference(d, paths[-1])
+    vm.cmd("blockdev-add", driver="qcow2", node_name="top",
+           file={"driver": "file", "filename": paths[-1]})
+    sock = nbd_start(vm, d)
+    vm.cmd("block-export-add", type="nbd", id="e0", node_name="top", writable=True)
+    for img in (uri(sock, "top"), ref):
+        qemu_io("-f", "raw", "-c", "write -P 0x44 3M 64k", img)
+    return paths, ref, sock
+
+
+def background_client(u, n=40):
+    """One NBD connection writing n 64 KiB blocks from 4 MiB (25 ms apart,
+    so it spans the snapshot), then reading every one back."""
+    cmds = []
+    for i in range(n):
+        cmds += ["-c", f"write -P 0x55 {4 * MiB + i * 64 * KiB} 64k", "-c", "sleep 25"]
+    cmds += ["-c", f"read -P 0x55 {4 * MiB} {n * 64}k", "-c", "read -P 0x44 3M 64k",
+             "-c", "read -P 0x22 1M 64k"]
+    return subprocess.Popen(["qemu-io", "-f", "raw", *cmds, u],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def background_done(p, ref, n=40):
+    out, errs = p.communicate(timeout=60)
+    assert p.returncode == 0, out + errs
+    assert "failed" not in out and "error" not in (out + errs).lower(), out + errs
+    # Every write and the verifying reads went through the one connection.
+    assert out.count("wrote 65536/65536") == n and out.count("read ") == 3, out
+    qemu_io("-f", "raw", "-c", f"write -P 0x55 {4 * MiB} {n * 64}k", ref)
+
+
+def exported_moved(vm, sock, ref):
+    """The export follows the snapshot: it is on ov, clients carry on and
+    write into ov."""
+    ex = vm.cmd("query-block-exports")
+    assert ex == [{"type": "nbd", "id": "e0", "node-name": "ov", "shutting-down": False}], ex
+    # The export's front door is hidden: no device appears.
+    assert vm.cmd("query-block") == [], vm.cmd("query-block")
+    for img in (uri(sock, "top"), ref):
+        qemu_io("-f", "raw", "-c", "write -P 0x66 7M 64k", img)
+    n = nodes(vm)
+    assert n["ov"]["backing_file_depth"] == 2, n["ov"]
+    r = vm.qmp("blockdev-del", node_name="top")
+    assert err(r) == {"class": "GenericError",
+                      "desc": "Node 'top' is busy: node is used as backing hd of 'ov'"}, r
+    r = vm.qmp("blockdev-del", node_name="ov")
+    assert err(r) == {"class": "GenericError", "desc": "Node ov is in use"}, r
+
+
+def case_snapshot_export(vm, d):
+    """libvirt's way: qemu-img create the overlay, blockdev-add it with
+    backing: null, blockdev-snapshot; the export moves onto it with a client
+    writing through the switch; block-stream on the overlay; all closed."""
+    paths, ref, sock = snap_chain(vm, d)
+    top = paths[-1]
+    ov = os.path.join(d, "ov.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", ov)
+    vm.cmd("blockdev-add", driver="qcow2", node_name="ov", backing=None,
+           file={"driver": "file", "filename": ov})
+    bg = background_client(uri(sock, "top"))
+    time.sleep(0.3)
+    vm.cmd("blockdev-snapshot", node="top", overlay="ov")
+    assert bg.poll() is None, "the client's connection must span the snapshot"
+    background_done(bg, ref)
+    exported_moved(vm, sock, ref)
+    # Written after the switch: in ov (its metadata is on disk as written).
+    assert depth_at(ov, 7 * MiB) == 0, qmap(ov)
+    vm.cmd("block-stream", job_id="s0", device="ov")
+    vm.wait_until_completed(drive="s0")
+    assert nodes(vm)["ov"]["backing_file_depth"] == 0
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "top"), ref],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    export_del(vm, "e0")
+    vm.cmd("blockdev-del", node_name="ov")
+    vm.cmd("blockdev-del", node_name="top")
+    assert nodes(vm) == {}, nodes(vm)
+    for p in (ov, top):
+        check(p)
+    assert "backing-filename" not in info(ov), info(ov)
+    compare_raw(ov, ref)
+    # Nothing written after the switch reached the old top.
+    assert depth_at(top, 7 * MiB) != 0, qmap(top)
+
+
+def case_snapshot_sync_export(vm, d):
+    """blockdev-snapshot-sync {node-name} on the exported node: the overlay
+    is created and added, the export moves onto it with a client writing
+    through the switch; judged after close without a stream."""
+    paths, ref, sock = snap_chain(vm, d)
+    top = paths[-1]
+    ov = os.path.join(d, "ov.qcow2")
+    bg = background_client(uri(sock, "top"))
+    time.sleep(0.3)
+    vm.cmd("blockdev-snapshot-sync", node_name="top", snapshot_file=ov,
+           snapshot_node_name="ov", format="qcow2")
+    assert bg.poll() is None, "the client's connection must span the snapshot"
+    background_done(bg, ref)
+    exported_moved(vm, sock, ref)
+    export_del(vm, "e0")
+    assert vm.cmd("query-block-exports") == []
+    vm.cmd("blockdev-del", node_name="ov")
+    vm.cmd("blockdev-del", node_name="top")
+    assert nodes(vm) == {}, nodes(vm)
+    for p in (ov, top):
+        check(p)
+    assert info(ov)["backing-filename"] == top, info(ov)
+    assert depth_at(ov, 7 * MiB) == 0, qmap(ov)
+    assert depth_at(top, 7 * MiB) != 0, qmap(top)
+    compare_raw(ov, ref)
+
+
+def snapshot_script(d):
+    """The libvirt flow's commands whose answers must be QSD's."""
+    top, ov, ov2 = (os.path.join(d, f) for f in ("top.qcow2", "ov.qcow2", "ov2.qcow2"))
+    file = lambda f: {"driver": "file", "filename": f}  # noqa: E731
+    return [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": file(top)}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": os.path.join(d, "nbd.sock")}}}),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "writable": True}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": None, "file": file(ov)}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ov2", "backing": None, "file": file(ov2)}),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "ov2"}),
+        ("blockdev-snapshot", {"node": "top", "overlay": "ov2"}),
+        ("block-export-del", {"id": "e2"}),
+        ("wait", "BLOCK_EXPORT_DELETED"),
+        ("blockdev-snapshot", {"node": "top", "overlay": "ov"}),
+        ("query-block-exports", {}),
+        ("blockdev-snapshot", {"node": "top", "overlay": "ov"}),
+        ("blockdev-del", {"node-name": "top"}),
+        ("blockdev-del", {"node-name": "ov"}),
+        ("block-export-del", {"id": "e0"}),
+        ("wait", "BLOCK_EXPORT_DELETED"),
+        ("query-block-exports", {}),
+        ("blockdev-del", {"node-name": "top"}),
+        ("blockdev-del", {"node-name": "ov"}),
+        ("blockdev-del", {"node-name": "top"}),
+        ("blockdev-del", {"node-name": "ov2"}),
+        ("query-named-block-nodes", {}),
+    ]
+
+
+def case_snapshot_qsd(vm, d):
+    """The libvirt flow's answers (query-block-exports after the move, the
+    refusals of blockdev-del and blockdev-snapshot) are QSD's."""
+    runs = {}
+    for who in ("qsd", "sluice"):
+        sub = os.path.join(d, who)
+        os.mkdir(sub)
+        paths = make_chain(sub, ["base", "top"], "4M", [["write -P 0x11 0 1M"], []])
+        for o in ("ov", "ov2"):
+            qemu_img("create", "-q", "-f", "qcow2", "-b", paths[-1], "-F", "qcow2",
+                     os.path.join(sub, f"{o}.qcow2"))
+        script = snapshot_script(sub)
+        runs[who] = qsd_answers(sub, script) if who == "qsd" else run_script(vm, script)
+        for p in paths:
+            check(p)
+    for g, w in zip(runs["sluice"], runs["qsd"]):
+        # The arguments differ only by the directory.
+        assert (g[0], g[2]) == (w[0], w[2]), f"\nsluice: {g}\nqsd:    {w}"
+    assert len(runs["sluice"]) == len(runs["qsd"])
+
+
 # --- errors, compared with qemu-storage-daemon ------------------------------
 
 def error_script(d):
@@ -264,6 +440,8 @@ def run_script(vm, script):
             out.append((cmd, args, r["error"]))
         elif cmd == "query-named-block-nodes":
             out.append((cmd, args, sorted(n["node-name"] for n in r["return"])))
+        elif cmd == "query-block-exports":
+            out.append((cmd, args, r["return"]))
         else:
             out.append((cmd, args, "ok"))
     return out

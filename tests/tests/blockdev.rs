@@ -22,4 +22,13 @@ macro_rules! scenarios {
     ($($name:ident),* $(,)?) => { $( #[test] fn $name() { scenario(stringify!($name)); } )* };
 }
 
-scenarios!(qsd_way, backing_forms, errors, null_raw, snapshot_config);
+scenarios!(
+    qsd_way,
+    backing_forms,
+    errors,
+    null_raw,
+    snapshot_config,
+    snapshot_export,
+    snapshot_sync_export,
+    snapshot_qsd,
+);

@@ -141,6 +141,16 @@ struct Existing {
 
 fn blockdev_snapshot(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Existing = p.parse()?;
+    // A plain node (blockdev-add's): the overlay is linked over it and its
+    // exports move onto the overlay.
+    if let Ok(b) = bdev::registry().get(&a.node) {
+        if bdev::device::Device::from_bdev(&b).is_none()
+            && bdev::device::Device::find_by_root(&a.node).is_none()
+        {
+            super::blockdev::snapshot_existing_plain(svc, &a.node, &a.overlay)?;
+            return Ok(json!({}));
+        }
+    }
     let owner = bdev::registry()
         .get(&a.overlay)
         .ok()

@@ -1,6 +1,7 @@
 //! An export: a named, optionally writable view of a bdev (or device) over NBD,
 //! and the bookkeeping of the connections attached to it.
 
+use bdev::device::Device;
 use bdev::{Bdev, IoType};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -68,7 +69,8 @@ pub struct ExportConfig {
 pub struct Export {
     /// Its configuration.
     pub cfg: ExportConfig,
-    /// The exported bdev (a device keeps its identity across root switches).
+    /// The exported bdev: a device as it is (it keeps its identity across
+    /// root switches), a plain node through a hidden device over it.
     pub bdev: Arc<dyn Bdev>,
     closing_flag: AtomicBool,
     state: Mutex<State>,
@@ -171,6 +173,15 @@ impl Export {
         };
         if let Some(f) = gone {
             f();
+        }
+    }
+
+    /// The node the export is attached to now: the current root of the
+    /// hidden device of a plain node's export, else the exported bdev.
+    pub fn node_name(&self) -> String {
+        match Device::from_bdev(&self.bdev) {
+            Some(d) if d.is_hidden() => d.root().name().to_string(),
+            _ => self.cfg.node.clone(),
         }
     }
 

@@ -6,6 +6,7 @@ use super::conn;
 use super::error::NbdError;
 use super::export::{Export, ExportConfig, Kick};
 use super::net::{Registration, Sock};
+use bdev::device::Device;
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -300,7 +301,8 @@ pub struct NbdServer {
 pub struct ExportInfo {
     /// Export id.
     pub id: String,
-    /// Exported node.
+    /// Exported node: the node the export is attached to now (a snapshot
+    /// of an exported plain node moves the export onto the overlay).
     pub node: String,
     /// Name clients use.
     pub name: String,
@@ -468,10 +470,20 @@ impl NbdServer {
             return Err(NbdError::ReadOnlyNode(cfg.node));
         }
         let claim = format!("nbd export {}", cfg.id);
-        bdev::registry().claim(&cfg.node, &claim)?;
+        // A plain node is exported through a hidden device over it (QEMU's
+        // export BlockBackend), which a snapshot of the node moves onto the
+        // overlay; a device (or raw node) is exported as it is.
+        let hidden = Device::from_bdev(&bdev).is_none();
+        let bdev = if hidden {
+            Device::new_hidden(&claim, bdev)?
+        } else {
+            bdev::registry().claim(&cfg.node, &claim)?;
+            bdev
+        };
         let weak = Arc::downgrade(&inst);
         let (id, node) = (cfg.id.clone(), cfg.node.clone());
         let events = inst.events.clone();
+        let (exported, rt) = (bdev.clone(), inst.rt.clone());
         let on_gone = Box::new(move || {
             if let Some(i) = weak.upgrade() {
                 i.exports
@@ -479,7 +491,11 @@ impl NbdServer {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
             }
-            bdev::registry().release(&node, &claim);
+            if hidden {
+                Device::close_hidden(&exported, &rt);
+            } else {
+                bdev::registry().release(&node, &claim);
+            }
             tracing::info!(id = %id, "NBD export deleted");
             if let Some(ev) = events {
                 ev.publish("BLOCK_EXPORT_DELETED", json!({"id": id}));
@@ -523,7 +539,7 @@ impl NbdServer {
         m.values()
             .map(|e| ExportInfo {
                 id: e.cfg.id.clone(),
-                node: e.cfg.node.clone(),
+                node: e.node_name(),
                 name: e.cfg.name.clone(),
                 shutting_down: e.is_closing(),
                 connections: e.connections(),

@@ -214,7 +214,11 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         intermediates: chain[1..end.max(1)].to_vec(),
         noop,
         owner,
-        device: device.clone(),
+        // A plain node's NBD export goes through a hidden device: the job
+        // yields to its clients and quiesces it for the switch.
+        device: device
+            .clone()
+            .or_else(|| Device::hidden_by_root(top.name()).into_iter().next()),
         durable: !p.no_flush_on_complete,
     };
     let spec = JobSpec {

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use spec::Driver;
 use std::sync::Arc;
 
-pub(crate) use snapshot::snapshot_plain_node;
+pub(crate) use snapshot::{snapshot_existing_plain, snapshot_plain_node};
 
 mod snapshot;
 
@@ -142,6 +142,13 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
             ),
         ));
     }
+    // QEMU's op blocker on a backing node (checked before ownership).
+    if let Some(user) = backing_user(name) {
+        return Err(RpcError::errno(
+            libc::EBUSY,
+            format!("Node '{name}' is busy: node is used as backing hd of '{user}'"),
+        ));
+    }
     if !monitor_owned(name) {
         return Err(RpcError::errno(
             libc::EPERM,
@@ -155,6 +162,18 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
         ));
     }
     Ok(b)
+}
+
+/// The image node that reads through `name` as its backing, if any.
+pub(crate) fn backing_user(name: &str) -> Option<String> {
+    state::user_claims(name).into_iter().find(|c| {
+        registry()
+            .get(c)
+            .ok()
+            .and_then(|b| stream::node::image(&b))
+            .and_then(|i| i.backing())
+            .is_some_and(|b| b.name() == name)
+    })
 }
 
 fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {

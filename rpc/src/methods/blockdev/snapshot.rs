@@ -1,23 +1,78 @@
-//! `blockdev-snapshot-sync {node-name}` on a node that is not the root of a
-//! device (a node made by `blockdev-add`, say): a new qcow2 overlay over it,
-//! added as `blockdev-add` would add it, so the monitor owns it.
+//! Snapshots of plain nodes (nodes that are no device's root: made by
+//! `blockdev-add`, say), as qemu-storage-daemon takes them:
+//! `blockdev-snapshot-sync {node-name}` creates a qcow2 overlay over the node
+//! and adds it as `blockdev-add` would (the monitor owns it);
+//! `blockdev-snapshot {node, overlay}` links an overlay the user added.
 //!
-//! QEMU moves the node's parents onto the overlay; sluice can move only a
-//! device's users (`bdev_qcow2_open` with a name), so a node that is in use
-//! (exported, a backing, a device's root) is refused: take the snapshot
-//! before exporting the node, and export the overlay.
+//! Then, as QEMU's `bdrv_append` moves the node's parents onto the overlay,
+//! every NBD export of the node (a hidden device over it) is moved onto the
+//! overlay with a quiesced root swap: clients stay connected and their next
+//! requests land in the overlay. Other users of the node (another node's
+//! backing link, a device's root) cannot be moved by sluice, so the snapshot
+//! is refused while they exist.
 
 use super::{add, create, state};
 use crate::error::RpcError;
 use crate::service::Service;
+use bdev::device::Device;
 use bdev::qcow2::{self, CreateOptions};
-use bdev::registry;
+use bdev::{registry, Bdev};
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 use stream::node;
 
+/// The claims on `node` that a snapshot cannot move onto an overlay: all
+/// but the monitor's and those of the hidden devices (exports) over it.
+fn check_movable(node: &str) -> Result<(), RpcError> {
+    let movable: Vec<String> = Device::hidden_by_root(node)
+        .iter()
+        .map(|b| b.name().to_string())
+        .collect();
+    let mut others = state::user_claims(node);
+    others.retain(|c| !movable.contains(c));
+    if others.is_empty() {
+        return Ok(());
+    }
+    // QEMU's op blocker on a backing node, in its words.
+    let backing_of = super::backing_user(node);
+    if let Some(user) = backing_of {
+        return Err(RpcError::errno(
+            libc::EBUSY,
+            format!("Node '{node}' is busy: node is used as backing hd of '{user}'"),
+        ));
+    }
+    Err(RpcError::errno(
+        libc::EBUSY,
+        format!(
+            "Node '{node}' is in use by {}: sluice moves only the node's exports onto a new overlay, not its other users; take the snapshot before those use the node",
+            others.join(", ")
+        ),
+    ))
+}
+
+/// The reactor owning the image's metadata (0 for other nodes).
+fn owner_of(b: &Arc<dyn Bdev>) -> usize {
+    node::image(b).map(|i| i.owner()).unwrap_or(0)
+}
+
+/// Moves the exports of `node` onto `overlay` (quiesced swaps).
+fn move_exports(svc: &Service, node: &str, overlay: &str) -> Result<(), RpcError> {
+    let ov = registry().get(overlay)?;
+    let rt = svc.rt.clone();
+    let node = node.to_string();
+    let moved = svc
+        .rt
+        .spawn_on(owner_of(&ov), move || async move {
+            stream::snapshot::move_hidden(&rt, &node, &ov).await
+        })
+        .block()??;
+    tracing::debug!(overlay, moved, "exports moved onto the overlay");
+    Ok(())
+}
+
 /// Takes the snapshot of the plain node `node` into `file` (created unless
-/// `existing`); returns the overlay's node name.
+/// `existing`) and moves its exports onto it; returns the overlay's node name.
 pub(crate) fn snapshot_plain_node(
     svc: &Service,
     node: &str,
@@ -27,16 +82,7 @@ pub(crate) fn snapshot_plain_node(
 ) -> Result<String, RpcError> {
     let _g = state::op_lock();
     let b = registry().get(node).map_err(|_| create::not_found(node))?;
-    let claims = state::user_claims(node);
-    if !claims.is_empty() {
-        return Err(RpcError::errno(
-            libc::EBUSY,
-            format!(
-                "Node '{node}' is in use by {}: sluice moves only a device's users onto a new overlay; take the snapshot before using the node, and use the overlay",
-                claims.join(", ")
-            ),
-        ));
-    }
+    check_movable(node)?;
     let name = match node_name {
         Some(n) => n,
         None => (0..)
@@ -51,10 +97,9 @@ pub(crate) fn snapshot_plain_node(
             backing_format: Some(node::format_of(&b).to_string()),
             ..CreateOptions::new(b.size())
         };
-        let owner = node::image(&b).map(|i| i.owner()).unwrap_or(0);
         let path = PathBuf::from(file);
         svc.rt
-            .spawn_on(owner, move || async move {
+            .spawn_on(owner_of(&b), move || async move {
                 qcow2::create_file(&path, &opts).await
             })
             .block()??;
@@ -65,5 +110,35 @@ pub(crate) fn snapshot_plain_node(
         "file": {"driver": "file", "filename": file},
         "backing": node,
     });
-    add(svc, &args)
+    let name = add(svc, &args)?;
+    move_exports(svc, node, &name)?;
+    Ok(name)
+}
+
+/// `blockdev-snapshot {node, overlay}` on the plain node `node`: `overlay`
+/// (an image node added with `backing: null`) gets `node` as its backing
+/// (in its header too) and the node's exports move onto it.
+pub(crate) fn snapshot_existing_plain(
+    svc: &Service,
+    node: &str,
+    overlay: &str,
+) -> Result<(), RpcError> {
+    let _g = state::op_lock();
+    let ov = registry()
+        .get(overlay)
+        .map_err(|_| create::not_found(overlay))?;
+    check_movable(node)?;
+    // QEMU: an overlay with a BlockBackend (an export, a device) is refused.
+    if !state::user_claims(overlay).is_empty() || Device::from_bdev(&ov).is_some() {
+        return Err(RpcError::invalid_params("The overlay is already in use"));
+    }
+    let (n, o) = (node.to_string(), overlay.to_string());
+    svc.rt
+        .spawn_on(owner_of(&ov), move || async move {
+            stream::snapshot::snapshot_existing_plain(&n, &o).await
+        })
+        .block()??;
+    // save_config re-adds the overlay over its new backing.
+    state::set_backing(overlay, node);
+    Ok(())
 }

@@ -83,6 +83,16 @@ pub fn insert(
     })
 }
 
+/// Records that the node `name` now reads through `backing` (a
+/// `blockdev-snapshot` linked it), so `save_config` re-adds it that way.
+pub fn set_backing(name: &str, backing: &str) {
+    with(|s| {
+        if let Some(r) = s.nodes.get_mut(name) {
+            r.args["backing"] = Value::String(backing.to_string());
+        }
+    })
+}
+
 /// Forgets a node.
 pub fn forget(name: &str) {
     with(|s| {
