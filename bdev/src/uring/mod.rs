@@ -66,6 +66,28 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
+        Self::open_inner(name, path, opts, uuid, false)
+    }
+
+    /// Like [`UringBdev::open_with_uuid`], also accepting a file shorter than
+    /// one block (a bdev of size 0 that refuses every I/O): QEMU's file node
+    /// over an empty file, which `blockdev-create` then writes an image into.
+    pub fn open_allow_empty(
+        name: &str,
+        path: &Path,
+        opts: UringOptions,
+        uuid: Option<String>,
+    ) -> Result<Arc<UringBdev>, BdevError> {
+        Self::open_inner(name, path, opts, uuid, true)
+    }
+
+    fn open_inner(
+        name: &str,
+        path: &Path,
+        opts: UringOptions,
+        uuid: Option<String>,
+        allow_empty: bool,
+    ) -> Result<Arc<UringBdev>, BdevError> {
         let uuid = uuid_or_random(uuid)?;
         if name.is_empty() {
             return Err(BdevError::InvalidParam("name: must not be empty".into()));
@@ -110,7 +132,7 @@ impl UringBdev {
             None => detected,
         };
         let num_blocks = g.size / block_size as u64;
-        if num_blocks == 0 {
+        if num_blocks == 0 && !allow_empty {
             return Err(BdevError::InvalidParam(format!(
                 "filename: {} ({} bytes) is smaller than one block of {block_size} bytes",
                 path.display(),

@@ -16,7 +16,12 @@ pub fn register(t: &mut MethodTable) {
     t.add("query-block-jobs", |svc, p| {
         p.none()?;
         Ok(Value::Array(
-            svc.jobs.list().iter().map(|j| j.block_job_info()).collect(),
+            svc.jobs
+                .list()
+                .iter()
+                .filter(|j| j.spec().job_type.is_block_job())
+                .map(|j| j.block_job_info())
+                .collect(),
         ))
     });
     t.add("query-jobs", |svc, p| {

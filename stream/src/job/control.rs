@@ -16,6 +16,8 @@ use std::task::{Poll, Waker};
 pub enum JobType {
     /// Image streaming.
     Stream,
+    /// Image creation (`blockdev-create`): a job, not a block job.
+    Create,
 }
 
 impl JobType {
@@ -23,6 +25,17 @@ impl JobType {
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::Stream => "stream",
+            JobType::Create => "create",
+        }
+    }
+
+    /// Whether jobs of this type are block jobs: listed by
+    /// `query-block-jobs`, addressed by `block-job-*`, announced with
+    /// `BLOCK_JOB_*` events.
+    pub fn is_block_job(self) -> bool {
+        match self {
+            JobType::Stream => true,
+            JobType::Create => false,
         }
     }
 }
@@ -458,10 +471,12 @@ impl Job {
                 self.transition(&mut c, JobStatus::Pending);
             }
             if !self.spec.auto_finalize {
-                self.events.publish(
-                    "BLOCK_JOB_PENDING",
-                    json!({"type": self.spec.job_type.as_str(), "id": self.spec.id}),
-                );
+                if self.spec.job_type.is_block_job() {
+                    self.events.publish(
+                        "BLOCK_JOB_PENDING",
+                        json!({"type": self.spec.job_type.as_str(), "id": self.spec.id}),
+                    );
+                }
                 loop {
                     {
                         let c = self.lock();
@@ -497,7 +512,9 @@ impl Job {
         let speed = c.limiter.speed();
         let ty = self.spec.job_type.as_str();
         let mut d = json!({"type": ty, "device": self.spec.id, "len": len, "offset": offset, "speed": speed});
-        if cancelled {
+        if !self.spec.job_type.is_block_job() {
+            // Only JOB_STATUS_CHANGE tells about other jobs.
+        } else if cancelled {
             self.events.publish("BLOCK_JOB_CANCELLED", d);
         } else {
             if let Some(e) = &error {

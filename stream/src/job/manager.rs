@@ -98,6 +98,7 @@ impl JobManager {
     /// Looks a job up for a `block-job-*` command.
     pub fn block_job(&self, id: &str) -> Result<Arc<Job>, JobError> {
         self.get(id)
+            .filter(|j| j.spec().job_type.is_block_job())
             .ok_or_else(|| JobError::BlockJobNotFound(id.to_string()))
     }
 

@@ -54,10 +54,25 @@ pub fn open_file_node(name: &str, spec: &NodeSpec) -> Result<Arc<dyn Bdev>, RpcE
     let Kind::File { filename } = &spec.kind else {
         return Err(RpcError::internal("not a file node"));
     };
-    if let Err(e) = std::fs::metadata(filename) {
-        return Err(could_not_open(filename, &e));
-    }
+    let len = match std::fs::metadata(filename) {
+        Ok(m) => m.len(),
+        Err(e) => return Err(could_not_open(filename, &e)),
+    };
     let ro = spec.common.read_only.unwrap_or(false);
+    if len < 512 {
+        // An empty file (as `blockdev-create` makes it) is a node of size 0.
+        let o = bdev::uring::UringOptions {
+            direct: spec.common.direct.unwrap_or(false),
+            read_only: ro,
+            block_size: None,
+        };
+        return UringBdev::open_allow_empty(name, std::path::Path::new(filename), o, None)
+            .map(|b| b as Arc<dyn Bdev>)
+            .map_err(|e| match e {
+                bdev::BdevError::Os { source, .. } => could_not_open(filename, &source),
+                e => e.into(),
+            });
+    }
     let open = |read_only| {
         let o = FileOpts {
             block_size: None,
@@ -219,7 +234,7 @@ fn create_raw(
 
 /// Claims that stand for a format node using `name` as its file (QEMU's
 /// permission conflict), if any.
-fn format_user(name: &str) -> Option<String> {
+pub(super) fn format_user(name: &str) -> Option<String> {
     registry().claims(name).into_iter().find_map(|c| {
         let user = c.strip_prefix("device ").unwrap_or(&c).to_string();
         let b = registry().get(&user).ok()?;

@@ -1,5 +1,5 @@
-//! QEMU's `blockdev-add` and `blockdev-del`, as qemu-storage-daemon serves
-//! them: nodes of the drivers `qcow2`, `raw`, `file`, `host_device` and
+//! QEMU's `blockdev-add`, `blockdev-del` and `blockdev-create` (a job of
+//! type `create`, see `create_job`), as qemu-storage-daemon serves them: nodes of the drivers `qcow2`, `raw`, `file`, `host_device` and
 //! `null-co`, made through the same code as `bdev_qcow2_open`,
 //! `bdev_uring_create` and `bdev_null_create`, and removed only by the
 //! monitor that made them.
@@ -13,6 +13,8 @@
 
 mod args;
 mod create;
+mod create_job;
+mod create_opts;
 mod spec;
 mod state;
 
@@ -42,6 +44,12 @@ pub fn register(t: &mut MethodTable) {
         Ok(json!({}))
     });
     t.add("blockdev-del", blockdev_del);
+    t.add("blockdev-create", |svc, p| {
+        let v = p.0.unwrap_or(Value::Null);
+        let v = if v.is_null() { json!({}) } else { v };
+        create_job::start(svc, &v)?;
+        Ok(json!({}))
+    });
     t.add_config_section("blockdev", &["bdev"], |_| {
         state::records()
             .iter()
