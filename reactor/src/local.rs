@@ -19,6 +19,9 @@ pub(crate) struct LocalReactor {
     pub(crate) timers: Timers,
     pub(crate) parker: Parker,
     pub(crate) awake_holds: Cell<usize>,
+    /// Set by a ring poller that left items in its ring this iteration (a
+    /// stopping reactor is not drained while any ring has a backlog).
+    pub(crate) ring_backlog: Cell<bool>,
     pub(crate) counters: crate::reactor::Counters,
 }
 

@@ -73,12 +73,15 @@ pub(crate) fn run(
         timers: Timers::default(),
         parker,
         awake_holds: Cell::new(0),
+        ring_backlog: Cell::new(false),
         counters: Counters::default(),
     });
     local::set(Some(local.clone()));
     let _ = ready.send(Ok(()));
     drop(ready);
     run_loop(&local, &rt);
+    // Ring senders refuse items from now on (nothing would take them).
+    shared.exited.store(true, Ordering::Release);
     local.executor.clear();
     local.pollers.clear();
     local.timers.clear();
@@ -101,6 +104,7 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
     let mut stop_deadline: Option<u64> = None;
     loop {
         let mut busy = false;
+        r.ring_backlog.set(false);
         let mut n = 0;
         while n < msg_batch {
             match r.shared.inbox.pop() {
@@ -133,8 +137,10 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
 
         if rt.shared.stopping.load(Ordering::Relaxed) {
             let dl = *stop_deadline.get_or_insert(end + duration_to_ticks(cfg.drain_timeout));
-            let drained =
-                r.executor.len() == 0 && r.shared.inbox.is_empty() && r.awake_holds.get() == 0;
+            let drained = r.executor.len() == 0
+                && r.shared.inbox.is_empty()
+                && !r.ring_backlog.get()
+                && r.awake_holds.get() == 0;
             if drained || end >= dl {
                 break;
             }
@@ -162,7 +168,7 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         });
         r.parker.park(&r.shared.notifier, timeout, || {
             !r.shared.inbox.is_empty()
-                || r.shared.ring_bell.swap(false, Ordering::Relaxed)
+                || r.shared.ring_bell.swap(false, Ordering::Acquire)
                 || r.executor.has_ready()
                 || rt.shared.stopping.load(Ordering::Relaxed)
         });

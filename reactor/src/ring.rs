@@ -25,12 +25,16 @@ pub struct RingSender<T> {
 
 impl<T> RingSender<T> {
     /// Queues `item` for the target reactor's handler; hands it back when the
-    /// ring is full.
+    /// ring is full or the target reactor has stopped.
     #[inline]
     pub fn push(&mut self, item: T) -> Result<(), T> {
+        if self.target.exited.load(Ordering::Acquire) {
+            return Err(item);
+        }
         match self.tx.push(item) {
             Ok(()) => {
-                self.target.ring_bell.store(true, Ordering::Relaxed);
+                // Release: a reactor that sees the bell (Acquire) sees the item.
+                self.target.ring_bell.store(true, Ordering::Release);
                 self.target.notifier.notify();
                 Ok(())
             }
@@ -104,6 +108,10 @@ fn drain_into<T: 'static>(mut rx: rtrb::Consumer<T>, mut handler: impl FnMut(T) 
                 }
                 Err(_) => break,
             }
+        }
+        if !rx.is_empty() {
+            // More than a batch: a stopping reactor must come back for them.
+            crate::local::with(|r| r.ring_backlog.set(true));
         }
         if n == 0 && rx.is_abandoned() && rx.is_empty() {
             if let Some(h) = me2.borrow_mut().take() {

@@ -25,6 +25,8 @@ pub(crate) struct ReactorShared {
     /// Set by ring senders after each push (see `ring.rs`), so a reactor about
     /// to park sees items its ring pollers have not taken yet.
     pub(crate) ring_bell: AtomicBool,
+    /// Set once the reactor's loop has ended.
+    pub(crate) exited: AtomicBool,
 }
 
 impl ReactorShared {
@@ -106,6 +108,7 @@ impl Runtime {
                 inbox: SegQueue::new(),
                 notifier,
                 ring_bell: AtomicBool::new(false),
+                exited: AtomicBool::new(false),
             }));
         }
         let helper_cores = crate::cores::helper_cores(config.cores.cores());

@@ -132,3 +132,40 @@ fn dropping_the_sender_drains_then_drops_the_handler() {
         "items left were handled first"
     );
 }
+
+#[test]
+fn a_stopping_reactor_empties_its_rings_then_refuses_items() {
+    let rt = runtime();
+    let h = rt.handle();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let mut tx = h
+        .ring_to(0, 1024, move || {
+            move |_: u32| {
+                s.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+    // Hold the reactor while 1000 items queue up (many poller batches), then stop.
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    h.send(0, move || {
+        go_rx.recv().ok();
+    })
+    .unwrap();
+    for _ in 0..1000 {
+        tx.push(1).unwrap();
+    }
+    h.shutdown();
+    go_tx.send(()).unwrap();
+    rt.shutdown();
+    assert_eq!(
+        seen.load(Ordering::Relaxed),
+        1000,
+        "items left behind at shutdown"
+    );
+    assert_eq!(
+        tx.push(2),
+        Err(2),
+        "a stopped reactor's ring takes no more items"
+    );
+}

@@ -71,8 +71,16 @@ impl Image {
             }
             let c = self.find_free(1).await?;
             let boff = c * self.cs;
-            self.reserve_meta_cluster(boff).await?;
-            self.make_room(false).await?;
+            let ready = async {
+                self.reserve_meta_cluster(boff).await?;
+                self.make_room(false).await
+            };
+            if let Err(e) = ready.await {
+                // Nothing took `c`: let the next search find it again (the hint
+                // would otherwise march past free clusters on every failure).
+                self.lower_free_hint(c);
+                return Err(e);
+            }
             if self.reftable.borrow()[ti as usize] != 0 {
                 continue; // a nested allocation created it meanwhile
             }
@@ -82,7 +90,14 @@ impl Image {
             self.reserved.borrow_mut().push(c);
             let r = self.update_refcount(c, 1).await;
             self.reserved.borrow_mut().retain(|&x| x != c);
-            r?;
+            if let Err(e) = r {
+                // The table now names a block whose own cluster is not counted:
+                // a later allocation could hand it out as data. Refuse writes
+                // rather than risk it (reopening rebuilds a consistent state).
+                tracing::error!(image = %self.name, block = boff, error = %e, "refcount block allocation failed half-way; image now refuses writes");
+                self.broken.set(true);
+                return Err(e);
+            }
             return Ok(boff);
         }
     }
@@ -126,8 +141,19 @@ impl Image {
         self.reserved.borrow_mut().push(c);
         let r = self.update_refcount(c, 1).await;
         self.reserved.borrow_mut().retain(|&x| x != c);
-        r?;
+        if let Err(e) = r {
+            self.lower_free_hint(c);
+            return Err(e);
+        }
         Ok((c * self.cs, fresh))
+    }
+
+    /// Lets the free-cluster search start at `c` again (a cluster it found was
+    /// not taken after all).
+    fn lower_free_hint(&self, c: u64) {
+        if c < self.free_hint.get() {
+            self.free_hint.set(c);
+        }
     }
 
     /// Gives a new metadata cluster (an L2 table, a refcount block) its storage

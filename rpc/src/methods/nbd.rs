@@ -110,6 +110,8 @@ fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
         description: p.description.unwrap_or_default(),
         writable: p.writable.unwrap_or(false),
     };
+    // Not while a snapshot of a plain node moves that node's exports.
+    let _g = crate::methods::blockdev::op_lock();
     nbd::global().add_export(cfg)?;
     Ok(json!({}))
 }

@@ -116,22 +116,32 @@ impl Export {
         self.lock().conns
     }
 
-    /// Waits up to `grace` for every connection to detach; whether none is left.
-    /// A client that has just closed its socket is still counted until its
+    /// A safe close: waits up to `grace` for every connection to detach, then
+    /// closes the export in the same critical section (no client can attach in
+    /// between). Returns false, leaving the export open, if clients remain. A
+    /// client that has just closed its socket is still counted until its
     /// reactor sees the end of stream, so callers give it this moment.
-    pub fn wait_idle(&self, grace: Duration) -> bool {
+    pub fn close_when_idle(&self, grace: Duration) -> bool {
         let deadline = Instant::now() + grace;
-        let mut st = self.lock();
-        while st.conns > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
+        let gone = {
+            let mut st = self.lock();
+            while st.conns > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                st = self
+                    .detached
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
-            st = self
-                .detached
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st.closing = true;
+            self.closing_flag.store(true, Ordering::SeqCst);
+            st.on_gone.take()
+        };
+        if let Some(f) = gone {
+            f();
         }
         true
     }

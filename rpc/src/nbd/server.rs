@@ -523,10 +523,11 @@ impl NbdServer {
         if e.is_closing() {
             return Err(NbdError::NoSuchExport(id.to_string()));
         }
-        if !hard && !e.wait_idle(SAFE_DEL_GRACE) {
+        if hard {
+            e.close(true);
+        } else if !e.close_when_idle(SAFE_DEL_GRACE) {
             return Err(NbdError::InUse(id.to_string()));
         }
-        e.close(hard);
         Ok(())
     }
 

@@ -31,6 +31,7 @@ use spec::Driver;
 use std::sync::Arc;
 
 pub(crate) use snapshot::{snapshot_existing_plain, snapshot_plain_node};
+pub(crate) use state::op_lock;
 
 mod snapshot;
 

@@ -45,7 +45,8 @@ pub fn user_claims(name: &str) -> Vec<String> {
     v
 }
 
-/// Serialises `blockdev-add`, `blockdev-del` and snapshots of plain nodes.
+/// Serialises `blockdev-add`, `blockdev-del`, `blockdev-create`, snapshots of
+/// plain nodes and `block-export-add`.
 static OP: Mutex<()> = Mutex::new(());
 
 /// Held while a node is added or deleted.
