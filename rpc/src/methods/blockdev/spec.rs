@@ -40,7 +40,7 @@ impl Driver {
 
 /// QEMU 10's `BlockdevDriver` values sluice does not serve: refused as
 /// unsupported rather than unknown.
-const OTHER_DRIVERS: &[&str] = &[
+pub(super) const OTHER_DRIVERS: &[&str] = &[
     "blkdebug",
     "blklogwrites",
     "blkreplay",
