@@ -7,7 +7,7 @@ import os
 import subprocess
 import time
 
-from stream_common import (Vm, check, compare_raw, depth_at, info, make_chain, parse_args,
+from stream_common import (Vm, qsd_monitor, check, compare_raw, depth_at, info, make_chain, parse_args,
                            qmap, qemu_img, qemu_io, reference)
 
 MiB = 1 << 20
@@ -154,22 +154,8 @@ def run_script(vm, script, d):
 
 
 def qsd_answers(d, script):
-    sock = os.path.join(d, "qsd.sock")
-    p = subprocess.Popen(["qemu-storage-daemon", "--chardev",
-                          f"socket,path={sock},server=on,wait=off,id=m0", "--monitor", "chardev=m0"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 10
-        while not os.path.exists(sock):
-            assert p.poll() is None and time.time() < deadline, p.stderr.read()
-            time.sleep(0.02)
-        qsd = Vm(sock)
-        out = run_script(qsd, script, d)
-        qsd.q.close()
-        return out
-    finally:
-        p.terminate()
-        p.wait(10)
+    with qsd_monitor(d) as qsd:
+        return run_script(qsd, script, d)
 
 
 def compare(vm, d, script_of):

@@ -3,6 +3,7 @@ legacy client with iotests-style helpers, and qemu-img / qemu-io wrappers."""
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -199,3 +200,35 @@ class Vm:
     def close(self, name):
         """Flushes and closes a device or node (and what below it nothing else uses)."""
         self.rcmd("bdev_qcow2_delete", {"name": name})
+
+
+@contextlib.contextmanager
+def qsd_monitor(d):
+    """A fresh qemu-storage-daemon with a QMP monitor in `d`, as a Vm; stopped
+    on leaving (for scripts that compare sluice's answers with QSD's)."""
+    sock = os.path.join(d, "qsd.sock")
+    p = subprocess.Popen(["qemu-storage-daemon", "--chardev",
+                          f"socket,path={sock},server=on,wait=off,id=m0", "--monitor", "chardev=m0"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while not os.path.exists(sock):
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()
+            time.sleep(0.02)
+        # The socket exists a moment before QSD's monitor answers on it: a
+        # connection then may fail its negotiation. Try again.
+        for attempt in range(50):
+            try:
+                qsd = Vm(sock)
+                break
+            except Exception:
+                if attempt == 49 or p.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        try:
+            yield qsd
+        finally:
+            qsd.q.close()
+    finally:
+        p.terminate()
+        p.wait(10)
