@@ -7,7 +7,7 @@ import os
 import subprocess
 import time
 
-from stream_common import (Vm, qsd_monitor, check, compare_raw, depth_at, info, make_chain, parse_args,
+from stream_common import (run_case, qsd_monitor, check, compare_raw, depth_at, info, make_chain,
                            qmap, qemu_img, qemu_io, reference)
 
 MiB = 1 << 20
@@ -301,11 +301,4 @@ def case_errors_qsd(vm, d):
         assert g[2][0] == ["created", "running", "aborting", "concluded"], g
 
 
-def main():
-    a = parse_args()
-    vm = Vm(a.qmp)
-    globals()["case_" + a.case](vm, a.dir)
-    print("ok")
-
-
-main()
+run_case(globals())

@@ -4,7 +4,7 @@ through qemu.qmp; images judged by qemu-img. One scenario per run (--case)."""
 import os
 import time
 
-from stream_common import (Vm, check, compare_raw, depth_at, info, make_chain, parse_args, qemu_img, qmap,
+from stream_common import (run_case, check, compare_raw, depth_at, info, make_chain, qemu_img, qmap,
                            reference)
 
 SIZE = "32M"
@@ -376,11 +376,4 @@ def case_manual_finalize(vm, d):
     compare_raw(paths[-1], ref)
 
 
-def main():
-    a = parse_args()
-    vm = Vm(a.qmp)
-    globals()["case_" + a.case](vm, a.dir)
-    print("ok")
-
-
-main()
+run_case(globals())

@@ -10,7 +10,7 @@ import random
 import subprocess
 import threading
 
-from stream_common import Vm, check, compare_raw, info, make_chain, parse_args, qemu_img, reference
+from stream_common import run_case, check, compare_raw, info, make_chain, qemu_img, reference
 
 BS = 4096
 
@@ -138,11 +138,4 @@ def case_live_copy(vm, d):
         check(p)
 
 
-def main():
-    a = parse_args()
-    vm = Vm(a.qmp)
-    globals()["case_" + a.case](vm, a.dir)
-    print("ok")
-
-
-main()
+run_case(globals())

@@ -232,3 +232,12 @@ def qsd_monitor(d):
     finally:
         p.terminate()
         p.wait(10)
+
+
+def run_case(cases):
+    """A test script's main: runs `case_<--case>(vm, dir)` from `cases` (the
+    script's globals) on a QMP session to `--qmp`, then prints "ok"."""
+    a = parse_args()
+    vm = Vm(a.qmp)
+    cases["case_" + a.case](vm, a.dir)
+    print("ok")
