@@ -161,19 +161,18 @@ impl Export {
         })
     }
 
-    /// Stops taking connections; `hard` also asks every attached connection to
-    /// finish what is in flight and close. The export goes once none is left.
-    pub fn close(&self, hard: bool) {
+    /// Stops taking connections and asks every attached connection to finish
+    /// what is in flight and close (a safe close is [`Export::close_when_idle`]).
+    /// The export goes once none is left.
+    pub fn close_hard(&self) {
         let gone = {
             let mut st = self.lock();
             if !st.closing {
                 st.closing = true;
                 self.closing_flag.store(true, Ordering::SeqCst);
             }
-            if hard {
-                for k in st.kicks.iter().filter_map(Weak::upgrade) {
-                    k.kick();
-                }
+            for k in st.kicks.iter().filter_map(Weak::upgrade) {
+                k.kick();
             }
             if st.conns == 0 {
                 st.on_gone.take()

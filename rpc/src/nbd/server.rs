@@ -150,7 +150,7 @@ impl Instance {
             .cloned()
             .collect();
         for e in exports {
-            e.close(true);
+            e.close_hard();
         }
         let conns: Vec<Arc<Kick>> = self
             .conns
@@ -409,7 +409,7 @@ impl NbdServer {
     }
 
     /// Stops listening and closes every export (connections finish what is in
-    /// flight, then close). Returns at once; see [`NbdServer::wait_idle`].
+    /// flight, then close). Returns at once; see [`NbdServer::shutdown`].
     pub fn stop(&self) -> Result<(), NbdError> {
         let inst = self
             .inner
@@ -524,7 +524,7 @@ impl NbdServer {
             return Err(NbdError::NoSuchExport(id.to_string()));
         }
         if hard {
-            e.close(true);
+            e.close_hard();
         } else if !e.close_when_idle(SAFE_DEL_GRACE) {
             return Err(NbdError::InUse(id.to_string()));
         }
