@@ -512,21 +512,22 @@ impl Job {
         let speed = c.limiter.speed();
         let ty = self.spec.job_type.as_str();
         let mut d = json!({"type": ty, "device": self.spec.id, "len": len, "offset": offset, "speed": speed});
-        if !self.spec.job_type.is_block_job() {
-            // Only JOB_STATUS_CHANGE tells about other jobs.
-        } else if cancelled {
-            self.events.publish("BLOCK_JOB_CANCELLED", d);
-        } else {
-            if let Some(e) = &error {
-                d["error"] = json!(e);
-            }
-            self.events.publish("BLOCK_JOB_COMPLETED", d);
-            if self.spec.legacy {
-                let mut d = json!({"device": self.spec.device, "len": len, "offset": offset});
+        // Other jobs (create) are told about by JOB_STATUS_CHANGE only.
+        if self.spec.job_type.is_block_job() {
+            if cancelled {
+                self.events.publish("BLOCK_JOB_CANCELLED", d);
+            } else {
                 if let Some(e) = &error {
                     d["error"] = json!(e);
                 }
-                self.events.publish("BLOCK_STREAM_COMPLETED", d);
+                self.events.publish("BLOCK_JOB_COMPLETED", d);
+                if self.spec.legacy {
+                    let mut d = json!({"device": self.spec.device, "len": len, "offset": offset});
+                    if let Some(e) = &error {
+                        d["error"] = json!(e);
+                    }
+                    self.events.publish("BLOCK_STREAM_COMPLETED", d);
+                }
             }
         }
         self.transition(&mut c, JobStatus::Concluded);
