@@ -41,6 +41,14 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    /// The file to write exists and is not a regular file.
+    #[error("{}: is {kind}, not a regular file; refusing to replace it", path.display())]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
     /// The JSON is not an SPDK config.
     #[error("not an SPDK config: {0}")]
     Format(String),
@@ -188,8 +196,15 @@ pub fn collect_section(svc: &Service, name: &str) -> Option<Vec<Value>> {
         .map(|s| (s.collect)(svc))
 }
 
-/// Writes `config` to `path` atomically (a temporary file renamed over it),
-/// pretty-printed, as `--json` reads it.
+/// Writes `config` to `path` atomically, pretty-printed, as `--json` reads it.
+///
+/// The text goes to a new temporary file in the same directory, which is
+/// fsynced and renamed over `path`; then the directory is fsynced, so that
+/// after a crash `path` holds either the old config or the whole new one. A
+/// `path` that exists and is not a regular file (a device node, a FIFO, a
+/// symlink, a directory) is refused and left untouched: renaming over it
+/// would replace it (a symlink itself, not its target) with a regular file.
+/// The new file keeps the permissions of the file it replaces.
 pub fn write(config: &Value, path: &Path) -> Result<(), ConfigError> {
     let io = |what: &'static str| {
         let path = path.to_path_buf();
@@ -199,14 +214,44 @@ pub fn write(config: &Value, path: &Path) -> Result<(), ConfigError> {
             source,
         }
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
+    let old = match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_file() => Some(md),
+        Ok(md) => {
+            return Err(ConfigError::NotRegular {
+                path: path.to_path_buf(),
+                kind: file_kind(&md.file_type()),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io("inspecting")(e)),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| ConfigError::Format(format!("{}: not a file name", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
     let mut text =
         serde_json::to_vec_pretty(config).map_err(|e| ConfigError::Format(e.to_string()))?;
     text.push(b'\n');
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // A leftover of an earlier failed save by a process with this pid is ours.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        if let Some(md) = &old {
+            f.set_permissions(md.permissions())?;
+        }
         f.write_all(&text)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -214,5 +259,28 @@ pub fn write(config: &Value, path: &Path) -> Result<(), ConfigError> {
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    res.map_err(io("writing"))
+    res.map_err(io("writing"))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing the directory of"))
+}
+
+/// What a file type is, in words.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
 }

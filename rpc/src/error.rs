@@ -140,7 +140,9 @@ impl From<crate::config::ConfigError> for RpcError {
             C::Io { ref source, .. } => {
                 RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string())
             }
-            C::Json { .. } | C::Format(_) => RpcError::invalid_params(e.to_string()),
+            C::Json { .. } | C::Format(_) | C::NotRegular { .. } => {
+                RpcError::invalid_params(e.to_string())
+            }
         }
     }
 }

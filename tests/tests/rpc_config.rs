@@ -146,3 +146,102 @@ fn a_bad_config_stops_start_up_with_a_clear_message() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/sluice.json"));
 }
+
+/// `save_config filename=X` with X a character device, a FIFO, a symlink or a
+/// directory is refused with a message naming X and what it is, and leaves X
+/// (and a symlink's target) as it was; a regular file is replaced atomically
+/// (no temporary file left behind) and keeps its permissions, and what it
+/// holds replays.
+#[test]
+fn save_config_refuses_a_target_that_is_not_a_regular_file() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let work = TempDir::new("cfgtarget");
+    let mut d = Daemon::start(&[]);
+    d.call(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 64, "block_size": 512}),
+    );
+
+    let chr = work.join("null-like");
+    let mknod = Command::new("mknod")
+        .arg(&chr)
+        .args(["c", "1", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        mknod.status.success(),
+        "mknod (the tests run as root): {}",
+        String::from_utf8_lossy(&mknod.stderr)
+    );
+    let fifo = work.join("fifo");
+    let mk = Command::new("mkfifo").arg(&fifo).output().unwrap();
+    assert!(mk.status.success());
+    let target = work.join("precious.txt");
+    std::fs::write(&target, "keep me\n").unwrap();
+    let link = work.join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dir = work.join("adir");
+    std::fs::create_dir(&dir).unwrap();
+
+    for (path, kind) in [
+        (&chr, "a character device"),
+        (&fifo, "a FIFO"),
+        (&link, "a symbolic link"),
+        (&dir, "a directory"),
+    ] {
+        let e = d.call_err("save_config", json!({"filename": path.to_str().unwrap()}));
+        let msg = e["message"].as_str().unwrap();
+        assert_eq!(e["code"], -32602, "{e}");
+        assert!(
+            msg.contains(path.to_str().unwrap()) && msg.contains(kind),
+            "message should name {} and {kind:?}: {msg}",
+            path.display()
+        );
+    }
+    let md = std::fs::symlink_metadata(&chr).unwrap();
+    assert!(
+        md.file_type().is_char_device(),
+        "the device node was replaced"
+    );
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
+    assert!(std::fs::symlink_metadata(&dir).unwrap().is_dir());
+
+    // A regular file is replaced; its mode stays; nothing else is left behind.
+    let cfg = work.join("sluice.json");
+    std::fs::write(&cfg, "old").unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let saved = d.call("save_config", json!({"filename": cfg.to_str().unwrap()}));
+    let on_disk: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(saved, on_disk);
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&work.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "adir",
+            "fifo",
+            "link.json",
+            "null-like",
+            "precious.txt",
+            "sluice.json"
+        ]
+    );
+    assert_eq!(d.stop(), Some(0));
+    let mut d = Daemon::start(&["--json", cfg.to_str().unwrap()]);
+    assert_eq!(d.call("save_config", Value::Null), saved);
+}
