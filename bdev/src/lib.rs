@@ -18,6 +18,7 @@ mod leaf;
 pub mod malloc;
 pub mod null;
 pub mod nvme;
+pub mod open_checked;
 pub mod qcow2;
 mod registry;
 mod stats;

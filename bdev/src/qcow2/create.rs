@@ -150,8 +150,15 @@ pub async fn create_file(path: &Path, opts: &CreateOptions) -> Result<(), BdevEr
     // Enough for header, tables and blocks; `create` checks the exact need.
     let len =
         (opts.cluster_size * 16 + l1 * 4 + (1 << 20)).next_multiple_of(opts.cluster_size.max(4096));
-    let f = std::fs::File::create(path)
-        .map_err(|e| BdevError::os(format!("creating {}", path.display()), e))?;
+    let f = crate::open_checked::open_checked(
+        path,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        libc::O_CLOEXEC,
+        "creating",
+    )?;
     f.set_len(len)
         .map_err(|e| BdevError::os(format!("sizing {}", path.display()), e))?;
     drop(f);

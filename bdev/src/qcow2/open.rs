@@ -354,9 +354,12 @@ fn backing_format(path: &Path, fmt: Option<&str>) -> Result<&'static str, BdevEr
         ))),
         None => {
             let mut magic = [0u8; 4];
-            let mut f = std::fs::File::open(path).map_err(|e| {
-                BdevError::os(format!("opening backing file {}", path.display()), e)
-            })?;
+            let mut f = crate::open_checked::open_checked(
+                path,
+                std::fs::OpenOptions::new().read(true),
+                libc::O_CLOEXEC,
+                "opening backing file",
+            )?;
             let is_qcow2 = f.read_exact(&mut magic).is_ok() && u32::from_be_bytes(magic) == MAGIC;
             tracing::warn!(path = %path.display(), probed = if is_qcow2 { "qcow2" } else { "raw" }, "backing file has no format in the header; probed");
             Ok(if is_qcow2 { "qcow2" } else { "raw" })

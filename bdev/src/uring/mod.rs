@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use std::any::Any;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -105,15 +104,17 @@ impl UringBdev {
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
-        oo.custom_flags(flags);
-        let file = oo.open(path).map_err(|e| {
-            let what = if e.raw_os_error() == Some(libc::EINVAL) && opts.direct {
-                format!("opening {} with O_DIRECT (the filesystem may not support it; try direct=false)", path.display())
-            } else {
-                format!("opening {}", path.display())
-            };
-            BdevError::os(what, e)
-        })?;
+        // Never blocks (a FIFO is refused before it is opened): see `open_checked`.
+        let file = crate::open_checked::open_checked(path, &mut oo, flags, "opening").map_err(
+            |e| match e {
+                BdevError::Os { source, .. }
+                    if source.raw_os_error() == Some(libc::EINVAL) && opts.direct =>
+                {
+                    BdevError::os(format!("opening {} with O_DIRECT (the filesystem may not support it; try direct=false)", path.display()), source)
+                }
+                e => e,
+            },
+        )?;
         let g = probe::probe(&file, path)?;
         let detected = if opts.direct {
             g.dio_block.clamp(512, 4096)
