@@ -5,6 +5,7 @@ pub mod job;
 pub mod legacy;
 pub mod node;
 mod qcow2_node;
+pub mod qemu_name;
 pub mod ratelimit;
 pub mod snapshot;
 pub mod stream_job;

@@ -38,6 +38,10 @@ pub trait ImageNode: Send + Sync {
     fn owner(&self) -> usize;
     /// The image file's path, when it is a file.
     fn filename(&self) -> Option<String>;
+    /// The node the image is stored on (QEMU's `file` child), when known.
+    fn file_child(&self) -> Option<Arc<dyn Bdev>> {
+        None
+    }
     /// The bdev unallocated reads fall through to.
     fn backing(&self) -> Option<Arc<dyn Bdev>>;
     /// The backing file name recorded in the header.
@@ -158,23 +162,15 @@ pub fn same(a: &Arc<dyn Bdev>, b: &Arc<dyn Bdev>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
-/// A node's filename as QEMU shows it (`image.filename`): the file path for
-/// file-backed images, else the node name.
+/// A node's filename as QEMU shows it and writes it into a header naming the
+/// node as a backing file: the file path for file-backed nodes, else a
+/// `json:` pseudo-filename (see [`crate::qemu_name`]).
 pub fn filename_of(b: &Arc<dyn Bdev>) -> String {
-    if let Some(f) = image(b).and_then(|i| i.filename()) {
-        return f;
-    }
-    if let Some(f) = b
-        .driver_specific()
-        .pointer("/uring/filename")
-        .and_then(|v| v.as_str())
-    {
-        return f.to_string();
-    }
-    b.name().to_string()
+    crate::qemu_name::filename(&crate::qemu_name::describe(b))
 }
 
-/// A node's format name (`"qcow2"`, else `"raw"`).
-pub fn format_of(b: &Arc<dyn Bdev>) -> &'static str {
-    image(b).map(|i| i.format()).unwrap_or("raw")
+/// A node's driver as QEMU names it and writes it as a backing format
+/// (`"qcow2"`, `"raw"`, `"file"`, `"null-co"`...).
+pub fn format_of(b: &Arc<dyn Bdev>) -> String {
+    crate::qemu_name::driver(&crate::qemu_name::describe(b)).to_string()
 }

@@ -42,6 +42,9 @@ impl ImageNode for Qcow2Node {
     fn filename(&self) -> Option<String> {
         self.q().filename().map(|p| p.display().to_string())
     }
+    fn file_child(&self) -> Option<Arc<dyn Bdev>> {
+        Some(self.q().base().clone())
+    }
     fn backing(&self) -> Option<Arc<dyn Bdev>> {
         self.q().backing()
     }

@@ -88,7 +88,7 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
     }
     let opts = CreateOptions {
         backing_file: Some(node::filename_of(&root)),
-        backing_format: Some(node::format_of(&root).to_string()),
+        backing_format: Some(node::format_of(&root)),
         ..CreateOptions::new(root.size())
     };
     let open_opts = OpenOptions {
@@ -248,7 +248,7 @@ async fn attach_overlay(
     }
     img.set_backing_file(
         Some(&node::filename_of(root)),
-        Some(node::format_of(root)),
+        Some(&node::format_of(root)),
         true,
     )
     .await?;

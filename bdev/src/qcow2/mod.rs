@@ -57,6 +57,7 @@
 //!   of the image's data: a tail an unclean exit left is trimmed, never piled on).
 
 mod alloc;
+mod backing_name;
 mod bdev;
 mod cache;
 mod compress;

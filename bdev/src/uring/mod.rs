@@ -172,6 +172,11 @@ impl UringBdev {
         &self.path
     }
 
+    /// Whether it is a block device (else a regular file).
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
     /// The options it was opened with.
     pub fn options(&self) -> UringOptions {
         self.opts

@@ -277,7 +277,7 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let file = a.backing_file;
     svc.rt
         .spawn_on(owner, move || async move {
-            img.set_backing_file(Some(&file), Some(fmt), true).await
+            img.set_backing_file(Some(&file), Some(&fmt), true).await
         })
         .block()??;
     Ok(json!({}))

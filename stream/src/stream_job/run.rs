@@ -295,7 +295,7 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     }
     let fmt = plan.base.as_ref().map(node::format_of);
     let r = async {
-        top.set_backing_file(plan.backing_file.as_deref(), fmt, plan.durable)
+        top.set_backing_file(plan.backing_file.as_deref(), fmt.as_deref(), plan.durable)
             .await?;
         top.set_backing_bdev(plan.base.clone()).await
     }

@@ -15,6 +15,7 @@ mod args;
 mod create;
 mod create_job;
 mod create_opts;
+mod describe;
 mod spec;
 mod state;
 
@@ -37,6 +38,7 @@ mod snapshot;
 
 /// Registers the methods and the `blockdev` section of `save_config`.
 pub fn register(t: &mut MethodTable) {
+    stream::qemu_name::register_describer(describe::describe);
     t.add("blockdev-add", |svc, p| {
         let v = p.0.unwrap_or(Value::Null);
         let v = if v.is_null() { json!({}) } else { v };
@@ -84,15 +86,9 @@ pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
     };
     v["drv"] = json!(d.as_str());
     v["image"]["format"] = json!(d.as_str());
-    if let Some(root) = Device::from_bdev(b).map(|dev| dev.root()) {
-        let f = stream::node::filename_of(&root);
-        v["file"] = json!(f);
-        v["image"]["filename"] = json!(f);
-    }
-    if d == Driver::NullCo {
-        v["file"] = json!("null-co://");
-        v["image"]["filename"] = json!("null-co://");
-    }
+    let f = stream::node::filename_of(b);
+    v["file"] = json!(f);
+    v["image"]["filename"] = json!(f);
     if let Some(direct) = b
         .driver_specific()
         .pointer("/uring/direct")

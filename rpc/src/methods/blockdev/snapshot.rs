@@ -94,7 +94,7 @@ pub(crate) fn snapshot_plain_node(
     if !existing {
         let opts = CreateOptions {
             backing_file: Some(node::filename_of(&b)),
-            backing_format: Some(node::format_of(&b).to_string()),
+            backing_format: Some(node::format_of(&b)),
             ..CreateOptions::new(b.size())
         };
         let path = PathBuf::from(file);

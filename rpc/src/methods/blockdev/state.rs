@@ -115,6 +115,19 @@ pub fn records() -> Vec<Record> {
     v
 }
 
+/// The options a node made by `blockdev-add` was given: its own arguments,
+/// or for a node nested in one, the parent's `file` member.
+pub fn args_of(name: &str) -> Option<Value> {
+    with(|s| {
+        s.nodes.get(name).map(|r| r.args.clone()).or_else(|| {
+            s.nodes
+                .values()
+                .find(|r| r.children.iter().any(|(c, _)| c == name))
+                .and_then(|r| r.args.get("file").filter(|f| f.is_object()).cloned())
+        })
+    })
+}
+
 /// The driver of a node made by `blockdev-add` or nested in one.
 pub fn driver_of(name: &str) -> Option<Driver> {
     with(|s| {

@@ -1,0 +1,318 @@
+//! Reading a header's backing file name and format as QEMU does: a path
+//! (relative to the image's directory) opened as the format the header
+//! names, `null-co://`, or a `json:{...}` pseudo-filename of a node's options.
+//!
+//! What sluice can open: `file` and `host_device` (a path), `raw` over one
+//! (a raw backing is its file), `qcow2` over one, and `null-co`. Anything
+//! else (a driver QEMU has and sluice lacks, or a sluice-only node that lived
+//! in a process's memory such as `malloc`) is refused with an error naming the
+//! backing file and the driver: an image never opens silently without the
+//! backing its header names. Such an image can still be opened with its
+//! backing bound explicitly (a named bdev, or none).
+
+use crate::error::BdevError;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// The format of a backing file given by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathFormat {
+    /// Read as it is (`raw`, or the `file` / `host_device` protocol itself).
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+    /// Not recorded: probed (qcow2 if it has the magic, else raw).
+    Probe,
+}
+
+/// The backing node a header names.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum BackingNode {
+    /// A file or block device, read as `format`.
+    Path {
+        /// Where (resolved).
+        path: PathBuf,
+        /// As what.
+        format: PathFormat,
+        /// QEMU's `host_device`: it must be a block device.
+        block_device: bool,
+    },
+    /// A null device (QEMU's `null-co`).
+    Null {
+        /// Bytes.
+        size: u64,
+        /// Reads return zeroes (else buffers are left as they are).
+        read_zeroes: bool,
+    },
+}
+
+/// QEMU's null-co size when none is given.
+const NULL_DEFAULT_SIZE: u64 = 1 << 30;
+
+/// Options of any node that change nothing sluice reads.
+const HARMLESS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "cache",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+    "aio",
+    "locking",
+];
+
+/// Parses the backing file name `name` (with the header's format `fmt`) of
+/// the image at `image` (relative paths resolve against its directory).
+pub(crate) fn parse(
+    name: &str,
+    fmt: Option<&str>,
+    image: Option<&Path>,
+) -> Result<BackingNode, BdevError> {
+    let unsupported = |why: String| BdevError::Unsupported(format!("backing file {name:?}: {why}"));
+    if let Some(json) = name.strip_prefix("json:") {
+        let v: Value = serde_json::from_str(json)
+            .map_err(|e| BdevError::InvalidParam(format!("backing file {name:?}: {e}")))?;
+        let Value::Object(mut m) = v else {
+            return Err(unsupported("a json: filename must hold an object".into()));
+        };
+        if !m.contains_key("driver") {
+            if let Some(f) = fmt {
+                m.insert("driver".into(), Value::from(f));
+            }
+        }
+        return from_options(name, &m, image);
+    }
+    if name.starts_with("null-co://") {
+        if !matches!(fmt, None | Some("null-co")) {
+            return Err(unsupported(format!(
+                "format {:?} over null-co",
+                fmt.unwrap_or_default()
+            )));
+        }
+        return Ok(BackingNode::Null {
+            size: NULL_DEFAULT_SIZE,
+            read_zeroes: false,
+        });
+    }
+    let plain = name.strip_prefix("file:").unwrap_or(name);
+    let path = super::open::resolve_backing_path(plain, image)?;
+    let (format, block_device) = match fmt {
+        None => (PathFormat::Probe, false),
+        Some("raw") | Some("file") => (PathFormat::Raw, false),
+        Some("host_device") => (PathFormat::Raw, true),
+        Some("qcow2") => (PathFormat::Qcow2, false),
+        Some(other) => {
+            return Err(BdevError::Unsupported(format!(
+                "backing format {other:?} of {}",
+                path.display()
+            )))
+        }
+    };
+    Ok(BackingNode::Path {
+        path,
+        format,
+        block_device,
+    })
+}
+
+/// A node given by its options (a `json:` filename's object).
+fn from_options(
+    name: &str,
+    m: &Map<String, Value>,
+    image: Option<&Path>,
+) -> Result<BackingNode, BdevError> {
+    let unsupported = |why: String| BdevError::Unsupported(format!("backing file {name:?}: {why}"));
+    let driver = m
+        .get("driver")
+        .and_then(Value::as_str)
+        .ok_or_else(|| unsupported("no \"driver\"".into()))?;
+    let known: &[&str] = match driver {
+        "file" | "host_device" => &["filename"],
+        "null-co" => &["size", "read-zeroes", "latency-ns"],
+        "raw" | "qcow2" => &["file"],
+        "malloc" => {
+            return Err(unsupported(
+                "a sluice malloc bdev: its data lived in the memory of the process \
+                 that wrote this name and is gone; open the image with its backing \
+                 named explicitly"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(unsupported(format!(
+                "driver {other:?} cannot be opened by sluice; open the image with its \
+                 backing named explicitly"
+            )))
+        }
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !known.contains(&k.as_str()) && !HARMLESS.contains(&k.as_str()))
+    {
+        return Err(unsupported(format!(
+            "option {k:?} of driver {driver:?} is not supported"
+        )));
+    }
+    match driver {
+        "file" | "host_device" => {
+            let f = m
+                .get("filename")
+                .and_then(Value::as_str)
+                .ok_or_else(|| unsupported(format!("driver {driver:?} needs a \"filename\"")))?;
+            Ok(BackingNode::Path {
+                path: super::open::resolve_backing_path(f, image)?,
+                format: PathFormat::Raw,
+                block_device: driver == "host_device",
+            })
+        }
+        "null-co" => {
+            let size = match m.get("size") {
+                None => NULL_DEFAULT_SIZE,
+                Some(v) => v
+                    .as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    .ok_or_else(|| unsupported(format!("null-co size {v}")))?,
+            };
+            if m.get("latency-ns").is_some_and(|l| l.as_u64() != Some(0)) {
+                return Err(unsupported("null-co latency-ns other than 0".into()));
+            }
+            let read_zeroes = match m.get("read-zeroes") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(Value::String(s)) if s == "on" || s == "true" => true,
+                Some(Value::String(s)) if s == "off" || s == "false" => false,
+                Some(v) => return Err(unsupported(format!("null-co read-zeroes {v}"))),
+            };
+            Ok(BackingNode::Null { size, read_zeroes })
+        }
+        _ => {
+            // raw or qcow2 over a file child (a filename or a node's options).
+            let child = match m.get("file") {
+                Some(Value::String(f)) => BackingNode::Path {
+                    path: super::open::resolve_backing_path(f, image)?,
+                    format: PathFormat::Raw,
+                    block_device: false,
+                },
+                Some(Value::Object(c)) => from_options(name, c, image)?,
+                _ => return Err(unsupported(format!("driver {driver:?} needs a \"file\""))),
+            };
+            match (driver, child) {
+                ("raw", c) => Ok(c),
+                (
+                    _,
+                    BackingNode::Path {
+                        path,
+                        format: PathFormat::Raw,
+                        block_device,
+                    },
+                ) => Ok(BackingNode::Path {
+                    path,
+                    format: PathFormat::Qcow2,
+                    block_device,
+                }),
+                _ => Err(unsupported(
+                    "a qcow2 image must be stored on a file or block device".into(),
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img() -> Option<&'static Path> {
+        Some(Path::new("/d/top.qcow2"))
+    }
+
+    #[test]
+    fn names_as_qemu_writes_them() {
+        let p = |path: &str, format, block_device| BackingNode::Path {
+            path: path.into(),
+            format,
+            block_device,
+        };
+        assert_eq!(
+            parse("b.raw", Some("raw"), img()).unwrap(),
+            p("/d/b.raw", PathFormat::Raw, false)
+        );
+        assert_eq!(
+            parse("/x/b", Some("file"), img()).unwrap(),
+            p("/x/b", PathFormat::Raw, false)
+        );
+        assert_eq!(
+            parse("/dev/sdz", Some("host_device"), img()).unwrap(),
+            p("/dev/sdz", PathFormat::Raw, true)
+        );
+        assert_eq!(
+            parse("b.qcow2", None, img()).unwrap(),
+            p("/d/b.qcow2", PathFormat::Probe, false)
+        );
+        assert_eq!(
+            parse(
+                r#"json:{"read-zeroes": true, "driver": "null-co", "size": 1048576}"#,
+                Some("null-co"),
+                img()
+            )
+            .unwrap(),
+            BackingNode::Null {
+                size: 1 << 20,
+                read_zeroes: true
+            }
+        );
+        assert_eq!(
+            parse("null-co://", Some("null-co"), img()).unwrap(),
+            BackingNode::Null {
+                size: 1 << 30,
+                read_zeroes: false
+            }
+        );
+        assert_eq!(
+            parse(
+                r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "/q"}}"#,
+                Some("qcow2"),
+                img()
+            )
+            .unwrap(),
+            p("/q", PathFormat::Qcow2, false)
+        );
+        assert_eq!(
+            parse(
+                r#"json:{"driver": "raw", "file": {"driver": "null-co", "size": 512}}"#,
+                Some("raw"),
+                img()
+            )
+            .unwrap(),
+            BackingNode::Null {
+                size: 512,
+                read_zeroes: false
+            }
+        );
+    }
+
+    #[test]
+    fn what_sluice_cannot_open_is_refused_by_name() {
+        for (name, want) in [
+            (r#"json:{"driver": "malloc", "size": 512}"#, "malloc"),
+            (r#"json:{"driver": "nbd", "server": {}}"#, "\"nbd\""),
+            (
+                r#"json:{"driver": "raw", "offset": 4, "file": "/x"}"#,
+                "offset",
+            ),
+            ("json:[1]", "object"),
+        ] {
+            let e = parse(name, None, img()).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("backing file"),
+                "{name}: {e}"
+            );
+        }
+        assert!(parse("json:{", None, img()).is_err());
+        assert!(parse("b", Some("vmdk"), img()).is_err());
+    }
+}

@@ -1,0 +1,48 @@
+//! How QEMU names the nodes `blockdev-add` made ([`stream::qemu_name`]): a
+//! file node by its path and driver (`file`, `host_device`), a raw node by
+//! its file, a null node by the options it was given (so that its `json:`
+//! name is QEMU's, `null-co://` when it was given none).
+
+use super::spec::Driver;
+use super::state;
+use bdev::device::Device;
+use bdev::uring::UringBdev;
+use bdev::Bdev;
+use serde_json::Value;
+use std::sync::Arc;
+use stream::qemu_name::{self, QemuNode};
+
+/// The describer installed for [`stream::qemu_name`]; `None` for bdevs that
+/// are not `blockdev-add` nodes, and for qcow2 nodes (described as images).
+pub fn describe(b: &Arc<dyn Bdev>) -> Option<QemuNode> {
+    let driver = state::driver_of(b.name())?;
+    let args = state::args_of(b.name()).unwrap_or(Value::Null);
+    match driver {
+        Driver::File | Driver::HostDevice => {
+            let filename = args
+                .get("filename")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or_else(|| {
+                    let u = b.as_any().downcast_ref::<UringBdev>()?;
+                    Some(u.path().display().to_string())
+                })?;
+            Some(qemu_name::protocol(driver.as_str(), filename))
+        }
+        Driver::Raw => {
+            let root = Device::from_bdev(b)?.root();
+            Some(QemuNode::Format {
+                driver: "raw".into(),
+                file: Box::new(qemu_name::describe_file_child(&root)),
+            })
+        }
+        Driver::NullCo => {
+            // QEMU's null-co keeps the strong options it was given.
+            let opts = ["size", "read-zeroes"]
+                .into_iter()
+                .filter_map(|k| Some((k, args.get(k)?.clone())));
+            Some(qemu_name::options("null-co", opts))
+        }
+        Driver::Qcow2 => None,
+    }
+}
