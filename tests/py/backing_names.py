@@ -143,6 +143,7 @@ def header(top):
 
 
 def phase_stream(vm, root):
+    wrong = []
     for kind, how, d in cases(root):
         qemu_has, _, _ = kinds(d)[kind]
         if qemu_has:
@@ -156,10 +157,12 @@ def phase_stream(vm, root):
         top, _, _ = images(d, kind)
         bfile = stream(vm, kind, how, d)
         got = header(top)
-        need(got == want, f"{kind}/{how}: the header names {got}, QEMU's name is {want}")
-        if qsd_file is not None:
-            need(bfile == qsd_file, f"{kind}/{how}: query-named-block-nodes shows {bfile!r}, QSD {qsd_file!r}")
-        need(want[0] != names(kind, how)[0], f"{kind}/{how}: the node name was written")
+        if got != want:
+            wrong.append(f"{kind}/{how}: the header names {got}, QEMU's name is {want}")
+        if qsd_file is not None and bfile != qsd_file:
+            wrong.append(f"{kind}/{how}: query-named-block-nodes shows {bfile!r}, QSD {qsd_file!r}")
+        need(want[0] != names(kind, how)[0], f"{kind}/{how}: the node name was expected")
+    need(not wrong, "\n".join(wrong))
 
 
 def phase_judge(root):
