@@ -67,7 +67,8 @@ SLUICE_ONLY = {
     "malloc": (lambda d: f'json:{{"driver": "malloc", "size": {SIZE}}}', "malloc"),
 }
 
-HOWS = ["base", "bottom"]
+# "mask": `bottom` with backing-mask-protocol (a protocol node's format is written as raw).
+HOWS = ["base", "bottom", "mask"]
 
 
 def cases(root):
@@ -130,6 +131,8 @@ def stream(vm, kind, how, d):
         args["base"] = bfile
     else:
         args["bottom"] = m
+    if how == "mask":
+        args["backing-mask-protocol"] = True
     r = vm.raw("block-stream", args)
     need("return" in r, f"{kind}/{how}: block-stream {args}: {r}")
     ev = vm.event_wait("BLOCK_JOB_COMPLETED", 30, {"device": j})
@@ -153,6 +156,8 @@ def phase_stream(vm, root):
             want = header(top)
         else:
             name, fmt = SLUICE_ONLY[kind]
+            if how == "mask" and kind != "aio":
+                fmt = "raw"
             qsd_file, want = None, (name(d), fmt)
         top, _, _ = images(d, kind)
         bfile = stream(vm, kind, how, d)
@@ -169,6 +174,11 @@ def phase_judge(root):
     for kind, how, d in cases(root):
         _, _, comparable = kinds(d)[kind]
         top, ref = os.path.join(d, "top.qcow2"), os.path.join(d, "ref.raw")
+        if how == "mask" and kind in ("null-co", "null-co-size", "null", "malloc"):
+            # QEMU's own header (a json: name of a protocol node, format raw) does not
+            # reopen in QEMU ("A block device must be specified"): the QSD
+            # comparison and sluice's reopen judge these.
+            continue
         r = run("qemu-img", "info", "--backing-chain", top)
         if kind == "malloc":
             # The RAM disk is gone: QEMU refuses the chain by the driver's

@@ -87,7 +87,8 @@ pub(crate) fn parse(
         return from_options(name, &m, image);
     }
     if name.starts_with("null-co://") {
-        if !matches!(fmt, None | Some("null-co")) {
+        // `raw` over it: a stream's `backing-mask-protocol`.
+        if !matches!(fmt, None | Some("null-co") | Some("raw")) {
             return Err(unsupported(format!(
                 "format {:?} over null-co",
                 fmt.unwrap_or_default()
@@ -266,6 +267,13 @@ mod tests {
             }
         );
         assert_eq!(
+            parse("null-co://", Some("raw"), img()).unwrap(),
+            BackingNode::Null {
+                size: 1 << 30,
+                read_zeroes: false
+            }
+        );
+        assert_eq!(
             parse("null-co://", Some("null-co"), img()).unwrap(),
             BackingNode::Null {
                 size: 1 << 30,
@@ -314,5 +322,6 @@ mod tests {
         }
         assert!(parse("json:{", None, img()).is_err());
         assert!(parse("b", Some("vmdk"), img()).is_err());
+        assert!(parse("null-co://", Some("qcow2"), img()).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::job::{JobError, JobManager, JobSpec, JobType, OnError};
 use crate::node::{self, ImageNode};
+use crate::qemu_name;
 use bdev::device::Device;
 use bdev::{registry, Bdev};
 use std::path::Path;
@@ -24,6 +25,9 @@ pub struct StreamParams {
     pub bottom: Option<String>,
     /// Backing file name to record instead of the base's file name.
     pub backing_file: Option<String>,
+    /// Record `raw` as the backing format where the base is a protocol node
+    /// (`file`, `null-co`...), not its driver (`backing-mask-protocol`).
+    pub backing_mask_protocol: bool,
     /// Bytes/s (negative is refused).
     pub speed: i64,
     /// Error policy (default report).
@@ -67,6 +71,8 @@ pub struct StreamPlan {
     pub base: Option<Arc<dyn Bdev>>,
     /// Name recorded in the header for `base`.
     pub backing_file: Option<String>,
+    /// Format recorded in the header for `base`.
+    pub backing_format: Option<String>,
     /// Nodes from the top's backing down to the base (excluded): released on success.
     pub intermediates: Vec<Arc<dyn Bdev>>,
     /// Nothing to copy (the base is right below the top, or there is no backing).
@@ -205,12 +211,24 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
             .clone()
             .unwrap_or_else(|| node::filename_of(b))
     });
+    // QEMU's stream_prepare: the base's driver, or `raw` for a protocol
+    // driver when masked.
+    let backing_format = base.as_ref().map(|b| {
+        let n = qemu_name::describe(b);
+        let protocol = !matches!(n, qemu_name::QemuNode::Format { .. });
+        if p.backing_mask_protocol && protocol {
+            "raw".to_string()
+        } else {
+            qemu_name::driver(&n).to_string()
+        }
+    });
     let owner = image.as_ref().map(|i| i.owner()).unwrap_or(0);
     let plan = StreamPlan {
         top: image,
         top_bdev: top.clone(),
         base,
         backing_file,
+        backing_format,
         intermediates: chain[1..end.max(1)].to_vec(),
         noop,
         owner,

@@ -293,10 +293,13 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     if let Some(d) = dev {
         d.quiesce(&rt).await.map_err(|e| e.to_string())?;
     }
-    let fmt = plan.base.as_ref().map(node::format_of);
     let r = async {
-        top.set_backing_file(plan.backing_file.as_deref(), fmt.as_deref(), plan.durable)
-            .await?;
+        top.set_backing_file(
+            plan.backing_file.as_deref(),
+            plan.backing_format.as_deref(),
+            plan.durable,
+        )
+        .await?;
         top.set_backing_bdev(plan.base.clone()).await
     }
     .await;
