@@ -84,3 +84,65 @@ pub fn open_checked(
     fcntl(fd, FcntlArg::F_SETFL(fl)).map_err(|e| os(e.into()))?;
     Ok(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("sluice-oc-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn regular_files_open_blocking_and_fifos_are_refused() {
+        let d = dir("a");
+        let f = d.join("f");
+        let file = open_checked(
+            &f,
+            OpenOptions::new().read(true).write(true).create(true),
+            libc::O_CLOEXEC,
+            "opening",
+        )
+        .unwrap();
+        let fl = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).unwrap();
+        assert_eq!(fl & libc::O_NONBLOCK, 0, "O_NONBLOCK left set");
+        assert!(f.is_file());
+
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for write in [false, true] {
+            let e = open_checked(
+                &fifo,
+                OpenOptions::new().read(true).write(write),
+                0,
+                "opening",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("is a FIFO") && e.contains(fifo.to_str().unwrap()),
+                "{e}"
+            );
+        }
+        let e = open_checked(
+            Path::new("/dev/null"),
+            OpenOptions::new().read(true),
+            0,
+            "opening",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/dev/null is a character device"), "{e}");
+        let e = open_checked(&d, OpenOptions::new().read(true), 0, "opening")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let e =
+            open_checked(&d.join("none"), OpenOptions::new().read(true), 0, "opening").unwrap_err();
+        assert!(matches!(e, BdevError::Os { .. }), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -68,7 +68,9 @@ SLUICE_ONLY = {
 }
 
 # "mask": `bottom` with backing-mask-protocol (a protocol node's format is written as raw).
-HOWS = ["base", "bottom", "mask"]
+# "direct": `base-node` the top's own backing (nothing to copy; QEMU still
+# rewrites the header).
+HOWS = ["base", "bottom", "mask", "direct"]
 
 
 def cases(root):
@@ -77,7 +79,7 @@ def cases(root):
             yield kind, how, os.path.join(root, f"{kind}-{how}")
 
 
-def images(d, kind):
+def images(d, kind, how=None):
     """Fresh images: base (pattern 0x11 in the first 256 KiB), mid (0x22 in
     the next 256 KiB) over it, top (0x33 in the next 128 KiB) over mid; the
     reference of what the top reads."""
@@ -100,7 +102,9 @@ def images(d, kind):
     base_has_data = kind in ("file", "raw", "qcow2", "aio")
     if base_has_data:
         ok("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 256k", ref)
-    ok("qemu-io", "-f", "raw", "-c", "write -P 0x22 256k 256k", "-c", "write -P 0x33 512k 128k", ref)
+    if how != "direct":
+        ok("qemu-io", "-f", "raw", "-c", "write -P 0x22 256k 256k", ref)
+    ok("qemu-io", "-f", "raw", "-c", "write -P 0x33 512k 128k", ref)
     return top, mid, ref
 
 
@@ -120,7 +124,9 @@ def stream(vm, kind, how, d):
     else:
         r = vm.raw(make[0], {**make[1], "name": b})
     need("return" in r, f"{kind}: making the base: {r}")
-    for node, f, backing in [(m, mid, b), (t, top, m)]:
+    # "direct": the top over the base itself (mid unused).
+    chain = [(t, top, b)] if how == "direct" else [(m, mid, b), (t, top, m)]
+    for node, f, backing in chain:
         r = vm.raw("blockdev-add", {"driver": "qcow2", "node-name": node,
                                     "file": {"driver": "file", "filename": f}, "backing": backing})
         need("return" in r, f"{kind}: blockdev-add {node}: {r}")
@@ -129,6 +135,8 @@ def stream(vm, kind, how, d):
     args = {"device": t, "job-id": j}
     if how == "base":
         args["base"] = bfile
+    elif how == "direct":
+        args["base-node"] = b
     else:
         args["bottom"] = m
     if how == "mask":
@@ -150,7 +158,7 @@ def phase_stream(vm, root):
     for kind, how, d in cases(root):
         qemu_has, _, _ = kinds(d)[kind]
         if qemu_has:
-            top, _, _ = images(d, kind)
+            top, _, _ = images(d, kind, how)
             with qsd_monitor(root) as qsd:
                 qsd_file = stream(qsd, kind, how, d)
             want = header(top)
@@ -159,7 +167,7 @@ def phase_stream(vm, root):
             if how == "mask" and kind != "aio":
                 fmt = "raw"
             qsd_file, want = None, (name(d), fmt)
-        top, _, _ = images(d, kind)
+        top, _, _ = images(d, kind, how)
         bfile = stream(vm, kind, how, d)
         got = header(top)
         if got != want:

@@ -282,12 +282,26 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
 /// the device quiesced so no request is traversing the chain meanwhile; then
 /// releases the images between top and base that nothing else uses.
 async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
-    if !ok || plan.noop {
+    if !ok {
         return Ok(());
     }
     let Some(top) = plan.top.clone() else {
         return Ok(());
     };
+    if plan.noop {
+        // Nothing was copied and the chain stays, but QEMU's stream_prepare
+        // still records the base's name (as QEMU gives it) in the header.
+        if plan.base.is_some() {
+            top.set_backing_file(
+                plan.backing_file.as_deref(),
+                plan.backing_format.as_deref(),
+                plan.durable,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
     let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
     let dev = plan.device.as_ref().and_then(Device::from_bdev);
     if let Some(d) = dev {
