@@ -42,10 +42,18 @@ def ok(*args):
 
 # name -> (QEMU has it, how B is made, reads as the reference where streamed)
 #   B is made with blockdev-add (a dict) or a sluice method [method, params].
+LOOP = None  # a loop device holding the base pattern (--loop), for host_device
+
+
 def kinds(d):
     raw = os.path.join(d, "base.raw")
     qcow = os.path.join(d, "base.qcow2")
+    loop = {}
+    if LOOP:
+        # Read-only: the two daemons open it one after the other while sluice keeps its node.
+        loop["host_device"] = (True, {"driver": "host_device", "filename": LOOP, "read-only": True}, True)
     return {
+        **loop,
         "file": (True, {"driver": "file", "filename": raw}, True),
         "raw": (True, {"driver": "raw", "file": {"driver": "file", "filename": raw}}, True),
         "raw-null": (True, {"driver": "raw", "file": {"driver": "null-co", "size": SIZE, "read-zeroes": True}}, True),
@@ -99,7 +107,7 @@ def images(d, kind, how=None):
     ok("qemu-img", "create", "-q", "-f", "qcow2", top, SIZE)
     ok("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 512k 128k", top)
     ok("qemu-img", "create", "-q", "-f", "raw", ref, SIZE)
-    base_has_data = kind in ("file", "raw", "qcow2", "aio")
+    base_has_data = kind in ("file", "raw", "qcow2", "aio", "host_device")
     if base_has_data:
         ok("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 256k", ref)
     if how != "direct":
@@ -279,13 +287,16 @@ def main():
     ap.add_argument("--qmp")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--phase", required=True)
+    ap.add_argument("--loop")
     a = ap.parse_args()
+    global LOOP
+    LOOP = a.loop
     if a.phase == "judge":
         phase_judge(a.dir)
     else:
         vm = Vm(a.qmp)
         {"stream": phase_stream, "reopen": phase_reopen}[a.phase](vm, a.dir)
-    print("ok")
+    print(f"ok ({len(kinds(a.dir))} kinds)")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,16 @@ pub(crate) fn parse(
             read_zeroes: false,
         });
     }
+    if let Some((proto, _)) = name.split_once("://") {
+        // QEMU's protocol filenames (nbd://, nvme://...): sluice has none of
+        // those drivers, and the name is no path.
+        if !proto.is_empty() && proto.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(unsupported(format!(
+                "protocol {proto:?} cannot be opened by sluice; open the image with its \
+                 backing named explicitly"
+            )));
+        }
+    }
     let plain = name.strip_prefix("file:").unwrap_or(name);
     let path = super::open::resolve_backing_path(plain, image)?;
     let (format, block_device) = match fmt {
@@ -313,6 +323,7 @@ mod tests {
                 "offset",
             ),
             ("json:[1]", "object"),
+            ("nvme://0000:01:00.0/1", "\"nvme\""),
         ] {
             let e = parse(name, None, img()).unwrap_err().to_string();
             assert!(
