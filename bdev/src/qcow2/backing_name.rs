@@ -1,4 +1,4 @@
-//! Reading a header's backing file name and format as QEMU does: a path
+//! Reading (and opening) a header's backing file name and format as QEMU does: a path
 //! (relative to the image's directory) opened as the format the header
 //! names, `null-co://`, or a `json:{...}` pseudo-filename of a node's options.
 //!
@@ -10,9 +10,16 @@
 //! backing its header names. Such an image can still be opened with its
 //! backing bound explicitly (a named bdev, or none).
 
+use super::format::MAGIC;
+use super::open::{BackingSpec, OpenOptions};
 use crate::error::BdevError;
+use crate::null::{NullBdev, NullOptions};
+use crate::uring::{UringBdev, UringOptions};
+use crate::Bdev;
 use serde_json::{Map, Value};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The format of a backing file given by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +238,99 @@ fn from_options(
             }
         }
     }
+}
+
+/// Opens the backing node the header of image `name` names (`file` with
+/// format `fmt`), read-only, as bdev `<name>.backing` (its file as
+/// `<name>.backing.file`); a qcow2 backing opens its own chain in turn.
+/// `visited` holds the chain's canonical paths so far (a loop is an error).
+pub(super) async fn open(
+    name: &str,
+    file: &str,
+    fmt: Option<&str>,
+    opts: &OpenOptions,
+    visited: &[PathBuf],
+) -> Result<Arc<dyn Bdev>, BdevError> {
+    let bname = format!("{name}.backing");
+    match parse(file, fmt, opts.filename.as_deref())? {
+        BackingNode::Null { size, read_zeroes } => {
+            if size == 0 || !size.is_multiple_of(512) {
+                return Err(BdevError::Unsupported(format!(
+                    "backing file {file:?}: a null-co size of {size} bytes (sluice's null \
+                     device takes a positive multiple of 512)"
+                )));
+            }
+            let nopts = NullOptions {
+                zero_reads: read_zeroes,
+            };
+            Ok(NullBdev::with_options(
+                &bname,
+                size / 512,
+                512,
+                None,
+                nopts,
+            )?)
+        }
+        BackingNode::Path {
+            path,
+            format,
+            block_device,
+        } => {
+            let canon = std::fs::canonicalize(&path)
+                .map_err(|e| BdevError::os(format!("backing file {}", path.display()), e))?;
+            if visited.contains(&canon) {
+                return Err(BdevError::InvalidParam(format!(
+                    "backing chain loop: {} appears twice",
+                    path.display()
+                )));
+            }
+            let qcow2 = match format {
+                PathFormat::Raw => false,
+                PathFormat::Qcow2 => true,
+                PathFormat::Probe => probe_is_qcow2(&path)?,
+            };
+            let leaf = UringBdev::open(
+                &format!("{bname}.file"),
+                &path,
+                UringOptions {
+                    direct: opts.direct,
+                    read_only: true,
+                    block_size: None,
+                },
+            )?;
+            if block_device && !leaf.is_block_device() {
+                return Err(BdevError::InvalidParam(format!(
+                    "backing file {}: the 'host_device' driver requires a block device",
+                    path.display()
+                )));
+            }
+            if !qcow2 {
+                return Ok(leaf);
+            }
+            let bopts = OpenOptions {
+                read_only: true,
+                filename: Some(path.clone()),
+                backing: BackingSpec::FromHeader,
+                ..opts.clone()
+            };
+            Ok(super::open::open_chain(bname, leaf, bopts, visited.to_vec()).await?)
+        }
+    }
+}
+
+/// Whether a backing file the header gives no format for is a qcow2 image
+/// (it starts with the magic); else it is read raw.
+fn probe_is_qcow2(path: &Path) -> Result<bool, BdevError> {
+    let mut magic = [0u8; 4];
+    let mut f = crate::open_checked::open_checked(
+        path,
+        std::fs::OpenOptions::new().read(true),
+        libc::O_CLOEXEC,
+        "opening backing file",
+    )?;
+    let is_qcow2 = f.read_exact(&mut magic).is_ok() && u32::from_be_bytes(magic) == MAGIC;
+    tracing::warn!(path = %path.display(), probed = if is_qcow2 { "qcow2" } else { "raw" }, "backing file has no format in the header; probed");
+    Ok(is_qcow2)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! the header (file names resolved against the image's directory) or bound to
 //! bdevs the caller names.
 
-use super::backing_name::{self, BackingNode, PathFormat};
+use super::backing_name;
 use super::bdev::{install_engine, next_id, track_grown, Info, Qcow2Bdev};
 use super::format::{
     be32, be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
@@ -344,22 +344,7 @@ pub fn resolve_backing_path(backing: &str, image: Option<&Path>) -> Result<PathB
     }
 }
 
-/// Whether a backing file the header gives no format for is a qcow2 image
-/// (it starts with the magic); else it is read raw.
-fn probe_is_qcow2(path: &Path) -> Result<bool, BdevError> {
-    let mut magic = [0u8; 4];
-    let mut f = crate::open_checked::open_checked(
-        path,
-        std::fs::OpenOptions::new().read(true),
-        libc::O_CLOEXEC,
-        "opening backing file",
-    )?;
-    let is_qcow2 = f.read_exact(&mut magic).is_ok() && u32::from_be_bytes(magic) == MAGIC;
-    tracing::warn!(path = %path.display(), probed = if is_qcow2 { "qcow2" } else { "raw" }, "backing file has no format in the header; probed");
-    Ok(is_qcow2)
-}
-
-fn open_chain(
+pub(super) fn open_chain(
     name: String,
     base: Arc<dyn Bdev>,
     opts: OpenOptions,
@@ -405,78 +390,7 @@ fn open_chain(
             BackingSpec::FromHeader => match &bfile {
                 None => None,
                 Some(file) => {
-                    let bname = format!("{name}.backing");
-                    let node =
-                        backing_name::parse(file, bfmt.as_deref(), opts.filename.as_deref())?;
-                    match node {
-                        BackingNode::Null { size, read_zeroes } => {
-                            if size == 0 || !size.is_multiple_of(512) {
-                                return Err(BdevError::Unsupported(format!(
-                                    "backing file {file:?}: a null-co size of {size} bytes (sluice's null device takes a positive multiple of 512)"
-                                )));
-                            }
-                            let nopts = crate::null::NullOptions {
-                                zero_reads: read_zeroes,
-                            };
-                            let null = crate::null::NullBdev::with_options(
-                                &bname,
-                                size / 512,
-                                512,
-                                None,
-                                nopts,
-                            )?;
-                            Some(null as Arc<dyn Bdev>)
-                        }
-                        BackingNode::Path {
-                            path,
-                            format,
-                            block_device,
-                        } => {
-                            let canon = std::fs::canonicalize(&path).map_err(|e| {
-                                BdevError::os(format!("backing file {}", path.display()), e)
-                            })?;
-                            if visited.contains(&canon) {
-                                return Err(BdevError::InvalidParam(format!(
-                                    "backing chain loop: {} appears twice",
-                                    path.display()
-                                )));
-                            }
-                            let qcow2 = match format {
-                                PathFormat::Raw => false,
-                                PathFormat::Qcow2 => true,
-                                PathFormat::Probe => probe_is_qcow2(&path)?,
-                            };
-                            let leaf = UringBdev::open(
-                                &format!("{bname}.file"),
-                                &path,
-                                UringOptions {
-                                    direct: opts.direct,
-                                    read_only: true,
-                                    block_size: None,
-                                },
-                            )?;
-                            if block_device && !leaf.is_block_device() {
-                                return Err(BdevError::InvalidParam(format!(
-                                    "backing file {}: 'host_device' driver requires it to be a block device",
-                                    path.display()
-                                )));
-                            }
-                            if !qcow2 {
-                                Some(leaf as Arc<dyn Bdev>)
-                            } else {
-                                let bopts = OpenOptions {
-                                    read_only: true,
-                                    filename: Some(path.clone()),
-                                    backing: BackingSpec::FromHeader,
-                                    ..opts.clone()
-                                };
-                                Some(
-                                    open_chain(bname, leaf, bopts, visited.clone()).await?
-                                        as Arc<dyn Bdev>,
-                                )
-                            }
-                        }
-                    }
+                    Some(backing_name::open(&name, file, bfmt.as_deref(), &opts, &visited).await?)
                 }
             },
         };
