@@ -529,7 +529,8 @@ impl Ring {
                     return;
                 }
                 IoStatus::from_errno(res)
-            } else if io.fua && !io.io_type.has_data() && io.io_type != IoType::Flush && !s.fua_sync {
+            } else if io.fua && !io.io_type.has_data() && io.io_type != IoType::Flush && !s.fua_sync
+            {
                 // FUA write-zeroes / discard: `fallocate` is not synchronous; sync now.
                 s.fua_sync = true;
                 drop(slots);
