@@ -298,3 +298,30 @@ fn qsd_keeps_fua_write_across_kill() {
     let _ = qsd.wait();
     check_image(&top, true, "qemu-storage-daemon, FUA write");
 }
+
+/// As in qemu-storage-daemon, write-through is an export's option, not a
+/// node's: `blockdev-add` refuses `cache.writeback`, and the node under a
+/// write-through export still reports `cache.writeback: true` (QSD's reply).
+#[test]
+fn writethrough_is_an_export_option_as_in_qsd() {
+    let work = TempDir::new("wtq");
+    let top = image(&work, false);
+    let mut n = serve(&top, false, true);
+    let e = n.d.call_err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "n1", "cache": {"writeback": false},
+               "file": {"driver": "file", "filename": top}}),
+    );
+    assert!(
+        e.to_string()
+            .contains("Parameter 'cache.writeback' is unexpected"),
+        "{e}"
+    );
+    let nodes = n.d.call("query-named-block-nodes", serde_json::Value::Null);
+    let node = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["node-name"] == "vd0-node"))
+        .unwrap_or_else(|| panic!("no vd0-node in {nodes}"));
+    assert_eq!(node["cache"]["writeback"], json!(true), "{node}");
+    kill(n);
+}
