@@ -13,7 +13,7 @@
 
 mod nbd_common;
 
-use nbd_common::{NbdDaemon, Raw, CMD_WRITE, FLAG_FUA};
+use nbd_common::{NbdDaemon, Raw, CMD_WRITE, ENOSPC, FLAG_FUA};
 use serde_json::json;
 use sluice_tests::{qemu_img, qemu_io, run, TempDir};
 use std::io::{BufRead, BufReader, Read};
@@ -324,4 +324,52 @@ fn writethrough_is_an_export_option_as_in_qsd() {
         .unwrap_or_else(|| panic!("no vd0-node in {nodes}"));
     assert_eq!(node["cache"]["writeback"], json!(true), "{node}");
     kill(n);
+}
+
+/// A FUA write whose metadata cannot be made durable (the L1 table write
+/// fails with ENOSPC, injected by an error bdev under the image) is not
+/// acknowledged: the client gets ENOSPC. The image keeps working: once the
+/// error is used up, the same FUA write succeeds and survives a SIGKILL.
+#[test]
+fn fua_write_fails_when_its_metadata_cannot_be_written() {
+    let work = TempDir::new("fuae");
+    let top = image(&work, false);
+    let mut hdr = [0u8; 48];
+    std::fs::File::open(&top)
+        .and_then(|mut f| f.read_exact(&mut hdr))
+        .expect("read header");
+    let l1 = u64::from_be_bytes(hdr[40..48].try_into().unwrap());
+    // Room to grow: a bare uring bdev does not extend the file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&top)
+        .and_then(|f| f.set_len(96 << 20))
+        .expect("extend");
+    let mut n = NbdDaemon::start(&["-m", "0x1"], &[]);
+    n.d.call(
+        "bdev_uring_create",
+        json!({"name": "imgfile", "filename": top}),
+    );
+    n.d.call("bdev_error_create", json!({"base_name": "imgfile"}));
+    n.d.call(
+        "bdev_qcow2_open",
+        json!({"name": "vd0", "node_name": "img", "base_bdev": "EE_imgfile", "no_backing": true}),
+    );
+    n.d.call(
+        "bdev_error_inject_error",
+        json!({"name": "EE_imgfile", "io_type": "write", "error_type": "enospc",
+               "num": 1, "offset": l1, "length": 512}),
+    );
+    n.d.call(
+        "block-export-add",
+        json!({"type": "nbd", "id": "vd0", "node-name": "vd0", "writable": true}),
+    );
+    let (mut c, _, _) = Raw::attach(&n.sock, "vd0", false, false);
+    let data = vec![PATTERN; LEN as usize];
+    c.request(FLAG_FUA, CMD_WRITE, 1, OFF, LEN, &data);
+    assert_eq!(c.simple(), (ENOSPC, 1), "the FUA write was acknowledged");
+    c.request(FLAG_FUA, CMD_WRITE, 2, OFF, LEN, &data);
+    assert_eq!(c.simple(), (0, 2), "the FUA write failed with space back");
+    kill(n);
+    check_image(&top, false, "FUA write after an ENOSPC");
 }
