@@ -23,6 +23,24 @@ pub type RangeStatusFuture = Pin<Box<dyn Future<Output = Result<RangeStatus, Bde
 
 /// A named block device. Shared across reactors (`Send + Sync`); I/O goes through
 /// per-reactor [`Channel`]s made by [`Bdev::create_channel`].
+///
+/// # Force unit access
+///
+/// Every bdev honours [`BdevIo::fua`](crate::BdevIo::fua): a write,
+/// write-zeroes or discard submitted with it completes only once it is durable
+/// with all the metadata it depends on. How each one does it:
+///
+/// - uring (files): writes with `RWF_DSYNC` (the kernel writes the data and
+///   the file's allocation, and on `O_DIRECT` flushes the disk's cache);
+///   write-zeroes and discards (`fallocate`) are followed by `fdatasync`.
+/// - NVMe: the FUA bit on Write and Write Zeroes commands; a discard (Dataset
+///   Management) has no FUA bit and is followed by a Flush command.
+/// - malloc, null: nothing volatile: completing is enough.
+/// - qcow2: a write to clusters already mapped goes down with the flag while
+///   all the image's metadata is durable; anything else is done first, then
+///   the image is flushed (metadata written in order, base flushed) before
+///   the request completes, as QEMU's block layer emulates FUA.
+/// - error bdev, device: pass the flag down with the request.
 pub trait Bdev: Send + Sync + 'static {
     /// Unique name.
     fn name(&self) -> &str;

@@ -155,7 +155,15 @@ pub struct BdevIo {
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
-    /// Force unit access: the write is durable when it completes.
+    /// Force unit access, for writes, write-zeroes and discards (ignored on
+    /// reads and flushes): when the request completes successfully, its effect
+    /// is durable (survives a crash or power loss) *together with every piece
+    /// of metadata needed to read it back* (a qcow2 image's L2 / L1 entries and
+    /// refcounts), as if a flush had completed after it. Nothing is promised
+    /// for other requests (unlike a flush). Each bdev honours it natively or
+    /// emulates it; see "Force unit access" in [`crate::Bdev`]. The flag stays
+    /// on the request wherever it travels (a device's forwarding, a qcow2
+    /// image's remote channel, an error bdev's child).
     pub fua: bool,
     /// A hint for buffered file bdevs: once this write is in the page cache,
     /// start writing it back, because the submitter will flush soon (a stream

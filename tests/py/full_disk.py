@@ -144,9 +144,11 @@ def case_stream_report(vm, d, mnt):
 WROTE = re.compile(r"^wrote (\d+)/(\d+) bytes at offset (\d+)$")
 
 
-def nbd_io(uri, cmds, read_only=False):
-    """qemu-io over NBD (it must finish: a hang is a failure); returns (rc, output)."""
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
+def nbd_io(uri, cmds, read_only=False, cache=None):
+    """qemu-io over NBD (it must finish: a hang is a failure); returns (rc, output).
+    qemu-io's default cache mode is writethrough: every write is sent with FUA
+    (durable, metadata included, before the reply) unless `cache` is "writeback"."""
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else []) + (["-t", cache] if cache else [])
     for c in cmds:
         args += ["-c", c]
     r = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
@@ -253,8 +255,9 @@ def case_metadata_enospc(vm, d, mnt):
     vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
     vm.cmd("block-export-add", type="nbd", id="e0", node_name="drive0", writable=True)
     uri = f"nbd+unix:///drive0?socket={sock}"
-    # The write is acknowledged; the flush that needs the L1 entry fails.
-    rc, out = nbd_io(uri, ["write -P 1 0 1M", "flush"])
+    # The write (plain: a FUA write would need the L1 entry at once) is
+    # acknowledged; the flush that needs the L1 entry fails.
+    rc, out = nbd_io(uri, ["write -P 1 0 1M", "flush"], cache="writeback")
     assert "wrote 1048576/1048576 bytes at offset 0" in out and "write failed" not in out, out
     assert rc != 0, f"the flush did not fail:\n{out}"
     # Space is back (the injected error is used up): writes and flushes work again.

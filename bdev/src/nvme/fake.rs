@@ -61,6 +61,23 @@ pub struct FakeFaults {
     pub io_commands: AtomicU64,
     /// Abort commands received.
     pub aborts: AtomicU32,
+    /// While set, every I/O command executed is appended to `log`, in order.
+    pub log_io: AtomicBool,
+    /// The I/O commands executed while `log_io` was set.
+    pub log: Mutex<Vec<LoggedCmd>>,
+}
+
+/// An I/O command as the controller executed it (see [`FakeFaults::log`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoggedCmd {
+    /// Opcode (`spec::nvm::*`).
+    pub opc: u8,
+    /// Starting LBA (read, write, write zeroes).
+    pub slba: u64,
+    /// Number of blocks (read, write, write zeroes).
+    pub nlb: u64,
+    /// The Force Unit Access bit (CDW12 bit 30).
+    pub fua: bool,
 }
 
 /// Shape of the software controller.
@@ -325,6 +342,19 @@ impl FakeNvme {
         {
             self.held.push((sqid, cmd));
             return;
+        }
+        if self.faults.log_io.load(Ordering::Relaxed) {
+            let cmd_log = LoggedCmd {
+                opc: cmd.opc,
+                slba: cmd.cdw10 as u64 | (cmd.cdw11 as u64) << 32,
+                nlb: (cmd.cdw12 & 0xffff) as u64 + 1,
+                fua: cmd.cdw12 & nvm::FUA != 0,
+            };
+            self.faults
+                .log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(cmd_log);
         }
         let sc = self.io(cmd);
         self.post(sqid, cqid, cmd.cid, sc, 0);

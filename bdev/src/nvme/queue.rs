@@ -69,6 +69,9 @@ struct Req {
     outstanding: u32,
     status: IoStatus,
     bounce: Option<(usize, usize)>,
+    /// A FUA discard: once its commands are done, a Flush follows (Dataset
+    /// Management has no FUA bit).
+    flush_after: bool,
 }
 
 /// What the timeout scan asks the owner of the queue pair to do.
@@ -198,6 +201,7 @@ impl QueuePair {
                     },
                     outstanding: 0,
                     status: IoStatus::Success,
+                    flush_after: false,
                     bounce: None,
                 })
                 .collect(),
@@ -442,6 +446,8 @@ impl QueuePair {
                 if children > self.free_cids.len() {
                     return Err(io);
                 }
+                // Write Zeroes has the FUA bit too (NVMe base spec, CDW12 bit 30).
+                let fua = if io.fua { nvm::FUA } else { 0 };
                 let req = self.start_req(io, ns, children as u32, None);
                 let mut lba = slba;
                 let end = slba + nblocks;
@@ -454,7 +460,7 @@ impl QueuePair {
                         nsid: ns.nsid,
                         cdw10: lba as u32,
                         cdw11: (lba >> 32) as u32,
-                        cdw12: (n - 1) as u32,
+                        cdw12: (n - 1) as u32 | fua,
                         ..Default::default()
                     });
                     lba += n;
@@ -472,7 +478,9 @@ impl QueuePair {
                 if self.free_cids.is_empty() {
                     return Err(io);
                 }
+                let fua = io.fua;
                 let req = self.start_req(io, ns, 1, None);
+                self.reqs[req as usize].flush_after = fua;
                 let cid = self.take_cid(req, now);
                 let (page, iova) = self.prp_page(cid);
                 let mut lba = slba;
@@ -557,6 +565,7 @@ impl QueuePair {
         req.outstanding = children;
         req.status = IoStatus::Success;
         req.bounce = bounce;
+        req.flush_after = false;
         self.inflight += 1;
         r
     }
@@ -686,7 +695,20 @@ impl QueuePair {
                     );
                 }
                 req.outstanding -= 1;
-                if req.outstanding == 0 {
+                if req.outstanding == 0 && req.flush_after && req.status.is_ok() {
+                    // The FUA discard's Flush, on the command id just freed.
+                    req.flush_after = false;
+                    req.outstanding = 1;
+                    let nsid = req.ns.nsid;
+                    let tick = t.submit_tick;
+                    let cid = self.take_cid(r, tick);
+                    self.push_sqe(&Command {
+                        opc: nvm::FLUSH,
+                        cid,
+                        nsid,
+                        ..Default::default()
+                    });
+                } else if req.outstanding == 0 {
                     self.finish_req(r);
                 }
             }

@@ -4,7 +4,10 @@
 //! it is: the request itself goes down with its offset moved, and comes back
 //! through a pooled forwarder that restores it. No task, no sub-request, no
 //! allocation in steady state. A read of clusters that all read as zeroes is
-//! answered from memory. Everything else takes the general path (a local task).
+//! answered from memory. A FUA write keeps its flag on the way down (the base
+//! makes it durable) and is taken only while every piece of metadata is
+//! durable ([`Image::metadata_durable`]). Everything else takes the general
+//! path (a local task).
 
 use super::format::{ClusterKind, L2Entry};
 use super::image::Image;
@@ -143,7 +146,14 @@ impl FastPath {
         let img = &self.img;
         let write = match io.io_type {
             IoType::Read => false,
-            IoType::Write if !img.read_only && !img.broken.get() => true,
+            // A FUA write goes down as it is (the base makes it durable) only
+            // when its mapping is durable already; else the general path
+            // writes it and then flushes the image.
+            IoType::Write
+                if !img.read_only && !img.broken.get() && (!io.fua || img.metadata_durable()) =>
+            {
+                true
+            }
             _ => return Err(io),
         };
         let host = match img.route(io.offset, io.len, write) {

@@ -64,6 +64,13 @@ pub(crate) struct Image {
     pub(crate) fresh_from: Cell<u64>,
     /// Whether freed clusters are unmapped on the base (cleared when it refuses).
     pub(crate) discard_on_base: Cell<bool>,
+    /// Metadata writes ([`Image::write_meta`]) started, completed, and
+    /// completed before a base flush that then succeeded: with nothing dirty
+    /// in memory, all three equal means every mapping is durable
+    /// ([`Image::metadata_durable`]).
+    pub(crate) meta_started: Cell<u64>,
+    pub(crate) meta_done: Cell<u64>,
+    pub(crate) meta_flushed: Cell<u64>,
 }
 
 impl Image {
@@ -160,6 +167,9 @@ impl Image {
             zeroes_on_base: Cell::new(base.io_type_supported(IoType::WriteZeroes)),
             fresh_from: Cell::new(u64::MAX),
             discard_on_base: Cell::new(base.io_type_supported(IoType::Unmap)),
+            meta_started: Cell::new(0),
+            meta_done: Cell::new(0),
+            meta_flushed: Cell::new(0),
             hdr: RefCell::new(hdr),
         };
         img.check_tables()?;
@@ -341,7 +351,10 @@ impl Image {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         self.not_fresh(off, buf.len() as u64);
-        match write_at(&self.ch, off, buf).await {
+        self.meta_started.set(self.meta_started.get() + 1);
+        let res = write_at(&self.ch, off, buf).await;
+        self.meta_done.set(self.meta_done.get() + 1);
+        match res {
             Ok(_) => Ok(()),
             Err(e @ BdevError::Io(crate::IoStatus::Enospc)) if off != 0 => {
                 tracing::warn!(image = %self.name, offset = off, "metadata write failed: no space left; it is written again by the next flush");
@@ -365,12 +378,31 @@ impl Image {
 
     /// Flushes the base device.
     pub(crate) async fn flush_base(&self) -> R<()> {
+        // Metadata writes completed by now are covered once the flush succeeds.
+        let covered = self.meta_done.get();
         let st = crate::simple_io(&self.ch, IoType::Flush, 0, 0).await;
         if st.is_ok() || st == crate::IoStatus::Unsupported {
+            if covered > self.meta_flushed.get() {
+                self.meta_flushed.set(covered);
+            }
             Ok(())
         } else {
             Err(BdevError::Io(st))
         }
+    }
+
+    /// Whether every piece of metadata is durable: nothing dirty in the caches
+    /// or tables, no metadata write in flight, and every completed one covered
+    /// by a completed base flush. Then a write to a mapped cluster made durable
+    /// on the base (FUA) is durable with its mapping, and needs no image flush.
+    pub(crate) fn metadata_durable(&self) -> bool {
+        let done = self.meta_done.get();
+        self.meta_started.get() == done
+            && self.meta_flushed.get() == done
+            && self.l1_dirty.borrow().is_empty()
+            && self.reftable_dirty.borrow().is_empty()
+            && !self.l2.any_dirty()
+            && !self.rb.any_dirty()
     }
 
     /// Whether `[host, host+len)` overlaps the header, the L1 table or the refcount table.

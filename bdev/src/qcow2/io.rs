@@ -110,7 +110,11 @@ impl Image {
         })
     }
 
-    /// Runs one guest request to completion and returns its status.
+    /// Runs one guest request to completion and returns its status. A write,
+    /// write-zeroes or discard with [`BdevIo::fua`] is followed by an image
+    /// flush (dirty metadata written in order, base flushed) before it
+    /// completes, so its data and every mapping it needs are durable (QEMU
+    /// emulates FUA the same way for drivers without native support).
     pub(crate) async fn execute(self: &Rc<Self>, io: &mut BdevIo) -> IoStatus {
         let r = match io.io_type {
             IoType::Read => self.read_req(io).await,
@@ -118,6 +122,12 @@ impl Image {
             IoType::Flush => self.flush().await,
             IoType::WriteZeroes => self.zero_req(io, false).await,
             IoType::Unmap => self.zero_req(io, true).await,
+        };
+        let r = match r {
+            Ok(()) if io.fua && io.io_type != IoType::Read && io.io_type != IoType::Flush => {
+                self.flush().await
+            }
+            r => r,
         };
         match r {
             Ok(()) => IoStatus::Success,

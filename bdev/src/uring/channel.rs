@@ -72,6 +72,9 @@ struct Slot {
     iov: Vec<libc::iovec>,
     /// A write-zeroes that fell back from ZERO_RANGE to PUNCH_HOLE.
     zero_fallback: bool,
+    /// A FUA write-zeroes or discard whose `fallocate` is done: the slot now
+    /// runs the `fdatasync` that makes it durable (writes use `RWF_DSYNC`).
+    fua_sync: bool,
 }
 
 struct Ring {
@@ -186,6 +189,7 @@ impl UringChannel {
                 done: 0,
                 iov: Vec::new(),
                 zero_fallback: false,
+                fua_sync: false,
             })
             .collect();
         let r = Rc::new(Ring {
@@ -315,6 +319,7 @@ impl Ring {
             let s = &mut slots[idx as usize];
             s.done = 0;
             s.zero_fallback = false;
+            s.fua_sync = false;
             s.io = Some(io);
         }
         self.push_sqe(idx);
@@ -329,12 +334,16 @@ impl Ring {
             done,
             iov,
             zero_fallback,
+            fua_sync,
         } = &mut slots[idx as usize];
         let Some(io) = io.as_ref() else { return };
         let off = io.offset + *done;
         let rest = io.len - *done;
         let entry = match io.io_type {
             IoType::Read | IoType::Write => self.rw_sqe(io, bounce, *done as usize, iov, off, rest),
+            _ if *fua_sync => with_fd!(self, |fd| opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()),
             IoType::Flush => with_fd!(self, |fd| opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()),
@@ -508,7 +517,10 @@ impl Ring {
             };
             let Some(io) = s.io.as_ref() else { return };
             if res < 0 {
-                if res == -libc::EOPNOTSUPP && io.io_type == IoType::WriteZeroes && !s.zero_fallback
+                if res == -libc::EOPNOTSUPP
+                    && io.io_type == IoType::WriteZeroes
+                    && !s.zero_fallback
+                    && !s.fua_sync
                 {
                     // The filesystem has no ZERO_RANGE: a punched hole reads as zeroes too.
                     s.zero_fallback = true;
@@ -517,6 +529,13 @@ impl Ring {
                     return;
                 }
                 IoStatus::from_errno(res)
+            } else if io.fua && !io.io_type.has_data() && io.io_type != IoType::Flush && !s.fua_sync
+            {
+                // FUA write-zeroes / discard: `fallocate` is not synchronous; sync now.
+                s.fua_sync = true;
+                drop(slots);
+                self.push_sqe(idx);
+                return;
             } else if io.io_type.has_data() {
                 s.done += res as u64;
                 if res == 0 && s.done < io.len {

@@ -64,8 +64,7 @@ struct ExportAddParams {
     name: Option<String>,
     description: Option<String>,
     writable: Option<bool>,
-    /// Writes complete when the device completes them: always write-through.
-    #[allow(dead_code)]
+    /// Every write is durable before its reply (as if sent with FUA).
     writethrough: Option<bool>,
     bitmaps: Option<Vec<Value>>,
     allocation_depth: Option<bool>,
@@ -109,6 +108,7 @@ fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
         node,
         description: p.description.unwrap_or_default(),
         writable: p.writable.unwrap_or(false),
+        writethrough: p.writethrough.unwrap_or(false),
     };
     // Not while a snapshot of a plain node moves that node's exports.
     let _g = crate::methods::blockdev::op_lock();

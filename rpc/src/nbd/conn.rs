@@ -229,6 +229,7 @@ struct Transmission {
     structured: bool,
     base_allocation: bool,
     writable: bool,
+    writethrough: bool,
     size: u64,
     block_mask: u64,
     can_flush: bool,
@@ -267,6 +268,7 @@ impl Transmission {
             structured: n.structured,
             base_allocation: n.base_allocation,
             writable: export.cfg.writable,
+            writethrough: export.cfg.writethrough,
             size: bdev.size(),
             block_mask: bdev.block_size().max(1) as u64 - 1,
             can_flush: bdev.io_type_supported(IoType::Flush),
@@ -505,7 +507,11 @@ impl Transmission {
         None
     }
 
-    fn request(&mut self, r: Request) {
+    fn request(&mut self, mut r: Request) {
+        if self.writethrough && matches!(r.cmd, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
+            // A write-through export: every write is a FUA write.
+            r.flags |= cflags::FUA;
+        }
         match r.cmd {
             cmd::READ => {
                 let allowed = cflags::FUA | if self.structured { cflags::DF } else { 0 };

@@ -63,6 +63,10 @@ pub struct ExportConfig {
     pub description: String,
     /// Whether clients may write.
     pub writable: bool,
+    /// Write-through (QEMU's `writethrough`: the export's write cache off):
+    /// every write, write-zeroes and trim is done as if the client had set
+    /// FUA, so it is durable, with its metadata, before the reply.
+    pub writethrough: bool,
 }
 
 /// A live export.

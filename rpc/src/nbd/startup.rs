@@ -68,6 +68,7 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
             name: name.clone(),
             description: String::new(),
             writable,
+            writethrough: false,
         };
         if let Err(e) = global().add_export(cfg) {
             global().shutdown(SHUTDOWN_WAIT);

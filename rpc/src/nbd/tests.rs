@@ -152,6 +152,7 @@ fn map_reports_holes_from_range_status() {
         name: name.clone(),
         description: "holes".into(),
         writable: false,
+        writethrough: false,
     };
     srv.add_export(cfg).expect("export");
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
@@ -247,6 +248,7 @@ fn export_follows_device_root_switches_under_io() {
         name: name.clone(),
         description: String::new(),
         writable: true,
+        writethrough: false,
     })
     .expect("export");
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
