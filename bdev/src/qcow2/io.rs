@@ -4,6 +4,7 @@
 use super::compress::decompress;
 use super::format::{ClusterKind, FormatError, L2Entry};
 use super::image::{Image, R};
+use super::overlap::OverlapChecks;
 use crate::{
     channel, read_at, simple_io, submit_wait, write_at, BdevError, BdevIo, DmaBuf, IoStatus, IoType,
 };
@@ -214,15 +215,21 @@ impl Image {
 
     /// A data cluster must lie inside the image and outside the fixed metadata.
     pub(crate) fn check_data_cluster(&self, host: u64) -> R<()> {
-        if host + self.cs > self.capacity {
-            return Err(FormatError::Corrupt(format!(
-                "data cluster {host:#x} lies past the end of the image"
-            ))
-            .into());
-        }
+        self.check_data_end(host)?;
         if self.overlaps_metadata(host, self.cs) {
             return Err(FormatError::Corrupt(format!(
                 "data cluster {host:#x} overlaps image metadata"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A data cluster must lie inside the image.
+    fn check_data_end(&self, host: u64) -> R<()> {
+        if host.saturating_add(self.cs) > self.capacity {
+            return Err(FormatError::Corrupt(format!(
+                "data cluster {host:#x} lies past the end of the image"
             ))
             .into());
         }
@@ -331,20 +338,38 @@ impl Image {
     ) -> R<()> {
         let e = self.entry(gc).await?;
         if let ClusterKind::Normal { host, copied: true } = self.kind(e)? {
-            return self.write_in_place(io, host, intra, n, src).await;
+            if self.owned_alone(host).await? {
+                return self.write_in_place(io, host, intra, n, src).await;
+            }
         }
         let _lk = self.locks.lock(gc).await;
         let e = self.entry(gc).await?;
         match self.kind(e)? {
-            ClusterKind::Normal { host, copied: true } => {
+            ClusterKind::Normal { host, copied: true } if self.owned_alone(host).await? => {
                 self.write_in_place(io, host, intra, n, src).await
             }
             kind => self.cow_write(Some(io), gc, e, kind, intra, n, src).await,
         }
     }
 
+    /// Whether the data cluster at `host` has refcount 1, as its L2 entry's
+    /// COPIED flag claims. On a damaged image it may not: writing such a
+    /// cluster in place could overwrite a cluster the refcounts hand out again
+    /// (refcount 0: free for the next allocation, or trimmed off the file at
+    /// close) or share with another user; it is copied on write instead.
+    pub(crate) async fn owned_alone(&self, host: u64) -> R<bool> {
+        let c = host / self.cs;
+        if let Some(r) = self.refcount_cached(c) {
+            return Ok(r == 1);
+        }
+        let _m = self.meta.lock().await;
+        Ok(self.refcount(c).await? == 1)
+    }
+
     async fn write_in_place(&self, io: &BdevIo, host: u64, intra: u64, n: u64, src: Src) -> R<()> {
-        self.check_data_cluster(host)?;
+        self.check_data_end(host)?;
+        self.pre_write_check(OverlapChecks::NONE, host + intra, n)
+            .await?;
         let _g = self.drain.enter();
         match src {
             Src::Guest(pos) => {
@@ -396,7 +421,7 @@ impl Image {
             let _ = self.update_refcount(host / self.cs, -1).await;
             return Err(err);
         }
-        self.queue_free(kind);
+        self.queue_free_counted(kind).await;
         Ok(())
     }
 
@@ -413,6 +438,8 @@ impl Image {
         n: u64,
         src: Src,
     ) -> R<()> {
+        self.pre_write_check(OverlapChecks::NONE, host, self.cs)
+            .await?;
         let full = intra == 0 && n == self.cs;
         if let (true, Src::Guest(pos), Some(io)) = (full, src, io) {
             return self.write_guest(io, pos, n, host).await;
@@ -565,6 +592,23 @@ impl Image {
         }
     }
 
+    /// [`Image::queue_free`], except for a data cluster whose refcount is
+    /// already 0 (a damaged image): releasing it later could free it under
+    /// whoever allocated it meanwhile. The metadata lock is held.
+    pub(crate) async fn queue_free_counted(&self, kind: ClusterKind) {
+        let host = match kind {
+            ClusterKind::Normal { host, .. } => host,
+            ClusterKind::Zero { host } if host != 0 => host,
+            _ => return self.queue_free(kind),
+        };
+        match self.refcount(host / self.cs).await {
+            Ok(0) | Err(_) => {
+                tracing::warn!(image = %self.name, offset = host, "old cluster has no refcount to release; left alone");
+            }
+            Ok(_) => self.queue_free(kind),
+        }
+    }
+
     /// Whether a guest cluster of this kind already reads as zeroes.
     pub(crate) fn reads_zero(&self, gc: u64, kind: ClusterKind) -> bool {
         match kind {
@@ -600,7 +644,7 @@ impl Image {
                     continue;
                 }
                 self.set_entry(gc, target).await?;
-                self.queue_free(kind);
+                self.queue_free_counted(kind).await;
                 continue;
             }
             let e = self.entry(gc).await?;

@@ -66,6 +66,7 @@ pub mod format;
 mod image;
 mod io;
 mod open;
+mod overlap;
 mod populate;
 mod rebuild;
 mod remote;
@@ -74,4 +75,5 @@ mod sync;
 
 pub use bdev::{BlockStatus, Qcow2Bdev};
 pub use create::{create, create_file, CreateOptions};
+pub use overlap::{on_corruption, Corruption, OverlapChecks};
 pub use open::{open_file, open_file_as, resolve_backing_path, BackingSpec, OpenOptions};

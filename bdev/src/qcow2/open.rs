@@ -6,7 +6,8 @@ use super::bdev::{install_engine, next_id, track_grown, Info, Qcow2Bdev};
 use super::format::{
     be32, be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
 };
-use super::image::{Image, LoadOptions};
+use super::image::{check_tables, Image, LoadOptions};
+use super::overlap::OverlapChecks;
 use crate::uring::{UringBdev, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
@@ -44,6 +45,9 @@ pub struct OpenOptions {
     pub cache_bytes: u64,
     /// O_DIRECT for files this open opens (the image by [`open_file`], backing files).
     pub direct: bool,
+    /// Which metadata every write is checked against (QEMU's `overlap-check`;
+    /// default `cached`).
+    pub overlap_check: OverlapChecks,
 }
 
 impl Default for OpenOptions {
@@ -54,6 +58,7 @@ impl Default for OpenOptions {
             backing: BackingSpec::FromHeader,
             cache_bytes: 32 << 20,
             direct: true,
+            overlap_check: OverlapChecks::default(),
         }
     }
 }
@@ -67,7 +72,7 @@ impl Qcow2Bdev {
         base: Arc<dyn Bdev>,
         opts: OpenOptions,
     ) -> Result<Arc<Qcow2Bdev>, BdevError> {
-        open_chain(name.to_string(), base, opts, Vec::new()).await
+        open_chain(name.to_string(), base, opts, Vec::new(), None).await
     }
 }
 
@@ -98,6 +103,13 @@ pub async fn open_file_as(
     path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
+    // Nothing is written to a file before it passed the checks of a
+    // read-only open: a damaged image is refused as it is.
+    let valid_len = if opts.read_only {
+        None
+    } else {
+        validate_file(path)?
+    };
     let growth = if opts.read_only {
         None
     } else {
@@ -125,7 +137,8 @@ pub async fn open_file_as(
     opts.filename = Some(path.to_path_buf());
     let direct = opts.direct;
     let dyn_base: Arc<dyn Bdev> = base;
-    match Qcow2Bdev::open(name, dyn_base.clone(), opts).await {
+    let valid_len = valid_len.filter(|_| growth.is_some());
+    match open_chain(name.to_string(), dyn_base.clone(), opts, Vec::new(), valid_len).await {
         Ok(q) => {
             // With O_DIRECT, fallocate waits for every direct I/O in flight on
             // the file: new clusters get a filled buffer instead.
@@ -144,6 +157,56 @@ pub async fn open_file_as(
             Err(restore(e))
         }
     }
+}
+
+/// Checks an image file as a read-only open would (header, L1 and refcount
+/// tables against the file's length, L2 table and refcount block offsets; a
+/// writable open of an image with internal snapshots is refused), reading
+/// only. Returns the file's length; `None` for what is not a regular file or
+/// not a qcow2 header at all (the open that follows reports it, and nothing
+/// extends such a file).
+fn validate_file(path: &Path) -> Result<Option<u64>, BdevError> {
+    let os = |what: &str, e| BdevError::os(format!("{what} {}", path.display()), e);
+    let md = std::fs::metadata(path).map_err(|e| os("reading", e))?;
+    if !md.is_file() {
+        return Ok(None);
+    }
+    let f = File::open(path).map_err(|e| os("opening", e))?;
+    let len = md.len();
+    let mut first = [0u8; 24];
+    read_padded(&f, 0, &mut first).map_err(|e| os("reading", e))?;
+    if len < 24 || be32(&first, 0) != MAGIC {
+        return Ok(None);
+    }
+    let bits = be32(&first, 20);
+    if !(9..=21).contains(&bits) {
+        return Err(super::format::FormatError::BadHeader(format!(
+            "cluster_bits {bits} outside 9..=21"
+        ))
+        .into());
+    }
+    let cs = 1u64 << bits;
+    let mut hbuf = vec![0u8; cs as usize];
+    read_padded(&f, 0, &mut hbuf).map_err(|e| os("reading", e))?;
+    let hdr = Header::parse(&hbuf, (len + 1).next_multiple_of(cs))?;
+    if hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+        return Ok(Some(len)); // opens read-only, nothing is written
+    }
+    if hdr.nb_snapshots > 0 {
+        return Err(BdevError::Unsupported(format!(
+            "writing images with internal snapshots ({} here); open read-only",
+            hdr.nb_snapshots
+        )));
+    }
+    let l1_bytes = hdr.l1_size as u64 * 8;
+    let mut l1b = vec![0u8; l1_bytes as usize];
+    read_padded(&f, hdr.l1_table_offset, &mut l1b).map_err(|e| os("reading", e))?;
+    let l1: Vec<u64> = (0..hdr.l1_size as usize).map(|i| be64(&l1b, i * 8)).collect();
+    let mut rtb = vec![0u8; (hdr.refcount_table_clusters as u64 * cs) as usize];
+    read_padded(&f, hdr.refcount_table_offset, &mut rtb).map_err(|e| os("reading", e))?;
+    let rt: Vec<u64> = (0..rtb.len() / 8).map(|i| be64(&rtb, i * 8)).collect();
+    check_tables(&hdr, &l1, &rt, len)?;
+    Ok(Some(len))
 }
 
 /// Room made for an image of virtual size `vsize` to grow: all of it, plus
@@ -364,11 +427,14 @@ fn backing_format(path: &Path, fmt: Option<&str>) -> Result<&'static str, BdevEr
     }
 }
 
+/// Opens the image on `base` and its chain. `valid_len`: the image's own
+/// length when `base` was extended past it (see [`LoadOptions::valid_len`]).
 fn open_chain(
     name: String,
     base: Arc<dyn Bdev>,
     opts: OpenOptions,
     mut visited: Vec<PathBuf>,
+    valid_len: Option<u64>,
 ) -> LocalBoxFuture<'static, Result<Arc<Qcow2Bdev>, BdevError>> {
     Box::pin(async move {
         let owner = reactor::current_index()
@@ -391,6 +457,8 @@ fn open_chain(
             &LoadOptions {
                 read_only: opts.read_only,
                 cache_bytes: opts.cache_bytes,
+                overlap_checks: opts.overlap_check,
+                valid_len,
             },
         )
         .await?;
@@ -441,7 +509,7 @@ fn open_chain(
                             ..opts.clone()
                         };
                         Some(
-                            open_chain(bname, leaf, bopts, visited.clone()).await? as Arc<dyn Bdev>,
+                            open_chain(bname, leaf, bopts, visited.clone(), None).await? as Arc<dyn Bdev>,
                         )
                     }
                 }

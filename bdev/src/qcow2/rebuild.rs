@@ -3,6 +3,7 @@
 
 use super::format::{be64, ClusterKind, FormatError, L1Entry, L2Entry, MAX_REFTABLE_BYTES};
 use super::image::{Image, R};
+use super::overlap::OverlapChecks;
 use crate::{read_at, BdevError, DmaBuf, IoStatus};
 
 impl Image {
@@ -113,7 +114,8 @@ impl Image {
             }
             let off = (p + t + j) * cs;
             table[j as usize] = off;
-            self.write_meta(off, DmaBuf::from_slice(&blk)?).await?;
+            self.write_meta(OverlapChecks::REFCOUNT_BLOCK, off, DmaBuf::from_slice(&blk)?)
+                .await?;
         }
         self.install_reftable(p, t, table, true).await?;
         self.free_hint.set(0);
