@@ -269,7 +269,7 @@ impl Image {
             return Ok(());
         }
         let msg = format!(
-            "Preventing invalid write on metadata (overlaps with {}); image marked as corrupt.",
+            "Preventing invalid write on metadata (overlaps with {})",
             hit.describe()
         );
         self.signal_corruption(&msg, off, len).await;
@@ -284,7 +284,7 @@ impl Image {
         if self.corrupt.replace(true) {
             return;
         }
-        tracing::error!(image = %self.name, offset = off, size = len, "qcow2: Marking image as corrupt: {msg}");
+        tracing::error!(image = %self.name, offset = off, size = len, "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed");
         notify(&Corruption {
             node: self.name.clone(),
             msg: msg.to_string(),
