@@ -9,7 +9,7 @@ use super::format::{
 use super::sync::{ClusterLocks, Drain};
 use crate::{channel, read_at, write_at, Bdev, BdevError, DmaBuf, IoChannel, IoType};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -198,6 +198,12 @@ impl Image {
                     "image has the dirty bit set: rebuilding refcounts"
                 );
                 img.rebuild_refcounts().await?;
+            } else if !img.refcounts_cover_references().await? {
+                tracing::warn!(
+                    image = name,
+                    "refcounts do not cover the clusters in use (a damaged image): rebuilding them"
+                );
+                img.repair_refcounts().await?;
             }
             if autoclear != 0 {
                 // We maintain none of the autoclear features (bitmaps included): clear them
@@ -399,11 +405,24 @@ pub(crate) fn check_tables(h: &Header, l1: &[u64], reftable: &[u64], len: u64) -
         }
         Ok(())
     };
+    // Each L2 table and refcount block is used once: a shared one would make
+    // guest clusters (or refcounts) alias each other.
+    let mut seen: HashMap<u64, String> = HashMap::new();
+    let mut once = |what: String, off: u64| -> R<()> {
+        match seen.insert(off, what.clone()) {
+            Some(other) => Err(FormatError::Corrupt(format!(
+                "{what} at {off:#x} is also {other}"
+            ))
+            .into()),
+            None => Ok(()),
+        }
+    };
     for (i, &e) in l1.iter().enumerate().take(h.l1_size as usize) {
         let l1e = L1Entry(e);
         l1e.validate(cs).map_err(BdevError::from)?;
         if l1e.l2_offset() != 0 {
             check(&format!("L2 table {i}"), l1e.l2_offset())?;
+            once(format!("L2 table {i}"), l1e.l2_offset())?;
         }
     }
     for (i, &e) in reftable.iter().enumerate() {
@@ -415,6 +434,7 @@ pub(crate) fn check_tables(h: &Header, l1: &[u64], reftable: &[u64], len: u64) -
         }
         if e != 0 {
             check(&format!("refcount block {i}"), e)?;
+            once(format!("refcount block {i}"), e)?;
         }
     }
     Ok(())

@@ -72,6 +72,7 @@ mod rebuild;
 mod remote;
 mod status;
 mod sync;
+mod verify;
 
 pub use bdev::{BlockStatus, Qcow2Bdev};
 pub use create::{create, create_file, CreateOptions};
