@@ -162,14 +162,29 @@ fn variants(t: &Layout, random_scale: u64) -> Vec<Variant> {
     // Header fields: (offset, width, values).
     let fields: &[(&str, u64, usize, &[u64])] = &[
         ("version", 4, 4, &[0, 1, 2, 4, 0xffff_ffff]),
-        ("backing_off", 8, 8, &[1, 0x10, 100, 4000, 4095, 4096, 1 << 40]),
+        (
+            "backing_off",
+            8,
+            8,
+            &[1, 0x10, 100, 4000, 4095, 4096, 1 << 40],
+        ),
         ("backing_len", 16, 4, &[1, 8, 1023, 1024, 5000, 0xffff_ffff]),
         ("cluster_bits", 20, 4, &[0, 8, 9, 13, 16, 21, 22, 63]),
-        ("size", 24, 8, &[0, 1, 512, VSIZE - 1, VSIZE + 1, 8 << 20, 1 << 50, u64::MAX]),
+        (
+            "size",
+            24,
+            8,
+            &[0, 1, 512, VSIZE - 1, VSIZE + 1, 8 << 20, 1 << 50, u64::MAX],
+        ),
         ("l1_size", 36, 4, &[0, 1, 3, 512, 1 << 22, 0xffff_ffff]),
         ("nb_snapshots", 60, 4, &[1, 2, 0xffff_ffff]),
         ("snapshots_off", 64, 8, &[0, 1, 4096, 1 << 40]),
-        ("incompatible", 72, 8, &[1, 2, 4, 8, 16, 32, 1 << 63, u64::MAX]),
+        (
+            "incompatible",
+            72,
+            8,
+            &[1, 2, 4, 8, 16, 32, 1 << 63, u64::MAX],
+        ),
         ("compatible", 80, 8, &[1, u64::MAX]),
         ("autoclear", 88, 8, &[1, 2, u64::MAX]),
         ("refcount_order", 96, 4, &[0, 1, 3, 5, 6, 7, 0xffff_ffff]),
@@ -186,7 +201,9 @@ fn variants(t: &Layout, random_scale: u64) -> Vec<Variant> {
     }
     for (what, off) in [("l1_offset", 40u64), ("reftable_offset", 48)] {
         for (n, tgt) in &targets {
-            add(format!("header {what}={n}"), &|b| put(b, off, &tgt.to_be_bytes()));
+            add(format!("header {what}={n}"), &|b| {
+                put(b, off, &tgt.to_be_bytes())
+            });
         }
     }
     // L1 entries.
@@ -223,7 +240,9 @@ fn variants(t: &Layout, random_scale: u64) -> Vec<Variant> {
             ("compressed-garbage", (1 << 62) | 0x0123_4567_89ab_cdef),
             ("compressed-past-end", (1 << 62) | (len + (1 << 20))),
         ] {
-            add(format!("L2@{pos:#x} {what}"), &|b| put(b, pos, &v.to_be_bytes()));
+            add(format!("L2@{pos:#x} {what}"), &|b| {
+                put(b, pos, &v.to_be_bytes())
+            });
         }
     }
     // Two L2 entries sharing one data cluster.
@@ -235,7 +254,9 @@ fn variants(t: &Layout, random_scale: u64) -> Vec<Variant> {
     }
     // Refcount table entries.
     for (n, tgt) in &targets {
-        add(format!("reftable[0]={n}"), &|b| put(b, t.reftable, &tgt.to_be_bytes()));
+        add(format!("reftable[0]={n}"), &|b| {
+            put(b, t.reftable, &tgt.to_be_bytes())
+        });
     }
     add("reftable[1]=refblock".into(), &|b| {
         put(b, t.reftable + 8, &t.refblocks[0].to_be_bytes())
@@ -245,11 +266,15 @@ fn variants(t: &Layout, random_scale: u64) -> Vec<Variant> {
     let used = len.div_ceil(CS);
     for c in 0..used {
         for v in [0u16, 2, 0xffff] {
-            add(format!("refcount[{c}]={v}"), &|b| put(b, rb + c * 2, &v.to_be_bytes()));
+            add(format!("refcount[{c}]={v}"), &|b| {
+                put(b, rb + c * 2, &v.to_be_bytes())
+            });
         }
     }
     for c in [used, used + 1, used + 40] {
-        add(format!("refcount[{c}]=1 (unused)"), &|b| put(b, rb + c * 2, &1u16.to_be_bytes()));
+        add(format!("refcount[{c}]=1 (unused)"), &|b| {
+            put(b, rb + c * 2, &1u16.to_be_bytes())
+        });
     }
     // Truncations.
     let mut cuts: Vec<u64> = vec![0, 1, 4, 20, 71, 72, 103, 104, 511, 512, 4095, 4096, 8191];
@@ -386,7 +411,18 @@ fn exercise(
 
 #[test]
 fn corrupted_images_are_not_made_worse() {
-    let dir = scratch("campaign");
+    // Many small images, each flushed: on tmpfs when there is one.
+    let dir = match std::fs::metadata("/dev/shm") {
+        Ok(m) if m.is_dir() => {
+            let d = std::path::PathBuf::from(format!(
+                "/dev/shm/sluice-campaign-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        }
+        _ => scratch("campaign"),
+    };
     let t = template(&dir);
     let all = variants(&t, soak(1));
     let rt = runtime(1);
@@ -413,7 +449,10 @@ fn corrupted_images_are_not_made_worse() {
                 Some(a) if a <= b => {}
                 a => {
                     c.more_errors += 1;
-                    failures.push(format!("{}: qemu-img check: {b} errors before, {a:?} after", v.name));
+                    failures.push(format!(
+                        "{}: qemu-img check: {b} errors before, {a:?} after",
+                        v.name
+                    ));
                 }
             }
         }
@@ -434,14 +473,25 @@ fn corrupted_images_are_not_made_worse() {
                 + out.matches("read failed").count();
             if bad > 0 {
                 c.wrong_qemu += bad as u64;
-                failures.push(format!("{}: qemu-io reads back {bad} writes wrong:\n{out}", v.name));
+                failures.push(format!(
+                    "{}: qemu-io reads back {bad} writes wrong:\n{out}",
+                    v.name
+                ));
             }
         }
     }
     eprintln!("qcow2 campaign: {c:?}");
     assert!(c.variants >= 500, "{c:?}");
-    assert!(c.opened_writable > 50 && c.writes_acked > 200, "the campaign exercised too little: {c:?}");
-    assert!(failures.is_empty(), "{} failures ({c:?}):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        c.opened_writable > 50 && c.writes_acked > 200,
+        "the campaign exercised too little: {c:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures ({c:?}):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
 }

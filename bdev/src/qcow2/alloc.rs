@@ -183,7 +183,8 @@ impl Image {
     /// with ENOSPC instead, before anything is acknowledged. The metadata lock
     /// is held.
     async fn reserve_meta_cluster(&self, off: u64) -> R<()> {
-        self.pre_write_check(OverlapChecks::NONE, off, self.cs).await?;
+        self.pre_write_check(OverlapChecks::NONE, off, self.cs)
+            .await?;
         self.not_fresh(off, self.cs);
         crate::write_at(&self.ch, off, DmaBuf::new(self.cs as usize)?).await?;
         Ok(())
@@ -204,8 +205,12 @@ impl Image {
         for (i, &v) in table.iter().enumerate() {
             put64(&mut tb, i * 8, v);
         }
-        self.write_meta(OverlapChecks::REFCOUNT_TABLE, p * cs, DmaBuf::from_slice(&tb)?)
-            .await?;
+        self.write_meta(
+            OverlapChecks::REFCOUNT_TABLE,
+            p * cs,
+            DmaBuf::from_slice(&tb)?,
+        )
+        .await?;
         self.flush_base().await?;
         {
             let mut h = self.hdr.borrow_mut();

@@ -2,10 +2,10 @@
 //! metadata caches, locks; loading and lookups.
 
 use super::cache::TableCache;
-use super::overlap::{MetaMap, OverlapChecks};
 use super::format::{
     be64, FormatError, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
+use super::overlap::{MetaMap, OverlapChecks};
 use super::sync::{ClusterLocks, Drain};
 use crate::{channel, read_at, write_at, Bdev, BdevError, DmaBuf, IoChannel, IoType};
 use std::cell::{Cell, RefCell};
@@ -410,10 +410,9 @@ pub(crate) fn check_tables(h: &Header, l1: &[u64], reftable: &[u64], len: u64) -
     let mut seen: HashMap<u64, String> = HashMap::new();
     let mut once = |what: String, off: u64| -> R<()> {
         match seen.insert(off, what.clone()) {
-            Some(other) => Err(FormatError::Corrupt(format!(
-                "{what} at {off:#x} is also {other}"
-            ))
-            .into()),
+            Some(other) => {
+                Err(FormatError::Corrupt(format!("{what} at {off:#x} is also {other}")).into())
+            }
             None => Ok(()),
         }
     };

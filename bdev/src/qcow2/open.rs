@@ -138,7 +138,15 @@ pub async fn open_file_as(
     let direct = opts.direct;
     let dyn_base: Arc<dyn Bdev> = base;
     let valid_len = valid_len.filter(|_| growth.is_some());
-    match open_chain(name.to_string(), dyn_base.clone(), opts, Vec::new(), valid_len).await {
+    match open_chain(
+        name.to_string(),
+        dyn_base.clone(),
+        opts,
+        Vec::new(),
+        valid_len,
+    )
+    .await
+    {
         Ok(q) => {
             // With O_DIRECT, fallocate waits for every direct I/O in flight on
             // the file: new clusters get a filled buffer instead.
@@ -201,7 +209,9 @@ fn validate_file(path: &Path) -> Result<Option<u64>, BdevError> {
     let l1_bytes = hdr.l1_size as u64 * 8;
     let mut l1b = vec![0u8; l1_bytes as usize];
     read_padded(&f, hdr.l1_table_offset, &mut l1b).map_err(|e| os("reading", e))?;
-    let l1: Vec<u64> = (0..hdr.l1_size as usize).map(|i| be64(&l1b, i * 8)).collect();
+    let l1: Vec<u64> = (0..hdr.l1_size as usize)
+        .map(|i| be64(&l1b, i * 8))
+        .collect();
     let mut rtb = vec![0u8; (hdr.refcount_table_clusters as u64 * cs) as usize];
     read_padded(&f, hdr.refcount_table_offset, &mut rtb).map_err(|e| os("reading", e))?;
     let rt: Vec<u64> = (0..rtb.len() / 8).map(|i| be64(&rtb, i * 8)).collect();
@@ -509,7 +519,8 @@ fn open_chain(
                             ..opts.clone()
                         };
                         Some(
-                            open_chain(bname, leaf, bopts, visited.clone(), None).await? as Arc<dyn Bdev>,
+                            open_chain(bname, leaf, bopts, visited.clone(), None).await?
+                                as Arc<dyn Bdev>,
                         )
                     }
                 }

@@ -65,9 +65,8 @@ impl OverlapChecks {
             | Self::BITMAP_DIRECTORY.0,
     );
     /// QEMU's `cached` (the default): no check reads the disk.
-    pub const CACHED: Self = Self(
-        Self::CONSTANT.0 | Self::ACTIVE_L2.0 | Self::REFCOUNT_BLOCK.0 | Self::INACTIVE_L1.0,
-    );
+    pub const CACHED: Self =
+        Self(Self::CONSTANT.0 | Self::ACTIVE_L2.0 | Self::REFCOUNT_BLOCK.0 | Self::INACTIVE_L1.0);
     /// QEMU's `all`.
     pub const ALL: Self = Self(Self::CACHED.0 | Self::INACTIVE_L2.0);
 
@@ -82,7 +81,11 @@ impl OverlapChecks {
         ("snapshot-table", Self::SNAPSHOT_TABLE, "snapshot table"),
         ("inactive-l1", Self::INACTIVE_L1, "inactive L1 table"),
         ("inactive-l2", Self::INACTIVE_L2, "inactive L2 table"),
-        ("bitmap-directory", Self::BITMAP_DIRECTORY, "bitmap directory"),
+        (
+            "bitmap-directory",
+            Self::BITMAP_DIRECTORY,
+            "bitmap directory",
+        ),
     ];
 
     /// The set of a mode name (`none`, `constant`, `cached`, `all`); the error
@@ -162,10 +165,7 @@ pub fn on_corruption(f: impl Fn(&Corruption) + Send + Sync + 'static) {
 }
 
 fn notify(c: &Corruption) {
-    let ls: Vec<Listener> = LISTENERS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let ls: Vec<Listener> = LISTENERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for l in ls {
         l(c);
     }
@@ -318,7 +318,10 @@ mod tests {
 
     #[test]
     fn modes_are_qemus_sets() {
-        assert_eq!(OverlapChecks::from_mode("cached"), Ok(OverlapChecks::CACHED));
+        assert_eq!(
+            OverlapChecks::from_mode("cached"),
+            Ok(OverlapChecks::CACHED)
+        );
         assert_eq!(OverlapChecks::default(), OverlapChecks::CACHED);
         assert!(OverlapChecks::ALL.contains(OverlapChecks::INACTIVE_L2));
         assert!(!OverlapChecks::CACHED.contains(OverlapChecks::INACTIVE_L2));

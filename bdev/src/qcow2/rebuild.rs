@@ -66,8 +66,12 @@ impl Image {
             }
             let off = (p + t + j) * cs;
             table[j as usize] = off;
-            self.write_meta(OverlapChecks::REFCOUNT_BLOCK, off, DmaBuf::from_slice(&blk)?)
-                .await?;
+            self.write_meta(
+                OverlapChecks::REFCOUNT_BLOCK,
+                off,
+                DmaBuf::from_slice(&blk)?,
+            )
+            .await?;
         }
         self.install_reftable(p, t, table, true).await?;
         self.free_hint.set(0);

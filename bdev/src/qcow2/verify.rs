@@ -150,9 +150,9 @@ impl Image {
                         .filter(|&i| {
                             let e = be64(t, i * 8);
                             match L2Entry(e).decode(self.version, self.cluster_bits) {
-                                Ok(ClusterKind::Normal { host, copied: true }) => refs
-                                    .get((host / self.cs) as usize)
-                                    .is_some_and(|&r| r > 1),
+                                Ok(ClusterKind::Normal { host, copied: true }) => {
+                                    refs.get((host / self.cs) as usize).is_some_and(|&r| r > 1)
+                                }
                                 _ => false,
                             }
                         })

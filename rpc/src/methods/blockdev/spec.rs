@@ -116,14 +116,21 @@ pub enum Backing {
 /// The driver-specific options.
 #[derive(Debug, Clone)]
 pub enum Kind {
-    File { filename: String },
+    File {
+        filename: String,
+    },
     Qcow2 {
         file: NodeRef,
         backing: Backing,
         overlap: OverlapChecks,
     },
-    Raw { file: NodeRef },
-    NullCo { size: u64, read_zeroes: bool },
+    Raw {
+        file: NodeRef,
+    },
+    NullCo {
+        size: u64,
+        read_zeroes: bool,
+    },
 }
 
 /// One node to create.
@@ -327,9 +334,7 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
 /// metadata; default `cached`. The errors are QEMU's.
 fn overlap_check(a: &mut Args) -> Result<OverlapChecks, RpcError> {
     const MODES: &[&str] = &["none", "constant", "cached", "all"];
-    let mode = |m: &str, path: &str| {
-        OverlapChecks::from_mode(m).map_err(|_| bad_value(path, m))
-    };
+    let mode = |m: &str, path: &str| OverlapChecks::from_mode(m).map_err(|_| bad_value(path, m));
     match a.any("overlap-check") {
         None => Ok(OverlapChecks::default()),
         Some(Value::String(m)) => mode(m, &a.path("overlap-check")),
