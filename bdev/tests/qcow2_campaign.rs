@@ -495,3 +495,43 @@ fn corrupted_images_are_not_made_worse() {
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A refcount block that says an L2 table's cluster is free: a new cluster is
+/// never taken from there (the allocation skips known metadata), so the write
+/// succeeds and the image is neither marked corrupt nor given more errors.
+#[test]
+fn allocation_skips_metadata_without_a_refcount() {
+    let dir = scratch("alloc-meta");
+    let t = template(&dir);
+    let p = dir.join("v.qcow2");
+    let mut b = t.bytes.clone();
+    let l2c = t.l2[0] / CS;
+    put(&mut b, t.refblocks[0] + l2c * 2, &0u16.to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let before = check_errors(&p).expect("qemu-img checks it");
+    assert!(before >= 1, "the patch is an error");
+    let rt = runtime(1);
+    let h = rt.handle();
+    let q = open(&h, "am", &p, opts()).expect("opens writable");
+    assert!(!q.read_only());
+    let bd: Arc<dyn Bdev> = q.clone();
+    write(&h, 0, &bd, 512 << 10, vec![0x77; 4096]);
+    close(&h, &q);
+    drop((q, bd));
+    let after = check_errors(&p).expect("qemu-img checks it");
+    assert!(after <= before, "{before} errors before, {after} after");
+    let info = run("qemu-img", &["info", "--output=json", p.to_str().unwrap()]);
+    assert!(!info.contains("\"corrupt\": true"), "{info}");
+    let (code, out) = run_status(
+        "qemu-io",
+        &[
+            "-r",
+            "-c",
+            "read -P 0x77 512k 4k",
+            "-c",
+            "read -P 0x21 0 40k",
+            p.to_str().unwrap(),
+        ],
+    );
+    assert!(code == 0 && !out.contains("failed"), "{out}");
+}

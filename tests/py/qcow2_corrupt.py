@@ -75,7 +75,8 @@ def case_self_referencing_l2(vm, d):
 
     vm.open(name="vd0", node_name="img0", filename=p)
     uri = export(vm, d, "vd0")
-    rc, out = io("-f", "raw", "-c", "write -P 0x33 0 4k", uri)
+    # The read first: the write then finds its L2 entry cached (the fast path).
+    rc, out = io("-f", "raw", "-c", "read 0 4k", "-c", "write -P 0x33 0 4k", uri)
     expect("write failed: Input/output error" in out, f"sluice accepted the write: {out}")
     ev = vm.event_wait("BLOCK_IMAGE_CORRUPTED", 10.0)["data"]
     want = {"device": "vd0", "node-name": "img0", "msg": MSG_L2, "fatal": True}

@@ -25,21 +25,6 @@ impl Image {
         Ok(self.rb.with(off, |b| self.rf.get(b, bi)).unwrap_or(0))
     }
 
-    /// Refcount of host cluster `c` when its refcount block is cached (no I/O).
-    pub(crate) fn refcount_cached(&self, c: u64) -> Option<u64> {
-        let (ti, bi) = self.rf.split(c);
-        let off = self
-            .reftable
-            .borrow()
-            .get(ti as usize)
-            .copied()
-            .unwrap_or(0);
-        if off == 0 {
-            return Some(0);
-        }
-        self.rb.with(off, |b| self.rf.get(b, bi))
-    }
-
     /// Adds `delta` to the refcount of host cluster `c`; the metadata lock is held.
     pub(crate) fn update_refcount(&self, c: u64, delta: i64) -> LocalBoxFuture<'_, R<u64>> {
         Box::pin(async move {

@@ -1,7 +1,7 @@
 //! The owner reactor's fast path. A read or write whose clusters are already
 //! mapped (their L2 entries cached, data clusters at consecutive host offsets;
-//! for writes, clusters whose cached refcount is 1 and a host range clear of
-//! metadata, see `overlap.rs`) is re-targeted at the base device as
+//! for writes, clusters with refcount 1 and a host range clear of metadata,
+//! see `overlap.rs`) is re-targeted at the base device as
 //! it is: the request itself goes down with its offset moved, and comes back
 //! through a pooled forwarder that restores it. No task, no sub-request, no
 //! allocation in steady state. A read of clusters that all read as zeroes is
@@ -42,10 +42,7 @@ impl Image {
             let kind = L2Entry(e).decode(self.version, self.cluster_bits).ok()?;
             match kind {
                 ClusterKind::Normal { host, copied } => {
-                    if zeroes || self.check_data_cluster(host).is_err() {
-                        return None;
-                    }
-                    if write && (!copied || self.refcount_cached(host / cs) != Some(1)) {
+                    if zeroes || (write && !copied) || self.check_data_cluster(host).is_err() {
                         return None;
                     }
                     let want = host.checked_sub((gc - first) * cs)?;

@@ -338,32 +338,16 @@ impl Image {
     ) -> R<()> {
         let e = self.entry(gc).await?;
         if let ClusterKind::Normal { host, copied: true } = self.kind(e)? {
-            if self.owned_alone(host).await? {
-                return self.write_in_place(io, host, intra, n, src).await;
-            }
+            return self.write_in_place(io, host, intra, n, src).await;
         }
         let _lk = self.locks.lock(gc).await;
         let e = self.entry(gc).await?;
         match self.kind(e)? {
-            ClusterKind::Normal { host, copied: true } if self.owned_alone(host).await? => {
+            ClusterKind::Normal { host, copied: true } => {
                 self.write_in_place(io, host, intra, n, src).await
             }
             kind => self.cow_write(Some(io), gc, e, kind, intra, n, src).await,
         }
-    }
-
-    /// Whether the data cluster at `host` has refcount 1, as its L2 entry's
-    /// COPIED flag claims. On a damaged image it may not: writing such a
-    /// cluster in place could overwrite a cluster the refcounts hand out again
-    /// (refcount 0: free for the next allocation, or trimmed off the file at
-    /// close) or share with another user; it is copied on write instead.
-    pub(crate) async fn owned_alone(&self, host: u64) -> R<bool> {
-        let c = host / self.cs;
-        if let Some(r) = self.refcount_cached(c) {
-            return Ok(r == 1);
-        }
-        let _m = self.meta.lock().await;
-        Ok(self.refcount(c).await? == 1)
     }
 
     async fn write_in_place(&self, io: &BdevIo, host: u64, intra: u64, n: u64, src: Src) -> R<()> {
@@ -421,7 +405,7 @@ impl Image {
             let _ = self.update_refcount(host / self.cs, -1).await;
             return Err(err);
         }
-        self.queue_free_counted(kind).await;
+        self.queue_free(kind);
         Ok(())
     }
 
@@ -592,23 +576,6 @@ impl Image {
         }
     }
 
-    /// [`Image::queue_free`], except for a data cluster whose refcount is
-    /// already 0 (a damaged image): releasing it later could free it under
-    /// whoever allocated it meanwhile. The metadata lock is held.
-    pub(crate) async fn queue_free_counted(&self, kind: ClusterKind) {
-        let host = match kind {
-            ClusterKind::Normal { host, .. } => host,
-            ClusterKind::Zero { host } if host != 0 => host,
-            _ => return self.queue_free(kind),
-        };
-        match self.refcount(host / self.cs).await {
-            Ok(0) | Err(_) => {
-                tracing::warn!(image = %self.name, offset = host, "old cluster has no refcount to release; left alone");
-            }
-            Ok(_) => self.queue_free(kind),
-        }
-    }
-
     /// Whether a guest cluster of this kind already reads as zeroes.
     pub(crate) fn reads_zero(&self, gc: u64, kind: ClusterKind) -> bool {
         match kind {
@@ -644,7 +611,7 @@ impl Image {
                     continue;
                 }
                 self.set_entry(gc, target).await?;
-                self.queue_free_counted(kind).await;
+                self.queue_free(kind);
                 continue;
             }
             let e = self.entry(gc).await?;

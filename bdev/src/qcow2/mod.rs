@@ -58,8 +58,8 @@
 //!   `BLOCK_IMAGE_CORRUPTED`). A writable open first checks the tables (L2
 //!   tables and refcount blocks inside the image, off the L1 and refcount
 //!   tables, none shared), and rebuilds refcounts that do not cover the
-//!   clusters in use (COPIED cleared on shared clusters); a COPIED cluster
-//!   whose refcount is not 1 is copied on write, not written in place.
+//!   clusters in use (COPIED cleared on shared clusters), so no cluster in use
+//!   is handed out again and no shared cluster is written in place.
 //! - Refused: extended L2 entries (subclusters), external data files,
 //!   encryption, and writing to images with internal snapshots (they open read-only).
 //! - The image grows inside its base bdev: allocation past the base's end fails
