@@ -117,6 +117,8 @@ def case_overlap_check_modes(vm, d):
     err = r.get("error", {}).get("desc", "")
     expect("Unsupported value 'some' for qcow2 option 'overlap-check'" in err, f"bad value: {r}")
     vm.open(name="vd1", filename=p, overlap_check="constant")
+    cfg = json.dumps(vm.cmd("save_config"))
+    expect('"overlap_check": "constant"' in cfg, f"save_config lost overlap_check: {cfg}")
     uri = export(vm, d, "vd1")
     rc, out = io("-f", "raw", "-c", "write -P 0x33 0 4k", uri)
     expect(rc == 0 and "failed" not in out, f"overlap_check constant refused the write: {out}")

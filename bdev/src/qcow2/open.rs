@@ -541,6 +541,7 @@ fn open_chain(
             cluster_size: img.cs,
             version: img.version,
             base: base.clone(),
+            overlap_checks: opts.overlap_check,
             info: Mutex::new(Info {
                 filename: opts.filename.clone(),
                 backing,

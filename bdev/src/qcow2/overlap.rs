@@ -102,6 +102,19 @@ impl OverlapChecks {
         }
     }
 
+    /// The mode name of this set, if it is one of QEMU's four.
+    pub fn mode(self) -> Option<&'static str> {
+        [
+            ("none", Self::NONE),
+            ("constant", Self::CONSTANT),
+            ("cached", Self::CACHED),
+            ("all", Self::ALL),
+        ]
+        .into_iter()
+        .find(|(_, s)| *s == self)
+        .map(|(n, _)| n)
+    }
+
     /// This set with `flag` turned on or off.
     pub fn with(self, flag: Self, on: bool) -> Self {
         if on {
@@ -330,5 +343,14 @@ mod tests {
         let e = OverlapChecks::from_mode("some").unwrap_err();
         assert!(e.contains("Unsupported value 'some'"), "{e}");
         assert_eq!(OverlapChecks::ACTIVE_L2.describe(), "active L2 table");
+        for m in ["none", "constant", "cached", "all"] {
+            assert_eq!(OverlapChecks::from_mode(m).unwrap().mode(), Some(m));
+        }
+        assert_eq!(
+            OverlapChecks::CACHED
+                .with(OverlapChecks::ACTIVE_L2, false)
+                .mode(),
+            None
+        );
     }
 }
