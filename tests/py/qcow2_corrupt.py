@@ -11,7 +11,8 @@ import shutil
 import struct
 import subprocess
 
-from stream_common import Vm, qemu_img, qemu_img_rc, run_case
+from spdk.rpc.client import JSONRPCClient
+from stream_common import parse_args, qemu_img, qemu_img_rc, run_case
 
 MSG_L2 = "Preventing invalid write on metadata (overlaps with active L2 table)"
 
@@ -83,6 +84,10 @@ def case_self_referencing_l2(vm, d):
     for k, v in want.items():
         expect(ev.get(k) == v, f"event member {k}: {ev.get(k)!r}, want {v!r} ({ev})")
     expect(ev.get("offset") == 0x40000 and ev.get("size") == 4096, f"event offset/size: {ev}")
+    # JSON-RPC clients poll the same event (SPDK's client, on the JSON-RPC socket).
+    notes = JSONRPCClient(parse_args().rpc).call("notify_get_notifications", {"id": 0})
+    got = [n["data"] for n in notes if n["type"] == "BLOCK_IMAGE_CORRUPTED"]
+    expect(got == [ev], f"JSON-RPC notifications: {notes}")
     # From now on: writes refused (any cluster), reads served.
     rc, out = io("-f", "raw", "-c", "write -P 0x44 64k 4k", uri)
     expect("write failed" in out, f"a write after the corruption was accepted: {out}")
