@@ -84,8 +84,11 @@ impl Qcow2Bdev {
 /// starts where the image's data ends (the last cluster with a refcount), not
 /// at the file's length: a tail left behind by a process that died with the
 /// image open is trimmed first, so repeated unclean exits do not pile
-/// extensions up. A read-only open never changes the file. A failed open
-/// leaves the image as it was (its file at most trimmed to the image's end).
+/// extensions up. A read-only open never changes the file. Before anything
+/// is written, the file passes the checks of a read-only open (header, tables
+/// against the file's real length): a file that fails them is not touched. A
+/// later failure leaves the image as it was (its file at most trimmed to the
+/// image's end).
 pub async fn open_file(
     name: &str,
     path: &Path,
