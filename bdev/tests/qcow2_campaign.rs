@@ -535,3 +535,44 @@ fn allocation_skips_metadata_without_a_refcount() {
     );
     assert!(code == 0 && !out.contains("failed"), "{out}");
 }
+
+/// Two L1 entries sharing one L2 table (guest ranges aliasing each other): a
+/// writable open is refused, naming both, and leaves the file as it was; a
+/// read-only open serves reads as QEMU does.
+#[test]
+fn shared_l2_table_is_refused_writable_and_read_read_only() {
+    let dir = scratch("shared-l2");
+    let t = template(&dir);
+    let p = dir.join("v.qcow2");
+    let mut b = t.bytes.clone();
+    put(&mut b, t.l1 + 8, &((1u64 << 63) | t.l2[0]).to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let rt = runtime(1);
+    let h = rt.handle();
+    let e = match open(&h, "sh", &p, opts()) {
+        Ok(_) => panic!("a writable open of aliasing L2 tables succeeded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("L2 table 1") && e.contains("also L2 table 0"),
+        "{e}"
+    );
+    assert!(
+        std::fs::read(&p).unwrap() == b,
+        "the refused open changed the file"
+    );
+    let ro = bdev::qcow2::OpenOptions {
+        read_only: true,
+        ..opts()
+    };
+    let q = open(&h, "sh", &p, ro).expect("opens read-only");
+    let bd: Arc<dyn Bdev> = q.clone();
+    let all = read_all(&h, 0, &bd, 64 << 10);
+    assert!(all[..40 << 10].iter().all(|&x| x == 0x21));
+    assert!(
+        all[(2 << 20)..(2 << 20) + (40 << 10)]
+            .iter()
+            .all(|&x| x == 0x21),
+        "aliased range"
+    );
+}

@@ -218,7 +218,7 @@ fn validate_file(path: &Path) -> Result<Option<u64>, BdevError> {
     let mut rtb = vec![0u8; (hdr.refcount_table_clusters as u64 * cs) as usize];
     read_padded(&f, hdr.refcount_table_offset, &mut rtb).map_err(|e| os("reading", e))?;
     let rt: Vec<u64> = (0..rtb.len() / 8).map(|i| be64(&rtb, i * 8)).collect();
-    check_tables(&hdr, &l1, &rt, len)?;
+    check_tables(&hdr, &l1, &rt, len, true)?;
     Ok(Some(len))
 }
 
