@@ -363,6 +363,12 @@ impl Bdev for Device {
         if root.read_only() {
             params["read_only"] = json!(true);
         }
+        let oc = q.overlap_checks();
+        if oc != crate::qcow2::OverlapChecks::default() {
+            if let Some(m) = oc.mode() {
+                params["overlap_check"] = json!(m);
+            }
+        }
         match q.filename() {
             Some(f) => {
                 params["filename"] = json!(f.display().to_string());

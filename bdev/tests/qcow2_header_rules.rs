@@ -248,9 +248,13 @@ fn bad_images_give_errors_without_writes() {
         .unwrap();
     assert!(r.is_some() && w.is_some(), "{r:?} {w:?}");
     close(&h, &q);
+    // The refused write marked the image corrupt (the header's corrupt bit, as
+    // QEMU does); nothing else was written.
     let after = std::fs::read(&p).unwrap();
     assert!(
-        after[..v.len()] == v[..],
+        after[0x10000..v.len()] == v[0x10000..],
         "nothing written over the bad entry's target"
     );
+    assert_eq!(after[79] & 2, 2, "the corrupt bit is set");
+    assert!(after[..72] == v[..72], "the rest of the header is kept");
 }

@@ -36,6 +36,7 @@ impl Service {
     /// A service over running reactors.
     pub fn new(rt: RuntimeHandle, runtime_dir: PathBuf, stop: Sender<StopReason>) -> Arc<Self> {
         let events = EventBus::default();
+        publish_corruption(&events);
         Arc::new(Self {
             rt,
             jobs: stream::job::JobManager::new(events.clone()),
@@ -57,4 +58,26 @@ impl Service {
     pub fn table(&self) -> Arc<MethodTable> {
         self.table.get().cloned().unwrap_or_default()
     }
+}
+
+/// Publishes QEMU's `BLOCK_IMAGE_CORRUPTED` on `events` for every qcow2 image
+/// found corrupt (`device`: the device whose root the image is, else `""`).
+fn publish_corruption(events: &EventBus) {
+    let events = events.clone();
+    bdev::qcow2::on_corruption(move |c| {
+        let device = bdev::device::Device::find_by_root(&c.node)
+            .map(|d| d.name().to_string())
+            .unwrap_or_default();
+        let mut data = serde_json::json!({
+            "device": device,
+            "node-name": c.node,
+            "msg": c.msg,
+            "fatal": c.fatal,
+        });
+        if let (Some(o), Some(s)) = (c.offset, c.size) {
+            data["offset"] = o.into();
+            data["size"] = s.into();
+        }
+        events.publish("BLOCK_IMAGE_CORRUPTED", data);
+    });
 }

@@ -4,6 +4,7 @@
 
 use super::format::{put64, FormatError, L1Entry, COPIED, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use super::image::{Image, R};
+use super::overlap::OverlapChecks;
 use crate::{BdevError, DmaBuf, IoStatus, IoType};
 use futures::future::LocalBoxFuture;
 
@@ -86,6 +87,7 @@ impl Image {
             }
             self.rb.insert(boff, vec![0u8; self.cs as usize], true);
             self.reftable.borrow_mut()[ti as usize] = boff;
+            self.note_meta_cluster(false, boff);
             self.reftable_dirty.borrow_mut().insert(ti * 8 / self.align);
             self.reserved.borrow_mut().push(c);
             let r = self.update_refcount(c, 1).await;
@@ -113,7 +115,7 @@ impl Image {
             for i in 0..n {
                 let k = c + i;
                 if self.reserved.borrow().contains(&k)
-                    || self.overlaps_metadata(k * self.cs, self.cs)
+                    || self.is_metadata(k * self.cs, self.cs)
                     || self.refcount(k).await? != 0
                 {
                     c = k + 1;
@@ -166,6 +168,8 @@ impl Image {
     /// with ENOSPC instead, before anything is acknowledged. The metadata lock
     /// is held.
     async fn reserve_meta_cluster(&self, off: u64) -> R<()> {
+        self.pre_write_check(OverlapChecks::NONE, off, self.cs)
+            .await?;
         self.not_fresh(off, self.cs);
         crate::write_at(&self.ch, off, DmaBuf::new(self.cs as usize)?).await?;
         Ok(())
@@ -186,7 +190,12 @@ impl Image {
         for (i, &v) in table.iter().enumerate() {
             put64(&mut tb, i * 8, v);
         }
-        self.write_meta(p * cs, DmaBuf::from_slice(&tb)?).await?;
+        self.write_meta(
+            OverlapChecks::REFCOUNT_TABLE,
+            p * cs,
+            DmaBuf::from_slice(&tb)?,
+        )
+        .await?;
         self.flush_base().await?;
         {
             let mut h = self.hdr.borrow_mut();
@@ -199,6 +208,7 @@ impl Image {
         self.write_header().await?;
         *self.reftable.borrow_mut() = table;
         self.reftable_dirty.borrow_mut().clear();
+        self.refresh_meta_map();
         Ok(())
     }
 
@@ -242,8 +252,12 @@ impl Image {
                     self.rf.set(&mut blk, k % e, 1).map_err(BdevError::from)?;
                 }
             }
-            self.write_meta((p + t + j) * cs, DmaBuf::from_slice(&blk)?)
-                .await?;
+            self.write_meta(
+                OverlapChecks::REFCOUNT_BLOCK,
+                (p + t + j) * cs,
+                DmaBuf::from_slice(&blk)?,
+            )
+            .await?;
         }
         self.install_reftable(p, t, table, false).await?;
         self.frees.borrow_mut().push((old_off, old_clusters * cs));
@@ -277,6 +291,7 @@ impl Image {
             }
             self.l2.insert(l2off, vec![0u8; self.cs as usize], true);
             self.l1.borrow_mut()[l1i as usize] = l2off | COPIED;
+            self.note_meta_cluster(true, l2off);
             self.l1_dirty.borrow_mut().insert(l1i * 8 / self.align);
         } else {
             self.load(true, l2off).await?;
@@ -297,10 +312,15 @@ impl Image {
         if dirty.is_empty() {
             return Ok(false);
         }
+        let kind = if l2 {
+            OverlapChecks::ACTIVE_L2
+        } else {
+            OverlapChecks::REFCOUNT_BLOCK
+        };
         let mut futs = Vec::with_capacity(dirty.len());
         for (off, data) in &dirty {
             let buf = DmaBuf::from_slice(data)?;
-            futs.push(self.write_meta(*off, buf));
+            futs.push(self.write_meta(kind, *off, buf));
         }
         for r in futures::future::join_all(futs).await {
             r?;
@@ -329,6 +349,11 @@ impl Image {
         } else {
             self.hdr.borrow().refcount_table_offset
         };
+        let kind = if l1 {
+            OverlapChecks::ACTIVE_L1
+        } else {
+            OverlapChecks::REFCOUNT_TABLE
+        };
         let per = (self.align / 8) as usize;
         for (n, &k) in chunks.iter().enumerate() {
             let mut b = vec![0u8; self.align as usize];
@@ -344,7 +369,7 @@ impl Image {
                 }
             }
             let r = match DmaBuf::from_slice(&b) {
-                Ok(buf) => self.write_meta(base + k * self.align, buf).await,
+                Ok(buf) => self.write_meta(kind, base + k * self.align, buf).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = r {

@@ -313,7 +313,7 @@ pub(super) async fn open(
                 backing: BackingSpec::FromHeader,
                 ..opts.clone()
             };
-            Ok(super::open::open_chain(bname, leaf, bopts, visited.to_vec()).await?)
+            Ok(super::open::open_chain(bname, leaf, bopts, visited.to_vec(), None).await?)
         }
     }
 }

@@ -101,6 +101,7 @@ pub struct Qcow2Bdev {
     pub(crate) cluster_size: u64,
     pub(crate) version: u32,
     pub(crate) base: Arc<dyn Bdev>,
+    pub(crate) overlap_checks: super::OverlapChecks,
     pub(crate) info: Mutex<Info>,
 }
 
@@ -140,6 +141,10 @@ impl Qcow2Bdev {
     /// qcow2 version (2 or 3).
     pub fn version(&self) -> u32 {
         self.version
+    }
+    /// The metadata overlap checks every write passes (QEMU's `overlap-check`).
+    pub fn overlap_checks(&self) -> super::OverlapChecks {
+        self.overlap_checks
     }
     /// Index of the reactor owning the image's metadata.
     pub fn owner(&self) -> usize {

@@ -1,6 +1,7 @@
 //! The owner reactor's fast path. A read or write whose clusters are already
 //! mapped (their L2 entries cached, data clusters at consecutive host offsets;
-//! for writes, clusters with refcount 1) is re-targeted at the base device as
+//! for writes, clusters with refcount 1 and a host range clear of metadata,
+//! see `overlap.rs`) is re-targeted at the base device as
 //! it is: the request itself goes down with its offset moved, and comes back
 //! through a pooled forwarder that restores it. No task, no sub-request, no
 //! allocation in steady state. A read of clusters that all read as zeroes is
@@ -57,6 +58,16 @@ impl Image {
             }
         }
         match base_host {
+            // A write that would hit metadata takes the general path, which
+            // refuses it and marks the image corrupt.
+            Some(h)
+                if write
+                    && self
+                        .overlaps(self.overlap_checks, h + off % cs, len)
+                        .contains_any() =>
+            {
+                None
+            }
             Some(h) => Some(Route::Base(h + off % cs)),
             None if zeroes => Some(Route::Zeroes),
             None => None,

@@ -5,10 +5,11 @@ use super::cache::TableCache;
 use super::format::{
     be64, FormatError, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
+use super::overlap::{MetaMap, OverlapChecks};
 use super::sync::{ClusterLocks, Drain};
 use crate::{channel, read_at, write_at, Bdev, BdevError, DmaBuf, IoChannel, IoType};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -19,6 +20,12 @@ pub(crate) type R<T> = Result<T, BdevError>;
 pub(crate) struct LoadOptions {
     pub(crate) read_only: bool,
     pub(crate) cache_bytes: u64,
+    /// Metadata overlap checks before writes.
+    pub(crate) overlap_checks: OverlapChecks,
+    /// The image's own length when the base was extended past it before the
+    /// open (a file grown for a writable open): the header and tables are
+    /// checked against it, as a read-only open would.
+    pub(crate) valid_len: Option<u64>,
 }
 
 /// One open qcow2 image. Lives on (and is only touched by) its owner reactor.
@@ -71,6 +78,12 @@ pub(crate) struct Image {
     pub(crate) meta_started: Cell<u64>,
     pub(crate) meta_done: Cell<u64>,
     pub(crate) meta_flushed: Cell<u64>,
+    /// Which metadata writes are checked against (`overlap.rs`).
+    pub(crate) overlap_checks: OverlapChecks,
+    /// Where the L2 tables and refcount blocks are.
+    pub(crate) meta_map: RefCell<MetaMap>,
+    /// Set once the image was found corrupt (and marked so).
+    pub(crate) corrupt: Cell<bool>,
 }
 
 impl Image {
@@ -97,7 +110,8 @@ impl Image {
         // A file may end inside its last block (QEMU writes a small L1 table as a few
         // bytes): the image's extent is the base rounded up to a cluster, and bytes
         // past the base read as zeroes.
-        let extent = (capacity + 1).next_multiple_of(cs);
+        let valid = opts.valid_len.map_or(capacity, |v| v.min(capacity));
+        let extent = (valid + 1).next_multiple_of(cs);
         let hbuf = read_meta(&ch, capacity, 0, cs).await?;
         let hdr = Header::parse(&hbuf, extent)?;
         if cs < align {
@@ -170,9 +184,19 @@ impl Image {
             meta_started: Cell::new(0),
             meta_done: Cell::new(0),
             meta_flushed: Cell::new(0),
+            overlap_checks: opts.overlap_checks,
+            meta_map: RefCell::new(MetaMap::default()),
+            corrupt: Cell::new(false),
             hdr: RefCell::new(hdr),
         };
-        img.check_tables()?;
+        check_tables(
+            &img.hdr.borrow(),
+            &img.l1.borrow(),
+            &img.reftable.borrow(),
+            valid,
+            !read_only,
+        )?;
+        img.refresh_meta_map();
         let img = Rc::new(img);
         if !img.read_only {
             let (dirty, autoclear) = {
@@ -185,6 +209,12 @@ impl Image {
                     "image has the dirty bit set: rebuilding refcounts"
                 );
                 img.rebuild_refcounts().await?;
+            } else if !img.refcounts_cover_references().await? {
+                tracing::warn!(
+                    image = name,
+                    "refcounts do not cover the clusters in use (a damaged image): rebuilding them"
+                );
+                img.repair_refcounts().await?;
             }
             if autoclear != 0 {
                 // We maintain none of the autoclear features (bitmaps included): clear them
@@ -194,55 +224,6 @@ impl Image {
             }
         }
         Ok(img)
-    }
-
-    /// Validates the L1 and refcount table entries against the image geometry.
-    fn check_tables(&self) -> R<()> {
-        let h = self.hdr.borrow();
-        let l1_range = (
-            h.l1_table_offset,
-            h.l1_table_offset + (h.l1_size as u64 * 8).next_multiple_of(self.cs),
-        );
-        let rt_range = (
-            h.refcount_table_offset,
-            h.refcount_table_offset + h.refcount_table_clusters as u64 * self.cs,
-        );
-        let check = |what: &str, off: u64| -> R<()> {
-            if !off.is_multiple_of(self.cs) || off < self.cs || off >= self.capacity {
-                return Err(FormatError::Corrupt(format!(
-                    "{what} at {off:#x} is outside the image or misaligned"
-                ))
-                .into());
-            }
-            for (n, (a, b)) in [("L1 table", l1_range), ("refcount table", rt_range)] {
-                if off >= a && off < b {
-                    return Err(FormatError::Corrupt(format!(
-                        "{what} at {off:#x} overlaps the {n}"
-                    ))
-                    .into());
-                }
-            }
-            Ok(())
-        };
-        for (i, &e) in self.l1.borrow().iter().enumerate().take(h.l1_size as usize) {
-            let l1e = L1Entry(e);
-            l1e.validate(self.cs).map_err(BdevError::from)?;
-            if l1e.l2_offset() != 0 {
-                check(&format!("L2 table {i}"), l1e.l2_offset())?;
-            }
-        }
-        for (i, &e) in self.reftable.borrow().iter().enumerate() {
-            if e & 0x1ff != 0 {
-                return Err(FormatError::Corrupt(format!(
-                    "refcount table entry {i} has reserved bits set"
-                ))
-                .into());
-            }
-            if e != 0 {
-                check(&format!("refcount block {i}"), e)?;
-            }
-        }
-        Ok(())
     }
 
     /// The raw L2 entry of guest cluster `gc` when its table is cached (no I/O).
@@ -336,7 +317,7 @@ impl Image {
     pub(crate) async fn write_header_unflushed(&self) -> R<()> {
         let bytes = self.hdr.borrow().to_cluster().map_err(BdevError::from)?;
         let buf = DmaBuf::from_slice(&bytes)?;
-        self.write_meta(0, buf).await
+        self.write_meta(OverlapChecks::MAIN_HEADER, 0, buf).await
     }
 
     /// Writes a metadata buffer; a failure marks the image broken (no more
@@ -346,10 +327,12 @@ impl Image {
     /// so the image on disk is consistent and the image works again once there
     /// is space, as QEMU's does. A header write changes the header in memory
     /// first, so its failure still breaks the image.
-    pub(crate) async fn write_meta(&self, off: u64, buf: DmaBuf) -> R<()> {
+    /// `kind`: what the buffer is (the overlap check ignores that kind).
+    pub(crate) async fn write_meta(&self, kind: OverlapChecks, off: u64, buf: DmaBuf) -> R<()> {
         if self.read_only {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
+        self.pre_write_check(kind, off, buf.len() as u64).await?;
         self.not_fresh(off, buf.len() as u64);
         self.meta_started.set(self.meta_started.get() + 1);
         let res = write_at(&self.ch, off, buf).await;
@@ -423,6 +406,81 @@ impl Image {
             .iter()
             .any(|&(a, l)| l > 0 && host < a + l && a < host + len)
     }
+}
+
+/// Validates the L1 and refcount table entries against the image geometry:
+/// every L2 table and refcount block cluster-aligned, past the header, inside
+/// the image's `len` bytes and off the L1 and refcount tables; for a writable
+/// open (`writable`) also none used twice (writes through one guest cluster
+/// would change another). The checks of every open, and of a file before
+/// anything is written to it.
+pub(crate) fn check_tables(
+    h: &Header,
+    l1: &[u64],
+    reftable: &[u64],
+    len: u64,
+    writable: bool,
+) -> R<()> {
+    let cs = h.cluster_size();
+    let l1_range = (
+        h.l1_table_offset,
+        h.l1_table_offset + (h.l1_size as u64 * 8).next_multiple_of(cs),
+    );
+    let rt_range = (
+        h.refcount_table_offset,
+        h.refcount_table_offset + h.refcount_table_clusters as u64 * cs,
+    );
+    let check = |what: &str, off: u64| -> R<()> {
+        if !off.is_multiple_of(cs) || off < cs || off >= len {
+            return Err(FormatError::Corrupt(format!(
+                "{what} at {off:#x} is outside the image or misaligned"
+            ))
+            .into());
+        }
+        for (n, (a, b)) in [("L1 table", l1_range), ("refcount table", rt_range)] {
+            if off >= a && off < b {
+                return Err(
+                    FormatError::Corrupt(format!("{what} at {off:#x} overlaps the {n}")).into(),
+                );
+            }
+        }
+        Ok(())
+    };
+    // Each L2 table and refcount block is used once: a shared one would make
+    // guest clusters (or refcounts) alias each other.
+    let mut seen: HashMap<u64, String> = HashMap::new();
+    let mut once = |what: String, off: u64| -> R<()> {
+        if !writable {
+            return Ok(());
+        }
+        match seen.insert(off, what.clone()) {
+            Some(other) => {
+                Err(FormatError::Corrupt(format!("{what} at {off:#x} is also {other}")).into())
+            }
+            None => Ok(()),
+        }
+    };
+    for (i, &e) in l1.iter().enumerate().take(h.l1_size as usize) {
+        let l1e = L1Entry(e);
+        l1e.validate(cs).map_err(BdevError::from)?;
+        if l1e.l2_offset() != 0 {
+            check(&format!("L2 table {i}"), l1e.l2_offset())?;
+            once(format!("L2 table {i}"), l1e.l2_offset())?;
+        }
+    }
+    for (i, &e) in reftable.iter().enumerate() {
+        if e & 0x1ff != 0 {
+            return Err(FormatError::Corrupt(format!(
+                "refcount table entry {i} has reserved bits set"
+            ))
+            .into());
+        }
+        if e != 0 {
+            check(&format!("refcount block {i}"), e)?;
+            once(format!("refcount block {i}"), e)?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes at `off` from the base, in whole blocks; bytes past the

@@ -4,6 +4,7 @@
 use super::compress::decompress;
 use super::format::{ClusterKind, FormatError, L2Entry};
 use super::image::{Image, R};
+use super::overlap::OverlapChecks;
 use crate::{
     channel, read_at, simple_io, submit_wait, write_at, BdevError, BdevIo, DmaBuf, IoStatus, IoType,
 };
@@ -224,15 +225,21 @@ impl Image {
 
     /// A data cluster must lie inside the image and outside the fixed metadata.
     pub(crate) fn check_data_cluster(&self, host: u64) -> R<()> {
-        if host + self.cs > self.capacity {
-            return Err(FormatError::Corrupt(format!(
-                "data cluster {host:#x} lies past the end of the image"
-            ))
-            .into());
-        }
+        self.check_data_end(host)?;
         if self.overlaps_metadata(host, self.cs) {
             return Err(FormatError::Corrupt(format!(
                 "data cluster {host:#x} overlaps image metadata"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A data cluster must lie inside the image.
+    fn check_data_end(&self, host: u64) -> R<()> {
+        if host.saturating_add(self.cs) > self.capacity {
+            return Err(FormatError::Corrupt(format!(
+                "data cluster {host:#x} lies past the end of the image"
             ))
             .into());
         }
@@ -354,7 +361,9 @@ impl Image {
     }
 
     async fn write_in_place(&self, io: &BdevIo, host: u64, intra: u64, n: u64, src: Src) -> R<()> {
-        self.check_data_cluster(host)?;
+        self.check_data_end(host)?;
+        self.pre_write_check(OverlapChecks::NONE, host + intra, n)
+            .await?;
         let _g = self.drain.enter();
         match src {
             Src::Guest(pos) => {
@@ -423,6 +432,8 @@ impl Image {
         n: u64,
         src: Src,
     ) -> R<()> {
+        self.pre_write_check(OverlapChecks::NONE, host, self.cs)
+            .await?;
         let full = intra == 0 && n == self.cs;
         if let (true, Src::Guest(pos), Some(io)) = (full, src, io) {
             return self.write_guest(io, pos, n, host).await;

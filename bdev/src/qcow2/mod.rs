@@ -50,11 +50,22 @@
 //!   makes a read-write open rebuild the refcounts; autoclear bits are cleared on
 //!   a read-write open (no autoclear feature is maintained); every header
 //!   extension is kept.
+//! - Damaged images (`overlap.rs`, `verify.rs`): every write is checked
+//!   against the metadata QEMU's `overlap-check` mode selects
+//!   ([`OverlapChecks`], default `cached`); an overlap fails the write (EIO),
+//!   sets the header's corrupt bit, refuses writes from then on (reads go on)
+//!   and reaches [`on_corruption`] listeners ([`Corruption`], QEMU's
+//!   `BLOCK_IMAGE_CORRUPTED`). A writable open first checks the tables (L2
+//!   tables and refcount blocks inside the image, off the L1 and refcount
+//!   tables, none shared), and rebuilds refcounts that do not cover the
+//!   clusters in use (COPIED cleared on shared clusters), so no cluster in use
+//!   is handed out again and no shared cluster is written in place.
 //! - Refused: extended L2 entries (subclusters), external data files,
 //!   encryption, and writing to images with internal snapshots (they open read-only).
 //! - The image grows inside its base bdev: allocation past the base's end fails
 //!   with ENOSPC ([`open_file`] extends the file sparsely first, from the end
-//!   of the image's data: a tail an unclean exit left is trimmed, never piled on).
+//!   of the image's data: a tail an unclean exit left is trimmed, never piled
+//!   on; a file that fails the checks of a read-only open is never touched).
 
 mod alloc;
 mod backing_name;
@@ -67,12 +78,15 @@ pub mod format;
 mod image;
 mod io;
 mod open;
+mod overlap;
 mod populate;
 mod rebuild;
 mod remote;
 mod status;
 mod sync;
+mod verify;
 
 pub use bdev::{BlockStatus, Qcow2Bdev};
 pub use create::{create, create_file, CreateOptions};
 pub use open::{open_file, open_file_as, resolve_backing_path, BackingSpec, OpenOptions};
+pub use overlap::{on_corruption, Corruption, OverlapChecks};

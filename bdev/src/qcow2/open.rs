@@ -7,7 +7,8 @@ use super::bdev::{install_engine, next_id, track_grown, Info, Qcow2Bdev};
 use super::format::{
     be32, be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
 };
-use super::image::{Image, LoadOptions};
+use super::image::{check_tables, Image, LoadOptions};
+use super::overlap::OverlapChecks;
 use crate::uring::{UringBdev, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
@@ -45,6 +46,9 @@ pub struct OpenOptions {
     pub cache_bytes: u64,
     /// O_DIRECT for files this open opens (the image by [`open_file`], backing files).
     pub direct: bool,
+    /// Which metadata every write is checked against (QEMU's `overlap-check`;
+    /// default `cached`).
+    pub overlap_check: OverlapChecks,
 }
 
 impl Default for OpenOptions {
@@ -55,6 +59,7 @@ impl Default for OpenOptions {
             backing: BackingSpec::FromHeader,
             cache_bytes: 32 << 20,
             direct: true,
+            overlap_check: OverlapChecks::default(),
         }
     }
 }
@@ -68,7 +73,7 @@ impl Qcow2Bdev {
         base: Arc<dyn Bdev>,
         opts: OpenOptions,
     ) -> Result<Arc<Qcow2Bdev>, BdevError> {
-        open_chain(name.to_string(), base, opts, Vec::new()).await
+        open_chain(name.to_string(), base, opts, Vec::new(), None).await
     }
 }
 
@@ -80,8 +85,11 @@ impl Qcow2Bdev {
 /// starts where the image's data ends (the last cluster with a refcount), not
 /// at the file's length: a tail left behind by a process that died with the
 /// image open is trimmed first, so repeated unclean exits do not pile
-/// extensions up. A read-only open never changes the file. A failed open
-/// leaves the image as it was (its file at most trimmed to the image's end).
+/// extensions up. A read-only open never changes the file. Before anything
+/// is written, the file passes the checks of a read-only open (header, tables
+/// against the file's real length): a file that fails them is not touched. A
+/// later failure leaves the image as it was (its file at most trimmed to the
+/// image's end).
 pub async fn open_file(
     name: &str,
     path: &Path,
@@ -99,6 +107,13 @@ pub async fn open_file_as(
     path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
+    // Nothing is written to a file before it passed the checks of a
+    // read-only open: a damaged image is refused as it is.
+    let valid_len = if opts.read_only {
+        None
+    } else {
+        validate_file(path)?
+    };
     let growth = if opts.read_only {
         None
     } else {
@@ -126,7 +141,16 @@ pub async fn open_file_as(
     opts.filename = Some(path.to_path_buf());
     let direct = opts.direct;
     let dyn_base: Arc<dyn Bdev> = base;
-    match Qcow2Bdev::open(name, dyn_base.clone(), opts).await {
+    let valid_len = valid_len.filter(|_| growth.is_some());
+    match open_chain(
+        name.to_string(),
+        dyn_base.clone(),
+        opts,
+        Vec::new(),
+        valid_len,
+    )
+    .await
+    {
         Ok(q) => {
             // With O_DIRECT, fallocate waits for every direct I/O in flight on
             // the file: new clusters get a filled buffer instead.
@@ -145,6 +169,58 @@ pub async fn open_file_as(
             Err(restore(e))
         }
     }
+}
+
+/// Checks an image file as a read-only open would (header, L1 and refcount
+/// tables against the file's length, L2 table and refcount block offsets; a
+/// writable open of an image with internal snapshots is refused), reading
+/// only. Returns the file's length; `None` for what is not a regular file or
+/// not a qcow2 header at all (the open that follows reports it, and nothing
+/// extends such a file).
+fn validate_file(path: &Path) -> Result<Option<u64>, BdevError> {
+    let os = |what: &str, e| BdevError::os(format!("{what} {}", path.display()), e);
+    let md = std::fs::metadata(path).map_err(|e| os("reading", e))?;
+    if !md.is_file() {
+        return Ok(None);
+    }
+    let f = File::open(path).map_err(|e| os("opening", e))?;
+    let len = md.len();
+    let mut first = [0u8; 24];
+    read_padded(&f, 0, &mut first).map_err(|e| os("reading", e))?;
+    if len < 24 || be32(&first, 0) != MAGIC {
+        return Ok(None);
+    }
+    let bits = be32(&first, 20);
+    if !(9..=21).contains(&bits) {
+        return Err(super::format::FormatError::BadHeader(format!(
+            "cluster_bits {bits} outside 9..=21"
+        ))
+        .into());
+    }
+    let cs = 1u64 << bits;
+    let mut hbuf = vec![0u8; cs as usize];
+    read_padded(&f, 0, &mut hbuf).map_err(|e| os("reading", e))?;
+    let hdr = Header::parse(&hbuf, (len + 1).next_multiple_of(cs))?;
+    if hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+        return Ok(Some(len)); // opens read-only, nothing is written
+    }
+    if hdr.nb_snapshots > 0 {
+        return Err(BdevError::Unsupported(format!(
+            "writing images with internal snapshots ({} here); open read-only",
+            hdr.nb_snapshots
+        )));
+    }
+    let l1_bytes = hdr.l1_size as u64 * 8;
+    let mut l1b = vec![0u8; l1_bytes as usize];
+    read_padded(&f, hdr.l1_table_offset, &mut l1b).map_err(|e| os("reading", e))?;
+    let l1: Vec<u64> = (0..hdr.l1_size as usize)
+        .map(|i| be64(&l1b, i * 8))
+        .collect();
+    let mut rtb = vec![0u8; (hdr.refcount_table_clusters as u64 * cs) as usize];
+    read_padded(&f, hdr.refcount_table_offset, &mut rtb).map_err(|e| os("reading", e))?;
+    let rt: Vec<u64> = (0..rtb.len() / 8).map(|i| be64(&rtb, i * 8)).collect();
+    check_tables(&hdr, &l1, &rt, len, true)?;
+    Ok(Some(len))
 }
 
 /// Room made for an image of virtual size `vsize` to grow: all of it, plus
@@ -344,11 +420,14 @@ pub fn resolve_backing_path(backing: &str, image: Option<&Path>) -> Result<PathB
     }
 }
 
+/// Opens the image on `base` and its chain. `valid_len`: the image's own
+/// length when `base` was extended past it (see [`LoadOptions::valid_len`]).
 pub(super) fn open_chain(
     name: String,
     base: Arc<dyn Bdev>,
     opts: OpenOptions,
     mut visited: Vec<PathBuf>,
+    valid_len: Option<u64>,
 ) -> LocalBoxFuture<'static, Result<Arc<Qcow2Bdev>, BdevError>> {
     Box::pin(async move {
         let owner = reactor::current_index()
@@ -371,6 +450,8 @@ pub(super) fn open_chain(
             &LoadOptions {
                 read_only: opts.read_only,
                 cache_bytes: opts.cache_bytes,
+                overlap_checks: opts.overlap_check,
+                valid_len,
             },
         )
         .await?;
@@ -409,6 +490,7 @@ pub(super) fn open_chain(
             cluster_size: img.cs,
             version: img.version,
             base: base.clone(),
+            overlap_checks: opts.overlap_check,
             info: Mutex::new(Info {
                 filename: opts.filename.clone(),
                 backing,

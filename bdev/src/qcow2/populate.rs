@@ -12,6 +12,7 @@
 
 use super::format::{ClusterKind, L2Entry};
 use super::image::{Image, R};
+use super::overlap::OverlapChecks;
 use super::sync::ClusterGuard;
 use crate::{submit_wait, BdevError, BdevIo, DmaBuf, IoStatus, IoType};
 use std::rc::Rc;
@@ -138,6 +139,8 @@ impl Image {
         write_behind: bool,
     ) -> R<()> {
         let cs = self.cs;
+        self.pre_write_check(OverlapChecks::NONE, host, n.next_multiple_of(cs))
+            .await?;
         let whole = n / cs * cs;
         if whole > 0 {
             // SAFETY: `parent` owns its buffer and outlives this sub-request: the

@@ -1,76 +1,29 @@
 //! Rebuilding refcounts from the L1/L2 tables (images opened with the dirty
 //! bit, i.e. written with lazy refcounts and not closed cleanly).
 
-use super::format::{be64, ClusterKind, FormatError, L1Entry, L2Entry, MAX_REFTABLE_BYTES};
+use super::format::MAX_REFTABLE_BYTES;
 use super::image::{Image, R};
-use crate::{read_at, BdevError, DmaBuf, IoStatus};
+use super::overlap::OverlapChecks;
+use crate::{BdevError, DmaBuf, IoStatus};
 
 impl Image {
     /// Counts every reference from the header and the active tables, writes a
     /// fresh refcount table and blocks past everything in use, then switches the
     /// header to them and clears the dirty bit.
     pub(crate) async fn rebuild_refcounts(&self) -> R<()> {
+        self.rebuild_refcounts_with(true).await
+    }
+
+    /// [`Image::rebuild_refcounts`]; with `strict` off, references that lie
+    /// past the image or entries that cannot be decoded are skipped (a damaged
+    /// image: such clusters are refused when accessed) instead of failing.
+    pub(crate) async fn rebuild_refcounts_with(&self, strict: bool) -> R<()> {
         let cs = self.cs;
-        let max_clusters = self.capacity / cs;
-        let mut refs: Vec<u32> = Vec::new();
-        let mut add = |off: u64, len: u64| -> R<()> {
-            let first = off / cs;
-            let last = (off + len.max(1) - 1) / cs;
-            if last >= max_clusters {
-                return Err(FormatError::Corrupt(format!(
-                    "reference to {off:#x} lies past the end of the image"
-                ))
-                .into());
-            }
-            if refs.len() <= last as usize {
-                refs.resize(last as usize + 1, 0);
-            }
-            for c in first..=last {
-                refs[c as usize] = refs[c as usize].saturating_add(1);
-            }
-            Ok(())
-        };
-        let (l1_off, l1_size, old_rt, old_rt_clusters) = {
+        let mut refs = self.count_references(strict).await?;
+        let (old_rt, old_rt_clusters) = {
             let h = self.hdr.borrow();
-            (
-                h.l1_table_offset,
-                h.l1_size as u64,
-                h.refcount_table_offset,
-                h.refcount_table_clusters as u64,
-            )
+            (h.refcount_table_offset, h.refcount_table_clusters as u64)
         };
-        add(0, cs)?;
-        if l1_size > 0 {
-            add(l1_off, (l1_size * 8).next_multiple_of(cs))?;
-        }
-        let l1: Vec<u64> = self
-            .l1
-            .borrow()
-            .iter()
-            .take(l1_size as usize)
-            .copied()
-            .collect();
-        for e in l1 {
-            let l2off = L1Entry(e).l2_offset();
-            if l2off == 0 {
-                continue;
-            }
-            add(l2off, cs)?;
-            let t = read_at(&self.ch, l2off, cs as usize).await?;
-            for i in 0..self.l2_entries as usize {
-                match L2Entry(be64(t.as_slice(), i * 8))
-                    .decode(self.version, self.cluster_bits)
-                    .map_err(BdevError::from)?
-                {
-                    ClusterKind::Normal { host, .. } => add(host, cs)?,
-                    ClusterKind::Zero { host } if host != 0 => add(host, cs)?,
-                    ClusterKind::Compressed { host, len } => {
-                        add(host, len.min(self.capacity.saturating_sub(host)))?
-                    }
-                    _ => {}
-                }
-            }
-        }
         // Place the new structures past everything in use, old refcount structures included.
         let mut end = refs.len() as u64;
         end = end.max((old_rt + old_rt_clusters * cs) / cs);
@@ -113,7 +66,12 @@ impl Image {
             }
             let off = (p + t + j) * cs;
             table[j as usize] = off;
-            self.write_meta(off, DmaBuf::from_slice(&blk)?).await?;
+            self.write_meta(
+                OverlapChecks::REFCOUNT_BLOCK,
+                off,
+                DmaBuf::from_slice(&blk)?,
+            )
+            .await?;
         }
         self.install_reftable(p, t, table, true).await?;
         self.free_hint.set(0);

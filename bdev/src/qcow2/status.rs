@@ -3,6 +3,7 @@
 
 use super::format::{ClusterKind, FormatError, L2Entry, EXT_FEATURE_TABLE};
 use super::image::{Image, R};
+use super::overlap::OverlapChecks;
 use crate::{write_at, BdevError, DmaBuf};
 use std::rc::Rc;
 
@@ -65,7 +66,10 @@ impl Image {
             b.as_mut_slice()[..data.len()].copy_from_slice(data.as_slice());
             b
         };
-        let res = write_at(&self.ch, host, buf).await;
+        let res = match self.pre_write_check(OverlapChecks::NONE, host, cs).await {
+            Ok(()) => write_at(&self.ch, host, buf).await,
+            Err(e) => Err(e),
+        };
         let _m = self.meta.lock().await;
         if let Err(e) = res {
             let _ = self.update_refcount(host / cs, -1).await;

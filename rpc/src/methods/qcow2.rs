@@ -12,7 +12,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::device::Device;
-use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
+use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, OverlapChecks, Qcow2Bdev};
 use bdev::{registry, Bdev};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -58,6 +58,13 @@ pub(crate) struct Open {
     pub direct: Option<bool>,
     /// The reactor owning the image's metadata (default 0).
     pub reactor: Option<usize>,
+    /// Metadata overlap checks before writes: `none`, `constant`, `cached`
+    /// (default) or `all` (QEMU's `overlap-check`).
+    pub overlap_check: Option<String>,
+    /// Not a parameter (`blockdev-add`): its parsed `overlap-check`, which
+    /// wins over `overlap_check`.
+    #[serde(skip)]
+    pub overlap_checks: Option<OverlapChecks>,
     /// Not a parameter (`blockdev-add`): with `filename`, the uring bdev under
     /// the image gets this name and is registered too, claimed by the image.
     #[serde(skip)]
@@ -132,7 +139,7 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             read_only: false,
             direct: c.direct,
             reactor: c.reactor,
-            file_node: None,
+            ..Open::default()
         },
     )
 }
@@ -181,10 +188,16 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         (None, true) => BackingSpec::None,
         (None, false) => BackingSpec::FromHeader,
     };
+    let overlap_check = match (o.overlap_checks, &o.overlap_check) {
+        (Some(c), _) => c,
+        (None, Some(m)) => OverlapChecks::from_mode(m).map_err(RpcError::invalid_params)?,
+        (None, None) => OverlapChecks::default(),
+    };
     let opts = OpenOptions {
         read_only: o.read_only,
         backing,
         direct: o.direct.unwrap_or(true),
+        overlap_check,
         ..OpenOptions::default()
     };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {

@@ -11,6 +11,7 @@ use crate::methods::qcow2::{self, Open};
 use crate::service::Service;
 use bdev::device::Device;
 use bdev::null::{NullBdev, NullOptions};
+use bdev::qcow2::OverlapChecks;
 use bdev::uring::UringBdev;
 use bdev::{registry, Bdev};
 use serde_json::Value;
@@ -175,7 +176,11 @@ pub fn create(svc: &Service, name: &str, spec: &NodeSpec) -> Result<Made, RpcErr
     match &spec.kind {
         Kind::File { .. } | Kind::NullCo { .. } => create_leaf(svc, name, spec)?,
         Kind::Raw { file } => create_raw(svc, name, spec, file, &mut made)?,
-        Kind::Qcow2 { file, backing } => create_qcow2(svc, name, spec, file, backing, &mut made)?,
+        Kind::Qcow2 {
+            file,
+            backing,
+            overlap,
+        } => create_qcow2(svc, name, spec, file, backing, *overlap, &mut made)?,
     }
     Ok(made)
 }
@@ -268,6 +273,7 @@ fn create_qcow2(
     spec: &NodeSpec,
     file: &NodeRef,
     backing: &Backing,
+    overlap: OverlapChecks,
     made: &mut Made,
 ) -> Result<(), RpcError> {
     let ro = spec.common.read_only.unwrap_or(false);
@@ -275,6 +281,7 @@ fn create_qcow2(
         node_name: Some(name.to_string()),
         read_only: ro,
         direct: Some(spec.common.direct.unwrap_or(false)),
+        overlap_checks: Some(overlap),
         ..Open::default()
     };
     // A file node this image swaps in (restored if the open fails).

@@ -3,6 +3,7 @@
 
 use super::args::{bad_type, bad_value, missing, Args};
 use crate::error::RpcError;
+use bdev::qcow2::OverlapChecks;
 use serde_json::Value;
 
 /// The drivers `blockdev-add` creates nodes of.
@@ -115,10 +116,21 @@ pub enum Backing {
 /// The driver-specific options.
 #[derive(Debug, Clone)]
 pub enum Kind {
-    File { filename: String },
-    Qcow2 { file: NodeRef, backing: Backing },
-    Raw { file: NodeRef },
-    NullCo { size: u64, read_zeroes: bool },
+    File {
+        filename: String,
+    },
+    Qcow2 {
+        file: NodeRef,
+        backing: Backing,
+        overlap: OverlapChecks,
+    },
+    Raw {
+        file: NodeRef,
+    },
+    NullCo {
+        size: u64,
+        read_zeroes: bool,
+    },
 }
 
 /// One node to create.
@@ -220,7 +232,6 @@ const QCOW2_UNSUPPORTED: &[&str] = &[
     "pass-discard-snapshot",
     "pass-discard-other",
     "discard-no-unref",
-    "overlap-check",
     "cache-size",
     "l2-cache-size",
     "l2-cache-entry-size",
@@ -299,7 +310,15 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
                 }
                 Some(_) => return Err(bad_type(&a.path("backing"), "BlockdevRefOrNull")),
             };
-            (Kind::Qcow2 { file, backing }, QCOW2_UNSUPPORTED)
+            let overlap = overlap_check(&mut a)?;
+            (
+                Kind::Qcow2 {
+                    file,
+                    backing,
+                    overlap,
+                },
+                QCOW2_UNSUPPORTED,
+            )
         }
     };
     a.finish(unsupported)?;
@@ -308,4 +327,34 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
         common,
         kind,
     })
+}
+
+/// A qcow2 node's `overlap-check` (QAPI `Qcow2OverlapChecks`): a mode name,
+/// or an object with an optional `template` mode and one boolean per kind of
+/// metadata; default `cached`. The errors are QEMU's.
+fn overlap_check(a: &mut Args) -> Result<OverlapChecks, RpcError> {
+    const MODES: &[&str] = &["none", "constant", "cached", "all"];
+    let mode = |m: &str, path: &str| OverlapChecks::from_mode(m).map_err(|_| bad_value(path, m));
+    match a.any("overlap-check") {
+        None => Ok(OverlapChecks::default()),
+        Some(Value::String(m)) => mode(m, &a.path("overlap-check")),
+        Some(v @ Value::Object(_)) => {
+            let mut o = Args::new(v, &a.path("overlap-check."))?;
+            // QEMU names the template member without its prefix.
+            let mut set = match o.any("template") {
+                None => OverlapChecks::default(),
+                Some(Value::String(m)) if MODES.contains(&m.as_str()) => mode(m, "template")?,
+                Some(Value::String(m)) => return Err(bad_value("template", m)),
+                Some(_) => return Err(bad_type(&o.path("template"), "Qcow2OverlapCheckMode")),
+            };
+            for (k, flag, _) in OverlapChecks::FLAGS {
+                if let Some(on) = o.bool(k)? {
+                    set = set.with(flag, on);
+                }
+            }
+            o.finish(&[])?;
+            Ok(set)
+        }
+        Some(_) => Err(bad_type(&a.path("overlap-check"), "Qcow2OverlapChecks")),
+    }
 }
