@@ -7,6 +7,7 @@ use super::format::{
     be32, be64, Header, L1Entry, RefcountFormat, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC,
 };
 use super::image::{Image, LoadOptions};
+use crate::lock::{ImageLock, LockMode, Perms};
 use crate::uring::{UringBdev, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
@@ -44,6 +45,9 @@ pub struct OpenOptions {
     pub cache_bytes: u64,
     /// O_DIRECT for files this open opens (the image by [`open_file`], backing files).
     pub direct: bool,
+    /// Image locks on the files this open opens (see [`crate::lock`]): the
+    /// image's is taken before its file is touched and held by the image.
+    pub locking: LockMode,
 }
 
 impl Default for OpenOptions {
@@ -54,6 +58,7 @@ impl Default for OpenOptions {
             backing: BackingSpec::FromHeader,
             cache_bytes: 32 << 20,
             direct: true,
+            locking: LockMode::Auto,
         }
     }
 }
@@ -81,6 +86,11 @@ impl Qcow2Bdev {
 /// image open is trimmed first, so repeated unclean exits do not pile
 /// extensions up. A read-only open never changes the file. A failed open
 /// leaves the image as it was (its file at most trimmed to the image's end).
+///
+/// Before any of that, the image lock is taken (unless `opts.locking` is
+/// off): a file another writer holds, here or in another process, is refused
+/// untouched with [`BdevError::Locked`]. The image holds the lock until it is
+/// deleted or dropped.
 pub async fn open_file(
     name: &str,
     path: &Path,
@@ -98,6 +108,7 @@ pub async fn open_file_as(
     path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
+    let lock = ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?;
     let growth = if opts.read_only {
         None
     } else {
@@ -112,14 +123,16 @@ pub async fn open_file_as(
         }
         e
     };
-    let base = UringBdev::open(
+    let base = UringBdev::open_under_lock(
         file_name,
         path,
         UringOptions {
             direct: opts.direct,
             read_only: opts.read_only,
             block_size: None,
+            locking: opts.locking,
         },
+        None,
     )
     .map_err(restore)?;
     opts.filename = Some(path.to_path_buf());
@@ -137,6 +150,7 @@ pub async fn open_file_as(
             if let Some(g) = growth {
                 track_grown(&q, g.keep);
             }
+            q.info().lock = lock;
             Ok(q)
         }
         Err(e) => {
@@ -429,6 +443,7 @@ fn open_chain(
                             direct: opts.direct,
                             read_only: true,
                             block_size: None,
+                            locking: opts.locking,
                         },
                     )?;
                     if fmt == "raw" {
@@ -470,6 +485,7 @@ fn open_chain(
                 claims,
                 grown: false,
                 keep_len: 0,
+                lock: None,
             }),
         });
         install_engine(id, img);
