@@ -77,13 +77,22 @@ impl Holder {
             .spawn()
             .expect("spawn a QEMU tool");
         let mut h = Holder(child);
-        // Held once a reader of the image conflicts with it.
+        // Held once /proc/locks lists an OFD lock on the file (probing with
+        // a QEMU tool would race the holder for the lock).
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(file).unwrap());
+        let held = || {
+            std::fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+        };
         let t0 = Instant::now();
-        while run("qemu-img", &["info", file]).status.success() {
+        while !held() {
             if let Ok(Some(st)) = h.0.try_wait() {
                 let mut err = String::new();
                 let _ = h.0.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("{c:?} exited ({st}) before it locked {file}: {err}");
+                let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+                panic!("{c:?} exited ({st}) before it locked {file}: {err}\n/proc/locks:\n{locks}");
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
@@ -357,5 +366,24 @@ fn sluice_holding_image_refuses_qemu() {
     qemu_io(&["-c", "read -P 0x33 2M 64k", s]);
     qemu_img(&["check", s]);
     let NbdDaemon { d, .. } = n;
+    stop(d);
+}
+
+/// Over QMP (qemu.qmp, tests/py/image_locks.py): a snapshot onto the node's
+/// own image, `blockdev-create` of its file, a second writer and a reader of
+/// it are refused with the errors qemu-storage-daemon gives to the same
+/// commands; the image reads back intact.
+#[test]
+fn qmp_refusals_match_qsd() {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new("lqmp");
+    let out = sluice_tests::check(
+        d.python(
+            "image_locks.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", "locks_qsd"],
+        ),
+        "image_locks.py --case locks_qsd",
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
     stop(d);
 }
