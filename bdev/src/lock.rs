@@ -207,17 +207,14 @@ impl ImageLock {
 
     /// Whether anyone else conflicts with `p` (QEMU's `raw_check_lock_bytes`).
     fn check(&self, p: Perms) -> Result<(), BdevError> {
-        for i in 0..PERM_NAMES.len() {
+        for (i, name) in PERM_NAMES.iter().enumerate() {
             if p.perm & (1 << i) != 0 && self.locked_by_other(SHARED_BASE + i as i64)? {
-                return Err(self.conflict(format!("Failed to get \"{}\" lock", PERM_NAMES[i])));
+                return Err(self.conflict(format!("Failed to get \"{name}\" lock")));
             }
         }
-        for i in 0..PERM_NAMES.len() {
+        for (i, name) in PERM_NAMES.iter().enumerate() {
             if p.shared & (1 << i) == 0 && self.locked_by_other(PERM_BASE + i as i64)? {
-                return Err(self.conflict(format!(
-                    "Failed to get shared \"{}\" lock",
-                    PERM_NAMES[i]
-                )));
+                return Err(self.conflict(format!("Failed to get shared \"{name}\" lock")));
             }
         }
         Ok(())

@@ -73,9 +73,7 @@ pub fn check_outside_chain(root: &Arc<dyn Bdev>, target: &Path) -> Result<(), Sn
         return Err(SnapshotError::Invalid(if depth == 0 {
             "Error: Trying to create an image with the same filename as the backing file".into()
         } else {
-            format!(
-                "Error: Trying to create an image over '{file}', an image of the backing chain"
-            )
+            format!("Error: Trying to create an image over '{file}', an image of the backing chain")
         }));
     }
     Ok(())

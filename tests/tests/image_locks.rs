@@ -150,18 +150,12 @@ fn snapshot_onto_own_chain_refused() {
             "snapshot_blkdev",
             json!({"device": "d0", "snapshot-file": target}),
         );
-        assert!(
-            msg(&e).contains("same filename as the backing file"),
-            "{e}"
-        );
+        assert!(msg(&e).contains("same filename as the backing file"), "{e}");
         let e = d.call_err(
             "blockdev-snapshot-sync",
             json!({"device": "d0", "snapshot-file": target, "format": "qcow2"}),
         );
-        assert!(
-            msg(&e).contains("same filename as the backing file"),
-            "{e}"
-        );
+        assert!(msg(&e).contains("same filename as the backing file"), "{e}");
     }
     let e = d.call_err(
         "blockdev-snapshot-sync",
@@ -192,7 +186,10 @@ fn qcow2_create_refuses_open_image_and_bad_arguments() {
         json!({"name": "d1", "filename": s, "size": 1 << 20}),
     );
     assert!(msg(&e).contains(LOCKED), "{e}");
-    assert!(msg(&e).contains("Is another process using the image"), "{e}");
+    assert!(
+        msg(&e).contains("Is another process using the image"),
+        "{e}"
+    );
     assert!(std::fs::read(&img).unwrap() == before, "the image changed");
     let e = d.call_err(
         "bdev_qcow2_create",
@@ -201,15 +198,9 @@ fn qcow2_create_refuses_open_image_and_bad_arguments() {
     assert!(msg(&e).contains("already exists"), "{e}");
     assert!(std::fs::read(&img).unwrap() == before, "the image changed");
     // A second writable open of the file in the same process.
-    let e = d.call_err(
-        "bdev_qcow2_open",
-        json!({"name": "d2", "filename": s}),
-    );
+    let e = d.call_err("bdev_qcow2_open", json!({"name": "d2", "filename": s}));
     assert!(msg(&e).contains(LOCKED), "{e}");
-    let e = d.call_err(
-        "bdev_uring_create",
-        json!({"name": "u2", "filename": s}),
-    );
+    let e = d.call_err("bdev_uring_create", json!({"name": "u2", "filename": s}));
     assert!(msg(&e).contains(LOCKED), "{e}");
     // Arguments refused before any file is made.
     let new = w.join("new.qcow2");
@@ -341,7 +332,10 @@ fn sluice_holding_image_refuses_qemu() {
     );
     let out = run("qemu-img", &["check", s]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains(SHARED_LOCKED), "{err}");
+    assert!(
+        !out.status.success() && err.contains(SHARED_LOCKED),
+        "{err}"
+    );
     qemu_img(&["info", "-U", s]);
     let out = run(
         "qemu-storage-daemon",
@@ -356,7 +350,13 @@ fn sluice_holding_image_refuses_qemu() {
     assert!(!out.status.success() && err.contains(LOCKED), "{err}");
     let uri = n.uri("q0");
     qemu_io(&[
-        "-f", "raw", "-c", "read -P 0x5a 0 1M", "-c", "write -P 0x33 2M 64k", &uri,
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5a 0 1M",
+        "-c",
+        "write -P 0x33 2M 64k",
+        &uri,
     ]);
     qemu_io(&["-f", "raw", "-c", "read -P 0x33 2M 64k", &uri]);
     n.d.call("block-export-del", json!({"id": "q0"}));

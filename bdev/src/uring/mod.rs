@@ -157,9 +157,7 @@ impl UringBdev {
         })?;
         let g = probe::probe(&file, path)?;
         let lock = match lock {
-            LockFrom::Take => {
-                ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?
-            }
+            LockFrom::Take => ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?,
             LockFrom::Given(l) => l,
         };
         let detected = if opts.direct {

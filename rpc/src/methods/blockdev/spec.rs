@@ -121,9 +121,17 @@ pub enum Kind {
         /// QEMU's `locking` (image locks, see `bdev::lock`).
         locking: LockMode,
     },
-    Qcow2 { file: NodeRef, backing: Backing },
-    Raw { file: NodeRef },
-    NullCo { size: u64, read_zeroes: bool },
+    Qcow2 {
+        file: NodeRef,
+        backing: Backing,
+    },
+    Raw {
+        file: NodeRef,
+    },
+    NullCo {
+        size: u64,
+        read_zeroes: bool,
+    },
 }
 
 /// One node to create.
