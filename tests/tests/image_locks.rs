@@ -216,6 +216,13 @@ fn qcow2_create_refuses_open_image_and_bad_arguments() {
         let e = d.call_err("bdev_qcow2_create", bad.clone());
         assert!(!new.exists(), "{bad} left {n} behind ({e})");
     }
+    let fifo = w.join("fifo");
+    assert!(run("mkfifo", &[fifo.to_str().unwrap()]).status.success());
+    let e = d.call_err(
+        "bdev_qcow2_create",
+        json!({"name": "n1", "filename": fifo.to_str().unwrap(), "size": 1 << 20}),
+    );
+    assert!(msg(&e).contains("not a regular file"), "{e}");
     d.call("bdev_qcow2_delete", json!({"name": "d0"}));
     // Deleted: the file is free again, here and for QEMU.
     d.call(
@@ -302,6 +309,25 @@ fn qemu_holding_image_refuses_sluice() {
             json!({"name": "u0", "filename": s, "readonly": true, "locking": "off"}),
         );
         d.call("bdev_uring_delete", json!({"name": "u0"}));
+        d.call(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q0", "read-only": true,
+                   "file": {"driver": "file", "filename": s, "locking": "off"}}),
+        );
+        d.call("blockdev-del", json!({"node-name": "q0"}));
+        d.call(
+            "bdev_qcow2_open",
+            json!({"name": "d0", "filename": s, "read_only": true, "locking": "off"}),
+        );
+        // save_config keeps the choice.
+        let cfg = d.call("save_config", Value::Null).to_string();
+        assert!(cfg.contains(r#""locking":"off""#), "{cfg}");
+        d.call("bdev_qcow2_delete", json!({"name": "d0"}));
+        let e = d.call_err(
+            "bdev_qcow2_open",
+            json!({"name": "d0", "filename": s, "locking": "maybe"}),
+        );
+        assert!(msg(&e).contains("locking"), "{e}");
         drop(holder);
     }
     d.call("bdev_qcow2_open", json!({"name": "d0", "filename": s}));

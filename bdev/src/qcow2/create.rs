@@ -183,6 +183,15 @@ pub async fn create_file_locking(
         .truncate(false)
         .open(path)
         .map_err(|e| BdevError::os(format!("creating {}", path.display()), e))?;
+    let md = f
+        .metadata()
+        .map_err(|e| BdevError::os(format!("reading {}", path.display()), e))?;
+    if !md.is_file() {
+        return Err(BdevError::InvalidParam(format!(
+            "filename: {} is not a regular file",
+            path.display()
+        )));
+    }
     let _lock = if locking.enabled() {
         let lf = f
             .try_clone()

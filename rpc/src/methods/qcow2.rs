@@ -128,7 +128,7 @@ fn check_create(c: &Create) -> Result<(), RpcError> {
         }
     }
     if let Some(b) = &c.backing_file {
-        if c.backing_format.is_some() && b.is_empty() {
+        if b.is_empty() {
             return Err(RpcError::invalid_params("backing_file: must not be empty"));
         }
         let image = c.filename.as_deref().map(std::path::Path::new);
