@@ -111,6 +111,30 @@ impl Drop for Holder {
     }
 }
 
+/// What QEMU's tools make of an image another process holds for writing:
+/// (command, success, first line of stderr with the path as IMG). Ends with
+/// `qemu-img create` over it, which must fail.
+fn tool_outcomes(p: &str) -> Vec<(String, bool, String)> {
+    let cmds: [&[&str]; 8] = [
+        &["qemu-io", "-c", "read 0 512", p],
+        &["qemu-io", "-r", "-c", "read 0 512", p],
+        &["qemu-io", "-U", "-r", "-c", "read 0 512", p],
+        &["qemu-img", "info", p],
+        &["qemu-img", "info", "-U", p],
+        &["qemu-img", "check", p],
+        &["qemu-img", "check", "-U", p],
+        &["qemu-img", "create", "-q", "-f", "qcow2", p, "1M"],
+    ];
+    cmds.iter()
+        .map(|c| {
+            let out = run(c[0], &c[1..]);
+            let err = String::from_utf8_lossy(&out.stderr).replace(p, "IMG");
+            let line = err.lines().next().unwrap_or_default().to_string();
+            (c.join(" ").replace(p, "IMG"), out.status.success(), line)
+        })
+        .collect()
+}
+
 /// Polls `query-jobs` until job `id` concluded; returns it.
 fn concluded(d: &mut Daemon, id: &str) -> Value {
     let t0 = Instant::now();
@@ -363,6 +387,21 @@ fn sluice_holding_image_refuses_qemu() {
         "{err}"
     );
     qemu_img(&["info", "-U", s]);
+    // Every QEMU tool fares as it does against qemu-storage-daemon holding a
+    // copy of the image.
+    let copy = w.join("b.qcow2");
+    std::fs::copy(format!("{s}.ref"), &copy).unwrap();
+    let c = copy.to_str().unwrap();
+    let ours = tool_outcomes(s);
+    let qsd = {
+        let _h = Holder::qsd(c);
+        tool_outcomes(c)
+    };
+    assert_eq!(
+        ours, qsd,
+        "sluice (left) and qemu-storage-daemon (right) holding the image"
+    );
+    assert!(ours.iter().filter(|o| !o.1).count() >= 5, "{ours:?}");
     let out = run(
         "qemu-storage-daemon",
         &[
