@@ -372,13 +372,16 @@ impl Bdev for Device {
         match q.filename() {
             Some(f) => {
                 params["filename"] = json!(f.display().to_string());
-                let direct = q
-                    .base()
-                    .config()
+                let base = q.base().config();
+                let direct = base
+                    .as_ref()
                     .and_then(|c| c["params"]["direct"].as_bool())
                     .unwrap_or(true);
                 if !direct {
                     params["direct"] = json!(false);
+                }
+                if let Some(l) = base.as_ref().and_then(|c| c["params"].get("locking")) {
+                    params["locking"] = l.clone();
                 }
             }
             None => params["base_bdev"] = json!(q.base().name()),

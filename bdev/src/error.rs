@@ -37,6 +37,13 @@ pub enum BdevError {
     /// The reactor runtime refused the work.
     #[error("runtime: {0}")]
     Runtime(String),
+    /// Another user of the file holds a conflicting image lock (see
+    /// [`crate::lock`]): QEMU's message, then its hint.
+    #[error("{message}. Is another process using the image [{}]?", path.display())]
+    Locked {
+        message: String,
+        path: std::path::PathBuf,
+    },
 }
 
 impl BdevError {
@@ -61,6 +68,7 @@ impl BdevError {
             BdevError::Corrupt(_) => -libc::EINVAL,
             BdevError::Os { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
             BdevError::Runtime(_) => -libc::ESHUTDOWN,
+            BdevError::Locked { .. } => -libc::EAGAIN,
         }
     }
 }

@@ -15,6 +15,7 @@ mod error;
 pub mod error_bdev;
 mod io;
 mod leaf;
+pub mod lock;
 pub mod malloc;
 pub mod null;
 pub mod nvme;

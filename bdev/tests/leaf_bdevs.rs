@@ -296,6 +296,7 @@ fn uring_direct_roundtrip() {
             direct: false,
             read_only: true,
             block_size: Some(4096),
+            locking: Default::default(),
         },
     )
     .unwrap();
@@ -327,6 +328,7 @@ fn uring_buffered_and_misaligned_buffers_are_bounced() {
                 direct: false,
                 read_only: false,
                 block_size: None,
+                locking: Default::default(),
             },
         )
         .unwrap(),
@@ -399,6 +401,7 @@ fn uring_bad_files_give_clear_errors() {
             direct: false,
             read_only: true,
             block_size: None,
+            locking: Default::default(),
         },
     )
     .err()

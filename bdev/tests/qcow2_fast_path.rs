@@ -79,6 +79,9 @@ fn adjacent_clusters_are_one_base_read() {
     );
     assert_eq!(base_reads(&h, &q) - n2, 4, "non-adjacent clusters");
     // A fresh open, a read spanning the reversed clusters from the middle.
+    // The old image is deleted as the registry deletes it (its cached
+    // channels may outlive it a moment): that ends its image lock.
+    b.on_delete();
     drop(b);
     drop(q);
     let q = open(&h, "merge2", &img, opts()).expect("reopen");

@@ -53,6 +53,32 @@ pub enum SnapshotError {
 
 static NEXT_SNAP: AtomicU64 = AtomicU64::new(0);
 
+/// Refuses a new overlay file `target` that is a file of `root`'s chain
+/// (the same file by device and inode, whatever the path says): creating it
+/// would destroy the image the overlay is to read through. QEMU's words for
+/// the top image; a missing `target` is no file of the chain.
+pub fn check_outside_chain(root: &Arc<dyn Bdev>, target: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(t) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    for (depth, b) in node::chain(root).iter().enumerate() {
+        let file = node::filename_of(b);
+        let Ok(m) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if (m.dev(), m.ino()) != (t.dev(), t.ino()) {
+            continue;
+        }
+        return Err(SnapshotError::Invalid(if depth == 0 {
+            "Error: Trying to create an image with the same filename as the backing file".into()
+        } else {
+            format!("Error: Trying to create an image over '{file}', an image of the backing chain")
+        }));
+    }
+    Ok(())
+}
+
 /// The device named `name` and its reactor of choice for the overlay (the
 /// current root's owner, so the chain's metadata stays on one reactor).
 pub fn device_and_owner(name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotError> {
@@ -117,7 +143,10 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
         _ => {
             let path = Path::new(&req.target);
             match req.mode {
-                SnapshotMode::Create => qcow2::create_file(path, &opts).await?,
+                SnapshotMode::Create => {
+                    check_outside_chain(&root, path)?;
+                    qcow2::create_file(path, &opts).await?
+                }
                 SnapshotMode::Existing if !path.exists() => {
                     return Err(SnapshotError::Invalid(format!(
                         "Could not open '{}': No such file or directory",

@@ -53,7 +53,11 @@ img = os.path.join(args.workdir, "aio.img")
 with open(img, "wb") as f:
     f.truncate(4 << 20)
 assert c.bdev_aio_create(filename=img, name="A0", block_size=512, readonly=False, fallocate=False, nowait=False) == "A0"
-assert c.bdev_uring_create(filename=img, name="U0") == "U0"
+# A second writer of aio.img would be refused (image locks): U0 has a file of its own.
+img2 = os.path.join(args.workdir, "uring.img")
+with open(img2, "wb") as f:
+    f.truncate(4 << 20)
+assert c.bdev_uring_create(filename=img2, name="U0") == "U0"
 assert c.bdev_error_create(base_name="M1") is True
 
 bdevs = {b["name"]: b for b in c.bdev_get_bdevs()}

@@ -296,6 +296,7 @@ pub(super) async fn open(
                     direct: opts.direct,
                     read_only: true,
                     block_size: None,
+                    locking: opts.locking,
                 },
             )?;
             if block_device && !leaf.is_block_device() {

@@ -85,6 +85,9 @@ pub(crate) struct Info {
     /// The file is never trimmed below this length (past the image's end it
     /// held data at open that no refcount accounts for).
     pub(crate) keep_len: u64,
+    /// The image lock on `filename` that [`super::open_file`] took (ended
+    /// when the image is deleted or dropped).
+    pub(crate) lock: Option<crate::lock::ImageLock>,
 }
 
 /// A qcow2 image over a base bdev, with an optional backing chain.
@@ -106,7 +109,7 @@ pub struct Qcow2Bdev {
 }
 
 impl Qcow2Bdev {
-    fn info(&self) -> std::sync::MutexGuard<'_, Info> {
+    pub(crate) fn info(&self) -> std::sync::MutexGuard<'_, Info> {
         self.info.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -578,6 +581,12 @@ impl Bdev for Qcow2Bdev {
                 zero: s.zero,
             })
         }))
+    }
+    fn on_delete(&self) {
+        // Deleted: the file is free for others now, whoever still holds a
+        // last reference on its way out.
+        let l = self.info().lock.take();
+        drop(l);
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -1,6 +1,7 @@
 //! Creating images, as `qemu-img create -f qcow2 [-o ...] [-b B -F F]` does.
 
-use super::format::{plan_create, put64, COMPRESSION_ZLIB, COMPRESSION_ZSTD};
+use super::format::{plan_create, put64, CreateLayout, COMPRESSION_ZLIB, COMPRESSION_ZSTD};
+use crate::lock::{ImageLock, LockMode, Perms};
 use crate::uring::{UringBdev, UringOptions};
 use crate::{channel, write_at, Bdev, BdevError, DmaBuf, IoType};
 use std::path::Path;
@@ -52,8 +53,9 @@ impl CreateOptions {
     }
 }
 
-/// Writes a new, empty qcow2 image at the start of `base`. Call on a reactor.
-pub async fn create(base: Arc<dyn Bdev>, opts: &CreateOptions) -> Result<(), BdevError> {
+/// Checks every option of `opts` (nothing is touched): the image's layout,
+/// its cluster bits and refcount order.
+fn plan(opts: &CreateOptions) -> Result<(CreateLayout, u32, u32), BdevError> {
     let bad = |m: String| BdevError::InvalidParam(m);
     if opts.extended_l2 {
         return Err(BdevError::Unsupported(
@@ -89,6 +91,13 @@ pub async fn create(base: Arc<dyn Bdev>, opts: &CreateOptions) -> Result<(), Bde
         opts.backing_format.as_deref(),
     )
     .map_err(|e| bad(e.to_string()))?;
+    Ok((layout, bits, order))
+}
+
+/// Writes a new, empty qcow2 image at the start of `base`. Call on a reactor.
+pub async fn create(base: Arc<dyn Bdev>, opts: &CreateOptions) -> Result<(), BdevError> {
+    let (layout, bits, order) = plan(opts)?;
+    let bad = |m: String| BdevError::InvalidParam(m);
     let cs = opts.cluster_size;
     if (base.block_size() as u64) > cs {
         return Err(bad(format!(
@@ -144,8 +153,25 @@ pub async fn create(base: Arc<dyn Bdev>, opts: &CreateOptions) -> Result<(), Bde
 }
 
 /// Creates the file at `path` (replacing it) holding a new qcow2 image. Call on a reactor.
+///
+/// Every option is checked before the file is touched. Then the file is
+/// opened (created if missing, never truncated yet) and locked as QEMU's
+/// `raw_co_create` locks it (write and resize, resizes not shared) unless
+/// `locking` is off: a file open for writing or reading, here or in another
+/// process, is refused untouched with [`BdevError::Locked`]. The lock is held
+/// until the image is written.
 pub async fn create_file(path: &Path, opts: &CreateOptions) -> Result<(), BdevError> {
-    let bits = opts.cluster_size.trailing_zeros();
+    create_file_locking(path, opts, LockMode::Auto).await
+}
+
+/// [`create_file`] with the file node's `locking` option.
+pub async fn create_file_locking(
+    path: &Path,
+    opts: &CreateOptions,
+    locking: LockMode,
+) -> Result<(), BdevError> {
+    let (layout, bits, _) = plan(opts)?;
+    let image_len = layout.image_len();
     let l1 = super::format::Header::l1_entries_for(opts.size, bits) * 8;
     // Enough for header, tables and blocks; `create` checks the exact need.
     let len =
@@ -153,48 +179,49 @@ pub async fn create_file(path: &Path, opts: &CreateOptions) -> Result<(), BdevEr
     let f = crate::open_checked::open_checked(
         path,
         std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true),
+            .truncate(false),
         libc::O_CLOEXEC,
         "creating",
     )?;
-    f.set_len(len)
+    let md = f
+        .metadata()
+        .map_err(|e| BdevError::os(format!("reading {}", path.display()), e))?;
+    if !md.is_file() {
+        return Err(BdevError::InvalidParam(format!(
+            "filename: {} is not a regular file",
+            path.display()
+        )));
+    }
+    let _lock = if locking.enabled() {
+        let lf = f
+            .try_clone()
+            .map_err(|e| BdevError::os(format!("locking {}", path.display()), e))?;
+        Some(ImageLock::on_file(lf, path, Perms::CREATOR)?)
+    } else {
+        None
+    };
+    f.set_len(0)
+        .and_then(|_| f.set_len(len))
         .map_err(|e| BdevError::os(format!("sizing {}", path.display()), e))?;
-    drop(f);
-    let base = UringBdev::open(
+    let base = UringBdev::open_under_lock(
         "qcow2-create",
         path,
         UringOptions {
             direct: false,
             read_only: false,
             block_size: Some(512),
+            locking,
         },
+        None,
     )?;
     let r = create(base.clone(), opts).await;
     crate::drop_cached_channels(&(base as Arc<dyn Bdev>));
     r?;
     // Trim to the image's real length, as qemu-img leaves it.
-    let bits_len = plan_create(
-        opts.size,
-        bits,
-        opts.version,
-        opts.refcount_bits.trailing_zeros(),
-        if opts.compression_type == "zstd" {
-            COMPRESSION_ZSTD
-        } else {
-            COMPRESSION_ZLIB
-        },
-        opts.backing_file.as_deref(),
-        opts.backing_format.as_deref(),
-    )
-    .map_err(|e| BdevError::InvalidParam(e.to_string()))?
-    .image_len();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| BdevError::os(format!("opening {}", path.display()), e))?;
-    f.set_len(bits_len)
+    f.set_len(image_len)
         .map_err(|e| BdevError::os(format!("trimming {}", path.display()), e))?;
     Ok(())
 }

@@ -87,6 +87,6 @@ mod sync;
 mod verify;
 
 pub use bdev::{BlockStatus, Qcow2Bdev};
-pub use create::{create, create_file, CreateOptions};
+pub use create::{create, create_file, create_file_locking, CreateOptions};
 pub use open::{open_file, open_file_as, resolve_backing_path, BackingSpec, OpenOptions};
 pub use overlap::{on_corruption, Corruption, OverlapChecks};

@@ -9,6 +9,7 @@ use super::format::{
 };
 use super::image::{check_tables, Image, LoadOptions};
 use super::overlap::OverlapChecks;
+use crate::lock::{ImageLock, LockMode, Perms};
 use crate::uring::{UringBdev, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
@@ -49,6 +50,9 @@ pub struct OpenOptions {
     /// Which metadata every write is checked against (QEMU's `overlap-check`;
     /// default `cached`).
     pub overlap_check: OverlapChecks,
+    /// Image locks on the files this open opens (see [`crate::lock`]): the
+    /// image's is taken before its file is touched and held by the image.
+    pub locking: LockMode,
 }
 
 impl Default for OpenOptions {
@@ -60,6 +64,7 @@ impl Default for OpenOptions {
             cache_bytes: 32 << 20,
             direct: true,
             overlap_check: OverlapChecks::default(),
+            locking: LockMode::Auto,
         }
     }
 }
@@ -90,6 +95,11 @@ impl Qcow2Bdev {
 /// against the file's real length): a file that fails them is not touched. A
 /// later failure leaves the image as it was (its file at most trimmed to the
 /// image's end).
+///
+/// Before any of that, the image lock is taken (unless `opts.locking` is
+/// off): a file another writer holds, here or in another process, is refused
+/// untouched with [`BdevError::Locked`]. The image holds the lock until it is
+/// deleted or dropped.
 pub async fn open_file(
     name: &str,
     path: &Path,
@@ -107,6 +117,7 @@ pub async fn open_file_as(
     path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
+    let lock = ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?;
     // Nothing is written to a file before it passed the checks of a
     // read-only open: a damaged image is refused as it is.
     let valid_len = if opts.read_only {
@@ -128,14 +139,16 @@ pub async fn open_file_as(
         }
         e
     };
-    let base = UringBdev::open(
+    let base = UringBdev::open_under_lock(
         file_name,
         path,
         UringOptions {
             direct: opts.direct,
             read_only: opts.read_only,
             block_size: None,
+            locking: opts.locking,
         },
+        None,
     )
     .map_err(restore)?;
     opts.filename = Some(path.to_path_buf());
@@ -162,6 +175,7 @@ pub async fn open_file_as(
             if let Some(g) = growth {
                 track_grown(&q, g.keep);
             }
+            q.info().lock = lock;
             Ok(q)
         }
         Err(e) => {
@@ -183,7 +197,12 @@ fn validate_file(path: &Path) -> Result<Option<u64>, BdevError> {
     if !md.is_file() {
         return Ok(None);
     }
-    let f = File::open(path).map_err(|e| os("opening", e))?;
+    let f = crate::open_checked::open_checked(
+        path,
+        std::fs::OpenOptions::new().read(true),
+        libc::O_CLOEXEC,
+        "opening",
+    )?;
     let len = md.len();
     let mut first = [0u8; 24];
     read_padded(&f, 0, &mut first).map_err(|e| os("reading", e))?;
@@ -499,6 +518,7 @@ pub(super) fn open_chain(
                 claims,
                 grown: false,
                 keep_len: 0,
+                lock: None,
             }),
         });
         install_engine(id, img);

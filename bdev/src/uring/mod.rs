@@ -1,6 +1,12 @@
 //! The uring bdev: a file or block device through io_uring, one ring per
 //! reactor (SPDK's `bdev_uring_create`). O_DIRECT by default, with a buffered
 //! option; the block size is detected (512 or 4096) or given.
+//!
+//! Unless `locking` is off, the bdev holds an image lock on its file for as
+//! long as it lives ([`crate::lock`]): a writable one holds consistent reads
+//! and writes and shares neither writes nor resizes (an exclusive writer, as
+//! a user of SPDK expects); a read-only one holds consistent reads and shares
+//! no writes either, as QEMU's readers do. Deleting the bdev ends the lock.
 
 mod channel;
 mod probe;
@@ -9,12 +15,13 @@ use crate::bdev::{Bdev, Channel};
 use crate::error::BdevError;
 use crate::io::IoType;
 use crate::leaf::uuid_or_random;
+use crate::lock::{ImageLock, LockMode, Perms};
 use serde_json::{json, Value};
 use std::any::Any;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// How to open the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +32,8 @@ pub struct UringOptions {
     pub read_only: bool,
     /// Logical block size; detected when `None`.
     pub block_size: Option<u32>,
+    /// Image locks (QEMU's `locking` of a file node).
+    pub locking: LockMode,
 }
 
 impl Default for UringOptions {
@@ -33,6 +42,7 @@ impl Default for UringOptions {
             direct: true,
             read_only: false,
             block_size: None,
+            locking: LockMode::Auto,
         }
     }
 }
@@ -49,6 +59,17 @@ pub struct UringBdev {
     is_block_device: bool,
     memory_backed: bool,
     uuid: String,
+    /// The image lock this bdev holds (`None`: locking off, or held by the
+    /// caller of [`UringBdev::open_under_lock`]).
+    lock: Mutex<Option<ImageLock>>,
+}
+
+/// Where an open's image lock comes from.
+enum LockFrom {
+    /// Taken by the open, as its options say.
+    Take,
+    /// Taken already by the caller (kept by the bdev) or held elsewhere (`None`).
+    Given(Option<ImageLock>),
 }
 
 impl UringBdev {
@@ -65,7 +86,26 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
-        Self::open_inner(name, path, opts, uuid, false)
+        Self::open_inner(name, path, opts, uuid, false, LockFrom::Take)
+    }
+
+    /// Like [`UringBdev::open`], taking no lock of its own: the caller holds
+    /// the file's lock already and either hands it over (`lock`), for the bdev
+    /// to hold while it lives, or keeps it for as long as it uses the bdev.
+    pub fn open_under_lock(
+        name: &str,
+        path: &Path,
+        opts: UringOptions,
+        lock: Option<ImageLock>,
+    ) -> Result<Arc<UringBdev>, BdevError> {
+        Self::open_inner(name, path, opts, None, false, LockFrom::Given(lock))
+    }
+
+    /// Ends the bdev's image lock now (it is deleted; a last reference may
+    /// still be on its way out).
+    pub fn release_lock(&self) {
+        let l = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(l);
     }
 
     /// Like [`UringBdev::open_with_uuid`], also accepting a file shorter than
@@ -77,7 +117,7 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
-        Self::open_inner(name, path, opts, uuid, true)
+        Self::open_inner(name, path, opts, uuid, true, LockFrom::Take)
     }
 
     fn open_inner(
@@ -86,6 +126,7 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
         allow_empty: bool,
+        lock: LockFrom,
     ) -> Result<Arc<UringBdev>, BdevError> {
         let uuid = uuid_or_random(uuid)?;
         if name.is_empty() {
@@ -116,6 +157,10 @@ impl UringBdev {
             },
         )?;
         let g = probe::probe(&file, path)?;
+        let lock = match lock {
+            LockFrom::Take => ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?,
+            LockFrom::Given(l) => l,
+        };
         let detected = if opts.direct {
             g.dio_block.clamp(512, 4096)
         } else {
@@ -164,6 +209,7 @@ impl UringBdev {
             is_block_device: g.is_block_device,
             memory_backed: g.memory_backed,
             uuid,
+            lock: Mutex::new(lock),
         }))
     }
 
@@ -246,7 +292,13 @@ impl Bdev for UringBdev {
         if self.opts.read_only {
             params["readonly"] = json!(true);
         }
+        if self.opts.locking != LockMode::Auto {
+            params["locking"] = json!(self.opts.locking.as_str());
+        }
         Some(json!({ "method": "bdev_uring_create", "params": params }))
+    }
+    fn on_delete(&self) {
+        self.release_lock();
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -105,6 +105,7 @@ pub fn qemu_contents(path: &Path) -> Vec<u8> {
         "qemu-img",
         &[
             "convert",
+            "-U",
             "-O",
             "raw",
             path.to_str().unwrap(),
@@ -116,9 +117,10 @@ pub fn qemu_contents(path: &Path) -> Vec<u8> {
     d
 }
 
-/// `qemu-img check` exit code and output.
+/// `qemu-img check -U` exit code and output (`-U`: the image may still be
+/// open here, holding its lock, as with any QEMU process).
 pub fn qemu_check(path: &Path) -> (i32, String) {
-    run_status("qemu-img", &["check", path.to_str().unwrap()])
+    run_status("qemu-img", &["check", "-U", path.to_str().unwrap()])
 }
 
 /// Opens an image file through sluice on reactor 0.

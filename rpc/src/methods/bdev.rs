@@ -19,7 +19,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-pub(crate) use leaf::{open_file as open_uring_file, FileOpts};
+pub(crate) use leaf::{locking_param, open_file as open_uring_file, FileOpts};
 
 /// Registers the bdev methods and the `bdev` config section.
 pub fn register(t: &mut MethodTable) {

@@ -7,7 +7,7 @@
 //! chain read from the header is registered as nodes `<node>.backing`,
 //! `<node>.backing.backing`, ... each claimed by the node above it.
 
-use super::bdev::{delete_bdev, register_bdev};
+use super::bdev::{delete_bdev, locking_param, register_bdev};
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
@@ -65,6 +65,9 @@ pub(crate) struct Open {
     /// wins over `overlap_check`.
     #[serde(skip)]
     pub overlap_checks: Option<OverlapChecks>,
+    /// Image locks on the image's file and its backing files: QEMU's
+    /// `locking` (`auto`, the default, is on).
+    pub locking: Option<String>,
     /// Not a parameter (`blockdev-add`): with `filename`, the uring bdev under
     /// the image gets this name and is registered too, claimed by the image.
     #[serde(skip)]
@@ -80,6 +83,8 @@ struct Create {
     base_bdev: Option<String>,
     direct: Option<bool>,
     reactor: Option<usize>,
+    /// Image locks, as `bdev_qcow2_open`'s.
+    locking: Option<String>,
     /// Virtual size in bytes.
     size: u64,
     cluster_size: Option<u64>,
@@ -99,8 +104,57 @@ fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<Str
     }
 }
 
+/// Checks what `open` will check of a new image's names, and the backing
+/// file the image will name: all before any file is written.
+fn check_create(c: &Create) -> Result<(), RpcError> {
+    let node_name = node_name_of(&c.name, &c.node_name)?;
+    if let Some(d) = &c.name {
+        if registry().contains(d) {
+            return Err(RpcError::errno(
+                libc::EEXIST,
+                format!("a bdev named {d:?} already exists"),
+            ));
+        }
+    }
+    if registry().contains(&node_name) {
+        return Err(RpcError::errno(
+            libc::EEXIST,
+            format!("Duplicate nodes with node-name='{node_name}'"),
+        ));
+    }
+    if c.name.as_deref() == Some(node_name.as_str()) {
+        return Err(RpcError::invalid_params(format!(
+            "'name' and 'node_name' are both {node_name:?}"
+        )));
+    }
+    if let Some(f) = &c.backing_format {
+        if !["qcow2", "raw"].contains(&f.as_str()) {
+            return Err(RpcError::invalid_params(format!(
+                "backing_format: {f:?} is neither \"qcow2\" nor \"raw\""
+            )));
+        }
+    }
+    if let Some(b) = &c.backing_file {
+        if b.is_empty() {
+            return Err(RpcError::invalid_params("backing_file: must not be empty"));
+        }
+        let image = c.filename.as_deref().map(std::path::Path::new);
+        let path = qcow2::resolve_backing_path(b, image)?;
+        if let Err(e) = std::fs::metadata(&path) {
+            return Err(RpcError::errno(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("Could not open backing file '{}': {e}", path.display()),
+            ));
+        }
+    }
+    locking_param(c.locking.as_deref())?;
+    Ok(())
+}
+
 fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let c: Create = p.parse()?;
+    check_create(&c)?;
+    let locking = locking_param(c.locking.as_deref())?;
     let opts = CreateOptions {
         cluster_size: c.cluster_size.unwrap_or(65536),
         version: c.version.unwrap_or(3),
@@ -122,7 +176,7 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .spawn_on(reactor, move || async move {
             match target {
                 Ok(b) => qcow2::create(b, &opts).await,
-                Err(path) => qcow2::create_file(&path, &opts).await,
+                Err(path) => qcow2::create_file_locking(&path, &opts, locking).await,
             }
         })
         .block()??;
@@ -139,6 +193,8 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             read_only: false,
             direct: c.direct,
             reactor: c.reactor,
+            locking: c.locking,
+            file_node: None,
             ..Open::default()
         },
     )
@@ -198,6 +254,7 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         backing,
         direct: o.direct.unwrap_or(true),
         overlap_check,
+        locking: locking_param(o.locking.as_deref())?,
         ..OpenOptions::default()
     };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {

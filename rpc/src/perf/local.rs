@@ -101,6 +101,7 @@ fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), PerfError> {
             direct: !args.buffered,
             read_only: false,
             block_size: args.block_size,
+            locking: Default::default(),
         };
         registry().register(UringBdev::open(&name, Path::new(path), opts)?)?;
     }

@@ -9,6 +9,7 @@ use super::{delete_typed, register_bdev};
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use bdev::lock::LockMode;
 use bdev::malloc::MallocBdev;
 use bdev::null::{NullBdev, NullOptions};
 use bdev::uring::{UringBdev, UringOptions};
@@ -174,6 +175,8 @@ pub(crate) struct FileOpts {
     pub direct: Option<bool>,
     pub read_only: bool,
     pub uuid: Option<String>,
+    /// Image locks (on by default: an exclusive writer; see `bdev::lock`).
+    pub locking: LockMode,
 }
 
 pub(crate) fn open_file(
@@ -187,6 +190,7 @@ pub(crate) fn open_file(
         direct,
         read_only: o.read_only,
         block_size,
+        locking: o.locking,
     };
     let open =
         |direct| UringBdev::open_with_uuid(name, Path::new(filename), opts(direct), o.uuid.clone());
@@ -218,10 +222,25 @@ struct UringCreate {
     /// sluice: open read-only.
     #[serde(default)]
     readonly: bool,
+    /// sluice: image locks as QEMU's `locking` (default `auto`: on).
+    locking: Option<String>,
+}
+
+/// A `locking` parameter: QEMU's `auto`, `on` or `off`.
+pub(crate) fn locking_param(v: Option<&str>) -> Result<LockMode, RpcError> {
+    match v {
+        None => Ok(LockMode::Auto),
+        Some(s) => LockMode::parse(s).ok_or_else(|| {
+            RpcError::invalid_params(format!(
+                "locking: {s:?} is none of \"auto\", \"on\", \"off\""
+            ))
+        }),
+    }
 }
 
 fn bdev_uring_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: UringCreate = p.parse()?;
+    let locking = locking_param(a.locking.as_deref())?;
     if registry().contains(&a.name) {
         return Err(BdevError::Exists(a.name).into());
     }
@@ -230,6 +249,7 @@ fn bdev_uring_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         direct: a.direct,
         read_only: a.readonly,
         uuid: a.uuid,
+        locking,
     };
     let b: Arc<dyn Bdev> = open_file(&a.name, &a.filename, o)?;
     Ok(Value::String(register_bdev(svc, b)?))
@@ -262,6 +282,7 @@ fn bdev_aio_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         direct: None,
         read_only: a.readonly,
         uuid: a.uuid,
+        locking: LockMode::Auto,
     };
     let b: Arc<dyn Bdev> = open_file(&a.name, &a.filename, o)?;
     Ok(Value::String(register_bdev(svc, b)?))

@@ -52,7 +52,7 @@ fn read_only_node() -> RpcError {
 /// Opens a file node's uring bdev (not registered). With `auto-read-only`, a
 /// file that cannot be opened for writing is opened read-only.
 pub fn open_file_node(name: &str, spec: &NodeSpec) -> Result<Arc<dyn Bdev>, RpcError> {
-    let Kind::File { filename } = &spec.kind else {
+    let Kind::File { filename, locking } = &spec.kind else {
         return Err(RpcError::internal("not a file node"));
     };
     let len = match std::fs::metadata(filename) {
@@ -66,6 +66,7 @@ pub fn open_file_node(name: &str, spec: &NodeSpec) -> Result<Arc<dyn Bdev>, RpcE
             direct: spec.common.direct.unwrap_or(false),
             read_only: ro,
             block_size: None,
+            locking: *locking,
         };
         return UringBdev::open_allow_empty(name, std::path::Path::new(filename), o, None)
             .map(|b| b as Arc<dyn Bdev>)
@@ -80,6 +81,7 @@ pub fn open_file_node(name: &str, spec: &NodeSpec) -> Result<Arc<dyn Bdev>, RpcE
             direct: Some(spec.common.direct.unwrap_or(false)),
             read_only,
             uuid: None,
+            locking: *locking,
         };
         open_uring_file(name, filename, o)
     };
@@ -290,9 +292,10 @@ fn create_qcow2(
         NodeRef::Nested(child) if child.driver.is_file() => {
             let (cname, implicit) = child_name(name, child);
             check_child_name(name, &cname, implicit)?;
-            let Kind::File { filename } = &child.kind else {
+            let Kind::File { filename, locking } = &child.kind else {
                 return Err(RpcError::internal("file node without a filename"));
             };
+            o.locking = Some(locking.as_str().into());
             if let Err(e) = std::fs::metadata(filename) {
                 return Err(could_not_open(filename, &e));
             }
@@ -334,6 +337,7 @@ fn create_qcow2(
                 {
                     o.filename = Some(u.path().display().to_string());
                     o.direct = Some(u.options().direct);
+                    o.locking = Some(u.options().locking.as_str().into());
                     o.file_node = Some(n.clone());
                     registry().release(n, state::MONITOR_CLAIM);
                     registry().delete(n, &svc.rt)?;

@@ -15,6 +15,7 @@ use super::spec::Driver;
 use super::state;
 use crate::error::RpcError;
 use crate::service::Service;
+use bdev::lock::{ImageLock, Perms};
 use bdev::qcow2::{self, CreateOptions};
 use bdev::uring::UringBdev;
 use bdev::{registry, Bdev};
@@ -95,6 +96,15 @@ fn path_in_use(path: &Path) -> bool {
 
 const LOCKED: &str = "Failed to get \"write\" lock";
 
+/// A creation's error as the job reports it: a lock conflict in QEMU's
+/// words without the hint (QEMU's job error carries none).
+fn job_error(e: bdev::BdevError) -> String {
+    match e {
+        bdev::BdevError::Locked { message, .. } => message,
+        e => e.to_string(),
+    }
+}
+
 /// file-posix's `raw_co_create`: open (creating), lock, clear, size.
 fn create_host_file(f: &FileCreate) -> Result<(), String> {
     let file = std::fs::OpenOptions::new()
@@ -108,6 +118,14 @@ fn create_host_file(f: &FileCreate) -> Result<(), String> {
     if path_in_use(Path::new(&f.filename)) {
         return Err(LOCKED.into());
     }
+    // Held until the file is cleared and sized: a file open for writing
+    // (or reading) here or in another process is left untouched.
+    let _lock = file
+        .try_clone()
+        .map_err(|e| format!("Could not create '{}': {}", f.filename, errno_desc(&e)))
+        .and_then(|lf| {
+            ImageLock::on_file(lf, Path::new(&f.filename), Perms::CREATOR).map_err(job_error)
+        })?;
     if f.preallocation != "off" {
         return Err(format!(
             "Unsupported preallocation mode: {}",
@@ -267,7 +285,7 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
     };
     let joined = |r: Result<Result<(), bdev::BdevError>, reactor::JoinError>| match r {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(job_error(e)),
         Err(e) => Err(e.to_string()),
     };
     match target {
@@ -279,6 +297,11 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
             .block(),
         ),
         Target::Path { path, node } => {
+            // The file node's own lock would refuse the creation: the node
+            // is closed first and reopened at the file's new length.
+            if let Some(rec) = &node {
+                close_file_node(rt, rec)?;
+            }
             let r = joined(
                 rt.spawn_on(REACTOR, {
                     let path = path.clone();
@@ -287,20 +310,20 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
                 .block(),
             );
             if let Some(rec) = node {
-                reopen(rt, &rec);
+                restore_file_node(&rec);
             }
             r
         }
     }
 }
 
-/// Reopens a monitor-owned file node so that its size is the file's new one.
-fn reopen(rt: &RuntimeHandle, rec: &state::Record) {
+/// Closes a monitor-owned file node (ending its lock) so that its file can be
+/// written through its path; `restore_file_node` reopens it at its new size.
+fn close_file_node(rt: &RuntimeHandle, rec: &state::Record) -> Result<(), String> {
     registry().release(&rec.name, state::MONITOR_CLAIM);
     if let Err(e) = registry().delete(&rec.name, rt) {
-        tracing::warn!(node = %rec.name, "closing the file node to reopen it: {e}");
         let _ = registry().claim(&rec.name, state::MONITOR_CLAIM);
-        return;
+        return Err(format!("closing the file node '{}': {e}", rec.name));
     }
-    restore_file_node(rec);
+    Ok(())
 }

@@ -155,7 +155,7 @@ fn parse_file_ref(a: &mut Args) -> Result<FileRef, RpcError> {
         Some(o @ Value::Object(_)) => {
             let spec = spec::parse(o, &format!("{path}."), None)?;
             match spec.kind {
-                Kind::File { filename } if spec.common.node_name.is_none() => {
+                Kind::File { filename, .. } if spec.common.node_name.is_none() => {
                     Ok(FileRef::Path(filename))
                 }
                 _ => Err(RpcError::errno(

@@ -98,6 +98,7 @@ pub(crate) fn snapshot_plain_node(
             ..CreateOptions::new(b.size())
         };
         let path = PathBuf::from(file);
+        stream::snapshot::check_outside_chain(&b, &path)?;
         svc.rt
             .spawn_on(owner_of(&b), move || async move {
                 qcow2::create_file(&path, &opts).await

@@ -3,6 +3,7 @@
 
 use super::args::{bad_type, bad_value, missing, Args};
 use crate::error::RpcError;
+use bdev::lock::LockMode;
 use bdev::qcow2::OverlapChecks;
 use serde_json::Value;
 
@@ -118,6 +119,8 @@ pub enum Backing {
 pub enum Kind {
     File {
         filename: String,
+        /// QEMU's `locking` (image locks, see `bdev::lock`).
+        locking: LockMode,
     },
     Qcow2 {
         file: NodeRef,
@@ -170,7 +173,8 @@ fn common(a: &mut Args, inherited: Option<&Common>) -> Result<Common, RpcError> 
     let auto_read_only = a
         .bool("auto-read-only")?
         .unwrap_or(inherited.is_some_and(|c| c.auto_read_only));
-    // Sluice takes no image locks: nothing to share or not.
+    // Accepted; sluice's readers lock as QEMU's do without it (they share
+    // reads, not writes).
     a.bool("force-share")?;
     if let Some(d) = a.enumeration("detect-zeroes", DETECT_ZEROES)? {
         if d != "off" {
@@ -267,13 +271,16 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
     let (kind, unsupported): (Kind, &[&str]) = match driver {
         Driver::File | Driver::HostDevice => {
             let filename = a.req_str("filename")?;
-            // io_uring serves every file; the choice of engine and the lock
-            // options have nothing to select.
+            // io_uring serves every file: the choice of engine has nothing
+            // to select.
             a.enumeration("aio", &["threads", "native", "io_uring"])?;
             a.uint("aio-max-batch")?;
-            a.enumeration("locking", &["auto", "on", "off"])?;
+            let locking = a
+                .enumeration("locking", &["auto", "on", "off"])?
+                .and_then(|l| LockMode::parse(&l))
+                .unwrap_or_default();
             a.bool("drop-cache")?;
-            (Kind::File { filename }, FILE_UNSUPPORTED)
+            (Kind::File { filename, locking }, FILE_UNSUPPORTED)
         }
         Driver::NullCo => {
             let size = a.uint("size")?.unwrap_or(1 << 30);

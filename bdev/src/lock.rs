@@ -1,0 +1,349 @@
+//! Image locks as QEMU takes them (`block/file-posix.c`), so that sluice,
+//! qemu-img, qemu-io and qemu-storage-daemon see each other's locks both ways.
+//!
+//! The contract: a node that opens a file takes an [`ImageLock`] on it for as
+//! long as the node lives (the lock belongs to its own open file description:
+//! dropping the lock, or [`ImageLock::release`], ends it). The lock is a set
+//! of open-file-description byte-range read locks (`F_OFD_SETLK`), one byte
+//! per permission: byte `100 + i` for each permission `i` the node holds,
+//! byte `200 + i` for each permission it does not share. Taking permission
+//! `i` conflicts with anyone holding byte `200 + i`; refusing to share `i`
+//! conflicts with anyone holding byte `100 + i`. OFD locks conflict between
+//! two open file descriptions even in one process, so two writable opens of
+//! one file in sluice conflict as they would in two processes.
+//!
+//! A conflict is [`BdevError::Locked`], in QEMU's words (`Failed to get
+//! "write" lock`, `Is another process using the image [path]?`). Nothing is
+//! written to the file here: callers take the lock before they write,
+//! extend or truncate anything.
+
+use crate::BdevError;
+use nix::fcntl::{fcntl, FcntlArg};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// QEMU's `BLK_PERM_CONSISTENT_READ`.
+pub const PERM_CONSISTENT_READ: u8 = 1 << 0;
+/// QEMU's `BLK_PERM_WRITE`.
+pub const PERM_WRITE: u8 = 1 << 1;
+/// QEMU's `BLK_PERM_WRITE_UNCHANGED`.
+pub const PERM_WRITE_UNCHANGED: u8 = 1 << 2;
+/// QEMU's `BLK_PERM_RESIZE`.
+pub const PERM_RESIZE: u8 = 1 << 3;
+/// QEMU 10's `BLK_PERM_ALL`.
+pub const PERM_ALL: u8 = 0x0f;
+
+/// QEMU's `bdrv_perm_names`, by bit.
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+/// QEMU's `RAW_LOCK_PERM_BASE`.
+const PERM_BASE: i64 = 100;
+/// QEMU's `RAW_LOCK_SHARED_BASE`.
+const SHARED_BASE: i64 = 200;
+
+/// A file node's `locking` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LockMode {
+    /// On where OFD locks exist (always, on Linux): QEMU's default.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// No locks: the user vouches that nobody else writes the file.
+    Off,
+}
+
+impl LockMode {
+    /// Parses QEMU's `OnOffAuto` value.
+    pub fn parse(s: &str) -> Option<LockMode> {
+        match s {
+            "auto" => Some(LockMode::Auto),
+            "on" => Some(LockMode::On),
+            "off" => Some(LockMode::Off),
+            _ => None,
+        }
+    }
+
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Auto => "auto",
+            LockMode::On => "on",
+            LockMode::Off => "off",
+        }
+    }
+
+    /// Whether locks are taken.
+    pub fn enabled(self) -> bool {
+        self != LockMode::Off
+    }
+}
+
+/// What a node holds of a file and what it lets others hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Perms {
+    /// Permissions held (`PERM_*` bits).
+    pub perm: u8,
+    /// Permissions others may hold.
+    pub shared: u8,
+}
+
+impl Perms {
+    /// A reader of an image (QEMU's read-only format node, a backing file):
+    /// consistent reads; nobody else may write or resize.
+    pub const READER: Perms = Perms {
+        perm: PERM_CONSISTENT_READ,
+        shared: PERM_ALL & !(PERM_WRITE | PERM_RESIZE),
+    };
+    /// A writer of an image (QEMU's writable qcow2 node): reads, writes and
+    /// resizes; nobody else may write or resize.
+    pub const WRITER: Perms = Perms {
+        perm: PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+        shared: PERM_ALL & !(PERM_WRITE | PERM_RESIZE),
+    };
+    /// Creating (truncating, formatting) a file, as QEMU's `raw_co_create`:
+    /// writes and resizes; nobody else may resize.
+    pub const CREATOR: Perms = Perms {
+        perm: PERM_WRITE | PERM_RESIZE,
+        shared: PERM_ALL & !PERM_RESIZE,
+    };
+
+    /// [`Perms::READER`] or [`Perms::WRITER`].
+    pub fn for_open(read_only: bool) -> Perms {
+        if read_only {
+            Perms::READER
+        } else {
+            Perms::WRITER
+        }
+    }
+}
+
+/// Held locks on a file, released on drop (the descriptor closes).
+#[derive(Debug)]
+pub struct ImageLock {
+    file: File,
+    path: PathBuf,
+    perms: Perms,
+}
+
+fn flock(kind: i32, byte: i64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte as libc::off_t,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+impl ImageLock {
+    /// Takes `perms` on `path` through a descriptor of its own (opened
+    /// read-only and non-blocking: it never reads, writes or waits).
+    /// `Ok(None)` when `mode` is [`LockMode::Off`].
+    pub fn take(path: &Path, mode: LockMode, perms: Perms) -> Result<Option<ImageLock>, BdevError> {
+        if !mode.enabled() {
+            return Ok(None);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| BdevError::os(format!("opening {}", path.display()), e))?;
+        Self::on_file(file, path, perms).map(Some)
+    }
+
+    /// Takes `perms` on `path` through `file` (a descriptor of the caller's,
+    /// open for reading), which the lock then owns.
+    pub fn on_file(file: File, path: &Path, perms: Perms) -> Result<ImageLock, BdevError> {
+        let l = ImageLock {
+            file,
+            path: path.to_path_buf(),
+            perms: Perms {
+                perm: 0,
+                shared: PERM_ALL,
+            },
+        };
+        l.apply(perms)?;
+        l.check(perms)?;
+        Ok(ImageLock { perms, ..l })
+    }
+
+    /// The permissions held.
+    pub fn perms(&self) -> Perms {
+        self.perms
+    }
+
+    /// The locked file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Locks the bytes of `p` and unlocks the others (QEMU's `raw_apply_lock_bytes`).
+    fn apply(&self, p: Perms) -> Result<(), BdevError> {
+        let fd = self.file.as_raw_fd();
+        let unshared = PERM_ALL & !p.shared;
+        for i in 0..PERM_NAMES.len() {
+            let bit = 1u8 << i;
+            for (base, want) in [(PERM_BASE, p.perm & bit), (SHARED_BASE, unshared & bit)] {
+                let byte = base + i as i64;
+                let kind = if want != 0 {
+                    libc::F_RDLCK
+                } else {
+                    libc::F_UNLCK
+                };
+                let fl = flock(kind, byte);
+                fcntl(fd, FcntlArg::F_OFD_SETLK(&fl)).map_err(|e| {
+                    let what = if want != 0 { "lock" } else { "unlock" };
+                    self.os_error(&format!("Failed to {what} byte {byte}"), e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether anyone else conflicts with `p` (QEMU's `raw_check_lock_bytes`).
+    fn check(&self, p: Perms) -> Result<(), BdevError> {
+        for (i, name) in PERM_NAMES.iter().enumerate() {
+            if p.perm & (1 << i) != 0 && self.locked_by_other(SHARED_BASE + i as i64)? {
+                return Err(self.conflict(format!("Failed to get \"{name}\" lock")));
+            }
+        }
+        for (i, name) in PERM_NAMES.iter().enumerate() {
+            if p.shared & (1 << i) == 0 && self.locked_by_other(PERM_BASE + i as i64)? {
+                return Err(self.conflict(format!("Failed to get shared \"{name}\" lock")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether another open file description holds a lock on `byte`.
+    fn locked_by_other(&self, byte: i64) -> Result<bool, BdevError> {
+        let mut fl = flock(libc::F_WRLCK, byte);
+        fcntl(self.file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut fl))
+            .map_err(|e| self.os_error(&format!("Failed to check byte {byte}"), e))?;
+        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+
+    fn conflict(&self, message: String) -> BdevError {
+        BdevError::Locked {
+            message,
+            path: self.path.clone(),
+        }
+    }
+
+    fn os_error(&self, what: &str, e: nix::errno::Errno) -> BdevError {
+        BdevError::os(
+            format!("{what} of {}", self.path.display()),
+            std::io::Error::from_raw_os_error(e as i32),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("sluice-lock-{}-{tag}", std::process::id()));
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        p
+    }
+
+    fn take(p: &Path, perms: Perms) -> Result<ImageLock, BdevError> {
+        ImageLock::take(p, LockMode::Auto, perms).map(|l| l.expect("locking is on"))
+    }
+
+    fn conflict(r: Result<ImageLock, BdevError>) -> String {
+        match r {
+            Err(BdevError::Locked { message, .. }) => message,
+            other => panic!("expected a lock conflict, got {other:?}"),
+        }
+    }
+
+    /// The bytes QEMU's qcow2 writer holds (seen in /proc/locks while
+    /// qemu-io has an image open): 100, 101, 103, 201, 203.
+    #[test]
+    fn writer_holds_qemus_bytes() {
+        let p = scratch("bytes");
+        let l = take(&p, Perms::WRITER).unwrap();
+        assert_eq!(l.perms(), Perms::WRITER);
+        assert_eq!(l.path(), p.as_path());
+        let ino = std::fs::metadata(&p).unwrap().ino();
+        let mut bytes: Vec<u64> = std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+            .flat_map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .rev()
+                    .take(2)
+                    .map(|x| x.parse().unwrap())
+                    .collect();
+                f[1]..=f[0]
+            })
+            .collect();
+        bytes.sort_unstable();
+        assert_eq!(bytes, [100, 101, 103, 201, 203]);
+        drop(l);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    /// Two opens in one process conflict as two processes would: writers
+    /// exclude writers and readers, readers share with readers; a dropped
+    /// lock is gone; locking off takes nothing.
+    #[test]
+    fn conflicts_within_one_process() {
+        let p = scratch("conflicts");
+        let w = take(&p, Perms::WRITER).unwrap();
+        assert_eq!(
+            conflict(take(&p, Perms::WRITER)),
+            "Failed to get \"write\" lock"
+        );
+        assert_eq!(
+            conflict(take(&p, Perms::READER)),
+            "Failed to get shared \"write\" lock"
+        );
+        assert_eq!(
+            conflict(take(&p, Perms::CREATOR)),
+            "Failed to get \"write\" lock"
+        );
+        assert!(ImageLock::take(&p, LockMode::Off, Perms::WRITER)
+            .unwrap()
+            .is_none());
+        drop(w);
+        let r1 = take(&p, Perms::READER).unwrap();
+        let r2 = take(&p, Perms::READER).unwrap();
+        assert_eq!(
+            conflict(take(&p, Perms::WRITER)),
+            "Failed to get \"write\" lock"
+        );
+        drop((r1, r2));
+        // A creation shares writes, not resizes.
+        let c = take(&p, Perms::CREATOR).unwrap();
+        assert_eq!(
+            conflict(take(&p, Perms::WRITER)),
+            "Failed to get \"resize\" lock"
+        );
+        drop(c);
+        take(&p, Perms::WRITER).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn error_carries_qemus_hint() {
+        let p = scratch("hint");
+        let _w = take(&p, Perms::WRITER).unwrap();
+        let e = take(&p, Perms::WRITER).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "Failed to get \"write\" lock. Is another process using the image [{}]?",
+                p.display()
+            )
+        );
+        std::fs::remove_file(&p).unwrap();
+    }
+}
