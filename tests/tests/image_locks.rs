@@ -250,7 +250,7 @@ fn qcow2_create_refuses_open_image_and_bad_arguments() {
         "bdev_qcow2_create",
         json!({"name": "n1", "filename": fifo.to_str().unwrap(), "size": 1 << 20}),
     );
-    assert!(msg(&e).contains("not a regular file"), "{e}");
+    assert!(msg(&e).contains("is a FIFO, neither a regular file"), "{e}");
     d.call("bdev_qcow2_delete", json!({"name": "d0"}));
     // Deleted: the file is free again, here and for QEMU.
     d.call(
