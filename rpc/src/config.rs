@@ -219,7 +219,7 @@ pub fn write(config: &Value, path: &Path) -> Result<(), ConfigError> {
         Ok(md) => {
             return Err(ConfigError::NotRegular {
                 path: path.to_path_buf(),
-                kind: file_kind(&md.file_type()),
+                kind: bdev::open_checked::kind(&md.file_type()),
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -263,24 +263,4 @@ pub fn write(config: &Value, path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(io("syncing the directory of"))
-}
-
-/// What a file type is, in words.
-fn file_kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
