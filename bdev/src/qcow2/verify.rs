@@ -17,12 +17,17 @@
 //! - [`Image::repair_refcounts`]: that rebuild, then the COPIED flag cleared
 //!   from every L2 entry whose cluster has more than one reference (as
 //!   `qemu-img check -r all` does), so that no such cluster is written in place.
-//! - Reads only; one read of every L2 table and refcount block.
+//! - Reads only; one read of every L2 table and refcount block, up to
+//!   [`SCAN_WINDOW`] of them in flight at once.
 
 use super::format::{be64, ClusterKind, FormatError, L1Entry, L2Entry};
 use super::format::{put64, COPIED};
 use super::image::{read_meta, Image, R};
 use crate::BdevError;
+
+/// Tables read at once by a scan (L2 tables, refcount blocks): enough to keep
+/// a disk's queue busy, few enough to bound the memory (64 clusters).
+const SCAN_WINDOW: usize = 64;
 
 impl Image {
     /// References to each host cluster (index: cluster number). With `strict`,
@@ -67,26 +72,34 @@ impl Image {
             .take(l1_size as usize)
             .copied()
             .collect();
-        for e in l1 {
-            let l2off = L1Entry(e).l2_offset();
-            if l2off == 0 {
-                continue;
-            }
-            add(l2off, cs)?;
-            let t = read_meta(&self.ch, self.capacity, l2off, cs).await?;
-            for i in 0..self.l2_entries as usize {
-                let kind = match L2Entry(be64(&t, i * 8)).decode(self.version, self.cluster_bits) {
-                    Ok(k) => k,
-                    Err(e) if strict => return Err(BdevError::from(e)),
-                    Err(_) => continue,
-                };
-                match kind {
-                    ClusterKind::Normal { host, .. } => add(host, cs)?,
-                    ClusterKind::Zero { host } if host != 0 => add(host, cs)?,
-                    ClusterKind::Compressed { host, len } => {
-                        add(host, len.min(self.capacity.saturating_sub(host)))?
+        let tables: Vec<u64> = l1
+            .into_iter()
+            .map(|e| L1Entry(e).l2_offset())
+            .filter(|&o| o != 0)
+            .collect();
+        for batch in tables.chunks(SCAN_WINDOW) {
+            let reads = batch
+                .iter()
+                .map(|&off| read_meta(&self.ch, self.capacity, off, cs));
+            let read = futures::future::join_all(reads).await;
+            for (&l2off, t) in batch.iter().zip(read) {
+                let t = t?;
+                add(l2off, cs)?;
+                for i in 0..self.l2_entries as usize {
+                    let kind =
+                        match L2Entry(be64(&t, i * 8)).decode(self.version, self.cluster_bits) {
+                            Ok(k) => k,
+                            Err(e) if strict => return Err(BdevError::from(e)),
+                            Err(_) => continue,
+                        };
+                    match kind {
+                        ClusterKind::Normal { host, .. } => add(host, cs)?,
+                        ClusterKind::Zero { host } if host != 0 => add(host, cs)?,
+                        ClusterKind::Compressed { host, len } => {
+                            add(host, len.min(self.capacity.saturating_sub(host)))?
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
         }
@@ -100,24 +113,34 @@ impl Image {
         let cs = self.cs;
         let per = self.rf.block_entries();
         let table = self.reftable.borrow().clone();
-        for (ti, chunk) in refs.chunks(per as usize).enumerate() {
-            if chunk.iter().all(|&r| r == 0) {
-                continue;
-            }
-            let off = table.get(ti).copied().unwrap_or(0);
-            let block = if off == 0 {
-                vec![0u8; cs as usize]
-            } else {
-                read_meta(&self.ch, self.capacity, off, cs).await?
-            };
-            for (i, &r) in chunk.iter().enumerate() {
-                if r == 0 {
-                    continue;
+        let chunks: Vec<(usize, &[u32])> = refs
+            .chunks(per as usize)
+            .enumerate()
+            .filter(|(_, chunk)| chunk.iter().any(|&r| r != 0))
+            .collect();
+        for batch in chunks.chunks(SCAN_WINDOW) {
+            let reads = batch.iter().map(|&(ti, _)| {
+                let off = table.get(ti).copied().unwrap_or(0);
+                async move {
+                    if off == 0 {
+                        Ok(vec![0u8; cs as usize])
+                    } else {
+                        read_meta(&self.ch, self.capacity, off, cs).await
+                    }
                 }
-                let c = ti as u64 * per + i as u64;
-                if self.rf.get(&block, i as u64) < r as u64 && !self.is_metadata(c * cs, cs) {
-                    tracing::warn!(image = %self.name, cluster = c, references = r, refcount = self.rf.get(&block, i as u64), "refcount below the cluster's references");
-                    return Ok(false);
+            });
+            let read = futures::future::join_all(reads).await;
+            for (&(ti, chunk), block) in batch.iter().zip(read) {
+                let block = block?;
+                for (i, &r) in chunk.iter().enumerate() {
+                    if r == 0 {
+                        continue;
+                    }
+                    let c = ti as u64 * per + i as u64;
+                    if self.rf.get(&block, i as u64) < r as u64 && !self.is_metadata(c * cs, cs) {
+                        tracing::warn!(image = %self.name, cluster = c, references = r, refcount = self.rf.get(&block, i as u64), "refcount below the cluster's references");
+                        return Ok(false);
+                    }
                 }
             }
         }

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# What the data-safety work costs, side by side, in one run:
+#
+#   fua:     4 KiB writes over NBD from `qemu-img bench` (QEMU's block layer as the
+#            client, the same requests for both servers) into a qcow2 image, once
+#            with -t writeback (plain writes) and once with -t writethrough (QEMU
+#            sends every write with FUA): sluice against qemu-storage-daemon, which
+#            goes first alternating per round. Both results are compared with
+#            `qemu-img compare` and `qemu-img check` before a time counts.
+#   overlap: sluice perf 4 KiB random writes (rewrite of an allocated image, and
+#            first writes into an empty one) on /dev/shm, where the CPU cost per I/O
+#            shows: the build before the overlap checks (OLD_BIN) against this one.
+#            Skipped without OLD_BIN.
+#   open:    opening a 1 TiB image whose L2 tables are all allocated
+#            (preallocation=metadata) writable, caches dropped first: sluice's
+#            bdev_qcow2_open (which now checks refcounts against references) against
+#            qemu-io -c quit (less qemu-io's own start on a tiny image).
+#
+#   scripts/bench/data_safety.sh [fua|overlap|open|all]   (default all)
+#
+# Environment: SLUICE_BIN (target/release/sluice), OLD_BIN, BENCH_DIR (/var/tmp),
+# ROUNDS (2), COUNT (requests per qemu-img bench run, 20000), RUNTIME (sluice perf
+# seconds, 4), SERVER_CPU (0), CLIENT_CPU (1), DIRECT (0: page cache; 1: O_DIRECT).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WHAT="${1:-all}"
+BIN="${SLUICE_BIN:-target/release/sluice}"
+OLD="${OLD_BIN:-}"
+BENCH_DIR="${BENCH_DIR:-/var/tmp}"
+ROUNDS="${ROUNDS:-2}"
+COUNT="${COUNT:-20000}"
+RUNTIME="${RUNTIME:-4}"
+SERVER_CPU="${SERVER_CPU:-0}"
+CLIENT_CPU="${CLIENT_CPU:-1}"
+DIRECT="${DIRECT:-0}"
+[ -x "$BIN" ] || cargo build --release -p rpc --bin sluice
+WORK="$(mktemp -d "$BENCH_DIR/dsbench.XXXXXX")"
+SHM="$(mktemp -d /dev/shm/dsbench.XXXXXX)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" "$SHM"; }
+trap cleanup EXIT
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/max(b,1e-9):.2f}')" "$1" "$2"; }
+if [ "$DIRECT" = 1 ]; then SDIRECT=true; QCACHE="cache.direct=on"; else SDIRECT=false; QCACHE="cache.direct=off"; fi
+
+# serve_sluice DIR IMAGE -> sets URI, SPID
+serve_sluice() {
+  mkdir -p "$1"
+  RUST_LOG=error taskset -c "$SERVER_CPU" "$BIN" serve --runtime-dir "$1" --cores "$SERVER_CPU" \
+    --nbd-listen "unix:$1/nbd.sock" >"$1/log" 2>&1 &
+  SPID=$!; PIDS+=($SPID)
+  wait_sock "$1/sluice.sock"
+  "$BIN" rpc -s "$1/sluice.sock" bdev_qcow2_open name=d0 filename="$2" direct="$SDIRECT" >/dev/null
+  "$BIN" rpc -s "$1/sluice.sock" block-export-add type=nbd id=e0 device=d0 writable=true >/dev/null
+  URI="nbd+unix:///d0?socket=$1/nbd.sock"
+}
+serve_qsd() {
+  mkdir -p "$1"
+  taskset -c "$SERVER_CPU" qemu-storage-daemon \
+    --blockdev "driver=qcow2,node-name=d0,file.driver=file,file.filename=$2,file.$QCACHE,file.aio=io_uring" \
+    --nbd-server "addr.type=unix,addr.path=$1/nbd.sock" \
+    --export type=nbd,id=e0,node-name=d0,name=d0,writable=on >"$1/log" 2>&1 &
+  SPID=$!; PIDS+=($SPID)
+  wait_sock "$1/nbd.sock"
+  URI="nbd+unix:///d0?socket=$1/nbd.sock"
+}
+stop() { kill "$SPID"; wait "$SPID" 2>/dev/null || true; }
+# bench URI CACHE -> IOPS (qemu-img bench writes pattern 0xa5, stride over 1 GiB)
+bench() {
+  local out
+  out=$(taskset -c "$CLIENT_CPU" qemu-img bench -f raw -t "$2" -w -d 16 -s 4096 -c "$COUNT" \
+    -S $((4096 * 16411)) -P 0xa5 "$1" 2>&1)
+  python3 -c 'import re,sys; t=float(re.search(r"completed in ([0-9.]+)", sys.argv[2]).group(1)); print(int(int(sys.argv[1])/t))' "$COUNT" "$out"
+}
+
+if [ "$WHAT" = fua ] || [ "$WHAT" = all ]; then
+  echo "== fua: qemu-img bench over NBD, 4 KiB writes, QD 16, $COUNT requests, DIRECT=$DIRECT"
+  for kind in empty full; do
+    for cache in writeback writethrough; do
+      for r in $(seq "$ROUNDS"); do
+        for side in sluice qsd; do
+          qemu-img create -q -f qcow2 "$WORK/$side.qcow2" 1G
+          [ "$kind" = full ] && qemu-io -c 'write -P 0x11 0 1G' "$WORK/$side.qcow2" >/dev/null
+        done
+        order="sluice qsd"; [ $((r % 2)) = 0 ] && order="qsd sluice"
+        declare -A IOPS=()
+        for side in $order; do
+          drop
+          "serve_$side" "$WORK/srv-$side-$r" "$WORK/$side.qcow2"
+          IOPS[$side]=$(bench "$URI" "$cache")
+          stop
+        done
+        qemu-img check -q "$WORK/sluice.qcow2"
+        qemu-img compare -q "$WORK/sluice.qcow2" "$WORK/qsd.qcow2" || { echo "results differ" >&2; exit 1; }
+        printf '%-6s %-12s round %s (%s first): sluice %7d IOPS  qsd %7d IOPS  ratio %sx\n' \
+          "$kind" "$cache" "$r" "${order%% *}" "${IOPS[sluice]}" "${IOPS[qsd]}" "$(ratio "${IOPS[sluice]}" "${IOPS[qsd]}")"
+      done
+    done
+  done
+fi
+
+perf() { # BIN WORKLOAD IMAGE -> IOPS
+  local cfg="$SHM/cfg.json"
+  printf '{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_qcow2_open","params":{"node_name":"t","filename":"%s"}}]}]}\n' "$3" >"$cfg"
+  RUST_LOG=error "$1" perf -c "$cfg" -T t -m "$(printf '0x%x' $((1 << SERVER_CPU)))" -q 32 -o 4096 -w "$2" \
+    -t "$RUNTIME" --json 2>>"$SHM/perf.log" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["total"]["iops"]))'
+}
+if [ "$WHAT" = overlap ] || [ "$WHAT" = all ]; then
+  if [ -z "$OLD" ]; then
+    echo "== overlap: skipped (set OLD_BIN to a sluice built before the overlap checks)"
+  else
+    echo "== overlap: sluice perf, 4 KiB randwrite QD 32 on /dev/shm, old build vs this one"
+    qemu-img create -q -f qcow2 "$SHM/full.qcow2" 1G
+    qemu-io -c 'write -P 0x11 0 1G' "$SHM/full.qcow2" >/dev/null
+    for r in $(seq "$ROUNDS"); do
+      order="old new"; [ $((r % 2)) = 0 ] && order="new old"
+      declare -A RW=() FW=()
+      for side in $order; do
+        b="$BIN"; [ "$side" = old ] && b="$OLD"
+        RW[$side]=$(perf "$b" randwrite "$SHM/full.qcow2")
+        qemu-img create -q -f qcow2 "$SHM/fw.qcow2" 64G
+        FW[$side]=$(perf "$b" randwrite "$SHM/fw.qcow2")
+        qemu-img check -q "$SHM/fw.qcow2"
+      done
+      qemu-img check -q "$SHM/full.qcow2"
+      printf 'round %s (%s first): rewrite old %7d new %7d (new/old %sx)   first write old %7d new %7d (new/old %sx)\n' \
+        "$r" "${order%% *}" "${RW[old]}" "${RW[new]}" "$(ratio "${RW[new]}" "${RW[old]}")" \
+        "${FW[old]}" "${FW[new]}" "$(ratio "${FW[new]}" "${FW[old]}")"
+    done
+  fi
+fi
+
+if [ "$WHAT" = open ] || [ "$WHAT" = all ]; then
+  echo "== open: 1 TiB image, preallocation=metadata (all L2 tables), writable open, caches dropped"
+  qemu-img create -q -f qcow2 -o preallocation=metadata "$WORK/big.qcow2" 1T
+  qemu-img create -q -f qcow2 "$WORK/tiny.qcow2" 1M
+  qemu-io -c 'write -P 0x33 100G 64k' "$WORK/big.qcow2" >/dev/null
+  for r in $(seq "$ROUNDS"); do
+    drop
+    mkdir -p "$WORK/o$r"
+    RUST_LOG=error "$BIN" serve --runtime-dir "$WORK/o$r" --cores "$SERVER_CPU" >"$WORK/o$r/log" 2>&1 &
+    SPID=$!; PIDS+=($SPID)
+    wait_sock "$WORK/o$r/sluice.sock"
+    t0=$(date +%s.%N)
+    "$BIN" rpc -s "$WORK/o$r/sluice.sock" bdev_qcow2_open name=d0 filename="$WORK/big.qcow2" >/dev/null
+    t1=$(date +%s.%N)
+    "$BIN" rpc -s "$WORK/o$r/sluice.sock" bdev_qcow2_delete name=d0 >/dev/null
+    stop
+    qemu-io -r -c 'read -P 0x33 100G 64k' "$WORK/big.qcow2" >/dev/null
+    drop
+    t2=$(date +%s.%N); qemu-io -c quit "$WORK/big.qcow2"; t3=$(date +%s.%N)
+    t4=$(date +%s.%N); qemu-io -c quit "$WORK/tiny.qcow2"; t5=$(date +%s.%N)
+    python3 -c "import sys; s,q=float(sys.argv[2])-float(sys.argv[1]),(float(sys.argv[4])-float(sys.argv[3]))-(float(sys.argv[6])-float(sys.argv[5])); print(f'round $r: sluice open {s*1000:.0f} ms   qemu-io open {q*1000:.0f} ms   ratio {s/max(q,1e-3):.2f}x')" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5"
+  done
+fi
