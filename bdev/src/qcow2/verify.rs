@@ -50,7 +50,14 @@ impl Image {
                 .into());
             }
             if refs.len() <= last as usize {
-                refs.resize(last as usize + 1, 0);
+                // Grown geometrically: references mostly come in ascending order.
+                let want = (last as usize + 1).max(refs.len() * 2);
+                refs.resize(want.min(max_clusters as usize), 0);
+            }
+            if first == last {
+                let r = &mut refs[first as usize];
+                *r = r.saturating_add(1);
+                return Ok(());
             }
             for c in first..=last {
                 refs[c as usize] = refs[c as usize].saturating_add(1);
