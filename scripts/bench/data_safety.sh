@@ -66,11 +66,11 @@ serve_qsd() {
   URI="nbd+unix:///d0?socket=$1/nbd.sock"
 }
 stop() { kill "$SPID"; wait "$SPID" 2>/dev/null || true; }
-# bench URI CACHE -> IOPS (qemu-img bench writes pattern 0xa5, stride over 1 GiB)
+# bench URI CACHE -> IOPS (qemu-img bench writes pattern 0xa5, a stride that wraps over the 1 GiB image)
 bench() {
   local out
   out=$(taskset -c "$CLIENT_CPU" qemu-img bench -f raw -t "$2" -w -d 16 -s 4096 -c "$COUNT" \
-    -S $((4096 * 16411)) -P 0xa5 "$1" 2>&1)
+    -S $((4096 * 16411)) --pattern 0xa5 "$1" 2>&1) || { echo "qemu-img bench failed: $out" >&2; exit 1; }
   python3 -c 'import re,sys; t=float(re.search(r"completed in ([0-9.]+)", sys.argv[2]).group(1)); print(int(int(sys.argv[1])/t))' "$COUNT" "$out"
 }
 
@@ -87,7 +87,7 @@ if [ "$WHAT" = fua ] || [ "$WHAT" = all ]; then
         declare -A IOPS=()
         for side in $order; do
           drop
-          "serve_$side" "$WORK/srv-$side-$r" "$WORK/$side.qcow2"
+          "serve_$side" "$WORK/srv-$side-$kind-$cache-$r" "$WORK/$side.qcow2"
           IOPS[$side]=$(bench "$URI" "$cache")
           stop
         done

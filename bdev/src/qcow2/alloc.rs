@@ -486,8 +486,24 @@ impl Image {
     }
 
     /// A guest flush: everything written before it becomes durable.
+    ///
+    /// Flushes that wait together share one (group commit, as QEMU's
+    /// `bdrv_co_flush` does): a flush that *started* after this call began
+    /// covers every request completed before it, so a caller that finds such
+    /// a flush completed successfully by the time it holds the metadata lock
+    /// returns at once. N concurrent FUA writes cost two flushes, not N.
     pub(crate) async fn flush(&self) -> R<()> {
+        let need = self.flushes_started.get() + 1;
         let _g = self.meta.lock().await;
-        self.sync_locked(true).await
+        if self.flushes_ok.get() >= need {
+            return Ok(());
+        }
+        let seq = self.flushes_started.get() + 1;
+        self.flushes_started.set(seq);
+        self.sync_locked(true).await?;
+        if seq > self.flushes_ok.get() {
+            self.flushes_ok.set(seq);
+        }
+        Ok(())
     }
 }

@@ -78,6 +78,10 @@ pub(crate) struct Image {
     pub(crate) meta_started: Cell<u64>,
     pub(crate) meta_done: Cell<u64>,
     pub(crate) meta_flushed: Cell<u64>,
+    /// Guest flushes started, and the last of them that completed
+    /// successfully ([`Image::flush`] shares one among waiters).
+    pub(crate) flushes_started: Cell<u64>,
+    pub(crate) flushes_ok: Cell<u64>,
     /// Which metadata writes are checked against (`overlap.rs`).
     pub(crate) overlap_checks: OverlapChecks,
     /// Where the L2 tables and refcount blocks are.
@@ -184,6 +188,8 @@ impl Image {
             meta_started: Cell::new(0),
             meta_done: Cell::new(0),
             meta_flushed: Cell::new(0),
+            flushes_started: Cell::new(0),
+            flushes_ok: Cell::new(0),
             overlap_checks: opts.overlap_checks,
             meta_map: RefCell::new(MetaMap::default()),
             corrupt: Cell::new(false),
