@@ -456,3 +456,24 @@ fn qmp_refusals_match_qsd() {
     assert!(out.trim_end().ends_with("ok"), "{out}");
     stop(d);
 }
+
+/// After `blockdev-snapshot-sync` the old top holds a backing file's lock
+/// (bytes 100, 201, 203), as qemu-storage-daemon's does after the same
+/// snapshot: `qemu-img info` and `qemu-io -r` read it, a new overlay over it
+/// and a read-only image of it open, a writer does not; `force-share` is
+/// refused without `read-only` and with it holds no "not shared" byte
+/// (tests/py/image_locks.py compares every answer and /proc/locks with QSD's).
+#[test]
+fn snapshot_lowers_old_top_and_force_share_match_qsd() {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new("lsnapqsd");
+    let out = sluice_tests::check(
+        d.python(
+            "image_locks.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", "snapshot_qsd"],
+        ),
+        "image_locks.py --case snapshot_qsd",
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    stop(d);
+}

@@ -368,6 +368,9 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     let id = job.id().to_string();
     let p = plan.clone();
     let e = job.complete(error, move |ok| finish(p, ok)).await;
+    if plan.relock {
+        crate::snapshot::lower_to_backing(&plan.top_bdev);
+    }
     let total_s = t0.elapsed().as_secs_f64();
     match e {
         Some(e) => tracing::warn!(job = %id, error = %e, copy_s, total_s, "stream job failed"),
