@@ -477,3 +477,29 @@ fn snapshot_lowers_old_top_and_force_share_match_qsd() {
     assert!(out.trim_end().ends_with("ok"), "{out}");
     stop(d);
 }
+
+/// A stream into a backing file (the old top of a snapshot) and
+/// `change-backing-file` of it take a writer's lock for the moment, as
+/// qemu-storage-daemon reopens the node read-write: both are refused with
+/// QSD's error while `qemu-io -r` reads the file, done without it, and the
+/// file holds a reader's lock again afterwards (tests/py/image_locks.py
+/// compares every answer and /proc/locks with QSD's; qemu-img judges the images).
+#[test]
+fn backing_file_writes_raise_lock_match_qsd() {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new("lbackw");
+    let out = sluice_tests::check(
+        d.python(
+            "image_locks.py",
+            &[
+                "--dir",
+                work.0.to_str().unwrap(),
+                "--case",
+                "backing_writes_qsd",
+            ],
+        ),
+        "image_locks.py --case backing_writes_qsd",
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    stop(d);
+}
