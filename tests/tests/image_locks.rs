@@ -503,3 +503,57 @@ fn backing_file_writes_raise_lock_match_qsd() {
     assert!(out.trim_end().ends_with("ok"), "{out}");
     stop(d);
 }
+
+/// A device's snapshot (`snapshot_blkdev`, then `blockdev-snapshot-sync`)
+/// leaves each old top holding a backing file's lock, as QEMU's does: QEMU's
+/// tools fare as they do against qemu-storage-daemon after a snapshot
+/// (`qemu-img info` and `qemu-io -r` work, a writer is refused) and a second
+/// sluice opens a device whose backing file the old top is while the first
+/// runs; before the snapshot all of that is refused.
+#[test]
+fn device_snapshot_old_top_readable() {
+    let w = TempDir::new("ldevsnap");
+    let top = w.join("top.qcow2");
+    image(&top);
+    let ts = top.to_str().unwrap();
+    let (s1, s2) = (w.join("s1.qcow2"), w.join("s2.qcow2"));
+    let mut d = Daemon::start(&[]);
+    d.call("bdev_qcow2_open", json!({"name": "d0", "filename": ts}));
+    let readable =
+        |p: &str| -> Vec<(String, bool, String)> { tool_outcomes(p).into_iter().take(4).collect() };
+    let held = readable(ts);
+    let ok: Vec<bool> = held.iter().map(|x| x.1).collect();
+    assert_eq!(ok, [false, false, true, false], "{held:?}");
+    d.call(
+        "snapshot_blkdev",
+        json!({"device": "d0", "snapshot-file": s1.to_str().unwrap()}),
+    );
+    let lowered = |p: &str| {
+        let o = readable(p);
+        let ok: Vec<bool> = o.iter().map(|x| x.1).collect();
+        // qemu-io (a writer) refused; qemu-io -r, -U -r and qemu-img info read.
+        assert_eq!(ok, [false, true, true, true], "{o:?}");
+        assert_eq!(o[0].2, format!("qemu-io: can't open device IMG: {LOCKED}"));
+    };
+    lowered(ts);
+    // A second sluice: a device over a new overlay whose backing file is the
+    // old top, reading its data.
+    let o2 = w.join("o2.qcow2");
+    let o2s = o2.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", ts, "-F", "qcow2", o2s]);
+    let mut d2 = Daemon::start(&[]);
+    d2.call("bdev_qcow2_open", json!({"name": "e0", "filename": o2s}));
+    d.call(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": s2.to_str().unwrap(), "format": "qcow2"}),
+    );
+    lowered(s1.to_str().unwrap());
+    lowered(ts);
+    d2.call("bdev_qcow2_delete", json!({"name": "e0"}));
+    stop(d2);
+    qemu_io(&["-U", "-r", "-c", "read -P 0x5a 0 1M", o2s]);
+    d.call("bdev_qcow2_delete", json!({"name": "d0"}));
+    stop(d);
+    intact(&top);
+    qemu_img(&["check", s2.to_str().unwrap()]);
+}
