@@ -557,3 +557,71 @@ fn device_snapshot_old_top_readable() {
     intact(&top);
     qemu_img(&["check", s2.to_str().unwrap()]);
 }
+
+/// The number of OFD lock ranges on `p` (anyone's).
+fn lock_ranges(p: &Path) -> usize {
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+        .count()
+}
+
+/// Closing an old top trims its file (the sparse growth a writable open
+/// added), which resizes it: sluice takes the writer's lock back for that,
+/// so while `qemu-io -r` reads the old top when sluice shuts down the file
+/// is left as it is (a later writable open trims it), and without a reader
+/// it is trimmed.
+#[test]
+fn old_top_trimmed_only_under_writer_lock() {
+    let w = TempDir::new("ltrim");
+    for (i, held) in [true, false].into_iter().enumerate() {
+        let top = w.join(&format!("top{i}.qcow2"));
+        image(&top);
+        let ts = top.to_str().unwrap();
+        let len0 = std::fs::metadata(&top).unwrap().len();
+        let mut d = Daemon::start(&[]);
+        d.call("bdev_qcow2_open", json!({"name": "d0", "filename": ts}));
+        assert!(
+            std::fs::metadata(&top).unwrap().len() > len0,
+            "grown at open"
+        );
+        let s1 = w.join(&format!("s{i}.qcow2"));
+        d.call(
+            "snapshot_blkdev",
+            json!({"device": "d0", "snapshot-file": s1.to_str().unwrap()}),
+        );
+        let before = lock_ranges(&top);
+        let mut h = held.then(|| {
+            let mut c = Command::new("qemu-io");
+            c.args(["-r", "-c", "sleep 60000", ts])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c.spawn().expect("spawn qemu-io")
+        });
+        let t0 = Instant::now();
+        while h.is_some() && lock_ranges(&top) <= before {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "qemu-io never locked"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Shutting down closes every image (flush, trim).
+        stop(d);
+        let len = std::fs::metadata(&top).unwrap().len();
+        if let Some(c) = h.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!(lock_ranges(&top), 0, "every lock ended");
+        if held {
+            assert!(len > len0, "trimmed under a reader: {len} <= {len0}");
+        } else {
+            assert_eq!(len, len0, "not trimmed");
+        }
+        intact(&top);
+    }
+}
