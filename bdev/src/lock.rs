@@ -3,7 +3,7 @@
 //!
 //! The contract: a node that opens a file takes an [`ImageLock`] on it for as
 //! long as the node lives (the lock belongs to its own open file description:
-//! dropping the lock, or [`ImageLock::release`], ends it). The lock is a set
+//! dropping the lock ends it). The lock is a set
 //! of open-file-description byte-range read locks (`F_OFD_SETLK`), one byte
 //! per permission: byte `100 + i` for each permission `i` the node holds,
 //! byte `200 + i` for each permission it does not share. Taking permission
@@ -11,6 +11,11 @@
 //! conflicts with anyone holding byte `100 + i`. OFD locks conflict between
 //! two open file descriptions even in one process, so two writable opens of
 //! one file in sluice conflict as they would in two processes.
+//!
+//! A node whose role changes (an old top that becomes a backing file, a
+//! backing file that a stream writes) changes its lock in place with
+//! [`ImageLock::set_perms`], as QEMU's `raw_set_perm`: on the same open file
+//! description, the new bytes taken before the old ones are dropped.
 //!
 //! A conflict is [`BdevError::Locked`], in QEMU's words (`Failed to get
 //! "write" lock`, `Is another process using the image [path]?`). Nothing is

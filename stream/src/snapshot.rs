@@ -232,9 +232,10 @@ pub async fn snapshot_existing_plain(
 /// neither) becomes a reader's (read; sharing neither) in place, on the same
 /// open file description, so no other process can take the file for writing
 /// in between. Other processes may then read the file (`qemu-img info`,
-/// `qemu-io -r`, another sluice's backing file). Nothing of sluice writes a
-/// backing file; trimming it at close takes the writer's lock back for the
-/// moment (`Qcow2Bdev::trim_file`).
+/// `qemu-io -r`, another sluice's backing file). What writes a backing file
+/// takes the writer's lock back for the moment: a stream into it and
+/// `change-backing-file` ([`raise_for_write`]), trimming its file at close
+/// (`Qcow2Bdev::trim_file`).
 pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
     use bdev::lock::{Perms, PERM_WRITE};
     let any = old_top.as_any();
