@@ -3,7 +3,7 @@
 //!
 //! The contract: a node that opens a file takes an [`ImageLock`] on it for as
 //! long as the node lives (the lock belongs to its own open file description:
-//! dropping the lock, or [`ImageLock::release`], ends it). The lock is a set
+//! dropping the lock ends it). The lock is a set
 //! of open-file-description byte-range read locks (`F_OFD_SETLK`), one byte
 //! per permission: byte `100 + i` for each permission `i` the node holds,
 //! byte `200 + i` for each permission it does not share. Taking permission
@@ -11,6 +11,11 @@
 //! conflicts with anyone holding byte `100 + i`. OFD locks conflict between
 //! two open file descriptions even in one process, so two writable opens of
 //! one file in sluice conflict as they would in two processes.
+//!
+//! A node whose role changes (an old top that becomes a backing file, a
+//! backing file that a stream writes) changes its lock in place with
+//! [`ImageLock::set_perms`], as QEMU's `raw_set_perm`: on the same open file
+//! description, the new bytes taken before the old ones are dropped.
 //!
 //! A conflict is [`BdevError::Locked`], in QEMU's words (`Failed to get
 //! "write" lock`, `Is another process using the image [path]?`). Nothing is
@@ -109,6 +114,23 @@ impl Perms {
         shared: PERM_ALL & !PERM_RESIZE,
     };
 
+    /// A read-only open with `force-share` (QEMU's `force_share` node asks
+    /// its children to share everything): reads, and shares all.
+    pub const SHARER: Perms = Perms {
+        perm: PERM_CONSISTENT_READ,
+        shared: PERM_ALL,
+    };
+
+    /// What a read-only open with `force_share` holds: [`Perms::SHARER`],
+    /// else [`Perms::for_open`].
+    pub fn for_open_sharing(read_only: bool, force_share: bool) -> Perms {
+        if read_only && force_share {
+            Perms::SHARER
+        } else {
+            Perms::for_open(read_only)
+        }
+    }
+
     /// [`Perms::READER`] or [`Perms::WRITER`].
     pub fn for_open(read_only: bool) -> Perms {
         if read_only {
@@ -167,6 +189,35 @@ impl ImageLock {
         l.apply(perms)?;
         l.check(perms)?;
         Ok(ImageLock { perms, ..l })
+    }
+
+    /// Changes the permissions held to `perms` in place, on the same open
+    /// file description (QEMU's `raw_set_perm` after `raw_check_perm`): the
+    /// bytes of both the old and the new permissions are locked first, the
+    /// new ones checked against everyone else, and only then are the old
+    /// bytes that `perms` does not hold unlocked, so no other process can
+    /// take what this one lets go of before the change is complete. A
+    /// conflict is [`BdevError::Locked`] and leaves the old permissions held.
+    pub fn set_perms(&mut self, perms: Perms) -> Result<(), BdevError> {
+        if perms == self.perms {
+            return Ok(());
+        }
+        let old = self.perms;
+        let both = Perms {
+            perm: old.perm | perms.perm,
+            shared: old.shared & perms.shared,
+        };
+        let r = self
+            .apply(both)
+            .and_then(|()| self.check(perms))
+            .and_then(|()| self.apply(perms));
+        if let Err(e) = r {
+            // Back to exactly the old bytes (it held them all along).
+            let _ = self.apply(old);
+            return Err(e);
+        }
+        self.perms = perms;
+        Ok(())
     }
 
     /// The permissions held.
@@ -270,23 +321,7 @@ mod tests {
         let l = take(&p, Perms::WRITER).unwrap();
         assert_eq!(l.perms(), Perms::WRITER);
         assert_eq!(l.path(), p.as_path());
-        let ino = std::fs::metadata(&p).unwrap().ino();
-        let mut bytes: Vec<u64> = std::fs::read_to_string("/proc/locks")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
-            .flat_map(|l| {
-                let f: Vec<u64> = l
-                    .split_whitespace()
-                    .rev()
-                    .take(2)
-                    .map(|x| x.parse().unwrap())
-                    .collect();
-                f[1]..=f[0]
-            })
-            .collect();
-        bytes.sort_unstable();
-        assert_eq!(bytes, [100, 101, 103, 201, 203]);
+        assert_eq!(held_bytes(&p), [100, 101, 103, 201, 203]);
         drop(l);
         std::fs::remove_file(&p).unwrap();
     }
@@ -329,6 +364,70 @@ mod tests {
         );
         drop(c);
         take(&p, Perms::WRITER).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    fn held_bytes(p: &Path) -> Vec<u64> {
+        let ino = std::fs::metadata(p).unwrap().ino();
+        let mut bytes: Vec<u64> = std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+            .flat_map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .rev()
+                    .take(2)
+                    .map(|x| x.parse().unwrap())
+                    .collect();
+                f[1]..=f[0]
+            })
+            .collect();
+        bytes.sort_unstable();
+        bytes
+    }
+
+    /// A writer that becomes a backing file holds what QEMU's old top holds
+    /// after a snapshot (100, 201, 203: seen in /proc/locks of a
+    /// qemu-storage-daemon): another reader gets in, a writer still not;
+    /// back to a writer is refused while that reader holds the file, and
+    /// the refusal leaves the reader's bytes exactly as they were.
+    #[test]
+    fn set_perms_in_place() {
+        let p = scratch("set");
+        let mut l = take(&p, Perms::WRITER).unwrap();
+        assert_eq!(
+            conflict(take(&p, Perms::READER)),
+            "Failed to get shared \"write\" lock"
+        );
+        l.set_perms(Perms::READER).unwrap();
+        assert_eq!(l.perms(), Perms::READER);
+        assert_eq!(held_bytes(&p), [100, 201, 203]);
+        let r = take(&p, Perms::READER).unwrap();
+        assert_eq!(
+            conflict(take(&p, Perms::WRITER)),
+            "Failed to get \"write\" lock"
+        );
+        match l.set_perms(Perms::WRITER) {
+            Err(BdevError::Locked { message, .. }) => {
+                assert_eq!(message, "Failed to get \"write\" lock")
+            }
+            other => panic!("expected a lock conflict, got {other:?}"),
+        }
+        assert_eq!(l.perms(), Perms::READER);
+        assert_eq!(held_bytes(&p), [100, 100, 201, 201, 203, 203]);
+        drop(r);
+        l.set_perms(Perms::WRITER).unwrap();
+        assert_eq!(held_bytes(&p), [100, 101, 103, 201, 203]);
+        assert_eq!(
+            conflict(take(&p, Perms::READER)),
+            "Failed to get shared \"write\" lock"
+        );
+        // A force-share reader takes no "not shared" byte.
+        l.set_perms(Perms::SHARER).unwrap();
+        assert_eq!(held_bytes(&p), [100]);
+        take(&p, Perms::WRITER).unwrap();
+        drop(l);
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -175,6 +175,7 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
         let _ = registry().unregister(&node_name);
         return Err(e.into());
     }
+    lower_to_backing(&root);
     tracing::info!(device = %req.device, overlay = %node_name, target = %req.target, "snapshot taken");
     Ok(node_name)
 }
@@ -201,6 +202,7 @@ pub async fn snapshot_existing_node(
     let root = dev.root();
     let overlay = attach_overlay(&root, overlay_name).await?;
     dev.swap_root(&rt, overlay).await?;
+    lower_to_backing(&root);
     Ok(())
 }
 
@@ -220,7 +222,60 @@ pub async fn snapshot_existing_plain(
         .map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
     let overlay = attach_overlay(&root, overlay_name).await?;
     move_hidden(&rt, node_name, &overlay).await?;
+    lower_to_backing(&root);
     Ok(())
+}
+
+/// The old top image, now the overlay's backing file, holds a backing
+/// file's lock, as QEMU's old top does after its `external_snapshot_commit`
+/// reopens it read-only: a writer's lock (read, write, resize; sharing
+/// neither) becomes a reader's (read; sharing neither) in place, on the same
+/// open file description, so no other process can take the file for writing
+/// in between. Other processes may then read the file (`qemu-img info`,
+/// `qemu-io -r`, another sluice's backing file). What writes a backing file
+/// takes the writer's lock back for the moment: a stream into it and
+/// `change-backing-file` ([`raise_for_write`]), trimming its file at close
+/// (`Qcow2Bdev::trim_file`).
+pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
+    use bdev::lock::{Perms, PERM_WRITE};
+    let any = old_top.as_any();
+    let r = if let Some(q) = any.downcast_ref::<Qcow2Bdev>() {
+        match q.lock_perms() {
+            Some(p) if p.perm & PERM_WRITE != 0 => q.set_lock_perms(Perms::READER),
+            _ => return,
+        }
+    } else if let Some(u) = any.downcast_ref::<bdev::uring::UringBdev>() {
+        match u.lock_perms() {
+            Some(p) if p.perm & PERM_WRITE != 0 => u.set_lock_perms(Perms::READER),
+            _ => return,
+        }
+    } else {
+        return;
+    };
+    match r {
+        Ok(_) => tracing::info!(node = %old_top.name(), "backing file now holds a reader's lock"),
+        Err(e) => {
+            tracing::warn!(node = %old_top.name(), error = %e, "backing file keeps its writer's lock")
+        }
+    }
+}
+
+/// Before something writes a backing file (a stream into it, a new backing
+/// file name in its header): a qcow2 image that holds a reader's lock takes
+/// a writer's in place, as QEMU reopens such a node read-write for the
+/// moment; [`lower_to_backing`] gives it back. Another process reading the
+/// file refuses it with QEMU's lock error. Returns whether it did.
+pub fn raise_for_write(node: &Arc<dyn Bdev>) -> Result<bool, BdevError> {
+    use bdev::lock::{Perms, PERM_WRITE};
+    let Some(q) = node.as_any().downcast_ref::<Qcow2Bdev>() else {
+        return Ok(false);
+    };
+    match q.lock_perms() {
+        Some(p) if p.perm & PERM_WRITE == 0 && !q.read_only() => {
+            q.set_lock_perms(Perms::WRITER).map(|_| true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Moves every hidden device whose root is `node_name` onto `overlay` (each

@@ -456,3 +456,172 @@ fn qmp_refusals_match_qsd() {
     assert!(out.trim_end().ends_with("ok"), "{out}");
     stop(d);
 }
+
+/// After `blockdev-snapshot-sync` the old top holds a backing file's lock
+/// (bytes 100, 201, 203), as qemu-storage-daemon's does after the same
+/// snapshot: `qemu-img info` and `qemu-io -r` read it, a new overlay over it
+/// and a read-only image of it open, a writer does not; `force-share` is
+/// refused without `read-only` and with it holds no "not shared" byte
+/// (tests/py/image_locks.py compares every answer and /proc/locks with QSD's).
+#[test]
+fn snapshot_lowers_old_top_and_force_share_match_qsd() {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new("lsnapqsd");
+    let out = sluice_tests::check(
+        d.python(
+            "image_locks.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", "snapshot_qsd"],
+        ),
+        "image_locks.py --case snapshot_qsd",
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    stop(d);
+}
+
+/// A stream into a backing file (the old top of a snapshot) and
+/// `change-backing-file` of it take a writer's lock for the moment, as
+/// qemu-storage-daemon reopens the node read-write: both are refused with
+/// QSD's error while `qemu-io -r` reads the file, done without it, and the
+/// file holds a reader's lock again afterwards (tests/py/image_locks.py
+/// compares every answer and /proc/locks with QSD's; qemu-img judges the images).
+#[test]
+fn backing_file_writes_raise_lock_match_qsd() {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new("lbackw");
+    let out = sluice_tests::check(
+        d.python(
+            "image_locks.py",
+            &[
+                "--dir",
+                work.0.to_str().unwrap(),
+                "--case",
+                "backing_writes_qsd",
+            ],
+        ),
+        "image_locks.py --case backing_writes_qsd",
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    stop(d);
+}
+
+/// A device's snapshot (`snapshot_blkdev`, then `blockdev-snapshot-sync`)
+/// leaves each old top holding a backing file's lock, as QEMU's does: QEMU's
+/// tools fare as they do against qemu-storage-daemon after a snapshot
+/// (`qemu-img info` and `qemu-io -r` work, a writer is refused) and a second
+/// sluice opens a device whose backing file the old top is while the first
+/// runs; before the snapshot all of that is refused.
+#[test]
+fn device_snapshot_old_top_readable() {
+    let w = TempDir::new("ldevsnap");
+    let top = w.join("top.qcow2");
+    image(&top);
+    let ts = top.to_str().unwrap();
+    let (s1, s2) = (w.join("s1.qcow2"), w.join("s2.qcow2"));
+    let mut d = Daemon::start(&[]);
+    d.call("bdev_qcow2_open", json!({"name": "d0", "filename": ts}));
+    let readable =
+        |p: &str| -> Vec<(String, bool, String)> { tool_outcomes(p).into_iter().take(4).collect() };
+    let held = readable(ts);
+    let ok: Vec<bool> = held.iter().map(|x| x.1).collect();
+    assert_eq!(ok, [false, false, true, false], "{held:?}");
+    d.call(
+        "snapshot_blkdev",
+        json!({"device": "d0", "snapshot-file": s1.to_str().unwrap()}),
+    );
+    let lowered = |p: &str| {
+        let o = readable(p);
+        let ok: Vec<bool> = o.iter().map(|x| x.1).collect();
+        // qemu-io (a writer) refused; qemu-io -r, -U -r and qemu-img info read.
+        assert_eq!(ok, [false, true, true, true], "{o:?}");
+        assert_eq!(o[0].2, format!("qemu-io: can't open device IMG: {LOCKED}"));
+    };
+    lowered(ts);
+    // A second sluice: a device over a new overlay whose backing file is the
+    // old top, reading its data.
+    let o2 = w.join("o2.qcow2");
+    let o2s = o2.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", ts, "-F", "qcow2", o2s]);
+    let mut d2 = Daemon::start(&[]);
+    d2.call("bdev_qcow2_open", json!({"name": "e0", "filename": o2s}));
+    d.call(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": s2.to_str().unwrap(), "format": "qcow2"}),
+    );
+    lowered(s1.to_str().unwrap());
+    lowered(ts);
+    d2.call("bdev_qcow2_delete", json!({"name": "e0"}));
+    stop(d2);
+    qemu_io(&["-U", "-r", "-c", "read -P 0x5a 0 1M", o2s]);
+    d.call("bdev_qcow2_delete", json!({"name": "d0"}));
+    stop(d);
+    intact(&top);
+    qemu_img(&["check", s2.to_str().unwrap()]);
+}
+
+/// The number of OFD lock ranges on `p` (anyone's).
+fn lock_ranges(p: &Path) -> usize {
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+        .count()
+}
+
+/// Closing an old top trims its file (the sparse growth a writable open
+/// added), which resizes it: sluice takes the writer's lock back for that,
+/// so while `qemu-io -r` reads the old top when sluice shuts down the file
+/// is left as it is (a later writable open trims it), and without a reader
+/// it is trimmed.
+#[test]
+fn old_top_trimmed_only_under_writer_lock() {
+    let w = TempDir::new("ltrim");
+    for (i, held) in [true, false].into_iter().enumerate() {
+        let top = w.join(&format!("top{i}.qcow2"));
+        image(&top);
+        let ts = top.to_str().unwrap();
+        let len0 = std::fs::metadata(&top).unwrap().len();
+        let mut d = Daemon::start(&[]);
+        d.call("bdev_qcow2_open", json!({"name": "d0", "filename": ts}));
+        assert!(
+            std::fs::metadata(&top).unwrap().len() > len0,
+            "grown at open"
+        );
+        let s1 = w.join(&format!("s{i}.qcow2"));
+        d.call(
+            "snapshot_blkdev",
+            json!({"device": "d0", "snapshot-file": s1.to_str().unwrap()}),
+        );
+        let before = lock_ranges(&top);
+        let mut h = held.then(|| {
+            let mut c = Command::new("qemu-io");
+            c.args(["-r", "-c", "sleep 60000", ts])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c.spawn().expect("spawn qemu-io")
+        });
+        let t0 = Instant::now();
+        while h.is_some() && lock_ranges(&top) <= before {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "qemu-io never locked"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Shutting down closes every image (flush, trim).
+        stop(d);
+        let len = std::fs::metadata(&top).unwrap().len();
+        if let Some(c) = h.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!(lock_ranges(&top), 0, "every lock ended");
+        if held {
+            assert!(len > len0, "trimmed under a reader: {len} <= {len0}");
+        } else {
+            assert_eq!(len, len0, "not trimmed");
+        }
+        intact(&top);
+    }
+}

@@ -289,7 +289,7 @@ pub(super) async fn open(
                 PathFormat::Qcow2 => true,
                 PathFormat::Probe => probe_is_qcow2(&path)?,
             };
-            let leaf = UringBdev::open(
+            let leaf = UringBdev::open_with_perms(
                 &format!("{bname}.file"),
                 &path,
                 UringOptions {
@@ -298,6 +298,9 @@ pub(super) async fn open(
                     block_size: None,
                     locking: opts.locking,
                 },
+                None,
+                false,
+                crate::lock::Perms::for_open_sharing(true, opts.force_share),
             )?;
             if block_device && !leaf.is_block_device() {
                 return Err(BdevError::InvalidParam(format!(
@@ -312,6 +315,7 @@ pub(super) async fn open(
                 read_only: true,
                 filename: Some(path.clone()),
                 backing: BackingSpec::FromHeader,
+                file_force_share: false,
                 ..opts.clone()
             };
             Ok(super::open::open_chain(bname, leaf, bopts, visited.to_vec(), None).await?)

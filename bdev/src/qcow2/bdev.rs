@@ -133,6 +133,32 @@ impl Qcow2Bdev {
     pub fn filename(&self) -> Option<PathBuf> {
         self.info().filename.clone()
     }
+    /// Changes the permissions of the image lock that stands for this image
+    /// in place (see [`crate::lock::ImageLock::set_perms`]): the lock its
+    /// open took on its file, else the one of the uring bdev it is stored
+    /// on. `Ok(false)` when there is none (locking off, other storage).
+    pub fn set_lock_perms(&self, perms: crate::lock::Perms) -> Result<bool, BdevError> {
+        if let Some(l) = self.info().lock.as_mut() {
+            return l.set_perms(perms).map(|()| true);
+        }
+        match self.base.as_any().downcast_ref::<crate::uring::UringBdev>() {
+            Some(u) => u.set_lock_perms(perms),
+            None => Ok(false),
+        }
+    }
+
+    /// The permissions of the image lock that stands for this image (see
+    /// [`Qcow2Bdev::set_lock_perms`]), if any.
+    pub fn lock_perms(&self) -> Option<crate::lock::Perms> {
+        if let Some(l) = self.info().lock.as_ref() {
+            return Some(l.perms());
+        }
+        self.base
+            .as_any()
+            .downcast_ref::<crate::uring::UringBdev>()
+            .and_then(|u| u.lock_perms())
+    }
+
     /// Always `"qcow2"`.
     pub fn format(&self) -> &'static str {
         "qcow2"
@@ -408,7 +434,30 @@ impl Qcow2Bdev {
     /// For an image whose file [`super::open_file`] extended, trims the file to
     /// the end of the last cluster in use (the clusters past it are in no use,
     /// flushed or not, so this needs no flush). The bdev stays usable.
+    ///
+    /// Trimming resizes the file: an image that holds a reader's lock (a
+    /// backing file since a snapshot) takes a writer's for the trim and goes
+    /// back to its reader's after it; when another process holds the file
+    /// (so the writer's lock is refused) the file is left as it is (its next
+    /// writable open trims it).
     pub async fn trim_file(&self) -> Result<(), BdevError> {
+        use crate::lock::{Perms, PERM_RESIZE};
+        let lowered = self.lock_perms().filter(|p| p.perm & PERM_RESIZE == 0);
+        if let Some(p) = lowered.filter(|_| !self.read_only) {
+            if let Err(e) = self.set_lock_perms(Perms::WRITER) {
+                tracing::info!(image = %self.name, error = %e, "image file not trimmed");
+                return Ok(());
+            }
+            let r = self.trim_file_locked().await;
+            if let Err(e) = self.set_lock_perms(p) {
+                tracing::warn!(image = %self.name, error = %e, "image lock not lowered again");
+            }
+            return r;
+        }
+        self.trim_file_locked().await
+    }
+
+    async fn trim_file_locked(&self) -> Result<(), BdevError> {
         let (path, keep) = {
             let i = self.info();
             (
@@ -587,6 +636,17 @@ impl Bdev for Qcow2Bdev {
         // last reference on its way out.
         let l = self.info().lock.take();
         drop(l);
+        // A uring bdev of the image's own (a backing file opened from the
+        // header holds its lock there, unregistered) ends its lock with the
+        // image: a registered one ends it when it is deleted itself.
+        if let Some(u) = self.base.as_any().downcast_ref::<crate::uring::UringBdev>() {
+            let same = crate::registry()
+                .get(u.name())
+                .is_ok_and(|r| std::ptr::addr_eq(Arc::as_ptr(&r), Arc::as_ptr(&self.base)));
+            if !same {
+                u.release_lock();
+            }
+        }
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -53,6 +53,14 @@ pub struct OpenOptions {
     /// Image locks on the files this open opens (see [`crate::lock`]): the
     /// image's is taken before its file is touched and held by the image.
     pub locking: LockMode,
+    /// QEMU's `force-share` of a read-only open: the image's lock and those
+    /// of its backing files hold [`Perms::SHARER`] (reads, everything
+    /// shared) instead of a reader's.
+    pub force_share: bool,
+    /// `force-share` of the image's file only (QEMU's on a nested `file`
+    /// node): the image's own lock holds [`Perms::SHARER`], its backing
+    /// files' not.
+    pub file_force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -65,6 +73,8 @@ impl Default for OpenOptions {
             direct: true,
             overlap_check: OverlapChecks::default(),
             locking: LockMode::Auto,
+            force_share: false,
+            file_force_share: false,
         }
     }
 }
@@ -117,7 +127,9 @@ pub async fn open_file_as(
     path: &Path,
     mut opts: OpenOptions,
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
-    let lock = ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?;
+    let sharing = opts.force_share || opts.file_force_share;
+    let perms = Perms::for_open_sharing(opts.read_only, sharing);
+    let lock = ImageLock::take(path, opts.locking, perms)?;
     // Nothing is written to a file before it passed the checks of a
     // read-only open: a damaged image is refused as it is.
     let valid_len = if opts.read_only {

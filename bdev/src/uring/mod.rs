@@ -66,8 +66,8 @@ pub struct UringBdev {
 
 /// Where an open's image lock comes from.
 enum LockFrom {
-    /// Taken by the open, as its options say.
-    Take,
+    /// Taken by the open with these permissions.
+    Take(Perms),
     /// Taken already by the caller (kept by the bdev) or held elsewhere (`None`).
     Given(Option<ImageLock>),
 }
@@ -86,7 +86,23 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
-        Self::open_inner(name, path, opts, uuid, false, LockFrom::Take)
+        let perms = Perms::for_open(opts.read_only);
+        Self::open_inner(name, path, opts, uuid, false, LockFrom::Take(perms))
+    }
+
+    /// Like [`UringBdev::open_with_uuid`] (or [`UringBdev::open_allow_empty`]
+    /// with `allow_empty`), holding `perms` of the file's lock instead of
+    /// what `opts.read_only` implies (a `force-share` reader's
+    /// [`Perms::SHARER`]).
+    pub fn open_with_perms(
+        name: &str,
+        path: &Path,
+        opts: UringOptions,
+        uuid: Option<String>,
+        allow_empty: bool,
+        perms: Perms,
+    ) -> Result<Arc<UringBdev>, BdevError> {
+        Self::open_inner(name, path, opts, uuid, allow_empty, LockFrom::Take(perms))
     }
 
     /// Like [`UringBdev::open`], taking no lock of its own: the caller holds
@@ -99,6 +115,24 @@ impl UringBdev {
         lock: Option<ImageLock>,
     ) -> Result<Arc<UringBdev>, BdevError> {
         Self::open_inner(name, path, opts, None, false, LockFrom::Given(lock))
+    }
+
+    /// Changes the permissions of the image lock this bdev holds in place
+    /// (see [`ImageLock::set_perms`]); `Ok(false)` when it holds none.
+    pub fn set_lock_perms(&self, perms: Perms) -> Result<bool, BdevError> {
+        match self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(l) => l.set_perms(perms).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The permissions of the image lock this bdev holds, if any.
+    pub fn lock_perms(&self) -> Option<Perms> {
+        self.lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(ImageLock::perms)
     }
 
     /// Ends the bdev's image lock now (it is deleted; a last reference may
@@ -117,7 +151,8 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
-        Self::open_inner(name, path, opts, uuid, true, LockFrom::Take)
+        let perms = Perms::for_open(opts.read_only);
+        Self::open_inner(name, path, opts, uuid, true, LockFrom::Take(perms))
     }
 
     fn open_inner(
@@ -158,7 +193,7 @@ impl UringBdev {
         )?;
         let g = probe::probe(&file, path)?;
         let lock = match lock {
-            LockFrom::Take => ImageLock::take(path, opts.locking, Perms::for_open(opts.read_only))?,
+            LockFrom::Take(perms) => ImageLock::take(path, opts.locking, perms)?,
             LockFrom::Given(l) => l,
         };
         let detected = if opts.direct {

@@ -277,10 +277,18 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let fmt = stream::node::format_of(&backing);
     let owner = img.owner();
     let file = a.backing_file;
-    svc.rt
+    // A backing file holds a reader's lock: QEMU reopens it read-write for
+    // the header write (a writer's lock), then read-only again.
+    let raised = stream::snapshot::raise_for_write(&node)?;
+    let r = svc
+        .rt
         .spawn_on(owner, move || async move {
             img.set_backing_file(Some(&file), Some(&fmt), true).await
         })
-        .block()??;
+        .block();
+    if raised {
+        stream::snapshot::lower_to_backing(&node);
+    }
+    r??;
     Ok(json!({}))
 }

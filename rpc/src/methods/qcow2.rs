@@ -72,6 +72,14 @@ pub(crate) struct Open {
     /// the image gets this name and is registered too, claimed by the image.
     #[serde(skip)]
     pub file_node: Option<String>,
+    /// Not a parameter (`blockdev-add`): `force-share` of a read-only image
+    /// (its file and backing files share everything).
+    #[serde(skip)]
+    pub force_share: bool,
+    /// Not a parameter (`blockdev-add`): `force-share` of the image's nested
+    /// file node only (the image file shares everything, backing files not).
+    #[serde(skip)]
+    pub file_force_share: bool,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +263,8 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         direct: o.direct.unwrap_or(true),
         overlap_check,
         locking: locking_param(o.locking.as_deref())?,
+        force_share: o.force_share,
+        file_force_share: o.file_force_share,
         ..OpenOptions::default()
     };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {

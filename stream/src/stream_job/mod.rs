@@ -23,8 +23,20 @@ pub fn start(
     p: StreamParams,
     tuning: Tuning,
 ) -> Result<Arc<Job>, StreamError> {
-    let (plan, spec) = resolve(mgr, &p)?;
-    let job = mgr.create(spec).map_err(StreamError::Job)?;
+    let (mut plan, spec) = resolve(mgr, &p)?;
+    // A top that is a backing file is written by the job: QEMU's
+    // `stream_start` reopens it read-write, taking a writer's lock.
+    plan.relock = crate::snapshot::raise_for_write(&plan.top_bdev)
+        .map_err(|e| StreamError::Invalid(e.to_string()))?;
+    let job = match mgr.create(spec) {
+        Ok(j) => j,
+        Err(e) => {
+            if plan.relock {
+                crate::snapshot::lower_to_backing(&plan.top_bdev);
+            }
+            return Err(StreamError::Job(e));
+        }
+    };
     let owner = plan.owner;
     // The length is known before the command returns (QEMU's job sets it on
     // its first run, inside the command), so a query right after sees it.

@@ -83,6 +83,10 @@ pub struct StreamPlan {
     pub device: Option<Arc<dyn Bdev>>,
     /// Make the copy durable before the header changes (the default).
     pub durable: bool,
+    /// The top is a backing file (it holds a reader's lock since a snapshot)
+    /// that [`super::start`] gave a writer's lock for the job, as QEMU's
+    /// `stream_start` reopens it read-write: lowered again when the job ends.
+    pub relock: bool,
 }
 
 fn lookup(device: Option<&str>, node: &str) -> Result<Arc<dyn Bdev>, StreamError> {
@@ -238,6 +242,7 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
             .clone()
             .or_else(|| Device::hidden_by_root(top.name()).into_iter().next()),
         durable: !p.no_flush_on_complete,
+        relock: false,
     };
     let spec = JobSpec {
         id: job_id,

@@ -367,7 +367,18 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     let copy_s = t0.elapsed().as_secs_f64();
     let id = job.id().to_string();
     let p = plan.clone();
-    let e = job.complete(error, move |ok| finish(p, ok)).await;
+    // A top that is a backing file gets its reader's lock back before the
+    // job concludes (QEMU's stream_clean reopens it read-only).
+    let e = job
+        .complete(error, move |ok| async move {
+            let (relock, top) = (p.relock, p.top_bdev.clone());
+            let r = finish(p, ok).await;
+            if relock {
+                crate::snapshot::lower_to_backing(&top);
+            }
+            r
+        })
+        .await;
     let total_s = t0.elapsed().as_secs_f64();
     match e {
         Some(e) => tracing::warn!(job = %id, error = %e, copy_s, total_s, "stream job failed"),

@@ -177,6 +177,9 @@ pub(crate) struct FileOpts {
     pub uuid: Option<String>,
     /// Image locks (on by default: an exclusive writer; see `bdev::lock`).
     pub locking: LockMode,
+    /// `blockdev-add`'s `force-share` of a read-only node: the lock shares
+    /// everything ([`bdev::lock::Perms::SHARER`]).
+    pub force_share: bool,
 }
 
 pub(crate) fn open_file(
@@ -192,8 +195,17 @@ pub(crate) fn open_file(
         block_size,
         locking: o.locking,
     };
-    let open =
-        |direct| UringBdev::open_with_uuid(name, Path::new(filename), opts(direct), o.uuid.clone());
+    let perms = bdev::lock::Perms::for_open_sharing(o.read_only, o.force_share);
+    let open = |direct| {
+        UringBdev::open_with_perms(
+            name,
+            Path::new(filename),
+            opts(direct),
+            o.uuid.clone(),
+            false,
+            perms,
+        )
+    };
     match o.direct {
         Some(d) => Ok(open(d)?),
         None => match open(true) {
@@ -250,6 +262,7 @@ fn bdev_uring_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         read_only: a.readonly,
         uuid: a.uuid,
         locking,
+        force_share: false,
     };
     let b: Arc<dyn Bdev> = open_file(&a.name, &a.filename, o)?;
     Ok(Value::String(register_bdev(svc, b)?))
@@ -283,6 +296,7 @@ fn bdev_aio_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         read_only: a.readonly,
         uuid: a.uuid,
         locking: LockMode::Auto,
+        force_share: false,
     };
     let b: Arc<dyn Bdev> = open_file(&a.name, &a.filename, o)?;
     Ok(Value::String(register_bdev(svc, b)?))

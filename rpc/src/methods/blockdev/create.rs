@@ -68,12 +68,20 @@ pub fn open_file_node(name: &str, spec: &NodeSpec) -> Result<Arc<dyn Bdev>, RpcE
             block_size: None,
             locking: *locking,
         };
-        return UringBdev::open_allow_empty(name, std::path::Path::new(filename), o, None)
-            .map(|b| b as Arc<dyn Bdev>)
-            .map_err(|e| match e {
-                bdev::BdevError::Os { source, .. } => could_not_open(filename, &source),
-                e => e.into(),
-            });
+        let perms = bdev::lock::Perms::for_open_sharing(ro, spec.common.force_share);
+        return UringBdev::open_with_perms(
+            name,
+            std::path::Path::new(filename),
+            o,
+            None,
+            true,
+            perms,
+        )
+        .map(|b| b as Arc<dyn Bdev>)
+        .map_err(|e| match e {
+            bdev::BdevError::Os { source, .. } => could_not_open(filename, &source),
+            e => e.into(),
+        });
     }
     let open = |read_only| {
         let o = FileOpts {
@@ -82,6 +90,7 @@ pub fn open_file_node(name: &str, spec: &NodeSpec) -> Result<Arc<dyn Bdev>, RpcE
             read_only,
             uuid: None,
             locking: *locking,
+            force_share: spec.common.force_share,
         };
         open_uring_file(name, filename, o)
     };
@@ -284,6 +293,7 @@ fn create_qcow2(
         read_only: ro,
         direct: Some(spec.common.direct.unwrap_or(false)),
         overlap_checks: Some(overlap),
+        force_share: spec.common.force_share,
         ..Open::default()
     };
     // A file node this image swaps in (restored if the open fails).
@@ -305,6 +315,9 @@ fn create_qcow2(
             o.filename = Some(filename.clone());
             o.direct = Some(child.common.direct.unwrap_or(false));
             o.file_node = Some(cname.clone());
+            // The file node's own force-share relaxes the image file's lock
+            // (not the backing files': QSD holds them as a reader's).
+            o.file_force_share = child.common.force_share;
             made.children.push((cname, child.driver));
         }
         NodeRef::Nested(child) => {
@@ -339,6 +352,7 @@ fn create_qcow2(
                     o.direct = Some(u.options().direct);
                     o.locking = Some(u.options().locking.as_str().into());
                     o.file_node = Some(n.clone());
+                    o.file_force_share = rec.args.get("force-share") == Some(&Value::Bool(true));
                     registry().release(n, state::MONITOR_CLAIM);
                     registry().delete(n, &svc.rt)?;
                     made.file_ref = Some(n.clone());

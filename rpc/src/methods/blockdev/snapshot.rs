@@ -113,6 +113,8 @@ pub(crate) fn snapshot_plain_node(
     });
     let name = add(svc, &args)?;
     move_exports(svc, node, &name)?;
+    // QEMU's external_snapshot_commit reopens the old top read-only.
+    stream::snapshot::lower_to_backing(&b);
     Ok(name)
 }
 

@@ -94,6 +94,10 @@ pub struct Common {
     pub read_only: Option<bool>,
     pub auto_read_only: bool,
     pub direct: Option<bool>,
+    /// QEMU's `force-share` (inherited by nested nodes and, for an image, by
+    /// the backing files it opens): a read-only node whose lock shares
+    /// everything.
+    pub force_share: bool,
 }
 
 /// A `BlockdevRef`: an existing node by name, or a nested definition.
@@ -173,9 +177,15 @@ fn common(a: &mut Args, inherited: Option<&Common>) -> Result<Common, RpcError> 
     let auto_read_only = a
         .bool("auto-read-only")?
         .unwrap_or(inherited.is_some_and(|c| c.auto_read_only));
-    // Accepted; sluice's readers lock as QEMU's do without it (they share
-    // reads, not writes).
-    a.bool("force-share")?;
+    let force_share = a
+        .bool("force-share")?
+        .unwrap_or(inherited.is_some_and(|c| c.force_share));
+    if force_share && read_only != Some(true) {
+        return Err(RpcError::errno(
+            libc::EINVAL,
+            "force-share=on can only be used with read-only images",
+        ));
+    }
     if let Some(d) = a.enumeration("detect-zeroes", DETECT_ZEROES)? {
         if d != "off" {
             return Err(RpcError::errno(
@@ -201,6 +211,7 @@ fn common(a: &mut Args, inherited: Option<&Common>) -> Result<Common, RpcError> 
         read_only,
         auto_read_only,
         direct,
+        force_share,
     })
 }
 
