@@ -52,6 +52,22 @@ fn msg(e: &Value) -> String {
     e["message"].as_str().unwrap_or_default().to_string()
 }
 
+/// Runs one case of tests/py/image_locks.py against a fresh daemon, in a
+/// scratch directory named `dir`; the case prints "ok" last when it passed.
+fn py_case(dir: &str, case: &str) {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new(dir);
+    let out = sluice_tests::check(
+        d.python(
+            "image_locks.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", case],
+        ),
+        &format!("image_locks.py --case {case}"),
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    stop(d);
+}
+
 /// A QEMU process holding `args`' image until killed.
 struct Holder(Child);
 
@@ -444,17 +460,7 @@ fn sluice_holding_image_refuses_qemu() {
 /// commands; the image reads back intact.
 #[test]
 fn qmp_refusals_match_qsd() {
-    let d = Daemon::start(&[]);
-    let work = TempDir::new("lqmp");
-    let out = sluice_tests::check(
-        d.python(
-            "image_locks.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", "locks_qsd"],
-        ),
-        "image_locks.py --case locks_qsd",
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
-    stop(d);
+    py_case("lqmp", "locks_qsd");
 }
 
 /// After `blockdev-snapshot-sync` the old top holds a backing file's lock
@@ -465,17 +471,7 @@ fn qmp_refusals_match_qsd() {
 /// (tests/py/image_locks.py compares every answer and /proc/locks with QSD's).
 #[test]
 fn snapshot_lowers_old_top_and_force_share_match_qsd() {
-    let d = Daemon::start(&[]);
-    let work = TempDir::new("lsnapqsd");
-    let out = sluice_tests::check(
-        d.python(
-            "image_locks.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", "snapshot_qsd"],
-        ),
-        "image_locks.py --case snapshot_qsd",
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
-    stop(d);
+    py_case("lsnapqsd", "snapshot_qsd");
 }
 
 /// A stream into a backing file (the old top of a snapshot) and
@@ -486,22 +482,7 @@ fn snapshot_lowers_old_top_and_force_share_match_qsd() {
 /// compares every answer and /proc/locks with QSD's; qemu-img judges the images).
 #[test]
 fn backing_file_writes_raise_lock_match_qsd() {
-    let d = Daemon::start(&[]);
-    let work = TempDir::new("lbackw");
-    let out = sluice_tests::check(
-        d.python(
-            "image_locks.py",
-            &[
-                "--dir",
-                work.0.to_str().unwrap(),
-                "--case",
-                "backing_writes_qsd",
-            ],
-        ),
-        "image_locks.py --case backing_writes_qsd",
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
-    stop(d);
+    py_case("lbackw", "backing_writes_qsd");
 }
 
 /// A device's snapshot (`snapshot_blkdev`, then `blockdev-snapshot-sync`)
