@@ -80,6 +80,13 @@ pub trait Bdev: Send + Sync + 'static {
     }
     /// Called once when the bdev is deleted from the registry.
     fn on_delete(&self) {}
+    /// Whether a FUA write costs about what a plain write does (RAM, a device
+    /// with its own FUA, a file opened `O_DIRECT`): `false` where FUA means
+    /// syncing a page cache (a buffered file), so that a layer above does
+    /// better with plain writes and one flush shared by many of them.
+    fn fua_is_cheap(&self) -> bool {
+        true
+    }
     /// Allocation status at `offset` (at most `len` bytes), if the bdev knows it;
     /// `None` means "all data, allocated". Call on a reactor.
     fn range_status(&self, _offset: u64, _len: u64) -> Option<RangeStatusFuture> {

@@ -54,6 +54,8 @@ struct Recorder {
     name: String,
     base: Arc<dyn Bdev>,
     log: Arc<Mutex<Vec<Ev>>>,
+    /// What it answers to `fua_is_cheap` (false: as a buffered file).
+    cheap_fua: bool,
 }
 
 struct RecChannel {
@@ -76,6 +78,9 @@ impl Bdev for Recorder {
     }
     fn io_type_supported(&self, t: IoType) -> bool {
         self.base.io_type_supported(t)
+    }
+    fn fua_is_cheap(&self) -> bool {
+        self.cheap_fua
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         Ok(Box::new(RecChannel {
@@ -165,6 +170,15 @@ const CS: u64 = 65536;
 /// A new 64 MiB qcow2 image (64 KiB clusters) over a recorder over a malloc
 /// bdev, opened with reactor 0 as its owner.
 fn recorded_image(rt: &RuntimeHandle, tag: &str) -> (Arc<dyn Bdev>, Arc<Mutex<Vec<Ev>>>) {
+    recorded_image_with(rt, tag, true)
+}
+
+/// [`recorded_image`] over a base whose FUA is cheap or not.
+fn recorded_image_with(
+    rt: &RuntimeHandle,
+    tag: &str,
+    cheap_fua: bool,
+) -> (Arc<dyn Bdev>, Arc<Mutex<Vec<Ev>>>) {
     let m: Arc<dyn Bdev> =
         MallocBdev::new(&format!("fua_m_{tag}"), 256 * 1024, 512, None).expect("malloc");
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -172,6 +186,7 @@ fn recorded_image(rt: &RuntimeHandle, tag: &str) -> (Arc<dyn Bdev>, Arc<Mutex<Ve
         name: format!("fua_rec_{tag}"),
         base: m,
         log: log.clone(),
+        cheap_fua,
     });
     let name = format!("fua_q_{tag}");
     let q = rt
@@ -300,6 +315,61 @@ fn qcow2_fua_write_into_mapped_cluster() {
         let l = take(&log);
         assert_eq!(not_durable(&l), vec![], "reactor {r}: {l:?}");
         assert!(flushes(&l) >= 1, "reactor {r}: {l:?}");
+    }
+}
+
+/// Over a base whose FUA is not cheap (a buffered file: `RWF_DSYNC` syncs per
+/// request), a FUA write to a mapped cluster goes down plain and completes
+/// after a flush, and FUA writes in flight together share one flush.
+#[test]
+fn qcow2_fua_over_a_base_without_cheap_fua_is_write_then_shared_flush() {
+    let rt = runtime(2);
+    let h = rt.handle();
+    for r in [0usize, 1] {
+        let (q, log) = recorded_image_with(&h, &format!("nocheap{r}"), false);
+        for i in 0..8 {
+            assert_eq!(
+                io_on(&h, r, &q, IoType::Write, i * CS, true),
+                IoStatus::Success
+            );
+        }
+        take(&log);
+        assert_eq!(
+            io_on(&h, r, &q, IoType::Write, 3 * CS, true),
+            IoStatus::Success
+        );
+        let l = take(&log);
+        assert!(
+            l.iter().all(|e| !matches!(e, Ev::Done { fua: true, .. })),
+            "reactor {r}: FUA passed down to a base without cheap FUA: {l:?}"
+        );
+        assert_eq!(not_durable(&l), vec![], "reactor {r}: {l:?}");
+        assert_eq!(flushes(&l), 1, "reactor {r}: {l:?}");
+        // Eight FUA writes to mapped clusters at once: fewer flushes than writes.
+        let q2 = q.clone();
+        let st = h
+            .spawn_on(r, move || async move {
+                let ch = channel(&q2).expect("channel");
+                let mut futs = Vec::new();
+                for i in 0..8u64 {
+                    let buf = DmaBuf::from_slice(&[0x5au8; CS as usize]).unwrap();
+                    let mut io = BdevIo::new(IoType::Write, i * CS, CS, Some(buf), None);
+                    io.fua = true;
+                    futs.push(submit_wait(&ch, io));
+                }
+                let done = futures::future::join_all(futs).await;
+                done.into_iter().map(|io| io.status).collect::<Vec<_>>()
+            })
+            .block()
+            .expect("join");
+        assert!(st.iter().all(|s| *s == IoStatus::Success), "{st:?}");
+        let l = take(&log);
+        assert_eq!(not_durable(&l), vec![], "reactor {r}: {l:?}");
+        assert!(
+            flushes(&l) <= 3,
+            "reactor {r}: 8 FUA writes, {} flushes: {l:?}",
+            flushes(&l)
+        );
     }
 }
 

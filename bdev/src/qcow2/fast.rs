@@ -158,10 +158,13 @@ impl FastPath {
         let write = match io.io_type {
             IoType::Read => false,
             // A FUA write goes down as it is (the base makes it durable) only
-            // when its mapping is durable already; else the general path
-            // writes it and then flushes the image.
+            // when its mapping is durable already and the base's FUA is cheap;
+            // else the general path writes it and then flushes the image, one
+            // flush for all the FUA writes waiting together.
             IoType::Write
-                if !img.read_only && !img.broken.get() && (!io.fua || img.metadata_durable()) =>
+                if !img.read_only
+                    && !img.broken.get()
+                    && (!io.fua || (img.native_fua && img.metadata_durable())) =>
             {
                 true
             }

@@ -81,6 +81,10 @@ pub(crate) struct Image {
     /// Guest flushes started, and the last of them that completed
     /// successfully ([`Image::flush`] shares one among waiters).
     pub(crate) flushes_started: Cell<u64>,
+    /// The base's FUA is cheap ([`crate::Bdev::fua_is_cheap`]): a FUA write
+    /// to a mapped cluster goes down with the flag; else it is written plain
+    /// and the image's flush (shared among waiters) makes it durable.
+    pub(crate) native_fua: bool,
     pub(crate) flushes_ok: Cell<u64>,
     /// Which metadata writes are checked against (`overlap.rs`).
     pub(crate) overlap_checks: OverlapChecks,
@@ -189,6 +193,7 @@ impl Image {
             meta_done: Cell::new(0),
             meta_flushed: Cell::new(0),
             flushes_started: Cell::new(0),
+            native_fua: base.fua_is_cheap(),
             flushes_ok: Cell::new(0),
             overlap_checks: opts.overlap_checks,
             meta_map: RefCell::new(MetaMap::default()),

@@ -277,6 +277,10 @@ impl Bdev for UringBdev {
     fn num_blocks(&self) -> u64 {
         self.num_blocks
     }
+    fn fua_is_cheap(&self) -> bool {
+        // RWF_DSYNC on a buffered file writes back and syncs per request.
+        self.opts.direct || self.memory_backed
+    }
     fn io_type_supported(&self, t: IoType) -> bool {
         match t {
             IoType::Read | IoType::Write | IoType::Flush | IoType::WriteZeroes | IoType::Unmap => {
