@@ -142,7 +142,6 @@ struct Rec {
     pending: u32,
     status: IoStatus,
     data: Option<DmaBuf>,
-    flush_after: bool,
     zero_next: u64,
     zero_end: u64,
     fua: bool,
@@ -157,7 +156,6 @@ impl Rec {
             pending,
             status: IoStatus::Success,
             data: None,
-            flush_after: false,
             zero_next: 0,
             zero_end: 0,
             fua: r.flags & cflags::FUA != 0,
@@ -588,9 +586,7 @@ impl Transmission {
                 if r.len == 0 {
                     return self.ok(&r);
                 }
-                let mut rec = Rec::new(&r, 1);
-                rec.flush_after = rec.fua && self.can_flush;
-                let key = self.recs.insert(rec);
+                let key = self.recs.insert(Rec::new(&r, 1));
                 self.submit_simple(
                     key,
                     IoType::Unmap,
@@ -627,9 +623,7 @@ impl Transmission {
                         self.finish(key);
                     }
                 } else {
-                    let mut rec = Rec::new(&r, 1);
-                    rec.flush_after = rec.fua && self.can_flush;
-                    let key = self.recs.insert(rec);
+                    let key = self.recs.insert(Rec::new(&r, 1));
                     self.submit_simple(
                         key,
                         IoType::WriteZeroes,
@@ -819,18 +813,12 @@ impl Transmission {
         }
     }
 
-    /// All parts of a request are done: flush if FUA asked for it, else reply.
+    /// All parts of a request are done: reply. (FUA went down with each part:
+    /// every bdev makes a FUA request durable before it completes.)
     fn finish(&mut self, key: usize) {
         let Some(mut rec) = self.recs.try_remove(key) else {
             return;
         };
-        if rec.status.is_ok() && rec.flush_after {
-            rec.flush_after = false;
-            rec.pending = 1;
-            let key = self.recs.insert(rec);
-            self.submit_simple(key, IoType::Flush, 0, 0, false);
-            return;
-        }
         let r = Request {
             flags: 0,
             cmd: rec.cmd,
