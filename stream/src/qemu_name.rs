@@ -102,12 +102,11 @@ fn describe_as(b: &Arc<dyn Bdev>, as_file: bool) -> QemuNode {
     }
     let any = b.as_any();
     if let Some(u) = any.downcast_ref::<UringBdev>() {
-        let is_blk = b
-            .driver_specific()
-            .pointer("/uring/block_device")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let driver = if is_blk { "host_device" } else { "file" };
+        let driver = if u.is_block_device() {
+            "host_device"
+        } else {
+            "file"
+        };
         let file = protocol(driver, u.path().display().to_string());
         if as_file {
             return file;
@@ -191,7 +190,7 @@ pub fn filename(n: &QemuNode) -> String {
 }
 
 /// The node's options as a dictionary (QEMU's `full_open_options`).
-pub fn to_qdict(n: &QemuNode) -> Map<String, Value> {
+fn to_qdict(n: &QemuNode) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("driver".into(), Value::from(driver(n)));
     match n {
@@ -222,7 +221,7 @@ fn qdict_bucket(key: &str) -> u32 {
 
 /// JSON as QEMU's `qobject_to_json` prints it: `{"k": v, ...}` in `QDict`
 /// order, `[a, b]`, strings with only printable ASCII left unescaped.
-pub fn qdict_json(v: &Value) -> String {
+fn qdict_json(v: &Value) -> String {
     let mut out = String::new();
     write_json(v, &mut out);
     out

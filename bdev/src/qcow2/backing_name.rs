@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 /// The format of a backing file given by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PathFormat {
+enum PathFormat {
     /// Read as it is (`raw`, or the `file` / `host_device` protocol itself).
     Raw,
     /// A qcow2 image.
@@ -34,7 +34,7 @@ pub(crate) enum PathFormat {
 
 /// The backing node a header names.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum BackingNode {
+enum BackingNode {
     /// A file or block device, read as `format`.
     Path {
         /// Where (resolved).
@@ -74,11 +74,7 @@ const HARMLESS: &[&str] = &[
 
 /// Parses the backing file name `name` (with the header's format `fmt`) of
 /// the image at `image` (relative paths resolve against its directory).
-pub(crate) fn parse(
-    name: &str,
-    fmt: Option<&str>,
-    image: Option<&Path>,
-) -> Result<BackingNode, BdevError> {
+fn parse(name: &str, fmt: Option<&str>, image: Option<&Path>) -> Result<BackingNode, BdevError> {
     let unsupported = |why: String| BdevError::Unsupported(format!("backing file {name:?}: {why}"));
     if let Some(json) = name.strip_prefix("json:") {
         let v: Value = serde_json::from_str(json)

@@ -215,7 +215,6 @@ pub async fn create_file_locking(
             block_size: Some(512),
             locking,
         },
-        None,
     )?;
     let r = create(base.clone(), opts).await;
     crate::drop_cached_channels(&(base as Arc<dyn Bdev>));

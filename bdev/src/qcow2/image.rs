@@ -220,12 +220,12 @@ impl Image {
                     "image has the dirty bit set: rebuilding refcounts"
                 );
                 img.rebuild_refcounts().await?;
-            } else if !img.refcounts_cover_references().await? {
+            } else if let Some(refs) = img.uncovered_references().await? {
                 tracing::warn!(
                     image = name,
                     "refcounts do not cover the clusters in use (a damaged image): rebuilding them"
                 );
-                img.repair_refcounts().await?;
+                img.repair_refcounts(refs).await?;
             }
             if autoclear != 0 {
                 // We maintain none of the autoclear features (bitmaps included): clear them

@@ -160,7 +160,6 @@ pub async fn open_file_as(
             block_size: None,
             locking: opts.locking,
         },
-        None,
     )
     .map_err(restore)?;
     opts.filename = Some(path.to_path_buf());

@@ -11,15 +11,16 @@ impl Image {
     /// fresh refcount table and blocks past everything in use, then switches the
     /// header to them and clears the dirty bit.
     pub(crate) async fn rebuild_refcounts(&self) -> R<()> {
-        self.rebuild_refcounts_with(true).await
+        let refs = self.count_references(true).await?;
+        self.rebuild_refcounts_with(refs).await
     }
 
-    /// [`Image::rebuild_refcounts`]; with `strict` off, references that lie
-    /// past the image or entries that cannot be decoded are skipped (a damaged
-    /// image: such clusters are refused when accessed) instead of failing.
-    pub(crate) async fn rebuild_refcounts_with(&self, strict: bool) -> R<()> {
+    /// [`Image::rebuild_refcounts`] from references counted already
+    /// ([`Image::count_references`]; a damaged image's are counted leniently:
+    /// references past the image or entries that cannot be decoded are
+    /// skipped, and such clusters are refused when accessed).
+    pub(crate) async fn rebuild_refcounts_with(&self, mut refs: Vec<u32>) -> R<()> {
         let cs = self.cs;
-        let mut refs = self.count_references(strict).await?;
         let (old_rt, old_rt_clusters) = {
             let h = self.hdr.borrow();
             (h.refcount_table_offset, h.refcount_table_clusters as u64)

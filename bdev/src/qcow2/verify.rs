@@ -6,7 +6,7 @@
 //! - [`Image::count_references`]: how often the header, the active L1 table,
 //!   its L2 tables and their entries use each host cluster (what
 //!   `qemu-img check` counts).
-//! - [`Image::refcounts_cover_references`]: whether every cluster that holds
+//! - [`Image::uncovered_references`]: whether every cluster that holds
 //!   no metadata has a refcount at least as large as its references. When it
 //!   does not (the refcounts of a damaged image lie), allocation could hand a
 //!   cluster in use out again and in-place writes could land on a cluster
@@ -30,6 +30,18 @@ use crate::BdevError;
 const SCAN_WINDOW: usize = 64;
 
 impl Image {
+    /// Host offsets of the active L1 table's L2 tables.
+    fn l2_tables(&self) -> Vec<u64> {
+        let l1_size = self.hdr.borrow().l1_size as usize;
+        self.l1
+            .borrow()
+            .iter()
+            .take(l1_size)
+            .map(|&e| L1Entry(e).l2_offset())
+            .filter(|&o| o != 0)
+            .collect()
+    }
+
     /// References to each host cluster (index: cluster number). With `strict`,
     /// a reference past the image or an entry that cannot be decoded is an
     /// error; without, it is skipped.
@@ -50,14 +62,9 @@ impl Image {
                 .into());
             }
             if refs.len() <= last as usize {
-                // Grown geometrically: references mostly come in ascending order.
-                let want = (last as usize + 1).max(refs.len() * 2);
-                refs.resize(want.min(max_clusters as usize), 0);
-            }
-            if first == last {
-                let r = &mut refs[first as usize];
-                *r = r.saturating_add(1);
-                return Ok(());
+                // `refs.len()` stays one past the last cluster referenced
+                // (`rebuild.rs` places new refcount structures there).
+                refs.resize(last as usize + 1, 0);
             }
             for c in first..=last {
                 refs[c as usize] = refs[c as usize].saturating_add(1);
@@ -72,18 +79,7 @@ impl Image {
         if l1_size > 0 {
             add(l1_off, (l1_size * 8).next_multiple_of(cs))?;
         }
-        let l1: Vec<u64> = self
-            .l1
-            .borrow()
-            .iter()
-            .take(l1_size as usize)
-            .copied()
-            .collect();
-        let tables: Vec<u64> = l1
-            .into_iter()
-            .map(|e| L1Entry(e).l2_offset())
-            .filter(|&o| o != 0)
-            .collect();
+        let tables = self.l2_tables();
         for batch in tables.chunks(SCAN_WINDOW) {
             let reads = batch
                 .iter()
@@ -114,9 +110,16 @@ impl Image {
     }
 
     /// Whether every cluster holding no metadata has a refcount covering its
-    /// references (see the module doc). Reads every refcount block once.
-    pub(crate) async fn refcounts_cover_references(&self) -> R<bool> {
+    /// references (see the module doc): `None` when it does, else the
+    /// references counted (for [`Image::repair_refcounts`]). Reads every L2
+    /// table and refcount block once.
+    pub(crate) async fn uncovered_references(&self) -> R<Option<Vec<u32>>> {
         let refs = self.count_references(false).await?;
+        Ok((!self.refcounts_cover(&refs).await?).then_some(refs))
+    }
+
+    /// Whether the refcounts on disk cover `refs` (see [`Image::uncovered_references`]).
+    async fn refcounts_cover(&self, refs: &[u32]) -> R<bool> {
         let cs = self.cs;
         let per = self.rf.block_entries();
         let table = self.reftable.borrow().clone();
@@ -157,18 +160,10 @@ impl Image {
     /// Rebuilds the refcounts of a damaged image from its tables and clears
     /// COPIED where a cluster is shared; the L2 tables changed are written and
     /// flushed before it returns. The metadata lock is free.
-    pub(crate) async fn repair_refcounts(&self) -> R<()> {
-        self.rebuild_refcounts_with(false).await?;
-        let refs = self.count_references(false).await?;
-        let l1_size = self.hdr.borrow().l1_size as usize;
-        let tables: Vec<u64> = self
-            .l1
-            .borrow()
-            .iter()
-            .take(l1_size)
-            .map(|&e| L1Entry(e).l2_offset())
-            .filter(|&o| o != 0)
-            .collect();
+    /// `refs`: the references counted ([`Image::uncovered_references`]).
+    pub(crate) async fn repair_refcounts(&self, refs: Vec<u32>) -> R<()> {
+        self.rebuild_refcounts_with(refs.clone()).await?;
+        let tables = self.l2_tables();
         let _m = self.meta.lock().await;
         let mut fixed = 0u64;
         for off in tables {

@@ -64,14 +64,6 @@ pub struct UringBdev {
     lock: Mutex<Option<ImageLock>>,
 }
 
-/// Where an open's image lock comes from.
-enum LockFrom {
-    /// Taken by the open with these permissions.
-    Take(Perms),
-    /// Taken already by the caller (kept by the bdev) or held elsewhere (`None`).
-    Given(Option<ImageLock>),
-}
-
 impl UringBdev {
     /// Opens `path` as bdev `name`. The caller registers it (see [`crate::registry`]).
     pub fn open(name: &str, path: &Path, opts: UringOptions) -> Result<Arc<UringBdev>, BdevError> {
@@ -87,7 +79,7 @@ impl UringBdev {
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
         let perms = Perms::for_open(opts.read_only);
-        Self::open_inner(name, path, opts, uuid, false, LockFrom::Take(perms))
+        Self::open_inner(name, path, opts, uuid, false, Some(perms))
     }
 
     /// Like [`UringBdev::open_with_uuid`] (or [`UringBdev::open_allow_empty`]
@@ -102,19 +94,17 @@ impl UringBdev {
         allow_empty: bool,
         perms: Perms,
     ) -> Result<Arc<UringBdev>, BdevError> {
-        Self::open_inner(name, path, opts, uuid, allow_empty, LockFrom::Take(perms))
+        Self::open_inner(name, path, opts, uuid, allow_empty, Some(perms))
     }
 
     /// Like [`UringBdev::open`], taking no lock of its own: the caller holds
-    /// the file's lock already and either hands it over (`lock`), for the bdev
-    /// to hold while it lives, or keeps it for as long as it uses the bdev.
+    /// the file's lock already, for as long as it uses the bdev.
     pub fn open_under_lock(
         name: &str,
         path: &Path,
         opts: UringOptions,
-        lock: Option<ImageLock>,
     ) -> Result<Arc<UringBdev>, BdevError> {
-        Self::open_inner(name, path, opts, None, false, LockFrom::Given(lock))
+        Self::open_inner(name, path, opts, None, false, None)
     }
 
     /// Changes the permissions of the image lock this bdev holds in place
@@ -152,7 +142,7 @@ impl UringBdev {
         uuid: Option<String>,
     ) -> Result<Arc<UringBdev>, BdevError> {
         let perms = Perms::for_open(opts.read_only);
-        Self::open_inner(name, path, opts, uuid, true, LockFrom::Take(perms))
+        Self::open_inner(name, path, opts, uuid, true, Some(perms))
     }
 
     fn open_inner(
@@ -161,7 +151,7 @@ impl UringBdev {
         opts: UringOptions,
         uuid: Option<String>,
         allow_empty: bool,
-        lock: LockFrom,
+        lock: Option<Perms>,
     ) -> Result<Arc<UringBdev>, BdevError> {
         let uuid = uuid_or_random(uuid)?;
         if name.is_empty() {
@@ -193,8 +183,8 @@ impl UringBdev {
         )?;
         let g = probe::probe(&file, path)?;
         let lock = match lock {
-            LockFrom::Take(perms) => ImageLock::take(path, opts.locking, perms)?,
-            LockFrom::Given(l) => l,
+            Some(perms) => ImageLock::take(path, opts.locking, perms)?,
+            None => None,
         };
         let detected = if opts.direct {
             g.dio_block.clamp(512, 4096)

@@ -351,7 +351,6 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
 /// or an object with an optional `template` mode and one boolean per kind of
 /// metadata; default `cached`. The errors are QEMU's.
 fn overlap_check(a: &mut Args) -> Result<OverlapChecks, RpcError> {
-    const MODES: &[&str] = &["none", "constant", "cached", "all"];
     let mode = |m: &str, path: &str| OverlapChecks::from_mode(m).map_err(|_| bad_value(path, m));
     match a.any("overlap-check") {
         None => Ok(OverlapChecks::default()),
@@ -361,8 +360,7 @@ fn overlap_check(a: &mut Args) -> Result<OverlapChecks, RpcError> {
             // QEMU names the template member without its prefix.
             let mut set = match o.any("template") {
                 None => OverlapChecks::default(),
-                Some(Value::String(m)) if MODES.contains(&m.as_str()) => mode(m, "template")?,
-                Some(Value::String(m)) => return Err(bad_value("template", m)),
+                Some(Value::String(m)) => mode(m, "template")?,
                 Some(_) => return Err(bad_type(&o.path("template"), "Qcow2OverlapCheckMode")),
             };
             for (k, flag, _) in OverlapChecks::FLAGS {
