@@ -87,6 +87,17 @@ pub trait Bdev: Send + Sync + 'static {
     fn fua_is_cheap(&self) -> bool {
         true
     }
+    /// The permissions of the image lock that stands for this bdev (its
+    /// file's, [`crate::lock`]), if it holds one.
+    fn lock_perms(&self) -> Option<crate::lock::Perms> {
+        None
+    }
+    /// Changes that lock's permissions in place
+    /// ([`crate::lock::ImageLock::set_perms`]); `Ok(false)` when there is none
+    /// (locking off, storage without locks).
+    fn set_lock_perms(&self, _perms: crate::lock::Perms) -> Result<bool, BdevError> {
+        Ok(false)
+    }
     /// Allocation status at `offset` (at most `len` bytes), if the bdev knows it;
     /// `None` means "all data, allocated". Call on a reactor.
     fn range_status(&self, _offset: u64, _len: u64) -> Option<RangeStatusFuture> {

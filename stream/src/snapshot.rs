@@ -238,19 +238,9 @@ pub async fn snapshot_existing_plain(
 /// (`Qcow2Bdev::trim_file`).
 pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
     use bdev::lock::{Perms, PERM_WRITE};
-    let any = old_top.as_any();
-    let r = if let Some(q) = any.downcast_ref::<Qcow2Bdev>() {
-        match q.lock_perms() {
-            Some(p) if p.perm & PERM_WRITE != 0 => q.set_lock_perms(Perms::READER),
-            _ => return,
-        }
-    } else if let Some(u) = any.downcast_ref::<bdev::uring::UringBdev>() {
-        match u.lock_perms() {
-            Some(p) if p.perm & PERM_WRITE != 0 => u.set_lock_perms(Perms::READER),
-            _ => return,
-        }
-    } else {
-        return;
+    let r = match old_top.lock_perms() {
+        Some(p) if p.perm & PERM_WRITE != 0 => old_top.set_lock_perms(Perms::READER),
+        _ => return,
     };
     match r {
         Ok(_) => tracing::info!(node = %old_top.name(), "backing file now holds a reader's lock"),

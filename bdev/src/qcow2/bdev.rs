@@ -133,32 +133,6 @@ impl Qcow2Bdev {
     pub fn filename(&self) -> Option<PathBuf> {
         self.info().filename.clone()
     }
-    /// Changes the permissions of the image lock that stands for this image
-    /// in place (see [`crate::lock::ImageLock::set_perms`]): the lock its
-    /// open took on its file, else the one of the uring bdev it is stored
-    /// on. `Ok(false)` when there is none (locking off, other storage).
-    pub fn set_lock_perms(&self, perms: crate::lock::Perms) -> Result<bool, BdevError> {
-        if let Some(l) = self.info().lock.as_mut() {
-            return l.set_perms(perms).map(|()| true);
-        }
-        match self.base.as_any().downcast_ref::<crate::uring::UringBdev>() {
-            Some(u) => u.set_lock_perms(perms),
-            None => Ok(false),
-        }
-    }
-
-    /// The permissions of the image lock that stands for this image (see
-    /// [`Qcow2Bdev::set_lock_perms`]), if any.
-    pub fn lock_perms(&self) -> Option<crate::lock::Perms> {
-        if let Some(l) = self.info().lock.as_ref() {
-            return Some(l.perms());
-        }
-        self.base
-            .as_any()
-            .downcast_ref::<crate::uring::UringBdev>()
-            .and_then(|u| u.lock_perms())
-    }
-
     /// Always `"qcow2"`.
     pub fn format(&self) -> &'static str {
         "qcow2"
@@ -630,6 +604,20 @@ impl Bdev for Qcow2Bdev {
                 zero: s.zero,
             })
         }))
+    }
+    /// The lock its open took on its file, else its base's.
+    fn lock_perms(&self) -> Option<crate::lock::Perms> {
+        if let Some(l) = self.info().lock.as_ref() {
+            return Some(l.perms());
+        }
+        self.base.lock_perms()
+    }
+    /// The lock its open took on its file, else its base's.
+    fn set_lock_perms(&self, perms: crate::lock::Perms) -> Result<bool, BdevError> {
+        if let Some(l) = self.info().lock.as_mut() {
+            return l.set_perms(perms).map(|()| true);
+        }
+        self.base.set_lock_perms(perms)
     }
     fn on_delete(&self) {
         // Deleted: the file is free for others now, whoever still holds a

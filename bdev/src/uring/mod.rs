@@ -107,24 +107,6 @@ impl UringBdev {
         Self::open_inner(name, path, opts, None, false, None)
     }
 
-    /// Changes the permissions of the image lock this bdev holds in place
-    /// (see [`ImageLock::set_perms`]); `Ok(false)` when it holds none.
-    pub fn set_lock_perms(&self, perms: Perms) -> Result<bool, BdevError> {
-        match self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            Some(l) => l.set_perms(perms).map(|()| true),
-            None => Ok(false),
-        }
-    }
-
-    /// The permissions of the image lock this bdev holds, if any.
-    pub fn lock_perms(&self) -> Option<Perms> {
-        self.lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(ImageLock::perms)
-    }
-
     /// Ends the bdev's image lock now (it is deleted; a last reference may
     /// still be on its way out).
     pub fn release_lock(&self) {
@@ -255,6 +237,24 @@ impl UringBdev {
 }
 
 impl Bdev for UringBdev {
+    /// Changes the permissions of the image lock this bdev holds in place
+    /// (see [`ImageLock::set_perms`]); `Ok(false)` when it holds none.
+    fn set_lock_perms(&self, perms: Perms) -> Result<bool, BdevError> {
+        match self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(l) => l.set_perms(perms).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The permissions of the image lock this bdev holds, if any.
+    fn lock_perms(&self) -> Option<Perms> {
+        self.lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(ImageLock::perms)
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
