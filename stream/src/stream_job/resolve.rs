@@ -210,20 +210,20 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
     }
     let image = node::image(&top);
     let noop = end <= 1;
-    let backing_file = base.as_ref().map(|b| {
+    let described = base.as_ref().map(qemu_name::describe);
+    let backing_file = described.as_ref().map(|n| {
         p.backing_file
             .clone()
-            .unwrap_or_else(|| node::filename_of(b))
+            .unwrap_or_else(|| qemu_name::filename(n))
     });
     // QEMU's stream_prepare: the base's driver, or `raw` for a protocol
     // driver when masked.
-    let backing_format = base.as_ref().map(|b| {
-        let n = qemu_name::describe(b);
+    let backing_format = described.as_ref().map(|n| {
         let protocol = !matches!(n, qemu_name::QemuNode::Format { .. });
         if p.backing_mask_protocol && protocol {
             "raw".to_string()
         } else {
-            qemu_name::driver(&n).to_string()
+            qemu_name::driver(n).to_string()
         }
     });
     let owner = image.as_ref().map(|i| i.owner()).unwrap_or(0);
