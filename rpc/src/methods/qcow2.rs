@@ -12,6 +12,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::device::Device;
+use bdev::lock::LockMode;
 use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, OverlapChecks, Qcow2Bdev};
 use bdev::{registry, Bdev};
 use serde::Deserialize;
@@ -112,11 +113,15 @@ fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<Str
     }
 }
 
-/// Checks what `open` will check of a new image's names, and the backing
-/// file the image will name: all before any file is written.
-fn check_create(c: &Create) -> Result<(), RpcError> {
-    let node_name = node_name_of(&c.name, &c.node_name)?;
-    if let Some(d) = &c.name {
+/// The node name of an image to open (see [`node_name_of`]), once neither
+/// it, the device `name` nor the `file_node` is taken.
+fn check_names(
+    name: &Option<String>,
+    node_name: &Option<String>,
+    file_node: Option<&String>,
+) -> Result<String, RpcError> {
+    let node_name = node_name_of(name, node_name)?;
+    if let Some(d) = name {
         if registry().contains(d) {
             return Err(RpcError::errno(
                 libc::EEXIST,
@@ -124,12 +129,22 @@ fn check_create(c: &Create) -> Result<(), RpcError> {
             ));
         }
     }
-    if registry().contains(&node_name) {
-        return Err(RpcError::errno(
-            libc::EEXIST,
-            format!("Duplicate nodes with node-name='{node_name}'"),
-        ));
+    for n in std::iter::once(&node_name).chain(file_node) {
+        if registry().contains(n) {
+            return Err(RpcError::errno(
+                libc::EEXIST,
+                format!("Duplicate nodes with node-name='{n}'"),
+            ));
+        }
     }
+    Ok(node_name)
+}
+
+/// Checks what `open` will check of a new image's names, and the backing
+/// file the image will name: all before any file is written. Returns the
+/// image's `locking`.
+fn check_create(c: &Create) -> Result<LockMode, RpcError> {
+    let node_name = check_names(&c.name, &c.node_name, None)?;
     if c.name.as_deref() == Some(node_name.as_str()) {
         return Err(RpcError::invalid_params(format!(
             "'name' and 'node_name' are both {node_name:?}"
@@ -155,14 +170,12 @@ fn check_create(c: &Create) -> Result<(), RpcError> {
             ));
         }
     }
-    locking_param(c.locking.as_deref())?;
-    Ok(())
+    locking_param(c.locking.as_deref())
 }
 
 fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let c: Create = p.parse()?;
-    check_create(&c)?;
-    let locking = locking_param(c.locking.as_deref())?;
+    let locking = check_create(&c)?;
     let opts = CreateOptions {
         cluster_size: c.cluster_size.unwrap_or(65536),
         version: c.version.unwrap_or(3),
@@ -225,23 +238,7 @@ fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
 /// Opens an image as a node (and a device when `name` is given); returns the
 /// device's or the node's name.
 pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
-    let node_name = node_name_of(&o.name, &o.node_name)?;
-    if let Some(d) = &o.name {
-        if registry().contains(d) {
-            return Err(RpcError::errno(
-                libc::EEXIST,
-                format!("a bdev named {d:?} already exists"),
-            ));
-        }
-    }
-    for n in std::iter::once(&node_name).chain(&o.file_node) {
-        if registry().contains(n) {
-            return Err(RpcError::errno(
-                libc::EEXIST,
-                format!("Duplicate nodes with node-name='{n}'"),
-            ));
-        }
-    }
+    let node_name = check_names(&o.name, &o.node_name, o.file_node.as_ref())?;
     let backing = match (&o.backing, o.no_backing) {
         (Some(_), true) => {
             return Err(RpcError::invalid_params(
