@@ -20,7 +20,9 @@
 #
 # Environment: SLUICE_BIN (target/release/sluice), OLD_BIN, BENCH_DIR (/var/tmp),
 # ROUNDS (2), COUNT (requests per qemu-img bench run, 20000), RUNTIME (sluice perf
-# seconds, 4), SERVER_CPU (0), CLIENT_CPU (1), DIRECT (0: page cache; 1: O_DIRECT).
+# seconds, 4), SERVER_CPU (0), CLIENT_CPU (1), DIRECT (0: page cache; 1: O_DIRECT),
+# DEPTH (qemu-img bench's queue depth, 16), PARK_US (sluice serve --park-after-us,
+# its default when unset).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHAT="${1:-all}"
@@ -33,6 +35,8 @@ RUNTIME="${RUNTIME:-4}"
 SERVER_CPU="${SERVER_CPU:-0}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
 DIRECT="${DIRECT:-0}"
+DEPTH="${DEPTH:-16}"
+PARK=(); [ -n "${PARK_US:-}" ] && PARK=(--park-after-us "$PARK_US")
 [ -x "$BIN" ] || cargo build --release -p rpc --bin sluice
 WORK="$(mktemp -d "$BENCH_DIR/dsbench.XXXXXX")"
 SHM="$(mktemp -d /dev/shm/dsbench.XXXXXX)"
@@ -47,7 +51,7 @@ if [ "$DIRECT" = 1 ]; then SDIRECT=true; QCACHE="cache.direct=on"; else SDIRECT=
 # serve_sluice DIR IMAGE -> sets URI, SPID
 serve_sluice() {
   mkdir -p "$1"
-  RUST_LOG=error taskset -c "$SERVER_CPU" "$BIN" serve --runtime-dir "$1" --cores "$SERVER_CPU" \
+  RUST_LOG=error taskset -c "$SERVER_CPU" "$BIN" serve --runtime-dir "$1" --cores "$SERVER_CPU" "${PARK[@]}" \
     --nbd-listen "unix:$1/nbd.sock" >"$1/log" 2>&1 &
   SPID=$!; PIDS+=($SPID)
   wait_sock "$1/sluice.sock"
@@ -69,13 +73,13 @@ stop() { kill "$SPID"; wait "$SPID" 2>/dev/null || true; }
 # bench URI CACHE -> IOPS (qemu-img bench writes pattern 0xa5, a stride that wraps over the 1 GiB image)
 bench() {
   local out
-  out=$(taskset -c "$CLIENT_CPU" qemu-img bench -f raw -t "$2" -w -d 16 -s 4096 -c "$COUNT" \
+  out=$(taskset -c "$CLIENT_CPU" qemu-img bench -f raw -t "$2" -w -d "$DEPTH" -s 4096 -c "$COUNT" \
     -S $((4096 * 16411)) --pattern 0xa5 "$1" 2>&1) || { echo "qemu-img bench failed: $out" >&2; exit 1; }
   python3 -c 'import re,sys; t=float(re.search(r"completed in ([0-9.]+)", sys.argv[2]).group(1)); print(int(int(sys.argv[1])/t))' "$COUNT" "$out"
 }
 
 if [ "$WHAT" = fua ] || [ "$WHAT" = all ]; then
-  echo "== fua: qemu-img bench over NBD, 4 KiB writes, QD 16, $COUNT requests, DIRECT=$DIRECT"
+  echo "== fua: qemu-img bench over NBD, 4 KiB writes, QD $DEPTH, $COUNT requests, DIRECT=$DIRECT"
   for kind in empty full; do
     for cache in writeback writethrough; do
       for r in $(seq "$ROUNDS"); do
@@ -136,21 +140,36 @@ if [ "$WHAT" = open ] || [ "$WHAT" = all ]; then
   qemu-img create -q -f qcow2 -o preallocation=metadata "$WORK/big.qcow2" 1T
   qemu-img create -q -f qcow2 "$WORK/tiny.qcow2" 1M
   qemu-io -c 'write -P 0x33 100G 64k' "$WORK/big.qcow2" >/dev/null
-  for r in $(seq "$ROUNDS"); do
-    drop
-    mkdir -p "$WORK/o$r"
-    RUST_LOG=error "$BIN" serve --runtime-dir "$WORK/o$r" --cores "$SERVER_CPU" >"$WORK/o$r/log" 2>&1 &
+  # open_sluice R -> ms; open_qemu -> ms (qemu-io's start on a tiny image subtracted)
+  open_sluice() {
+    mkdir -p "$WORK/o$1"
+    RUST_LOG=error "$BIN" serve --runtime-dir "$WORK/o$1" --cores "$SERVER_CPU" >"$WORK/o$1/log" 2>&1 &
     SPID=$!; PIDS+=($SPID)
-    wait_sock "$WORK/o$r/sluice.sock"
-    t0=$(date +%s.%N)
-    "$BIN" rpc -s "$WORK/o$r/sluice.sock" bdev_qcow2_open name=d0 filename="$WORK/big.qcow2" >/dev/null
-    t1=$(date +%s.%N)
-    "$BIN" rpc -s "$WORK/o$r/sluice.sock" bdev_qcow2_delete name=d0 >/dev/null
+    wait_sock "$WORK/o$1/sluice.sock"
+    local t0 t1
+    t0=$(date +%s%N)
+    "$BIN" rpc -s "$WORK/o$1/sluice.sock" bdev_qcow2_open name=d0 filename="$WORK/big.qcow2" >/dev/null
+    t1=$(date +%s%N)
+    "$BIN" rpc -s "$WORK/o$1/sluice.sock" bdev_qcow2_delete name=d0 >/dev/null
     stop
-    qemu-io -r -c 'read -P 0x33 100G 64k' "$WORK/big.qcow2" >/dev/null
-    drop
-    t2=$(date +%s.%N); qemu-io -c quit "$WORK/big.qcow2"; t3=$(date +%s.%N)
-    t4=$(date +%s.%N); qemu-io -c quit "$WORK/tiny.qcow2"; t5=$(date +%s.%N)
-    python3 -c "import sys; s,q=float(sys.argv[2])-float(sys.argv[1]),(float(sys.argv[4])-float(sys.argv[3]))-(float(sys.argv[6])-float(sys.argv[5])); print(f'round $r: sluice open {s*1000:.0f} ms   qemu-io open {q*1000:.0f} ms   ratio {s/max(q,1e-3):.2f}x')" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5"
+    echo $(((t1 - t0) / 1000000))
+  }
+  open_qemu() {
+    local t0 t1 t2 t3
+    t0=$(date +%s%N); qemu-io -c quit "$WORK/big.qcow2"; t1=$(date +%s%N)
+    t2=$(date +%s%N); qemu-io -c quit "$WORK/tiny.qcow2"; t3=$(date +%s%N)
+    echo $(((t1 - t0 - (t3 - t2)) / 1000000))
+  }
+  for r in $(seq "$ROUNDS"); do
+    order="sluice qemu"; [ $((r % 2)) = 0 ] && order="qemu sluice"
+    declare -A MS=()
+    for side in $order; do
+      drop
+      if [ "$side" = sluice ]; then MS[sluice]=$(open_sluice "$r"); else MS[qemu]=$(open_qemu); fi
+      # The image still holds its data after each open.
+      qemu-io -r -c 'read -P 0x33 100G 64k' "$WORK/big.qcow2" >/dev/null
+    done
+    printf 'round %s (%s first): sluice open %5d ms   qemu-io open %5d ms   ratio %sx\n' \
+      "$r" "${order%% *}" "${MS[sluice]}" "${MS[qemu]}" "$(ratio "${MS[sluice]}" "${MS[qemu]}")"
   done
 fi
