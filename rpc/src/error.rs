@@ -172,9 +172,9 @@ impl From<crate::nbd::NbdError> for RpcError {
     }
 }
 
-impl From<stream::job::JobError> for RpcError {
-    fn from(e: stream::job::JobError) -> Self {
-        use stream::job::JobError as J;
+impl From<jobs::job::JobError> for RpcError {
+    fn from(e: jobs::job::JobError) -> Self {
+        use jobs::job::JobError as J;
         let (code, class) = match &e {
             J::InvalidId(_) => (codes::INVALID_PARAMS, ErrorClass::GenericError),
             J::IdInUse(_) => (-libc::EEXIST, ErrorClass::GenericError),
@@ -187,9 +187,9 @@ impl From<stream::job::JobError> for RpcError {
     }
 }
 
-impl From<stream::stream_job::StreamError> for RpcError {
-    fn from(e: stream::stream_job::StreamError) -> Self {
-        use stream::stream_job::StreamError as S;
+impl From<jobs::stream_job::StreamError> for RpcError {
+    fn from(e: jobs::stream_job::StreamError) -> Self {
+        use jobs::stream_job::StreamError as S;
         match e {
             S::Job(j) => j.into(),
             S::NotFound { .. } => {
@@ -205,9 +205,9 @@ impl From<stream::stream_job::StreamError> for RpcError {
     }
 }
 
-impl From<stream::legacy::LegacyError> for RpcError {
-    fn from(e: stream::legacy::LegacyError) -> Self {
-        use stream::legacy::LegacyError as L;
+impl From<jobs::legacy::LegacyError> for RpcError {
+    fn from(e: jobs::legacy::LegacyError) -> Self {
+        use jobs::legacy::LegacyError as L;
         match e {
             L::DeviceNotFound(_) => {
                 RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string())
@@ -226,9 +226,9 @@ impl From<stream::legacy::LegacyError> for RpcError {
     }
 }
 
-impl From<stream::snapshot::SnapshotError> for RpcError {
-    fn from(e: stream::snapshot::SnapshotError) -> Self {
-        use stream::snapshot::SnapshotError as S;
+impl From<graph::snapshot::SnapshotError> for RpcError {
+    fn from(e: graph::snapshot::SnapshotError) -> Self {
+        use graph::snapshot::SnapshotError as S;
         match e {
             S::DeviceNotFound(_) => {
                 RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string())

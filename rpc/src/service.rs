@@ -2,11 +2,11 @@
 //! table, and each subsystem's state (added by the subsystems).
 
 use crate::table::MethodTable;
+use graph::events::EventBus;
 use reactor::RuntimeHandle;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
-use stream::events::EventBus;
 
 /// Why the service is stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub struct Service {
     /// The method table (set once at start-up).
     pub table: OnceLock<Arc<MethodTable>>,
     /// Block jobs (they publish on `events`).
-    pub jobs: stream::job::JobManager,
+    pub jobs: jobs::job::JobManager,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -39,7 +39,7 @@ impl Service {
         publish_corruption(&events);
         Arc::new(Self {
             rt,
-            jobs: stream::job::JobManager::new(events.clone()),
+            jobs: jobs::job::JobManager::new(events.clone()),
             events,
             runtime_dir,
             table: OnceLock::new(),

@@ -4,11 +4,11 @@
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use jobs::job::{Job, JobError, OnError};
+use jobs::stream_job::{self, StreamParams, Tuning};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
-use stream::job::{Job, JobError, OnError};
-use stream::stream_job::{self, StreamParams, Tuning};
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
@@ -39,7 +39,7 @@ pub fn register(t: &mut MethodTable) {
     t.add("block-job-set-speed", |svc, p| {
         let a: SetSpeed = p.parse()?;
         let job = svc.jobs.block_job(&a.device)?;
-        job.check_verb(stream::job::JobVerb::SetSpeed)
+        job.check_verb(jobs::job::JobVerb::SetSpeed)
             .map_err(JobError::Refused)?;
         if a.speed < 0 {
             return Err(RpcError::invalid_params(
@@ -103,7 +103,7 @@ fn query_job_events(svc: &Service, p: Params) -> Result<Value, RpcError> {
 
 /// Stream jobs never become ready, so `complete` is always refused by the verb table.
 fn complete(j: &Job) -> Result<(), String> {
-    j.check_verb(stream::job::JobVerb::Complete)
+    j.check_verb(jobs::job::JobVerb::Complete)
 }
 
 /// The stream job's tuning: defaults, or `SLUICE_STREAM_CHUNK_KB` /
@@ -248,7 +248,7 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let top = bdev::device::Device::from_bdev(&dev)
         .map(|d| d.root())
         .unwrap_or(dev);
-    let chain = stream::node::chain(&top);
+    let chain = graph::node::chain(&top);
     let node = chain
         .iter()
         .find(|b| b.name() == a.image_node_name)
@@ -256,7 +256,7 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .ok_or_else(|| {
             RpcError::invalid_params(format!("Node '{}' not found", a.image_node_name))
         })?;
-    let img = stream::node::image(&node).ok_or_else(|| {
+    let img = graph::node::image(&node).ok_or_else(|| {
         RpcError::invalid_params(format!(
             "Node '{}' has no backing file to change",
             a.image_node_name
@@ -274,12 +274,12 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
             format!("Node '{}' is read-only", a.image_node_name),
         ));
     }
-    let fmt = stream::node::format_of(&backing);
+    let fmt = graph::node::format_of(&backing);
     let owner = img.owner();
     let file = a.backing_file;
     // A backing file holds a reader's lock: QEMU reopens it read-write for
     // the header write (a writer's lock), then read-only again.
-    let raised = stream::snapshot::raise_for_write(&node)?;
+    let raised = graph::snapshot::raise_for_write(&node)?;
     let r = svc
         .rt
         .spawn_on(owner, move || async move {
@@ -287,7 +287,7 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
         })
         .block();
     if raised {
-        stream::snapshot::lower_to_backing(&node);
+        graph::snapshot::lower_to_backing(&node);
     }
     r??;
     Ok(json!({}))

@@ -4,9 +4,9 @@
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use graph::events::Event;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use stream::events::Event;
 
 /// A bdev was registered (`ctx`: its name).
 pub const BDEV_REGISTER: &str = "bdev_register";

@@ -15,11 +15,11 @@ use bdev::device::Device;
 use bdev::lock::LockMode;
 use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, OverlapChecks, Qcow2Bdev};
 use bdev::{registry, Bdev};
+use graph::node;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
-use stream::node;
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {

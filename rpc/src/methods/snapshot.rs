@@ -7,9 +7,9 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use crate::ErrorClass;
+use graph::snapshot::{self, SnapshotMode, SnapshotRequest};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use stream::snapshot::{self, SnapshotMode, SnapshotRequest};
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
@@ -154,7 +154,7 @@ fn blockdev_snapshot(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let owner = bdev::registry()
         .get(&a.overlay)
         .ok()
-        .and_then(|b| stream::node::image(&b))
+        .and_then(|b| graph::node::image(&b))
         .map(|i| i.owner())
         .unwrap_or(0);
     svc.rt

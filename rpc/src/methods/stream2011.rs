@@ -4,9 +4,9 @@
 use super::jobs::tuning;
 use crate::error::RpcError;
 use crate::table::MethodTable;
+use jobs::legacy;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use stream::legacy;
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {

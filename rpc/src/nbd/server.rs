@@ -7,6 +7,7 @@ use super::error::NbdError;
 use super::export::{Export, ExportConfig, Kick};
 use super::net::{Registration, Sock};
 use bdev::device::Device;
+use graph::events::EventBus;
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -21,7 +22,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
-use stream::events::EventBus;
 
 /// How long a safe `block-export-del` waits for clients that are hanging up.
 pub const SAFE_DEL_GRACE: Duration = Duration::from_secs(1);

@@ -159,7 +159,7 @@ fn teardown(svc: &Arc<Service>) -> Vec<String> {
             if !registry().contains(&name) {
                 continue; // went with a node above it
             }
-            let image = Device::from_bdev(&b).is_some() || stream::node::image(&b).is_some();
+            let image = Device::from_bdev(&b).is_some() || graph::node::image(&b).is_some();
             drop(b);
             let res = if image {
                 svc.table()

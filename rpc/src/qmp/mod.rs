@@ -12,6 +12,7 @@ use crate::service::Service;
 use crate::transport::{
     self, server::read_some, Conn, Frame, Limits, Protocol, Server, Splitter, TransportError,
 };
+use graph::events::Event;
 use session::{Effect, Session};
 use std::io::Write;
 use std::path::Path;
@@ -20,7 +21,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use stream::events::Event;
 
 /// How often an idle event writer checks whether its connection closed.
 const EVENT_POLL: Duration = Duration::from_millis(100);

@@ -133,7 +133,7 @@ impl<'a> Args<'a> {
 /// QEMU's node-name rules (`bdrv_assign_node_name`), after the duplicate
 /// check the caller makes.
 pub(super) fn check_node_name(name: &str) -> Result<(), RpcError> {
-    if !stream::job::id_wellformed(name) {
+    if !jobs::job::id_wellformed(name) {
         return Err(RpcError::invalid_params(format!(
             "Invalid node-name: '{name}'"
         )));

@@ -255,7 +255,7 @@ pub(super) fn format_user(name: &str) -> Option<String> {
         let user = c.strip_prefix("device ").unwrap_or(&c).to_string();
         let b = registry().get(&user).ok()?;
         let is_format =
-            stream::node::image(&b).is_some() || state::driver_of(&user) == Some(Driver::Raw);
+            graph::node::image(&b).is_some() || state::driver_of(&user) == Some(Driver::Raw);
         is_format.then_some(user)
     })
 }
@@ -418,7 +418,7 @@ pub fn config_args(rec: &Record) -> Value {
         let has_backing = registry()
             .get(&rec.name)
             .ok()
-            .and_then(|b| stream::node::backing_of(&b))
+            .and_then(|b| graph::node::backing_of(&b))
             .is_some();
         if !has_backing {
             args["backing"] = Value::Null;

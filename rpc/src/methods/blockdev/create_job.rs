@@ -19,12 +19,12 @@ use bdev::lock::{ImageLock, Perms};
 use bdev::qcow2::{self, CreateOptions};
 use bdev::uring::UringBdev;
 use bdev::{registry, Bdev};
+use jobs::job::{Job, JobSpec, JobType, OnError};
 use reactor::RuntimeHandle;
 use serde_json::Value;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use stream::job::{Job, JobSpec, JobType, OnError};
 
 /// The reactor the image is written on.
 const REACTOR: usize = 0;

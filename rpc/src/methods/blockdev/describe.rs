@@ -1,4 +1,4 @@
-//! How QEMU names the nodes `blockdev-add` made ([`stream::qemu_name`]): a
+//! How QEMU names the nodes `blockdev-add` made ([`graph::qemu_name`]): a
 //! file node by its path and driver (`file`, `host_device`), a raw node by
 //! its file, a null node by the options it was given (so that its `json:`
 //! name is QEMU's, `null-co://` when it was given none).
@@ -8,11 +8,11 @@ use super::state;
 use bdev::device::Device;
 use bdev::uring::UringBdev;
 use bdev::Bdev;
+use graph::qemu_name::{self, QemuNode};
 use serde_json::Value;
 use std::sync::Arc;
-use stream::qemu_name::{self, QemuNode};
 
-/// The describer installed for [`stream::qemu_name`]; `None` for bdevs that
+/// The describer installed for [`graph::qemu_name`]; `None` for bdevs that
 /// are not `blockdev-add` nodes, and for qcow2 nodes (described as images).
 pub fn describe(b: &Arc<dyn Bdev>) -> Option<QemuNode> {
     let driver = state::driver_of(b.name())?;

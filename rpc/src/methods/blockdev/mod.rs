@@ -38,7 +38,7 @@ mod snapshot;
 
 /// Registers the methods and the `blockdev` section of `save_config`.
 pub fn register(t: &mut MethodTable) {
-    stream::qemu_name::register_describer(describe::describe);
+    graph::qemu_name::register_describer(describe::describe);
     t.add("blockdev-add", |svc, p| {
         let v = p.0.unwrap_or(Value::Null);
         let v = if v.is_null() { json!({}) } else { v };
@@ -86,7 +86,7 @@ pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
     };
     v["drv"] = json!(d.as_str());
     v["image"]["format"] = json!(d.as_str());
-    let f = stream::node::filename_of(b);
+    let f = graph::node::filename_of(b);
     v["file"] = json!(f);
     v["image"]["filename"] = json!(f);
     if let Some(direct) = b
@@ -175,7 +175,7 @@ pub(crate) fn backing_user(name: &str) -> Option<String> {
         registry()
             .get(c)
             .ok()
-            .and_then(|b| stream::node::image(&b))
+            .and_then(|b| graph::node::image(&b))
             .and_then(|i| i.backing())
             .is_some_and(|b| b.name() == name)
     })

@@ -17,10 +17,10 @@ use crate::service::Service;
 use bdev::device::Device;
 use bdev::qcow2::{self, CreateOptions};
 use bdev::{registry, Bdev};
+use graph::node;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
-use stream::node;
 
 /// The claims on `node` that a snapshot cannot move onto an overlay: all
 /// but the monitor's and those of the hidden devices (exports) over it.
@@ -64,7 +64,7 @@ fn move_exports(svc: &Service, node: &str, overlay: &str) -> Result<(), RpcError
     let moved = svc
         .rt
         .spawn_on(owner_of(&ov), move || async move {
-            stream::snapshot::move_hidden(&rt, &node, &ov).await
+            graph::snapshot::move_hidden(&rt, &node, &ov).await
         })
         .block()??;
     tracing::debug!(overlay, moved, "exports moved onto the overlay");
@@ -98,7 +98,7 @@ pub(crate) fn snapshot_plain_node(
             ..CreateOptions::new(b.size())
         };
         let path = PathBuf::from(file);
-        stream::snapshot::check_outside_chain(&b, &path)?;
+        graph::snapshot::check_outside_chain(&b, &path)?;
         svc.rt
             .spawn_on(owner_of(&b), move || async move {
                 qcow2::create_file(&path, &opts).await
@@ -114,7 +114,7 @@ pub(crate) fn snapshot_plain_node(
     let name = add(svc, &args)?;
     move_exports(svc, node, &name)?;
     // QEMU's external_snapshot_commit reopens the old top read-only.
-    stream::snapshot::lower_to_backing(&b);
+    graph::snapshot::lower_to_backing(&b);
     Ok(name)
 }
 
@@ -138,7 +138,7 @@ pub(crate) fn snapshot_existing_plain(
     let (n, o) = (node.to_string(), overlay.to_string());
     svc.rt
         .spawn_on(owner_of(&ov), move || async move {
-            stream::snapshot::snapshot_existing_plain(&n, &o).await
+            graph::snapshot::snapshot_existing_plain(&n, &o).await
         })
         .block()??;
     // save_config re-adds the overlay over its new backing.

@@ -2,10 +2,10 @@
 //! `query-block-stream`, `BLOCK_STREAM_COMPLETED`) over the job framework.
 
 use crate::job::{Job, JobManager, JobStatus, JobType};
-use crate::node;
 use crate::stream_job::{self, StreamError, StreamParams, Tuning};
 use bdev::device::Device;
 use bdev::registry;
+use graph::node;
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 //! then one multi-cluster "populate if still unallocated".
 
 use crate::job::IoOperation;
-use crate::node::ImageNode;
 use bdev::{submit_wait, BdevError, BdevIo, DmaBuf, IoChannel};
+use graph::node::ImageNode;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -67,7 +67,7 @@ impl BufPool {
 /// into one buffer, then one multi-cluster populate (clusters a client wrote
 /// meanwhile are left alone). Zero chunks become zero clusters when the image
 /// has them, else zero data. `write_behind`: see
-/// [`crate::node::ImageNode::populate_range_if_unallocated`].
+/// [`graph::node::ImageNode::populate_range_if_unallocated`].
 pub(crate) async fn copy_chunk(
     top: &Arc<dyn ImageNode>,
     ch: &Rc<IoChannel>,

@@ -2,7 +2,7 @@
 
 use super::control::{Job, JobSpec};
 use super::state::JobStatus;
-use crate::events::EventBus;
+use graph::events::EventBus;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;

@@ -3,8 +3,8 @@
 //! errors), with QEMU's events on every change.
 
 use super::state::{can_transition, verb_allowed, verb_refused_message, JobStatus, JobVerb};
-use crate::events::EventBus;
 use crate::ratelimit::RateLimiter;
+use graph::events::EventBus;
 use serde_json::{json, Value};
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -6,9 +6,9 @@
 use super::copy::{copy_chunk, BufPool, Chunk, CopyError};
 use super::resolve::StreamPlan;
 use crate::job::{IoOperation, Job, Verdict};
-use crate::node;
 use bdev::device::Device;
 use bdev::registry;
+use graph::node;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -374,7 +374,7 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
             let (relock, top) = (p.relock, p.top_bdev.clone());
             let r = finish(p, ok).await;
             if relock {
-                crate::snapshot::lower_to_backing(&top);
+                graph::snapshot::lower_to_backing(&top);
             }
             r
         })

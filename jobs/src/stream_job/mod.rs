@@ -26,13 +26,13 @@ pub fn start(
     let (mut plan, spec) = resolve(mgr, &p)?;
     // A top that is a backing file is written by the job: QEMU's
     // `stream_start` reopens it read-write, taking a writer's lock.
-    plan.relock = crate::snapshot::raise_for_write(&plan.top_bdev)
+    plan.relock = graph::snapshot::raise_for_write(&plan.top_bdev)
         .map_err(|e| StreamError::Invalid(e.to_string()))?;
     let job = match mgr.create(spec) {
         Ok(j) => j,
         Err(e) => {
             if plan.relock {
-                crate::snapshot::lower_to_backing(&plan.top_bdev);
+                graph::snapshot::lower_to_backing(&plan.top_bdev);
             }
             return Err(StreamError::Job(e));
         }

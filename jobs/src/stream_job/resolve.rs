@@ -2,10 +2,10 @@
 //! id, with QEMU's checks and messages.
 
 use crate::job::{JobError, JobManager, JobSpec, JobType, OnError};
-use crate::node::{self, ImageNode};
-use crate::qemu_name;
 use bdev::device::Device;
 use bdev::{registry, Bdev};
+use graph::node::{self, ImageNode};
+use graph::qemu_name;
 use std::path::Path;
 use std::sync::Arc;
 use thiserror::Error;
