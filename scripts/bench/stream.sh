@@ -21,6 +21,8 @@
 # header drops the backing file) and with block-stream's x-durable=false ("nf":
 # no flush, as QEMU's stream; still safe against a killed process, see
 # scripts/bench/stream_kill_after_complete.sh). "OK (nf)": only the nf run meets the goal.
+# SLUICE: a sluice binary to measure (default: build this tree), e.g. an older
+# build for an A/B (scripts/bench/ab.sh covers the data path).
 # Results: a table on stdout; JSON lines in $OUT (default bench-stream.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,8 +36,11 @@ CORES=${CORES:-0x1}
 OUT=${OUT:-bench-stream.jsonl}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
-cargo build --release -p rpc --bin sluice >&2
-export SLUICE=$PWD/target/release/sluice SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT
+if [ -z "${SLUICE:-}" ]; then
+    cargo build --release -p rpc --bin sluice >&2
+    SLUICE=$PWD/target/release/sluice
+fi
+export SLUICE SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
 import json, os, random, shutil, subprocess, sys, tempfile, time
 from qemu.qmp.legacy import QEMUMonitorProtocol
