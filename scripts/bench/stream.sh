@@ -34,7 +34,7 @@ CORES=${CORES:-0x1}
 OUT=${OUT:-bench-stream.jsonl}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
-cargo build --release -p rpc --bin sluice >&2
+cargo build --release -p sluice --bin sluice >&2
 export SLUICE=$PWD/target/release/sluice SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
 import json, os, random, shutil, subprocess, sys, tempfile, time
