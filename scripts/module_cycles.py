@@ -4,11 +4,13 @@
 Usage: scripts/module_cycles.py [--with-mod] CRATE_SRC_DIR [MODULE_PREFIX]
 
 Every `crate::a::b`, `super::a`, `self::a` path in a file (use lines and
-inline paths; comments are ignored; `mod x;` declarations are edges only
-with --with-mod) is
+inline paths; comments and a trailing inline test module are ignored;
+`mod x;` declarations are edges only with --with-mod) is
 resolved to the file of the longest module prefix it names: that is one edge.
 Prints each strongly connected component of more than one file (largest
-first) and the size of the largest; with MODULE_PREFIX (e.g. `methods`) only
+first), the size of the largest, and each import of a handler file (one
+that registers methods: handlers should import shared helpers only); with
+MODULE_PREFIX (e.g. `methods`) only
 files under that module count. Exits 0; the figures are what it reports.
 """
 
@@ -33,8 +35,12 @@ def module_files(src):
 
 
 def strip_comments(text):
+    """Drops comments, and a trailing `#[cfg(test)] mod tests` (its `super` is
+    the file's own module, and tests are not the module structure)."""
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return re.sub(r"//[^\n]*", "", text)
+    text = re.sub(r"//[^\n]*", "", text)
+    m = re.search(r"#\[cfg\(test\)\]\s*mod\s+\w+\s*\{", text)
+    return text[: m.start()] if m else text
 
 
 def expand_groups(path):
@@ -174,6 +180,12 @@ def main():
     for c in comps:
         print(f"  {len(c)} files: " + ", ".join(sorted(mods[m] for m in c)))
     print(f"largest strongly connected component: {len(comps[0]) if comps else 1} file(s)")
+    # A handler file registers methods; it should import shared helpers only.
+    handlers = {m for m, f in mods.items() if "fn register(" in open(os.path.join(src, f)).read()}
+    into = sorted((mods[m], mods[t]) for m, ts in g.items() for t in ts if t in handlers)
+    print(f"imports of handler files (files with `fn register(`): {len(into)}")
+    for a, b in into:
+        print(f"  {a} -> {b}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 //! `query-block-exports`.
 
 use crate::error::RpcError;
+use crate::methods::blockdev::state::op_lock;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use nbd::{ExportConfig, ListenAddr, StartOptions};
@@ -112,7 +113,7 @@ fn block_export_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
         writethrough: p.writethrough.unwrap_or(false),
     };
     // Not while a snapshot of a plain node moves that node's exports.
-    let _g = crate::methods::blockdev::op_lock();
+    let _g = op_lock();
     svc.nbd.add_export(cfg)?;
     Ok(json!({}))
 }

@@ -170,7 +170,7 @@ fn teardown(svc: &Arc<Service>) -> Vec<String> {
                     )
                     .map(|_| ())
             } else {
-                rpc::methods::bdev::delete_bdev(svc, &name)
+                rpc::methods::common::delete_bdev(svc, &name)
             };
             match res {
                 Ok(()) => progress = true,
