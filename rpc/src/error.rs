@@ -147,9 +147,9 @@ impl From<crate::config::ConfigError> for RpcError {
     }
 }
 
-impl From<crate::nbd::NbdError> for RpcError {
-    fn from(e: crate::nbd::NbdError) -> Self {
-        use crate::nbd::NbdError as N;
+impl From<nbd::NbdError> for RpcError {
+    fn from(e: nbd::NbdError) -> Self {
+        use nbd::NbdError as N;
         match e {
             N::Bdev(b) => {
                 let msg = b.to_string();
@@ -168,6 +168,18 @@ impl From<crate::nbd::NbdError> for RpcError {
                 RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), e.to_string())
             }
             N::Runtime(_) => RpcError::errno(libc::ESHUTDOWN, e.to_string()),
+        }
+    }
+}
+
+impl From<perf::PerfError> for RpcError {
+    fn from(e: perf::PerfError) -> Self {
+        use perf::PerfError as P;
+        match e {
+            P::Args(m) => RpcError::invalid_params(m),
+            P::Bdev(e) => e.into(),
+            P::Reactor(e) => e.into(),
+            e @ P::Job { .. } => RpcError::errno(libc::EIO, e.to_string()),
         }
     }
 }

@@ -1,18 +1,15 @@
-//! sluice's control plane and front ends: the JSON-RPC (SPDK dialect) and QMP
-//! servers over one method table, config replay, the `sluice` command line
-//! (serve, rpc, perf) and the NBD export.
+//! sluice's control plane: the JSON-RPC (SPDK dialect) and QMP servers over
+//! one method table, thin handlers (parse, call, render) in `methods/`, the one
+//! error mapping, config replay. The NBD server (`nbd`), the perf engine
+//! (`perf`) and the binary (`sluice`) are crates of their own.
 
-pub mod client;
 pub mod config;
 pub mod error;
 pub mod jsonrpc;
 pub mod methods;
-pub mod nbd;
-pub mod perf;
 pub mod qmp;
-pub mod serve;
 pub mod service;
-pub mod startup;
+pub mod subsystem;
 pub mod table;
 pub mod transport;
 

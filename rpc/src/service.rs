@@ -1,5 +1,8 @@
 //! The state every RPC handler reaches: the runtime, the event bus, the method
-//! table, and each subsystem's state (added by the subsystems).
+//! table, and each subsystem's state (added by the subsystems). It is the one
+//! context handed down to handlers and start-up code: nothing a handler
+//! drives lives in a process-wide static, so two services can live in one
+//! process.
 
 use crate::table::MethodTable;
 use graph::events::EventBus;
@@ -29,6 +32,8 @@ pub struct Service {
     pub table: OnceLock<Arc<MethodTable>>,
     /// Block jobs (they publish on `events`).
     pub jobs: jobs::job::JobManager,
+    /// The NBD server (`nbd-server-start`, `block-export-add`, `--nbd-listen`).
+    pub nbd: nbd::NbdServer,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -40,6 +45,7 @@ impl Service {
         Arc::new(Self {
             rt,
             jobs: jobs::job::JobManager::new(events.clone()),
+            nbd: nbd::NbdServer::default(),
             events,
             runtime_dir,
             table: OnceLock::new(),

@@ -37,7 +37,7 @@ CLIENT_CPU="${CLIENT_CPU:-1}"
 DIRECT="${DIRECT:-0}"
 DEPTH="${DEPTH:-16}"
 PARK=(); [ -n "${PARK_US:-}" ] && PARK=(--park-after-us "$PARK_US")
-[ -x "$BIN" ] || cargo build --release -p rpc --bin sluice
+[ -x "$BIN" ] || cargo build --release -p sluice --bin sluice
 WORK="$(mktemp -d "$BENCH_DIR/dsbench.XXXXXX")"
 SHM="$(mktemp -d /dev/shm/dsbench.XXXXXX)"
 PIDS=()

@@ -12,7 +12,7 @@ T=${T:-5}; RUNS=${RUNS:-3}; SIZE_MIB=${SIZE_MIB:-1024}
 CORE=${CORE:-$(( $(nproc) - 1 ))}
 MASK=$(printf '0x%x' $((1 << CORE)))
 command -v fio >/dev/null || { apt-get install -y fio >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y fio >/dev/null; }; }
-cargo build --release -q -p rpc --bin sluice
+cargo build --release -q -p sluice --bin sluice
 SLUICE=${SLUICE:-target/release/sluice}
 SHM=/dev/shm/sluice-bench-malloc.$$
 trap 'rm -f "$SHM"' EXIT

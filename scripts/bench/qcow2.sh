@@ -54,7 +54,7 @@ if [ "$NBD" = 1 ]; then
   command -v fio >/dev/null && fio --enghelp 2>/dev/null | grep -qw nbd ||
     { echo "fio with the nbd engine is missing (NBD=0 skips the NBD part)"; exit 1; }
 fi
-[ -x "$BIN" ] || cargo build --release -p rpc --bin sluice
+[ -x "$BIN" ] || cargo build --release -p sluice --bin sluice
 
 WORK="$(mktemp -d /tmp/qcow2bench.XXXXXX)"
 DATA=""

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=${T:-3}; RUNS=${RUNS:-3}
 if [ -z "${SLUICE:-}" ]; then
-    cargo build --release -q -p rpc --bin sluice
+    cargo build --release -q -p sluice --bin sluice
     SLUICE=target/release/sluice
 fi
 if [ "$(nproc)" -lt 2 ]; then echo "needs 2 cores" >&2; exit 1; fi

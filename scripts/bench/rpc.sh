@@ -16,9 +16,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spdk' 2>/dev/null;
   exit 1
 fi
 if [ "$profile" = release ]; then
-  cargo build --release -p rpc --bin sluice
+  cargo build --release -p sluice --bin sluice
 else
-  cargo build -p rpc --bin sluice
+  cargo build -p sluice --bin sluice
 fi
 bin="target/$profile/sluice"
 dir=$(mktemp -d /tmp/sluice-bench.XXXXXX)

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=${T:-5}; RUNS=${RUNS:-3}; read -r C0 C1 <<<"${CORES:-0 1}"
 SUFFIX=${NOZERO:+:nozero}
-cargo build --release -q -p rpc --bin sluice
+cargo build --release -q -p sluice --bin sluice
 SLUICE=${SLUICE:-target/release/sluice}
 ONE=$(printf '0x%x' $((1 << C0))); TWO=$(printf '0x%x' $(((1 << C0) | (1 << C1))))
 

@@ -37,7 +37,7 @@ OUT=${OUT:-bench-stream.jsonl}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
 if [ -z "${SLUICE:-}" ]; then
-    cargo build --release -p rpc --bin sluice >&2
+    cargo build --release -p sluice --bin sluice >&2
     SLUICE=$PWD/target/release/sluice
 fi
 export SLUICE SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT

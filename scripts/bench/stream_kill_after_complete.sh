@@ -14,7 +14,7 @@ DIR=${DIR:-/dev/shm/sluice-bench}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
 [ -f "$DIR/chain-1G.done" ] || { echo "no chain in $DIR: run SIZES=1 STORAGE=tmpfs MODES=full LATENCY=0 scripts/bench/stream.sh first" >&2; exit 1; }
-cargo build --release -p rpc --bin sluice >&2
+cargo build --release -p sluice --bin sluice >&2
 export SLUICE=$PWD/target/release/sluice DIR
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, signal, subprocess, tempfile, time

@@ -12,7 +12,7 @@ FILE=${FILE:-/var/tmp/sluice-bench-uring.img}
 CORE=${CORE:-$(( $(nproc) - 1 ))}
 MASK=$(printf '0x%x' $((1 << CORE)))
 command -v fio >/dev/null || { apt-get install -y fio >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y fio >/dev/null; }; }
-cargo build --release -q -p rpc --bin sluice
+cargo build --release -q -p sluice --bin sluice
 SLUICE=${SLUICE:-target/release/sluice}
 BYTES=$(numfmt --from=iec "$SIZE")
 if [ ! -f "$FILE" ] || [ "$(stat -c %s "$FILE")" != "$BYTES" ]; then

@@ -106,7 +106,7 @@ vmlinux() { # uncompressed kernel: boots twice as fast under TCG
 
 build() {
     log "building sluice and nvme_guest ($PROFILE)"
-    (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p rpc --bin sluice &&
+    (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p sluice --bin sluice &&
         cargo build -q --profile "$PROFILE" -p bdev --example nvme_guest)
 }
 

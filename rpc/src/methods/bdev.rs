@@ -2,24 +2,21 @@
 //! (`bdev_get_iostat`), the leaf bdevs (malloc, null, uring, aio), the error
 //! bdev, and the `bdev` section of `save_config`.
 //!
-//! Other areas that create bdevs should go through [`register_bdev`] and
-//! [`delete_bdev`] so that `bdev_register` / `bdev_unregister` notifications
-//! are published.
+//! Other areas that create bdevs should go through
+//! [`register_bdev`](super::common::register_bdev) and
+//! [`delete_bdev`](super::common::delete_bdev) so that `bdev_register` /
+//! `bdev_unregister` notifications are published.
 
 mod error;
 mod info;
 mod leaf;
 
-use crate::error::RpcError;
-use crate::methods::notify;
-use crate::service::Service;
+use crate::methods::blockdev::state::owns;
 use crate::table::MethodTable;
 use bdev::{registry, Bdev};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-
-pub(crate) use leaf::{locking_param, open_file as open_uring_file, FileOpts};
 
 /// Registers the bdev methods and the `bdev` config section.
 pub fn register(t: &mut MethodTable) {
@@ -32,34 +29,6 @@ pub fn register(t: &mut MethodTable) {
         Ok(Value::Bool(true))
     });
     t.add_config_section("bdev", &[], |_| bdev_section());
-}
-
-/// Adds a bdev to the registry and publishes `bdev_register`; returns its name.
-pub fn register_bdev(svc: &Service, b: Arc<dyn Bdev>) -> Result<String, RpcError> {
-    let name = b.name().to_string();
-    registry().register(b)?;
-    notify::publish_bdev(svc, notify::BDEV_REGISTER, &name);
-    Ok(name)
-}
-
-/// Deletes a bdev (it must not be claimed) and publishes `bdev_unregister`.
-pub fn delete_bdev(svc: &Service, name: &str) -> Result<(), RpcError> {
-    registry().delete(name, &svc.rt)?;
-    notify::publish_bdev(svc, notify::BDEV_UNREGISTER, name);
-    Ok(())
-}
-
-/// Deletes `name` if it is a `T` (SPDK answers -ENODEV for a bdev of another module).
-pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result<Value, RpcError> {
-    let b = registry().get(name)?;
-    if !b.as_any().is::<T>() {
-        return Err(RpcError::errno(
-            libc::ENODEV,
-            format!("bdev {name:?} is not a {kind} bdev"),
-        ));
-    }
-    delete_bdev(svc, name)?;
-    Ok(Value::Bool(true))
 }
 
 /// The calls that recreate every bdev, each after the bdevs it claims (a base
@@ -124,7 +93,7 @@ fn bdev_section() -> Vec<Value> {
     // Nodes made by blockdev-add are recreated by the `blockdev` section.
     order
         .into_iter()
-        .filter(|n| !super::blockdev::owns(n))
+        .filter(|n| !owns(n))
         .filter_map(|n| bdevs.get(n).and_then(|b| b.config()))
         .collect()
 }

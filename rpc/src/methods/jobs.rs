@@ -2,13 +2,14 @@
 //! `block-job-*`, `job-*` and `change-backing-file`.
 
 use crate::error::RpcError;
+use crate::methods::common::tuning;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use jobs::job::{Job, JobError, OnError};
-use jobs::stream_job::{self, StreamParams, Tuning};
+use jobs::stream_job::{self, StreamParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
@@ -104,26 +105,6 @@ fn query_job_events(svc: &Service, p: Params) -> Result<Value, RpcError> {
 /// Stream jobs never become ready, so `complete` is always refused by the verb table.
 fn complete(j: &Job) -> Result<(), String> {
     j.check_verb(jobs::job::JobVerb::Complete)
-}
-
-/// The stream job's tuning: defaults, or `SLUICE_STREAM_CHUNK_KB` /
-/// `SLUICE_STREAM_INFLIGHT` / `SLUICE_STREAM_YIELD=0` from the environment (benchmarks).
-pub fn tuning() -> Tuning {
-    static T: OnceLock<Tuning> = OnceLock::new();
-    *T.get_or_init(|| {
-        let mut t = Tuning::default();
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-        if let Some(kb) = env("SLUICE_STREAM_CHUNK_KB") {
-            t.chunk = kb.max(4) << 10;
-        }
-        if let Some(n) = env("SLUICE_STREAM_INFLIGHT") {
-            t.max_inflight = n.clamp(1, 1024) as usize;
-        }
-        if env("SLUICE_STREAM_YIELD") == Some(0) {
-            t.yield_to_clients = false;
-        }
-        t
-    })
 }
 
 #[derive(Deserialize)]

@@ -3,9 +3,11 @@
 
 pub mod bdev;
 pub mod blockdev;
+pub mod common;
 pub mod core;
 pub mod jobs;
 pub mod nbd;
+pub mod nodes;
 pub mod notify;
 pub mod nvme;
 pub mod perf;

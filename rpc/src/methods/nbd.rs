@@ -3,26 +3,27 @@
 //! `query-block-exports`.
 
 use crate::error::RpcError;
-use crate::nbd::{self, ExportConfig, ListenAddr, StartOptions};
+use crate::methods::blockdev::state::op_lock;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use nbd::{ExportConfig, ListenAddr, StartOptions};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Registers the NBD methods.
 pub fn register(t: &mut MethodTable) {
     t.add("nbd-server-start", nbd_server_start);
-    t.add("nbd-server-stop", |_, p| {
+    t.add("nbd-server-stop", |svc, p| {
         p.none()?;
-        nbd::global().stop()?;
+        svc.nbd.stop()?;
         Ok(json!({}))
     });
     t.add("block-export-add", block_export_add);
     t.add("block-export-del", block_export_del);
-    t.add("query-block-exports", |_, p| {
+    t.add("query-block-exports", |svc, p| {
         p.none()?;
         Ok(Value::Array(
-            nbd::global().exports().iter().map(|e| e.to_qmp()).collect(),
+            svc.nbd.exports().iter().map(|e| e.to_qmp()).collect(),
         ))
     });
 }
@@ -48,7 +49,8 @@ fn nbd_server_start(svc: &Service, p: Params) -> Result<Value, RpcError> {
         max_connections: p.max_connections.unwrap_or(0),
         allow_remote: false,
     };
-    nbd::global().start(&svc.rt, Some(svc.events.clone()), &[addr], opts)?;
+    svc.nbd
+        .start(&svc.rt, Some(svc.events.clone()), &[addr], opts)?;
     Ok(json!({}))
 }
 
@@ -75,7 +77,7 @@ struct ExportAddParams {
     fixed_iothread: Option<bool>,
 }
 
-fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
+fn block_export_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let p: ExportAddParams = p.parse()?;
     if p.ty != "nbd" {
         return Err(RpcError::invalid_params(format!(
@@ -111,8 +113,8 @@ fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
         writethrough: p.writethrough.unwrap_or(false),
     };
     // Not while a snapshot of a plain node moves that node's exports.
-    let _g = crate::methods::blockdev::op_lock();
-    nbd::global().add_export(cfg)?;
+    let _g = op_lock();
+    svc.nbd.add_export(cfg)?;
     Ok(json!({}))
 }
 
@@ -123,7 +125,7 @@ struct ExportDelParams {
     mode: Option<String>,
 }
 
-fn block_export_del(_: &Service, p: Params) -> Result<Value, RpcError> {
+fn block_export_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let p: ExportDelParams = p.parse()?;
     let hard = match p.mode.as_deref() {
         None | Some("safe") => false,
@@ -134,6 +136,6 @@ fn block_export_del(_: &Service, p: Params) -> Result<Value, RpcError> {
             )))
         }
     };
-    nbd::global().del_export(&p.id, hard)?;
+    svc.nbd.del_export(&p.id, hard)?;
     Ok(json!({}))
 }

@@ -5,7 +5,7 @@
 //! and queue sizes for later attaches).
 
 use crate::error::{ErrorClass, RpcError};
-use crate::methods::notify;
+use crate::methods::common::{publish_bdev, BDEV_REGISTER, BDEV_UNREGISTER};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::nvme::{self, CtrlrOpts, NvmeError};
@@ -98,7 +98,7 @@ fn attach(svc: &Service, p: Params) -> Result<Value, RpcError> {
     }
     let names = nvme::attach_pcie(&svc.rt, &a.name, &a.traddr, opts())?;
     for n in &names {
-        notify::publish_bdev(svc, notify::BDEV_REGISTER, n);
+        publish_bdev(svc, BDEV_REGISTER, n);
     }
     Ok(json!(names))
 }
@@ -143,7 +143,7 @@ fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .collect();
     nvme::detach(&svc.rt, &d.name)?;
     for b in &bdevs {
-        notify::publish_bdev(svc, notify::BDEV_UNREGISTER, b);
+        publish_bdev(svc, BDEV_UNREGISTER, b);
     }
     Ok(Value::Bool(true))
 }

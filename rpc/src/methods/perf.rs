@@ -3,35 +3,26 @@
 //! The handler's RPC thread waits for the jobs; no reactor ever blocks.
 
 use crate::error::RpcError;
-use crate::perf::engine::{self, Claimed};
-use crate::perf::{PerfError, RunOptions};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use perf::engine::{self, Claimed};
+use perf::RunOptions;
 use serde_json::Value;
+
+/// The method that runs the engine in the daemon (`sluice perf -s` calls it).
+pub const METHOD: &str = "bdev_perf_run";
 
 /// Registers the method.
 pub fn register(t: &mut MethodTable) {
-    t.add(crate::perf::remote::METHOD, bdev_perf_run);
+    t.add(METHOD, bdev_perf_run);
 }
 
 fn bdev_perf_run(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let opts: RunOptions = p.parse()?;
     tracing::info!(workload = opts.workload.name(), bdevs = ?opts.bdevs, time = opts.time_in_sec, "perf run");
-    let out = engine::run(&svc.rt, &opts, Claimed::RefuseWrites).map_err(rpc_error)?;
+    let out = engine::run(&svc.rt, &opts, Claimed::RefuseWrites)?;
     if !out.ok {
         tracing::warn!(errors = %out.json["errors"], "perf run failed");
     }
     Ok(out.json)
-}
-
-fn rpc_error(e: PerfError) -> RpcError {
-    match e {
-        PerfError::Args(m) => RpcError::invalid_params(m),
-        PerfError::Bdev(e) => e.into(),
-        PerfError::Reactor(e) => e.into(),
-        PerfError::Config(e) => e.into(),
-        e @ (PerfError::Job { .. } | PerfError::Remote(_)) => {
-            RpcError::errno(libc::EIO, e.to_string())
-        }
-    }
 }

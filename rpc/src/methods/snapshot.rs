@@ -4,6 +4,7 @@
 //! bdev (malloc, NVMe) formatted as qcow2, which with a stream is a live copy.
 
 use crate::error::RpcError;
+use crate::methods::blockdev::snapshot::{snapshot_existing_plain, snapshot_plain_node};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use crate::ErrorClass;
@@ -92,7 +93,7 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
             None if bdev::registry().contains(&n)
                 && bdev::device::Device::from_bdev(&bdev::registry().get(&n)?).is_none() =>
             {
-                super::blockdev::snapshot_plain_node(
+                snapshot_plain_node(
                     svc,
                     &n,
                     &a.snapshot_file,
@@ -147,7 +148,7 @@ fn blockdev_snapshot(svc: &Service, p: Params) -> Result<Value, RpcError> {
         if bdev::device::Device::from_bdev(&b).is_none()
             && bdev::device::Device::find_by_root(&a.node).is_none()
         {
-            super::blockdev::snapshot_existing_plain(svc, &a.node, &a.overlay)?;
+            snapshot_existing_plain(svc, &a.node, &a.overlay)?;
             return Ok(json!({}));
         }
     }

@@ -1,8 +1,8 @@
 //! The 2011 streaming API: `block_stream`, `block_stream_cancel`,
 //! `query-block-stream` (the event `BLOCK_STREAM_COMPLETED` is published by the job).
 
-use super::jobs::tuning;
 use crate::error::RpcError;
+use crate::methods::common::tuning;
 use crate::table::MethodTable;
 use jobs::legacy;
 use serde::Deserialize;

@@ -4,7 +4,7 @@
 
 use super::socket::{Conn, Listener};
 use super::TransportError;
-use crate::startup::Subsystem;
+use crate::subsystem::Subsystem;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};

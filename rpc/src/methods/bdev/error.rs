@@ -1,9 +1,8 @@
 //! The error-injection bdev: `bdev_error_create`, `bdev_error_delete` and
 //! `bdev_error_inject_error` (SPDK's parameters, plus a byte range).
 
-use super::leaf::ByName;
-use super::{delete_typed, register_bdev};
 use crate::error::RpcError;
+use crate::methods::common::{delete_typed, register_bdev, ByName};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::error_bdev::{ErrorBdev, InjectParams};

@@ -5,18 +5,18 @@
 //! information, write hints) are accepted at their neutral values, so SPDK's
 //! client works unchanged, and refused with -ENOTSUP otherwise.
 
-use super::{delete_typed, register_bdev};
 use crate::error::RpcError;
+use crate::methods::common::{delete_typed, register_bdev, ByName};
+use crate::methods::nodes::{locking_param, open_file, FileOpts};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::lock::LockMode;
 use bdev::malloc::MallocBdev;
 use bdev::null::{NullBdev, NullOptions};
-use bdev::uring::{UringBdev, UringOptions};
+use bdev::uring::UringBdev;
 use bdev::{registry, Bdev, BdevError};
 use serde::Deserialize;
 use serde_json::Value;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -37,13 +37,6 @@ pub(super) fn register(t: &mut MethodTable) {
     t.add("bdev_aio_delete", |svc, p| {
         delete_typed::<UringBdev>(svc, &p.parse::<ByName>()?.name, "aio")
     });
-}
-
-/// `{"name"}`: the delete methods' parameters.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ByName {
-    pub name: String,
 }
 
 /// Refuses a parameter that is set to anything but its neutral value.
@@ -168,60 +161,6 @@ fn bdev_null_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     Ok(Value::String(register_bdev(svc, b)?))
 }
 
-/// Opens a file as a uring bdev. `direct: None` tries O_DIRECT and falls back
-/// to buffered I/O where the filesystem refuses it (as SPDK's aio bdev does).
-pub(crate) struct FileOpts {
-    pub block_size: Option<u32>,
-    pub direct: Option<bool>,
-    pub read_only: bool,
-    pub uuid: Option<String>,
-    /// Image locks (on by default: an exclusive writer; see `bdev::lock`).
-    pub locking: LockMode,
-    /// `blockdev-add`'s `force-share` of a read-only node: the lock shares
-    /// everything ([`bdev::lock::Perms::SHARER`]).
-    pub force_share: bool,
-}
-
-pub(crate) fn open_file(
-    name: &str,
-    filename: &str,
-    o: FileOpts,
-) -> Result<Arc<UringBdev>, RpcError> {
-    // SPDK: block_size 0 means "detect".
-    let block_size = o.block_size.filter(|b| *b != 0);
-    let opts = |direct| UringOptions {
-        direct,
-        read_only: o.read_only,
-        block_size,
-        locking: o.locking,
-    };
-    let perms = bdev::lock::Perms::for_open_sharing(o.read_only, o.force_share);
-    let open = |direct| {
-        UringBdev::open_with_perms(
-            name,
-            Path::new(filename),
-            opts(direct),
-            o.uuid.clone(),
-            false,
-            perms,
-        )
-    };
-    match o.direct {
-        Some(d) => Ok(open(d)?),
-        None => match open(true) {
-            Err(BdevError::Os { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::info!(
-                    bdev = name,
-                    file = filename,
-                    "O_DIRECT refused; using buffered I/O"
-                );
-                Ok(open(false)?)
-            }
-            r => Ok(r?),
-        },
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UringCreate {
@@ -236,18 +175,6 @@ struct UringCreate {
     readonly: bool,
     /// sluice: image locks as QEMU's `locking` (default `auto`: on).
     locking: Option<String>,
-}
-
-/// A `locking` parameter: QEMU's `auto`, `on` or `off`.
-pub(crate) fn locking_param(v: Option<&str>) -> Result<LockMode, RpcError> {
-    match v {
-        None => Ok(LockMode::Auto),
-        Some(s) => LockMode::parse(s).ok_or_else(|| {
-            RpcError::invalid_params(format!(
-                "locking: {s:?} is none of \"auto\", \"on\", \"off\""
-            ))
-        }),
-    }
 }
 
 fn bdev_uring_create(svc: &Service, p: Params) -> Result<Value, RpcError> {

@@ -6,8 +6,8 @@
 use super::spec::{Backing, Driver, Kind, NodeRef, NodeSpec};
 use super::state::{self, Record};
 use crate::error::RpcError;
-use crate::methods::bdev::{delete_bdev, open_uring_file, register_bdev, FileOpts};
-use crate::methods::qcow2::{self, Open};
+use crate::methods::common::{delete_bdev, register_bdev};
+use crate::methods::nodes::{self, open_file as open_uring_file, FileOpts, Open};
 use crate::service::Service;
 use bdev::device::Device;
 use bdev::null::{NullBdev, NullOptions};
@@ -372,7 +372,7 @@ fn create_qcow2(
             return Err(e);
         }
     }
-    match qcow2::open(svc, o) {
+    match nodes::open(svc, o) {
         Ok(_) => {
             if let Some(f) = &made.file_ref {
                 registry().claim(f, state::MONITOR_CLAIM)?;
@@ -425,4 +425,20 @@ pub fn config_args(rec: &Record) -> Value {
         }
     }
     args
+}
+
+/// `blockdev-add`: parses all, checks the names, then creates.
+pub(super) fn add(svc: &Service, v: &Value) -> Result<String, RpcError> {
+    let spec = super::spec::parse(v, "", None)?;
+    let Some(name) = spec.common.node_name.clone() else {
+        return Err(RpcError::invalid_params(
+            "'node-name' must be specified for the root node",
+        ));
+    };
+    check_new_name(&name, false)?;
+    let made = create(svc, &name, &spec)?;
+    registry().claim(&name, state::MONITOR_CLAIM)?;
+    state::insert(&name, spec.driver, v.clone(), made.children, made.file_ref);
+    tracing::info!(node = %name, driver = spec.driver.as_str(), "blockdev-add");
+    Ok(name)
 }

@@ -16,12 +16,13 @@ mod create;
 mod create_job;
 mod create_opts;
 mod describe;
+pub(crate) mod snapshot;
 mod spec;
-mod state;
+pub(crate) mod state;
 
 use crate::error::RpcError;
-use crate::methods::bdev::delete_bdev;
-use crate::methods::qcow2::delete_node;
+use crate::methods::common::delete_bdev;
+use crate::methods::nodes::delete_node;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use args::Args;
@@ -29,12 +30,8 @@ use bdev::device::Device;
 use bdev::{registry, Bdev};
 use serde_json::{json, Value};
 use spec::Driver;
+use state::{backing_user, is_raw_node, monitor_owned};
 use std::sync::Arc;
-
-pub(crate) use snapshot::{snapshot_existing_plain, snapshot_plain_node};
-pub(crate) use state::op_lock;
-
-mod snapshot;
 
 /// Registers the methods and the `blockdev` section of `save_config`.
 pub fn register(t: &mut MethodTable) {
@@ -43,7 +40,7 @@ pub fn register(t: &mut MethodTable) {
         let v = p.0.unwrap_or(Value::Null);
         let v = if v.is_null() { json!({}) } else { v };
         let _g = state::op_lock();
-        add(svc, &v)?;
+        create::add(svc, &v)?;
         Ok(json!({}))
     });
     t.add("blockdev-del", blockdev_del);
@@ -59,59 +56,6 @@ pub fn register(t: &mut MethodTable) {
             .map(|r| json!({"method": "blockdev-add", "params": create::config_args(r)}))
             .collect()
     });
-}
-
-/// Whether `name` is a node made by `blockdev-add` at the top level (QEMU:
-/// owned by the monitor).
-pub fn monitor_owned(name: &str) -> bool {
-    state::record(name).is_some()
-}
-
-/// Whether the bdev `name` belongs to a `blockdev-add` node (the node or one
-/// nested in it): `save_config` recreates it with `blockdev-add`.
-pub fn owns(name: &str) -> bool {
-    state::is_node(name) && registry().contains(name)
-}
-
-/// Whether `name` is a raw node (a device in sluice's terms, a node in QEMU's).
-pub fn is_raw_node(name: &str) -> bool {
-    state::driver_of(name) == Some(Driver::Raw)
-}
-
-/// Adjusts a `BlockDeviceInfo` (`query-named-block-nodes`) to the driver the
-/// node was added with.
-pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
-    let Some(d) = state::driver_of(b.name()) else {
-        return;
-    };
-    v["drv"] = json!(d.as_str());
-    v["image"]["format"] = json!(d.as_str());
-    let f = graph::node::filename_of(b);
-    v["file"] = json!(f);
-    v["image"]["filename"] = json!(f);
-    if let Some(direct) = b
-        .driver_specific()
-        .pointer("/uring/direct")
-        .and_then(Value::as_bool)
-    {
-        v["cache"]["direct"] = json!(direct);
-    }
-}
-
-/// `blockdev-add`: parses all, checks the names, then creates.
-fn add(svc: &Service, v: &Value) -> Result<String, RpcError> {
-    let spec = spec::parse(v, "", None)?;
-    let Some(name) = spec.common.node_name.clone() else {
-        return Err(RpcError::invalid_params(
-            "'node-name' must be specified for the root node",
-        ));
-    };
-    create::check_new_name(&name, false)?;
-    let made = create::create(svc, &name, &spec)?;
-    registry().claim(&name, state::MONITOR_CLAIM)?;
-    state::insert(&name, spec.driver, v.clone(), made.children, made.file_ref);
-    tracing::info!(node = %name, driver = spec.driver.as_str(), "blockdev-add");
-    Ok(name)
 }
 
 fn failed_to_find(name: &str) -> RpcError {
@@ -167,18 +111,6 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
         ));
     }
     Ok(b)
-}
-
-/// The image node that reads through `name` as its backing, if any.
-pub(crate) fn backing_user(name: &str) -> Option<String> {
-    state::user_claims(name).into_iter().find(|c| {
-        registry()
-            .get(c)
-            .ok()
-            .and_then(|b| graph::node::image(&b))
-            .and_then(|i| i.backing())
-            .is_some_and(|b| b.name() == name)
-    })
 }
 
 fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {

@@ -11,7 +11,8 @@
 //! backing link, a device's root) cannot be moved by sluice, so the snapshot
 //! is refused while they exist.
 
-use super::{add, create, state};
+use super::create::{self, add};
+use super::state::{self, backing_user};
 use crate::error::RpcError;
 use crate::service::Service;
 use bdev::device::Device;
@@ -35,7 +36,7 @@ fn check_movable(node: &str) -> Result<(), RpcError> {
         return Ok(());
     }
     // QEMU's op blocker on a backing node, in its words.
-    let backing_of = super::backing_user(node);
+    let backing_of = backing_user(node);
     if let Some(user) = backing_of {
         return Err(RpcError::errno(
             libc::EBUSY,

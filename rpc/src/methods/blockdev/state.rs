@@ -2,10 +2,10 @@
 //! arguments, and the nested nodes made with each.
 
 use super::spec::Driver;
-use bdev::registry;
-use serde_json::Value;
+use bdev::{registry, Bdev};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A node made by `blockdev-add`.
 #[derive(Debug, Clone)]
@@ -144,4 +144,53 @@ pub fn driver_of(name: &str) -> Option<Driver> {
 /// Whether `name` is a node `blockdev-add` made (at the top or nested).
 pub fn is_node(name: &str) -> bool {
     driver_of(name).is_some()
+}
+
+/// Whether `name` is a node made by `blockdev-add` at the top level (QEMU:
+/// owned by the monitor).
+pub fn monitor_owned(name: &str) -> bool {
+    record(name).is_some()
+}
+
+/// Whether the bdev `name` belongs to a `blockdev-add` node (the node or one
+/// nested in it): `save_config` recreates it with `blockdev-add`.
+pub fn owns(name: &str) -> bool {
+    is_node(name) && registry().contains(name)
+}
+
+/// Whether `name` is a raw node (a device in sluice's terms, a node in QEMU's).
+pub fn is_raw_node(name: &str) -> bool {
+    driver_of(name) == Some(Driver::Raw)
+}
+
+/// Adjusts a `BlockDeviceInfo` (`query-named-block-nodes`) to the driver the
+/// node was added with.
+pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
+    let Some(d) = driver_of(b.name()) else {
+        return;
+    };
+    v["drv"] = json!(d.as_str());
+    v["image"]["format"] = json!(d.as_str());
+    let f = graph::node::filename_of(b);
+    v["file"] = json!(f);
+    v["image"]["filename"] = json!(f);
+    if let Some(direct) = b
+        .driver_specific()
+        .pointer("/uring/direct")
+        .and_then(Value::as_bool)
+    {
+        v["cache"]["direct"] = json!(direct);
+    }
+}
+
+/// The image node that reads through `name` as its backing, if any.
+pub(crate) fn backing_user(name: &str) -> Option<String> {
+    user_claims(name).into_iter().find(|c| {
+        registry()
+            .get(c)
+            .ok()
+            .and_then(|b| graph::node::image(&b))
+            .and_then(|i| i.backing())
+            .is_some_and(|b| b.name() == name)
+    })
 }

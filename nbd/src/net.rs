@@ -23,7 +23,6 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -31,12 +30,10 @@ use std::time::Duration;
 /// spinning reactor adds to the latency of noticing a socket edge.
 pub const HARVEST_INTERVAL: Duration = Duration::from_micros(4);
 
-/// [`HARVEST_INTERVAL`] in reactor ticks.
+/// [`HARVEST_INTERVAL`] in reactor ticks (computed once per reactor, when
+/// its socket set is made).
 fn harvest_interval_ticks() -> u64 {
-    static T: OnceLock<u64> = OnceLock::new();
-    *T.get_or_init(|| {
-        (HARVEST_INTERVAL.as_nanos() * reactor::ticks_hz() as u128 / 1_000_000_000) as u64
-    })
+    (HARVEST_INTERVAL.as_nanos() * reactor::ticks_hz() as u128 / 1_000_000_000) as u64
 }
 
 /// Readiness of one registered fd.

@@ -1,4 +1,10 @@
-//! The `sluice` command line.
+//! The `sluice` command line: `serve` (the daemon), `rpc` (the JSON-RPC
+//! client), `perf` (bdevperf, in its own process or inside a daemon).
+
+mod client;
+mod perf_cli;
+mod serve;
+mod startup;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -17,11 +23,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the service.
-    Serve(rpc::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Call a JSON-RPC method of a running sluice and print the result.
-    Rpc(rpc::client::RpcArgs),
+    Rpc(client::RpcArgs),
     /// Measure bdevs as SPDK's bdevperf does.
-    Perf(rpc::perf::PerfArgs),
+    Perf(perf::PerfArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,9 +40,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Serve(a) => rpc::serve::run(a).map_err(|e| e.to_string()),
-        Cmd::Rpc(a) => return rpc::client::run(a),
-        Cmd::Perf(a) => return rpc::perf::run(a),
+        Cmd::Serve(a) => serve::run(a).map_err(|e| e.to_string()),
+        Cmd::Rpc(a) => return client::run(a),
+        Cmd::Perf(a) => return perf_cli::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,56 +1,44 @@
-//! `sluice perf`: SPDK bdevperf's job. Bdevs come from flags or from an SPDK
-//! JSON config; one job per reactor per bdev (each on its own share of the
-//! bdev) keeps `-q` requests in flight for `-t` seconds; the results are
-//! printed as bdevperf prints them, or as JSON.
+//! `sluice perf`: SPDK bdevperf's job (the engine is the `perf` crate). Bdevs
+//! come from flags or from an SPDK JSON config; the results are printed as
+//! bdevperf prints them, or as JSON.
 //!
-//! With `-s SOCK` the same engine runs inside a running `sluice serve`, on its
-//! bdevs and devices (the `bdev_perf_run` method, SPDK's `bdevperf -z` +
+//! Without `-s` the run happens in this process ([`local`]: its own reactors
+//! and bdevs); with `-s SOCK` it happens inside a running `sluice serve`
+//! ([`remote`]: the `bdev_perf_run` method, SPDK's `bdevperf -z` +
 //! `perform_tests`), and this process prints its results.
 
-pub mod args;
-pub mod engine;
-pub mod hist;
-pub mod job;
-pub mod local;
-pub mod options;
-pub mod pattern;
-pub mod remote;
-pub mod report;
+mod local;
+mod remote;
 
-pub use args::{PerfArgs, Workload};
-pub use engine::Outcome;
-pub use options::RunOptions;
-
+use perf::{report, PerfArgs, PerfError};
 use serde_json::Value;
 use std::process::ExitCode;
 use thiserror::Error;
 
-/// Why a perf run could not be set up or carried out.
+/// Why `sluice perf` could not set up or carry out its run.
 #[derive(Debug, Error)]
-pub enum PerfError {
-    /// Bad options.
-    #[error("{0}")]
-    Args(String),
-    /// The reactors could not start.
-    #[error("reactors: {0}")]
-    Reactor(#[from] reactor::ReactorError),
-    /// A bdev could not be created or used.
-    #[error("{0}")]
-    Bdev(#[from] bdev::BdevError),
+pub enum RunError {
+    /// The engine, its options, the reactors or a bdev.
+    #[error(transparent)]
+    Perf(#[from] PerfError),
     /// The JSON config could not be replayed.
     #[error("config: {0}")]
-    Config(#[from] crate::config::ConfigError),
-    /// A job failed to start.
-    #[error("job on {bdev}: {msg}")]
-    Job {
-        /// The bdev.
-        bdev: String,
-        /// What went wrong.
-        msg: String,
-    },
+    Config(#[from] rpc::config::ConfigError),
     /// The daemon refused or failed the run (`-s`).
     #[error("{0}")]
     Remote(String),
+}
+
+impl From<reactor::ReactorError> for RunError {
+    fn from(e: reactor::ReactorError) -> Self {
+        RunError::Perf(e.into())
+    }
+}
+
+impl From<bdev::BdevError> for RunError {
+    fn from(e: bdev::BdevError) -> Self {
+        RunError::Perf(e.into())
+    }
 }
 
 /// Runs `sluice perf`; the exit code is 0 when every job finished cleanly, 1

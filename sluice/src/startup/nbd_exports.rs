@@ -2,22 +2,22 @@
 //! start-up subsystem, stopped (clients disconnected after their in-flight
 //! requests) before the reactors.
 
-use super::{global, ExportConfig, ListenAddr, StartOptions};
 use crate::serve::{ServeArgs, ServeError};
-use crate::service::Service;
-use crate::startup::Subsystem;
+use nbd::{ExportConfig, ListenAddr, StartOptions};
+use rpc::subsystem::Subsystem;
+use rpc::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long shutdown waits for NBD clients to be disconnected.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
-/// The running NBD server of `serve`.
-pub struct NbdSubsystem;
+/// The running NBD server of `serve` (the one in its service context).
+pub struct NbdSubsystem(Arc<Service>);
 
 impl Subsystem for NbdSubsystem {
     fn stop(self: Box<Self>) {
-        global().shutdown(SHUTDOWN_WAIT);
+        self.0.nbd.shutdown(SHUTDOWN_WAIT);
     }
 }
 
@@ -37,7 +37,8 @@ pub fn parse_export(spec: &str) -> Result<(String, bool), String> {
 /// Starts the NBD server and the exports the command line asks for; `None`
 /// when no `--nbd-listen` was given.
 pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem>, ServeError> {
-    global().set_allow_remote(args.nbd_allow_remote);
+    let server = &svc.nbd;
+    server.set_allow_remote(args.nbd_allow_remote);
     if args.nbd_listen.is_empty() {
         if !args.nbd_exports.is_empty() {
             return Err(ServeError::Start("--export needs --nbd-listen".into()));
@@ -58,7 +59,7 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
         max_connections: 0,
         allow_remote: args.nbd_allow_remote,
     };
-    global()
+    server
         .start(&svc.rt, Some(svc.events.clone()), &addrs, opts)
         .map_err(|e| ServeError::Start(format!("NBD server: {e}")))?;
     for (name, writable) in exports {
@@ -70,12 +71,12 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
             writable,
             writethrough: false,
         };
-        if let Err(e) = global().add_export(cfg) {
-            global().shutdown(SHUTDOWN_WAIT);
+        if let Err(e) = server.add_export(cfg) {
+            server.shutdown(SHUTDOWN_WAIT);
             return Err(ServeError::Start(format!("--export {name}: {e}")));
         }
     }
-    Ok(Some(NbdSubsystem))
+    Ok(Some(NbdSubsystem(svc.clone())))
 }
 
 #[cfg(test)]

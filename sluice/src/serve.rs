@@ -1,8 +1,8 @@
 //! `sluice serve`: start the reactors and the service, stop cleanly on signals.
 
-use crate::service::{Service, StopReason};
 use clap::Args;
 use reactor::{CoreSet, Runtime, RuntimeConfig, RuntimeHandle};
+use rpc::service::{Service, StopReason};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::sync::Arc;
@@ -76,8 +76,8 @@ impl ServeArgs {
             .unwrap_or_else(|| self.runtime_dir.join("sluice-qmp.sock"))
     }
     /// The caps of the RPC servers.
-    pub fn rpc_limits(&self) -> crate::transport::Limits {
-        crate::transport::Limits {
+    pub fn rpc_limits(&self) -> rpc::transport::Limits {
+        rpc::transport::Limits {
             max_connections: self.rpc_max_connections.max(1),
             max_request: self.rpc_max_request_size.max(64),
             ..Default::default()
@@ -142,7 +142,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     let runtime = Runtime::start(cfg)?;
     let svc = Service::new(runtime.handle(), args.runtime_dir.clone(), stop_tx);
-    let _ = svc.table.set(Arc::new(crate::methods::build_table()));
+    let _ = svc.table.set(Arc::new(rpc::methods::build_table()));
     let pid_path = args.runtime_dir.join("sluice.pid");
     write_pid(&pid_path)?;
 

@@ -2,8 +2,10 @@
 //! structured replies, `base:allocation`) over Unix and TCP sockets, served on
 //! the reactors without a thread per connection.
 //!
-//! - [`server::NbdServer`] owns the listeners and the exports; [`server::global`]
-//!   is the daemon's (driven by `nbd-server-start`, `block-export-add`, ...).
+//! - [`server::NbdServer`] owns the listeners and the exports. It holds no
+//!   process-wide state: the daemon's lives in its service context (driven by
+//!   `nbd-server-start`, `block-export-add`, ...), so two servers can live in
+//!   one process.
 //! - Listeners accept on the main reactor; each connection is a local task on
 //!   one reactor (round-robin), parked on its socket's readiness ([`net`]).
 //! - An export holds its bdev (a device keeps its identity across snapshot and
@@ -18,7 +20,6 @@ pub mod net;
 mod pool;
 pub mod proto;
 pub mod server;
-pub mod startup;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -26,4 +27,4 @@ mod tests;
 pub use addr::ListenAddr;
 pub use error::NbdError;
 pub use export::ExportConfig;
-pub use server::{global, ExportInfo, NbdServer, StartOptions};
+pub use server::{ExportInfo, NbdServer, StartOptions};

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -289,7 +289,8 @@ async fn accept_loop(l: Listener, inst: Weak<Instance>, stop: Arc<Kick>) {
     drop(l);
 }
 
-/// The NBD server of a process: at most one running instance, its exports.
+/// An NBD server: at most one running instance at a time, its exports. The
+/// daemon keeps one in its service context; nothing here is process-wide.
 #[derive(Default)]
 pub struct NbdServer {
     inner: Mutex<Option<Arc<Instance>>>,
@@ -317,13 +318,6 @@ impl ExportInfo {
     pub fn to_qmp(&self) -> Value {
         json!({"type": "nbd", "id": self.id, "node-name": self.node, "shutting-down": self.shutting_down})
     }
-}
-
-static GLOBAL: OnceLock<NbdServer> = OnceLock::new();
-
-/// The daemon's NBD server (what the RPC methods drive).
-pub fn global() -> &'static NbdServer {
-    GLOBAL.get_or_init(NbdServer::default)
 }
 
 impl NbdServer {

@@ -4,17 +4,16 @@
 //! `bdev_qcow2_delete`, which writes their metadata back), so what perf wrote
 //! is durable and images are clean when it exits.
 
-use super::args::{self, PerfArgs};
-use super::engine::{self, Claimed, Outcome};
-use super::PerfError;
-use crate::service::Service;
-use crate::table::Params;
+use super::RunError;
 use bdev::device::Device;
 use bdev::malloc::{MallocBdev, MallocOptions};
 use bdev::null::{NullBdev, NullOptions};
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{registry, IoStatus, IoType};
+use perf::args::{self, PerfArgs};
+use perf::engine::{self, Claimed, Outcome};
 use reactor::{CoreSet, Runtime, RuntimeConfig, RuntimeHandle};
+use rpc::{Params, Service};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use std::sync::Arc;
 /// Sets up the reactors and bdevs, runs the jobs, tears everything down.
 /// A failure to flush or close a bdev fails the outcome (it is listed in
 /// the document's `errors`).
-pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
+pub fn execute(args: &PerfArgs) -> Result<Outcome, RunError> {
     args.validate()?;
     let opts = args.options();
     let mask = opts.cpumask.clone().unwrap_or_else(|| "0x1".into());
@@ -34,7 +33,7 @@ pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
     let h = rt.handle();
     let (tx, _rx) = std::sync::mpsc::channel();
     let svc = Service::new(h.clone(), std::env::temp_dir(), tx);
-    let _ = svc.table.set(Arc::new(crate::methods::build_table()));
+    let _ = svc.table.set(Arc::new(rpc::methods::build_table()));
     let res = create_bdevs(args, &svc).and_then(|()| {
         if !args.json {
             println!("Running I/O for {} seconds...", args.time);
@@ -42,7 +41,7 @@ pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
         // The run covers every reactor of this process: name them all.
         let mut o = opts.clone();
         o.cpumask = Some(mask);
-        engine::run(&h, &o, Claimed::Allow)
+        Ok(engine::run(&h, &o, Claimed::Allow)?)
     });
     let mut closing = Vec::new();
     if let Ok(out) = &res {
@@ -66,7 +65,7 @@ pub fn execute(args: &PerfArgs) -> Result<Outcome, PerfError> {
     Ok(out)
 }
 
-fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), PerfError> {
+fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), RunError> {
     for s in &args.null {
         let (name, mib, bs, nozero) = args::parse_null_spec(s)?;
         let opts = NullOptions {
@@ -106,7 +105,7 @@ fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), PerfError> {
         registry().register(UringBdev::open(&name, Path::new(path), opts)?)?;
     }
     if let Some(cfg) = &args.config {
-        crate::config::replay(svc, cfg)?;
+        rpc::config::replay(svc, cfg)?;
     }
     Ok(())
 }
@@ -171,7 +170,7 @@ fn teardown(svc: &Arc<Service>) -> Vec<String> {
                     )
                     .map(|_| ())
             } else {
-                crate::methods::bdev::delete_bdev(svc, &name)
+                rpc::methods::common::delete_bdev(svc, &name)
             };
             match res {
                 Ok(()) => progress = true,

@@ -1,0 +1,80 @@
+//! Helpers the handlers share (a handler file imports these, never another
+//! handler file): adding and removing bdevs with their `bdev_register` /
+//! `bdev_unregister` notifications, the delete methods' `{"name"}`
+//! parameters, and the stream job's tuning.
+//!
+//! Other areas that create bdevs should go through [`register_bdev`] and
+//! [`delete_bdev`] so that the notifications are published.
+
+use crate::error::RpcError;
+use crate::service::Service;
+use bdev::{registry, Bdev};
+use jobs::stream_job::Tuning;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::{Arc, OnceLock};
+
+/// A bdev was registered (`ctx`: its name).
+pub const BDEV_REGISTER: &str = "bdev_register";
+/// A bdev was unregistered (`ctx`: its name).
+pub const BDEV_UNREGISTER: &str = "bdev_unregister";
+
+/// Publishes a bdev notification (`bdev_register` / `bdev_unregister`).
+pub fn publish_bdev(svc: &Service, ty: &str, name: &str) {
+    svc.events.publish(ty, json!({ "name": name }));
+}
+
+/// Adds a bdev to the registry and publishes `bdev_register`; returns its name.
+pub fn register_bdev(svc: &Service, b: Arc<dyn Bdev>) -> Result<String, RpcError> {
+    let name = b.name().to_string();
+    registry().register(b)?;
+    publish_bdev(svc, BDEV_REGISTER, &name);
+    Ok(name)
+}
+
+/// Deletes a bdev (it must not be claimed) and publishes `bdev_unregister`.
+pub fn delete_bdev(svc: &Service, name: &str) -> Result<(), RpcError> {
+    registry().delete(name, &svc.rt)?;
+    publish_bdev(svc, BDEV_UNREGISTER, name);
+    Ok(())
+}
+
+/// Deletes `name` if it is a `T` (SPDK answers -ENODEV for a bdev of another module).
+pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result<Value, RpcError> {
+    let b = registry().get(name)?;
+    if !b.as_any().is::<T>() {
+        return Err(RpcError::errno(
+            libc::ENODEV,
+            format!("bdev {name:?} is not a {kind} bdev"),
+        ));
+    }
+    delete_bdev(svc, name)?;
+    Ok(Value::Bool(true))
+}
+
+/// `{"name"}`: the delete methods' parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ByName {
+    pub name: String,
+}
+
+/// The stream job's tuning: defaults, or `SLUICE_STREAM_CHUNK_KB` /
+/// `SLUICE_STREAM_INFLIGHT` / `SLUICE_STREAM_YIELD=0` from the environment (benchmarks).
+pub fn tuning() -> Tuning {
+    static T: OnceLock<Tuning> = OnceLock::new();
+    *T.get_or_init(|| {
+        let mut t = Tuning::default();
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        if let Some(kb) = env("SLUICE_STREAM_CHUNK_KB") {
+            t.chunk = kb.max(4) << 10;
+        }
+        if let Some(n) = env("SLUICE_STREAM_INFLIGHT") {
+            t.max_inflight = n.clamp(1, 1024) as usize;
+        }
+        if env("SLUICE_STREAM_YIELD") == Some(0) {
+            t.yield_to_clients = false;
+        }
+        t
+    })
+}
