@@ -135,6 +135,16 @@ impl IoVec {
     }
 }
 
+/// The buffers a request owns (see [`BdevIo`]'s memory contract).
+enum Memory {
+    /// None (flush, unmap, write-zeroes, or a sub-request over its parent's).
+    None,
+    /// One buffer: [`BdevIo::new`], [`BdevIo::read`], [`BdevIo::write`].
+    One(DmaBuf),
+    /// Several: [`BdevIo::vectored`].
+    Many(Vec<DmaBuf>),
+}
+
 /// Who is told when a request completes. Called on the submitting reactor,
 /// never from inside `submit`.
 pub trait IoDone {
@@ -145,9 +155,27 @@ pub trait IoDone {
 /// An I/O request. The submitter owns it (and its memory) until it submits it;
 /// the bdev owns it until it completes it, which hands it back through `done`.
 ///
-/// Memory safety of the segments: a request built with [`BdevIo::new`] owns its
-/// buffer; one built with [`BdevIo::sub_io`] borrows its parent's memory and the
-/// parent must outlive it (an `unsafe` contract for virtual bdevs).
+/// Memory safety of the segments: a request built with [`BdevIo::new`],
+/// [`BdevIo::read`], [`BdevIo::write`] or [`BdevIo::vectored`] owns its
+/// buffers: they move into the request and come back out only through
+/// [`BdevIo::take_buf`] / [`BdevIo::take_bufs`], which need the request itself,
+/// so safe code cannot free (or touch) memory that a read in flight will fill.
+/// Moving a buffer into a request costs nothing per I/O (no reference count,
+/// no allocation for one buffer). A buffer given to a request is gone:
+///
+/// ```compile_fail,E0382
+/// use bdev::{BdevIo, DmaBuf, IoType};
+/// let a = DmaBuf::new(4096).unwrap();
+/// let b = DmaBuf::new(4096).unwrap();
+/// let io = BdevIo::vectored(IoType::Read, 0, vec![a, b], None);
+/// drop(a); // error[E0382]: use of moved value: `a`
+/// # drop(io);
+/// ```
+///
+/// The one exception is [`BdevIo::sub_io`]: a sub-request over a range of its
+/// parent's memory, for virtual bdevs splitting a request; it is `unsafe`, and
+/// its caller keeps the parent alive and its range untouched until the
+/// sub-request completes.
 pub struct BdevIo {
     /// What to do.
     pub io_type: IoType,
@@ -181,7 +209,7 @@ pub struct BdevIo {
     /// Submitters measuring latency reuse it instead of reading the clock again.
     pub complete_tick: u64,
     iovs: SmallVec<[IoVec; 2]>,
-    buf: Option<DmaBuf>,
+    mem: Memory,
     done: Option<Rc<dyn IoDone>>,
     pub(crate) stats: Option<Rc<IoStats>>,
 }
@@ -197,15 +225,20 @@ impl BdevIo {
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
         let mut iovs = SmallVec::new();
-        let len = match &buf {
+        let mut buf = buf;
+        let len = match &mut buf {
             Some(b) if io_type.has_data() => {
                 iovs.push(IoVec {
-                    ptr: b.as_ptr() as *mut u8,
+                    ptr: b.as_mut_ptr(),
                     len: b.len(),
                 });
                 b.len() as u64
             }
             _ => len,
+        };
+        let mem = match buf {
+            Some(b) => Memory::One(b),
+            None => Memory::None,
         };
         Box::new(Self {
             io_type,
@@ -218,7 +251,7 @@ impl BdevIo {
             submit_tick: 0,
             complete_tick: 0,
             iovs,
-            buf,
+            mem,
             done,
             stats: None,
         })
@@ -236,32 +269,40 @@ impl BdevIo {
         Self::new(IoType::Write, offset, len, Some(buf), done)
     }
 
-    /// A request over several buffers (vectored); `len` is their total length.
+    /// A request over several buffers (vectored), which it owns until
+    /// [`BdevIo::take_bufs`] gives them back; `len` is their total length.
     pub fn vectored(
         io_type: IoType,
         offset: u64,
-        bufs: &[&DmaBuf],
-        owner: Option<DmaBuf>,
+        mut bufs: Vec<DmaBuf>,
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
         let mut io = Self::new(io_type, offset, 0, None, done);
-        for b in bufs {
-            io.iovs.push(IoVec {
-                ptr: b.as_ptr() as *mut u8,
-                len: b.len(),
-            });
-            io.len += b.len() as u64;
+        if io_type.has_data() {
+            for b in &mut bufs {
+                io.iovs.push(IoVec {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                });
+                io.len += b.len() as u64;
+            }
         }
-        io.buf = owner;
+        io.mem = Memory::Many(bufs);
         io
     }
 
     /// A request of `io_type` at `offset` over bytes `[start, start+len)` of
-    /// `parent`'s memory (for virtual bdevs splitting a request).
+    /// `parent`'s memory (for virtual bdevs splitting a request). A read
+    /// sub-request writes into that range of the parent's memory although it
+    /// is given only `&parent`: sub-requests over disjoint ranges may be in
+    /// flight together.
     ///
     /// # Safety
     /// The parent's memory must stay valid (the parent not completed, not dropped,
-    /// its buffers not touched) until this request has completed.
+    /// its buffers not taken) until this request has completed, and nothing else
+    /// may read or write `[start, start+len)` of it meanwhile (no other
+    /// sub-request over an overlapping range, no `copy_in` / `copy_out` / `zero`
+    /// there).
     pub unsafe fn sub_io(
         parent: &BdevIo,
         start: u64,
@@ -300,15 +341,46 @@ impl BdevIo {
         &self.iovs
     }
 
-    /// The owned buffer, if the request was built over one.
+    /// The owned buffer, if the request was built over one buffer (the first
+    /// one of a vectored request).
     pub fn buf(&self) -> Option<&DmaBuf> {
-        self.buf.as_ref()
+        self.bufs().first()
     }
 
-    /// Takes the owned buffer back (after completion).
+    /// The owned buffers, in segment order (none for a sub-request).
+    pub fn bufs(&self) -> &[DmaBuf] {
+        match &self.mem {
+            Memory::None => &[],
+            Memory::One(b) => std::slice::from_ref(b),
+            Memory::Many(v) => v,
+        }
+    }
+
+    /// Takes the owned buffer back (after completion) of a request built over
+    /// one buffer; the request then has no memory. `None` for a vectored request
+    /// (see [`BdevIo::take_bufs`]), which keeps its buffers.
     pub fn take_buf(&mut self) -> Option<DmaBuf> {
+        match std::mem::replace(&mut self.mem, Memory::None) {
+            Memory::One(b) => {
+                self.iovs.clear();
+                Some(b)
+            }
+            other => {
+                self.mem = other;
+                None
+            }
+        }
+    }
+
+    /// Takes every owned buffer back (after completion), in segment order; the
+    /// request then has no memory.
+    pub fn take_bufs(&mut self) -> Vec<DmaBuf> {
         self.iovs.clear();
-        self.buf.take()
+        match std::mem::replace(&mut self.mem, Memory::None) {
+            Memory::None => Vec::new(),
+            Memory::One(b) => vec![b],
+            Memory::Many(v) => v,
+        }
     }
 
     /// Replaces the completion target.
