@@ -4,7 +4,9 @@
 //! - [`spec`]: register offsets, command and completion layouts, status codes.
 //! - [`regs::RegisterIo`] and [`mem::DmaSpace`]: the seams to the hardware
 //!   (a mapped BAR and the IOMMU through [`vfio`], or plain memory and identity
-//!   addresses for the software controller in [`fake`]).
+//!   addresses for the software controller in `fake`, a test device built only
+//!   with the `test-fake` feature: tests and examples enable it, the production
+//!   library does not contain it).
 //! - [`queue::QueuePair`]: rings, command building, PRP lists, splitting by MDTS,
 //!   bounce buffers, phase-bit completions, doorbell batching, timeouts.
 //! - [`ctrlr::Controller`]: enable/reset/shutdown, admin queue, identify,
@@ -17,6 +19,7 @@ pub mod attach;
 pub mod bdev;
 pub mod ctrlr;
 pub mod error;
+#[cfg(feature = "test-fake")]
 pub mod fake;
 mod host;
 pub mod identify;
