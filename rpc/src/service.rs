@@ -29,6 +29,8 @@ pub struct Service {
     pub table: OnceLock<Arc<MethodTable>>,
     /// Block jobs (they publish on `events`).
     pub jobs: jobs::job::JobManager,
+    /// Attached NVMe controllers and the options for the next attaches.
+    pub nvme: bdev::nvme::NvmeControllers,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -38,6 +40,7 @@ impl Service {
         let events = EventBus::default();
         publish_corruption(&events);
         Arc::new(Self {
+            nvme: bdev::nvme::NvmeControllers::new(rt.clone()),
             rt,
             jobs: jobs::job::JobManager::new(events.clone()),
             events,

@@ -13,7 +13,8 @@
 //!   one I/O queue pair per reactor, abort and reset on timeouts.
 //! - `host` (per reactor) and [`bdev::NvmeBdev`]: the lock-free per-reactor
 //!   channel and poller, and each namespace as a bdev `NAMEnN`.
-//! - [`attach`]: the table of controllers behind the `bdev_nvme_*` RPCs.
+//! - [`attach`]: the table of controllers behind the `bdev_nvme_*` RPCs
+//!   ([`NvmeControllers`], owned by the service and passed explicitly).
 
 pub mod attach;
 pub mod bdev;
@@ -30,8 +31,6 @@ pub mod regs;
 pub mod spec;
 pub mod vfio;
 
-pub use attach::{
-    attach_pcie, attach_with, controller, controllers, detach, reset, ControllerInfo,
-};
+pub use attach::{ControllerInfo, NvmeControllers};
 pub use ctrlr::{Controller, CtrlrOpts, CtrlrState};
 pub use error::NvmeError;
