@@ -394,22 +394,46 @@ impl BdevIo {
         self.done.take()
     }
 
+    /// The request's memory as byte slices, segment by segment (what a write
+    /// writes). Segments never overlap one another: each is a distinct owned
+    /// buffer, or a piece of a parent's distinct segments.
+    #[inline]
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.iovs.iter().map(|v| {
+            // SAFETY: the segment is valid for v.len bytes for the life of the
+            // request (see the type's contract): owned buffers stay in the
+            // request, a sub-request's parent outlives it (`sub_io`'s contract).
+            unsafe { std::slice::from_raw_parts(v.ptr, v.len) }
+        })
+    }
+
+    /// The request's memory as mutable byte slices, segment by segment (where a
+    /// read puts the data). Needs the request itself (`&mut`): whoever fills
+    /// the memory owns the request at that moment.
+    #[inline]
+    pub fn segments_mut(&mut self) -> impl Iterator<Item = &mut [u8]> + '_ {
+        self.iovs.iter().map(|v| {
+            // SAFETY: valid as in `segments`; exclusive because `&mut self` is,
+            // segments do not overlap one another, and the owned buffers are
+            // reachable otherwise only through `&self` (`bufs`) or by taking
+            // them out; a sub-request's range is its own (`sub_io`'s contract).
+            unsafe { std::slice::from_raw_parts_mut(v.ptr, v.len) }
+        })
+    }
+
     /// Copies `dst.len()` bytes from the request's memory at byte `pos` into `dst`.
     pub fn copy_out(&self, mut pos: usize, dst: &mut [u8]) {
         let mut filled = 0;
-        for v in &self.iovs {
+        for seg in self.segments() {
             if filled == dst.len() {
                 break;
             }
-            if pos >= v.len {
-                pos -= v.len;
+            if pos >= seg.len() {
+                pos -= seg.len();
                 continue;
             }
-            let n = (v.len - pos).min(dst.len() - filled);
-            // SAFETY: the segment is valid for v.len bytes for the life of the request
-            // (see the type's contract); pos + n <= v.len.
-            let src = unsafe { std::slice::from_raw_parts(v.ptr.add(pos), n) };
-            dst[filled..filled + n].copy_from_slice(src);
+            let n = (seg.len() - pos).min(dst.len() - filled);
+            dst[filled..filled + n].copy_from_slice(&seg[pos..pos + n]);
             filled += n;
             pos = 0;
         }
@@ -418,18 +442,16 @@ impl BdevIo {
     /// Copies `src` into the request's memory at byte `pos`.
     pub fn copy_in(&mut self, mut pos: usize, src: &[u8]) {
         let mut done = 0;
-        for v in &self.iovs {
+        for seg in self.segments_mut() {
             if done == src.len() {
                 break;
             }
-            if pos >= v.len {
-                pos -= v.len;
+            if pos >= seg.len() {
+                pos -= seg.len();
                 continue;
             }
-            let n = (v.len - pos).min(src.len() - done);
-            // SAFETY: as in `copy_out`; the request owns (or exclusively borrows) this memory.
-            let dst = unsafe { std::slice::from_raw_parts_mut(v.ptr.add(pos), n) };
-            dst.copy_from_slice(&src[done..done + n]);
+            let n = (seg.len() - pos).min(src.len() - done);
+            seg[pos..pos + n].copy_from_slice(&src[done..done + n]);
             done += n;
             pos = 0;
         }
@@ -438,17 +460,16 @@ impl BdevIo {
     /// Fills `len` bytes of the request's memory at `pos` with zeroes.
     pub fn zero(&mut self, mut pos: usize, len: usize) {
         let mut done = 0;
-        for v in &self.iovs {
+        for seg in self.segments_mut() {
             if done == len {
                 break;
             }
-            if pos >= v.len {
-                pos -= v.len;
+            if pos >= seg.len() {
+                pos -= seg.len();
                 continue;
             }
-            let n = (v.len - pos).min(len - done);
-            // SAFETY: as in `copy_in`.
-            unsafe { std::ptr::write_bytes(v.ptr.add(pos), 0, n) };
+            let n = (seg.len() - pos).min(len - done);
+            seg[pos..pos + n].fill(0);
             done += n;
             pos = 0;
         }
@@ -467,5 +488,73 @@ impl BdevIo {
         if let Some(d) = self.done.clone() {
             d.io_done(self);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BdevIo, IoType};
+    use crate::dma::DmaBuf;
+
+    /// A vectored request owns its buffers: what goes in through `copy_in`,
+    /// `zero` and `segments_mut` (across segment boundaries) comes back out
+    /// in them, in order, through `take_bufs`.
+    #[test]
+    fn vectored_memory_is_owned_and_given_back() {
+        let bufs = vec![
+            DmaBuf::new(512).unwrap(),
+            DmaBuf::new(1024).unwrap(),
+            DmaBuf::new(512).unwrap(),
+        ];
+        let mut io = BdevIo::vectored(IoType::Read, 4096, bufs, None);
+        assert_eq!(io.len, 2048);
+        assert_eq!(
+            io.segments().map(<[u8]>::len).collect::<Vec<_>>(),
+            [512, 1024, 512]
+        );
+        let data: Vec<u8> = (0..2048u32).map(|i| (i % 251) as u8).collect();
+        io.copy_in(0, &data);
+        io.zero(500, 30);
+        io.segments_mut().last().unwrap()[511] = 0xee;
+        let mut want = data.clone();
+        want[500..530].fill(0);
+        want[2047] = 0xee;
+        let mut out = vec![0u8; 2000];
+        io.copy_out(40, &mut out);
+        assert_eq!(out, want[40..2040]);
+        assert!(
+            io.take_buf().is_none(),
+            "a vectored request keeps its buffers"
+        );
+        assert_eq!(io.bufs().len(), 3);
+        let back: Vec<u8> = io
+            .take_bufs()
+            .iter()
+            .flat_map(|b| b.as_slice().to_vec())
+            .collect();
+        assert_eq!(back, want);
+        assert_eq!(io.segments().count(), 0, "no memory left in the request");
+    }
+
+    /// A sub-request sees exactly its range of the parent's memory.
+    #[test]
+    fn sub_io_covers_its_range_of_the_parent() {
+        let bufs = vec![DmaBuf::new(512).unwrap(), DmaBuf::new(512).unwrap()];
+        let mut parent = BdevIo::vectored(IoType::Read, 0, bufs, None);
+        // SAFETY: the parent outlives the sub-request and nothing else touches
+        // its bytes [300, 700) while the sub-request exists.
+        let mut sub = unsafe { BdevIo::sub_io(&parent, 300, 400, IoType::Read, 0, None) };
+        assert_eq!(
+            sub.segments().map(<[u8]>::len).collect::<Vec<_>>(),
+            [212, 188]
+        );
+        sub.copy_in(0, &[7u8; 400]);
+        drop(sub);
+        let mut all = vec![0u8; 1024];
+        parent.copy_out(0, &mut all);
+        assert!(all[..300].iter().all(|&b| b == 0));
+        assert!(all[300..700].iter().all(|&b| b == 7));
+        assert!(all[700..].iter().all(|&b| b == 0));
+        assert_eq!(parent.take_bufs().len(), 2);
     }
 }
