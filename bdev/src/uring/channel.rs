@@ -260,12 +260,13 @@ impl Drop for UringChannel {
 fn read_inline(fd: RawFd, io: &mut BdevIo) -> IoStatus {
     let mut off = io.offset;
     for seg in io.segments_mut() {
+        let (base, len) = (seg.as_mut_ptr(), seg.len());
         let mut done = 0;
-        while done < seg.len() {
-            let rest = &mut seg[done..];
+        while done < len {
             let at = (off + done as u64) as libc::off_t;
-            // SAFETY: `rest` is writable memory of `rest.len()` bytes, ours for the call.
-            let r = unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), at) };
+            // SAFETY: [base + done, base + len) lies in `seg`, writable memory we
+            // hold exclusively (`&mut`) for the call.
+            let r = unsafe { libc::pread(fd, base.add(done).cast(), len - done, at) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -279,7 +280,7 @@ fn read_inline(fd: RawFd, io: &mut BdevIo) -> IoStatus {
             }
             done += r as usize;
         }
-        off += seg.len() as u64;
+        off += len as u64;
     }
     IoStatus::Success
 }
