@@ -206,26 +206,28 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
     cfg.pin = n >= 2;
     let rt = Runtime::start(cfg).map_err(|e| e.to_string())?;
     let h = rt.handle();
+    let nv = nvme::NvmeControllers::new(h.clone());
     let opts = CtrlrOpts {
         io_timeout: Duration::from_secs(20),
         ..CtrlrOpts::default()
     };
 
-    match nvme::attach_pcie(&h, "Bad", "0000:ff:1f.7", opts.clone()) {
+    match nv.attach_pcie("Bad", "0000:ff:1f.7", opts.clone()) {
         Err(e @ NvmeError::NoDevice(_)) => log.push(format!("attach to an absent device: {e}")),
         other => return Err(format!("attach to an absent device: {other:?}")),
     }
     if let Some(o) = other {
-        match nvme::attach_pcie(&h, "Bad", o, opts.clone()) {
+        match nv.attach_pcie("Bad", o, opts.clone()) {
             Err(e @ NvmeError::NotNvme { .. }) => {
                 log.push(format!("attach to a non-NVMe device: {e}"))
             }
             other => return Err(format!("attach to a non-NVMe device: {other:?}")),
         }
     }
-    let names =
-        nvme::attach_pcie(&h, "Nvme0", traddr, opts.clone()).map_err(|e| format!("attach: {e}"))?;
-    let c = nvme::controller("Nvme0").ok_or("controller missing")?;
+    let names = nv
+        .attach_pcie("Nvme0", traddr, opts.clone())
+        .map_err(|e| format!("attach: {e}"))?;
+    let c = nv.controller("Nvme0").ok_or("controller missing")?;
     let b = registry().get(&names[0]).map_err(|e| e.to_string())?;
     log.push(format!(
         "attached {traddr}: {:?} sn {:?} fw {:?}, {} namespace(s) {:?}, {} x {} B, MQES {}, DSTRD {}, max transfer {} KiB, {} reactors, hugepages {}",
@@ -250,7 +252,7 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
 
     let job = start_writes(&h, &bn, 0, 80 << 20, 64, 0x77);
     std::thread::sleep(Duration::from_millis(5));
-    nvme::reset("Nvme0").map_err(|e| format!("reset: {e}"))?;
+    nv.reset("Nvme0").map_err(|e| format!("reset: {e}"))?;
     let st = job.block().map_err(|e| format!("{e:?}"))?;
     if st.len() != 64 || st.iter().any(|s| *s != IoStatus::Success) {
         return Err(format!("writes across a reset: {st:?}"));
@@ -263,7 +265,7 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
 
     let job = start_writes(&h, &bn, 0, 100 << 20, 64, 0x12);
     std::thread::sleep(Duration::from_millis(5));
-    nvme::detach(&h, "Nvme0").map_err(|e| format!("detach: {e}"))?;
+    nv.detach("Nvme0").map_err(|e| format!("detach: {e}"))?;
     let st = job.block().map_err(|e| format!("{e:?}"))?;
     let ok = st.iter().filter(|s| **s == IoStatus::Success).count();
     let aborted = st.iter().filter(|s| **s == IoStatus::Aborted).count();
@@ -279,10 +281,12 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
         "detach with I/O in flight: {ok} completed, {aborted} aborted, none lost"
     ));
 
-    let names =
-        nvme::attach_pcie(&h, "Nvme0", traddr, opts).map_err(|e| format!("re-attach: {e}"))?;
+    let names = nv
+        .attach_pcie("Nvme0", traddr, opts)
+        .map_err(|e| format!("re-attach: {e}"))?;
     check_range(&h, &names[0], 80 << 20, 64, 0x77)?;
-    nvme::detach(&h, "Nvme0").map_err(|e| format!("final detach: {e}"))?;
+    nv.detach("Nvme0")
+        .map_err(|e| format!("final detach: {e}"))?;
     log.push("re-attach after detach: data written before is there".into());
     rt.shutdown();
     Ok(log)

@@ -231,18 +231,15 @@ impl Device {
     /// Callable from a reactor task or (with `block_on`) from any thread.
     pub async fn quiesce(&self, rt: &RuntimeHandle) -> Result<(), BdevError> {
         self.shared.paused.fetch_add(1, Ordering::SeqCst);
-        let mut waits = Vec::new();
-        for i in 0..rt.num_reactors() {
-            let id = self.shared.id;
-            waits.push(rt.spawn_on(i, move || async move {
-                if let Some(l) = Local::lookup(id) {
-                    l.drained().await;
-                }
-            }));
-        }
+        let id = self.shared.id;
+        let waits = rt.broadcast_spawn(move || async move {
+            if let Some(l) = Local::lookup(id) {
+                l.drained().await;
+            }
+        });
         let mut res = Ok(());
-        for w in waits {
-            if let Err(e) = w.await {
+        for w in waits.await {
+            if let Err(e) = w {
                 res = Err(BdevError::Runtime(e.to_string()));
             }
         }
@@ -259,18 +256,14 @@ impl Device {
         if prev != 1 {
             return;
         }
-        let mut waits = Vec::new();
-        for i in 0..rt.num_reactors() {
-            let id = self.shared.id;
-            waits.push(rt.call_on(i, move || {
+        let id = self.shared.id;
+        let _ = rt
+            .broadcast(move || {
                 if let Some(l) = Local::lookup(id) {
                     l.flush_parked();
                 }
-            }));
-        }
-        for w in waits {
-            let _ = w.await;
-        }
+            })
+            .await;
     }
 
     /// Moves the device onto `new_root` (same size) with no request lost or

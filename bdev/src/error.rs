@@ -55,20 +55,59 @@ impl BdevError {
         }
     }
 
-    /// The negative errno SPDK would return for this error.
+    /// The positive errno of this error, as [`crate::IoStatus::errno`] (the
+    /// one sign of the workspace: SPDK's negative JSON-RPC codes are made in
+    /// `rpc`'s error mapping).
     pub fn errno(&self) -> i32 {
         match self {
-            BdevError::NotFound(_) => -libc::ENODEV,
-            BdevError::Exists(_) => -libc::EEXIST,
-            BdevError::Claimed { .. } => -libc::EBUSY,
-            BdevError::InvalidParam(_) => -libc::EINVAL,
-            BdevError::Unsupported(_) => -libc::ENOTSUP,
-            BdevError::NoMem(_) => -libc::ENOMEM,
-            BdevError::Io(s) => -s.errno(),
-            BdevError::Corrupt(_) => -libc::EINVAL,
-            BdevError::Os { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
-            BdevError::Runtime(_) => -libc::ESHUTDOWN,
-            BdevError::Locked { .. } => -libc::EAGAIN,
+            BdevError::NotFound(_) => libc::ENODEV,
+            BdevError::Exists(_) => libc::EEXIST,
+            BdevError::Claimed { .. } => libc::EBUSY,
+            BdevError::InvalidParam(_) => libc::EINVAL,
+            BdevError::Unsupported(_) => libc::ENOTSUP,
+            BdevError::NoMem(_) => libc::ENOMEM,
+            BdevError::Io(s) => s.errno(),
+            BdevError::Corrupt(_) => libc::EINVAL,
+            BdevError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            BdevError::Runtime(_) => libc::ESHUTDOWN,
+            BdevError::Locked { .. } => libc::EAGAIN,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BdevError;
+    use crate::IoStatus;
+
+    /// One errno sign: a bdev error carrying an I/O status names the same
+    /// (positive) errno as the status, and every other error is positive too.
+    #[test]
+    fn errno_is_positive_and_agrees_with_io_status() {
+        for st in [
+            IoStatus::Eio,
+            IoStatus::Enospc,
+            IoStatus::Einval,
+            IoStatus::Unsupported,
+            IoStatus::Nomem,
+            IoStatus::Aborted,
+            IoStatus::ReadOnly,
+        ] {
+            assert_eq!(BdevError::Io(st).errno(), st.errno(), "{st:?}");
+            assert!(st.errno() > 0, "{st:?}");
+            assert_eq!(IoStatus::from_errno(BdevError::Io(st).errno()), st);
+        }
+        let os = BdevError::os("open", std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(os.errno(), libc::ENOENT);
+        assert_eq!(BdevError::NotFound("x".into()).errno(), libc::ENODEV);
+        assert_eq!(
+            BdevError::Claimed {
+                name: "x".into(),
+                by: "y".into()
+            }
+            .errno(),
+            libc::EBUSY
+        );
+        assert_eq!(BdevError::Runtime("x".into()).errno(), libc::ESHUTDOWN);
     }
 }

@@ -135,6 +135,16 @@ impl IoVec {
     }
 }
 
+/// The buffers a request owns (see [`BdevIo`]'s memory contract).
+enum Memory {
+    /// None (flush, unmap, write-zeroes, or a sub-request over its parent's).
+    None,
+    /// One buffer: [`BdevIo::new`], [`BdevIo::read`], [`BdevIo::write`].
+    One(DmaBuf),
+    /// Several: [`BdevIo::vectored`].
+    Many(Vec<DmaBuf>),
+}
+
 /// Who is told when a request completes. Called on the submitting reactor,
 /// never from inside `submit`.
 pub trait IoDone {
@@ -145,9 +155,27 @@ pub trait IoDone {
 /// An I/O request. The submitter owns it (and its memory) until it submits it;
 /// the bdev owns it until it completes it, which hands it back through `done`.
 ///
-/// Memory safety of the segments: a request built with [`BdevIo::new`] owns its
-/// buffer; one built with [`BdevIo::sub_io`] borrows its parent's memory and the
-/// parent must outlive it (an `unsafe` contract for virtual bdevs).
+/// Memory safety of the segments: a request built with [`BdevIo::new`],
+/// [`BdevIo::read`], [`BdevIo::write`] or [`BdevIo::vectored`] owns its
+/// buffers: they move into the request and come back out only through
+/// [`BdevIo::take_buf`] / [`BdevIo::take_bufs`], which need the request itself,
+/// so safe code cannot free (or touch) memory that a read in flight will fill.
+/// Moving a buffer into a request costs nothing per I/O (no reference count,
+/// no allocation for one buffer). A buffer given to a request is gone:
+///
+/// ```compile_fail,E0382
+/// use bdev::{BdevIo, DmaBuf, IoType};
+/// let a = DmaBuf::new(4096).unwrap();
+/// let b = DmaBuf::new(4096).unwrap();
+/// let io = BdevIo::vectored(IoType::Read, 0, vec![a, b], None);
+/// drop(a); // error[E0382]: use of moved value: `a`
+/// # drop(io);
+/// ```
+///
+/// The one exception is [`BdevIo::sub_io`]: a sub-request over a range of its
+/// parent's memory, for virtual bdevs splitting a request; it is `unsafe`, and
+/// its caller keeps the parent alive and its range untouched until the
+/// sub-request completes.
 pub struct BdevIo {
     /// What to do.
     pub io_type: IoType,
@@ -181,7 +209,7 @@ pub struct BdevIo {
     /// Submitters measuring latency reuse it instead of reading the clock again.
     pub complete_tick: u64,
     iovs: SmallVec<[IoVec; 2]>,
-    buf: Option<DmaBuf>,
+    mem: Memory,
     done: Option<Rc<dyn IoDone>>,
     pub(crate) stats: Option<Rc<IoStats>>,
 }
@@ -197,15 +225,20 @@ impl BdevIo {
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
         let mut iovs = SmallVec::new();
-        let len = match &buf {
+        let mut buf = buf;
+        let len = match &mut buf {
             Some(b) if io_type.has_data() => {
                 iovs.push(IoVec {
-                    ptr: b.as_ptr() as *mut u8,
+                    ptr: b.as_mut_ptr(),
                     len: b.len(),
                 });
                 b.len() as u64
             }
             _ => len,
+        };
+        let mem = match buf {
+            Some(b) => Memory::One(b),
+            None => Memory::None,
         };
         Box::new(Self {
             io_type,
@@ -218,7 +251,7 @@ impl BdevIo {
             submit_tick: 0,
             complete_tick: 0,
             iovs,
-            buf,
+            mem,
             done,
             stats: None,
         })
@@ -236,32 +269,40 @@ impl BdevIo {
         Self::new(IoType::Write, offset, len, Some(buf), done)
     }
 
-    /// A request over several buffers (vectored); `len` is their total length.
+    /// A request over several buffers (vectored), which it owns until
+    /// [`BdevIo::take_bufs`] gives them back; `len` is their total length.
     pub fn vectored(
         io_type: IoType,
         offset: u64,
-        bufs: &[&DmaBuf],
-        owner: Option<DmaBuf>,
+        mut bufs: Vec<DmaBuf>,
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
         let mut io = Self::new(io_type, offset, 0, None, done);
-        for b in bufs {
-            io.iovs.push(IoVec {
-                ptr: b.as_ptr() as *mut u8,
-                len: b.len(),
-            });
-            io.len += b.len() as u64;
+        if io_type.has_data() {
+            for b in &mut bufs {
+                io.iovs.push(IoVec {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                });
+                io.len += b.len() as u64;
+            }
         }
-        io.buf = owner;
+        io.mem = Memory::Many(bufs);
         io
     }
 
     /// A request of `io_type` at `offset` over bytes `[start, start+len)` of
-    /// `parent`'s memory (for virtual bdevs splitting a request).
+    /// `parent`'s memory (for virtual bdevs splitting a request). A read
+    /// sub-request writes into that range of the parent's memory although it
+    /// is given only `&parent`: sub-requests over disjoint ranges may be in
+    /// flight together.
     ///
     /// # Safety
     /// The parent's memory must stay valid (the parent not completed, not dropped,
-    /// its buffers not touched) until this request has completed.
+    /// its buffers not taken) until this request has completed, and nothing else
+    /// may read or write `[start, start+len)` of it meanwhile (no other
+    /// sub-request over an overlapping range, no `copy_in` / `copy_out` / `zero`
+    /// there).
     pub unsafe fn sub_io(
         parent: &BdevIo,
         start: u64,
@@ -300,15 +341,46 @@ impl BdevIo {
         &self.iovs
     }
 
-    /// The owned buffer, if the request was built over one.
+    /// The owned buffer, if the request was built over one buffer (the first
+    /// one of a vectored request).
     pub fn buf(&self) -> Option<&DmaBuf> {
-        self.buf.as_ref()
+        self.bufs().first()
     }
 
-    /// Takes the owned buffer back (after completion).
+    /// The owned buffers, in segment order (none for a sub-request).
+    pub fn bufs(&self) -> &[DmaBuf] {
+        match &self.mem {
+            Memory::None => &[],
+            Memory::One(b) => std::slice::from_ref(b),
+            Memory::Many(v) => v,
+        }
+    }
+
+    /// Takes the owned buffer back (after completion) of a request built over
+    /// one buffer; the request then has no memory. `None` for a vectored request
+    /// (see [`BdevIo::take_bufs`]), which keeps its buffers.
     pub fn take_buf(&mut self) -> Option<DmaBuf> {
+        match std::mem::replace(&mut self.mem, Memory::None) {
+            Memory::One(b) => {
+                self.iovs.clear();
+                Some(b)
+            }
+            other => {
+                self.mem = other;
+                None
+            }
+        }
+    }
+
+    /// Takes every owned buffer back (after completion), in segment order; the
+    /// request then has no memory.
+    pub fn take_bufs(&mut self) -> Vec<DmaBuf> {
         self.iovs.clear();
-        self.buf.take()
+        match std::mem::replace(&mut self.mem, Memory::None) {
+            Memory::None => Vec::new(),
+            Memory::One(b) => vec![b],
+            Memory::Many(v) => v,
+        }
     }
 
     /// Replaces the completion target.
@@ -322,22 +394,46 @@ impl BdevIo {
         self.done.take()
     }
 
+    /// The request's memory as byte slices, segment by segment (what a write
+    /// writes). Segments never overlap one another: each is a distinct owned
+    /// buffer, or a piece of a parent's distinct segments.
+    #[inline]
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.iovs.iter().map(|v| {
+            // SAFETY: the segment is valid for v.len bytes for the life of the
+            // request (see the type's contract): owned buffers stay in the
+            // request, a sub-request's parent outlives it (`sub_io`'s contract).
+            unsafe { std::slice::from_raw_parts(v.ptr, v.len) }
+        })
+    }
+
+    /// The request's memory as mutable byte slices, segment by segment (where a
+    /// read puts the data). Needs the request itself (`&mut`): whoever fills
+    /// the memory owns the request at that moment.
+    #[inline]
+    pub fn segments_mut(&mut self) -> impl Iterator<Item = &mut [u8]> + '_ {
+        self.iovs.iter().map(|v| {
+            // SAFETY: valid as in `segments`; exclusive because `&mut self` is,
+            // segments do not overlap one another, and the owned buffers are
+            // reachable otherwise only through `&self` (`bufs`) or by taking
+            // them out; a sub-request's range is its own (`sub_io`'s contract).
+            unsafe { std::slice::from_raw_parts_mut(v.ptr, v.len) }
+        })
+    }
+
     /// Copies `dst.len()` bytes from the request's memory at byte `pos` into `dst`.
     pub fn copy_out(&self, mut pos: usize, dst: &mut [u8]) {
         let mut filled = 0;
-        for v in &self.iovs {
+        for seg in self.segments() {
             if filled == dst.len() {
                 break;
             }
-            if pos >= v.len {
-                pos -= v.len;
+            if pos >= seg.len() {
+                pos -= seg.len();
                 continue;
             }
-            let n = (v.len - pos).min(dst.len() - filled);
-            // SAFETY: the segment is valid for v.len bytes for the life of the request
-            // (see the type's contract); pos + n <= v.len.
-            let src = unsafe { std::slice::from_raw_parts(v.ptr.add(pos), n) };
-            dst[filled..filled + n].copy_from_slice(src);
+            let n = (seg.len() - pos).min(dst.len() - filled);
+            dst[filled..filled + n].copy_from_slice(&seg[pos..pos + n]);
             filled += n;
             pos = 0;
         }
@@ -346,18 +442,16 @@ impl BdevIo {
     /// Copies `src` into the request's memory at byte `pos`.
     pub fn copy_in(&mut self, mut pos: usize, src: &[u8]) {
         let mut done = 0;
-        for v in &self.iovs {
+        for seg in self.segments_mut() {
             if done == src.len() {
                 break;
             }
-            if pos >= v.len {
-                pos -= v.len;
+            if pos >= seg.len() {
+                pos -= seg.len();
                 continue;
             }
-            let n = (v.len - pos).min(src.len() - done);
-            // SAFETY: as in `copy_out`; the request owns (or exclusively borrows) this memory.
-            let dst = unsafe { std::slice::from_raw_parts_mut(v.ptr.add(pos), n) };
-            dst.copy_from_slice(&src[done..done + n]);
+            let n = (seg.len() - pos).min(src.len() - done);
+            seg[pos..pos + n].copy_from_slice(&src[done..done + n]);
             done += n;
             pos = 0;
         }
@@ -366,17 +460,16 @@ impl BdevIo {
     /// Fills `len` bytes of the request's memory at `pos` with zeroes.
     pub fn zero(&mut self, mut pos: usize, len: usize) {
         let mut done = 0;
-        for v in &self.iovs {
+        for seg in self.segments_mut() {
             if done == len {
                 break;
             }
-            if pos >= v.len {
-                pos -= v.len;
+            if pos >= seg.len() {
+                pos -= seg.len();
                 continue;
             }
-            let n = (v.len - pos).min(len - done);
-            // SAFETY: as in `copy_in`.
-            unsafe { std::ptr::write_bytes(v.ptr.add(pos), 0, n) };
+            let n = (seg.len() - pos).min(len - done);
+            seg[pos..pos + n].fill(0);
             done += n;
             pos = 0;
         }
@@ -395,5 +488,73 @@ impl BdevIo {
         if let Some(d) = self.done.clone() {
             d.io_done(self);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BdevIo, IoType};
+    use crate::dma::DmaBuf;
+
+    /// A vectored request owns its buffers: what goes in through `copy_in`,
+    /// `zero` and `segments_mut` (across segment boundaries) comes back out
+    /// in them, in order, through `take_bufs`.
+    #[test]
+    fn vectored_memory_is_owned_and_given_back() {
+        let bufs = vec![
+            DmaBuf::new(512).unwrap(),
+            DmaBuf::new(1024).unwrap(),
+            DmaBuf::new(512).unwrap(),
+        ];
+        let mut io = BdevIo::vectored(IoType::Read, 4096, bufs, None);
+        assert_eq!(io.len, 2048);
+        assert_eq!(
+            io.segments().map(<[u8]>::len).collect::<Vec<_>>(),
+            [512, 1024, 512]
+        );
+        let data: Vec<u8> = (0..2048u32).map(|i| (i % 251) as u8).collect();
+        io.copy_in(0, &data);
+        io.zero(500, 30);
+        io.segments_mut().last().unwrap()[511] = 0xee;
+        let mut want = data.clone();
+        want[500..530].fill(0);
+        want[2047] = 0xee;
+        let mut out = vec![0u8; 2000];
+        io.copy_out(40, &mut out);
+        assert_eq!(out, want[40..2040]);
+        assert!(
+            io.take_buf().is_none(),
+            "a vectored request keeps its buffers"
+        );
+        assert_eq!(io.bufs().len(), 3);
+        let back: Vec<u8> = io
+            .take_bufs()
+            .iter()
+            .flat_map(|b| b.as_slice().to_vec())
+            .collect();
+        assert_eq!(back, want);
+        assert_eq!(io.segments().count(), 0, "no memory left in the request");
+    }
+
+    /// A sub-request sees exactly its range of the parent's memory.
+    #[test]
+    fn sub_io_covers_its_range_of_the_parent() {
+        let bufs = vec![DmaBuf::new(512).unwrap(), DmaBuf::new(512).unwrap()];
+        let mut parent = BdevIo::vectored(IoType::Read, 0, bufs, None);
+        // SAFETY: the parent outlives the sub-request and nothing else touches
+        // its bytes [300, 700) while the sub-request exists.
+        let mut sub = unsafe { BdevIo::sub_io(&parent, 300, 400, IoType::Read, 0, None) };
+        assert_eq!(
+            sub.segments().map(<[u8]>::len).collect::<Vec<_>>(),
+            [212, 188]
+        );
+        sub.copy_in(0, &[7u8; 400]);
+        drop(sub);
+        let mut all = vec![0u8; 1024];
+        parent.copy_out(0, &mut all);
+        assert!(all[..300].iter().all(|&b| b == 0));
+        assert!(all[300..700].iter().all(|&b| b == 7));
+        assert!(all[700..].iter().all(|&b| b == 0));
+        assert_eq!(parent.take_bufs().len(), 2);
     }
 }

@@ -209,12 +209,12 @@ impl Channel for MallocChannel {
         match io.io_type {
             IoType::Read => {
                 let mut pos = 0usize;
-                for v in io.iovs() {
-                    let n = v.len().min(len - pos);
+                for seg in io.segments_mut() {
+                    let n = seg.len().min(len - pos);
                     // SAFETY: [off+pos, off+pos+n) is inside the bdev's memory (checked
-                    // above) and the segment is valid for n bytes (BdevIo's contract).
+                    // above) and the segment is n bytes or more.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(self.base.add(off + pos), v.as_ptr(), n)
+                        std::ptr::copy_nonoverlapping(self.base.add(off + pos), seg.as_mut_ptr(), n)
                     };
                     pos += n;
                     if pos == len {
@@ -224,11 +224,11 @@ impl Channel for MallocChannel {
             }
             IoType::Write => {
                 let mut pos = 0usize;
-                for v in io.iovs() {
-                    let n = v.len().min(len - pos);
+                for seg in io.segments() {
+                    let n = seg.len().min(len - pos);
                     // SAFETY: as for reads, in the other direction.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(v.as_ptr(), self.base.add(off + pos), n)
+                        std::ptr::copy_nonoverlapping(seg.as_ptr(), self.base.add(off + pos), n)
                     };
                     pos += n;
                     if pos == len {

@@ -208,14 +208,12 @@ fn is_zero_generic(b: &[u8]) -> bool {
 #[inline]
 fn zero_read(io: &mut BdevIo) {
     let mut left = io.len as usize;
-    for v in io.iovs() {
+    for seg in io.segments_mut() {
         if left == 0 {
             break;
         }
-        let n = v.len().min(left);
-        // SAFETY: the segment is valid for v.len() bytes while the bdev owns the
-        // request (BdevIo's contract), and no one else touches it meanwhile.
-        let seg = unsafe { std::slice::from_raw_parts_mut(v.as_ptr(), n) };
+        let n = seg.len().min(left);
+        let seg = &mut seg[..n];
         if !is_zero(seg) {
             seg.fill(0);
         }

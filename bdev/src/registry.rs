@@ -130,10 +130,8 @@ impl Registry {
 
 /// Drops every reactor's cached channel to `bdev` (blocking the calling thread).
 pub fn release_channels(bdev: &Arc<dyn Bdev>, rt: &RuntimeHandle) {
-    for i in 0..rt.num_reactors() {
-        let b = bdev.clone();
-        let _ = rt
-            .call_on(i, move || crate::channel::drop_cached_channels(&b))
-            .block();
-    }
+    let b = bdev.clone();
+    let _ = rt
+        .broadcast(move || crate::channel::drop_cached_channels(&b))
+        .block();
 }

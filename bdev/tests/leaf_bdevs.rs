@@ -43,9 +43,10 @@ fn roundtrip(b: Arc<dyn Bdev>) {
             assert_eq!(back.as_slice(), &data[..], "read back what was written");
             // Vectored read over two buffers.
             let (a, c) = (DmaBuf::new(bs).unwrap(), DmaBuf::new(3 * bs).unwrap());
-            let io = BdevIo::vectored(IoType::Read, bs as u64, &[&a, &c], None, None);
-            let io = submit_wait(&ch, io).await;
+            let io = BdevIo::vectored(IoType::Read, bs as u64, vec![a, c], None);
+            let mut io = submit_wait(&ch, io).await;
             assert_eq!(io.status, IoStatus::Success);
+            let [a, c] = <[DmaBuf; 2]>::try_from(io.take_bufs()).unwrap();
             assert_eq!(a.as_slice(), &data[..bs]);
             assert_eq!(c.as_slice(), &data[bs..]);
             drop(io);

@@ -8,7 +8,7 @@ use bdev::dma::DmaBuf;
 use bdev::nvme::fake::{FakeConfig, FakeNvme, FakeThread};
 use bdev::nvme::mem::{DmaSpace, IdentityDma};
 use bdev::nvme::regs::RegisterIo;
-use bdev::nvme::{self, CtrlrOpts, NvmeError};
+use bdev::nvme::{CtrlrOpts, NvmeControllers, NvmeError};
 use bdev::{registry, BdevIo, IoStatus};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::atomic::Ordering;
@@ -31,10 +31,11 @@ fn fake(cfg: FakeConfig) -> FakeThread {
     unsafe { FakeNvme::new(cfg) }.spawn()
 }
 
-fn attach(rt: &Runtime, name: &str, f: &FakeThread, opts: CtrlrOpts) -> Vec<String> {
+fn attach(nv: &NvmeControllers, name: &str, f: &FakeThread, opts: CtrlrOpts) -> Vec<String> {
     let regs: Arc<dyn RegisterIo> = f.regs();
     let dma: Arc<dyn DmaSpace> = Arc::new(IdentityDma::new());
-    nvme::attach_with(&rt.handle(), name, "fake", regs, dma, opts, None).expect("attach")
+    nv.attach_with(name, "fake", regs, dma, opts, None)
+        .expect("attach")
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -78,18 +79,19 @@ fn write_many(
 #[test]
 fn attach_io_from_two_reactors_and_namespaces() {
     let rt = runtime();
+    let nv = NvmeControllers::new(rt.handle());
     let f = fake(FakeConfig {
         namespaces: vec![8192, 4096],
         ..FakeConfig::default()
     });
-    let names = attach(&rt, "FakeA", &f, CtrlrOpts::default());
+    let names = attach(&nv, "FakeA", &f, CtrlrOpts::default());
     assert_eq!(names, vec!["FakeAn1".to_string(), "FakeAn2".to_string()]);
     let b = registry().get("FakeAn2").unwrap();
     assert_eq!(
         (b.block_size(), b.num_blocks(), b.product_name()),
         (512, 4096, "NVMe disk")
     );
-    let info = nvme::controllers(Some("FakeA")).unwrap();
+    let info = nv.controllers(Some("FakeA")).unwrap();
     assert_eq!(info[0].model_number, "sluice software NVMe");
     assert_eq!(info[0].bdevs, names);
     assert_eq!(b.driver_specific()["nvme"][0]["ns_data"]["id"], 2);
@@ -138,9 +140,9 @@ fn attach_io_from_two_reactors_and_namespaces() {
     assert_eq!(got.0, 1);
     assert!(got.1.iter().all(|&x| x == 0x5a));
     assert!(got.2.is_some(), "a read past the end fails");
-    nvme::detach(&rt.handle(), "FakeA").unwrap();
+    nv.detach("FakeA").unwrap();
     assert!(!registry().contains("FakeAn1") && !registry().contains("FakeAn2"));
-    assert!(nvme::controllers(Some("FakeA")).is_err());
+    assert!(nv.controllers(Some("FakeA")).is_err());
     // Detached like the kernel driver expects: shut down and disabled.
     let regs = f.regs();
     assert_eq!(regs.read32(0x1c) & 1, 0, "CSTS.RDY clear");
@@ -155,11 +157,12 @@ fn attach_io_from_two_reactors_and_namespaces() {
 #[test]
 fn reset_with_io_in_flight_retries_it() {
     let rt = runtime();
+    let nv = NvmeControllers::new(rt.handle());
     let f = fake(FakeConfig {
         namespaces: vec![8192],
         ..FakeConfig::default()
     });
-    attach(&rt, "FakeR", &f, CtrlrOpts::default());
+    attach(&nv, "FakeR", &f, CtrlrOpts::default());
     let faults = f.faults();
     faults.hold_next.store(8, Ordering::Relaxed);
     let before = faults.io_commands.load(Ordering::Relaxed);
@@ -167,7 +170,7 @@ fn reset_with_io_in_flight_retries_it() {
     wait_until("16 commands at the device", || {
         faults.io_commands.load(Ordering::Relaxed) >= before + 16
     });
-    nvme::reset("FakeR").unwrap();
+    nv.reset("FakeR").unwrap();
     let st = job.block().unwrap();
     assert!(
         st.iter().all(|s| *s == IoStatus::Success),
@@ -185,14 +188,15 @@ fn reset_with_io_in_flight_retries_it() {
             .iter()
             .all(|&x| x == 9u8.wrapping_add(i as u8)));
     }
-    assert_eq!(nvme::controller("FakeR").unwrap().reset_count(), 1);
-    nvme::detach(&rt.handle(), "FakeR").unwrap();
+    assert_eq!(nv.controller("FakeR").unwrap().reset_count(), 1);
+    nv.detach("FakeR").unwrap();
     rt.shutdown();
 }
 
 #[test]
 fn timed_out_command_is_aborted_or_the_controller_reset() {
     let rt = runtime();
+    let nv = NvmeControllers::new(rt.handle());
     let f = fake(FakeConfig {
         namespaces: vec![8192],
         ..FakeConfig::default()
@@ -201,7 +205,7 @@ fn timed_out_command_is_aborted_or_the_controller_reset() {
         io_timeout: Duration::from_millis(200),
         ..CtrlrOpts::default()
     };
-    attach(&rt, "FakeT", &f, opts);
+    attach(&nv, "FakeT", &f, opts);
     let faults = f.faults();
     // The controller honours the abort: the request fails as aborted.
     faults.hold_next.store(1, Ordering::Relaxed);
@@ -219,23 +223,24 @@ fn timed_out_command_is_aborted_or_the_controller_reset() {
         t.elapsed() >= Duration::from_millis(400),
         "abort, then reset after a second timeout"
     );
-    let c = nvme::controller("FakeT").unwrap();
+    let c = nv.controller("FakeT").unwrap();
     assert_eq!(c.reset_count(), 1);
     assert!(f.disks().lock().unwrap()[0][5 * 4096..6 * 4096]
         .iter()
         .all(|&x| x == 77));
-    nvme::detach(&rt.handle(), "FakeT").unwrap();
+    nv.detach("FakeT").unwrap();
     rt.shutdown();
 }
 
 #[test]
 fn detach_with_io_in_flight_fails_it_cleanly() {
     let rt = runtime();
+    let nv = NvmeControllers::new(rt.handle());
     let f = fake(FakeConfig {
         namespaces: vec![8192],
         ..FakeConfig::default()
     });
-    attach(&rt, "FakeD", &f, CtrlrOpts::default());
+    attach(&nv, "FakeD", &f, CtrlrOpts::default());
     let faults = f.faults();
     faults.hold_next.store(1000, Ordering::Relaxed);
     let before = faults.io_commands.load(Ordering::Relaxed);
@@ -246,34 +251,35 @@ fn detach_with_io_in_flight_fails_it_cleanly() {
     // A claimed namespace blocks detach.
     registry().claim("FakeDn1", "test").unwrap();
     assert!(matches!(
-        nvme::detach(&rt.handle(), "FakeD"),
+        nv.detach("FakeD"),
         Err(NvmeError::Bdev(bdev::BdevError::Claimed { .. }))
     ));
     registry().release("FakeDn1", "test");
-    nvme::detach(&rt.handle(), "FakeD").unwrap();
+    nv.detach("FakeD").unwrap();
     let st = job.block().unwrap();
     assert_eq!(st.len(), 8);
     assert!(st.iter().all(|s| *s == IoStatus::Aborted), "{st:?}");
     assert!(!registry().contains("FakeDn1"));
-    assert!(matches!(
-        nvme::detach(&rt.handle(), "FakeD"),
-        Err(NvmeError::NotFound(_))
-    ));
+    assert!(matches!(nv.detach("FakeD"), Err(NvmeError::NotFound(_))));
     rt.shutdown();
 }
 
 #[test]
 fn attach_errors_are_clear() {
     let rt = runtime();
-    let h = rt.handle();
-    let e = nvme::attach_pcie(&h, "X", "not-an-address", CtrlrOpts::default()).unwrap_err();
+    let nv = NvmeControllers::new(rt.handle());
+    let e = nv
+        .attach_pcie("X", "not-an-address", CtrlrOpts::default())
+        .unwrap_err();
     assert!(matches!(e, NvmeError::BadAddress(_)), "{e}");
-    let e = nvme::attach_pcie(&h, "X", "0000:ff:1f.7", CtrlrOpts::default()).unwrap_err();
+    let e = nv
+        .attach_pcie("X", "0000:ff:1f.7", CtrlrOpts::default())
+        .unwrap_err();
     assert!(
         e.to_string().contains("no PCI device at 0000:ff:1f.7"),
         "{e}"
     );
-    assert_eq!(e.errno(), -libc::ENODEV);
+    assert_eq!(e.errno(), libc::ENODEV);
     // A PCI device that is not an NVMe controller, when this machine has one.
     let other = std::fs::read_dir("/sys/bus/pci/devices")
         .into_iter()
@@ -286,24 +292,53 @@ fn attach_errors_are_clear() {
         });
     if let Some(d) = other {
         let addr = d.file_name().to_string_lossy().into_owned();
-        let e = nvme::attach_pcie(&h, "X", &addr, CtrlrOpts::default()).unwrap_err();
+        let e = nv
+            .attach_pcie("X", &addr, CtrlrOpts::default())
+            .unwrap_err();
         assert!(matches!(e, NvmeError::NotNvme { .. }), "{e}");
         assert!(e.to_string().contains("is not an NVMe controller"), "{e}");
     }
     let f = fake(FakeConfig::default());
-    attach(&rt, "FakeE", &f, CtrlrOpts::default());
+    attach(&nv, "FakeE", &f, CtrlrOpts::default());
     let regs: Arc<dyn RegisterIo> = f.regs();
-    let e = nvme::attach_with(
-        &h,
-        "FakeE",
-        "fake",
-        regs,
-        Arc::new(IdentityDma::new()),
-        CtrlrOpts::default(),
-        None,
-    )
-    .unwrap_err();
+    let e = nv
+        .attach_with(
+            "FakeE",
+            "fake",
+            regs,
+            Arc::new(IdentityDma::new()),
+            CtrlrOpts::default(),
+            None,
+        )
+        .unwrap_err();
     assert!(matches!(e, NvmeError::Exists(_)), "{e}");
-    nvme::detach(&h, "FakeE").unwrap();
+    nv.detach("FakeE").unwrap();
+    rt.shutdown();
+}
+
+/// The controller table and the options for later attaches are state of their
+/// owner (one per service), not of the process: a second table sees neither.
+#[test]
+fn controller_tables_are_independent() {
+    let rt = runtime();
+    let a = NvmeControllers::new(rt.handle());
+    let b = NvmeControllers::new(rt.handle());
+    let f = fake(FakeConfig::default());
+    let names = attach(&a, "FakeS", &f, CtrlrOpts::default());
+    assert_eq!(a.controllers(None).unwrap().len(), 1);
+    assert!(b.controllers(None).unwrap().is_empty());
+    assert!(b.controller("FakeS").is_none());
+    assert!(matches!(b.reset("FakeS"), Err(NvmeError::NotFound(_))));
+    assert!(matches!(b.detach("FakeS"), Err(NvmeError::NotFound(_))));
+    assert!(registry().contains(&names[0]), "b's refusal left a's bdev");
+    let slow = CtrlrOpts {
+        io_timeout: Duration::from_secs(77),
+        ..CtrlrOpts::default()
+    };
+    b.set_options(slow);
+    assert_eq!(b.options().io_timeout, Duration::from_secs(77));
+    assert_eq!(a.options().io_timeout, CtrlrOpts::default().io_timeout);
+    a.detach("FakeS").unwrap();
+    assert!(!registry().contains(&names[0]));
     rt.shutdown();
 }

@@ -165,8 +165,9 @@ fn unreachable_and_misaligned_memory_goes_through_bounce_buffers() {
     let mut r = rig(32, Arc::new(IdentityDma::all_memory()), 16384);
     let a = DmaBuf::from_slice(&pattern(1024, 1)).unwrap();
     let b = DmaBuf::from_slice(&pattern(512, 2)).unwrap();
-    let w = r.one(BdevIo::vectored(IoType::Write, 4096, &[&a, &b], None, None));
+    let mut w = r.one(BdevIo::vectored(IoType::Write, 4096, vec![a, b], None));
     assert_eq!(w.status, IoStatus::Success);
+    let [a, b] = <[DmaBuf; 2]>::try_from(w.take_bufs()).unwrap();
     let disk = r.disk();
     assert_eq!(&disk[4096..5120], a.as_slice());
     assert_eq!(&disk[5120..5632], b.as_slice());
@@ -174,14 +175,9 @@ fn unreachable_and_misaligned_memory_goes_through_bounce_buffers() {
     let mut rb = DmaBuf::new(1024).unwrap();
     ra.as_mut_slice().fill(0xee);
     rb.as_mut_slice().fill(0xee);
-    let rd = r.one(BdevIo::vectored(
-        IoType::Read,
-        4096,
-        &[&ra, &rb],
-        None,
-        None,
-    ));
+    let mut rd = r.one(BdevIo::vectored(IoType::Read, 4096, vec![ra, rb], None));
     assert_eq!(rd.status, IoStatus::Success);
+    let [ra, rb] = <[DmaBuf; 2]>::try_from(rd.take_bufs()).unwrap();
     assert_eq!(ra.as_slice(), &disk[4096..4608]);
     assert_eq!(rb.as_slice(), &disk[4608..5632]);
 }

@@ -429,7 +429,9 @@ fn qcow2_over_nvme_fua() {
     let f = fake_nvme();
     let regs: Arc<dyn RegisterIo> = f.regs();
     let dma: Arc<dyn DmaSpace> = Arc::new(IdentityDma::new());
-    let names = nvme::attach_with(&h, "FuaN", "fake", regs, dma, CtrlrOpts::default(), None)
+    let nv = nvme::NvmeControllers::new(h.clone());
+    let names = nv
+        .attach_with("FuaN", "fake", regs, dma, CtrlrOpts::default(), None)
         .expect("attach");
     let ns = registry().get(&names[0]).expect("namespace");
     let nsb = ns.clone();
@@ -502,7 +504,7 @@ fn qcow2_over_nvme_fua() {
     );
     faults.log_io.store(false, Ordering::SeqCst);
     drop(q);
-    let _ = nvme::detach(&h, "FuaN");
+    let _ = nv.detach("FuaN");
 }
 
 #[test]

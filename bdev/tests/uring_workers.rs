@@ -112,9 +112,10 @@ fn tmpfs_reads_inline_return_the_data() {
             let back = read_at(&ch, 4096, 1 << 20).await.unwrap();
             assert_eq!(back.as_slice(), &data[4096..4096 + (1 << 20)]);
             let (a, c) = (DmaBuf::new(512).unwrap(), DmaBuf::new(8192).unwrap());
-            let io = bdev::BdevIo::vectored(bdev::IoType::Read, 1536, &[&a, &c], None, None);
-            let io = bdev::submit_wait(&ch, io).await;
+            let io = bdev::BdevIo::vectored(bdev::IoType::Read, 1536, vec![a, c], None);
+            let mut io = bdev::submit_wait(&ch, io).await;
             assert_eq!(io.status, bdev::IoStatus::Success);
+            let [a, c] = <[DmaBuf; 2]>::try_from(io.take_bufs()).unwrap();
             assert_eq!(a.as_slice(), &data[1536..2048]);
             assert_eq!(c.as_slice(), &data[2048..2048 + 8192]);
             drop(io);

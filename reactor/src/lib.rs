@@ -1,10 +1,12 @@
 //! sluice's runtime: one pinned reactor thread per core, each running a polling
 //! loop of messages, active and timed pollers, timers and local (`!Send`) tasks.
 //!
-//! A reactor never blocks: cross-reactor work is a message ([`RuntimeHandle::send`]),
-//! never a lock. Under load it spins; after a stretch of idle loops it parks in
-//! `epoll_wait` until a message, a timer or a registered file descriptor wakes it.
+//! A reactor never blocks: cross-reactor work is a message ([`RuntimeHandle::send`];
+//! on every reactor at once, [`RuntimeHandle::broadcast`]), never a lock. Under load
+//! it spins; after a stretch of idle loops it parks in `epoll_wait` until a
+//! message, a timer or a registered file descriptor wakes it.
 
+mod broadcast;
 mod clock;
 mod cores;
 mod error;
@@ -18,6 +20,7 @@ mod runtime;
 mod stats;
 mod timer;
 
+pub use broadcast::Broadcast;
 pub use clock::{ticks, ticks_hz, ticks_to_ns};
 pub use cores::CoreSet;
 pub use error::ReactorError;

@@ -310,13 +310,8 @@ impl RuntimeHandle {
 
     /// Collects every reactor's counters (a message to each).
     pub async fn stats(&self) -> Vec<ReactorStats> {
-        let mut out = Vec::new();
-        for i in 0..self.num_reactors() {
-            if let Ok(s) = self.call_on(i, reactor::local_stats).await {
-                out.push(s);
-            }
-        }
-        out
+        let all = self.broadcast(reactor::local_stats).await;
+        all.into_iter().flatten().collect()
     }
 
     /// Begins shutdown: reactors stop taking new work, finish what is in flight

@@ -2,8 +2,8 @@
 //! parking and shutdown.
 
 use reactor::{
-    interval, register_poller, register_timed_poller, sleep, spawn_local, CoreSet, PollStatus,
-    PollerHandle, ReactorError, Runtime, RuntimeConfig,
+    interval, register_poller, register_timed_poller, sleep, spawn_local, CoreSet, JoinError,
+    PollStatus, PollerHandle, ReactorError, Runtime, RuntimeConfig,
 };
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -352,4 +352,84 @@ fn wakes_from_many_threads_are_not_lost() {
     }
     h.call_on(0, || ()).block().unwrap();
     assert_eq!(count.load(Ordering::Relaxed), 8000);
+}
+
+#[test]
+fn broadcast_runs_once_on_every_reactor_and_answers_in_order() {
+    let rt = runtime(2);
+    let h = rt.handle();
+    let n = h.num_reactors();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r2 = runs.clone();
+    // From a plain thread: one answer per reactor, in reactor order, each
+    // computed on that reactor.
+    let got = h
+        .broadcast(move || {
+            r2.fetch_add(1, Ordering::SeqCst);
+            (reactor::current_index(), reactor::current_core())
+        })
+        .block();
+    assert_eq!(runs.load(Ordering::SeqCst), n, "ran once per reactor");
+    let cores = h.cores();
+    let want: Vec<_> = (0..n).map(|i| (Some(i), Some(cores[i]))).collect();
+    let got: Vec<_> = got.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(got, want);
+    // Awaited on a reactor, including that reactor itself: no deadlock.
+    let h2 = h.clone();
+    let from_task = h
+        .spawn_on(n - 1, move || async move {
+            h2.broadcast(|| reactor::current_index().unwrap())
+                .await
+                .into_iter()
+                .map(|r| r.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .block()
+        .unwrap();
+    assert_eq!(from_task, (0..n).collect::<Vec<_>>());
+}
+
+#[test]
+fn broadcast_spawn_runs_local_futures_everywhere_in_parallel() {
+    let rt = runtime(2);
+    let h = rt.handle();
+    let n = h.num_reactors();
+    // Every reactor's task waits (up to 2 s) until all have started: only a
+    // broadcast that sends every message before waiting for any answer lets
+    // each of them see all the others.
+    let started = Arc::new(AtomicUsize::new(0));
+    let s2 = started.clone();
+    let got = h
+        .broadcast_spawn(move || {
+            let s = s2.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                let t0 = Instant::now();
+                while s.load(Ordering::SeqCst) < n && t0.elapsed() < Duration::from_secs(2) {
+                    sleep(Duration::from_millis(1)).await;
+                }
+                (
+                    reactor::current_index().unwrap() * 10,
+                    s.load(Ordering::SeqCst),
+                )
+            }
+        })
+        .block();
+    let got: Vec<_> = got.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(got, (0..n).map(|i| (i * 10, n)).collect::<Vec<_>>());
+}
+
+#[test]
+fn broadcast_after_shutdown_answers_an_error_per_reactor() {
+    let rt = runtime(2);
+    let h = rt.handle();
+    let n = h.num_reactors();
+    rt.shutdown();
+    let got = h.broadcast(|| 1u32).block();
+    assert_eq!(got.len(), n);
+    for r in got {
+        assert_eq!(r, Err(JoinError::ShuttingDown));
+    }
+    let got = h.broadcast_spawn(|| async { 1u32 }).block();
+    assert!(got.iter().all(|r| r.is_err()), "{got:?}");
 }

@@ -114,7 +114,7 @@ impl From<bdev::BdevError> for RpcError {
         };
         let code = match &e {
             B::InvalidParam(_) => codes::INVALID_PARAMS,
-            _ => e.errno(),
+            _ => -e.errno(),
         };
         RpcError::new(code, class, e.to_string())
     }
@@ -252,5 +252,25 @@ impl From<graph::snapshot::SnapshotError> for RpcError {
             ),
             S::Bdev(b) => b.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod errno_tests {
+    use super::RpcError;
+
+    /// Crates report positive errnos; the JSON-RPC code is SPDK's negative one.
+    #[test]
+    fn bdev_and_nvme_errors_become_negative_codes() {
+        let e = RpcError::from(bdev::BdevError::NotFound("x".into()));
+        assert_eq!(e.code, -libc::ENODEV);
+        let e = RpcError::from(bdev::BdevError::Io(bdev::IoStatus::Enospc));
+        assert_eq!(e.code, -libc::ENOSPC);
+        let e = RpcError::from(bdev::nvme::NvmeError::Exists("n".into()));
+        assert_eq!(e.code, -libc::EEXIST);
+        let e = RpcError::from(bdev::nvme::NvmeError::Bdev(bdev::BdevError::Exists(
+            "n".into(),
+        )));
+        assert_eq!(e.code, -libc::EEXIST);
     }
 }

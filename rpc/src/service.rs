@@ -34,6 +34,8 @@ pub struct Service {
     pub jobs: jobs::job::JobManager,
     /// The NBD server (`nbd-server-start`, `block-export-add`, `--nbd-listen`).
     pub nbd: nbd::NbdServer,
+    /// Attached NVMe controllers and the options for the next attaches.
+    pub nvme: bdev::nvme::NvmeControllers,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -43,6 +45,7 @@ impl Service {
         let events = EventBus::default();
         publish_corruption(&events);
         Arc::new(Self {
+            nvme: bdev::nvme::NvmeControllers::new(rt.clone()),
             rt,
             jobs: jobs::job::JobManager::new(events.clone()),
             nbd: nbd::NbdServer::default(),

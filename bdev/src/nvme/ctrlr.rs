@@ -449,9 +449,14 @@ impl Controller {
 
     fn on_all_reactors(&self, f: impl Fn(u64) + Send + Sync + Clone + 'static) {
         let id = self.id;
-        for i in 0..self.rt.num_reactors() {
-            let f = f.clone();
-            if let Err(e) = self.rt.call_on(i, move || f(id)).block() {
+        for (i, r) in self
+            .rt
+            .broadcast(move || f(id))
+            .block()
+            .into_iter()
+            .enumerate()
+        {
+            if let Err(e) = r {
                 tracing::warn!(ctrlr = %self.name, reactor = i, "reactor unreachable: {e:?}");
             }
         }

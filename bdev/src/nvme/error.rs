@@ -50,19 +50,19 @@ pub enum NvmeError {
 }
 
 impl NvmeError {
-    /// The negative errno SPDK's RPC would return.
+    /// The positive errno of this error (SPDK's RPC answers its negative).
     pub fn errno(&self) -> i32 {
         match self {
-            NvmeError::NoDevice(_) | NvmeError::NotFound(_) => -libc::ENODEV,
+            NvmeError::NoDevice(_) | NvmeError::NotFound(_) => libc::ENODEV,
             NvmeError::NotNvme { .. } | NvmeError::BadAddress(_) | NvmeError::InvalidParam(_) => {
-                -libc::EINVAL
+                libc::EINVAL
             }
-            NvmeError::NotVfio { .. } | NvmeError::Busy(_) => -libc::EBUSY,
-            NvmeError::Vfio(_) => -libc::ENXIO,
-            NvmeError::Dma(_) => -libc::ENOMEM,
-            NvmeError::Timeout(_) => -libc::ETIMEDOUT,
-            NvmeError::Controller(_) | NvmeError::Command { .. } => -libc::EIO,
-            NvmeError::Exists(_) => -libc::EEXIST,
+            NvmeError::NotVfio { .. } | NvmeError::Busy(_) => libc::EBUSY,
+            NvmeError::Vfio(_) => libc::ENXIO,
+            NvmeError::Dma(_) => libc::ENOMEM,
+            NvmeError::Timeout(_) => libc::ETIMEDOUT,
+            NvmeError::Controller(_) | NvmeError::Command { .. } => libc::EIO,
+            NvmeError::Exists(_) => libc::EEXIST,
             NvmeError::Bdev(e) => e.errno(),
         }
     }

@@ -218,9 +218,9 @@ impl UringChannel {
 }
 
 impl Channel for UringChannel {
-    fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+    fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
         if io.io_type == IoType::Read && self.ring.file.inline_reads() {
-            let st = read_inline(self.ring.file.fd, &io);
+            let st = read_inline(self.ring.file.fd, &mut io);
             crate::complete_deferred(io, st);
             return Ok(());
         }
@@ -257,19 +257,16 @@ impl Drop for UringChannel {
 }
 
 /// Reads a request's segments with `pread` on the calling thread.
-fn read_inline(fd: RawFd, io: &BdevIo) -> IoStatus {
+fn read_inline(fd: RawFd, io: &mut BdevIo) -> IoStatus {
     let mut off = io.offset;
-    for v in io.iovs() {
+    for seg in io.segments_mut() {
+        let (base, len) = (seg.as_mut_ptr(), seg.len());
         let mut done = 0;
-        while done < v.len() {
-            let (p, n, at) = (
-                v.as_ptr().wrapping_add(done),
-                v.len() - done,
-                (off + done as u64) as libc::off_t,
-            );
-            // SAFETY: the segment is writable memory the request owns (or borrows
-            // from a parent that outlives it) until it completes.
-            let r = unsafe { libc::pread(fd, p.cast(), n, at) };
+        while done < len {
+            let at = (off + done as u64) as libc::off_t;
+            // SAFETY: [base + done, base + len) lies in `seg`, writable memory we
+            // hold exclusively (`&mut`) for the call.
+            let r = unsafe { libc::pread(fd, base.add(done).cast(), len - done, at) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -283,7 +280,7 @@ fn read_inline(fd: RawFd, io: &BdevIo) -> IoStatus {
             }
             done += r as usize;
         }
-        off += v.len() as u64;
+        off += len as u64;
     }
     IoStatus::Success
 }

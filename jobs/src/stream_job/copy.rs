@@ -29,7 +29,7 @@ pub(crate) struct CopyError {
 fn errno_of(e: &BdevError) -> i32 {
     match e {
         BdevError::Io(st) => st.errno(),
-        other => -other.errno(),
+        other => other.errno(),
     }
 }
 

@@ -189,7 +189,7 @@ async fn copy_all(job: &Arc<Job>, plan: &StreamPlan, t: &Tuning) -> Option<Strin
                     Err(e) => {
                         let errno = match &e {
                             bdev::BdevError::Io(s) => s.errno(),
-                            other => -other.errno(),
+                            other => other.errno(),
                         };
                         // The range is unknown: fail, skip or retry one cluster.
                         let n = (cs - cursor % cs).min(size - cursor);

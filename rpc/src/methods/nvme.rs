@@ -8,10 +8,9 @@ use crate::error::{ErrorClass, RpcError};
 use crate::methods::common::{publish_bdev, BDEV_REGISTER, BDEV_UNREGISTER};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
-use bdev::nvme::{self, CtrlrOpts, NvmeError};
+use bdev::nvme::NvmeError;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Registers the NVMe methods.
@@ -34,16 +33,6 @@ impl From<NvmeError> for RpcError {
             e => RpcError::errno(e.errno(), e.to_string()).with_class(class),
         }
     }
-}
-
-/// Options applied to controllers attached from now on.
-static OPTS: Mutex<Option<CtrlrOpts>> = Mutex::new(None);
-
-fn opts() -> CtrlrOpts {
-    OPTS.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -96,7 +85,9 @@ fn attach(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "protection information checks and digests are not supported",
         ));
     }
-    let names = nvme::attach_pcie(&svc.rt, &a.name, &a.traddr, opts())?;
+    let names = svc
+        .nvme
+        .attach_pcie(&a.name, &a.traddr, svc.nvme.options())?;
     for n in &names {
         publish_bdev(svc, BDEV_REGISTER, n);
     }
@@ -118,7 +109,9 @@ struct Detach {
 
 fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let d: Detach = p.parse()?;
-    let c = nvme::controller(&d.name)
+    let c = svc
+        .nvme
+        .controller(&d.name)
         .ok_or_else(|| RpcError::from(NvmeError::NotFound(d.name.clone())))?;
     if let Some(t) = &d.traddr {
         if bdev::nvme::pci::normalize(t).ok().as_deref() != Some(c.traddr()) {
@@ -141,7 +134,7 @@ fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .iter()
         .map(|n| format!("{}n{}", d.name, n.params.nsid))
         .collect();
-    nvme::detach(&svc.rt, &d.name)?;
+    svc.nvme.detach(&d.name)?;
     for b in &bdevs {
         publish_bdev(svc, BDEV_UNREGISTER, b);
     }
@@ -154,13 +147,15 @@ struct ByOptName {
     name: Option<String>,
 }
 
-fn get_controllers(_: &Service, p: Params) -> Result<Value, RpcError> {
+fn get_controllers(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let q: ByOptName = p.parse()?;
-    let list = nvme::controllers(q.name.as_deref())?;
+    let list = svc.nvme.controllers(q.name.as_deref())?;
     Ok(Value::Array(
         list.into_iter()
             .map(|c| {
-                let cntlid = nvme::controller(&c.name)
+                let cntlid = svc
+                    .nvme
+                    .controller(&c.name)
                     .map(|x| x.data().cntlid)
                     .unwrap_or(0);
                 json!({
@@ -188,9 +183,9 @@ struct ByName {
     name: String,
 }
 
-fn reset(_: &Service, p: Params) -> Result<Value, RpcError> {
+fn reset(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let r: ByName = p.parse()?;
-    nvme::reset(&r.name)?;
+    svc.nvme.reset(&r.name)?;
     Ok(Value::Bool(true))
 }
 
@@ -208,9 +203,9 @@ struct SetOptions {
     io_queue_requests: Option<u32>,
 }
 
-fn set_options(_: &Service, p: Params) -> Result<Value, RpcError> {
+fn set_options(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let s: SetOptions = p.parse()?;
-    let mut o = opts();
+    let mut o = svc.nvme.options();
     if let Some(t) = s.timeout_us {
         o.io_timeout = Duration::from_micros(t);
     }
@@ -239,6 +234,6 @@ fn set_options(_: &Service, p: Params) -> Result<Value, RpcError> {
         }
         o.io_queue_entries = n as u16;
     }
-    *OPTS.lock().unwrap_or_else(|p| p.into_inner()) = Some(o);
+    svc.nvme.set_options(o);
     Ok(Value::Bool(true))
 }

@@ -111,16 +111,12 @@ fn per_reactor(
     svc: &Service,
     bdevs: &[Arc<dyn Bdev>],
 ) -> Result<Vec<Vec<Option<IoStatsSnapshot>>>, RpcError> {
-    let mut out = Vec::with_capacity(svc.rt.num_reactors());
-    for i in 0..svc.rt.num_reactors() {
-        let list = bdevs.to_vec();
-        let v = svc
-            .rt
-            .call_on(i, move || list.iter().map(local_stats).collect::<Vec<_>>())
-            .block()?;
-        out.push(v);
-    }
-    Ok(out)
+    let list = bdevs.to_vec();
+    let all = svc
+        .rt
+        .broadcast(move || list.iter().map(local_stats).collect::<Vec<_>>())
+        .block();
+    Ok(all.into_iter().collect::<Result<_, _>>()?)
 }
 
 fn stats_entry(name: &str, s: &IoStatsSnapshot) -> Value {
