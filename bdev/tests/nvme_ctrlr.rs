@@ -9,11 +9,17 @@ use bdev::nvme::fake::{FakeConfig, FakeNvme, FakeThread};
 use bdev::nvme::mem::{DmaSpace, IdentityDma};
 use bdev::nvme::regs::RegisterIo;
 use bdev::nvme::{self, CtrlrOpts, NvmeError};
-use bdev::{registry, BdevIo, IoStatus};
+use bdev::{BdevIo, IoStatus};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 fn runtime() -> Runtime {
     let n = std::thread::available_parallelism()
@@ -34,7 +40,17 @@ fn fake(cfg: FakeConfig) -> FakeThread {
 fn attach(rt: &Runtime, name: &str, f: &FakeThread, opts: CtrlrOpts) -> Vec<String> {
     let regs: Arc<dyn RegisterIo> = f.regs();
     let dma: Arc<dyn DmaSpace> = Arc::new(IdentityDma::new());
-    nvme::attach_with(&rt.handle(), name, "fake", regs, dma, opts, None).expect("attach")
+    nvme::attach_with(
+        registry(),
+        &rt.handle(),
+        name,
+        "fake",
+        regs,
+        dma,
+        opts,
+        None,
+    )
+    .expect("attach")
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -138,7 +154,7 @@ fn attach_io_from_two_reactors_and_namespaces() {
     assert_eq!(got.0, 1);
     assert!(got.1.iter().all(|&x| x == 0x5a));
     assert!(got.2.is_some(), "a read past the end fails");
-    nvme::detach(&rt.handle(), "FakeA").unwrap();
+    nvme::detach(registry(), &rt.handle(), "FakeA").unwrap();
     assert!(!registry().contains("FakeAn1") && !registry().contains("FakeAn2"));
     assert!(nvme::controllers(Some("FakeA")).is_err());
     // Detached like the kernel driver expects: shut down and disabled.
@@ -186,7 +202,7 @@ fn reset_with_io_in_flight_retries_it() {
             .all(|&x| x == 9u8.wrapping_add(i as u8)));
     }
     assert_eq!(nvme::controller("FakeR").unwrap().reset_count(), 1);
-    nvme::detach(&rt.handle(), "FakeR").unwrap();
+    nvme::detach(registry(), &rt.handle(), "FakeR").unwrap();
     rt.shutdown();
 }
 
@@ -224,7 +240,7 @@ fn timed_out_command_is_aborted_or_the_controller_reset() {
     assert!(f.disks().lock().unwrap()[0][5 * 4096..6 * 4096]
         .iter()
         .all(|&x| x == 77));
-    nvme::detach(&rt.handle(), "FakeT").unwrap();
+    nvme::detach(registry(), &rt.handle(), "FakeT").unwrap();
     rt.shutdown();
 }
 
@@ -244,19 +260,24 @@ fn detach_with_io_in_flight_fails_it_cleanly() {
         faults.io_commands.load(Ordering::Relaxed) >= before + 8
     });
     // A claimed namespace blocks detach.
-    registry().claim("FakeDn1", "test").unwrap();
+    registry()
+        .claim(
+            "FakeDn1",
+            bdev::Claim::root(bdev::Holder::Node("test".into()), false),
+        )
+        .unwrap();
     assert!(matches!(
-        nvme::detach(&rt.handle(), "FakeD"),
+        nvme::detach(registry(), &rt.handle(), "FakeD"),
         Err(NvmeError::Bdev(bdev::BdevError::Claimed { .. }))
     ));
-    registry().release("FakeDn1", "test");
-    nvme::detach(&rt.handle(), "FakeD").unwrap();
+    registry().release("FakeDn1", &bdev::Holder::Node("test".into()));
+    nvme::detach(registry(), &rt.handle(), "FakeD").unwrap();
     let st = job.block().unwrap();
     assert_eq!(st.len(), 8);
     assert!(st.iter().all(|s| *s == IoStatus::Aborted), "{st:?}");
     assert!(!registry().contains("FakeDn1"));
     assert!(matches!(
-        nvme::detach(&rt.handle(), "FakeD"),
+        nvme::detach(registry(), &rt.handle(), "FakeD"),
         Err(NvmeError::NotFound(_))
     ));
     rt.shutdown();
@@ -266,9 +287,11 @@ fn detach_with_io_in_flight_fails_it_cleanly() {
 fn attach_errors_are_clear() {
     let rt = runtime();
     let h = rt.handle();
-    let e = nvme::attach_pcie(&h, "X", "not-an-address", CtrlrOpts::default()).unwrap_err();
+    let e =
+        nvme::attach_pcie(registry(), &h, "X", "not-an-address", CtrlrOpts::default()).unwrap_err();
     assert!(matches!(e, NvmeError::BadAddress(_)), "{e}");
-    let e = nvme::attach_pcie(&h, "X", "0000:ff:1f.7", CtrlrOpts::default()).unwrap_err();
+    let e =
+        nvme::attach_pcie(registry(), &h, "X", "0000:ff:1f.7", CtrlrOpts::default()).unwrap_err();
     assert!(
         e.to_string().contains("no PCI device at 0000:ff:1f.7"),
         "{e}"
@@ -286,7 +309,7 @@ fn attach_errors_are_clear() {
         });
     if let Some(d) = other {
         let addr = d.file_name().to_string_lossy().into_owned();
-        let e = nvme::attach_pcie(&h, "X", &addr, CtrlrOpts::default()).unwrap_err();
+        let e = nvme::attach_pcie(registry(), &h, "X", &addr, CtrlrOpts::default()).unwrap_err();
         assert!(matches!(e, NvmeError::NotNvme { .. }), "{e}");
         assert!(e.to_string().contains("is not an NVMe controller"), "{e}");
     }
@@ -294,6 +317,7 @@ fn attach_errors_are_clear() {
     attach(&rt, "FakeE", &f, CtrlrOpts::default());
     let regs: Arc<dyn RegisterIo> = f.regs();
     let e = nvme::attach_with(
+        registry(),
         &h,
         "FakeE",
         "fake",
@@ -304,6 +328,6 @@ fn attach_errors_are_clear() {
     )
     .unwrap_err();
     assert!(matches!(e, NvmeError::Exists(_)), "{e}");
-    nvme::detach(&h, "FakeE").unwrap();
+    nvme::detach(registry(), &h, "FakeE").unwrap();
     rt.shutdown();
 }

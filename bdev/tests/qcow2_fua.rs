@@ -25,14 +25,20 @@ use bdev::nvme::spec::nvm;
 use bdev::nvme::{self, CtrlrOpts};
 use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
 use bdev::{
-    channel, read_at, registry, simple_io, submit_wait, Bdev, BdevError, BdevIo, Channel, DmaBuf,
-    IoStatus, IoType,
+    channel, read_at, simple_io, submit_wait, Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus,
+    IoType,
 };
 use qcow2_common::runtime;
 use reactor::RuntimeHandle;
 use std::any::Any;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 /// One thing the recording layer saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,8 +435,17 @@ fn qcow2_over_nvme_fua() {
     let f = fake_nvme();
     let regs: Arc<dyn RegisterIo> = f.regs();
     let dma: Arc<dyn DmaSpace> = Arc::new(IdentityDma::new());
-    let names = nvme::attach_with(&h, "FuaN", "fake", regs, dma, CtrlrOpts::default(), None)
-        .expect("attach");
+    let names = nvme::attach_with(
+        registry(),
+        &h,
+        "FuaN",
+        "fake",
+        regs,
+        dma,
+        CtrlrOpts::default(),
+        None,
+    )
+    .expect("attach");
     let ns = registry().get(&names[0]).expect("namespace");
     let nsb = ns.clone();
     let q: Arc<dyn Bdev> = h
@@ -502,7 +517,7 @@ fn qcow2_over_nvme_fua() {
     );
     faults.log_io.store(false, Ordering::SeqCst);
     drop(q);
-    let _ = nvme::detach(&h, "FuaN");
+    let _ = nvme::detach(registry(), &h, "FuaN");
 }
 
 #[test]

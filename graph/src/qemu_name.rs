@@ -60,7 +60,7 @@ pub enum QemuNode {
 }
 
 /// Describes a node the management layer created (`None`: not one of its own).
-pub type Describer = fn(&Arc<dyn Bdev>) -> Option<QemuNode>;
+pub type Describer = Arc<dyn Fn(&Arc<dyn Bdev>) -> Option<QemuNode> + Send + Sync>;
 
 static DESCRIBER: Mutex<Option<Describer>> = Mutex::new(None);
 
@@ -70,7 +70,7 @@ pub fn register_describer(d: Describer) {
 }
 
 fn registered(b: &Arc<dyn Bdev>) -> Option<QemuNode> {
-    let d = *DESCRIBER.lock().unwrap_or_else(|e| e.into_inner());
+    let d = DESCRIBER.lock().unwrap_or_else(|e| e.into_inner()).clone();
     d.and_then(|d| d(b))
 }
 

@@ -6,7 +6,7 @@ use super::ctrlr::{Controller, CtrlrOpts, CtrlrState};
 use super::error::NvmeError;
 use super::mem::DmaSpace;
 use super::regs::RegisterIo;
-use crate::registry;
+use crate::Registry;
 use reactor::RuntimeHandle;
 use serde::Serialize;
 use std::any::Any;
@@ -26,6 +26,7 @@ fn lock() -> std::sync::MutexGuard<'static, BTreeMap<String, Arc<Controller>>> {
 /// `name`; returns the names of the namespace bdevs (`NAMEnN`). Blocks the
 /// calling thread, which must not be a reactor.
 pub fn attach_pcie(
+    nodes: &Registry,
     rt: &RuntimeHandle,
     name: &str,
     traddr: &str,
@@ -41,7 +42,7 @@ pub fn attach_pcie(
     }
     let dev = super::vfio::VfioNvme::open(&addr)?;
     let (regs, dma) = (dev.regs(), dev.dma());
-    attach_with(rt, name, &addr, regs, dma, opts, Some(Box::new(dev)))
+    attach_with(nodes, rt, name, &addr, regs, dma, opts, Some(Box::new(dev)))
 }
 
 fn check_name(name: &str) -> Result<(), NvmeError> {
@@ -59,6 +60,7 @@ fn check_name(name: &str) -> Result<(), NvmeError> {
 /// Attaches a controller reached through `regs` and `dma` (the VFIO path above,
 /// or a software controller in tests), keeping `backend` alive until detach.
 pub fn attach_with(
+    nodes: &Registry,
     rt: &RuntimeHandle,
     name: &str,
     traddr: &str,
@@ -73,9 +75,9 @@ pub fn attach_with(
     for (i, ns) in ctrlr.namespaces().iter().enumerate() {
         let b = Arc::new(NvmeBdev::new(ctrlr.clone(), ns.clone(), i == 0));
         let bname = crate::Bdev::name(b.as_ref()).to_string();
-        if let Err(e) = registry().register(b) {
+        if let Err(e) = nodes.register(b) {
             for n in &names {
-                let _ = registry().delete(n, rt);
+                let _ = nodes.delete(n, rt);
             }
             ctrlr.shutdown();
             return Err(e.into());
@@ -86,7 +88,7 @@ pub fn attach_with(
     if t.contains_key(name) {
         drop(t);
         for n in &names {
-            let _ = registry().delete(n, rt);
+            let _ = nodes.delete(n, rt);
         }
         ctrlr.shutdown();
         return Err(NvmeError::Exists(name.into()));
@@ -99,7 +101,7 @@ pub fn attach_with(
 /// Detaches controller `name`: deletes its namespace bdevs (refused while a
 /// layer above claims one), fails I/O still in flight with `Aborted`, shuts the
 /// controller down and releases the device. Blocks the calling (non-reactor) thread.
-pub fn detach(rt: &RuntimeHandle, name: &str) -> Result<(), NvmeError> {
+pub fn detach(nodes: &Registry, rt: &RuntimeHandle, name: &str) -> Result<(), NvmeError> {
     let ctrlr = lock()
         .get(name)
         .cloned()
@@ -110,7 +112,7 @@ pub fn detach(rt: &RuntimeHandle, name: &str) -> Result<(), NvmeError> {
         .map(|n| format!("{}n{}", name, n.params.nsid))
         .collect();
     for b in &bdevs {
-        let claims = registry().claims(b);
+        let claims = nodes.claims(b);
         if !claims.is_empty() {
             return Err(NvmeError::Bdev(crate::BdevError::Claimed {
                 name: b.clone(),
@@ -119,7 +121,7 @@ pub fn detach(rt: &RuntimeHandle, name: &str) -> Result<(), NvmeError> {
         }
     }
     for b in &bdevs {
-        match registry().delete(b, rt) {
+        match nodes.delete(b, rt) {
             Ok(()) | Err(crate::BdevError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }

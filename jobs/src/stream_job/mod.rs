@@ -18,12 +18,13 @@ use std::sync::Arc;
 
 /// Validates `p`, creates the job and starts it. Returns at once.
 pub fn start(
+    g: &Arc<graph::Graph>,
     mgr: &JobManager,
     rt: &RuntimeHandle,
     p: StreamParams,
     tuning: Tuning,
 ) -> Result<Arc<Job>, StreamError> {
-    let (mut plan, spec) = resolve(mgr, &p)?;
+    let (mut plan, spec) = resolve(g, mgr, &p)?;
     // A top that is a backing file is written by the job: QEMU's
     // `stream_start` reopens it read-write, taking a writer's lock.
     plan.relock = graph::snapshot::raise_for_write(&plan.top_bdev)

@@ -11,10 +11,9 @@ mod info;
 mod leaf;
 
 use crate::error::RpcError;
-use crate::methods::notify;
 use crate::service::Service;
 use crate::table::MethodTable;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -31,27 +30,22 @@ pub fn register(t: &mut MethodTable) {
         p.none()?;
         Ok(Value::Bool(true))
     });
-    t.add_config_section("bdev", &[], |_| bdev_section());
+    t.add_config_section("bdev", &[], bdev_section);
 }
 
 /// Adds a bdev to the registry and publishes `bdev_register`; returns its name.
 pub fn register_bdev(svc: &Service, b: Arc<dyn Bdev>) -> Result<String, RpcError> {
-    let name = b.name().to_string();
-    registry().register(b)?;
-    notify::publish_bdev(svc, notify::BDEV_REGISTER, &name);
-    Ok(name)
+    Ok(svc.graph.register(b)?)
 }
 
 /// Deletes a bdev (it must not be claimed) and publishes `bdev_unregister`.
 pub fn delete_bdev(svc: &Service, name: &str) -> Result<(), RpcError> {
-    registry().delete(name, &svc.rt)?;
-    notify::publish_bdev(svc, notify::BDEV_UNREGISTER, name);
-    Ok(())
+    Ok(svc.graph.delete(name)?)
 }
 
 /// Deletes `name` if it is a `T` (SPDK answers -ENODEV for a bdev of another module).
 pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result<Value, RpcError> {
-    let b = registry().get(name)?;
+    let b = svc.graph.nodes().get(name)?;
     if !b.as_any().is::<T>() {
         return Err(RpcError::errno(
             libc::ENODEV,
@@ -64,8 +58,10 @@ pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result
 
 /// The calls that recreate every bdev, each after the bdevs it claims (a base
 /// before the layer above it), otherwise by name.
-fn bdev_section() -> Vec<Value> {
-    let bdevs: BTreeMap<String, Arc<dyn Bdev>> = registry()
+fn bdev_section(svc: &Service) -> Vec<Value> {
+    let bdevs: BTreeMap<String, Arc<dyn Bdev>> = svc
+        .graph
+        .nodes()
         .list()
         .into_iter()
         .map(|b| (b.name().to_string(), b))
@@ -74,7 +70,9 @@ fn bdev_section() -> Vec<Value> {
     let mut pending: BTreeMap<&str, usize> = bdevs.keys().map(|n| (n.as_str(), 0)).collect();
     let mut users: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for name in bdevs.keys() {
-        let mut claimers: Vec<String> = registry()
+        let mut claimers: Vec<String> = svc
+            .graph
+            .nodes()
             .claims(name)
             .into_iter()
             .filter(|c| bdevs.contains_key(c) && c != name)
@@ -108,7 +106,7 @@ fn bdev_section() -> Vec<Value> {
         }
     }
     if order.len() < bdevs.len() {
-        // Claims cannot form a cycle through the registry, but never lose a bdev.
+        // Claims cannot form a cycle through the but never lose a bdev.
         let placed: BTreeSet<&str> = order.iter().copied().collect();
         let rest: Vec<&str> = bdevs
             .keys()
@@ -124,7 +122,7 @@ fn bdev_section() -> Vec<Value> {
     // Nodes made by blockdev-add are recreated by the `blockdev` section.
     order
         .into_iter()
-        .filter(|n| !super::blockdev::owns(n))
+        .filter(|n| !super::blockdev::owns(svc, n))
         .filter_map(|n| bdevs.get(n).and_then(|b| b.config()))
         .collect()
 }

@@ -221,7 +221,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
         legacy: false,
         no_flush_on_complete: a.x_durable == Some(false),
     };
-    stream_job::start(&svc.jobs, &svc.rt, sp, tuning())?;
+    stream_job::start(&svc.graph, &svc.jobs, &svc.rt, sp, tuning())?;
     Ok(json!({}))
 }
 
@@ -235,7 +235,7 @@ struct ChangeBackingFile {
 
 fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: ChangeBackingFile = p.parse()?;
-    let dev = bdev::registry().get(&a.device).map_err(|_| {
+    let dev = svc.graph.nodes().get(&a.device).map_err(|_| {
         RpcError::new(
             -libc::ENODEV,
             crate::ErrorClass::GenericError,

@@ -75,7 +75,7 @@ struct ExportAddParams {
     fixed_iothread: Option<bool>,
 }
 
-fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
+fn block_export_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let p: ExportAddParams = p.parse()?;
     if p.ty != "nbd" {
         return Err(RpcError::invalid_params(format!(
@@ -111,8 +111,8 @@ fn block_export_add(_: &Service, p: Params) -> Result<Value, RpcError> {
         writethrough: p.writethrough.unwrap_or(false),
     };
     // Not while a snapshot of a plain node moves that node's exports.
-    let _g = crate::methods::blockdev::op_lock();
-    nbd::global().add_export(cfg)?;
+    let _g = svc.graph.change();
+    nbd::global().add_export(svc.graph.nodes(), cfg)?;
     Ok(json!({}))
 }
 

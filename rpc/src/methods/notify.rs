@@ -8,10 +8,9 @@ use graph::events::Event;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// A bdev was registered (`ctx`: its name).
-pub const BDEV_REGISTER: &str = "bdev_register";
-/// A bdev was unregistered (`ctx`: its name).
-pub const BDEV_UNREGISTER: &str = "bdev_unregister";
+/// `bdev_register` / `bdev_unregister` (`ctx`: the bdev's name), published
+/// by the graph alone ([`graph::Graph::register`], [`graph::Graph::delete`]).
+pub use graph::{BDEV_REGISTER, BDEV_UNREGISTER};
 
 /// The notification types sluice publishes (others may appear as subsystems
 /// publish them; `notify_get_types` lists those seen too).
@@ -32,11 +31,6 @@ const KNOWN_TYPES: &[&str] = &[
 pub fn register(t: &mut MethodTable) {
     t.add("notify_get_types", notify_get_types);
     t.add("notify_get_notifications", notify_get_notifications);
-}
-
-/// Publishes a bdev notification (`bdev_register` / `bdev_unregister`).
-pub fn publish_bdev(svc: &Service, ty: &str, name: &str) {
-    svc.events.publish(ty, json!({ "name": name }));
 }
 
 fn notify_get_types(svc: &Service, p: Params) -> Result<Value, RpcError> {

@@ -5,7 +5,6 @@
 //! and queue sizes for later attaches).
 
 use crate::error::{ErrorClass, RpcError};
-use crate::methods::notify;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::nvme::{self, CtrlrOpts, NvmeError};
@@ -96,10 +95,8 @@ fn attach(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "protection information checks and digests are not supported",
         ));
     }
-    let names = nvme::attach_pcie(&svc.rt, &a.name, &a.traddr, opts())?;
-    for n in &names {
-        notify::publish_bdev(svc, notify::BDEV_REGISTER, n);
-    }
+    let names = nvme::attach_pcie(svc.graph.nodes(), &svc.rt, &a.name, &a.traddr, opts())?;
+    svc.graph.registered_by_driver(&names);
     Ok(json!(names))
 }
 
@@ -141,10 +138,8 @@ fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .iter()
         .map(|n| format!("{}n{}", d.name, n.params.nsid))
         .collect();
-    nvme::detach(&svc.rt, &d.name)?;
-    for b in &bdevs {
-        notify::publish_bdev(svc, notify::BDEV_UNREGISTER, b);
-    }
+    nvme::detach(svc.graph.nodes(), &svc.rt, &d.name)?;
+    svc.graph.unregistered_by_driver(&bdevs);
     Ok(Value::Bool(true))
 }
 

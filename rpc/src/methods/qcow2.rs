@@ -7,14 +7,14 @@
 //! chain read from the header is registered as nodes `<node>.backing`,
 //! `<node>.backing.backing`, ... each claimed by the node above it.
 
-use super::bdev::{delete_bdev, locking_param, register_bdev};
+use super::bdev::{delete_bdev, locking_param};
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::device::Device;
 use bdev::lock::LockMode;
 use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, OverlapChecks, Qcow2Bdev};
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use graph::node;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,15 +24,19 @@ use std::sync::Arc;
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
     t.add("bdev_qcow2_create", bdev_qcow2_create);
-    t.add("bdev_qcow2_open", |svc, p| open(svc, p.parse()?));
-    t.add("bdev_qcow2_delete", bdev_qcow2_delete);
-    t.add("query-block", |_, p| {
-        p.none()?;
-        Ok(query_block())
+    t.add("bdev_qcow2_open", |svc, p| {
+        let o = p.parse()?;
+        let _g = svc.graph.change();
+        open(svc, o)
     });
-    t.add("query-named-block-nodes", |_, p| {
+    t.add("bdev_qcow2_delete", bdev_qcow2_delete);
+    t.add("query-block", |svc, p| {
         p.none()?;
-        Ok(query_named_block_nodes())
+        Ok(query_block(svc))
+    });
+    t.add("query-named-block-nodes", |svc, p| {
+        p.none()?;
+        Ok(query_named_block_nodes(svc))
     });
 }
 
@@ -116,13 +120,14 @@ fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<Str
 /// The node name of an image to open (see [`node_name_of`]), once neither
 /// it, the device `name` nor the `file_node` is taken.
 fn check_names(
+    svc: &Service,
     name: &Option<String>,
     node_name: &Option<String>,
     file_node: Option<&String>,
 ) -> Result<String, RpcError> {
     let node_name = node_name_of(name, node_name)?;
     if let Some(d) = name {
-        if registry().contains(d) {
+        if svc.graph.nodes().contains(d) {
             return Err(RpcError::errno(
                 libc::EEXIST,
                 format!("a bdev named {d:?} already exists"),
@@ -130,7 +135,7 @@ fn check_names(
         }
     }
     for n in std::iter::once(&node_name).chain(file_node) {
-        if registry().contains(n) {
+        if svc.graph.nodes().contains(n) {
             return Err(RpcError::errno(
                 libc::EEXIST,
                 format!("Duplicate nodes with node-name='{n}'"),
@@ -143,8 +148,8 @@ fn check_names(
 /// Checks what `open` will check of a new image's names, and the backing
 /// file the image will name: all before any file is written. Returns the
 /// image's `locking`.
-fn check_create(c: &Create) -> Result<LockMode, RpcError> {
-    let node_name = check_names(&c.name, &c.node_name, None)?;
+fn check_create(svc: &Service, c: &Create) -> Result<LockMode, RpcError> {
+    let node_name = check_names(svc, &c.name, &c.node_name, None)?;
     if c.name.as_deref() == Some(node_name.as_str()) {
         return Err(RpcError::invalid_params(format!(
             "'name' and 'node_name' are both {node_name:?}"
@@ -175,7 +180,8 @@ fn check_create(c: &Create) -> Result<LockMode, RpcError> {
 
 fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let c: Create = p.parse()?;
-    let locking = check_create(&c)?;
+    let _g = svc.graph.change();
+    let locking = check_create(svc, &c)?;
     let opts = CreateOptions {
         cluster_size: c.cluster_size.unwrap_or(65536),
         version: c.version.unwrap_or(3),
@@ -185,7 +191,7 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     };
     let target: Result<Arc<dyn Bdev>, PathBuf> = match (&c.filename, &c.base_bdev) {
         (Some(f), None) => Err(PathBuf::from(f)),
-        (None, Some(b)) => Ok(registry().get(b)?),
+        (None, Some(b)) => Ok(svc.graph.nodes().get(b)?),
         _ => {
             return Err(RpcError::invalid_params(
                 "exactly one of 'filename' and 'base_bdev' is required",
@@ -223,13 +229,21 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
 
 /// Registers the chain below `top` that is not registered yet, each node
 /// claimed by the one above it.
-fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
+fn register_chain(
+    svc: &Service,
+    top: &Arc<dyn Bdev>,
+    added: &mut Vec<String>,
+) -> Result<(), RpcError> {
     let chain = node::chain(top);
     for w in chain.windows(2) {
         let (above, b) = (&w[0], &w[1]);
-        if !registry().contains(b.name()) {
-            register_bdev(svc, b.clone())?;
-            registry().claim(b.name(), above.name())?;
+        if !svc.graph.nodes().contains(b.name()) {
+            svc.graph.register(b.clone())?;
+            added.push(b.name().to_string());
+            svc.graph.nodes().claim(
+                b.name(),
+                bdev::Claim::backing(bdev::Holder::Node(above.name().to_string())),
+            )?;
         }
     }
     Ok(())
@@ -238,7 +252,7 @@ fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
 /// Opens an image as a node (and a device when `name` is given); returns the
 /// device's or the node's name.
 pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
-    let node_name = check_names(&o.name, &o.node_name, o.file_node.as_ref())?;
+    let node_name = check_names(svc, &o.name, &o.node_name, o.file_node.as_ref())?;
     let backing = match (&o.backing, o.no_backing) {
         (Some(_), true) => {
             return Err(RpcError::invalid_params(
@@ -257,6 +271,7 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     let opts = OpenOptions {
         read_only: o.read_only,
         backing,
+        nodes: Some(svc.graph.nodes().clone()),
         direct: o.direct.unwrap_or(true),
         overlap_check,
         locking: locking_param(o.locking.as_deref())?,
@@ -266,7 +281,7 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {
         (Some(f), None) => Err(PathBuf::from(f)),
-        (None, Some(b)) => Ok(registry().get(b)?),
+        (None, Some(b)) => Ok(svc.graph.nodes().get(b)?),
         _ => {
             return Err(RpcError::invalid_params(
                 "exactly one of 'filename' and 'base_bdev' is required",
@@ -288,21 +303,74 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         .block()??;
     let file_bdev = img.base().clone();
     let img: Arc<dyn Bdev> = img;
-    register_bdev(svc, img.clone())?;
-    if let Some(b) = &base_name {
-        registry().claim(b, &node_name)?;
+    // Everything or nothing: on a failure what was registered is deleted
+    // again (the image last, ending its lock).
+    let mut added: Vec<String> = Vec::new();
+    let r = register_opened(
+        svc,
+        &o,
+        &node_name,
+        &img,
+        file_bdev,
+        base_name.as_deref(),
+        &mut added,
+    );
+    if r.is_err() {
+        let me = bdev::Holder::Node(node_name.clone());
+        // Top down: the image, its chain, then the file node under it.
+        if o.file_node.is_some() && base_name.is_none() && !added.is_empty() {
+            let f = added.remove(0);
+            added.push(f);
+        }
+        for n in &added {
+            svc.graph.release_all(&bdev::Holder::Node(n.clone()));
+            if let Err(e) = svc.graph.delete(n) {
+                tracing::error!(node = %n, "rolling back a failed open: {e}");
+            }
+        }
+        svc.graph.release_all(&me);
+        img.on_delete();
     }
-    if let (Some(f), None) = (&o.file_node, &base_name) {
-        register_bdev(svc, file_bdev)?;
-        registry().claim(f, &node_name)?;
+    r
+}
+
+/// Registers what [`open`] opened; the names registered go to `added`.
+fn register_opened(
+    svc: &Service,
+    o: &Open,
+    node_name: &str,
+    img: &Arc<dyn Bdev>,
+    file_bdev: Arc<dyn Bdev>,
+    base_name: Option<&str>,
+    added: &mut Vec<String>,
+) -> Result<Value, RpcError> {
+    let me = bdev::Holder::Node(node_name.to_string());
+    if let Some(b) = base_name {
+        svc.graph
+            .nodes()
+            .claim(b, bdev::Claim::file(me.clone(), !img.read_only()))?;
     }
-    if let Err(e) = register_chain(svc, &img) {
+    if let (Some(f), None) = (&o.file_node, base_name) {
+        svc.graph
+            .register_claimed(file_bdev, bdev::Claim::file(me.clone(), !img.read_only()))?;
+        added.push(f.clone());
+    }
+    svc.graph.register(img.clone())?;
+    added.push(node_name.to_string());
+    if let Err(e) = register_chain(svc, img, added) {
         tracing::warn!(node = %node_name, "registering the backing chain: {e}");
     }
     match &o.name {
         Some(d) => {
-            let dev: Arc<dyn Bdev> = Device::new(d, img.clone())?;
-            register_bdev(svc, dev)?;
+            let dev: Arc<dyn Bdev> = Device::new(svc.graph.nodes(), d, img.clone())?;
+            if let Err(e) = svc.graph.register(dev.clone()) {
+                dev.on_delete();
+                drop(dev);
+                svc.graph
+                    .nodes()
+                    .release(node_name, &bdev::Holder::Device(d.clone()));
+                return Err(e.into());
+            }
             Ok(json!(d))
         }
         None => Ok(json!(node_name)),
@@ -336,20 +404,20 @@ pub(crate) fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcErro
     for n in chain {
         let name = n.name().to_string();
         if let Some(a) = &above {
-            registry().release(&name, a);
+            svc.graph
+                .nodes()
+                .release(&name, &bdev::Holder::Node(a.clone()));
         }
-        if !registry().contains(&name) || !registry().claims(&name).is_empty() {
+        if !svc.graph.nodes().contains(&name) || !svc.graph.nodes().claims(&name).is_empty() {
             break;
         }
-        if above.is_some() && super::blockdev::monitor_owned(&name) {
+        if above.is_some() && super::blockdev::monitor_owned(svc, &name) {
             break;
         }
         delete_bdev(svc, &name)?;
         // The node's claims on bdevs outside its chain (the `base_bdev` it
         // was opened on, a snapshot target) end with it.
-        for other in registry().list() {
-            registry().release(other.name(), &name);
-        }
+        svc.graph.release_all(&bdev::Holder::Node(name.clone()));
         above = Some(name);
     }
     Ok(())
@@ -357,7 +425,8 @@ pub(crate) fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcErro
 
 fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let d: Delete = p.parse()?;
-    let b = registry().get(&d.name)?;
+    let _g = svc.graph.change();
+    let b = svc.graph.nodes().get(&d.name)?;
     if let Some(dev) = Device::from_bdev(&b) {
         if let Some(j) = svc.jobs.job_on_node(dev.root().name()) {
             return Err(RpcError::errno(
@@ -367,17 +436,17 @@ fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
         }
         let root = dev.root();
         delete_bdev(svc, &d.name)?;
-        if registry().claims(root.name()).is_empty() {
+        if svc.graph.nodes().claims(root.name()).is_empty() {
             delete_node(svc, root)?;
         }
     } else {
-        if !registry().claims(&d.name).is_empty() {
+        if !svc.graph.nodes().claims(&d.name).is_empty() {
             return Err(RpcError::errno(
                 libc::EBUSY,
                 format!(
                     "bdev {:?} is in use by {}",
                     d.name,
-                    registry().claims(&d.name).join(", ")
+                    svc.graph.nodes().claims(&d.name).join(", ")
                 ),
             ));
         }
@@ -433,11 +502,13 @@ fn node_info(b: &Arc<dyn Bdev>) -> Value {
 }
 
 /// `query-block`: every device with its chain.
-fn query_block() -> Value {
-    let v: Vec<Value> = registry()
+fn query_block(svc: &Service) -> Value {
+    let v: Vec<Value> = svc
+        .graph
+        .nodes()
         .list()
         .iter()
-        .filter(|b| !super::blockdev::is_raw_node(b.name()))
+        .filter(|b| !super::blockdev::is_raw_node(svc, b.name()))
         .filter_map(|b| Device::from_bdev(b).map(|d| (b.name().to_string(), d.root())))
         .map(|(name, root)| {
             json!({
@@ -455,15 +526,18 @@ fn query_block() -> Value {
 }
 
 /// `query-named-block-nodes`: every node (image or leaf) that is not a device.
-fn query_named_block_nodes() -> Value {
+fn query_named_block_nodes(svc: &Service) -> Value {
     Value::Array(
-        registry()
+        svc.graph
+            .nodes()
             .list()
             .iter()
-            .filter(|b| Device::from_bdev(b).is_none() || super::blockdev::is_raw_node(b.name()))
+            .filter(|b| {
+                Device::from_bdev(b).is_none() || super::blockdev::is_raw_node(svc, b.name())
+            })
             .map(|b| {
                 let mut v = node_info(b);
-                super::blockdev::annotate(b, &mut v);
+                super::blockdev::annotate(svc, b, &mut v);
                 v
             })
             .collect(),

@@ -70,7 +70,7 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
             writable,
             writethrough: false,
         };
-        if let Err(e) = global().add_export(cfg) {
+        if let Err(e) = global().add_export(svc.graph.nodes(), cfg) {
             global().shutdown(SHUTDOWN_WAIT);
             return Err(ServeError::Start(format!("--export {name}: {e}")));
         }

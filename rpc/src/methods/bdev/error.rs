@@ -7,7 +7,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::error_bdev::{ErrorBdev, InjectParams};
-use bdev::registry;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -34,7 +34,7 @@ fn bdev_error_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "uuid: the error bdev has no UUID of its own",
         ));
     }
-    register_bdev(svc, ErrorBdev::new(&a.base_name)?)?;
+    register_bdev(svc, ErrorBdev::new(svc.graph.nodes(), &a.base_name)?)?;
     Ok(Value::Bool(true))
 }
 
@@ -63,7 +63,7 @@ fn one() -> u32 {
     1
 }
 
-fn bdev_error_inject_error(_svc: &Service, p: Params) -> Result<Value, RpcError> {
+fn bdev_error_inject_error(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Inject = p.parse()?;
     for (n, v) in [
         ("queue_depth", a.queue_depth),
@@ -77,7 +77,7 @@ fn bdev_error_inject_error(_svc: &Service, p: Params) -> Result<Value, RpcError>
             ));
         }
     }
-    let b = registry().get(&a.name)?;
+    let b = svc.graph.nodes().get(&a.name)?;
     let eb = b.as_any().downcast_ref::<ErrorBdev>().ok_or_else(|| {
         RpcError::errno(
             libc::ENODEV,

@@ -26,23 +26,21 @@ use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use args::Args;
 use bdev::device::Device;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use serde_json::{json, Value};
 use spec::Driver;
 use std::sync::Arc;
 
 pub(crate) use snapshot::{snapshot_existing_plain, snapshot_plain_node};
-pub(crate) use state::op_lock;
 
 mod snapshot;
 
 /// Registers the methods and the `blockdev` section of `save_config`.
 pub fn register(t: &mut MethodTable) {
-    graph::qemu_name::register_describer(describe::describe);
     t.add("blockdev-add", |svc, p| {
         let v = p.0.unwrap_or(Value::Null);
         let v = if v.is_null() { json!({}) } else { v };
-        let _g = state::op_lock();
+        let _g = svc.graph.change();
         add(svc, &v)?;
         Ok(json!({}))
     });
@@ -53,35 +51,41 @@ pub fn register(t: &mut MethodTable) {
         create_job::start(svc, &v)?;
         Ok(json!({}))
     });
-    t.add_config_section("blockdev", &["bdev"], |_| {
-        state::records()
+    t.add_config_section("blockdev", &["bdev"], |svc| {
+        state::records(&svc.graph)
             .iter()
-            .map(|r| json!({"method": "blockdev-add", "params": create::config_args(r)}))
+            .map(|r| json!({"method": "blockdev-add", "params": create::config_args(svc, r)}))
             .collect()
     });
 }
 
+/// How QEMU names a `blockdev-add` node (the describer `graph::qemu_name`
+/// asks first).
+pub fn describe_node(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<graph::qemu_name::QemuNode> {
+    describe::describe(g, b)
+}
+
 /// Whether `name` is a node made by `blockdev-add` at the top level (QEMU:
 /// owned by the monitor).
-pub fn monitor_owned(name: &str) -> bool {
-    state::record(name).is_some()
+pub fn monitor_owned(svc: &Service, name: &str) -> bool {
+    state::record(&svc.graph, name).is_some()
 }
 
 /// Whether the bdev `name` belongs to a `blockdev-add` node (the node or one
 /// nested in it): `save_config` recreates it with `blockdev-add`.
-pub fn owns(name: &str) -> bool {
-    state::is_node(name) && registry().contains(name)
+pub fn owns(svc: &Service, name: &str) -> bool {
+    state::is_node(&svc.graph, name) && svc.graph.nodes().contains(name)
 }
 
 /// Whether `name` is a raw node (a device in sluice's terms, a node in QEMU's).
-pub fn is_raw_node(name: &str) -> bool {
-    state::driver_of(name) == Some(Driver::Raw)
+pub fn is_raw_node(svc: &Service, name: &str) -> bool {
+    state::driver_of(&svc.graph, name) == Some(Driver::Raw)
 }
 
 /// Adjusts a `BlockDeviceInfo` (`query-named-block-nodes`) to the driver the
 /// node was added with.
-pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
-    let Some(d) = state::driver_of(b.name()) else {
+pub fn annotate(svc: &Service, b: &Arc<dyn Bdev>, v: &mut Value) {
+    let Some(d) = state::driver_of(&svc.graph, b.name()) else {
         return;
     };
     v["drv"] = json!(d.as_str());
@@ -106,10 +110,17 @@ fn add(svc: &Service, v: &Value) -> Result<String, RpcError> {
             "'node-name' must be specified for the root node",
         ));
     };
-    create::check_new_name(&name, false)?;
+    create::check_new_name(svc, &name, false)?;
     let made = create::create(svc, &name, &spec)?;
-    registry().claim(&name, state::MONITOR_CLAIM)?;
-    state::insert(&name, spec.driver, v.clone(), made.children, made.file_ref);
+    svc.graph.nodes().claim(&name, bdev::Claim::monitor())?;
+    state::insert(
+        &svc.graph,
+        &name,
+        spec.driver,
+        v.clone(),
+        made.children,
+        made.file_ref,
+    );
     tracing::info!(node = %name, driver = spec.driver.as_str(), "blockdev-add");
     Ok(name)
 }
@@ -123,14 +134,20 @@ fn failed_to_find(name: &str) -> RpcError {
 
 /// Why `name` cannot be deleted, in QEMU's order and words.
 fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError> {
-    let b = registry().get(name).map_err(|_| failed_to_find(name))?;
-    if Device::from_bdev(&b).is_some() && !is_raw_node(name) {
+    let b = svc
+        .graph
+        .nodes()
+        .get(name)
+        .map_err(|_| failed_to_find(name))?;
+    if Device::from_bdev(&b).is_some() && !is_raw_node(svc, name) {
         // A device is QEMU's block backend, not a node.
         return Err(failed_to_find(name));
     }
-    let claims = state::user_claims(name);
+    let claims = state::user_claims(&svc.graph, name);
     let backend = |c: &String| {
-        c.starts_with("nbd export ") || c.strip_prefix("device ").is_some_and(|d| !is_raw_node(d))
+        c.starts_with("nbd export ")
+            || c.strip_prefix("device ")
+                .is_some_and(|d| !is_raw_node(svc, d))
     };
     if claims.iter().any(backend) {
         return Err(RpcError::errno(
@@ -148,13 +165,13 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
         ));
     }
     // QEMU's op blocker on a backing node (checked before ownership).
-    if let Some(user) = backing_user(name) {
+    if let Some(user) = backing_user(svc, name) {
         return Err(RpcError::errno(
             libc::EBUSY,
             format!("Node '{name}' is busy: node is used as backing hd of '{user}'"),
         ));
     }
-    if !monitor_owned(name) {
+    if !monitor_owned(svc, name) {
         return Err(RpcError::errno(
             libc::EPERM,
             format!("Node {name} is not owned by the monitor"),
@@ -170,9 +187,10 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
 }
 
 /// The image node that reads through `name` as its backing, if any.
-pub(crate) fn backing_user(name: &str) -> Option<String> {
-    state::user_claims(name).into_iter().find(|c| {
-        registry()
+pub(crate) fn backing_user(svc: &Service, name: &str) -> Option<String> {
+    state::user_claims(&svc.graph, name).into_iter().find(|c| {
+        svc.graph
+            .nodes()
             .get(c)
             .ok()
             .and_then(|b| graph::node::image(&b))
@@ -186,35 +204,33 @@ fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let mut a = Args::new(&v, "")?;
     let name = a.req_str("node-name")?;
     a.finish(&[])?;
-    let _g = state::op_lock();
+    let _g = svc.graph.change();
     let b = check_deletable(svc, &name)?;
-    let rec = state::record(&name).ok_or_else(|| failed_to_find(&name))?;
-    registry().release(&name, state::MONITOR_CLAIM);
+    let rec = state::record(&svc.graph, &name).ok_or_else(|| failed_to_find(&name))?;
+    svc.graph.nodes().release(&name, &bdev::Holder::Monitor);
     match rec.driver {
         // Flushed, the file trimmed, the chain from the header closed: the
         // path `bdev_qcow2_delete` takes.
         Driver::Qcow2 => delete_node(svc, b)?,
         _ => delete_bdev(svc, &name)?,
     }
-    state::forget(&name);
+    state::forget(&svc.graph, &name);
     for (c, _) in &rec.children {
-        for other in registry().list() {
-            registry().release(other.name(), c);
-        }
-        if registry().contains(c) {
+        svc.graph.release_all(&bdev::Holder::Node(c.clone()));
+        if svc.graph.nodes().contains(c) {
             if let Err(e) = delete_bdev(svc, c) {
                 tracing::warn!(node = %c, "deleting the nested node: {e}");
             }
         }
     }
     if let Some(f) = &rec.file_ref {
-        if let Some(frec) = state::record(f) {
-            if state::user_claims(f).is_empty() {
-                registry().release(f, state::MONITOR_CLAIM);
-                if let Err(e) = registry().delete(f, &svc.rt) {
+        if let Some(frec) = state::record(&svc.graph, f) {
+            if state::user_claims(&svc.graph, f).is_empty() {
+                svc.graph.nodes().release(f, &bdev::Holder::Monitor);
+                if let Err(e) = svc.graph.delete(f) {
                     tracing::warn!(node = %f, "closing the image's file: {e}");
                 }
-                create::restore_file_node(&frec);
+                create::restore_file_node(&svc.graph, &frec);
             }
         }
     }
