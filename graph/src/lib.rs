@@ -22,10 +22,12 @@
 //!   open leaves no node, claim or image lock behind. Never taken on a reactor.
 //! - **Image nodes.** What a job needs of an image node ([`node`]), the
 //!   backing-file strings QEMU writes ([`qemu_name`]), snapshots onto a new
-//!   overlay ([`snapshot`]),.
+//!   overlay ([`snapshot`]), and the writer's image lock a backing file
+//!   takes while it is written ([`lock::WriterLock`], a guard).
 
 pub mod events;
 mod graph;
+pub mod lock;
 pub mod monitor;
 pub mod node;
 mod qcow2_node;

@@ -27,6 +27,7 @@ use bdev::device::Device;
 use bdev::error_bdev::ErrorBdev;
 use bdev::malloc::MallocBdev;
 use bdev::null::NullBdev;
+use bdev::nvme::bdev::NvmeBdev;
 use bdev::uring::UringBdev;
 use bdev::Bdev;
 use serde_json::{Map, Value};
@@ -133,14 +134,13 @@ fn describe_as(b: &Arc<dyn Bdev>, as_file: bool) -> QemuNode {
         let image = to_qdict(&describe(e.base()));
         return options("error", [("image", Value::Object(image))]);
     }
-    let ds = b.driver_specific();
-    if let (Some(traddr), Some(nsid)) = (
-        ds.pointer("/nvme/0/trid/traddr").and_then(Value::as_str),
-        ds.pointer("/nvme/0/ns_data/id").and_then(Value::as_u64),
-    ) {
-        return protocol("nvme", format!("nvme://{traddr}/{nsid}"));
+    if any.downcast_ref::<NvmeBdev>().is_some() {
+        if let Some(f) = b.filename() {
+            return protocol("nvme", f);
+        }
     }
-    let driver = ds
+    let driver = b
+        .driver_specific()
         .as_object()
         .and_then(|o| o.keys().next().cloned())
         .unwrap_or_else(|| "sluice".into());

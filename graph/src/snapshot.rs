@@ -248,7 +248,7 @@ pub async fn snapshot_existing_plain(
 /// in between. Other processes may then read the file (`qemu-img info`,
 /// `qemu-io -r`, another sluice's backing file). What writes a backing file
 /// takes the writer's lock back for the moment: a stream into it and
-/// `change-backing-file` ([`raise_for_write`]), trimming its file at close
+/// `change-backing-file` ([`crate::lock::WriterLock`]), trimming its file at close
 /// (`Qcow2Bdev::trim_file`).
 pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
     use bdev::lock::{Perms, PERM_WRITE};
@@ -261,24 +261,6 @@ pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
         Err(e) => {
             tracing::warn!(node = %old_top.name(), error = %e, "backing file keeps its writer's lock")
         }
-    }
-}
-
-/// Before something writes a backing file (a stream into it, a new backing
-/// file name in its header): a qcow2 image that holds a reader's lock takes
-/// a writer's in place, as QEMU reopens such a node read-write for the
-/// moment; [`lower_to_backing`] gives it back. Another process reading the
-/// file refuses it with QEMU's lock error. Returns whether it did.
-pub fn raise_for_write(node: &Arc<dyn Bdev>) -> Result<bool, BdevError> {
-    use bdev::lock::{Perms, PERM_WRITE};
-    let Some(q) = node.as_any().downcast_ref::<Qcow2Bdev>() else {
-        return Ok(false);
-    };
-    match q.lock_perms() {
-        Some(p) if p.perm & PERM_WRITE == 0 && !q.read_only() => {
-            q.set_lock_perms(Perms::WRITER).map(|_| true)
-        }
-        _ => Ok(false),
     }
 }
 

@@ -61,7 +61,10 @@ fn assert_announced(d: &mut Daemon, after: &str) {
 fn wait_no_jobs(d: &mut Daemon) {
     let t0 = Instant::now();
     while d.call("query-block-jobs", json!({})) != json!([]) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the job never ended");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the job never ended"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -114,7 +117,17 @@ fn snapshots_streams_and_image_deletes_announce_their_nodes() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_io(&["-c", "write -P 0x11 0 1M", s(&base)]);
     for (f, b) in [(&mid, &base), (&top, &mid)] {
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(b), "-F", "qcow2", s(f)]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(b),
+            "-F",
+            "qcow2",
+            s(f),
+        ]);
     }
     let mut d = Daemon::start(&[]);
     d.open_qcow2_chain(
@@ -203,11 +216,21 @@ fn a_failed_open_leaves_no_node_claim_or_lock() {
         e["message"].as_str().unwrap_or_default().contains("empty"),
         "{e}"
     );
-    assert!(listed(&mut d).is_empty(), "left behind: {:?}", listed(&mut d));
+    assert!(
+        listed(&mut d).is_empty(),
+        "left behind: {:?}",
+        listed(&mut d)
+    );
     assert_announced(&mut d, "a failed open");
-    assert!(writable_elsewhere(&f), "the failed open kept the image lock");
+    assert!(
+        writable_elsewhere(&f),
+        "the failed open kept the image lock"
+    );
     // The name is free again.
-    d.call("bdev_qcow2_open", json!({"node_name": "n0", "filename": s(&f)}));
+    d.call(
+        "bdev_qcow2_open",
+        json!({"node_name": "n0", "filename": s(&f)}),
+    );
     d.call("bdev_qcow2_delete", json!({"name": "n0"}));
 }
 
@@ -251,7 +274,9 @@ fn a_lost_open_race_leaves_nothing_behind() {
                 .collect();
             hs.into_iter().map(|h| h.join().expect("client")).collect()
         });
-        let won: Vec<usize> = (0..2).filter(|&i| replies[i].get("result").is_some()).collect();
+        let won: Vec<usize> = (0..2)
+            .filter(|&i| replies[i].get("result").is_some())
+            .collect();
         assert_eq!(won.len(), 1, "exactly one open wins: {replies:?}");
         let lost = 1 - won[0];
         let names = listed(&mut d);

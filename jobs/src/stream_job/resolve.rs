@@ -86,8 +86,9 @@ pub struct StreamPlan {
     pub durable: bool,
     /// The top is a backing file (it holds a reader's lock since a snapshot)
     /// that [`super::start`] gave a writer's lock for the job, as QEMU's
-    /// `stream_start` reopens it read-write: lowered again when the job ends.
-    pub relock: bool,
+    /// `stream_start` reopens it read-write: lowered again when the guard
+    /// is dropped, as the job ends.
+    pub writer: Option<Arc<graph::lock::WriterLock>>,
     /// The graph the nodes live in (the final backing change releases there).
     pub graph: Arc<Graph>,
 }
@@ -251,7 +252,7 @@ pub fn resolve(
                 .next()
         }),
         durable: !p.no_flush_on_complete,
-        relock: false,
+        writer: None,
         graph: g.clone(),
     };
     let spec = JobSpec {

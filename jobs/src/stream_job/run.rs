@@ -362,16 +362,15 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     };
     let copy_s = t0.elapsed().as_secs_f64();
     let id = job.id().to_string();
-    let p = plan.clone();
+    let mut p = plan;
     // A top that is a backing file gets its reader's lock back before the
-    // job concludes (QEMU's stream_clean reopens it read-only).
+    // job concludes (QEMU's stream_clean reopens it read-only): the guard
+    // is dropped once the final change is done.
     let e = job
         .complete(error, move |ok| async move {
-            let (relock, top) = (p.relock, p.top_bdev.clone());
+            let writer = p.writer.take();
             let r = finish(p, ok).await;
-            if relock {
-                graph::snapshot::lower_to_backing(&top);
-            }
+            drop(writer);
             r
         })
         .await;

@@ -279,16 +279,14 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let file = a.backing_file;
     // A backing file holds a reader's lock: QEMU reopens it read-write for
     // the header write (a writer's lock), then read-only again.
-    let raised = graph::snapshot::raise_for_write(&node)?;
+    let writer = graph::lock::WriterLock::raise(&node)?;
     let r = svc
         .rt
         .spawn_on(owner, move || async move {
             img.set_backing_file(Some(&file), Some(&fmt), true).await
         })
         .block();
-    if raised {
-        graph::snapshot::lower_to_backing(&node);
-    }
+    drop(writer);
     r??;
     Ok(json!({}))
 }

@@ -15,7 +15,7 @@ use super::spec::Driver;
 use super::state;
 use crate::error::RpcError;
 use crate::service::Service;
-use bdev::lock::{ImageLock, Perms};
+use bdev::lock::ImageLock;
 use bdev::qcow2::{self, CreateOptions};
 use bdev::uring::UringBdev;
 use bdev::Bdev;
@@ -64,7 +64,7 @@ fn run(job: &Arc<Job>, g: &Graph, spec: &CreateSpec) {
         // No node is added or deleted under the creation.
         let _g = g.change();
         match spec {
-            CreateSpec::File(f) => create_host_file(g, f),
+            CreateSpec::File(f) => create_host_file(f),
             CreateSpec::Qcow2(q) => create_qcow2(g, q),
         }
     };
@@ -80,22 +80,6 @@ fn errno_desc(e: &std::io::Error) -> &'static str {
     nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)).desc()
 }
 
-/// Whether a registered node has the file at `path` open (QEMU finds it by
-/// the file's lock bytes).
-fn path_in_use(g: &Graph, path: &Path) -> bool {
-    let Ok(want) = std::fs::canonicalize(path) else {
-        return false;
-    };
-    g.nodes().list().iter().any(|b| {
-        b.as_any()
-            .downcast_ref::<UringBdev>()
-            .and_then(|u| std::fs::canonicalize(u.path()).ok())
-            .is_some_and(|p| p == want)
-    })
-}
-
-const LOCKED: &str = "Failed to get \"write\" lock";
-
 /// A creation's error as the job reports it: a lock conflict in QEMU's
 /// words without the hint (QEMU's job error carries none).
 fn job_error(e: bdev::BdevError) -> String {
@@ -106,7 +90,7 @@ fn job_error(e: bdev::BdevError) -> String {
 }
 
 /// file-posix's `raw_co_create`: open (creating), lock, clear, size.
-fn create_host_file(g: &Graph, f: &FileCreate) -> Result<(), String> {
+fn create_host_file(f: &FileCreate) -> Result<(), String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -115,17 +99,10 @@ fn create_host_file(g: &Graph, f: &FileCreate) -> Result<(), String> {
         .mode(0o644)
         .open(&f.filename)
         .map_err(|e| format!("Could not create '{}': {}", f.filename, errno_desc(&e)))?;
-    if path_in_use(g, Path::new(&f.filename)) {
-        return Err(LOCKED.into());
-    }
-    // Held until the file is cleared and sized: a file open for writing
-    // (or reading) here or in another process is left untouched.
-    let _lock = file
-        .try_clone()
-        .map_err(|e| format!("Could not create '{}': {}", f.filename, errno_desc(&e)))
-        .and_then(|lf| {
-            ImageLock::on_file(lf, Path::new(&f.filename), Perms::CREATOR).map_err(job_error)
-        })?;
+    // Held until the file is cleared and sized: a file a node has open
+    // (here or in another process) holds lock bytes, so it is refused and
+    // left untouched, as QEMU finds it.
+    let _lock = ImageLock::for_create(&file, Path::new(&f.filename)).map_err(job_error)?;
     if f.preallocation != "off" {
         return Err(format!(
             "Unsupported preallocation mode: {}",
@@ -274,15 +251,10 @@ fn create_qcow2(g: &Graph, q: &Qcow2Create) -> Result<(), String> {
     let opts = validate(q)?;
     let target = match &q.file {
         FileRef::Named(n) => node_target(g, n)?,
-        FileRef::Path(p) => {
-            if path_in_use(g, Path::new(p)) {
-                return Err(LOCKED.into());
-            }
-            Target::Path {
-                path: PathBuf::from(p),
-                node: None,
-            }
-        }
+        FileRef::Path(p) => Target::Path {
+            path: PathBuf::from(p),
+            node: None,
+        },
     };
     let joined = |r: Result<Result<(), bdev::BdevError>, reactor::JoinError>| match r {
         Ok(Ok(())) => Ok(()),
