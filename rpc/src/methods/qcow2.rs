@@ -40,6 +40,13 @@ pub fn register(t: &mut MethodTable) {
     });
 }
 
+/// `overlap_check` as a mode name (see [`OverlapChecks::from_mode`]).
+fn overlap_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OverlapChecks>, D::Error> {
+    let m: Option<String> = Option::deserialize(d)?;
+    m.map(|m| OverlapChecks::from_mode(&m).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 /// `bdev_qcow2_open`'s parameters (also what `blockdev-add` maps onto).
 #[derive(Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
@@ -64,12 +71,10 @@ pub(crate) struct Open {
     /// The reactor owning the image's metadata (default 0).
     pub reactor: Option<usize>,
     /// Metadata overlap checks before writes: `none`, `constant`, `cached`
-    /// (default) or `all` (QEMU's `overlap-check`).
-    pub overlap_check: Option<String>,
-    /// Not a parameter (`blockdev-add`): its parsed `overlap-check`, which
-    /// wins over `overlap_check`.
-    #[serde(skip)]
-    pub overlap_checks: Option<OverlapChecks>,
+    /// (default) or `all` (QEMU's `overlap-check`; `blockdev-add` gives its
+    /// parsed form).
+    #[serde(default, deserialize_with = "overlap_mode")]
+    pub overlap_check: Option<OverlapChecks>,
     /// Image locks on the image's file and its backing files: QEMU's
     /// `locking` (`auto`, the default, is on).
     pub locking: Option<String>,
@@ -263,11 +268,7 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         (None, true) => BackingSpec::None,
         (None, false) => BackingSpec::FromHeader,
     };
-    let overlap_check = match (o.overlap_checks, &o.overlap_check) {
-        (Some(c), _) => c,
-        (None, Some(m)) => OverlapChecks::from_mode(m).map_err(RpcError::invalid_params)?,
-        (None, None) => OverlapChecks::default(),
-    };
+    let overlap_check = o.overlap_check.unwrap_or_default();
     let opts = OpenOptions {
         read_only: o.read_only,
         backing,

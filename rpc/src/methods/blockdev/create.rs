@@ -300,7 +300,7 @@ fn create_qcow2(
         node_name: Some(name.to_string()),
         read_only: ro,
         direct: Some(spec.common.direct.unwrap_or(false)),
-        overlap_checks: Some(overlap),
+        overlap_check: Some(overlap),
         force_share: spec.common.force_share,
         ..Open::default()
     };
