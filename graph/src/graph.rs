@@ -66,6 +66,22 @@ impl Graph {
         ChangeGuard(self.change.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// [`Graph::change`] for a task on a reactor (a job's final graph
+    /// change): waits without blocking the reactor, polling every
+    /// millisecond, so that a change in progress on an RPC thread that waits
+    /// for this reactor still completes.
+    pub async fn change_on_reactor(&self) -> ChangeGuard<'_> {
+        loop {
+            match self.change.try_lock() {
+                Ok(g) => return ChangeGuard(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return ChangeGuard(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    reactor::sleep(std::time::Duration::from_millis(1)).await
+                }
+            }
+        }
+    }
+
     /// The records of the nodes the monitor made.
     pub fn monitor(&self) -> MutexGuard<'_, MonitorTable> {
         self.monitor.lock().unwrap_or_else(|p| p.into_inner())

@@ -369,7 +369,11 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     let e = job
         .complete(error, move |ok| async move {
             let writer = p.writer.take();
+            let graph = p.graph.clone();
+            // The final backing change is a graph change: serialised.
+            let change = graph.change_on_reactor().await;
             let r = finish(p, ok).await;
+            drop(change);
             drop(writer);
             r
         })

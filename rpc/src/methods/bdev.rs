@@ -45,6 +45,7 @@ pub fn delete_bdev(svc: &Service, name: &str) -> Result<(), RpcError> {
 
 /// Deletes `name` if it is a `T` (SPDK answers -ENODEV for a bdev of another module).
 pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result<Value, RpcError> {
+    let _g = svc.graph.change();
     let b = svc.graph.nodes().get(name)?;
     if !b.as_any().is::<T>() {
         return Err(RpcError::errno(

@@ -95,6 +95,7 @@ fn attach(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "protection information checks and digests are not supported",
         ));
     }
+    let _g = svc.graph.change();
     let names = nvme::attach_pcie(svc.graph.nodes(), &svc.rt, &a.name, &a.traddr, opts())?;
     svc.graph.registered_by_driver(&names);
     Ok(json!(names))
@@ -138,6 +139,7 @@ fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .iter()
         .map(|n| format!("{}n{}", d.name, n.params.nsid))
         .collect();
+    let _g = svc.graph.change();
     nvme::detach(svc.graph.nodes(), &svc.rt, &d.name)?;
     svc.graph.unregistered_by_driver(&bdevs);
     Ok(Value::Bool(true))

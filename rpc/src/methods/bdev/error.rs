@@ -34,6 +34,7 @@ fn bdev_error_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "uuid: the error bdev has no UUID of its own",
         ));
     }
+    let _g = svc.graph.change();
     register_bdev(svc, ErrorBdev::new(svc.graph.nodes(), &a.base_name)?)?;
     Ok(Value::Bool(true))
 }
