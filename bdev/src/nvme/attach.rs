@@ -59,6 +59,8 @@ fn check_name(name: &str) -> Result<(), NvmeError> {
 
 /// Attaches a controller reached through `regs` and `dma` (the VFIO path above,
 /// or a software controller in tests), keeping `backend` alive until detach.
+// The registry the namespaces join is handed in (no process-wide one).
+#[allow(clippy::too_many_arguments)]
 pub fn attach_with(
     nodes: &Registry,
     rt: &RuntimeHandle,
