@@ -74,8 +74,12 @@ fn bdev_section(svc: &Service) -> Vec<Value> {
         let mut claimers: Vec<String> = svc
             .graph
             .nodes()
-            .claims(name)
+            .claims_of(name)
             .into_iter()
+            .filter_map(|c| match c.holder {
+                bdev::Holder::Node(n) => Some(n),
+                _ => None,
+            })
             .filter(|c| bdevs.contains_key(c) && c != name)
             .collect();
         claimers.sort();

@@ -26,7 +26,7 @@ use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use args::Args;
 use bdev::device::Device;
-use bdev::Bdev;
+use bdev::{Bdev, Holder};
 use serde_json::{json, Value};
 use spec::Driver;
 use std::sync::Arc;
@@ -143,11 +143,12 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
         // A device is QEMU's block backend, not a node.
         return Err(failed_to_find(name));
     }
-    let claims = state::user_claims(&svc.graph, name);
-    let backend = |c: &String| {
-        c.starts_with("nbd export ")
-            || c.strip_prefix("device ")
-                .is_some_and(|d| !is_raw_node(svc, d))
+    let claims = state::users(&svc.graph, name);
+    // QEMU's block backends: an export's, a device's (a raw node is a node).
+    let backend = |h: &Holder| match h {
+        Holder::Export(_) => true,
+        Holder::Device(d) => !is_raw_node(svc, d),
+        _ => false,
     };
     if claims.iter().any(backend) {
         return Err(RpcError::errno(
@@ -188,15 +189,21 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
 
 /// The image node that reads through `name` as its backing, if any.
 pub(crate) fn backing_user(svc: &Service, name: &str) -> Option<String> {
-    state::user_claims(&svc.graph, name).into_iter().find(|c| {
-        svc.graph
-            .nodes()
-            .get(c)
-            .ok()
-            .and_then(|b| graph::node::image(&b))
-            .and_then(|i| i.backing())
-            .is_some_and(|b| b.name() == name)
-    })
+    state::users(&svc.graph, name)
+        .into_iter()
+        .filter_map(|h| match h {
+            Holder::Node(n) => Some(n),
+            _ => None,
+        })
+        .find(|n| {
+            svc.graph
+                .nodes()
+                .get(n)
+                .ok()
+                .and_then(|b| graph::node::image(&b))
+                .and_then(|i| i.backing())
+                .is_some_and(|b| b.name() == name)
+        })
 }
 
 fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {

@@ -10,13 +10,18 @@ use serde_json::Value;
 pub use graph::monitor::Record;
 
 /// Who uses `name`, the monitor's own claim left out.
-pub fn user_claims(g: &Graph, name: &str) -> Vec<String> {
+pub fn users(g: &Graph, name: &str) -> Vec<Holder> {
     g.nodes()
         .claims_of(name)
         .into_iter()
-        .filter(|c| c.holder != Holder::Monitor)
-        .map(|c| c.holder.to_string())
+        .map(|c| c.holder)
+        .filter(|h| *h != Holder::Monitor)
         .collect()
+}
+
+/// [`users`] as they are shown.
+pub fn user_claims(g: &Graph, name: &str) -> Vec<String> {
+    users(g, name).iter().map(Holder::to_string).collect()
 }
 
 /// Records a new node.
