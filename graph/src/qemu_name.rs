@@ -60,19 +60,21 @@ pub enum QemuNode {
     },
 }
 
-/// Describes a node the management layer created (`None`: not one of its own).
+/// Describes a node the management layer created (`None`: not one of its
+/// own, or not in its graph).
 pub type Describer = Arc<dyn Fn(&Arc<dyn Bdev>) -> Option<QemuNode> + Send + Sync>;
 
-static DESCRIBER: Mutex<Option<Describer>> = Mutex::new(None);
+static DESCRIBERS: Mutex<Vec<Describer>> = Mutex::new(Vec::new());
 
-/// Installs the management layer's describer (the last one wins).
+/// Adds a service's describer: each answers only for the nodes of its own
+/// graph, so services side by side in one process each name their own.
 pub fn register_describer(d: Describer) {
-    *DESCRIBER.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+    DESCRIBERS.lock().unwrap_or_else(|e| e.into_inner()).push(d);
 }
 
 fn registered(b: &Arc<dyn Bdev>) -> Option<QemuNode> {
-    let d = DESCRIBER.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    d.and_then(|d| d(b))
+    let ds = DESCRIBERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    ds.iter().find_map(|d| d(b))
 }
 
 /// The node `b` as QEMU would see it.

@@ -62,6 +62,10 @@ pub fn register(t: &mut MethodTable) {
 /// How QEMU names a `blockdev-add` node (the describer `graph::qemu_name`
 /// asks first).
 pub fn describe_node(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<graph::qemu_name::QemuNode> {
+    // Only this graph's nodes: another service's may have the same name.
+    if !g.nodes().holds(b) {
+        return None;
+    }
     describe::describe(g, b)
 }
 
