@@ -409,12 +409,7 @@ fn create_qcow2(
 pub fn restore_file_node(g: &graph::Graph, rec: &Record) {
     let r = super::spec::parse(&rec.args, "", None)
         .and_then(|spec| open_file_node(&rec.name, &spec))
-        .and_then(|b| Ok(g.register(b)?))
-        .and_then(|_| {
-            Ok(g.nodes()
-                .claim(&rec.name, bdev::Claim::monitor())
-                .map(|_| ())?)
-        });
+        .and_then(|b| Ok(g.register_claimed(b, bdev::Claim::monitor()).map(|_| ())?));
     if let Err(e) = r {
         tracing::error!(node = %rec.name, "reopening the file node: {e}");
         state::forget(g, &rec.name);
