@@ -206,6 +206,7 @@ fn a_failed_open_leaves_no_node_claim_or_lock() {
     let work = TempDir::new("graph-failed-open");
     let f = work.join("a.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&f), "1M"]);
+    let len = std::fs::metadata(&f).expect("stat").len();
     let mut d = Daemon::start(&[]);
     // The image opens, then its device cannot be made (an empty name).
     let e = d.call_err(
@@ -222,6 +223,14 @@ fn a_failed_open_leaves_no_node_claim_or_lock() {
         listed(&mut d)
     );
     assert_announced(&mut d, "a failed open");
+    // A writable open extends the file by the virtual size (1 MiB); the
+    // rollback trims it back to the image's end, as a delete does.
+    let after = std::fs::metadata(&f).expect("stat").len();
+    assert!(
+        after < len + (1 << 20),
+        "the failed open left the file extended: {len} -> {after} bytes"
+    );
+    qemu_img(&["check", "-q", s(&f)]);
     assert!(
         writable_elsewhere(&f),
         "the failed open kept the image lock"

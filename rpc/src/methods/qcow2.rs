@@ -318,6 +318,10 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     );
     if r.is_err() {
         let me = bdev::Holder::Node(node_name.clone());
+        // The file is left as it was found: trimmed back to the image's end.
+        if let Err(e) = close_image(svc, &img) {
+            tracing::error!(node = %node_name, "closing an image whose open failed: {e}");
+        }
         // Top down: the image, its chain, then the file node under it.
         if o.file_node.is_some() && base_name.is_none() && !added.is_empty() {
             let f = added.remove(0);
@@ -384,23 +388,30 @@ struct Delete {
     name: String,
 }
 
+/// Flushes an image node and trims the file its open extended (on its
+/// owner reactor); nothing for other nodes.
+fn close_image(svc: &Service, b: &Arc<dyn Bdev>) -> Result<(), RpcError> {
+    let Some(img) = node::image(b) else {
+        return Ok(());
+    };
+    let b2 = b.clone();
+    svc.rt
+        .spawn_on(img.owner(), move || async move {
+            match b2.as_any().downcast_ref::<Qcow2Bdev>() {
+                Some(q) => q.close().await,
+                None => Ok(()),
+            }
+        })
+        .block()??;
+    Ok(())
+}
+
 /// Flushes and trims an image node, then deletes it and whatever below it
 /// nothing else uses any more (a node made by `blockdev-add` stays: the
 /// monitor owns it).
 pub(crate) fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
     let chain = node::chain(&b);
-    if let Some(img) = node::image(&b) {
-        let owner = img.owner();
-        let b2 = b.clone();
-        svc.rt
-            .spawn_on(owner, move || async move {
-                match b2.as_any().downcast_ref::<Qcow2Bdev>() {
-                    Some(q) => q.close().await,
-                    None => Ok(()),
-                }
-            })
-            .block()??;
-    }
+    close_image(svc, &b)?;
     let mut above: Option<String> = None;
     for n in chain {
         let name = n.name().to_string();
