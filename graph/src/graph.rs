@@ -29,7 +29,9 @@ pub struct Graph {
 }
 
 /// Held while the graph changes (see [`Graph::change`]).
-pub struct ChangeGuard<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
+pub struct ChangeGuard<'a> {
+    _held: MutexGuard<'a, ()>,
+}
 
 impl Graph {
     /// An empty graph over the reactors `rt`, publishing on `events`.
@@ -63,7 +65,9 @@ impl Graph {
     /// export of a node): a change checks names, opens, registers or rolls
     /// back all while holding it. Not re-entrant; never taken on a reactor.
     pub fn change(&self) -> ChangeGuard<'_> {
-        ChangeGuard(self.change.lock().unwrap_or_else(|p| p.into_inner()))
+        ChangeGuard {
+            _held: self.change.lock().unwrap_or_else(|p| p.into_inner()),
+        }
     }
 
     /// [`Graph::change`] for a task on a reactor (a job's final graph
@@ -73,8 +77,12 @@ impl Graph {
     pub async fn change_on_reactor(&self) -> ChangeGuard<'_> {
         loop {
             match self.change.try_lock() {
-                Ok(g) => return ChangeGuard(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => return ChangeGuard(p.into_inner()),
+                Ok(g) => return ChangeGuard { _held: g },
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    return ChangeGuard {
+                        _held: p.into_inner(),
+                    }
+                }
                 Err(std::sync::TryLockError::WouldBlock) => {
                     reactor::sleep(std::time::Duration::from_millis(1)).await
                 }

@@ -111,7 +111,7 @@ fn bdev_section(svc: &Service) -> Vec<Value> {
         }
     }
     if order.len() < bdevs.len() {
-        // Claims cannot form a cycle through the but never lose a bdev.
+        // Claims cannot form a cycle through the registry, but never lose a bdev.
         let placed: BTreeSet<&str> = order.iter().copied().collect();
         let rest: Vec<&str> = bdevs
             .keys()
