@@ -10,11 +10,17 @@
 
 use bdev::dma::DmaBuf;
 use bdev::nvme::{self, CtrlrOpts, NvmeError};
-use bdev::{registry, BdevIo, IoDone, IoStatus, IoType};
+use bdev::{BdevIo, IoDone, IoStatus, IoType};
 use reactor::{CoreSet, Runtime, RuntimeConfig, RuntimeHandle};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 type R<T> = Result<T, String>;
 
@@ -212,12 +218,12 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
         ..CtrlrOpts::default()
     };
 
-    match nv.attach_pcie("Bad", "0000:ff:1f.7", opts.clone()) {
+    match nv.attach_pcie(registry(), "Bad", "0000:ff:1f.7", opts.clone()) {
         Err(e @ NvmeError::NoDevice(_)) => log.push(format!("attach to an absent device: {e}")),
         other => return Err(format!("attach to an absent device: {other:?}")),
     }
     if let Some(o) = other {
-        match nv.attach_pcie("Bad", o, opts.clone()) {
+        match nv.attach_pcie(registry(), "Bad", o, opts.clone()) {
             Err(e @ NvmeError::NotNvme { .. }) => {
                 log.push(format!("attach to a non-NVMe device: {e}"))
             }
@@ -225,7 +231,7 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
         }
     }
     let names = nv
-        .attach_pcie("Nvme0", traddr, opts.clone())
+        .attach_pcie(registry(), "Nvme0", traddr, opts.clone())
         .map_err(|e| format!("attach: {e}"))?;
     let c = nv.controller("Nvme0").ok_or("controller missing")?;
     let b = registry().get(&names[0]).map_err(|e| e.to_string())?;
@@ -265,7 +271,8 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
 
     let job = start_writes(&h, &bn, 0, 100 << 20, 64, 0x12);
     std::thread::sleep(Duration::from_millis(5));
-    nv.detach("Nvme0").map_err(|e| format!("detach: {e}"))?;
+    nv.detach(registry(), "Nvme0")
+        .map_err(|e| format!("detach: {e}"))?;
     let st = job.block().map_err(|e| format!("{e:?}"))?;
     let ok = st.iter().filter(|s| **s == IoStatus::Success).count();
     let aborted = st.iter().filter(|s| **s == IoStatus::Aborted).count();
@@ -282,10 +289,10 @@ fn run(traddr: &str, other: Option<&str>) -> R<Vec<String>> {
     ));
 
     let names = nv
-        .attach_pcie("Nvme0", traddr, opts)
+        .attach_pcie(registry(), "Nvme0", traddr, opts)
         .map_err(|e| format!("re-attach: {e}"))?;
     check_range(&h, &names[0], 80 << 20, 64, 0x77)?;
-    nv.detach("Nvme0")
+    nv.detach(registry(), "Nvme0")
         .map_err(|e| format!("final detach: {e}"))?;
     log.push("re-attach after detach: data written before is there".into());
     rt.shutdown();

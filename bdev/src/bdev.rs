@@ -70,6 +70,13 @@ pub trait Bdev: Send + Sync + 'static {
     }
     /// Creates this reactor's channel. Called on the reactor that will use it.
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError>;
+    /// What the node reads and writes, as QEMU names a protocol node's
+    /// file (a path, `nvme://TRADDR/NSID`); `None` for nodes without one
+    /// (RAM, null, layers over other nodes). Never parsed out of
+    /// [`Bdev::driver_specific`] or [`Bdev::config`].
+    fn filename(&self) -> Option<String> {
+        None
+    }
     /// `driver_specific` of `bdev_get_bdevs`.
     fn driver_specific(&self) -> Value {
         Value::Null

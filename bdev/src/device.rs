@@ -12,10 +12,11 @@
 
 use crate::bdev::{Bdev, Channel, RangeStatusFuture};
 use crate::channel::{channel, IoChannel};
+use crate::claim::{Claim, Holder};
 use crate::deferred::complete_deferred;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoDone, IoStatus, IoType};
-use crate::registry::registry;
+use crate::registry::Registry;
 use crate::stats::IoStats;
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
@@ -30,15 +31,14 @@ use std::task::{Poll, Waker};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Hidden devices (not in the registry) that are still open.
-static HIDDEN: Mutex<Vec<std::sync::Weak<dyn Bdev>>> = Mutex::new(Vec::new());
-
 /// What is shared by every reactor's channel of one device.
 struct Shared {
     id: u64,
     name: String,
-    /// The registry claim held on the current root.
-    claim: String,
+    /// The registry the device's claims live in.
+    nodes: Arc<Registry>,
+    /// Who the device is in the claims it holds on its current root.
+    holder: Holder,
     /// Not registered (an anonymous front door, such as an NBD export's).
     hidden: bool,
     /// Set (under the root lock) once the device let go of its root.
@@ -64,7 +64,7 @@ impl Shared {
     fn close(&self) {
         let g = self.root.lock().unwrap_or_else(|p| p.into_inner());
         self.closed.store(true, Ordering::SeqCst);
-        registry().release(g.name(), &self.claim);
+        self.nodes.release(g.name(), &self.holder);
     }
 }
 
@@ -103,20 +103,20 @@ impl Drop for ClientWatch {
     }
 }
 
-fn claim_name(device: &str) -> String {
-    format!("device {device}")
-}
-
 impl Device {
-    /// A device named `name` over `root`. The root is claimed in the registry
+    /// A device named `name` over `root`. The root is claimed in `nodes`
     /// (when registered there) for as long as it is the device's root.
-    pub fn new(name: &str, root: Arc<dyn Bdev>) -> Result<Arc<Device>, BdevError> {
+    pub fn new(
+        nodes: &Arc<Registry>,
+        name: &str,
+        root: Arc<dyn Bdev>,
+    ) -> Result<Arc<Device>, BdevError> {
         if name.is_empty() {
             return Err(BdevError::InvalidParam(
                 "device name must not be empty".into(),
             ));
         }
-        Self::build(name, claim_name(name), false, root)
+        Self::build(nodes, name, Holder::Device(name.to_string()), false, root)
     }
 
     /// An anonymous device over `root` (QEMU's BlockBackend of an export):
@@ -124,33 +124,38 @@ impl Device {
     /// with its root by a snapshot (see [`Device::hidden_by_root`]). `claim`
     /// is the registry claim it holds on its current root (and its name in
     /// logs). Give it back with [`Device::close_hidden`].
-    pub fn new_hidden(claim: &str, root: Arc<dyn Bdev>) -> Result<Arc<dyn Bdev>, BdevError> {
+    pub fn new_hidden(
+        nodes: &Arc<Registry>,
+        claim: &str,
+        root: Arc<dyn Bdev>,
+    ) -> Result<Arc<dyn Bdev>, BdevError> {
         if claim.is_empty() {
             return Err(BdevError::InvalidParam(
                 "device claim must not be empty".into(),
             ));
         }
-        let d: Arc<dyn Bdev> = Self::build(claim, claim.to_string(), true, root)?;
-        let mut h = HIDDEN.lock().unwrap_or_else(|p| p.into_inner());
-        h.retain(|w| w.strong_count() > 0);
-        h.push(Arc::downgrade(&d));
+        let d: Arc<dyn Bdev> =
+            Self::build(nodes, claim, Holder::Export(claim.to_string()), true, root)?;
+        nodes.add_hidden(&d);
         Ok(d)
     }
 
     fn build(
+        nodes: &Arc<Registry>,
         name: &str,
-        claim: String,
+        holder: Holder,
         hidden: bool,
         root: Arc<dyn Bdev>,
     ) -> Result<Arc<Device>, BdevError> {
-        if registry().contains(root.name()) {
-            registry().claim(root.name(), &claim)?;
+        if nodes.contains(root.name()) {
+            nodes.claim(root.name(), Claim::root(holder.clone(), !root.read_only()))?;
         }
         Ok(Arc::new(Device {
             shared: Arc::new(Shared {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 name: name.to_string(),
-                claim,
+                nodes: nodes.clone(),
+                holder,
                 hidden,
                 closed: AtomicBool::new(false),
                 root: Mutex::new(root),
@@ -168,19 +173,19 @@ impl Device {
         b.as_any().downcast_ref::<Device>()
     }
 
-    /// The registered device whose current root is the bdev named `root`.
-    pub fn find_by_root(root: &str) -> Option<Arc<dyn Bdev>> {
-        registry()
+    /// The device registered in `nodes` whose current root is the bdev named `root`.
+    pub fn find_by_root(nodes: &Registry, root: &str) -> Option<Arc<dyn Bdev>> {
+        nodes
             .list()
             .into_iter()
             .find(|b| Device::from_bdev(b).is_some_and(|d| d.root().name() == root))
     }
 
     /// Every open hidden device whose current root is the bdev named `root`.
-    pub fn hidden_by_root(root: &str) -> Vec<Arc<dyn Bdev>> {
-        let h = HIDDEN.lock().unwrap_or_else(|p| p.into_inner());
-        h.iter()
-            .filter_map(std::sync::Weak::upgrade)
+    pub fn hidden_by_root(nodes: &Registry, root: &str) -> Vec<Arc<dyn Bdev>> {
+        nodes
+            .hidden()
+            .into_iter()
             .filter(|b| {
                 Device::from_bdev(b).is_some_and(|d| {
                     !d.shared.closed.load(Ordering::SeqCst) && d.root().name() == root
@@ -197,10 +202,7 @@ impl Device {
         let Some(d) = Device::from_bdev(b) else {
             return;
         };
-        HIDDEN
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|w| w.strong_count() > 0 && !std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(b)));
+        d.shared.nodes.remove_hidden(b);
         d.shared.close();
         for i in 0..rt.num_reactors() {
             let b = b.clone();
@@ -285,12 +287,15 @@ impl Device {
                 cur.block_size()
             )));
         }
-        let claim = self.shared.claim.clone();
-        if registry().contains(new_root.name()) {
-            registry().claim(new_root.name(), &claim)?;
+        let (nodes, holder) = (&self.shared.nodes, &self.shared.holder);
+        if nodes.contains(new_root.name()) {
+            nodes.claim(
+                new_root.name(),
+                Claim::root(holder.clone(), !new_root.read_only()),
+            )?;
         }
         if let Err(e) = self.quiesce(rt).await {
-            registry().release(new_root.name(), &claim);
+            nodes.release(new_root.name(), holder);
             return Err(e);
         }
         let (old, closed) = {
@@ -302,7 +307,7 @@ impl Device {
         self.resume(rt).await;
         // A device closed meanwhile has released its old root already.
         let release = if closed { &new_root } else { &old };
-        registry().release(release.name(), &claim);
+        nodes.release(release.name(), holder);
         tracing::info!(device = %self.shared.name, from = %old.name(), to = %new_root.name(), "device root switched");
         Ok(old)
     }

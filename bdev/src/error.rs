@@ -12,6 +12,9 @@ pub enum BdevError {
     /// The bdev is in use by a layer above and cannot be deleted or claimed again.
     #[error("bdev {name:?} is in use by {by}")]
     Claimed { name: String, by: String },
+    /// A claim conflicts with the permissions of one already held (QEMU's words).
+    #[error("{0}")]
+    PermissionConflict(String),
     /// A parameter is wrong; the message names it.
     #[error("invalid parameter: {0}")]
     InvalidParam(String),
@@ -63,6 +66,7 @@ impl BdevError {
             BdevError::NotFound(_) => libc::ENODEV,
             BdevError::Exists(_) => libc::EEXIST,
             BdevError::Claimed { .. } => libc::EBUSY,
+            BdevError::PermissionConflict(_) => libc::EPERM,
             BdevError::InvalidParam(_) => libc::EINVAL,
             BdevError::Unsupported(_) => libc::ENOTSUP,
             BdevError::NoMem(_) => libc::ENOMEM,

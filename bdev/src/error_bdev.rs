@@ -9,10 +9,11 @@
 
 use crate::bdev::{Bdev, Channel};
 use crate::channel::{channel, IoChannel};
+use crate::claim::{Claim, Holder};
 use crate::deferred::complete_deferred;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoDone, IoStatus, IoType};
-use crate::registry::registry;
+use crate::registry::Registry;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::any::Any;
@@ -198,6 +199,7 @@ pub struct ErrorBdev {
     name: String,
     base: Arc<dyn Bdev>,
     base_name: String,
+    nodes: Arc<Registry>,
     rules: Arc<Rules>,
     released: AtomicBool,
 }
@@ -205,16 +207,17 @@ pub struct ErrorBdev {
 impl ErrorBdev {
     /// An error bdev over registered bdev `base`, which it claims. The caller
     /// registers it; the claim is released when it is deleted (or dropped).
-    pub fn new(base: &str) -> Result<Arc<ErrorBdev>, BdevError> {
+    pub fn new(nodes: &Arc<Registry>, base: &str) -> Result<Arc<ErrorBdev>, BdevError> {
         let name = format!("EE_{base}");
-        if registry().contains(&name) {
+        if nodes.contains(&name) {
             return Err(BdevError::Exists(name));
         }
-        let b = registry().claim(base, &name)?;
+        let b = nodes.claim(base, Claim::file(Holder::Node(name.clone()), true))?;
         Ok(Arc::new(ErrorBdev {
             name,
             base: b,
             base_name: base.to_string(),
+            nodes: nodes.clone(),
             rules: Arc::new(Rules::default()),
             released: AtomicBool::new(false),
         }))
@@ -295,7 +298,8 @@ impl ErrorBdev {
 
     fn release_base(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
-            registry().release(&self.base_name, &self.name);
+            self.nodes
+                .release(&self.base_name, &Holder::Node(self.name.clone()));
         }
     }
 }

@@ -175,6 +175,17 @@ impl ImageLock {
         Self::on_file(file, path, perms).map(Some)
     }
 
+    /// The creator's lock on a file about to be (re)written from scratch
+    /// (`blockdev-create`, `bdev_qcow2_create`): [`Perms::CREATOR`] through a
+    /// clone of `file`'s descriptor. A file some node holds open, in this
+    /// process or another, is refused with [`BdevError::Locked`].
+    pub fn for_create(file: &File, path: &Path) -> Result<ImageLock, BdevError> {
+        let lf = file
+            .try_clone()
+            .map_err(|e| BdevError::os(format!("locking {}", path.display()), e))?;
+        Self::on_file(lf, path, Perms::CREATOR)
+    }
+
     /// Takes `perms` on `path` through `file` (a descriptor of the caller's,
     /// open for reading), which the lock then owns.
     pub fn on_file(file: File, path: &Path, perms: Perms) -> Result<ImageLock, BdevError> {

@@ -1,32 +1,39 @@
-//! The process-wide registry of named bdevs, with claims.
+//! A registry of named bdevs with typed claims (see [`crate::claim`]).
+//!
+//! There is no process-wide registry: the block graph (`graph::Graph`) owns
+//! one and hands it to the bdevs that claim others by name (a qcow2 image's
+//! backing, an error bdev's base, a device's root, NVMe namespaces), so two
+//! services can live in one process. Registration, lookup and claims are
+//! taken under one mutex; nothing here is on the data path.
 
 use crate::bdev::Bdev;
+use crate::claim::{Claim, Holder};
 use crate::error::BdevError;
 use reactor::RuntimeHandle;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Weak};
 
 struct Entry {
     bdev: Arc<dyn Bdev>,
-    claims: Vec<String>,
+    claims: Vec<Claim>,
 }
 
 /// Named bdevs. A claimed bdev (used by a layer above: a qcow2 image, an
 /// export, a job) cannot be deleted until every claim is released.
+#[derive(Default)]
 pub struct Registry {
     inner: Mutex<BTreeMap<String, Entry>>,
-}
-
-static REGISTRY: OnceLock<Registry> = OnceLock::new();
-
-/// The process-wide registry.
-pub fn registry() -> &'static Registry {
-    REGISTRY.get_or_init(|| Registry {
-        inner: Mutex::new(BTreeMap::new()),
-    })
+    /// Hidden front doors (an export's device) still open: not named, yet
+    /// moved with their root by a snapshot.
+    hidden: Mutex<Vec<Weak<dyn Bdev>>>,
 }
 
 impl Registry {
+    /// An empty registry.
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -70,29 +77,81 @@ impl Registry {
         self.lock().values().map(|e| e.bdev.clone()).collect()
     }
 
-    /// Who claims a bdev.
+    /// Records a hidden front door (see `Device::new_hidden`).
+    pub fn add_hidden(&self, b: &Arc<dyn Bdev>) {
+        let mut h = self.hidden.lock().unwrap_or_else(|p| p.into_inner());
+        h.retain(|w| w.strong_count() > 0);
+        h.push(Arc::downgrade(b));
+    }
+
+    /// Forgets a hidden front door.
+    pub fn remove_hidden(&self, b: &Arc<dyn Bdev>) {
+        self.hidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.strong_count() > 0 && !std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(b)));
+    }
+
+    /// The hidden front doors still alive.
+    pub fn hidden(&self) -> Vec<Arc<dyn Bdev>> {
+        self.hidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Whether `b` itself (not another bdev of its name) is registered.
+    pub fn holds(&self, b: &Arc<dyn Bdev>) -> bool {
+        self.lock()
+            .get(b.name())
+            .is_some_and(|e| std::ptr::addr_eq(Arc::as_ptr(&e.bdev), Arc::as_ptr(b)))
+    }
+
+    /// Who claims a bdev, as they are shown (`bdev_get_bdevs`, errors).
     pub fn claims(&self, name: &str) -> Vec<String> {
+        self.claims_of(name)
+            .iter()
+            .map(|c| c.holder.to_string())
+            .collect()
+    }
+
+    /// The claims on a bdev.
+    pub fn claims_of(&self, name: &str) -> Vec<Claim> {
         self.lock()
             .get(name)
             .map(|e| e.claims.clone())
             .unwrap_or_default()
     }
 
-    /// Records that `by` uses `name`; returns the bdev.
-    pub fn claim(&self, name: &str, by: &str) -> Result<Arc<dyn Bdev>, BdevError> {
+    /// Whether `holder` claims `name`.
+    pub fn is_claimed_by(&self, name: &str, holder: &Holder) -> bool {
+        self.lock()
+            .get(name)
+            .is_some_and(|e| e.claims.iter().any(|c| &c.holder == holder))
+    }
+
+    /// Records `claim` on `name`; returns the bdev. Refused, in QEMU's words
+    /// ([`BdevError::PermissionConflict`]), when it conflicts with a claim
+    /// already held.
+    pub fn claim(&self, name: &str, claim: Claim) -> Result<Arc<dyn Bdev>, BdevError> {
         let mut m = self.lock();
         let e = m
             .get_mut(name)
             .ok_or_else(|| BdevError::NotFound(name.into()))?;
-        e.claims.push(by.to_string());
+        if let Some(msg) = e.claims.iter().find_map(|c| c.conflict(&claim, name)) {
+            return Err(BdevError::PermissionConflict(msg));
+        }
+        e.claims.push(claim);
         Ok(e.bdev.clone())
     }
 
-    /// Releases one claim of `by` on `name` (no error if absent).
-    pub fn release(&self, name: &str, by: &str) {
+    /// Releases one claim of `holder` on `name` (no error if absent).
+    pub fn release(&self, name: &str, holder: &Holder) {
         let mut m = self.lock();
         if let Some(e) = m.get_mut(name) {
-            if let Some(i) = e.claims.iter().position(|c| c == by) {
+            if let Some(i) = e.claims.iter().position(|c| &c.holder == holder) {
                 e.claims.remove(i);
             }
         }
@@ -108,7 +167,12 @@ impl Registry {
         if !e.claims.is_empty() {
             return Err(BdevError::Claimed {
                 name: name.into(),
-                by: e.claims.join(", "),
+                by: e
+                    .claims
+                    .iter()
+                    .map(|c| c.holder.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let e = m

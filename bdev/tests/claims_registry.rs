@@ -2,8 +2,14 @@
 
 use bdev::error_bdev::ErrorBdev;
 use bdev::null::NullBdev;
-use bdev::{channel, read_at, registry, BdevError};
+use bdev::{channel, read_at, BdevError};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 #[test]
 fn claimed_bdev_cannot_be_deleted_until_released() {
@@ -17,7 +23,7 @@ fn claimed_bdev_cannot_be_deleted_until_released() {
         .register(NullBdev::new("claim_base", 64, 512, None).unwrap())
         .unwrap();
     registry()
-        .register(ErrorBdev::new("claim_base").unwrap())
+        .register(ErrorBdev::new(registry(), "claim_base").unwrap())
         .unwrap();
     assert_eq!(
         registry().claims("claim_base"),

@@ -3,11 +3,15 @@
 
 use bdev::error_bdev::{ErrorBdev, InjectParams};
 use bdev::malloc::MallocBdev;
-use bdev::{
-    channel, read_at, registry, simple_io, write_at, Bdev, BdevError, DmaBuf, IoStatus, IoType,
-};
+use bdev::{channel, read_at, simple_io, write_at, Bdev, BdevError, DmaBuf, IoStatus, IoType};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::Arc;
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 fn runtime() -> Runtime {
     Runtime::start(RuntimeConfig {
@@ -21,7 +25,7 @@ fn setup(base: &str) -> (Runtime, Arc<ErrorBdev>) {
     registry()
         .register(MallocBdev::new(base, 256, 512, None).unwrap())
         .unwrap();
-    let e = ErrorBdev::new(base).unwrap();
+    let e = ErrorBdev::new(registry(), base).unwrap();
     registry().register(e.clone()).unwrap();
     (runtime(), e)
 }
@@ -178,11 +182,11 @@ fn bad_parameters_and_claims() {
     assert!(err.to_string().contains("EE_err_b2"), "{err}");
     // A second error bdev over the same base is refused.
     assert!(matches!(
-        ErrorBdev::new("err_b2"),
+        ErrorBdev::new(registry(), "err_b2"),
         Err(BdevError::Exists(_))
     ));
     assert!(matches!(
-        ErrorBdev::new("err_nope"),
+        ErrorBdev::new(registry(), "err_nope"),
         Err(BdevError::NotFound(_))
     ));
     // Deleting the error bdev releases the claim.

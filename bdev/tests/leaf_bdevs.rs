@@ -5,14 +5,20 @@ use bdev::malloc::MallocBdev;
 use bdev::null::NullBdev;
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{
-    channel, read_at, registry, simple_io, submit_wait, write_at, Bdev, BdevIo, DmaBuf, IoDone,
-    IoStatus, IoType,
+    channel, read_at, simple_io, submit_wait, write_at, Bdev, BdevIo, DmaBuf, IoDone, IoStatus,
+    IoType,
 };
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 fn runtime() -> Runtime {
     Runtime::start(RuntimeConfig {

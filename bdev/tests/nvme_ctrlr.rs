@@ -9,11 +9,17 @@ use bdev::nvme::fake::{FakeConfig, FakeNvme, FakeThread};
 use bdev::nvme::mem::{DmaSpace, IdentityDma};
 use bdev::nvme::regs::RegisterIo;
 use bdev::nvme::{CtrlrOpts, NvmeControllers, NvmeError};
-use bdev::{registry, BdevIo, IoStatus};
+use bdev::{BdevIo, IoStatus};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 fn runtime() -> Runtime {
     let n = std::thread::available_parallelism()
@@ -34,7 +40,7 @@ fn fake(cfg: FakeConfig) -> FakeThread {
 fn attach(nv: &NvmeControllers, name: &str, f: &FakeThread, opts: CtrlrOpts) -> Vec<String> {
     let regs: Arc<dyn RegisterIo> = f.regs();
     let dma: Arc<dyn DmaSpace> = Arc::new(IdentityDma::new());
-    nv.attach_with(name, "fake", regs, dma, opts, None)
+    nv.attach_with(registry(), name, "fake", regs, dma, opts, None)
         .expect("attach")
 }
 
@@ -140,7 +146,7 @@ fn attach_io_from_two_reactors_and_namespaces() {
     assert_eq!(got.0, 1);
     assert!(got.1.iter().all(|&x| x == 0x5a));
     assert!(got.2.is_some(), "a read past the end fails");
-    nv.detach("FakeA").unwrap();
+    nv.detach(registry(), "FakeA").unwrap();
     assert!(!registry().contains("FakeAn1") && !registry().contains("FakeAn2"));
     assert!(nv.controllers(Some("FakeA")).is_err());
     // Detached like the kernel driver expects: shut down and disabled.
@@ -189,7 +195,7 @@ fn reset_with_io_in_flight_retries_it() {
             .all(|&x| x == 9u8.wrapping_add(i as u8)));
     }
     assert_eq!(nv.controller("FakeR").unwrap().reset_count(), 1);
-    nv.detach("FakeR").unwrap();
+    nv.detach(registry(), "FakeR").unwrap();
     rt.shutdown();
 }
 
@@ -228,7 +234,7 @@ fn timed_out_command_is_aborted_or_the_controller_reset() {
     assert!(f.disks().lock().unwrap()[0][5 * 4096..6 * 4096]
         .iter()
         .all(|&x| x == 77));
-    nv.detach("FakeT").unwrap();
+    nv.detach(registry(), "FakeT").unwrap();
     rt.shutdown();
 }
 
@@ -249,18 +255,26 @@ fn detach_with_io_in_flight_fails_it_cleanly() {
         faults.io_commands.load(Ordering::Relaxed) >= before + 8
     });
     // A claimed namespace blocks detach.
-    registry().claim("FakeDn1", "test").unwrap();
+    registry()
+        .claim(
+            "FakeDn1",
+            bdev::Claim::root(bdev::Holder::Node("test".into()), false),
+        )
+        .unwrap();
     assert!(matches!(
-        nv.detach("FakeD"),
+        nv.detach(registry(), "FakeD"),
         Err(NvmeError::Bdev(bdev::BdevError::Claimed { .. }))
     ));
-    registry().release("FakeDn1", "test");
-    nv.detach("FakeD").unwrap();
+    registry().release("FakeDn1", &bdev::Holder::Node("test".into()));
+    nv.detach(registry(), "FakeD").unwrap();
     let st = job.block().unwrap();
     assert_eq!(st.len(), 8);
     assert!(st.iter().all(|s| *s == IoStatus::Aborted), "{st:?}");
     assert!(!registry().contains("FakeDn1"));
-    assert!(matches!(nv.detach("FakeD"), Err(NvmeError::NotFound(_))));
+    assert!(matches!(
+        nv.detach(registry(), "FakeD"),
+        Err(NvmeError::NotFound(_))
+    ));
     rt.shutdown();
 }
 
@@ -269,11 +283,11 @@ fn attach_errors_are_clear() {
     let rt = runtime();
     let nv = NvmeControllers::new(rt.handle());
     let e = nv
-        .attach_pcie("X", "not-an-address", CtrlrOpts::default())
+        .attach_pcie(registry(), "X", "not-an-address", CtrlrOpts::default())
         .unwrap_err();
     assert!(matches!(e, NvmeError::BadAddress(_)), "{e}");
     let e = nv
-        .attach_pcie("X", "0000:ff:1f.7", CtrlrOpts::default())
+        .attach_pcie(registry(), "X", "0000:ff:1f.7", CtrlrOpts::default())
         .unwrap_err();
     assert!(
         e.to_string().contains("no PCI device at 0000:ff:1f.7"),
@@ -293,7 +307,7 @@ fn attach_errors_are_clear() {
     if let Some(d) = other {
         let addr = d.file_name().to_string_lossy().into_owned();
         let e = nv
-            .attach_pcie("X", &addr, CtrlrOpts::default())
+            .attach_pcie(registry(), "X", &addr, CtrlrOpts::default())
             .unwrap_err();
         assert!(matches!(e, NvmeError::NotNvme { .. }), "{e}");
         assert!(e.to_string().contains("is not an NVMe controller"), "{e}");
@@ -303,6 +317,7 @@ fn attach_errors_are_clear() {
     let regs: Arc<dyn RegisterIo> = f.regs();
     let e = nv
         .attach_with(
+            registry(),
             "FakeE",
             "fake",
             regs,
@@ -312,7 +327,7 @@ fn attach_errors_are_clear() {
         )
         .unwrap_err();
     assert!(matches!(e, NvmeError::Exists(_)), "{e}");
-    nv.detach("FakeE").unwrap();
+    nv.detach(registry(), "FakeE").unwrap();
     rt.shutdown();
 }
 
@@ -329,7 +344,10 @@ fn controller_tables_are_independent() {
     assert!(b.controllers(None).unwrap().is_empty());
     assert!(b.controller("FakeS").is_none());
     assert!(matches!(b.reset("FakeS"), Err(NvmeError::NotFound(_))));
-    assert!(matches!(b.detach("FakeS"), Err(NvmeError::NotFound(_))));
+    assert!(matches!(
+        b.detach(registry(), "FakeS"),
+        Err(NvmeError::NotFound(_))
+    ));
     assert!(registry().contains(&names[0]), "b's refusal left a's bdev");
     let slow = CtrlrOpts {
         io_timeout: Duration::from_secs(77),
@@ -338,7 +356,7 @@ fn controller_tables_are_independent() {
     b.set_options(slow);
     assert_eq!(b.options().io_timeout, Duration::from_secs(77));
     assert_eq!(a.options().io_timeout, CtrlrOpts::default().io_timeout);
-    a.detach("FakeS").unwrap();
+    a.detach(registry(), "FakeS").unwrap();
     assert!(!registry().contains(&names[0]));
     rt.shutdown();
 }

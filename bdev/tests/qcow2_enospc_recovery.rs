@@ -6,9 +6,15 @@
 use bdev::error_bdev::{ErrorBdev, InjectParams};
 use bdev::malloc::MallocBdev;
 use bdev::qcow2::{create, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
-use bdev::{channel, registry, write_at, Bdev, DmaBuf};
+use bdev::{channel, write_at, Bdev, DmaBuf};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::Arc;
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 /// Fills the image until the base refuses writes, fails `n` more writes, frees
 /// the space and returns whether a further write succeeds.
@@ -23,7 +29,7 @@ fn writes_again_after(n: u64) -> bool {
             let base = format!("enospc{n}");
             let m = MallocBdev::new(&base, 512, 512, None).unwrap();
             registry().register(m as Arc<dyn Bdev>).unwrap();
-            let ee: Arc<dyn Bdev> = ErrorBdev::new(&base).unwrap();
+            let ee: Arc<dyn Bdev> = ErrorBdev::new(registry(), &base).unwrap();
             registry().register(ee.clone()).unwrap();
             let mut o = CreateOptions::new(1 << 20);
             o.cluster_size = 512;

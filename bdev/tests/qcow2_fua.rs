@@ -25,14 +25,20 @@ use bdev::nvme::spec::nvm;
 use bdev::nvme::{self, CtrlrOpts};
 use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
 use bdev::{
-    channel, read_at, registry, simple_io, submit_wait, Bdev, BdevError, BdevIo, Channel, DmaBuf,
-    IoStatus, IoType,
+    channel, read_at, simple_io, submit_wait, Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus,
+    IoType,
 };
 use qcow2_common::runtime;
 use reactor::RuntimeHandle;
 use std::any::Any;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
 
 /// One thing the recording layer saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,7 +437,15 @@ fn qcow2_over_nvme_fua() {
     let dma: Arc<dyn DmaSpace> = Arc::new(IdentityDma::new());
     let nv = nvme::NvmeControllers::new(h.clone());
     let names = nv
-        .attach_with("FuaN", "fake", regs, dma, CtrlrOpts::default(), None)
+        .attach_with(
+            registry(),
+            "FuaN",
+            "fake",
+            regs,
+            dma,
+            CtrlrOpts::default(),
+            None,
+        )
         .expect("attach");
     let ns = registry().get(&names[0]).expect("namespace");
     let nsb = ns.clone();
@@ -504,7 +518,7 @@ fn qcow2_over_nvme_fua() {
     );
     faults.log_io.store(false, Ordering::SeqCst);
     drop(q);
-    let _ = nv.detach("FuaN");
+    let _ = nv.detach(registry(), "FuaN");
 }
 
 #[test]

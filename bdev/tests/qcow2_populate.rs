@@ -10,6 +10,12 @@ use qcow2_common::*;
 use serde_json::Value;
 use std::sync::Arc;
 
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
+
 const K: u64 = 1024;
 const CS: u64 = 64 * K;
 
@@ -176,7 +182,7 @@ fn set_backing_bdev_moves_claims() {
     let mut leaves = Vec::new();
     for (name, b) in [("claims-a", 0xa1u8), ("claims-b", 0xb2u8)] {
         let l = bdev::malloc::MallocBdev::new(name, 2048, 512, None).unwrap();
-        bdev::registry().register(l.clone()).unwrap();
+        registry().register(l.clone()).unwrap();
         let l: Arc<dyn Bdev> = l;
         write(&h, 0, &l, 0, vec![b; 1 << 20]);
         leaves.push(l);
@@ -187,12 +193,13 @@ fn set_backing_bdev_moves_claims() {
         &p,
         OpenOptions {
             backing: BackingSpec::Named("claims-a".into()),
+            nodes: Some(registry().clone()),
             ..opts()
         },
     )
     .expect("open");
     let me = vec!["claims-top".to_string()];
-    assert_eq!(bdev::registry().claims("claims-a"), me);
+    assert_eq!(registry().claims("claims-a"), me);
     let b: Arc<dyn Bdev> = q.clone();
     assert!(read_all(&h, 0, &b, 1 << 20).iter().all(|&x| x == 0xa1));
     let (q2, nb) = (q.clone(), leaves[1].clone());
@@ -203,8 +210,8 @@ fn set_backing_bdev_moves_claims() {
     .block()
     .unwrap()
     .unwrap();
-    assert!(bdev::registry().claims("claims-a").is_empty());
-    assert_eq!(bdev::registry().claims("claims-b"), me);
+    assert!(registry().claims("claims-a").is_empty());
+    assert_eq!(registry().claims("claims-b"), me);
     assert!(read_all(&h, 0, &b, 1 << 20).iter().all(|&x| x == 0xb2));
     // Setting the same backing again changes nothing.
     let (q2, nb) = (q.clone(), leaves[1].clone());
@@ -215,12 +222,12 @@ fn set_backing_bdev_moves_claims() {
     .block()
     .unwrap()
     .unwrap();
-    assert_eq!(bdev::registry().claims("claims-b"), me);
+    assert_eq!(registry().claims("claims-b"), me);
     // The image's own claims go with it.
     bdev::release_channels(&b, &h);
     drop((b, q));
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(bdev::registry().claims("claims-b").is_empty());
+    assert!(registry().claims("claims-b").is_empty());
     // Unlinking releases too.
     let q = open(
         &h,
@@ -228,6 +235,7 @@ fn set_backing_bdev_moves_claims() {
         &p,
         OpenOptions {
             backing: BackingSpec::Named("claims-a".into()),
+            nodes: Some(registry().clone()),
             ..opts()
         },
     )
@@ -237,7 +245,7 @@ fn set_backing_bdev_moves_claims() {
         .block()
         .unwrap()
         .unwrap();
-    assert!(bdev::registry().claims("claims-a").is_empty());
+    assert!(registry().claims("claims-a").is_empty());
     close(&h, &q);
     drop((q, rt));
     assert_eq!(qemu_check(&p).0, 0);

@@ -11,6 +11,12 @@ use reactor::RuntimeHandle;
 use std::path::Path;
 use std::sync::Arc;
 
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
+
 #[derive(Clone)]
 enum Op {
     Write(u64, Vec<u8>),
@@ -430,7 +436,7 @@ fn bound_backing_bdev_and_streaming_helpers() {
     let top2 = d.join("top2.qcow2");
     qemu_img_create(&top2, "1M", &["-u", "-b", "nonexistent.raw", "-F", "raw"]);
     let leaf = bdev::malloc::MallocBdev::new("stream-base", 2048, 512, None).unwrap();
-    bdev::registry().register(leaf.clone()).unwrap();
+    registry().register(leaf.clone()).unwrap();
     let lb: Arc<dyn Bdev> = leaf;
     write(&h, 0, &lb, 0, vec![0x31; 1 << 20]);
     let q = open(
@@ -439,18 +445,16 @@ fn bound_backing_bdev_and_streaming_helpers() {
         &top2,
         OpenOptions {
             backing: BackingSpec::Named("stream-base".into()),
+            nodes: Some(registry().clone()),
             ..opts()
         },
     )
     .expect("open bound");
-    assert_eq!(
-        bdev::registry().claims("stream-base"),
-        vec!["s2".to_string()]
-    );
+    assert_eq!(registry().claims("stream-base"), vec!["s2".to_string()]);
     let b: Arc<dyn Bdev> = q.clone();
     assert!(read_all(&h, 0, &b, 1 << 20).iter().all(|&x| x == 0x31));
     bdev::release_channels(&b, &h);
     drop((b, q));
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(bdev::registry().claims("stream-base").is_empty());
+    assert!(registry().claims("stream-base").is_empty());
 }

@@ -27,6 +27,7 @@ use bdev::device::Device;
 use bdev::error_bdev::ErrorBdev;
 use bdev::malloc::MallocBdev;
 use bdev::null::NullBdev;
+use bdev::nvme::bdev::NvmeBdev;
 use bdev::uring::UringBdev;
 use bdev::Bdev;
 use serde_json::{Map, Value};
@@ -59,19 +60,21 @@ pub enum QemuNode {
     },
 }
 
-/// Describes a node the management layer created (`None`: not one of its own).
-pub type Describer = fn(&Arc<dyn Bdev>) -> Option<QemuNode>;
+/// Describes a node the management layer created (`None`: not one of its
+/// own, or not in its graph).
+pub type Describer = Arc<dyn Fn(&Arc<dyn Bdev>) -> Option<QemuNode> + Send + Sync>;
 
-static DESCRIBER: Mutex<Option<Describer>> = Mutex::new(None);
+static DESCRIBERS: Mutex<Vec<Describer>> = Mutex::new(Vec::new());
 
-/// Installs the management layer's describer (the last one wins).
+/// Adds a service's describer: each answers only for the nodes of its own
+/// graph, so services side by side in one process each name their own.
 pub fn register_describer(d: Describer) {
-    *DESCRIBER.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+    DESCRIBERS.lock().unwrap_or_else(|e| e.into_inner()).push(d);
 }
 
 fn registered(b: &Arc<dyn Bdev>) -> Option<QemuNode> {
-    let d = *DESCRIBER.lock().unwrap_or_else(|e| e.into_inner());
-    d.and_then(|d| d(b))
+    let ds = DESCRIBERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    ds.iter().find_map(|d| d(b))
 }
 
 /// The node `b` as QEMU would see it.
@@ -133,14 +136,13 @@ fn describe_as(b: &Arc<dyn Bdev>, as_file: bool) -> QemuNode {
         let image = to_qdict(&describe(e.base()));
         return options("error", [("image", Value::Object(image))]);
     }
-    let ds = b.driver_specific();
-    if let (Some(traddr), Some(nsid)) = (
-        ds.pointer("/nvme/0/trid/traddr").and_then(Value::as_str),
-        ds.pointer("/nvme/0/ns_data/id").and_then(Value::as_u64),
-    ) {
-        return protocol("nvme", format!("nvme://{traddr}/{nsid}"));
+    if any.downcast_ref::<NvmeBdev>().is_some() {
+        if let Some(f) = b.filename() {
+            return protocol("nvme", f);
+        }
     }
-    let driver = ds
+    let driver = b
+        .driver_specific()
         .as_object()
         .and_then(|o| o.keys().next().cloned())
         .unwrap_or_else(|| "sluice".into());

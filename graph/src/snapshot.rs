@@ -4,9 +4,10 @@
 //! this is a live block copy.
 
 use crate::node;
+use crate::Graph;
 use bdev::device::Device;
 use bdev::qcow2::{self, BackingSpec, CreateOptions, OpenOptions, Qcow2Bdev};
-use bdev::{registry, Bdev, BdevError};
+use bdev::{Bdev, BdevError, Claim, Holder};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,8 +82,9 @@ pub fn check_outside_chain(root: &Arc<dyn Bdev>, target: &Path) -> Result<(), Sn
 
 /// The device named `name` and its reactor of choice for the overlay (the
 /// current root's owner, so the chain's metadata stays on one reactor).
-pub fn device_and_owner(name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotError> {
-    let b = registry()
+pub fn device_and_owner(g: &Graph, name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotError> {
+    let b = g
+        .nodes()
         .get(name)
         .map_err(|_| SnapshotError::DeviceNotFound(name.into()))?;
     let d = Device::from_bdev(&b).ok_or_else(|| SnapshotError::DeviceNotFound(name.into()))?;
@@ -92,8 +94,8 @@ pub fn device_and_owner(name: &str) -> Result<(Arc<dyn Bdev>, usize), SnapshotEr
 
 /// Takes the snapshot; returns the overlay's node name. Run on a reactor (it
 /// becomes the overlay's owner).
-pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
-    let (dev_bdev, _) = device_and_owner(&req.device)?;
+pub async fn snapshot(g: &Graph, req: SnapshotRequest) -> Result<String, SnapshotError> {
+    let (dev_bdev, _) = device_and_owner(g, &req.device)?;
     let dev = Device::from_bdev(&dev_bdev)
         .ok_or_else(|| SnapshotError::DeviceNotFound(req.device.clone()))?;
     let rt = reactor::handle()
@@ -107,7 +109,7 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
             NEXT_SNAP.fetch_add(1, Ordering::Relaxed)
         ),
     };
-    if registry().contains(&node_name) {
+    if g.nodes().contains(&node_name) {
         return Err(SnapshotError::Invalid(format!(
             "Duplicate nodes with node-name='{node_name}'"
         )));
@@ -119,12 +121,13 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
     };
     let open_opts = OpenOptions {
         backing: BackingSpec::Bdev(root.clone()),
+        nodes: Some(g.nodes().clone()),
         direct: req.direct,
         ..OpenOptions::default()
     };
-    let overlay: Arc<Qcow2Bdev> = match registry().get(&req.target) {
+    let overlay: Arc<Qcow2Bdev> = match g.nodes().get(&req.target) {
         Ok(target) if !Path::new(&req.target).exists() => {
-            if !registry().claims(&req.target).is_empty() {
+            if !g.nodes().claims(&req.target).is_empty() {
                 return Err(SnapshotError::Invalid(format!(
                     "bdev '{}' is in use",
                     req.target
@@ -137,7 +140,10 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
                 qcow2::create(target.clone(), &opts).await?;
             }
             let q = Qcow2Bdev::open(&node_name, target, open_opts).await?;
-            registry().claim(&req.target, &node_name)?;
+            g.nodes().claim(
+                &req.target,
+                Claim::file(Holder::Node(node_name.clone()), true),
+            )?;
             q
         }
         _ => {
@@ -166,13 +172,17 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
         )));
     }
     let overlay: Arc<dyn Bdev> = overlay;
-    registry().register(overlay.clone())?;
-    if registry().contains(root.name()) {
-        let _ = registry().claim(root.name(), &node_name);
+    let me = Holder::Node(node_name.clone());
+    if let Err(e) = g.register(overlay.clone()) {
+        g.nodes().release(&req.target, &me);
+        return Err(e.into());
+    }
+    if g.nodes().contains(root.name()) {
+        let _ = g.nodes().claim(root.name(), Claim::backing(me.clone()));
     }
     if let Err(e) = dev.swap_root(&rt, overlay.clone()).await {
-        registry().release(root.name(), &node_name);
-        let _ = registry().unregister(&node_name);
+        g.nodes().release(root.name(), &me);
+        let _ = g.delete_from_reactor(&node_name);
         return Err(e.into());
     }
     lower_to_backing(&root);
@@ -183,24 +193,26 @@ pub async fn snapshot(req: SnapshotRequest) -> Result<String, SnapshotError> {
 /// `blockdev-snapshot`: puts the existing image node `overlay` (opened without
 /// a backing file) on top of the device whose root is `node`.
 pub async fn snapshot_existing_node(
+    g: &Graph,
     node_name: &str,
     overlay_name: &str,
 ) -> Result<(), SnapshotError> {
     let rt = reactor::handle()
         .ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
-    let base = registry()
+    let base = g
+        .nodes()
         .get(node_name)
         .map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
     let dev_bdev = match Device::from_bdev(&base) {
         Some(_) => base.clone(),
-        None => Device::find_by_root(node_name).ok_or_else(|| {
+        None => Device::find_by_root(g.nodes(), node_name).ok_or_else(|| {
             SnapshotError::Invalid(format!("Node '{node_name}' is not the root of a device"))
         })?,
     };
     let dev = Device::from_bdev(&dev_bdev)
         .ok_or_else(|| SnapshotError::DeviceNotFound(node_name.into()))?;
     let root = dev.root();
-    let overlay = attach_overlay(&root, overlay_name).await?;
+    let overlay = attach_overlay(g, &root, overlay_name).await?;
     dev.swap_root(&rt, overlay).await?;
     lower_to_backing(&root);
     Ok(())
@@ -212,16 +224,18 @@ pub async fn snapshot_existing_node(
 /// export's) is moved onto the overlay. The caller has checked that nothing
 /// else uses the node.
 pub async fn snapshot_existing_plain(
+    g: &Graph,
     node_name: &str,
     overlay_name: &str,
 ) -> Result<(), SnapshotError> {
     let rt = reactor::handle()
         .ok_or_else(|| SnapshotError::Invalid("snapshots are taken on a reactor".into()))?;
-    let root = registry()
+    let root = g
+        .nodes()
         .get(node_name)
         .map_err(|_| SnapshotError::DeviceNotFound(node_name.into()))?;
-    let overlay = attach_overlay(&root, overlay_name).await?;
-    move_hidden(&rt, node_name, &overlay).await?;
+    let overlay = attach_overlay(g, &root, overlay_name).await?;
+    move_hidden(g, &rt, node_name, &overlay).await?;
     lower_to_backing(&root);
     Ok(())
 }
@@ -234,7 +248,7 @@ pub async fn snapshot_existing_plain(
 /// in between. Other processes may then read the file (`qemu-img info`,
 /// `qemu-io -r`, another sluice's backing file). What writes a backing file
 /// takes the writer's lock back for the moment: a stream into it and
-/// `change-backing-file` ([`raise_for_write`]), trimming its file at close
+/// `change-backing-file` ([`crate::lock::WriterLock`]), trimming its file at close
 /// (`Qcow2Bdev::trim_file`).
 pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
     use bdev::lock::{Perms, PERM_WRITE};
@@ -250,34 +264,17 @@ pub fn lower_to_backing(old_top: &Arc<dyn Bdev>) {
     }
 }
 
-/// Before something writes a backing file (a stream into it, a new backing
-/// file name in its header): a qcow2 image that holds a reader's lock takes
-/// a writer's in place, as QEMU reopens such a node read-write for the
-/// moment; [`lower_to_backing`] gives it back. Another process reading the
-/// file refuses it with QEMU's lock error. Returns whether it did.
-pub fn raise_for_write(node: &Arc<dyn Bdev>) -> Result<bool, BdevError> {
-    use bdev::lock::{Perms, PERM_WRITE};
-    let Some(q) = node.as_any().downcast_ref::<Qcow2Bdev>() else {
-        return Ok(false);
-    };
-    match q.lock_perms() {
-        Some(p) if p.perm & PERM_WRITE == 0 && !q.read_only() => {
-            q.set_lock_perms(Perms::WRITER).map(|_| true)
-        }
-        _ => Ok(false),
-    }
-}
-
 /// Moves every hidden device whose root is `node_name` onto `overlay` (each
 /// swap quiesced as a device's always is); returns how many moved. Run on a
 /// reactor.
 pub async fn move_hidden(
+    g: &Graph,
     rt: &reactor::RuntimeHandle,
     node_name: &str,
     overlay: &Arc<dyn Bdev>,
 ) -> Result<usize, SnapshotError> {
     let mut n = 0;
-    for b in Device::hidden_by_root(node_name) {
+    for b in Device::hidden_by_root(g.nodes(), node_name) {
         if let Some(d) = Device::from_bdev(&b) {
             d.swap_root(rt, overlay.clone()).await?;
             tracing::info!(export = %b.name(), from = %node_name, to = %overlay.name(), "moved onto the snapshot overlay");
@@ -291,10 +288,12 @@ pub async fn move_hidden(
 /// its header names `root`'s file as the backing file, reads fall through to
 /// `root`, which the overlay claims.
 async fn attach_overlay(
+    g: &Graph,
     root: &Arc<dyn Bdev>,
     overlay_name: &str,
 ) -> Result<Arc<dyn Bdev>, SnapshotError> {
-    let overlay = registry()
+    let overlay = g
+        .nodes()
         .get(overlay_name)
         .map_err(|_| SnapshotError::DeviceNotFound(overlay_name.into()))?;
     let img = node::image(&overlay).ok_or_else(|| {

@@ -4,7 +4,6 @@
 use crate::job::{Job, JobManager, JobStatus, JobType};
 use crate::stream_job::{self, StreamError, StreamParams, Tuning};
 use bdev::device::Device;
-use bdev::registry;
 use graph::node;
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
@@ -43,8 +42,9 @@ fn stream_on(mgr: &JobManager, device: &str) -> Option<Arc<Job>> {
         .find(|j| active(j) && j.spec().device == device)
 }
 
-fn device_root(device: &str) -> Result<Arc<dyn bdev::Bdev>, LegacyError> {
-    let b = registry()
+fn device_root(g: &graph::Graph, device: &str) -> Result<Arc<dyn bdev::Bdev>, LegacyError> {
+    let b = g
+        .nodes()
         .get(device)
         .map_err(|_| LegacyError::DeviceNotFound(device.into()))?;
     Device::from_bdev(&b)
@@ -54,13 +54,14 @@ fn device_root(device: &str) -> Result<Arc<dyn bdev::Bdev>, LegacyError> {
 
 /// `block_stream`: starts streaming `device` (down to `base`) and returns at once.
 pub fn block_stream(
+    g: &Arc<graph::Graph>,
     mgr: &JobManager,
     rt: &RuntimeHandle,
     device: &str,
     base: Option<String>,
     tuning: Tuning,
 ) -> Result<(), LegacyError> {
-    let root = device_root(device)?;
+    let root = device_root(g, device)?;
     if stream_on(mgr, device).is_some() {
         return Err(LegacyError::DeviceInUse(device.into()));
     }
@@ -74,7 +75,7 @@ pub fn block_stream(
         legacy: true,
         ..Default::default()
     };
-    stream_job::start(mgr, rt, p, tuning).map_err(|e| match e {
+    stream_job::start(g, mgr, rt, p, tuning).map_err(|e| match e {
         StreamError::Job(crate::job::JobError::IdInUse(_))
         | StreamError::Job(crate::job::JobError::NodeBusy { .. }) => {
             LegacyError::DeviceInUse(device.into())
@@ -87,10 +88,11 @@ pub fn block_stream(
 /// `block_stream_cancel`: stops the stream on `device`; resolves (through the
 /// returned receiver) once the job has stopped. The image keeps its backing file.
 pub fn block_stream_cancel(
+    g: &graph::Graph,
     mgr: &JobManager,
     device: &str,
 ) -> Result<futures::channel::oneshot::Receiver<()>, LegacyError> {
-    device_root(device)?;
+    device_root(g, device)?;
     let job = stream_on(mgr, device).ok_or_else(|| LegacyError::DeviceNotActive(device.into()))?;
     if job.is_cancelled() {
         return Err(LegacyError::DeviceInUse(device.into()));

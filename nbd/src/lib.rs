@@ -9,7 +9,7 @@
 //! - Listeners accept on the main reactor; each connection is a local task on
 //!   one reactor (round-robin), parked on its socket's readiness ([`net`]).
 //! - An export holds its bdev (a device keeps its identity across snapshot and
-//!   stream switches), claims it in the registry, and counts its connections.
+//!   stream switches), claims it in the graph's registry, and counts its connections.
 
 pub mod addr;
 mod conn;

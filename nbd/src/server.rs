@@ -441,8 +441,12 @@ impl NbdServer {
             .unwrap_or(0)
     }
 
-    /// Exports `cfg.node` (a bdev or device in the registry), claiming it.
-    pub fn add_export(&self, cfg: ExportConfig) -> Result<(), NbdError> {
+    /// Exports `cfg.node` (a bdev or device in `nodes`), claiming it.
+    pub fn add_export(
+        &self,
+        nodes: &Arc<bdev::Registry>,
+        cfg: ExportConfig,
+    ) -> Result<(), NbdError> {
         let inst = self.current().ok_or(NbdError::NotRunning)?;
         if cfg.id.is_empty() {
             return Err(NbdError::Invalid("id: must not be empty".into()));
@@ -459,25 +463,27 @@ impl NbdServer {
         {
             return Err(NbdError::NameInUse(cfg.name));
         }
-        let bdev = bdev::registry().get(&cfg.node)?;
+        let bdev = nodes.get(&cfg.node)?;
         if cfg.writable && bdev.read_only() {
             return Err(NbdError::ReadOnlyNode(cfg.node));
         }
         let claim = format!("nbd export {}", cfg.id);
+        let holder = bdev::Holder::Export(claim.clone());
         // A plain node is exported through a hidden device over it (QEMU's
         // export BlockBackend), which a snapshot of the node moves onto the
         // overlay; a device (or raw node) is exported as it is.
         let hidden = Device::from_bdev(&bdev).is_none();
         let bdev = if hidden {
-            Device::new_hidden(&claim, bdev)?
+            Device::new_hidden(nodes, &claim, bdev)?
         } else {
-            bdev::registry().claim(&cfg.node, &claim)?;
+            nodes.claim(&cfg.node, bdev::Claim::root(holder.clone(), cfg.writable))?;
             bdev
         };
         let weak = Arc::downgrade(&inst);
         let (id, node) = (cfg.id.clone(), cfg.node.clone());
         let events = inst.events.clone();
         let (exported, rt) = (bdev.clone(), inst.rt.clone());
+        let nodes = nodes.clone();
         let on_gone = Box::new(move || {
             if let Some(i) = weak.upgrade() {
                 i.exports
@@ -488,7 +494,7 @@ impl NbdServer {
             if hidden {
                 Device::close_hidden(&exported, &rt);
             } else {
-                bdev::registry().release(&node, &claim);
+                nodes.release(&node, &holder);
             }
             tracing::info!(id = %id, "NBD export deleted");
             if let Some(ev) = events {

@@ -11,6 +11,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// This test process's registry (a service's graph owns one).
+fn registry() -> &'static Arc<bdev::Registry> {
+    static R: std::sync::OnceLock<Arc<bdev::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(bdev::Registry::new)
+}
+
 const MIB: u64 = 1 << 20;
 
 /// A RAM bdev whose second MiB is a hole (unallocated, reads as zeroes).
@@ -131,7 +137,7 @@ fn map_reports_holes_from_range_status() {
     let rt = runtime("0");
     let dir = tmpdir("map");
     let name = format!("holey{}", N.fetch_add(1, Ordering::Relaxed));
-    bdev::registry()
+    registry()
         .register(Arc::new(HoleyBdev {
             name: name.clone(),
             data: Arc::new(Mutex::new(Vec::new())),
@@ -154,7 +160,7 @@ fn map_reports_holes_from_range_status() {
         writable: false,
         writethrough: false,
     };
-    srv.add_export(cfg).expect("export");
+    srv.add_export(registry(), cfg).expect("export");
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
     let map = run("nbdinfo", &["--map", &uri]);
     let rows: Vec<Vec<String>> = map
@@ -174,14 +180,14 @@ fn map_reports_holes_from_range_status() {
     assert_eq!(hole["data"], false, "{j}");
     assert_eq!(hole["zero"], true, "{j}");
     // The claim keeps the bdev while exported, and goes with the export.
-    assert!(bdev::registry().unregister(&name).is_err());
+    assert!(registry().unregister(&name).is_err());
     // The client has exited; the server notices its hang-up asynchronously,
     // and a safe delete gives it that moment instead of failing.
     srv.del_export(&name, false).expect("del");
     assert!(srv.exports().is_empty());
     srv.shutdown(std::time::Duration::from_secs(2));
     assert!(!sock.exists(), "socket file removed on stop");
-    bdev::registry()
+    registry()
         .unregister(&name)
         .expect("unclaimed after export removal");
     rt.shutdown();
@@ -223,13 +229,14 @@ fn export_follows_device_root_switches_under_io() {
                 None,
             )
             .expect("malloc");
-            bdev::registry().register(b.clone()).expect("register");
+            registry().register(b.clone()).expect("register");
             b
         })
         .collect();
-    let dev = bdev::device::Device::new(&format!("dev{k}"), roots[0].clone()).expect("device");
+    let dev = bdev::device::Device::new(registry(), &format!("dev{k}"), roots[0].clone())
+        .expect("device");
     let dev_bdev: Arc<dyn Bdev> = dev.clone();
-    bdev::registry()
+    registry()
         .register(dev_bdev.clone())
         .expect("register device");
     let srv = NbdServer::default();
@@ -242,14 +249,17 @@ fn export_follows_device_root_switches_under_io() {
     )
     .expect("start");
     let name = dev_bdev.name().to_string();
-    srv.add_export(ExportConfig {
-        id: name.clone(),
-        node: name.clone(),
-        name: name.clone(),
-        description: String::new(),
-        writable: true,
-        writethrough: false,
-    })
+    srv.add_export(
+        registry(),
+        ExportConfig {
+            id: name.clone(),
+            node: name.clone(),
+            name: name.clone(),
+            description: String::new(),
+            writable: true,
+            writethrough: false,
+        },
+    )
     .expect("export");
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
     // fio writes with checksums and verifies them as it goes (and at the end),

@@ -9,7 +9,7 @@ use super::job::{Job, JobResult, JobSpec};
 use super::options::RunOptions;
 use super::{report, PerfError};
 use bdev::device::Device;
-use bdev::{registry, Bdev, BdevError, IoType};
+use bdev::{Bdev, BdevError, IoType};
 use reactor::{CoreSet, RuntimeHandle};
 use serde_json::Value;
 use std::sync::Arc;
@@ -37,12 +37,17 @@ pub struct Outcome {
 
 /// Runs `opts` on the reactors of `h`; blocks the calling thread (never call
 /// it on a reactor) until every job has finished.
-pub fn run(h: &RuntimeHandle, opts: &RunOptions, claimed: Claimed) -> Result<Outcome, PerfError> {
+pub fn run(
+    nodes: &Arc<bdev::Registry>,
+    h: &RuntimeHandle,
+    opts: &RunOptions,
+    claimed: Claimed,
+) -> Result<Outcome, PerfError> {
     opts.validate()?;
     let reactors = reactors(h, opts.cpumask.as_deref())?;
-    let targets = targets(opts)?;
-    let specs = plan(opts, &targets, &reactors, h, claimed)?;
-    let results = run_jobs(specs, &reactors, h)?;
+    let targets = targets(nodes, opts)?;
+    let specs = plan(nodes, opts, &targets, &reactors, h, claimed)?;
+    let results = run_jobs(nodes, specs, &reactors, h)?;
     Ok(summarize(results, opts.continue_on_failure))
 }
 
@@ -83,17 +88,17 @@ fn reactors(h: &RuntimeHandle, mask: Option<&str>) -> Result<Vec<usize>, PerfErr
         .collect()
 }
 
-fn targets(opts: &RunOptions) -> Result<Vec<Arc<dyn Bdev>>, PerfError> {
+fn targets(nodes: &bdev::Registry, opts: &RunOptions) -> Result<Vec<Arc<dyn Bdev>>, PerfError> {
     let list: Vec<Arc<dyn Bdev>> = if opts.bdevs.is_empty() {
-        registry()
+        nodes
             .list()
             .into_iter()
-            .filter(|b| registry().claims(b.name()).is_empty())
+            .filter(|b| nodes.claims(b.name()).is_empty())
             .collect()
     } else {
         opts.bdevs
             .iter()
-            .map(|n| registry().get(n))
+            .map(|n| nodes.get(n))
             .collect::<Result<_, _>>()?
     };
     if list.is_empty() {
@@ -115,7 +120,12 @@ fn needed_io_types(w: Workload) -> &'static [IoType] {
     }
 }
 
-fn check_target(opts: &RunOptions, b: &Arc<dyn Bdev>, claimed: Claimed) -> Result<(), PerfError> {
+fn check_target(
+    nodes: &bdev::Registry,
+    opts: &RunOptions,
+    b: &Arc<dyn Bdev>,
+    claimed: Claimed,
+) -> Result<(), PerfError> {
     let bs = b.block_size() as u64;
     if !opts.io_size.is_multiple_of(bs) {
         return Err(PerfError::Args(format!(
@@ -145,7 +155,7 @@ fn check_target(opts: &RunOptions, b: &Arc<dyn Bdev>, claimed: Claimed) -> Resul
     }
     // A device is a front door shared by its clients (exports, jobs): writing
     // through it is what it is for. Any other claimed bdev is part of something.
-    let claims = registry().claims(b.name());
+    let claims = nodes.claims(b.name());
     if claimed == Claimed::RefuseWrites
         && writes(opts.workload)
         && !claims.is_empty()
@@ -163,6 +173,7 @@ fn check_target(opts: &RunOptions, b: &Arc<dyn Bdev>, claimed: Claimed) -> Resul
 
 /// One job per reactor per bdev, each on an equal, disjoint share of the range.
 fn plan(
+    nodes: &bdev::Registry,
     opts: &RunOptions,
     targets: &[Arc<dyn Bdev>],
     reactors: &[usize],
@@ -174,7 +185,7 @@ fn plan(
     let run_ticks = (opts.time_in_sec * reactor::ticks_hz() as f64) as u64;
     let mut specs = Vec::new();
     for b in targets {
-        check_target(opts, b, claimed)?;
+        check_target(nodes, opts, b, claimed)?;
         let (start, end) = opts.range(b.name(), b.size())?;
         let region_ios = (end - start) / n / opts.io_size;
         if region_ios == 0 {
@@ -208,6 +219,7 @@ fn plan(
 }
 
 fn run_jobs(
+    nodes: &Arc<bdev::Registry>,
     specs: Vec<JobSpec>,
     reactors: &[usize],
     h: &RuntimeHandle,
@@ -215,6 +227,7 @@ fn run_jobs(
     let mut handles = Vec::new();
     for &r in reactors {
         let mine: Vec<JobSpec> = specs.iter().filter(|s| s.reactor == r).cloned().collect();
+        let nodes = nodes.clone();
         handles.push(h.spawn_on(r, move || async move {
             let mut rxs = Vec::new();
             let mut jobs = Vec::new();
@@ -224,7 +237,7 @@ fn run_jobs(
                     bdev: name.clone(),
                     msg: e.to_string(),
                 };
-                let b = registry().get(&spec.bdev).map_err(err)?;
+                let b = nodes.get(&spec.bdev).map_err(err)?;
                 let ch = bdev::channel(&b).map_err(err)?;
                 let (job, rx) = Job::new(spec, ch).map_err(err)?;
                 jobs.push(job);

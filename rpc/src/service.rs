@@ -30,6 +30,9 @@ pub struct Service {
     pub runtime_dir: PathBuf,
     /// The method table (set once at start-up).
     pub table: OnceLock<Arc<MethodTable>>,
+    /// The block graph: every node, its claims, the monitor's records, the
+    /// serialisation of graph changes (publishes on `events`).
+    pub graph: Arc<graph::Graph>,
     /// Block jobs (they publish on `events`).
     pub jobs: jobs::job::JobManager,
     /// The NBD server (`nbd-server-start`, `block-export-add`, `--nbd-listen`).
@@ -43,9 +46,16 @@ impl Service {
     /// A service over running reactors.
     pub fn new(rt: RuntimeHandle, runtime_dir: PathBuf, stop: Sender<StopReason>) -> Arc<Self> {
         let events = EventBus::default();
-        publish_corruption(&events);
+        let graph = graph::Graph::new(rt.clone(), events.clone());
+        publish_corruption(&graph);
+        let weak = Arc::downgrade(&graph);
+        graph::qemu_name::register_describer(Arc::new(move |b| {
+            weak.upgrade()
+                .and_then(|g| crate::methods::blockdev::describe_node(&g, b))
+        }));
         Arc::new(Self {
             nvme: bdev::nvme::NvmeControllers::new(rt.clone()),
+            graph,
             rt,
             jobs: jobs::job::JobManager::new(events.clone()),
             nbd: nbd::NbdServer::default(),
@@ -71,10 +81,11 @@ impl Service {
 
 /// Publishes QEMU's `BLOCK_IMAGE_CORRUPTED` on `events` for every qcow2 image
 /// found corrupt (`device`: the device whose root the image is, else `""`).
-fn publish_corruption(events: &EventBus) {
-    let events = events.clone();
+fn publish_corruption(g: &Arc<graph::Graph>) {
+    let events = g.events().clone();
+    let nodes = g.nodes().clone();
     bdev::qcow2::on_corruption(move |c| {
-        let device = bdev::device::Device::find_by_root(&c.node)
+        let device = bdev::device::Device::find_by_root(&nodes, &c.node)
             .map(|d| d.name().to_string())
             .unwrap_or_default();
         let mut data = serde_json::json!({

@@ -5,6 +5,12 @@ use crate::{read_at, write_at, DmaBuf};
 use reactor::{CoreSet, Runtime, RuntimeConfig};
 use std::sync::atomic::AtomicU64;
 
+/// This test process's registry (the graph hands one down in the service).
+fn registry() -> &'static std::sync::Arc<crate::Registry> {
+    static R: std::sync::OnceLock<std::sync::Arc<crate::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(crate::Registry::new)
+}
+
 /// A RAM bdev for these tests: completes on the next reactor iteration and
 /// counts the writes it took.
 struct Ram {
@@ -91,7 +97,12 @@ fn swap_under_load_loses_nothing() {
     let h = rt.handle();
     let a = ram("dev-test-a", 1 << 20);
     let b = ram("dev-test-b", 1 << 20);
-    let dev = Device::new("dev-test", registry().get("dev-test-a").unwrap()).unwrap();
+    let dev = Device::new(
+        registry(),
+        "dev-test",
+        registry().get("dev-test-a").unwrap(),
+    )
+    .unwrap();
     let dev_bdev: Arc<dyn Bdev> = dev.clone();
     registry().register(dev_bdev.clone()).unwrap();
     assert_eq!(

@@ -4,15 +4,15 @@
 //! The table is a value, [`NvmeControllers`], that its owner (the RPC service)
 //! passes where it is needed; it also holds the options `bdev_nvme_set_options`
 //! sets for later attaches. No process-wide state: two services in one process
-//! each have their own controllers (their namespace bdevs still share the bdev
-//! registry's names).
+//! each have their own controllers, whose namespace bdevs join the registry
+//! handed to `attach_*`.
 
 use super::bdev::NvmeBdev;
 use super::ctrlr::{Controller, CtrlrOpts, CtrlrState};
 use super::error::NvmeError;
 use super::mem::DmaSpace;
 use super::regs::RegisterIo;
-use crate::registry;
+use crate::Registry;
 use reactor::RuntimeHandle;
 use serde::Serialize;
 use std::any::Any;
@@ -65,6 +65,7 @@ impl NvmeControllers {
     /// calling thread, which must not be a reactor.
     pub fn attach_pcie(
         &self,
+        nodes: &Registry,
         name: &str,
         traddr: &str,
         opts: CtrlrOpts,
@@ -79,7 +80,7 @@ impl NvmeControllers {
         }
         let dev = super::vfio::VfioNvme::open(&addr)?;
         let (regs, dma) = (dev.regs(), dev.dma());
-        self.attach_with(name, &addr, regs, dma, opts, Some(Box::new(dev)))
+        self.attach_with(nodes, name, &addr, regs, dma, opts, Some(Box::new(dev)))
     }
 
     fn check_name(&self, name: &str) -> Result<(), NvmeError> {
@@ -96,8 +97,11 @@ impl NvmeControllers {
 
     /// Attaches a controller reached through `regs` and `dma` (the VFIO path above,
     /// or a software controller in tests), keeping `backend` alive until detach.
+    // The registry the namespaces join is handed in (no process-wide one).
+    #[allow(clippy::too_many_arguments)]
     pub fn attach_with(
         &self,
+        nodes: &Registry,
         name: &str,
         traddr: &str,
         regs: Arc<dyn RegisterIo>,
@@ -111,9 +115,9 @@ impl NvmeControllers {
         for (i, ns) in ctrlr.namespaces().iter().enumerate() {
             let b = Arc::new(NvmeBdev::new(ctrlr.clone(), ns.clone(), i == 0));
             let bname = crate::Bdev::name(b.as_ref()).to_string();
-            if let Err(e) = registry().register(b) {
+            if let Err(e) = nodes.register(b) {
                 for n in &names {
-                    let _ = registry().delete(n, &self.rt);
+                    let _ = nodes.delete(n, &self.rt);
                 }
                 ctrlr.shutdown();
                 return Err(e.into());
@@ -124,7 +128,7 @@ impl NvmeControllers {
         if t.contains_key(name) {
             drop(t);
             for n in &names {
-                let _ = registry().delete(n, &self.rt);
+                let _ = nodes.delete(n, &self.rt);
             }
             ctrlr.shutdown();
             return Err(NvmeError::Exists(name.into()));
@@ -137,7 +141,7 @@ impl NvmeControllers {
     /// Detaches controller `name`: deletes its namespace bdevs (refused while a
     /// layer above claims one), fails I/O still in flight with `Aborted`, shuts the
     /// controller down and releases the device. Blocks the calling (non-reactor) thread.
-    pub fn detach(&self, name: &str) -> Result<(), NvmeError> {
+    pub fn detach(&self, nodes: &Registry, name: &str) -> Result<(), NvmeError> {
         let ctrlr = self
             .lock()
             .get(name)
@@ -149,7 +153,7 @@ impl NvmeControllers {
             .map(|n| format!("{}n{}", name, n.params.nsid))
             .collect();
         for b in &bdevs {
-            let claims = registry().claims(b);
+            let claims = nodes.claims(b);
             if !claims.is_empty() {
                 return Err(NvmeError::Bdev(crate::BdevError::Claimed {
                     name: b.clone(),
@@ -158,7 +162,7 @@ impl NvmeControllers {
             }
         }
         for b in &bdevs {
-            match registry().delete(b, &self.rt) {
+            match nodes.delete(b, &self.rt) {
                 Ok(()) | Err(crate::BdevError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }

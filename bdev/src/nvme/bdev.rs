@@ -62,6 +62,13 @@ impl Bdev for NvmeBdev {
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         Ok(Box::new(NvmeChannel::new(self.ctrlr.id(), self.ns.params)?))
     }
+    fn filename(&self) -> Option<String> {
+        Some(format!(
+            "nvme://{}/{}",
+            self.ctrlr.traddr(),
+            self.ns.params.nsid
+        ))
+    }
     fn driver_specific(&self) -> Value {
         let d = self.ctrlr.data();
         json!({

@@ -6,6 +6,7 @@
 use super::fast::FastPath;
 use super::image::Image;
 use super::remote::RemoteChannel;
+use crate::claim::{Claim, Holder};
 use crate::{Bdev, BdevError, BdevIo, Channel, DmaBuf, IoType, RangeStatus, RangeStatusFuture};
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
@@ -79,6 +80,8 @@ pub(crate) struct Info {
     pub(crate) backing_format: Option<String>,
     /// Registry names this image claimed (released on drop).
     pub(crate) claims: Vec<String>,
+    /// The registry those claims live in.
+    pub(crate) nodes: Option<Arc<crate::registry::Registry>>,
     /// [`super::open_file`] extended the image file (at `filename`) so the
     /// image can grow: [`Qcow2Bdev::close`] trims it back.
     pub(crate) grown: bool,
@@ -350,19 +353,21 @@ impl Qcow2Bdev {
                 return Ok(());
             }
         }
-        let reg = crate::registry();
-        let registered = |b: &Arc<dyn Bdev>| reg.get(b.name()).is_ok_and(|r| same(&r, b));
-        if let Some(o) = old.as_ref().filter(|o| registered(o)) {
-            if reg.claims(o.name()).iter().any(|c| c == &self.name) {
-                reg.release(o.name(), &self.name);
+        let Some(reg) = self.info().nodes.clone() else {
+            return Ok(());
+        };
+        let me = Holder::Node(self.name.clone());
+        if let Some(o) = old.as_ref().filter(|o| reg.holds(o)) {
+            if reg.is_claimed_by(o.name(), &me) {
+                reg.release(o.name(), &me);
             }
             let mut i = self.info();
             if let Some(k) = i.claims.iter().position(|c| c == o.name()) {
                 i.claims.remove(k);
             }
         }
-        if let Some(n) = backing.as_ref().filter(|n| registered(n)) {
-            reg.claim(n.name(), &self.name)?;
+        if let Some(n) = backing.as_ref().filter(|n| reg.holds(n)) {
+            reg.claim(n.name(), Claim::backing(me))?;
             self.info().claims.push(n.name().to_string());
         }
         Ok(())
@@ -538,9 +543,15 @@ impl Drop for Qcow2Bdev {
                 ENGINES.with(|m| m.borrow_mut().remove(&id));
             });
         }
-        let claims = std::mem::take(&mut self.info().claims);
-        for c in claims {
-            crate::registry().release(&c, &self.name);
+        let (claims, nodes) = {
+            let mut i = self.info();
+            (std::mem::take(&mut i.claims), i.nodes.clone())
+        };
+        if let Some(reg) = nodes {
+            let me = Holder::Node(self.name.clone());
+            for c in claims {
+                reg.release(&c, &me);
+            }
         }
     }
 }
@@ -628,10 +639,8 @@ impl Bdev for Qcow2Bdev {
         // header holds its lock there, unregistered) ends its lock with the
         // image: a registered one ends it when it is deleted itself.
         if let Some(u) = self.base.as_any().downcast_ref::<crate::uring::UringBdev>() {
-            let same = crate::registry()
-                .get(u.name())
-                .is_ok_and(|r| std::ptr::addr_eq(Arc::as_ptr(&r), Arc::as_ptr(&self.base)));
-            if !same {
+            let nodes = self.info().nodes.clone();
+            if !nodes.is_some_and(|r| r.holds(&self.base)) {
                 u.release_lock();
             }
         }

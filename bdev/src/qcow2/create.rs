@@ -1,7 +1,7 @@
 //! Creating images, as `qemu-img create -f qcow2 [-o ...] [-b B -F F]` does.
 
 use super::format::{plan_create, put64, CreateLayout, COMPRESSION_ZLIB, COMPRESSION_ZSTD};
-use crate::lock::{ImageLock, LockMode, Perms};
+use crate::lock::{ImageLock, LockMode};
 use crate::uring::{UringBdev, UringOptions};
 use crate::{channel, write_at, Bdev, BdevError, DmaBuf, IoType};
 use std::path::Path;
@@ -196,10 +196,7 @@ pub async fn create_file_locking(
         )));
     }
     let _lock = if locking.enabled() {
-        let lf = f
-            .try_clone()
-            .map_err(|e| BdevError::os(format!("locking {}", path.display()), e))?;
-        Some(ImageLock::on_file(lf, path, Perms::CREATOR)?)
+        Some(ImageLock::for_create(&f, path)?)
     } else {
         None
     };

@@ -9,7 +9,9 @@ use super::format::{
 };
 use super::image::{check_tables, Image, LoadOptions};
 use super::overlap::OverlapChecks;
+use crate::claim::{Claim, Holder};
 use crate::lock::{ImageLock, LockMode, Perms};
+use crate::registry::Registry;
 use crate::uring::{UringBdev, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
@@ -29,7 +31,8 @@ pub enum BackingSpec {
     None,
     /// Use this bdev.
     Bdev(Arc<dyn Bdev>),
-    /// Use (and claim) the registered bdev of this name.
+    /// Use (and claim, as its `backing`) the bdev of this name registered in
+    /// [`OpenOptions::nodes`].
     Named(String),
 }
 
@@ -43,6 +46,10 @@ pub struct OpenOptions {
     pub filename: Option<PathBuf>,
     /// The backing chain.
     pub backing: BackingSpec,
+    /// The registry the image's claims live in (on a backing named by
+    /// [`BackingSpec::Named`] or linked later by `set_backing_bdev`); none:
+    /// the image claims nothing.
+    pub nodes: Option<Arc<Registry>>,
     /// Bytes of metadata cache (L2 tables and refcount blocks).
     pub cache_bytes: u64,
     /// O_DIRECT for files this open opens (the image by [`open_file`], backing files).
@@ -69,6 +76,7 @@ impl Default for OpenOptions {
             read_only: false,
             filename: None,
             backing: BackingSpec::FromHeader,
+            nodes: None,
             cache_bytes: 32 << 20,
             direct: true,
             overlap_check: OverlapChecks::default(),
@@ -82,7 +90,7 @@ impl Default for OpenOptions {
 impl Qcow2Bdev {
     /// Opens the qcow2 image stored on `base` as bdev `name`. Must run on a
     /// reactor, which becomes the image's owner. The caller registers the result
-    /// in [`crate::registry`] if it should be visible by name.
+    /// in a [`Registry`] if it should be visible by name.
     pub async fn open(
         name: &str,
         base: Arc<dyn Bdev>,
@@ -494,7 +502,12 @@ pub(super) fn open_chain(
             BackingSpec::None => None,
             BackingSpec::Bdev(b) => Some(b.clone()),
             BackingSpec::Named(n) => {
-                let b = crate::registry().claim(n, &name)?;
+                let nodes = opts.nodes.as_ref().ok_or_else(|| {
+                    BdevError::InvalidParam(format!(
+                        "backing {n:?} by name needs the registry it is named in"
+                    ))
+                })?;
+                let b = nodes.claim(n, Claim::backing(Holder::Node(name.clone())))?;
                 claims.push(n.clone());
                 Some(b)
             }
@@ -527,6 +540,7 @@ pub(super) fn open_chain(
                 backing_file: bfile,
                 backing_format: bfmt,
                 claims,
+                nodes: opts.nodes.clone(),
                 grown: false,
                 keep_len: 0,
                 lock: None,

@@ -299,6 +299,9 @@ impl Bdev for UringBdev {
             .map_err(|e| BdevError::os(format!("creating an io_uring for {}", self.name), e))?;
         Ok(Box::new(ch))
     }
+    fn filename(&self) -> Option<String> {
+        Some(self.path.display().to_string())
+    }
     fn driver_specific(&self) -> Value {
         json!({
             "uring": {

@@ -18,25 +18,19 @@ use std::sync::Arc;
 
 /// Validates `p`, creates the job and starts it. Returns at once.
 pub fn start(
+    g: &Arc<graph::Graph>,
     mgr: &JobManager,
     rt: &RuntimeHandle,
     p: StreamParams,
     tuning: Tuning,
 ) -> Result<Arc<Job>, StreamError> {
-    let (mut plan, spec) = resolve(mgr, &p)?;
+    let (mut plan, spec) = resolve(g, mgr, &p)?;
     // A top that is a backing file is written by the job: QEMU's
     // `stream_start` reopens it read-write, taking a writer's lock.
-    plan.relock = graph::snapshot::raise_for_write(&plan.top_bdev)
+    let writer = graph::lock::WriterLock::raise(&plan.top_bdev)
         .map_err(|e| StreamError::Invalid(e.to_string()))?;
-    let job = match mgr.create(spec) {
-        Ok(j) => j,
-        Err(e) => {
-            if plan.relock {
-                graph::snapshot::lower_to_backing(&plan.top_bdev);
-            }
-            return Err(StreamError::Job(e));
-        }
-    };
+    let job = mgr.create(spec).map_err(StreamError::Job)?;
+    plan.writer = Some(Arc::new(writer));
     let owner = plan.owner;
     // The length is known before the command returns (QEMU's job sets it on
     // its first run, inside the command), so a query right after sees it.

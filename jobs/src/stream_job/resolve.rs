@@ -3,9 +3,10 @@
 
 use crate::job::{JobError, JobManager, JobSpec, JobType, OnError};
 use bdev::device::Device;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use graph::node::{self, ImageNode};
 use graph::qemu_name;
+use graph::Graph;
 use std::path::Path;
 use std::sync::Arc;
 use thiserror::Error;
@@ -85,12 +86,15 @@ pub struct StreamPlan {
     pub durable: bool,
     /// The top is a backing file (it holds a reader's lock since a snapshot)
     /// that [`super::start`] gave a writer's lock for the job, as QEMU's
-    /// `stream_start` reopens it read-write: lowered again when the job ends.
-    pub relock: bool,
+    /// `stream_start` reopens it read-write: lowered again when the guard
+    /// is dropped, as the job ends.
+    pub writer: Option<Arc<graph::lock::WriterLock>>,
+    /// The graph the nodes live in (the final backing change releases there).
+    pub graph: Arc<Graph>,
 }
 
-fn lookup(device: Option<&str>, node: &str) -> Result<Arc<dyn Bdev>, StreamError> {
-    registry().get(node).map_err(|_| StreamError::NotFound {
+fn lookup(g: &Graph, device: Option<&str>, node: &str) -> Result<Arc<dyn Bdev>, StreamError> {
+    g.nodes().get(node).map_err(|_| StreamError::NotFound {
         device: device.unwrap_or("").to_string(),
         node: node.to_string(),
     })
@@ -115,7 +119,11 @@ fn matches_file(b: &Arc<dyn Bdev>, above: &Arc<dyn Bdev>, name: &str) -> bool {
 }
 
 /// Resolves and validates a request (QEMU's `qmp_block_stream` and `stream_start`).
-pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpec), StreamError> {
+pub fn resolve(
+    g: &Arc<Graph>,
+    mgr: &JobManager,
+    p: &StreamParams,
+) -> Result<(StreamPlan, JobSpec), StreamError> {
     if p.base.is_some() && p.base_node.is_some() {
         return Err(StreamError::Invalid(
             "'base' and 'base-node' cannot be specified at the same time".into(),
@@ -131,11 +139,11 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
             "'bottom' and 'base-node' cannot be specified at the same time".into(),
         ));
     }
-    let named = lookup(Some(&p.device), &p.device)?;
+    let named = lookup(g, Some(&p.device), &p.device)?;
     let (top, device) = match Device::from_bdev(&named) {
         Some(d) => (d.root(), Some(named.clone())),
         None => {
-            let dev = Device::find_by_root(named.name());
+            let dev = Device::find_by_root(g.nodes(), named.name());
             (named.clone(), dev)
         }
     };
@@ -155,7 +163,7 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         }
     }
     if let Some(name) = &p.base_node {
-        let b = lookup(None, name)?;
+        let b = lookup(g, None, name)?;
         if position(&b).is_none_or(|i| i == 0) {
             return Err(StreamError::Invalid(format!(
                 "Node '{name}' is not a backing image of '{}'",
@@ -165,7 +173,7 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         base = Some(b);
     }
     if let Some(name) = &p.bottom {
-        let b = lookup(None, name)?;
+        let b = lookup(g, None, name)?;
         let Some(i) = position(&b) else {
             return Err(StreamError::Invalid(format!(
                 "Node '{name}' is not in a chain starting from '{}'",
@@ -238,11 +246,14 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         owner,
         // A plain node's NBD export goes through a hidden device: the job
         // yields to its clients and quiesces it for the switch.
-        device: device
-            .clone()
-            .or_else(|| Device::hidden_by_root(top.name()).into_iter().next()),
+        device: device.clone().or_else(|| {
+            Device::hidden_by_root(g.nodes(), top.name())
+                .into_iter()
+                .next()
+        }),
         durable: !p.no_flush_on_complete,
-        relock: false,
+        writer: None,
+        graph: g.clone(),
     };
     let spec = JobSpec {
         id: job_id,

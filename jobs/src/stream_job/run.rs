@@ -7,7 +7,6 @@ use super::copy::{copy_chunk, BufPool, Chunk, CopyError};
 use super::resolve::StreamPlan;
 use crate::job::{IoOperation, Job, Verdict};
 use bdev::device::Device;
-use bdev::registry;
 use graph::node;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -326,12 +325,9 @@ async fn finish(plan: StreamPlan, ok: bool) -> Result<(), String> {
     // released, and lets go of what is below it in turn.
     for b in &plan.intermediates {
         let name = b.name();
-        if registry().contains(name) && registry().claims(name).is_empty() {
-            if let Ok(b) = registry().unregister(name) {
-                for i in 0..rt.num_reactors() {
-                    let b2 = b.clone();
-                    let _ = rt.call_on(i, move || bdev::drop_cached_channels(&b2)).await;
-                }
+        let g = &plan.graph;
+        if g.nodes().contains(name) && g.nodes().claims(name).is_empty() {
+            if let Ok(b) = g.unregister_from_reactor(name).await {
                 if let Some(img) = node::image(&b) {
                     if let Err(e) = img.set_backing_bdev(None).await {
                         tracing::warn!(node = name, error = %e, "cannot unlink released image");
@@ -366,16 +362,19 @@ pub async fn run(job: Arc<Job>, plan: StreamPlan, t: Tuning) {
     };
     let copy_s = t0.elapsed().as_secs_f64();
     let id = job.id().to_string();
-    let p = plan.clone();
+    let mut p = plan;
     // A top that is a backing file gets its reader's lock back before the
-    // job concludes (QEMU's stream_clean reopens it read-only).
+    // job concludes (QEMU's stream_clean reopens it read-only): the guard
+    // is dropped once the final change is done.
     let e = job
         .complete(error, move |ok| async move {
-            let (relock, top) = (p.relock, p.top_bdev.clone());
+            let writer = p.writer.take();
+            let graph = p.graph.clone();
+            // The final backing change is a graph change: serialised.
+            let change = graph.change_on_reactor().await;
             let r = finish(p, ok).await;
-            if relock {
-                graph::snapshot::lower_to_backing(&top);
-            }
+            drop(change);
+            drop(writer);
             r
         })
         .await;

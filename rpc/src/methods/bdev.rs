@@ -12,8 +12,9 @@ mod info;
 mod leaf;
 
 use crate::methods::blockdev::state::owns;
+use crate::service::Service;
 use crate::table::MethodTable;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,13 +29,15 @@ pub fn register(t: &mut MethodTable) {
         p.none()?;
         Ok(Value::Bool(true))
     });
-    t.add_config_section("bdev", &[], |_| bdev_section());
+    t.add_config_section("bdev", &[], bdev_section);
 }
 
 /// The calls that recreate every bdev, each after the bdevs it claims (a base
 /// before the layer above it), otherwise by name.
-fn bdev_section() -> Vec<Value> {
-    let bdevs: BTreeMap<String, Arc<dyn Bdev>> = registry()
+fn bdev_section(svc: &Service) -> Vec<Value> {
+    let bdevs: BTreeMap<String, Arc<dyn Bdev>> = svc
+        .graph
+        .nodes()
         .list()
         .into_iter()
         .map(|b| (b.name().to_string(), b))
@@ -43,9 +46,15 @@ fn bdev_section() -> Vec<Value> {
     let mut pending: BTreeMap<&str, usize> = bdevs.keys().map(|n| (n.as_str(), 0)).collect();
     let mut users: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for name in bdevs.keys() {
-        let mut claimers: Vec<String> = registry()
-            .claims(name)
+        let mut claimers: Vec<String> = svc
+            .graph
+            .nodes()
+            .claims_of(name)
             .into_iter()
+            .filter_map(|c| match c.holder {
+                bdev::Holder::Node(n) => Some(n),
+                _ => None,
+            })
             .filter(|c| bdevs.contains_key(c) && c != name)
             .collect();
         claimers.sort();
@@ -93,7 +102,7 @@ fn bdev_section() -> Vec<Value> {
     // Nodes made by blockdev-add are recreated by the `blockdev` section.
     order
         .into_iter()
-        .filter(|n| !owns(n))
+        .filter(|n| !owns(svc, n))
         .filter_map(|n| bdevs.get(n).and_then(|b| b.config()))
         .collect()
 }

@@ -3,45 +3,36 @@
 //! `bdev_unregister` notifications, the delete methods' `{"name"}`
 //! parameters, and the stream job's tuning.
 //!
-//! Other areas that create bdevs should go through [`register_bdev`] and
-//! [`delete_bdev`] so that the notifications are published.
+//! Bdevs are added and removed through the service's graph
+//! ([`graph::Graph::register`], [`graph::Graph::delete`]), which publishes the
+//! notifications; [`register_bdev`] and [`delete_bdev`] are its RPC-typed form.
 
 use crate::error::RpcError;
 use crate::service::Service;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use jobs::stream_job::Tuning;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::{Arc, OnceLock};
 
-/// A bdev was registered (`ctx`: its name).
-pub const BDEV_REGISTER: &str = "bdev_register";
-/// A bdev was unregistered (`ctx`: its name).
-pub const BDEV_UNREGISTER: &str = "bdev_unregister";
-
-/// Publishes a bdev notification (`bdev_register` / `bdev_unregister`).
-pub fn publish_bdev(svc: &Service, ty: &str, name: &str) {
-    svc.events.publish(ty, json!({ "name": name }));
-}
+/// `bdev_register` / `bdev_unregister` (`ctx`: the bdev's name), published
+/// by the graph alone ([`graph::Graph::register`], [`graph::Graph::delete`]).
+pub use graph::{BDEV_REGISTER, BDEV_UNREGISTER};
 
 /// Adds a bdev to the registry and publishes `bdev_register`; returns its name.
 pub fn register_bdev(svc: &Service, b: Arc<dyn Bdev>) -> Result<String, RpcError> {
-    let name = b.name().to_string();
-    registry().register(b)?;
-    publish_bdev(svc, BDEV_REGISTER, &name);
-    Ok(name)
+    Ok(svc.graph.register(b)?)
 }
 
 /// Deletes a bdev (it must not be claimed) and publishes `bdev_unregister`.
 pub fn delete_bdev(svc: &Service, name: &str) -> Result<(), RpcError> {
-    registry().delete(name, &svc.rt)?;
-    publish_bdev(svc, BDEV_UNREGISTER, name);
-    Ok(())
+    Ok(svc.graph.delete(name)?)
 }
 
 /// Deletes `name` if it is a `T` (SPDK answers -ENODEV for a bdev of another module).
 pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result<Value, RpcError> {
-    let b = registry().get(name)?;
+    let _g = svc.graph.change();
+    let b = svc.graph.nodes().get(name)?;
     if !b.as_any().is::<T>() {
         return Err(RpcError::errno(
             libc::ENODEV,

@@ -202,7 +202,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
         legacy: false,
         no_flush_on_complete: a.x_durable == Some(false),
     };
-    stream_job::start(&svc.jobs, &svc.rt, sp, tuning())?;
+    stream_job::start(&svc.graph, &svc.jobs, &svc.rt, sp, tuning())?;
     Ok(json!({}))
 }
 
@@ -216,7 +216,7 @@ struct ChangeBackingFile {
 
 fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: ChangeBackingFile = p.parse()?;
-    let dev = bdev::registry().get(&a.device).map_err(|_| {
+    let dev = svc.graph.nodes().get(&a.device).map_err(|_| {
         RpcError::new(
             -libc::ENODEV,
             crate::ErrorClass::GenericError,
@@ -260,16 +260,14 @@ fn change_backing_file(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let file = a.backing_file;
     // A backing file holds a reader's lock: QEMU reopens it read-write for
     // the header write (a writer's lock), then read-only again.
-    let raised = graph::snapshot::raise_for_write(&node)?;
+    let writer = graph::lock::WriterLock::raise(&node)?;
     let r = svc
         .rt
         .spawn_on(owner, move || async move {
             img.set_backing_file(Some(&file), Some(&fmt), true).await
         })
         .block();
-    if raised {
-        graph::snapshot::lower_to_backing(&node);
-    }
+    drop(writer);
     r??;
     Ok(json!({}))
 }

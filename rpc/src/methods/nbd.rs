@@ -3,7 +3,6 @@
 //! `query-block-exports`.
 
 use crate::error::RpcError;
-use crate::methods::blockdev::state::op_lock;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use nbd::{ExportConfig, ListenAddr, StartOptions};
@@ -113,8 +112,8 @@ fn block_export_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
         writethrough: p.writethrough.unwrap_or(false),
     };
     // Not while a snapshot of a plain node moves that node's exports.
-    let _g = op_lock();
-    svc.nbd.add_export(cfg)?;
+    let _g = svc.graph.change();
+    svc.nbd.add_export(svc.graph.nodes(), cfg)?;
     Ok(json!({}))
 }
 

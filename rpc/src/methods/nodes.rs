@@ -6,18 +6,25 @@
 
 use crate::error::RpcError;
 use crate::methods::blockdev::state::monitor_owned;
-use crate::methods::common::{delete_bdev, register_bdev};
+use crate::methods::common::delete_bdev;
 use crate::service::Service;
 use bdev::device::Device;
 use bdev::lock::LockMode;
 use bdev::qcow2::{self, BackingSpec, OpenOptions, OverlapChecks, Qcow2Bdev};
 use bdev::uring::{UringBdev, UringOptions};
-use bdev::{registry, Bdev, BdevError};
+use bdev::{Bdev, BdevError};
 use graph::node;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// `overlap_check` as a mode name (see [`OverlapChecks::from_mode`]).
+fn overlap_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OverlapChecks>, D::Error> {
+    let m: Option<String> = Option::deserialize(d)?;
+    m.map(|m| OverlapChecks::from_mode(&m).map_err(serde::de::Error::custom))
+        .transpose()
+}
 
 /// `bdev_qcow2_open`'s parameters (also what `blockdev-add` maps onto).
 #[derive(Deserialize, Clone, Default)]
@@ -43,12 +50,10 @@ pub(crate) struct Open {
     /// The reactor owning the image's metadata (default 0).
     pub reactor: Option<usize>,
     /// Metadata overlap checks before writes: `none`, `constant`, `cached`
-    /// (default) or `all` (QEMU's `overlap-check`).
-    pub overlap_check: Option<String>,
-    /// Not a parameter (`blockdev-add`): its parsed `overlap-check`, which
-    /// wins over `overlap_check`.
-    #[serde(skip)]
-    pub overlap_checks: Option<OverlapChecks>,
+    /// (default) or `all` (QEMU's `overlap-check`; `blockdev-add` gives its
+    /// parsed form).
+    #[serde(default, deserialize_with = "overlap_mode")]
+    pub overlap_check: Option<OverlapChecks>,
     /// Image locks on the image's file and its backing files: QEMU's
     /// `locking` (`auto`, the default, is on).
     pub locking: Option<String>,
@@ -79,13 +84,14 @@ fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<Str
 /// The node name of an image to open (see [`node_name_of`]), once neither
 /// it, the device `name` nor the `file_node` is taken.
 pub(crate) fn check_names(
+    svc: &Service,
     name: &Option<String>,
     node_name: &Option<String>,
     file_node: Option<&String>,
 ) -> Result<String, RpcError> {
     let node_name = node_name_of(name, node_name)?;
     if let Some(d) = name {
-        if registry().contains(d) {
+        if svc.graph.nodes().contains(d) {
             return Err(RpcError::errno(
                 libc::EEXIST,
                 format!("a bdev named {d:?} already exists"),
@@ -93,7 +99,7 @@ pub(crate) fn check_names(
         }
     }
     for n in std::iter::once(&node_name).chain(file_node) {
-        if registry().contains(n) {
+        if svc.graph.nodes().contains(n) {
             return Err(RpcError::errno(
                 libc::EEXIST,
                 format!("Duplicate nodes with node-name='{n}'"),
@@ -105,13 +111,21 @@ pub(crate) fn check_names(
 
 /// Registers the chain below `top` that is not registered yet, each node
 /// claimed by the one above it.
-fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
+fn register_chain(
+    svc: &Service,
+    top: &Arc<dyn Bdev>,
+    added: &mut Vec<String>,
+) -> Result<(), RpcError> {
     let chain = node::chain(top);
     for w in chain.windows(2) {
         let (above, b) = (&w[0], &w[1]);
-        if !registry().contains(b.name()) {
-            register_bdev(svc, b.clone())?;
-            registry().claim(b.name(), above.name())?;
+        if !svc.graph.nodes().contains(b.name()) {
+            svc.graph.register(b.clone())?;
+            added.push(b.name().to_string());
+            svc.graph.nodes().claim(
+                b.name(),
+                bdev::Claim::backing(bdev::Holder::Node(above.name().to_string())),
+            )?;
         }
     }
     Ok(())
@@ -120,7 +134,7 @@ fn register_chain(svc: &Service, top: &Arc<dyn Bdev>) -> Result<(), RpcError> {
 /// Opens an image as a node (and a device when `name` is given); returns the
 /// device's or the node's name.
 pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
-    let node_name = check_names(&o.name, &o.node_name, o.file_node.as_ref())?;
+    let node_name = check_names(svc, &o.name, &o.node_name, o.file_node.as_ref())?;
     let backing = match (&o.backing, o.no_backing) {
         (Some(_), true) => {
             return Err(RpcError::invalid_params(
@@ -131,14 +145,11 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         (None, true) => BackingSpec::None,
         (None, false) => BackingSpec::FromHeader,
     };
-    let overlap_check = match (o.overlap_checks, &o.overlap_check) {
-        (Some(c), _) => c,
-        (None, Some(m)) => OverlapChecks::from_mode(m).map_err(RpcError::invalid_params)?,
-        (None, None) => OverlapChecks::default(),
-    };
+    let overlap_check = o.overlap_check.unwrap_or_default();
     let opts = OpenOptions {
         read_only: o.read_only,
         backing,
+        nodes: Some(svc.graph.nodes().clone()),
         direct: o.direct.unwrap_or(true),
         overlap_check,
         locking: locking_param(o.locking.as_deref())?,
@@ -148,7 +159,7 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
     };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {
         (Some(f), None) => Err(PathBuf::from(f)),
-        (None, Some(b)) => Ok(registry().get(b)?),
+        (None, Some(b)) => Ok(svc.graph.nodes().get(b)?),
         _ => {
             return Err(RpcError::invalid_params(
                 "exactly one of 'filename' and 'base_bdev' is required",
@@ -170,25 +181,100 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         .block()??;
     let file_bdev = img.base().clone();
     let img: Arc<dyn Bdev> = img;
-    register_bdev(svc, img.clone())?;
-    if let Some(b) = &base_name {
-        registry().claim(b, &node_name)?;
+    // Everything or nothing: on a failure what was registered is deleted
+    // again (the image last, ending its lock).
+    let mut added: Vec<String> = Vec::new();
+    let r = register_opened(
+        svc,
+        &o,
+        &node_name,
+        &img,
+        file_bdev,
+        base_name.as_deref(),
+        &mut added,
+    );
+    if r.is_err() {
+        let me = bdev::Holder::Node(node_name.clone());
+        // The file is left as it was found: trimmed back to the image's end.
+        if let Err(e) = close_image(svc, &img) {
+            tracing::error!(node = %node_name, "closing an image whose open failed: {e}");
+        }
+        // Top down: the image, its chain, then the file node under it.
+        if o.file_node.is_some() && base_name.is_none() && !added.is_empty() {
+            let f = added.remove(0);
+            added.push(f);
+        }
+        for n in &added {
+            svc.graph.release_all(&bdev::Holder::Node(n.clone()));
+            if let Err(e) = svc.graph.delete(n) {
+                tracing::error!(node = %n, "rolling back a failed open: {e}");
+            }
+        }
+        svc.graph.release_all(&me);
+        img.on_delete();
     }
-    if let (Some(f), None) = (&o.file_node, &base_name) {
-        register_bdev(svc, file_bdev)?;
-        registry().claim(f, &node_name)?;
+    r
+}
+
+/// Registers what [`open`] opened; the names registered go to `added`.
+fn register_opened(
+    svc: &Service,
+    o: &Open,
+    node_name: &str,
+    img: &Arc<dyn Bdev>,
+    file_bdev: Arc<dyn Bdev>,
+    base_name: Option<&str>,
+    added: &mut Vec<String>,
+) -> Result<Value, RpcError> {
+    let me = bdev::Holder::Node(node_name.to_string());
+    if let Some(b) = base_name {
+        svc.graph
+            .nodes()
+            .claim(b, bdev::Claim::file(me.clone(), !img.read_only()))?;
     }
-    if let Err(e) = register_chain(svc, &img) {
+    if let (Some(f), None) = (&o.file_node, base_name) {
+        svc.graph
+            .register_claimed(file_bdev, bdev::Claim::file(me.clone(), !img.read_only()))?;
+        added.push(f.clone());
+    }
+    svc.graph.register(img.clone())?;
+    added.push(node_name.to_string());
+    if let Err(e) = register_chain(svc, img, added) {
         tracing::warn!(node = %node_name, "registering the backing chain: {e}");
     }
     match &o.name {
         Some(d) => {
-            let dev: Arc<dyn Bdev> = Device::new(d, img.clone())?;
-            register_bdev(svc, dev)?;
+            let dev: Arc<dyn Bdev> = Device::new(svc.graph.nodes(), d, img.clone())?;
+            if let Err(e) = svc.graph.register(dev.clone()) {
+                dev.on_delete();
+                drop(dev);
+                svc.graph
+                    .nodes()
+                    .release(node_name, &bdev::Holder::Device(d.clone()));
+                return Err(e.into());
+            }
             Ok(json!(d))
         }
         None => Ok(json!(node_name)),
     }
+}
+
+/// Flushes an image node and trims the file its open extended (on its
+/// owner reactor); nothing for other nodes.
+fn close_image(svc: &Service, b: &Arc<dyn Bdev>) -> Result<(), RpcError> {
+    let Some(img) = node::image(b) else {
+        return Ok(());
+    };
+    let b2 = b.clone();
+    svc.rt
+        .spawn_on(img.owner(), move || async move {
+            match b2.as_any().downcast_ref::<Qcow2Bdev>() {
+                Some(q) => q.close().await,
+                None => Ok(()),
+            }
+        })
+        .block()??;
+    Ok(())
 }
 
 /// Flushes and trims an image node, then deletes it and whatever below it
@@ -196,36 +282,25 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
 /// monitor owns it).
 pub(crate) fn delete_node(svc: &Service, b: Arc<dyn Bdev>) -> Result<(), RpcError> {
     let chain = node::chain(&b);
-    if let Some(img) = node::image(&b) {
-        let owner = img.owner();
-        let b2 = b.clone();
-        svc.rt
-            .spawn_on(owner, move || async move {
-                match b2.as_any().downcast_ref::<Qcow2Bdev>() {
-                    Some(q) => q.close().await,
-                    None => Ok(()),
-                }
-            })
-            .block()??;
-    }
+    close_image(svc, &b)?;
     let mut above: Option<String> = None;
     for n in chain {
         let name = n.name().to_string();
         if let Some(a) = &above {
-            registry().release(&name, a);
+            svc.graph
+                .nodes()
+                .release(&name, &bdev::Holder::Node(a.clone()));
         }
-        if !registry().contains(&name) || !registry().claims(&name).is_empty() {
+        if !svc.graph.nodes().contains(&name) || !svc.graph.nodes().claims(&name).is_empty() {
             break;
         }
-        if above.is_some() && monitor_owned(&name) {
+        if above.is_some() && monitor_owned(svc, &name) {
             break;
         }
         delete_bdev(svc, &name)?;
         // The node's claims on bdevs outside its chain (the `base_bdev` it
         // was opened on, a snapshot target) end with it.
-        for other in registry().list() {
-            registry().release(other.name(), &name);
-        }
+        svc.graph.release_all(&bdev::Holder::Node(name.clone()));
         above = Some(name);
     }
     Ok(())

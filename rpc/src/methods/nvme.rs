@@ -5,7 +5,6 @@
 //! and queue sizes for later attaches).
 
 use crate::error::{ErrorClass, RpcError};
-use crate::methods::common::{publish_bdev, BDEV_REGISTER, BDEV_UNREGISTER};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::nvme::NvmeError;
@@ -85,12 +84,11 @@ fn attach(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "protection information checks and digests are not supported",
         ));
     }
+    let _g = svc.graph.change();
     let names = svc
         .nvme
-        .attach_pcie(&a.name, &a.traddr, svc.nvme.options())?;
-    for n in &names {
-        publish_bdev(svc, BDEV_REGISTER, n);
-    }
+        .attach_pcie(svc.graph.nodes(), &a.name, &a.traddr, svc.nvme.options())?;
+    svc.graph.registered_by_driver(&names);
     Ok(json!(names))
 }
 
@@ -134,10 +132,9 @@ fn detach(svc: &Service, p: Params) -> Result<Value, RpcError> {
         .iter()
         .map(|n| format!("{}n{}", d.name, n.params.nsid))
         .collect();
-    svc.nvme.detach(&d.name)?;
-    for b in &bdevs {
-        publish_bdev(svc, BDEV_UNREGISTER, b);
-    }
+    let _g = svc.graph.change();
+    svc.nvme.detach(svc.graph.nodes(), &d.name)?;
+    svc.graph.unregistered_by_driver(&bdevs);
     Ok(Value::Bool(true))
 }
 

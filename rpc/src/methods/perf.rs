@@ -20,7 +20,7 @@ pub fn register(t: &mut MethodTable) {
 fn bdev_perf_run(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let opts: RunOptions = p.parse()?;
     tracing::info!(workload = opts.workload.name(), bdevs = ?opts.bdevs, time = opts.time_in_sec, "perf run");
-    let out = engine::run(&svc.rt, &opts, Claimed::RefuseWrites)?;
+    let out = engine::run(svc.graph.nodes(), &svc.rt, &opts, Claimed::RefuseWrites)?;
     if !out.ok {
         tracing::warn!(errors = %out.json["errors"], "perf run failed");
     }

@@ -16,7 +16,7 @@ use crate::table::{MethodTable, Params};
 use bdev::device::Device;
 use bdev::lock::LockMode;
 use bdev::qcow2::{self, CreateOptions};
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use graph::node;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,15 +26,19 @@ use std::sync::Arc;
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
     t.add("bdev_qcow2_create", bdev_qcow2_create);
-    t.add("bdev_qcow2_open", |svc, p| open(svc, p.parse()?));
-    t.add("bdev_qcow2_delete", bdev_qcow2_delete);
-    t.add("query-block", |_, p| {
-        p.none()?;
-        Ok(query_block())
+    t.add("bdev_qcow2_open", |svc, p| {
+        let o = p.parse()?;
+        let _g = svc.graph.change();
+        open(svc, o)
     });
-    t.add("query-named-block-nodes", |_, p| {
+    t.add("bdev_qcow2_delete", bdev_qcow2_delete);
+    t.add("query-block", |svc, p| {
         p.none()?;
-        Ok(query_named_block_nodes())
+        Ok(query_block(svc))
+    });
+    t.add("query-named-block-nodes", |svc, p| {
+        p.none()?;
+        Ok(query_named_block_nodes(svc))
     });
 }
 
@@ -61,8 +65,8 @@ struct Create {
 /// Checks what `open` will check of a new image's names, and the backing
 /// file the image will name: all before any file is written. Returns the
 /// image's `locking`.
-fn check_create(c: &Create) -> Result<LockMode, RpcError> {
-    let node_name = check_names(&c.name, &c.node_name, None)?;
+fn check_create(svc: &Service, c: &Create) -> Result<LockMode, RpcError> {
+    let node_name = check_names(svc, &c.name, &c.node_name, None)?;
     if c.name.as_deref() == Some(node_name.as_str()) {
         return Err(RpcError::invalid_params(format!(
             "'name' and 'node_name' are both {node_name:?}"
@@ -93,7 +97,8 @@ fn check_create(c: &Create) -> Result<LockMode, RpcError> {
 
 fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let c: Create = p.parse()?;
-    let locking = check_create(&c)?;
+    let _g = svc.graph.change();
+    let locking = check_create(svc, &c)?;
     let opts = CreateOptions {
         cluster_size: c.cluster_size.unwrap_or(65536),
         version: c.version.unwrap_or(3),
@@ -103,7 +108,7 @@ fn bdev_qcow2_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     };
     let target: Result<Arc<dyn Bdev>, PathBuf> = match (&c.filename, &c.base_bdev) {
         (Some(f), None) => Err(PathBuf::from(f)),
-        (None, Some(b)) => Ok(registry().get(b)?),
+        (None, Some(b)) => Ok(svc.graph.nodes().get(b)?),
         _ => {
             return Err(RpcError::invalid_params(
                 "exactly one of 'filename' and 'base_bdev' is required",
@@ -147,7 +152,8 @@ struct Delete {
 
 fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let d: Delete = p.parse()?;
-    let b = registry().get(&d.name)?;
+    let _g = svc.graph.change();
+    let b = svc.graph.nodes().get(&d.name)?;
     if let Some(dev) = Device::from_bdev(&b) {
         if let Some(j) = svc.jobs.job_on_node(dev.root().name()) {
             return Err(RpcError::errno(
@@ -157,17 +163,17 @@ fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
         }
         let root = dev.root();
         delete_bdev(svc, &d.name)?;
-        if registry().claims(root.name()).is_empty() {
+        if svc.graph.nodes().claims(root.name()).is_empty() {
             delete_node(svc, root)?;
         }
     } else {
-        if !registry().claims(&d.name).is_empty() {
+        if !svc.graph.nodes().claims(&d.name).is_empty() {
             return Err(RpcError::errno(
                 libc::EBUSY,
                 format!(
                     "bdev {:?} is in use by {}",
                     d.name,
-                    registry().claims(&d.name).join(", ")
+                    svc.graph.nodes().claims(&d.name).join(", ")
                 ),
             ));
         }
@@ -223,11 +229,13 @@ fn node_info(b: &Arc<dyn Bdev>) -> Value {
 }
 
 /// `query-block`: every device with its chain.
-fn query_block() -> Value {
-    let v: Vec<Value> = registry()
+fn query_block(svc: &Service) -> Value {
+    let v: Vec<Value> = svc
+        .graph
+        .nodes()
         .list()
         .iter()
-        .filter(|b| !is_raw_node(b.name()))
+        .filter(|b| !is_raw_node(svc, b.name()))
         .filter_map(|b| Device::from_bdev(b).map(|d| (b.name().to_string(), d.root())))
         .map(|(name, root)| {
             json!({
@@ -245,15 +253,16 @@ fn query_block() -> Value {
 }
 
 /// `query-named-block-nodes`: every node (image or leaf) that is not a device.
-fn query_named_block_nodes() -> Value {
+fn query_named_block_nodes(svc: &Service) -> Value {
     Value::Array(
-        registry()
+        svc.graph
+            .nodes()
             .list()
             .iter()
-            .filter(|b| Device::from_bdev(b).is_none() || is_raw_node(b.name()))
+            .filter(|b| Device::from_bdev(b).is_none() || is_raw_node(svc, b.name()))
             .map(|b| {
                 let mut v = node_info(b);
-                annotate(b, &mut v);
+                annotate(svc, b, &mut v);
                 v
             })
             .collect(),

@@ -20,10 +20,15 @@ pub fn register(t: &mut MethodTable) {
 }
 
 fn run(svc: &Service, req: SnapshotRequest) -> Result<String, RpcError> {
-    let (_, owner) = snapshot::device_and_owner(&req.device)?;
+    let _g = svc.graph.change();
+    let (_, owner) = snapshot::device_and_owner(&svc.graph, &req.device)?;
+    let g = svc.graph.clone();
     Ok(svc
         .rt
-        .spawn_on(owner, move || snapshot::snapshot(req))
+        .spawn_on(
+            owner,
+            move || async move { snapshot::snapshot(&g, req).await },
+        )
         .block()??)
 }
 
@@ -87,11 +92,11 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
     // A node name designates the device whose root it is.
     let device = match (a.device, a.node_name) {
         (Some(d), _) => d,
-        (None, Some(n)) => match bdev::device::Device::find_by_root(&n) {
+        (None, Some(n)) => match bdev::device::Device::find_by_root(svc.graph.nodes(), &n) {
             Some(d) => d.name().to_string(),
             // A plain node (blockdev-add's): the overlay becomes a node over it.
-            None if bdev::registry().contains(&n)
-                && bdev::device::Device::from_bdev(&bdev::registry().get(&n)?).is_none() =>
+            None if svc.graph.nodes().contains(&n)
+                && bdev::device::Device::from_bdev(&svc.graph.nodes().get(&n)?).is_none() =>
             {
                 snapshot_plain_node(
                     svc,
@@ -102,7 +107,7 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
                 )?;
                 return Ok(json!({}));
             }
-            None if bdev::registry().contains(&n) => {
+            None if svc.graph.nodes().contains(&n) => {
                 return Err(RpcError::invalid_params(format!(
                     "Node '{n}' is not the root of a device"
                 )))
@@ -144,23 +149,27 @@ fn blockdev_snapshot(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Existing = p.parse()?;
     // A plain node (blockdev-add's): the overlay is linked over it and its
     // exports move onto the overlay.
-    if let Ok(b) = bdev::registry().get(&a.node) {
+    if let Ok(b) = svc.graph.nodes().get(&a.node) {
         if bdev::device::Device::from_bdev(&b).is_none()
-            && bdev::device::Device::find_by_root(&a.node).is_none()
+            && bdev::device::Device::find_by_root(svc.graph.nodes(), &a.node).is_none()
         {
             snapshot_existing_plain(svc, &a.node, &a.overlay)?;
             return Ok(json!({}));
         }
     }
-    let owner = bdev::registry()
+    let owner = svc
+        .graph
+        .nodes()
         .get(&a.overlay)
         .ok()
         .and_then(|b| graph::node::image(&b))
         .map(|i| i.owner())
         .unwrap_or(0);
+    let g = svc.graph.clone();
+    let _c = svc.graph.change();
     svc.rt
         .spawn_on(owner, move || async move {
-            snapshot::snapshot_existing_node(&a.node, &a.overlay).await
+            snapshot::snapshot_existing_node(&g, &a.node, &a.overlay).await
         })
         .block()??;
     Ok(json!({}))

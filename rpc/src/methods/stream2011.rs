@@ -12,12 +12,12 @@ use serde_json::{json, Value};
 pub fn register(t: &mut MethodTable) {
     t.add("block_stream", |svc, p| {
         let a: Stream = p.parse()?;
-        legacy::block_stream(&svc.jobs, &svc.rt, &a.device, a.base, tuning())?;
+        legacy::block_stream(&svc.graph, &svc.jobs, &svc.rt, &a.device, a.base, tuning())?;
         Ok(json!({}))
     });
     t.add("block_stream_cancel", |svc, p| {
         let a: Device = p.parse()?;
-        let stopped = legacy::block_stream_cancel(&svc.jobs, &a.device)?;
+        let stopped = legacy::block_stream_cancel(&svc.graph, &svc.jobs, &a.device)?;
         // Returns once the job has stopped (its task always answers; a dropped
         // sender means the runtime is going away, which also ends the job).
         let _ = futures::executor::block_on(stopped);

@@ -9,7 +9,7 @@ use bdev::device::Device;
 use bdev::malloc::{MallocBdev, MallocOptions};
 use bdev::null::{NullBdev, NullOptions};
 use bdev::uring::{UringBdev, UringOptions};
-use bdev::{registry, IoStatus, IoType};
+use bdev::{IoStatus, IoType};
 use perf::args::{self, PerfArgs};
 use perf::engine::{self, Claimed, Outcome};
 use reactor::{CoreSet, Runtime, RuntimeConfig, RuntimeHandle};
@@ -41,14 +41,14 @@ pub fn execute(args: &PerfArgs) -> Result<Outcome, RunError> {
         // The run covers every reactor of this process: name them all.
         let mut o = opts.clone();
         o.cpumask = Some(mask);
-        Ok(engine::run(&h, &o, Claimed::Allow)?)
+        Ok(engine::run(svc.graph.nodes(), &h, &o, Claimed::Allow)?)
     });
     let mut closing = Vec::new();
     if let Ok(out) = &res {
         if engine::writes(opts.workload) {
             let mut written: Vec<&str> = out.results.iter().map(|r| r.spec.bdev.as_str()).collect();
             written.dedup();
-            closing.extend(flush(&h, &written));
+            closing.extend(flush(svc.graph.nodes(), &h, &written));
         }
     }
     closing.extend(teardown(&svc));
@@ -71,7 +71,7 @@ fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), RunError> {
         let opts = NullOptions {
             zero_reads: !nozero,
         };
-        registry().register(NullBdev::with_options(
+        svc.graph.register(NullBdev::with_options(
             &name,
             (mib << 20) / bs as u64,
             bs,
@@ -83,7 +83,7 @@ fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), RunError> {
         let (name, mib, bs) = args::parse_mem_spec("malloc", s)?;
         // Populated at creation, as SPDK's malloc bdev is: no page faults while measuring.
         let opts = MallocOptions { populate: true };
-        registry().register(MallocBdev::with_options(
+        svc.graph.register(MallocBdev::with_options(
             &name,
             (mib << 20) / bs as u64,
             bs,
@@ -102,7 +102,8 @@ fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), RunError> {
             block_size: args.block_size,
             locking: Default::default(),
         };
-        registry().register(UringBdev::open(&name, Path::new(path), opts)?)?;
+        svc.graph
+            .register(UringBdev::open(&name, Path::new(path), opts)?)?;
     }
     if let Some(cfg) = &args.config {
         rpc::config::replay(svc, cfg)?;
@@ -111,10 +112,10 @@ fn create_bdevs(args: &PerfArgs, svc: &Arc<Service>) -> Result<(), RunError> {
 }
 
 /// Flushes each named bdev (from the first reactor); returns the failures.
-fn flush(h: &RuntimeHandle, names: &[&str]) -> Vec<String> {
+fn flush(nodes: &bdev::Registry, h: &RuntimeHandle, names: &[&str]) -> Vec<String> {
     let mut problems = Vec::new();
     for name in names {
-        let Ok(b) = registry().get(name) else {
+        let Ok(b) = nodes.get(name) else {
             continue;
         };
         if !b.io_type_supported(IoType::Flush) {
@@ -147,15 +148,17 @@ fn flush(h: &RuntimeHandle, names: &[&str]) -> Vec<String> {
 fn teardown(svc: &Arc<Service>) -> Vec<String> {
     let mut problems = Vec::new();
     loop {
-        let free: Vec<_> = registry()
+        let free: Vec<_> = svc
+            .graph
+            .nodes()
             .list()
             .into_iter()
-            .filter(|b| registry().claims(b.name()).is_empty())
+            .filter(|b| svc.graph.nodes().claims(b.name()).is_empty())
             .collect();
         let mut progress = false;
         for b in free {
             let name = b.name().to_string();
-            if !registry().contains(&name) {
+            if !svc.graph.nodes().contains(&name) {
                 continue; // went with a node above it
             }
             let image = Device::from_bdev(&b).is_some() || graph::node::image(&b).is_some();
@@ -181,7 +184,9 @@ fn teardown(svc: &Arc<Service>) -> Vec<String> {
             break;
         }
     }
-    let left: Vec<String> = registry()
+    let left: Vec<String> = svc
+        .graph
+        .nodes()
         .list()
         .iter()
         .map(|b| b.name().to_string())

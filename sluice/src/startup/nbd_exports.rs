@@ -71,7 +71,7 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
             writable,
             writethrough: false,
         };
-        if let Err(e) = server.add_export(cfg) {
+        if let Err(e) = server.add_export(svc.graph.nodes(), cfg) {
             server.shutdown(SHUTDOWN_WAIT);
             return Err(ServeError::Start(format!("--export {name}: {e}")));
         }

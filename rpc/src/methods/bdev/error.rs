@@ -6,7 +6,7 @@ use crate::methods::common::{delete_typed, register_bdev, ByName};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::error_bdev::{ErrorBdev, InjectParams};
-use bdev::registry;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -33,7 +33,8 @@ fn bdev_error_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "uuid: the error bdev has no UUID of its own",
         ));
     }
-    register_bdev(svc, ErrorBdev::new(&a.base_name)?)?;
+    let _g = svc.graph.change();
+    register_bdev(svc, ErrorBdev::new(svc.graph.nodes(), &a.base_name)?)?;
     Ok(Value::Bool(true))
 }
 
@@ -62,7 +63,7 @@ fn one() -> u32 {
     1
 }
 
-fn bdev_error_inject_error(_svc: &Service, p: Params) -> Result<Value, RpcError> {
+fn bdev_error_inject_error(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Inject = p.parse()?;
     for (n, v) in [
         ("queue_depth", a.queue_depth),
@@ -76,7 +77,7 @@ fn bdev_error_inject_error(_svc: &Service, p: Params) -> Result<Value, RpcError>
             ));
         }
     }
-    let b = registry().get(&a.name)?;
+    let b = svc.graph.nodes().get(&a.name)?;
     let eb = b.as_any().downcast_ref::<ErrorBdev>().ok_or_else(|| {
         RpcError::errno(
             libc::ENODEV,

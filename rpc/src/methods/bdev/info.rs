@@ -3,7 +3,7 @@
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
-use bdev::{local_stats, registry, Bdev, IoStatsSnapshot, IoType};
+use bdev::{local_stats, Bdev, IoStatsSnapshot, IoType};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -15,8 +15,8 @@ pub(super) fn register(t: &mut MethodTable) {
 }
 
 /// One bdev as SPDK's `bdev_get_bdevs` describes it.
-pub fn describe(b: &Arc<dyn Bdev>) -> Value {
-    let claims = registry().claims(b.name());
+pub fn describe(svc: &Service, b: &Arc<dyn Bdev>) -> Value {
+    let claims = svc.graph.nodes().claims(b.name());
     let sup = |t| b.io_type_supported(t);
     let mut v = json!({
         "name": b.name(),
@@ -75,17 +75,22 @@ struct GetBdevs {
     timeout: u64,
 }
 
-fn bdev_get_bdevs(_svc: &Service, p: Params) -> Result<Value, RpcError> {
+fn bdev_get_bdevs(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let GetBdevs { name, timeout } = p.parse()?;
     let Some(name) = name else {
         return Ok(Value::Array(
-            registry().list().iter().map(describe).collect(),
+            svc.graph
+                .nodes()
+                .list()
+                .iter()
+                .map(|b| describe(svc, b))
+                .collect(),
         ));
     };
     let deadline = Instant::now() + Duration::from_millis(timeout.min(3_600_000));
     loop {
-        match registry().get(&name) {
-            Ok(b) => return Ok(json!([describe(&b)])),
+        match svc.graph.nodes().get(&name) {
+            Ok(b) => return Ok(json!([describe(svc, &b)])),
             Err(e) if Instant::now() >= deadline => return Err(e.into()),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
@@ -136,11 +141,11 @@ fn bdev_get_iostat(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let mut names: Vec<String> = a.names.unwrap_or_default();
     names.extend(a.name);
     let bdevs: Vec<Arc<dyn Bdev>> = if names.is_empty() {
-        registry().list()
+        svc.graph.nodes().list()
     } else {
         names
             .iter()
-            .map(|n| registry().get(n))
+            .map(|n| svc.graph.nodes().get(n))
             .collect::<Result<_, _>>()?
     };
     let per = per_reactor(svc, &bdevs)?;

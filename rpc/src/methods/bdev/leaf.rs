@@ -14,7 +14,7 @@ use bdev::lock::LockMode;
 use bdev::malloc::MallocBdev;
 use bdev::null::{NullBdev, NullOptions};
 use bdev::uring::UringBdev;
-use bdev::{registry, Bdev, BdevError};
+use bdev::{Bdev, BdevError};
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +103,7 @@ fn bdev_malloc_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     loop {
         let n = NEXT_MALLOC.fetch_add(1, Ordering::Relaxed);
         let name = format!("Malloc{n}");
-        if registry().contains(&name) {
+        if svc.graph.nodes().contains(&name) {
             continue;
         }
         let b = MallocBdev::new(&name, a.num_blocks, a.block_size, a.uuid.clone())?;
@@ -180,7 +180,7 @@ struct UringCreate {
 fn bdev_uring_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: UringCreate = p.parse()?;
     let locking = locking_param(a.locking.as_deref())?;
-    if registry().contains(&a.name) {
+    if svc.graph.nodes().contains(&a.name) {
         return Err(BdevError::Exists(a.name).into());
     }
     let o = FileOpts {
@@ -214,7 +214,7 @@ struct AioCreate {
 fn bdev_aio_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: AioCreate = p.parse()?;
     neutral("nowait", &a.nowait)?;
-    if registry().contains(&a.name) {
+    if svc.graph.nodes().contains(&a.name) {
         return Err(BdevError::Exists(a.name).into());
     }
     let o = FileOpts {

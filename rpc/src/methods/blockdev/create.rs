@@ -13,7 +13,7 @@ use bdev::device::Device;
 use bdev::null::{NullBdev, NullOptions};
 use bdev::qcow2::OverlapChecks;
 use bdev::uring::UringBdev;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -137,23 +137,28 @@ fn create_leaf(svc: &Service, name: &str, spec: &NodeSpec) -> Result<(), RpcErro
 }
 
 /// Checks that the nested node `child` of the new node `parent` can be made.
-fn check_child_name(parent: &str, child: &str, implicit: bool) -> Result<(), RpcError> {
+fn check_child_name(
+    svc: &Service,
+    parent: &str,
+    child: &str,
+    implicit: bool,
+) -> Result<(), RpcError> {
     if child == parent {
         return Err(RpcError::errno(
             libc::EEXIST,
             format!("Duplicate nodes with node-name='{child}'"),
         ));
     }
-    check_new_name(child, implicit)
+    check_new_name(svc, child, implicit)
 }
 
 /// Checks that `name` can be a new node: QEMU's rules, then unused.
-pub fn check_new_name(name: &str, implicit: bool) -> Result<(), RpcError> {
+pub fn check_new_name(svc: &Service, name: &str, implicit: bool) -> Result<(), RpcError> {
     if !implicit {
         super::args::check_node_name(name)?;
     }
-    if let Ok(b) = registry().get(name) {
-        if Device::from_bdev(&b).is_some() && !state::is_node(name) {
+    if let Ok(b) = svc.graph.nodes().get(name) {
+        if Device::from_bdev(&b).is_some() && !state::is_node(&svc.graph, name) {
             return Err(RpcError::errno(
                 libc::EEXIST,
                 format!("node-name={name} is conflicting with a device id"),
@@ -207,12 +212,12 @@ fn create_raw(
     let base = match file {
         NodeRef::Nested(child) => {
             let (cname, implicit) = child_name(name, child);
-            check_child_name(name, &cname, implicit)?;
+            check_child_name(svc, name, &cname, implicit)?;
             create_leaf(svc, &cname, child)?;
             made.children.push((cname.clone(), child.driver));
-            registry().get(&cname)?
+            svc.graph.nodes().get(&cname)?
         }
-        NodeRef::Named(n) => registry().get(n).map_err(|_| not_found(n))?,
+        NodeRef::Named(n) => svc.graph.nodes().get(n).map_err(|_| not_found(n))?,
     };
     let fail = |svc: &Service, made: &Made, e: RpcError| {
         for (c, _) in &made.children {
@@ -236,7 +241,7 @@ fn create_raw(
             ),
         ));
     }
-    let dev = match Device::new(name, base) {
+    let dev = match Device::new(svc.graph.nodes(), name, base) {
         Ok(d) => d,
         Err(e) => return Err(fail(svc, made, e.into())),
     };
@@ -250,23 +255,26 @@ fn create_raw(
 
 /// Claims that stand for a format node using `name` as its file (QEMU's
 /// permission conflict), if any.
-pub(super) fn format_user(name: &str) -> Option<String> {
-    registry().claims(name).into_iter().find_map(|c| {
-        let user = c.strip_prefix("device ").unwrap_or(&c).to_string();
-        let b = registry().get(&user).ok()?;
+pub(super) fn format_user(g: &graph::Graph, name: &str) -> Option<String> {
+    g.nodes().claims_of(name).into_iter().find_map(|c| {
+        let user = match c.holder {
+            bdev::Holder::Device(d) | bdev::Holder::Node(d) => d,
+            _ => return None,
+        };
+        let b = g.nodes().get(&user).ok()?;
         let is_format =
-            graph::node::image(&b).is_some() || state::driver_of(&user) == Some(Driver::Raw);
+            graph::node::image(&b).is_some() || state::driver_of(g, &user) == Some(Driver::Raw);
         is_format.then_some(user)
     })
 }
 
 /// QEMU opens the backing after the file: checked after the file's checks.
-fn check_backing(backing: &Backing, o: &mut Open) -> Result<(), RpcError> {
+fn check_backing(svc: &Service, backing: &Backing, o: &mut Open) -> Result<(), RpcError> {
     match backing {
         Backing::FromHeader => {}
         Backing::None => o.no_backing = true,
         Backing::Named(b) => {
-            if !registry().contains(b) {
+            if !svc.graph.nodes().contains(b) {
                 return Err(RpcError::errno(
                     libc::ENODEV,
                     format!("Could not open backing file: {}", not_found(b).message),
@@ -292,7 +300,7 @@ fn create_qcow2(
         node_name: Some(name.to_string()),
         read_only: ro,
         direct: Some(spec.common.direct.unwrap_or(false)),
-        overlap_checks: Some(overlap),
+        overlap_check: Some(overlap),
         force_share: spec.common.force_share,
         ..Open::default()
     };
@@ -301,7 +309,7 @@ fn create_qcow2(
     match file {
         NodeRef::Nested(child) if child.driver.is_file() => {
             let (cname, implicit) = child_name(name, child);
-            check_child_name(name, &cname, implicit)?;
+            check_child_name(svc, name, &cname, implicit)?;
             let Kind::File { filename, locking } = &child.kind else {
                 return Err(RpcError::internal("file node without a filename"));
             };
@@ -322,14 +330,14 @@ fn create_qcow2(
         }
         NodeRef::Nested(child) => {
             let (cname, implicit) = child_name(name, child);
-            check_child_name(name, &cname, implicit)?;
+            check_child_name(svc, name, &cname, implicit)?;
             create_leaf(svc, &cname, child)?;
             made.children.push((cname.clone(), child.driver));
             o.base_bdev = Some(cname);
         }
         NodeRef::Named(n) => {
-            let b = registry().get(n).map_err(|_| not_found(n))?;
-            if let Some(user) = format_user(n) {
+            let b = svc.graph.nodes().get(n).map_err(|_| not_found(n))?;
+            if let Some(user) = format_user(&svc.graph, n) {
                 return Err(RpcError::errno(
                     libc::EBUSY,
                     format!(
@@ -340,21 +348,24 @@ fn create_qcow2(
             if !ro && b.read_only() {
                 return Err(read_only_node());
             }
-            check_backing(backing, &mut o)?;
-            match (state::record(n), b.as_any().downcast_ref::<UringBdev>()) {
+            check_backing(svc, backing, &mut o)?;
+            match (
+                state::record(&svc.graph, n),
+                b.as_any().downcast_ref::<UringBdev>(),
+            ) {
                 // A file node of the monitor's, unused: the image opens its file
                 // itself (so that it can grow it and trim it at close) and the
                 // uring bdev it opens takes the node's place under its name.
                 (Some(rec), Some(u))
-                    if rec.driver.is_file() && state::user_claims(n).is_empty() =>
+                    if rec.driver.is_file() && state::user_claims(&svc.graph, n).is_empty() =>
                 {
                     o.filename = Some(u.path().display().to_string());
                     o.direct = Some(u.options().direct);
                     o.locking = Some(u.options().locking.as_str().into());
                     o.file_node = Some(n.clone());
                     o.file_force_share = rec.args.get("force-share") == Some(&Value::Bool(true));
-                    registry().release(n, state::MONITOR_CLAIM);
-                    registry().delete(n, &svc.rt)?;
+                    svc.graph.nodes().release(n, &bdev::Holder::Monitor);
+                    svc.graph.delete(n)?;
                     made.file_ref = Some(n.clone());
                     swapped = Some(rec);
                 }
@@ -363,9 +374,9 @@ fn create_qcow2(
         }
     }
     if !matches!(file, NodeRef::Named(_)) {
-        if let Err(e) = check_backing(backing, &mut o) {
+        if let Err(e) = check_backing(svc, backing, &mut o) {
             for (c, _) in &made.children {
-                if registry().contains(c) {
+                if svc.graph.nodes().contains(c) {
                     let _ = delete_bdev(svc, c);
                 }
             }
@@ -375,16 +386,16 @@ fn create_qcow2(
     match nodes::open(svc, o) {
         Ok(_) => {
             if let Some(f) = &made.file_ref {
-                registry().claim(f, state::MONITOR_CLAIM)?;
+                svc.graph.nodes().claim(f, bdev::Claim::monitor())?;
             }
             Ok(())
         }
         Err(e) => {
             if let Some(rec) = swapped {
-                restore_file_node(&rec);
+                restore_file_node(&svc.graph, &rec);
             }
             for (c, _) in &made.children {
-                if registry().contains(c) {
+                if svc.graph.nodes().contains(c) {
                     let _ = delete_bdev(svc, c);
                 }
             }
@@ -395,27 +406,24 @@ fn create_qcow2(
 
 /// Puts a monitor-owned file node back as a uring bdev of its own (after the
 /// image that read through it is gone, or failed to open).
-pub fn restore_file_node(rec: &Record) {
+pub fn restore_file_node(g: &graph::Graph, rec: &Record) {
     let r = super::spec::parse(&rec.args, "", None)
         .and_then(|spec| open_file_node(&rec.name, &spec))
-        .and_then(|b| Ok(registry().register(b)?))
-        .and_then(|_| {
-            Ok(registry()
-                .claim(&rec.name, state::MONITOR_CLAIM)
-                .map(|_| ())?)
-        });
+        .and_then(|b| Ok(g.register_claimed(b, bdev::Claim::monitor()).map(|_| ())?));
     if let Err(e) = r {
         tracing::error!(node = %rec.name, "reopening the file node: {e}");
-        state::forget(&rec.name);
+        state::forget(g, &rec.name);
     }
 }
 
 /// The arguments recorded for `save_config`: as given, with a named backing
 /// that the image has since dropped (a stream) recorded as `null`.
-pub fn config_args(rec: &Record) -> Value {
+pub fn config_args(svc: &Service, rec: &Record) -> Value {
     let mut args = rec.args.clone();
     if rec.driver == Driver::Qcow2 && args.get("backing").is_some_and(Value::is_string) {
-        let has_backing = registry()
+        let has_backing = svc
+            .graph
+            .nodes()
             .get(&rec.name)
             .ok()
             .and_then(|b| graph::node::backing_of(&b))
@@ -435,10 +443,17 @@ pub(super) fn add(svc: &Service, v: &Value) -> Result<String, RpcError> {
             "'node-name' must be specified for the root node",
         ));
     };
-    check_new_name(&name, false)?;
+    check_new_name(svc, &name, false)?;
     let made = create(svc, &name, &spec)?;
-    registry().claim(&name, state::MONITOR_CLAIM)?;
-    state::insert(&name, spec.driver, v.clone(), made.children, made.file_ref);
+    svc.graph.nodes().claim(&name, bdev::Claim::monitor())?;
+    state::insert(
+        &svc.graph,
+        &name,
+        spec.driver,
+        v.clone(),
+        made.children,
+        made.file_ref,
+    );
     tracing::info!(node = %name, driver = spec.driver.as_str(), "blockdev-add");
     Ok(name)
 }

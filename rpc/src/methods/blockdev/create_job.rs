@@ -15,12 +15,12 @@ use super::spec::Driver;
 use super::state;
 use crate::error::RpcError;
 use crate::service::Service;
-use bdev::lock::{ImageLock, Perms};
+use bdev::lock::ImageLock;
 use bdev::qcow2::{self, CreateOptions};
 use bdev::uring::UringBdev;
-use bdev::{registry, Bdev};
+use bdev::Bdev;
+use graph::Graph;
 use jobs::job::{Job, JobSpec, JobType, OnError};
-use reactor::RuntimeHandle;
 use serde_json::Value;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -46,11 +46,11 @@ pub(super) fn start(svc: &Service, v: &Value) -> Result<(), RpcError> {
     })?;
     job.set_len(1);
     job.start();
-    let rt = svc.rt.clone();
+    let g = svc.graph.clone();
     let j = job.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("create {}", cmd.job_id))
-        .spawn(move || run(&j, &rt, &cmd.spec));
+        .spawn(move || run(&j, &g, &cmd.spec));
     if let Err(e) = spawned {
         let msg = format!("starting the job: {e}");
         futures::executor::block_on(job.complete(Some(msg.clone()), |_| async { Ok(()) }));
@@ -59,13 +59,13 @@ pub(super) fn start(svc: &Service, v: &Value) -> Result<(), RpcError> {
     Ok(())
 }
 
-fn run(job: &Arc<Job>, rt: &RuntimeHandle, spec: &CreateSpec) {
+fn run(job: &Arc<Job>, g: &Graph, spec: &CreateSpec) {
     let r = {
         // No node is added or deleted under the creation.
-        let _g = state::op_lock();
+        let _g = g.change();
         match spec {
             CreateSpec::File(f) => create_host_file(f),
-            CreateSpec::Qcow2(q) => create_qcow2(rt, q),
+            CreateSpec::Qcow2(q) => create_qcow2(g, q),
         }
     };
     job.add_progress(1);
@@ -79,22 +79,6 @@ fn run(job: &Arc<Job>, rt: &RuntimeHandle, spec: &CreateSpec) {
 fn errno_desc(e: &std::io::Error) -> &'static str {
     nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)).desc()
 }
-
-/// Whether a registered node has the file at `path` open (QEMU finds it by
-/// the file's lock bytes).
-fn path_in_use(path: &Path) -> bool {
-    let Ok(want) = std::fs::canonicalize(path) else {
-        return false;
-    };
-    registry().list().iter().any(|b| {
-        b.as_any()
-            .downcast_ref::<UringBdev>()
-            .and_then(|u| std::fs::canonicalize(u.path()).ok())
-            .is_some_and(|p| p == want)
-    })
-}
-
-const LOCKED: &str = "Failed to get \"write\" lock";
 
 /// A creation's error as the job reports it: a lock conflict in QEMU's
 /// words without the hint (QEMU's job error carries none).
@@ -115,17 +99,10 @@ fn create_host_file(f: &FileCreate) -> Result<(), String> {
         .mode(0o644)
         .open(&f.filename)
         .map_err(|e| format!("Could not create '{}': {}", f.filename, errno_desc(&e)))?;
-    if path_in_use(Path::new(&f.filename)) {
-        return Err(LOCKED.into());
-    }
-    // Held until the file is cleared and sized: a file open for writing
-    // (or reading) here or in another process is left untouched.
-    let _lock = file
-        .try_clone()
-        .map_err(|e| format!("Could not create '{}': {}", f.filename, errno_desc(&e)))
-        .and_then(|lf| {
-            ImageLock::on_file(lf, Path::new(&f.filename), Perms::CREATOR).map_err(job_error)
-        })?;
+    // Held until the file is cleared and sized: a file a node has open
+    // (here or in another process) holds lock bytes, so it is refused and
+    // left untouched, as QEMU finds it.
+    let _lock = ImageLock::for_create(&file, Path::new(&f.filename)).map_err(job_error)?;
     if f.preallocation != "off" {
         return Err(format!(
             "Unsupported preallocation mode: {}",
@@ -232,14 +209,14 @@ enum Target {
 
 /// The node `n` as a target, after QEMU's permission checks (the job's
 /// BlockBackend takes write and resize, sharing everything).
-fn node_target(n: &str) -> Result<Target, String> {
-    let b = registry().get(n).map_err(|_| not_found(n).message)?;
-    if let Some(user) = format_user(n) {
+fn node_target(g: &Graph, n: &str) -> Result<Target, String> {
+    let b = g.nodes().get(n).map_err(|_| not_found(n).message)?;
+    if let Some(user) = format_user(g, n) {
         return Err(format!(
             "Permission conflict on node '{n}': permissions 'write, resize' are both required by an unnamed block device (uses node '{n}' as 'root' child) and unshared by node '{user}' (uses node '{n}' as 'file' child)."
         ));
     }
-    let users = state::user_claims(n);
+    let users = state::user_claims(g, n);
     if !users.is_empty() {
         return Err(format!(
             "Node '{n}' is in use ({}): sluice writes an image only onto a node nothing else uses",
@@ -249,7 +226,7 @@ fn node_target(n: &str) -> Result<Target, String> {
     if b.read_only() {
         return Err("Block node is read-only".into());
     }
-    let rec = state::record(n).filter(|r| r.driver == Driver::File);
+    let rec = state::record(g, n).filter(|r| r.driver == Driver::File);
     match (rec, b.as_any().downcast_ref::<UringBdev>()) {
         (Some(rec), Some(u)) => Ok(Target::Path {
             path: u.path().to_path_buf(),
@@ -259,10 +236,11 @@ fn node_target(n: &str) -> Result<Target, String> {
     }
 }
 
-fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
+fn create_qcow2(g: &Graph, q: &Qcow2Create) -> Result<(), String> {
+    let rt = g.rt();
     // QEMU opens the file reference before it checks the options.
     match &q.file {
-        FileRef::Named(n) if !registry().contains(n) => return Err(not_found(n).message),
+        FileRef::Named(n) if !g.nodes().contains(n) => return Err(not_found(n).message),
         FileRef::Path(p) => {
             if let Err(e) = std::fs::metadata(p) {
                 return Err(could_not_open(p, &e).message);
@@ -272,16 +250,11 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
     }
     let opts = validate(q)?;
     let target = match &q.file {
-        FileRef::Named(n) => node_target(n)?,
-        FileRef::Path(p) => {
-            if path_in_use(Path::new(p)) {
-                return Err(LOCKED.into());
-            }
-            Target::Path {
-                path: PathBuf::from(p),
-                node: None,
-            }
-        }
+        FileRef::Named(n) => node_target(g, n)?,
+        FileRef::Path(p) => Target::Path {
+            path: PathBuf::from(p),
+            node: None,
+        },
     };
     let joined = |r: Result<Result<(), bdev::BdevError>, reactor::JoinError>| match r {
         Ok(Ok(())) => Ok(()),
@@ -300,7 +273,7 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
             // The file node's own lock would refuse the creation: the node
             // is closed first and reopened at the file's new length.
             if let Some(rec) = &node {
-                close_file_node(rt, rec)?;
+                close_file_node(g, rec)?;
             }
             let r = joined(
                 rt.spawn_on(REACTOR, {
@@ -310,7 +283,7 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
                 .block(),
             );
             if let Some(rec) = node {
-                restore_file_node(&rec);
+                restore_file_node(g, &rec);
             }
             r
         }
@@ -319,10 +292,10 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
 
 /// Closes a monitor-owned file node (ending its lock) so that its file can be
 /// written through its path; `restore_file_node` reopens it at its new size.
-fn close_file_node(rt: &RuntimeHandle, rec: &state::Record) -> Result<(), String> {
-    registry().release(&rec.name, state::MONITOR_CLAIM);
-    if let Err(e) = registry().delete(&rec.name, rt) {
-        let _ = registry().claim(&rec.name, state::MONITOR_CLAIM);
+fn close_file_node(g: &Graph, rec: &state::Record) -> Result<(), String> {
+    g.nodes().release(&rec.name, &bdev::Holder::Monitor);
+    if let Err(e) = g.delete(&rec.name) {
+        let _ = g.nodes().claim(&rec.name, bdev::Claim::monitor());
         return Err(format!("closing the file node '{}': {e}", rec.name));
     }
     Ok(())

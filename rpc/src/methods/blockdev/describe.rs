@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 /// The describer installed for [`graph::qemu_name`]; `None` for bdevs that
 /// are not `blockdev-add` nodes, and for qcow2 nodes (described as images).
-pub fn describe(b: &Arc<dyn Bdev>) -> Option<QemuNode> {
-    let driver = state::driver_of(b.name())?;
-    let args = state::args_of(b.name()).unwrap_or(Value::Null);
+pub fn describe(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<QemuNode> {
+    let driver = state::driver_of(g, b.name())?;
+    let args = state::args_of(g, b.name()).unwrap_or(Value::Null);
     match driver {
         Driver::File | Driver::HostDevice => {
             let filename = args

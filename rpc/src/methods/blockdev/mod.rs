@@ -27,7 +27,7 @@ use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use args::Args;
 use bdev::device::Device;
-use bdev::{registry, Bdev};
+use bdev::{Bdev, Holder};
 use serde_json::{json, Value};
 use spec::Driver;
 use state::{backing_user, is_raw_node, monitor_owned};
@@ -35,11 +35,10 @@ use std::sync::Arc;
 
 /// Registers the methods and the `blockdev` section of `save_config`.
 pub fn register(t: &mut MethodTable) {
-    graph::qemu_name::register_describer(describe::describe);
     t.add("blockdev-add", |svc, p| {
         let v = p.0.unwrap_or(Value::Null);
         let v = if v.is_null() { json!({}) } else { v };
-        let _g = state::op_lock();
+        let _g = svc.graph.change();
         create::add(svc, &v)?;
         Ok(json!({}))
     });
@@ -50,12 +49,22 @@ pub fn register(t: &mut MethodTable) {
         create_job::start(svc, &v)?;
         Ok(json!({}))
     });
-    t.add_config_section("blockdev", &["bdev"], |_| {
-        state::records()
+    t.add_config_section("blockdev", &["bdev"], |svc| {
+        state::records(&svc.graph)
             .iter()
-            .map(|r| json!({"method": "blockdev-add", "params": create::config_args(r)}))
+            .map(|r| json!({"method": "blockdev-add", "params": create::config_args(svc, r)}))
             .collect()
     });
+}
+
+/// How QEMU names a `blockdev-add` node (the describer `graph::qemu_name`
+/// asks first).
+pub fn describe_node(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<graph::qemu_name::QemuNode> {
+    // Only this graph's nodes: another service's may have the same name.
+    if !g.nodes().holds(b) {
+        return None;
+    }
+    describe::describe(g, b)
 }
 
 fn failed_to_find(name: &str) -> RpcError {
@@ -67,14 +76,21 @@ fn failed_to_find(name: &str) -> RpcError {
 
 /// Why `name` cannot be deleted, in QEMU's order and words.
 fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError> {
-    let b = registry().get(name).map_err(|_| failed_to_find(name))?;
-    if Device::from_bdev(&b).is_some() && !is_raw_node(name) {
+    let b = svc
+        .graph
+        .nodes()
+        .get(name)
+        .map_err(|_| failed_to_find(name))?;
+    if Device::from_bdev(&b).is_some() && !is_raw_node(svc, name) {
         // A device is QEMU's block backend, not a node.
         return Err(failed_to_find(name));
     }
-    let claims = state::user_claims(name);
-    let backend = |c: &String| {
-        c.starts_with("nbd export ") || c.strip_prefix("device ").is_some_and(|d| !is_raw_node(d))
+    let claims = state::users(&svc.graph, name);
+    // QEMU's block backends: an export's, a device's (a raw node is a node).
+    let backend = |h: &Holder| match h {
+        Holder::Export(_) => true,
+        Holder::Device(d) => !is_raw_node(svc, d),
+        _ => false,
     };
     if claims.iter().any(backend) {
         return Err(RpcError::errno(
@@ -92,13 +108,13 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
         ));
     }
     // QEMU's op blocker on a backing node (checked before ownership).
-    if let Some(user) = backing_user(name) {
+    if let Some(user) = backing_user(svc, name) {
         return Err(RpcError::errno(
             libc::EBUSY,
             format!("Node '{name}' is busy: node is used as backing hd of '{user}'"),
         ));
     }
-    if !monitor_owned(name) {
+    if !monitor_owned(svc, name) {
         return Err(RpcError::errno(
             libc::EPERM,
             format!("Node {name} is not owned by the monitor"),
@@ -118,35 +134,33 @@ fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let mut a = Args::new(&v, "")?;
     let name = a.req_str("node-name")?;
     a.finish(&[])?;
-    let _g = state::op_lock();
+    let _g = svc.graph.change();
     let b = check_deletable(svc, &name)?;
-    let rec = state::record(&name).ok_or_else(|| failed_to_find(&name))?;
-    registry().release(&name, state::MONITOR_CLAIM);
+    let rec = state::record(&svc.graph, &name).ok_or_else(|| failed_to_find(&name))?;
+    svc.graph.nodes().release(&name, &bdev::Holder::Monitor);
     match rec.driver {
         // Flushed, the file trimmed, the chain from the header closed: the
         // path `bdev_qcow2_delete` takes.
         Driver::Qcow2 => delete_node(svc, b)?,
         _ => delete_bdev(svc, &name)?,
     }
-    state::forget(&name);
+    state::forget(&svc.graph, &name);
     for (c, _) in &rec.children {
-        for other in registry().list() {
-            registry().release(other.name(), c);
-        }
-        if registry().contains(c) {
+        svc.graph.release_all(&bdev::Holder::Node(c.clone()));
+        if svc.graph.nodes().contains(c) {
             if let Err(e) = delete_bdev(svc, c) {
                 tracing::warn!(node = %c, "deleting the nested node: {e}");
             }
         }
     }
     if let Some(f) = &rec.file_ref {
-        if let Some(frec) = state::record(f) {
-            if state::user_claims(f).is_empty() {
-                registry().release(f, state::MONITOR_CLAIM);
-                if let Err(e) = registry().delete(f, &svc.rt) {
+        if let Some(frec) = state::record(&svc.graph, f) {
+            if state::user_claims(&svc.graph, f).is_empty() {
+                svc.graph.nodes().release(f, &bdev::Holder::Monitor);
+                if let Err(e) = svc.graph.delete(f) {
                     tracing::warn!(node = %f, "closing the image's file: {e}");
                 }
-                create::restore_file_node(&frec);
+                create::restore_file_node(&svc.graph, &frec);
             }
         }
     }

@@ -17,7 +17,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use bdev::device::Device;
 use bdev::qcow2::{self, CreateOptions};
-use bdev::{registry, Bdev};
+use bdev::Bdev;
 use graph::node;
 use serde_json::json;
 use std::path::PathBuf;
@@ -25,18 +25,18 @@ use std::sync::Arc;
 
 /// The claims on `node` that a snapshot cannot move onto an overlay: all
 /// but the monitor's and those of the hidden devices (exports) over it.
-fn check_movable(node: &str) -> Result<(), RpcError> {
-    let movable: Vec<String> = Device::hidden_by_root(node)
+fn check_movable(svc: &Service, node: &str) -> Result<(), RpcError> {
+    let movable: Vec<String> = Device::hidden_by_root(svc.graph.nodes(), node)
         .iter()
         .map(|b| b.name().to_string())
         .collect();
-    let mut others = state::user_claims(node);
+    let mut others = state::user_claims(&svc.graph, node);
     others.retain(|c| !movable.contains(c));
     if others.is_empty() {
         return Ok(());
     }
     // QEMU's op blocker on a backing node, in its words.
-    let backing_of = backing_user(node);
+    let backing_of = backing_user(svc, node);
     if let Some(user) = backing_of {
         return Err(RpcError::errno(
             libc::EBUSY,
@@ -59,13 +59,14 @@ fn owner_of(b: &Arc<dyn Bdev>) -> usize {
 
 /// Moves the exports of `node` onto `overlay` (quiesced swaps).
 fn move_exports(svc: &Service, node: &str, overlay: &str) -> Result<(), RpcError> {
-    let ov = registry().get(overlay)?;
+    let ov = svc.graph.nodes().get(overlay)?;
     let rt = svc.rt.clone();
     let node = node.to_string();
+    let g = svc.graph.clone();
     let moved = svc
         .rt
         .spawn_on(owner_of(&ov), move || async move {
-            graph::snapshot::move_hidden(&rt, &node, &ov).await
+            graph::snapshot::move_hidden(&g, &rt, &node, &ov).await
         })
         .block()??;
     tracing::debug!(overlay, moved, "exports moved onto the overlay");
@@ -81,17 +82,21 @@ pub(crate) fn snapshot_plain_node(
     node_name: Option<String>,
     existing: bool,
 ) -> Result<String, RpcError> {
-    let _g = state::op_lock();
-    let b = registry().get(node).map_err(|_| create::not_found(node))?;
-    check_movable(node)?;
+    let _g = svc.graph.change();
+    let b = svc
+        .graph
+        .nodes()
+        .get(node)
+        .map_err(|_| create::not_found(node))?;
+    check_movable(svc, node)?;
     let name = match node_name {
         Some(n) => n,
         None => (0..)
             .map(|i| format!("{node}-snap{i}"))
-            .find(|n| !registry().contains(n))
+            .find(|n| !svc.graph.nodes().contains(n))
             .unwrap_or_default(),
     };
-    create::check_new_name(&name, false)?;
+    create::check_new_name(svc, &name, false)?;
     if !existing {
         let opts = CreateOptions {
             backing_file: Some(node::filename_of(&b)),
@@ -127,22 +132,25 @@ pub(crate) fn snapshot_existing_plain(
     node: &str,
     overlay: &str,
 ) -> Result<(), RpcError> {
-    let _g = state::op_lock();
-    let ov = registry()
+    let _g = svc.graph.change();
+    let ov = svc
+        .graph
+        .nodes()
         .get(overlay)
         .map_err(|_| create::not_found(overlay))?;
-    check_movable(node)?;
+    check_movable(svc, node)?;
     // QEMU: an overlay with a BlockBackend (an export, a device) is refused.
-    if !state::user_claims(overlay).is_empty() || Device::from_bdev(&ov).is_some() {
+    if !state::user_claims(&svc.graph, overlay).is_empty() || Device::from_bdev(&ov).is_some() {
         return Err(RpcError::invalid_params("The overlay is already in use"));
     }
     let (n, o) = (node.to_string(), overlay.to_string());
+    let g = svc.graph.clone();
     svc.rt
         .spawn_on(owner_of(&ov), move || async move {
-            graph::snapshot::snapshot_existing_plain(&n, &o).await
+            graph::snapshot::snapshot_existing_plain(&g, &n, &o).await
         })
         .block()??;
     // save_config re-adds the overlay over its new backing.
-    state::set_backing(overlay, node);
+    state::set_backing(&svc.graph, overlay, node);
     Ok(())
 }

@@ -7,38 +7,7 @@ use bdev::lock::LockMode;
 use bdev::qcow2::OverlapChecks;
 use serde_json::Value;
 
-/// The drivers `blockdev-add` creates nodes of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Driver {
-    /// A file through io_uring.
-    File,
-    /// A block device through io_uring.
-    HostDevice,
-    /// A qcow2 image over a file (or any node).
-    Qcow2,
-    /// A node that reads and writes its file as it is.
-    Raw,
-    /// A null device.
-    NullCo,
-}
-
-impl Driver {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Driver::File => "file",
-            Driver::HostDevice => "host_device",
-            Driver::Qcow2 => "qcow2",
-            Driver::Raw => "raw",
-            Driver::NullCo => "null-co",
-        }
-    }
-
-    /// A protocol driver that opens a path.
-    pub fn is_file(self) -> bool {
-        matches!(self, Driver::File | Driver::HostDevice)
-    }
-}
+pub use graph::monitor::Driver;
 
 /// QEMU 10's `BlockdevDriver` values sluice does not serve: refused as
 /// unsupported rather than unknown.

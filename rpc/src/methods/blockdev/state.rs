@@ -1,172 +1,107 @@
-//! Which nodes `blockdev-add` made (QEMU's "owned by the monitor"), with what
-//! arguments, and the nested nodes made with each.
+//! Which nodes `blockdev-add` made (QEMU's "owned by the monitor"): the
+//! records live in the service's [`graph::Graph`] (its monitor table); these
+//! helpers read them together with the registry.
 
 use super::spec::Driver;
-use bdev::{registry, Bdev};
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::service::Service;
+use bdev::Bdev;
+use bdev::Holder;
+use graph::Graph;
+use serde_json::json;
+use serde_json::Value;
+use std::sync::Arc;
 
-/// A node made by `blockdev-add`.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// Its node name.
-    pub name: String,
-    /// Its driver.
-    pub driver: Driver,
-    /// The arguments it was added with.
-    pub args: Value,
-    /// Nested nodes made with it (name, driver).
-    pub children: Vec<(String, Driver)>,
-    /// A monitor-owned file node the image reads through (its uring bdev
-    /// replaced by the image's own until the image is deleted).
-    pub file_ref: Option<String>,
-    /// Creation order (for `save_config`).
-    pub seq: u64,
-}
-
-#[derive(Default)]
-struct State {
-    nodes: BTreeMap<String, Record>,
-    next: u64,
-}
-
-static STATE: Mutex<Option<State>> = Mutex::new(None);
-
-/// The registry claim the monitor holds on each node it added, so that no
-/// other path (a stream releasing intermediate images, `bdev_*_delete`)
-/// removes it: QEMU's monitor reference. Not a valid node name.
-pub const MONITOR_CLAIM: &str = "monitor (blockdev-add)";
+pub use graph::monitor::Record;
 
 /// Who uses `name`, the monitor's own claim left out.
-pub fn user_claims(name: &str) -> Vec<String> {
-    let mut v = registry().claims(name);
-    v.retain(|c| c != MONITOR_CLAIM);
-    v
+pub fn users(g: &Graph, name: &str) -> Vec<Holder> {
+    g.nodes()
+        .claims_of(name)
+        .into_iter()
+        .map(|c| c.holder)
+        .filter(|h| *h != Holder::Monitor)
+        .collect()
 }
 
-/// Serialises `blockdev-add`, `blockdev-del`, `blockdev-create`, snapshots of
-/// plain nodes and `block-export-add`.
-static OP: Mutex<()> = Mutex::new(());
-
-/// Held while a node is added or deleted.
-pub fn op_lock() -> MutexGuard<'static, ()> {
-    OP.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn with<T>(f: impl FnOnce(&mut State) -> T) -> T {
-    let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
-    f(g.get_or_insert_with(State::default))
+/// [`users`] as they are shown.
+pub fn user_claims(g: &Graph, name: &str) -> Vec<String> {
+    users(g, name).iter().map(Holder::to_string).collect()
 }
 
 /// Records a new node.
 pub fn insert(
+    g: &Graph,
     name: &str,
     driver: Driver,
     args: Value,
     children: Vec<(String, Driver)>,
     file_ref: Option<String>,
 ) {
-    with(|s| {
-        s.next += 1;
-        let seq = s.next;
-        s.nodes.insert(
-            name.to_string(),
-            Record {
-                name: name.to_string(),
-                driver,
-                args,
-                children,
-                file_ref,
-                seq,
-            },
-        );
-    })
+    g.monitor().insert(name, driver, args, children, file_ref)
 }
 
 /// Records that the node `name` now reads through `backing` (a
 /// `blockdev-snapshot` linked it), so `save_config` re-adds it that way.
-pub fn set_backing(name: &str, backing: &str) {
-    with(|s| {
-        if let Some(r) = s.nodes.get_mut(name) {
-            r.args["backing"] = Value::String(backing.to_string());
-        }
-    })
+pub fn set_backing(g: &Graph, name: &str, backing: &str) {
+    g.monitor().set_backing(name, backing)
 }
 
 /// Forgets a node.
-pub fn forget(name: &str) {
-    with(|s| {
-        s.nodes.remove(name);
-    })
+pub fn forget(g: &Graph, name: &str) {
+    g.monitor().forget(name)
 }
 
 /// The record of a node made by `blockdev-add` (a node since deleted by
 /// other means, `bdev_*_delete`, has none).
-pub fn record(name: &str) -> Option<Record> {
-    with(|s| s.nodes.get(name).cloned()).filter(|_| registry().contains(name))
+pub fn record(g: &Graph, name: &str) -> Option<Record> {
+    let r = g.monitor().get(name);
+    r.filter(|_| g.nodes().contains(name))
 }
 
 /// Every record of a node still registered, oldest first.
-pub fn records() -> Vec<Record> {
-    let mut v: Vec<Record> = with(|s| s.nodes.values().cloned().collect());
-    v.retain(|r| registry().contains(&r.name));
-    v.sort_by_key(|r| r.seq);
+pub fn records(g: &Graph) -> Vec<Record> {
+    let mut v = g.monitor().all();
+    v.retain(|r| g.nodes().contains(&r.name));
     v
 }
 
 /// The options a node made by `blockdev-add` was given: its own arguments,
 /// or for a node nested in one, the parent's `file` member.
-pub fn args_of(name: &str) -> Option<Value> {
-    with(|s| {
-        s.nodes.get(name).map(|r| r.args.clone()).or_else(|| {
-            s.nodes
-                .values()
-                .find(|r| r.children.iter().any(|(c, _)| c == name))
-                .and_then(|r| r.args.get("file").filter(|f| f.is_object()).cloned())
-        })
-    })
+pub fn args_of(g: &Graph, name: &str) -> Option<Value> {
+    g.monitor().args_of(name)
 }
 
 /// The driver of a node made by `blockdev-add` or nested in one.
-pub fn driver_of(name: &str) -> Option<Driver> {
-    with(|s| {
-        s.nodes.get(name).map(|r| r.driver).or_else(|| {
-            s.nodes
-                .values()
-                .flat_map(|r| r.children.iter())
-                .find(|(c, _)| c == name)
-                .map(|(_, d)| *d)
-        })
-    })
+pub fn driver_of(g: &Graph, name: &str) -> Option<Driver> {
+    g.monitor().driver_of(name)
 }
 
 /// Whether `name` is a node `blockdev-add` made (at the top or nested).
-pub fn is_node(name: &str) -> bool {
-    driver_of(name).is_some()
+pub fn is_node(g: &Graph, name: &str) -> bool {
+    driver_of(g, name).is_some()
 }
 
 /// Whether `name` is a node made by `blockdev-add` at the top level (QEMU:
 /// owned by the monitor).
-pub fn monitor_owned(name: &str) -> bool {
-    record(name).is_some()
+pub fn monitor_owned(svc: &Service, name: &str) -> bool {
+    record(&svc.graph, name).is_some()
 }
 
 /// Whether the bdev `name` belongs to a `blockdev-add` node (the node or one
 /// nested in it): `save_config` recreates it with `blockdev-add`.
-pub fn owns(name: &str) -> bool {
-    is_node(name) && registry().contains(name)
+pub fn owns(svc: &Service, name: &str) -> bool {
+    is_node(&svc.graph, name) && svc.graph.nodes().contains(name)
 }
 
 /// Whether `name` is a raw node (a device in sluice's terms, a node in QEMU's).
-pub fn is_raw_node(name: &str) -> bool {
-    driver_of(name) == Some(Driver::Raw)
+pub fn is_raw_node(svc: &Service, name: &str) -> bool {
+    driver_of(&svc.graph, name) == Some(Driver::Raw)
 }
 
 /// Adjusts a `BlockDeviceInfo` (`query-named-block-nodes`) to the driver the
 /// node was added with.
-pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
-    let Some(d) = driver_of(b.name()) else {
+pub fn annotate(svc: &Service, b: &Arc<dyn Bdev>, v: &mut Value) {
+    let Some(d) = driver_of(&svc.graph, b.name()) else {
         return;
     };
     v["drv"] = json!(d.as_str());
@@ -184,13 +119,20 @@ pub fn annotate(b: &Arc<dyn Bdev>, v: &mut Value) {
 }
 
 /// The image node that reads through `name` as its backing, if any.
-pub(crate) fn backing_user(name: &str) -> Option<String> {
-    user_claims(name).into_iter().find(|c| {
-        registry()
-            .get(c)
-            .ok()
-            .and_then(|b| graph::node::image(&b))
-            .and_then(|i| i.backing())
-            .is_some_and(|b| b.name() == name)
-    })
+pub(crate) fn backing_user(svc: &Service, name: &str) -> Option<String> {
+    users(&svc.graph, name)
+        .into_iter()
+        .filter_map(|h| match h {
+            Holder::Node(n) => Some(n),
+            _ => None,
+        })
+        .find(|n| {
+            svc.graph
+                .nodes()
+                .get(n)
+                .ok()
+                .and_then(|b| graph::node::image(&b))
+                .and_then(|i| i.backing())
+                .is_some_and(|b| b.name() == name)
+        })
 }

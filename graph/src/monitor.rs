@@ -1,0 +1,137 @@
+//! What the monitor made: the nodes `blockdev-add` added (QEMU's "owned by
+//! the monitor"), with their arguments and the nested nodes made with each.
+//! The table lives in the [`crate::Graph`]; `blockdev-add` and `blockdev-del`
+//! read and change it under the graph's change lock.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The drivers `blockdev-add` creates nodes of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// A file through io_uring.
+    File,
+    /// A block device through io_uring.
+    HostDevice,
+    /// A qcow2 image over a file (or any node).
+    Qcow2,
+    /// A node that reads and writes its file as it is.
+    Raw,
+    /// A null device.
+    NullCo,
+}
+
+impl Driver {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::File => "file",
+            Driver::HostDevice => "host_device",
+            Driver::Qcow2 => "qcow2",
+            Driver::Raw => "raw",
+            Driver::NullCo => "null-co",
+        }
+    }
+
+    /// A protocol driver that opens a path.
+    pub fn is_file(self) -> bool {
+        matches!(self, Driver::File | Driver::HostDevice)
+    }
+}
+
+/// A node made by `blockdev-add`.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Its node name.
+    pub name: String,
+    /// Its driver.
+    pub driver: Driver,
+    /// The arguments it was added with.
+    pub args: Value,
+    /// Nested nodes made with it (name, driver).
+    pub children: Vec<(String, Driver)>,
+    /// A monitor-owned file node the image reads through (its uring bdev
+    /// replaced by the image's own until the image is deleted).
+    pub file_ref: Option<String>,
+    /// Creation order (for `save_config`).
+    pub seq: u64,
+}
+
+/// The records of the monitor's nodes.
+#[derive(Default)]
+pub struct MonitorTable {
+    nodes: BTreeMap<String, Record>,
+    next: u64,
+}
+
+impl MonitorTable {
+    /// Records a new node.
+    pub fn insert(
+        &mut self,
+        name: &str,
+        driver: Driver,
+        args: Value,
+        children: Vec<(String, Driver)>,
+        file_ref: Option<String>,
+    ) {
+        self.next += 1;
+        let seq = self.next;
+        self.nodes.insert(
+            name.to_string(),
+            Record {
+                name: name.to_string(),
+                driver,
+                args,
+                children,
+                file_ref,
+                seq,
+            },
+        );
+    }
+
+    /// Records that the node `name` now reads through `backing`.
+    pub fn set_backing(&mut self, name: &str, backing: &str) {
+        if let Some(r) = self.nodes.get_mut(name) {
+            r.args["backing"] = Value::String(backing.to_string());
+        }
+    }
+
+    /// Forgets a node.
+    pub fn forget(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// The record of a node (registered or not).
+    pub fn get(&self, name: &str) -> Option<Record> {
+        self.nodes.get(name).cloned()
+    }
+
+    /// Every record, oldest first.
+    pub fn all(&self) -> Vec<Record> {
+        let mut v: Vec<Record> = self.nodes.values().cloned().collect();
+        v.sort_by_key(|r| r.seq);
+        v
+    }
+
+    /// The options a node was given: its own arguments, or for a node nested
+    /// in one, the parent's `file` member.
+    pub fn args_of(&self, name: &str) -> Option<Value> {
+        self.nodes.get(name).map(|r| r.args.clone()).or_else(|| {
+            self.nodes
+                .values()
+                .find(|r| r.children.iter().any(|(c, _)| c == name))
+                .and_then(|r| r.args.get("file").filter(|f| f.is_object()).cloned())
+        })
+    }
+
+    /// The driver of a node made by `blockdev-add` or nested in one.
+    pub fn driver_of(&self, name: &str) -> Option<Driver> {
+        self.nodes.get(name).map(|r| r.driver).or_else(|| {
+            self.nodes
+                .values()
+                .flat_map(|r| r.children.iter())
+                .find(|(c, _)| c == name)
+                .map(|(_, d)| *d)
+        })
+    }
+}
