@@ -27,8 +27,10 @@ pub struct Service {
     pub runtime_dir: PathBuf,
     /// The method table (set once at start-up).
     pub table: OnceLock<Arc<MethodTable>>,
-    /// Block jobs (they publish on `events`).
+    /// Block jobs (their events are published on `events`).
     pub jobs: jobs::job::JobManager,
+    /// How copying jobs copy: read from the environment once, at start-up.
+    pub tuning: jobs::copy::Tuning,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -39,7 +41,8 @@ impl Service {
         publish_corruption(&events);
         Arc::new(Self {
             rt,
-            jobs: jobs::job::JobManager::new(events.clone()),
+            jobs: jobs::job::JobManager::new(crate::methods::job_qapi::sink(events.clone())),
+            tuning: jobs::copy::Tuning::from_env(|k| std::env::var(k).ok()),
             events,
             runtime_dir,
             table: OnceLock::new(),

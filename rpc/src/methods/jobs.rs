@@ -1,14 +1,15 @@
 //! QEMU's block-job API: `block-stream`, `query-block-jobs`, `query-jobs`,
 //! `block-job-*`, `job-*` and `change-backing-file`.
 
+use super::job_qapi;
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use jobs::drivers::stream::{self, StreamParams};
 use jobs::job::{Job, JobError, OnError};
-use jobs::stream_job::{self, StreamParams, Tuning};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
@@ -19,15 +20,19 @@ pub fn register(t: &mut MethodTable) {
             svc.jobs
                 .list()
                 .iter()
-                .filter(|j| j.spec().job_type.is_block_job())
-                .map(|j| j.block_job_info())
+                .filter(|j| j.spec().kind.is_block_job())
+                .map(|j| job_qapi::block_job_info(&j.info()))
                 .collect(),
         ))
     });
     t.add("query-jobs", |svc, p| {
         p.none()?;
         Ok(Value::Array(
-            svc.jobs.list().iter().map(|j| j.job_info()).collect(),
+            svc.jobs
+                .list()
+                .iter()
+                .map(|j| job_qapi::job_info(&j.info()))
+                .collect(),
         ))
     });
     t.add("block-job-cancel", |svc, p| {
@@ -51,12 +56,12 @@ pub fn register(t: &mut MethodTable) {
     });
     block_verb(t, "block-job-pause", Job::pause);
     block_verb(t, "block-job-resume", Job::resume);
-    block_verb(t, "block-job-complete", complete);
+    block_verb(t, "block-job-complete", Job::complete);
     id_verb(t, "block-job-finalize", true, Job::finalize);
     id_verb(t, "block-job-dismiss", true, Job::dismiss);
     id_verb(t, "job-pause", false, Job::pause);
     id_verb(t, "job-resume", false, Job::resume);
-    id_verb(t, "job-complete", false, complete);
+    id_verb(t, "job-complete", false, Job::complete);
     id_verb(t, "job-finalize", false, Job::finalize);
     id_verb(t, "job-dismiss", false, Job::dismiss);
     id_verb(t, "job-cancel", false, |j: &Job| j.cancel().map(|_| ()));
@@ -99,31 +104,6 @@ fn query_job_events(svc: &Service, p: Params) -> Result<Value, RpcError> {
         })
         .collect();
     Ok(Value::Array(v))
-}
-
-/// Stream jobs never become ready, so `complete` is always refused by the verb table.
-fn complete(j: &Job) -> Result<(), String> {
-    j.check_verb(jobs::job::JobVerb::Complete)
-}
-
-/// The stream job's tuning: defaults, or `SLUICE_STREAM_CHUNK_KB` /
-/// `SLUICE_STREAM_INFLIGHT` / `SLUICE_STREAM_YIELD=0` from the environment (benchmarks).
-pub fn tuning() -> Tuning {
-    static T: OnceLock<Tuning> = OnceLock::new();
-    *T.get_or_init(|| {
-        let mut t = Tuning::default();
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-        if let Some(kb) = env("SLUICE_STREAM_CHUNK_KB") {
-            t.chunk = kb.max(4) << 10;
-        }
-        if let Some(n) = env("SLUICE_STREAM_INFLIGHT") {
-            t.max_inflight = n.clamp(1, 1024) as usize;
-        }
-        if env("SLUICE_STREAM_YIELD") == Some(0) {
-            t.yield_to_clients = false;
-        }
-        t
-    })
 }
 
 #[derive(Deserialize)]
@@ -221,7 +201,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
         legacy: false,
         no_flush_on_complete: a.x_durable == Some(false),
     };
-    stream_job::start(&svc.jobs, &svc.rt, sp, tuning())?;
+    stream::start(&svc.jobs, &svc.rt, sp, svc.tuning)?;
     Ok(json!({}))
 }
 

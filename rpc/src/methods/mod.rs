@@ -4,6 +4,7 @@
 pub mod bdev;
 pub mod blockdev;
 pub mod core;
+pub mod job_qapi;
 pub mod jobs;
 pub mod nbd;
 pub mod notify;

@@ -1,13 +1,10 @@
-//! QEMU's `blockdev-create` as a job of type `create` (`block/create.c`):
-//! created and running before the command returns, then waiting, pending and
-//! concluded (auto-finalize on, auto-dismiss off: the client dismisses it),
-//! or aborting and concluded with the error in `query-jobs`. Progress is 0/1
-//! then 1/1, as QEMU's.
-//!
-//! The job runs on a thread of its own: the host file is created there, the
-//! qcow2 image is written on a reactor through `bdev::qcow2::create` /
-//! `create_file`, and a monitor-owned file node written through its path is
-//! reopened at its new length. The RPC thread only parses and starts it.
+//! `blockdev-create`'s handler side: parse the options, start a job of the
+//! create driver (`jobs::drivers::create`) whose creation is made here, as it
+//! needs the monitor's node table. The creation runs as a task on the
+//! driver's reactor: the host file is created there, the qcow2 image written
+//! through `bdev::qcow2::create` / `create_file` (async), and a
+//! monitor-owned file node written through its path is closed first and
+//! reopened at its new length. No node is added or deleted meanwhile.
 
 use super::create::{could_not_open, format_user, not_found, restore_file_node};
 use super::create_opts::{self, CreateSpec, FileCreate, FileRef, Qcow2Create};
@@ -19,61 +16,45 @@ use bdev::lock::{ImageLock, Perms};
 use bdev::qcow2::{self, CreateOptions};
 use bdev::uring::UringBdev;
 use bdev::{registry, Bdev};
-use jobs::job::{Job, JobSpec, JobType, OnError};
+use jobs::drivers::create;
 use reactor::RuntimeHandle;
 use serde_json::Value;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-/// The reactor the image is written on.
-const REACTOR: usize = 0;
-
-/// `blockdev-create`: parses, creates the job (created, running) and starts
-/// its thread.
+/// `blockdev-create`: parses, creates the job (created, running) and starts it.
 pub(super) fn start(svc: &Service, v: &Value) -> Result<(), RpcError> {
     let cmd = create_opts::parse(v)?;
-    let job = svc.jobs.create(JobSpec {
-        id: cmd.job_id.clone(),
-        job_type: JobType::Create,
-        device: cmd.job_id.clone(),
-        speed: 0,
-        on_error: OnError::Report,
-        auto_finalize: true,
-        auto_dismiss: false,
-        legacy: false,
-        nodes: Vec::new(),
-    })?;
-    job.set_len(1);
-    job.start();
     let rt = svc.rt.clone();
-    let j = job.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("create {}", cmd.job_id))
-        .spawn(move || run(&j, &rt, &cmd.spec));
-    if let Err(e) = spawned {
-        let msg = format!("starting the job: {e}");
-        futures::executor::block_on(job.complete(Some(msg.clone()), |_| async { Ok(()) }));
-        return Err(RpcError::internal(msg));
-    }
+    let spec = cmd.spec;
+    create::start(
+        &svc.jobs,
+        &svc.rt,
+        &cmd.job_id,
+        Box::new(move || Box::pin(async move { run(&rt, &spec).await })),
+    )?;
     Ok(())
 }
 
-fn run(job: &Arc<Job>, rt: &RuntimeHandle, spec: &CreateSpec) {
-    let r = {
-        // No node is added or deleted under the creation.
-        let _g = state::op_lock();
-        match spec {
-            CreateSpec::File(f) => create_host_file(f),
-            CreateSpec::Qcow2(q) => create_qcow2(rt, q),
+/// The creation, on a reactor: under the monitor's operation lock (taken
+/// without blocking the reactor).
+// The guard is held across the creation's awaits on purpose: it keeps
+// blockdev-add / -del out (RPC threads wait for it); nothing on a reactor
+// takes it, and it is only polled for here, so no reactor ever blocks on it.
+#[allow(clippy::await_holding_lock)]
+async fn run(rt: &RuntimeHandle, spec: &CreateSpec) -> Result<(), String> {
+    let _g = loop {
+        match state::try_op_lock() {
+            Some(g) => break g,
+            None => reactor::sleep(Duration::from_millis(1)).await,
         }
     };
-    job.add_progress(1);
-    match &r {
-        Ok(()) => tracing::info!(job = job.id(), "blockdev-create done"),
-        Err(e) => tracing::warn!(job = job.id(), "blockdev-create failed: {e}"),
+    match spec {
+        CreateSpec::File(f) => create_host_file(f),
+        CreateSpec::Qcow2(q) => create_qcow2(rt, q).await,
     }
-    futures::executor::block_on(job.complete(r.err(), |_| async { Ok(()) }));
 }
 
 fn errno_desc(e: &std::io::Error) -> &'static str {
@@ -259,7 +240,7 @@ fn node_target(n: &str) -> Result<Target, String> {
     }
 }
 
-fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
+async fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
     // QEMU opens the file reference before it checks the options.
     match &q.file {
         FileRef::Named(n) if !registry().contains(n) => return Err(not_found(n).message),
@@ -283,32 +264,15 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
             }
         }
     };
-    let joined = |r: Result<Result<(), bdev::BdevError>, reactor::JoinError>| match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(job_error(e)),
-        Err(e) => Err(e.to_string()),
-    };
     match target {
-        Target::Node(b) => joined(
-            rt.spawn_on(
-                REACTOR,
-                move || async move { qcow2::create(b, &opts).await },
-            )
-            .block(),
-        ),
+        Target::Node(b) => qcow2::create(b, &opts).await.map_err(job_error),
         Target::Path { path, node } => {
             // The file node's own lock would refuse the creation: the node
             // is closed first and reopened at the file's new length.
             if let Some(rec) = &node {
-                close_file_node(rt, rec)?;
+                close_file_node(rt, rec).await?;
             }
-            let r = joined(
-                rt.spawn_on(REACTOR, {
-                    let path = path.clone();
-                    move || async move { qcow2::create_file(&path, &opts).await }
-                })
-                .block(),
-            );
+            let r = qcow2::create_file(&path, &opts).await.map_err(job_error);
             if let Some(rec) = node {
                 restore_file_node(&rec);
             }
@@ -319,11 +283,21 @@ fn create_qcow2(rt: &RuntimeHandle, q: &Qcow2Create) -> Result<(), String> {
 
 /// Closes a monitor-owned file node (ending its lock) so that its file can be
 /// written through its path; `restore_file_node` reopens it at its new size.
-fn close_file_node(rt: &RuntimeHandle, rec: &state::Record) -> Result<(), String> {
+/// On a reactor: every reactor's cached channel is dropped by awaited
+/// messages (`registry().delete` would block on them).
+async fn close_file_node(rt: &RuntimeHandle, rec: &state::Record) -> Result<(), String> {
     registry().release(&rec.name, state::MONITOR_CLAIM);
-    if let Err(e) = registry().delete(&rec.name, rt) {
-        let _ = registry().claim(&rec.name, state::MONITOR_CLAIM);
-        return Err(format!("closing the file node '{}': {e}", rec.name));
+    let b = match registry().unregister(&rec.name) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = registry().claim(&rec.name, state::MONITOR_CLAIM);
+            return Err(format!("closing the file node '{}': {e}", rec.name));
+        }
+    };
+    for i in 0..rt.num_reactors() {
+        let b2 = b.clone();
+        let _ = rt.call_on(i, move || bdev::drop_cached_channels(&b2)).await;
     }
+    b.on_delete();
     Ok(())
 }

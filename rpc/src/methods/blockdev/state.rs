@@ -54,6 +54,15 @@ pub fn op_lock() -> MutexGuard<'static, ()> {
     OP.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// [`op_lock`] without blocking (for a task on a reactor): `None` while held.
+pub fn try_op_lock() -> Option<MutexGuard<'static, ()>> {
+    match OP.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 fn with<T>(f: impl FnOnce(&mut State) -> T) -> T {
     let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
     f(g.get_or_insert_with(State::default))

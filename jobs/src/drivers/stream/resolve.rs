@@ -1,7 +1,7 @@
 //! From a `block-stream` request to a plan: which nodes, which base, which job
 //! id, with QEMU's checks and messages.
 
-use crate::job::{JobError, JobManager, JobSpec, JobType, OnError};
+use crate::job::{JobError, JobManager, JobSpec, OnError};
 use bdev::device::Device;
 use bdev::{registry, Bdev};
 use graph::node::{self, ImageNode};
@@ -181,7 +181,7 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
         if let Some(j) = mgr.job_on_node(n) {
             return Err(StreamError::Job(JobError::NodeBusy {
                 node: n.clone(),
-                job_type: j.spec().job_type.as_str().into(),
+                job_type: j.spec().kind.as_str().into(),
             }));
         }
     }
@@ -246,7 +246,7 @@ pub fn resolve(mgr: &JobManager, p: &StreamParams) -> Result<(StreamPlan, JobSpe
     };
     let spec = JobSpec {
         id: job_id,
-        job_type: JobType::Stream,
+        kind: super::KIND,
         device: device
             .map(|d| d.name().to_string())
             .unwrap_or_else(|| p.device.clone()),
