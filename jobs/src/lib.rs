@@ -24,7 +24,7 @@
 //!   QMP (`JOB_STATUS_CHANGE`, `BLOCK_JOB_*`, `BLOCK_STREAM_COMPLETED`) or
 //!   answering `query-jobs` is the control plane's (the `rpc` crate).
 //! - **Copying jobs share the copier.** [`copy::copy_all`] walks, windows,
-//!   rate-limits, retries and reports progress as a contiguous prefix for
+//!   rate-limits, retries and reports progress for
 //!   any [`copy::CopyOps`] (the stream's now; commit and mirror next).
 //! - **Threads.** Commands come from any thread and take the job's lock
 //!   briefly; the driver and the copier run on one reactor, with no lock,

@@ -148,11 +148,14 @@ impl ImageNode for TestNode {
     }
 }
 
+/// Prepares the node and the chain's error bdev before the job starts.
+type Prep = Box<dyn FnOnce(&mut NodeState, &ErrorBdev)>;
+
 struct Setup {
     name: &'static str,
     alloc: Vec<Alloc>,
     on_error: OnError,
-    prep: Box<dyn FnOnce(&mut NodeState, &ErrorBdev)>,
+    prep: Prep,
 }
 
 struct Run {

@@ -16,9 +16,12 @@
 //!   chunk: report ends the copy with the error, ignore goes on (the job
 //!   still fails at the end), stop pauses the job and retries the chunk
 //!   after `job-resume`;
-//! - reports progress as a contiguous prefix: the job's offset is the end of
-//!   the longest prefix of `[0, size)` that is copied or skipped
-//!   (`prefix.rs`), so it never covers a hole that a crash would lose;
+//! - reports progress as bytes done (copied, skipped, or failed and
+//!   ignored), counted when a chunk completes, so chunks completing out of
+//!   order each count once and the offset never counts a chunk in flight.
+//!   (Not a contiguous prefix: with chunks in flight, a stop on ENOSPC must
+//!   still show the work done after the chunk that failed, as
+//!   `tests/py/full_disk.py` checks.)
 //! - stops at pause points with nothing in flight (pause, cancel, error).
 //!
 //! Returns `Ok` when everything was copied, the error (the first errno's
@@ -27,12 +30,10 @@
 
 mod bufpool;
 mod pipeline;
-mod prefix;
 mod window;
 
 pub use bufpool::BufPool;
 pub use pipeline::copy_all;
-pub use prefix::Prefix;
 pub use window::Window;
 
 use crate::job::{IoOperation, Step};
@@ -102,17 +103,9 @@ pub struct Chunk {
     pub len: u64,
     /// The source reads zeroes here: write zeroes without reading.
     pub zero: bool,
-    /// The end of the range of progress this chunk accounts for is
-    /// `offset + len`; it starts `progress` bytes before.
+    /// Bytes of job progress this chunk accounts for (from where the walk
+    /// was, which may be inside the first granule, to the chunk's end).
     pub progress: u64,
-}
-
-impl Chunk {
-    /// The range of the job's progress this chunk accounts for.
-    pub fn progress_range(&self) -> (u64, u64) {
-        let end = self.offset + self.len;
-        (end - self.progress, end)
-    }
 }
 
 /// A failed chunk or extent query: which side failed, with which errno

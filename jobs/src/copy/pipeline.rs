@@ -1,6 +1,6 @@
 //! The copy loop (see the module doc of `copy`).
 
-use super::{strerror, Chunk, CopyError, CopyOps, Prefix, Tuning, Window};
+use super::{strerror, Chunk, CopyError, CopyOps, Tuning, Window};
 use crate::job::{IoOperation, Job, Verdict};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -16,21 +16,12 @@ struct Shared {
     queue: VecDeque<Chunk>,
     error: Option<String>,
     report: bool,
-    prefix: Prefix,
 }
 
 impl Shared {
     fn note_error(&mut self, errno: i32) {
         if self.error.is_none() {
             self.error = Some(strerror(errno));
-        }
-    }
-
-    /// `[start, end)` is done: the job's offset follows the prefix.
-    fn done(&mut self, job: &Job, start: u64, end: u64) {
-        let grew = self.prefix.done(start, end);
-        if grew > 0 {
-            job.add_progress(grew);
         }
     }
 }
@@ -46,8 +37,7 @@ fn on_failure(job: &Job, st: &RefCell<Shared>, c: Chunk, e: CopyError) {
         }
         Verdict::Ignore => {
             s.note_error(e.errno);
-            let (a, b) = c.progress_range();
-            s.done(job, a, b);
+            job.add_progress(c.progress);
         }
         Verdict::Stop => s.queue.push_back(c),
     }
@@ -75,7 +65,6 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
         queue: VecDeque::with_capacity(max + 1),
         error: None,
         report: false,
-        prefix: Prefix::with_capacity(2 * max + 2),
     }));
     let clients = |o: &O| {
         if t.yield_to_clients {
@@ -114,7 +103,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
                     Ok(x) => {
                         let len = x.len.clamp(1, size - cursor);
                         if !x.copy {
-                            st.borrow_mut().done(job, cursor, cursor + len);
+                            job.add_progress(len);
                             cursor += len;
                             continue;
                         }
@@ -195,10 +184,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
         reactor::spawn_local(async move {
             let r = ops2.copy(c).await;
             match r {
-                Ok(()) => {
-                    let (a, b) = c.progress_range();
-                    st2.borrow_mut().done(&job2, a, b);
-                }
+                Ok(()) => job2.add_progress(c.progress),
                 Err(e) => on_failure(&job2, &st2, c, e),
             }
             st2.borrow_mut().inflight -= 1;
