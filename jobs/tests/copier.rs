@@ -90,7 +90,11 @@ impl CopyOps for Model {
         G
     }
 
-    fn extent(&self, offset: u64, _len: u64) -> Step<'_, Result<Extent, i32>> {
+    fn extent(
+        &self,
+        offset: u64,
+        _len: u64,
+    ) -> impl std::future::Future<Output = Result<Extent, i32>> {
         Box::pin(async move {
             let mut s = self.lock();
             let g = offset / G;
@@ -108,7 +112,7 @@ impl CopyOps for Model {
         })
     }
 
-    fn copy(&self, c: Chunk) -> Step<'_, Result<(), CopyError>> {
+    fn copy(&self, c: Chunk) -> impl std::future::Future<Output = Result<(), CopyError>> {
         Box::pin(async move {
             let (delay, hook_k, job) = {
                 let mut s = self.lock();

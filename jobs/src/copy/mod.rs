@@ -36,7 +36,8 @@ pub use bufpool::BufPool;
 pub use pipeline::copy_all;
 pub use window::Window;
 
-use crate::job::{IoOperation, Step};
+use crate::job::IoOperation;
+use std::future::Future;
 use std::time::Duration;
 
 /// How the copier works. The defaults come from `scripts/bench/stream.sh`.
@@ -119,7 +120,8 @@ pub struct CopyError {
 }
 
 /// A copy's source and target, as the copier sees them. Its futures run on
-/// the job's reactor.
+/// the job's reactor; they are returned unboxed (the copier is generic over
+/// its ops), so a chunk costs no allocation beyond its task.
 pub trait CopyOps: 'static {
     /// Bytes to walk, from 0.
     fn size(&self) -> u64;
@@ -127,9 +129,9 @@ pub trait CopyOps: 'static {
     fn granularity(&self) -> u64;
     /// What the range from `offset` (at most `len` bytes) holds. An error's
     /// errno is positive.
-    fn extent(&self, offset: u64, len: u64) -> Step<'_, Result<Extent, i32>>;
+    fn extent(&self, offset: u64, len: u64) -> impl Future<Output = Result<Extent, i32>>;
     /// Copies one chunk.
-    fn copy(&self, c: Chunk) -> Step<'_, Result<(), CopyError>>;
+    fn copy(&self, c: Chunk) -> impl Future<Output = Result<(), CopyError>>;
     /// A counter of client requests on the device the job shares (monotonic),
     /// or `None`: no clients to yield to.
     fn client_ops(&self) -> Option<u64> {

@@ -195,25 +195,21 @@ impl CopyOps for StreamOps {
         self.top.cluster_size().max(512)
     }
 
-    fn extent(&self, offset: u64, len: u64) -> Step<'_, Result<Extent, i32>> {
-        Box::pin(async move {
-            let s = self
-                .top
-                .block_status(offset, len, self.base.as_ref())
-                .await
-                .map_err(|e| errno_of(&e))?;
-            Ok(Extent {
-                len: s.len,
-                copy: !s.allocated_here
-                    && s.allocated_above_base
-                    && !(s.zero && self.base.is_none()),
-                zero: s.zero,
-            })
+    async fn extent(&self, offset: u64, len: u64) -> Result<Extent, i32> {
+        let s = self
+            .top
+            .block_status(offset, len, self.base.as_ref())
+            .await
+            .map_err(|e| errno_of(&e))?;
+        Ok(Extent {
+            len: s.len,
+            copy: !s.allocated_here && s.allocated_above_base && !(s.zero && self.base.is_none()),
+            zero: s.zero,
         })
     }
 
-    fn copy(&self, c: Chunk) -> Step<'_, Result<(), CopyError>> {
-        Box::pin(self.copy_chunk(c))
+    async fn copy(&self, c: Chunk) -> Result<(), CopyError> {
+        self.copy_chunk(c).await
     }
 
     fn client_ops(&self) -> Option<u64> {
