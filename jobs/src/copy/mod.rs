@@ -147,3 +147,39 @@ pub fn strerror(errno: i32) -> String {
         None => s,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_from_env_parses_clamps_and_ignores_junk() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(Tuning::from_env(env(&[])), Tuning::default());
+        let t = Tuning::from_env(env(&[
+            ("SLUICE_STREAM_CHUNK_KB", "1"),
+            ("SLUICE_STREAM_INFLIGHT", "5000"),
+            ("SLUICE_STREAM_YIELD", "0"),
+        ]));
+        assert_eq!(
+            (t.chunk, t.max_inflight, t.yield_to_clients),
+            (4 << 10, 1024, false)
+        );
+        let t = Tuning::from_env(env(&[
+            ("SLUICE_STREAM_CHUNK_KB", "x"),
+            ("SLUICE_STREAM_INFLIGHT", "0"),
+            ("SLUICE_STREAM_YIELD", "1"),
+        ]));
+        assert_eq!(
+            (t.chunk, t.max_inflight, t.yield_to_clients),
+            (2 << 20, 1, true)
+        );
+    }
+}
