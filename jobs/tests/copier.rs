@@ -437,8 +437,8 @@ fn window_shrinks_while_clients_are_busy_and_grows_back() {
     // Busy clients for a while: the window (and the chunk) shrinks to one.
     r.clients.store(1, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(150));
-    r.clients.store(0, Ordering::Relaxed);
     let busy_log = r.st().log.len();
+    r.clients.store(0, Ordering::Relaxed);
     r.wait_concluded();
     r.assert_all_copied_once();
     let s = r.st();

@@ -51,6 +51,8 @@ struct NodeState {
     backing_bdev_calls: usize,
     /// A client writes this cluster while the job copies it (populate must lose).
     client_race: Option<usize>,
+    /// Populates asked for clusters the top already had (wasted copies).
+    wasted: usize,
 }
 
 struct TestNode {
@@ -123,6 +125,8 @@ impl ImageNode for TestNode {
             }
             if s.client_race == Some(c) {
                 s.alloc[c] = Alloc::Here(vec![0xcc; CS as usize]);
+            } else if matches!(s.alloc[c], Alloc::Here(_)) {
+                s.wasted += 1;
             }
             if matches!(s.alloc[c], Alloc::Here(_)) {
                 return Ok(false);
@@ -299,6 +303,7 @@ fn streams_the_chain_into_the_top_then_drops_the_backing() {
     let s = r.st.lock().unwrap();
     assert_eq!(s.backing_file_calls, [(None, None)]);
     assert_eq!(s.backing_bdev_calls, 1);
+    assert_eq!(s.wasted, 0, "copied clusters the top already had");
 }
 
 #[test]
