@@ -199,9 +199,9 @@ impl From<jobs::job::JobError> for RpcError {
     }
 }
 
-impl From<jobs::stream_job::StreamError> for RpcError {
-    fn from(e: jobs::stream_job::StreamError) -> Self {
-        use jobs::stream_job::StreamError as S;
+impl From<jobs::drivers::stream::StreamError> for RpcError {
+    fn from(e: jobs::drivers::stream::StreamError) -> Self {
+        use jobs::drivers::stream::StreamError as S;
         match e {
             S::Job(j) => j.into(),
             S::NotFound { .. } => {
@@ -217,9 +217,9 @@ impl From<jobs::stream_job::StreamError> for RpcError {
     }
 }
 
-impl From<jobs::legacy::LegacyError> for RpcError {
-    fn from(e: jobs::legacy::LegacyError) -> Self {
-        use jobs::legacy::LegacyError as L;
+impl From<jobs::drivers::stream2011::LegacyError> for RpcError {
+    fn from(e: jobs::drivers::stream2011::LegacyError) -> Self {
+        use jobs::drivers::stream2011::LegacyError as L;
         match e {
             L::DeviceNotFound(_) => {
                 RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string())

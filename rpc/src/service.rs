@@ -39,6 +39,8 @@ pub struct Service {
     pub nbd: nbd::NbdServer,
     /// Attached NVMe controllers and the options for the next attaches.
     pub nvme: bdev::nvme::NvmeControllers,
+    /// How copying jobs copy: read from the environment once, at start-up.
+    pub tuning: jobs::copy::Tuning,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -57,7 +59,8 @@ impl Service {
             nvme: bdev::nvme::NvmeControllers::new(rt.clone()),
             graph,
             rt,
-            jobs: jobs::job::JobManager::new(events.clone()),
+            jobs: jobs::job::JobManager::new(crate::methods::job_qapi::sink(events.clone())),
+            tuning: jobs::copy::Tuning::from_env(|k| std::env::var(k).ok()),
             nbd: nbd::NbdServer::default(),
             events,
             runtime_dir,

@@ -1,44 +1,20 @@
-//! A job's control block: what the RPC threads set (pause, resume, cancel,
-//! speed, finalize) and what the running task reports (status, progress,
-//! errors), with QEMU's events on every change.
+//! A job's control block: what the control plane commands (pause, resume,
+//! cancel, speed, complete, finalize, dismiss: each checked against the verb
+//! table in one place, [`Job::command`]) and what the running driver reports
+//! (progress, I/O errors, ready), with a [`JobEvent`] for every change.
+//!
+//! Commands come from any thread; the driver's side runs on the job's
+//! reactor. Progress is two relaxed atomics (no lock per chunk); everything
+//! else is under one mutex, which commands and status changes take briefly.
 
+use super::event::{EventSink, JobEvent, JobSnapshot};
+use super::kind::JobKind;
 use super::state::{can_transition, verb_allowed, verb_refused_message, JobStatus, JobVerb};
 use crate::ratelimit::RateLimiter;
-use graph::events::EventBus;
-use serde_json::{json, Value};
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
-
-/// The kinds of jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobType {
-    /// Image streaming.
-    Stream,
-    /// Image creation (`blockdev-create`): a job, not a block job.
-    Create,
-}
-
-impl JobType {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobType::Stream => "stream",
-            JobType::Create => "create",
-        }
-    }
-
-    /// Whether jobs of this type are block jobs: listed by
-    /// `query-block-jobs`, addressed by `block-job-*`, announced with
-    /// `BLOCK_JOB_*` events.
-    pub fn is_block_job(self) -> bool {
-        match self {
-            JobType::Stream => true,
-            JobType::Create => false,
-        }
-    }
-}
 
 /// What to do when an I/O of the job fails (QAPI `BlockdevOnError`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +40,17 @@ impl OnError {
             _ => return None,
         })
     }
+
+    /// What the policy decides about a failure with `errno` (positive).
+    pub fn verdict(self, errno: i32) -> Verdict {
+        match self {
+            OnError::Report => Verdict::Report,
+            OnError::Ignore => Verdict::Ignore,
+            OnError::Stop => Verdict::Stop,
+            OnError::Enospc if errno.abs() == libc::ENOSPC => Verdict::Stop,
+            OnError::Enospc => Verdict::Report,
+        }
+    }
 }
 
 /// Whether a failed I/O was a read or a write (QAPI `IoOperationType`).
@@ -75,7 +62,17 @@ pub enum IoOperation {
     Write,
 }
 
-/// What the job does about one failed I/O.
+impl IoOperation {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoOperation::Read => "read",
+            IoOperation::Write => "write",
+        }
+    }
+}
+
+/// What the job does about one failed I/O (QAPI `BlockErrorAction`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// End the job with the error.
@@ -86,13 +83,24 @@ pub enum Verdict {
     Stop,
 }
 
+impl Verdict {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Report => "report",
+            Verdict::Ignore => "ignore",
+            Verdict::Stop => "stop",
+        }
+    }
+}
+
 /// How a job is created.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobSpec {
     /// Job id.
     pub id: String,
-    /// Type.
-    pub job_type: JobType,
+    /// Type, as the driver declares it.
+    pub kind: JobKind,
     /// The device (or node) name the job works on.
     pub device: String,
     /// Initial speed in bytes/s (0: unlimited).
@@ -103,35 +111,61 @@ pub struct JobSpec {
     pub auto_finalize: bool,
     /// Dismiss without `job-dismiss`.
     pub auto_dismiss: bool,
-    /// Started through the 2011 API (`block_stream`): also emit `BLOCK_STREAM_COMPLETED`.
+    /// Started through the 2011 API (`block_stream`): the control plane
+    /// also announces its end the 2011 way.
     pub legacy: bool,
     /// Nodes the job uses; other jobs on them are refused.
     pub nodes: Vec<String>,
 }
 
+/// A job's state at one moment, for `query-jobs` / `query-block-jobs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// The creation parameters.
+    pub spec: Arc<JobSpec>,
+    /// Status.
+    pub status: JobStatus,
+    /// Work done.
+    pub offset: u64,
+    /// Total work.
+    pub len: u64,
+    /// Doing work now (not paused, not waiting for finalize).
+    pub busy: bool,
+    /// A pause was requested (by the user or by an error stop).
+    pub paused: bool,
+    /// Bytes/s.
+    pub speed: u64,
+    /// `ok`, `failed` or `nospace` (QAPI `BlockDeviceIoStatus`).
+    pub io_status: &'static str,
+    /// Converged, waiting for `job-complete`.
+    pub ready: bool,
+    /// Why it failed, once concluded.
+    pub error: Option<String>,
+}
+
 #[derive(Debug)]
-struct Ctl {
-    status: JobStatus,
+pub(super) struct Ctl {
+    pub(super) status: JobStatus,
     user_paused: bool,
     cancelled: bool,
     finalize_requested: bool,
+    complete_requested: bool,
     io_status: &'static str,
     error: Option<String>,
     limiter: RateLimiter,
     waker: Option<Waker>,
-    busy: bool,
+    pub(super) busy: bool,
     kicked: bool,
     stopped_waiters: Vec<futures::channel::oneshot::Sender<()>>,
 }
 
 /// A job's control block.
 pub struct Job {
-    spec: JobSpec,
-    events: EventBus,
+    spec: Arc<JobSpec>,
+    sink: EventSink,
     ctl: Mutex<Ctl>,
     offset: AtomicU64,
     len: AtomicU64,
-    started: AtomicBool,
 }
 
 impl std::fmt::Debug for Job {
@@ -148,14 +182,15 @@ fn now_ns() -> u64 {
 }
 
 impl Job {
-    /// A job in status `created` (the `JOB_STATUS_CHANGE` is published).
-    pub fn new(spec: JobSpec, events: EventBus) -> Job {
+    /// A job in status `created` (the status change is published).
+    pub fn new(spec: JobSpec, sink: EventSink) -> Job {
         let j = Job {
             ctl: Mutex::new(Ctl {
                 status: JobStatus::Undefined,
                 user_paused: false,
                 cancelled: false,
                 finalize_requested: false,
+                complete_requested: false,
                 io_status: "ok",
                 error: None,
                 limiter: RateLimiter::new(spec.speed, now_ns()),
@@ -164,11 +199,10 @@ impl Job {
                 kicked: false,
                 stopped_waiters: Vec::new(),
             }),
-            spec,
-            events,
+            spec: Arc::new(spec),
+            sink,
             offset: AtomicU64::new(0),
             len: AtomicU64::new(0),
-            started: AtomicBool::new(false),
         };
         let mut c = j.lock();
         j.transition(&mut c, JobStatus::Created);
@@ -176,21 +210,36 @@ impl Job {
         j
     }
 
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn transition(&self, c: &mut Ctl, to: JobStatus) {
+    /// Moves to `to` if the state machine allows it, publishing the change.
+    pub(super) fn transition(&self, c: &mut Ctl, to: JobStatus) {
         if !can_transition(c.status, to) {
             tracing::error!(job = %self.spec.id, from = %c.status, to = %to, "illegal job transition refused");
             return;
         }
         c.status = to;
         tracing::debug!(job = %self.spec.id, status = %to, "job status");
-        self.events.publish(
-            "JOB_STATUS_CHANGE",
-            json!({"id": self.spec.id, "status": to.as_str()}),
-        );
+        self.publish(&JobEvent::StatusChange {
+            id: self.spec.id.clone(),
+            status: to,
+        });
+    }
+
+    pub(super) fn publish(&self, e: &JobEvent) {
+        (self.sink)(e)
+    }
+
+    pub(super) fn snapshot(&self, c: &Ctl) -> JobSnapshot {
+        let (offset, len) = self.progress();
+        JobSnapshot {
+            spec: self.spec.clone(),
+            offset,
+            len,
+            speed: c.limiter.speed(),
+        }
     }
 
     fn wake(c: &mut Ctl) {
@@ -227,9 +276,10 @@ impl Job {
     pub fn set_len(&self, len: u64) {
         self.len.store(len, Ordering::Relaxed);
     }
-    /// Adds done work.
+    /// Adds done work (from the job's reactor only: a load and a store).
     pub fn add_progress(&self, n: u64) {
-        self.offset.fetch_add(n, Ordering::Relaxed);
+        let o = self.offset.load(Ordering::Relaxed);
+        self.offset.store(o + n, Ordering::Relaxed);
     }
     /// Whether cancel was requested.
     pub fn is_cancelled(&self) -> bool {
@@ -239,8 +289,50 @@ impl Job {
     pub fn pause_requested(&self) -> bool {
         self.lock().user_paused
     }
+    /// Whether `job-complete` was accepted (jobs that became ready).
+    pub fn complete_requested(&self) -> bool {
+        self.lock().complete_requested
+    }
 
-    /// Checks a verb against the current status, with QEMU's message.
+    /// The job's state now.
+    pub fn info(&self) -> JobInfo {
+        let c = self.lock();
+        let (offset, len) = self.progress();
+        JobInfo {
+            spec: self.spec.clone(),
+            status: c.status,
+            offset,
+            len,
+            busy: c.busy,
+            paused: c.user_paused,
+            speed: c.limiter.speed(),
+            io_status: c.io_status,
+            ready: matches!(c.status, JobStatus::Ready | JobStatus::Standby),
+            error: c.error.clone(),
+        }
+    }
+
+    // ---- commands (control plane) ----
+
+    /// Runs `verb`: refused with QEMU's message unless the verb table allows
+    /// it in the current status, then `f` decides under the lock and the
+    /// job is woken. The one place verbs are checked.
+    fn command<T>(
+        &self,
+        verb: JobVerb,
+        f: impl FnOnce(&Job, &mut Ctl) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut c = self.lock();
+        if !verb_allowed(verb, c.status) {
+            return Err(verb_refused_message(&self.spec.id, c.status, verb));
+        }
+        let r = f(self, &mut c)?;
+        Self::wake(&mut c);
+        Ok(r)
+    }
+
+    /// Checks a verb against the current status, with QEMU's message
+    /// (for commands that validate their arguments after the verb).
     pub fn check_verb(&self, verb: JobVerb) -> Result<(), String> {
         let st = self.lock().status;
         if verb_allowed(verb, st) {
@@ -250,125 +342,89 @@ impl Job {
         }
     }
 
-    // ---- commands (RPC threads) ----
-
     /// `job-pause`.
     pub fn pause(&self) -> Result<(), String> {
-        let mut c = self.lock();
-        if !verb_allowed(JobVerb::Pause, c.status) {
-            return Err(verb_refused_message(
-                &self.spec.id,
-                c.status,
-                JobVerb::Pause,
-            ));
-        }
-        if c.user_paused {
-            return Err("Job is already paused".into());
-        }
-        c.user_paused = true;
-        Self::wake(&mut c);
-        Ok(())
+        self.command(JobVerb::Pause, |_, c| {
+            if c.user_paused {
+                return Err("Job is already paused".into());
+            }
+            c.user_paused = true;
+            Ok(())
+        })
     }
 
     /// `job-resume`: also clears an error stop (io-status back to ok).
     pub fn resume(&self) -> Result<(), String> {
-        let mut c = self.lock();
-        if !verb_allowed(JobVerb::Resume, c.status) {
-            return Err(verb_refused_message(
-                &self.spec.id,
-                c.status,
-                JobVerb::Resume,
-            ));
-        }
-        if !c.user_paused {
-            return Err("Can't resume a job that was not paused".into());
-        }
-        c.user_paused = false;
-        c.io_status = "ok";
-        Self::wake(&mut c);
-        Ok(())
+        self.command(JobVerb::Resume, |_, c| {
+            if !c.user_paused {
+                return Err("Can't resume a job that was not paused".into());
+            }
+            c.user_paused = false;
+            c.io_status = "ok";
+            Ok(())
+        })
     }
 
     /// `block-job-set-speed` (the caller has refused negative values).
     pub fn set_speed(&self, speed: u64) -> Result<(), String> {
-        let mut c = self.lock();
-        if !verb_allowed(JobVerb::SetSpeed, c.status) {
-            return Err(verb_refused_message(
-                &self.spec.id,
-                c.status,
-                JobVerb::SetSpeed,
-            ));
-        }
-        c.limiter.set_speed(speed, now_ns());
-        Self::wake(&mut c);
-        Ok(())
+        self.command(JobVerb::SetSpeed, |_, c| {
+            c.limiter.set_speed(speed, now_ns());
+            Ok(())
+        })
     }
 
     /// `job-cancel`: the job stops at its next pause point (a paused job is
     /// woken to do so). The receiver resolves once the job has stopped.
     pub fn cancel(&self) -> Result<futures::channel::oneshot::Receiver<()>, String> {
-        let mut c = self.lock();
-        if !verb_allowed(JobVerb::Cancel, c.status) {
-            return Err(verb_refused_message(
-                &self.spec.id,
-                c.status,
-                JobVerb::Cancel,
-            ));
-        }
-        let (tx, rx) = futures::channel::oneshot::channel();
-        c.stopped_waiters.push(tx);
-        c.cancelled = true;
-        c.user_paused = false;
-        Self::wake(&mut c);
-        Ok(rx)
+        self.command(JobVerb::Cancel, |_, c| {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            c.stopped_waiters.push(tx);
+            c.cancelled = true;
+            c.user_paused = false;
+            Ok(rx)
+        })
+    }
+
+    /// `job-complete`: a ready job pivots (the verb table refuses it otherwise).
+    pub fn complete(&self) -> Result<(), String> {
+        self.command(JobVerb::Complete, |_, c| {
+            c.complete_requested = true;
+            Ok(())
+        })
     }
 
     /// `job-finalize`.
     pub fn finalize(&self) -> Result<(), String> {
-        let mut c = self.lock();
-        if !verb_allowed(JobVerb::Finalize, c.status) {
-            return Err(verb_refused_message(
-                &self.spec.id,
-                c.status,
-                JobVerb::Finalize,
-            ));
-        }
-        c.finalize_requested = true;
-        Self::wake(&mut c);
-        Ok(())
+        self.command(JobVerb::Finalize, |_, c| {
+            c.finalize_requested = true;
+            Ok(())
+        })
     }
 
     /// `job-dismiss`: concluded -> null.
     pub fn dismiss(&self) -> Result<(), String> {
-        let mut c = self.lock();
-        if !verb_allowed(JobVerb::Dismiss, c.status) {
-            return Err(verb_refused_message(
-                &self.spec.id,
-                c.status,
-                JobVerb::Dismiss,
-            ));
-        }
-        self.transition(&mut c, JobStatus::Null);
-        Ok(())
+        self.command(JobVerb::Dismiss, |j, c| {
+            j.transition(c, JobStatus::Null);
+            Ok(())
+        })
     }
 
-    // ---- the running task (reactor) ----
+    // ---- the driver's side (the job's reactor) ----
 
     /// created -> running.
-    pub fn start(&self) {
-        self.started.store(true, Ordering::Relaxed);
+    pub(super) fn start(&self) {
         let mut c = self.lock();
         c.busy = true;
         self.transition(&mut c, JobStatus::Running);
     }
 
-    /// Takes `n` bytes from the rate limit: `None` to go on, `Some(ns)` to wait.
+    /// Takes `n` bytes from the speed limit: `None` to go on, `Some(ns)` to wait.
     pub fn rate_delay(&self, n: u64) -> Option<u64> {
         self.lock().limiter.try_acquire(n, now_ns())
     }
 
-    /// Resolves at the next command (pause, resume, cancel, speed, finalize)
-    /// or [`Job::kick`].
+    /// Resolves at the next command (pause, resume, cancel, speed, complete,
+    /// finalize) or [`Job::kick`].
     pub async fn wait_kick(&self) {
         poll_fn(|cx| {
             let mut c = self.lock();
@@ -389,8 +445,8 @@ impl Job {
     }
 
     /// A pause point, reached with nothing in flight. While a pause is
-    /// requested the job is `paused` and not busy; returns `false` when
-    /// cancelled.
+    /// requested the job is `paused` (`standby` when ready) and not busy;
+    /// returns `false` when cancelled.
     pub async fn pause_point(&self) -> bool {
         {
             let mut c = self.lock();
@@ -401,8 +457,10 @@ impl Job {
                 return true;
             }
             c.busy = false;
-            if c.status == JobStatus::Running {
-                self.transition(&mut c, JobStatus::Paused);
+            match c.status {
+                JobStatus::Running => self.transition(&mut c, JobStatus::Paused),
+                JobStatus::Ready => self.transition(&mut c, JobStatus::Standby),
+                _ => {}
             }
         }
         loop {
@@ -410,124 +468,98 @@ impl Job {
             let mut c = self.lock();
             if c.cancelled || !c.user_paused {
                 c.busy = true;
-                if c.status == JobStatus::Paused {
-                    self.transition(&mut c, JobStatus::Running);
+                match c.status {
+                    JobStatus::Paused => self.transition(&mut c, JobStatus::Running),
+                    JobStatus::Standby => self.transition(&mut c, JobStatus::Ready),
+                    _ => {}
                 }
                 return !c.cancelled;
             }
         }
     }
 
-    /// Decides about a failed I/O per the error policy, publishing
-    /// `BLOCK_JOB_ERROR`; `Stop` also pauses the job (io-status failed / nospace).
+    /// The job converged (running -> ready, `BLOCK_JOB_READY` for block jobs).
+    pub fn set_ready(&self) {
+        let mut c = self.lock();
+        self.transition(&mut c, JobStatus::Ready);
+        if self.spec.kind.is_block_job() {
+            let job = self.snapshot(&c);
+            self.publish(&JobEvent::Ready { job });
+        }
+    }
+
+    /// Decides about a failed I/O (`errno` of either sign) per the error
+    /// policy, publishing it; `Stop` also pauses the job (io-status failed
+    /// or nospace) and the driver retries the I/O after resume.
     pub fn io_error(&self, op: IoOperation, errno: i32) -> Verdict {
-        let nospace = errno == libc::ENOSPC;
-        let verdict = match self.spec.on_error {
-            OnError::Report => Verdict::Report,
-            OnError::Ignore => Verdict::Ignore,
-            OnError::Stop => Verdict::Stop,
-            OnError::Enospc if nospace => Verdict::Stop,
-            OnError::Enospc => Verdict::Report,
-        };
-        let action = match verdict {
-            Verdict::Report => "report",
-            Verdict::Ignore => "ignore",
-            Verdict::Stop => "stop",
-        };
-        let operation = match op {
-            IoOperation::Read => "read",
-            IoOperation::Write => "write",
-        };
+        let verdict = self.spec.on_error.verdict(errno);
         let mut c = self.lock();
         if verdict == Verdict::Stop {
             c.user_paused = true;
-            c.io_status = if nospace { "nospace" } else { "failed" };
+            c.io_status = if errno.abs() == libc::ENOSPC {
+                "nospace"
+            } else {
+                "failed"
+            };
         }
+        let job = self.snapshot(&c);
         drop(c);
-        self.events.publish(
-            "BLOCK_JOB_ERROR",
-            json!({"device": self.spec.id, "operation": operation, "action": action}),
-        );
+        self.publish(&JobEvent::IoError {
+            job,
+            operation: op,
+            action: verdict,
+        });
         verdict
     }
 
-    /// The work is done (`error`: why it failed). Runs QEMU's completion:
-    /// waiting -> pending (-> wait for finalize) -> `prepare` -> concluded, or
-    /// aborting -> concluded on error or cancel; then null when auto-dismissed.
-    /// Returns the final error (None on success or cancel).
-    pub async fn complete<F, Fut>(&self, error: Option<String>, prepare: F) -> Option<String>
-    where
-        F: FnOnce(bool) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
-    {
-        let mut error = error;
-        let cancelled = self.is_cancelled();
-        let mut ok = error.is_none() && !cancelled;
-        if ok {
+    // ---- completion (the framework, `super::run`) ----
+
+    /// running -> waiting -> pending; publishes `Pending` when the job
+    /// waits for `job-finalize`. Returns once finalized (or cancelled).
+    pub(super) async fn wait_finalized(&self) {
+        {
+            let mut c = self.lock();
+            c.busy = false;
+            self.transition(&mut c, JobStatus::Waiting);
+            self.transition(&mut c, JobStatus::Pending);
+            if !self.spec.auto_finalize && self.spec.kind.is_block_job() {
+                let job = self.snapshot(&c);
+                self.publish(&JobEvent::Pending { job });
+            }
+        }
+        if self.spec.auto_finalize {
+            return;
+        }
+        loop {
             {
-                let mut c = self.lock();
-                c.busy = false;
-                self.transition(&mut c, JobStatus::Waiting);
-                self.transition(&mut c, JobStatus::Pending);
-            }
-            if !self.spec.auto_finalize {
-                if self.spec.job_type.is_block_job() {
-                    self.events.publish(
-                        "BLOCK_JOB_PENDING",
-                        json!({"type": self.spec.job_type.as_str(), "id": self.spec.id}),
-                    );
-                }
-                loop {
-                    {
-                        let c = self.lock();
-                        if c.finalize_requested || c.cancelled {
-                            break;
-                        }
-                    }
-                    self.wait_kick().await;
+                let c = self.lock();
+                if c.finalize_requested || c.cancelled {
+                    return;
                 }
             }
-            if self.is_cancelled() {
-                ok = false;
-            }
+            self.wait_kick().await;
         }
-        // prepare(true) commits the graph change; prepare(false) is the abort path.
-        if let Err(e) = prepare(ok).await {
-            if ok {
-                ok = false;
-                error = Some(e);
-            }
-        }
+    }
+
+    /// Publishes the end (`Completed` / `Cancelled` for block jobs),
+    /// concludes (and with auto-dismiss removes) the job and wakes whoever
+    /// waits for a cancel, all under the lock, so a client that saw the
+    /// event finds the job concluded (or gone), as with QEMU's monitor.
+    pub(super) fn conclude(&self, ok: bool, error: Option<String>) {
         let cancelled = !ok && error.is_none();
-        // Events and the final transitions happen under the lock, so a client
-        // that saw BLOCK_JOB_COMPLETED and queries finds the job concluded
-        // (or gone), as with QEMU's single-threaded monitor.
         let mut c = self.lock();
         c.busy = false;
         if !ok {
             self.transition(&mut c, JobStatus::Aborting);
         }
         c.error.clone_from(&error);
-        let (offset, len) = self.progress();
-        let speed = c.limiter.speed();
-        let ty = self.spec.job_type.as_str();
-        let mut d = json!({"type": ty, "device": self.spec.id, "len": len, "offset": offset, "speed": speed});
-        // Other jobs (create) are told about by JOB_STATUS_CHANGE only.
-        if self.spec.job_type.is_block_job() {
+        // Other jobs (create) are told about by status changes only.
+        if self.spec.kind.is_block_job() {
+            let job = self.snapshot(&c);
             if cancelled {
-                self.events.publish("BLOCK_JOB_CANCELLED", d);
+                self.publish(&JobEvent::Cancelled { job });
             } else {
-                if let Some(e) = &error {
-                    d["error"] = json!(e);
-                }
-                self.events.publish("BLOCK_JOB_COMPLETED", d);
-                if self.spec.legacy {
-                    let mut d = json!({"device": self.spec.device, "len": len, "offset": offset});
-                    if let Some(e) = &error {
-                        d["error"] = json!(e);
-                    }
-                    self.events.publish("BLOCK_STREAM_COMPLETED", d);
-                }
+                self.publish(&JobEvent::Completed { job, error });
             }
         }
         self.transition(&mut c, JobStatus::Concluded);
@@ -537,47 +569,5 @@ impl Job {
         for w in c.stopped_waiters.drain(..) {
             let _ = w.send(());
         }
-        error
-    }
-
-    /// The `query-block-jobs` entry (QAPI `BlockJobInfo`).
-    pub fn block_job_info(&self) -> Value {
-        let c = self.lock();
-        let (offset, len) = self.progress();
-        let mut v = json!({
-            "type": self.spec.job_type.as_str(),
-            "device": self.spec.id,
-            "len": len,
-            "offset": offset,
-            "busy": c.busy,
-            "paused": c.user_paused,
-            "speed": c.limiter.speed(),
-            "io-status": c.io_status,
-            "ready": false,
-            "status": c.status.as_str(),
-            "auto-finalize": self.spec.auto_finalize,
-            "auto-dismiss": self.spec.auto_dismiss,
-        });
-        if let Some(e) = &c.error {
-            v["error"] = json!(e);
-        }
-        v
-    }
-
-    /// The `query-jobs` entry (QAPI `JobInfo`).
-    pub fn job_info(&self) -> Value {
-        let c = self.lock();
-        let (offset, len) = self.progress();
-        let mut v = json!({
-            "id": self.spec.id,
-            "type": self.spec.job_type.as_str(),
-            "status": c.status.as_str(),
-            "current-progress": offset,
-            "total-progress": len,
-        });
-        if let Some(e) = &c.error {
-            v["error"] = json!(e);
-        }
-        v
     }
 }

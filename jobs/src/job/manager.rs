@@ -1,8 +1,8 @@
 //! The table of jobs: ids, node blockers, lookups.
 
 use super::control::{Job, JobSpec};
+use super::event::{discard, EventSink};
 use super::state::JobStatus;
-use graph::events::EventBus;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -38,24 +38,25 @@ pub fn id_wellformed(id: &str) -> bool {
 }
 
 /// Every job of the service. Jobs leave the table when they reach `null`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct JobManager {
     jobs: Arc<Mutex<BTreeMap<String, Arc<Job>>>>,
-    events: EventBus,
+    sink: EventSink,
+}
+
+impl Default for JobManager {
+    fn default() -> Self {
+        Self::new(discard())
+    }
 }
 
 impl JobManager {
-    /// A table publishing on `events`.
-    pub fn new(events: EventBus) -> Self {
+    /// A table whose jobs hand their events to `sink`.
+    pub fn new(sink: EventSink) -> Self {
         Self {
             jobs: Arc::default(),
-            events,
+            sink,
         }
-    }
-
-    /// The bus the jobs publish on.
-    pub fn events(&self) -> &EventBus {
-        &self.events
     }
 
     fn live(m: &BTreeMap<String, Arc<Job>>) -> impl Iterator<Item = &Arc<Job>> {
@@ -77,11 +78,11 @@ impl JobManager {
             if let Some(j) = Self::live(&m).find(|j| j.spec().nodes.contains(n)) {
                 return Err(JobError::NodeBusy {
                     node: n.clone(),
-                    job_type: j.spec().job_type.as_str().into(),
+                    job_type: j.spec().kind.as_str().into(),
                 });
             }
         }
-        let job = Arc::new(Job::new(spec, self.events.clone()));
+        let job = Arc::new(Job::new(spec, self.sink.clone()));
         m.insert(job.id().to_string(), job.clone());
         Ok(job)
     }
@@ -98,7 +99,7 @@ impl JobManager {
     /// Looks a job up for a `block-job-*` command.
     pub fn block_job(&self, id: &str) -> Result<Arc<Job>, JobError> {
         self.get(id)
-            .filter(|j| j.spec().job_type.is_block_job())
+            .filter(|j| j.spec().kind.is_block_job())
             .ok_or_else(|| JobError::BlockJobNotFound(id.to_string()))
     }
 
@@ -123,12 +124,15 @@ impl JobManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobType, OnError};
+    use crate::job::{JobEvent, JobKind, OnError};
 
     fn spec(id: &str, nodes: &[&str]) -> JobSpec {
         JobSpec {
             id: id.into(),
-            job_type: JobType::Stream,
+            kind: JobKind {
+                name: "stream",
+                block_job: true,
+            },
             device: id.into(),
             speed: 0,
             on_error: OnError::Report,
@@ -141,8 +145,11 @@ mod tests {
 
     #[test]
     fn ids_and_blockers() {
-        let bus = EventBus::new(64);
-        let m = JobManager::new(bus.clone());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let m = JobManager::new(Arc::new(move |e: &JobEvent| {
+            s2.lock().unwrap().push(e.clone());
+        }));
         assert_eq!(
             m.create(spec("", &[])).unwrap_err().to_string(),
             "Invalid job ID ''"
@@ -169,11 +176,13 @@ mod tests {
             "Block job 'nope' not found"
         );
         assert_eq!(m.job("nope").unwrap_err().to_string(), "Job not found");
-        let ev = bus.since(0, 10);
-        assert_eq!(ev[0].name, "JOB_STATUS_CHANGE");
+        let ev = seen.lock().unwrap();
         assert_eq!(
-            ev[0].data,
-            serde_json::json!({"id": "s1", "status": "created"})
+            ev[0],
+            JobEvent::StatusChange {
+                id: "s1".into(),
+                status: JobStatus::Created
+            }
         );
     }
 }

@@ -1,11 +1,20 @@
-//! The job framework: a job's control block (status, progress, speed, pause,
-//! cancel, error policy, events) shared between the RPC threads that command it
-//! and the reactor task that runs it, and the table of jobs.
+//! The job framework: QEMU's state machine and verbs (`state`), a job's
+//! control block (`control`), the driver interface (`driver`), events as
+//! data (`event`), the open job type (`kind`), the table of jobs (`manager`)
+//! and the life of a job from start to conclusion (`run`).
 
 mod control;
+pub mod driver;
+pub mod event;
+mod kind;
 mod manager;
+mod run;
 pub mod state;
 
-pub use control::{IoOperation, Job, JobSpec, JobType, OnError, Verdict};
+pub use control::{IoOperation, Job, JobInfo, JobSpec, OnError, Verdict};
+pub use driver::{JobDriver, Step};
+pub use event::{EventSink, JobEvent, JobSnapshot};
+pub use kind::JobKind;
 pub use manager::{id_wellformed, JobError, JobManager};
+pub use run::{drive, start};
 pub use state::{JobStatus, JobVerb};

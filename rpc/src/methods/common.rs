@@ -1,7 +1,7 @@
 //! Helpers the handlers share (a handler file imports these, never another
 //! handler file): adding and removing bdevs with their `bdev_register` /
-//! `bdev_unregister` notifications, the delete methods' `{"name"}`
-//! parameters, and the stream job's tuning.
+//! `bdev_unregister` notifications, and the delete methods' `{"name"}`
+//! parameters.
 //!
 //! Bdevs are added and removed through the service's graph
 //! ([`graph::Graph::register`], [`graph::Graph::delete`]), which publishes the
@@ -10,10 +10,9 @@
 use crate::error::RpcError;
 use crate::service::Service;
 use bdev::Bdev;
-use jobs::stream_job::Tuning;
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// `bdev_register` / `bdev_unregister` (`ctx`: the bdev's name), published
 /// by the graph alone ([`graph::Graph::register`], [`graph::Graph::delete`]).
@@ -48,24 +47,4 @@ pub fn delete_typed<T: 'static>(svc: &Service, name: &str, kind: &str) -> Result
 #[serde(deny_unknown_fields)]
 pub struct ByName {
     pub name: String,
-}
-
-/// The stream job's tuning: defaults, or `SLUICE_STREAM_CHUNK_KB` /
-/// `SLUICE_STREAM_INFLIGHT` / `SLUICE_STREAM_YIELD=0` from the environment (benchmarks).
-pub fn tuning() -> Tuning {
-    static T: OnceLock<Tuning> = OnceLock::new();
-    *T.get_or_init(|| {
-        let mut t = Tuning::default();
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-        if let Some(kb) = env("SLUICE_STREAM_CHUNK_KB") {
-            t.chunk = kb.max(4) << 10;
-        }
-        if let Some(n) = env("SLUICE_STREAM_INFLIGHT") {
-            t.max_inflight = n.clamp(1, 1024) as usize;
-        }
-        if env("SLUICE_STREAM_YIELD") == Some(0) {
-            t.yield_to_clients = false;
-        }
-        t
-    })
 }

@@ -1,12 +1,12 @@
 //! QEMU's block-job API: `block-stream`, `query-block-jobs`, `query-jobs`,
 //! `block-job-*`, `job-*` and `change-backing-file`.
 
+use super::job_qapi;
 use crate::error::RpcError;
-use crate::methods::common::tuning;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
+use jobs::drivers::stream::{self, StreamParams};
 use jobs::job::{Job, JobError, OnError};
-use jobs::stream_job::{self, StreamParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -20,15 +20,19 @@ pub fn register(t: &mut MethodTable) {
             svc.jobs
                 .list()
                 .iter()
-                .filter(|j| j.spec().job_type.is_block_job())
-                .map(|j| j.block_job_info())
+                .filter(|j| j.spec().kind.is_block_job())
+                .map(|j| job_qapi::block_job_info(&j.info()))
                 .collect(),
         ))
     });
     t.add("query-jobs", |svc, p| {
         p.none()?;
         Ok(Value::Array(
-            svc.jobs.list().iter().map(|j| j.job_info()).collect(),
+            svc.jobs
+                .list()
+                .iter()
+                .map(|j| job_qapi::job_info(&j.info()))
+                .collect(),
         ))
     });
     t.add("block-job-cancel", |svc, p| {
@@ -52,12 +56,12 @@ pub fn register(t: &mut MethodTable) {
     });
     block_verb(t, "block-job-pause", Job::pause);
     block_verb(t, "block-job-resume", Job::resume);
-    block_verb(t, "block-job-complete", complete);
+    block_verb(t, "block-job-complete", Job::complete);
     id_verb(t, "block-job-finalize", true, Job::finalize);
     id_verb(t, "block-job-dismiss", true, Job::dismiss);
     id_verb(t, "job-pause", false, Job::pause);
     id_verb(t, "job-resume", false, Job::resume);
-    id_verb(t, "job-complete", false, complete);
+    id_verb(t, "job-complete", false, Job::complete);
     id_verb(t, "job-finalize", false, Job::finalize);
     id_verb(t, "job-dismiss", false, Job::dismiss);
     id_verb(t, "job-cancel", false, |j: &Job| j.cancel().map(|_| ()));
@@ -100,11 +104,6 @@ fn query_job_events(svc: &Service, p: Params) -> Result<Value, RpcError> {
         })
         .collect();
     Ok(Value::Array(v))
-}
-
-/// Stream jobs never become ready, so `complete` is always refused by the verb table.
-fn complete(j: &Job) -> Result<(), String> {
-    j.check_verb(jobs::job::JobVerb::Complete)
 }
 
 #[derive(Deserialize)]
@@ -202,7 +201,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
         legacy: false,
         no_flush_on_complete: a.x_durable == Some(false),
     };
-    stream_job::start(&svc.graph, &svc.jobs, &svc.rt, sp, tuning())?;
+    stream::start(&svc.graph, &svc.jobs, &svc.rt, sp, svc.tuning)?;
     Ok(json!({}))
 }
 

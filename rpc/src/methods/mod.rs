@@ -5,6 +5,7 @@ pub mod bdev;
 pub mod blockdev;
 pub mod common;
 pub mod core;
+pub mod job_qapi;
 pub mod jobs;
 pub mod nbd;
 pub mod nodes;

@@ -1,10 +1,10 @@
 //! The 2011 streaming API: `block_stream`, `block_stream_cancel`,
-//! `query-block-stream` (the event `BLOCK_STREAM_COMPLETED` is published by the job).
+//! `query-block-stream` (the event `BLOCK_STREAM_COMPLETED` is rendered by `job_qapi`).
 
+use super::job_qapi;
 use crate::error::RpcError;
-use crate::methods::common::tuning;
 use crate::table::MethodTable;
-use jobs::legacy;
+use jobs::drivers::stream2011 as legacy;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 pub fn register(t: &mut MethodTable) {
     t.add("block_stream", |svc, p| {
         let a: Stream = p.parse()?;
-        legacy::block_stream(&svc.graph, &svc.jobs, &svc.rt, &a.device, a.base, tuning())?;
+        legacy::block_stream(
+            &svc.graph, &svc.jobs, &svc.rt, &a.device, a.base, svc.tuning,
+        )?;
         Ok(json!({}))
     });
     t.add("block_stream_cancel", |svc, p| {
@@ -25,7 +27,12 @@ pub fn register(t: &mut MethodTable) {
     });
     t.add("query-block-stream", |svc, p| -> Result<Value, RpcError> {
         p.none()?;
-        Ok(legacy::query_block_stream(&svc.jobs))
+        Ok(Value::Array(
+            legacy::query_block_stream(&svc.jobs)
+                .iter()
+                .map(job_qapi::stream_info)
+                .collect(),
+        ))
     });
 }
 

@@ -1,13 +1,10 @@
-//! QEMU's `blockdev-create` as a job of type `create` (`block/create.c`):
-//! created and running before the command returns, then waiting, pending and
-//! concluded (auto-finalize on, auto-dismiss off: the client dismisses it),
-//! or aborting and concluded with the error in `query-jobs`. Progress is 0/1
-//! then 1/1, as QEMU's.
-//!
-//! The job runs on a thread of its own: the host file is created there, the
-//! qcow2 image is written on a reactor through `bdev::qcow2::create` /
-//! `create_file`, and a monitor-owned file node written through its path is
-//! reopened at its new length. The RPC thread only parses and starts it.
+//! `blockdev-create`'s handler side: parse the options, start a job of the
+//! create driver (`jobs::drivers::create`) whose creation is made here, as it
+//! needs the monitor's node table. The creation runs as a task on the
+//! driver's reactor: the host file is created there, the qcow2 image written
+//! through `bdev::qcow2::create` / `create_file` (async), and a
+//! monitor-owned file node written through its path is closed first and
+//! reopened at its new length. No node is added or deleted meanwhile.
 
 use super::create::{could_not_open, format_user, not_found, restore_file_node};
 use super::create_opts::{self, CreateSpec, FileCreate, FileRef, Qcow2Create};
@@ -20,60 +17,34 @@ use bdev::qcow2::{self, CreateOptions};
 use bdev::uring::UringBdev;
 use bdev::Bdev;
 use graph::Graph;
-use jobs::job::{Job, JobSpec, JobType, OnError};
+use jobs::drivers::create;
 use serde_json::Value;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The reactor the image is written on.
-const REACTOR: usize = 0;
-
-/// `blockdev-create`: parses, creates the job (created, running) and starts
-/// its thread.
+/// `blockdev-create`: parses, creates the job (created, running) and starts it.
 pub(super) fn start(svc: &Service, v: &Value) -> Result<(), RpcError> {
     let cmd = create_opts::parse(v)?;
-    let job = svc.jobs.create(JobSpec {
-        id: cmd.job_id.clone(),
-        job_type: JobType::Create,
-        device: cmd.job_id.clone(),
-        speed: 0,
-        on_error: OnError::Report,
-        auto_finalize: true,
-        auto_dismiss: false,
-        legacy: false,
-        nodes: Vec::new(),
-    })?;
-    job.set_len(1);
-    job.start();
     let g = svc.graph.clone();
-    let j = job.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("create {}", cmd.job_id))
-        .spawn(move || run(&j, &g, &cmd.spec));
-    if let Err(e) = spawned {
-        let msg = format!("starting the job: {e}");
-        futures::executor::block_on(job.complete(Some(msg.clone()), |_| async { Ok(()) }));
-        return Err(RpcError::internal(msg));
-    }
+    let spec = cmd.spec;
+    create::start(
+        &svc.jobs,
+        &svc.rt,
+        &cmd.job_id,
+        Box::new(move || Box::pin(async move { run(&g, &spec).await })),
+    )?;
     Ok(())
 }
 
-fn run(job: &Arc<Job>, g: &Graph, spec: &CreateSpec) {
-    let r = {
-        // No node is added or deleted under the creation.
-        let _g = g.change();
-        match spec {
-            CreateSpec::File(f) => create_host_file(f),
-            CreateSpec::Qcow2(q) => create_qcow2(g, q),
-        }
-    };
-    job.add_progress(1);
-    match &r {
-        Ok(()) => tracing::info!(job = job.id(), "blockdev-create done"),
-        Err(e) => tracing::warn!(job = job.id(), "blockdev-create failed: {e}"),
+/// The creation, on a reactor: under the graph's change lock (waited for
+/// without blocking the reactor), so no node is added or deleted meanwhile.
+async fn run(g: &Graph, spec: &CreateSpec) -> Result<(), String> {
+    let _g = g.change_on_reactor().await;
+    match spec {
+        CreateSpec::File(f) => create_host_file(f),
+        CreateSpec::Qcow2(q) => create_qcow2(g, q).await,
     }
-    futures::executor::block_on(job.complete(r.err(), |_| async { Ok(()) }));
 }
 
 fn errno_desc(e: &std::io::Error) -> &'static str {
@@ -236,8 +207,7 @@ fn node_target(g: &Graph, n: &str) -> Result<Target, String> {
     }
 }
 
-fn create_qcow2(g: &Graph, q: &Qcow2Create) -> Result<(), String> {
-    let rt = g.rt();
+async fn create_qcow2(g: &Graph, q: &Qcow2Create) -> Result<(), String> {
     // QEMU opens the file reference before it checks the options.
     match &q.file {
         FileRef::Named(n) if !g.nodes().contains(n) => return Err(not_found(n).message),
@@ -256,32 +226,15 @@ fn create_qcow2(g: &Graph, q: &Qcow2Create) -> Result<(), String> {
             node: None,
         },
     };
-    let joined = |r: Result<Result<(), bdev::BdevError>, reactor::JoinError>| match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(job_error(e)),
-        Err(e) => Err(e.to_string()),
-    };
     match target {
-        Target::Node(b) => joined(
-            rt.spawn_on(
-                REACTOR,
-                move || async move { qcow2::create(b, &opts).await },
-            )
-            .block(),
-        ),
+        Target::Node(b) => qcow2::create(b, &opts).await.map_err(job_error),
         Target::Path { path, node } => {
             // The file node's own lock would refuse the creation: the node
             // is closed first and reopened at the file's new length.
             if let Some(rec) = &node {
-                close_file_node(g, rec)?;
+                close_file_node(g, rec).await?;
             }
-            let r = joined(
-                rt.spawn_on(REACTOR, {
-                    let path = path.clone();
-                    move || async move { qcow2::create_file(&path, &opts).await }
-                })
-                .block(),
-            );
+            let r = qcow2::create_file(&path, &opts).await.map_err(job_error);
             if let Some(rec) = node {
                 restore_file_node(g, &rec);
             }
@@ -292,11 +245,17 @@ fn create_qcow2(g: &Graph, q: &Qcow2Create) -> Result<(), String> {
 
 /// Closes a monitor-owned file node (ending its lock) so that its file can be
 /// written through its path; `restore_file_node` reopens it at its new size.
-fn close_file_node(g: &Graph, rec: &state::Record) -> Result<(), String> {
+/// On a reactor: every reactor's cached channel is dropped by awaited
+/// messages (`Graph::delete` would block on them).
+async fn close_file_node(g: &Graph, rec: &state::Record) -> Result<(), String> {
     g.nodes().release(&rec.name, &bdev::Holder::Monitor);
-    if let Err(e) = g.delete(&rec.name) {
-        let _ = g.nodes().claim(&rec.name, bdev::Claim::monitor());
-        return Err(format!("closing the file node '{}': {e}", rec.name));
-    }
+    let b = match g.unregister_from_reactor(&rec.name).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = g.nodes().claim(&rec.name, bdev::Claim::monitor());
+            return Err(format!("closing the file node '{}': {e}", rec.name));
+        }
+    };
+    b.on_delete();
     Ok(())
 }

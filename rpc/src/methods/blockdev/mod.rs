@@ -103,7 +103,7 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
             libc::EBUSY,
             format!(
                 "Node '{name}' is busy: block device is in use by block job: {}",
-                j.spec().job_type.as_str()
+                j.spec().kind.as_str()
             ),
         ));
     }

@@ -1,7 +1,7 @@
 //! From a `block-stream` request to a plan: which nodes, which base, which job
 //! id, with QEMU's checks and messages.
 
-use crate::job::{JobError, JobManager, JobSpec, JobType, OnError};
+use crate::job::{JobError, JobManager, JobSpec, OnError};
 use bdev::device::Device;
 use bdev::Bdev;
 use graph::node::{self, ImageNode};
@@ -189,7 +189,7 @@ pub fn resolve(
         if let Some(j) = mgr.job_on_node(n) {
             return Err(StreamError::Job(JobError::NodeBusy {
                 node: n.clone(),
-                job_type: j.spec().job_type.as_str().into(),
+                job_type: j.spec().kind.as_str().into(),
             }));
         }
     }
@@ -257,7 +257,7 @@ pub fn resolve(
     };
     let spec = JobSpec {
         id: job_id,
-        job_type: JobType::Stream,
+        kind: super::KIND,
         device: device
             .map(|d| d.name().to_string())
             .unwrap_or_else(|| p.device.clone()),

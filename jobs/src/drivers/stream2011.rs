@@ -1,12 +1,14 @@
 //! The 2011 streaming API (`block_stream`, `block_stream_cancel`,
-//! `query-block-stream`, `BLOCK_STREAM_COMPLETED`) over the job framework.
+//! `query-block-stream`) over the stream driver: a stream job whose id is
+//! the device name and whose spec says `legacy` (the control plane then also
+//! announces its end as `BLOCK_STREAM_COMPLETED`).
 
-use crate::job::{Job, JobManager, JobStatus, JobType};
-use crate::stream_job::{self, StreamError, StreamParams, Tuning};
+use super::stream::{self, StreamError, StreamParams};
+use crate::copy::Tuning;
+use crate::job::{Job, JobManager, JobStatus};
 use bdev::device::Device;
 use graph::node;
 use reactor::RuntimeHandle;
-use serde_json::{json, Value};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -31,8 +33,7 @@ pub enum LegacyError {
 }
 
 fn active(j: &Job) -> bool {
-    j.spec().job_type == JobType::Stream
-        && !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
+    j.spec().kind == stream::KIND && !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
 }
 
 /// The active stream job on `device`, if any.
@@ -75,7 +76,7 @@ pub fn block_stream(
         legacy: true,
         ..Default::default()
     };
-    stream_job::start(g, mgr, rt, p, tuning).map_err(|e| match e {
+    stream::start(g, mgr, rt, p, tuning).map_err(|e| match e {
         StreamError::Job(crate::job::JobError::IdInUse(_))
         | StreamError::Job(crate::job::JobError::NodeBusy { .. }) => {
             LegacyError::DeviceInUse(device.into())
@@ -101,16 +102,29 @@ pub fn block_stream_cancel(
         .map_err(|_| LegacyError::DeviceNotActive(device.into()))
 }
 
-/// `query-block-stream`: `[{device, len, offset}]` for every active stream.
-pub fn query_block_stream(mgr: &JobManager) -> Value {
-    let v: Vec<Value> = mgr
-        .list()
+/// One active stream, as `query-block-stream` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The device.
+    pub device: String,
+    /// Bytes to stream.
+    pub len: u64,
+    /// Bytes streamed.
+    pub offset: u64,
+}
+
+/// `query-block-stream`: every active stream.
+pub fn query_block_stream(mgr: &JobManager) -> Vec<StreamInfo> {
+    mgr.list()
         .into_iter()
         .filter(|j| active(j))
         .map(|j| {
             let (offset, len) = j.progress();
-            json!({"device": j.spec().device, "len": len, "offset": offset})
+            StreamInfo {
+                device: j.spec().device.clone(),
+                len,
+                offset,
+            }
         })
-        .collect();
-    Value::Array(v)
+        .collect()
 }
