@@ -156,13 +156,12 @@ impl Graph {
     /// ends it (and its image lock). Returns the bdev.
     pub async fn unregister_from_reactor(&self, name: &str) -> Result<Arc<dyn Bdev>, BdevError> {
         let b = self.nodes.unregister(name)?;
-        for i in 0..self.rt.num_reactors() {
-            let b2 = b.clone();
-            let _ = self
-                .rt
-                .call_on(i, move || bdev::drop_cached_channels(&b2))
-                .await;
-        }
+        let b2 = b.clone();
+        // Every reactor at once; a reactor already stopping has no channel left.
+        let _ = self
+            .rt
+            .broadcast(move || bdev::drop_cached_channels(&b2))
+            .await;
         self.events
             .publish(BDEV_UNREGISTER, json!({ "name": name }));
         Ok(b)

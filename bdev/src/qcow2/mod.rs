@@ -8,7 +8,7 @@
 //!   format, compression type), laid out as `qemu-img create -f qcow2` does.
 //! - [`Qcow2Bdev::open`] (on a reactor; that reactor becomes the image's *owner*)
 //!   or [`open_file`]: returns an `Arc<Qcow2Bdev>`, which is a [`crate::Bdev`]
-//!   (register it with [`crate::registry`] to name it). [`OpenOptions::backing`]
+//!   (the graph registers it to name it). [`OpenOptions::backing`]
 //!   says where unallocated clusters read from: the header's backing file
 //!   (resolved against the image's directory, format from the backing-format
 //!   extension or probed by magic; chains of any length; loops refused), no
