@@ -4,8 +4,9 @@
 //! sends pretty-printed JSON with no newline, several per connection); each is
 //! answered in order, on the connection's own thread, with a reply ending in a
 //! newline. A request that is not JSON gets -32700; when the stream cannot be
-//! resynchronised (bytes that cannot start a request) the connection is closed
-//! after that reply, as SPDK does.
+//! resynchronised (bytes that cannot start a request, or a request that can
+//! never become valid JSON, reported at its first bad byte) the connection is
+//! closed after that reply, as SPDK does.
 
 pub mod request;
 
@@ -75,6 +76,15 @@ impl Protocol for JsonRpc {
                             "Parse error: unexpected character {:?} where a request should start",
                             byte as char
                         );
+                        send(
+                            &mut conn,
+                            request::error_reply(&Value::Null, codes::PARSE_ERROR, &msg),
+                        );
+                        return;
+                    }
+                    Frame::Invalid { at, why } => {
+                        // As SPDK's jsonrpc_server: the error, then the connection closes.
+                        let msg = format!("Parse error: {why} at byte {at} of the request");
                         send(
                             &mut conn,
                             request::error_reply(&Value::Null, codes::PARSE_ERROR, &msg),

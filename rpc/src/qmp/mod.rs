@@ -172,6 +172,11 @@ impl Qmp {
                         ),
                         None,
                     ),
+                    Frame::Invalid { why, .. } => session::error_reply(
+                        ErrorClass::GenericError,
+                        &format!("JSON parse error, {why}"),
+                        None,
+                    ),
                     Frame::Garbage { byte } => session::error_reply(
                         ErrorClass::GenericError,
                         &format!(

@@ -2,6 +2,7 @@
 //! its caps, and the splitting of a byte stream into JSON requests.
 
 pub mod framing;
+pub mod grammar;
 pub mod server;
 pub mod socket;
 
