@@ -126,3 +126,136 @@ fn hopeless_json_gets_parse_error_at_once_and_the_connection_closes() {
     assert!(r["version"].is_string(), "{r}");
     assert_eq!(d.stop(), Some(0));
 }
+
+#[test]
+fn ids_are_echoed_verbatim() {
+    let d = Daemon::start(&[]);
+    let mut c = Conn::open(&d);
+    for id in [
+        "123456789012345678901234567890",
+        "-0",
+        "1e2",
+        "0.10",
+        "-12.5E-3",
+        "18446744073709551616",
+        "\"\\u0041\\n\"",
+        "\"\u{e9}\"",
+        "null",
+        "7",
+    ] {
+        for method in ["spdk_get_version", "no_such_method"] {
+            c.send(
+                format!("{{\"jsonrpc\":\"2.0\",\"method\":\"{method}\",\"id\": {id} }}").as_bytes(),
+            );
+            let line = c.line(id);
+            assert!(
+                line.starts_with(&format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},")),
+                "{method} id {id} not echoed verbatim: {line}"
+            );
+        }
+    }
+    // In a batch too, and in the error about a bad member.
+    c.send(b"[{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"id\":1E300},{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"bogus\":1,\"id\":-0.0}]");
+    let line = c.line("batch");
+    assert!(
+        line.contains("\"id\":1E300,") && line.contains("\"id\":-0.0,"),
+        "{line}"
+    );
+}
+
+/// The daemon's resident set and its peak, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn get_bdevs(n: usize, from: usize) -> Vec<u8> {
+    let items: Vec<Value> = (from..from + n)
+        .map(|i| json!({"jsonrpc": "2.0", "method": "bdev_get_bdevs", "id": i}))
+        .collect();
+    Value::Array(items).to_string().into_bytes()
+}
+
+#[test]
+fn batches_are_bounded_in_count_and_reply_size() {
+    let mut d = Daemon::start(&[]);
+    // Bdevs enough to make one bdev_get_bdevs reply about 200 KB.
+    for chunk in 0..3 {
+        let items: Vec<Value> = (0..100)
+            .map(|i| json!({"jsonrpc": "2.0", "method": "bdev_null_create", "params": {"name": format!("N{}-{i}", chunk), "num_blocks": 8, "block_size": 512}, "id": i}))
+            .collect();
+        let mut c = Conn::open(&d);
+        c.send(Value::Array(items).to_string().as_bytes());
+        let r = c.reply("creating bdevs");
+        assert!(
+            r.as_array()
+                .is_some_and(|a| a.iter().all(|x| x["result"].is_string())),
+            "{r}"
+        );
+    }
+    let (_, peak0) = rss_kib(d.pid());
+
+    // The 53 KB batch of 1,000 bdev_get_bdevs: refused whole, at once.
+    let mut c = Conn::open(&d);
+    let t0 = Instant::now();
+    c.send(&get_bdevs(1000, 0));
+    let r = c.reply("1000-request batch");
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exceeds the limit of 128"),
+        "{r}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // 10,000: the same.
+    c.send(&get_bdevs(10_000, 0));
+    assert_eq!(c.reply("10000-request batch")["error"]["code"], -32600);
+
+    // 128 of them fit the count but not the reply budget: the first run, the
+    // rest get an error each, and the reply stays near the budget.
+    c.send(&get_bdevs(128, 0));
+    let line = c.line("128-request batch");
+    let r: Value = serde_json::from_str(&line).expect("batch reply is JSON");
+    let arr = r.as_array().expect("batch reply is an array");
+    assert_eq!(arr.len(), 128, "one reply per request");
+    let ran = arr.iter().filter(|x| x["result"].is_array()).count();
+    let refused: Vec<&Value> = arr
+        .iter()
+        .filter(|x| x["error"]["code"] == -32600)
+        .collect();
+    assert!(
+        ran > 0 && ran + refused.len() == 128,
+        "ran {ran}, refused {}",
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "a {}-byte reply was built", line.len());
+    assert_eq!(
+        refused[0]["id"], ran,
+        "the first over the budget is refused"
+    );
+    assert!(
+        line.len() < (16 << 20) + 400_000,
+        "reply of {} bytes",
+        line.len()
+    );
+    let (_, peak1) = rss_kib(d.pid());
+    eprintln!(
+        "batch replies {} bytes; peak RSS {peak0} KiB -> {peak1} KiB",
+        line.len()
+    );
+    assert!(
+        peak1 < peak0 + 256 * 1024,
+        "peak RSS grew from {peak0} KiB to {peak1} KiB"
+    );
+    assert!(d.call("spdk_get_version", Value::Null)["version"].is_string());
+    assert_eq!(d.stop(), Some(0));
+}
