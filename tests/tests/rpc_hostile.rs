@@ -259,3 +259,158 @@ fn batches_are_bounded_in_count_and_reply_size() {
     assert!(d.call("spdk_get_version", Value::Null)["version"].is_string());
     assert_eq!(d.stop(), Some(0));
 }
+
+/// A fresh connection gets `spdk_get_version` answered (not refused).
+fn served(d: &Daemon) -> bool {
+    let Ok(s) = UnixStream::connect(&d.rpc_sock) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut c = Conn {
+        w: s.try_clone().unwrap(),
+        r: BufReader::new(s),
+    };
+    // (A refused connection may be closed before the request goes out.)
+    if c.w
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"id\":1}")
+        .is_err()
+    {
+        return false;
+    }
+    let mut line = String::new();
+    matches!(c.r.read_line(&mut line), Ok(n) if n > 0) && line.contains("\"result\"")
+}
+
+/// Waits until earlier connections (the daemon's readiness probe, a
+/// `served` check) have released their slots.
+fn settle(d: &Daemon) {
+    served_within(d, Duration::from_secs(5)).expect("daemon does not serve");
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Polls [`served`] for up to `within`; how long it took.
+fn served_within(d: &Daemon, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if served(d) {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+fn endless_wait() -> &'static [u8] {
+    b"{\"jsonrpc\":\"2.0\",\"method\":\"bdev_get_bdevs\",\"params\":{\"name\":\"never\",\"timeout\":18446744073709551615},\"id\":1}"
+}
+
+#[test]
+fn waiting_calls_of_departed_clients_free_their_slots_and_stop_is_fast() {
+    let d = Daemon::start(&["--rpc-max-connections", "4"]);
+    settle(&d);
+    // Four clients start an endless wait, then go away.
+    for _ in 0..4 {
+        let mut c = Conn::open(&d);
+        c.send(endless_wait());
+    }
+    let took = served_within(&d, Duration::from_secs(5))
+        .expect("slots still taken 5 s after the waiting clients left");
+    eprintln!("slots free {took:?} after the clients left");
+    settle(&d);
+    // Four that stay: SIGTERM ends their waits at once.
+    let mut stay: Vec<Conn> = (0..4).map(|_| Conn::open(&d)).collect();
+    for c in &mut stay {
+        c.send(endless_wait());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    assert_eq!(d.stop(), Some(0));
+    let stop = t0.elapsed();
+    eprintln!("stop took {stop:?} with four calls waiting");
+    assert!(stop < Duration::from_secs(3), "stop took {stop:?}");
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let d = Daemon::start(&["--rpc-max-connections", "4", "--rpc-idle-timeout", "1"]);
+    settle(&d);
+    let mut idle: Vec<Conn> = (0..4).map(|_| Conn::open(&d)).collect();
+    // One of them left a request half sent: idle all the same.
+    idle[0].send(b"{\"jsonrpc\":\"2.0\",");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!served(&d), "the cap of 4 is not in force");
+    let took = served_within(&d, Duration::from_secs(5))
+        .expect("idle connections still hold every slot after 5 s");
+    eprintln!("idle slots free {took:?} later");
+    for c in &mut idle {
+        assert!(c.closed(), "an idle connection was left open");
+    }
+    // A busy client is not idle: a call that takes longer than the timeout
+    // still gets its reply.
+    let mut c = Conn::open(&d);
+    c.send(b"{\"jsonrpc\":\"2.0\",\"method\":\"bdev_get_bdevs\",\"params\":{\"name\":\"late\",\"timeout\":1500},\"id\":9}");
+    let r = c.reply("a 1.5 s wait");
+    assert_eq!(r["id"], 9, "{r}");
+    assert_eq!(d.stop(), Some(0));
+}
+
+#[test]
+fn a_client_that_reads_slowly_is_dropped_at_the_write_limit() {
+    let d = Daemon::start(&["--rpc-max-connections", "1", "--rpc-write-timeout", "2"]);
+    settle(&d);
+    // Replies of about 200 KB each.
+    let items: Vec<Value> = (0..300)
+        .map(|i| json!({"jsonrpc": "2.0", "method": "bdev_null_create", "params": {"name": format!("S{i}"), "num_blocks": 8, "block_size": 512}, "id": i}))
+        .collect();
+    {
+        let mut c = Conn::open(&d);
+        c.send(Value::Array(items[..100].to_vec()).to_string().as_bytes());
+        c.reply("create");
+        c.send(
+            Value::Array(items[100..200].to_vec())
+                .to_string()
+                .as_bytes(),
+        );
+        c.reply("create");
+        c.send(Value::Array(items[200..].to_vec()).to_string().as_bytes());
+        c.reply("create");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The slow reader: 20 replies asked, then 2 KB read every 100 ms
+    // (each write makes progress, none finishes a reply within 2 s).
+    let s = UnixStream::connect(&d.rpc_sock).expect("connect");
+    let mut w = s.try_clone().unwrap();
+    for i in 0..20 {
+        w.write_all(
+            format!("{{\"jsonrpc\":\"2.0\",\"method\":\"bdev_get_bdevs\",\"id\":{i}}}").as_bytes(),
+        )
+        .unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let mut first = [0u8; 32];
+    (&s).read_exact(&mut first).expect("first reply bytes");
+    assert_eq!(
+        &first, b"{\"jsonrpc\":\"2.0\",\"id\":0,\"result\"",
+        "slow reader not admitted"
+    );
+    let reader = std::thread::spawn(move || {
+        let mut s = s;
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 2048];
+        while !st.load(std::sync::atomic::Ordering::SeqCst) {
+            match s.read(&mut b) {
+                Ok(0) => break,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let took = served_within(&d, Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    reader.join().unwrap();
+    let took = took.expect("a slowly reading client kept its connection past 8 s (limit 2 s)");
+    eprintln!("slow reader dropped; slot free after {took:?}");
+    assert_eq!(d.stop(), Some(0));
+}

@@ -29,6 +29,7 @@ const EVENT_POLL: Duration = Duration::from_millis(100);
 pub struct Qmp {
     svc: Weak<Service>,
     max_request: usize,
+    write_timeout: Duration,
 }
 
 impl Qmp {
@@ -37,26 +38,46 @@ impl Qmp {
         Self {
             svc: Arc::downgrade(svc),
             max_request: limits.max_request,
+            write_timeout: limits.write_timeout,
         }
     }
 }
 
-/// The write side of a connection, shared by the reader (replies) and the event writer.
-type Writer = Arc<Mutex<Conn>>;
+/// The write side of a connection, shared by the reader (replies) and the
+/// event writer, with the time one line may take to go out.
+#[derive(Clone)]
+struct Writer {
+    conn: Arc<Mutex<Conn>>,
+    limit: Duration,
+}
 
-fn write_line(c: &mut Conn, line: &str) -> bool {
+/// Writes one line within `limit` in all (a client reading slowly cannot
+/// stretch it); `false` when the connection is to be dropped.
+fn write_line(c: &mut Conn, line: &str, limit: Duration) -> bool {
     let mut out = Vec::with_capacity(line.len() + 2);
     out.extend_from_slice(line.as_bytes());
     out.extend_from_slice(b"\r\n");
-    c.write_all(&out).is_ok()
+    match c.write_all_within(&out, limit) {
+        Ok(()) => true,
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::info!(
+                    limit_s = limit.as_secs_f64(),
+                    "QMP client does not read; dropping it"
+                );
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            false
+        }
+    }
 }
 
 fn lock(w: &Writer) -> std::sync::MutexGuard<'_, Conn> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
+    w.conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn send(w: &Writer, line: &str) -> bool {
-    write_line(&mut lock(w), line)
+    write_line(&mut lock(w), line, w.limit)
 }
 
 /// Pushes events to one negotiated client until its connection closes; then
@@ -100,8 +121,11 @@ fn start_event_writer(
 
 impl Protocol for Qmp {
     fn serve(&self, mut conn: Conn) {
-        let writer: Writer = match conn.try_clone() {
-            Ok(c) => Arc::new(Mutex::new(c)),
+        let writer = match conn.try_clone() {
+            Ok(c) => Writer {
+                conn: Arc::new(Mutex::new(c)),
+                limit: self.write_timeout,
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "QMP connection cannot be cloned");
                 return;
@@ -155,7 +179,7 @@ impl Qmp {
                         let mut out = lock(writer);
                         let (line, effect) = state.handle_text(&svc, &text);
                         let rx = (effect == Effect::StartEvents).then(|| svc.events.subscribe());
-                        if !write_line(&mut out, &line) {
+                        if !write_line(&mut out, &line, writer.limit) {
                             return;
                         }
                         drop(out);
@@ -201,5 +225,10 @@ pub fn start_unix(
     limits: Limits,
 ) -> Result<Server, TransportError> {
     let l = transport::bind_unix(path)?;
+    // A negotiated QMP client may wait for events for hours: no idle timeout.
+    let limits = Limits {
+        idle_timeout: None,
+        ..limits
+    };
     Server::start("qmp", l, Arc::new(Qmp::new(svc, limits)), limits)
 }
