@@ -5,13 +5,13 @@
 //! subscribes to the service's event bus and a writer thread pushes every event
 //! (`{"event", "data", "timestamp"}`), interleaved with the replies.
 
+pub mod json;
 pub mod session;
+pub mod writer;
 
 use crate::error::ErrorClass;
 use crate::service::Service;
-use crate::transport::{
-    self, server::read_some, Conn, Frame, Limits, Protocol, Server, Splitter, TransportError,
-};
+use crate::transport::{self, server::read_some, Conn, Limits, Protocol, Server, TransportError};
 use graph::events::Event;
 use session::{Effect, Session};
 use std::io::Write;
@@ -93,14 +93,14 @@ fn start_event_writer(
         .spawn(move || loop {
             match rx.recv_timeout(EVENT_POLL) {
                 Ok(ev) => {
-                    if !send(&w, &ev.to_qmp().to_string()) {
+                    if !send(&w, &writer::to_qemu(&ev.to_qmp())) {
                         return;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if closed.load(Ordering::Acquire) {
                         for ev in rx.try_iter() {
-                            if !send(&w, &ev.to_qmp().to_string()) {
+                            if !send(&w, &writer::to_qemu(&ev.to_qmp())) {
                                 return;
                             }
                         }
@@ -154,64 +154,42 @@ impl Qmp {
         closed: &Arc<AtomicBool>,
         events: &mut Option<JoinHandle<()>>,
     ) {
-        if !send(writer, &session::greeting().to_string()) {
+        if !send(writer, &writer::to_qemu(&session::greeting())) {
             return;
         }
         let mut state = Session::default();
-        let mut split = Splitter::new(self.max_request);
+        let mut stream = json::Stream::new(
+            self.max_request,
+            format!(
+                "JSON parse error, QMP input exceeds the maximum size of {} bytes",
+                self.max_request
+            ),
+        );
+        let mut items = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = read_some(conn, &mut buf);
             if n == 0 {
                 return;
             }
-            split.feed(&buf[..n]);
-            while let Some(frame) = split.next_frame() {
-                let line = match frame {
-                    Frame::Value(text) => {
-                        let Some(svc) = self.svc.upgrade() else {
-                            return;
-                        };
-                        // The output is held while the command runs: the events it
-                        // causes reach this client after its reply (as QEMU's
-                        // SHUTDOWN follows the return of `quit`), and the reply to
-                        // qmp_capabilities precedes every event.
-                        let mut out = lock(writer);
-                        let (line, effect) = state.handle_text(&svc, &text);
-                        let rx = (effect == Effect::StartEvents).then(|| svc.events.subscribe());
-                        if !write_line(&mut out, &line, writer.limit) {
-                            return;
-                        }
-                        drop(out);
-                        if let Some(rx) = rx {
-                            *events = start_event_writer(rx, writer.clone(), closed.clone());
-                        }
-                        continue;
-                    }
-                    Frame::TooLarge => session::error_reply(
-                        ErrorClass::GenericError,
-                        &format!(
-                            "JSON parse error, QMP input exceeds the maximum size of {} bytes",
-                            self.max_request
-                        ),
-                        None,
-                    ),
-                    Frame::Invalid { why, .. } => session::error_reply(
-                        ErrorClass::GenericError,
-                        &format!("JSON parse error, {why}"),
-                        None,
-                    ),
-                    Frame::Garbage { byte } => session::error_reply(
-                        ErrorClass::GenericError,
-                        &format!(
-                            "JSON parse error, invalid token starting with {:?}",
-                            byte as char
-                        ),
-                        None,
-                    ),
-                };
-                if !send(writer, &line) {
+            stream.feed(&buf[..n], &mut items);
+            for item in items.drain(..) {
+                let Some(svc) = self.svc.upgrade() else {
                     return;
+                };
+                // The output is held while the command runs: the events it
+                // causes reach this client after its reply (as QEMU's
+                // SHUTDOWN follows the return of `quit`), and the reply to
+                // qmp_capabilities precedes every event.
+                let mut out = lock(writer);
+                let (line, effect) = state.handle_item(&svc, item);
+                let rx = (effect == Effect::StartEvents).then(|| svc.events.subscribe());
+                if !write_line(&mut out, &line, writer.limit) {
+                    return;
+                }
+                drop(out);
+                if let Some(rx) = rx {
+                    *events = start_event_writer(rx, writer.clone(), closed.clone());
                 }
             }
         }
