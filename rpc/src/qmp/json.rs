@@ -503,7 +503,7 @@ fn parse_string(tok: &[u8]) -> Res<String> {
                     if (0xd800..=0xdbff).contains(&cp) && body.get(i..i + 2) == Some(b"\\u") {
                         let trail = hex4(&body[i + 2..]).map_or(-1i64, i64::from);
                         if (0xdc00..=0xdfff).contains(&trail) {
-                            cp = 0x10000 + ((cp & 0x3ff) << 10) | (trail & 0x3ff);
+                            cp = (0x10000 + ((cp & 0x3ff) << 10)) | (trail & 0x3ff);
                             i += 6;
                         } else {
                             cp = -1;
