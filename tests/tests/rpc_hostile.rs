@@ -445,7 +445,9 @@ fn mutated_requests_never_go_unanswered() {
                 _ => input[at] = alphabet[rnd(alphabet.len())],
             }
         }
-        input.extend_from_slice(b"\n{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"id\":\"probe\"}");
+        input.extend_from_slice(
+            b"\n{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"id\":\"probe\"}",
+        );
         let syntax_error = serde_json::Deserializer::from_slice(&input)
             .into_iter::<Value>()
             .find_map(Result::err)
@@ -464,10 +466,63 @@ fn mutated_requests_never_go_unanswered() {
         );
         if syntax_error {
             hopeless += 1;
-            assert!(out.contains("\"code\":-32700"), "{what}: no -32700 in {out:?}");
+            assert!(
+                out.contains("\"code\":-32700"),
+                "{what}: no -32700 in {out:?}"
+            );
         }
     }
     eprintln!("{hopeless} of 1000 mutated inputs were not JSON; each got -32700");
-    assert!(hopeless > 100, "the mutations rarely broke the JSON ({hopeless})");
+    assert!(
+        hopeless > 100,
+        "the mutations rarely broke the JSON ({hopeless})"
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// Over TCP a departed client shows only its FIN: a waiting call still sees
+/// it (a peek finds the end of stream) and frees the slot.
+#[test]
+fn tcp_clients_that_leave_free_their_slots() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&["--rpc-listen", &addr, "--rpc-max-connections", "2"]);
+    let call = |req: &[u8]| -> Option<String> {
+        let s = std::net::TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        (&s).write_all(req).ok()?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).ok()?;
+        Some(line)
+    };
+    for _ in 0..2 {
+        let s = std::net::TcpStream::connect(&addr).expect("connect");
+        (&s).write_all(endless_wait()).unwrap();
+        // Closed at once: the server sees a FIN, no hang-up.
+    }
+    let t0 = Instant::now();
+    let version = b"{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"id\":1}";
+    loop {
+        if call(version).is_some_and(|l| l.contains("\"result\"")) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "TCP slots still taken 5 s after the waiting clients left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("TCP slots free after {:?}", t0.elapsed());
+    // A client that only half-closes over the Unix socket still gets its reply.
+    let s = UnixStream::connect(&d.rpc_sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&s).write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"bdev_get_bdevs\",\"params\":{\"name\":\"x\",\"timeout\":300},\"id\":2}").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"id\":2"), "{line}");
     assert_eq!(d.stop(), Some(0));
 }
