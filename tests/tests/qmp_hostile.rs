@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 /// Inputs whose brackets balance (QEMU waits for more otherwise), each
 /// followed on the same connection by a sentinel command.
 const INPUTS: &[&[u8]] = &[
+    // Nesting past QEMU's 1024 (then the brackets left balance).
+    NESTED,
     b"true{\"execute\":\"query-block-jobs\",\"id\":\"s\"}",
     b"]{\"execute\":\"query-block-jobs\",\"id\":5}",
     b"{\"execute\":\"query-block-jobs\", \"id\": \"a\x01b\"}\n{\"execute\":\"query-block-jobs\",\"id\":6}",
@@ -57,6 +59,16 @@ const INPUTS: &[&[u8]] = &[
     b"{\"execute\":\"query-block-jobs\",\"id\":-1e-7}",
     b"{\"execute\":\"qmp_capabilities\",\"id\":20}",
 ];
+
+const NESTED: &[u8] = &{
+    let mut b = [b']'; 1035];
+    let mut i = 0;
+    while i < 1030 {
+        b[i] = b'[';
+        i += 1;
+    }
+    b
+};
 
 const SENTINEL: &[u8] = b"\n{\"execute\":\"query-block-jobs\",\"id\":\"end\"}\n";
 

@@ -228,6 +228,9 @@ pub struct Stream {
 /// Deepest nesting QEMU accepts.
 const MAX_NESTING: i64 = 1024;
 
+/// Most tokens in one value (QEMU's limit).
+const MAX_TOKEN_COUNT: usize = 2 << 20;
+
 impl Stream {
     /// A stream refusing values over `max` bytes with the desc `too_large`.
     pub fn new(max: usize, too_large: String) -> Stream {
@@ -317,12 +320,17 @@ impl Stream {
             return self.emit(Err(self.too_large.clone()), out);
         }
         if self.braces + self.brackets > MAX_NESTING {
-            return self.emit(
-                Err("JSON parse error, JSON nesting depth limit exceeded".into()),
-                out,
-            );
+            return self.emit(Err("JSON nesting depth limit exceeded".into()), out);
+        }
+        if self.tokens.len() + 1 > MAX_TOKEN_COUNT {
+            return self.emit(Err("JSON token count limit exceeded".into()), out);
         }
         self.size += text.len();
+        // The parser needs no text for the structural tokens: none is kept.
+        let text = match tok {
+            Tok::Integer | Tok::Float | Tok::Keyword | Tok::Str => text,
+            _ => Vec::new(),
+        };
         self.tokens.push((tok, text));
         if (self.braces > 0 || self.brackets > 0) && self.braces >= 0 && self.brackets >= 0 {
             return;
