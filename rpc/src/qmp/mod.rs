@@ -1,9 +1,12 @@
 //! The QMP server: QEMU's monitor protocol on its own Unix socket, over the same
 //! method table as JSON-RPC.
 //!
-//! Each line sent ends with CRLF. After `qmp_capabilities`, a connection
-//! subscribes to the service's event bus and a writer thread pushes every event
-//! (`{"event", "data", "timestamp"}`), interleaved with the replies.
+//! Input is read as QEMU reads it ([`json`]: a bad token costs one error and
+//! what follows is still run); output is written as QEMU writes it
+//! ([`writer`]), each line ending with CRLF and reaching the client within the
+//! write limit or the connection is dropped. After `qmp_capabilities`, a
+//! connection subscribes to the service's event bus and a writer thread pushes
+//! every event (`{"event", "data", "timestamp"}`), interleaved with the replies.
 
 pub mod json;
 pub mod session;
