@@ -3,7 +3,8 @@
 //! error before anything is allocated, and the daemon's memory does not move.
 
 use serde_json::json;
-use sluice_tests::Daemon;
+use sluice_tests::{sluice_bin, Daemon};
+use std::process::Command;
 
 /// The daemon's resident set and its peak, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -58,4 +59,30 @@ fn perf_run_refuses_more_request_memory_than_the_bound() {
     );
     assert!(r.to_string().contains("N0"), "{r}");
     assert_eq!(d.stop(), Some(0));
+}
+
+#[test]
+fn local_perf_refuses_the_same() {
+    let o = Command::new(sluice_bin())
+        .args([
+            "perf",
+            "--null",
+            "N0:65536",
+            "-q",
+            "65536",
+            "-o",
+            "1073741824",
+        ])
+        .args(["-w", "read", "-t", "0.3"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice perf");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "needs 70368744177664 bytes of request buffers; the limit is 1073741824 bytes"
+        ),
+        "{err}"
+    );
 }
