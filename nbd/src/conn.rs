@@ -397,9 +397,14 @@ impl Transmission {
                         self.rx_end += n;
                     }
                     self.parse();
+                    // A short read drains the socket, unless the peer hung up: the
+                    // end of stream (whose edge came with these bytes) is still
+                    // to be read.
                     if n < asked {
                         self.reg.clear_readable();
-                        break;
+                        if !self.reg.readable() {
+                            break;
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -41,6 +41,10 @@ struct Source {
     gen: u64,
     readable: Cell<bool>,
     writable: Cell<bool>,
+    /// The peer closed its side (or the socket failed): reads never block again,
+    /// so a short read no longer means "drained" and the end of stream must
+    /// still be read (its edge may have come with the last bytes).
+    hup: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -110,6 +114,9 @@ fn poll_sockets() -> PollStatus {
         }
         let f = ev.events();
         let err = f.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP);
+        if err || f.intersects(EpollFlags::EPOLLRDHUP) {
+            src.hup.set(true);
+        }
         if err || f.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP) {
             src.readable.set(true);
         }
@@ -146,6 +153,7 @@ impl Registration {
             gen,
             readable: Cell::new(true),
             writable: Cell::new(true),
+            hup: Cell::new(false),
             waker: RefCell::new(None),
         });
         let key = net.sources.borrow_mut().insert(src.clone());
@@ -174,9 +182,10 @@ impl Registration {
         self.src.writable.get()
     }
 
-    /// Records that a read would block (or came back short).
+    /// Records that a read would block (or came back short). Once the peer has
+    /// hung up the fd stays readable: the end of stream is still to be read.
     pub fn clear_readable(&self) {
-        self.src.readable.set(false);
+        self.src.readable.set(self.src.hup.get());
     }
 
     /// Records that a write would block (or was partial).

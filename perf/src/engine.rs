@@ -215,7 +215,44 @@ fn plan(
             });
         }
     }
+    check_buffers(opts, &specs)?;
     Ok(specs)
+}
+
+/// Most bytes of request buffers one run may preallocate, over all its jobs.
+pub const MAX_BUFFER_BYTES: u64 = 1 << 30;
+
+/// Refuses a run whose preallocated request buffers (queue depth × I/O size,
+/// twice for verify's read-back, per job) exceed [`MAX_BUFFER_BYTES`].
+fn check_buffers(opts: &RunOptions, specs: &[JobSpec]) -> Result<(), PerfError> {
+    if !opts.workload.has_data() {
+        return Ok(());
+    }
+    let per_req = opts
+        .io_size
+        .saturating_mul(if opts.workload == Workload::Verify {
+            2
+        } else {
+            1
+        });
+    let total = specs.iter().fold(0u64, |acc, s| {
+        let active = if s.workload == Workload::Verify {
+            (s.queue_depth as u64).min(s.region_ios)
+        } else {
+            s.queue_depth as u64
+        };
+        acc.saturating_add(active.saturating_mul(per_req))
+    });
+    if total > MAX_BUFFER_BYTES {
+        return Err(PerfError::Args(format!(
+            "-q {} x -o {} over {} job(s) needs {total} bytes of request buffers; \
+             the limit is {MAX_BUFFER_BYTES} bytes (lower the queue depth, the I/O size or the jobs)",
+            opts.queue_depth,
+            opts.io_size,
+            specs.len()
+        )));
+    }
+    Ok(())
 }
 
 fn run_jobs(

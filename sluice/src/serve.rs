@@ -42,6 +42,14 @@ pub struct ServeArgs {
     /// Largest RPC request in bytes; a larger one gets an error.
     #[arg(long, default_value_t = 4 << 20)]
     pub rpc_max_request_size: usize,
+    /// Seconds a JSON-RPC connection may stay silent (no call of its running)
+    /// before it is closed; 0: never. QMP connections have none.
+    #[arg(long, default_value_t = 60)]
+    pub rpc_idle_timeout: u64,
+    /// Seconds one reply may take to reach a client that reads slowly or not
+    /// at all (JSON-RPC and QMP) before the connection is dropped.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub rpc_write_timeout: u64,
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
@@ -80,7 +88,9 @@ impl ServeArgs {
         rpc::transport::Limits {
             max_connections: self.rpc_max_connections.max(1),
             max_request: self.rpc_max_request_size.max(64),
-            ..Default::default()
+            write_timeout: std::time::Duration::from_secs(self.rpc_write_timeout),
+            idle_timeout: (self.rpc_idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(self.rpc_idle_timeout)),
         }
     }
     /// The reactors' cores.

@@ -239,9 +239,18 @@ fn spdk_error_codes() {
 #[test]
 fn malformed_truncated_and_oversized_requests_then_service_continues() {
     let d = Daemon::start(&["--rpc-max-request-size", "4096"]);
-    // Balanced but invalid JSON: -32700, and the same connection keeps working.
+    // JSON that can never become valid: -32700 at the bad byte, then the
+    // connection closes (as SPDK's jsonrpc_server does).
     let mut c = Conn::open(&d);
-    c.send(b"{\"jsonrpc\": \"2.0\", \"method\": , \"id\": 1}");
+    c.send(b"{\"jsonrpc\": \"2.0\", \"method\": , \"id\": 1");
+    let r = c.reply();
+    assert_eq!(code(&r), -32700, "{r}");
+    assert_eq!(r["id"], Value::Null);
+    assert!(c.closed(), "connection stays open after a hopeless request");
+    // Grammatical and balanced but still not JSON (a lone surrogate): -32700,
+    // and the same connection keeps working.
+    let mut c = Conn::open(&d);
+    c.send(b"{\"jsonrpc\": \"2.0\", \"method\": \"\\ud800\", \"id\": 1}");
     let r = c.reply();
     assert_eq!(code(&r), -32700, "{r}");
     assert_eq!(r["id"], Value::Null);

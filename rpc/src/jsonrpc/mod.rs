@@ -4,8 +4,9 @@
 //! sends pretty-printed JSON with no newline, several per connection); each is
 //! answered in order, on the connection's own thread, with a reply ending in a
 //! newline. A request that is not JSON gets -32700; when the stream cannot be
-//! resynchronised (bytes that cannot start a request) the connection is closed
-//! after that reply, as SPDK does.
+//! resynchronised (bytes that cannot start a request, or a request that can
+//! never become valid JSON, reported at its first bad byte) the connection is
+//! closed after that reply, as SPDK does.
 
 pub mod request;
 
@@ -16,14 +17,15 @@ use crate::transport::{
     TransportError,
 };
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 /// The JSON-RPC protocol over one service.
 pub struct JsonRpc {
     svc: Weak<Service>,
     max_request: usize,
+    write_timeout: Duration,
 }
 
 impl JsonRpc {
@@ -32,13 +34,27 @@ impl JsonRpc {
         Self {
             svc: Arc::downgrade(svc),
             max_request: limits.max_request,
+            write_timeout: limits.write_timeout,
         }
     }
 }
 
-fn send(conn: &mut Conn, mut line: String) -> bool {
+/// Sends one reply line within `limit` (the whole line, however slowly the
+/// client reads); `false` when the connection is to be dropped.
+fn send(conn: &mut Conn, mut line: String, limit: Duration) -> bool {
     line.push('\n');
-    conn.write_all(line.as_bytes()).is_ok()
+    match conn.write_all_within(line.as_bytes(), limit) {
+        Ok(()) => true,
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::info!(
+                    limit_s = limit.as_secs_f64(),
+                    "JSON-RPC client does not read its reply; dropping it"
+                );
+            }
+            false
+        }
+    }
 }
 
 impl Protocol for JsonRpc {
@@ -78,12 +94,23 @@ impl Protocol for JsonRpc {
                         send(
                             &mut conn,
                             request::error_reply(&Value::Null, codes::PARSE_ERROR, &msg),
+                            self.write_timeout,
+                        );
+                        return;
+                    }
+                    Frame::Invalid { at, why } => {
+                        // As SPDK's jsonrpc_server: the error, then the connection closes.
+                        let msg = format!("Parse error: {why} at byte {at} of the request");
+                        send(
+                            &mut conn,
+                            request::error_reply(&Value::Null, codes::PARSE_ERROR, &msg),
+                            self.write_timeout,
                         );
                         return;
                     }
                 };
                 if let Some(r) = reply {
-                    if !send(&mut conn, r) {
+                    if !send(&mut conn, r, self.write_timeout) {
                         return;
                     }
                 }
@@ -95,6 +122,7 @@ impl Protocol for JsonRpc {
         send(
             conn,
             request::error_reply(&Value::Null, codes::INTERNAL_ERROR, message),
+            Duration::from_secs(1),
         );
     }
 }

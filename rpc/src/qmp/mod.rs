@@ -1,17 +1,20 @@
 //! The QMP server: QEMU's monitor protocol on its own Unix socket, over the same
 //! method table as JSON-RPC.
 //!
-//! Each line sent ends with CRLF. After `qmp_capabilities`, a connection
-//! subscribes to the service's event bus and a writer thread pushes every event
-//! (`{"event", "data", "timestamp"}`), interleaved with the replies.
+//! Input is read as QEMU reads it ([`json`]: a bad token costs one error and
+//! what follows is still run); output is written as QEMU writes it
+//! ([`writer`]), each line ending with CRLF and reaching the client within the
+//! write limit or the connection is dropped. After `qmp_capabilities`, a
+//! connection subscribes to the service's event bus and a writer thread pushes
+//! every event (`{"event", "data", "timestamp"}`), interleaved with the replies.
 
+pub mod json;
 pub mod session;
+pub mod writer;
 
 use crate::error::ErrorClass;
 use crate::service::Service;
-use crate::transport::{
-    self, server::read_some, Conn, Frame, Limits, Protocol, Server, Splitter, TransportError,
-};
+use crate::transport::{self, server::read_some, Conn, Limits, Protocol, Server, TransportError};
 use graph::events::Event;
 use session::{Effect, Session};
 use std::io::Write;
@@ -29,6 +32,7 @@ const EVENT_POLL: Duration = Duration::from_millis(100);
 pub struct Qmp {
     svc: Weak<Service>,
     max_request: usize,
+    write_timeout: Duration,
 }
 
 impl Qmp {
@@ -37,26 +41,46 @@ impl Qmp {
         Self {
             svc: Arc::downgrade(svc),
             max_request: limits.max_request,
+            write_timeout: limits.write_timeout,
         }
     }
 }
 
-/// The write side of a connection, shared by the reader (replies) and the event writer.
-type Writer = Arc<Mutex<Conn>>;
+/// The write side of a connection, shared by the reader (replies) and the
+/// event writer, with the time one line may take to go out.
+#[derive(Clone)]
+struct Writer {
+    conn: Arc<Mutex<Conn>>,
+    limit: Duration,
+}
 
-fn write_line(c: &mut Conn, line: &str) -> bool {
+/// Writes one line within `limit` in all (a client reading slowly cannot
+/// stretch it); `false` when the connection is to be dropped.
+fn write_line(c: &mut Conn, line: &str, limit: Duration) -> bool {
     let mut out = Vec::with_capacity(line.len() + 2);
     out.extend_from_slice(line.as_bytes());
     out.extend_from_slice(b"\r\n");
-    c.write_all(&out).is_ok()
+    match c.write_all_within(&out, limit) {
+        Ok(()) => true,
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::info!(
+                    limit_s = limit.as_secs_f64(),
+                    "QMP client does not read; dropping it"
+                );
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            false
+        }
+    }
 }
 
 fn lock(w: &Writer) -> std::sync::MutexGuard<'_, Conn> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
+    w.conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn send(w: &Writer, line: &str) -> bool {
-    write_line(&mut lock(w), line)
+    write_line(&mut lock(w), line, w.limit)
 }
 
 /// Pushes events to one negotiated client until its connection closes; then
@@ -72,14 +96,14 @@ fn start_event_writer(
         .spawn(move || loop {
             match rx.recv_timeout(EVENT_POLL) {
                 Ok(ev) => {
-                    if !send(&w, &ev.to_qmp().to_string()) {
+                    if !send(&w, &writer::to_qemu(&ev.to_qmp())) {
                         return;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if closed.load(Ordering::Acquire) {
                         for ev in rx.try_iter() {
-                            if !send(&w, &ev.to_qmp().to_string()) {
+                            if !send(&w, &writer::to_qemu(&ev.to_qmp())) {
                                 return;
                             }
                         }
@@ -100,8 +124,11 @@ fn start_event_writer(
 
 impl Protocol for Qmp {
     fn serve(&self, mut conn: Conn) {
-        let writer: Writer = match conn.try_clone() {
-            Ok(c) => Arc::new(Mutex::new(c)),
+        let writer = match conn.try_clone() {
+            Ok(c) => Writer {
+                conn: Arc::new(Mutex::new(c)),
+                limit: self.write_timeout,
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "QMP connection cannot be cloned");
                 return;
@@ -130,59 +157,42 @@ impl Qmp {
         closed: &Arc<AtomicBool>,
         events: &mut Option<JoinHandle<()>>,
     ) {
-        if !send(writer, &session::greeting().to_string()) {
+        if !send(writer, &writer::to_qemu(&session::greeting())) {
             return;
         }
         let mut state = Session::default();
-        let mut split = Splitter::new(self.max_request);
+        let mut stream = json::Stream::new(
+            self.max_request,
+            format!(
+                "JSON parse error, QMP input exceeds the maximum size of {} bytes",
+                self.max_request
+            ),
+        );
+        let mut items = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = read_some(conn, &mut buf);
             if n == 0 {
                 return;
             }
-            split.feed(&buf[..n]);
-            while let Some(frame) = split.next_frame() {
-                let line = match frame {
-                    Frame::Value(text) => {
-                        let Some(svc) = self.svc.upgrade() else {
-                            return;
-                        };
-                        // The output is held while the command runs: the events it
-                        // causes reach this client after its reply (as QEMU's
-                        // SHUTDOWN follows the return of `quit`), and the reply to
-                        // qmp_capabilities precedes every event.
-                        let mut out = lock(writer);
-                        let (line, effect) = state.handle_text(&svc, &text);
-                        let rx = (effect == Effect::StartEvents).then(|| svc.events.subscribe());
-                        if !write_line(&mut out, &line) {
-                            return;
-                        }
-                        drop(out);
-                        if let Some(rx) = rx {
-                            *events = start_event_writer(rx, writer.clone(), closed.clone());
-                        }
-                        continue;
-                    }
-                    Frame::TooLarge => session::error_reply(
-                        ErrorClass::GenericError,
-                        &format!(
-                            "JSON parse error, QMP input exceeds the maximum size of {} bytes",
-                            self.max_request
-                        ),
-                        None,
-                    ),
-                    Frame::Garbage { byte } => session::error_reply(
-                        ErrorClass::GenericError,
-                        &format!(
-                            "JSON parse error, invalid token starting with {:?}",
-                            byte as char
-                        ),
-                        None,
-                    ),
-                };
-                if !send(writer, &line) {
+            stream.feed(&buf[..n], &mut items);
+            for item in items.drain(..) {
+                let Some(svc) = self.svc.upgrade() else {
                     return;
+                };
+                // The output is held while the command runs: the events it
+                // causes reach this client after its reply (as QEMU's
+                // SHUTDOWN follows the return of `quit`), and the reply to
+                // qmp_capabilities precedes every event.
+                let mut out = lock(writer);
+                let (line, effect) = state.handle_item(&svc, item);
+                let rx = (effect == Effect::StartEvents).then(|| svc.events.subscribe());
+                if !write_line(&mut out, &line, writer.limit) {
+                    return;
+                }
+                drop(out);
+                if let Some(rx) = rx {
+                    *events = start_event_writer(rx, writer.clone(), closed.clone());
                 }
             }
         }
@@ -196,5 +206,10 @@ pub fn start_unix(
     limits: Limits,
 ) -> Result<Server, TransportError> {
     let l = transport::bind_unix(path)?;
+    // A negotiated QMP client may wait for events for hours: no idle timeout.
+    let limits = Limits {
+        idle_timeout: None,
+        ..limits
+    };
     Server::start("qmp", l, Arc::new(Qmp::new(svc, limits)), limits)
 }

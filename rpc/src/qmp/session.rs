@@ -1,6 +1,7 @@
 //! One QMP connection: capabilities negotiation, command dispatch through the
 //! shared method table, and the event stream pushed once negotiated.
 
+use super::{json, writer};
 use crate::error::{ErrorClass, RpcError};
 use crate::service::Service;
 use crate::table::Params;
@@ -25,20 +26,26 @@ pub fn version() -> Value {
     })
 }
 
-/// A success reply, with the id echoed verbatim when the command had one.
+/// A success reply, with the id echoed when the command had one (as QEMU
+/// echoes it: re-written from its parsed value, see [`super::writer`]).
 pub fn return_reply(ret: &Value, id: Option<&Value>) -> String {
+    let ret = writer::to_qemu(ret);
     match id {
-        Some(id) => format!("{{\"return\": {ret}, \"id\": {id}}}"),
-        None => format!("{{\"return\": {ret}}}"),
+        Some(id) => writer::members(&[("return", &ret), ("id", &writer::to_qemu(id))]),
+        None => writer::members(&[("return", &ret)]),
     }
 }
 
 /// An error reply.
 pub fn error_reply(class: ErrorClass, desc: &str, id: Option<&Value>) -> String {
-    let e = json!({"class": class.as_str(), "desc": desc});
+    let mut d = String::new();
+    writer::quote(&mut d, desc);
+    let mut c = String::new();
+    writer::quote(&mut c, class.as_str());
+    let e = writer::members(&[("class", &c), ("desc", &d)]);
     match id {
-        Some(id) => format!("{{\"error\": {e}, \"id\": {id}}}"),
-        None => format!("{{\"error\": {e}}}"),
+        Some(id) => writer::members(&[("error", &e), ("id", &writer::to_qemu(id))]),
+        None => writer::members(&[("error", &e)]),
     }
 }
 
@@ -70,9 +77,10 @@ impl Session {
         self.negotiated
     }
 
-    /// Handles one complete JSON text; returns the reply line and what to do next.
-    pub fn handle_text(&mut self, svc: &Service, bytes: &[u8]) -> (String, Effect) {
-        match serde_json::from_slice::<Value>(bytes) {
+    /// Handles one value (or parse error) read from the stream; returns the
+    /// reply line and what to do next.
+    pub fn handle_item(&mut self, svc: &Service, item: json::Item) -> (String, Effect) {
+        match item.map(|q| q.to_value()) {
             Ok(Value::Object(obj)) => self.handle(svc, obj),
             Ok(_) => (
                 error_reply(
@@ -82,12 +90,8 @@ impl Session {
                 ),
                 Effect::None,
             ),
-            Err(e) => (
-                error_reply(
-                    ErrorClass::GenericError,
-                    &format!("JSON parse error, {e}"),
-                    None,
-                ),
+            Err(desc) => (
+                error_reply(ErrorClass::GenericError, &desc, None),
                 Effect::None,
             ),
         }

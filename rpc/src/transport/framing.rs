@@ -2,9 +2,14 @@
 //!
 //! SPDK's Python client sends pretty-printed requests with no trailing newline,
 //! several per connection, and QMP clients may do the same. The [`Splitter`]
-//! scans the bytes once, tracking nesting and strings, and yields each complete
-//! top-level object or array; it never buffers more than `max` bytes of one
-//! request (the rest of an oversized request is skipped, not stored).
+//! scans the bytes once, checking JSON's grammar as it goes ([`Grammar`]), and
+//! yields each complete top-level object or array; it never buffers more than
+//! `max` bytes of one request (the rest of an oversized request is skipped, not
+//! stored). At the first byte after which the open request can never become
+//! valid JSON it yields [`Frame::Invalid`] and then nothing more: the stream
+//! cannot be resynchronised, the server answers and closes.
+
+use super::grammar::{Grammar, Step};
 
 /// One unit cut from the stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,6 +22,10 @@ pub enum Frame {
     /// Bytes that cannot start a JSON object or array. The splitter has dropped
     /// the rest of that line; `byte` is the first offending byte.
     Garbage { byte: u8 },
+    /// An open request that can never become valid JSON: `at` is the offset of
+    /// the offending byte in the request, `why` says what was wrong. Nothing
+    /// follows it.
+    Invalid { at: usize, why: String },
 }
 
 /// Incremental splitter of concatenated JSON objects/arrays.
@@ -32,9 +41,10 @@ pub struct Splitter {
     pos: usize,
     /// Whether a value is open.
     open: bool,
-    depth: usize,
-    in_str: bool,
-    esc: bool,
+    /// The grammar state of the open value.
+    grammar: Grammar,
+    /// An invalid request was reported: the stream is over.
+    failed: bool,
     /// Dropping the rest of an oversized value.
     skipping: bool,
     /// Dropping bytes until the end of the line after garbage.
@@ -50,9 +60,8 @@ impl Splitter {
             head: 0,
             pos: 0,
             open: false,
-            depth: 0,
-            in_str: false,
-            esc: false,
+            grammar: Grammar::open(b'['),
+            failed: false,
             skipping: false,
             discard_line: false,
             max: max.max(2),
@@ -80,6 +89,12 @@ impl Splitter {
 
     /// The next complete frame, if the buffered bytes hold one.
     pub fn next_frame(&mut self) -> Option<Frame> {
+        if self.failed {
+            self.buf.clear();
+            self.head = 0;
+            self.pos = 0;
+            return None;
+        }
         loop {
             if self.pos >= self.buf.len() {
                 if !self.open || self.skipping {
@@ -117,12 +132,18 @@ impl Splitter {
                 }
                 self.pos += 1;
                 self.open = true;
-                self.depth = 1;
-                self.in_str = false;
-                self.esc = false;
+                self.grammar = Grammar::open(b);
                 continue;
             }
-            if let Some(end) = self.scan() {
+            let scanned = match self.scan() {
+                Ok(end) => end,
+                Err((at, why)) => {
+                    self.failed = true;
+                    self.open = false;
+                    return Some(Frame::Invalid { at, why });
+                }
+            };
+            if let Some(end) = scanned {
                 // `end` is the index just past the closing bracket.
                 self.open = false;
                 let start = std::mem::replace(&mut self.head, end);
@@ -146,8 +167,9 @@ impl Splitter {
         }
     }
 
-    /// Scans from `pos`; returns the end of the open value if it closes.
-    fn scan(&mut self) -> Option<usize> {
+    /// Scans from `pos`; returns the end of the open value if it closes, or the
+    /// offset (in the request) and reason of the first byte that makes it invalid.
+    fn scan(&mut self) -> Result<Option<usize>, (usize, String)> {
         let limit = if self.skipping {
             self.buf.len()
         } else {
@@ -157,31 +179,21 @@ impl Splitter {
         while i < limit {
             let b = self.buf[i];
             i += 1;
-            if self.in_str {
-                if self.esc {
-                    self.esc = false;
-                } else if b == b'\\' {
-                    self.esc = true;
-                } else if b == b'"' {
-                    self.in_str = false;
+            match self.grammar.step(b) {
+                Step::More => {}
+                Step::Done => {
+                    self.pos = i;
+                    return Ok(Some(i));
                 }
-                continue;
-            }
-            match b {
-                b'"' => self.in_str = true,
-                b'{' | b'[' => self.depth += 1,
-                b'}' | b']' => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
-                        self.pos = i;
-                        return Some(i);
-                    }
+                Step::Bad(why) => {
+                    self.pos = i;
+                    // (In skipping mode the head moves; the offset is then within what is kept.)
+                    return Err((i - 1 - self.head, why));
                 }
-                _ => {}
             }
         }
         self.pos = i;
-        None
+        Ok(None)
     }
 }
 
@@ -245,13 +257,13 @@ mod tests {
         let mut s = Splitter::new(16);
         s.feed(b"{\"a\": \"0123");
         assert_eq!(all(&mut s), vec![]);
-        s.feed(b"0123456789\"");
+        s.feed(b"0123456789");
         assert_eq!(all(&mut s), vec![Frame::TooLarge]);
         s.feed(&[b'x'; 1000]);
         assert_eq!(all(&mut s), vec![]);
         assert!(s.buf.len() < 100, "skipped bytes are not kept");
         assert!(!s.has_partial());
-        s.feed(b"}{\"ok\":1}");
+        s.feed(b"\"}{\"ok\":1}");
         assert_eq!(all(&mut s), vec![val("{\"ok\":1}")]);
     }
 
@@ -281,6 +293,23 @@ mod tests {
         s.feed(&all_bytes[all_bytes.len() - 3..]);
         assert_eq!(all(&mut s), vec![Frame::Value(one.to_vec())]);
         assert!(s.buf.is_empty());
+    }
+
+    #[test]
+    fn hopeless_request_is_invalid_at_once_and_ends_the_stream() {
+        let mut s = Splitter::new(1 << 20);
+        s.feed(b"{\"a\":1}{\"jsonrpc\":\"2.0\",\"id\":1,{{{");
+        let got = all(&mut s);
+        assert_eq!(got[0], val("{\"a\":1}"));
+        assert!(
+            matches!(&got[1], Frame::Invalid { at: 24, .. }),
+            "{:?}",
+            got[1]
+        );
+        assert_eq!(got.len(), 2);
+        s.feed(b"}}}{\"b\":2}");
+        assert_eq!(all(&mut s), vec![], "nothing after an invalid request");
+        assert!(!s.has_partial());
     }
 
     #[test]

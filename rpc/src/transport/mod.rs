@@ -1,7 +1,9 @@
 //! What both RPC dialects share: listening sockets, the threaded server with
 //! its caps, and the splitting of a byte stream into JSON requests.
 
+pub mod call;
 pub mod framing;
+pub mod grammar;
 pub mod server;
 pub mod socket;
 

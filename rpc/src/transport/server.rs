@@ -33,9 +33,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request in bytes.
     pub max_request: usize,
-    /// How long a reply may wait for a client that stopped reading before the
-    /// connection is dropped.
+    /// How long one reply may take to reach a client that reads slowly or not
+    /// at all before the connection is dropped (over the whole reply).
     pub write_timeout: Duration,
+    /// How long a connection may stay without sending a byte while no call of
+    /// its runs before it is closed (`None`: for ever). A request left half
+    /// sent counts as idle too.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -44,6 +48,7 @@ impl Default for Limits {
             max_connections: 256,
             max_request: 4 << 20,
             write_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -51,10 +56,14 @@ impl Default for Limits {
 struct Shared {
     conns: Mutex<HashMap<u64, Conn>>,
     idle: Condvar,
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Shared {
+    fn stopping_flag(&self) -> Arc<AtomicBool> {
+        self.stopping.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -106,7 +115,7 @@ impl Server {
         let shared = Arc::new(Shared {
             conns: Mutex::new(HashMap::new()),
             idle: Condvar::new(),
-            stopping: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
         });
         let sh = shared.clone();
         let accept = std::thread::Builder::new()
@@ -212,6 +221,7 @@ fn admit(
 ) {
     let _ = conn.set_blocking();
     let _ = conn.set_write_timeout(Some(limits.write_timeout));
+    let _ = conn.set_read_timeout(limits.idle_timeout);
     let clone = {
         let mut m = shared.lock();
         if m.len() >= limits.max_connections {
@@ -243,10 +253,22 @@ fn admit(
         shared.clone()
     };
     let p = proto.clone();
+    let watch = match conn.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(server = name, error = %e, "cannot watch connection");
+            if let Some(mut c) = shared.lock().remove(&id) {
+                proto.refuse(&mut c, "the server cannot take more connections now");
+            }
+            return;
+        }
+    };
+    let stopping = shared.stopping_flag();
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-conn"))
         .spawn(move || {
             tracing::debug!(server = name, id, "connection opened");
+            let _watch = super::call::enter(watch, stopping);
             p.serve(conn);
             clone.lock().remove(&id);
             clone.idle.notify_all();
@@ -262,12 +284,22 @@ fn admit(
 }
 
 /// Reads from `conn` into `buf`, retrying on EINTR; 0 means end of stream
-/// (or a read error, which ends the connection the same way).
+/// (or a read error, or the idle timeout passing, which end the connection
+/// the same way).
 pub fn read_some(conn: &mut Conn, buf: &mut [u8]) -> usize {
     loop {
         match conn.read(buf) {
             Ok(n) => return n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                tracing::info!("closing a connection idle past the idle timeout");
+                return 0;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "connection read failed");
                 return 0;

@@ -3,8 +3,10 @@
 //! socket (loopback unless explicitly allowed).
 
 use super::TransportError;
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::Mode;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -13,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A listening socket.
 pub enum Listener {
@@ -105,11 +107,67 @@ impl Conn {
         }
     }
 
+    /// Bounds how long a read may wait for the client (the idle timeout).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Writes all of `buf` within `limit` in all: a client that reads slowly
+    /// cannot stretch one reply past it. (A blocking write with a send
+    /// timeout would not do: the kernel restarts that timeout for every chunk
+    /// it manages to queue.) Non-blocking sends, and `poll` for room with what
+    /// is left of the limit; `TimedOut` when it passes.
+    pub fn write_all_within(&mut self, mut buf: &[u8], limit: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + limit;
+        while !buf.is_empty() {
+            match socket::send(
+                self.as_fd().as_raw_fd(),
+                buf,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    continue;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLOUT)];
+            match nix::poll::poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the socket blocking (accepted sockets may inherit non-blocking mode).
     pub fn set_blocking(&self) -> io::Result<()> {
         match self {
             Conn::Unix(s) => s.set_nonblocking(false),
             Conn::Tcp(s) => s.set_nonblocking(false),
+        }
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Unix(s) => s.as_fd(),
+            Conn::Tcp(s) => s.as_fd(),
         }
     }
 }

@@ -92,6 +92,8 @@ fn bdev_get_bdevs(svc: &Service, p: Params) -> Result<Value, RpcError> {
         match svc.graph.nodes().get(&name) {
             Ok(b) => return Ok(json!([describe(svc, &b)])),
             Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            // The client hung up or the server is stopping: nobody waits any more.
+            Err(e) if crate::transport::call::cancelled() => return Err(e.into()),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
