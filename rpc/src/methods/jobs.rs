@@ -6,10 +6,11 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use jobs::drivers::stream::{self, StreamParams};
-use jobs::job::{Job, JobError, OnError};
+use jobs::job::{Job, JobError, JobVerb, OnError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
@@ -39,12 +40,13 @@ pub fn register(t: &mut MethodTable) {
         let a: Cancel = p.parse()?;
         let job = svc.jobs.block_job(&a.device)?;
         drop(job.cancel().map_err(JobError::Refused)?);
+        job.settle(JobVerb::Cancel, SETTLE);
         Ok(json!({}))
     });
     t.add("block-job-set-speed", |svc, p| {
         let a: SetSpeed = p.parse()?;
         let job = svc.jobs.block_job(&a.device)?;
-        job.check_verb(jobs::job::JobVerb::SetSpeed)
+        job.check_verb(JobVerb::SetSpeed)
             .map_err(JobError::Refused)?;
         if a.speed < 0 {
             return Err(RpcError::invalid_params(
@@ -134,16 +136,36 @@ struct SetSpeed {
     speed: i64,
 }
 
+/// How long a verb's reply waits for the job's reactor to act on it (a
+/// job whose I/O hangs still gets its answer).
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// The verb a method runs, for [`Job::settle`]: the reply comes once the
+/// job is in the status the verb leads to, as with QEMU's monitor.
+fn verb_of(name: &str) -> JobVerb {
+    match name.rsplit('-').next() {
+        Some("pause") => JobVerb::Pause,
+        Some("cancel") => JobVerb::Cancel,
+        Some("finalize") => JobVerb::Finalize,
+        Some("resume") => JobVerb::Resume,
+        Some("dismiss") => JobVerb::Dismiss,
+        _ => JobVerb::Complete,
+    }
+}
+
 fn block_verb(t: &mut MethodTable, name: &str, f: fn(&Job) -> Result<(), String>) {
+    let verb = verb_of(name);
     t.add(name, move |svc, p| {
         let a: ByDevice = p.parse()?;
         let job = svc.jobs.block_job(&a.device)?;
         f(&job).map_err(JobError::Refused)?;
+        job.settle(verb, SETTLE);
         Ok(json!({}))
     });
 }
 
 fn id_verb(t: &mut MethodTable, name: &str, block: bool, f: fn(&Job) -> Result<(), String>) {
+    let verb = verb_of(name);
     t.add(name, move |svc, p| {
         let a: ById = p.parse()?;
         let job: Arc<Job> = if block {
@@ -152,6 +174,7 @@ fn id_verb(t: &mut MethodTable, name: &str, block: bool, f: fn(&Job) -> Result<(
             svc.jobs.job(&a.id)?
         };
         f(&job).map_err(JobError::Refused)?;
+        job.settle(verb, SETTLE);
         Ok(json!({}))
     });
 }
