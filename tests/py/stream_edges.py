@@ -1,0 +1,71 @@
+"""Streaming's rough edges, each compared with qemu-storage-daemon 10 doing
+the same: job verbs whose status a query sees at once, `block-stream`'s
+arguments and their errors, `block_resize`."""
+
+import os
+import time
+
+from stream_common import check, make_chain, qsd_monitor, run_case
+
+
+def add_top(vm, d, name="top"):
+    vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": name,
+                             "file": {"driver": "file", "filename": os.path.join(d, f"{name}.qcow2")}})
+
+
+def brief(vm, jid="j"):
+    """(status, paused) of job `jid` as query-block-jobs shows it, or None when gone."""
+    for j in vm.jobs():
+        if j["device"] == jid:
+            return (j["status"], j["paused"])
+    return None
+
+
+def verbs_script(vm, d):
+    """Every verb on a stream, with what a query sees right after each reply."""
+    add_top(vm, d)
+    out = []
+
+    def step(cmd, args, settle=0.2):
+        r = vm.raw(cmd, args)
+        out.append((cmd, r.get("error", {}).get("desc", "ok"), brief(vm)))
+        # QEMU changes the status in the command when the job sleeps (its
+        # speed limit) rather than waits for I/O: let both get there.
+        time.sleep(settle)
+
+    step("block-stream", {"job-id": "j", "device": "top", "speed": 1 << 20})
+    step("block-job-pause", {"device": "j"})
+    step("block-job-pause", {"device": "j"})
+    step("block-job-resume", {"device": "j"})
+    step("block-job-resume", {"device": "j"})
+    step("job-pause", {"id": "j"})
+    step("job-resume", {"id": "j"})
+    step("job-pause", {"id": "j"})
+    step("block-job-set-speed", {"device": "j", "speed": 2 << 20})
+    step("job-resume", {"id": "j"})
+    step("job-pause", {"id": "j"})
+    step("job-cancel", {"id": "j"})
+    vm.event_wait("JOB_STATUS_CHANGE", 20, {"id": "j", "status": "null"})
+    # Manual finalize and dismiss.
+    step("block-stream", {"job-id": "j", "device": "top", "auto-finalize": False, "auto-dismiss": False})
+    vm.event_wait("JOB_STATUS_CHANGE", 20, {"id": "j", "status": "pending"})
+    out.append(("pending", "ok", brief(vm)))
+    step("job-finalize", {"id": "j"})
+    step("job-dismiss", {"id": "j"})
+    return out
+
+
+def case_verbs(vm, d):
+    want_d = os.path.join(d, "qsd")
+    os.makedirs(want_d)
+    for dd in (d, want_d):
+        make_chain(dd, ["base", "top"], "64M", [["write -P 0x11 0 64M"], []])
+    with qsd_monitor(want_d) as qsd:
+        want = verbs_script(qsd, want_d)
+    got = verbs_script(vm, d)
+    if got != want:
+        raise AssertionError("\n".join(f"sluice {g}\nqsd    {w}" for g, w in zip(got, want)))
+    check(os.path.join(d, "top.qcow2"))
+
+
+run_case(globals())
