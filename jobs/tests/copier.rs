@@ -554,7 +554,10 @@ fn offset_on_error_is_the_done_prefix() {
         if on_error == OnError::Stop {
             wait_for("the error stop", || r.job.status() == JobStatus::Paused);
             assert_eq!(r.job.info().offset, 0, "paused on the error");
-            assert!(r.st().copied[4..16].iter().all(|&n| n == 1), "later chunks ran");
+            assert!(
+                r.st().copied[4..16].iter().all(|&n| n == 1),
+                "later chunks ran"
+            );
             r.job.resume().unwrap();
             r.wait_concluded();
             assert_eq!(completed_error(&r.end_event()), None);

@@ -22,4 +22,4 @@ macro_rules! scenarios {
     ($($name:ident),* $(,)?) => { $( #[test] fn $name() { scenario(stringify!($name)); } )* };
 }
 
-scenarios!(verbs);
+scenarios!(verbs, stream_args);

@@ -45,6 +45,8 @@ impl OnError {
             "ignore" => OnError::Ignore,
             "stop" => OnError::Stop,
             "enospc" => OnError::Enospc,
+            // QEMU's block jobs treat `auto` as `enospc` (`block_job_error_action`).
+            "auto" => OnError::Enospc,
             _ => return None,
         })
     }
