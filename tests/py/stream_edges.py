@@ -5,7 +5,8 @@ arguments and their errors, `block_resize`."""
 import os
 import time
 
-from stream_common import check, make_chain, qsd_monitor, run_case
+from stream_common import (check, compare_raw, info, make_chain, qemu_img, qemu_io, qsd_monitor, reference,
+                           run_case)
 
 
 def add_top(vm, d, name="top"):
@@ -135,6 +136,47 @@ def case_stream_args(vm, d):
     if wrong or len(got) != len(want):
         raise AssertionError("\n".join(wrong))
     check(os.path.join(d, "top.qcow2"))
+
+
+# --- a zero-length raw backing file ------------------------------------------
+
+def empty_raw_chain(d):
+    base = os.path.join(d, "empty.raw")
+    open(base, "wb").close()
+    top = os.path.join(d, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x5a 1M 64k", top)
+    return top, reference(d, top)
+
+
+def empty_raw_script(vm, d):
+    top, _ = empty_raw_chain(d)
+    out = []
+    for cmd, args in [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                          "file": {"driver": "file", "filename": top}}),
+        ("block-stream", {"job-id": "j", "device": "top"}),
+    ]:
+        r = vm.raw(cmd, args)
+        out.append((cmd, r.get("error", "ok")))
+    ev = vm.event_wait("BLOCK_JOB_COMPLETED", 20)["data"]
+    out.append(("BLOCK_JOB_COMPLETED", ev.get("error"), ev["offset"], ev["len"]))
+    out.append(("blockdev-del", vm.raw("blockdev-del", {"node-name": "top"}).get("error", "ok")))
+    return out
+
+
+def case_empty_raw_backing(vm, d):
+    want_d = os.path.join(d, "qsd")
+    os.makedirs(want_d)
+    with qsd_monitor(want_d) as qsd:
+        want = empty_raw_script(qsd, want_d)
+    got = empty_raw_script(vm, d)
+    if got != want:
+        raise AssertionError(f"\nsluice {got}\nqsd    {want}")
+    top = os.path.join(d, "top.qcow2")
+    check(top)
+    assert "backing-filename" not in info(top), info(top)
+    compare_raw(top, os.path.join(d, "ref.raw"))
 
 
 run_case(globals())

@@ -22,4 +22,4 @@ macro_rules! scenarios {
     ($($name:ident),* $(,)?) => { $( #[test] fn $name() { scenario(stringify!($name)); } )* };
 }
 
-scenarios!(verbs, stream_args);
+scenarios!(verbs, stream_args, empty_raw_backing);
