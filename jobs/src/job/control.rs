@@ -373,7 +373,12 @@ impl Job {
     /// finalize has left pending. For the control plane's threads, never a
     /// reactor's. Returns whether the job got there in time (a job whose I/O
     /// hangs still answers; its status then lags).
+    /// Jobs other than block jobs (`blockdev-create`) have no pause points
+    /// while they work: a pause does not wait for them.
     pub fn settle(&self, verb: JobVerb, timeout: Duration) -> bool {
+        if verb == JobVerb::Pause && !self.spec.kind.is_block_job() {
+            return true;
+        }
         let c = self.lock();
         let (_c, t) = self
             .changed
@@ -527,6 +532,10 @@ impl Job {
             self.reconcile_parked(&mut c);
             if c.cancelled || !c.user_paused {
                 c.parked = false;
+                // Commands that came with the resume (complete, speed) woke
+                // this wait only: the driver's next wait_kick returns at
+                // once so that it looks at them.
+                c.kicked = true;
                 return !c.cancelled;
             }
         }
