@@ -45,6 +45,7 @@ def verbs_script(vm, d):
     step("block-job-set-speed", {"device": "j", "speed": 2 << 20})
     step("job-resume", {"id": "j"})
     step("job-pause", {"id": "j"})
+    step("block-job-cancel", {"device": "j"})
     step("job-cancel", {"id": "j"})
     vm.event_wait("JOB_STATUS_CHANGE", 20, {"id": "j", "status": "null"})
     # Manual finalize and dismiss.

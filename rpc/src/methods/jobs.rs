@@ -41,10 +41,17 @@ pub fn register(t: &mut MethodTable) {
         let v = params(p);
         let mut a = Args::new(&v, "")?;
         let device = a.req_str("device")?;
-        // Only meaningful for jobs that become ready; streams cancel the same way.
-        a.bool("force")?;
+        // Also cancels a paused job (and, for jobs that become ready, one
+        // that converged, without its pivot).
+        let force = a.bool("force")?.unwrap_or(false);
         a.finish(&[])?;
         let job = svc.jobs.block_job(&device)?;
+        if job.info().paused && !force {
+            return Err(JobError::Refused(format!(
+                "The block job for device '{device}' is currently paused"
+            ))
+            .into());
+        }
         drop(job.cancel().map_err(JobError::Refused)?);
         job.settle(JobVerb::Cancel, SETTLE);
         Ok(json!({}))
