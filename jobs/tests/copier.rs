@@ -521,6 +521,60 @@ fn on_error_ignore_goes_on_and_fails_at_the_end() {
     }
 }
 
+/// The offset an error reports is the end of the done prefix (QEMU copies
+/// in order: everything before the offset is done), even when chunks beyond
+/// the failed one completed first.
+#[test]
+fn offset_on_error_is_the_done_prefix() {
+    for on_error in [OnError::Stop, OnError::Report] {
+        let r = start(
+            &format!("c-prefix-{on_error:?}"),
+            Setup {
+                prep: Box::new(|s| {
+                    // Chunk 0 (granules 0..4) is the slowest and fails.
+                    s.delay = Some(reverse_delay);
+                    s.fail_copy.push_back((1, IoOperation::Write, libc::ENOSPC));
+                }),
+                on_error,
+                ..Default::default()
+            },
+        );
+        wait_for("the error", || !r.io_errors().is_empty());
+        let err_offset = r
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|e| match e {
+                JobEvent::IoError { job, .. } => Some(job.offset),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(err_offset, 0, "{on_error:?}: BLOCK_JOB_ERROR offset");
+        if on_error == OnError::Stop {
+            wait_for("the error stop", || r.job.status() == JobStatus::Paused);
+            assert_eq!(r.job.info().offset, 0, "paused on the error");
+            assert!(
+                r.st().copied[4..16].iter().all(|&n| n == 1),
+                "later chunks ran"
+            );
+            r.job.resume().unwrap();
+            r.wait_concluded();
+            assert_eq!(completed_error(&r.end_event()), None);
+            r.assert_all_copied_once();
+        } else {
+            r.wait_concluded();
+            match r.end_event() {
+                JobEvent::Completed { error, job } => {
+                    assert!(error.is_some());
+                    assert_eq!(job.offset, 0, "BLOCK_JOB_COMPLETED offset");
+                }
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+}
+
 fn stop_then_retry(name: &str, on_error: OnError, errno: i32, io_status: &str) {
     let r = start(
         name,

@@ -241,3 +241,36 @@ fn a_pivoting_job_is_ready_standby_when_paused_and_completes_on_request() {
     assert_eq!(r.calls(), ["run", "abort", "clean"]);
     assert!(r.has(|e| matches!(e, JobEvent::Cancelled { .. })));
 }
+
+/// As with QEMU's monitor, the status a query sees right after a verb is the
+/// one the verb leads to: resume leaves standby (paused) in the command
+/// itself, pause and cancel settle before their reply.
+#[test]
+fn verbs_change_the_status_before_they_return() {
+    use jobs::job::JobVerb;
+    let wait = Duration::from_secs(5);
+    let r = start("f-verbs", Behaviour::Pivot, true);
+    wait_status(&r.job, JobStatus::Ready);
+    for round in 0..20 {
+        r.job.pause().unwrap();
+        assert!(r.job.settle(JobVerb::Pause, wait), "round {round}");
+        assert_eq!(r.job.status(), JobStatus::Standby, "round {round}");
+        r.job.resume().unwrap();
+        assert_eq!(
+            r.job.status(),
+            JobStatus::Ready,
+            "round {round}: after resume"
+        );
+        assert!(!r.job.info().paused);
+    }
+    // A pause right after a resume, before the job's reactor saw either.
+    r.job.pause().unwrap();
+    assert!(r.job.settle(JobVerb::Pause, wait));
+    r.job.resume().unwrap();
+    r.job.pause().unwrap();
+    assert!(r.job.settle(JobVerb::Pause, wait));
+    assert_eq!(r.job.status(), JobStatus::Standby);
+    drop(r.job.cancel().unwrap());
+    assert!(r.job.settle(JobVerb::Cancel, wait));
+    assert_eq!(r.job.status(), JobStatus::Concluded);
+}

@@ -319,7 +319,11 @@ def case_cancel_paused(vm, d):
     vm.cmd("block-stream", device="drive0", speed=1 << 20)
     vm.cmd("block-job-pause", device="drive0")
     vm.pause_wait("drive0")
-    vm.cmd("block-job-cancel", device="drive0")
+    # QEMU refuses to cancel a paused job without force (qemu-storage-daemon
+    # 10 answers the same).
+    r = vm.qmp("block-job-cancel", device="drive0")
+    assert err(r)["desc"] == "The block job for device 'drive0' is currently paused", r
+    vm.cmd("block-job-cancel", device="drive0", force=True)
     ev = vm.event_wait("BLOCK_JOB_CANCELLED", 30, {"device": "drive0"})
     assert ev["data"]["type"] == "stream", ev
     vm.assert_no_active_block_jobs()

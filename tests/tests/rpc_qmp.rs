@@ -49,6 +49,23 @@ impl Qmp {
         self.send(c.to_string().as_bytes());
         self.line()
     }
+    /// Every line that arrives until the connection is quiet for `quiet`.
+    fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        self.r.get_ref().set_read_timeout(Some(quiet)).unwrap();
+        let mut got = Vec::new();
+        loop {
+            let mut l = String::new();
+            match self.r.read_line(&mut l) {
+                Ok(n) if n > 0 => got.push(serde_json::from_str(&l).unwrap()),
+                _ => break,
+            }
+        }
+        self.r
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        got
+    }
 }
 
 fn class(v: &Value) -> &str {
@@ -189,14 +206,29 @@ fn events_are_pushed_to_negotiated_clients_and_polled_over_jsonrpc() {
     let mut a = Qmp::negotiated(&d);
     let mut b = Qmp::negotiated(&d);
     let (mut pending, _) = Qmp::open(&d);
+    // SPDK's notifications (`bdev_register`, `bdev_unregister`) stay on the
+    // JSON-RPC side: no QMP client expects them.
     d.call(
         "bdev_null_create",
         json!({"name": "Ev0", "num_blocks": 8, "block_size": 512}),
     );
+    let r =
+        a.cmd(json!({"execute": "bdev_null_delete", "arguments": {"name": "Ev0"}, "id": "del"}));
+    assert_eq!(r, json!({"return": true, "id": "del"}));
+    for q in [&mut a, &mut b] {
+        let got = q.drain(Duration::from_millis(300));
+        assert_eq!(got, Vec::<Value>::new(), "SPDK notifications on QMP");
+    }
+    // QMP events (a job's) reach every negotiated client, after the reply of
+    // the command that caused them.
+    let img = d.dir.join("c0.img");
+    let r = a.cmd(json!({"execute": "blockdev-create", "id": "mk",
+        "arguments": {"job-id": "c0", "options": {"driver": "file", "filename": img, "size": 0}}}));
+    assert_eq!(r, json!({"return": {}, "id": "mk"}));
     for q in [&mut a, &mut b] {
         let ev = q.line();
-        assert_eq!(ev["event"], "bdev_register", "{ev}");
-        assert_eq!(ev["data"]["name"], "Ev0");
+        assert_eq!(ev["event"], "JOB_STATUS_CHANGE", "{ev}");
+        assert_eq!(ev["data"]["id"], "c0");
         assert!(
             ev["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000,
             "{ev}"
@@ -204,6 +236,11 @@ fn events_are_pushed_to_negotiated_clients_and_polled_over_jsonrpc() {
         assert!(
             ev["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000,
             "{ev}"
+        );
+        let rest = q.drain(Duration::from_millis(300));
+        assert!(
+            rest.iter().all(|e| e["event"] == "JOB_STATUS_CHANGE"),
+            "{rest:?}"
         );
     }
     // The unnegotiated client got nothing.
@@ -218,28 +255,23 @@ fn events_are_pushed_to_negotiated_clients_and_polled_over_jsonrpc() {
         "an event reached a client before negotiation"
     );
 
-    // Events caused by a command reach its client after the reply.
-    let r =
-        a.cmd(json!({"execute": "bdev_null_delete", "arguments": {"name": "Ev0"}, "id": "del"}));
-    assert_eq!(r, json!({"return": true, "id": "del"}));
-    assert_eq!(a.line()["event"], "bdev_unregister");
-    assert_eq!(b.line()["event"], "bdev_unregister");
-
-    // JSON-RPC clients poll the same events, SPDK's way.
+    // JSON-RPC clients poll the same events, SPDK's way (the job's too).
     let n = d.call("notify_get_notifications", json!({}));
+    let n = n.as_array().unwrap();
     assert_eq!(
-        n,
-        json!([
-            {"type": "bdev_register", "ctx": "Ev0", "id": 0, "data": {"name": "Ev0"}},
-            {"type": "bdev_unregister", "ctx": "Ev0", "id": 1, "data": {"name": "Ev0"}}
-        ])
+        n[..2],
+        [
+            json!({"type": "bdev_register", "ctx": "Ev0", "id": 0, "data": {"name": "Ev0"}}),
+            json!({"type": "bdev_unregister", "ctx": "Ev0", "id": 1, "data": {"name": "Ev0"}})
+        ]
     );
+    assert!(n[2..].iter().all(|e| e["type"] == "JOB_STATUS_CHANGE"));
     assert_eq!(
         d.call("notify_get_notifications", json!({"id": 1}))
             .as_array()
             .unwrap()
             .len(),
-        1
+        n.len() - 1
     );
     assert_eq!(
         d.call("notify_get_notifications", json!({"id": 0, "max": 1}))
@@ -249,7 +281,7 @@ fn events_are_pushed_to_negotiated_clients_and_polled_over_jsonrpc() {
         1
     );
     assert_eq!(
-        d.call("notify_get_notifications", json!({"id": 2})),
+        d.call("notify_get_notifications", json!({"id": n.len()})),
         json!([])
     );
     let types = d.call("notify_get_types", Value::Null);

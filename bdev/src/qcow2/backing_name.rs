@@ -295,7 +295,9 @@ pub(super) async fn open(
                     locking: opts.locking,
                 },
                 None,
-                false,
+                // A raw backing file may be empty (QEMU opens it: it reads
+                // as zeroes); an empty qcow2 one is refused by its header.
+                !qcow2,
                 crate::lock::Perms::for_open_sharing(true, opts.force_share),
             )?;
             if block_device && !leaf.is_block_device() {

@@ -16,12 +16,11 @@
 //!   chunk: report ends the copy with the error, ignore goes on (the job
 //!   still fails at the end), stop pauses the job and retries the chunk
 //!   after `job-resume`;
-//! - reports progress as bytes done (copied, skipped, or failed and
-//!   ignored), counted when a chunk completes, so chunks completing out of
-//!   order each count once and the offset never counts a chunk in flight.
-//!   (Not a contiguous prefix: with chunks in flight, a stop on ENOSPC must
-//!   still show the work done after the chunk that failed, as
-//!   `tests/py/full_disk.py` checks.)
+//! - reports progress as the end of the contiguous done prefix of the walk
+//!   (copied, skipped, or failed and ignored; `prefix.rs`): chunks that
+//!   complete beyond one still in flight or failed are counted once it is
+//!   done, so the offset on an error means what QEMU's sequential copy
+//!   means by it: everything before it is done;
 //! - stops at pause points with nothing in flight (pause, cancel, error).
 //!
 //! Returns `Ok` when everything was copied, the error (the first errno's
@@ -30,10 +29,12 @@
 
 mod bufpool;
 mod pipeline;
+mod prefix;
 mod window;
 
 pub use bufpool::BufPool;
 pub use pipeline::copy_all;
+pub use prefix::Prefix;
 pub use window::Window;
 
 use crate::job::IoOperation;

@@ -1,6 +1,6 @@
 //! The copy loop (see the module doc of `copy`).
 
-use super::{strerror, Chunk, CopyError, CopyOps, Tuning, Window};
+use super::{strerror, Chunk, CopyError, CopyOps, Prefix, Tuning, Window};
 use crate::job::{IoOperation, Job, Verdict};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -16,6 +16,8 @@ struct Shared {
     queue: VecDeque<Chunk>,
     error: Option<String>,
     report: bool,
+    /// Progress: the done prefix of the walk.
+    prefix: Prefix,
 }
 
 impl Shared {
@@ -23,6 +25,22 @@ impl Shared {
         if self.error.is_none() {
             self.error = Some(strerror(errno));
         }
+    }
+
+    /// Marks the walk's range `[from, to)` done; the job's offset follows
+    /// the done prefix.
+    fn done(&mut self, job: &Job, from: u64, to: u64) {
+        let n = self.prefix.complete(from, to);
+        if n > 0 {
+            job.add_progress(n);
+        }
+    }
+
+    /// A chunk done (copied, or failed and ignored): the walk's range it
+    /// accounts for ends at its end and is `progress` long.
+    fn chunk_done(&mut self, job: &Job, c: Chunk) {
+        let end = c.offset + c.len;
+        self.done(job, end - c.progress, end);
     }
 }
 
@@ -37,7 +55,7 @@ fn on_failure(job: &Job, st: &RefCell<Shared>, c: Chunk, e: CopyError) {
         }
         Verdict::Ignore => {
             s.note_error(e.errno);
-            job.add_progress(c.progress);
+            s.chunk_done(job, c);
         }
         Verdict::Stop => s.queue.push_back(c),
     }
@@ -65,6 +83,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
         queue: VecDeque::with_capacity(max + 1),
         error: None,
         report: false,
+        prefix: Prefix::default(),
     }));
     let clients = |o: &O| {
         if t.yield_to_clients {
@@ -103,7 +122,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
                     Ok(x) => {
                         let len = x.len.clamp(1, size - cursor);
                         if !x.copy {
-                            job.add_progress(len);
+                            st.borrow_mut().done(job, cursor, cursor + len);
                             cursor += len;
                             continue;
                         }
@@ -184,7 +203,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
         reactor::spawn_local(async move {
             let r = ops2.copy(c).await;
             match r {
-                Ok(()) => job2.add_progress(c.progress),
+                Ok(()) => st2.borrow_mut().chunk_done(&job2, c),
                 Err(e) => on_failure(&job2, &st2, c, e),
             }
             st2.borrow_mut().inflight -= 1;

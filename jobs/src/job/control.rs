@@ -6,6 +6,13 @@
 //! Commands come from any thread; the driver's side runs on the job's
 //! reactor. Progress is two relaxed atomics (no lock per chunk); everything
 //! else is under one mutex, which commands and status changes take briefly.
+//!
+//! As in QEMU, the status a query sees right after a verb's reply is the one
+//! the verb leads to: a verb on a job parked at its pause point changes the
+//! status itself (resume: paused -> running at once), and the control plane
+//! waits, bounded, with [`Job::settle`] for what only the job's reactor can
+//! do (reach the pause point after `pause`, stop after `cancel`, leave
+//! pending after `finalize`).
 
 use super::event::{EventSink, JobEvent, JobSnapshot};
 use super::kind::JobKind;
@@ -13,8 +20,9 @@ use super::state::{can_transition, verb_allowed, verb_refused_message, JobStatus
 use crate::ratelimit::RateLimiter;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 /// What to do when an I/O of the job fails (QAPI `BlockdevOnError`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +45,8 @@ impl OnError {
             "ignore" => OnError::Ignore,
             "stop" => OnError::Stop,
             "enospc" => OnError::Enospc,
+            // QEMU's block jobs treat `auto` as `enospc` (`block_job_error_action`).
+            "auto" => OnError::Enospc,
             _ => return None,
         })
     }
@@ -156,6 +166,8 @@ pub(super) struct Ctl {
     waker: Option<Waker>,
     pub(super) busy: bool,
     kicked: bool,
+    /// The driver waits in [`Job::pause_point`] (nothing in flight).
+    parked: bool,
     stopped_waiters: Vec<futures::channel::oneshot::Sender<()>>,
 }
 
@@ -164,6 +176,8 @@ pub struct Job {
     spec: Arc<JobSpec>,
     sink: EventSink,
     ctl: Mutex<Ctl>,
+    /// Notified on every status change and when the job parks.
+    changed: Condvar,
     offset: AtomicU64,
     len: AtomicU64,
 }
@@ -197,8 +211,10 @@ impl Job {
                 waker: None,
                 busy: false,
                 kicked: false,
+                parked: false,
                 stopped_waiters: Vec::new(),
             }),
+            changed: Condvar::new(),
             spec: Arc::new(spec),
             sink,
             offset: AtomicU64::new(0),
@@ -221,6 +237,7 @@ impl Job {
             return;
         }
         c.status = to;
+        self.changed.notify_all();
         tracing::debug!(job = %self.spec.id, status = %to, "job status");
         self.publish(&JobEvent::StatusChange {
             id: self.spec.id.clone(),
@@ -327,8 +344,56 @@ impl Job {
             return Err(verb_refused_message(&self.spec.id, c.status, verb));
         }
         let r = f(self, &mut c)?;
+        self.reconcile_parked(&mut c);
         Self::wake(&mut c);
         Ok(r)
+    }
+
+    /// A job parked at its pause point takes the status the commands ask
+    /// for at once (QEMU enters the job's coroutine from the command): paused
+    /// or standby while a pause is requested, running or ready otherwise.
+    fn reconcile_parked(&self, c: &mut Ctl) {
+        if !c.parked {
+            return;
+        }
+        let pause = c.user_paused && !c.cancelled;
+        c.busy = !pause;
+        let to = match (c.status, pause) {
+            (JobStatus::Running, true) => JobStatus::Paused,
+            (JobStatus::Ready, true) => JobStatus::Standby,
+            (JobStatus::Paused, false) => JobStatus::Running,
+            (JobStatus::Standby, false) => JobStatus::Ready,
+            _ => return,
+        };
+        self.transition(c, to);
+    }
+
+    /// Waits (at most `timeout`) until the job's reactor has acted on `verb`:
+    /// a pause has reached the pause point, a cancel has concluded the job, a
+    /// finalize has left pending. For the control plane's threads, never a
+    /// reactor's. Returns whether the job got there in time (a job whose I/O
+    /// hangs still answers; its status then lags).
+    /// Jobs other than block jobs (`blockdev-create`) have no pause points
+    /// while they work: a pause does not wait for them.
+    pub fn settle(&self, verb: JobVerb, timeout: Duration) -> bool {
+        if verb == JobVerb::Pause && !self.spec.kind.is_block_job() {
+            return true;
+        }
+        let c = self.lock();
+        let (_c, t) = self
+            .changed
+            .wait_timeout_while(c, timeout, |c| match verb {
+                JobVerb::Pause => {
+                    c.user_paused
+                        && !c.cancelled
+                        && matches!(c.status, JobStatus::Running | JobStatus::Ready)
+                }
+                JobVerb::Cancel => !matches!(c.status, JobStatus::Concluded | JobStatus::Null),
+                JobVerb::Finalize => c.status == JobStatus::Pending,
+                _ => false,
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        !t.timed_out()
     }
 
     /// Checks a verb against the current status, with QEMU's message
@@ -456,23 +521,21 @@ impl Job {
             if !c.user_paused {
                 return true;
             }
-            c.busy = false;
-            match c.status {
-                JobStatus::Running => self.transition(&mut c, JobStatus::Paused),
-                JobStatus::Ready => self.transition(&mut c, JobStatus::Standby),
-                _ => {}
-            }
+            c.parked = true;
+            self.reconcile_parked(&mut c);
+            self.changed.notify_all();
         }
         loop {
             self.wait_kick().await;
             let mut c = self.lock();
+            // Commands meanwhile have set the status already.
+            self.reconcile_parked(&mut c);
             if c.cancelled || !c.user_paused {
-                c.busy = true;
-                match c.status {
-                    JobStatus::Paused => self.transition(&mut c, JobStatus::Running),
-                    JobStatus::Standby => self.transition(&mut c, JobStatus::Ready),
-                    _ => {}
-                }
+                c.parked = false;
+                // Commands that came with the resume (complete, speed) woke
+                // this wait only: the driver's next wait_kick returns at
+                // once so that it looks at them.
+                c.kicked = true;
                 return !c.cancelled;
             }
         }

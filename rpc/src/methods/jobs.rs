@@ -1,15 +1,17 @@
 //! QEMU's block-job API: `block-stream`, `query-block-jobs`, `query-jobs`,
 //! `block-job-*`, `job-*` and `change-backing-file`.
 
+use super::blockdev::args::{check_node_name, check_node_name_len, missing, Args};
 use super::job_qapi;
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use jobs::drivers::stream::{self, StreamParams};
-use jobs::job::{Job, JobError, OnError};
+use jobs::job::{Job, JobError, JobVerb, OnError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
@@ -36,22 +38,39 @@ pub fn register(t: &mut MethodTable) {
         ))
     });
     t.add("block-job-cancel", |svc, p| {
-        let a: Cancel = p.parse()?;
-        let job = svc.jobs.block_job(&a.device)?;
+        let v = params(p);
+        let mut a = Args::new(&v, "")?;
+        let device = a.req_str("device")?;
+        // Also cancels a paused job (and, for jobs that become ready, one
+        // that converged, without its pivot).
+        let force = a.bool("force")?.unwrap_or(false);
+        a.finish(&[])?;
+        let job = svc.jobs.block_job(&device)?;
+        if job.info().paused && !force {
+            return Err(JobError::Refused(format!(
+                "The block job for device '{device}' is currently paused"
+            ))
+            .into());
+        }
         drop(job.cancel().map_err(JobError::Refused)?);
+        job.settle(JobVerb::Cancel, SETTLE);
         Ok(json!({}))
     });
     t.add("block-job-set-speed", |svc, p| {
-        let a: SetSpeed = p.parse()?;
-        let job = svc.jobs.block_job(&a.device)?;
-        job.check_verb(jobs::job::JobVerb::SetSpeed)
+        let v = params(p);
+        let mut a = Args::new(&v, "")?;
+        let device = a.req_str("device")?;
+        let speed = a.int("speed")?.ok_or_else(|| missing("speed"))?;
+        a.finish(&[])?;
+        let job = svc.jobs.block_job(&device)?;
+        job.check_verb(JobVerb::SetSpeed)
             .map_err(JobError::Refused)?;
-        if a.speed < 0 {
+        if speed < 0 {
             return Err(RpcError::invalid_params(
                 "Parameter 'speed' expects a non-negative value",
             ));
         }
-        job.set_speed(a.speed as u64).map_err(JobError::Refused)?;
+        job.set_speed(speed as u64).map_err(JobError::Refused)?;
         Ok(json!({}))
     });
     block_verb(t, "block-job-pause", Job::pause);
@@ -106,103 +125,130 @@ fn query_job_events(svc: &Service, p: Params) -> Result<Value, RpcError> {
     Ok(Value::Array(v))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ByDevice {
-    device: String,
+/// The arguments as a JSON value (none: an empty object).
+fn params(p: Params) -> Value {
+    match p.0 {
+        None | Some(Value::Null) => json!({}),
+        Some(v) => v,
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ById {
-    id: String,
+/// The one string member `key` of a verb's arguments, read as QEMU's QAPI
+/// visitor reads it (its error texts).
+fn only_str(p: Params, key: &str) -> Result<String, RpcError> {
+    let v = params(p);
+    let mut a = Args::new(&v, "")?;
+    let s = a.req_str(key)?;
+    a.finish(&[])?;
+    Ok(s)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Cancel {
-    device: String,
-    /// Only meaningful for jobs that become ready; streams cancel the same way.
-    #[allow(dead_code)]
-    force: Option<bool>,
-}
+/// How long a verb's reply waits for the job's reactor to act on it (a
+/// job whose I/O hangs still gets its answer).
+const SETTLE: Duration = Duration::from_secs(5);
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SetSpeed {
-    device: String,
-    speed: i64,
+/// The verb a method runs, for [`Job::settle`]: the reply comes once the
+/// job is in the status the verb leads to, as with QEMU's monitor.
+fn verb_of(name: &str) -> JobVerb {
+    match name.rsplit('-').next() {
+        Some("pause") => JobVerb::Pause,
+        Some("cancel") => JobVerb::Cancel,
+        Some("finalize") => JobVerb::Finalize,
+        Some("resume") => JobVerb::Resume,
+        Some("dismiss") => JobVerb::Dismiss,
+        _ => JobVerb::Complete,
+    }
 }
 
 fn block_verb(t: &mut MethodTable, name: &str, f: fn(&Job) -> Result<(), String>) {
+    let verb = verb_of(name);
     t.add(name, move |svc, p| {
-        let a: ByDevice = p.parse()?;
-        let job = svc.jobs.block_job(&a.device)?;
+        let device = only_str(p, "device")?;
+        let job = svc.jobs.block_job(&device)?;
         f(&job).map_err(JobError::Refused)?;
+        job.settle(verb, SETTLE);
         Ok(json!({}))
     });
 }
 
 fn id_verb(t: &mut MethodTable, name: &str, block: bool, f: fn(&Job) -> Result<(), String>) {
+    let verb = verb_of(name);
     t.add(name, move |svc, p| {
-        let a: ById = p.parse()?;
+        let id = only_str(p, "id")?;
         let job: Arc<Job> = if block {
-            svc.jobs.block_job(&a.id)?
+            svc.jobs.block_job(&id)?
         } else {
-            svc.jobs.job(&a.id)?
+            svc.jobs.job(&id)?
         };
         f(&job).map_err(JobError::Refused)?;
+        job.settle(verb, SETTLE);
         Ok(json!({}))
     });
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct BlockStream {
-    job_id: Option<String>,
-    device: String,
-    base: Option<String>,
-    base_node: Option<String>,
-    bottom: Option<String>,
-    backing_file: Option<String>,
-    backing_mask_protocol: Option<bool>,
-    speed: Option<i64>,
-    on_error: Option<String>,
-    auto_finalize: Option<bool>,
-    auto_dismiss: Option<bool>,
-    /// sluice's extension: `false` skips the flush before the header drops the
-    /// backing file (QEMU's behaviour; still safe against a killed process).
-    x_durable: Option<bool>,
-}
+/// QAPI `BlockdevOnError` as `block-stream` takes it.
+const ON_ERROR: [&str; 5] = ["report", "ignore", "enospc", "stop", "auto"];
 
-fn parse_on_error(v: Option<String>) -> Result<Option<OnError>, RpcError> {
-    match v {
-        None => Ok(None),
-        Some(s) => OnError::parse(&s).map(Some).ok_or_else(|| {
-            RpcError::invalid_params(format!("Parameter 'on-error' does not accept value '{s}'"))
-        }),
-    }
-}
-
+/// `block-stream`, its arguments read as QEMU's QAPI visitor reads them (its
+/// error texts; `filter-node-name` must be a name QEMU could give a new node).
 fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
-    let a: BlockStream = p.parse()?;
+    let v = params(p);
+    let mut a = Args::new(&v, "")?;
+    let job_id = a.str("job-id")?;
+    let device = a.req_str("device")?;
+    let base = a.str("base")?;
+    let base_node = a.str("base-node")?;
+    let backing_file = a.str("backing-file")?;
+    let backing_mask_protocol = a.bool("backing-mask-protocol")?;
+    let bottom = a.str("bottom")?;
+    let speed = a.int("speed")?;
+    let on_error = a.enumeration("on-error", &ON_ERROR)?;
+    let filter_node_name = a.str("filter-node-name")?;
+    let auto_finalize = a.bool("auto-finalize")?;
+    let auto_dismiss = a.bool("auto-dismiss")?;
+    // sluice's extension: `false` skips the flush before the header drops the
+    // backing file (QEMU's behaviour; still safe against a killed process).
+    let x_durable = a.bool("x-durable")?;
+    a.finish(&[])?;
+    if let Some(f) = &filter_node_name {
+        check_filter_name(svc, f)?;
+    }
     let sp = StreamParams {
-        job_id: a.job_id,
-        device: a.device,
-        base: a.base,
-        base_node: a.base_node,
-        bottom: a.bottom,
-        backing_file: a.backing_file,
-        backing_mask_protocol: a.backing_mask_protocol.unwrap_or(false),
-        speed: a.speed.unwrap_or(0),
-        on_error: parse_on_error(a.on_error)?,
-        auto_finalize: a.auto_finalize,
-        auto_dismiss: a.auto_dismiss,
+        job_id,
+        device,
+        base,
+        base_node,
+        bottom,
+        backing_file,
+        backing_mask_protocol: backing_mask_protocol.unwrap_or(false),
+        speed: speed.unwrap_or(0),
+        on_error: on_error.as_deref().and_then(OnError::parse),
+        auto_finalize,
+        auto_dismiss,
         legacy: false,
-        no_flush_on_complete: a.x_durable == Some(false),
+        no_flush_on_complete: x_durable == Some(false),
     };
     stream::start(&svc.graph, &svc.jobs, &svc.rt, sp, svc.tuning)?;
     Ok(json!({}))
+}
+
+/// QEMU names the copy-on-read filter it inserts `filter-node-name`: a
+/// name that could not be given to a new node is refused as QEMU refuses it.
+/// (sluice's stream needs no filter node: guest reads during the job are
+/// served through the chain, and the copier populates the top.)
+fn check_filter_name(svc: &Service, name: &str) -> Result<(), RpcError> {
+    let prefixed = |e: RpcError| RpcError {
+        message: format!("Could not create node: {}", e.message),
+        ..e
+    };
+    if svc.graph.nodes().contains(name) {
+        return Err(RpcError::errno(
+            libc::EEXIST,
+            format!("Could not create node: Duplicate nodes with node-name='{name}'"),
+        ));
+    }
+    check_node_name(name).map_err(prefixed)?;
+    check_node_name_len(name).map_err(prefixed)
 }
 
 #[derive(Deserialize)]

@@ -6,7 +6,10 @@
 //! ([`writer`]), each line ending with CRLF and reaching the client within the
 //! write limit or the connection is dropped. After `qmp_capabilities`, a
 //! connection subscribes to the service's event bus and a writer thread pushes
-//! every event (`{"event", "data", "timestamp"}`), interleaved with the replies.
+//! every QMP event (`{"event", "data", "timestamp"}`), interleaved with the replies.
+//! SPDK's notifications on the same bus (`bdev_register`, ...; lower-case
+//! names no QMP client expects) stay on the JSON-RPC side
+//! (`notify_get_notifications`).
 
 pub mod json;
 pub mod session;
@@ -83,6 +86,15 @@ fn send(w: &Writer, line: &str) -> bool {
     write_line(&mut lock(w), line, w.limit)
 }
 
+/// Whether `name` is a QMP event (QEMU's upper-case names), not one of
+/// SPDK's notifications.
+pub fn is_qmp_event(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// Pushes events to one negotiated client until its connection closes; then
 /// writes what was already published and ends.
 fn start_event_writer(
@@ -95,6 +107,7 @@ fn start_event_writer(
         .stack_size(256 << 10)
         .spawn(move || loop {
             match rx.recv_timeout(EVENT_POLL) {
+                Ok(ev) if !is_qmp_event(&ev.name) => {}
                 Ok(ev) => {
                     if !send(&w, &writer::to_qemu(&ev.to_qmp())) {
                         return;
@@ -102,7 +115,7 @@ fn start_event_writer(
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if closed.load(Ordering::Acquire) {
-                        for ev in rx.try_iter() {
+                        for ev in rx.try_iter().filter(|e| is_qmp_event(&e.name)) {
                             if !send(&w, &writer::to_qemu(&ev.to_qmp())) {
                                 return;
                             }

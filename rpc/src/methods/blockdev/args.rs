@@ -1,4 +1,5 @@
-//! Reading `blockdev-add` arguments the way QEMU's QAPI visitor does, with its
+//! Reading `blockdev-add` arguments (and `block-stream`'s and the job
+//! verbs', `methods/jobs.rs`) the way QEMU's QAPI visitor does, with its
 //! error texts: "Parameter 'X' is missing", "Invalid parameter type for 'X',
 //! expected: T", "Parameter 'X' does not accept value 'V'" and "Parameter 'X'
 //! is unexpected".
@@ -9,26 +10,26 @@ use std::collections::BTreeSet;
 
 /// One QAPI object of the arguments (the top level, `file`, `cache`), with the
 /// members read so far.
-pub(super) struct Args<'a> {
+pub(crate) struct Args<'a> {
     map: &'a Map<String, Value>,
     prefix: String,
     used: BTreeSet<String>,
 }
 
 /// `"Parameter 'X' is missing"`.
-pub(super) fn missing(path: &str) -> RpcError {
+pub(crate) fn missing(path: &str) -> RpcError {
     RpcError::invalid_params(format!("Parameter '{path}' is missing"))
 }
 
 /// `"Invalid parameter type for 'X', expected: T"`.
-pub(super) fn bad_type(path: &str, expected: &str) -> RpcError {
+pub(crate) fn bad_type(path: &str, expected: &str) -> RpcError {
     RpcError::invalid_params(format!(
         "Invalid parameter type for '{path}', expected: {expected}"
     ))
 }
 
 /// `"Parameter 'X' does not accept value 'V'"`.
-pub(super) fn bad_value(path: &str, v: &str) -> RpcError {
+pub(crate) fn bad_value(path: &str, v: &str) -> RpcError {
     RpcError::invalid_params(format!("Parameter '{path}' does not accept value '{v}'"))
 }
 
@@ -99,6 +100,18 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// An optional integer member of either sign.
+    pub fn int(&mut self, k: &str) -> Result<Option<i64>, RpcError> {
+        match self.any(k) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| bad_type(&self.path(k), "integer")),
+            Some(_) => Err(bad_type(&self.path(k), "integer")),
+        }
+    }
+
     /// An optional enum member (a string among `values`).
     pub fn enumeration(&mut self, k: &str, values: &[&str]) -> Result<Option<String>, RpcError> {
         match self.str(k)? {
@@ -132,7 +145,7 @@ impl<'a> Args<'a> {
 
 /// QEMU's node-name rules (`bdrv_assign_node_name`), after the duplicate
 /// check the caller makes.
-pub(super) fn check_node_name(name: &str) -> Result<(), RpcError> {
+pub(crate) fn check_node_name(name: &str) -> Result<(), RpcError> {
     if !jobs::job::id_wellformed(name) {
         return Err(RpcError::invalid_params(format!(
             "Invalid node-name: '{name}'"
@@ -142,7 +155,7 @@ pub(super) fn check_node_name(name: &str) -> Result<(), RpcError> {
 }
 
 /// QEMU keeps node names in 32 bytes with the terminating NUL.
-pub(super) fn check_node_name_len(name: &str) -> Result<(), RpcError> {
+pub(crate) fn check_node_name_len(name: &str) -> Result<(), RpcError> {
     if name.len() >= 32 {
         return Err(RpcError::invalid_params("Node name too long"));
     }

@@ -11,7 +11,7 @@
 //! `node-name` (`<node>.file` when nested without one). A raw node is a
 //! [`bdev::device::Device`] over its file node (a passthrough under its own name).
 
-mod args;
+pub(crate) mod args;
 mod create;
 mod create_job;
 mod create_opts;
