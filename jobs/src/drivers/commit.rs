@@ -1,0 +1,547 @@
+//! The commit driver (QEMU's `block-commit`, `block/commit.c`): copy into
+//! `base` what the layers from `top` down to `base` (excluded) hold, then
+//! point the image above `top` at `base` and drop the committed layers.
+//!
+//! [`resolve`] checks a request as QEMU's `qmp_block_commit` does, in its
+//! order and words (device, top, base, blockers, "into itself", the active
+//! layer). [`start`] raises the writer's lock of `base` (QEMU reopens it
+//! read-write for the job) and of the image above `top` (its header
+//! changes), and starts the job on the reactor owning the top's metadata.
+//! `run` is the shared copier over [`CommitOps`] (walk: what `top..base`
+//! holds above base; copy: one read through the top, one write into base);
+//! `prepare` flushes base, writes base's name into the header of the image
+//! above top (`backing-file` overrides it), relinks it in memory with the
+//! device quiesced, and releases the layers nothing else uses; `clean` lowers
+//! the locks. A cancel before `prepare` leaves the chain as it was: base only
+//! received data its overlays already shadow.
+//!
+//! The active commit (top is the device's active layer, which QEMU runs as
+//! a mirror that converges and pivots) is refused with
+//! [`CommitError::ActiveUnsupported`]: it needs guest-write interception on
+//! the device, which the framework does not have yet.
+
+use crate::copy::{self, BufPool, Chunk, CopyError, CopyOps, Extent, Tuning};
+use crate::job::{self, IoOperation, Job, JobDriver, JobError, JobKind, JobManager, JobSpec};
+use crate::job::{OnError, Step};
+use bdev::device::{ClientWatch, Device};
+use bdev::{submit_wait, Bdev, BdevError, BdevIo, Holder, IoChannel, IoType};
+use graph::lock::WriterLock;
+use graph::node::{self, ImageNode};
+use graph::{qemu_name, Graph};
+use reactor::RuntimeHandle;
+use std::rc::Rc;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// The job type.
+pub const KIND: JobKind = JobKind {
+    name: "commit",
+    block_job: true,
+};
+
+/// A `block-commit` request.
+#[derive(Debug, Clone, Default)]
+pub struct CommitParams {
+    /// Job id (default: the device name).
+    pub job_id: Option<String>,
+    /// The root of the chain (device or node name).
+    pub device: String,
+    /// The topmost layer committed, by node name (default: the active layer).
+    pub top_node: Option<String>,
+    /// The topmost layer committed, by file name.
+    pub top: Option<String>,
+    /// The layer committed into, by node name (default: the chain's bottom).
+    pub base_node: Option<String>,
+    /// The layer committed into, by file name.
+    pub base: Option<String>,
+    /// Backing file name recorded above top instead of base's file name.
+    pub backing_file: Option<String>,
+    /// Record `raw` as the backing format where base is a protocol node.
+    pub backing_mask_protocol: bool,
+    /// Bytes/s (negative is refused).
+    pub speed: i64,
+    /// Error policy (default report).
+    pub on_error: Option<OnError>,
+    /// Default true.
+    pub auto_finalize: Option<bool>,
+    /// Default true.
+    pub auto_dismiss: Option<bool>,
+}
+
+/// Why a commit cannot start.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// `device` names nothing (QMP class DeviceNotFound: libvirt probes it).
+    #[error("Device '{0}' not found")]
+    DeviceNotFound(String),
+    /// A node name that names nothing.
+    #[error("Cannot find device='{device}' nor node-name='{node}'")]
+    NotFound { device: String, node: String },
+    /// Bad combination or value of parameters (the message says which).
+    #[error("{0}")]
+    Invalid(String),
+    /// A layer the job writes cannot be written.
+    #[error("Block node is read-only")]
+    ReadOnly,
+    /// The active layer cannot be committed (yet).
+    #[error("Committing the active layer of '{0}' is not supported: sluice has no live commit of the layer a guest writes; give 'top-node' an image below it")]
+    ActiveUnsupported(String),
+    /// Job creation refused (id, blockers).
+    #[error(transparent)]
+    Job(JobError),
+}
+
+/// What the job will do.
+pub struct CommitPlan {
+    /// The topmost layer committed.
+    pub top: Arc<dyn ImageNode>,
+    /// The top as a bdev.
+    pub top_bdev: Arc<dyn Bdev>,
+    /// The layer committed into.
+    pub base: Arc<dyn Bdev>,
+    /// The image above top, whose backing becomes base.
+    pub overlay: Arc<dyn ImageNode>,
+    /// Name recorded in the overlay's header for base.
+    pub backing_file: String,
+    /// Format recorded with it.
+    pub backing_format: String,
+    /// Layers from top down to base (excluded): released when unused.
+    pub intermediates: Vec<Arc<dyn Bdev>>,
+    /// The reactor to run on.
+    pub owner: usize,
+    /// The front door the chain is behind (quiesced for the relink; its
+    /// clients are yielded to).
+    pub device: Option<Arc<dyn Bdev>>,
+    /// Writer's locks of base and the overlay for the job's life.
+    pub writers: Vec<WriterLock>,
+    /// The graph the nodes live in.
+    pub graph: Arc<Graph>,
+}
+
+fn lookup(g: &Graph, node: &str) -> Result<Arc<dyn Bdev>, CommitError> {
+    g.nodes().get(node).map_err(|_| CommitError::NotFound {
+        device: String::new(),
+        node: node.to_string(),
+    })
+}
+
+/// QEMU's `bdrv_is_root_node`: no node above it and no job on it.
+fn is_root(g: &Graph, mgr: &JobManager, b: &Arc<dyn Bdev>) -> bool {
+    let above = g
+        .nodes()
+        .claims_of(b.name())
+        .iter()
+        .any(|c| matches!(c.holder, Holder::Node(_) | Holder::Job(_)));
+    !above && mgr.job_on_node(b.name()).is_none()
+}
+
+/// Resolves and validates a request (QEMU's `qmp_block_commit` and
+/// `commit_start`).
+pub fn resolve(
+    g: &Arc<Graph>,
+    mgr: &JobManager,
+    p: &CommitParams,
+) -> Result<(CommitPlan, JobSpec), CommitError> {
+    let named = g
+        .nodes()
+        .get(&p.device)
+        .map_err(|_| CommitError::DeviceNotFound(p.device.clone()))?;
+    let (bs, device) = match Device::from_bdev(&named) {
+        Some(d) => (d.root(), Some(named.clone())),
+        None => {
+            if !is_root(g, mgr, &named) {
+                return Err(CommitError::Invalid("Need a root block node".into()));
+            }
+            let dev = Device::find_by_root(g.nodes(), named.name());
+            (named.clone(), dev)
+        }
+    };
+    if mgr.job_on_node(bs.name()).is_some() {
+        return Err(CommitError::Invalid("Need a root block node".into()));
+    }
+    let chain = node::chain(&bs);
+    let position = |b: &Arc<dyn Bdev>| chain.iter().position(|c| node::same(c, b));
+
+    let ti = match (&p.top_node, &p.top) {
+        (Some(_), Some(_)) => {
+            return Err(CommitError::Invalid(
+                "'top-node' and 'top' are mutually exclusive".into(),
+            ))
+        }
+        (Some(name), None) => position(&lookup(g, name)?).ok_or_else(|| {
+            CommitError::Invalid(format!("'{name}' is not in this backing file chain"))
+        })?,
+        (None, Some(name)) => {
+            if node::filename_of(&bs) == *name {
+                0
+            } else {
+                (1..chain.len())
+                    .find(|&i| super::stream::matches_file(&chain[i], &chain[i - 1], name))
+                    .ok_or_else(|| {
+                        CommitError::Invalid(format!("Top image file {name} not found"))
+                    })?
+            }
+        }
+        (None, None) => 0,
+    };
+    let bi = match (&p.base_node, &p.base) {
+        (Some(_), Some(_)) => {
+            return Err(CommitError::Invalid(
+                "'base-node' and 'base' are mutually exclusive".into(),
+            ))
+        }
+        (Some(name), None) => position(&lookup(g, name)?)
+            .filter(|&i| i >= ti)
+            .ok_or_else(|| {
+                CommitError::Invalid(format!("'{name}' is not in this backing file chain"))
+            })?,
+        (None, Some(name)) => (ti + 1..chain.len())
+            .find(|&i| super::stream::matches_file(&chain[i], &chain[i - 1], name))
+            .ok_or_else(|| {
+                CommitError::Invalid(format!("Can't find '{name}' in the backing chain"))
+            })?,
+        (None, None) => chain.len() - 1,
+    };
+    for b in &chain[ti..=bi] {
+        if let Some(j) = mgr.job_on_node(b.name()) {
+            return Err(CommitError::Job(JobError::NodeBusy {
+                node: b.name().to_string(),
+                job_type: j.spec().kind.as_str().into(),
+            }));
+        }
+    }
+    if ti == bi {
+        return Err(CommitError::Invalid(
+            "cannot commit an image into itself".into(),
+        ));
+    }
+    if ti == 0 {
+        if p.backing_file.is_some() {
+            return Err(CommitError::Invalid(
+                "'backing-file' specified, but 'top' is the active layer".into(),
+            ));
+        }
+        return Err(CommitError::ActiveUnsupported(p.device.clone()));
+    }
+    let job_id = match &p.job_id {
+        Some(id) => id.clone(),
+        None => device
+            .as_ref()
+            .map(|d| d.name().to_string())
+            .unwrap_or_default(),
+    };
+    if !crate::job::id_wellformed(&job_id) {
+        return Err(CommitError::Job(JobError::InvalidId(job_id)));
+    }
+    if mgr.job(&job_id).is_ok() {
+        return Err(CommitError::Job(JobError::IdInUse(job_id)));
+    }
+    if p.speed < 0 {
+        return Err(CommitError::Invalid(
+            "Parameter 'speed' expects a non-negative value".into(),
+        ));
+    }
+    let top_bdev = chain[ti].clone();
+    let base = chain[bi].clone();
+    let over = chain[ti - 1].clone();
+    let (Some(top), Some(overlay)) = (node::image(&top_bdev), node::image(&over)) else {
+        return Err(CommitError::Invalid(format!(
+            "'{}' has no backing chain",
+            top_bdev.name()
+        )));
+    };
+    if base.read_only() || over.read_only() {
+        return Err(CommitError::ReadOnly);
+    }
+    if base.size() < top_bdev.size() {
+        return Err(CommitError::Invalid(format!(
+            "Top image {} is larger than base image {}, and resize of base image is not supported",
+            node::filename_of(&top_bdev),
+            node::filename_of(&base)
+        )));
+    }
+    let described = qemu_name::describe(&base);
+    let backing_file = p
+        .backing_file
+        .clone()
+        .unwrap_or_else(|| qemu_name::filename(&described));
+    let protocol = !matches!(described, qemu_name::QemuNode::Format { .. });
+    let backing_format = if p.backing_mask_protocol && protocol {
+        "raw".to_string()
+    } else {
+        qemu_name::driver(&described).to_string()
+    };
+    let nodes: Vec<String> = chain[..=bi].iter().map(|b| b.name().to_string()).collect();
+    let plan = CommitPlan {
+        owner: top.owner(),
+        top,
+        top_bdev,
+        base,
+        overlay,
+        backing_file,
+        backing_format,
+        intermediates: chain[ti..bi].to_vec(),
+        device: device.clone().or_else(|| {
+            Device::hidden_by_root(g.nodes(), bs.name())
+                .into_iter()
+                .next()
+        }),
+        writers: Vec::new(),
+        graph: g.clone(),
+    };
+    let spec = JobSpec {
+        id: job_id,
+        kind: KIND,
+        device: device
+            .map(|d| d.name().to_string())
+            .unwrap_or_else(|| p.device.clone()),
+        speed: p.speed as u64,
+        on_error: p.on_error.unwrap_or(OnError::Report),
+        auto_finalize: p.auto_finalize.unwrap_or(true),
+        auto_dismiss: p.auto_dismiss.unwrap_or(true),
+        legacy: false,
+        nodes,
+    };
+    Ok((plan, spec))
+}
+
+/// Validates `p`, creates the job and starts it. Returns at once.
+pub fn start(
+    g: &Arc<Graph>,
+    mgr: &JobManager,
+    rt: &RuntimeHandle,
+    p: CommitParams,
+    tuning: Tuning,
+) -> Result<Arc<Job>, CommitError> {
+    let (mut plan, spec) = resolve(g, mgr, &p)?;
+    // Base is written, the overlay's header too: writers' locks for the
+    // job's life (guards: lowered in `clean`, or at once if it cannot start).
+    for b in [plan.base.clone(), plan.overlay.bdev()] {
+        let w = WriterLock::raise(&b).map_err(|e| CommitError::Invalid(e.to_string()))?;
+        plan.writers.push(w);
+    }
+    let owner = plan.owner;
+    let len = Some(plan.top_bdev.size());
+    job::start(mgr, rt, spec, owner, len, CommitDriver { plan, tuning }).map_err(CommitError::Job)
+}
+
+/// The commit job's driver.
+pub struct CommitDriver {
+    plan: CommitPlan,
+    tuning: Tuning,
+}
+
+impl JobDriver for CommitDriver {
+    fn run<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
+        Box::pin(async move {
+            let ops = CommitOps::new(&self.plan, &self.tuning).map_err(|e| e.to_string())?;
+            copy::copy_all(job, Rc::new(ops), &self.tuning).await
+        })
+    }
+
+    fn prepare<'a>(&'a mut self, _job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
+        Box::pin(async move {
+            let change = self.plan.graph.change_on_reactor().await;
+            let r = drop_layers(&self.plan).await;
+            drop(change);
+            r
+        })
+    }
+
+    fn clean<'a>(&'a mut self, _job: &'a Arc<Job>) -> Step<'a, ()> {
+        self.plan.writers.clear();
+        Box::pin(async {})
+    }
+}
+
+async fn flush(b: &Arc<dyn Bdev>) -> Result<(), String> {
+    let ch = bdev::channel(b).map_err(|e| e.to_string())?;
+    let io = submit_wait(&ch, BdevIo::new(IoType::Flush, 0, 0, None, None)).await;
+    if io.status.is_ok() {
+        Ok(())
+    } else {
+        Err(copy::strerror(io.status.errno()))
+    }
+}
+
+/// QEMU's `bdrv_drop_intermediate`: base made durable, its name in the
+/// overlay's header, the overlay relinked onto it (device quiesced), every
+/// other image over top likewise, then the committed layers nothing else
+/// uses released, top first.
+async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
+    flush(&plan.base).await?;
+    let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
+    let dev = plan.device.as_ref().and_then(Device::from_bdev);
+    if let Some(d) = dev {
+        d.quiesce(&rt).await.map_err(|e| e.to_string())?;
+    }
+    let r = async {
+        plan.overlay
+            .set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
+            .await?;
+        plan.overlay.set_backing_bdev(Some(plan.base.clone())).await
+    }
+    .await;
+    if let Some(d) = dev {
+        d.resume(&rt).await;
+    }
+    r.map_err(|e| e.to_string())?;
+    let g = &plan.graph;
+    // Every other image over top (a layer dropped from the chain earlier and
+    // kept by the monitor) moves onto base too, as QEMU's replace of top by
+    // base does for all of top's parents.
+    for other in g.nodes().list() {
+        let Some(img) = node::image(&other) else {
+            continue;
+        };
+        let over_top = img
+            .backing()
+            .is_some_and(|b| node::same(&b, &plan.top_bdev));
+        if !over_top || node::same(&other, &plan.overlay.bdev()) {
+            continue;
+        }
+        let writer = WriterLock::raise(&other).map_err(|e| e.to_string())?;
+        img.set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        img.set_backing_bdev(Some(plan.base.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(writer);
+    }
+    for b in &plan.intermediates {
+        let name = b.name();
+        if !g.nodes().contains(name) || !g.nodes().claims(name).is_empty() {
+            continue;
+        }
+        if let Ok(b) = g.unregister_from_reactor(name).await {
+            if let Some(img) = node::image(&b) {
+                if let Err(e) = img.set_backing_bdev(None).await {
+                    tracing::warn!(node = name, error = %e, "cannot unlink committed image");
+                }
+            }
+            if let Some(q) = b.as_any().downcast_ref::<bdev::qcow2::Qcow2Bdev>() {
+                if let Err(e) = q.close().await {
+                    tracing::warn!(node = name, error = %e, "cannot close committed image");
+                }
+            }
+            b.on_delete();
+            tracing::info!(node = name, "committed image released");
+        }
+    }
+    Ok(())
+}
+
+fn errno_of(e: &BdevError) -> i32 {
+    match e {
+        BdevError::Io(st) => st.errno(),
+        other => other.errno(),
+    }
+}
+
+/// What a commit copies and how: the walk of `top..base` and the copy of
+/// one chunk into base.
+pub struct CommitOps {
+    top: Arc<dyn ImageNode>,
+    base: Arc<dyn Bdev>,
+    size: u64,
+    granularity: u64,
+    top_ch: Rc<IoChannel>,
+    base_ch: Rc<IoChannel>,
+    pool: BufPool,
+    watch: Option<ClientWatch>,
+}
+
+impl CommitOps {
+    /// The copy of `plan` (on the top's owner reactor).
+    pub fn new(plan: &CommitPlan, t: &Tuning) -> Result<Self, BdevError> {
+        let base_cluster = node::image(&plan.base).map_or(512, |i| i.cluster_size());
+        Ok(Self {
+            top: plan.top.clone(),
+            base: plan.base.clone(),
+            size: plan.top_bdev.size(),
+            granularity: plan.top.cluster_size().max(base_cluster).max(512),
+            top_ch: bdev::channel(&plan.top_bdev)?,
+            base_ch: bdev::channel(&plan.base)?,
+            pool: BufPool::new(t.max_inflight.max(1)),
+            watch: plan
+                .device
+                .as_ref()
+                .and_then(Device::from_bdev)
+                .map(|d| d.watch_clients()),
+        })
+    }
+
+    /// One read through the top (what the chain shows there, which above
+    /// base is the committed layers' data), one write into base.
+    async fn copy_chunk(&self, c: Chunk) -> Result<(), CopyError> {
+        let mut buf = self.pool.take(c.len as usize).map_err(|_| CopyError {
+            op: IoOperation::Read,
+            errno: libc::ENOMEM,
+        })?;
+        if c.zero {
+            buf.as_mut_slice().fill(0);
+        } else {
+            let mut io = submit_wait(&self.top_ch, BdevIo::read(c.offset, buf, None)).await;
+            let st = io.status;
+            let b = io.take_buf();
+            if !st.is_ok() {
+                if let Some(b) = b {
+                    self.pool.give(b);
+                }
+                return Err(CopyError {
+                    op: IoOperation::Read,
+                    errno: st.errno(),
+                });
+            }
+            buf = b.ok_or(CopyError {
+                op: IoOperation::Read,
+                errno: libc::EIO,
+            })?;
+        }
+        let mut io = submit_wait(&self.base_ch, BdevIo::write(c.offset, buf, None)).await;
+        let st = io.status;
+        if let Some(b) = io.take_buf() {
+            self.pool.give(b);
+        }
+        if st.is_ok() {
+            Ok(())
+        } else {
+            Err(CopyError {
+                op: IoOperation::Write,
+                errno: st.errno(),
+            })
+        }
+    }
+}
+
+impl CopyOps for CommitOps {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    async fn extent(&self, offset: u64, len: u64) -> Result<Extent, i32> {
+        let s = self
+            .top
+            .block_status(offset, len, Some(&self.base))
+            .await
+            .map_err(|e| errno_of(&e))?;
+        Ok(Extent {
+            len: s.len,
+            copy: s.allocated_above_base,
+            zero: s.zero,
+        })
+    }
+
+    async fn copy(&self, c: Chunk) -> Result<(), CopyError> {
+        self.copy_chunk(c).await
+    }
+
+    fn client_ops(&self) -> Option<u64> {
+        self.watch.as_ref().map(|w| w.activity().ops)
+    }
+}
