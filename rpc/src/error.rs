@@ -234,9 +234,6 @@ impl From<jobs::drivers::commit::CommitError> for RpcError {
                 e.to_string(),
             ),
             C::ReadOnly => RpcError::new(-libc::EROFS, ErrorClass::GenericError, e.to_string()),
-            C::ActiveUnsupported(_) => {
-                RpcError::new(-libc::ENOTSUP, ErrorClass::GenericError, e.to_string())
-            }
         }
     }
 }

@@ -217,23 +217,58 @@ def case_qsd(vm, d):
     expect(r.returncode == 0, f"bases differ: {r.stdout}{r.stderr}")
 
 
-def case_active_refused(vm, d):
-    """The active layer (sluice has no live commit yet) is refused with a
-    clear error before anything changes; the chain stays and serves."""
-    paths, ref = make(os.path.join(d, "a"))
-    for cmd, args in add_chain(os.path.join(d, "a")):
-        vm.rcmd(cmd, args)
-    for args in ({"device": "top"}, {"device": "top", "top-node": "top", "job-id": "a1"},
-                 {"device": "top", "top": paths[-1], "base-node": "m1", "job-id": "a1"}):
-        r = vm.raw("block-commit", args)
-        expect("error" in r and "not supported" in r["error"]["desc"], f"{args}: {r}")
-    expect(vm.rcmd("query-jobs") == [], "a job was left")
-    for n in ("top", "m2", "m1", "base"):
-        vm.rcmd("blockdev-del", {"node-name": n})
-    for p in paths:
-        check(p)
-    compare_raw(paths[-1], ref)
-    expect("backing file: " + paths[2] in qemu_img("info", "-U", paths[-1]), "top's backing changed")
+def active_script(d):
+    """An active commit to its pivot; another cancelled once ready; refusals
+    while one runs."""
+    s = add_chain(d)
+    s += [
+        ("block-commit", {"device": "top", "job-id": "a1", "base-node": "m1"}),
+        ("wait-status", ("a1", "ready")),
+        ("query-block-jobs", {}),
+        ("block-commit", {"device": "top", "job-id": "a2"}),
+        ("block-job-complete", {"device": "a1"}),
+        ("wait", "a1"),
+        ("query-named-block-nodes", {}),
+        ("block-commit", {"device": "top", "job-id": "a3", "top-node": "top",
+                          "auto-finalize": False}),
+        ("wait-status", ("a3", "ready")),
+        ("block-job-cancel", {"device": "a3", "force": True}),
+        ("wait", "a3"),
+        ("query-named-block-nodes", {}),
+        ("query-jobs", {}),
+    ]
+    return s
+
+
+def case_active_qsd(vm, d):
+    """The active commit's conversation on QSD and on sluice, step by step:
+    ready, complete (the pivot), a forced cancel once ready; data judged."""
+    runs, images = {}, {}
+    for who in ("qsd", "sluice"):
+        sub = os.path.join(d, who)
+        paths, ref = make(sub)
+        s = active_script(sub)
+        if who == "qsd":
+            with qsd_monitor(sub) as qsd:
+                runs[who] = run_script(qsd, sub, s)
+        else:
+            runs[who] = run_script(vm, sub, s)
+            for n in ("top", "m2", "m1", "base"):
+                expect("return" in vm.raw("blockdev-del", {"node-name": n}), f"blockdev-del {n}")
+        images[who] = (paths, ref)
+    for i, (g, w) in enumerate(zip(runs["sluice"], runs["qsd"])):
+        expect(g == w, f"step {i}:\nsluice: {g}\nqsd:    {w}")
+    expect(len(runs["sluice"]) == len(runs["qsd"]), "lengths differ")
+    for who, (paths, ref) in images.items():
+        base, m1, m2, top = paths
+        for p in paths:
+            check(p)
+        # m1 now holds what the device showed; top and m2 are as they were.
+        compare_raw(m1, ref)
+        compare_raw(top, ref)
+    r = subprocess.run(["qemu-img", "compare", "-U", images["qsd"][0][1], images["sluice"][0][1]],
+                       capture_output=True, text=True)
+    expect(r.returncode == 0, f"m1 differs: {r.stdout}{r.stderr}")
 
 
 def client(u, n):

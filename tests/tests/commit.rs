@@ -37,6 +37,6 @@ fn commit_under_verified_nbd_client_io() {
 }
 
 #[test]
-fn active_commit_is_refused_and_changes_nothing() {
-    scenario("active_refused");
+fn active_commit_conversation_matches_qsd() {
+    scenario("active_qsd");
 }

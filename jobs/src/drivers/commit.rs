@@ -1,24 +1,31 @@
 //! The commit driver (QEMU's `block-commit`, `block/commit.c`): copy into
 //! `base` what the layers from `top` down to `base` (excluded) hold, then
-//! point the image above `top` at `base` and drop the committed layers.
+//! drop those layers from the chain.
 //!
 //! [`resolve`] checks a request as QEMU's `qmp_block_commit` does, in its
 //! order and words (device, top, base, blockers, "into itself", the active
 //! layer). [`start`] raises the writer's lock of `base` (QEMU reopens it
 //! read-write for the job) and of the image above `top` (its header
 //! changes), and starts the job on the reactor owning the top's metadata.
-//! `run` is the shared copier over [`CommitOps`] (walk: what `top..base`
-//! holds above base; copy: one read through the top, one write into base);
-//! `prepare` flushes base, writes base's name into the header of the image
-//! above top (`backing-file` overrides it), relinks it in memory with the
-//! device quiesced, and releases the layers nothing else uses; `clean` lowers
-//! the locks. A cancel before `prepare` leaves the chain as it was: base only
-//! received data its overlays already shadow.
 //!
-//! The active commit (top is the device's active layer, which QEMU runs as
-//! a mirror that converges and pivots) is refused with
-//! [`CommitError::ActiveUnsupported`]: it needs guest-write interception on
-//! the device, which the framework does not have yet.
+//! - **Intermediate commit** (top is below the device's active layer):
+//!   `run` is the shared copier over [`CommitOps`] (walk: what `top..base`
+//!   holds above base; copy: one read through the top, one write into base);
+//!   `prepare` flushes base, writes base's name into the header of the image
+//!   above top (`backing-file` overrides it), relinks it (and any other image
+//!   over top) in memory with the device quiesced, and releases the layers
+//!   nothing else uses; the job completes on its own.
+//! - **Active commit** (top is the active layer, `active.rs`): QEMU's
+//!   mirror of the active layer into base. Every device over top marks what
+//!   clients write in a dirty map from the start; the job copies what the
+//!   committed layers hold, then whatever is dirty, becomes ready when
+//!   nothing is, keeps copying new writes, and at `block-job-complete`
+//!   quiesces the devices, copies what is left and switches them onto base.
+//!
+//! `clean` lowers the locks. A cancel before completion leaves the chain as
+//! it was: base only received data its overlays shadow.
+
+mod active;
 
 use crate::copy::{self, BufPool, Chunk, CopyError, CopyOps, Extent, Tuning};
 use crate::job::{self, IoOperation, Job, JobDriver, JobError, JobKind, JobManager, JobSpec};
@@ -83,9 +90,6 @@ pub enum CommitError {
     /// A layer the job writes cannot be written.
     #[error("Block node is read-only")]
     ReadOnly,
-    /// The active layer cannot be committed (yet).
-    #[error("Committing the active layer of '{0}' is not supported: sluice has no live commit of the layer a guest writes; give 'top-node' an image below it")]
-    ActiveUnsupported(String),
     /// Job creation refused (id, blockers).
     #[error(transparent)]
     Job(JobError),
@@ -99,8 +103,12 @@ pub struct CommitPlan {
     pub top_bdev: Arc<dyn Bdev>,
     /// The layer committed into.
     pub base: Arc<dyn Bdev>,
-    /// The image above top, whose backing becomes base.
-    pub overlay: Arc<dyn ImageNode>,
+    /// The image above top, whose backing becomes base (None: top is the
+    /// active layer, an active commit).
+    pub overlay: Option<Arc<dyn ImageNode>>,
+    /// Every device (named or an export's) whose root is top: an active
+    /// commit tracks their writes and moves them onto base.
+    pub roots_of: Vec<Arc<dyn Bdev>>,
     /// Name recorded in the overlay's header for base.
     pub backing_file: String,
     /// Format recorded with it.
@@ -221,7 +229,6 @@ pub fn resolve(
                 "'backing-file' specified, but 'top' is the active layer".into(),
             ));
         }
-        return Err(CommitError::ActiveUnsupported(p.device.clone()));
     }
     let job_id = match &p.job_id {
         Some(id) => id.clone(),
@@ -243,15 +250,27 @@ pub fn resolve(
     }
     let top_bdev = chain[ti].clone();
     let base = chain[bi].clone();
-    let over = chain[ti - 1].clone();
-    let (Some(top), Some(overlay)) = (node::image(&top_bdev), node::image(&over)) else {
+    let Some(top) = node::image(&top_bdev) else {
         return Err(CommitError::Invalid(format!(
             "'{}' has no backing chain",
             top_bdev.name()
         )));
     };
-    if base.read_only() || over.read_only() {
+    let overlay = match ti {
+        0 => None,
+        _ => Some(node::image(&chain[ti - 1]).ok_or_else(|| {
+            CommitError::Invalid(format!("'{}' has no backing chain", chain[ti - 1].name()))
+        })?),
+    };
+    if base.read_only() || overlay.as_ref().is_some_and(|o| o.bdev().read_only()) {
         return Err(CommitError::ReadOnly);
+    }
+    if ti == 0 && base.size() != top_bdev.size() {
+        return Err(CommitError::Invalid(format!(
+            "The active layer {} and base {} differ in size: the device cannot move onto base",
+            node::filename_of(&top_bdev),
+            node::filename_of(&base)
+        )));
     }
     if base.size() < top_bdev.size() {
         return Err(CommitError::Invalid(format!(
@@ -272,7 +291,10 @@ pub fn resolve(
         qemu_name::driver(&described).to_string()
     };
     let nodes: Vec<String> = chain[..=bi].iter().map(|b| b.name().to_string()).collect();
+    let mut roots_of: Vec<Arc<dyn Bdev>> = Device::hidden_by_root(g.nodes(), bs.name());
+    roots_of.extend(Device::find_by_root(g.nodes(), bs.name()));
     let plan = CommitPlan {
+        roots_of,
         owner: top.owner(),
         top,
         top_bdev,
@@ -316,16 +338,23 @@ pub fn start(
     let (mut plan, spec) = resolve(g, mgr, &p)?;
     // Base is written, the overlay's header too: writers' locks for the
     // job's life (guards: lowered in `clean`, or at once if it cannot start).
-    for b in [plan.base.clone(), plan.overlay.bdev()] {
+    let mut locked = vec![plan.base.clone()];
+    locked.extend(plan.overlay.as_ref().map(|o| o.bdev()));
+    for b in locked {
         let w = WriterLock::raise(&b).map_err(|e| CommitError::Invalid(e.to_string()))?;
         plan.writers.push(w);
     }
     let owner = plan.owner;
+    if plan.overlay.is_none() {
+        // QEMU's mirror counts what is left to copy, found once it runs.
+        let driver = active::ActiveCommit::new(plan, tuning);
+        return job::start(mgr, rt, spec, owner, Some(0), driver).map_err(CommitError::Job);
+    }
     let len = Some(plan.top_bdev.size());
     job::start(mgr, rt, spec, owner, len, CommitDriver { plan, tuning }).map_err(CommitError::Job)
 }
 
-/// The commit job's driver.
+/// The intermediate commit's driver.
 pub struct CommitDriver {
     plan: CommitPlan,
     tuning: Tuning,
@@ -369,6 +398,9 @@ async fn flush(b: &Arc<dyn Bdev>) -> Result<(), String> {
 /// other image over top likewise, then the committed layers nothing else
 /// uses released, top first.
 async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
+    let Some(overlay) = plan.overlay.as_ref() else {
+        return Err("an active commit has no overlay to relink".into());
+    };
     flush(&plan.base).await?;
     let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
     let dev = plan.device.as_ref().and_then(Device::from_bdev);
@@ -376,10 +408,10 @@ async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
         d.quiesce(&rt).await.map_err(|e| e.to_string())?;
     }
     let r = async {
-        plan.overlay
+        overlay
             .set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
             .await?;
-        plan.overlay.set_backing_bdev(Some(plan.base.clone())).await
+        overlay.set_backing_bdev(Some(plan.base.clone())).await
     }
     .await;
     if let Some(d) = dev {
@@ -397,7 +429,7 @@ async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
         let over_top = img
             .backing()
             .is_some_and(|b| node::same(&b, &plan.top_bdev));
-        if !over_top || node::same(&other, &plan.overlay.bdev()) {
+        if !over_top || node::same(&other, &overlay.bdev()) {
             continue;
         }
         let writer = WriterLock::raise(&other).map_err(|e| e.to_string())?;
@@ -409,6 +441,14 @@ async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         drop(writer);
     }
+    release_unused(plan).await;
+    Ok(())
+}
+
+/// Releases the committed layers nothing claims any more (top first), each
+/// letting go of what is below it.
+async fn release_unused(plan: &CommitPlan) {
+    let g = &plan.graph;
     for b in &plan.intermediates {
         let name = b.name();
         if !g.nodes().contains(name) || !g.nodes().claims(name).is_empty() {
@@ -429,7 +469,6 @@ async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
             tracing::info!(node = name, "committed image released");
         }
     }
-    Ok(())
 }
 
 fn errno_of(e: &BdevError) -> i32 {
