@@ -235,6 +235,15 @@ def active_script(d):
         ("block-job-cancel", {"device": "a3", "force": True}),
         ("wait", "a3"),
         ("query-named-block-nodes", {}),
+        # A cancel without force once ready completes without the pivot.
+        ("block-commit", {"device": "top", "job-id": "a4", "auto-dismiss": False}),
+        ("wait-status", ("a4", "ready")),
+        ("block-job-cancel", {"device": "a4"}),
+        ("wait-status", ("a4", "concluded")),
+        ("query-jobs", {}),
+        ("job-dismiss", {"id": "a4"}),
+        ("wait", "a4"),
+        ("query-named-block-nodes", {}),
         ("query-jobs", {}),
     ]
     return s
@@ -314,6 +323,44 @@ def case_nbd_io(vm, d):
         check(path)
     compare_raw(paths[-1], ref)
     expect("backing file: " + paths[0] in qemu_img("info", "-U", paths[-1]), "top not on base")
+
+
+def case_active_nbd(vm, d):
+    """top exported over NBD; a client writes and verifies through it while
+    top, m2 and m1 are committed into base, across the pivot at
+    block-job-complete; the export ends on base, which shows every write."""
+    sub = os.path.join(d, "n")
+    paths, ref = make(sub)
+    for cmd, args in add_chain(sub):
+        vm.rcmd(cmd, args)
+    sock = os.path.join(sub, "nbd.sock")
+    vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "writable": True})
+    n = 200
+    p = client(f"nbd+unix:///top?socket={sock}", n)
+    vm.rcmd("block-commit", {"device": "top", "job-id": "a0", "speed": MiB})
+    vm.event_wait("BLOCK_JOB_READY", 60, {"device": "a0"})
+    # Writes go on while ready: they are mirrored into base too.
+    time.sleep(0.3)
+    expect(vm.rcmd("query-block-jobs")[0]["ready"], "not ready")
+    expect(p.poll() is None, "the client finished before the pivot: nothing overlapped")
+    vm.rcmd("block-job-complete", {"device": "a0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "a0", "status": "null"})
+    done = [e for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 1 and "error" not in done[0]["data"], f"a0: {done}")
+    ex = vm.rcmd("query-block-exports")
+    expect([e["node-name"] for e in ex] == ["base"], f"export not moved onto base: {ex}")
+    out, errs = p.communicate(timeout=60)
+    expect(p.returncode == 0 and "fail" not in out and "error" not in (out + errs).lower(), out + errs)
+    expect(out.count("wrote 8192/8192") == n and out.count("read ") == 3, out)
+    qemu_io("-f", "raw", "-c", f"write -P 0x55 {2 * MiB} {n * 8}k", ref)
+    vm.rcmd("block-export-del", {"id": "e0"})
+    vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "e0"})
+    for nd in ("top", "m2", "m1", "base"):
+        vm.rcmd("blockdev-del", {"node-name": nd})
+    for path in paths:
+        check(path)
+    compare_raw(paths[0], ref)
 
 
 run_case(globals())

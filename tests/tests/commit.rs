@@ -37,6 +37,11 @@ fn commit_under_verified_nbd_client_io() {
 }
 
 #[test]
+fn active_commit_under_verified_nbd_client_io_pivots_the_export() {
+    scenario("active_nbd");
+}
+
+#[test]
 fn active_commit_conversation_matches_qsd() {
     scenario("active_qsd");
 }

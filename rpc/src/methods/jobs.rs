@@ -38,7 +38,12 @@ pub fn register(t: &mut MethodTable) {
     t.add("block-job-cancel", |svc, p| {
         let a: Cancel = p.parse()?;
         let job = svc.jobs.block_job(&a.device)?;
-        drop(job.cancel().map_err(JobError::Refused)?);
+        let stopped = if a.force == Some(true) {
+            job.cancel()
+        } else {
+            job.cancel_unforced()
+        };
+        drop(stopped.map_err(JobError::Refused)?);
         Ok(json!({}))
     });
     t.add("block-job-set-speed", |svc, p| {
@@ -122,8 +127,8 @@ struct ById {
 #[serde(deny_unknown_fields)]
 struct Cancel {
     device: String,
-    /// Only meaningful for jobs that become ready; streams cancel the same way.
-    #[allow(dead_code)]
+    /// Only meaningful for jobs that became ready (without it, they complete
+    /// without their pivot); others cancel the same way.
     force: Option<bool>,
 }
 

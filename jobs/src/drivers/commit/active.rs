@@ -6,7 +6,8 @@
 //!
 //! Progress is QEMU's mirror's: `len` is what was copied plus what is dirty
 //! now, so it grows with client writes. Cancel (or an error) before the
-//! pivot leaves the chain and the devices as they were.
+//! pivot leaves the chain and the devices as they were; a cancel without
+//! `force` once ready completes the job without the pivot (QEMU's).
 
 use super::{errno_of, flush, release_unused, CommitPlan};
 use crate::copy::{strerror, Tuning};
@@ -137,7 +138,7 @@ impl JobDriver for ActiveCommit {
             let mut cursor = 0;
             let mut ready = false;
             loop {
-                if !job.pause_point().await {
+                if !job.pause_point().await || job.soft_cancel_requested() {
                     return Ok(());
                 }
                 match self.map.take(cursor, self.tuning.chunk) {
@@ -161,6 +162,10 @@ impl JobDriver for ActiveCommit {
 
     fn prepare<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
         Box::pin(async move {
+            if job.soft_cancel_requested() {
+                // Cancelled once ready, without force: done, no pivot.
+                return Ok(());
+            }
             let graph = self.plan.graph.clone();
             let change = graph.change_on_reactor().await;
             let r = self.pivot(job).await;
