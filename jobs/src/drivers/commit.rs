@@ -223,12 +223,10 @@ pub fn resolve(
             "cannot commit an image into itself".into(),
         ));
     }
-    if ti == 0 {
-        if p.backing_file.is_some() {
-            return Err(CommitError::Invalid(
-                "'backing-file' specified, but 'top' is the active layer".into(),
-            ));
-        }
+    if ti == 0 && p.backing_file.is_some() {
+        return Err(CommitError::Invalid(
+            "'backing-file' specified, but 'top' is the active layer".into(),
+        ));
     }
     let job_id = match &p.job_id {
         Some(id) => id.clone(),

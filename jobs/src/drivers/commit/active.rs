@@ -14,6 +14,7 @@ use crate::copy::{strerror, Tuning};
 use crate::job::{IoOperation, Job, JobDriver, Step, Verdict};
 use bdev::device::{Device, DirtyMap, WriteTracking};
 use bdev::{submit_wait, BdevIo, DmaBuf, IoChannel};
+use graph::node::same as bdev_same;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,6 +188,22 @@ impl ActiveCommit {
     /// committed layers nothing uses released.
     async fn pivot(&mut self, job: &Job) -> Result<(), String> {
         let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
+        // A front door opened on top during the job (an export added) had
+        // its writes untracked: no pivot rather than a base that lacks them.
+        let g = &self.plan.graph;
+        let top = self.plan.top_bdev.name();
+        let mut now = Device::hidden_by_root(g.nodes(), top);
+        now.extend(Device::find_by_root(g.nodes(), top));
+        if let Some(d) = now
+            .iter()
+            .find(|d| !self.plan.roots_of.iter().any(|t| bdev_same(t, d)))
+        {
+            return Err(format!(
+                "'{}' got a new user ('{}') during the commit; its writes were not tracked",
+                top,
+                d.name()
+            ));
+        }
         let devs: Vec<&Device> = self
             .plan
             .roots_of
