@@ -233,7 +233,7 @@ impl From<jobs::drivers::commit::CommitError> for RpcError {
                 ErrorClass::GenericError,
                 e.to_string(),
             ),
-            C::ReadOnly => RpcError::new(-libc::EROFS, ErrorClass::GenericError, e.to_string()),
+            C::ReadOnly(_) => RpcError::new(-libc::EROFS, ErrorClass::GenericError, e.to_string()),
         }
     }
 }

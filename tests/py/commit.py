@@ -363,4 +363,55 @@ def case_active_nbd(vm, d):
     compare_raw(paths[0], ref)
 
 
+def case_device(vm, d):
+    """A named device over nodes opened one by one (bdev_qcow2_open): an
+    intermediate commit, then an active one; the device ends on base, the
+    released layers are closed, and writes through the device land in base.
+    A chain opened from the headers has read-only backing nodes: refused,
+    naming the node, with nothing changed."""
+    sub = os.path.join(d, "ro")
+    paths, ref = make(sub)
+    vm.open(name="drive1", node_name="rtop", filename=paths[-1])
+    r = vm.raw("block-commit", {"device": "drive1", "top-node": "rtop.backing"})
+    expect("error" in r and r["error"]["desc"].startswith("Block node 'rtop.backing.backing.backing' is read-only"),
+           f"{r}")
+    expect(vm.rcmd("query-jobs") == [], "a job was left")
+    vm.close("drive1")
+    compare_raw(paths[-1], ref)
+    sub = os.path.join(d, "dev")
+    paths, ref = make(sub)
+    vm.open_nodes(paths, ["base", "m1", "m2", "top"], device="drive0")
+    names = {p: n for p, n in zip(paths, ["base", "m1", "m2", "top"])}
+    vm.rcmd("block-commit", {"device": "drive0", "top-node": names[paths[2]]})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "drive0", "status": "null"})
+    ins = vm.rcmd("query-block")[0]["inserted"]
+    # m2 and m1 into base (the default): both released.
+    expect(ins["backing_file_depth"] == 1, ins)
+    files = sorted(n["file"] for n in vm.rcmd("query-named-block-nodes"))
+    expect(files == sorted([paths[0], paths[-1]]), f"m2, m1 not released: {files}")
+    vm.rcmd("block-commit", {"device": "drive0"})
+    vm.event_wait("BLOCK_JOB_READY", 60, {"device": "drive0"})
+    vm.rcmd("block-job-complete", {"device": "drive0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "drive0", "status": "null"})
+    done = [e for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 2 and all("error" not in e["data"] for e in done), f"{done}")
+    ins = vm.rcmd("query-block")[0]["inserted"]
+    expect(ins["backing_file_depth"] == 0 and ins["file"] == paths[0], ins)
+    files = sorted(n["file"] for n in vm.rcmd("query-named-block-nodes"))
+    expect(files == [paths[0]], f"layers not released: {files}")
+    sock = os.path.join(sub, "nbd.sock")
+    vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "drive0", "writable": True})
+    for img in (f"nbd+unix:///drive0?socket={sock}", ref):
+        qemu_io("-f", "raw", "-c", "write -P 0x66 3M 64k", img)
+    vm.rcmd("block-export-del", {"id": "e0"})
+    vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "e0"})
+    vm.close("drive0")
+    for path in paths:
+        check(path)
+    compare_raw(paths[0], ref)
+    # The intermediate commit pointed top at base; the active one left top as it was.
+    expect("backing file: " + paths[0] in qemu_img("info", "-U", paths[-1]), "top not on base")
+
+
 run_case(globals())

@@ -45,3 +45,8 @@ fn active_commit_under_verified_nbd_client_io_pivots_the_export() {
 fn active_commit_conversation_matches_qsd() {
     scenario("active_qsd");
 }
+
+#[test]
+fn commits_on_a_named_device_move_it_onto_base() {
+    scenario("device");
+}
