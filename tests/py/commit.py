@@ -414,4 +414,38 @@ def case_device(vm, d):
     expect("backing file: " + paths[0] in qemu_img("info", "-U", paths[-1]), "top not on base")
 
 
+def case_active_new_export(vm, d):
+    """An export added on top while an active commit runs had its writes
+    untracked: block-job-complete ends the job with an error instead of a
+    pivot that would lose them; the chain and the export stay usable."""
+    sub = os.path.join(d, "x")
+    paths, ref = make(sub)
+    for cmd, args in add_chain(sub):
+        vm.rcmd(cmd, args)
+    vm.rcmd("block-commit", {"device": "top", "job-id": "x0"})
+    vm.event_wait("BLOCK_JOB_READY", 60, {"device": "x0"})
+    sock = os.path.join(sub, "nbd.sock")
+    vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "writable": True})
+    u = f"nbd+unix:///top?socket={sock}"
+    for img in (u, ref):
+        qemu_io("-f", "raw", "-c", "write -P 0x77 2M 64k", img)
+    vm.rcmd("block-job-complete", {"device": "x0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "x0", "status": "null"})
+    done = [e["data"] for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 1 and "new user" in done[0].get("error", ""), f"x0: {done}")
+    ex = vm.rcmd("query-block-exports")
+    expect([e["node-name"] for e in ex] == ["top"], f"export moved: {ex}")
+    qemu_io("-f", "raw", "-c", "read -P 0x77 2M 64k", "-c", "write -P 0x78 3M 64k", u)
+    qemu_io("-f", "raw", "-c", "write -P 0x78 3M 64k", ref)
+    vm.rcmd("block-export-del", {"id": "e0"})
+    vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "e0"})
+    for nd in ("top", "m2", "m1", "base"):
+        vm.rcmd("blockdev-del", {"node-name": nd})
+    for path in paths:
+        check(path)
+    compare_raw(paths[-1], ref)
+    expect("backing file: " + paths[2] in qemu_img("info", "-U", paths[-1]), "top's backing changed")
+
+
 run_case(globals())

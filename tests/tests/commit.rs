@@ -50,3 +50,8 @@ fn active_commit_conversation_matches_qsd() {
 fn commits_on_a_named_device_move_it_onto_base() {
     scenario("device");
 }
+
+#[test]
+fn an_export_added_during_an_active_commit_fails_the_pivot_safely() {
+    scenario("active_new_export");
+}
