@@ -52,6 +52,10 @@ struct Shared {
     watchers: AtomicUsize,
     client_ops: AtomicU64,
     client_lat_ticks: AtomicU64,
+    /// Dirty maps attached ([`Device::track_writes`]); `tracking` counts
+    /// them so that the data path checks one atomic while there are none.
+    tracking: AtomicUsize,
+    dirty: Mutex<Vec<Arc<DirtyMap>>>,
 }
 
 impl Shared {
@@ -65,6 +69,22 @@ impl Shared {
         let g = self.root.lock().unwrap_or_else(|p| p.into_inner());
         self.closed.store(true, Ordering::SeqCst);
         self.nodes.release(g.name(), &self.holder);
+    }
+}
+
+/// While alive, writes through a device mark a [`DirtyMap`].
+pub struct WriteTracking {
+    shared: Arc<Shared>,
+    map: Arc<DirtyMap>,
+}
+
+impl Drop for WriteTracking {
+    fn drop(&mut self) {
+        let mut v = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = v.iter().position(|m| Arc::ptr_eq(m, &self.map)) {
+            v.swap_remove(i);
+            self.shared.tracking.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -164,6 +184,8 @@ impl Device {
                 watchers: AtomicUsize::new(0),
                 client_ops: AtomicU64::new(0),
                 client_lat_ticks: AtomicU64::new(0),
+                tracking: AtomicUsize::new(0),
+                dirty: Mutex::new(Vec::new()),
             }),
         }))
     }
@@ -225,6 +247,18 @@ impl Device {
         self.shared.watchers.fetch_add(1, Ordering::Relaxed);
         ClientWatch {
             shared: self.shared.clone(),
+        }
+    }
+
+    /// Marks in `map` what every write through the device touches, from now
+    /// until the guard is dropped (see [`DirtyMap`]).
+    pub fn track_writes(&self, map: Arc<DirtyMap>) -> WriteTracking {
+        let mut v = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        v.push(map.clone());
+        self.shared.tracking.fetch_add(1, Ordering::SeqCst);
+        WriteTracking {
+            shared: self.shared.clone(),
+            map,
         }
     }
 
@@ -582,6 +616,17 @@ impl IoDone for Local {
                 Ordering::Relaxed,
             );
         }
+        if self.shared.tracking.load(Ordering::Acquire) > 0
+            && matches!(
+                io.io_type,
+                IoType::Write | IoType::WriteZeroes | IoType::Unmap
+            )
+        {
+            let maps = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            for m in maps.iter() {
+                m.mark(io.offset, io.len);
+            }
+        }
         let st = io.status;
         io.complete(st);
         if self.inflight.get() == 0 {
@@ -635,5 +680,8 @@ impl Channel for DeviceChannel {
     }
 }
 
+mod dirty;
 #[cfg(test)]
 mod tests;
+
+pub use dirty::DirtyMap;

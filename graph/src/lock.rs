@@ -40,6 +40,12 @@ impl WriterLock {
         })
     }
 
+    /// Disarms the guard: the node keeps its writer's lock for good (it
+    /// became a device's active layer).
+    pub fn keep(mut self) {
+        self.raised = false;
+    }
+
     /// Whether the guard raised the lock (and will lower it).
     pub fn raised(&self) -> bool {
         self.raised

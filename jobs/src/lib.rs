@@ -25,7 +25,7 @@
 //!   answering `query-jobs` is the control plane's (the `rpc` crate).
 //! - **Copying jobs share the copier.** [`copy::copy_all`] walks, windows,
 //!   rate-limits, retries and reports progress for
-//!   any [`copy::CopyOps`] (the stream's now; commit and mirror next).
+//!   any [`copy::CopyOps`] (the stream's and the commit's; mirror next).
 //! - **Threads.** Commands come from any thread and take the job's lock
 //!   briefly; the driver and the copier run on one reactor, with no lock,
 //!   allocation or atomic read-modify-write per chunk in steady state.

@@ -59,7 +59,7 @@ impl JobDriver for Recorder {
                     job.set_len(1);
                     job.add_progress(1);
                     job.set_ready();
-                    while !job.complete_requested() {
+                    while !job.complete_requested() && !job.soft_cancel_requested() {
                         if !job.pause_point().await {
                             return Ok(());
                         }
@@ -273,4 +273,28 @@ fn verbs_change_the_status_before_they_return() {
     drop(r.job.cancel().unwrap());
     assert!(r.job.settle(JobVerb::Cancel, wait));
     assert_eq!(r.job.status(), JobStatus::Concluded);
+}
+
+#[test]
+fn an_unforced_cancel_completes_a_ready_job_and_cancels_others() {
+    let r = start("f-soft", Behaviour::Pivot, true);
+    wait_status(&r.job, Ready);
+    drop(r.job.cancel_unforced().unwrap());
+    wait_status(&r.job, Concluded);
+    assert!(r.job.soft_cancel_requested());
+    // QEMU's mirror: completed (the driver skips its pivot), not cancelled.
+    assert_eq!(
+        r.statuses(),
+        [Created, Running, Ready, Waiting, Pending, Concluded]
+    );
+    assert!(r.has(|e| matches!(e, JobEvent::Completed { error: None, .. })));
+    assert!(!r.has(|e| matches!(e, JobEvent::Cancelled { .. })));
+
+    let r = start("f-soft2", Behaviour::Done, false);
+    wait_status(&r.job, Pending);
+    drop(r.job.cancel_unforced().unwrap());
+    wait_status(&r.job, Concluded);
+    assert!(!r.job.soft_cancel_requested());
+    assert_eq!(r.calls(), ["run", "abort", "clean"]);
+    assert!(r.has(|e| matches!(e, JobEvent::Cancelled { .. })));
 }

@@ -217,6 +217,27 @@ impl From<jobs::drivers::stream::StreamError> for RpcError {
     }
 }
 
+impl From<jobs::drivers::commit::CommitError> for RpcError {
+    fn from(e: jobs::drivers::commit::CommitError) -> Self {
+        use jobs::drivers::commit::CommitError as C;
+        match e {
+            C::Job(j) => j.into(),
+            C::DeviceNotFound(_) => {
+                RpcError::new(-libc::ENODEV, ErrorClass::DeviceNotFound, e.to_string())
+            }
+            C::NotFound { .. } => {
+                RpcError::new(-libc::ENODEV, ErrorClass::GenericError, e.to_string())
+            }
+            C::Invalid(_) => RpcError::new(
+                codes::INVALID_PARAMS,
+                ErrorClass::GenericError,
+                e.to_string(),
+            ),
+            C::ReadOnly(_) => RpcError::new(-libc::EROFS, ErrorClass::GenericError, e.to_string()),
+        }
+    }
+}
+
 impl From<jobs::drivers::stream2011::LegacyError> for RpcError {
     fn from(e: jobs::drivers::stream2011::LegacyError) -> Self {
         use jobs::drivers::stream2011::LegacyError as L;

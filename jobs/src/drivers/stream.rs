@@ -12,6 +12,7 @@
 mod finish;
 mod resolve;
 
+pub(crate) use resolve::matches_file;
 pub use resolve::{resolve, StreamError, StreamParams, StreamPlan};
 
 use crate::copy::{self, BufPool, Chunk, CopyError, CopyOps, Extent, Tuning};

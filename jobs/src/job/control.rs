@@ -158,6 +158,7 @@ pub(super) struct Ctl {
     pub(super) status: JobStatus,
     user_paused: bool,
     cancelled: bool,
+    soft_cancelled: bool,
     finalize_requested: bool,
     complete_requested: bool,
     io_status: &'static str,
@@ -203,6 +204,7 @@ impl Job {
                 status: JobStatus::Undefined,
                 user_paused: false,
                 cancelled: false,
+                soft_cancelled: false,
                 finalize_requested: false,
                 complete_requested: false,
                 io_status: "ok",
@@ -448,6 +450,29 @@ impl Job {
             c.user_paused = false;
             Ok(rx)
         })
+    }
+
+    /// `block-job-cancel` without `force`: a ready job (QEMU's mirror)
+    /// completes without its pivot ([`Job::soft_cancel_requested`]); any
+    /// other is cancelled as by [`Job::cancel`].
+    pub fn cancel_unforced(&self) -> Result<futures::channel::oneshot::Receiver<()>, String> {
+        self.command(JobVerb::Cancel, |_, c| {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            c.stopped_waiters.push(tx);
+            if matches!(c.status, JobStatus::Ready | JobStatus::Standby) {
+                c.soft_cancelled = true;
+            } else {
+                c.cancelled = true;
+            }
+            c.user_paused = false;
+            Ok(rx)
+        })
+    }
+
+    /// Whether a ready job was cancelled without `force`: it ends its run
+    /// and completes, skipping its pivot.
+    pub fn soft_cancel_requested(&self) -> bool {
+        self.lock().soft_cancelled
     }
 
     /// `job-complete`: a ready job pivots (the verb table refuses it otherwise).

@@ -52,7 +52,12 @@ pub fn register(t: &mut MethodTable) {
             ))
             .into());
         }
-        drop(job.cancel().map_err(JobError::Refused)?);
+        let stopped = if force {
+            job.cancel()
+        } else {
+            job.cancel_unforced()
+        };
+        drop(stopped.map_err(JobError::Refused)?);
         job.settle(JobVerb::Cancel, SETTLE);
         Ok(json!({}))
     });

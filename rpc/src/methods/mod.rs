@@ -3,6 +3,7 @@
 
 pub mod bdev;
 pub mod blockdev;
+pub mod commit;
 pub mod common;
 pub mod core;
 pub mod job_qapi;
@@ -27,6 +28,7 @@ pub fn build_table() -> MethodTable {
     qcow2::register(&mut t);
     blockdev::register(&mut t);
     jobs::register(&mut t);
+    commit::register(&mut t);
     stream2011::register(&mut t);
     snapshot::register(&mut t);
     nvme::register(&mut t);

@@ -101,7 +101,7 @@ fn lookup(g: &Graph, device: Option<&str>, node: &str) -> Result<Arc<dyn Bdev>, 
 }
 
 /// Whether `b` is the image a `base` file name designates.
-fn matches_file(b: &Arc<dyn Bdev>, above: &Arc<dyn Bdev>, name: &str) -> bool {
+pub(crate) fn matches_file(b: &Arc<dyn Bdev>, above: &Arc<dyn Bdev>, name: &str) -> bool {
     let f = node::filename_of(b);
     if f == name || b.name() == name {
         return true;
