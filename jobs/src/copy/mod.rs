@@ -30,11 +30,13 @@
 mod bufpool;
 mod pipeline;
 mod prefix;
+mod read;
 mod window;
 
 pub use bufpool::BufPool;
 pub use pipeline::copy_all;
 pub use prefix::Prefix;
+pub use read::read_chunk;
 pub use window::Window;
 
 use crate::job::IoOperation;

@@ -191,13 +191,6 @@ async fn release_unused(plan: &CommitPlan) {
     }
 }
 
-fn errno_of(e: &BdevError) -> i32 {
-    match e {
-        BdevError::Io(st) => st.errno(),
-        other => other.errno(),
-    }
-}
-
 /// What a commit copies and how: the walk of `top..base` and the copy of
 /// one chunk into base.
 pub struct CommitOps {
@@ -234,30 +227,7 @@ impl CommitOps {
     /// One read through the top (what the chain shows there, which above
     /// base is the committed layers' data), one write into base.
     async fn copy_chunk(&self, c: Chunk) -> Result<(), CopyError> {
-        let mut buf = self.pool.take(c.len as usize).map_err(|_| CopyError {
-            op: IoOperation::Read,
-            errno: libc::ENOMEM,
-        })?;
-        if c.zero {
-            buf.as_mut_slice().fill(0);
-        } else {
-            let mut io = submit_wait(&self.top_ch, BdevIo::read(c.offset, buf, None)).await;
-            let st = io.status;
-            let b = io.take_buf();
-            if !st.is_ok() {
-                if let Some(b) = b {
-                    self.pool.give(b);
-                }
-                return Err(CopyError {
-                    op: IoOperation::Read,
-                    errno: st.errno(),
-                });
-            }
-            buf = b.ok_or(CopyError {
-                op: IoOperation::Read,
-                errno: libc::EIO,
-            })?;
-        }
+        let buf = copy::read_chunk(&self.pool, &self.top_ch, &c).await?;
         let mut io = submit_wait(&self.base_ch, BdevIo::write(c.offset, buf, None)).await;
         let st = io.status;
         if let Some(b) = io.take_buf() {
@@ -288,7 +258,7 @@ impl CopyOps for CommitOps {
             .top
             .block_status(offset, len, Some(&self.base))
             .await
-            .map_err(|e| errno_of(&e))?;
+            .map_err(|e| e.errno())?;
         Ok(Extent {
             len: s.len,
             copy: s.allocated_above_base,

@@ -18,7 +18,7 @@ pub use resolve::{resolve, StreamError, StreamParams, StreamPlan};
 use crate::copy::{self, BufPool, Chunk, CopyError, CopyOps, Extent, Tuning};
 use crate::job::{self, IoOperation, Job, JobDriver, JobKind, JobManager, Step};
 use bdev::device::{ClientWatch, Device};
-use bdev::{submit_wait, Bdev, BdevError, BdevIo, IoChannel};
+use bdev::{Bdev, BdevError, IoChannel};
 use graph::node::ImageNode;
 use reactor::RuntimeHandle;
 use std::rc::Rc;
@@ -97,13 +97,6 @@ impl JobDriver for StreamDriver {
     }
 }
 
-fn errno_of(e: &BdevError) -> i32 {
-    match e {
-        BdevError::Io(st) => st.errno(),
-        other => other.errno(),
-    }
-}
-
 /// What a stream copies and how: the walk of the top's chain above base and
 /// the copy of one chunk into the top.
 pub struct StreamOps {
@@ -147,7 +140,7 @@ impl StreamOps {
     async fn copy_chunk(&self, c: Chunk) -> Result<(), CopyError> {
         let write_err = |e: &BdevError| CopyError {
             op: IoOperation::Write,
-            errno: errno_of(e),
+            errno: e.errno(),
         };
         if c.zero {
             match self.top.populate_zero_if_unallocated(c.offset, c.len).await {
@@ -156,30 +149,7 @@ impl StreamOps {
                 Err(e) => return Err(write_err(&e)),
             }
         }
-        let mut buf = self.pool.take(c.len as usize).map_err(|_| CopyError {
-            op: IoOperation::Read,
-            errno: libc::ENOMEM,
-        })?;
-        if c.zero {
-            buf.as_mut_slice().fill(0);
-        } else {
-            let mut io = submit_wait(&self.ch, BdevIo::read(c.offset, buf, None)).await;
-            let st = io.status;
-            let b = io.take_buf();
-            if !st.is_ok() {
-                if let Some(b) = b {
-                    self.pool.give(b);
-                }
-                return Err(CopyError {
-                    op: IoOperation::Read,
-                    errno: st.errno(),
-                });
-            }
-            buf = b.ok_or(CopyError {
-                op: IoOperation::Read,
-                errno: libc::EIO,
-            })?;
-        }
+        let buf = copy::read_chunk(&self.pool, &self.ch, &c).await?;
         let (buf, _) = self
             .top
             .populate_range_if_unallocated(c.offset, buf, self.write_behind)
@@ -204,7 +174,7 @@ impl CopyOps for StreamOps {
             .top
             .block_status(offset, len, self.base.as_ref())
             .await
-            .map_err(|e| errno_of(&e))?;
+            .map_err(|e| e.errno())?;
         Ok(Extent {
             len: s.len,
             copy: !s.allocated_here && s.allocated_above_base && !(s.zero && self.base.is_none()),

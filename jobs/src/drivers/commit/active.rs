@@ -9,7 +9,7 @@
 //! pivot leaves the chain and the devices as they were; a cancel without
 //! `force` once ready completes the job without the pivot (QEMU's).
 
-use super::{errno_of, flush, release_unused, CommitPlan};
+use super::{flush, release_unused, CommitPlan};
 use crate::copy::{strerror, Tuning};
 use crate::job::{IoOperation, Job, JobDriver, Step, Verdict};
 use bdev::device::{Device, DirtyMap, WriteTracking};
@@ -93,7 +93,7 @@ impl ActiveCommit {
                 .top
                 .block_status(off, size - off, Some(&self.plan.base))
                 .await
-                .map_err(|e| strerror(errno_of(&e)))?;
+                .map_err(|e| strerror(e.errno()))?;
             if s.allocated_above_base {
                 self.map.mark(off, s.len);
             }
