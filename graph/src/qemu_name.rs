@@ -260,7 +260,10 @@ fn write_json(v: &Value, out: &mut String) {
     }
 }
 
-fn write_str(s: &str, out: &mut String) {
+/// `s` as a JSON string the way QEMU's `qobject_to_json` writes one:
+/// printable ASCII as is, every other character as `\uXXXX` UTF-16 units.
+/// (The QMP writer in `rpc` quotes with it too.)
+pub fn write_str(s: &str, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {

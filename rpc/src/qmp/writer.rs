@@ -63,34 +63,10 @@ pub fn fmt_double(f: f64) -> String {
     }
 }
 
-/// A string as QEMU quotes it.
+/// A string as QEMU quotes it (QEMU's `qobject_to_json`, shared with the
+/// `json:` pseudo-filenames the graph writes).
 pub fn quote(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) > 0xffff => {
-                let v = c as u32 - 0x10000;
-                let _ = write!(
-                    out,
-                    "\\u{:04X}\\u{:04X}",
-                    0xd800 + (v >> 10),
-                    0xdc00 + (v & 0x3ff)
-                );
-            }
-            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    graph::qemu_name::write_str(s, out);
 }
 
 /// Writes a parsed QMP value.
