@@ -5,7 +5,7 @@
 
 use super::stream::{self, StreamError, StreamParams};
 use crate::copy::Tuning;
-use crate::job::{Job, JobManager, JobStatus};
+use crate::job::{BlockJobArgs, Job, JobManager, JobStatus};
 use bdev::device::Device;
 use graph::node;
 use reactor::RuntimeHandle;
@@ -70,7 +70,10 @@ pub fn block_stream(
         return Err(LegacyError::NotSupported);
     }
     let p = StreamParams {
-        job_id: Some(device.into()),
+        job: BlockJobArgs {
+            job_id: Some(device.into()),
+            ..Default::default()
+        },
         device: device.into(),
         base,
         legacy: true,

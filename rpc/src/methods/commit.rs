@@ -6,7 +6,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use jobs::drivers::commit::{self, CommitParams};
-use jobs::job::OnError;
+use jobs::job::{BlockJobArgs, OnError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -107,7 +107,13 @@ fn block_commit(svc: &Service, p: Params) -> Result<Value, RpcError> {
         })?),
     };
     let cp = CommitParams {
-        job_id: a.job_id,
+        job: BlockJobArgs {
+            job_id: a.job_id,
+            speed: a.speed.unwrap_or(0),
+            on_error,
+            auto_finalize: a.auto_finalize,
+            auto_dismiss: a.auto_dismiss,
+        },
         device: a.device,
         top_node: a.top_node,
         top: a.top,
@@ -115,10 +121,6 @@ fn block_commit(svc: &Service, p: Params) -> Result<Value, RpcError> {
         base: a.base,
         backing_file: a.backing_file,
         backing_mask_protocol: a.backing_mask_protocol.unwrap_or(false),
-        speed: a.speed.unwrap_or(0),
-        on_error,
-        auto_finalize: a.auto_finalize,
-        auto_dismiss: a.auto_dismiss,
     };
     commit::start(&svc.graph, &svc.jobs, &svc.rt, cp, svc.tuning)?;
     Ok(json!({}))

@@ -7,7 +7,7 @@ use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use jobs::drivers::stream::{self, StreamParams};
-use jobs::job::{Job, JobError, JobVerb, OnError};
+use jobs::job::{BlockJobArgs, Job, JobError, JobVerb, OnError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -219,17 +219,19 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
         check_filter_name(svc, f)?;
     }
     let sp = StreamParams {
-        job_id,
+        job: BlockJobArgs {
+            job_id,
+            speed: speed.unwrap_or(0),
+            on_error: on_error.as_deref().and_then(OnError::parse),
+            auto_finalize,
+            auto_dismiss,
+        },
         device,
         base,
         base_node,
         bottom,
         backing_file,
         backing_mask_protocol: backing_mask_protocol.unwrap_or(false),
-        speed: speed.unwrap_or(0),
-        on_error: on_error.as_deref().and_then(OnError::parse),
-        auto_finalize,
-        auto_dismiss,
         legacy: false,
         no_flush_on_complete: x_durable == Some(false),
     };

@@ -2,7 +2,7 @@
 //! job id, with QEMU's checks (`qmp_block_commit`, `commit_start`) in its
 //! order and words.
 
-use crate::job::{JobError, JobManager, JobSpec, OnError};
+use crate::job::{BlockJobArgs, JobError, JobManager, JobSpec};
 use bdev::device::Device;
 use bdev::{Bdev, Holder};
 use graph::lock::WriterLock;
@@ -14,8 +14,8 @@ use thiserror::Error;
 /// A `block-commit` request.
 #[derive(Debug, Clone, Default)]
 pub struct CommitParams {
-    /// Job id (default: the device name).
-    pub job_id: Option<String>,
+    /// `job-id`, `speed`, `on-error`, `auto-finalize`, `auto-dismiss`.
+    pub job: BlockJobArgs,
     /// The root of the chain (device or node name).
     pub device: String,
     /// The topmost layer committed, by node name (default: the active layer).
@@ -30,14 +30,6 @@ pub struct CommitParams {
     pub backing_file: Option<String>,
     /// Record `raw` as the backing format where base is a protocol node.
     pub backing_mask_protocol: bool,
-    /// Bytes/s (negative is refused).
-    pub speed: i64,
-    /// Error policy (default report).
-    pub on_error: Option<OnError>,
-    /// Default true.
-    pub auto_finalize: Option<bool>,
-    /// Default true.
-    pub auto_dismiss: Option<bool>,
 }
 
 /// Why a commit cannot start.
@@ -194,24 +186,11 @@ pub fn resolve(
             "'backing-file' specified, but 'top' is the active layer".into(),
         ));
     }
-    let job_id = match &p.job_id {
-        Some(id) => id.clone(),
-        None => device
-            .as_ref()
-            .map(|d| d.name().to_string())
-            .unwrap_or_default(),
-    };
-    if !crate::job::id_wellformed(&job_id) {
-        return Err(CommitError::Job(JobError::InvalidId(job_id)));
-    }
+    let job_id = p.job.id(device.as_ref()).map_err(CommitError::Job)?;
     if mgr.job(&job_id).is_ok() {
         return Err(CommitError::Job(JobError::IdInUse(job_id)));
     }
-    if p.speed < 0 {
-        return Err(CommitError::Invalid(
-            "Parameter 'speed' expects a non-negative value".into(),
-        ));
-    }
+    p.job.speed().map_err(CommitError::Invalid)?;
     let top_bdev = chain[ti].clone();
     let base = chain[bi].clone();
     let Some(top) = node::image(&top_bdev) else {
@@ -277,18 +256,9 @@ pub fn resolve(
         writers: Vec::new(),
         graph: g.clone(),
     };
-    let spec = JobSpec {
-        id: job_id,
-        kind: super::KIND,
-        device: device
-            .map(|d| d.name().to_string())
-            .unwrap_or_else(|| p.device.clone()),
-        speed: p.speed as u64,
-        on_error: p.on_error.unwrap_or(OnError::Report),
-        auto_finalize: p.auto_finalize.unwrap_or(true),
-        auto_dismiss: p.auto_dismiss.unwrap_or(true),
-        legacy: false,
-        nodes,
-    };
+    let device = device
+        .map(|d| d.name().to_string())
+        .unwrap_or_else(|| p.device.clone());
+    let spec = p.job.spec(job_id, super::KIND, device, false, nodes);
     Ok((plan, spec))
 }

@@ -1,7 +1,7 @@
 //! From a `block-stream` request to a plan: which nodes, which base, which job
 //! id, with QEMU's checks and messages.
 
-use crate::job::{JobError, JobManager, JobSpec, OnError};
+use crate::job::{BlockJobArgs, JobError, JobManager, JobSpec};
 use bdev::device::Device;
 use bdev::Bdev;
 use graph::node::{self, ImageNode};
@@ -14,8 +14,8 @@ use thiserror::Error;
 /// A `block-stream` (or `block_stream`) request.
 #[derive(Debug, Clone, Default)]
 pub struct StreamParams {
-    /// Job id (default: the device name).
-    pub job_id: Option<String>,
+    /// `job-id`, `speed`, `on-error`, `auto-finalize`, `auto-dismiss`.
+    pub job: BlockJobArgs,
     /// Device or node name of the top image.
     pub device: String,
     /// Base image by file name.
@@ -29,14 +29,6 @@ pub struct StreamParams {
     /// Record `raw` as the backing format where the base is a protocol node
     /// (`file`, `null-co`...), not its driver (`backing-mask-protocol`).
     pub backing_mask_protocol: bool,
-    /// Bytes/s (negative is refused).
-    pub speed: i64,
-    /// Error policy (default report).
-    pub on_error: Option<OnError>,
-    /// Default true.
-    pub auto_finalize: Option<bool>,
-    /// Default true.
-    pub auto_dismiss: Option<bool>,
     /// Started through the 2011 API.
     pub legacy: bool,
     /// Skip the flush that makes the copy durable before the header drops the
@@ -198,21 +190,8 @@ pub fn resolve(
             "backing file specified, but streaming the entire chain".into(),
         ));
     }
-    let job_id = match &p.job_id {
-        Some(id) => id.clone(),
-        None => device
-            .as_ref()
-            .map(|d| d.name().to_string())
-            .unwrap_or_default(),
-    };
-    if !crate::job::id_wellformed(&job_id) {
-        return Err(StreamError::Job(JobError::InvalidId(job_id)));
-    }
-    if p.speed < 0 {
-        return Err(StreamError::Invalid(
-            "Parameter 'speed' expects a non-negative value".into(),
-        ));
-    }
+    let job_id = p.job.id(device.as_ref()).map_err(StreamError::Job)?;
+    p.job.speed().map_err(StreamError::Invalid)?;
     if top.read_only() {
         return Err(StreamError::ReadOnly);
     }
@@ -255,18 +234,9 @@ pub fn resolve(
         writer: None,
         graph: g.clone(),
     };
-    let spec = JobSpec {
-        id: job_id,
-        kind: super::KIND,
-        device: device
-            .map(|d| d.name().to_string())
-            .unwrap_or_else(|| p.device.clone()),
-        speed: p.speed as u64,
-        on_error: p.on_error.unwrap_or(OnError::Report),
-        auto_finalize: p.auto_finalize.unwrap_or(true),
-        auto_dismiss: p.auto_dismiss.unwrap_or(true),
-        legacy: p.legacy,
-        nodes,
-    };
+    let device = device
+        .map(|d| d.name().to_string())
+        .unwrap_or_else(|| p.device.clone());
+    let spec = p.job.spec(job_id, super::KIND, device, p.legacy, nodes);
     Ok((plan, spec))
 }
