@@ -260,10 +260,20 @@ fn send_signal(pid: i32, sig: i32) {
 }
 
 impl Drop for Daemon {
+    /// Ends the daemon and fails the test if it panicked, even where a
+    /// handler caught the panic and the daemon went on (a test that took
+    /// the daemon's stderr checks it itself).
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        let mut err = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut err);
+        }
+        if err.contains("panicked") && !std::thread::panicking() {
+            panic!("the daemon panicked:\n{err}");
         }
     }
 }
