@@ -1,7 +1,7 @@
 //! Engine-level helpers for streaming: per-layer allocation status, "populate
 //! if still unallocated", and changing the backing file in the header.
 
-use super::format::{ClusterKind, FormatError, L2Entry, EXT_FEATURE_TABLE};
+use super::format::{be64, ClusterKind, FormatError, L1Entry, L2Entry, EXT_FEATURE_TABLE};
 use super::image::{Image, R};
 use super::overlap::OverlapChecks;
 use crate::{write_at, BdevError, DmaBuf};
@@ -11,24 +11,81 @@ impl Image {
     /// Status of this layer alone at `offset`: `None` when not allocated here,
     /// `Some(zero)` when allocated (zero: reads as zeroes), and the number of bytes
     /// (at most `len`) over which that answer holds.
+    ///
+    /// Cost follows the metadata, not the range: an empty L1 entry answers
+    /// for the whole range its L2 table would map (512 MiB at 64 KiB
+    /// clusters) at once, and an L2 table is scanned in one pass over its
+    /// entries, stopping at the first cluster whose status differs.
     pub(crate) async fn layer_status(&self, offset: u64, len: u64) -> R<(Option<bool>, u64)> {
         let class = |k: ClusterKind| match k {
             ClusterKind::Unallocated => None,
             ClusterKind::Zero { .. } => Some(true),
             _ => Some(false),
         };
-        let mut first = None;
-        let mut run = 0u64;
-        for (gc, _intra, n, _) in self.segments(offset, len) {
-            let c = class(self.kind(self.entry(gc).await?)?);
-            match first {
-                None => first = Some(c),
-                Some(f) if f != c => break,
-                _ => {}
+        let cs = self.cs;
+        let span = self.l2_entries * cs;
+        let end = offset.saturating_add(len);
+        let mut first: Option<Option<bool>> = None;
+        let mut pos = offset;
+        while pos < end {
+            let table_end = (pos / span + 1).saturating_mul(span).min(end);
+            let l1e = self
+                .l1
+                .borrow()
+                .get((pos / span) as usize)
+                .copied()
+                .unwrap_or(0);
+            let off = L1Entry(l1e).l2_offset();
+            if off == 0 {
+                match first {
+                    None => first = Some(None),
+                    Some(Some(_)) => break,
+                    Some(None) => {}
+                }
+                pos = table_end;
+                continue;
             }
-            run += n;
+            if !self.l2.contains(off) {
+                // Loaded under the metadata lock; then the L1 entry is read
+                // again (it may have changed while the lock was awaited).
+                let _g = self.meta.lock().await;
+                let l1e = self
+                    .l1
+                    .borrow()
+                    .get((pos / span) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                let off = L1Entry(l1e).l2_offset();
+                if off != 0 {
+                    self.load(true, off).await?;
+                }
+                continue;
+            }
+            // No await from the check to here: the table is cached.
+            let scanned = self.l2.with(off, |t| -> R<(u64, bool)> {
+                let mut p = pos;
+                while p < table_end {
+                    let gc = p / cs;
+                    let c = class(self.kind(be64(t, ((gc % self.l2_entries) * 8) as usize))?);
+                    match first {
+                        None => first = Some(c),
+                        Some(f) if f != c => return Ok((p, true)),
+                        Some(_) => {}
+                    }
+                    p = ((gc + 1) * cs).min(table_end);
+                }
+                Ok((p, false))
+            });
+            let Some(scanned) = scanned else {
+                continue;
+            };
+            let (p, changed) = scanned?;
+            pos = p;
+            if changed {
+                break;
+            }
         }
-        Ok((first.flatten(), run))
+        Ok((first.flatten(), pos.min(end) - offset))
     }
 
     /// Writes one whole guest cluster at `offset` only if nothing allocated it yet
