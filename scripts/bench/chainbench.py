@@ -132,14 +132,15 @@ class Qmp:
         raise RuntimeError(f"no {name} in {timeout}s")
 
 
-def start_qsd(names, direct, tmp, extra=()):
-    """QSD with the chain as nodes base, mid, top (files base-file, ...)."""
+def start_qsd(names, direct, tmp, extra=(), aio="io_uring"):
+    """QSD with the chain as nodes base, mid, top (files base-file, ...).
+    aio: "threads" is QEMU's default, "io_uring" its best here."""
     sock = os.path.join(tmp, "qsd.sock")
     if os.path.exists(sock):
         os.unlink(sock)
     args = ["qemu-storage-daemon"]
     for n, p in zip(LAYERS, names):
-        f = {"driver": "file", "node-name": f"{n}-file", "filename": p, "aio": "io_uring",
+        f = {"driver": "file", "node-name": f"{n}-file", "filename": p, "aio": aio,
              "cache": {"direct": direct, "no-flush": False}}
         args += ["--blockdev", json.dumps(f)]
         back = {"base": None, "mid": "base", "top": "mid"}[n]
