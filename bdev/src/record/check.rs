@@ -126,7 +126,9 @@ pub fn qemu_img_check(path: &Path) -> Result<u64, Finding> {
     })?;
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     if n("corruptions") > 0 || n("check-errors") > 0 || !(code == 0 || code == 3) {
-        return Err(Finding::Corruption(format!("qemu-img check exit {code}: {v}")));
+        return Err(Finding::Corruption(format!(
+            "qemu-img check exit {code}: {v}"
+        )));
     }
     Ok(n("leaks"))
 }

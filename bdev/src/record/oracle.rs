@@ -184,11 +184,9 @@ impl Oracle {
             let at = lba * SECTOR as usize;
             let got = &contents[at..(at + SECTOR as usize).min(contents.len())];
             let lba = lba as u64;
-            let d = vs.iter().rposition(|&g| {
-                self.gens[g as usize - 1]
-                    .durable
-                    .is_some_and(|s| s < next)
-            });
+            let d = vs
+                .iter()
+                .rposition(|&g| self.gens[g as usize - 1].durable.is_some_and(|s| s < next));
             let (first, floor) = match d {
                 Some(i) => (i, vs[i]),
                 None => (0, 0),
@@ -197,7 +195,8 @@ impl Oracle {
             if !ok {
                 let from = if d.is_some() { first + 1 } else { 0 };
                 ok = vs[from..].iter().any(|&g| {
-                    self.gens[g as usize - 1].submitted < next && self.matches(g, lba, got, &mut tmp)
+                    self.gens[g as usize - 1].submitted < next
+                        && self.matches(g, lba, got, &mut tmp)
                 });
             }
             if ok {
@@ -244,7 +243,10 @@ mod tests {
         o.check(&disk, 5).unwrap();
         // After it, generation 1 (or the newer 2 on sector 0) is.
         let e = o.check(&disk, 6).unwrap_err();
-        assert!(e.contains("2 sectors wrong") && e.contains("lost write"), "{e}");
+        assert!(
+            e.contains("2 sectors wrong") && e.contains("lost write"),
+            "{e}"
+        );
         disk[..1024].copy_from_slice(&Oracle::data(g1, 0, 1024));
         o.check(&disk, 6).unwrap();
         disk[..512].copy_from_slice(&Oracle::data(g2, 0, 512));
