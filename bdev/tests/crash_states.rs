@@ -345,18 +345,17 @@ fn report(what: &str, t: &Tally, min_states: u64) {
     );
 }
 
+/// What a workload returns: guest requests that failed with ENOSPC, and
+/// the seq from which a job's result is due.
+type WorkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Option<u64>)>>>;
+
 fn rounds_work(
     rounds: u64,
     seed: u64,
     mix: Mix,
     span: u64,
-) -> impl FnOnce(
-    Arc<Qcow2Bdev>,
-    Arc<RecordBdev>,
-    Rc<RefCell<Oracle>>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Option<u64>)>>>
-       + Send
-       + 'static {
+) -> impl FnOnce(Arc<Qcow2Bdev>, Arc<RecordBdev>, Rc<RefCell<Oracle>>) -> WorkFuture + Send + 'static
+{
     move |q, rec, o| {
         Box::pin(async move {
             let b: Arc<dyn Bdev> = q;

@@ -263,12 +263,14 @@ impl Bdev for RecordBdev {
     }
 }
 
+/// A request passed down, with its log id (`None` for reads, not logged).
+type Forwarded = (Box<BdevIo>, Option<u64>);
+
 struct RecordChannelInner {
     base: Rc<IoChannel>,
     rec: Arc<Mutex<Recording>>,
-    /// Requests passed down, by slot (the child's tag), with their log id
-    /// (`None` for reads, which are not logged).
-    parents: RefCell<Vec<Option<(Box<BdevIo>, Option<u64>)>>>,
+    /// Requests passed down, by slot (the child's tag).
+    parents: RefCell<Vec<Option<Forwarded>>>,
     free: RefCell<Vec<usize>>,
 }
 

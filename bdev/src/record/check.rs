@@ -235,7 +235,7 @@ pub fn check_state(rt: &RuntimeHandle, st: &State, x: &Expect<'_>) -> Result<boo
             Finding::Lost(e)
         }
     })?;
-    if x.compare_every > 0 && st.index % x.compare_every == 0 {
+    if x.compare_every > 0 && st.index.is_multiple_of(x.compare_every) {
         let q = qemu_read(&st.path)?;
         if q != data {
             let at = q.iter().zip(&data).position(|(a, b)| a != b);

@@ -463,7 +463,7 @@ pub fn replay<E>(
                         }
                         landed += 1;
                         let op = &ops[i];
-                        if plan.torn && rng.next() % 4 == 0 {
+                        if plan.torn && rng.next().is_multiple_of(4) {
                             let sectors = op.len.div_ceil(SECTOR) as usize;
                             let mask: Vec<bool> =
                                 (0..sectors).map(|_| rng.next() & 1 == 1).collect();
