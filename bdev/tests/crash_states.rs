@@ -296,6 +296,7 @@ where
     let x = Expect {
         oracle: &oracle,
         result_after,
+        oracle_before_result: true,
         compare_every,
     };
     let out = replay::replay(&log, &s.initial, &s.dir.join("state.qcow2"), plan, |st| {

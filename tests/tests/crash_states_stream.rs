@@ -94,6 +94,61 @@ impl Client<'_> {
     }
 }
 
+/// Replays the log at `log` over `initial` and checks every crash state:
+/// the result is due from seq `done`; `oracle_before` as
+/// [`Expect::oracle_before_result`]. Returns the tally and the number of
+/// durability points.
+fn check_log(
+    log: &str,
+    initial: &[u8],
+    work: &TempDir,
+    oracle: &Oracle,
+    done: u64,
+    oracle_before: bool,
+) -> (Tally, usize) {
+    let bytes = std::fs::read(log).unwrap();
+    let log = Log::parse_truncated(&bytes).expect("record log");
+    let rt = Runtime::start(RuntimeConfig {
+        pin: false,
+        ..RuntimeConfig::new(CoreSet::from_list("0").unwrap())
+    })
+    .expect("runtime");
+    let h = rt.handle();
+    let x = Expect {
+        oracle,
+        result_after: Some(done),
+        oracle_before_result: oracle_before,
+        compare_every: 7,
+    };
+    let plan = Plan {
+        max_prefixes: 8,
+        random: 6,
+        torn: true,
+        seed: 0xe2e,
+        lose_point: None,
+    };
+    let mut t = Tally::default();
+    let mut shown = 0;
+    let out = replay::replay(&log, initial, &work.join("state.qcow2"), &plan, |st| {
+        t.states += 1;
+        let r = check_state(&h, st, &x);
+        match &r {
+            Ok(true) => t.compared += 1,
+            Ok(false) => {}
+            Err(f) => {
+                t.count(f);
+                if shown < 3 {
+                    shown += 1;
+                    eprintln!("state {st:?}: {f}");
+                }
+            }
+        }
+        r.map(|_| ())
+    })
+    .expect("replay");
+    (t, out.points)
+}
+
 /// Records the scenario (the stream `x-durable` or not) and checks every
 /// crash state; returns the tally.
 fn scenario(durable: bool) -> Tally {
@@ -178,49 +233,11 @@ fn scenario(durable: bool) -> Tally {
     let oracle = std::mem::replace(&mut c.o, Oracle::new(Vec::new()));
     drop(c);
 
-    let bytes = std::fs::read(&log).unwrap();
-    let log = Log::parse_truncated(&bytes).expect("record log");
-    assert_eq!(log.mark("stream complete"), Some(done));
-    let rt = Runtime::start(RuntimeConfig {
-        pin: false,
-        ..RuntimeConfig::new(CoreSet::from_list("0").unwrap())
-    })
-    .expect("runtime");
-    let h = rt.handle();
-    let x = Expect {
-        oracle: &oracle,
-        result_after: Some(done),
-        compare_every: 7,
-    };
-    let plan = Plan {
-        max_prefixes: 8,
-        random: 6,
-        torn: true,
-        seed: 0xe2e,
-        lose_point: None,
-    };
-    let mut t = Tally::default();
-    let mut shown = 0;
-    let out = replay::replay(&log, &initial, &work.join("state.qcow2"), &plan, |st| {
-        t.states += 1;
-        let r = check_state(&h, st, &x);
-        match &r {
-            Ok(true) => t.compared += 1,
-            Ok(false) => {}
-            Err(f) => {
-                t.count(f);
-                if shown < 3 {
-                    shown += 1;
-                    eprintln!("state {st:?}: {f}");
-                }
-            }
-        }
-        r.map(|_| ())
-    })
-    .expect("replay");
+    let (t, points) = check_log(&log, &initial, &work, &oracle, done, true);
+    let _ = snap;
     println!(
         "crash states [daemon: NBD writes, block-stream (x-durable: {durable}), blockdev-snapshot-sync; {} durability points]: {t}",
-        out.points
+        points
     );
     assert_eq!(d.d.stop(), Some(0));
     t
@@ -241,4 +258,119 @@ fn crash_states_of_a_stream_and_a_snapshot_through_the_daemon() {
 fn crash_checker_catches_a_non_durable_stream_through_the_daemon() {
     let t = scenario(false);
     assert!(t.job > 0, "a non-durable stream passed: {t}");
+}
+
+/// An active commit through the daemon with the base recorded: client
+/// writes (into top) before and while the commit mirrors them into base,
+/// `block-job-complete` pivots the export onto base, writes go on into base.
+/// Before the pivot a state of base must only pass `qemu-img check` and
+/// open; once the completion was reported, base is the guest's disk: every
+/// write acknowledged before it, and every flushed one after, reads back.
+#[test]
+fn crash_states_of_an_active_commit_pivot_through_the_daemon() {
+    let work = TempDir::new("crash-commit");
+    let p = |n: &str| work.join(n).to_str().unwrap().to_string();
+    let (base, top, log) = (p("base.qcow2"), p("top.qcow2"), p("rec.log"));
+    qemu_img(&["create", "-q", "-f", "qcow2", &base, "8M"]);
+    qemu_io(&["-c", "write -P 0x11 0 6M", &base]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+    ]);
+    qemu_io(&[
+        "-c",
+        "write -P 0x31 1M 512k",
+        "-c",
+        "write -z 3M 256k",
+        &top,
+    ]);
+    let raw = p("before.raw");
+    qemu_img(&["convert", "-O", "raw", &top, &raw]);
+    let guest = std::fs::read(&raw).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let initial = std::fs::read(&base).unwrap();
+
+    let mut d = NbdDaemon::start(&["-m", "0x1"], &[]);
+    d.d.call(
+        "bdev_uring_create",
+        json!({"name": "basefile", "filename": base, "direct": false}),
+    );
+    d.d.call(
+        "bdev_record_create",
+        json!({"name": "rec0", "base_bdev_name": "basefile", "log_path": log}),
+    );
+    d.d.call(
+        "bdev_qcow2_open",
+        json!({"node_name": "base0", "base_bdev": "rec0", "direct": false}),
+    );
+    d.d.call(
+        "bdev_qcow2_open",
+        json!({"name": "vd0", "node_name": "top0", "filename": top,
+               "backing": "base0", "direct": false}),
+    );
+    d.export("vd0", true);
+    let (nbd, size, _) = Raw::attach(&d.sock, "vd0", false, false);
+    assert_eq!(size, SIZE);
+    let mut c = Client {
+        d: &mut d,
+        nbd,
+        o: Oracle::new(guest),
+        cookie: 0,
+        rng: 0x5151_7a7a,
+    };
+    let rounds = soak() as u64 * 40 + 8;
+    for _ in 0..rounds {
+        c.round();
+    }
+    c.d.d.call(
+        "block-commit",
+        json!({"job-id": "c0", "device": "vd0", "speed": 4 << 20}),
+    );
+    for _ in 0..rounds {
+        c.round();
+    }
+    let t0 = Instant::now();
+    loop {
+        let jobs = c.d.d.call("query-block-jobs", json!({}));
+        if jobs[0]["ready"] == json!(true) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never ready: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Ready: writes are mirrored into base as they come.
+    for _ in 0..rounds / 2 {
+        c.round();
+    }
+    c.d.d.call("block-job-complete", json!({"device": "c0"}));
+    while c.d.d.call("query-block-jobs", json!({})) != json!([]) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the commit never ended"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let done = c.mark("commit complete");
+    // The pivot made base durable with every write acknowledged before it.
+    c.o.all_durable(done);
+    // On base now.
+    for _ in 0..rounds {
+        c.round();
+    }
+    let oracle = std::mem::replace(&mut c.o, Oracle::new(Vec::new()));
+    drop(c);
+    let (t, points) = check_log(&log, &initial, &work, &oracle, done, false);
+    println!(
+        "crash states [daemon: NBD writes, active block-commit, pivot, writes on base; {points} durability points]: {t}"
+    );
+    assert_eq!(d.d.stop(), Some(0));
+    assert!(t.clean(), "{t}");
+    assert!(t.states >= 100, "only {} states", t.states);
 }
