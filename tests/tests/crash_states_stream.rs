@@ -374,3 +374,63 @@ fn crash_states_of_an_active_commit_pivot_through_the_daemon() {
     assert!(t.clean(), "{t}");
     assert!(t.states >= 100, "only {} states", t.states);
 }
+
+/// `bdev_record_*` refuse bad input with clear errors and leave nothing
+/// behind: a missing base, a log path that cannot be created (the base is
+/// not left claimed), a mark on a bdev that is no recorder, deleting a
+/// recorder an image still uses, unknown parameters.
+#[test]
+fn bdev_record_refuses_bad_input() {
+    let work = TempDir::new("crash-rpc");
+    let mut d = NbdDaemon::start(&["-m", "0x1"], &[]);
+    d.malloc("m0", 8);
+    let log = work.join("r.log").to_str().unwrap().to_string();
+    let e = d.d.call_err(
+        "bdev_record_create",
+        json!({"name": "r0", "base_bdev_name": "nope", "log_path": log}),
+    );
+    assert!(e["message"].as_str().unwrap().contains("nope"), "{e}");
+    let e = d.d.call_err(
+        "bdev_record_create",
+        json!({"name": "r0", "base_bdev_name": "m0", "log_path": "/nonexistent/dir/r.log"}),
+    );
+    assert!(e["message"].as_str().unwrap().contains("record log"), "{e}");
+    let e = d.d.call_err(
+        "bdev_record_create",
+        json!({"name": "r0", "base_bdev_name": "m0", "log_path": log, "bogus": 1}),
+    );
+    assert!(e["message"].as_str().unwrap().contains("bogus"), "{e}");
+    // The failed creates left m0 unclaimed: a recorder over it now works.
+    d.d.call(
+        "bdev_record_create",
+        json!({"name": "r0", "base_bdev_name": "m0", "log_path": log}),
+    );
+    let e =
+        d.d.call_err("bdev_record_mark", json!({"name": "m0", "label": "x"}));
+    assert!(
+        e["message"].as_str().unwrap().contains("not a record bdev"),
+        "{e}"
+    );
+    d.d.call(
+        "bdev_qcow2_create",
+        json!({"name": "q0", "base_bdev": "r0", "size": 4 << 20}),
+    );
+    let e = d.d.call_err("bdev_record_delete", json!({"name": "r0"}));
+    assert!(e["message"].as_str().unwrap().contains("in use"), "{e}");
+    let s1 =
+        d.d.call("bdev_record_mark", json!({"name": "r0", "label": "a"}))["seq"]
+            .as_u64()
+            .unwrap();
+    let s2 =
+        d.d.call("bdev_record_mark", json!({"name": "r0", "label": "b"}))["seq"]
+            .as_u64()
+            .unwrap();
+    assert!(s2 == s1 + 1 && s1 > 1, "{s1} {s2}");
+    d.d.call("bdev_qcow2_delete", json!({"name": "q0"}));
+    d.d.call("bdev_record_delete", json!({"name": "r0"}));
+    // The log holds the image's creation, then the two marks, and parses.
+    let l = Log::read(std::path::Path::new(&log)).expect("log");
+    assert_eq!(l.mark("a"), Some(s1));
+    assert!(l.events.len() as u64 >= s2);
+    assert_eq!(d.d.stop(), Some(0));
+}

@@ -320,14 +320,14 @@ impl Channel for RecordChannel {
         child.tag = slot as u64;
         let (t, off, len, fua) = (io.io_type, io.offset, io.len, io.fua);
         inner.parents.borrow_mut()[slot] = Some((io, None));
-        // The submission is logged under the lock held across the base's
-        // `submit` so no completion of it can be logged first (completions
-        // come later, never inside `submit`; holding the lock also keeps
-        // other reactors' events out of between).
-        let mut r = inner.rec.lock().unwrap_or_else(|p| p.into_inner());
+        // A logged submission is recorded under the lock held across the
+        // base's `submit`, so that no other reactor's event comes between
+        // (its completion cannot: completions come later, never inside
+        // `submit`). Reads take no lock.
+        let guard = logged.then(|| inner.rec.lock().unwrap_or_else(|p| p.into_inner()));
         match inner.base.submit(child) {
             Ok(()) => {
-                if logged {
+                if let Some(mut r) = guard {
                     let id = r.next_id;
                     r.next_id += 1;
                     r.seq += 1;
@@ -348,7 +348,7 @@ impl Channel for RecordChannel {
                 Ok(())
             }
             Err(_child) => {
-                drop(r);
+                drop(guard);
                 let parent = inner.parents.borrow_mut()[slot].take();
                 inner.free.borrow_mut().push(slot);
                 match parent {
