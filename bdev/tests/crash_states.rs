@@ -13,7 +13,8 @@
 //!
 //! Workloads: random allocating writes, overwrites, discards, write-zeroes
 //! and FUA writes into an empty image and over a backing file; L2-table and
-//! refcount-block growth (512-byte clusters); an ENOSPC in the middle (a
+//! refcount-block growth (512-byte clusters); the refcount table replaced by
+//! a larger one (64-bit refcounts); an ENOSPC in the middle (a
 //! file too small for the image); a stream to completion with guest writes
 //! beside it. Each test prints its counts ("crash states: ..."); the
 //! default run checks more than 500 states, `SLUICE_SOAK=1` more than 10,000.
@@ -63,22 +64,35 @@ struct Setup {
     oracle: Oracle,
 }
 
-/// A qcow2 image of `vsize` bytes (clusters of `cluster`), over a raw
+/// A qcow2 image of `vsize` bytes (`qemu-img create -o create_opts`), over a raw
 /// backing file full of a pattern when `backing`, in a file of `file_size`
 /// bytes, opened through a recorder.
 fn setup(
     tag: &str,
     vsize: u64,
-    cluster: u64,
+    create_opts: &str,
     backing: bool,
     file_size: u64,
     ropts: RecordOptions,
 ) -> Setup {
+    setup_with(tag, vsize, create_opts, backing, file_size, ropts, &[])
+}
+
+/// [`setup`], with `qemu-io` commands run on the image before the recording
+/// (data the guest's disk starts with).
+fn setup_with(
+    tag: &str,
+    vsize: u64,
+    create_opts: &str,
+    backing: bool,
+    file_size: u64,
+    ropts: RecordOptions,
+    prefill: &[&str],
+) -> Setup {
     let dir = scratch(&format!("crash-{tag}"));
     let img = dir.join("img.qcow2");
     let mut guest_initial = vec![0u8; vsize as usize];
-    let cs = format!("cluster_size={cluster}");
-    let mut args = vec!["-o", cs.as_str()];
+    let mut args = vec!["-o", create_opts];
     if backing {
         for (i, c) in guest_initial.chunks_mut(512).enumerate() {
             sector_pattern(u64::MAX - 1, i as u64, c);
@@ -87,6 +101,26 @@ fn setup(
         args.extend_from_slice(&["-b", "base.raw", "-F", "raw"]);
     }
     qemu_img_create(&img, vsize, &args);
+    if !prefill.is_empty() {
+        let mut a = vec!["-f", "qcow2"];
+        for c in prefill {
+            a.extend_from_slice(&["-c", c]);
+        }
+        a.push(img.to_str().unwrap());
+        run("qemu-io", &a);
+        let raw = dir.join("prefill.raw");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
+        guest_initial = std::fs::read(&raw).unwrap();
+    }
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len(file_size).unwrap();
     drop(f);
@@ -262,7 +296,7 @@ async fn guest_rounds(
 
 /// Runs `work` on the image's reactor with the oracle, then checks the
 /// recording against the file and replays it. Returns the tally.
-fn record_and_replay<F, Fut>(s: Setup, plan: &Plan, compare_every: u64, work: F) -> (Tally, u64)
+fn record_and_replay<F, Fut>(s: Setup, plan: &Plan, compare_every: u64, work: F) -> Run
 where
     F: FnOnce(Arc<Qcow2Bdev>, Arc<RecordBdev>, Rc<RefCell<Oracle>>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = (u64, Option<u64>)> + 'static,
@@ -323,7 +357,20 @@ where
     .unwrap();
     assert_eq!(out.states, tally.states);
     let _ = std::fs::remove_dir_all(&s.dir);
-    (tally, enospc)
+    Run {
+        tally,
+        enospc,
+        refcount_table_clusters: u32::from_be_bytes(now[56..60].try_into().unwrap()),
+    }
+}
+
+/// What a recorded run gave.
+struct Run {
+    tally: Tally,
+    /// Guest requests that failed with ENOSPC.
+    enospc: u64,
+    /// The final image's refcount table size (header), in clusters.
+    refcount_table_clusters: u32,
 }
 
 fn plan(seed: u64) -> Plan {
@@ -382,13 +429,13 @@ fn crash_states_allocate_overwrite_discard() {
     let s = setup(
         "alloc",
         2 << 20,
-        65536,
+        "cluster_size=65536",
         false,
         8 << 20,
         RecordOptions::default(),
     );
     let work = rounds_work(soak(40), 11, MIXED, 2 << 20);
-    let (t, _) = record_and_replay(s, &plan(1), 10, work);
+    let t = record_and_replay(s, &plan(1), 10, work).tally;
     report("allocate, overwrite, discard, zeroes, FUA", &t, 100);
 }
 
@@ -399,13 +446,13 @@ fn crash_states_over_backing_file() {
     let s = setup(
         "backing",
         2 << 20,
-        65536,
+        "cluster_size=65536",
         true,
         8 << 20,
         RecordOptions::default(),
     );
     let work = rounds_work(soak(40), 12, MIXED, 2 << 20);
-    let (t, _) = record_and_replay(s, &plan(2), 10, work);
+    let t = record_and_replay(s, &plan(2), 10, work).tally;
     report("writes over a backing file", &t, 100);
 }
 
@@ -423,14 +470,47 @@ fn crash_states_l2_and_refcount_growth() {
     let s = setup(
         "growth",
         2 << 20,
-        512,
+        "cluster_size=512",
         false,
         8 << 20,
         RecordOptions::default(),
     );
     let work = rounds_work(soak(30), 13, mix, 2 << 20);
-    let (t, _) = record_and_replay(s, &plan(3), 10, work);
+    let t = record_and_replay(s, &plan(3), 10, work).tally;
     report("L2 and refcount growth (512-byte clusters)", &t, 100);
+}
+
+/// 512-byte clusters with 64-bit refcounts: a refcount block covers 64
+/// clusters and the first refcount table 2 MiB of file, so the table itself
+/// is replaced by a larger one (new table, flush, header) mid-run.
+#[test]
+fn crash_states_refcount_table_growth() {
+    let mix = Mix {
+        write: 8,
+        fua: 1,
+        zeroes: 0,
+        discard: 1,
+        max_len: 64 << 10,
+    };
+    // 1.75 MiB of data already there: the guest's writes take the file
+    // past the 2 MiB the first table covers.
+    let s = setup_with(
+        "reftable",
+        4 << 20,
+        "cluster_size=512,refcount_bits=64",
+        false,
+        16 << 20,
+        RecordOptions::default(),
+        &["write -P 0x5a 2M 1792k"],
+    );
+    let work = rounds_work(soak(16), 19, mix, 2 << 20);
+    let r = record_and_replay(s, &plan(7), 10, work);
+    assert!(
+        r.refcount_table_clusters > 1,
+        "the refcount table never grew ({} cluster)",
+        r.refcount_table_clusters
+    );
+    report("refcount table growth (64-bit refcounts)", &r.tally, 100);
 }
 
 /// A file too small for what the guest writes: allocations start failing
@@ -448,15 +528,16 @@ fn crash_states_enospc_in_the_middle() {
     let s = setup(
         "enospc",
         4 << 20,
-        65536,
+        "cluster_size=65536",
         false,
         1 << 20,
         RecordOptions::default(),
     );
     let work = rounds_work(soak(30), 14, mix, 4 << 20);
-    let (t, enospc) = record_and_replay(s, &plan(4), 10, work);
-    println!("enospc: {enospc} guest requests failed with ENOSPC");
-    assert!(enospc > 0, "the file never filled up");
+    let r = record_and_replay(s, &plan(4), 10, work);
+    println!("enospc: {} guest requests failed with ENOSPC", r.enospc);
+    assert!(r.enospc > 0, "the file never filled up");
+    let t = r.tally;
     report("ENOSPC in the middle", &t, 50);
 }
 
@@ -467,7 +548,14 @@ fn crash_states_enospc_in_the_middle() {
 /// tally.
 fn stream_run(tag: &str, durable: bool, seed: u64, rounds: u64) -> Tally {
     let vsize = 2u64 << 20;
-    let s = setup(tag, vsize, 65536, true, 8 << 20, RecordOptions::default());
+    let s = setup(
+        tag,
+        vsize,
+        "cluster_size=65536",
+        true,
+        8 << 20,
+        RecordOptions::default(),
+    );
     let work = move |q: Arc<Qcow2Bdev>, rec: Arc<RecordBdev>, o: Rc<RefCell<Oracle>>| async move {
         let b: Arc<dyn Bdev> = q.clone();
         // Guest writes before and while the copy runs.
@@ -510,7 +598,7 @@ fn stream_run(tag: &str, durable: bool, seed: u64, rounds: u64) -> Tally {
         }
         (n, Some(done))
     };
-    let (t, _) = record_and_replay(s, &plan(seed), 10, work);
+    let t = record_and_replay(s, &plan(seed), 10, work).tally;
     t
 }
 
@@ -540,7 +628,7 @@ fn crash_checker_catches_device_ignoring_flushes() {
     let s = setup(
         "liar",
         2 << 20,
-        65536,
+        "cluster_size=65536",
         false,
         8 << 20,
         RecordOptions {
@@ -549,7 +637,7 @@ fn crash_checker_catches_device_ignoring_flushes() {
         },
     );
     let work = rounds_work(10, 17, MIXED, 2 << 20);
-    let (t, _) = record_and_replay(s, &plan(5), 0, work);
+    let t = record_and_replay(s, &plan(5), 0, work).tally;
     println!("crash states [device ignoring flushes]: {t}");
     assert!(t.lost + t.corruptions > 0, "lying device passed: {t}");
 }
@@ -561,7 +649,7 @@ fn crash_checker_catches_replay_dropping_flushed_writes() {
     let s = setup(
         "drop",
         2 << 20,
-        65536,
+        "cluster_size=65536",
         false,
         8 << 20,
         RecordOptions::default(),
@@ -569,7 +657,7 @@ fn crash_checker_catches_replay_dropping_flushed_writes() {
     let work = rounds_work(10, 18, MIXED, 2 << 20);
     let mut p = plan(6);
     p.lose_point = Some(3);
-    let (t, _) = record_and_replay(s, &p, 0, work);
+    let t = record_and_replay(s, &p, 0, work).tally;
     println!("crash states [replay dropping a flush's writes]: {t}");
     assert!(t.lost + t.corruptions > 0, "lossy replay passed: {t}");
 }
