@@ -30,7 +30,10 @@ use std::sync::Arc;
 pub const MAGIC: &[u8; 8] = b"SLUICERL";
 /// The format version this code writes and reads.
 pub const VERSION: u32 = 1;
-/// The largest payload a reader accepts (a write of 64 MiB and its fixed part).
+/// The largest payload a reader accepts (a write of 64 MiB and its fixed
+/// part): a recorder under something that writes more in one request makes
+/// a log the reader refuses (no caller of ours does: NBD caps requests at
+/// 32 MiB, the copier's chunks are smaller).
 pub const MAX_PAYLOAD: u32 = (64 << 20) + 64;
 const HEADER_LEN: usize = 24;
 const SUBMIT_FIXED: usize = 40;
