@@ -598,8 +598,7 @@ fn stream_run(tag: &str, durable: bool, seed: u64, rounds: u64) -> Tally {
         }
         (n, Some(done))
     };
-    let t = record_and_replay(s, &plan(seed), 10, work).tally;
-    t
+    record_and_replay(s, &plan(seed), 10, work).tally
 }
 
 /// A stream to completion (durable, the default): once reported, the
