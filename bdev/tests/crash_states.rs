@@ -475,7 +475,7 @@ fn crash_states_l2_and_refcount_growth() {
         8 << 20,
         RecordOptions::default(),
     );
-    let work = rounds_work(soak(30), 13, mix, 2 << 20);
+    let work = rounds_work(soak(20), 13, mix, 2 << 20);
     let t = record_and_replay(s, &plan(3), 10, work).tally;
     report("L2 and refcount growth (512-byte clusters)", &t, 100);
 }
