@@ -22,6 +22,7 @@ pub mod null;
 pub mod nvme;
 pub mod open_checked;
 pub mod qcow2;
+pub mod record;
 mod registry;
 mod stats;
 pub mod uring;

@@ -400,8 +400,13 @@ impl Image {
                 };
             }
             let l2_pending = self.l2.any_dirty() || !self.l1_dirty.borrow().is_empty();
-            let rc = self.write_refblocks().await? | self.write_table_chunks(false).await?;
-            if rc && l2_pending {
+            let rc = self.write_refcounts().await?;
+            // The L2 entries about to be written may point at new clusters
+            // whose data (a copy-on-write fill, a populate) completed after
+            // the last base flush was issued: a flush first, even when no
+            // refcount was written now (an earlier sync wrote them), or a
+            // power loss can keep the entry and lose the data it points at.
+            if l2_pending {
                 self.flush_base().await?;
             }
             let l2w = self.write_cache(true).await?;
@@ -433,13 +438,26 @@ impl Image {
                     }
                 }
                 self.discard_released(released).await;
-                need_flush = self.write_refblocks().await? | self.write_table_chunks(false).await?;
+                need_flush = self.write_refcounts().await?;
             }
             if need_flush || flush {
                 self.flush_base().await?;
             }
             Ok(())
         })
+    }
+
+    /// Writes the dirty refcount blocks, then the dirty chunks of the refcount
+    /// table, with a base flush between when both were dirty: a table entry
+    /// may name a new block, which must be durable before the entry (else a
+    /// power loss leaves the table naming a block of zeroes, and the clusters
+    /// it covers, itself among them, counted free). Returns whether it wrote.
+    async fn write_refcounts(&self) -> R<bool> {
+        let blocks = self.write_refblocks().await?;
+        if blocks && !self.reftable_dirty.borrow().is_empty() {
+            self.flush_base().await?;
+        }
+        Ok(self.write_table_chunks(false).await? | blocks)
     }
 
     /// Writes all dirty metadata, refcount blocks before L2 tables before the L1

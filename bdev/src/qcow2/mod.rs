@@ -38,8 +38,9 @@
 //!   cluster is allocated under a per-cluster lock, filled copy-on-write from the
 //!   old contents (backing, compressed, zero) and the L2 entry switched.
 //! - Metadata is cached write-back and written in order on flush (and on cache
-//!   eviction): refcount blocks and table, base flush, L2 tables, base flush, L1
-//!   entries, base flush; clusters an L2 entry stopped using are unreferenced only
+//!   eviction): refcount blocks, base flush (when the table names a new
+//!   block), refcount table, base flush, L2 tables, base flush, L1 entries,
+//!   base flush; clusters an L2 entry stopped using are unreferenced only
 //!   after that, so a crash can only leak clusters. A completed flush makes every
 //!   write completed before it durable.
 //! - Write-zeroes: v3 zero clusters for whole clusters (v2 without backing:

@@ -14,6 +14,7 @@ pub mod notify;
 pub mod nvme;
 pub mod perf;
 pub mod qcow2;
+pub mod record;
 pub mod snapshot;
 pub mod stream2011;
 
@@ -34,5 +35,6 @@ pub fn build_table() -> MethodTable {
     nvme::register(&mut t);
     nbd::register(&mut t);
     perf::register(&mut t);
+    record::register(&mut t);
     t
 }
