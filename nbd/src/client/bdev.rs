@@ -1,14 +1,14 @@
 //! [`NbdBdev`]: a block device whose data lives on an NBD server, under the
 //! bdev contract (`bdev/src/bdev.rs`, `io.rs`).
 //!
-//! - Each reactor that uses the bdev has its own connection ([`Conn`]), made
-//!   when its channel is made (the first reuses the socket negotiated at
-//!   open): requests never cross threads, and a bdev used from several
-//!   reactors talks to the server over several connections, which the
-//!   protocol makes consistent when the server sets `NBD_FLAG_CAN_MULTI_CONN`.
-//!   Without that flag a flush is sent on every connection of the bdev (the
-//!   flush completes when all of them have), so it covers writes completed
-//!   through any reactor.
+//! - Connections: when the server sets `NBD_FLAG_CAN_MULTI_CONN` (flush and
+//!   FUA then cover every connection), each reactor that uses the bdev has its
+//!   own connection ([`Conn`]), made with its channel (the first reuses the
+//!   socket negotiated at open): requests never cross threads. Otherwise, as
+//!   QEMU does, there is one connection, on the reactor that opened the bdev
+//!   (its owner); a channel on another reactor forwards each request there
+//!   (the data copied into a message and back) and completes it on its own
+//!   reactor. A server limited to one client (qemu-nbd's default) works.
 //! - Reads and writes larger than the server's maximum payload (at most
 //!   32 MiB), and trims or write-zeroes of 4 GiB or more, are refused with
 //!   EINVAL; the block size is the server's minimum block size, at least 512
@@ -30,8 +30,7 @@ use super::conn::{connect_and_negotiate, Conn, Counters};
 use super::handshake::{ExportInfo, HandshakeError};
 use crate::net::Sock;
 use crate::proto::tflags;
-use bdev::{Bdev, BdevError, BdevIo, Channel, IoDone, IoStatus, IoType, RangeStatusFuture};
-use futures::channel::oneshot;
+use bdev::{Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus, IoType, RangeStatusFuture};
 use serde_json::{json, Value};
 use std::any::Any;
 use std::cell::RefCell;
@@ -56,10 +55,11 @@ pub struct NbdBdev {
     cfg: Arc<ClientConfig>,
     info: ExportInfo,
     block_size: u32,
+    read_only: bool,
     first: Mutex<Option<Sock>>,
     counters: Arc<Counters>,
-    /// Reactors with a connection (for a flush on every connection).
-    reactors: Mutex<Vec<usize>>,
+    /// The reactor that opened the bdev: the one connection's, without multi-conn.
+    owner: usize,
 }
 
 fn open_error(cfg: &ClientConfig, e: HandshakeError) -> BdevError {
@@ -76,17 +76,19 @@ fn open_error(cfg: &ClientConfig, e: HandshakeError) -> BdevError {
                 format!("NBD protocol error: {m}"),
             ),
         ),
-        HandshakeError::Refused(m) => match m.split_once(": ") {
-            Some((a, b)) => BdevError::os(a.to_string(), std::io::Error::other(b.to_string())),
-            None => BdevError::os(m, std::io::Error::other("refused by the server")),
-        },
+        HandshakeError::Refused(m) => BdevError::PermissionConflict(m),
     }
 }
 
 impl NbdBdev {
     /// Connects to the server and negotiates the export (retried for
-    /// `open-timeout` while nothing answers). Call on a reactor.
-    pub async fn open(name: &str, cfg: ClientConfig) -> Result<Arc<NbdBdev>, BdevError> {
+    /// `open-timeout` while nothing answers). Call on a reactor. The bdev is
+    /// read-only when `read_only` asks for it or the server says so.
+    pub async fn open(
+        name: &str,
+        cfg: ClientConfig,
+        read_only: bool,
+    ) -> Result<Arc<NbdBdev>, BdevError> {
         let deadline = Instant::now() + cfg.open_timeout;
         let (s, info) = loop {
             match connect_and_negotiate(&cfg).await {
@@ -107,6 +109,8 @@ impl NbdBdev {
                 info.size
             )));
         }
+        let owner = reactor::current_index()
+            .ok_or_else(|| BdevError::Runtime("NBD clients are opened on a reactor".into()))?;
         // The registration is this reactor's; the socket moves to the first channel.
         let crate::net::AsyncSock { reg, sock } = s;
         drop(reg);
@@ -119,9 +123,10 @@ impl NbdBdev {
             cfg: Arc::new(cfg),
             info,
             block_size,
+            read_only: read_only || info.has(tflags::READ_ONLY),
             first: Mutex::new(Some(sock)),
             counters: Arc::new(Counters::default()),
-            reactors: Mutex::new(Vec::new()),
+            owner,
         }))
     }
 
@@ -138,6 +143,36 @@ impl NbdBdev {
     /// Data bytes received in read replies so far.
     pub fn bytes_read(&self) -> u64 {
         self.counters.bytes_read.load(Ordering::Relaxed)
+    }
+
+    fn multi_conn(&self) -> bool {
+        self.info.has(tflags::CAN_MULTI_CONN)
+    }
+
+    /// Runs a request forwarded from another reactor on this (the owner's)
+    /// connection; returns its status and, for a read, its data.
+    async fn forwarded(self: Arc<Self>, f: Forward) -> (IoStatus, Option<Vec<u8>>) {
+        let me: Arc<dyn Bdev> = self;
+        let ch = match bdev::channel(&me) {
+            Ok(c) => c,
+            Err(_) => return (IoStatus::Eio, None),
+        };
+        let buf = match f.data {
+            Some(d) => DmaBuf::from_slice(&d).ok(),
+            None if f.io_type == IoType::Read => DmaBuf::new(f.len as usize).ok(),
+            None => None,
+        };
+        if f.io_type.has_data() && buf.is_none() {
+            return (IoStatus::Nomem, None);
+        }
+        let mut io = BdevIo::new(f.io_type, f.offset, f.len, buf, None);
+        io.fua = f.fua;
+        let mut io = bdev::submit_wait(&ch, io).await;
+        let st = io.status;
+        let data = (f.io_type == IoType::Read && st.is_ok())
+            .then(|| io.take_buf().map(|b| b.as_slice().to_vec()))
+            .flatten();
+        (st, data)
     }
 
     fn local_conn(&self) -> Option<Rc<Conn>> {
@@ -166,32 +201,33 @@ impl Bdev for NbdBdev {
         }
     }
     fn read_only(&self) -> bool {
-        self.info.has(tflags::READ_ONLY)
+        self.read_only
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
-        if let Some(c) = self.local_conn() {
+        let here = reactor::current_index();
+        if !self.multi_conn() && here != Some(self.owner) {
             return Ok(Box::new(NbdChannel {
-                conn: c,
+                target: Target::Remote(self.owner),
                 bdev: self.me.clone(),
             }));
         }
-        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let conn = Conn::start(
-            self.name.clone(),
-            self.cfg.clone(),
-            self.info,
-            self.counters.clone(),
-            first,
-        );
-        CONNS.with(|m| m.borrow_mut().insert(self.id, Rc::downgrade(&conn)));
-        if let Some(r) = reactor::current_index() {
-            let mut v = self.reactors.lock().unwrap_or_else(|e| e.into_inner());
-            if !v.contains(&r) {
-                v.push(r);
+        let conn = match self.local_conn() {
+            Some(c) => c,
+            None => {
+                let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let conn = Conn::start(
+                    self.name.clone(),
+                    self.cfg.clone(),
+                    self.info,
+                    self.counters.clone(),
+                    first,
+                );
+                CONNS.with(|m| m.borrow_mut().insert(self.id, Rc::downgrade(&conn)));
+                conn
             }
-        }
+        };
         Ok(Box::new(NbdChannel {
-            conn,
+            target: Target::Local(conn),
             bdev: self.me.clone(),
         }))
     }
@@ -230,6 +266,21 @@ impl Bdev for NbdBdev {
         self.info.meta_id?;
         let me: Arc<dyn Bdev> = self.me.upgrade()?;
         let id = self.id;
+        let owner = self.owner;
+        if !self.multi_conn() && reactor::current_index() != Some(owner) {
+            return Some(Box::pin(async move {
+                let rt =
+                    reactor::handle().ok_or_else(|| BdevError::Runtime("no runtime".into()))?;
+                rt.spawn_on(owner, move || async move {
+                    match me.range_status(offset, len) {
+                        Some(f) => f.await,
+                        None => Err(BdevError::Runtime("NBD block status unavailable".into())),
+                    }
+                })
+                .await
+                .map_err(|e| BdevError::Runtime(e.to_string()))?
+            }));
+        }
         Some(Box::pin(async move {
             let _ch = bdev::channel(&me)?;
             let conn = CONNS
@@ -243,15 +294,35 @@ impl Bdev for NbdBdev {
     }
 }
 
-/// One reactor's channel: its connection.
+/// A request on its way to the owner reactor.
+struct Forward {
+    io_type: IoType,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    data: Option<Vec<u8>>,
+}
+
+enum Target {
+    /// This reactor's connection.
+    Local(Rc<Conn>),
+    /// The owner reactor's connection, through messages.
+    Remote(usize),
+}
+
+/// One reactor's channel.
 struct NbdChannel {
-    conn: Rc<Conn>,
+    target: Target,
     bdev: Weak<NbdBdev>,
 }
 
 impl Channel for NbdChannel {
     fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        let info = self.conn.info();
+        let Some(b) = self.bdev.upgrade() else {
+            bdev::complete_deferred(io, IoStatus::Aborted);
+            return Ok(());
+        };
+        let info = b.info;
         match io.io_type {
             IoType::Read | IoType::Write if io.len > info.max_payload as u64 => {
                 bdev::complete_deferred(io, IoStatus::Einval);
@@ -265,97 +336,62 @@ impl Channel for NbdChannel {
                 bdev::complete_deferred(io, IoStatus::Success);
                 return Ok(());
             }
-            IoType::Flush if !info.has(tflags::CAN_MULTI_CONN) => {
-                return self.flush_everywhere(io);
-            }
             _ => {}
         }
-        self.conn.submit(io)
+        match &self.target {
+            Target::Local(c) => c.submit(io),
+            Target::Remote(owner) => {
+                forward(b, *owner, io);
+                Ok(())
+            }
+        }
     }
 
     fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
-        self.conn.wait_for_space(f)
+        match &self.target {
+            Target::Local(c) => c.wait_for_space(f),
+            Target::Remote(_) => reactor::spawn_local(async move { f() }).detach(),
+        }
     }
 }
 
-impl NbdChannel {
-    /// A flush on a server without multi-conn: this connection's, then every
-    /// other reactor's connection's, then completion here.
-    fn flush_everywhere(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        let others: Vec<usize> = match self.bdev.upgrade() {
-            Some(b) => {
-                let here = reactor::current_index();
-                b.reactors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .copied()
-                    .filter(|r| Some(*r) != here)
-                    .collect()
-            }
-            None => Vec::new(),
-        };
-        if others.is_empty() {
-            return self.conn.submit(io);
-        }
-        let bdev = self.bdev.clone();
-        let conn = self.conn.clone();
-        reactor::spawn_local(async move {
-            let mut st = flush_local(&conn).await;
-            if let (Some(rt), Some(b)) = (reactor::handle(), bdev.upgrade()) {
-                for r in others {
-                    let b = b.clone();
-                    let h = rt.spawn_on(r, move || async move {
-                        let conn = b.local_conn();
-                        match conn {
-                            Some(c) => flush_local(&c).await,
-                            None => IoStatus::Success,
-                        }
-                    });
-                    match h.await {
-                        Ok(s) if !s.is_ok() => st = s,
-                        Ok(_) => {}
-                        Err(_) => st = IoStatus::Eio,
-                    }
+/// Sends `io` to the owner reactor's connection and completes it here.
+fn forward(b: Arc<NbdBdev>, owner: usize, mut io: Box<BdevIo>) {
+    let data = (io.io_type == IoType::Write).then(|| {
+        let mut v = vec![0u8; io.len as usize];
+        io.copy_out(0, &mut v);
+        v
+    });
+    let f = Forward {
+        io_type: io.io_type,
+        offset: io.offset,
+        len: io.len,
+        fua: io.fua,
+        data,
+    };
+    let Some(rt) = reactor::handle() else {
+        bdev::complete_deferred(io, IoStatus::Aborted);
+        return;
+    };
+    reactor::spawn_local(async move {
+        let h = rt.spawn_on(owner, move || b.forwarded(f));
+        match h.await {
+            Ok((st, data)) => {
+                if let Some(d) = data {
+                    io.copy_in(0, &d);
                 }
+                io.complete(st);
             }
-            io.complete(st);
-        })
-        .detach();
-        Ok(())
-    }
-}
-
-/// Hands a request's status to a waiting task.
-struct StatusDone(RefCell<Option<oneshot::Sender<IoStatus>>>);
-
-impl IoDone for StatusDone {
-    fn io_done(&self, io: Box<BdevIo>) {
-        if let Some(tx) = self.0.borrow_mut().take() {
-            let _ = tx.send(io.status);
+            Err(_) => io.complete(IoStatus::Aborted),
         }
-    }
-}
-
-/// A flush on this reactor's connection `c`, awaited.
-async fn flush_local(c: &Rc<Conn>) -> IoStatus {
-    let (tx, rx) = oneshot::channel();
-    let done: Rc<dyn IoDone> = Rc::new(StatusDone(RefCell::new(Some(tx))));
-    let mut io = BdevIo::new(IoType::Flush, 0, 0, None, Some(done));
-    loop {
-        match c.submit(io) {
-            Ok(()) => break,
-            Err(back) => {
-                io = back;
-                reactor::sleep(Duration::from_micros(50)).await;
-            }
-        }
-    }
-    rx.await.unwrap_or(IoStatus::Aborted)
+    })
+    .detach();
 }
 
 impl Drop for NbdChannel {
     fn drop(&mut self) {
-        self.conn.close();
+        if let Target::Local(c) = &self.target {
+            c.close();
+        }
     }
 }

@@ -197,11 +197,7 @@ fn parse_server(s: &Map<String, Value>) -> Result<ServerAddr, String> {
     let allowed: &[&str] = match ty.as_str() {
         "unix" => &["type", "path"],
         "inet" => &["type", "host", "port"],
-        other => {
-            return Err(format!(
-                "Parameter 'server.type' does not accept value '{other}'"
-            ))
-        }
+        other => return Err(format!("Parameter 'type' does not accept value '{other}'")),
     };
     if let Some(k) = s.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(format!("Parameter 'server.{k}' is unexpected"));
@@ -314,7 +310,7 @@ mod tests {
         assert_eq!(ClientConfig::from_options(&c.to_options()).unwrap(), c);
         for (o, want) in [
             (json!({}), "'server' is missing"),
-            (json!({"server": {"type": "vsock"}}), "server.type"),
+            (json!({"server": {"type": "vsock"}}), "type"),
             (json!({"server": {"type": "unix"}}), "server.path"),
             (
                 json!({"server": {"type": "inet", "host": "h", "port": "x"}}),

@@ -151,11 +151,6 @@ impl Conn {
         c
     }
 
-    /// The export as negotiated.
-    pub fn info(&self) -> ExportInfo {
-        self.info.get()
-    }
-
     /// Stops the connection (its task sends `NBD_CMD_DISC` and exits).
     pub fn close(&self) {
         self.closed.set(true);

@@ -236,10 +236,10 @@ pub async fn negotiate(s: &mut AsyncSock, export: &str) -> Result<ExportInfo, Ha
             }
             rep::ERR_UNSUP => return export_name(s, export, no_zeroes, structured, meta_id).await,
             rep::ERR_UNKNOWN => {
-                return Err(HandshakeError::Refused(format!(
-                    "Requested export not available: server reported: {}",
-                    server_says(&data)
-                )))
+                tracing::warn!(export, server_says = %server_says(&data), "NBD export not available");
+                return Err(HandshakeError::Refused(
+                    "Requested export not available".into(),
+                ));
             }
             t if t & 0x8000_0000 != 0 => {
                 return Err(HandshakeError::Refused(format!(

@@ -25,3 +25,34 @@ mod tests;
 pub use self::bdev::NbdBdev;
 pub use config::{ClientConfig, ServerAddr, DEFAULT_PORT};
 pub use handshake::ExportInfo;
+
+/// Lets qcow2 headers name backing files on NBD servers, as QEMU writes them
+/// (`nbd://`, `nbd+tcp://`, `nbd+unix://` URIs and `json:` names with driver
+/// `nbd`): such a backing opens read-only through [`NbdBdev`].
+pub fn register_backing_protocol() {
+    ::bdev::qcow2::register_protocol(
+        "nbd",
+        &["nbd", "nbd+tcp", "nbd+unix"],
+        &["server", "export", "reconnect-delay", "open-timeout"],
+        open_backing,
+    );
+}
+
+fn open_backing(
+    name: String,
+    spec: serde_json::Value,
+) -> futures::future::LocalBoxFuture<
+    'static,
+    Result<std::sync::Arc<dyn ::bdev::Bdev>, ::bdev::BdevError>,
+> {
+    Box::pin(async move {
+        let cfg = match &spec {
+            serde_json::Value::String(u) => ClientConfig::parse_uri(u),
+            serde_json::Value::Object(m) => ClientConfig::from_options(m),
+            other => Err(format!("an NBD backing named by {other}")),
+        }
+        .map_err(|e| ::bdev::BdevError::InvalidParam(format!("backing file: {e}")))?;
+        let b = NbdBdev::open(&name, cfg, true).await?;
+        Ok(b as std::sync::Arc<dyn ::bdev::Bdev>)
+    })
+}

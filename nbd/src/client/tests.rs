@@ -45,9 +45,12 @@ fn cfg(sock: &Path, export: &str) -> ClientConfig {
 }
 
 fn open(rt: &RuntimeHandle, c: ClientConfig) -> Result<Arc<NbdBdev>, BdevError> {
-    rt.spawn_on(0, move || async move { NbdBdev::open("nbdc", c).await })
-        .block()
-        .expect("join")
+    rt.spawn_on(
+        0,
+        move || async move { NbdBdev::open("nbdc", c, false).await },
+    )
+    .block()
+    .expect("join")
 }
 
 /// A server on a Unix socket exporting `bdev` as `name`.
