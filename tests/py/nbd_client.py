@@ -207,4 +207,212 @@ def case_errors_match_qsd(vm, d):
         expect(m == t, f"sluice {m} vs QSD {t}")
 
 
+def qsd_blockstats(qsd, node):
+    for s in qsd.rcmd("query-blockstats", {"query-nodes": True}):
+        if s.get("node-name") == node:
+            return s["stats"]
+    raise Mismatch(f"no blockstats for {node}")
+
+
+def case_stream_over_nbd(vm, d):
+    """A local overlay on an nbd+unix:// backing served by QSD, streamed until
+    it stands alone; the stream skips the source's holes."""
+    src = os.path.join(d, "src.raw")
+    run("qemu-img", "create", "-f", "raw", src, "1G")
+    # 64 MiB of data in 16 pieces of 4 MiB spread over 1 GiB.
+    cmds = []
+    for i in range(16):
+        cmds += ["-c", f"write -P {0x10 + i} {i * 64 + 7}M 4M"]
+    run("qemu-io", "-f", "raw", *cmds, src)
+    with qsd_monitor(d) as qsd:
+        sock = os.path.join(d, "qsd-nbd.sock")
+        qsd.rcmd("blockdev-add", {"driver": "file", "node-name": "src", "filename": src, "read-only": True})
+        qsd.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        qsd.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "name": "src"})
+        ov = os.path.join(d, "ov.qcow2")
+        backing = f"nbd+unix:///src?socket={sock}"
+        run("qemu-img", "create", "-f", "qcow2", "-b", backing, "-F", "raw", ov)
+        info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
+        expect(info["backing-filename"] == backing, info)
+        # A write of the overlay's own, kept by the stream.
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0xee 7M 64k", ov)
+        before = qsd_blockstats(qsd, "src")["rd_bytes"]
+        vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov",
+                                 "file": {"driver": "file", "filename": ov}})
+        n = {x["node-name"]: x for x in vm.rcmd("query-named-block-nodes")}["ov"]
+        expect(n.get("backing_file") == backing, n)
+        vm.rcmd("block-stream", {"device": "ov", "job-id": "s0"})
+        ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": "s0"})
+        expect("error" not in ev["data"], ev)
+        vm.rcmd("blockdev-del", {"node-name": "ov"})
+        moved = qsd_blockstats(qsd, "src")["rd_bytes"] - before
+        print(f"stream read {moved} bytes from the NBD server for 64 MiB of data in 1 GiB")
+        expect(moved < 80 * MiB, f"the stream read {moved} bytes over NBD: holes were copied")
+        qsd.rcmd("block-export-del", {"id": "e0"})
+    info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
+    expect("backing-filename" not in info, info)
+    run("qemu-img", "check", ov)
+    run("qemu-io", "-f", "qcow2", "-c", "read -P 0xee 7M 64k", ov)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xee 7M 64k", src)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, src)
+
+
+def rpc_bdev(vm, name):
+    return vm.rcmd("bdev_get_bdevs", {"name": name})[0]
+
+
+def case_reconnect(vm, d):
+    """The server killed and restarted within reconnect-delay: requests in
+    flight succeed. Killed for good: requests fail with EIO after the delay."""
+    img = os.path.join(d, "srv.raw")
+    run("qemu-img", "create", "-f", "raw", img, "64M")
+    sock = os.path.join(d, "qn.sock")
+    p = qemu_nbd(sock, img)
+    vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "r0", "server": unix(sock), "export": "exp",
+                             "reconnect-delay": 10})
+    uri = sluice_export(vm, d, "r0", "r0")
+    cmds = []
+    for i in range(48):
+        cmds += ["-c", f"write -P {0x40 + i} {i}M 1M", "-c", f"read -P {0x40 + i} {i}M 1M"]
+    io = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, uri], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.3)
+    p.kill()
+    p.wait(10)
+    time.sleep(1.0)
+    p = qemu_nbd(sock, img)
+    out, _ = io.communicate(timeout=60)
+    expect(io.returncode == 0 and "error" not in out.lower() and "failed" not in out,
+           f"I/O across a server restart failed: {out[-2000:]}")
+    ds = rpc_bdev(vm, "r0")["driver_specific"]["nbd"]
+    expect(ds["reconnects"] >= 1 and ds["connections_dropped"] >= 1, ds)
+    vm.rcmd("block-export-del", {"id": "r0"})
+    vm.rcmd("blockdev-del", {"node-name": "r0"})
+    # Killed for good: EIO once the delay has passed.
+    vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "r1", "server": unix(sock), "export": "exp",
+                             "reconnect-delay": 2})
+    uri = sluice_export(vm, d, "r1", "r1")
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x40 0 1M", uri)
+    p.kill()
+    p.wait(10)
+    t0 = time.time()
+    r = run("qemu-io", "-f", "raw", "-c", "read 0 64k", uri, ok=False)
+    took = time.time() - t0
+    expect("Input/output error" in r.stdout + r.stderr, f"read with the server gone: {r.stdout}{r.stderr}")
+    expect(took >= 1.5, f"the read failed after {took:.2f}s, before reconnect-delay")
+    vm.rcmd("block-export-del", {"id": "r1"})
+    vm.rcmd("blockdev-del", {"node-name": "r1"})
+    run("qemu-io", "-f", "raw", *[c for i in range(48) for c in ("-c", f"read -P {0x40 + i} {i}M 1M")], img)
+
+
+def case_stream_server_gone(vm, d):
+    """A stream with on-error=report whose NBD backing server is gone fails
+    with the error event; the overlay is intact."""
+    src = os.path.join(d, "src.raw")
+    run("qemu-img", "create", "-f", "raw", src, "64M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 64M", src)
+    sock = os.path.join(d, "qn.sock")
+    p = qemu_nbd(sock, src)
+    ov = os.path.join(d, "ov.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", "-b", f"nbd+unix:///exp?socket={sock}", "-F", "raw", ov)
+    vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov", "file": {"driver": "file", "filename": ov}})
+    p.kill()
+    p.wait(10)
+    vm.rcmd("block-stream", {"device": "ov", "job-id": "s1", "on-error": "report"})
+    ev = vm.event_wait("BLOCK_JOB_COMPLETED", 60, {"device": "s1"})
+    expect(ev["data"].get("error") == "Input/output error", ev)
+    vm.rcmd("blockdev-del", {"node-name": "ov"})
+    run("qemu-img", "check", json.dumps({"driver": "qcow2", "backing": None,
+                                         "file": {"driver": "file", "filename": ov}}).join(["json:", ""]))
+
+
+GARBAGE = b"\xa5" * 64
+
+
+def fake_server(path, bad):
+    """Serves one connection: a correct handshake up to step `bad`, garbage
+    there; past the handshake, garbage as the first reply."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+            c.settimeout(10)
+            step = [0]
+
+            def send(b):
+                if step[0] == bad:
+                    c.sendall(GARBAGE)
+                    raise EOFError
+                step[0] += 1
+                c.sendall(b)
+
+            def recv(n):
+                b = b""
+                while len(b) < n:
+                    x = c.recv(n - len(b))
+                    if not x:
+                        raise EOFError
+                    b += x
+                return b
+
+            def rep(opt, ty, data=b""):
+                return (0x3e889045565a9).to_bytes(8, "big") + opt.to_bytes(4, "big") + \
+                    ty.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
+
+            send(b"NBDMAGIC" + b"IHAVEOPT" + (3).to_bytes(2, "big"))
+            recv(4)
+            while True:
+                h = recv(16)
+                opt = int.from_bytes(h[8:12], "big")
+                data = recv(int.from_bytes(h[12:16], "big"))
+                if opt == 8:
+                    send(rep(8, 1))
+                elif opt == 10:
+                    send(rep(10, 4, (1).to_bytes(4, "big") + b"base:allocation") + rep(10, 1))
+                elif opt == 7:
+                    info = (0).to_bytes(2, "big") + (MiB).to_bytes(8, "big") + (1 | 4).to_bytes(2, "big")
+                    send(rep(7, 3, info) + rep(7, 1))
+                    break
+                else:
+                    send(rep(opt, 0x80000001))
+            recv(28)
+            c.sendall(GARBAGE)
+            time.sleep(0.5)
+        except (EOFError, OSError):
+            pass
+        finally:
+            srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def case_garbage(vm, d):
+    """Garbage at each step of the handshake: blockdev-add fails with a clear
+    error. Garbage as a reply: the connection is dropped, the read fails with
+    EIO. The daemon never panics (its stderr is checked by the caller)."""
+    for bad in range(4):
+        sock = os.path.join(d, f"g{bad}.sock")
+        t = fake_server(sock, bad)
+        r = vm.raw("blockdev-add", {"driver": "nbd", "node-name": f"g{bad}", "server": unix(sock),
+                                    "export": "x"})
+        expect("error" in r and "NBD protocol error" in r["error"]["desc"], f"step {bad}: {r}")
+        t.join(10)
+    sock = os.path.join(d, "gr.sock")
+    t = fake_server(sock, 99)
+    vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "gr", "server": unix(sock), "export": "x"})
+    uri = sluice_export(vm, d, "gr", "gr")
+    r = run("qemu-io", "-f", "raw", "-c", "read 0 4k", uri, ok=False)
+    expect("Input/output error" in r.stdout + r.stderr, f"read of a garbage reply: {r.stdout}{r.stderr}")
+    ds = rpc_bdev(vm, "gr")["driver_specific"]["nbd"]
+    expect(ds["connections_dropped"] >= 1, ds)
+    vm.rcmd("block-export-del", {"id": "gr"})
+    vm.rcmd("blockdev-del", {"node-name": "gr"})
+    t.join(10)
+
+
 run_case(globals())

@@ -46,3 +46,23 @@ fn data_against_sluices_own_server() {
 fn blockdev_add_errors_match_qsd() {
     scenario("errors_match_qsd");
 }
+
+#[test]
+fn stream_over_nbd_backing_skips_holes() {
+    scenario("stream_over_nbd");
+}
+
+#[test]
+fn server_restarted_within_reconnect_delay_and_gone_for_good() {
+    scenario("reconnect");
+}
+
+#[test]
+fn stream_with_server_gone_reports_the_error() {
+    scenario("stream_server_gone");
+}
+
+#[test]
+fn garbage_from_a_fake_server_drops_the_connection() {
+    scenario("garbage");
+}
