@@ -13,7 +13,8 @@ import subprocess
 import threading
 import time
 
-from stream_common import run_case, qsd_monitor
+from spdk.rpc.client import JSONRPCClient
+from stream_common import parse_args, run_case, qsd_monitor
 
 MiB = 1 << 20
 
@@ -160,6 +161,23 @@ def case_own_server(vm, d):
     vm.rcmd("block-export-add", {"type": "nbd", "id": "own", "node-name": "f0", "writable": True})
     data_round_trip(vm, d, img, {"server": unix(sock), "export": "f0"}, "c0")
     vm.rcmd("blockdev-del", {"node-name": "c0"})
+    # The SPDK dialect, through SPDK's own client.
+    rpc = JSONRPCClient(parse_args().rpc)
+    name = rpc.call("bdev_nbd_client_create", {"name": "c1", "socket": sock, "export": "f0"})
+    expect(name == "c1", name)
+    b = rpc.call("bdev_get_bdevs", {"name": "c1"})[0]
+    expect(b["product_name"] == "NBD disk" and b["num_blocks"] * b["block_size"] == 16 * MiB, b)
+    expect(b["driver_specific"]["nbd"]["filename"] == f"nbd+unix:///f0?socket={sock}", b)
+    try:
+        rpc.call("bdev_nbd_client_create", {"name": "c2", "socket": sock, "host": "h"})
+        raise Mismatch("socket and host together accepted")
+    except Mismatch:
+        raise
+    except Exception as e:
+        expect("either" in str(e), e)
+    rpc.call("bdev_nbd_client_delete", {"name": "c1"})
+    expect(rpc.call("bdev_get_bdevs", {}) and all(x["name"] != "c1" for x in rpc.call("bdev_get_bdevs", {})),
+           "c1 still listed")
     vm.rcmd("block-export-del", {"id": "own"})
     vm.rcmd("blockdev-del", {"node-name": "f0"})
     check_server_image(img)
@@ -324,6 +342,52 @@ def case_stream_server_gone(vm, d):
     vm.rcmd("blockdev-del", {"node-name": "ov"})
     run("qemu-img", "check", json.dumps({"driver": "qcow2", "backing": None,
                                          "file": {"driver": "file", "filename": ov}}).join(["json:", ""]))
+
+
+def case_json_backing(vm, d):
+    """Backing names as QEMU writes them: a json: name with driver nbd, and
+    nbd:// over TCP; the overlay reads the server's data through them."""
+    src = os.path.join(d, "src.raw")
+    run("qemu-img", "create", "-f", "raw", src, "8M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x77 1M 1M", src)
+    sock = os.path.join(d, "qn.sock")
+    p = qemu_nbd(sock, src, extra=("-e", "4"))
+    port = None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = subprocess.Popen(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "exp", "-t",
+                          "-r", src], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise Mismatch("qemu-nbd on TCP did not start")
+                time.sleep(0.05)
+        names = [
+            json.dumps({"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": "exp"})
+            .join(["json:", ""]),
+            f"nbd://127.0.0.1:{port}/exp",
+        ]
+        for i, name in enumerate(names):
+            ov = os.path.join(d, f"ov{i}.qcow2")
+            run("qemu-img", "create", "-f", "qcow2", "-u", "-b", name, "-F", "raw", ov, "8M")
+            expect(json.loads(run("qemu-img", "info", "--output=json", ov).stdout)["backing-filename"] == name,
+                   "qemu-img wrote another name")
+            vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": f"ov{i}",
+                                     "file": {"driver": "file", "filename": ov}})
+            uri = sluice_export(vm, d, f"ov{i}", f"ov{i}")
+            run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x77 1M 1M", "-c", "read -P 0 0 1M", uri)
+            vm.rcmd("block-export-del", {"id": f"ov{i}"})
+            vm.rcmd("blockdev-del", {"node-name": f"ov{i}"})
+    finally:
+        for x in (p, t):
+            x.terminate()
+            x.wait(10)
 
 
 GARBAGE = b"\xa5" * 64

@@ -66,3 +66,8 @@ fn stream_with_server_gone_reports_the_error() {
 fn garbage_from_a_fake_server_drops_the_connection() {
     scenario("garbage");
 }
+
+#[test]
+fn backing_named_by_json_and_tcp_uri_opens_over_nbd() {
+    scenario("json_backing");
+}

@@ -579,4 +579,64 @@ mod tests {
         assert!(parse("b", Some("vmdk"), img()).is_err());
         assert!(parse("null-co://", Some("qcow2"), img()).is_err());
     }
+
+    fn never_opens(
+        _: String,
+        _: Value,
+    ) -> futures::future::LocalBoxFuture<'static, Result<Arc<dyn Bdev>, BdevError>> {
+        Box::pin(async { Err(BdevError::Unsupported("test driver".into())) })
+    }
+
+    /// Names of a registered protocol driver (the NBD client's way in),
+    /// under a test driver's name so the other tests' refusal of `nbd` holds.
+    #[test]
+    fn registered_protocols_by_uri_and_json() {
+        register_protocol(
+            "tproto",
+            &["tproto", "tproto+unix"],
+            &["server", "export"],
+            never_opens,
+        );
+        let prot = |spec: Value, format| BackingNode::Protocol {
+            driver: "tproto",
+            spec,
+            format,
+        };
+        assert_eq!(
+            parse("tproto+unix:///e?socket=/s", Some("raw"), img()).unwrap(),
+            prot(Value::from("tproto+unix:///e?socket=/s"), PathFormat::Raw)
+        );
+        assert_eq!(
+            parse("tproto://h:1/e", None, img()).unwrap(),
+            prot(Value::from("tproto://h:1/e"), PathFormat::Probe)
+        );
+        assert_eq!(
+            parse("tproto://h:1/e", Some("qcow2"), img()).unwrap(),
+            prot(Value::from("tproto://h:1/e"), PathFormat::Qcow2)
+        );
+        let opts = serde_json::json!({"server": {"type": "unix", "path": "/s"}, "export": "e"});
+        assert_eq!(
+            parse(
+                r#"json:{"driver": "tproto", "read-only": true, "server": {"type": "unix", "path": "/s"}, "export": "e"}"#,
+                None,
+                img()
+            )
+            .unwrap(),
+            prot(opts.clone(), PathFormat::Raw)
+        );
+        assert_eq!(
+            parse(
+                r#"json:{"driver": "qcow2", "file": {"driver": "tproto", "server": {"type": "unix", "path": "/s"}, "export": "e"}}"#,
+                Some("qcow2"),
+                img()
+            )
+            .unwrap(),
+            prot(opts, PathFormat::Qcow2)
+        );
+        for bad in [r#"json:{"driver": "tproto", "tls-creds": "x"}"#] {
+            let e = parse(bad, None, img()).unwrap_err().to_string();
+            assert!(e.contains("tls-creds"), "{bad}: {e}");
+        }
+        assert!(parse("tproto://h/e", Some("vmdk"), img()).is_err());
+    }
 }
