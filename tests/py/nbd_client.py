@@ -225,11 +225,81 @@ def case_errors_match_qsd(vm, d):
         expect(m == t, f"sluice {m} vs QSD {t}")
 
 
-def qsd_blockstats(qsd, node):
-    for s in qsd.rcmd("query-blockstats", {"query-nodes": True}):
-        if s.get("node-name") == node:
-            return s["stats"]
-    raise Mismatch(f"no blockstats for {node}")
+class Proxy:
+    """A Unix socket relay in front of an NBD server that counts the bytes
+    the server sends (what a client moves over the network) and the bytes the
+    client asks to read (NBD_CMD_READ lengths: a server that answers holes
+    with OFFSET_HOLE chunks moves little either way)."""
+
+    def __init__(self, listen, target):
+        self.target = target
+        self.down = 0
+        self.read_asked = 0
+        self.lock = threading.Lock()
+        self.srv = socket.socket(socket.AF_UNIX)
+        self.srv.bind(listen)
+        self.srv.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(self.target)
+            threading.Thread(target=self._pump, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, True), daemon=True).start()
+
+    def _pump(self, a, b, count):
+        buf = b""
+        started = False
+        skip = 0
+        try:
+            while True:
+                x = a.recv(1 << 20)
+                if not x:
+                    break
+                if count:
+                    with self.lock:
+                        self.down += len(x)
+                else:
+                    # The client's requests: 28-byte headers (a write's payload skipped).
+                    buf += x
+                    if not started:
+                        i = buf.find(b"\x25\x60\x95\x13")
+                        started = i >= 0
+                        buf = buf[i:] if started else buf[-3:]
+                    while started:
+                        if skip:
+                            k = min(skip, len(buf))
+                            buf, skip = buf[k:], skip - k
+                            if skip:
+                                break
+                        if len(buf) < 28:
+                            break
+                        h, buf = buf[:28], buf[28:]
+                        if h[:4] != b"\x25\x60\x95\x13":
+                            raise Mismatch("the proxy lost the request stream")
+                        ty, n = int.from_bytes(h[6:8], "big"), int.from_bytes(h[24:28], "big")
+                        if ty == 0:
+                            with self.lock:
+                                self.read_asked += n
+                        elif ty == 1:
+                            skip = n
+                b.sendall(x)
+        except OSError:
+            pass
+        finally:
+            for z in (a, b):
+                try:
+                    z.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.srv.close()
 
 
 def case_stream_over_nbd(vm, d):
@@ -247,14 +317,15 @@ def case_stream_over_nbd(vm, d):
         qsd.rcmd("blockdev-add", {"driver": "file", "node-name": "src", "filename": src, "read-only": True})
         qsd.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
         qsd.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src", "name": "src"})
+        proxy = Proxy(os.path.join(d, "proxy.sock"), sock)
         ov = os.path.join(d, "ov.qcow2")
-        backing = f"nbd+unix:///src?socket={sock}"
+        backing = f"nbd+unix:///src?socket={os.path.join(d, 'proxy.sock')}"
         run("qemu-img", "create", "-f", "qcow2", "-b", backing, "-F", "raw", ov)
         info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
         expect(info["backing-filename"] == backing, info)
         # A write of the overlay's own, kept by the stream.
         run("qemu-io", "-f", "qcow2", "-c", "write -P 0xee 7M 64k", ov)
-        before = qsd_blockstats(qsd, "src")["rd_bytes"]
+        before, asked_before = proxy.down, proxy.read_asked
         vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov",
                                  "file": {"driver": "file", "filename": ov}})
         n = {x["node-name"]: x for x in vm.rcmd("query-named-block-nodes")}["ov"]
@@ -263,8 +334,13 @@ def case_stream_over_nbd(vm, d):
         ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": "s0"})
         expect("error" not in ev["data"], ev)
         vm.rcmd("blockdev-del", {"node-name": "ov"})
-        moved = qsd_blockstats(qsd, "src")["rd_bytes"] - before
-        print(f"stream read {moved} bytes from the NBD server for 64 MiB of data in 1 GiB")
+        moved = proxy.down - before
+        asked = proxy.read_asked - asked_before
+        proxy.close()
+        print(f"stream: {moved} bytes from the NBD server, {asked} bytes of reads asked, "
+              "for 64 MiB of data in 1 GiB")
+        expect(asked >= 60 * MiB, f"the stream asked to read only {asked} bytes: the proxy missed it")
+        expect(asked < 80 * MiB, f"the stream asked to read {asked} bytes over NBD: holes were read")
         expect(moved < 80 * MiB, f"the stream read {moved} bytes over NBD: holes were copied")
         qsd.rcmd("block-export-del", {"id": "e0"})
     info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
