@@ -143,6 +143,13 @@ fn reads_writes_zeroes_flush_and_block_status_through_the_crates_server() {
         });
         assert!(ok, "reactor {r}: data read back differs");
     }
+    // The server sets NBD_FLAG_CAN_MULTI_CONN: one connection per reactor.
+    assert!(b.export_info().has(proto::tflags::CAN_MULTI_CONN));
+    assert_eq!(
+        srv.exports()[0].connections,
+        2,
+        "multi-conn: a connection per reactor"
+    );
     // The server's bdev holds what was written.
     let back = on(&h, 0, &b, {
         let m = m.clone();
@@ -221,8 +228,51 @@ fn read_only_export_and_handshake_refusals() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A bad reply to a read of 4096 bytes at 0 with `cookie`: kind 0 is plain
+/// garbage, the others break one rule of structured replies each.
+fn bad_reply(kind: usize, cookie: u64) -> Vec<u8> {
+    let chunk = |flags: u16, ty: u16, cookie: u64, payload: &[u8], len: Option<u32>| {
+        let mut v = proto::Head::chunk(flags, ty, cookie, len.unwrap_or(payload.len() as u32))
+            .bytes()
+            .to_vec();
+        v.extend_from_slice(payload);
+        v
+    };
+    let done = proto::chunk::FLAG_DONE;
+    match kind {
+        1 => proto::Head::simple(0, cookie ^ 0xdead).bytes().to_vec(),
+        2 => chunk(
+            done,
+            proto::chunk::OFFSET_DATA,
+            cookie,
+            &[0; 8],
+            Some(u32::MAX),
+        ),
+        3 => {
+            let mut p = (1u64 << 40).to_be_bytes().to_vec();
+            p.extend_from_slice(&[0; 16]);
+            chunk(done, proto::chunk::OFFSET_DATA, cookie, &p, None)
+        }
+        4 => chunk(
+            done,
+            proto::chunk::ERROR,
+            cookie,
+            &[0, 0, 0, 5, 0xff, 0xff],
+            None,
+        ),
+        5 => chunk(done, 77, cookie, &[], None),
+        6 => chunk(0, proto::chunk::NONE, cookie, &[1, 2], None),
+        7 => chunk(done, proto::chunk::ERROR, cookie, &[0, 0, 0, 0, 0, 0], None),
+        8 => proto::Head::simple(0, cookie).bytes().to_vec(),
+        _ => vec![0xa5; 64],
+    }
+}
+
+/// Kinds of [`bad_reply`].
+const BAD_REPLIES: usize = 9;
+
 /// A fake server: a good handshake up to step `bad`, then garbage; with
-/// `bad` past the handshake, garbage as the first reply.
+/// `bad` past the handshake, reply `bad - 100` of [`bad_reply`].
 fn fake_server(listener: UnixListener, bad: usize) {
     std::thread::spawn(move || {
         let Ok((mut s, _)) = listener.accept() else {
@@ -289,10 +339,10 @@ fn fake_server(listener: UnixListener, bad: usize) {
                 return;
             }
         }
-        // Transmission: garbage as the reply to the first request.
+        // Transmission: a bad reply to the first request.
         let mut rq = [0u8; proto::REQUEST_LEN];
         if s.read_exact(&mut rq).is_ok() {
-            let _ = s.write_all(&garbage);
+            let _ = s.write_all(&bad_reply(bad.saturating_sub(100), proto::be64(&rq[8..16])));
         }
         std::thread::sleep(Duration::from_millis(200));
     });
@@ -312,22 +362,29 @@ fn garbage_at_each_step_drops_the_connection_with_a_clear_error() {
             .to_string();
         assert!(e.contains("NBD protocol error"), "step {bad}: {e}");
     }
-    // Past the handshake: the reply is garbage; with reconnect-delay 0 the
-    // read fails with EIO (and the reconnection fails: nothing listens any more).
-    let sock = dir.join("gr.sock");
-    fake_server(UnixListener::bind(&sock).expect("bind"), 99);
-    let b = open(&h, cfg(&sock, "x")).expect("open");
-    let st = on(&h, 0, &b, |b| {
-        Box::pin(async move {
-            let ch = bdev::channel(&b).expect("channel");
-            match bdev::read_at(&ch, 0, 4096).await {
-                Ok(_) => None,
-                Err(e) => Some(e.errno()),
-            }
-        })
-    });
-    assert_eq!(st, Some(libc::EIO));
-    drop(b);
+    // Past the handshake, each kind of bad reply: with reconnect-delay 0 the
+    // read fails with EIO (the connection is dropped; nothing listens any more).
+    for kind in 0..BAD_REPLIES {
+        let sock = dir.join(format!("gr{kind}.sock"));
+        fake_server(UnixListener::bind(&sock).expect("bind"), 100 + kind);
+        let b = open(&h, cfg(&sock, "x")).expect("open");
+        let st = on(&h, 0, &b, |b| {
+            Box::pin(async move {
+                let ch = bdev::channel(&b).expect("channel");
+                match bdev::read_at(&ch, 0, 4096).await {
+                    Ok(_) => None,
+                    Err(e) => Some(e.errno()),
+                }
+            })
+        });
+        assert_eq!(st, Some(libc::EIO), "bad reply kind {kind}");
+        assert_eq!(
+            b.driver_specific()["nbd"]["connections_dropped"],
+            1,
+            "bad reply kind {kind}: the connection is dropped"
+        );
+        drop(b);
+    }
     rt.shutdown();
     let _ = std::fs::remove_dir_all(dir);
 }
