@@ -71,3 +71,8 @@ fn garbage_from_a_fake_server_drops_the_connection() {
 fn backing_named_by_json_and_tcp_uri_opens_over_nbd() {
     scenario("json_backing");
 }
+
+#[test]
+fn open_timeout_waits_for_the_server() {
+    scenario("open_timeout");
+}
