@@ -194,6 +194,33 @@ def answers(vm, d, script):
     return out
 
 
+def case_fio_verify(vm, d):
+    """fio with checksums over sluice's export of an nbd node on qemu-nbd
+    (which takes one client): two connections to sluice, on two reactors,
+    share the client's one connection; every block verified."""
+    img = os.path.join(d, "srv.raw")
+    run("qemu-img", "create", "-f", "raw", img, "64M")
+    sock = os.path.join(d, "qn.sock")
+    p = qemu_nbd(sock, img)
+    try:
+        vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "f0", "server": unix(sock), "export": "exp"})
+        uri = sluice_export(vm, d, "f0", "f0")
+        r = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+                "--iodepth=16", "--size=32M", "--numjobs=2", "--offset_increment=32M", "--verify=crc32c",
+                "--do_verify=1", "--verify_state_save=0", "--group_reporting", ok=False)
+        expect(r.returncode == 0 and "err= 0" in r.stdout, f"fio: {r.stdout}{r.stderr}")
+        t = run("fio", "--name=s", "--ioengine=nbd", f"--uri={uri}", "--rw=read", "--bs=1M",
+                "--iodepth=8", "--size=64M", "--output-format=json", ok=False)
+        expect(t.returncode == 0, f"fio: {t.stdout}{t.stderr}")
+        bw = json.loads(t.stdout[t.stdout.index("{"):])["jobs"][0]["read"]["bw_bytes"]
+        print(f"sequential 1 MiB reads through sluice's NBD client: {bw / MiB:.0f} MiB/s")
+        vm.rcmd("block-export-del", {"id": "f0"})
+        vm.rcmd("blockdev-del", {"node-name": "f0"})
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
 def case_errors_match_qsd(vm, d):
     img = os.path.join(d, "srv.raw")
     run("qemu-img", "create", "-f", "raw", img, "1M")

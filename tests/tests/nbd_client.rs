@@ -76,3 +76,8 @@ fn backing_named_by_json_and_tcp_uri_opens_over_nbd() {
 fn open_timeout_waits_for_the_server() {
     scenario("open_timeout");
 }
+
+#[test]
+fn fio_verified_io_through_the_client_from_two_reactors() {
+    scenario("fio_verify");
+}
