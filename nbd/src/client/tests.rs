@@ -388,3 +388,110 @@ fn garbage_at_each_step_drops_the_connection_with_a_clear_error() {
     rt.shutdown();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A server of the old kind: no structured replies, no `NBD_OPT_GO` (only
+/// `NBD_OPT_EXPORT_NAME`, with the 124 zero bytes), simple replies; reads
+/// return 0x42, everything else succeeds.
+fn legacy_server(listener: UnixListener) {
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&proto::FLAG_FIXED_NEWSTYLE.to_be_bytes());
+        if s.write_all(&hello).is_err() {
+            return;
+        }
+        let mut cf = [0u8; 4];
+        if s.read_exact(&mut cf).is_err() {
+            return;
+        }
+        loop {
+            let mut oh = [0u8; 16];
+            if s.read_exact(&mut oh).is_err() {
+                return;
+            }
+            let o = proto::be32(&oh[8..12]);
+            let mut data = vec![0u8; proto::be32(&oh[12..16]) as usize];
+            if s.read_exact(&mut data).is_err() {
+                return;
+            }
+            if o == proto::opt::EXPORT_NAME {
+                let mut v = MIB.to_be_bytes().to_vec();
+                v.extend_from_slice(
+                    &(proto::tflags::HAS_FLAGS | proto::tflags::SEND_FLUSH).to_be_bytes(),
+                );
+                v.extend_from_slice(&[0u8; 124]);
+                if s.write_all(&v).is_err() {
+                    return;
+                }
+                break;
+            }
+            if s.write_all(&proto::option_reply(o, proto::rep::ERR_UNSUP, &[]))
+                .is_err()
+            {
+                return;
+            }
+        }
+        loop {
+            let mut rq = [0u8; proto::REQUEST_LEN];
+            if s.read_exact(&mut rq).is_err() {
+                return;
+            }
+            let Some(r) = proto::decode_request(&rq) else {
+                return;
+            };
+            if r.cmd == proto::cmd::DISC {
+                return;
+            }
+            if r.cmd == proto::cmd::WRITE {
+                let mut sink = vec![0u8; r.len as usize];
+                if s.read_exact(&mut sink).is_err() {
+                    return;
+                }
+            }
+            let mut v = proto::Head::simple(0, r.cookie).bytes().to_vec();
+            if r.cmd == proto::cmd::READ {
+                v.extend(std::iter::repeat_n(0x42u8, r.len as usize));
+            }
+            if s.write_all(&v).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+#[test]
+fn falls_back_to_export_name_and_simple_replies() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("legacy");
+    let sock = dir.join("l.sock");
+    legacy_server(UnixListener::bind(&sock).expect("bind"));
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let info = b.export_info();
+    assert!(!info.structured && info.meta_id.is_none(), "{info:?}");
+    assert_eq!(b.size(), MIB);
+    assert!(
+        b.range_status(0, MIB).is_none(),
+        "no block status without structured replies"
+    );
+    let (data, wrote, flushed) = on(&h, 0, &b, |b| {
+        Box::pin(async move {
+            let ch = bdev::channel(&b).expect("channel");
+            let got = bdev::read_at(&ch, 4096, 8192).await.expect("read");
+            let w = bdev::write_at(&ch, 0, DmaBuf::new(4096).expect("buf"))
+                .await
+                .is_ok();
+            let f = bdev::simple_io(&ch, IoType::Flush, 0, 0).await;
+            (got.as_slice().iter().all(|&x| x == 0x42), w, f)
+        })
+    });
+    assert!(data && wrote && flushed.is_ok());
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
