@@ -517,15 +517,25 @@ def case_json_backing(vm, d):
         ]
         for i, name in enumerate(names):
             ov = os.path.join(d, f"ov{i}.qcow2")
-            run("qemu-img", "create", "-f", "qcow2", "-u", "-b", name, "-F", "raw", ov, "8M")
+            # The overlay is larger than its backing: past the backing's end reads as zeroes.
+            run("qemu-img", "create", "-f", "qcow2", "-u", "-b", name, "-F", "raw", ov, "16M")
             expect(json.loads(run("qemu-img", "info", "--output=json", ov).stdout)["backing-filename"] == name,
                    "qemu-img wrote another name")
             vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": f"ov{i}",
                                      "file": {"driver": "file", "filename": ov}})
             uri = sluice_export(vm, d, f"ov{i}", f"ov{i}")
-            run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x77 1M 1M", "-c", "read -P 0 0 1M", uri)
+            run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x77 1M 1M", "-c", "read -P 0 0 1M",
+                "-c", "read -P 0 8M 8M", uri)
             vm.rcmd("block-export-del", {"id": f"ov{i}"})
+            vm.rcmd("block-stream", {"device": f"ov{i}", "job-id": f"s{i}"})
+            ev = vm.event_wait("BLOCK_JOB_COMPLETED", 60, {"device": f"s{i}"})
+            expect("error" not in ev["data"], ev)
             vm.rcmd("blockdev-del", {"node-name": f"ov{i}"})
+            run("qemu-img", "check", ov)
+            run("qemu-io", "-f", "qcow2", "-c", "read -P 0x77 1M 1M", "-c", "read -P 0 0 1M",
+                "-c", "read -P 0 2M 14M", ov)
+            expect("backing-filename" not in json.loads(run("qemu-img", "info", "--output=json", ov).stdout),
+                   "the stream left a backing file")
     finally:
         for x in (p, t):
             x.terminate()

@@ -264,6 +264,18 @@ impl Bdev for NbdBdev {
     }
     fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
         self.info.meta_id?;
+        // The server answers only inside the export: past its end (a backing
+        // file shorter than its overlay) reads as zeroes.
+        let size = self.size();
+        if offset >= size {
+            let st = bdev::RangeStatus {
+                len: len.max(1),
+                allocated: false,
+                zero: true,
+            };
+            return Some(Box::pin(async move { Ok(st) }));
+        }
+        let len = len.min(size - offset);
         let me: Arc<dyn Bdev> = self.me.upgrade()?;
         let id = self.id;
         let owner = self.owner;
