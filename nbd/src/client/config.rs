@@ -208,9 +208,13 @@ fn parse_server(s: &Map<String, Value>) -> Result<ServerAddr, String> {
     }
     let host = field("host")?.ok_or("Parameter 'server.host' is missing")?;
     let port = field("port")?.ok_or("Parameter 'server.port' is missing")?;
-    let port = port
-        .parse::<u16>()
-        .map_err(|_| format!("Invalid port '{port}'"))?;
+    // (QEMU resolves a service name here; sluice takes numbers, and words
+    // QEMU's refusal of a name it cannot resolve.)
+    let port = port.parse::<u16>().map_err(|_| {
+        format!(
+            "address resolution failed for {host}:{port}: Servname not supported for ai_socktype"
+        )
+    })?;
     Ok(ServerAddr::Inet { host, port })
 }
 
