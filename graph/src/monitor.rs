@@ -19,6 +19,8 @@ pub enum Driver {
     Raw,
     /// A null device.
     NullCo,
+    /// An NBD client (the data on an NBD server).
+    Nbd,
 }
 
 impl Driver {
@@ -30,6 +32,7 @@ impl Driver {
             Driver::Qcow2 => "qcow2",
             Driver::Raw => "raw",
             Driver::NullCo => "null-co",
+            Driver::Nbd => "nbd",
         }
     }
 

@@ -141,6 +141,19 @@ fn describe_as(b: &Arc<dyn Bdev>, as_file: bool) -> QemuNode {
             return protocol("nvme", f);
         }
     }
+    if b.driver_specific().get("nbd").is_some() {
+        if let Some(f) = b.filename() {
+            // An NBD client node (QEMU opens a backing over NBD as raw over nbd).
+            let file = protocol("nbd", f);
+            if as_file {
+                return file;
+            }
+            return QemuNode::Format {
+                driver: "raw".into(),
+                file: Box::new(file),
+            };
+        }
+    }
     let driver = b
         .driver_specific()
         .as_object()

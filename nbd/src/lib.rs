@@ -12,6 +12,7 @@
 //!   stream switches), claims it in the graph's registry, and counts its connections.
 
 pub mod addr;
+pub mod client;
 mod conn;
 pub mod error;
 pub mod export;

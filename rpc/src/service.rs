@@ -50,6 +50,7 @@ impl Service {
         let events = EventBus::default();
         let graph = graph::Graph::new(rt.clone(), events.clone());
         publish_corruption(&graph);
+        nbd::client::register_backing_protocol();
         let weak = Arc::downgrade(&graph);
         graph::qemu_name::register_describer(Arc::new(move |b| {
             weak.upgrade()

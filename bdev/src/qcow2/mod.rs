@@ -87,6 +87,7 @@ mod status;
 mod sync;
 mod verify;
 
+pub use backing_name::{register_protocol, ProtocolOpener};
 pub use bdev::{BlockStatus, Qcow2Bdev};
 pub use create::{create, create_file, create_file_locking, CreateOptions};
 pub use open::{open_file, open_file_as, resolve_backing_path, BackingSpec, OpenOptions};

@@ -9,6 +9,7 @@ pub mod core;
 pub mod job_qapi;
 pub mod jobs;
 pub mod nbd;
+pub mod nbd_client;
 pub mod nodes;
 pub mod notify;
 pub mod nvme;
@@ -34,6 +35,7 @@ pub fn build_table() -> MethodTable {
     snapshot::register(&mut t);
     nvme::register(&mut t);
     nbd::register(&mut t);
+    nbd_client::register(&mut t);
     perf::register(&mut t);
     record::register(&mut t);
     t

@@ -371,3 +371,38 @@ pub(crate) fn locking_param(v: Option<&str>) -> Result<LockMode, RpcError> {
         }),
     }
 }
+
+/// Opens an NBD client node (not registered) on reactor 0. A read-only
+/// export needs `read-only` or `auto-read-only` (QEMU's error otherwise).
+pub fn open_nbd(
+    svc: &Service,
+    name: &str,
+    config: nbd::client::ClientConfig,
+    read_only: bool,
+    auto_read_only: bool,
+) -> Result<Arc<dyn Bdev>, RpcError> {
+    let ro = read_only;
+    let n = name.to_string();
+    let b = svc
+        .rt
+        .spawn_on(0, move || async move {
+            nbd::client::NbdBdev::open(&n, config, ro).await
+        })
+        .block()
+        .map_err(|e| RpcError::internal(e.to_string()))?
+        .map_err(|e| match e {
+            // QEMU's words: the OS error's text without Rust's "(os error N)".
+            BdevError::Os { what, source } => match source.raw_os_error() {
+                Some(n) => RpcError::errno(
+                    n,
+                    format!("{what}: {}", nix::errno::Errno::from_raw(n).desc()),
+                ),
+                None => RpcError::errno(libc::EIO, format!("{what}: {source}")),
+            },
+            e => e.into(),
+        })?;
+    if b.export_info().has(nbd::proto::tflags::READ_ONLY) && !ro && !auto_read_only {
+        return Err(RpcError::errno(libc::EACCES, "NBD export is read-only"));
+    }
+    Ok(b)
+}

@@ -130,6 +130,13 @@ fn create_leaf(svc: &Service, name: &str, spec: &NodeSpec) -> Result<(), RpcErro
     let b = match &spec.kind {
         Kind::File { .. } => open_file_node(name, spec)?,
         Kind::NullCo { size, read_zeroes } => open_null(name, *size, *read_zeroes)?,
+        Kind::Nbd { config } => nodes::open_nbd(
+            svc,
+            name,
+            config.clone(),
+            spec.common.read_only.unwrap_or(false),
+            spec.common.auto_read_only,
+        )?,
         _ => return Err(RpcError::internal("not a leaf node")),
     };
     register_bdev(svc, b)?;
@@ -190,7 +197,7 @@ pub fn create(svc: &Service, name: &str, spec: &NodeSpec) -> Result<Made, RpcErr
         file_ref: None,
     };
     match &spec.kind {
-        Kind::File { .. } | Kind::NullCo { .. } => create_leaf(svc, name, spec)?,
+        Kind::File { .. } | Kind::NullCo { .. } | Kind::Nbd { .. } => create_leaf(svc, name, spec)?,
         Kind::Raw { file } => create_raw(svc, name, spec, file, &mut made)?,
         Kind::Qcow2 {
             file,

@@ -43,6 +43,7 @@ pub fn describe(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<QemuNode> {
                 .filter_map(|k| Some((k, args.get(k)?.clone())));
             Some(qemu_name::options("null-co", opts))
         }
+        Driver::Nbd => Some(qemu_name::protocol("nbd", b.filename()?)),
         Driver::Qcow2 => None,
     }
 }

@@ -32,7 +32,6 @@ pub(super) const OTHER_DRIVERS: &[&str] = &[
     "io_uring",
     "iscsi",
     "luks",
-    "nbd",
     "nfs",
     "null-aio",
     "nvme",
@@ -106,6 +105,9 @@ pub enum Kind {
     NullCo {
         size: u64,
         read_zeroes: bool,
+    },
+    Nbd {
+        config: nbd::client::ClientConfig,
     },
 }
 
@@ -237,6 +239,7 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
             "qcow2" => Driver::Qcow2,
             "raw" => Driver::Raw,
             "null-co" => Driver::NullCo,
+            "nbd" => Driver::Nbd,
             d if OTHER_DRIVERS.contains(&d) => {
                 return Err(RpcError::errno(
                     libc::ENOTSUP,
@@ -276,6 +279,20 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
             let read_zeroes = a.bool("read-zeroes")?.unwrap_or(false);
             (Kind::NullCo { size, read_zeroes }, &[])
         }
+        Driver::Nbd => {
+            let mut m = serde_json::Map::new();
+            for k in ["server", "export", "reconnect-delay", "open-timeout"] {
+                if let Some(v) = a.any(k) {
+                    m.insert(k.into(), v.clone());
+                }
+            }
+            let config = nbd::client::ClientConfig::from_options(&m)
+                .map_err(|e| RpcError::invalid_params(prefix_param(&e, prefix)))?;
+            (
+                Kind::Nbd { config },
+                &["tls-creds", "tls-hostname", "x-dirty-bitmap"],
+            )
+        }
         Driver::Raw => {
             let file = node_ref(&mut a, "file", &common)?;
             (Kind::Raw { file }, &["offset", "size"])
@@ -314,6 +331,14 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
         common,
         kind,
     })
+}
+
+/// An NBD option error with the nested node's prefix in its parameter name.
+fn prefix_param(e: &str, prefix: &str) -> String {
+    if prefix.is_empty() {
+        return e.to_string();
+    }
+    e.replacen("'", &format!("'{prefix}"), 1)
 }
 
 /// A qcow2 node's `overlap-check` (QAPI `Qcow2OverlapChecks`): a mode name,
