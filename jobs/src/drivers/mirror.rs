@@ -30,7 +30,7 @@ pub use self::core::{CopyMode, Init, Mirror, Setup};
 pub use resolve::{resolve, MirrorError, MirrorParams, MirrorPlan, SyncMode};
 
 use crate::copy::Tuning;
-use crate::job::{self, Job, JobDriver, JobKind, JobManager, Step};
+use crate::job::{self, Job, JobDriver, JobKind, JobManager, JobSpec, Step};
 use graph::Graph;
 use reactor::RuntimeHandle;
 use std::sync::Arc;
@@ -51,6 +51,15 @@ pub fn start(
 ) -> Result<Arc<Job>, MirrorError> {
     let (mut plan, spec) = resolve(g, mgr, &p)?;
     plan.release_target = p.release_target.take();
+    let speed = match p.job.speed() {
+        Ok(s) => s,
+        Err(e) => {
+            // QEMU creates the job, then refuses the speed: created, null.
+            mgr.create(spec).map_err(MirrorError::Job)?.abandon();
+            return Err(MirrorError::Invalid(e));
+        }
+    };
+    let spec = JobSpec { speed, ..spec };
     let setup = Setup {
         granularity: plan.granularity,
         buf_size: plan.buf_size,

@@ -342,6 +342,14 @@ impl Job {
         }
     }
 
+    /// A job created but refused before it started (QEMU's `job_create`
+    /// followed by a failed setting, such as a negative speed): created ->
+    /// null, which the table forgets.
+    pub fn abandon(&self) {
+        let mut c = self.lock();
+        self.transition(&mut c, JobStatus::Null);
+    }
+
     /// Records whether a mirror is actively synced (see [`JobInfo`]).
     pub fn set_actively_synced(&self, v: bool) {
         self.actively_synced.store(v, Ordering::Relaxed);

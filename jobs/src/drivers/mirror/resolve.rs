@@ -133,12 +133,17 @@ pub struct MirrorPlan {
 /// QEMU's default buffer (`DEFAULT_MIRROR_BUF_SIZE`).
 pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 
-/// The node `name` is a backing file of, if any (QEMU's op blocker).
+/// The node `name` is a backing file of, if any: the last one attached
+/// (QEMU's op blockers are a list each new parent is put at the head of).
 fn backing_user(g: &Graph, name: &str) -> Option<String> {
-    g.nodes().claims_of(name).into_iter().find_map(|c| match c.holder {
-        Holder::Node(n) if c.role == "backing" => Some(n),
-        _ => None,
-    })
+    g.nodes()
+        .claims_of(name)
+        .into_iter()
+        .filter_map(|c| match c.holder {
+            Holder::Node(n) if c.role == "backing" => Some(n),
+            _ => None,
+        })
+        .last()
 }
 
 fn busy(g: &Graph, mgr: &JobManager, name: &str) -> Result<(), MirrorError> {
@@ -231,7 +236,6 @@ pub fn resolve(
     if mgr.job(&job_id).is_ok() {
         return Err(MirrorError::Job(JobError::IdInUse(job_id)));
     }
-    p.job.speed().map_err(MirrorError::Invalid)?;
     if target.read_only() {
         return Err(MirrorError::Invalid(format!(
             "Block node '{}' is read-only",
@@ -264,7 +268,9 @@ pub fn resolve(
         .map(|d| d.name().to_string())
         .unwrap_or_else(|| p.device.clone());
     let nodes = vec![source.name().to_string(), target.name().to_string()];
-    let spec = p.job.spec(job_id, super::KIND, spec_device, false, nodes);
+    let mut spec = p.job.spec(job_id, super::KIND, spec_device, false, nodes);
+    // A negative speed is refused once the job exists (QEMU's order).
+    spec.speed = 0;
     let plan = MirrorPlan {
         source,
         target,
