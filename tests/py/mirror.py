@@ -10,7 +10,7 @@ import random
 import subprocess
 import time
 
-from stream_common import check, compare_raw, make_chain, qemu_img, qemu_io, qsd_monitor, reference, run_case
+from stream_common import check, compare_raw, info, make_chain, qemu_img, qemu_io, qsd_monitor, reference, run_case
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -257,6 +257,118 @@ def case_qsd(vm, d):
         compare_raw(paths[-1], ref)
     for n in ("tgt", "t3", "t4"):
         same_image(os.path.join(images["qsd"][0], f"{n}.qcow2"), os.path.join(images["sluice"][0], f"{n}.qcow2"))
+
+
+def make_drive(sub):
+    os.mkdir(sub)
+    paths = chain3(sub)
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(sub, "ex.qcow2"), "4M")
+    return paths, reference(sub, paths[-1])
+
+
+def drive_script(d):
+    """drive-mirror: refusals, then each mode and sync onto new files."""
+    s = add_nodes(d)[:3]
+    p = lambda n: os.path.join(d, n)  # noqa: E731
+    m = lambda **kw: ("drive-mirror", {"job-id": "j", "device": "top", "target": p("dm.qcow2"),  # noqa: E731
+                                       "sync": "full", **kw})
+    s += [
+        ("drive-mirror", {}),
+        ("drive-mirror", {"device": "top"}),
+        ("drive-mirror", {"device": "top", "target": "x"}),
+        m(format="bogus"),
+        m(mode="bogus"),
+        m(**{"node-name": "top"}),
+        m(**{"node-name": "1bad"}),
+        m(target=p("nodir/x.qcow2")),
+        m(target=p("none.qcow2"), mode="existing"),
+        m(replaces="mid"),
+        m(unmap=False, bogus=1),
+        m(device="nosuch"),
+        m(**{"job-id": "1x"}),
+        m(speed=-1),
+        m(granularity=100),
+        ("wait-status", ("j", "null")),
+        # sync=top onto a new image over the source's backing, by node-name.
+        m(**{"job-id": "a", "sync": "top", "format": "qcow2", "node-name": "dmtop"}),
+        ("wait-status", ("a", "ready")),
+        ("block-job-cancel", {"device": "a", "force": True}),
+        ("wait", "a"),
+        # sync=none: the new image is backed by the source itself.
+        m(**{"job-id": "b", "sync": "none", "target": p("dn.qcow2")}),
+        ("wait-status", ("b", "ready")),
+        ("block-job-complete", {"device": "b"}),
+        ("wait", "b"),
+        # An existing image is zeroed first: everything is copied.
+        m(**{"job-id": "c", "target": p("ex.qcow2"), "mode": "existing"}),
+        ("wait-status", ("c", "ready")),
+        ("block-job-cancel", {"device": "c"}),
+        ("wait", "c"),
+        # A new raw file: only what the chain holds is copied.
+        m(**{"job-id": "e", "target": p("dr.raw"), "format": "raw"}),
+        ("wait-status", ("e", "ready")),
+        ("block-job-cancel", {"device": "e"}),
+        ("wait", "e"),
+        m(**{"job-id": "f", "target": p("df.qcow2")}),
+        ("wait-status", ("f", "ready")),
+        ("block-job-cancel", {"device": "f"}),
+        ("wait", "f"),
+    ]
+    return s
+
+
+def case_drive(vm, d):
+    """drive-mirror's conversation on QSD and on sluice, step by step; the
+    images it made hold what the device showed, with QEMU's backing files."""
+    runs, images = both(d, make_drive, drive_script, vm, ["top", "mid", "base"])
+    for who, (sub, paths, ref) in images.items():
+        for n, back in (("dm.qcow2", "mid.qcow2"), ("dn.qcow2", "top.qcow2"), ("ex.qcow2", None),
+                        ("df.qcow2", None)):
+            f = os.path.join(sub, n)
+            check(f)
+            compare_raw(f, ref)
+            i = info(f)
+            got = i.get("backing-filename")
+            expect(got == (os.path.join(sub, back) if back else None), f"{who} {n}: backing {got}")
+        compare_raw(os.path.join(sub, "dr.raw"), ref)
+        expect(not os.path.exists(os.path.join(sub, "nodir")), "nodir made")
+    for n in ("dm.qcow2", "dn.qcow2", "ex.qcow2", "dr.raw", "df.qcow2"):
+        same_image(os.path.join(images["qsd"][0], n), os.path.join(images["sluice"][0], n))
+
+
+def case_drive_pivot(vm, d):
+    """drive-mirror of an exported node under verified client I/O: at
+    block-job-complete the export moves onto the new image, which stays
+    open (in use) after the job and holds every write."""
+    sub = os.path.join(d, "p")
+    paths, ref = make_drive(sub)
+    for cmd, args in add_nodes(sub)[:3]:
+        vm.rcmd(cmd, args)
+    u = export(vm, sub, "top")
+    n = 150
+    p = client(u, n)
+    new = os.path.join(sub, "new.qcow2")
+    vm.rcmd("drive-mirror", {"job-id": "m0", "device": "top", "target": new, "sync": "top",
+                             "node-name": "new", "speed": 1 * MiB})
+    vm.event_wait("BLOCK_JOB_READY", 60, {"device": "m0"})
+    expect(p.poll() is None, "the client finished before the pivot: nothing overlapped")
+    vm.rcmd("block-job-complete", {"device": "m0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "m0", "status": "null"})
+    done = [e for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 1 and "error" not in done[0]["data"], f"m0: {done}")
+    ex = vm.rcmd("query-block-exports")
+    expect([e["node-name"] for e in ex] == ["new"], f"export not moved onto new: {ex}")
+    client_ok(p, n)
+    qemu_io("-f", "raw", "-c", f"write -P 0x55 {2 * MiB} {n * 8}k", ref)
+    unexport(vm)
+    # The target was the command's: with its export gone, blockdev-del
+    # refuses it (not the monitor's) but bdev_qcow2_delete closes it.
+    vm.rcmd("bdev_qcow2_delete", {"name": "new"})
+    for nd in ("top", "mid", "base"):
+        vm.rcmd("blockdev-del", {"node-name": nd})
+    check(new)
+    compare_raw(new, ref)
+    expect(info(new).get("backing-filename") == paths[1], f"backing: {info(new)}")
 
 
 def client(u, n, base=2 * MiB):

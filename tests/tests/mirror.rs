@@ -41,3 +41,13 @@ fn mirror_under_verified_nbd_client_io_pivots_the_export() {
 fn write_blocking_mirror_converges_under_a_write_load() {
     scenario("write_blocking");
 }
+
+#[test]
+fn drive_mirror_conversation_matches_qsd() {
+    scenario("drive");
+}
+
+#[test]
+fn drive_mirror_pivots_an_export_onto_the_new_image() {
+    scenario("drive_pivot");
+}

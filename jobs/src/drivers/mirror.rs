@@ -27,7 +27,7 @@ pub mod core;
 mod resolve;
 
 pub use self::core::{CopyMode, Init, Mirror, Setup};
-pub use resolve::{resolve, MirrorError, MirrorParams, MirrorPlan, SyncMode};
+pub use resolve::{resolve, source_of, MirrorError, MirrorParams, MirrorPlan, SyncMode};
 
 use crate::copy::Tuning;
 use crate::job::{self, Job, JobDriver, JobKind, JobManager, JobSpec, Step};
@@ -46,11 +46,10 @@ pub fn start(
     g: &Arc<Graph>,
     mgr: &JobManager,
     rt: &RuntimeHandle,
-    mut p: MirrorParams,
+    p: MirrorParams,
     tuning: Tuning,
 ) -> Result<Arc<Job>, MirrorError> {
-    let (mut plan, spec) = resolve(g, mgr, &p)?;
-    plan.release_target = p.release_target.take();
+    let (plan, spec) = resolve(g, mgr, &p)?;
     let speed = match p.job.speed() {
         Ok(s) => s,
         Err(e) => {
@@ -121,10 +120,40 @@ impl JobDriver for MirrorDriver {
 
     fn clean<'a>(&'a mut self, _job: &'a Arc<Job>) -> Step<'a, ()> {
         self.mirror.detach();
-        if let Some(f) = self.plan.release_target.take() {
-            // Deleting a node waits on the reactors: not on this one.
-            std::thread::spawn(f);
-        }
-        Box::pin(async {})
+        Box::pin(async move {
+            if self.plan.release_target {
+                release(&self.plan.graph, &self.plan.target).await;
+            }
+        })
     }
+}
+
+/// Releases a target the job's request opened, unless something (a device
+/// moved onto it) uses it: unregistered, unlinked from its backing, closed.
+async fn release(g: &Graph, target: &Arc<dyn bdev::Bdev>) {
+    let name = target.name();
+    if !g.nodes().contains(name) || !g.nodes().claims(name).is_empty() {
+        return;
+    }
+    let Ok(b) = g.unregister_from_reactor(name).await else {
+        return;
+    };
+    if let Some(img) = graph::node::image(&b) {
+        if let Err(e) = img.set_backing_bdev(None).await {
+            tracing::warn!(node = name, error = %e, "cannot unlink mirror target");
+        }
+    }
+    g.release_all(&bdev::Holder::Node(name.to_string()));
+    if let Some(q) = b.as_any().downcast_ref::<bdev::qcow2::Qcow2Bdev>() {
+        if let Err(e) = q.close().await {
+            tracing::warn!(node = name, error = %e, "cannot close mirror target");
+        }
+    }
+    b.on_delete();
+    if let Some(rt) = reactor::handle() {
+        // Every reactor's cached channel goes, and with the last the file.
+        let c = b.clone();
+        let _ = rt.broadcast(move || bdev::drop_cached_channels(&c)).await;
+    }
+    tracing::info!(node = name, "mirror target released");
 }

@@ -77,13 +77,10 @@ pub struct MirrorParams {
     /// The target must be zeroed first (`blockdev-mirror` with `sync:
     /// full`; `drive-mirror` onto an existing image): everything is copied.
     pub zero_target: bool,
-    /// Called (on a thread of its own) when the job ends, to release a
-    /// target the request opened itself unless a device moved onto it.
-    pub release_target: Option<TargetRelease>,
+    /// The request opened the target itself (`drive-mirror`): it is
+    /// released when the job ends unless a device moved onto it.
+    pub release_target: bool,
 }
-
-/// Releases a target `drive-mirror` opened: given whether a device now uses it.
-pub type TargetRelease = Box<dyn FnOnce() + Send>;
 
 /// Why a mirror cannot start.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -124,8 +121,8 @@ pub struct MirrorPlan {
     pub write_blocking: bool,
     /// The reactor to run on.
     pub owner: usize,
-    /// Released when the job ends.
-    pub release_target: Option<TargetRelease>,
+    /// Released when the job ends unless in use.
+    pub release_target: bool,
     /// The graph the nodes live in.
     pub graph: Arc<Graph>,
 }
@@ -161,24 +158,32 @@ fn busy(g: &Graph, mgr: &JobManager, name: &str) -> Result<(), MirrorError> {
     Ok(())
 }
 
-/// Resolves and validates a request.
-pub fn resolve(
-    g: &Arc<Graph>,
+/// The node a mirror of `device` reads (a device's root, or a root node)
+/// and the device, if one was named (QEMU's `qmp_get_root_bs`). A claim
+/// held by the node `target` (`drive-mirror`'s new image over the source,
+/// for `sync: none`) does not count as a parent.
+pub fn source_of(
+    g: &Graph,
     mgr: &JobManager,
-    p: &MirrorParams,
-) -> Result<(MirrorPlan, JobSpec), MirrorError> {
+    device: &str,
+    target: Option<&str>,
+) -> Result<(Arc<dyn Bdev>, Option<Arc<dyn Bdev>>), MirrorError> {
     let named = g
         .nodes()
-        .get(&p.device)
-        .map_err(|_| MirrorError::NotFound(p.device.clone()))?;
-    let (source, device) = match Device::from_bdev(&named) {
+        .get(device)
+        .map_err(|_| MirrorError::NotFound(device.to_string()))?;
+    let (source, dev) = match Device::from_bdev(&named) {
         Some(d) => (d.root(), Some(named.clone())),
         None => {
             let above = g
                 .nodes()
                 .claims_of(named.name())
                 .iter()
-                .any(|c| matches!(c.holder, Holder::Node(_) | Holder::Job(_)));
+                .any(|c| match &c.holder {
+                    Holder::Node(n) => Some(n.as_str()) != target,
+                    Holder::Job(_) => true,
+                    _ => false,
+                });
             if above {
                 return Err(MirrorError::Invalid("Need a root block node".into()));
             }
@@ -188,6 +193,16 @@ pub fn resolve(
     if mgr.job_on_node(source.name()).is_some() {
         return Err(MirrorError::Invalid("Need a root block node".into()));
     }
+    Ok((source, dev))
+}
+
+/// Resolves and validates a request.
+pub fn resolve(
+    g: &Arc<Graph>,
+    mgr: &JobManager,
+    p: &MirrorParams,
+) -> Result<(MirrorPlan, JobSpec), MirrorError> {
+    let (source, device) = source_of(g, mgr, &p.device, Some(&p.target))?;
     let target = g
         .nodes()
         .get(&p.target)
@@ -282,7 +297,7 @@ pub fn resolve(
         on_target: p.on_target.unwrap_or(OnError::Report),
         write_blocking: p.write_blocking,
         owner,
-        release_target: None,
+        release_target: p.release_target,
         graph: g.clone(),
     };
     Ok((plan, spec))
