@@ -158,10 +158,16 @@ def scrub(v, d):
     return v
 
 
+MINE = {"base", "mid", "top", "copy-format"}
+
+
 def answer(cmd, r):
     if "error" in r:
         return ("error", r["error"]["class"], r["error"]["desc"])
     v = r["return"]
+    if cmd == "query-named-block-nodes":
+        return sorted((n["node-name"], n["backing_file_depth"], n["image"].get("backing-filename"))
+                      for n in v if n["node-name"] in MINE)
     if cmd == "query-block-jobs":
         # Progress and busy depend on timing while a job runs.
         drop = lambda j: ("busy", "offset", "len") if j["status"] == "running" else ("busy",)  # noqa: E731
@@ -203,6 +209,15 @@ def run_script(vm, d, s):
             continue
         if cmd == "wait-status":
             seen(vm, *args)
+            continue
+        if cmd == "job":
+            # A job that waits for job-dismiss (blockdev-create's).
+            seen(vm, args, "concluded")
+            out.append(("job-dismiss", args, answer("job-dismiss", vm.raw("job-dismiss", {"id": args}))))
+            seen(vm, args, "null")
+            out.append(("events", args, [event_view(e) for e in vm.pending
+                                         if e["event"].startswith(("JOB_", "BLOCK_"))]))
+            vm.pending = []
             continue
         out.append((cmd, scrub(args, d), scrub(answer(cmd, vm.raw(cmd, args)), d)))
     return out
@@ -369,6 +384,84 @@ def case_drive_pivot(vm, d):
     check(new)
     compare_raw(new, ref)
     expect(info(new).get("backing-filename") == paths[1], f"backing: {info(new)}")
+
+
+def libvirt_script(d):
+    """libvirt's blockcopy with a shallow copy and pivot, in blockdev mode:
+    the chain as file + format nodes, exported (the guest); the copy's file
+    and qcow2 image made with blockdev-create over the source's backing,
+    added with backing: mid; blockdev-mirror sync=top (auto-dismiss off),
+    READY, block-job-complete, job-dismiss, then the old top deleted."""
+    f = lambda n: os.path.join(d, n)  # noqa: E731
+    s = []
+    for n, b in (("base", None), ("mid", "base"), ("top", "mid")):
+        s += [("blockdev-add", {"driver": "file", "node-name": f"{n}-storage", "filename": f(f"{n}.qcow2")}),
+              ("blockdev-add", {"driver": "qcow2", "node-name": n, "file": f"{n}-storage", "backing": b})]
+    jid = "copy-vda-copy-format"
+    s += [
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f("nbd.sock")}}}),
+        ("block-export-add", {"type": "nbd", "id": "vda", "node-name": "top", "writable": True}),
+        ("blockdev-create", {"job-id": "create-file", "options": {"driver": "file", "filename": f("copy.qcow2"),
+                                                                  "size": 0}}),
+        ("job", "create-file"),
+        ("blockdev-add", {"driver": "file", "node-name": "copy-storage", "filename": f("copy.qcow2")}),
+        ("blockdev-create", {"job-id": "create-format", "options": {
+            "driver": "qcow2", "file": "copy-storage", "size": 4 * MiB, "backing-file": f("mid.qcow2"),
+            "backing-fmt": "qcow2"}}),
+        ("job", "create-format"),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "copy-format", "file": "copy-storage",
+                          "backing": "mid"}),
+        ("blockdev-mirror", {"job-id": jid, "device": "top", "target": "copy-format", "sync": "top",
+                             "auto-finalize": True, "auto-dismiss": False}),
+        ("wait-status", (jid, "ready")),
+        ("query-block-jobs", {}),
+        ("block-job-complete", {"device": jid}),
+        ("wait-status", (jid, "concluded")),
+        ("query-jobs", {}),
+        ("job-dismiss", {"id": jid}),
+        ("wait", jid),
+        ("query-block-exports", {}),
+        ("blockdev-del", {"node-name": "top"}),
+        ("blockdev-del", {"node-name": "top-storage"}),
+        ("query-named-block-nodes", {}),
+    ]
+    return s
+
+
+def case_libvirt(vm, d):
+    """libvirt's blockcopy flow on QSD and on sluice, step by step; the guest
+    (the export) ends on the copy, which shows what top showed and takes
+    writes; the copy sits on mid as its backing file."""
+    runs = {}
+    for who in ("qsd", "sluice"):
+        sub = os.path.join(d, who)
+        paths, ref = make_drive(sub)
+        s = libvirt_script(sub)
+
+        def after(v):
+            u = f"nbd+unix:///top?socket={os.path.join(sub, 'nbd.sock')}"
+            qemu_io("-f", "raw", "-c", "read -P 0x33 1M 512k", "-c", "write -P 0x66 3M 64k", u)
+            qemu_io("-f", "raw", "-c", "write -P 0x66 3M 64k", ref)
+            v.rcmd("block-export-del", {"id": "vda"})
+            v.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "vda"})
+            v.rcmd("nbd-server-stop")
+            for n in ("copy-format", "copy-storage", "mid", "mid-storage", "base", "base-storage"):
+                r = v.raw("blockdev-del", {"node-name": n})
+                expect("return" in r, f"{who}: blockdev-del {n}: {r}")
+        if who == "qsd":
+            with qsd_monitor(sub) as qsd:
+                runs[who] = run_script(qsd, sub, s)
+                after(qsd)
+        else:
+            runs[who] = run_script(vm, sub, s)
+            after(vm)
+        copy = os.path.join(sub, "copy.qcow2")
+        check(copy)
+        compare_raw(copy, ref)
+        expect(info(copy).get("backing-filename") == paths[1], f"{who}: copy's backing {info(copy)}")
+        for p in paths:
+            check(p)
+    compare_runs(runs)
 
 
 def client(u, n, base=2 * MiB):

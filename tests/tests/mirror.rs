@@ -51,3 +51,8 @@ fn drive_mirror_conversation_matches_qsd() {
 fn drive_mirror_pivots_an_export_onto_the_new_image() {
     scenario("drive_pivot");
 }
+
+#[test]
+fn libvirt_blockcopy_shallow_pivot_matches_qsd() {
+    scenario("libvirt");
+}
