@@ -211,12 +211,20 @@ fn drive_mirror(svc: &Service, p: Params) -> Result<Value, RpcError> {
             "Duplicate nodes with node-name='{name}'"
         )));
     }
+    // The target is opened in the source's cache mode (QEMU opens it with
+    // the source's flags).
+    let direct = source
+        .as_any()
+        .downcast_ref::<qcow2::Qcow2Bdev>()
+        .and_then(|q| q.base().config())
+        .and_then(|c| c["params"]["direct"].as_bool());
     if format == "qcow2" {
         nodes::open(
             svc,
             Open {
                 node_name: Some(name.clone()),
                 filename: Some(path.clone()),
+                direct,
                 backing: backing
                     .as_ref()
                     .filter(|_| !existing)
@@ -231,7 +239,7 @@ fn drive_mirror(svc: &Service, p: Params) -> Result<Value, RpcError> {
             &path,
             FileOpts {
                 block_size: None,
-                direct: None,
+                direct,
                 read_only: false,
                 uuid: None,
                 locking: LockMode::Auto,
