@@ -528,6 +528,37 @@ def case_nbd_io(vm, d):
         check(path)
 
 
+def case_soft_cancel(vm, d):
+    """block-job-cancel without force once ready: the job completes without
+    the pivot, and the target is a consistent copy of that moment, holding
+    writes made just before the cancel that the throttled job had not
+    copied yet (QEMU drains them likewise)."""
+    sub = os.path.join(d, "s")
+    paths, ref = make(sub)
+    for cmd, args in add_nodes(sub):
+        vm.rcmd(cmd, args)
+    u = export(vm, sub, "top")
+    vm.rcmd("blockdev-mirror", {"job-id": "s0", "device": "top", "target": "tgt", "sync": "full"})
+    vm.event_wait("BLOCK_JOB_READY", 60, {"device": "s0"})
+    # 3 MiB the job, now throttled, needs many seconds to copy.
+    vm.rcmd("block-job-set-speed", {"device": "s0", "speed": 64 * KiB})
+    for img in (u, ref):
+        qemu_io("-f", "raw", "-c", "write -P 0x77 1M 3M", img)
+    vm.rcmd("block-job-cancel", {"device": "s0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "s0", "status": "null"})
+    done = [e["data"] for e in vm.pending if e["event"].startswith("BLOCK_JOB_")]
+    expect(len(done) == 1 and "error" not in done[0], f"s0: {done}")
+    ex = vm.rcmd("query-block-exports")
+    expect([e["node-name"] for e in ex] == ["top"], f"export moved: {ex}")
+    unexport(vm)
+    for nd in NODES:
+        vm.rcmd("blockdev-del", {"node-name": nd})
+    tgt = os.path.join(sub, "tgt.qcow2")
+    check(tgt)
+    compare_raw(paths[-1], ref)
+    compare_raw(tgt, ref)
+
+
 def loader(u, size, seconds, seed):
     """Random 64 KiB writes through NBD for about `seconds`, as fast as
     qemu-io goes (one request at a time)."""

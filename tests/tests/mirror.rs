@@ -56,3 +56,8 @@ fn drive_mirror_pivots_an_export_onto_the_new_image() {
 fn libvirt_blockcopy_shallow_pivot_matches_qsd() {
     scenario("libvirt");
 }
+
+#[test]
+fn cancel_once_ready_leaves_a_consistent_copy_of_that_moment() {
+    scenario("soft_cancel");
+}

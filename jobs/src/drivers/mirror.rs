@@ -101,8 +101,9 @@ impl JobDriver for MirrorDriver {
     fn prepare<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
         Box::pin(async move {
             if job.soft_cancel_requested() || !job.complete_requested() {
-                // Cancelled once ready, without force: done, no pivot.
-                return self::core::flush(&self.plan.target).await;
+                // Cancelled once ready, without force: the last writes
+                // copied with the devices quiesced, no pivot.
+                return self.mirror.finish_copy(job).await;
             }
             let graph = self.plan.graph.clone();
             let change = graph.change_on_reactor().await;

@@ -60,8 +60,9 @@ impl JobDriver for ActiveCommit {
     fn prepare<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
         Box::pin(async move {
             if job.soft_cancel_requested() {
-                // Cancelled once ready, without force: done, no pivot.
-                return Ok(());
+                // Cancelled once ready, without force: base gets the last
+                // writes (devices quiesced), no pivot.
+                return self.mirror.finish_copy(job).await;
             }
             let graph = self.plan.graph.clone();
             let change = graph.change_on_reactor().await;

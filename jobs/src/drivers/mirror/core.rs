@@ -280,6 +280,17 @@ impl Mirror {
     /// made durable, the devices moved onto it (write-blocking stopped
     /// before they resume), then resumed.
     pub async fn pivot(&mut self, job: &Job) -> Result<(), String> {
+        self.converge(job, true).await
+    }
+
+    /// The end of a mirror cancelled once ready without force: as the
+    /// pivot, without the switch (the target is a consistent copy of the
+    /// moment the devices were quiesced; QEMU drains likewise).
+    pub async fn finish_copy(&mut self, job: &Job) -> Result<(), String> {
+        self.converge(job, false).await
+    }
+
+    async fn converge(&mut self, job: &Job, switch: bool) -> Result<(), String> {
         let rt = reactor::handle().ok_or_else(|| "not on a reactor".to_string())?;
         let devs: Vec<Arc<dyn Bdev>> = self.devices.clone();
         let devs: Vec<&Device> = devs.iter().filter_map(Device::from_bdev).collect();
@@ -293,7 +304,7 @@ impl Mirror {
             quiesced += 1;
         }
         if r.is_ok() {
-            r = self.drain_and_switch(job, &rt, &devs).await;
+            r = self.drain_and_switch(job, &rt, &devs, switch).await;
         }
         if r.is_ok() {
             self.detach();
@@ -309,6 +320,7 @@ impl Mirror {
         job: &Job,
         rt: &reactor::RuntimeHandle,
         devs: &[&Device],
+        switch: bool,
     ) -> Result<(), String> {
         let io = Io::new(self)?;
         while let Some((off, len)) = self.map.take(0, self.chunk) {
@@ -319,6 +331,9 @@ impl Mirror {
             self.account(job, n);
         }
         flush(&self.target).await?;
+        if !switch {
+            return Ok(());
+        }
         for d in devs {
             d.swap_root(rt, self.target.clone())
                 .await
