@@ -136,11 +136,11 @@ fn backing_user(g: &Graph, name: &str) -> Option<String> {
     g.nodes()
         .claims_of(name)
         .into_iter()
-        .filter_map(|c| match c.holder {
+        .rev()
+        .find_map(|c| match c.holder {
             Holder::Node(n) if c.role == "backing" => Some(n),
             _ => None,
         })
-        .last()
 }
 
 fn busy(g: &Graph, mgr: &JobManager, name: &str) -> Result<(), MirrorError> {
@@ -158,6 +158,9 @@ fn busy(g: &Graph, mgr: &JobManager, name: &str) -> Result<(), MirrorError> {
     Ok(())
 }
 
+/// The node a mirror reads, and the device named (if one was).
+pub type Source = (Arc<dyn Bdev>, Option<Arc<dyn Bdev>>);
+
 /// The node a mirror of `device` reads (a device's root, or a root node)
 /// and the device, if one was named (QEMU's `qmp_get_root_bs`). A claim
 /// held by the node `target` (`drive-mirror`'s new image over the source,
@@ -167,7 +170,7 @@ pub fn source_of(
     mgr: &JobManager,
     device: &str,
     target: Option<&str>,
-) -> Result<(Arc<dyn Bdev>, Option<Arc<dyn Bdev>>), MirrorError> {
+) -> Result<Source, MirrorError> {
     let named = g
         .nodes()
         .get(device)
