@@ -9,6 +9,12 @@
 //! new root. All of it is done with messages to the reactors; the data path
 //! takes no lock and allocates nothing (a per-channel slot table keeps each
 //! forwarded request's original tag and completion target).
+//!
+//! A job mirroring the device attaches a [`DirtyMap`] (every completed
+//! write marks it) and, for QEMU's write-blocking copy mode, an
+//! [`ActiveSync`]: while it is enabled a write goes on to the mirror's
+//! target once the root has it and completes to its client after both
+//! (`device/active.rs`).
 
 use crate::bdev::{Bdev, Channel, RangeStatusFuture};
 use crate::channel::{channel, IoChannel};
