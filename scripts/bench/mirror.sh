@@ -38,7 +38,7 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 export SLUICE SIZE STORAGE ROUNDS ACTIVE DISK_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
-import json, os, random, subprocess, tempfile, threading, time
+import json, os, random, shutil, subprocess, tempfile, threading, time
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 E = os.environ
@@ -125,8 +125,10 @@ class Qmp:
         raise RuntimeError(f"no {name}")
 
 
-def mirror(q, p, device, target):
-    """drive-mirror to a new image, READY, complete, the job's end; returns
+def mirror(q, p, device, target, close=None):
+    """drive-mirror to a new image, READY, complete, the job's end, the
+    images closed (QSD: quit and its exit; sluice: the device, now on the
+    target, closed with bdev_qcow2_delete, as stream.sh does); returns
     (ready_s, done_s, durable_s) from the command."""
     t0 = time.perf_counter()
     q.cmd("drive-mirror", **{"job-id": "m0", "device": device, "target": target, "sync": "full",
@@ -137,10 +139,13 @@ def mirror(q, p, device, target):
     ev = q.wait("BLOCK_JOB_COMPLETED")
     assert "error" not in ev["data"], ev
     td = time.perf_counter() - t0
+    if close:
+        q.cmd("bdev_qcow2_delete", name=close)  # flushes and closes the target
+        tc = time.perf_counter() - t0
     q.cmd("quit")
     q.close()
     p.wait(120)  # closing the images flushes them
-    return tr, td, time.perf_counter() - t0
+    return tr, td, tc if close else time.perf_counter() - t0
 
 
 def run_qsd(names, direct, target, tmp):
@@ -176,7 +181,7 @@ def run_sluice(names, direct, target, tmp):
     p, q = start_sluice(tmp)
     try:
         open_sluice(q, names, direct)
-        return mirror(q, p, "drive0", target)
+        return mirror(q, p, "drive0", target, close="drive0")
     finally:
         p.wait(30)
 
@@ -207,8 +212,11 @@ def active(names, tmp):
     write-blocking mirror runs; whether it converged under the load."""
     p, q = start_sluice(tmp)
     target = os.path.join(tmp, "active.qcow2")
+    # The client writes into top: a copy of it, the chain stays as made.
+    top = os.path.join(tmp, "top.qcow2")
+    shutil.copyfile(names[2], top)
     try:
-        open_sluice(q, names, True)
+        open_sluice(q, [names[0], names[1], top], True)
         sock = os.path.join(tmp, "nbd.sock")
         q.cmd("nbd-server-start", addr={"type": "unix", "path": sock})
         q.cmd("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "drive0"})
