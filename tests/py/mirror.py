@@ -559,6 +559,55 @@ def case_soft_cancel(vm, d):
     compare_raw(tgt, ref)
 
 
+def case_target_errors(vm, d):
+    """on-target-error: stop pauses the job on a failed write to the target
+    (BLOCK_JOB_ERROR, io-status nospace), block-job-resume copies the range
+    again and the job converges; report fails the job with the error.
+    The target is an error-injection bdev over a raw file."""
+    sub = os.path.join(d, "e")
+    paths, ref = make(sub)
+    for cmd, args in add_nodes(sub)[:3]:
+        vm.rcmd(cmd, args)
+    raw = os.path.join(sub, "t.raw")
+    with open(raw, "wb") as f:
+        f.truncate(4 * MiB)
+    vm.rcmd("bdev_uring_create", {"name": "tfile", "filename": raw})
+    vm.rcmd("bdev_error_create", {"base_name": "tfile"})
+    vm.rcmd("bdev_error_inject_error", {"name": "EE_tfile", "io_type": "write", "error_type": "enospc",
+                                        "num": 1})
+    vm.rcmd("blockdev-mirror", {"job-id": "e0", "device": "top", "target": "EE_tfile", "sync": "full",
+                                "on-target-error": "stop", "on-source-error": "report"})
+    ev = vm.event_wait("BLOCK_JOB_ERROR", 30, {"device": "e0"})
+    expect(ev["data"] == {"device": "e0", "operation": "write", "action": "stop"}, f"{ev}")
+    vm.event_wait("JOB_STATUS_CHANGE", 30, {"id": "e0", "status": "paused"})
+    j = vm.rcmd("query-block-jobs")[0]
+    expect(j["paused"] and j["io-status"] == "nospace" and not j["ready"], f"{j}")
+    vm.rcmd("block-job-resume", {"device": "e0"})
+    vm.event_wait("BLOCK_JOB_READY", 30, {"device": "e0"})
+    vm.rcmd("block-job-cancel", {"device": "e0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 30, {"id": "e0", "status": "null"})
+    done = [e["data"] for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 1 and "error" not in done[0], f"e0: {done}")
+    vm.pending = []
+    # report: one failed write fails the job with its error.
+    vm.rcmd("bdev_error_inject_error", {"name": "EE_tfile", "io_type": "write", "error_type": "failure",
+                                        "num": 1})
+    vm.rcmd("blockdev-mirror", {"job-id": "e1", "device": "top", "target": "EE_tfile", "sync": "full"})
+    vm.event_wait("JOB_STATUS_CHANGE", 30, {"id": "e1", "status": "null"})
+    errs = [e["data"] for e in vm.pending if e["event"] == "BLOCK_JOB_ERROR"]
+    expect(errs == [{"device": "e1", "operation": "write", "action": "report"}], f"{errs}")
+    done = [e["data"] for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 1 and done[0].get("error") == "Input/output error", f"e1: {done}")
+    vm.rcmd("bdev_error_delete", {"name": "EE_tfile"})
+    vm.rcmd("bdev_uring_delete", {"name": "tfile"})
+    for nd in ("top", "mid", "base"):
+        vm.rcmd("blockdev-del", {"node-name": nd})
+    compare_raw(paths[-1], ref)
+    r = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", raw, ref], capture_output=True,
+                       text=True)
+    expect(r.returncode == 0, f"target after the resumed mirror: {r.stdout}{r.stderr}")
+
+
 def loader(u, size, seconds, seed):
     """Random 64 KiB writes through NBD for about `seconds`, as fast as
     qemu-io goes (one request at a time)."""

@@ -61,3 +61,8 @@ fn libvirt_blockcopy_shallow_pivot_matches_qsd() {
 fn cancel_once_ready_leaves_a_consistent_copy_of_that_moment() {
     scenario("soft_cancel");
 }
+
+#[test]
+fn on_target_error_stop_pauses_and_resume_converges() {
+    scenario("target_errors");
+}
