@@ -40,7 +40,7 @@ def chain3(d, size="4M"):
 
 
 TARGETS = [("tgt", "4M", None), ("small", "2M", None), ("t2", "4M", None), ("t3", "4M", "mid"),
-           ("t4", "4M", None), ("t5", "4M", None)]
+           ("t4", "4M", None), ("t5", "4M", None), ("ro", "4M", None), ("ex", "4M", None)]
 
 
 def make(sub):
@@ -58,8 +58,10 @@ def add_nodes(d):
         out.append(("blockdev-add", {"driver": "qcow2", "node-name": n,
                                      "file": file(os.path.join(d, f"{n}.qcow2")), "backing": b}))
     for n, _, b in TARGETS:
-        out.append(("blockdev-add", {"driver": "qcow2", "node-name": n,
-                                     "file": file(os.path.join(d, f"{n}.qcow2")), "backing": b}))
+        a = {"driver": "qcow2", "node-name": n, "file": file(os.path.join(d, f"{n}.qcow2")), "backing": b}
+        if n == "ro":
+            a["read-only"] = True
+        out.append(("blockdev-add", a))
     return out
 
 
@@ -96,6 +98,14 @@ def script(d):
         m(bogus=1),
         m(device="mid"),
         m(bitmap="b0"),
+        # Refused once the job exists: a read-only target, one in use.
+        m(target="ro"),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": os.path.join(d, "nbd.sock")}}}),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "ex", "writable": True}),
+        m(target="ex"),
+        ("block-export-del", {"id": "e0"}),
+        ("nbd-server-stop", {}),
+        ("wait-status", ("j", "null")),
         # A slow job; refusals and changes while it runs; then a cancel.
         m(**{"job-id": "j1", "speed": 1}),
         ("query-block-jobs", {}),

@@ -50,14 +50,17 @@ pub fn start(
     tuning: Tuning,
 ) -> Result<Arc<Job>, MirrorError> {
     let (plan, spec) = resolve(g, mgr, &p)?;
-    let speed = match p.job.speed() {
-        Ok(s) => s,
-        Err(e) => {
-            // QEMU creates the job, then refuses the speed: created, null.
-            mgr.create(spec).map_err(MirrorError::Job)?.abandon();
-            return Err(MirrorError::Invalid(e));
-        }
+    // QEMU creates the job, then refuses a negative speed or the target:
+    // created, null.
+    let refusal = match p.job.speed() {
+        Err(e) => Some(e),
+        Ok(_) => resolve::target_refusal(g, &plan.target),
     };
+    if let Some(e) = refusal {
+        mgr.create(spec).map_err(MirrorError::Job)?.abandon();
+        return Err(MirrorError::Invalid(e));
+    }
+    let speed = p.job.speed().unwrap_or(0);
     let spec = JobSpec { speed, ..spec };
     let setup = Setup {
         granularity: plan.granularity,

@@ -199,6 +199,33 @@ pub fn source_of(
     Ok((source, dev))
 }
 
+/// What QEMU refuses about the target once the job exists (its
+/// `mirror_start_job` after `block_job_create`): a read-only node, or one a
+/// front door (an export, a device) uses, whose reads the mirror's target
+/// does not share.
+pub fn target_refusal(g: &Graph, target: &Arc<dyn Bdev>) -> Option<String> {
+    if target.read_only() {
+        return Some("Block node is read-only".into());
+    }
+    let name = target.name();
+    let user = g.nodes().claims_of(name).into_iter().find(|c| {
+        matches!(c.holder, Holder::Export(_) | Holder::Device(_))
+            && !c.perm.minus(bdev::Perm::NONE).is_empty()
+    })?;
+    let perms = if user.perm.minus(bdev::Perm::CONSISTENT_READ).is_empty() {
+        "consistent read"
+    } else {
+        "consistent read, write"
+    };
+    let who = match &user.holder {
+        Holder::Device(d) => format!("block device '{d}'"),
+        _ => "an unnamed block device".to_string(),
+    };
+    Some(format!(
+        "Permission conflict on node '{name}': permissions '{perms}' are both required by {who} (uses node '{name}' as 'root' child) and unshared by an unnamed block device (uses node '{name}' as 'root' child)."
+    ))
+}
+
 /// Resolves and validates a request.
 pub fn resolve(
     g: &Arc<Graph>,
@@ -253,12 +280,6 @@ pub fn resolve(
     let job_id = p.job.id(device.as_ref()).map_err(MirrorError::Job)?;
     if mgr.job(&job_id).is_ok() {
         return Err(MirrorError::Job(JobError::IdInUse(job_id)));
-    }
-    if target.read_only() {
-        return Err(MirrorError::Invalid(format!(
-            "Block node '{}' is read-only",
-            target.name()
-        )));
     }
     let granularity = match p.granularity {
         // QEMU's default: the target's cluster size, at least 64 KiB... at
