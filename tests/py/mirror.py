@@ -618,6 +618,35 @@ def case_target_errors(vm, d):
     expect(r.returncode == 0, f"target after the resumed mirror: {r.stdout}{r.stderr}")
 
 
+def case_device(vm, d):
+    """A named device (bdev_qcow2_open) mirrored onto a node: the job's id
+    is the device's name, and at block-job-complete the device moves onto
+    the target, where its writes then land."""
+    sub = os.path.join(d, "dev")
+    paths, ref = make(sub)
+    vm.open_nodes(paths, ["base", "mid", "top"], device="drive0")
+    tgt = os.path.join(sub, "tgt.qcow2")
+    vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": file(tgt)})
+    vm.rcmd("blockdev-mirror", {"device": "drive0", "target": "tgt", "sync": "full"})
+    vm.event_wait("BLOCK_JOB_READY", 60, {"device": "drive0"})
+    vm.rcmd("block-job-complete", {"device": "drive0"})
+    vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "drive0", "status": "null"})
+    done = [e["data"] for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+    expect(len(done) == 1 and "error" not in done[0], f"{done}")
+    ins = vm.rcmd("query-block")[0]["inserted"]
+    expect(ins["file"] == tgt and ins["backing_file_depth"] == 0, f"device not on tgt: {ins}")
+    u = export(vm, sub, "drive0")
+    for img in (u, ref):
+        qemu_io("-f", "raw", "-c", "write -P 0x66 3M 64k", img)
+    unexport(vm)
+    vm.close("drive0")
+    vm.close("top")
+    check(tgt)
+    compare_raw(tgt, ref)
+    for p in paths:
+        check(p)
+
+
 def loader(u, size, seconds, seed):
     """Random 64 KiB writes through NBD for about `seconds`, as fast as
     qemu-io goes (one request at a time)."""

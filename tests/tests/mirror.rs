@@ -66,3 +66,8 @@ fn cancel_once_ready_leaves_a_consistent_copy_of_that_moment() {
 fn on_target_error_stop_pauses_and_resume_converges() {
     scenario("target_errors");
 }
+
+#[test]
+fn a_named_device_moves_onto_the_target_at_complete() {
+    scenario("device");
+}
