@@ -327,14 +327,25 @@ impl Mirror {
         switch: bool,
     ) -> Result<(), String> {
         let io = Io::new(self)?;
+        let t0 = Instant::now();
+        let mut drained = 0;
         while let Some((off, len)) = self.map.take(0, self.chunk) {
             let n = io.copy(off, len).await.map_err(|(_, e, off, len)| {
                 self.map.mark(off, len);
                 strerror(e)
             })?;
             self.account(job, n);
+            drained += n;
         }
+        let t1 = Instant::now();
         flush(&self.target).await?;
+        tracing::info!(
+            target = self.target.name(),
+            drained,
+            drain_ms = (t1 - t0).as_millis() as u64,
+            flush_ms = t1.elapsed().as_millis() as u64,
+            "mirror converged with the devices quiesced"
+        );
         if !switch {
             return Ok(());
         }
