@@ -238,6 +238,14 @@ impl Mirror {
             }
             job.set_actively_synced(self.mode.write_blocking());
             if !ready {
+                // The target is made durable before READY (QEMU's
+                // `mirror_flush`): a failed flush is a target error.
+                if let Err(errno) = flush_errno(&self.target).await {
+                    match job.io_error_with(self.on_target, IoOperation::Write, errno) {
+                        Verdict::Report => return Err(strerror(errno)),
+                        _ => continue,
+                    }
+                }
                 ready = true;
                 job.set_ready();
             } else if job.complete_requested() {
@@ -432,11 +440,16 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Flushes `b` (durable before the pivot).
 pub async fn flush(b: &Arc<dyn Bdev>) -> Result<(), String> {
-    let ch = bdev::channel(b).map_err(|e| e.to_string())?;
+    flush_errno(b).await.map_err(strerror)
+}
+
+/// Flushes `b`; the errno of a failure.
+async fn flush_errno(b: &Arc<dyn Bdev>) -> Result<(), i32> {
+    let ch = bdev::channel(b).map_err(|_| libc::ENODEV)?;
     let io = submit_wait(&ch, BdevIo::new(IoType::Flush, 0, 0, None, None)).await;
     if io.status.is_ok() {
         Ok(())
     } else {
-        Err(strerror(io.status.errno()))
+        Err(io.status.errno())
     }
 }
