@@ -20,7 +20,7 @@
 # idle and while the mirror runs, whether the mirror converged (READY) under
 # the load, and the time it took.
 # SLUICE: a sluice binary to measure (default: build this tree).
-# Results: a table on stdout; JSON lines in $OUT (default bench-mirror.jsonl).
+# Results: a table on stdout; JSON lines in $OUT (default /tmp/bench-mirror.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE=${SIZE:-1}
@@ -29,7 +29,7 @@ ROUNDS=${ROUNDS:-2}
 ACTIVE=${ACTIVE:-1}
 DISK_DIR=${DISK_DIR:-/var/tmp/sluice-bench-mirror}
 CORES=${CORES:-0x1}
-OUT=${OUT:-bench-mirror.jsonl}
+OUT=${OUT:-${TMPDIR:-/tmp}/bench-mirror.jsonl}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
 if [ -z "${SLUICE:-}" ]; then
