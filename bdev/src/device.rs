@@ -9,6 +9,12 @@
 //! new root. All of it is done with messages to the reactors; the data path
 //! takes no lock and allocates nothing (a per-channel slot table keeps each
 //! forwarded request's original tag and completion target).
+//!
+//! A job mirroring the device attaches a [`DirtyMap`] (every completed
+//! write marks it) and, for QEMU's write-blocking copy mode, an
+//! [`ActiveSync`]: while it is enabled a write goes on to the mirror's
+//! target once the root has it and completes to its client after both
+//! (`device/active.rs`).
 
 use crate::bdev::{Bdev, Channel, RangeStatusFuture};
 use crate::channel::{channel, IoChannel};
@@ -56,6 +62,10 @@ struct Shared {
     /// them so that the data path checks one atomic while there are none.
     tracking: AtomicUsize,
     dirty: Mutex<Vec<Arc<DirtyMap>>>,
+    /// A write-blocking mirror ([`Device::sync_writes`]); `syncing` says
+    /// whether one is attached so the data path checks one atomic.
+    syncing: AtomicBool,
+    active: Mutex<Option<Arc<ActiveSync>>>,
 }
 
 impl Shared {
@@ -85,6 +95,20 @@ impl Drop for WriteTracking {
             v.swap_remove(i);
             self.shared.tracking.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+/// While alive, writes through a device are mirrored synchronously onto an
+/// [`ActiveSync`]'s target (when it is enabled).
+pub struct SyncedWrites {
+    shared: Arc<Shared>,
+}
+
+impl Drop for SyncedWrites {
+    fn drop(&mut self) {
+        let mut a = self.shared.active.lock().unwrap_or_else(|p| p.into_inner());
+        *a = None;
+        self.shared.syncing.store(false, Ordering::SeqCst);
     }
 }
 
@@ -186,6 +210,8 @@ impl Device {
                 client_lat_ticks: AtomicU64::new(0),
                 tracking: AtomicUsize::new(0),
                 dirty: Mutex::new(Vec::new()),
+                syncing: AtomicBool::new(false),
+                active: Mutex::new(None),
             }),
         }))
     }
@@ -259,6 +285,18 @@ impl Device {
         WriteTracking {
             shared: self.shared.clone(),
             map,
+        }
+    }
+
+    /// Writes through the device are written to `sync`'s target too before
+    /// they complete, while `sync` is enabled, from now until the guard is
+    /// dropped (see [`ActiveSync`]). One at a time: a second replaces the first.
+    pub fn sync_writes(&self, sync: Arc<ActiveSync>) -> SyncedWrites {
+        let mut a = self.shared.active.lock().unwrap_or_else(|p| p.into_inner());
+        *a = Some(sync);
+        self.shared.syncing.store(true, Ordering::SeqCst);
+        SyncedWrites {
+            shared: self.shared.clone(),
         }
     }
 
@@ -431,6 +469,10 @@ struct Slot {
     done: Option<Rc<dyn IoDone>>,
     stats: Option<Rc<IoStats>>,
     submit_tick: u64,
+    /// A write-blocking write: the mirror it also goes to.
+    sync: Option<Arc<ActiveSync>>,
+    /// Its source half is done; this completion is the target's.
+    on_target: bool,
 }
 
 /// One reactor's state for one device.
@@ -504,11 +546,14 @@ impl Local {
                 return Ok(());
             }
         };
+        let sync = self.sync_for(&io);
         let slot = Slot {
             tag: io.tag,
             done: io.take_done(),
             stats: io.stats.take(),
             submit_tick: io.submit_tick,
+            sync,
+            on_target: false,
         };
         let idx = match self.free.borrow_mut().pop() {
             Some(i) => {
@@ -530,7 +575,85 @@ impl Local {
                 Ok(())
             }
             Err(mut io) => {
+                if let Some(s) = self.restore_sync(&io) {
+                    s.release(io.offset, io.len);
+                }
                 self.restore(&mut io);
+                Err(io)
+            }
+        }
+    }
+
+    /// The enabled write-blocking mirror a write is also for (its range
+    /// then held busy), if any.
+    fn sync_for(&self, io: &BdevIo) -> Option<Arc<ActiveSync>> {
+        if !self.shared.syncing.load(Ordering::Acquire)
+            || !matches!(io.io_type, IoType::Write | IoType::WriteZeroes)
+        {
+            return None;
+        }
+        let s = self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|s| s.enabled())?;
+        s.acquire(io.offset, io.len);
+        Some(s)
+    }
+
+    /// The mirror a forwarded request's slot holds (taken out).
+    fn restore_sync(&self, io: &BdevIo) -> Option<Arc<ActiveSync>> {
+        self.slots
+            .borrow_mut()
+            .get_mut(io.tag as usize)
+            .and_then(Option::as_mut)
+            .and_then(|s| s.sync.take())
+    }
+
+    /// A write-blocking write whose source half succeeded goes on to the
+    /// target (keeping its slot, so it stays in flight); `Err(io)` when
+    /// it is not one, or when it is done (both halves).
+    fn to_target(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        let idx = io.tag as usize;
+        let (sync, on_target) = match self.slots.borrow_mut().get_mut(idx) {
+            Some(Some(s)) if s.sync.is_some() => {
+                let first = !s.on_target;
+                s.on_target = true;
+                (s.sync.clone(), !first)
+            }
+            _ => return Err(io),
+        };
+        let Some(sync) = sync else {
+            return Err(io);
+        };
+        if on_target || !io.status.is_ok() {
+            // Done, or the source half failed (nothing to mirror: marked
+            // dirty all the same, the source may have changed in part).
+            self.restore_sync(&io);
+            sync.finish(io.offset, io.len, on_target && io.status.is_ok());
+            if on_target {
+                // The client's write succeeded on the source: a failed
+                // target half is the job's to copy again, not the client's.
+                io.status = IoStatus::Success;
+            }
+            return Err(io);
+        }
+        let ch = match channel(sync.target()) {
+            Ok(c) => c,
+            Err(_) => {
+                self.restore_sync(&io);
+                sync.finish(io.offset, io.len, false);
+                return Err(io);
+            }
+        };
+        match ch.submit(io) {
+            Ok(()) => Ok(()),
+            Err(io) => {
+                // The target's queue is full: the job copies it instead.
+                self.restore_sync(&io);
+                sync.finish(io.offset, io.len, false);
                 Err(io)
             }
         }
@@ -603,7 +726,19 @@ impl Local {
 }
 
 impl IoDone for Local {
-    fn io_done(&self, mut io: Box<BdevIo>) {
+    fn io_done(&self, io: Box<BdevIo>) {
+        let synced = matches!(
+            self.slots.borrow().get(io.tag as usize),
+            Some(Some(s)) if s.sync.is_some()
+        );
+        let mut io = if synced {
+            match self.to_target(io) {
+                Ok(()) => return,
+                Err(io) => io,
+            }
+        } else {
+            io
+        };
         let Some(submit_tick) = self.restore(&mut io) else {
             tracing::error!(device = %self.shared.name, tag = io.tag, "completion of an unknown forwarded request");
             return;
@@ -616,7 +751,8 @@ impl IoDone for Local {
                 Ordering::Relaxed,
             );
         }
-        if self.shared.tracking.load(Ordering::Acquire) > 0
+        if !synced
+            && self.shared.tracking.load(Ordering::Acquire) > 0
             && matches!(
                 io.io_type,
                 IoType::Write | IoType::WriteZeroes | IoType::Unmap
@@ -680,8 +816,10 @@ impl Channel for DeviceChannel {
     }
 }
 
+mod active;
 mod dirty;
 #[cfg(test)]
 mod tests;
 
+pub use active::ActiveSync;
 pub use dirty::DirtyMap;

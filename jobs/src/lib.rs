@@ -25,7 +25,10 @@
 //!   answering `query-jobs` is the control plane's (the `rpc` crate).
 //! - **Copying jobs share the copier.** [`copy::copy_all`] walks, windows,
 //!   rate-limits, retries and reports progress for
-//!   any [`copy::CopyOps`] (the stream's and the commit's; mirror next).
+//!   any [`copy::CopyOps`] (the stream's and the commit's). Jobs that
+//!   converge on a moving source (the mirror, the active commit) share the
+//!   mirror core ([`drivers::mirror::Mirror`]): a dirty map copied pipelined,
+//!   ready when clean, the devices moved onto the target at the pivot.
 //! - **Threads.** Commands come from any thread and take the job's lock
 //!   briefly; the driver and the copier run on one reactor, with no lock,
 //!   allocation or atomic read-modify-write per chunk in steady state.

@@ -238,6 +238,23 @@ impl From<jobs::drivers::commit::CommitError> for RpcError {
     }
 }
 
+impl From<jobs::drivers::mirror::MirrorError> for RpcError {
+    fn from(e: jobs::drivers::mirror::MirrorError) -> Self {
+        use jobs::drivers::mirror::MirrorError as M;
+        match e {
+            M::Job(j) => j.into(),
+            M::NotFound(_) | M::ReplacesNotFound(_) => {
+                RpcError::new(-libc::ENODEV, ErrorClass::GenericError, e.to_string())
+            }
+            M::Invalid(_) => RpcError::new(
+                codes::INVALID_PARAMS,
+                ErrorClass::GenericError,
+                e.to_string(),
+            ),
+        }
+    }
+}
+
 impl From<jobs::drivers::stream2011::LegacyError> for RpcError {
     fn from(e: jobs::drivers::stream2011::LegacyError) -> Self {
         use jobs::drivers::stream2011::LegacyError as L;

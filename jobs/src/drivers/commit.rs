@@ -16,7 +16,7 @@
 //!   over top) in memory with the device quiesced, and releases the layers
 //!   nothing else uses; the job completes on its own.
 //! - **Active commit** (top is the active layer, `active.rs`): QEMU's
-//!   mirror of the active layer into base. Every device over top marks what
+//!   mirror of the active layer into base, on the mirror core. Every device over top marks what
 //!   clients write in a dirty map from the start; the job copies what the
 //!   committed layers hold, then whatever is dirty, becomes ready when
 //!   nothing is, keeps copying new writes, and at `block-job-complete`
@@ -67,7 +67,7 @@ pub fn start(
     let owner = plan.owner;
     if plan.overlay.is_none() {
         // QEMU's mirror counts what is left to copy, found once it runs.
-        let driver = active::ActiveCommit::new(plan, tuning);
+        let driver = active::ActiveCommit::new(plan, tuning, spec.on_error);
         return job::start(mgr, rt, spec, owner, Some(0), driver).map_err(CommitError::Job);
     }
     let len = Some(plan.top_bdev.size());

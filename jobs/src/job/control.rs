@@ -18,9 +18,10 @@ use super::event::{EventSink, JobEvent, JobSnapshot};
 use super::kind::JobKind;
 use super::state::{can_transition, verb_allowed, verb_refused_message, JobStatus, JobVerb};
 use crate::ratelimit::RateLimiter;
+use std::any::Any;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -151,6 +152,9 @@ pub struct JobInfo {
     pub ready: bool,
     /// Why it failed, once concluded.
     pub error: Option<String>,
+    /// A mirror in write-blocking mode with nothing dirty (QEMU's
+    /// `actively-synced`).
+    pub actively_synced: bool,
 }
 
 #[derive(Debug)]
@@ -181,6 +185,10 @@ pub struct Job {
     changed: Condvar,
     offset: AtomicU64,
     len: AtomicU64,
+    actively_synced: AtomicBool,
+    /// The driver's state the control plane may reach (a mirror's copy
+    /// mode, for `block-job-change`), set once by the driver's start.
+    ext: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -221,6 +229,8 @@ impl Job {
             sink,
             offset: AtomicU64::new(0),
             len: AtomicU64::new(0),
+            actively_synced: AtomicBool::new(false),
+            ext: OnceLock::new(),
         };
         let mut c = j.lock();
         j.transition(&mut c, JobStatus::Created);
@@ -328,7 +338,32 @@ impl Job {
             io_status: c.io_status,
             ready: matches!(c.status, JobStatus::Ready | JobStatus::Standby),
             error: c.error.clone(),
+            actively_synced: self.actively_synced.load(Ordering::Relaxed),
         }
+    }
+
+    /// A job created but refused before it started (QEMU's `job_create`
+    /// followed by a failed setting, such as a negative speed): created ->
+    /// null, which the table forgets.
+    pub fn abandon(&self) {
+        let mut c = self.lock();
+        self.transition(&mut c, JobStatus::Null);
+    }
+
+    /// Records whether a mirror is actively synced (see [`JobInfo`]).
+    pub fn set_actively_synced(&self, v: bool) {
+        self.actively_synced.store(v, Ordering::Relaxed);
+    }
+
+    /// Attaches the driver's state for the control plane (once; a second
+    /// call is ignored).
+    pub fn set_ext(&self, ext: Arc<dyn Any + Send + Sync>) {
+        let _ = self.ext.set(ext);
+    }
+
+    /// The driver's state, if it is a `T`.
+    pub fn ext<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.ext.get()?.clone().downcast::<T>().ok()
     }
 
     // ---- commands (control plane) ----
@@ -580,7 +615,13 @@ impl Job {
     /// policy, publishing it; `Stop` also pauses the job (io-status failed
     /// or nospace) and the driver retries the I/O after resume.
     pub fn io_error(&self, op: IoOperation, errno: i32) -> Verdict {
-        let verdict = self.spec.on_error.verdict(errno);
+        self.io_error_with(self.spec.on_error, op, errno)
+    }
+
+    /// [`Job::io_error`] under another policy than the job's (a mirror's
+    /// `on-source-error` / `on-target-error`).
+    pub fn io_error_with(&self, policy: OnError, op: IoOperation, errno: i32) -> Verdict {
+        let verdict = policy.verdict(errno);
         let mut c = self.lock();
         if verdict == Verdict::Stop {
             c.user_paused = true;

@@ -92,6 +92,10 @@ pub fn block_job_info(i: &JobInfo) -> Value {
     if let Some(e) = &i.error {
         v["error"] = json!(e);
     }
+    if i.spec.kind == jobs::drivers::mirror::KIND {
+        // QAPI `BlockJobInfoMirror`.
+        v["actively-synced"] = json!(i.actively_synced);
+    }
     v
 }
 

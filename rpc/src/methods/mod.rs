@@ -8,6 +8,7 @@ pub mod common;
 pub mod core;
 pub mod job_qapi;
 pub mod jobs;
+pub mod mirror;
 pub mod nbd;
 pub mod nbd_client;
 pub mod nodes;
@@ -31,6 +32,7 @@ pub fn build_table() -> MethodTable {
     blockdev::register(&mut t);
     jobs::register(&mut t);
     commit::register(&mut t);
+    mirror::register(&mut t);
     stream2011::register(&mut t);
     snapshot::register(&mut t);
     nvme::register(&mut t);
