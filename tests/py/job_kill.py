@@ -7,7 +7,9 @@ NBD the whole time (`nbd_writer.py` logs every acknowledged write).
     the job started slowed: `stream` (block-stream), `commit` (top-node=mid),
     `active` (block-commit of the whole chain, not completed) or
     `active_complete` (READY awaited, then block-job-complete sent without
-    waiting for its answer: the kill lands around the pivot). The test SIGKILLs the daemon after a while.
+    waiting for its answer: the kill lands around the pivot), `mirror`
+    (blockdev-mirror sync=full onto an empty qcow2 node) or
+    `mirror_complete` (likewise, around its pivot). The test SIGKILLs the daemon after a while.
 --case JOB-finish (on a new daemon): waits for the writer to exit, then
     judges what the kill left: every image `qemu-img check` clean (leaks
     allowed) and every durable write (acknowledged with FUA, or before an
@@ -74,11 +76,24 @@ def start(vm, d, job, pyexe, qmp):
         vm.cmd("block-stream", device="drive0", speed=speed)
     elif job == "commit":
         vm.rcmd("block-commit", {"job-id": "j0", "device": "drive0", "top-node": "mid", "speed": speed})
+    elif job.startswith("mirror"):
+        add_target(vm, d)
+        vm.rcmd("blockdev-mirror", {"job-id": "j0", "device": "drive0", "target": "tgt", "sync": "full",
+                                    "speed": speed})
     else:
         vm.rcmd("block-commit", {"job-id": "j0", "device": "drive0", "speed": speed})
-        if job == "active_complete":
-            vm.event_wait("BLOCK_JOB_READY", 60, {"device": "j0"})
-            send_only(qmp, {"execute": "block-job-complete", "arguments": {"device": "j0"}})
+    if job.endswith("_complete"):
+        vm.event_wait("BLOCK_JOB_READY", 60, {"device": "j0"})
+        send_only(qmp, {"execute": "block-job-complete", "arguments": {"device": "j0"}})
+
+
+def add_target(vm, d):
+    """An empty qcow2 of the chain's size as node `tgt` (made once per round)."""
+    tgt = os.path.join(d, "target.qcow2")
+    if not os.path.exists(tgt):
+        qemu_img("create", "-q", "-f", "qcow2", tgt, "64M")
+    vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                             "file": {"driver": "file", "filename": tgt}})
 
 
 def send_only(path, cmd):
@@ -181,16 +196,21 @@ def backing(path):
 def finish(vm, d, job):
     wait_writer(d)
     base, mid, top = paths(d)
-    for p in (base, mid, top):
+    tgt = os.path.join(d, "target.qcow2")
+    # The other image the disk may have moved onto: base (active commit) or
+    # the mirror's target.
+    alt = tgt if job.startswith("mirror") else base
+    for p in (base, mid, top) + ((tgt,) if job.startswith("mirror") else ()):
         checked(p)
     sure, maybe, durable = model(d)
     expect(durable > 0, "no write was made durable before the kill")
     top_data = view(top, d)
     through_top = judge(top, top_data, sure, maybe)
-    base_data = view(base, d) if job.startswith("active") else None
-    through_base = judge(base, base_data, sure, maybe) if job.startswith("active") else "n/a"
+    moves = job.startswith(("active", "mirror"))
+    base_data = view(alt, d) if moves else None
+    through_base = judge(alt, base_data, sure, maybe) if moves else "n/a"
     expect(through_top is None or through_base is None,
-           f"durable writes lost: through top: {through_top}; base alone: {through_base}")
+           f"durable writes lost: through top: {through_top}; {os.path.basename(alt)} alone: {through_base}")
     # From here on the disk's content is what the kill left.
     expected = top_data if through_top is None else base_data
     # A new job finishes the work.
@@ -211,6 +231,18 @@ def finish(vm, d, job):
         vm.close("drive0")
         expect(backing(top) == base, f"top's backing is {backing(top)}, not base")
         result = top
+    elif job.startswith("mirror"):
+        if through_top is None:  # it had not pivoted: mirror again onto the target
+            vm.open_nodes([base, mid, top], ["base", "mid", "top"], device="drive0")
+            add_target(vm, d)
+            vm.rcmd("blockdev-mirror", {"job-id": "j1", "device": "drive0", "target": "tgt", "sync": "full"})
+            vm.event_wait("BLOCK_JOB_READY", 120, {"device": "j1"})
+            vm.rcmd("block-job-complete", {"device": "j1"})
+            vm.event_wait("JOB_STATUS_CHANGE", 120, {"id": "j1", "status": "null"})
+            done = [e for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+            expect(len(done) == 1 and "error" not in done[0]["data"], f"j1: {done}")
+            vm.close("drive0")
+        result = tgt
     elif through_top is None:  # an active commit that had not pivoted: again
         vm.open_nodes([base, mid, top], ["base", "mid", "top"], device="drive0")
         vm.rcmd("block-commit", {"job-id": "j1", "device": "drive0"})
@@ -224,12 +256,12 @@ def finish(vm, d, job):
         result = base
     else:  # it had pivoted: base is the disk
         result = base
-    for p in (base, mid, top):
+    for p in (base, mid, top) + ((tgt,) if job.startswith("mirror") else ()):
         r = qemu_img_rc("check", "-U", p)
         expect(r.returncode in (0, 3), f"qemu-img check {p} after the job: rc {r.returncode}: {r.stdout}{r.stderr}")
     expect(view(result, d) == expected, f"after the new job, {result} does not read as the disk did")
     print(f"{job}: {durable} durable writes kept; the kill left the disk in "
-          f"{'the chain through top' if through_top is None else 'base (pivoted)'}")
+          f"{'the chain through top' if through_top is None else os.path.basename(alt) + ' (pivoted)'}")
 
 
 def main():

@@ -1,5 +1,5 @@
 //! SIGKILL at random points of each block job (stream, intermediate commit,
-//! active commit before and around its pivot) while an NBD client writes to
+//! active commit and mirror, before and around their pivots) while an NBD client writes to
 //! the device the whole time and logs every write, FUA and flush
 //! (`tests/py/nbd_writer.py`). After each kill: every image `qemu-img check`
 //! clean (leaks allowed), every acknowledged write readable in the device's
@@ -25,8 +25,8 @@ fn kill_rounds(job: &str) {
     // sent, without its answer. (Here the pivot takes under a millisecond:
     // these kills land after it, the `active` ones before it.)
     let rounds: Vec<u64> = match (job, soak()) {
-        ("active_complete", true) => (0..12u64).map(|i| i * 7 % 40).collect(),
-        ("active_complete", false) => vec![0, 5],
+        (j, true) if j.ends_with("_complete") => (0..12u64).map(|i| i * 7 % 40).collect(),
+        (j, false) if j.ends_with("_complete") => vec![0, 5],
         (_, true) => (0..12u64).map(|i| 40 + i * 311 % 1400).collect(),
         (_, false) => vec![120, 700],
     };
@@ -62,4 +62,14 @@ fn sigkill_during_an_active_commit_under_client_writes() {
 #[test]
 fn sigkill_around_an_active_commit_pivot_under_client_writes() {
     kill_rounds("active_complete");
+}
+
+#[test]
+fn sigkill_during_a_mirror_under_client_writes() {
+    kill_rounds("mirror");
+}
+
+#[test]
+fn sigkill_around_a_mirror_pivot_under_client_writes() {
+    kill_rounds("mirror_complete");
 }
