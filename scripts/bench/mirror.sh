@@ -7,7 +7,8 @@
 #   scripts/bench/mirror.sh                  # 1 GiB, both storages, 2 rounds
 #   ROUNDS=4 STORAGE=direct scripts/bench/mirror.sh
 #
-# Each round runs both daemons, alternating who goes first, with the page cache
+# Each round runs QSD with its defaults (aio=threads), QSD with aio=io_uring (its
+# best here) and sluice, alternating who goes first, with the page cache
 # dropped (sync; drop_caches) before each run. A run is timed until durable:
 # drive-mirror, BLOCK_JOB_READY, block-job-complete, the job's end (the target
 # released, which flushes and closes it), quit and the process's exit. The
@@ -38,91 +39,15 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 export SLUICE SIZE STORAGE ROUNDS ACTIVE DISK_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
-import json, os, random, shutil, subprocess, tempfile, threading, time
-from qemu.qmp.legacy import QEMUMonitorProtocol
+import json, os, shutil, subprocess, sys, tempfile, threading, time
+sys.path.insert(0, "scripts/bench")
+from chainbench import MiB, drop_caches, fio_disk, make_chain, sh, start_qsd, start_sluice
 
 E = os.environ
-MiB = 1 << 20
-
-
-def sh(*a, **kw):
-    return subprocess.run([str(x) for x in a], check=True, capture_output=True, text=True, **kw).stdout
-
-
-def make_chain(d, gib):
-    """base/mid/top.qcow2 in d (kept between runs)."""
-    os.makedirs(d, exist_ok=True)
-    stamp = os.path.join(d, f"chain-{gib}G.done")
-    names = [os.path.join(d, f"{n}-{gib}G.qcow2") for n in ("base", "mid", "top")]
-    if os.path.exists(stamp):
-        return names
-    rnd = random.Random(gib)
-    srcs = []
-    for i in range(8):
-        p = os.path.join(d, f"rand{i}.bin")
-        with open(p, "wb") as f:
-            f.write(os.urandom(MiB))
-        srcs.append(p)
-    extents = gib * 1024
-    for i, (p, frac) in enumerate(zip(names, (0.6, 0.2, 0.1))):
-        args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
-        if i:
-            args += ["-b", names[i - 1], "-F", "qcow2"]
-        sh(*args, p, f"{gib}G")
-        chosen = sorted(rnd.sample(range(extents), int(extents * frac)))
-        for k in range(0, len(chosen), 256):
-            cmds = []
-            for e in chosen[k:k + 256]:
-                cmds += ["-c", f"write -q -s {srcs[rnd.randrange(8)]} {e * MiB} {MiB}"]
-            sh("qemu-io", "-f", "qcow2", *cmds, p)
-    open(stamp, "w").close()
-    return names
 
 
 def copied_bytes(top):
     return sum(e["length"] for e in json.loads(sh("qemu-img", "map", "--output=json", top)) if e["data"])
-
-
-def drop_caches():
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as e:
-        print(f"(cannot drop caches: {e})")
-
-
-class Qmp:
-    def __init__(self, path):
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
-        self.q = QEMUMonitorProtocol(path)
-        self.q.connect(negotiate=True)
-
-    def cmd(self, c, **a):
-        r = self.q.cmd_raw(c, a)
-        if "error" in r:
-            raise RuntimeError(f"{c} {a}: {r['error']}")
-        return r["return"]
-
-    def close(self):
-        try:
-            self.q.close()
-        except Exception:
-            pass
-
-    def wait(self, name, timeout=3600):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            try:
-                ev = self.q.pull_event(wait=1.0)
-            except Exception:
-                ev = None
-            if ev and ev["event"] == name:
-                return ev
-        raise RuntimeError(f"no {name}")
 
 
 def mirror(q, p, device, target, close=None):
@@ -148,56 +73,20 @@ def mirror(q, p, device, target, close=None):
     return tr, td, tc if close else time.perf_counter() - t0
 
 
-def run_qsd(names, direct, target, tmp):
-    sock = os.path.join(tmp, "qsd.sock")
-    args = ["qemu-storage-daemon"]
-    for n, p in zip(("base", "mid", "top"), names):
-        f = {"driver": "file", "node-name": f"{n}-file", "filename": p, "aio": "io_uring",
-             "cache": {"direct": direct, "no-flush": False}}
-        args += ["--blockdev", json.dumps(f)]
-        back = {"base": None, "mid": "base", "top": "mid"}[n]
-        args += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": n, "file": f"{n}-file", "backing": back})]
-    args += ["--chardev", f"socket,id=qmp0,path={sock},server=on,wait=off", "--monitor", "chardev=qmp0"]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_qsd(names, direct, target, tmp, aio):
+    p, q = start_qsd(names, direct, tmp, aio=aio)
     try:
-        return mirror(Qmp(sock), p, "top", target)
+        return mirror(q, p, "top", target)
     finally:
         p.wait(30)
-
-
-def start_sluice(tmp):
-    p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", E["CORES"]],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return p, Qmp(os.path.join(tmp, "sluice-qmp.sock"))
-
-
-def open_sluice(q, names, direct):
-    q.cmd("bdev_qcow2_open", node_name="base", filename=names[0], no_backing=True, direct=direct)
-    q.cmd("bdev_qcow2_open", node_name="mid", filename=names[1], backing="base", direct=direct)
-    q.cmd("bdev_qcow2_open", name="drive0", node_name="top", filename=names[2], backing="mid", direct=direct)
 
 
 def run_sluice(names, direct, target, tmp):
-    p, q = start_sluice(tmp)
+    p, q = start_sluice(E["SLUICE"], names, direct, tmp, E["CORES"])
     try:
-        open_sluice(q, names, direct)
         return mirror(q, p, "drive0", target, close="drive0")
     finally:
         p.wait(30)
-
-
-def fio_disk(d, src, nbytes, direct):
-    """Seconds the disk needs to read and write nbytes at once (1 MiB, QD 16),
-    with fdatasync at the end of the write in the page cache."""
-    scratch = os.path.join(d, "fio-scratch")
-    flags = ["--direct=1"] if direct else ["--direct=0", "--end_fsync=1"]
-    drop_caches()
-    out = sh("fio", "--output-format=json", *flags, "--ioengine=io_uring", "--bs=1M", "--iodepth=16",
-             "--name=r", "--rw=read", f"--filename={src}",
-             f"--size={os.path.getsize(src)}", f"--io_size={nbytes}",
-             "--name=w", "--rw=write", f"--filename={scratch}", f"--size={nbytes}")
-    os.unlink(scratch)
-    return max(j["job_runtime"] for j in json.loads(out)["jobs"]) / 1000.0
 
 
 def fio_writes(uri, secs, res):
@@ -210,13 +99,12 @@ def fio_writes(uri, secs, res):
 def active(names, tmp):
     """Client 4 KiB random writes at QD 16 through NBD: p99 idle, then while a
     write-blocking mirror runs; whether it converged under the load."""
-    p, q = start_sluice(tmp)
     target = os.path.join(tmp, "active.qcow2")
     # The client writes into top: a copy of it, the chain stays as made.
     top = os.path.join(tmp, "top.qcow2")
     shutil.copyfile(names[2], top)
+    p, q = start_sluice(E["SLUICE"], [names[0], names[1], top], True, tmp, E["CORES"])
     try:
-        open_sluice(q, [names[0], names[1], top], True)
         sock = os.path.join(tmp, "nbd.sock")
         q.cmd("nbd-server-start", addr={"type": "unix", "path": sock})
         q.cmd("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "drive0"})
@@ -251,29 +139,33 @@ d = E["DISK_DIR"]
 names = make_chain(d, gib)
 copied = copied_bytes(names[2])
 print(f"{gib} GiB chain, {copied / MiB:.0f} MiB allocated; drive-mirror sync=full onto a new qcow2")
-print(f"{'storage':>9} {'round':>5} {'first':>6} {'qsd ready':>9} {'durable':>8} {'sluice ready':>12} "
-      f"{'durable':>8} {'ratio':>6}  {'fio s':>6} {'vs disk':>7}")
+print(f"{'storage':>9} {'round':>5} {'first':>11} {'qsd dft':>8} {'qsd urg':>8} {'sluice':>8} "
+      f"{'ratio':>6}  {'fio s':>6} {'vs disk':>7}   (durable seconds; ratio: sluice / the faster QSD)")
 for storage in E["STORAGE"].split():
     direct = storage == "direct"
+    drop_caches()
     tf = fio_disk(d, names[0], copied, direct)
     for r in range(int(E["ROUNDS"])):
-        order = ["qsd", "sluice"] if r % 2 == 0 else ["sluice", "qsd"]
+        sides = ["qsd-default", "qsd-uring", "sluice"]
+        order = sides if r % 2 == 0 else list(reversed(sides))
         t = {}
         for who in order:
             with tempfile.TemporaryDirectory(prefix="sl-mbench-", dir=d) as tmp:
                 target = os.path.join(tmp, "copy.qcow2")
                 drop_caches()
-                run = run_qsd if who == "qsd" else run_sluice
-                t[who] = run(names, direct, target, tmp)
+                if who == "sluice":
+                    t[who] = run_sluice(names, direct, target, tmp)
+                else:  # QEMU's default aio=threads, and io_uring (its best here)
+                    t[who] = run_qsd(names, direct, target, tmp, "threads" if who == "qsd-default" else "io_uring")
                 c = subprocess.run(["qemu-img", "compare", "-U", names[2], target], capture_output=True, text=True)
                 if c.returncode != 0:
                     raise SystemExit(f"{who}: target differs: {c.stdout}{c.stderr}")
-        (qr, _, qd), (sr, _, sd) = t["qsd"], t["sluice"]
+        qd = min(t["qsd-default"][2], t["qsd-uring"][2])
+        sd = t["sluice"][2]
         rec = {"chain_gib": gib, "storage": storage, "round": r, "first": order[0], "copied": copied,
-               "qsd_ready_s": qr, "qsd_durable_s": qd, "sluice_ready_s": sr, "sluice_durable_s": sd,
-               "ratio": sd / qd, "fio_s": tf, "vs_disk": sd / tf}
-        print(f"{storage:>9} {r:>5} {order[0]:>6} {qr:>9.2f} {qd:>8.2f} {sr:>12.2f} {sd:>8.2f} {sd / qd:>6.2f}  "
-              f"{tf:>6.2f} {sd / tf:>6.2f}x", flush=True)
+               "runs": t, "ratio": sd / qd, "fio_s": tf, "vs_disk": sd / tf}
+        print(f"{storage:>9} {r:>5} {order[0]:>11} {t['qsd-default'][2]:>8.2f} {t['qsd-uring'][2]:>8.2f} "
+              f"{sd:>8.2f} {sd / qd:>6.2f}  {tf:>6.2f} {sd / tf:>6.2f}x", flush=True)
         out.write(json.dumps(rec) + "\n")
 print("goal: ratio <= 0.5 (2x faster than QSD), vs disk <= 1.2x")
 if E["ACTIVE"] == "1":
