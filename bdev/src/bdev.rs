@@ -21,6 +21,9 @@ pub struct RangeStatus {
 /// A local future of a range-status query.
 pub type RangeStatusFuture = Pin<Box<dyn Future<Output = Result<RangeStatus, BdevError>>>>;
 
+/// A local future of a resize ([`Bdev::resize`]).
+pub type ResizeFuture = Pin<Box<dyn Future<Output = Result<(), BdevError>>>>;
+
 /// A named block device. Shared across reactors (`Send + Sync`); I/O goes through
 /// per-reactor [`Channel`]s made by [`Bdev::create_channel`].
 ///
@@ -108,6 +111,15 @@ pub trait Bdev: Send + Sync + 'static {
     /// Allocation status at `offset` (at most `len` bytes), if the bdev knows it;
     /// `None` means "all data, allocated". Call on a reactor.
     fn range_status(&self, _offset: u64, _len: u64) -> Option<RangeStatusFuture> {
+        None
+    }
+    /// Changes the size to `size` bytes, if the bdev can (`None`: it cannot,
+    /// QEMU's "Image format driver does not support resize"). Call on a
+    /// reactor; the caller then refreshes every reactor's cached channels
+    /// ([`crate::refresh_channel_sizes`]) so that requests are checked against
+    /// the new size. Callers check QEMU's permissions (no claim that does not
+    /// share `resize`) first.
+    fn resize(&self, _size: u64) -> Option<ResizeFuture> {
         None
     }
     /// For downcasting to the concrete bdev (qcow2 block status, error injection).

@@ -16,7 +16,7 @@ pub struct IoChannel {
     bdev: Arc<dyn Bdev>,
     inner: Box<dyn Channel>,
     block_mask: u64,
-    size: u64,
+    size: std::cell::Cell<u64>,
     read_only: bool,
     supported: [bool; 5],
     stats: Rc<IoStats>,
@@ -47,7 +47,7 @@ impl IoChannel {
         }
         Ok(Self {
             block_mask: bdev.block_size() as u64 - 1,
-            size: bdev.size(),
+            size: std::cell::Cell::new(bdev.size()),
             read_only: bdev.read_only(),
             supported,
             stats: Rc::new(IoStats::default()),
@@ -101,7 +101,7 @@ impl IoChannel {
         }
         let end = io.offset.checked_add(io.len);
         if (io.offset | io.len) & self.block_mask != 0
-            || end.is_none_or(|e| e > self.size)
+            || end.is_none_or(|e| e > self.size.get())
             || io.len == 0
         {
             return Some(IoStatus::Einval);
@@ -124,6 +124,16 @@ thread_local! {
 
 fn key(b: &Arc<dyn Bdev>) -> usize {
     Arc::as_ptr(b) as *const () as usize
+}
+
+/// Checks this reactor's cached channels against their bdevs' sizes again
+/// (after a resize: run on every reactor).
+pub fn refresh_channel_sizes() {
+    CHANNELS.with(|m| {
+        for c in m.borrow().values() {
+            c.size.set(c.bdev.size());
+        }
+    });
 }
 
 /// This reactor's channel to `bdev`, created on first use and cached.

@@ -100,7 +100,7 @@ pub struct Qcow2Bdev {
     pub(crate) id: u64,
     pub(crate) owner: usize,
     pub(crate) rt: RuntimeHandle,
-    pub(crate) size: u64,
+    pub(crate) size: AtomicU64,
     pub(crate) block_size: u32,
     pub(crate) alignment: u32,
     pub(crate) read_only: bool,
@@ -197,13 +197,13 @@ impl Qcow2Bdev {
         len: u64,
         base: Option<&Arc<dyn Bdev>>,
     ) -> Result<BlockStatus, BdevError> {
-        if offset >= self.size || len == 0 {
+        if offset >= self.size.load(Ordering::Relaxed) || len == 0 {
             return Err(BdevError::InvalidParam(format!(
                 "block_status: range {offset}+{len} outside the image"
             )));
         }
         let base_key = base.map(|b| Arc::as_ptr(b) as *const () as usize);
-        let mut run = len.min(self.size - offset);
+        let mut run = len.min(self.size.load(Ordering::Relaxed) - offset);
         let (here, r) = self.layer_status(offset, run).await?;
         run = run.min(r).max(1);
         // (zero, below_or_at_base) of the first layer that allocates the range.
@@ -567,7 +567,9 @@ impl Bdev for Qcow2Bdev {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.size.div_ceil(self.block_size as u64)
+        self.size
+            .load(Ordering::Relaxed)
+            .div_ceil(self.block_size as u64)
     }
     fn io_type_supported(&self, _t: IoType) -> bool {
         true
@@ -604,6 +606,18 @@ impl Bdev for Qcow2Bdev {
             "backing_bdev": i.backing.as_ref().map(|b| b.name().to_string()),
             "owner_reactor": self.owner,
         }})
+    }
+    /// Grows the image on its owner reactor (`resize.rs`); the new size
+    /// holds for every reactor's requests once their channels are refreshed.
+    fn resize(&self, size: u64) -> Option<crate::ResizeFuture> {
+        let me = self.me.upgrade()?;
+        Some(Box::pin(async move {
+            let base = me.base.clone();
+            me.on_owner(move |img| async move { img.resize(&base, size).await })
+                .await?;
+            me.size.store(size, Ordering::Relaxed);
+            Ok(())
+        }))
     }
     fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
         let me = self.me.upgrade()?;

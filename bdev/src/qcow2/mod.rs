@@ -82,6 +82,7 @@ mod overlap;
 mod populate;
 mod rebuild;
 mod remote;
+mod resize;
 mod status;
 mod sync;
 mod verify;

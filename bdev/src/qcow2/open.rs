@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 /// Where reads of clusters this image does not allocate go.
@@ -526,7 +527,7 @@ pub(super) fn open_chain(
             id,
             owner,
             rt,
-            size: img.size,
+            size: AtomicU64::new(img.size.get()),
             block_size: img.align.max(512) as u32,
             alignment: base.required_alignment(),
             read_only: img.read_only,

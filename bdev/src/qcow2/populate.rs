@@ -25,8 +25,8 @@ impl Image {
         let end = offset.saturating_add(len);
         if !offset.is_multiple_of(cs)
             || len == 0
-            || end > self.size.next_multiple_of(cs)
-            || (!len.is_multiple_of(cs) && end < self.size)
+            || end > self.size.get().next_multiple_of(cs)
+            || (!len.is_multiple_of(cs) && end < self.size.get())
         {
             return Err(BdevError::InvalidParam(format!(
                 "populate: {offset}+{len} must be whole clusters of {cs} bytes inside the image"

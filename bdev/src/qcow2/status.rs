@@ -38,7 +38,7 @@ impl Image {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         let cs = self.cs;
-        let last = offset < self.size && offset + data.len() as u64 >= self.size;
+        let last = offset < self.size.get() && offset + data.len() as u64 >= self.size.get();
         if !offset.is_multiple_of(cs)
             || data.is_empty()
             || data.len() as u64 > cs
@@ -130,7 +130,7 @@ impl Image {
     /// block down: usually one block is read, however large the image.
     pub(crate) async fn used_end_locked(&self) -> R<u64> {
         let per_block = self.rf.block_entries();
-        let limit = self.capacity / self.cs;
+        let limit = self.capacity.get() / self.cs;
         let blocks = self.reftable.borrow().len();
         for ti in (0..blocks).rev() {
             let off = self.reftable.borrow().get(ti).copied().unwrap_or(0);

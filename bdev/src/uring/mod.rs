@@ -54,7 +54,7 @@ pub struct UringBdev {
     file: Arc<File>,
     opts: UringOptions,
     block_size: u32,
-    num_blocks: u64,
+    num_blocks: std::sync::atomic::AtomicU64,
     mem_align: u32,
     is_block_device: bool,
     memory_backed: bool,
@@ -207,7 +207,7 @@ impl UringBdev {
             file: Arc::new(file),
             opts,
             block_size,
-            num_blocks,
+            num_blocks: std::sync::atomic::AtomicU64::new(num_blocks),
             mem_align: if opts.direct {
                 g.dio_mem_align.max(1)
             } else {
@@ -265,7 +265,27 @@ impl Bdev for UringBdev {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// A regular file is truncated or extended to `size` (the blocks are
+    /// the whole blocks of it, as at open); a block device cannot change.
+    fn resize(&self, size: u64) -> Option<crate::ResizeFuture> {
+        let r = if self.opts.read_only {
+            Err(BdevError::Io(crate::IoStatus::ReadOnly))
+        } else if self.is_block_device {
+            Err(BdevError::Unsupported("Cannot resize device files".into()))
+        } else {
+            self.file
+                .set_len(size)
+                .map_err(|e| BdevError::os(format!("resizing {}", self.path.display()), e))
+                .map(|()| {
+                    self.num_blocks.store(
+                        size / self.block_size as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                })
+        };
+        Some(Box::pin(std::future::ready(r)))
     }
     fn fua_is_cheap(&self) -> bool {
         // RWF_DSYNC on a buffered file writes back and syncs per request.

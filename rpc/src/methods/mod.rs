@@ -14,6 +14,7 @@ pub mod notify;
 pub mod nvme;
 pub mod perf;
 pub mod qcow2;
+pub mod resize;
 pub mod snapshot;
 pub mod stream2011;
 
@@ -31,6 +32,7 @@ pub fn build_table() -> MethodTable {
     commit::register(&mut t);
     stream2011::register(&mut t);
     snapshot::register(&mut t);
+    resize::register(&mut t);
     nvme::register(&mut t);
     nbd::register(&mut t);
     perf::register(&mut t);

@@ -1,0 +1,194 @@
+"""QMP surface commands (block_resize, transaction, query-named-block-nodes
+flat), each conversation run on qemu-storage-daemon 10 and on sluice and
+compared step by step (replies, refusals with class and message); the
+images judged by qemu-img check / info / compare afterwards."""
+
+import json
+import os
+import shutil
+import subprocess
+
+from stream_common import qemu_img, qemu_io, qsd_monitor, run_case
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class Mismatch(Exception):
+    pass
+
+
+def expect(cond, what):
+    if not cond:
+        raise Mismatch(what)
+
+
+def file(p):
+    return {"driver": "file", "filename": p}
+
+
+def scrub(v, d):
+    """Directory-independent: the scratch directory becomes D."""
+    if isinstance(v, str):
+        return v.replace(d, "D")
+    if isinstance(v, (list, tuple)):
+        return type(v)(scrub(x, d) for x in v)
+    if isinstance(v, dict):
+        return {k: scrub(x, d) for k, x in v.items()}
+    return v
+
+
+def answer(r):
+    if "error" in r:
+        return ("error", r["error"]["class"], r["error"]["desc"])
+    return ("ok", r["return"])
+
+
+def run_script(vm, d, steps, view=None):
+    """Runs (command, arguments) steps; returns what each answered, with the
+    directory scrubbed; `view(cmd, reply)` may reduce a reply."""
+    out = []
+    for cmd, args in steps:
+        r = vm.raw(cmd, args)
+        a = answer(r)
+        if view and a[0] == "ok":
+            a = view(cmd, a)
+        out.append(scrub((cmd, args, a), d))
+    return out
+
+
+def compare_runs(runs):
+    for i, (g, w) in enumerate(zip(runs["sluice"], runs["qsd"])):
+        expect(g == w, f"step {i}:\nsluice: {g}\nqsd:    {w}")
+    expect(len(runs["sluice"]) == len(runs["qsd"]), "lengths differ")
+
+
+def both(vm, d, prepare, script, view=None):
+    """Prepares a fresh directory for each daemon, runs the script on QSD then
+    on sluice, compares; returns the two directories."""
+    runs, dirs = {}, {}
+    for who in ("qsd", "sluice"):
+        sub = os.path.join(d, who)
+        shutil.rmtree(sub, ignore_errors=True)
+        os.makedirs(sub)
+        prepare(sub)
+        dirs[who] = sub
+        if who == "qsd":
+            with qsd_monitor(sub) as qsd:
+                runs[who] = run_script(qsd, sub, script(sub), view)
+        else:
+            runs[who] = run_script(vm, sub, script(sub), view)
+            # leave sluice's graph empty for the next case
+    compare_runs(runs)
+    return dirs
+
+
+def img_info(p):
+    return json.loads(qemu_img("info", "-U", "--output=json", p))
+
+
+def check_clean(p):
+    r = subprocess.run(["qemu-img", "check", "-U", p], capture_output=True, text=True)
+    expect(r.returncode == 0, f"qemu-img check {p}: {r.stdout}{r.stderr}")
+
+
+def same_content(a, b):
+    r = subprocess.run(["qemu-img", "compare", "-U", a, b], capture_output=True, text=True)
+    expect(r.returncode == 0, f"qemu-img compare {a} {b}: {r.stdout}{r.stderr}")
+
+
+# ---------------------------------------------------------------- block_resize
+
+def resize_prepare(d):
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, "a.qcow2"), "1M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 1M", os.path.join(d, "a.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, "base.qcow2"), "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.join(d, "base.qcow2"), "-F", "qcow2",
+             os.path.join(d, "top.qcow2"), "1M")
+    with open(os.path.join(d, "r.raw"), "wb") as f:
+        f.truncate(MiB)
+
+
+def resize_script(d):
+    r = lambda **kw: ("block_resize", {k.replace("_", "-"): v for k, v in kw.items()})  # noqa: E731
+    return [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": file(f"{d}/a.qcow2")}),
+        ("blockdev-add", {"driver": "file", "node-name": "rf", "filename": f"{d}/r.raw"}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n", "size": MiB}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": file(f"{d}/base.qcow2"),
+                          "backing": None}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": file(f"{d}/top.qcow2"),
+                          "backing": "base"}),
+        # refusals
+        r(node_name="q", size=MiB + 3),
+        r(node_name="q", size=-1),
+        r(node_name="n", size=4 * MiB),
+        r(device="nosuch", size=4 * MiB),
+        r(node_name="nosuch", size=4 * MiB),
+        ("block_resize", {"size": 4 * MiB}),
+        ("block_resize", {"node-name": "q"}),
+        r(node_name="q", size=4 * MiB, bogus=1),
+        r(node_name="base", size=4 * MiB),
+        # grows: within the L1 table, then past it (a new L1 table)
+        r(node_name="q", size=4 * MiB),
+        r(device="q", node_name="q", size=8 * MiB),
+        r(node_name="q", size=3 * GiB),
+        r(node_name="top", size=2 * MiB),
+        r(node_name="rf", size=4 * MiB),
+        r(node_name="rf", size=2 * MiB),
+        r(node_name="q", size=3 * GiB),
+        ("query-named-block-nodes", {}),
+    ]
+
+
+def resize_view(cmd, a):
+    if cmd == "query-named-block-nodes":
+        return ("ok", sorted((n["node-name"], n["image"]["virtual-size"]) for n in a[1]
+                             if n["node-name"] in ("q", "top", "base", "rf")))
+    return a
+
+
+def case_resize(vm, d):
+    dirs = both(vm, d, resize_prepare, resize_script, resize_view)
+    for n in ("top", "base", "q", "rf", "n"):
+        vm.raw("blockdev-del", {"node-name": n})
+    for name in ("a.qcow2", "top.qcow2"):
+        q, s = (os.path.join(dirs[w], name) for w in ("qsd", "sluice"))
+        check_clean(s)
+        expect(img_info(s)["virtual-size"] == img_info(q)["virtual-size"],
+               f"{name}: sluice {img_info(s)['virtual-size']} qsd {img_info(q)['virtual-size']}")
+        same_content(q, s)
+    # The data written before the growth is still there; the new part reads zeroes.
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 1M",
+            "-c", f"read -P 0 {3 * GiB - MiB} 1M", os.path.join(dirs["sluice"], "a.qcow2"))
+    expect(os.path.getsize(os.path.join(dirs["sluice"], "r.raw")) == 2 * MiB, "r.raw length")
+
+    # sluice alone: a named device over an image sees the new size, and so
+    # does a new NBD connection to its export; writes past the old end land.
+    p = os.path.join(d, "dev.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", p, "1M")
+    vm.rcmd("bdev_qcow2_open", {"name": "dev0", "node_name": "dev0-n", "filename": p})
+    vm.rcmd("block_resize", {"device": "dev0", "size": 4 * MiB})
+    b = vm.rcmd("bdev_get_bdevs", {"name": "dev0"})[0]
+    expect(b["num_blocks"] * b["block_size"] == 4 * MiB, f"device size after resize: {b}")
+    sock = os.path.join(d, "nbd.sock")
+    vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "dev0", "writable": True})
+    uri = f"nbd+unix:///dev0?socket={sock}"
+    size = int(subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                              check=True).stdout)
+    expect(size == 4 * MiB, f"export size {size}")
+    qemu_io("-f", "raw", "-c", "write -P 0x5a 3M 1M", uri)
+    # Shrinking is refused (QEMU shrinks qcow2; sluice does not) and changes nothing.
+    r = vm.raw("block_resize", {"device": "dev0", "size": MiB})
+    expect("error" in r and "cannot shrink" in r["error"]["desc"], f"shrink: {r}")
+    vm.rcmd("block-export-del", {"id": "e0"})
+    vm.rcmd("nbd-server-stop", {})
+    vm.rcmd("bdev_qcow2_delete", {"name": "dev0"})
+    check_clean(p)
+    expect(img_info(p)["virtual-size"] == 4 * MiB, "dev.qcow2 size")
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x5a 3M 1M", "-c", "read -P 0 0 3M", p)
+
+
+if __name__ == "__main__":
+    run_case(globals())
