@@ -35,15 +35,29 @@ impl Params {
     /// missing", "Parameter 'X' is unexpected", "Invalid parameter type for
     /// 'X', expected: integer"), for QMP commands QEMU also serves.
     pub fn parse_qapi<T: DeserializeOwned>(self) -> Result<T, RpcError> {
+        self.parse_qapi_at("")
+    }
+
+    /// [`Params::parse_qapi`] of a member nested at `prefix` (QEMU's
+    /// `actions[0].data`): error texts name the member's full path.
+    pub fn parse_qapi_at<T: DeserializeOwned>(self, prefix: &str) -> Result<T, RpcError> {
         let v = match self.0 {
             None | Some(Value::Null) => Value::Object(Default::default()),
             Some(v) => v,
         };
         if !v.is_object() {
-            return Err(RpcError::invalid_params("params must be an object"));
+            return Err(RpcError::invalid_params(if prefix.is_empty() {
+                "params must be an object".to_string()
+            } else {
+                format!("Invalid parameter type for '{prefix}', expected: object")
+            }));
         }
         serde_path_to_error::deserialize(v).map_err(|e| {
-            let path = e.path().to_string();
+            let path = match (prefix, e.path().to_string()) {
+                ("", p) => p,
+                (pre, p) if p == "." || p.is_empty() => pre.to_string(),
+                (pre, p) => format!("{pre}.{p}"),
+            };
             let inner = e.into_inner().to_string();
             let at = |name: &str| match path.as_str() {
                 "." | "" => name.to_string(),

@@ -24,3 +24,8 @@ fn scenario(case: &str) {
 fn block_resize_matches_qsd() {
     scenario("resize");
 }
+
+#[test]
+fn transaction_is_all_or_nothing_as_in_qsd() {
+    scenario("transaction");
+}

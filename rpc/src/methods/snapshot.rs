@@ -2,13 +2,23 @@
 //! `blockdev-snapshot` (QEMU). The device moves onto a new qcow2 overlay whose
 //! backing file is its current image; the target may be a file or a registered
 //! bdev (malloc, NVMe) formatted as qcow2, which with a stream is a live copy.
+//!
+//! Each snapshot is an action that returns what undoes it
+//! ([`SnapshotUndo`]), so that `transaction` (`transaction.rs`) runs several
+//! under one [`graph::Graph::change`] and undoes the done ones when a later
+//! one fails.
+
+mod transaction;
 
 use crate::error::RpcError;
-use crate::methods::blockdev::snapshot::{snapshot_existing_plain, snapshot_plain_node};
+use crate::methods::blockdev::snapshot::{
+    snapshot_existing_plain, snapshot_plain_node, undo_plain,
+};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use crate::ErrorClass;
-use graph::snapshot::{self, SnapshotMode, SnapshotRequest};
+use graph::snapshot::{self, SnapshotMode, SnapshotRequest, SnapshotUndo};
+use graph::ChangeGuard;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -17,19 +27,54 @@ pub fn register(t: &mut MethodTable) {
     t.add("snapshot_blkdev", snapshot_blkdev);
     t.add("blockdev-snapshot-sync", blockdev_snapshot_sync);
     t.add("blockdev-snapshot", blockdev_snapshot);
+    t.add("transaction", transaction::transaction);
 }
 
-fn run(svc: &Service, req: SnapshotRequest) -> Result<String, RpcError> {
-    let _g = svc.graph.change();
-    let (_, owner) = snapshot::device_and_owner(&svc.graph, &req.device)?;
+/// A snapshot of a device under the caller's change lock.
+fn run_locked(
+    svc: &Service,
+    _change: &ChangeGuard<'_>,
+    req: SnapshotRequest,
+) -> Result<SnapshotUndo, RpcError> {
+    let (dev, owner) = snapshot::device_and_owner(&svc.graph, &req.device)?;
+    let old = bdev::device::Device::from_bdev(&dev)
+        .map(|d| d.root())
+        .ok_or_else(|| snapshot::SnapshotError::DeviceNotFound(req.device.clone()))?;
+    let perms = old.lock_perms();
+    let device = req.device.clone();
     let g = svc.graph.clone();
-    Ok(svc
+    let name = svc
         .rt
         .spawn_on(
             owner,
             move || async move { snapshot::snapshot(&g, req).await },
         )
-        .block()??)
+        .block()??;
+    let overlay = svc.graph.nodes().get(&name)?;
+    let mut u = SnapshotUndo::new(old, overlay, Some(device), false);
+    u.perms = perms;
+    Ok(u)
+}
+
+fn run(svc: &Service, req: SnapshotRequest) -> Result<(), RpcError> {
+    let g = svc.graph.change();
+    run_locked(svc, &g, req).map(|_| ())
+}
+
+/// Undoes one snapshot (a failed transaction), under the change lock.
+fn undo(svc: &Service, u: &SnapshotUndo) -> Result<(), RpcError> {
+    if u.device.is_none() {
+        return undo_plain(svc, u);
+    }
+    let owner = graph::node::image(&u.overlay)
+        .map(|i| i.owner())
+        .unwrap_or(0);
+    let g = svc.graph.clone();
+    let u2 = u.clone();
+    svc.rt
+        .spawn_on(owner, move || async move { snapshot::undo(&g, &u2).await })
+        .block()??;
+    Ok(())
 }
 
 fn check_format(format: &Option<String>, class: ErrorClass) -> Result<(), RpcError> {
@@ -79,6 +124,13 @@ struct Sync {
 
 fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Sync = p.parse()?;
+    let g = svc.graph.change();
+    sync_locked(svc, &g, a)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-snapshot-sync` under the caller's change lock.
+fn sync_locked(svc: &Service, g: &ChangeGuard<'_>, a: Sync) -> Result<SnapshotUndo, RpcError> {
     check_format(&a.format, ErrorClass::GenericError)?;
     let mode = match a.mode.as_deref() {
         None | Some("absolute-paths") => SnapshotMode::Create,
@@ -98,14 +150,14 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
             None if svc.graph.nodes().contains(&n)
                 && bdev::device::Device::from_bdev(&svc.graph.nodes().get(&n)?).is_none() =>
             {
-                snapshot_plain_node(
+                return snapshot_plain_node(
                     svc,
+                    g,
                     &n,
                     &a.snapshot_file,
                     a.snapshot_node_name,
                     mode == SnapshotMode::Existing,
-                )?;
-                return Ok(json!({}));
+                );
             }
             None if svc.graph.nodes().contains(&n) => {
                 return Err(RpcError::invalid_params(format!(
@@ -125,8 +177,9 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
             ))
         }
     };
-    run(
+    run_locked(
         svc,
+        g,
         SnapshotRequest {
             device,
             target: a.snapshot_file,
@@ -134,8 +187,7 @@ fn blockdev_snapshot_sync(svc: &Service, p: Params) -> Result<Value, RpcError> {
             mode,
             direct: true,
         },
-    )?;
-    Ok(json!({}))
+    )
 }
 
 #[derive(Deserialize)]
@@ -147,30 +199,60 @@ struct Existing {
 
 fn blockdev_snapshot(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let a: Existing = p.parse()?;
+    let g = svc.graph.change();
+    existing_locked(svc, &g, a)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-snapshot` under the caller's change lock.
+fn existing_locked(
+    svc: &Service,
+    g: &ChangeGuard<'_>,
+    a: Existing,
+) -> Result<SnapshotUndo, RpcError> {
+    use bdev::device::Device;
     // A plain node (blockdev-add's): the overlay is linked over it and its
     // exports move onto the overlay.
-    if let Ok(b) = svc.graph.nodes().get(&a.node) {
-        if bdev::device::Device::from_bdev(&b).is_none()
-            && bdev::device::Device::find_by_root(svc.graph.nodes(), &a.node).is_none()
-        {
-            snapshot_existing_plain(svc, &a.node, &a.overlay)?;
-            return Ok(json!({}));
+    let nodes = svc.graph.nodes();
+    // QEMU looks the node up, then the overlay (`bdrv_lookup_bs`).
+    for n in [&a.node, &a.overlay] {
+        if !nodes.contains(n) {
+            return Err(RpcError::errno(
+                libc::ENODEV,
+                format!("Cannot find device='{n}' nor node-name='{n}'"),
+            ));
         }
     }
-    let owner = svc
-        .graph
-        .nodes()
-        .get(&a.overlay)
-        .ok()
-        .and_then(|b| graph::node::image(&b))
+    if let Ok(b) = nodes.get(&a.node) {
+        if Device::from_bdev(&b).is_none() && Device::find_by_root(nodes, &a.node).is_none() {
+            return snapshot_existing_plain(svc, g, &a.node, &a.overlay);
+        }
+    }
+    let ov = nodes.get(&a.overlay).ok();
+    let owner = ov
+        .as_ref()
+        .and_then(graph::node::image)
         .map(|i| i.owner())
         .unwrap_or(0);
-    let g = svc.graph.clone();
-    let _c = svc.graph.change();
+    // What undoes it, read before the link (the device and its root).
+    let dev = nodes
+        .get(&a.node)
+        .ok()
+        .and_then(|b| match Device::from_bdev(&b) {
+            Some(_) => Some(b),
+            None => Device::find_by_root(nodes, &a.node),
+        });
+    let undo = match (&dev, &ov) {
+        (Some(d), Some(ov)) => Device::from_bdev(d)
+            .map(|dv| SnapshotUndo::new(dv.root(), ov.clone(), Some(d.name().to_string()), true)),
+        _ => None,
+    };
+    let gr = svc.graph.clone();
+    let (node, overlay) = (a.node.clone(), a.overlay.clone());
     svc.rt
         .spawn_on(owner, move || async move {
-            snapshot::snapshot_existing_node(&g, &a.node, &a.overlay).await
+            snapshot::snapshot_existing_node(&gr, &node, &overlay).await
         })
         .block()??;
-    Ok(json!({}))
+    undo.ok_or_else(|| RpcError::internal("snapshot taken without its device"))
 }

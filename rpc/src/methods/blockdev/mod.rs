@@ -135,6 +135,14 @@ fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let name = a.req_str("node-name")?;
     a.finish(&[])?;
     let _g = svc.graph.change();
+    delete_monitor_node(svc, &name)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-del` of `name` under the caller's [`graph::Graph::change`]
+/// (also a snapshot's overlay when its `transaction` fails).
+pub(crate) fn delete_monitor_node(svc: &Service, name: &str) -> Result<(), RpcError> {
+    let name = name.to_string();
     let b = check_deletable(svc, &name)?;
     let rec = state::record(&svc.graph, &name).ok_or_else(|| failed_to_find(&name))?;
     svc.graph.nodes().release(&name, &bdev::Holder::Monitor);
@@ -165,5 +173,5 @@ fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
         }
     }
     tracing::info!(node = %name, "blockdev-del");
-    Ok(json!({}))
+    Ok(())
 }
