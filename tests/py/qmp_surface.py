@@ -319,5 +319,60 @@ def case_transaction(vm, d):
            == os.path.exists(os.path.join(dirs["sluice"], "a2.qcow2")), "a2.qcow2 left behind differently")
 
 
+# ------------------------------------------------------ query-named-block-nodes
+
+def nodes_prepare(d):
+    qemu_img("create", "-q", "-f", "qcow2", f"{d}/base.qcow2", "1M")
+    qemu_io("-f", "qcow2", "-c", "write -P 1 0 64k", f"{d}/base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", f"{d}/base.qcow2", "-F", "qcow2", f"{d}/top.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", f"{d}/ro.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", f"{d}/v2.qcow2", "2M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd,refcount_bits=8", f"{d}/z.qcow2", "1M")
+    for n in ("r", "f", "fd", "fro"):
+        with open(f"{d}/{n}.raw", "wb") as f:
+            f.truncate(MiB)
+
+
+def nodes_script(d):
+    def F(p, **kw):
+        return {"driver": "file", "filename": f"{d}/{p}", **kw}
+    adds = [
+        {"driver": "qcow2", "node-name": "base", "file": F("base.qcow2"), "backing": None},
+        {"driver": "qcow2", "node-name": "top", "file": F("top.qcow2"), "backing": "base"},
+        {"driver": "qcow2", "node-name": "ro", "read-only": True, "file": F("ro.qcow2")},
+        {"driver": "qcow2", "node-name": "v2", "file": F("v2.qcow2")},
+        {"driver": "qcow2", "node-name": "z", "file": F("z.qcow2")},
+        {"driver": "raw", "node-name": "r", "file": F("r.raw")},
+        {"driver": "file", "node-name": "f", "filename": f"{d}/f.raw"},
+        {"driver": "file", "node-name": "fd", "filename": f"{d}/fd.raw", "cache": {"direct": True}},
+        {"driver": "file", "node-name": "fro", "filename": f"{d}/fro.raw", "read-only": True},
+        {"driver": "null-co", "node-name": "n", "size": MiB},
+    ]
+    return [("blockdev-add", a) for a in adds] + [
+        ("query-named-block-nodes", {}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("query-named-block-nodes", {"flat": False}),
+        ("query-named-block-nodes", {"flat": 1}),
+        ("query-named-block-nodes", {"bogus": 1}),
+    ]
+
+
+NAMED = {"base", "top", "ro", "v2", "z", "r", "f", "fd", "fro", "n"}
+
+
+def nodes_view(cmd, a):
+    # Anonymous nodes are named differently (QEMU's #blockNNN); each
+    # named node's whole BlockDeviceInfo is compared.
+    if cmd == "query-named-block-nodes":
+        return ("ok", sorted((n for n in a[1] if n["node-name"] in NAMED), key=lambda n: n["node-name"]))
+    return a
+
+
+def case_named_nodes(vm, d):
+    both(vm, d, nodes_prepare, nodes_script, nodes_view)
+    for n in ("top", "base", "ro", "v2", "z", "r", "f", "fd", "fro", "n"):
+        vm.rcmd("blockdev-del", {"node-name": n})
+
+
 if __name__ == "__main__":
     run_case(globals())

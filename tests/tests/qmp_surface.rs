@@ -29,3 +29,8 @@ fn block_resize_matches_qsd() {
 fn transaction_is_all_or_nothing_as_in_qsd() {
     scenario("transaction");
 }
+
+#[test]
+fn query_named_block_nodes_matches_qsd_flat_or_not() {
+    scenario("named_nodes");
+}

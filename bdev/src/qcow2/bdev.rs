@@ -91,6 +91,26 @@ pub(crate) struct Info {
     /// The image lock on `filename` that [`super::open_file`] took (ended
     /// when the image is deleted or dropped).
     pub(crate) lock: Option<crate::lock::ImageLock>,
+    /// The header's features at open.
+    pub(crate) features: Qcow2Features,
+}
+
+/// What an image's header says of its format, as QEMU's `qemu-img info`
+/// shows it (`ImageInfoSpecificQCow2`): read at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Qcow2Features {
+    /// 2 or 3.
+    pub version: u32,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// zstd compression (else deflate).
+    pub zstd: bool,
+    /// The lazy-refcounts compatible feature.
+    pub lazy_refcounts: bool,
+    /// The extended-L2 incompatible feature.
+    pub extended_l2: bool,
+    /// The corrupt bit.
+    pub corrupt: bool,
 }
 
 /// A qcow2 image over a base bdev, with an optional backing chain.
@@ -152,6 +172,11 @@ impl Qcow2Bdev {
     pub fn overlap_checks(&self) -> super::OverlapChecks {
         self.overlap_checks
     }
+    /// The header's features at open.
+    pub fn features(&self) -> Qcow2Features {
+        self.info().features
+    }
+
     /// Index of the reactor owning the image's metadata.
     pub fn owner(&self) -> usize {
         self.owner

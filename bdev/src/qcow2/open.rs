@@ -545,6 +545,20 @@ pub(super) fn open_chain(
                 grown: false,
                 keep_len: 0,
                 lock: None,
+                features: {
+                    use super::format::{
+                        COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_EXTENDED_L2,
+                    };
+                    let h = img.hdr.borrow();
+                    super::bdev::Qcow2Features {
+                        version: h.version,
+                        refcount_bits: 1 << h.refcount_order,
+                        zstd: h.compression_type == 1,
+                        lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+                        extended_l2: h.incompatible & INCOMPAT_EXTENDED_L2 != 0,
+                        corrupt: h.incompatible & INCOMPAT_CORRUPT != 0,
+                    }
+                },
             }),
         });
         install_engine(id, img);
