@@ -34,3 +34,8 @@ fn transaction_is_all_or_nothing_as_in_qsd() {
 fn query_named_block_nodes_matches_qsd_flat_or_not() {
     scenario("named_nodes");
 }
+
+#[test]
+fn query_qmp_schema_is_true_of_the_binary() {
+    scenario("schema");
+}

@@ -15,6 +15,7 @@ pub mod nvme;
 pub mod perf;
 pub mod qcow2;
 pub mod resize;
+pub mod schema;
 pub mod snapshot;
 pub mod stream2011;
 
@@ -33,6 +34,7 @@ pub fn build_table() -> MethodTable {
     stream2011::register(&mut t);
     snapshot::register(&mut t);
     resize::register(&mut t);
+    schema::register(&mut t);
     nvme::register(&mut t);
     nbd::register(&mut t);
     perf::register(&mut t);
