@@ -285,11 +285,10 @@ def txn_script(d):
 
 def txn_view(cmd, a):
     # Left out, as sluice differs from QEMU there outside transactions too:
-    # `ro` of an old top (QEMU reopens it read-only; sluice lowers its lock
-    # alone, which the lock probes compare) and the backing file name an
-    # existing overlay's header gets (QEMU leaves the header alone).
+    # the backing file name an existing overlay's header gets (QEMU leaves
+    # the header alone).
     if cmd == "query-named-block-nodes":
-        return ("ok", sorted((n["node-name"], n["backing_file_depth"],
+        return ("ok", sorted((n["node-name"], n["ro"], n["backing_file_depth"],
                               n["image"].get("backing-image", {}).get("filename"))
                              for n in a[1] if not n["node-name"].startswith("#")
                              and n["drv"] != "file"))

@@ -261,7 +261,9 @@ fn node_info(b: &Arc<dyn Bdev>) -> Value {
         "node-name": b.name(),
         "active": true,
         "file": node::filename_of(b),
-        "ro": b.read_only(),
+        // A node whose image lock was lowered to a reader's (an old top
+        // under a snapshot) is read-only as QEMU's reopened old top is.
+        "ro": b.read_only() || b.lock_perms().is_some_and(|p| p.perm & bdev::lock::PERM_WRITE == 0),
         "drv": node::format_of(b),
         "backing_file_depth": depth,
         "encrypted": false,

@@ -1,0 +1,287 @@
+"""libvirt's block operations as the QMP sequences libvirt (-blockdev mode,
+libvirt 7..10) sends, run on qemu-storage-daemon 10 and on sluice and
+compared step by step: replies, refusals, events in order
+(JOB_STATUS_CHANGE, BLOCK_JOB_*), `query-named-block-nodes {flat: true}` as
+libvirt probes it; the images judged by qemu-img check / compare after.
+
+libvirt's conventions reproduced: nodes `libvirt-N-storage` (file:
+auto-read-only, discard unmap) under `libvirt-N-format` (qcow2, backing by
+node name, read-only below the top); jobs with auto-finalize on and
+auto-dismiss off, each `job-dismiss`ed once concluded; the nodes a job took
+out of the chain removed by `blockdev-del`, format then storage; a new
+overlay precreated, formatted with `blockdev-create`, added with
+`backing: null`, and linked with a `transaction` of one
+`blockdev-snapshot`. An NBD export of the top stands for the guest's disk
+(QEMU moves it as it moves a device)."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+
+from stream_common import make_chain, qemu_img, qemu_io, qsd_monitor, reference, run_case
+
+MiB = 1 << 20
+
+
+class Mismatch(Exception):
+    pass
+
+
+def expect(cond, what):
+    if not cond:
+        raise Mismatch(what)
+
+
+def scrub(v, d):
+    if isinstance(v, str):
+        return v.replace(d, "D")
+    if isinstance(v, (list, tuple)):
+        return type(v)(scrub(x, d) for x in v)
+    if isinstance(v, dict):
+        return {k: scrub(x, d) for k, x in v.items()}
+    return v
+
+
+def view(cmd, r):
+    if "error" in r:
+        return ("error", r["error"]["class"], r["error"]["desc"])
+    v = r["return"]
+    if cmd == "query-named-block-nodes":
+        # What libvirt reads of it (qemuBlockNodeNameGetBackingChain and
+        # qemuMonitorJSONBlockGetNamedNodeData): names, chain, sizes, format.
+        # Storage nodes: sluice's differ from QEMU's outside these flows
+        # too (an auto-read-only file under a read-only image reads as
+        # read-only; an image's file is grown ahead), so only names count.
+        return ("ok", sorted((n["node-name"], n["drv"], n["ro"], n["backing_file_depth"],
+                              n["image"]["virtual-size"], n["image"].get("backing-filename"))
+                             if n["drv"] != "file" else (n["node-name"], "file")
+                             for n in v if n["node-name"].startswith("libvirt-")))
+    if cmd == "query-block-exports":
+        return ("ok", sorted((e["id"], e["node-name"]) for e in v))
+    if cmd == "query-jobs":
+        return ("ok", [{k: x for k, x in j.items() if k != "current-progress"} for j in v])
+    return ("ok", v)
+
+
+def event_view(ev):
+    data = dict(ev["data"])
+    if ev["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+        data.pop("offset", None)
+        data.pop("len", None)
+    return (ev["event"], data)
+
+
+def until(vm, jid, status, timeout=60.0):
+    """Waits until the job's change to `status` arrived; returns the job and
+    block events since the last wait, in arrival order."""
+    deadline = time.time() + timeout
+    while not any(e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"id": jid, "status": status}
+                  for e in vm.pending):
+        expect(time.time() < deadline, f"{jid} never {status}: {vm.pending}")
+        try:
+            ev = vm.q.pull_event(wait=0.1)
+        except (TimeoutError, asyncio.TimeoutError):
+            ev = None
+        if ev is not None:
+            vm.pending.append(ev)
+    got = [event_view(e) for e in vm.pending if e["event"].startswith(("JOB_", "BLOCK_JOB_"))]
+    vm.pending = []
+    return got
+
+
+def run_script(vm, d, steps):
+    out = []
+    for cmd, args in steps:
+        if cmd == "until":
+            out.append(("until", args, until(vm, *args)))
+        else:
+            out.append(scrub((cmd, args, view(cmd, vm.raw(cmd, args))), d))
+    return out
+
+
+def storage(n, path):
+    return ("blockdev-add", {"driver": "file", "filename": path, "node-name": f"libvirt-{n}-storage",
+                             "auto-read-only": True, "discard": "unmap"})
+
+
+def fmt(n, backing, ro):
+    return ("blockdev-add", {"node-name": f"libvirt-{n}-format", "read-only": ro, "driver": "qcow2",
+                             "file": f"libvirt-{n}-storage", "backing": backing})
+
+
+def chain(d):
+    """base (3) <- mid (2) <- top (1), 4 MiB, each writing its own pattern;
+    the disk's frontend an NBD export of the top."""
+    paths = make_chain(d, ["base", "mid", "top"], "4M", [
+        ["write -P 0x11 0 4M"],
+        ["write -P 0x22 1M 1M", "write -z 3M 256k"],
+        ["write -P 0x33 1536k 1M"],
+    ])
+    return paths, reference(d, paths[-1])
+
+
+def attach(d, ro_below=True):
+    """libvirt adds the layers below the top read-only (`ro_below`); QEMU
+    reopens a commit's base read-write, which sluice cannot do yet (it
+    refuses the commit: "Block node ... is read-only"), so the commit flows
+    add them writable until it can: the only departure from libvirt's
+    sequence."""
+    return [
+        storage(3, f"{d}/base.qcow2"), fmt(3, None, ro_below),
+        storage(2, f"{d}/mid.qcow2"), fmt(2, "libvirt-3-format", ro_below),
+        storage(1, f"{d}/top.qcow2"), fmt(1, "libvirt-2-format", False),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{d}/nbd.sock"}}}),
+        ("block-export-add", {"type": "nbd", "id": "vda", "node-name": "libvirt-1-format",
+                              "writable": True}),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+
+
+def detach(*ns):
+    out = []
+    for n in ns:
+        out += [("blockdev-del", {"node-name": f"libvirt-{n}-format"}),
+                ("blockdev-del", {"node-name": f"libvirt-{n}-storage"})]
+    return out
+
+
+PROBE = [("query-named-block-nodes", {"flat": True}), ("query-block-exports", {}), ("query-jobs", {})]
+
+
+def flow_active_commit(d):
+    """virsh blockcommit vda --active --pivot"""
+    j = "commit-vda-libvirt-3-format"
+    return attach(d, ro_below=False) + [
+        ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-1-format",
+                          "base-node": "libvirt-3-format", "auto-finalize": True, "auto-dismiss": False}),
+        ("until", (j, "ready")),
+        ("query-jobs", {}),
+        ("job-complete", {"id": j}),
+        ("until", (j, "concluded")),
+        ("job-dismiss", {"id": j}),
+        ("until", (j, "null")),
+        *PROBE,
+        *detach(1, 2),
+        *PROBE,
+    ]
+
+
+def flow_intermediate_commit(d):
+    """virsh blockcommit vda --top vda[1] --base vda[2] (mid into base)"""
+    j = "commit-vda-libvirt-3-format"
+    return attach(d, ro_below=False) + [
+        ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-2-format",
+                          "base-node": "libvirt-3-format", "backing-file": f"{d}/base.qcow2",
+                          "auto-finalize": True, "auto-dismiss": False}),
+        ("until", (j, "concluded")),
+        ("job-dismiss", {"id": j}),
+        ("until", (j, "null")),
+        *PROBE,
+        *detach(2),
+        *PROBE,
+    ]
+
+
+def flow_pull(d):
+    """virsh blockpull vda (the whole chain into the top)"""
+    j = "pull-vda-libvirt-1-format"
+    return attach(d) + [
+        ("block-stream", {"device": "libvirt-1-format", "job-id": j, "auto-finalize": True,
+                          "auto-dismiss": False}),
+        ("until", (j, "concluded")),
+        ("job-dismiss", {"id": j}),
+        ("until", (j, "null")),
+        *PROBE,
+        *detach(2, 3),
+        *PROBE,
+    ]
+
+
+def flow_snapshot(d):
+    """virsh snapshot-create-as --disk-only (one disk, through transaction)"""
+    j = "create-libvirt-4-format"
+    return attach(d) + [
+        storage(4, f"{d}/snap.qcow2"),
+        ("blockdev-create", {"job-id": j, "options": {
+            "driver": "qcow2", "file": "libvirt-4-storage", "size": 4 * MiB,
+            "backing-file": f"{d}/top.qcow2", "backing-fmt": "qcow2"}}),
+        ("until", (j, "concluded")),
+        ("job-dismiss", {"id": j}),
+        ("until", (j, "null")),
+        fmt(4, None, False),
+        ("transaction", {"actions": [{"type": "blockdev-snapshot", "data": {
+            "node": "libvirt-1-format", "overlay": "libvirt-4-format"}}]}),
+        *PROBE,
+    ]
+
+
+FLOWS = {
+    "active_commit": (flow_active_commit, ["base.qcow2"], [4, 3]),
+    "intermediate_commit": (flow_intermediate_commit, ["top.qcow2", "base.qcow2"], [1, 3]),
+    "pull": (flow_pull, ["top.qcow2"], [1]),
+    "snapshot": (flow_snapshot, ["snap.qcow2", "top.qcow2"], [4, 1, 2, 3]),
+}
+
+
+def case_flow(vm, d, name):
+    script, check_images, teardown = FLOWS[name]
+    runs, dirs, refs = {}, {}, {}
+    for who in ("qsd", "sluice"):
+        sub = os.path.join(d, who)
+        shutil.rmtree(sub, ignore_errors=True)
+        os.makedirs(sub)
+        open(os.path.join(sub, "snap.qcow2"), "wb").close()  # libvirt precreates it
+        _, refs[who] = chain(sub)
+        dirs[who] = sub
+        if who == "qsd":
+            with qsd_monitor(sub) as qsd:
+                runs[who] = run_script(qsd, sub, script(sub))
+        else:
+            runs[who] = run_script(vm, sub, script(sub))
+            # Leave the daemon empty for the next flow.
+            vm.raw("block-export-del", {"id": "vda", "mode": "hard"})
+            time.sleep(0.1)
+            vm.raw("nbd-server-stop", {})
+            for n in teardown:
+                for suffix in ("format", "storage"):
+                    vm.raw("blockdev-del", {"node-name": f"libvirt-{n}-{suffix}"})
+    for i, (g, w) in enumerate(zip(runs["sluice"], runs["qsd"])):
+        expect(g == w, f"{name} step {i}:\nsluice: {g}\nqsd:    {w}")
+    expect(len(runs["sluice"]) == len(runs["qsd"]), "lengths differ")
+    for img in check_images:
+        q, s = (os.path.join(dirs[w], img) for w in ("qsd", "sluice"))
+        r = subprocess.run(["qemu-img", "check", "-U", s], capture_output=True, text=True)
+        expect(r.returncode == 0, f"qemu-img check {s}: {r.stdout}{r.stderr}")
+        r = subprocess.run(["qemu-img", "compare", "-U", q, s], capture_output=True, text=True)
+        expect(r.returncode == 0, f"{name}: {img} differs from QSD's: {r.stdout}{r.stderr}")
+        info_q = qemu_img("info", "-U", q).replace(dirs["qsd"], "D")
+        info_s = qemu_img("info", "-U", s).replace(dirs["sluice"], "D")
+        bq = [x for x in info_q.splitlines() if x.startswith("backing file")]
+        bs = [x for x in info_s.splitlines() if x.startswith("backing file")]
+        expect(bq == bs, f"{name}: {img} backing: sluice {bs} qsd {bq}")
+    # The guest's view is what it was before the operation.
+    top = os.path.join(dirs["sluice"], check_images[0])
+    r = subprocess.run(["qemu-img", "compare", "-U", refs["sluice"], top], capture_output=True, text=True)
+    expect(r.returncode == 0, f"{name}: guest view changed: {r.stdout}{r.stderr}")
+
+
+def case_active_commit(vm, d):
+    case_flow(vm, d, "active_commit")
+
+
+def case_intermediate_commit(vm, d):
+    case_flow(vm, d, "intermediate_commit")
+
+
+def case_pull(vm, d):
+    case_flow(vm, d, "pull")
+
+
+def case_snapshot(vm, d):
+    case_flow(vm, d, "snapshot")
+
+
+if __name__ == "__main__":
+    run_case(globals())

@@ -1,0 +1,42 @@
+//! libvirt's block operations as the QMP sequences libvirt sends
+//! (tests/py/libvirt_flows.py): `blockcommit --active --pivot`, an
+//! intermediate `blockcommit`, `blockpull` and a disk-only snapshot through
+//! `transaction`, each run on qemu-storage-daemon 10 and on sluice and
+//! compared step by step (replies, events in order, the nodes libvirt
+//! probes); images judged by `qemu-img check` / `compare` after.
+
+use sluice_tests::{check, Daemon, TempDir};
+
+fn flow(case: &str) {
+    let d = Daemon::start(&[]);
+    let work = TempDir::new(case);
+    let out = check(
+        d.python(
+            "libvirt_flows.py",
+            &["--dir", work.0.to_str().unwrap(), "--case", case],
+        ),
+        &format!("libvirt_flows.py --case {case}"),
+    );
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    assert_eq!(d.stop(), Some(0), "daemon exit status");
+}
+
+#[test]
+fn blockcommit_active_pivot_matches_qsd() {
+    flow("active_commit");
+}
+
+#[test]
+fn blockcommit_intermediate_matches_qsd() {
+    flow("intermediate_commit");
+}
+
+#[test]
+fn blockpull_matches_qsd() {
+    flow("pull");
+}
+
+#[test]
+fn snapshot_through_transaction_matches_qsd() {
+    flow("snapshot");
+}
