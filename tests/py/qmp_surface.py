@@ -118,8 +118,12 @@ def resize_prepare(d):
     qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, "a.qcow2"), "1M")
     qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 1M", os.path.join(d, "a.qcow2"))
     qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, "base.qcow2"), "1M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x44 0 1M", os.path.join(d, "base.qcow2"))
     qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.join(d, "base.qcow2"), "-F", "qcow2",
              os.path.join(d, "top.qcow2"), "1M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x55 0 256k", os.path.join(d, "top.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", os.path.join(d, "v2.qcow2"), "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x66 0 4M", os.path.join(d, "v2.qcow2"))
     with open(os.path.join(d, "r.raw"), "wb") as f:
         f.truncate(MiB)
 
@@ -134,6 +138,7 @@ def resize_script(d):
                           "backing": None}),
         ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": file(f"{d}/top.qcow2"),
                           "backing": "base"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "v2", "file": file(f"{d}/v2.qcow2")}),
         # refusals
         r(node_name="q", size=MiB + 3),
         r(node_name="q", size=-1),
@@ -152,6 +157,17 @@ def resize_script(d):
         r(node_name="rf", size=4 * MiB),
         r(node_name="rf", size=2 * MiB),
         r(node_name="q", size=3 * GiB),
+        # shrinks: past the data, into it, to nothing; then growing again
+        # reads zeroes where the cut clusters were (and where a longer
+        # backing file would show through)
+        r(node_name="q", size=2 * MiB),
+        r(node_name="q", size=512 * 1024 + 512),
+        r(node_name="top", size=128 * 1024),
+        r(node_name="top", size=4 * MiB),
+        r(node_name="v2", size=1536 * 1024),
+        r(node_name="v2", size=0),
+        r(node_name="v2", size=3 * MiB),
+        r(node_name="q", size=3 * MiB),
         ("query-named-block-nodes", {}),
     ]
 
@@ -159,23 +175,26 @@ def resize_script(d):
 def resize_view(cmd, a):
     if cmd == "query-named-block-nodes":
         return ("ok", sorted((n["node-name"], n["image"]["virtual-size"]) for n in a[1]
-                             if n["node-name"] in ("q", "top", "base", "rf")))
+                             if n["node-name"] in ("q", "top", "base", "rf", "v2")))
     return a
 
 
 def case_resize(vm, d):
     dirs = both(vm, d, resize_prepare, resize_script, resize_view)
-    for n in ("top", "base", "q", "rf", "n"):
+    for n in ("top", "base", "q", "rf", "n", "v2"):
         vm.raw("blockdev-del", {"node-name": n})
-    for name in ("a.qcow2", "top.qcow2"):
+    for name in ("a.qcow2", "top.qcow2", "v2.qcow2"):
         q, s = (os.path.join(dirs[w], name) for w in ("qsd", "sluice"))
         check_clean(s)
         expect(img_info(s)["virtual-size"] == img_info(q)["virtual-size"],
                f"{name}: sluice {img_info(s)['virtual-size']} qsd {img_info(q)['virtual-size']}")
         same_content(q, s)
-    # The data written before the growth is still there; the new part reads zeroes.
-    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 1M",
-            "-c", f"read -P 0 {3 * GiB - MiB} 1M", os.path.join(dirs["sluice"], "a.qcow2"))
+    # What was kept is still there; the clusters cut read zeroes (the rest of
+    # the cluster the end fell in keeps its bytes, in QEMU's image too).
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 512k", "-c", "read -P 0 576k 2496k",
+            os.path.join(dirs["sluice"], "a.qcow2"))
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x55 0 128k", "-c", "read -P 0 128k 3968k",
+            os.path.join(dirs["sluice"], "top.qcow2"))
     expect(os.path.getsize(os.path.join(dirs["sluice"], "r.raw")) == 2 * MiB, "r.raw length")
 
     # sluice alone: a named device over an image sees the new size, and so
@@ -194,15 +213,17 @@ def case_resize(vm, d):
                               check=True).stdout)
     expect(size == 4 * MiB, f"export size {size}")
     qemu_io("-f", "raw", "-c", "write -P 0x5a 3M 1M", uri)
-    # Shrinking is refused (QEMU shrinks qcow2; sluice does not) and changes nothing.
-    r = vm.raw("block_resize", {"device": "dev0", "size": MiB})
-    expect("error" in r and "cannot shrink" in r["error"]["desc"], f"shrink: {r}")
+    # Shrinking the device cuts what the export wrote past the new end.
+    vm.rcmd("block_resize", {"device": "dev0", "size": 3 * MiB + 512 * 1024})
+    size = int(subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                              check=True).stdout)
+    expect(size == 3 * MiB + 512 * 1024, f"export size after the shrink {size}")
     vm.rcmd("block-export-del", {"id": "e0"})
     vm.rcmd("nbd-server-stop", {})
     vm.rcmd("bdev_qcow2_delete", {"name": "dev0"})
     check_clean(p)
-    expect(img_info(p)["virtual-size"] == 4 * MiB, "dev.qcow2 size")
-    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x5a 3M 1M", "-c", "read -P 0 0 3M", p)
+    expect(img_info(p)["virtual-size"] == 3 * MiB + 512 * 1024, "dev.qcow2 size")
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x5a 3M 512k", "-c", "read -P 0 0 3M", p)
 
 
 # ----------------------------------------------------------------- transaction

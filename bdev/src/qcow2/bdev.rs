@@ -638,9 +638,26 @@ impl Bdev for Qcow2Bdev {
         let me = self.me.upgrade()?;
         Some(Box::pin(async move {
             let base = me.base.clone();
+            let old = me.size.load(Ordering::Relaxed);
             me.on_owner(move |img| async move { img.resize(&base, size).await })
                 .await?;
             me.size.store(size, Ordering::Relaxed);
+            // A backing file longer than the old size would show through
+            // the new area: it reads as zeroes instead (QEMU's
+            // bdrv_co_truncate writes zeroes there).
+            let shown = me.backing().map_or(0, |b| b.size()).min(size);
+            let bs = me.block_size as u64;
+            let start = old.next_multiple_of(bs);
+            if shown > start {
+                crate::refresh_channel_sizes();
+                let me_dyn: Arc<dyn Bdev> = me.clone();
+                let ch = crate::channel(&me_dyn)?;
+                let len = (shown - start).next_multiple_of(bs).min(size - start);
+                let st = crate::simple_io(&ch, IoType::WriteZeroes, start, len).await;
+                if !st.is_ok() {
+                    return Err(BdevError::Io(st));
+                }
+            }
             Ok(())
         }))
     }

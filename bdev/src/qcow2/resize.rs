@@ -1,13 +1,22 @@
-//! Growing an open image (QEMU's `qcow2_co_truncate` for a larger size,
-//! `block_resize`): a new virtual size in the header, and, when the L1 table
-//! no longer covers it, a new L1 table of exactly the entries needed
-//! (`qcow2_grow_l1_table(exact_size)`): written to new clusters and flushed,
-//! then the header pointed at it, then the old table's clusters released.
-//! The base is extended as the open extended it (room for the new data and
-//! its metadata) when it can be. Shrinking is refused (see
-//! [`Image::resize`]).
+//! Resizing an open image (QEMU's `qcow2_co_truncate`, `block_resize`).
+//!
+//! - Growing: when the L1 table no longer covers the new size, a new L1
+//!   table of exactly the entries needed (`qcow2_grow_l1_table(exact_size)`)
+//!   is written to new clusters and flushed, then the header pointed at it,
+//!   then the old table's clusters released; then the header's size. The
+//!   base is extended as the open extended it (room for the new data and
+//!   its metadata) when it can be. (The caller zeroes the new area where a
+//!   longer backing file would show through, as QEMU's `bdrv_co_truncate`
+//!   does.)
+//! - Shrinking, as QEMU does it: every cluster from the new end rounded up
+//!   to a cluster is discarded for good (its L2 entry cleared, its host
+//!   cluster released), the L2 tables past the new L1 size are released and
+//!   their L1 entries zeroed (`qcow2_shrink_l1_table`; the header's
+//!   `l1_size` stays), all of it made durable before the clusters are
+//!   unreferenced; then the header's size. The file is trimmed when the
+//!   image is closed.
 
-use super::format::put64;
+use super::format::{be64, put64, L1Entry};
 use super::image::{Image, R};
 use super::overlap::OverlapChecks;
 use crate::{BdevError, DmaBuf};
@@ -15,10 +24,8 @@ use std::sync::Arc;
 
 impl Image {
     /// Changes the virtual size to `size` (a multiple of 512) on the owner
-    /// reactor; `base` is the image's base bdev, extended for the growth
-    /// when it can be. A smaller size is refused: sluice does not shrink
-    /// images (QEMU discards the clusters past the end and shrinks the
-    /// tables).
+    /// reactor; `base` is the image's base bdev, extended for a growth when
+    /// it can be.
     pub(crate) async fn resize(&self, base: &Arc<dyn crate::Bdev>, size: u64) -> R<()> {
         if self.read_only {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
@@ -30,19 +37,22 @@ impl Image {
         }
         let _m = self.meta.lock().await;
         let old = self.size.get();
-        if size < old {
-            return Err(BdevError::Unsupported(format!(
-                "qcow2 image '{}' cannot shrink in sluice (from {old} to {size} bytes)",
-                self.name
-            )));
-        }
         if size == old {
             return Ok(());
         }
-        self.reserve_room(base, size - old).await;
-        let need = super::format::Header::l1_entries_for(size, self.cluster_bits);
-        if need > self.hdr.borrow().l1_size as u64 {
-            self.grow_l1(need).await?;
+        if size < old {
+            // Requests past the new end are refused from here on.
+            self.size.set(size);
+            if let Err(e) = self.shrink(size, old).await {
+                self.size.set(old);
+                return Err(e);
+            }
+        } else {
+            self.reserve_room(base, size - old).await;
+            let need = super::format::Header::l1_entries_for(size, self.cluster_bits);
+            if need > self.hdr.borrow().l1_size as u64 {
+                self.grow_l1(need).await?;
+            }
         }
         self.hdr.borrow_mut().size = size;
         if let Err(e) = self.write_header().await {
@@ -52,6 +62,58 @@ impl Image {
         self.size.set(size);
         tracing::info!(image = %self.name, from = old, to = size, "image resized");
         Ok(())
+    }
+
+    /// Discards every cluster from `size` (rounded up to a cluster) to
+    /// `old` and releases the L2 tables past the L1 entries `size` needs;
+    /// durable before the clusters are unreferenced. The metadata lock is
+    /// held.
+    async fn shrink(&self, size: u64, old: u64) -> R<()> {
+        let l2e = self.l2_entries;
+        let keep_l1 = super::format::Header::l1_entries_for(size, self.cluster_bits);
+        let l1_size = self.hdr.borrow().l1_size as u64;
+        let (first, last) = (size.div_ceil(self.cs), old.div_ceil(self.cs));
+        let mut gc = first;
+        while gc < last && gc / l2e < keep_l1 {
+            let l1i = gc / l2e;
+            let end = ((l1i + 1) * l2e).min(last);
+            if L1Entry(self.l1.borrow()[l1i as usize]).l2_offset() != 0 {
+                for g in gc..end {
+                    let e = self.entry_locked(g).await?;
+                    if e != 0 {
+                        let kind = self.kind(e)?;
+                        self.set_entry(g, 0).await?;
+                        self.queue_free(kind);
+                    }
+                }
+            }
+            gc = end;
+        }
+        for i in keep_l1..l1_size {
+            let off = L1Entry(self.l1.borrow()[i as usize]).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            self.load(true, off).await?;
+            let entries: Vec<u64> = self
+                .l2
+                .with(off, |t| {
+                    (0..l2e).map(|k| be64(t, (k * 8) as usize)).collect()
+                })
+                .unwrap_or_default();
+            for e in entries.into_iter().filter(|&e| e != 0) {
+                self.queue_free(self.kind(e)?);
+            }
+            // Nothing points at the table once the L1 entry is zero: its
+            // cached copy must never be written back.
+            self.l2.remove(off);
+            self.frees.borrow_mut().push((off, self.cs));
+            self.l1.borrow_mut()[i as usize] = 0;
+            self.l1_dirty.borrow_mut().insert(i * 8 / self.align);
+        }
+        self.refresh_meta_map();
+        // L2 tables, then the L1 entries, flushed; then the clusters released.
+        self.sync_locked(true).await
     }
 
     /// Extends the base by the room a growth of `delta` bytes may take (its

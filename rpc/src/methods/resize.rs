@@ -4,8 +4,9 @@
 //! else a node name); the resize needs QEMU's `resize` permission, which a
 //! backing or file link (a node above it), an export and a job do not
 //! share: such a node is refused in QEMU's words. A qcow2 image grows (a new
-//! L1 table when needed; shrinking is refused), a file is extended or
-//! truncated, other nodes (null, malloc, NVMe) refuse as QEMU's drivers
+//! L1 table when needed; the new area zeroed where a longer backing file
+//! would show through) or shrinks as QEMU's does (`bdev/src/qcow2/resize.rs`),
+//! a file is extended or truncated, other nodes (null, malloc, NVMe) refuse as QEMU's drivers
 //! without `bdrv_co_truncate` do. Afterwards every reactor's channels check
 //! requests against the new size: a device over the node and the exports
 //! of either see it (an NBD client at its next connection).
