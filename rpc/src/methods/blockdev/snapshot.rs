@@ -151,7 +151,7 @@ pub(crate) fn undo_plain(svc: &Service, u: &SnapshotUndo) -> Result<(), RpcError
         svc.graph.monitor().restore_backing(overlay, before);
         Ok(())
     } else {
-        super::delete_monitor_node(svc, overlay)
+        super::delete::delete_monitor_node(svc, overlay)
     }
 }
 

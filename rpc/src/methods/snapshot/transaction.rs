@@ -14,7 +14,7 @@
 //! overlay node deleted; a created overlay *file* stays on disk, as QEMU
 //! leaves it) and the failing action's error is the answer.
 
-use super::{existing_locked, sync_locked, undo, Existing, Sync};
+use super::actions::{existing_locked, sync_locked, undo, Existing, Sync};
 use crate::error::RpcError;
 use crate::service::Service;
 use crate::table::Params;
