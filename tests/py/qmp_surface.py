@@ -339,6 +339,50 @@ def case_transaction(vm, d):
            == os.path.exists(os.path.join(dirs["sluice"], "a2.qcow2")), "a2.qcow2 left behind differently")
 
 
+def case_transaction_device(vm, d):
+    """sluice alone (QSD has no devices): snapshots of a named device in a
+    transaction whose last action fails leave the device on its image, no
+    overlay node, the image's locks as before, and I/O through its export
+    landing in the image; the same transaction without the abort moves it."""
+    p = os.path.join(d, "dev.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", p, "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 4M", p)
+    vm.rcmd("bdev_qcow2_open", {"name": "dev0", "node_name": "dev0-n", "filename": p})
+    sock = os.path.join(d, "nbd.sock")
+    vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "dev0", "writable": True})
+    uri = f"nbd+unix:///dev0?socket={sock}"
+
+    def snap_sync(f, n):
+        return {"type": "blockdev-snapshot-sync",
+                "data": {"device": "dev0", "snapshot-file": f, "snapshot-node-name": n}}
+
+    def names():
+        return sorted(b["name"] for b in vm.rcmd("bdev_get_bdevs"))
+
+    before_nodes, before_locks = names(), lock_probe(p)
+    s1, s2 = os.path.join(d, "s1.qcow2"), os.path.join(d, "s2.qcow2")
+    r = vm.raw("transaction", {"actions": [snap_sync(s1, "s1"), ABORT]})
+    expect(r.get("error", {}).get("desc") == "Transaction aborted using Abort action", f"{r}")
+    r = vm.raw("transaction", {"actions": [snap_sync(s1, "s1"), snap_sync(s2, "s1")]})
+    expect("error" in r, f"a duplicate node name must fail: {r}")
+    expect(names() == before_nodes, f"nodes after the failed transactions: {names()} vs {before_nodes}")
+    expect(lock_probe(p) == before_locks, f"locks: {lock_probe(p)} vs {before_locks}")
+    qemu_io("-f", "raw", "-c", "write -P 0x22 1M 1M", uri)
+    # The same without the abort: the device moves onto s1.
+    vm.rcmd("transaction", {"actions": [snap_sync(s1, "s1")]})
+    qemu_io("-f", "raw", "-c", "write -P 0x33 2M 1M", uri)
+    vm.rcmd("block-export-del", {"id": "e0"})
+    vm.rcmd("nbd-server-stop", {})
+    vm.rcmd("bdev_qcow2_delete", {"name": "dev0"})
+    check_clean(p)
+    check_clean(s1)
+    # dev.qcow2 got the write made after the failed transactions, not the later one.
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M",
+            "-c", "read -P 0x11 2M 2M", p)
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x33 2M 1M", "-c", "read -P 0x22 1M 1M", s1)
+
+
 # ------------------------------------------------------ query-named-block-nodes
 
 def nodes_prepare(d):

@@ -39,3 +39,8 @@ fn query_named_block_nodes_matches_qsd_flat_or_not() {
 fn query_qmp_schema_is_true_of_the_binary() {
     scenario("schema");
 }
+
+#[test]
+fn a_failed_transaction_leaves_a_device_on_its_image() {
+    scenario("transaction_device");
+}
