@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 from stream_common import parse_args, qemu_img, qemu_io, qsd_monitor, run_case
 
@@ -381,6 +382,42 @@ def case_transaction_device(vm, d):
     qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M",
             "-c", "read -P 0x11 2M 2M", p)
     qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x33 2M 1M", "-c", "read -P 0x22 1M 1M", s1)
+
+
+def case_null_resize(vm, d):
+    """SPDK's bdev_null_resize through SPDK's own client: a null bdev grows
+    (size in MiB), a smaller size and an unknown name refused with SPDK's
+    codes; an export made before the growth serves the new end to a new
+    connection; QMP's block_resize refuses it as QEMU's null-co driver does."""
+    from spdk.rpc.client import JSONRPCClient, JSONRPCException
+    c = JSONRPCClient(parse_args().rpc)
+    c.call("bdev_null_create", {"name": "nl0", "num_blocks": 2048, "block_size": 512})
+    sock = os.path.join(d, "nbd.sock")
+    vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "nl0"})
+    expect(c.call("bdev_null_resize", {"name": "nl0", "new_size": 4}) is True, "resize answer")
+    b = c.call("bdev_get_bdevs", {"name": "nl0"})[0]
+    expect(b["num_blocks"] == 8192, f"num_blocks after the resize: {b}")
+    for args, code in (({"name": "nl0", "new_size": 2}, -22), ({"name": "nosuch", "new_size": 8}, -19)):
+        try:
+            c.call("bdev_null_resize", args)
+            raise Mismatch(f"bdev_null_resize {args} succeeded")
+        except JSONRPCException as e:
+            expect(f"'code': {code}" in str(e) or f'"code": {code}' in str(e), f"{args}: {e}")
+    uri = f"nbd+unix:///nl0?socket={sock}"
+    size = int(subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, check=True).stdout)
+    expect(size == 4 * MiB, f"export size {size}")
+    qemu_io("-f", "raw", "-r", "-c", "read -P 0 3M 1M", uri)
+    # QMP: the export does not share `resize` (as QEMU's), and without it
+    # the driver cannot (as QEMU's null-co).
+    r = vm.raw("block_resize", {"node-name": "nl0", "size": 8 * MiB})
+    expect("Permission conflict on node 'nl0'" in r.get("error", {}).get("desc", ""), f"{r}")
+    vm.rcmd("block-export-del", {"id": "e0"})
+    vm.rcmd("nbd-server-stop", {})
+    time.sleep(0.2)  # the export goes once its clients have
+    r = vm.raw("block_resize", {"node-name": "nl0", "size": 8 * MiB})
+    expect(r.get("error", {}).get("desc") == "Image format driver does not support resize", f"{r}")
+    c.call("bdev_null_delete", {"name": "nl0"})
 
 
 # ------------------------------------------------------ query-named-block-nodes

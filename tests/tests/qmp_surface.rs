@@ -44,3 +44,8 @@ fn query_qmp_schema_is_true_of_the_binary() {
 fn a_failed_transaction_leaves_a_device_on_its_image() {
     scenario("transaction_device");
 }
+
+#[test]
+fn spdk_null_resize_grows_a_null_bdev() {
+    scenario("null_resize");
+}
