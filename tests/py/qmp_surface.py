@@ -150,6 +150,11 @@ def resize_script(d):
         ("block_resize", {"node-name": "q"}),
         r(node_name="q", size=4 * MiB, bogus=1),
         r(node_name="base", size=4 * MiB),
+        r(node_name="q", size=1 << 60),
+        r(node_name="q", size=1 << 55),
+        r(node_name="q", size=(1 << 63) - 512),
+        r(node_name="rf", size=1 << 60),
+        r(node_name="rf", size=(1 << 63) - 512),
         # grows: within the L1 table, then past it (a new L1 table)
         r(node_name="q", size=4 * MiB),
         r(device="q", node_name="q", size=8 * MiB),

@@ -48,8 +48,14 @@ impl Image {
                 return Err(e);
             }
         } else {
-            self.reserve_room(base, size - old).await;
             let need = super::format::Header::l1_entries_for(size, self.cluster_bits);
+            if need.saturating_mul(8) > super::format::MAX_L1_BYTES {
+                // QEMU's QCOW_MAX_L1_SIZE, in its words.
+                return Err(BdevError::InvalidParam(
+                    "Failed to grow the L1 table: File too large".into(),
+                ));
+            }
+            self.reserve_room(base, size - old).await;
             if need > self.hdr.borrow().l1_size as u64 {
                 self.grow_l1(need).await?;
             }
@@ -120,7 +126,11 @@ impl Image {
     /// data and metadata), as the open extended the file; a base that
     /// cannot grow keeps its size (allocations past it fail with ENOSPC).
     async fn reserve_room(&self, base: &Arc<dyn crate::Bdev>, delta: u64) {
-        let want = self.capacity.get() + delta + delta / 32;
+        let want = self
+            .capacity
+            .get()
+            .saturating_add(delta)
+            .saturating_add(delta / 32);
         let Some(f) = base.resize(want) else {
             return;
         };

@@ -277,7 +277,15 @@ impl Bdev for UringBdev {
         } else {
             self.file
                 .set_len(size)
-                .map_err(|e| BdevError::os(format!("resizing {}", self.path.display()), e))
+                .map_err(|e| {
+                    // QEMU's words ("Could not resize file: File too large").
+                    let why = match e.raw_os_error() {
+                        Some(libc::EFBIG) => "File too large".to_string(),
+                        Some(libc::ENOSPC) => "No space left on device".to_string(),
+                        _ => e.to_string(),
+                    };
+                    BdevError::Unsupported(format!("Could not resize file: {why}"))
+                })
                 .map(|()| {
                     self.num_blocks.store(
                         size / self.block_size as u64,

@@ -100,6 +100,13 @@ fn block_resize(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let size = u64::try_from(a.size)
         .map_err(|_| RpcError::invalid_params("Parameter 'size' expects a >0 size"))?;
     check_perm(svc, b.name())?;
+    // QEMU's BDRV_MAX_LENGTH (bdrv_co_truncate checks it before read-only).
+    const MAX: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+    if size > MAX {
+        return Err(RpcError::invalid_params(format!(
+            "offset({size}) exceeds maximum({MAX})"
+        )));
+    }
     if b.read_only() {
         return Err(RpcError::errno(libc::EACCES, "Image is read-only"));
     }
