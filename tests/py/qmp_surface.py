@@ -175,6 +175,11 @@ def resize_script(d):
         r(node_name="v2", size=3 * MiB),
         r(node_name="q", size=3 * MiB),
         ("query-named-block-nodes", {}),
+        # a node a job uses cannot change size (QEMU's op blocker)
+        ("block-stream", {"device": "top", "job-id": "s", "speed": 1}),
+        r(node_name="top", size=8 * MiB),
+        r(node_name="base", size=8 * MiB),
+        ("block-job-cancel", {"device": "s", "force": True}),
     ]
 
 
@@ -187,6 +192,9 @@ def resize_view(cmd, a):
 
 def case_resize(vm, d):
     dirs = both(vm, d, resize_prepare, resize_script, resize_view)
+    deadline = time.time() + 30
+    while vm.rcmd("query-jobs") and time.time() < deadline:
+        time.sleep(0.05)
     for n in ("top", "base", "q", "rf", "n", "v2"):
         vm.raw("blockdev-del", {"node-name": n})
     for name in ("a.qcow2", "top.qcow2", "v2.qcow2"):

@@ -1,7 +1,8 @@
 //! `block_resize {device | node-name, size}`: QEMU's live resize of a node.
 //!
 //! The node is found as QEMU's `bdrv_lookup_bs` finds it (a device's root,
-//! else a node name); the resize needs QEMU's `resize` permission, which a
+//! else a node name); a node a job uses is refused (QEMU's op blocker); the
+//! resize needs QEMU's `resize` permission, which a
 //! backing or file link (a node above it), an export and a job do not
 //! share: such a node is refused in QEMU's words. A qcow2 image grows (a new
 //! L1 table when needed; the new area zeroed where a longer backing file
@@ -61,8 +62,18 @@ fn user(h: &Holder) -> String {
 /// QEMU's refusal when a user of `node` does not share `resize` (the
 /// monitor's temporary block backend asks for it).
 fn check_perm(svc: &Service, node: &str) -> Result<(), RpcError> {
+    // QEMU's op blockers, the most recent first: a job's, then a backing
+    // link's.
+    if let Some(j) = svc.jobs.job_on_node(node) {
+        return Err(RpcError::errno(
+            libc::EBUSY,
+            format!(
+                "Node '{node}' is busy: block device is in use by block job: {}",
+                j.spec().kind.as_str()
+            ),
+        ));
+    }
     let claims = svc.graph.nodes().claims_of(node);
-    // QEMU's op blocker on a backing node comes first.
     for c in &claims {
         if let (Holder::Node(user), "backing") = (&c.holder, c.role) {
             return Err(RpcError::errno(
