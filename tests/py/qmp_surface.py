@@ -127,6 +127,10 @@ def resize_prepare(d):
     qemu_io("-f", "qcow2", "-c", "write -P 0x66 0 4M", os.path.join(d, "v2.qcow2"))
     with open(os.path.join(d, "r.raw"), "wb") as f:
         f.truncate(MiB)
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, "jb.qcow2"), "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x77 0 4M", os.path.join(d, "jb.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.join(d, "jb.qcow2"), "-F", "qcow2",
+             os.path.join(d, "jt.qcow2"), "4M")
 
 
 def resize_script(d):
@@ -175,10 +179,15 @@ def resize_script(d):
         r(node_name="v2", size=3 * MiB),
         r(node_name="q", size=3 * MiB),
         ("query-named-block-nodes", {}),
-        # a node a job uses cannot change size (QEMU's op blocker)
-        ("block-stream", {"device": "top", "job-id": "s", "speed": 1}),
-        r(node_name="top", size=8 * MiB),
-        r(node_name="base", size=8 * MiB),
+        # a node a job uses cannot change size (QEMU's op blocker); the
+        # stream has 4 MiB to copy at 1 byte/s, so it is still running
+        ("blockdev-add", {"driver": "qcow2", "node-name": "jb", "file": file(f"{d}/jb.qcow2"),
+                          "backing": None}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "jt", "file": file(f"{d}/jt.qcow2"),
+                          "backing": "jb"}),
+        ("block-stream", {"device": "jt", "job-id": "s", "speed": 1}),
+        r(node_name="jt", size=8 * MiB),
+        r(node_name="jb", size=8 * MiB),
         ("block-job-cancel", {"device": "s", "force": True}),
     ]
 
@@ -195,7 +204,7 @@ def case_resize(vm, d):
     deadline = time.time() + 30
     while vm.rcmd("query-jobs") and time.time() < deadline:
         time.sleep(0.05)
-    for n in ("top", "base", "q", "rf", "n", "v2"):
+    for n in ("top", "base", "q", "rf", "n", "v2", "jt", "jb"):
         vm.raw("blockdev-del", {"node-name": n})
     for name in ("a.qcow2", "top.qcow2", "v2.qcow2"):
         q, s = (os.path.join(dirs[w], name) for w in ("qsd", "sluice"))
