@@ -17,7 +17,7 @@ pub struct IoChannel {
     inner: Box<dyn Channel>,
     block_mask: u64,
     size: std::cell::Cell<u64>,
-    read_only: bool,
+    read_only: std::cell::Cell<bool>,
     supported: [bool; 5],
     stats: Rc<IoStats>,
 }
@@ -48,7 +48,7 @@ impl IoChannel {
         Ok(Self {
             block_mask: bdev.block_size() as u64 - 1,
             size: std::cell::Cell::new(bdev.size()),
-            read_only: bdev.read_only(),
+            read_only: std::cell::Cell::new(bdev.read_only()),
             supported,
             stats: Rc::new(IoStats::default()),
             inner,
@@ -93,7 +93,7 @@ impl IoChannel {
         if !self.supported[type_index(t)] {
             return Some(IoStatus::Unsupported);
         }
-        if self.read_only && t != IoType::Read && t != IoType::Flush {
+        if self.read_only.get() && t != IoType::Read && t != IoType::Flush {
             return Some(IoStatus::ReadOnly);
         }
         if t == IoType::Flush {
@@ -126,12 +126,17 @@ fn key(b: &Arc<dyn Bdev>) -> usize {
     Arc::as_ptr(b) as *const () as usize
 }
 
-/// Checks this reactor's cached channels against their bdevs' sizes again
-/// (after a resize: run on every reactor).
+/// Checks this reactor's cached channels against their bdevs' sizes and
+/// read-only state again (after a resize or a reopen: run on every reactor).
 pub fn refresh_channel_sizes() {
     CHANNELS.with(|m| {
         for c in m.borrow().values() {
             c.size.set(c.bdev.size());
+            let ro = c.bdev.read_only();
+            if ro != c.read_only.get() {
+                c.inner.file_reopened();
+                c.read_only.set(ro);
+            }
         }
     });
 }

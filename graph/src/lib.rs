@@ -40,6 +40,7 @@ pub mod monitor;
 pub mod node;
 mod qcow2_node;
 pub mod qemu_name;
+pub mod reopen;
 pub mod snapshot;
 
 pub use graph::{ChangeGuard, Graph, BDEV_REGISTER, BDEV_UNREGISTER};

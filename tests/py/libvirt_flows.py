@@ -94,7 +94,11 @@ def until(vm, jid, status, timeout=60.0):
 def run_script(vm, d, steps):
     out = []
     for cmd, args in steps:
-        if cmd == "until":
+        if cmd == "chattr":
+            r = subprocess.run(["chattr", *args], capture_output=True, text=True)
+            expect(r.returncode == 0, f"chattr {args}: {r.stderr}")
+            out.append(("chattr", scrub(args, d)))
+        elif cmd == "until":
             out.append(("until", args, until(vm, *args)))
         else:
             out.append(scrub((cmd, args, view(cmd, vm.raw(cmd, args))), d))
@@ -122,15 +126,12 @@ def chain(d):
     return paths, reference(d, paths[-1])
 
 
-def attach(d, ro_below=True):
-    """libvirt adds the layers below the top read-only (`ro_below`); QEMU
-    reopens a commit's base read-write, which sluice cannot do yet (it
-    refuses the commit: "Block node ... is read-only"), so the commit flows
-    add them writable until it can: the only departure from libvirt's
-    sequence."""
+def attach(d):
+    """libvirt's chain: the layers below the top read-only (a commit reopens
+    its base read-write for the job and read-only after, as QEMU does)."""
     return [
-        storage(3, f"{d}/base.qcow2"), fmt(3, None, ro_below),
-        storage(2, f"{d}/mid.qcow2"), fmt(2, "libvirt-3-format", ro_below),
+        storage(3, f"{d}/base.qcow2"), fmt(3, None, True),
+        storage(2, f"{d}/mid.qcow2"), fmt(2, "libvirt-3-format", True),
         storage(1, f"{d}/top.qcow2"), fmt(1, "libvirt-2-format", False),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{d}/nbd.sock"}}}),
         ("block-export-add", {"type": "nbd", "id": "vda", "node-name": "libvirt-1-format",
@@ -153,11 +154,14 @@ PROBE = [("query-named-block-nodes", {"flat": True}), ("query-block-exports", {}
 def flow_active_commit(d):
     """virsh blockcommit vda --active --pivot"""
     j = "commit-vda-libvirt-3-format"
-    return attach(d, ro_below=False) + [
+    return attach(d) + [
         ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-1-format",
                           "base-node": "libvirt-3-format", "auto-finalize": True, "auto-dismiss": False}),
         ("until", (j, "ready")),
         ("query-jobs", {}),
+        # Base reopened read-write while the job runs (and after the pivot,
+        # as the active layer).
+        ("query-named-block-nodes", {"flat": True}),
         ("job-complete", {"id": j}),
         ("until", (j, "concluded")),
         ("job-dismiss", {"id": j}),
@@ -169,18 +173,39 @@ def flow_active_commit(d):
 
 
 def flow_intermediate_commit(d):
-    """virsh blockcommit vda --top vda[1] --base vda[2] (mid into base)"""
+    """virsh blockcommit vda --top vda[1] --base vda[2] --bandwidth 1B (mid
+    into base), then virsh blockjob vda --bandwidth 0"""
     j = "commit-vda-libvirt-3-format"
-    return attach(d, ro_below=False) + [
+    return attach(d) + [
         ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-2-format",
                           "base-node": "libvirt-3-format", "backing-file": f"{d}/base.qcow2",
-                          "auto-finalize": True, "auto-dismiss": False}),
+                          "speed": 1, "auto-finalize": True, "auto-dismiss": False}),
+        # Base reopened read-write while the job runs, read-only after.
+        ("query-named-block-nodes", {"flat": True}),
+        ("block-job-set-speed", {"device": j, "speed": 0}),
         ("until", (j, "concluded")),
         ("job-dismiss", {"id": j}),
         ("until", (j, "null")),
         *PROBE,
         *detach(2),
         *PROBE,
+    ]
+
+
+def flow_commit_refused(d):
+    """virsh blockcommit whose base file cannot be opened for writing
+    (immutable: refused even to root): QEMU's reopen error, nothing changed.
+    (QSD also emits JOB_STATUS_CHANGE created then null for the job it
+    created before the reopen failed; sluice refuses before creating it.)"""
+    j = "commit-vda-libvirt-3-format"
+    return [("chattr", ["+i", f"{d}/base.qcow2"])] + attach(d) + [
+        ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-2-format",
+                          "base-node": "libvirt-3-format", "auto-finalize": True, "auto-dismiss": False}),
+        ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-1-format",
+                          "base-node": "libvirt-3-format", "auto-finalize": True, "auto-dismiss": False}),
+        ("chattr", ["-i", f"{d}/base.qcow2"]),
+        ("query-named-block-nodes", {"flat": True}),
+        ("query-jobs", {}),
     ]
 
 
@@ -220,6 +245,7 @@ def flow_snapshot(d):
 FLOWS = {
     "active_commit": (flow_active_commit, ["base.qcow2"], [4, 3]),
     "intermediate_commit": (flow_intermediate_commit, ["top.qcow2", "base.qcow2"], [1, 3]),
+    "commit_refused": (flow_commit_refused, ["top.qcow2", "base.qcow2"], [1, 2, 3]),
     "pull": (flow_pull, ["top.qcow2"], [1]),
     "snapshot": (flow_snapshot, ["snap.qcow2", "top.qcow2"], [4, 1, 2, 3]),
 }
@@ -273,6 +299,22 @@ def case_active_commit(vm, d):
 
 def case_intermediate_commit(vm, d):
     case_flow(vm, d, "intermediate_commit")
+
+
+def case_commit_refused(vm, d):
+    probe = os.path.join(d, "chattr-probe")
+    open(probe, "wb").close()
+    r = subprocess.run(["chattr", "+i", probe], capture_output=True, text=True)
+    subprocess.run(["chattr", "-i", probe], capture_output=True)
+    if r.returncode != 0:
+        # Needs root on a filesystem with the immutable flag (ext4, xfs, btrfs).
+        print(f"SKIP: chattr +i does not work here: {r.stderr.strip()}")
+        return
+    try:
+        case_flow(vm, d, "commit_refused")
+    finally:
+        for who in ("qsd", "sluice"):
+            subprocess.run(["chattr", "-i", os.path.join(d, who, "base.qcow2")], capture_output=True)
 
 
 def case_pull(vm, d):

@@ -392,7 +392,7 @@ impl Image {
     /// flush); the metadata lock is held.
     pub(crate) fn sync_locked(&self, flush: bool) -> LocalBoxFuture<'_, R<()>> {
         Box::pin(async move {
-            if self.read_only {
+            if self.read_only.get() {
                 return if flush {
                     self.flush_base().await
                 } else {

@@ -123,7 +123,7 @@ pub struct Qcow2Bdev {
     pub(crate) size: AtomicU64,
     pub(crate) block_size: u32,
     pub(crate) alignment: u32,
-    pub(crate) read_only: bool,
+    pub(crate) read_only: std::sync::atomic::AtomicBool,
     pub(crate) cluster_size: u64,
     pub(crate) version: u32,
     pub(crate) base: Arc<dyn Bdev>,
@@ -183,7 +183,7 @@ impl Qcow2Bdev {
     }
 
     /// Runs `f` with the engine on the owner reactor (directly when already there).
-    async fn on_owner<T, F, Fut>(&self, f: F) -> Result<T, BdevError>
+    pub(crate) async fn on_owner<T, F, Fut>(&self, f: F) -> Result<T, BdevError>
     where
         T: Send + 'static,
         F: FnOnce(Rc<Image>) -> Fut + Send + 'static,
@@ -447,7 +447,7 @@ impl Qcow2Bdev {
     pub async fn trim_file(&self) -> Result<(), BdevError> {
         use crate::lock::{Perms, PERM_RESIZE};
         let lowered = self.lock_perms().filter(|p| p.perm & PERM_RESIZE == 0);
-        if let Some(p) = lowered.filter(|_| !self.read_only) {
+        if let Some(p) = lowered.filter(|_| !self.ro()) {
             if let Err(e) = self.set_lock_perms(Perms::WRITER) {
                 tracing::info!(image = %self.name, error = %e, "image file not trimmed");
                 return Ok(());
@@ -465,7 +465,7 @@ impl Qcow2Bdev {
         let (path, keep) = {
             let i = self.info();
             (
-                i.filename.clone().filter(|_| i.grown && !self.read_only),
+                i.filename.clone().filter(|_| i.grown && !self.ro()),
                 i.keep_len,
             )
         };
@@ -603,7 +603,7 @@ impl Bdev for Qcow2Bdev {
         self.alignment
     }
     fn read_only(&self) -> bool {
-        self.read_only
+        self.ro()
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         let here = reactor::current_index()
@@ -631,6 +631,11 @@ impl Bdev for Qcow2Bdev {
             "backing_bdev": i.backing.as_ref().map(|b| b.name().to_string()),
             "owner_reactor": self.owner,
         }})
+    }
+    /// See [`Qcow2Bdev::reopen`] (`reopen.rs`).
+    fn reopen(&self, read_only: bool) -> Option<crate::ResizeFuture> {
+        let me = self.me.upgrade()?;
+        Some(Box::pin(async move { me.reopen(read_only).await }))
     }
     /// Grows the image on its owner reactor (`resize.rs`); the new size
     /// holds for every reactor's requests once their channels are refreshed.

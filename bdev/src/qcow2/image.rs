@@ -39,7 +39,7 @@ pub(crate) struct Image {
     pub(crate) rf: RefcountFormat,
     pub(crate) version: u32,
     pub(crate) size: Cell<u64>,
-    pub(crate) read_only: bool,
+    pub(crate) read_only: std::cell::Cell<bool>,
     /// Base block size: the unit of every metadata write.
     pub(crate) align: u64,
     /// Base size: allocation beyond it fails with ENOSPC.
@@ -168,7 +168,7 @@ impl Image {
             rf,
             version: hdr.version,
             size: Cell::new(hdr.size),
-            read_only,
+            read_only: Cell::new(read_only),
             align,
             capacity: Cell::new(capacity),
             l1: RefCell::new(l1),
@@ -209,7 +209,7 @@ impl Image {
         )?;
         img.refresh_meta_map();
         let img = Rc::new(img);
-        if !img.read_only {
+        if !img.read_only.get() {
             let (dirty, autoclear) = {
                 let h = img.hdr.borrow();
                 (h.incompatible & INCOMPAT_DIRTY != 0, h.autoclear)
@@ -340,7 +340,7 @@ impl Image {
     /// first, so its failure still breaks the image.
     /// `kind`: what the buffer is (the overlap check ignores that kind).
     pub(crate) async fn write_meta(&self, kind: OverlapChecks, off: u64, buf: DmaBuf) -> R<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         self.pre_write_check(kind, off, buf.len() as u64).await?;

@@ -314,7 +314,7 @@ impl Image {
 
     /// Refuses writes on read-only or broken images.
     fn writable(&self) -> R<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
         }
         if self.broken.get() {

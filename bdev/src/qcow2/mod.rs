@@ -86,6 +86,7 @@ mod overlap;
 mod populate;
 mod rebuild;
 mod remote;
+mod reopen;
 mod resize;
 mod status;
 mod sync;

@@ -530,7 +530,7 @@ pub(super) fn open_chain(
             size: AtomicU64::new(img.size.get()),
             block_size: img.align.max(512) as u32,
             alignment: base.required_alignment(),
-            read_only: img.read_only,
+            read_only: std::sync::atomic::AtomicBool::new(img.read_only.get()),
             cluster_size: img.cs,
             version: img.version,
             base: base.clone(),

@@ -54,7 +54,7 @@ impl Image {
         data: DmaBuf,
         write_behind: bool,
     ) -> R<(DmaBuf, u64)> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
         }
         let cs = self.cs;
@@ -170,7 +170,7 @@ impl Image {
     /// image at v3 zero clusters (no data written). Returns how many it changed.
     /// v2 images have no zero clusters: refused with `Unsupported`.
     pub(crate) async fn populate_zero(self: &Rc<Self>, offset: u64, len: u64) -> R<u64> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
         }
         if self.version < 3 {

@@ -27,7 +27,7 @@ impl Image {
     /// reactor; `base` is the image's base bdev, extended for a growth when
     /// it can be.
     pub(crate) async fn resize(&self, base: &Arc<dyn crate::Bdev>, size: u64) -> R<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         if !size.is_multiple_of(512) {
@@ -125,7 +125,7 @@ impl Image {
     /// Extends the base by the room a growth of `delta` bytes may take (its
     /// data and metadata), as the open extended the file; a base that
     /// cannot grow keeps its size (allocations past it fail with ENOSPC).
-    async fn reserve_room(&self, base: &Arc<dyn crate::Bdev>, delta: u64) {
+    pub(crate) async fn reserve_room(&self, base: &Arc<dyn crate::Bdev>, delta: u64) {
         let want = self
             .capacity
             .get()

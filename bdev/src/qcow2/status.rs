@@ -34,7 +34,7 @@ impl Image {
     /// Writes one whole guest cluster at `offset` only if nothing allocated it yet
     /// (serialised with guest writes through the cluster lock). Returns whether it wrote.
     pub(crate) async fn populate(self: &Rc<Self>, offset: u64, data: DmaBuf) -> R<bool> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         let cs = self.cs;
@@ -89,7 +89,7 @@ impl Image {
         format: Option<&str>,
         durable: bool,
     ) -> R<()> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         let _m = self.meta.lock().await;
