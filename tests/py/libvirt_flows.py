@@ -98,10 +98,22 @@ def run_script(vm, d, steps):
             r = subprocess.run(["chattr", *args], capture_output=True, text=True)
             expect(r.returncode == 0, f"chattr {args}: {r.stderr}")
             out.append(("chattr", scrub(args, d)))
+        elif cmd == "locks":
+            out.append(("locks", scrub(args, d), scrub(lock_probe(args), d)))
         elif cmd == "until":
             out.append(("until", args, until(vm, *args)))
         else:
             out.append(scrub((cmd, args, view(cmd, vm.raw(cmd, args))), d))
+    return out
+
+
+def lock_probe(path):
+    """What another process may do with `path`: open it to write (qemu-io),
+    and to read (qemu-img info, no -U); return codes and first lines."""
+    out = []
+    for argv in (["qemu-io", "-c", "read 0 512", path], ["qemu-img", "info", path]):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        out.append((argv[0], r.returncode, (r.stderr.splitlines() or [""])[0]))
     return out
 
 
@@ -115,14 +127,19 @@ def fmt(n, backing, ro):
                              "file": f"libvirt-{n}-storage", "backing": backing})
 
 
-def chain(d):
-    """base (3) <- mid (2) <- top (1), 4 MiB, each writing its own pattern;
-    the disk's frontend an NBD export of the top."""
-    paths = make_chain(d, ["base", "mid", "top"], "4M", [
+def chain(d, deep=False):
+    """base (3) <- mid (2) <- top (1), 4 MiB, each writing its own pattern
+    (`deep`: base (4) <- mid2 (3) <- mid (2) <- top (1)); the disk's
+    frontend an NBD export of the top."""
+    names, writes = ["base", "mid", "top"], [
         ["write -P 0x11 0 4M"],
         ["write -P 0x22 1M 1M", "write -z 3M 256k"],
         ["write -P 0x33 1536k 1M"],
-    ])
+    ]
+    if deep:
+        names.insert(1, "mid2")
+        writes.insert(1, ["write -P 0x44 512k 1M", "write -z 2M 512k"])
+    paths = make_chain(d, names, "4M", writes)
     return paths, reference(d, paths[-1])
 
 
@@ -174,20 +191,47 @@ def flow_active_commit(d):
 
 def flow_intermediate_commit(d):
     """virsh blockcommit vda --top vda[1] --base vda[2] --bandwidth 1B (mid
-    into base), then virsh blockjob vda --bandwidth 0"""
+    into base), then virsh blockjob vda --bandwidth 0; base's image lock as
+    another process finds it before, during and after the job"""
     j = "commit-vda-libvirt-3-format"
     return attach(d) + [
+        ("locks", f"{d}/base.qcow2"),
         ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-2-format",
                           "base-node": "libvirt-3-format", "backing-file": f"{d}/base.qcow2",
                           "speed": 1, "auto-finalize": True, "auto-dismiss": False}),
         # Base reopened read-write while the job runs, read-only after.
+        ("query-named-block-nodes", {"flat": True}),
+        ("locks", f"{d}/base.qcow2"),
+        ("block-job-set-speed", {"device": j, "speed": 0}),
+        ("until", (j, "concluded")),
+        ("job-dismiss", {"id": j}),
+        ("until", (j, "null")),
+        *PROBE,
+        ("locks", f"{d}/base.qcow2"),
+        *detach(2),
+        *PROBE,
+    ]
+
+
+def flow_deep_intermediate_commit(d):
+    """virsh blockcommit vda --top vda[2] --base vda[3] --bandwidth 1B on a
+    chain of four (mid2 into base): the overlay above top (mid) is
+    read-only too; QEMU rewrites its header and it stays read-only."""
+    j = "commit-vda-libvirt-4-format"
+    return [
+        storage(4, f"{d}/base.qcow2"), fmt(4, None, True),
+        storage(3, f"{d}/mid2.qcow2"), fmt(3, "libvirt-4-format", True),
+        *attach(d)[2:],
+        ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-3-format",
+                          "base-node": "libvirt-4-format", "speed": 1, "auto-finalize": True,
+                          "auto-dismiss": False}),
         ("query-named-block-nodes", {"flat": True}),
         ("block-job-set-speed", {"device": j, "speed": 0}),
         ("until", (j, "concluded")),
         ("job-dismiss", {"id": j}),
         ("until", (j, "null")),
         *PROBE,
-        *detach(2),
+        *detach(3),
         *PROBE,
     ]
 
@@ -245,6 +289,8 @@ def flow_snapshot(d):
 FLOWS = {
     "active_commit": (flow_active_commit, ["base.qcow2"], [4, 3]),
     "intermediate_commit": (flow_intermediate_commit, ["top.qcow2", "base.qcow2"], [1, 3]),
+    "deep_intermediate_commit": (flow_deep_intermediate_commit,
+                                 ["top.qcow2", "mid.qcow2", "base.qcow2"], [1, 2, 4]),
     "commit_refused": (flow_commit_refused, ["top.qcow2", "base.qcow2"], [1, 2, 3]),
     "pull": (flow_pull, ["top.qcow2"], [1]),
     "snapshot": (flow_snapshot, ["snap.qcow2", "top.qcow2"], [4, 1, 2, 3]),
@@ -259,7 +305,7 @@ def case_flow(vm, d, name):
         shutil.rmtree(sub, ignore_errors=True)
         os.makedirs(sub)
         open(os.path.join(sub, "snap.qcow2"), "wb").close()  # libvirt precreates it
-        _, refs[who] = chain(sub)
+        _, refs[who] = chain(sub, deep=name.startswith("deep"))
         dirs[who] = sub
         if who == "qsd":
             with qsd_monitor(sub) as qsd:
@@ -299,6 +345,10 @@ def case_active_commit(vm, d):
 
 def case_intermediate_commit(vm, d):
     case_flow(vm, d, "intermediate_commit")
+
+
+def case_deep_intermediate_commit(vm, d):
+    case_flow(vm, d, "deep_intermediate_commit")
 
 
 def case_commit_refused(vm, d):

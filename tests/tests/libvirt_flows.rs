@@ -36,6 +36,13 @@ fn blockcommit_intermediate_matches_qsd() {
     flow("intermediate_commit");
 }
 
+/// mid2 into base on a chain of four: the overlay above top is read-only
+/// too (its header rewritten, read-only before, during and after).
+#[test]
+fn blockcommit_below_a_read_only_overlay_matches_qsd() {
+    flow("deep_intermediate_commit");
+}
+
 /// The base's file cannot be opened for writing (`chattr +i`): the reopen
 /// is refused in QEMU's words and the chain stays as it was (skipped, with
 /// the reason printed, where the immutable flag cannot be set).
