@@ -189,6 +189,26 @@ def flow_active_commit(d):
     ]
 
 
+def flow_active_commit_abort(d):
+    """virsh blockcommit vda --active, then virsh blockjob vda --abort once
+    ready: no pivot, base read-only again, its lock as before"""
+    j = "commit-vda-libvirt-3-format"
+    return attach(d) + [
+        ("locks", f"{d}/base.qcow2"),
+        ("block-commit", {"device": "libvirt-1-format", "job-id": j, "top-node": "libvirt-1-format",
+                          "base-node": "libvirt-3-format", "auto-finalize": True, "auto-dismiss": False}),
+        ("until", (j, "ready")),
+        ("query-named-block-nodes", {"flat": True}),
+        ("locks", f"{d}/base.qcow2"),
+        ("job-cancel", {"id": j}),
+        ("until", (j, "concluded")),
+        ("job-dismiss", {"id": j}),
+        ("until", (j, "null")),
+        *PROBE,
+        ("locks", f"{d}/base.qcow2"),
+    ]
+
+
 def flow_intermediate_commit(d):
     """virsh blockcommit vda --top vda[1] --base vda[2] --bandwidth 1B (mid
     into base), then virsh blockjob vda --bandwidth 0; base's image lock as
@@ -288,6 +308,7 @@ def flow_snapshot(d):
 
 FLOWS = {
     "active_commit": (flow_active_commit, ["base.qcow2"], [4, 3]),
+    "active_commit_abort": (flow_active_commit_abort, ["top.qcow2"], [1, 2, 3]),
     "intermediate_commit": (flow_intermediate_commit, ["top.qcow2", "base.qcow2"], [1, 3]),
     "deep_intermediate_commit": (flow_deep_intermediate_commit,
                                  ["top.qcow2", "mid.qcow2", "base.qcow2"], [1, 2, 4]),
@@ -341,6 +362,10 @@ def case_flow(vm, d, name):
 
 def case_active_commit(vm, d):
     case_flow(vm, d, "active_commit")
+
+
+def case_active_commit_abort(vm, d):
+    case_flow(vm, d, "active_commit_abort")
 
 
 def case_intermediate_commit(vm, d):

@@ -31,6 +31,13 @@ fn blockcommit_active_pivot_matches_qsd() {
     flow("active_commit");
 }
 
+/// `blockjob --abort` once ready: no pivot, base read-only again with its
+/// reader's lock.
+#[test]
+fn blockcommit_active_abort_matches_qsd() {
+    flow("active_commit_abort");
+}
+
 #[test]
 fn blockcommit_intermediate_matches_qsd() {
     flow("intermediate_commit");
