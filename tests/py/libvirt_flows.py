@@ -16,6 +16,7 @@ overlay precreated, formatted with `blockdev-create`, added with
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -306,6 +307,39 @@ def flow_snapshot(d):
     ]
 
 
+# Images the daemon must hold open read-only only at a flow's end: the
+# layers libvirt added read-only, a commit's base reopened read-only again
+# (ro in query-named-block-nodes also reads true for a node whose lock was
+# lowered, so the descriptors are what shows the reopen).
+READ_ONLY_AFTER = {
+    "active_commit_abort": ["base.qcow2", "mid.qcow2"],
+    "intermediate_commit": ["base.qcow2"],
+    "deep_intermediate_commit": ["base.qcow2", "mid.qcow2"],
+    "commit_refused": ["base.qcow2", "mid.qcow2"],
+}
+
+
+def writable_holders(path):
+    """(pid, fd) of every descriptor on `path` open for writing, from /proc."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    flags = int(re.search(r"flags:\s*([0-7]+)", f.read()).group(1), 8)
+            except OSError:
+                continue
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                out.append((pid, fd))
+    return out
+
+
 FLOWS = {
     "active_commit": (flow_active_commit, ["base.qcow2"], [4, 3]),
     "active_commit_abort": (flow_active_commit_abort, ["top.qcow2"], [1, 2, 3]),
@@ -333,6 +367,14 @@ def case_flow(vm, d, name):
                 runs[who] = run_script(qsd, sub, script(sub))
         else:
             runs[who] = run_script(vm, sub, script(sub))
+            for img in READ_ONLY_AFTER.get(name, []):
+                held = writable_holders(os.path.join(sub, img))
+                expect(held == [], f"{name}: {img} still open for writing: {held}")
+            # After the pivot base is the active layer: writable (which also
+            # shows that the probe sees a writer).
+            if name == "active_commit":
+                held = writable_holders(os.path.join(sub, "base.qcow2"))
+                expect(held != [], f"{name}: base not writable after the pivot")
             # Leave the daemon empty for the next flow.
             vm.raw("block-export-del", {"id": "vda", "mode": "hard"})
             time.sleep(0.1)
