@@ -30,8 +30,9 @@
 //!   block on the reactors ([`Graph::delete`]) must not run on one.
 //! - **Image nodes.** What a job needs of an image node ([`node`]), the
 //!   backing-file strings QEMU writes ([`qemu_name`]), snapshots onto a new
-//!   overlay ([`snapshot`]), and the writer's image lock a backing file
-//!   takes while it is written ([`lock::WriterLock`], a guard).
+//!   overlay ([`snapshot`]), the writer's image lock a backing file
+//!   takes while it is written ([`lock::WriterLock`], a guard), and a
+//!   read-only node reopened read-write for a job ([`reopen::ReadWrite`]).
 
 pub mod events;
 mod graph;

@@ -4,9 +4,17 @@
 //!
 //! [`resolve`] (`resolve.rs`) checks a request as QEMU's `qmp_block_commit`
 //! does, in its order and words (device, top, base, blockers, "into
-//! itself", the active layer). [`start`] raises the writer's lock of `base` (QEMU reopens it
-//! read-write for the job) and of the image above `top` (its header
-//! changes), and starts the job on the reactor owning the top's metadata.
+//! itself", the active layer). [`start`] reopens a read-only `base` (libvirt
+//! adds the lower layers read-only) read-write for the job, as QEMU's
+//! `commit_start` / `commit_active_start` do ([`graph::reopen::ReadWrite`];
+//! a file that cannot be written refuses the command in QEMU's words,
+//! "Could not open '<path>': ..."), raises the writer's lock of `base` and of
+//! the image above `top` (its header changes), and starts the job on the
+//! reactor owning the top's metadata. `clean` lowers the locks, then reopens
+//! `base` read-only again, unless an active commit moved the devices onto it
+//! (QEMU's mirror makes the new active layer writable). A read-only image
+//! above `top` is reopened read-write only while its header is rewritten
+//! (QEMU shows it read-only throughout).
 //!
 //! - **Intermediate commit** (top is below the device's active layer):
 //!   `run` is the shared copier over [`CommitOps`] (walk: what `top..base`
@@ -22,8 +30,8 @@
 //!   nothing is, keeps copying new writes, and at `block-job-complete`
 //!   quiesces the devices, copies what is left and switches them onto base.
 //!
-//! `clean` lowers the locks. A cancel before completion leaves the chain as
-//! it was: base only received data its overlays shadow.
+//! A cancel before completion leaves the chain as it was: base only
+//! received data its overlays shadow.
 
 mod active;
 mod resolve;
