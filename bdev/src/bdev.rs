@@ -21,6 +21,9 @@ pub struct RangeStatus {
 /// A local future of a range-status query.
 pub type RangeStatusFuture = Pin<Box<dyn Future<Output = Result<RangeStatus, BdevError>>>>;
 
+/// A local future of a resize ([`Bdev::resize`]).
+pub type ResizeFuture = Pin<Box<dyn Future<Output = Result<(), BdevError>>>>;
+
 /// A named block device. Shared across reactors (`Send + Sync`); I/O goes through
 /// per-reactor [`Channel`]s made by [`Bdev::create_channel`].
 ///
@@ -110,6 +113,26 @@ pub trait Bdev: Send + Sync + 'static {
     fn range_status(&self, _offset: u64, _len: u64) -> Option<RangeStatusFuture> {
         None
     }
+    /// Changes the size to `size` bytes, if the bdev can (`None`: it cannot,
+    /// QEMU's "Image format driver does not support resize"). Call on a
+    /// reactor; the caller then refreshes every reactor's cached channels
+    /// ([`crate::refresh_channel_sizes`]) so that requests are checked against
+    /// the new size. Callers check QEMU's permissions (no claim that does not
+    /// share `resize`) first.
+    fn resize(&self, _size: u64) -> Option<ResizeFuture> {
+        None
+    }
+    /// Reopens the bdev read-only (`true`) or read-write in place, if it
+    /// can (`None`: it cannot; QEMU's `bdrv_reopen_set_read_only`): a file
+    /// is opened again with the new mode, an image's engine starts or stops
+    /// writing (with its file). The name, claims and channels stay; the
+    /// caller then refreshes every reactor's cached channels
+    /// ([`crate::refresh_channel_sizes`]) so that writes are checked against
+    /// the new mode. Going read-only, the caller has stopped its writers.
+    /// Call on a reactor.
+    fn reopen(&self, _read_only: bool) -> Option<ResizeFuture> {
+        None
+    }
     /// For downcasting to the concrete bdev (qcow2 block status, error injection).
     fn as_any(&self) -> &dyn Any;
 }
@@ -126,4 +149,10 @@ pub trait Channel {
     fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
         reactor::spawn_local(async move { f() });
     }
+
+    /// The bdev's file was reopened behind the same descriptor
+    /// ([`Bdev::reopen`]): a channel holding its own reference to the old
+    /// open file (an io_uring's registered file) takes the new one. Called by
+    /// [`crate::refresh_channel_sizes`] when the bdev's mode changed.
+    fn file_reopened(&self) {}
 }

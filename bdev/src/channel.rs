@@ -16,8 +16,8 @@ pub struct IoChannel {
     bdev: Arc<dyn Bdev>,
     inner: Box<dyn Channel>,
     block_mask: u64,
-    size: u64,
-    read_only: bool,
+    size: std::cell::Cell<u64>,
+    read_only: std::cell::Cell<bool>,
     supported: [bool; 5],
     stats: Rc<IoStats>,
 }
@@ -47,8 +47,8 @@ impl IoChannel {
         }
         Ok(Self {
             block_mask: bdev.block_size() as u64 - 1,
-            size: bdev.size(),
-            read_only: bdev.read_only(),
+            size: std::cell::Cell::new(bdev.size()),
+            read_only: std::cell::Cell::new(bdev.read_only()),
             supported,
             stats: Rc::new(IoStats::default()),
             inner,
@@ -93,7 +93,7 @@ impl IoChannel {
         if !self.supported[type_index(t)] {
             return Some(IoStatus::Unsupported);
         }
-        if self.read_only && t != IoType::Read && t != IoType::Flush {
+        if self.read_only.get() && t != IoType::Read && t != IoType::Flush {
             return Some(IoStatus::ReadOnly);
         }
         if t == IoType::Flush {
@@ -101,7 +101,7 @@ impl IoChannel {
         }
         let end = io.offset.checked_add(io.len);
         if (io.offset | io.len) & self.block_mask != 0
-            || end.is_none_or(|e| e > self.size)
+            || end.is_none_or(|e| e > self.size.get())
             || io.len == 0
         {
             return Some(IoStatus::Einval);
@@ -124,6 +124,21 @@ thread_local! {
 
 fn key(b: &Arc<dyn Bdev>) -> usize {
     Arc::as_ptr(b) as *const () as usize
+}
+
+/// Checks this reactor's cached channels against their bdevs' sizes and
+/// read-only state again (after a resize or a reopen: run on every reactor).
+pub fn refresh_channel_sizes() {
+    CHANNELS.with(|m| {
+        for c in m.borrow().values() {
+            c.size.set(c.bdev.size());
+            let ro = c.bdev.read_only();
+            if ro != c.read_only.get() {
+                c.inner.file_reopened();
+                c.read_only.set(ro);
+            }
+        }
+    });
 }
 
 /// This reactor's channel to `bdev`, created on first use and cached.

@@ -33,7 +33,7 @@ impl Default for NullOptions {
 /// A bdev that stores nothing.
 pub struct NullBdev {
     name: String,
-    num_blocks: u64,
+    num_blocks: std::sync::atomic::AtomicU64,
     block_size: u32,
     uuid: String,
     opts: NullOptions,
@@ -63,7 +63,7 @@ impl NullBdev {
         let uuid = uuid_or_random(uuid)?;
         Ok(Arc::new(NullBdev {
             name: name.to_string(),
-            num_blocks,
+            num_blocks: std::sync::atomic::AtomicU64::new(num_blocks),
             block_size,
             uuid,
             opts,
@@ -73,6 +73,22 @@ impl NullBdev {
     /// The options it was created with.
     pub fn options(&self) -> NullOptions {
         self.opts
+    }
+
+    /// SPDK's `bdev_null_resize`: grows to `bytes` (whole blocks); a smaller
+    /// size is refused, as SPDK refuses it. (QEMU's `null-co` cannot resize:
+    /// [`Bdev::resize`] stays `None`.) Callers refresh the reactors'
+    /// channels ([`crate::refresh_channel_sizes`]).
+    pub fn grow_to(&self, bytes: u64) -> Result<(), BdevError> {
+        let blocks = bytes / self.block_size as u64;
+        if blocks < self.num_blocks() {
+            return Err(BdevError::InvalidParam(
+                "The new bdev size must not be smaller than current bdev size".into(),
+            ));
+        }
+        self.num_blocks
+            .store(blocks, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -87,7 +103,7 @@ impl Bdev for NullBdev {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn io_type_supported(&self, t: IoType) -> bool {
         crate::leaf::io_type_supported(t)
@@ -106,7 +122,7 @@ impl Bdev for NullBdev {
     fn config(&self) -> Option<Value> {
         let mut params = json!({
             "name": self.name,
-            "num_blocks": self.num_blocks,
+            "num_blocks": self.num_blocks(),
             "block_size": self.block_size,
             "uuid": self.uuid,
         });

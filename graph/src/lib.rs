@@ -30,8 +30,9 @@
 //!   block on the reactors ([`Graph::delete`]) must not run on one.
 //! - **Image nodes.** What a job needs of an image node ([`node`]), the
 //!   backing-file strings QEMU writes ([`qemu_name`]), snapshots onto a new
-//!   overlay ([`snapshot`]), and the writer's image lock a backing file
-//!   takes while it is written ([`lock::WriterLock`], a guard).
+//!   overlay ([`snapshot`]), the writer's image lock a backing file
+//!   takes while it is written ([`lock::WriterLock`], a guard), and a
+//!   read-only node reopened read-write for a job ([`reopen::ReadWrite`]).
 
 pub mod events;
 mod graph;
@@ -40,6 +41,7 @@ pub mod monitor;
 pub mod node;
 mod qcow2_node;
 pub mod qemu_name;
+pub mod reopen;
 pub mod snapshot;
 
 pub use graph::{ChangeGuard, Graph, BDEV_REGISTER, BDEV_UNREGISTER};

@@ -99,6 +99,20 @@ impl MonitorTable {
         }
     }
 
+    /// Puts back the `backing` argument a node had (a snapshot undone):
+    /// `None` removes it.
+    pub fn restore_backing(&mut self, name: &str, backing: Option<Value>) {
+        if let Some(r) = self.nodes.get_mut(name) {
+            match (backing, r.args.as_object_mut()) {
+                (Some(b), _) => r.args["backing"] = b,
+                (None, Some(o)) => {
+                    o.remove("backing");
+                }
+                (None, None) => {}
+            }
+        }
+    }
+
     /// Forgets a node.
     pub fn forget(&mut self, name: &str) {
         self.nodes.remove(name);

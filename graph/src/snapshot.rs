@@ -329,3 +329,92 @@ async fn attach_overlay(
     img.set_backing_bdev(Some(root.clone())).await?;
     Ok(overlay)
 }
+
+/// What a snapshot changed, to undo it when a later action of its
+/// `transaction` fails (QEMU's `external_snapshot_abort`).
+#[derive(Clone)]
+pub struct SnapshotUndo {
+    /// The old top (the device's root or the plain node).
+    pub old: Arc<dyn Bdev>,
+    /// The overlay now on top of it.
+    pub overlay: Arc<dyn Bdev>,
+    /// The device whose root moved (else the node's exports moved).
+    pub device: Option<String>,
+    /// The overlay existed before (`blockdev-snapshot`): unlink it from the
+    /// old top rather than delete it.
+    pub existing: bool,
+    /// The old top's image-lock permissions before it was lowered.
+    pub perms: Option<bdev::lock::Perms>,
+    /// An existing overlay's header backing file and format before the link.
+    pub header_backing: Option<(String, Option<String>)>,
+    /// An existing overlay's `backing` in its monitor record before the link.
+    pub backing_arg: Option<serde_json::Value>,
+}
+
+impl SnapshotUndo {
+    /// What undoing a link of `overlay` over `old` needs, read before the link.
+    pub fn new(
+        old: Arc<dyn Bdev>,
+        overlay: Arc<dyn Bdev>,
+        device: Option<String>,
+        existing: bool,
+    ) -> SnapshotUndo {
+        let header_backing = overlay
+            .as_any()
+            .downcast_ref::<Qcow2Bdev>()
+            .and_then(|q| q.backing_file().map(|f| (f, q.backing_format())));
+        SnapshotUndo {
+            perms: old.lock_perms(),
+            old,
+            overlay,
+            device,
+            existing,
+            header_backing,
+            backing_arg: None,
+        }
+    }
+}
+
+/// Undoes a snapshot on a reactor: the device (or every export) moves back
+/// onto the old top (quiesced), the old top's lock gets its permissions
+/// back, and an existing overlay is unlinked (its header names no backing
+/// file again). A created overlay is left to the caller to delete.
+pub async fn undo(g: &Graph, u: &SnapshotUndo) -> Result<(), SnapshotError> {
+    let rt = reactor::handle()
+        .ok_or_else(|| SnapshotError::Invalid("snapshots are undone on a reactor".into()))?;
+    match &u.device {
+        Some(d) => {
+            let b = g
+                .nodes()
+                .get(d)
+                .map_err(|_| SnapshotError::DeviceNotFound(d.clone()))?;
+            let dev =
+                Device::from_bdev(&b).ok_or_else(|| SnapshotError::DeviceNotFound(d.clone()))?;
+            dev.swap_root(&rt, u.old.clone()).await?;
+        }
+        None => {
+            move_hidden(g, &rt, u.overlay.name(), &u.old).await?;
+        }
+    }
+    if let Some(p) = u.perms {
+        if let Err(e) = u.old.set_lock_perms(p) {
+            tracing::warn!(node = %u.old.name(), error = %e, "old top keeps a reader's lock");
+        }
+    }
+    if u.existing {
+        if let Some(img) = node::image(&u.overlay) {
+            img.set_backing_bdev(None).await?;
+            let (f, fmt) = match &u.header_backing {
+                Some((f, fmt)) => (Some(f.as_str()), fmt.as_deref()),
+                None => (None, None),
+            };
+            img.set_backing_file(f, fmt, true).await?;
+        }
+    } else if u.device.is_some() {
+        let me = Holder::Node(u.overlay.name().to_string());
+        g.nodes().release(u.old.name(), &me);
+        g.delete_from_reactor(u.overlay.name())?;
+        g.release_all(&me);
+    }
+    Ok(())
+}

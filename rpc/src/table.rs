@@ -31,6 +31,64 @@ impl Params {
         })
     }
 
+    /// [`Params::parse`] with QEMU's QAPI error texts ("Parameter 'X' is
+    /// missing", "Parameter 'X' is unexpected", "Invalid parameter type for
+    /// 'X', expected: integer"), for QMP commands QEMU also serves.
+    pub fn parse_qapi<T: DeserializeOwned>(self) -> Result<T, RpcError> {
+        self.parse_qapi_at("")
+    }
+
+    /// [`Params::parse_qapi`] of a member nested at `prefix` (QEMU's
+    /// `actions[0].data`): error texts name the member's full path.
+    pub fn parse_qapi_at<T: DeserializeOwned>(self, prefix: &str) -> Result<T, RpcError> {
+        let v = match self.0 {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(v) => v,
+        };
+        if !v.is_object() {
+            return Err(RpcError::invalid_params(if prefix.is_empty() {
+                "params must be an object".to_string()
+            } else {
+                format!("Invalid parameter type for '{prefix}', expected: object")
+            }));
+        }
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = match (prefix, e.path().to_string()) {
+                ("", p) => p,
+                (pre, p) if p == "." || p.is_empty() => pre.to_string(),
+                (pre, p) => format!("{pre}.{p}"),
+            };
+            let inner = e.into_inner().to_string();
+            let at = |name: &str| match path.as_str() {
+                "." | "" => name.to_string(),
+                p => format!("{p}.{name}"),
+            };
+            let quoted = |s: &str| s.split('`').nth(1).map(str::to_string);
+            let msg = if inner.starts_with("missing field") {
+                format!(
+                    "Parameter '{}' is missing",
+                    at(&quoted(&inner).unwrap_or_default())
+                )
+            } else if inner.starts_with("unknown field") {
+                // The path already ends at the unknown member.
+                format!("Parameter '{path}' is unexpected")
+            } else if let Some((_, want)) = inner.split_once(", expected ") {
+                let want = match want {
+                    w if w.starts_with('i') || w.starts_with('u') => "integer",
+                    w if w.contains("bool") => "boolean",
+                    w if w.contains("string") => "string",
+                    w if w.contains("sequence") => "array",
+                    w if w.contains("map") || w.contains("struct") => "object",
+                    w => w,
+                };
+                format!("Invalid parameter type for '{path}', expected: {want}")
+            } else {
+                format!("Parameter '{path}': {inner}")
+            };
+            RpcError::invalid_params(msg)
+        })
+    }
+
     /// Fails unless there are no parameters.
     pub fn none(self) -> Result<(), RpcError> {
         match self.0 {

@@ -109,7 +109,7 @@ impl Image {
         let start = self.free_hint.get();
         let mut c = start;
         'outer: loop {
-            if (c + n) * self.cs > self.capacity {
+            if (c + n) * self.cs > self.capacity.get() {
                 return Err(BdevError::Io(IoStatus::Enospc));
             }
             for i in 0..n {
@@ -236,7 +236,7 @@ impl Image {
             b = nb;
             t = nt;
         }
-        if t * cs > MAX_REFTABLE_BYTES || (p + t + b) * cs > self.capacity {
+        if t * cs > MAX_REFTABLE_BYTES || (p + t + b) * cs > self.capacity.get() {
             return Err(BdevError::Io(IoStatus::Enospc));
         }
         tracing::debug!(image = %self.name, from = old_clusters, to = t, "growing the refcount table");
@@ -392,7 +392,7 @@ impl Image {
     /// flush); the metadata lock is held.
     pub(crate) fn sync_locked(&self, flush: bool) -> LocalBoxFuture<'_, R<()>> {
         Box::pin(async move {
-            if self.read_only {
+            if self.read_only.get() {
                 return if flush {
                     self.flush_base().await
                 } else {
@@ -490,7 +490,7 @@ impl Image {
                 j += 1;
             }
             let (off, len) = (clusters[i] * self.cs, (j - i) as u64 * self.cs);
-            let len = len.min(self.capacity.saturating_sub(off));
+            let len = len.min(self.capacity.get().saturating_sub(off));
             if len > 0 {
                 let st = crate::simple_io(&self.ch, IoType::Unmap, off, len).await;
                 if !st.is_ok() {

@@ -91,6 +91,26 @@ pub(crate) struct Info {
     /// The image lock on `filename` that [`super::open_file`] took (ended
     /// when the image is deleted or dropped).
     pub(crate) lock: Option<crate::lock::ImageLock>,
+    /// The header's features at open.
+    pub(crate) features: Qcow2Features,
+}
+
+/// What an image's header says of its format, as QEMU's `qemu-img info`
+/// shows it (`ImageInfoSpecificQCow2`): read at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Qcow2Features {
+    /// 2 or 3.
+    pub version: u32,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// zstd compression (else deflate).
+    pub zstd: bool,
+    /// The lazy-refcounts compatible feature.
+    pub lazy_refcounts: bool,
+    /// The extended-L2 incompatible feature.
+    pub extended_l2: bool,
+    /// The corrupt bit.
+    pub corrupt: bool,
 }
 
 /// A qcow2 image over a base bdev, with an optional backing chain.
@@ -100,10 +120,10 @@ pub struct Qcow2Bdev {
     pub(crate) id: u64,
     pub(crate) owner: usize,
     pub(crate) rt: RuntimeHandle,
-    pub(crate) size: u64,
+    pub(crate) size: AtomicU64,
     pub(crate) block_size: u32,
     pub(crate) alignment: u32,
-    pub(crate) read_only: bool,
+    pub(crate) read_only: std::sync::atomic::AtomicBool,
     pub(crate) cluster_size: u64,
     pub(crate) version: u32,
     pub(crate) base: Arc<dyn Bdev>,
@@ -152,13 +172,18 @@ impl Qcow2Bdev {
     pub fn overlap_checks(&self) -> super::OverlapChecks {
         self.overlap_checks
     }
+    /// The header's features at open.
+    pub fn features(&self) -> Qcow2Features {
+        self.info().features
+    }
+
     /// Index of the reactor owning the image's metadata.
     pub fn owner(&self) -> usize {
         self.owner
     }
 
     /// Runs `f` with the engine on the owner reactor (directly when already there).
-    async fn on_owner<T, F, Fut>(&self, f: F) -> Result<T, BdevError>
+    pub(crate) async fn on_owner<T, F, Fut>(&self, f: F) -> Result<T, BdevError>
     where
         T: Send + 'static,
         F: FnOnce(Rc<Image>) -> Fut + Send + 'static,
@@ -197,13 +222,13 @@ impl Qcow2Bdev {
         len: u64,
         base: Option<&Arc<dyn Bdev>>,
     ) -> Result<BlockStatus, BdevError> {
-        if offset >= self.size || len == 0 {
+        if offset >= self.size.load(Ordering::Relaxed) || len == 0 {
             return Err(BdevError::InvalidParam(format!(
                 "block_status: range {offset}+{len} outside the image"
             )));
         }
         let base_key = base.map(|b| Arc::as_ptr(b) as *const () as usize);
-        let mut run = len.min(self.size - offset);
+        let mut run = len.min(self.size.load(Ordering::Relaxed) - offset);
         let (here, r) = self.layer_status(offset, run).await?;
         run = run.min(r).max(1);
         // (zero, below_or_at_base) of the first layer that allocates the range.
@@ -422,7 +447,7 @@ impl Qcow2Bdev {
     pub async fn trim_file(&self) -> Result<(), BdevError> {
         use crate::lock::{Perms, PERM_RESIZE};
         let lowered = self.lock_perms().filter(|p| p.perm & PERM_RESIZE == 0);
-        if let Some(p) = lowered.filter(|_| !self.read_only) {
+        if let Some(p) = lowered.filter(|_| !self.ro()) {
             if let Err(e) = self.set_lock_perms(Perms::WRITER) {
                 tracing::info!(image = %self.name, error = %e, "image file not trimmed");
                 return Ok(());
@@ -440,7 +465,7 @@ impl Qcow2Bdev {
         let (path, keep) = {
             let i = self.info();
             (
-                i.filename.clone().filter(|_| i.grown && !self.read_only),
+                i.filename.clone().filter(|_| i.grown && !self.ro()),
                 i.keep_len,
             )
         };
@@ -567,7 +592,9 @@ impl Bdev for Qcow2Bdev {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.size.div_ceil(self.block_size as u64)
+        self.size
+            .load(Ordering::Relaxed)
+            .div_ceil(self.block_size as u64)
     }
     fn io_type_supported(&self, _t: IoType) -> bool {
         true
@@ -576,7 +603,7 @@ impl Bdev for Qcow2Bdev {
         self.alignment
     }
     fn read_only(&self) -> bool {
-        self.read_only
+        self.ro()
     }
     fn create_channel(&self) -> Result<Box<dyn Channel>, BdevError> {
         let here = reactor::current_index()
@@ -604,6 +631,40 @@ impl Bdev for Qcow2Bdev {
             "backing_bdev": i.backing.as_ref().map(|b| b.name().to_string()),
             "owner_reactor": self.owner,
         }})
+    }
+    /// See [`Qcow2Bdev::reopen`] (`reopen.rs`).
+    fn reopen(&self, read_only: bool) -> Option<crate::ResizeFuture> {
+        let me = self.me.upgrade()?;
+        Some(Box::pin(async move { me.reopen(read_only).await }))
+    }
+    /// Grows the image on its owner reactor (`resize.rs`); the new size
+    /// holds for every reactor's requests once their channels are refreshed.
+    fn resize(&self, size: u64) -> Option<crate::ResizeFuture> {
+        let me = self.me.upgrade()?;
+        Some(Box::pin(async move {
+            let base = me.base.clone();
+            let old = me.size.load(Ordering::Relaxed);
+            me.on_owner(move |img| async move { img.resize(&base, size).await })
+                .await?;
+            me.size.store(size, Ordering::Relaxed);
+            // A backing file longer than the old size would show through
+            // the new area: it reads as zeroes instead (QEMU's
+            // bdrv_co_truncate writes zeroes there).
+            let shown = me.backing().map_or(0, |b| b.size()).min(size);
+            let bs = me.block_size as u64;
+            let start = old.next_multiple_of(bs);
+            if shown > start {
+                crate::refresh_channel_sizes();
+                let me_dyn: Arc<dyn Bdev> = me.clone();
+                let ch = crate::channel(&me_dyn)?;
+                let len = (shown - start).next_multiple_of(bs).min(size - start);
+                let st = crate::simple_io(&ch, IoType::WriteZeroes, start, len).await;
+                if !st.is_ok() {
+                    return Err(BdevError::Io(st));
+                }
+            }
+            Ok(())
+        }))
     }
     fn range_status(&self, offset: u64, len: u64) -> Option<RangeStatusFuture> {
         let me = self.me.upgrade()?;

@@ -162,7 +162,7 @@ impl FastPath {
             // else the general path writes it and then flushes the image, one
             // flush for all the FUA writes waiting together.
             IoType::Write
-                if !img.read_only
+                if !img.read_only.get()
                     && !img.broken.get()
                     && (!io.fua || (img.native_fua && img.metadata_durable())) =>
             {

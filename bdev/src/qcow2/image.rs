@@ -38,12 +38,12 @@ pub(crate) struct Image {
     pub(crate) l2_entries: u64,
     pub(crate) rf: RefcountFormat,
     pub(crate) version: u32,
-    pub(crate) size: u64,
-    pub(crate) read_only: bool,
+    pub(crate) size: Cell<u64>,
+    pub(crate) read_only: std::cell::Cell<bool>,
     /// Base block size: the unit of every metadata write.
     pub(crate) align: u64,
     /// Base size: allocation beyond it fails with ENOSPC.
-    pub(crate) capacity: u64,
+    pub(crate) capacity: Cell<u64>,
     pub(crate) l1: RefCell<Vec<u64>>,
     pub(crate) l1_dirty: RefCell<BTreeSet<u64>>,
     pub(crate) reftable: RefCell<Vec<u64>>,
@@ -167,10 +167,10 @@ impl Image {
             l2_entries: cs / 8,
             rf,
             version: hdr.version,
-            size: hdr.size,
-            read_only,
+            size: Cell::new(hdr.size),
+            read_only: Cell::new(read_only),
             align,
-            capacity,
+            capacity: Cell::new(capacity),
             l1: RefCell::new(l1),
             l1_dirty: RefCell::new(BTreeSet::new()),
             reftable: RefCell::new(reftable),
@@ -209,7 +209,7 @@ impl Image {
         )?;
         img.refresh_meta_map();
         let img = Rc::new(img);
-        if !img.read_only {
+        if !img.read_only.get() {
             let (dirty, autoclear) = {
                 let h = img.hdr.borrow();
                 (h.incompatible & INCOMPAT_DIRTY != 0, h.autoclear)
@@ -304,14 +304,14 @@ impl Image {
         if self.cache(l2).contains(off) {
             return Ok(());
         }
-        if off >= self.capacity {
+        if off >= self.capacity.get() {
             return Err(FormatError::Corrupt(format!(
                 "metadata cluster {off:#x} lies past the end of the image"
             ))
             .into());
         }
         self.make_room(l2).await?;
-        let b = read_meta(&self.ch, self.capacity, off, self.cs).await?;
+        let b = read_meta(&self.ch, self.capacity.get(), off, self.cs).await?;
         if !self.cache(l2).contains(off) {
             self.cache(l2).insert(off, b, false);
         }
@@ -340,7 +340,7 @@ impl Image {
     /// first, so its failure still breaks the image.
     /// `kind`: what the buffer is (the overlap check ignores that kind).
     pub(crate) async fn write_meta(&self, kind: OverlapChecks, off: u64, buf: DmaBuf) -> R<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         self.pre_write_check(kind, off, buf.len() as u64).await?;

@@ -237,7 +237,7 @@ impl Image {
 
     /// A data cluster must lie inside the image.
     fn check_data_end(&self, host: u64) -> R<()> {
-        if host.saturating_add(self.cs) > self.capacity {
+        if host.saturating_add(self.cs) > self.capacity.get() {
             return Err(FormatError::Corrupt(format!(
                 "data cluster {host:#x} lies past the end of the image"
             ))
@@ -290,15 +290,15 @@ impl Image {
                 return Ok(d.clone());
             }
         }
-        if host >= self.capacity || host < self.cs {
+        if host >= self.capacity.get() || host < self.cs {
             return Err(FormatError::Corrupt(format!(
                 "compressed cluster at {host:#x} lies outside the image"
             ))
             .into());
         }
-        let end = (host + len).min(self.capacity);
+        let end = (host + len).min(self.capacity.get());
         let a0 = host / self.align * self.align;
-        let a1 = end.next_multiple_of(self.align).min(self.capacity);
+        let a1 = end.next_multiple_of(self.align).min(self.capacity.get());
         let raw = read_at(&self.ch, a0, (a1 - a0) as usize).await?;
         let src = &raw.as_slice()[(host - a0) as usize..(end - a0) as usize];
         let mut out = vec![0u8; self.cs as usize];
@@ -314,7 +314,7 @@ impl Image {
 
     /// Refuses writes on read-only or broken images.
     fn writable(&self) -> R<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
         }
         if self.broken.get() {
@@ -576,9 +576,10 @@ impl Image {
         let r = match kind {
             ClusterKind::Normal { host, .. } => Some((host, self.cs)),
             ClusterKind::Zero { host } if host != 0 => Some((host, self.cs)),
-            ClusterKind::Compressed { host, len } => {
-                Some((host, len.min(self.capacity.saturating_sub(host)).max(1)))
-            }
+            ClusterKind::Compressed { host, len } => Some((
+                host,
+                len.min(self.capacity.get().saturating_sub(host)).max(1),
+            )),
             _ => None,
         };
         if let Some(r) = r {
@@ -606,7 +607,7 @@ impl Image {
         let has_backing = self.backing.borrow().is_some();
         let v3 = self.version >= 3;
         for (gc, intra, n, _) in self.segments(io.offset, io.len).collect::<Vec<_>>() {
-            let whole = intra == 0 && (n == self.cs || gc * self.cs + n >= self.size);
+            let whole = intra == 0 && (n == self.cs || gc * self.cs + n >= self.size.get());
             if whole && (v3 || !has_backing) {
                 let target = if v3 && (has_backing || !unmap) {
                     L2Entry::zero().0

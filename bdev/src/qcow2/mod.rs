@@ -26,6 +26,10 @@
 //!   (v3 zero clusters, no data); [`Qcow2Bdev::set_backing_file`] (header
 //!   rewrite after a full flush) and [`Qcow2Bdev::set_backing_bdev`] (where
 //!   reads fall through from now on; registry claims move with the link).
+//! - [`crate::Bdev::resize`] (`block_resize`, `resize.rs`): grows (a new
+//!   exact L1 table when needed; the new area zeroed where a longer backing
+//!   file would show through) or shrinks (clusters past the end discarded,
+//!   L2 tables past the new L1 size released) as QEMU's qcow2 does.
 //! - [`Qcow2Bdev::flush`], [`Qcow2Bdev::close`] (flush and trim the file);
 //!   [`Qcow2Bdev::close_grown_files`] closes every image whose file
 //!   [`open_file`] extended (a daemon's shutdown).
@@ -83,6 +87,8 @@ mod overlap;
 mod populate;
 mod rebuild;
 mod remote;
+mod reopen;
+mod resize;
 mod status;
 mod sync;
 mod verify;

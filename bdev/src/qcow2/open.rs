@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 /// Where reads of clusters this image does not allocate go.
@@ -526,10 +527,10 @@ pub(super) fn open_chain(
             id,
             owner,
             rt,
-            size: img.size,
+            size: AtomicU64::new(img.size.get()),
             block_size: img.align.max(512) as u32,
             alignment: base.required_alignment(),
-            read_only: img.read_only,
+            read_only: std::sync::atomic::AtomicBool::new(img.read_only.get()),
             cluster_size: img.cs,
             version: img.version,
             base: base.clone(),
@@ -544,6 +545,20 @@ pub(super) fn open_chain(
                 grown: false,
                 keep_len: 0,
                 lock: None,
+                features: {
+                    use super::format::{
+                        COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_EXTENDED_L2,
+                    };
+                    let h = img.hdr.borrow();
+                    super::bdev::Qcow2Features {
+                        version: h.version,
+                        refcount_bits: 1 << h.refcount_order,
+                        zstd: h.compression_type == 1,
+                        lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+                        extended_l2: h.incompatible & INCOMPAT_EXTENDED_L2 != 0,
+                        corrupt: h.incompatible & INCOMPAT_CORRUPT != 0,
+                    }
+                },
             }),
         });
         install_engine(id, img);

@@ -305,7 +305,7 @@ impl Image {
             size: Some(len),
             fatal: true,
         });
-        if self.read_only {
+        if self.read_only.get() {
             return;
         }
         let bytes = {

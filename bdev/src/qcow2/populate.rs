@@ -25,8 +25,8 @@ impl Image {
         let end = offset.saturating_add(len);
         if !offset.is_multiple_of(cs)
             || len == 0
-            || end > self.size.next_multiple_of(cs)
-            || (!len.is_multiple_of(cs) && end < self.size)
+            || end > self.size.get().next_multiple_of(cs)
+            || (!len.is_multiple_of(cs) && end < self.size.get())
         {
             return Err(BdevError::InvalidParam(format!(
                 "populate: {offset}+{len} must be whole clusters of {cs} bytes inside the image"
@@ -54,7 +54,7 @@ impl Image {
         data: DmaBuf,
         write_behind: bool,
     ) -> R<(DmaBuf, u64)> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
         }
         let cs = self.cs;
@@ -170,7 +170,7 @@ impl Image {
     /// image at v3 zero clusters (no data written). Returns how many it changed.
     /// v2 images have no zero clusters: refused with `Unsupported`.
     pub(crate) async fn populate_zero(self: &Rc<Self>, offset: u64, len: u64) -> R<u64> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(IoStatus::ReadOnly));
         }
         if self.version < 3 {

@@ -45,7 +45,7 @@ impl Image {
             b = nb;
             t = nt;
         }
-        if t * cs > MAX_REFTABLE_BYTES || (p + t + b) * cs > self.capacity {
+        if t * cs > MAX_REFTABLE_BYTES || (p + t + b) * cs > self.capacity.get() {
             return Err(BdevError::Io(IoStatus::Enospc));
         }
         refs.resize((p + t + b) as usize, 0);

@@ -91,11 +91,11 @@ impl Image {
     /// Writes one whole guest cluster at `offset` only if nothing allocated it yet
     /// (serialised with guest writes through the cluster lock). Returns whether it wrote.
     pub(crate) async fn populate(self: &Rc<Self>, offset: u64, data: DmaBuf) -> R<bool> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         let cs = self.cs;
-        let last = offset < self.size && offset + data.len() as u64 >= self.size;
+        let last = offset < self.size.get() && offset + data.len() as u64 >= self.size.get();
         if !offset.is_multiple_of(cs)
             || data.is_empty()
             || data.len() as u64 > cs
@@ -146,7 +146,7 @@ impl Image {
         format: Option<&str>,
         durable: bool,
     ) -> R<()> {
-        if self.read_only || self.broken.get() {
+        if self.read_only.get() || self.broken.get() {
             return Err(BdevError::Io(crate::IoStatus::ReadOnly));
         }
         let _m = self.meta.lock().await;
@@ -187,7 +187,7 @@ impl Image {
     /// block down: usually one block is read, however large the image.
     pub(crate) async fn used_end_locked(&self) -> R<u64> {
         let per_block = self.rf.block_entries();
-        let limit = self.capacity / self.cs;
+        let limit = self.capacity.get() / self.cs;
         let blocks = self.reftable.borrow().len();
         for ti in (0..blocks).rev() {
             let off = self.reftable.borrow().get(ti).copied().unwrap_or(0);

@@ -47,7 +47,7 @@ impl Image {
     /// error; without, it is skipped.
     pub(crate) async fn count_references(&self, strict: bool) -> R<Vec<u32>> {
         let cs = self.cs;
-        let max_clusters = self.capacity / cs;
+        let max_clusters = self.capacity.get() / cs;
         let mut refs: Vec<u32> = Vec::new();
         let mut add = |off: u64, len: u64| -> R<()> {
             let first = off / cs;
@@ -83,7 +83,7 @@ impl Image {
         for batch in tables.chunks(SCAN_WINDOW) {
             let reads = batch
                 .iter()
-                .map(|&off| read_meta(&self.ch, self.capacity, off, cs));
+                .map(|&off| read_meta(&self.ch, self.capacity.get(), off, cs));
             let read = futures::future::join_all(reads).await;
             for (&l2off, t) in batch.iter().zip(read) {
                 let t = t?;
@@ -99,7 +99,7 @@ impl Image {
                         ClusterKind::Normal { host, .. } => add(host, cs)?,
                         ClusterKind::Zero { host } if host != 0 => add(host, cs)?,
                         ClusterKind::Compressed { host, len } => {
-                            add(host, len.min(self.capacity.saturating_sub(host)))?
+                            add(host, len.min(self.capacity.get().saturating_sub(host)))?
                         }
                         _ => {}
                     }
@@ -135,7 +135,7 @@ impl Image {
                     if off == 0 {
                         Ok(vec![0u8; cs as usize])
                     } else {
-                        read_meta(&self.ch, self.capacity, off, cs).await
+                        read_meta(&self.ch, self.capacity.get(), off, cs).await
                     }
                 }
             });

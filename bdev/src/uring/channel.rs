@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// Builds an SQE against the file: its registered index if the ring has one, else the raw fd.
 macro_rules! with_fd {
     ($ring:expr, |$fd:ident| $e:expr) => {
-        if $ring.fixed_file {
+        if $ring.fixed_file.get() {
             let $fd = types::Fixed(0);
             $e
         } else {
@@ -80,7 +80,8 @@ struct Slot {
 struct Ring {
     ring: RefCell<IoUring>,
     file: FileInfo,
-    fixed_file: bool,
+    /// The file is registered (index 0); cleared if a re-registration fails.
+    fixed_file: Cell<bool>,
     /// Registered buffers: (start, len) by index.
     fixed_bufs: Vec<(usize, usize)>,
     slots: RefCell<Vec<Slot>>,
@@ -195,7 +196,7 @@ impl UringChannel {
         let r = Rc::new(Ring {
             ring: RefCell::new(ring),
             file,
-            fixed_file,
+            fixed_file: Cell::new(fixed_file),
             fixed_bufs,
             slots: RefCell::new(slots),
             free: RefCell::new((0..RING_ENTRIES).rev().collect()),
@@ -218,6 +219,26 @@ impl UringChannel {
 }
 
 impl Channel for UringChannel {
+    /// The ring's registered copy of the file is the old open file: the one
+    /// now behind the descriptor takes its place (requests in flight keep
+    /// the old one until they complete); if that fails, the ring uses the
+    /// plain descriptor from now on.
+    fn file_reopened(&self) {
+        let r = &self.ring;
+        if !r.fixed_file.get() {
+            return;
+        }
+        let res = r
+            .ring
+            .borrow()
+            .submitter()
+            .register_files_update(0, &[r.file.fd]);
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "io_uring: registered file not updated; using the descriptor");
+            r.fixed_file.set(false);
+        }
+    }
+
     fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
         if io.io_type == IoType::Read && self.ring.file.inline_reads() {
             let st = read_inline(self.ring.file.fd, &mut io);

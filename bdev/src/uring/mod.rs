@@ -21,6 +21,7 @@ use std::any::Any;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How to open the file.
@@ -54,7 +55,7 @@ pub struct UringBdev {
     file: Arc<File>,
     opts: UringOptions,
     block_size: u32,
-    num_blocks: u64,
+    num_blocks: std::sync::atomic::AtomicU64,
     mem_align: u32,
     is_block_device: bool,
     memory_backed: bool,
@@ -62,6 +63,8 @@ pub struct UringBdev {
     /// The image lock this bdev holds (`None`: locking off, or held by the
     /// caller of [`UringBdev::open_under_lock`]).
     lock: Mutex<Option<ImageLock>>,
+    /// Writes refused; changed in place by [`UringBdev::set_read_only`].
+    read_only: AtomicBool,
 }
 
 impl UringBdev {
@@ -207,7 +210,7 @@ impl UringBdev {
             file: Arc::new(file),
             opts,
             block_size,
-            num_blocks,
+            num_blocks: std::sync::atomic::AtomicU64::new(num_blocks),
             mem_align: if opts.direct {
                 g.dio_mem_align.max(1)
             } else {
@@ -217,6 +220,7 @@ impl UringBdev {
             memory_backed: g.memory_backed,
             uuid,
             lock: Mutex::new(lock),
+            read_only: AtomicBool::new(opts.read_only),
         }))
     }
 
@@ -230,9 +234,62 @@ impl UringBdev {
         self.is_block_device
     }
 
-    /// The options it was opened with.
+    /// The options it was opened with (`read_only` as it is now).
     pub fn options(&self) -> UringOptions {
-        self.opts
+        UringOptions {
+            read_only: self.read_only(),
+            ..self.opts
+        }
+    }
+
+    /// Reopens the file read-only or read-write in place (QEMU's
+    /// `raw_reopen_prepare`/`commit`, as `bdrv_reopen_set_read_only` does it):
+    /// the file is opened again with the new access mode and the same flags,
+    /// and the new open file is put behind the bdev's descriptor number with
+    /// `dup3`, so every reactor's channel (and a submission already queued on
+    /// a ring) uses it from then on without a channel being rebuilt; a request
+    /// the kernel already holds keeps the old open file until it completes,
+    /// which is closed then. The image lock this bdev holds (if any) takes a
+    /// reader's or a writer's permissions first. Cached channels check writes
+    /// against the new mode once refreshed ([`crate::refresh_channel_sizes`]
+    /// on every reactor). A file that cannot be opened for writing is refused
+    /// with [`BdevError::Os`] ("Could not open '<path>'", QEMU's words) and
+    /// nothing changes.
+    pub fn set_read_only(&self, read_only: bool) -> Result<(), BdevError> {
+        if read_only == self.read_only() {
+            return Ok(());
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if self.opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        let what = format!("Could not open '{}'", self.path.display());
+        // Never blocks (see `open_checked`); QEMU's words when it fails.
+        let new = crate::open_checked::open_checked(&self.path, &mut oo, flags, "opening")
+            .map_err(|e| match e {
+                BdevError::Os { source, .. } => BdevError::os(what.clone(), source),
+                e => e,
+            })?;
+        let mut lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old_perms = lock.as_ref().map(ImageLock::perms);
+        if let Some(l) = lock.as_mut() {
+            l.set_perms(Perms::for_open(read_only))?;
+        }
+        if let Err(e) = nix::unistd::dup3(
+            new.as_raw_fd(),
+            self.file.as_raw_fd(),
+            nix::fcntl::OFlag::O_CLOEXEC,
+        ) {
+            if let (Some(l), Some(p)) = (lock.as_mut(), old_perms) {
+                let _ = l.set_perms(p);
+            }
+            return Err(BdevError::os(what, std::io::Error::from(e)));
+        }
+        self.read_only.store(read_only, Ordering::Release);
+        tracing::info!(bdev = %self.name, read_only, "file reopened");
+        Ok(())
     }
 }
 
@@ -265,7 +322,35 @@ impl Bdev for UringBdev {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// A regular file is truncated or extended to `size` (the blocks are
+    /// the whole blocks of it, as at open); a block device cannot change.
+    fn resize(&self, size: u64) -> Option<crate::ResizeFuture> {
+        let r = if self.read_only() {
+            Err(BdevError::Io(crate::IoStatus::ReadOnly))
+        } else if self.is_block_device {
+            Err(BdevError::Unsupported("Cannot resize device files".into()))
+        } else {
+            self.file
+                .set_len(size)
+                .map_err(|e| {
+                    // QEMU's words ("Could not resize file: File too large").
+                    let why = match e.raw_os_error() {
+                        Some(libc::EFBIG) => "File too large".to_string(),
+                        Some(libc::ENOSPC) => "No space left on device".to_string(),
+                        _ => e.to_string(),
+                    };
+                    BdevError::Unsupported(format!("Could not resize file: {why}"))
+                })
+                .map(|()| {
+                    self.num_blocks.store(
+                        size / self.block_size as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                })
+        };
+        Some(Box::pin(std::future::ready(r)))
     }
     fn fua_is_cheap(&self) -> bool {
         // RWF_DSYNC on a buffered file writes back and syncs per request.
@@ -282,7 +367,11 @@ impl Bdev for UringBdev {
         self.mem_align
     }
     fn read_only(&self) -> bool {
-        self.opts.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+    /// See [`UringBdev::set_read_only`].
+    fn reopen(&self, read_only: bool) -> Option<crate::ResizeFuture> {
+        Some(Box::pin(std::future::ready(self.set_read_only(read_only))))
     }
     fn uuid(&self) -> Option<String> {
         Some(self.uuid.clone())
@@ -321,7 +410,7 @@ impl Bdev for UringBdev {
         if !self.opts.direct {
             params["direct"] = json!(false);
         }
-        if self.opts.read_only {
+        if self.read_only() {
             params["readonly"] = json!(true);
         }
         if self.opts.locking != LockMode::Auto {

@@ -4,9 +4,17 @@
 //!
 //! [`resolve`] (`resolve.rs`) checks a request as QEMU's `qmp_block_commit`
 //! does, in its order and words (device, top, base, blockers, "into
-//! itself", the active layer). [`start`] raises the writer's lock of `base` (QEMU reopens it
-//! read-write for the job) and of the image above `top` (its header
-//! changes), and starts the job on the reactor owning the top's metadata.
+//! itself", the active layer). [`start`] reopens a read-only `base` (libvirt
+//! adds the lower layers read-only) read-write for the job, as QEMU's
+//! `commit_start` / `commit_active_start` do ([`graph::reopen::ReadWrite`];
+//! a file that cannot be written refuses the command in QEMU's words,
+//! "Could not open '<path>': ..."), raises the writer's lock of `base` and of
+//! the image above `top` (its header changes), and starts the job on the
+//! reactor owning the top's metadata. `clean` lowers the locks, then reopens
+//! `base` read-only again, unless an active commit moved the devices onto it
+//! (QEMU's mirror makes the new active layer writable). A read-only image
+//! above `top` is reopened read-write only while its header is rewritten
+//! (QEMU shows it read-only throughout).
 //!
 //! - **Intermediate commit** (top is below the device's active layer):
 //!   `run` is the shared copier over [`CommitOps`] (walk: what `top..base`
@@ -22,8 +30,8 @@
 //!   nothing is, keeps copying new writes, and at `block-job-complete`
 //!   quiesces the devices, copies what is left and switches them onto base.
 //!
-//! `clean` lowers the locks. A cancel before completion leaves the chain as
-//! it was: base only received data its overlays shadow.
+//! A cancel before completion leaves the chain as it was: base only
+//! received data its overlays shadow.
 
 mod active;
 mod resolve;
@@ -36,10 +44,11 @@ use bdev::device::{ClientWatch, Device};
 use bdev::{submit_wait, Bdev, BdevError, BdevIo, IoChannel, IoType};
 use graph::lock::WriterLock;
 use graph::node::{self, ImageNode};
+use graph::reopen::{ReadWrite, ReopenError};
 use graph::Graph;
 use reactor::RuntimeHandle;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The job type.
 pub const KIND: JobKind = JobKind {
@@ -56,28 +65,129 @@ pub fn start(
     tuning: Tuning,
 ) -> Result<Arc<Job>, CommitError> {
     let (mut plan, spec) = resolve(g, mgr, &p)?;
+    let owner = plan.owner;
+    // A read-only base (libvirt adds the lower layers so) is reopened
+    // read-write for the job and read-only again in `clean`, as QEMU's
+    // commit_start / commit_active_start do; an active commit's base stays
+    // writable once the devices moved onto it.
+    let base_rw = ReadWrite::reopen_blocking(rt, owner, &plan.base)
+        .map_err(|e| reopen_error(&plan.base, e))?;
+    let give_back = |rw: ReadWrite| {
+        let _ = rt.spawn_on(owner, move || rw.restore()).block();
+    };
     // Base is written, the overlay's header too: writers' locks for the
     // job's life (guards: lowered in `clean`, or at once if it cannot start).
     let mut locked = vec![plan.base.clone()];
     locked.extend(plan.overlay.as_ref().map(|o| o.bdev()));
     for b in locked {
-        let w = WriterLock::raise(&b).map_err(|e| CommitError::Invalid(e.to_string()))?;
-        plan.writers.push(w);
+        match WriterLock::raise(&b) {
+            Ok(w) => plan.writers.push(w),
+            Err(e) => {
+                plan.writers.clear();
+                give_back(base_rw);
+                return Err(CommitError::Invalid(e.to_string()));
+            }
+        }
     }
-    let owner = plan.owner;
-    if plan.overlay.is_none() {
+    // The reopen is the driver's to undo in `clean`; should the job not
+    // start, it is taken back here and undone at once.
+    let slot: BaseSlot = Arc::new(Mutex::new(Some(base_rw)));
+    let r = if plan.overlay.is_none() {
         // QEMU's mirror counts what is left to copy, found once it runs.
-        let driver = active::ActiveCommit::new(plan, tuning, spec.on_error);
-        return job::start(mgr, rt, spec, owner, Some(0), driver).map_err(CommitError::Job);
+        let driver = Reopened {
+            base: plan.base.clone(),
+            roots: plan.roots_of.clone(),
+            inner: active::ActiveCommit::new(plan, tuning, spec.on_error),
+            rw: slot.clone(),
+        };
+        job::start(mgr, rt, spec, owner, Some(0), driver)
+    } else {
+        let len = Some(plan.top_bdev.size());
+        let driver = CommitDriver {
+            plan,
+            tuning,
+            base_rw: slot.clone(),
+        };
+        job::start(mgr, rt, spec, owner, len, driver)
+    };
+    r.map_err(|e| {
+        if let Some(rw) = take(&slot) {
+            give_back(rw);
+        }
+        CommitError::Job(e)
+    })
+}
+
+/// A failed reopen in QEMU's words (commit_start's `bdrv_reopen_set_read_only`).
+fn reopen_error(node: &Arc<dyn Bdev>, e: ReopenError) -> CommitError {
+    match e {
+        ReopenError::Unsupported => CommitError::ReadOnly(node.name().to_string()),
+        e => CommitError::Invalid(e.to_string()),
     }
-    let len = Some(plan.top_bdev.size());
-    job::start(mgr, rt, spec, owner, len, CommitDriver { plan, tuning }).map_err(CommitError::Job)
+}
+
+/// The base's read-write reopen, shared by the driver (which undoes it in
+/// `clean`) and `start` (which undoes it if the job does not start).
+type BaseSlot = Arc<Mutex<Option<ReadWrite>>>;
+
+fn take(slot: &BaseSlot) -> Option<ReadWrite> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// The active commit with the base's reopen around it: once the inner
+/// driver cleaned up, base goes back to read-only unless the devices moved
+/// onto it (QEMU's `mirror_exit_common` reopens the target as the node it
+/// replaced; `commit_active_start`'s error path and an abort, read-only).
+struct Reopened<D> {
+    inner: D,
+    base: Arc<dyn Bdev>,
+    roots: Vec<Arc<dyn Bdev>>,
+    rw: BaseSlot,
+}
+
+impl<D: JobDriver> JobDriver for Reopened<D> {
+    fn run<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
+        self.inner.run(job)
+    }
+
+    fn prepare<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, Result<(), String>> {
+        self.inner.prepare(job)
+    }
+
+    fn commit<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, ()> {
+        self.inner.commit(job)
+    }
+
+    fn abort<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, ()> {
+        self.inner.abort(job)
+    }
+
+    fn clean<'a>(&'a mut self, job: &'a Arc<Job>) -> Step<'a, ()> {
+        Box::pin(async move {
+            self.inner.clean(job).await;
+            let Some(rw) = take(&self.rw) else {
+                return;
+            };
+            let pivoted = self
+                .roots
+                .iter()
+                .filter_map(Device::from_bdev)
+                .any(|d| node::same(&d.root(), &self.base));
+            if pivoted {
+                rw.keep();
+            } else {
+                rw.restore().await;
+            }
+        })
+    }
 }
 
 /// The intermediate commit's driver.
 pub struct CommitDriver {
     plan: CommitPlan,
     tuning: Tuning,
+    /// Base reopened read-write for the job (given back read-only in `clean`).
+    base_rw: BaseSlot,
 }
 
 impl JobDriver for CommitDriver {
@@ -98,8 +208,14 @@ impl JobDriver for CommitDriver {
     }
 
     fn clean<'a>(&'a mut self, _job: &'a Arc<Job>) -> Step<'a, ()> {
+        // The writer's lock lowered first, then base reopened read-only.
         self.plan.writers.clear();
-        Box::pin(async {})
+        let rw = take(&self.base_rw);
+        Box::pin(async move {
+            if let Some(rw) = rw {
+                rw.restore().await;
+            }
+        })
     }
 }
 
@@ -127,17 +243,30 @@ async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
     if let Some(d) = dev {
         d.quiesce(&rt).await.map_err(|e| e.to_string())?;
     }
-    let r = async {
-        overlay
-            .set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
-            .await?;
-        overlay.set_backing_bdev(Some(plan.base.clone())).await
-    }
-    .await;
+    // A read-only overlay (a layer libvirt added read-only above top) is
+    // writable just for its header, as QEMU's bdrv_drop_intermediate
+    // rewrites it: it reads read-only before and after.
+    let r = match ReadWrite::reopen(&overlay.bdev()).await {
+        Ok(rw) => {
+            let r = async {
+                let w = WriterLock::raise(&overlay.bdev())?;
+                overlay
+                    .set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
+                    .await?;
+                drop(w);
+                overlay.set_backing_bdev(Some(plan.base.clone())).await
+            }
+            .await
+            .map_err(|e| e.to_string());
+            rw.restore().await;
+            r
+        }
+        Err(e) => Err(e.to_string()),
+    };
     if let Some(d) = dev {
         d.resume(&rt).await;
     }
-    r.map_err(|e| e.to_string())?;
+    r?;
     let g = &plan.graph;
     // Every other image over top (a layer dropped from the chain earlier and
     // kept by the monitor) moves onto base too, as QEMU's replace of top by
@@ -152,14 +281,17 @@ async fn drop_layers(plan: &CommitPlan) -> Result<(), String> {
         if !over_top || node::same(&other, &overlay.bdev()) {
             continue;
         }
-        let writer = WriterLock::raise(&other).map_err(|e| e.to_string())?;
-        img.set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
-            .await
-            .map_err(|e| e.to_string())?;
-        img.set_backing_bdev(Some(plan.base.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        drop(writer);
+        let rw = ReadWrite::reopen(&other).await.map_err(|e| e.to_string())?;
+        let r = async {
+            let writer = WriterLock::raise(&other)?;
+            img.set_backing_file(Some(&plan.backing_file), Some(&plan.backing_format), true)
+                .await?;
+            drop(writer);
+            img.set_backing_bdev(Some(plan.base.clone())).await
+        }
+        .await;
+        rw.restore().await;
+        r.map_err(|e| e.to_string())?;
     }
     release_unused(plan).await;
     Ok(())

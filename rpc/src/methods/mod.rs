@@ -17,6 +17,8 @@ pub mod nvme;
 pub mod perf;
 pub mod qcow2;
 pub mod record;
+pub mod resize;
+pub mod schema;
 pub mod snapshot;
 pub mod stream2011;
 
@@ -35,6 +37,8 @@ pub fn build_table() -> MethodTable {
     mirror::register(&mut t);
     stream2011::register(&mut t);
     snapshot::register(&mut t);
+    resize::register(&mut t);
+    schema::register(&mut t);
     nvme::register(&mut t);
     nbd::register(&mut t);
     nbd_client::register(&mut t);

@@ -37,8 +37,8 @@ pub fn register(t: &mut MethodTable) {
         Ok(query_block(svc))
     });
     t.add("query-named-block-nodes", |svc, p| {
-        p.none()?;
-        Ok(query_named_block_nodes(svc))
+        let a: NamedNodes = p.parse_qapi()?;
+        Ok(query_named_block_nodes(svc, a.flat.unwrap_or(false)))
     });
 }
 
@@ -182,14 +182,62 @@ fn bdev_qcow2_delete(svc: &Service, p: Params) -> Result<Value, RpcError> {
     Ok(Value::Bool(true))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedNodes {
+    flat: Option<bool>,
+}
+
+/// QEMU's `actual-size`: the bytes the node's file takes on disk (0 for
+/// nodes without a file).
+fn actual_size(b: &Arc<dyn Bdev>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    b.filename()
+        .or_else(|| node::image(b).and_then(|i| i.filename()))
+        .and_then(|f| std::fs::metadata(f).ok())
+        .filter(|m| m.is_file())
+        .map_or(0, |m| m.blocks() * 512)
+}
+
+/// QEMU's `format-specific` of an image: `ImageInfoSpecificQCow2` for a
+/// qcow2 image, the empty `file` kind for a regular file.
+fn format_specific(b: &Arc<dyn Bdev>) -> Option<Value> {
+    if let Some(q) = b.as_any().downcast_ref::<qcow2::Qcow2Bdev>() {
+        let f = q.features();
+        let mut data = json!({
+            "compat": if f.version >= 3 { "1.1" } else { "0.10" },
+            "compression-type": if f.zstd { "zstd" } else { "zlib" },
+            "refcount-bits": f.refcount_bits,
+        });
+        if f.version >= 3 {
+            data["lazy-refcounts"] = json!(f.lazy_refcounts);
+            data["corrupt"] = json!(f.corrupt);
+            data["extended-l2"] = json!(f.extended_l2);
+        }
+        return Some(json!({"type": "qcow2", "data": data}));
+    }
+    let file = b
+        .as_any()
+        .downcast_ref::<bdev::uring::UringBdev>()
+        .is_some_and(|u| !u.is_block_device());
+    file.then(|| json!({"type": "file", "data": {}}))
+}
+
 /// QAPI `ImageInfo` of a node and the chain below it.
 fn image_info(b: &Arc<dyn Bdev>, depth: usize) -> Value {
     let mut v = json!({
         "filename": node::filename_of(b),
         "format": node::format_of(b),
         "virtual-size": b.size(),
-        "dirty-flag": false,
+        "actual-size": actual_size(b),
     });
+    // QEMU's drivers without `bdrv_get_info` (null-co) have no dirty flag.
+    if !b.as_any().is::<bdev::null::NullBdev>() {
+        v["dirty-flag"] = json!(false);
+    }
+    if let Some(fs) = format_specific(b) {
+        v["format-specific"] = fs;
+    }
     if let Some(img) = node::image(b) {
         v["cluster-size"] = json!(img.cluster_size());
         if let Some(f) = img.backing_file() {
@@ -211,8 +259,11 @@ fn node_info(b: &Arc<dyn Bdev>) -> Value {
     let depth = node::chain(b).len() - 1;
     let mut v = json!({
         "node-name": b.name(),
+        "active": true,
         "file": node::filename_of(b),
-        "ro": b.read_only(),
+        // A node whose image lock was lowered to a reader's (an old top
+        // under a snapshot) is read-only as QEMU's reopened old top is.
+        "ro": b.read_only() || b.lock_perms().is_some_and(|p| p.perm & bdev::lock::PERM_WRITE == 0),
         "drv": node::format_of(b),
         "backing_file_depth": depth,
         "encrypted": false,
@@ -252,8 +303,9 @@ fn query_block(svc: &Service) -> Value {
     Value::Array(v)
 }
 
-/// `query-named-block-nodes`: every node (image or leaf) that is not a device.
-fn query_named_block_nodes(svc: &Service) -> Value {
+/// `query-named-block-nodes`: every node (image or leaf) that is not a
+/// device; `flat`: without the `backing-image` chain in `image`.
+fn query_named_block_nodes(svc: &Service, flat: bool) -> Value {
     Value::Array(
         svc.graph
             .nodes()
@@ -263,6 +315,13 @@ fn query_named_block_nodes(svc: &Service) -> Value {
             .map(|b| {
                 let mut v = node_info(b);
                 annotate(svc, b, &mut v);
+                if flat {
+                    // QEMU counts the depth while it nests the chain.
+                    v["backing_file_depth"] = json!(0);
+                    if let Some(i) = v["image"].as_object_mut() {
+                        i.remove("backing-image");
+                    }
+                }
                 v
             })
             .collect(),

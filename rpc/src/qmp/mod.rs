@@ -12,6 +12,7 @@
 //! (`notify_get_notifications`).
 
 pub mod json;
+pub mod schema;
 pub mod session;
 pub mod writer;
 

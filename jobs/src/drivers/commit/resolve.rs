@@ -44,9 +44,10 @@ pub enum CommitError {
     /// Bad combination or value of parameters (the message says which).
     #[error("{0}")]
     Invalid(String),
-    /// A layer the job writes (base, the image above top) was opened
-    /// read-only; sluice cannot reopen a node read-write (QEMU does).
-    #[error("Block node '{0}' is read-only: it was opened read-only (as backing files named in a header are) and cannot be reopened read-write; open the chain's nodes writable (blockdev-add, or bdev_qcow2_open per node) to commit")]
+    /// A layer the job writes (base, the image above top) is read-only and
+    /// its driver cannot reopen it read-write (QEMU's
+    /// `bdrv_can_set_read_only`).
+    #[error("Node '{0}' is read only")]
     ReadOnly(String),
     /// Job creation refused (id, blockers).
     #[error(transparent)]
@@ -205,11 +206,6 @@ pub fn resolve(
             CommitError::Invalid(format!("'{}' has no backing chain", chain[ti - 1].name()))
         })?),
     };
-    let mut written = vec![base.clone()];
-    written.extend(overlay.as_ref().map(|o| o.bdev()));
-    if let Some(ro) = written.iter().find(|b| b.read_only()) {
-        return Err(CommitError::ReadOnly(ro.name().to_string()));
-    }
     if ti == 0 && base.size() != top_bdev.size() {
         return Err(CommitError::Invalid(format!(
             "The active layer {} and base {} differ in size: the device cannot move onto base",

@@ -29,6 +29,7 @@ pub(super) fn register(t: &mut MethodTable) {
     t.add("bdev_null_delete", |svc, p| {
         delete_typed::<NullBdev>(svc, &p.parse::<ByName>()?.name, "null")
     });
+    t.add("bdev_null_resize", bdev_null_resize);
     t.add("bdev_uring_create", bdev_uring_create);
     t.add("bdev_uring_delete", |svc, p| {
         delete_typed::<UringBdev>(svc, &p.parse::<ByName>()?.name, "uring")
@@ -112,6 +113,37 @@ fn bdev_malloc_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
             r => return r.map(Value::String),
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullResize {
+    name: String,
+    /// MiB.
+    new_size: u64,
+}
+
+/// SPDK's `bdev_null_resize {name, new_size (MiB)}`: grows a null bdev.
+fn bdev_null_resize(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let a: NullResize = p.parse()?;
+    let _g = svc.graph.change();
+    let b = svc
+        .graph
+        .nodes()
+        .get(&a.name)
+        .map_err(|_| RpcError::errno(libc::ENODEV, "No such device"))?;
+    let n = b
+        .as_any()
+        .downcast_ref::<NullBdev>()
+        .ok_or_else(|| RpcError::errno(libc::ENODEV, "No such device"))?;
+    let bytes = a
+        .new_size
+        .checked_mul(1 << 20)
+        .ok_or_else(|| RpcError::errno(libc::EINVAL, "Invalid argument"))?;
+    n.grow_to(bytes)
+        .map_err(|_| RpcError::errno(libc::EINVAL, "Invalid argument"))?;
+    let _ = svc.rt.broadcast(bdev::refresh_channel_sizes).block();
+    Ok(Value::Bool(true))
 }
 
 #[derive(Deserialize)]

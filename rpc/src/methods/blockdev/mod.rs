@@ -15,22 +15,18 @@ pub(crate) mod args;
 mod create;
 mod create_job;
 mod create_opts;
+mod delete;
 mod describe;
 pub(crate) mod snapshot;
 mod spec;
 pub(crate) mod state;
 
 use crate::error::RpcError;
-use crate::methods::common::delete_bdev;
-use crate::methods::nodes::delete_node;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use args::Args;
-use bdev::device::Device;
-use bdev::{Bdev, Holder};
+use bdev::Bdev;
 use serde_json::{json, Value};
-use spec::Driver;
-use state::{backing_user, is_raw_node, monitor_owned};
 use std::sync::Arc;
 
 /// Registers the methods and the `blockdev` section of `save_config`.
@@ -67,103 +63,12 @@ pub fn describe_node(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<graph::qemu_
     describe::describe(g, b)
 }
 
-fn failed_to_find(name: &str) -> RpcError {
-    RpcError::errno(
-        libc::ENODEV,
-        format!("Failed to find node with node-name='{name}'"),
-    )
-}
-
-/// Why `name` cannot be deleted, in QEMU's order and words.
-fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError> {
-    let b = svc
-        .graph
-        .nodes()
-        .get(name)
-        .map_err(|_| failed_to_find(name))?;
-    if Device::from_bdev(&b).is_some() && !is_raw_node(svc, name) {
-        // A device is QEMU's block backend, not a node.
-        return Err(failed_to_find(name));
-    }
-    let claims = state::users(&svc.graph, name);
-    // QEMU's block backends: an export's, a device's (a raw node is a node).
-    let backend = |h: &Holder| match h {
-        Holder::Export(_) => true,
-        Holder::Device(d) => !is_raw_node(svc, d),
-        _ => false,
-    };
-    if claims.iter().any(backend) {
-        return Err(RpcError::errno(
-            libc::EBUSY,
-            format!("Node {name} is in use"),
-        ));
-    }
-    if let Some(j) = svc.jobs.job_on_node(name) {
-        return Err(RpcError::errno(
-            libc::EBUSY,
-            format!(
-                "Node '{name}' is busy: block device is in use by block job: {}",
-                j.spec().kind.as_str()
-            ),
-        ));
-    }
-    // QEMU's op blocker on a backing node (checked before ownership).
-    if let Some(user) = backing_user(svc, name) {
-        return Err(RpcError::errno(
-            libc::EBUSY,
-            format!("Node '{name}' is busy: node is used as backing hd of '{user}'"),
-        ));
-    }
-    if !monitor_owned(svc, name) {
-        return Err(RpcError::errno(
-            libc::EPERM,
-            format!("Node {name} is not owned by the monitor"),
-        ));
-    }
-    if !claims.is_empty() {
-        return Err(RpcError::errno(
-            libc::EBUSY,
-            format!("Block device {name} is in use"),
-        ));
-    }
-    Ok(b)
-}
-
 fn blockdev_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let v = p.0.unwrap_or_else(|| json!({}));
     let mut a = Args::new(&v, "")?;
     let name = a.req_str("node-name")?;
     a.finish(&[])?;
     let _g = svc.graph.change();
-    let b = check_deletable(svc, &name)?;
-    let rec = state::record(&svc.graph, &name).ok_or_else(|| failed_to_find(&name))?;
-    svc.graph.nodes().release(&name, &bdev::Holder::Monitor);
-    match rec.driver {
-        // Flushed, the file trimmed, the chain from the header closed: the
-        // path `bdev_qcow2_delete` takes.
-        Driver::Qcow2 => delete_node(svc, b)?,
-        _ => delete_bdev(svc, &name)?,
-    }
-    state::forget(&svc.graph, &name);
-    for (c, _) in &rec.children {
-        svc.graph.release_all(&bdev::Holder::Node(c.clone()));
-        if svc.graph.nodes().contains(c) {
-            if let Err(e) = delete_bdev(svc, c) {
-                tracing::warn!(node = %c, "deleting the nested node: {e}");
-            }
-        }
-    }
-    if let Some(f) = &rec.file_ref {
-        if let Some(frec) = state::record(&svc.graph, f) {
-            if state::user_claims(&svc.graph, f).is_empty() {
-                svc.graph.nodes().release(f, &bdev::Holder::Monitor);
-                if let Err(e) = svc.graph.delete(f) {
-                    tracing::warn!(node = %f, "closing the image's file: {e}");
-                }
-                create::restore_file_node(&svc.graph, &frec);
-            }
-        }
-    }
-    tracing::info!(node = %name, "blockdev-del");
+    delete::delete_monitor_node(svc, &name)?;
     Ok(json!({}))
 }

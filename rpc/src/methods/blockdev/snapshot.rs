@@ -19,6 +19,7 @@ use bdev::device::Device;
 use bdev::qcow2::{self, CreateOptions};
 use bdev::Bdev;
 use graph::node;
+use graph::snapshot::SnapshotUndo;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,15 +75,16 @@ fn move_exports(svc: &Service, node: &str, overlay: &str) -> Result<(), RpcError
 }
 
 /// Takes the snapshot of the plain node `node` into `file` (created unless
-/// `existing`) and moves its exports onto it; returns the overlay's node name.
+/// `existing`) and moves its exports onto it, under the caller's
+/// [`graph::Graph::change`]; returns what [`undo_plain`] needs to undo it.
 pub(crate) fn snapshot_plain_node(
     svc: &Service,
+    _change: &graph::ChangeGuard<'_>,
     node: &str,
     file: &str,
     node_name: Option<String>,
     existing: bool,
-) -> Result<String, RpcError> {
-    let _g = svc.graph.change();
+) -> Result<SnapshotUndo, RpcError> {
     let b = svc
         .graph
         .nodes()
@@ -118,10 +120,39 @@ pub(crate) fn snapshot_plain_node(
         "backing": node,
     });
     let name = add(svc, &args)?;
-    move_exports(svc, node, &name)?;
+    let overlay = svc.graph.nodes().get(&name)?;
+    let undo = SnapshotUndo::new(b.clone(), overlay, None, false);
+    if let Err(e) = move_exports(svc, node, &name) {
+        // Those moved go back; the overlay goes.
+        let _ = undo_plain(svc, &undo);
+        return Err(e);
+    }
     // QEMU's external_snapshot_commit reopens the old top read-only.
     graph::snapshot::lower_to_backing(&b);
-    Ok(name)
+    Ok(undo)
+}
+
+/// Undoes [`snapshot_plain_node`] or [`snapshot_existing_plain`] (a failed
+/// `transaction`): the exports move back onto the old top, its lock gets its
+/// permissions back; a created overlay is deleted as `blockdev-del` deletes
+/// it (its file stays, as QEMU leaves it), an existing one unlinked. Under
+/// the caller's [`graph::Graph::change`].
+pub(crate) fn undo_plain(svc: &Service, u: &SnapshotUndo) -> Result<(), RpcError> {
+    let g = svc.graph.clone();
+    let u2 = u.clone();
+    svc.rt
+        .spawn_on(owner_of(&u.overlay), move || async move {
+            graph::snapshot::undo(&g, &u2).await
+        })
+        .block()??;
+    let overlay = u.overlay.name();
+    if u.existing {
+        let before = u.backing_arg.clone();
+        svc.graph.monitor().restore_backing(overlay, before);
+        Ok(())
+    } else {
+        super::delete::delete_monitor_node(svc, overlay)
+    }
 }
 
 /// `blockdev-snapshot {node, overlay}` on the plain node `node`: `overlay`
@@ -129,10 +160,10 @@ pub(crate) fn snapshot_plain_node(
 /// (in its header too) and the node's exports move onto it.
 pub(crate) fn snapshot_existing_plain(
     svc: &Service,
+    _change: &graph::ChangeGuard<'_>,
     node: &str,
     overlay: &str,
-) -> Result<(), RpcError> {
-    let _g = svc.graph.change();
+) -> Result<SnapshotUndo, RpcError> {
     let ov = svc
         .graph
         .nodes()
@@ -143,6 +174,10 @@ pub(crate) fn snapshot_existing_plain(
     if !state::user_claims(&svc.graph, overlay).is_empty() || Device::from_bdev(&ov).is_some() {
         return Err(RpcError::invalid_params("The overlay is already in use"));
     }
+    let old = svc.graph.nodes().get(node)?;
+    let mut undo = SnapshotUndo::new(old, ov.clone(), None, true);
+    undo.backing_arg =
+        state::record(&svc.graph, overlay).and_then(|r| r.args.get("backing").cloned());
     let (n, o) = (node.to_string(), overlay.to_string());
     let g = svc.graph.clone();
     svc.rt
@@ -152,5 +187,5 @@ pub(crate) fn snapshot_existing_plain(
         .block()??;
     // save_config re-adds the overlay over its new backing.
     state::set_backing(&svc.graph, overlay, node);
-    Ok(())
+    Ok(undo)
 }
