@@ -587,8 +587,10 @@ def case_schema(vm, d):
         union = idx[acts["element-type"]]
         tag = next(m for m in union["members"] if m["name"] == union["tag"])
         expect("blockdev-snapshot" in idx[tag["type"]]["values"], "transaction blockdev-snapshot")
+        # libvirt probes the mirror's copy-mode before it asks for write-blocking.
+        expect(arg_member("blockdev-mirror", "copy-mode") is not None, "blockdev-mirror copy-mode")
         # Not served, so not there (libvirt then falls back).
-        expect(arg_member("blockdev-mirror", "copy-mode") is None, "blockdev-mirror is not served yet")
+        expect(arg_member("blockdev-backup", "sync") is None, "blockdev-backup is not served")
     vm_sock = parse_args().qmp
     asyncio.run(probe())
 
