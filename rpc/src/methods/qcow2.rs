@@ -225,12 +225,16 @@ fn format_specific(b: &Arc<dyn Bdev>) -> Option<Value> {
 
 /// QAPI `ImageInfo` of a node and the chain below it.
 fn image_info(b: &Arc<dyn Bdev>, depth: usize) -> Value {
+    let format = node::format_of(b);
     let mut v = json!({
         "filename": node::filename_of(b),
-        "format": node::format_of(b),
+        "format": format,
         "virtual-size": b.size(),
-        "actual-size": actual_size(b),
     });
+    // QEMU's protocol drivers without an allocated size (nbd) leave it out.
+    if format != "nbd" {
+        v["actual-size"] = json!(actual_size(b));
+    }
     // QEMU's drivers without `bdrv_get_info` (null-co) have no dirty flag.
     if !b.as_any().is::<bdev::null::NullBdev>() {
         v["dirty-flag"] = json!(false);
