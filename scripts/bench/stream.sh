@@ -43,14 +43,11 @@ fi
 export SLUICE SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
 import json, os, random, shutil, subprocess, sys, tempfile, time
-from qemu.qmp.legacy import QEMUMonitorProtocol
+sys.path.insert(0, "scripts/bench")
+from chainbench import Qmp, sh
 
 E = os.environ
 MiB = 1 << 20
-
-
-def sh(*a, **kw):
-    return subprocess.run([str(x) for x in a], check=True, capture_output=True, text=True, **kw).stdout
 
 
 def make_chain(d, gib):
@@ -99,39 +96,6 @@ def copied_bytes(names, mode):
             continue
         n += e["length"]
     return n
-
-
-class Qmp:
-    def __init__(self, path):
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
-        self.q = QEMUMonitorProtocol(path)
-        self.q.connect(negotiate=True)
-
-    def cmd(self, c, **a):
-        r = self.q.cmd_raw(c, a)
-        if "error" in r:
-            raise RuntimeError(f"{c} {a}: {r['error']}")
-        return r["return"]
-
-    def close(self):
-        try:
-            self.q.close()
-        except Exception:
-            pass
-
-    def wait(self, name, timeout=3600):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            try:
-                ev = self.q.pull_event(wait=1.0)
-            except Exception:
-                ev = None
-            if ev and ev["event"] == name:
-                return ev
-        raise RuntimeError(f"no {name}")
 
 
 def run_qsd(names, mode, direct, tmp):

@@ -7,6 +7,8 @@ import os
 import subprocess
 import time
 
+import qmp_script
+
 from stream_common import (check, compare_raw, make_chain, qemu_img, qemu_io, qsd_monitor, reference,
                            run_case)
 
@@ -106,17 +108,6 @@ def script(d):
     return s
 
 
-def scrub(v, d):
-    """Directory-independent: the scratch directory becomes D."""
-    if isinstance(v, str):
-        return v.replace(d, "D")
-    if isinstance(v, (list, tuple)):
-        return type(v)(scrub(x, d) for x in v)
-    if isinstance(v, dict):
-        return {k: scrub(x, d) for k, x in v.items()}
-    return v
-
-
 MINE = {"base", "m1", "m2", "top"}
 
 
@@ -142,36 +133,8 @@ def event_view(ev):
     return (ev["event"], data)
 
 
-def seen(vm, jid, status, timeout=60.0):
-    """Waits until the job's status change to `status` arrived, leaving every
-    event in `vm.pending` in arrival order."""
-    deadline = time.time() + timeout
-    while not any(e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"id": jid, "status": status}
-                  for e in vm.pending):
-        expect(time.time() < deadline, f"{jid} never {status}: {vm.pending}")
-        ev = vm.q.pull_event(wait=False)
-        if ev is None:
-            time.sleep(0.01)
-        else:
-            vm.pending.append(ev)
-
-
 def run_script(vm, d, s):
-    out = []
-    for cmd, args in s:
-        if cmd == "wait":
-            seen(vm, args, "null")
-            # sluice also tells QMP clients of its bdev_register /
-            # bdev_unregister notifications (SPDK's): not QEMU's events.
-            out.append(("events", args, [event_view(e) for e in vm.pending
-                                         if e["event"].startswith(("JOB_", "BLOCK_"))]))
-            vm.pending = []
-            continue
-        if cmd == "wait-status":
-            seen(vm, *args)
-            continue
-        out.append((cmd, scrub(args, d), scrub(answer(cmd, vm.raw(cmd, args)), d)))
-    return out
+    return qmp_script.run_script(vm, d, s, answer, event_view)
 
 
 def make(sub):

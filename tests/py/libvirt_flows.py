@@ -22,6 +22,7 @@ import subprocess
 import time
 
 from stream_common import make_chain, qemu_img, qemu_io, qsd_monitor, reference, run_case
+from qmp_script import scrub
 
 MiB = 1 << 20
 
@@ -35,14 +36,7 @@ def expect(cond, what):
         raise Mismatch(what)
 
 
-def scrub(v, d):
-    if isinstance(v, str):
-        return v.replace(d, "D")
-    if isinstance(v, (list, tuple)):
-        return type(v)(scrub(x, d) for x in v)
-    if isinstance(v, dict):
-        return {k: scrub(x, d) for k, x in v.items()}
-    return v
+
 
 
 def view(cmd, r):

@@ -10,6 +10,9 @@ import random
 import subprocess
 import time
 
+import qmp_script
+from qmp_script import seen
+
 from stream_common import check, compare_raw, info, make_chain, qemu_img, qemu_io, qsd_monitor, reference, run_case
 
 MiB = 1 << 20
@@ -158,16 +161,6 @@ def script(d):
     return s
 
 
-def scrub(v, d):
-    if isinstance(v, str):
-        return v.replace(d, "D")
-    if isinstance(v, (list, tuple)):
-        return type(v)(scrub(x, d) for x in v)
-    if isinstance(v, dict):
-        return {k: scrub(x, d) for k, x in v.items()}
-    return v
-
-
 MINE = {"base", "mid", "top", "copy-format"}
 
 
@@ -196,41 +189,8 @@ def event_view(ev):
     return (ev["event"], data)
 
 
-def seen(vm, jid, status, timeout=60.0):
-    deadline = time.time() + timeout
-    while not any(e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"id": jid, "status": status}
-                  for e in vm.pending):
-        expect(time.time() < deadline, f"{jid} never {status}: {vm.pending}")
-        ev = vm.q.pull_event(wait=False)
-        if ev is None:
-            time.sleep(0.01)
-        else:
-            vm.pending.append(ev)
-
-
 def run_script(vm, d, s):
-    out = []
-    for cmd, args in s:
-        if cmd == "wait":
-            seen(vm, args, "null")
-            out.append(("events", args, [event_view(e) for e in vm.pending
-                                         if e["event"].startswith(("JOB_", "BLOCK_"))]))
-            vm.pending = []
-            continue
-        if cmd == "wait-status":
-            seen(vm, *args)
-            continue
-        if cmd == "job":
-            # A job that waits for job-dismiss (blockdev-create's).
-            seen(vm, args, "concluded")
-            out.append(("job-dismiss", args, answer("job-dismiss", vm.raw("job-dismiss", {"id": args}))))
-            seen(vm, args, "null")
-            out.append(("events", args, [event_view(e) for e in vm.pending
-                                         if e["event"].startswith(("JOB_", "BLOCK_"))]))
-            vm.pending = []
-            continue
-        out.append((cmd, scrub(args, d), scrub(answer(cmd, vm.raw(cmd, args)), d)))
-    return out
+    return qmp_script.run_script(vm, d, s, answer, event_view)
 
 
 NODES = [n for n, _, _ in TARGETS] + ["top", "mid", "base"]

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 from stream_common import parse_args, qemu_img, qemu_io, qsd_monitor, run_case
+from qmp_script import scrub
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -28,15 +29,7 @@ def file(p):
     return {"driver": "file", "filename": p}
 
 
-def scrub(v, d):
-    """Directory-independent: the scratch directory becomes D."""
-    if isinstance(v, str):
-        return v.replace(d, "D")
-    if isinstance(v, (list, tuple)):
-        return type(v)(scrub(x, d) for x in v)
-    if isinstance(v, dict):
-        return {k: scrub(x, d) for k, x in v.items()}
-    return v
+
 
 
 def answer(r):
