@@ -677,4 +677,50 @@ def case_write_blocking(vm, d):
     print(f"write-blocking converged in {took:.2f}s under load")
 
 
+def case_targets(vm, d):
+    """A device mirrored onto RAM (a malloc bdev), then onto a remote node
+    (the NBD client over qemu-storage-daemon's export of a raw file): READY,
+    the device moved onto the target at complete, its content the chain's
+    (read back over sluice's own NBD export, and from the remote file)."""
+    paths = make_chain(d, ["base", "top"], "64M", [["write -P 0x5 0 40M"], ["write -P 0x7 8M 4M"]])
+    ref = reference(d, paths[-1])
+
+    def mirror_onto(target):
+        vm.rcmd("blockdev-mirror", {"job-id": "m", "device": "drive0", "target": target, "sync": "full"})
+        vm.event_wait("BLOCK_JOB_READY", 60, {"device": "m"})
+        vm.rcmd("block-job-complete", {"device": "m"})
+        ev = vm.event_wait("BLOCK_JOB_COMPLETED", 60, {"device": "m"})
+        expect("error" not in ev["data"] and ev["data"]["offset"] == ev["data"]["len"], f"{target}: {ev}")
+
+    def device_reads_as_ref(what):
+        sock = os.path.join(d, "own.sock")
+        vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "drive0"})
+        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+                            f"nbd+unix:///drive0?socket={sock}", ref], capture_output=True, text=True)
+        expect(r.returncode == 0, f"{what}: the device does not read as the chain: {r.stdout}{r.stderr}")
+        vm.rcmd("block-export-del", {"id": "e0"})
+        vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "e0"})
+        vm.rcmd("nbd-server-stop")
+
+    vm.open(name="drive0", filename=paths[-1])
+    vm.rcmd("bdev_malloc_create", {"name": "ram0", "num_blocks": 64 * 2048, "block_size": 512})
+    mirror_onto("ram0")
+    device_reads_as_ref("onto RAM")
+    dst = os.path.join(d, "dst.raw")
+    qemu_img("create", "-q", "-f", "raw", dst, "64M")
+    qsock = os.path.join(d, "qsd-nbd.sock")
+    with qsd_monitor(d) as qsd:
+        qsd.rcmd("blockdev-add", {"driver": "file", "node-name": "dst", "filename": dst})
+        qsd.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": qsock}}})
+        qsd.rcmd("block-export-add", {"type": "nbd", "id": "q0", "node-name": "dst", "writable": True})
+        vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "remote", "export": "dst",
+                                 "server": {"type": "unix", "path": qsock}})
+        mirror_onto("remote")
+        device_reads_as_ref("onto the remote node")
+        vm.close("drive0")
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", dst, ref], capture_output=True, text=True)
+    expect(r.returncode == 0, f"the remote file does not hold the chain: {r.stdout}{r.stderr}")
+
+
 run_case(globals())

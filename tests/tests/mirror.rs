@@ -2,7 +2,8 @@
 //! QMP conversation on qemu-storage-daemon 10 and on sluice, compared step
 //! by step (replies, refusals, events in order including BLOCK_JOB_READY);
 //! targets judged by `qemu-img compare` / `check`; a mirror under verified
-//! NBD client I/O across the pivot; write-blocking converging under load.
+//! NBD client I/O across the pivot; write-blocking converging under load;
+//! targets in RAM and on another NBD server.
 
 use sluice_tests::{check, Daemon, TempDir};
 use std::io::Read;
@@ -70,4 +71,9 @@ fn on_target_error_stop_pauses_and_resume_converges() {
 #[test]
 fn a_named_device_moves_onto_the_target_at_complete() {
     scenario("device");
+}
+
+#[test]
+fn mirror_onto_ram_and_onto_a_remote_nbd_node() {
+    scenario("targets");
 }
