@@ -42,43 +42,12 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 export SLUICE SIZES STORAGE MODES LATENCY DISK_DIR TMPFS_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
-import json, os, random, shutil, subprocess, sys, tempfile, time
+import json, os, shutil, subprocess, sys, tempfile, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import Qmp, sh
+from chainbench import Qmp, make_chain, sh
 
 E = os.environ
 MiB = 1 << 20
-
-
-def make_chain(d, gib):
-    """base/mid/top.qcow2 in d (kept between runs; pristine top in top.orig)."""
-    os.makedirs(d, exist_ok=True)
-    stamp = os.path.join(d, f"chain-{gib}G.done")
-    names = [os.path.join(d, f"{n}-{gib}G.qcow2") for n in ("base", "mid", "top")]
-    if os.path.exists(stamp):
-        return names
-    rnd = random.Random(gib)
-    srcs = []
-    for i in range(8):
-        p = os.path.join(d, f"rand{i}.bin")
-        with open(p, "wb") as f:
-            f.write(os.urandom(MiB))
-        srcs.append(p)
-    extents = gib * 1024
-    for i, (p, frac) in enumerate(zip(names, (0.6, 0.2, 0.1))):
-        args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
-        if i:
-            args += ["-b", names[i - 1], "-F", "qcow2"]
-        sh(*args, p, f"{gib}G")
-        chosen = sorted(rnd.sample(range(extents), int(extents * frac)))
-        for k in range(0, len(chosen), 256):
-            cmds = []
-            for e in chosen[k:k + 256]:
-                cmds += ["-c", f"write -q -s {srcs[rnd.randrange(8)]} {e * MiB} {MiB}"]
-            sh("qemu-io", "-f", "qcow2", *cmds, p)
-    shutil.copyfile(names[2], names[2] + ".orig")
-    open(stamp, "w").close()
-    return names
 
 
 def fresh_top(names):
@@ -233,7 +202,7 @@ print(f"{'chain':>6} {'storage':>9} {'mode':>5} {'copied':>9} {'qsd s':>8} {'slu
 for gib in [int(x) for x in E["SIZES"].split()]:
     for storage in E["STORAGE"].split():
         d = E["TMPFS_DIR"] if storage == "tmpfs" else E["DISK_DIR"]
-        names = make_chain(d, gib)
+        names = make_chain(d, gib, pristine=("top",))
         direct = storage == "direct"
         for mode in E["MODES"].split():
             fresh_top(names)
@@ -266,7 +235,7 @@ for gib in [int(x) for x in E["SIZES"].split()]:
                   flush=True)
             out.write(json.dumps(rec) + "\n")
 if E["LATENCY"] == "1":
-    names = make_chain(E["DISK_DIR"], 1)
+    names = make_chain(E["DISK_DIR"], 1, pristine=("top",))
     with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
         idle, busy, dt, ii, bi = latency(names, tmp)
     print(f"client 4 KiB randread p99: idle {idle:.0f} us ({ii:.0f} IOPS), during stream {busy:.0f} us "
