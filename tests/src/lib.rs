@@ -240,6 +240,19 @@ impl Daemon {
         st.code()
     }
 
+    /// Runs `tests/py/SCRIPT --dir <a fresh temp dir> --case CASE` against
+    /// this daemon; fails the test unless the script exits 0 and prints
+    /// "ok" last. Returns its stdout.
+    pub fn run_case(&self, script: &str, case: &str) -> String {
+        let work = TempDir::new(case);
+        let out = check(
+            self.python(script, &["--dir", work.0.to_str().unwrap(), "--case", case]),
+            &format!("{script} --case {case}"),
+        );
+        assert!(out.trim_end().ends_with("ok"), "{out}");
+        out
+    }
+
     /// SIGKILLs the daemon.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -4,26 +4,12 @@
 //! images judged by `qemu-img compare` / `check`; a commit while an NBD
 //! client does verified I/O on the device; the active layer refused.
 
-use sluice_tests::{check, Daemon, TempDir};
-use std::io::Read;
+use sluice_tests::Daemon;
 
 fn scenario(case: &str) {
-    let mut d = Daemon::start(&[]);
-    let work = TempDir::new(case);
-    let out = check(
-        d.python(
-            "commit.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", case],
-        ),
-        &format!("commit.py --case {case}"),
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
-    let mut stderr = d.child.stderr.take().expect("daemon stderr");
-    let code = d.stop();
-    let mut err = String::new();
-    let _ = stderr.read_to_string(&mut err);
-    assert!(!err.contains("panicked"), "the daemon panicked:\n{err}");
-    assert_eq!(code, Some(0), "daemon exit status; stderr:\n{err}");
+    let d = Daemon::start(&[]);
+    d.run_case("commit.py", case);
+    assert_eq!(d.stop(), Some(0), "daemon exit status");
 }
 
 #[test]

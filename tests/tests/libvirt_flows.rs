@@ -7,19 +7,11 @@
 //! compared step by step (replies, events in order, the nodes libvirt
 //! probes); images judged by `qemu-img check` / `compare` after.
 
-use sluice_tests::{check, Daemon, TempDir};
+use sluice_tests::Daemon;
 
 fn flow(case: &str) {
     let d = Daemon::start(&[]);
-    let work = TempDir::new(case);
-    let out = check(
-        d.python(
-            "libvirt_flows.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", case],
-        ),
-        &format!("libvirt_flows.py --case {case}"),
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
+    let out = d.run_case("libvirt_flows.py", case);
     for skip in out.lines().filter(|l| l.starts_with("SKIP")) {
         eprintln!("{case}: {skip}");
     }

@@ -5,27 +5,12 @@
 //! NBD client I/O across the pivot; write-blocking converging under load;
 //! targets in RAM and on another NBD server.
 
-use sluice_tests::{check, Daemon, TempDir};
-use std::io::Read;
+use sluice_tests::Daemon;
 
 fn scenario(case: &str) {
-    let mut d = Daemon::start(&[]);
-    let work = TempDir::new(case);
-    let out = check(
-        d.python(
-            "mirror.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", case],
-        ),
-        &format!("mirror.py --case {case}"),
-    );
-    println!("{out}");
-    assert!(out.trim_end().ends_with("ok"), "{out}");
-    let mut stderr = d.child.stderr.take().expect("daemon stderr");
-    let code = d.stop();
-    let mut err = String::new();
-    let _ = stderr.read_to_string(&mut err);
-    assert!(!err.contains("panicked"), "the daemon panicked:\n{err}");
-    assert_eq!(code, Some(0), "daemon exit status; stderr:\n{err}");
+    let d = Daemon::start(&[]);
+    println!("{}", d.run_case("mirror.py", case));
+    assert_eq!(d.stop(), Some(0), "daemon exit status");
 }
 
 #[test]

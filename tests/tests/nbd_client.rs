@@ -5,26 +5,12 @@
 //! overlay whose backing is on an NBD server, reconnection, and a fake server
 //! answering garbage.
 
-use sluice_tests::{check, Daemon, TempDir};
-use std::io::Read;
+use sluice_tests::Daemon;
 
 fn scenario(case: &str) {
-    let mut d = Daemon::start_with(&["-m", "0x3"], &[]);
-    let work = TempDir::new(case);
-    let out = check(
-        d.python(
-            "nbd_client.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", case],
-        ),
-        &format!("nbd_client.py --case {case}"),
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
-    let mut stderr = d.child.stderr.take().expect("daemon stderr");
-    let code = d.stop();
-    let mut err = String::new();
-    let _ = stderr.read_to_string(&mut err);
-    assert!(!err.contains("panicked"), "the daemon panicked:\n{err}");
-    assert_eq!(code, Some(0), "daemon exit status; stderr:\n{err}");
+    let d = Daemon::start_with(&["-m", "0x3"], &[]);
+    d.run_case("nbd_client.py", case);
+    assert_eq!(d.stop(), Some(0), "daemon exit status");
 }
 
 #[test]

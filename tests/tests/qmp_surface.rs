@@ -4,19 +4,11 @@
 //! refusals in QEMU's words); images judged by `qemu-img check` / `info` /
 //! `compare` afterwards.
 
-use sluice_tests::{check, Daemon, TempDir};
+use sluice_tests::Daemon;
 
 fn scenario(case: &str) {
     let d = Daemon::start(&[]);
-    let work = TempDir::new(case);
-    let out = check(
-        d.python(
-            "qmp_surface.py",
-            &["--dir", work.0.to_str().unwrap(), "--case", case],
-        ),
-        &format!("qmp_surface.py --case {case}"),
-    );
-    assert!(out.trim_end().ends_with("ok"), "{out}");
+    d.run_case("qmp_surface.py", case);
     assert_eq!(d.stop(), Some(0), "daemon exit status");
 }
 
