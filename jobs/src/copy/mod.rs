@@ -1,4 +1,5 @@
-//! The pipelined copier block jobs share (stream now; commit and mirror next).
+//! The pipelined copier the stream and the intermediate commit share (the
+//! mirror and the active commit run on `drivers/mirror/core.rs`).
 //!
 //! A job that copies describes its source and target by [`CopyOps`]: how big
 //! the range is, its granularity, what each extent holds (walked through the
