@@ -143,6 +143,9 @@ enum Memory {
     One(DmaBuf),
     /// Several: [`BdevIo::vectored`].
     Many(Vec<DmaBuf>),
+    /// Memory mapped elsewhere (a vhost-user guest's pages), kept mapped by
+    /// the keeper for as long as the request holds it: [`BdevIo::over_foreign`].
+    Kept(#[allow(dead_code)] Box<dyn std::any::Any>),
 }
 
 /// Who is told when a request completes. Called on the submitting reactor,
@@ -291,6 +294,38 @@ impl BdevIo {
         io
     }
 
+    /// A request over memory it does not allocate, such as a vhost-user
+    /// guest's pages: `segs` are (address, length) pairs inside a mapping that
+    /// `keeper` keeps alive (an `Arc` of it); the request holds the keeper until
+    /// it is dropped or its buffers are taken, so the mapping outlives every use
+    /// the bdev makes of the segments. No copy is made; `len` is the segments'
+    /// total. Bdevs that need other alignment bounce as they do for any buffer.
+    ///
+    /// # Safety
+    /// Every segment must be valid for reads and writes of its length for as
+    /// long as `keeper` lives, and must not overlap another segment of the
+    /// request. Nothing in this process may use the range while the request is
+    /// in flight (memory another process shares, such as a guest's, may change
+    /// under a write: the data written is then what the guest left, as with a
+    /// DMA device).
+    pub unsafe fn over_foreign(
+        io_type: IoType,
+        offset: u64,
+        segs: &[(*mut u8, usize)],
+        keeper: Box<dyn std::any::Any>,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Box<Self> {
+        let mut io = Self::new(io_type, offset, 0, None, done);
+        if io_type.has_data() {
+            for &(ptr, len) in segs {
+                io.iovs.push(IoVec { ptr, len });
+                io.len += len as u64;
+            }
+        }
+        io.mem = Memory::Kept(keeper);
+        io
+    }
+
     /// A request of `io_type` at `offset` over bytes `[start, start+len)` of
     /// `parent`'s memory (for virtual bdevs splitting a request). A read
     /// sub-request writes into that range of the parent's memory although it
@@ -350,7 +385,7 @@ impl BdevIo {
     /// The owned buffers, in segment order (none for a sub-request).
     pub fn bufs(&self) -> &[DmaBuf] {
         match &self.mem {
-            Memory::None => &[],
+            Memory::None | Memory::Kept(_) => &[],
             Memory::One(b) => std::slice::from_ref(b),
             Memory::Many(v) => v,
         }
@@ -377,7 +412,7 @@ impl BdevIo {
     pub fn take_bufs(&mut self) -> Vec<DmaBuf> {
         self.iovs.clear();
         match std::mem::replace(&mut self.mem, Memory::None) {
-            Memory::None => Vec::new(),
+            Memory::None | Memory::Kept(_) => Vec::new(),
             Memory::One(b) => vec![b],
             Memory::Many(v) => v,
         }

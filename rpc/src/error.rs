@@ -172,6 +172,29 @@ impl From<nbd::NbdError> for RpcError {
     }
 }
 
+impl From<vublk::VublkError> for RpcError {
+    fn from(e: vublk::VublkError) -> Self {
+        use vublk::VublkError as V;
+        match e {
+            V::Bdev(b) => {
+                let msg = b.to_string();
+                let mut r = RpcError::from(b);
+                r.message = msg;
+                r
+            }
+            V::Invalid(_) => RpcError::invalid_params(e.to_string()),
+            V::NoSuchExport(_) => RpcError::errno(libc::ENOENT, e.to_string()),
+            V::IdInUse(_) => RpcError::errno(libc::EEXIST, e.to_string()),
+            V::InUse(_) => RpcError::errno(libc::EBUSY, e.to_string()),
+            V::ReadOnlyNode(_) => RpcError::errno(libc::EROFS, e.to_string()),
+            V::Listen { ref err, .. } => RpcError::errno(
+                err.raw_os_error().unwrap_or(libc::EADDRINUSE),
+                e.to_string(),
+            ),
+        }
+    }
+}
+
 impl From<perf::PerfError> for RpcError {
     fn from(e: perf::PerfError) -> Self {
         use perf::PerfError as P;

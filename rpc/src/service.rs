@@ -37,6 +37,9 @@ pub struct Service {
     pub jobs: jobs::job::JobManager,
     /// The NBD server (`nbd-server-start`, `block-export-add`, `--nbd-listen`).
     pub nbd: nbd::NbdServer,
+    /// The vhost-user-blk exports (`block-export-add` type `vhost-user-blk`,
+    /// SPDK's `vhost_*_controller`).
+    pub vhost: vublk::VhostServer,
     /// Attached NVMe controllers and the options for the next attaches.
     pub nvme: bdev::nvme::NvmeControllers,
     /// How copying jobs copy: read from the environment once, at start-up.
@@ -63,6 +66,7 @@ impl Service {
             jobs: jobs::job::JobManager::new(crate::methods::job_qapi::sink(events.clone())),
             tuning: jobs::copy::Tuning::from_env(|k| std::env::var(k).ok()),
             nbd: nbd::NbdServer::default(),
+            vhost: vublk::VhostServer::default(),
             events,
             runtime_dir,
             table: OnceLock::new(),

@@ -21,6 +21,7 @@ pub mod resize;
 pub mod schema;
 pub mod snapshot;
 pub mod stream2011;
+pub mod vhost;
 
 use crate::table::MethodTable;
 
@@ -44,5 +45,6 @@ pub fn build_table() -> MethodTable {
     nbd_client::register(&mut t);
     perf::register(&mut t);
     record::register(&mut t);
+    vhost::register(&mut t);
     t
 }

@@ -21,8 +21,14 @@ pub fn register(t: &mut MethodTable) {
     t.add("block-export-del", block_export_del);
     t.add("query-block-exports", |svc, p| {
         p.none()?;
+        let vhost = svc.vhost.exports().into_iter().filter(|e| !e.cfg.spdk);
         Ok(Value::Array(
-            svc.nbd.exports().iter().map(|e| e.to_qmp()).collect(),
+            svc.nbd
+                .exports()
+                .iter()
+                .map(|e| e.to_qmp())
+                .chain(vhost.map(|e| e.to_qmp()))
+                .collect(),
         ))
     });
 }
@@ -77,6 +83,9 @@ struct ExportAddParams {
 }
 
 fn block_export_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    if p.0.as_ref().and_then(|v| v.get("type")) == Some(&json!("vhost-user-blk")) {
+        return vhost_export_add(svc, p);
+    }
     let p: ExportAddParams = p.parse()?;
     if p.ty != "nbd" {
         return Err(RpcError::invalid_params(format!(
@@ -126,6 +135,7 @@ struct ExportDelParams {
 
 fn block_export_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let p: ExportDelParams = p.parse()?;
+    let vhost = svc.vhost.contains(&p.id);
     let hard = match p.mode.as_deref() {
         None | Some("safe") => false,
         Some("hard") => true,
@@ -135,6 +145,64 @@ fn block_export_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
             )))
         }
     };
-    svc.nbd.del_export(&p.id, hard)?;
+    if vhost {
+        svc.vhost.del(&p.id, hard)?;
+    } else {
+        svc.nbd.del_export(&p.id, hard)?;
+    }
+    Ok(json!({}))
+}
+
+/// `block-export-add` of type `vhost-user-blk`, as qemu-storage-daemon takes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct VhostExportParams {
+    #[serde(rename = "type")]
+    _ty: String,
+    id: String,
+    node_name: String,
+    addr: VhostAddr,
+    writable: Option<bool>,
+    writethrough: Option<bool>,
+    num_queues: Option<u16>,
+    logical_block_size: Option<u32>,
+    /// Queues run on the reactors; the iothread choice is accepted and unused.
+    #[allow(dead_code)]
+    iothread: Option<Value>,
+    #[allow(dead_code)]
+    fixed_iothread: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct VhostAddr {
+    #[serde(rename = "type")]
+    ty: String,
+    path: Option<String>,
+}
+
+fn vhost_export_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let p: VhostExportParams = p.parse_qapi()?;
+    let path = match (p.addr.ty.as_str(), p.addr.path) {
+        ("unix", Some(path)) => path,
+        ("unix", None) => return Err(RpcError::invalid_params("Parameter 'addr.path' is missing")),
+        _ => {
+            return Err(RpcError::invalid_params(
+                "Only socket address type 'unix' is supported",
+            ))
+        }
+    };
+    let cfg = vublk::ExportConfig {
+        id: p.id,
+        node: p.node_name,
+        path: path.into(),
+        writable: p.writable.unwrap_or(false),
+        num_queues: p.num_queues.unwrap_or(1),
+        logical_block_size: p.logical_block_size.unwrap_or(512),
+        writethrough: p.writethrough.unwrap_or(false),
+        spdk: false,
+    };
+    let _g = svc.graph.change();
+    svc.vhost
+        .add(&svc.rt, svc.graph.nodes(), Some(svc.events.clone()), cfg)?;
     Ok(json!({}))
 }

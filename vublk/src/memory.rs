@@ -1,0 +1,127 @@
+//! A front end's memory, as `SET_MEM_TABLE` describes it: each region's file
+//! (a shared memfd) mapped once, shared and read-write, and addressed by guest
+//! physical address (descriptors) or by the front end's virtual address (the
+//! rings' addresses in `SET_VRING_ADDR`).
+//!
+//! A region whose file is shorter than the region, or that overlaps another, is
+//! refused before anything is mapped: touching a page past a file's end would
+//! raise SIGBUS in the service. Every address a request uses is checked against
+//! the regions ([`GuestMem::host_segments`]); one outside them fails the request.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
+
+/// The most regions accepted (QEMU sends at most 8 in one table).
+pub const MAX_REGIONS: usize = 32;
+
+/// One mapped region's addresses.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    uva: u64,
+    gpa: u64,
+    size: u64,
+}
+
+/// A front end's memory, mapped. Requests in flight hold it through an `Arc`,
+/// so a new table (or a disconnect) unmaps it only once they have completed.
+pub struct GuestMem {
+    /// The mappings, by guest physical address (what `virtio-queue` reads).
+    pub mem: GuestMemoryMmap<()>,
+    spans: Vec<Span>,
+}
+
+impl std::fmt::Debug for GuestMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMem")
+            .field("spans", &self.spans)
+            .finish()
+    }
+}
+
+impl GuestMem {
+    /// Maps `regions`, each over the file of the same index.
+    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, String> {
+        if regions.is_empty() || regions.len() > MAX_REGIONS || regions.len() != files.len() {
+            return Err(format!(
+                "memory table: {} regions with {} files",
+                regions.len(),
+                files.len()
+            ));
+        }
+        let mut spans: Vec<Span> = Vec::with_capacity(regions.len());
+        for r in regions {
+            let (gpa, size, uva) = (r.guest_phys_addr, r.memory_size, r.user_addr);
+            if size == 0
+                || gpa.checked_add(size).is_none()
+                || uva.checked_add(size).is_none()
+                || r.mmap_offset.checked_add(size).is_none()
+                || usize::try_from(size).is_err()
+            {
+                return Err(format!("memory region at {gpa:#x}: bad size {size:#x}"));
+            }
+            for s in &spans {
+                if gpa < s.gpa + s.size && s.gpa < gpa + size {
+                    return Err(format!("memory region at {gpa:#x} overlaps another"));
+                }
+            }
+            spans.push(Span { uva, gpa, size });
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, file) in regions.iter().zip(files) {
+            let (gpa, size, off) = (r.guest_phys_addr, r.memory_size, r.mmap_offset);
+            let meta = file
+                .metadata()
+                .map_err(|e| format!("memory region fd {}: {e}", file.as_raw_fd()))?;
+            if !meta.file_type().is_file() || meta.len() < off + size {
+                return Err(format!(
+                    "memory region at {gpa:#x}: its file ({} bytes) does not hold offset {off:#x} + size {size:#x}",
+                    meta.len(),
+                ));
+            }
+            let m = MmapRegion::<()>::from_file(FileOffset::new(file, off), size as usize)
+                .map_err(|e| format!("mapping memory region at {gpa:#x}: {e}"))?;
+            let g = GuestRegionMmap::new(m, GuestAddress(gpa))
+                .ok_or_else(|| format!("memory region at {gpa:#x}: overflow"))?;
+            mapped.push(g);
+        }
+        mapped.sort_by_key(|g| g.start_addr());
+        let mem =
+            GuestMemoryMmap::from_regions(mapped).map_err(|e| format!("memory table: {e}"))?;
+        Ok(Self { mem, spans })
+    }
+
+    /// The guest physical address of the front end's virtual address `uva`,
+    /// where `len` bytes from it lie in one region.
+    pub fn uva_to_gpa(&self, uva: u64, len: u64) -> Option<u64> {
+        self.spans
+            .iter()
+            .find(|s| uva >= s.uva && uva.checked_add(len).is_some_and(|e| e <= s.uva + s.size))
+            .map(|s| s.gpa + (uva - s.uva))
+    }
+
+    /// Appends the host addresses of guest range `[gpa, gpa+len)` to `out`,
+    /// split where it crosses regions; `false` (with `out` partly filled) if
+    /// any byte of it lies outside every region.
+    pub fn host_segments(&self, gpa: u64, len: u64, out: &mut Vec<(*mut u8, usize)>) -> bool {
+        let (mut at, mut left) = (gpa, len);
+        while left > 0 {
+            let Some(r) = self.mem.find_region(GuestAddress(at)) else {
+                return false;
+            };
+            let off = at - r.start_addr().0;
+            let take = (r.len() - off).min(left);
+            let Ok(p) = self.mem.get_host_address(GuestAddress(at)) else {
+                return false;
+            };
+            out.push((p, take as usize));
+            at += take;
+            left -= take;
+        }
+        true
+    }
+}

@@ -1,0 +1,531 @@
+//! One virtqueue served on one reactor: a poller pops the guest's descriptor
+//! chains, turns each into a bdev request over the guest's own pages (no copy),
+//! and on completion writes the status byte, returns the chain to the used ring
+//! and signals the call eventfd when the guest wants to hear (`EVENT_IDX` or
+//! the ring's flags, through `virtio-queue`).
+//!
+//! The kick eventfd is in the reactor's wake set, so a parked reactor wakes on a
+//! guest's kick; while it runs, the poller reads the avail ring every iteration
+//! and drains the kick fd. Nothing here blocks.
+//!
+//! Bad input never reaches the bdev: a chain without a readable 16-byte header
+//! or a writable status byte, an address outside the guest's memory, or a
+//! wrong length fails the request with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for an
+//! unknown type); a ring the service cannot follow at all (an avail index more
+//! than a queue ahead, a chain with no status byte to answer in) is marked
+//! broken and the connection is shut down, which the control thread sees. The
+//! other queues, connections and exports go on.
+//!
+//! Stopping (`GET_VRING_BASE`, a disable, a disconnect): the control thread sets
+//! [`QueueCtl::stop`]; the poller pops nothing more, lets the requests in flight
+//! complete into the used ring, then records the next avail index and sets
+//! [`QueueCtl::done`]. The guest memory stays mapped while any request holds it.
+
+use crate::blk::{self, req, status};
+use crate::memory::GuestMem;
+use bdev::{Bdev, BdevIo, IoChannel, IoDone, IoStatus, IoType};
+use reactor::{PollStatus, PollerHandle};
+use slab::Slab;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+
+/// The worker behind its cell (the completion target of its requests).
+struct Cell(RefCell<Worker>);
+use vm_memory::{Bytes, GuestAddress};
+
+/// What the export's queues share (one per connection).
+pub struct DevShared {
+    /// The exported node (a device, which follows snapshots and pivots).
+    pub bdev: Arc<dyn Bdev>,
+    /// Whether writes are allowed.
+    pub writable: bool,
+    /// The guest's cache mode: writeback (flushes make data durable) or, when
+    /// the guest clears it, write-through (every write durable, sent with FUA).
+    pub writeback: AtomicBool,
+    /// What `GET_ID` returns (zero-padded).
+    pub id: [u8; blk::ID_BYTES],
+    /// A clone of the connection's socket, shut down when a queue breaks.
+    pub conn: UnixStream,
+    /// Requests completed over this connection (for the statistics).
+    pub completed: AtomicU64,
+}
+
+impl DevShared {
+    fn disconnect(&self, why: &str) {
+        tracing::warn!(reason = why, "vhost-user-blk: dropping the connection");
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The control thread's handle on a running queue.
+#[derive(Default)]
+pub struct QueueCtl {
+    /// Set by the control thread: pop nothing more, finish what is in flight.
+    pub stop: AtomicBool,
+    /// Set by the reactor once stopped with nothing in flight.
+    pub done: AtomicBool,
+    /// The next avail index once stopped (`GET_VRING_BASE`'s answer).
+    pub next_avail: AtomicU16,
+}
+
+/// A queue's setup, from the control thread.
+pub struct QueueSetup {
+    /// The configured queue (addresses in guest physical space).
+    pub queue: Queue,
+    /// The guest's memory.
+    pub mem: Arc<GuestMem>,
+    /// The guest's kick (non-blocking).
+    pub kick: File,
+    /// Where to signal completions (none: the guest polls).
+    pub call: Option<File>,
+    /// The device's state.
+    pub dev: Arc<DevShared>,
+    /// The control thread's handle.
+    pub ctl: Arc<QueueCtl>,
+    /// For log lines.
+    pub index: u16,
+}
+
+/// A request in flight.
+struct Req {
+    head: u16,
+    status: u64,
+    written: u32,
+}
+
+struct Worker {
+    q: Queue,
+    mem: Arc<GuestMem>,
+    kick: File,
+    call: Option<File>,
+    dev: Arc<DevShared>,
+    ctl: Arc<QueueCtl>,
+    ch: Rc<IoChannel>,
+    reqs: Slab<Req>,
+    backlog: VecDeque<Box<BdevIo>>,
+    signal: bool,
+    stopping: bool,
+    poller: Option<PollerHandle>,
+    me: Weak<Cell>,
+    index: u16,
+    descs: Vec<(u64, u32, bool)>,
+    segs: Vec<(*mut u8, usize)>,
+}
+
+/// Starts serving `s` on the current reactor.
+pub fn start(s: QueueSetup) -> Result<(), String> {
+    let ch = bdev::channel(&s.dev.bdev).map_err(|e| format!("channel: {e}"))?;
+    reactor::register_fd(s.kick.as_raw_fd()).map_err(|e| format!("kick fd: {e}"))?;
+    let w = Rc::new(Cell(RefCell::new(Worker {
+        q: s.queue,
+        mem: s.mem,
+        kick: s.kick,
+        call: s.call,
+        dev: s.dev,
+        ctl: s.ctl,
+        ch,
+        reqs: Slab::new(),
+        backlog: VecDeque::new(),
+        signal: false,
+        stopping: false,
+        poller: None,
+        me: Weak::new(),
+        index: s.index,
+        descs: Vec::new(),
+        segs: Vec::new(),
+    })));
+    w.0.borrow_mut().me = Rc::downgrade(&w);
+    let wp = w.clone();
+    let h = reactor::register_poller("vhost-blk-queue", move || wp.0.borrow_mut().poll());
+    w.0.borrow_mut().poller = Some(h);
+    Ok(())
+}
+
+impl IoDone for Cell {
+    fn io_done(&self, io: Box<BdevIo>) {
+        self.0.borrow_mut().complete(io);
+    }
+}
+
+impl Worker {
+    fn poll(&mut self) -> PollStatus {
+        let mut busy = false;
+        if !self.stopping && self.ctl.stop.load(Ordering::Acquire) {
+            self.stopping = true;
+        }
+        let mut b = [0u8; 8];
+        if (&self.kick).read(&mut b).is_ok() {
+            busy = true;
+        }
+        while let Some(io) = self.backlog.pop_front() {
+            if let Err(io) = self.ch.submit(io) {
+                self.backlog.push_front(io);
+                break;
+            }
+            busy = true;
+        }
+        if !self.stopping {
+            busy |= self.pop_all();
+        }
+        self.flush_signal();
+        if self.stopping && self.reqs.is_empty() {
+            self.finish();
+        }
+        busy.into()
+    }
+
+    /// Pops every available chain (at most a queue's worth) and starts it.
+    fn pop_all(&mut self) -> bool {
+        let mem = self.mem.clone();
+        let m = &mem.mem;
+        match self.q.avail_idx(m, Ordering::Acquire) {
+            Ok(avail) => {
+                let ahead = avail - std::num::Wrapping(self.q.next_avail());
+                if ahead.0 > self.q.size() {
+                    self.broken("avail index more than a queue ahead");
+                    return false;
+                }
+                if ahead.0 == 0 {
+                    return match self.q.enable_notification(m) {
+                        Ok(more) => more,
+                        Err(_) => {
+                            self.broken("cannot write the avail event");
+                            false
+                        }
+                    };
+                }
+            }
+            Err(_) => {
+                self.broken("cannot read the avail ring");
+                return false;
+            }
+        }
+        let mut n = 0;
+        while n < self.q.size() {
+            let Some(chain) = self.q.pop_descriptor_chain(m) else {
+                break;
+            };
+            n += 1;
+            let head = chain.head_index();
+            self.descs.clear();
+            self.descs
+                .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+            if !self.start_request(head) || self.stopping {
+                break;
+            }
+        }
+        n > 0
+    }
+
+    fn broken(&mut self, why: &str) {
+        tracing::warn!(
+            queue = self.index,
+            reason = why,
+            "vhost-user-blk: broken virtqueue"
+        );
+        self.stopping = true;
+        self.dev.disconnect(why);
+    }
+
+    /// Parses and starts the chain just popped (in `self.descs`); `false` if
+    /// the ring is broken.
+    fn start_request(&mut self, head: u16) -> bool {
+        // Readable descriptors first, then writable (virtio 1.2 2.7.4.2).
+        let nread = self.descs.iter().take_while(|d| !d.2).count();
+        if self.descs[nread..].iter().any(|d| !d.2) {
+            return self.fail_or_break(head, None, "readable descriptor after a writable one");
+        }
+        let status_at = match self.descs[nread..].iter().rev().find(|d| d.1 > 0) {
+            Some(&(a, l, _)) => a.checked_add(u64::from(l) - 1),
+            None => None,
+        };
+        let Some(status_at) = status_at else {
+            return self.fail_or_break(head, None, "no status byte");
+        };
+        let mut hdr = [0u8; 16];
+        if self.gather(0, nread, 0, &mut hdr).is_none() {
+            return self.fail_or_break(head, Some(status_at), "bad request header");
+        }
+        let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let wlen: u64 = self.descs[nread..].iter().map(|d| u64::from(d.1)).sum();
+        let rlen: u64 = self.descs[..nread].iter().map(|d| u64::from(d.1)).sum();
+        let (io_type, ranges_write) = match ty {
+            req::IN => (IoType::Read, true),
+            req::OUT => (IoType::Write, false),
+            req::FLUSH => (IoType::Flush, false),
+            req::GET_ID => return self.get_id(head, nread, status_at, wlen),
+            req::DISCARD | req::WRITE_ZEROES => {
+                return self.discard(head, ty, nread, status_at, rlen);
+            }
+            _ => {
+                self.finish_now(head, status_at, 1, status::UNSUPP);
+                return true;
+            }
+        };
+        if io_type != IoType::Read && io_type != IoType::Flush && !self.dev.writable {
+            self.finish_now(head, status_at, 1, status::IOERR);
+            return true;
+        }
+        // The data: readable bytes after the header, or writable bytes before
+        // the status byte.
+        self.segs.clear();
+        let (data_len, ok) = if io_type == IoType::Flush {
+            (0, true)
+        } else if ranges_write {
+            let len = wlen - 1;
+            (len, self.map_range(nread, self.descs.len(), 0, len))
+        } else {
+            let len = rlen.saturating_sub(16);
+            (len, rlen >= 16 && self.map_range(0, nread, 16, len))
+        };
+        if !ok || sector.checked_mul(blk::SECTOR).is_none() {
+            self.finish_now(head, status_at, 1, status::IOERR);
+            return true;
+        }
+        if io_type != IoType::Flush && data_len == 0 {
+            self.finish_now(head, status_at, 1, status::IOERR);
+            return true;
+        }
+        let written = if ranges_write { data_len as u32 + 1 } else { 1 };
+        let key = self.reqs.insert(Req {
+            head,
+            status: status_at,
+            written,
+        });
+        let done = self.me.upgrade().map(|w| w as Rc<dyn IoDone>);
+        // SAFETY: every segment was checked to lie inside one mapped region of
+        // `self.mem` (`map_range`), segments of one chain do not overlap unless
+        // the guest made them so (its own memory, as with DMA), and the request
+        // keeps an `Arc` of the mapping for as long as it lives.
+        let mut io = unsafe {
+            BdevIo::over_foreign(
+                io_type,
+                sector * blk::SECTOR,
+                &self.segs,
+                Box::new(self.mem.clone()),
+                done,
+            )
+        };
+        io.tag = key as u64;
+        io.fua = io_type == IoType::Write && !self.dev.writeback.load(Ordering::Relaxed);
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(io);
+        } else if let Err(io) = self.ch.submit(io) {
+            self.backlog.push_back(io);
+        }
+        true
+    }
+
+    /// Answers a malformed chain with IOERR where it has a status byte, else
+    /// breaks the ring.
+    fn fail_or_break(&mut self, head: u16, status_at: Option<u64>, why: &str) -> bool {
+        tracing::debug!(
+            queue = self.index,
+            reason = why,
+            "vhost-user-blk: bad request"
+        );
+        match status_at {
+            Some(s) => {
+                self.finish_now(head, s, 1, status::IOERR);
+                true
+            }
+            None => {
+                self.broken(why);
+                false
+            }
+        }
+    }
+
+    /// Copies bytes `[skip, skip+out.len())` of descriptors `from..to` into `out`.
+    fn gather(&self, from: usize, to: usize, mut skip: u64, out: &mut [u8]) -> Option<()> {
+        let mut at = 0;
+        for &(a, l, _) in &self.descs[from..to] {
+            if at == out.len() {
+                break;
+            }
+            let l = u64::from(l);
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let take = ((l - skip) as usize).min(out.len() - at);
+            self.mem
+                .mem
+                .read_slice(&mut out[at..at + take], GuestAddress(a.checked_add(skip)?))
+                .ok()?;
+            at += take;
+            skip = 0;
+        }
+        (at == out.len()).then_some(())
+    }
+
+    /// Maps `len` bytes of descriptors `from..to`, from byte `skip` on, into `self.segs`.
+    fn map_range(&mut self, from: usize, to: usize, mut skip: u64, mut len: u64) -> bool {
+        for i in from..to {
+            if len == 0 {
+                break;
+            }
+            let (a, l, _) = self.descs[i];
+            let l = u64::from(l);
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let take = (l - skip).min(len);
+            let Some(start) = a.checked_add(skip) else {
+                return false;
+            };
+            if !self.mem.host_segments(start, take, &mut self.segs) {
+                return false;
+            }
+            len -= take;
+            skip = 0;
+        }
+        len == 0
+    }
+
+    fn get_id(&mut self, head: u16, nread: usize, status_at: u64, wlen: u64) -> bool {
+        let n = (wlen - 1).min(blk::ID_BYTES as u64) as usize;
+        let id = self.dev.id;
+        let mut at = 0;
+        for i in nread..self.descs.len() {
+            if at == n {
+                break;
+            }
+            let (a, l, _) = self.descs[i];
+            let take = (l as usize).min(n - at);
+            if self
+                .mem
+                .mem
+                .write_slice(&id[at..at + take], GuestAddress(a))
+                .is_err()
+            {
+                self.finish_now(head, status_at, 1, status::IOERR);
+                return true;
+            }
+            at += take;
+        }
+        self.finish_now(head, status_at, n as u32 + 1, status::OK);
+        true
+    }
+
+    fn discard(&mut self, head: u16, ty: u32, nread: usize, status_at: u64, rlen: u64) -> bool {
+        if !self.dev.writable {
+            self.finish_now(head, status_at, 1, status::IOERR);
+            return true;
+        }
+        // Exactly one segment (max_discard_seg = max_write_zeroes_seg = 1).
+        let mut seg = [0u8; 16];
+        if rlen != 32 {
+            self.finish_now(head, status_at, 1, status::UNSUPP);
+            return true;
+        }
+        if self.gather(0, nread, 16, &mut seg).is_none() {
+            self.finish_now(head, status_at, 1, status::IOERR);
+            return true;
+        }
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+        let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        let (io_type, max, allowed) = if ty == req::DISCARD {
+            (IoType::Unmap, blk::MAX_DISCARD_SECTORS, 0)
+        } else {
+            (
+                IoType::WriteZeroes,
+                blk::MAX_WRITE_ZEROES_SECTORS,
+                blk::WZ_FLAG_UNMAP,
+            )
+        };
+        if flags & !allowed != 0 {
+            self.finish_now(head, status_at, 1, status::UNSUPP);
+            return true;
+        }
+        if num == 0 || num > max || sector.checked_mul(blk::SECTOR).is_none() {
+            self.finish_now(head, status_at, 1, status::IOERR);
+            return true;
+        }
+        let key = self.reqs.insert(Req {
+            head,
+            status: status_at,
+            written: 1,
+        });
+        let done = self.me.upgrade().map(|w| w as Rc<dyn IoDone>);
+        let mut io = BdevIo::new(
+            io_type,
+            sector * blk::SECTOR,
+            u64::from(num) * blk::SECTOR,
+            None,
+            done,
+        );
+        io.tag = key as u64;
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(io);
+        } else if let Err(io) = self.ch.submit(io) {
+            self.backlog.push_back(io);
+        }
+        true
+    }
+
+    /// Completes a chain at once (no bdev request).
+    fn finish_now(&mut self, head: u16, status_at: u64, written: u32, st: u8) {
+        let _ = self.mem.mem.write_obj(st, GuestAddress(status_at));
+        if self.q.add_used(&self.mem.mem, head, written).is_err() {
+            self.broken("cannot write the used ring");
+            return;
+        }
+        self.signal = true;
+    }
+
+    fn complete(&mut self, io: Box<BdevIo>) {
+        let ok = io.status == IoStatus::Success;
+        let key = io.tag as usize;
+        drop(io);
+        let Some(r) = self.reqs.try_remove(key) else {
+            return;
+        };
+        let st = if ok { status::OK } else { status::IOERR };
+        self.dev.completed.fetch_add(1, Ordering::Relaxed);
+        self.finish_now(r.head, r.status, if ok { r.written } else { 1 }, st);
+        if self.stopping {
+            self.flush_signal();
+            if self.reqs.is_empty() {
+                self.finish();
+            }
+        }
+    }
+
+    /// Signals the guest if completions are waiting and it wants to hear.
+    fn flush_signal(&mut self) {
+        if !self.signal {
+            return;
+        }
+        self.signal = false;
+        let Some(call) = &self.call else {
+            return;
+        };
+        if self.q.needs_notification(&self.mem.mem).unwrap_or(true) {
+            let _ = (&*call).write(&1u64.to_ne_bytes());
+        }
+    }
+
+    /// Stopped with nothing in flight: hands the ring back to the control thread.
+    fn finish(&mut self) {
+        if let Some(p) = self.poller.take() {
+            p.unregister();
+            let _ = reactor::unregister_fd(self.kick.as_raw_fd());
+            self.ctl
+                .next_avail
+                .store(self.q.next_avail(), Ordering::Release);
+            self.ctl.done.store(true, Ordering::Release);
+        }
+    }
+}
