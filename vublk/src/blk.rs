@@ -68,6 +68,8 @@ pub const MAX_DISCARD_SECTORS: u32 = 32768;
 pub const MAX_WRITE_ZEROES_SECTORS: u32 = 32768;
 /// The largest queue the device takes (QEMU's `VIRTQUEUE_MAX_SIZE`).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most segments in one request (`seg_max`; qemu-storage-daemon's 128 - 2).
+pub const SEG_MAX: u32 = 126;
 /// Write-zeroes flag: the device may unmap.
 pub const WZ_FLAG_UNMAP: u32 = 1;
 /// Offset of `writeback` in the configuration space.
@@ -112,7 +114,7 @@ pub fn config_space(
     let put =
         |c: &mut [u8; CONFIG_LEN], at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
     put(&mut c, 0, &(size / SECTOR).to_le_bytes()); // capacity
-    put(&mut c, 12, &u32::from(MAX_QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+    put(&mut c, 12, &SEG_MAX.to_le_bytes());
     put(&mut c, 20, &blk_size.to_le_bytes()); // blk_size
     put(&mut c, 26, &1u16.to_le_bytes()); // min_io_size
     put(&mut c, 28, &1u32.to_le_bytes()); // opt_io_size

@@ -30,6 +30,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
+/// How long a safe delete waits for a front end that is hanging up.
+const SAFE_DEL_GRACE: Duration = Duration::from_secs(2);
+
 /// An export's settings (`block-export-add` type `vhost-user-blk`, or SPDK's
 /// `vhost_create_blk_controller`).
 #[derive(Debug, Clone)]
@@ -149,7 +152,12 @@ impl VhostServer {
         if m.contains_key(&cfg.id) {
             return Err(VublkError::IdInUse(cfg.id));
         }
-        let node = nodes.get(&cfg.node)?;
+        let node = nodes.get(&cfg.node).map_err(|e| match e {
+            bdev::BdevError::NotFound(n) => {
+                VublkError::Invalid(format!("Cannot find device='' nor node-name='{n}'"))
+            }
+            e => e.into(),
+        })?;
         if cfg.writable && node.read_only() {
             return Err(VublkError::ReadOnlyNode(cfg.node));
         }
@@ -218,9 +226,20 @@ impl VhostServer {
                 .cloned()
                 .ok_or_else(|| VublkError::NoSuchExport(id.to_string()))?;
             if !hard && e.connected() {
-                return Err(VublkError::InUse(id.to_string()));
+                // A front end that has just hung up is given a moment to be seen gone.
+                drop(m);
+                let t0 = std::time::Instant::now();
+                while e.connected() && t0.elapsed() < SAFE_DEL_GRACE {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                m = self.exports.lock().unwrap_or_else(|p| p.into_inner());
+                if e.connected() {
+                    return Err(VublkError::InUse(id.to_string()));
+                }
             }
-            m.remove(id);
+            if m.remove(id).is_none() {
+                return Err(VublkError::NoSuchExport(id.to_string()));
+            }
             e
         };
         e.stop.store(true, Ordering::SeqCst);

@@ -211,6 +211,11 @@ impl Worker {
         let mut n = 0;
         while n < self.q.size() {
             let Some(chain) = self.q.pop_descriptor_chain(m) else {
+                if n == 0 {
+                    // Entries are available but none reads as a chain.
+                    self.broken("an available head the ring cannot hold");
+                    return false;
+                }
                 break;
             };
             n += 1;

@@ -145,7 +145,7 @@ fn block_export_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
             )))
         }
     };
-    if vhost {
+    if vhost || !svc.nbd.is_running() {
         svc.vhost.del(&p.id, hard)?;
     } else {
         svc.nbd.del_export(&p.id, hard)?;
