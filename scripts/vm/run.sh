@@ -235,4 +235,5 @@ main() {
     host_checks
 }
 
-main "$@"
+# Sourced by scripts/vm/vhost/run.sh for its helpers (fetch, unpack, vmlinux, copy_with_libs).
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# A QEMU 7.2 guest (TCG, Debian kernel, busybox initramfs) whose data disk
+# sluice serves, and which never notices the disk moving under it:
+#
+#   scripts/vm/vhost/run.sh vhost|nbd
+#
+# vhost: the disk is a vhost-user-blk export (2 queues; guest memory a shared
+#        memfd backend); nbd: an NBD export that QEMU's own nbd client reaches,
+#        behind a virtio-blk device. In the guest (guest.sh) an ext4 file system
+#        is made and files are written and rewritten with checksums in a loop
+#        while the host (host.py) runs blockdev-snapshot-sync, block-stream, a
+#        mirror with pivot and an active commit with pivot under it; then the
+#        guest verifies every file, runs fsck -n and checks its kernel log; the
+#        host checks the final image with qemu-img and compares its contents
+#        with the guest's disk.
+# Prints SLUICE-VM-RESULT (guest) and SLUICE-VM-HOST (host) lines; exits 0 only
+# when both say PASS, 77 (SLUICE-VM-SKIP) when the QEMU packages can be neither
+# found in scripts/vm/cache nor downloaded. The guest's e2fsprogs are the
+# host's (e2fsprogs is Priority: required in Debian, so always installed; the
+# same Debian 12 binaries the guest kernel's userland expects).
+# Environment as scripts/vm/run.sh (VM_TIMEOUT, SLUICE_PROFILE, VM_SMP, VM_MEM
+# (default 512M), VM_SKIP_BUILD, VM_RUN).
+set -euo pipefail
+VHERE=$(cd "$(dirname "$0")" && pwd)
+MODE=${1:-vhost}
+[[ $MODE == vhost || $MODE == nbd ]] || { echo "usage: $0 vhost|nbd" >&2; exit 2; }
+export VM_CACHE=${VM_CACHE:-$VHERE/../cache} VM_WORK=${VM_WORK:-$VHERE/../work}
+set --
+# shellcheck source=../run.sh
+source "$VHERE/../run.sh"
+HERE=$(cd "$VHERE/.." && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+RUN=${VM_RUN:-$WORK/run-$MODE}
+MEM=${VM_MEM:-512M}
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4"
+
+guest_initramfs() {
+    local kver=$1 stage="$RUN/initramfs"
+    rm -rf "$stage"
+    mkdir -p "$stage"/{bin,lib/modules,etc,usr/bin}
+    cp "$WORK/root/bin/busybox" "$stage/bin/busybox"
+    for m in $MODULES; do
+        local f
+        f=$(find "$WORK/root/lib/modules/$kver" -name "$m.ko" | head -1)
+        [[ -n $f ]] || { log "module $m missing from the kernel package"; exit 1; }
+        cp "$f" "$stage/lib/modules/$m.ko"
+    done
+    echo "$MODULES" > "$stage/lib/modules/load.list"
+    local mke2fs e2fsck
+    mke2fs=$(command -v mke2fs || echo /sbin/mke2fs)
+    e2fsck=$(command -v e2fsck || echo /sbin/e2fsck)
+    [[ -x $mke2fs && -x $e2fsck ]] || { log "e2fsprogs (mke2fs, e2fsck) not found on the host"; exit 1; }
+    copy_with_libs "$mke2fs" "$stage"
+    copy_with_libs "$e2fsck" "$stage"
+    ln -s mke2fs "$stage/usr/bin/mkfs.ext4"
+    ln -s e2fsck "$stage/usr/bin/fsck.ext4"
+    [[ -e /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$stage/etc/"
+    install -m 0755 "$VHERE/init.sh" "$stage/init"
+    install -m 0755 "$VHERE/guest.sh" "$stage/guest.sh"
+    python3 "$HERE/mkinitramfs.py" "$stage" "$RUN/initrd.gz"
+}
+
+vhost_main() {
+    mkdir -p "$WORK" "$RUN"
+    local kpkg kver kernel target="$TARGET/$PROFILE"
+    [[ $PROFILE == dev ]] && target="$TARGET/debug"
+    exec 9> "$WORK/.lock"
+    flock 9
+    kpkg=$(fetch)
+    unpack
+    kver=${kpkg#linux-image-}
+    kernel=$(vmlinux)
+    flock -u 9
+    if [[ ${VM_SKIP_BUILD:-0} != 1 ]]; then
+        log "building sluice ($PROFILE)"
+        (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p sluice --bin sluice)
+    fi
+    guest_initramfs "$kver"
+    local py="$ROOT/.venv/bin/python"
+    [[ -x $py ]] || py=python3
+    rm -rf "$RUN/rd"
+    "$target/sluice" serve --runtime-dir "$RUN/rd" --no-pin -m 0x1 2> "$RUN/sluice.log" &
+    local spid=$!
+    for _ in $(seq 200); do [[ -S $RUN/rd/sluice-qmp.sock ]] && break; sleep 0.05; done
+    local R="$WORK/root" rc=0
+    LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu timeout "$TIMEOUT" "$py" "$VHERE/host.py" \
+        --qmp "$RUN/rd/sluice-qmp.sock" --run "$RUN" --mode "$MODE" --mem "$MEM" --timeout "$TIMEOUT" -- \
+        "$R/usr/bin/qemu-system-x86_64" -L "$R/usr/share/qemu" -L "$R/usr/share/seabios" -nodefaults \
+        -display none -serial stdio -no-reboot -m "$MEM" -smp "$SMP" -machine q35,accel=tcg -cpu max \
+        -initrd "$RUN/initrd.gz" -kernel "$kernel" \
+        -append 'console=ttyS0 quiet panic=-1' || rc=$?
+    kill "$spid" 2>/dev/null || true
+    wait "$spid" 2>/dev/null || true
+    grep -a -E "^(guest|init):" "$RUN/console.log" | tr -d '\r' >&2 || true
+    if grep -q panicked "$RUN/sluice.log"; then
+        grep -B2 -A10 panicked "$RUN/sluice.log" >&2
+        echo "SLUICE-VM-HOST: FAIL sluice panicked"
+        exit 1
+    fi
+    exit "$rc"
+}
+
+vhost_main
