@@ -95,7 +95,7 @@ impl BlkBackend {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn ring<'a>(st: &'a mut State, index: u32) -> Result<&'a mut Vring> {
+    fn ring(st: &mut State, index: u32) -> Result<&mut Vring> {
         st.vrings
             .get_mut(index as usize)
             .ok_or_else(|| bad("queue index out of range"))

@@ -7,9 +7,17 @@
 //! refused before anything is mapped: touching a page past a file's end would
 //! raise SIGBUS in the service. Every address a request uses is checked against
 //! the regions ([`GuestMem::host_segments`]); one outside them fails the request.
+//!
+//! This is the crate's one `unsafe` block: [`GuestMem::request`] builds a bdev
+//! request over the guest's pages ([`BdevIo::over_foreign`]) from segments
+//! only this module can make, checked inside this mapping and not
+//! overlapping, with the mapping's `Arc` as the request's keeper.
 
+use bdev::{BdevIo, IoDone, IoType};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -106,8 +114,15 @@ impl GuestMem {
 
     /// Appends the host addresses of guest range `[gpa, gpa+len)` to `out`,
     /// split where it crosses regions; `false` (with `out` partly filled) if
-    /// any byte of it lies outside every region.
-    pub fn host_segments(&self, gpa: u64, len: u64, out: &mut Vec<(*mut u8, usize)>) -> bool {
+    /// any byte of it lies outside every region, or `out` holds segments of
+    /// another mapping.
+    pub fn host_segments(&self, gpa: u64, len: u64, out: &mut GuestSegs) -> bool {
+        let me = self as *const GuestMem as usize;
+        if !out.segs.is_empty() && out.owner != me {
+            return false;
+        }
+        out.owner = me;
+        let out = &mut out.segs;
         let (mut at, mut left) = (gpa, len);
         while left > 0 {
             let Some(r) = self.mem.find_region(GuestAddress(at)) else {
@@ -123,5 +138,62 @@ impl GuestMem {
             left -= take;
         }
         true
+    }
+}
+
+/// Host segments of guest ranges, made only by [`GuestMem::host_segments`]
+/// (so each lies inside the mapping that made it).
+#[derive(Default)]
+pub struct GuestSegs {
+    segs: Vec<(*mut u8, usize)>,
+    owner: usize,
+}
+
+impl GuestSegs {
+    /// Empties it for the next request.
+    pub fn clear(&mut self) {
+        self.segs.clear();
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.segs.iter().map(|s| s.1 as u64).sum()
+    }
+
+    /// Whether it holds no segment.
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    fn overlap(&self) -> bool {
+        let mut v: Vec<(usize, usize)> = self.segs.iter().map(|&(p, l)| (p as usize, l)).collect();
+        v.sort_unstable();
+        v.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0)
+    }
+}
+
+impl GuestMem {
+    /// A read or write of `segs` at byte `offset`, straight over the guest's
+    /// pages; `None` when the segments are not this mapping's or overlap (a
+    /// guest's crafted descriptors), which fails the request.
+    pub fn request(
+        self: &Arc<Self>,
+        io_type: IoType,
+        offset: u64,
+        segs: &GuestSegs,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Option<Box<BdevIo>> {
+        if segs.is_empty() || segs.owner != Arc::as_ptr(self) as usize || segs.overlap() {
+            return None;
+        }
+        // SAFETY: every segment was made by `host_segments` of this mapping, so
+        // lies inside one of its regions, which stay mapped while the request
+        // holds its keeper (an `Arc` of this mapping); no two segments overlap
+        // (checked above); nothing else in this process uses guest pages while
+        // the request is in flight (the guest owns them until it sees the
+        // completion, as with a DMA device).
+        Some(unsafe {
+            BdevIo::over_foreign(io_type, offset, &segs.segs, Box::new(self.clone()), done)
+        })
     }
 }

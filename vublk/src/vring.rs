@@ -22,7 +22,7 @@
 //! [`QueueCtl::done`]. The guest memory stays mapped while any request holds it.
 
 use crate::blk::{self, req, status};
-use crate::memory::GuestMem;
+use crate::memory::{GuestMem, GuestSegs};
 use bdev::{Bdev, BdevIo, IoChannel, IoDone, IoStatus, IoType};
 use reactor::{PollStatus, PollerHandle};
 use slab::Slab;
@@ -117,7 +117,7 @@ struct Worker {
     me: Weak<Cell>,
     index: u16,
     descs: Vec<(u64, u32, bool)>,
-    segs: Vec<(*mut u8, usize)>,
+    segs: GuestSegs,
 }
 
 /// Starts serving `s` on the current reactor.
@@ -140,7 +140,7 @@ pub fn start(s: QueueSetup) -> Result<(), String> {
         me: Weak::new(),
         index: s.index,
         descs: Vec::new(),
-        segs: Vec::new(),
+        segs: GuestSegs::default(),
     })));
     w.0.borrow_mut().me = Rc::downgrade(&w);
     let wp = w.clone();
@@ -307,18 +307,19 @@ impl Worker {
             written,
         });
         let done = self.me.upgrade().map(|w| w as Rc<dyn IoDone>);
-        // SAFETY: every segment was checked to lie inside one mapped region of
-        // `self.mem` (`map_range`), segments of one chain do not overlap unless
-        // the guest made them so (its own memory, as with DMA), and the request
-        // keeps an `Arc` of the mapping for as long as it lives.
-        let mut io = unsafe {
-            BdevIo::over_foreign(
-                io_type,
-                sector * blk::SECTOR,
-                &self.segs,
-                Box::new(self.mem.clone()),
-                done,
-            )
+        let mut io = match io_type {
+            IoType::Flush => BdevIo::new(IoType::Flush, 0, 0, None, done),
+            _ => match self
+                .mem
+                .request(io_type, sector * blk::SECTOR, &self.segs, done)
+            {
+                Some(io) => io,
+                None => {
+                    self.reqs.remove(key);
+                    self.finish_now(head, status_at, 1, status::IOERR);
+                    return true;
+                }
+            },
         };
         io.tag = key as u64;
         io.fua = io_type == IoType::Write && !self.dev.writeback.load(Ordering::Relaxed);
