@@ -265,6 +265,19 @@ def hostile_cases(sock, mem_size=4 * MiB):
         c.close()
         return "hung up with 32 reads in flight"
 
+    def overlapping(c):
+        r = c.start()[0]
+        hdr = c.mem.alloc(16, 16)
+        c.mem.write(hdr, struct.pack("<IIQ", vc.T_IN, 0, 0))
+        buf = c.mem.alloc(4096)
+        s = c.mem.alloc(1, 1)
+        (h,) = c.submit_chain(r, [(hdr, 16, 0), (buf, 4096, vc.D_WRITE), (buf + 2048, 4096, vc.D_WRITE),
+                                  (s, 1, vc.D_WRITE)])
+        c.wait(r, [h])
+        expect(c.mem.read(s, 1)[0] == vc.S_IOERR, "overlapping data descriptors")
+        c.read(r, 0, 512)
+        return "IOERR, connection kept"
+
     def oversized_write(c):
         r = c.start()[0]
         st, _ = c.io(r, vc.T_OUT, (mem_size // 512) - 1, data=b"y" * 4096)
@@ -278,7 +291,8 @@ def hostile_cases(sock, mem_size=4 * MiB):
             ("queue index out of range", queue_index), ("memfd shorter than its region", short_memfd),
             ("ring outside memory", ring_outside), ("descriptor loop", desc_loop),
             ("head index out of range", bad_index_desc), ("unknown message", garbage_message),
-            ("hang-up mid-request", hangup_mid_request), ("request out of range", oversized_write)]
+            ("hang-up mid-request", hangup_mid_request), ("request out of range", oversized_write),
+            ("overlapping data descriptors", overlapping)]
 
 
 def dropped(c, timeout=10):
