@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of the guest whose data disk sluice serves: mount the basics, load the
-# virtio and ext4 modules, run the workload (guest.sh), print its result line
+# virtio and ext4 modules, run the workload (guest.sh; bench.sh when the
+# kernel command line says sluice_bench), print its result line
 # and power off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin:/usr/sbin:/sbin
@@ -13,7 +14,9 @@ for m in $(cat /lib/modules/load.list); do
     insmod /lib/modules/$m.ko 2>/tmp/insmod.err || echo "init: insmod $m: $(cat /tmp/insmod.err)"
 done
 echo "init: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPU(s)"
-if sh /guest.sh > /dev/console 2>&1; then rc=0; else rc=$?; fi
+script=/guest.sh
+grep -q sluice_bench /proc/cmdline && script=/bench.sh
+if sh $script > /dev/console 2>&1; then rc=0; else rc=$?; fi
 if [ -s /tmp/result ]; then
     echo "SLUICE-VM-RESULT: $(cat /tmp/result)"
 else

@@ -21,9 +21,12 @@
 # Environment as scripts/vm/run.sh (VM_TIMEOUT, SLUICE_PROFILE, VM_SMP, VM_MEM
 # (default 512M), VM_SKIP_BUILD, VM_RUN).
 set -euo pipefail
-VHERE=$(cd "$(dirname "$0")" && pwd)
+VHERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MODE=${1:-vhost}
-[[ $MODE == vhost || $MODE == nbd ]] || { echo "usage: $0 vhost|nbd" >&2; exit 2; }
+if [[ ${BASH_SOURCE[0]} == "$0" ]] && [[ $MODE != vhost && $MODE != nbd ]]; then
+    echo "usage: $0 vhost|nbd" >&2
+    exit 2
+fi
 export VM_CACHE=${VM_CACHE:-$VHERE/../cache} VM_WORK=${VM_WORK:-$VHERE/../work}
 set --
 # shellcheck source=../run.sh
@@ -58,6 +61,9 @@ guest_initramfs() {
     [[ -e /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$stage/etc/"
     install -m 0755 "$VHERE/init.sh" "$stage/init"
     install -m 0755 "$VHERE/guest.sh" "$stage/guest.sh"
+    install -m 0755 "$VHERE/bench.sh" "$stage/bench.sh"
+    # The benchmark's reader (scripts/bench/vhost.sh compiles it), when there.
+    [[ -x $RUN/randread ]] && install -D -m 0755 "$RUN/randread" "$stage/usr/bin/randread"
     python3 "$HERE/mkinitramfs.py" "$stage" "$RUN/initrd.gz"
 }
 
@@ -101,4 +107,5 @@ vhost_main() {
     exit "$rc"
 }
 
-vhost_main
+# scripts/bench/vhost.sh sources this file for guest_initramfs.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then vhost_main; fi

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# vhost-user-blk: the service's cost per request, sluice vs qemu-storage-daemon
+# 10, side by side. A QEMU 7.2 guest (TCG; scripts/vm/vhost/) runs 4 KiB random
+# reads at QD 32 (scripts/bench/vhost_randread.c: native AIO, O_DIRECT, every
+# block checked to hold its own number) on a data disk served over
+# vhost-user-blk by each service in turn, from the same raw file (page cache
+# dropped before each run). Around the measured window the host samples:
+#   sluice: reactor busy time (framework_get_reactors) and the process's CPU
+#           time outside the reactor threads (io-wq workers doing buffered file
+#           reads), per request;
+#   QSD:    its process CPU time per request (defaults; and "best":
+#           aio=io_uring, the export in an iothread).
+# Requests are the guest's completed reads. Order alternates between rounds.
+# TCG makes the guest's IOPS meaningless as a speed: only the per-request
+# costs are compared. Goal: sluice's reactor busy time per request at most
+# half of QSD's CPU time per request.
+#
+#   scripts/bench/vhost.sh            # ROUNDS=2 SECS=15 WARMUP=3 SIZE_MB=256
+# SLUICE: the binary (default: cargo build --release). Results: a table on
+# stdout, JSON lines in $OUT (default bench-vhost.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BENCH_ROOT=$PWD
+export VM_RUN=${VM_RUN:-$PWD/scripts/vm/work/run-bench}
+set --
+# shellcheck source=../vm/vhost/run.sh
+source scripts/vm/vhost/run.sh
+mkdir -p "$WORK" "$RUN"
+if [[ -z ${SLUICE:-} ]]; then
+    (cd "$BENCH_ROOT" && cargo build -q --release -p sluice --bin sluice)
+    SLUICE=$BENCH_ROOT/target/release/sluice
+fi
+exec 9> "$WORK/.lock"
+flock 9
+kpkg=$(fetch)
+unpack
+kernel=$(vmlinux)
+flock -u 9
+gcc -O2 -static -Wall -o "$RUN/randread" "$BENCH_ROOT/scripts/bench/vhost_randread.c"
+guest_initramfs "${kpkg#linux-image-}"
+R="$WORK/root"
+export SLUICE RUN KERNEL=$kernel QEMU_ROOT=$R MEM SMP
+export ROUNDS=${ROUNDS:-2} SECS=${SECS:-15} WARMUP=${WARMUP:-3} SIZE_MB=${SIZE_MB:-256}
+export OUT=${OUT:-$BENCH_ROOT/bench-vhost.jsonl} DATA_DIR=${DATA_DIR:-/var/tmp/sluice-bench-vhost}
+PY=$BENCH_ROOT/.venv/bin/python
+exec "$PY" - <<'PYEOF'
+import json, os, re, shutil, struct, subprocess, sys, time
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+E = os.environ
+RUN, DATA = E["RUN"], E["DATA_DIR"]
+R = E["QEMU_ROOT"]
+SECS, WARMUP, ROUNDS = float(E["SECS"]), float(E["WARMUP"]), int(E["ROUNDS"])
+HZ = os.sysconf("SC_CLK_TCK")
+os.makedirs(DATA, exist_ok=True)
+data = os.path.join(DATA, "data.raw")
+size = int(E["SIZE_MB"]) << 20
+if not os.path.exists(data) or os.path.getsize(data) != size:
+    with open(data, "wb") as f:  # each 4 KiB block starts with its number
+        for b in range(size // 4096):
+            f.write(struct.pack("<Q", b) + bytes(4088))
+
+
+def drop_caches():
+    subprocess.run(["sync"])
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def cpu_of(pid, skip_prefix=None):
+    """utime+stime in seconds of pid's threads (less those named skip_prefix*)."""
+    t = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            st = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except FileNotFoundError:
+            continue
+        name = st[st.index("(") + 1:st.rindex(")")]
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
+        f = st[st.rindex(")") + 2:].split()
+        t += int(f[11]) + int(f[12])
+    return t / HZ
+
+
+def qmp(path):
+    for _ in range(200):
+        if os.path.exists(path):
+            try:
+                q = QEMUMonitorProtocol(path)
+                q.connect(negotiate=True)
+                return q
+            except Exception:
+                pass
+        time.sleep(0.05)
+    raise SystemExit(f"no QMP at {path}")
+
+
+def cmd(q, name, args):
+    r = q.cmd_raw(name, args)
+    if "return" not in r:
+        raise SystemExit(f"{name} {args}: {r}")
+    return r["return"]
+
+
+def rpc(sock, method):
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method}).encode())
+    buf = b""
+    while True:
+        buf += s.recv(65536)
+        try:
+            return json.loads(buf)["result"]
+        except ValueError:
+            continue
+
+
+def start(kind, d):
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    sock = os.path.join(d, "vhost.sock")
+    if kind == "sluice":
+        p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", d, "--no-pin", "-m", "0x1"],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
+        q = qmp(os.path.join(d, "sluice-qmp.sock"))
+        cmd(q, "blockdev-add", {"driver": "file", "filename": data, "node-name": "f", "read-only": True})
+        cmd(q, "block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "f",
+                                    "addr": {"type": "unix", "path": sock}})
+    else:
+        best = kind == "qsd-best"
+        mon = os.path.join(d, "qmp.sock")
+        a = ["qemu-storage-daemon", "--chardev", f"socket,path={mon},server=on,wait=off,id=m",
+             "--monitor", "chardev=m",
+             "--blockdev", f"driver=file,node-name=f,filename={data},read-only=on"
+             + (",aio=io_uring" if best else "")]
+        exp = f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock}"
+        if best:
+            a += ["--object", "iothread,id=io0"]
+            exp += ",iothread=io0"
+        a += ["--export", exp]
+        p = subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
+        q = qmp(mon)
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.05)
+    return p, q, sock
+
+
+def sample(kind, p, d):
+    if kind == "sluice":
+        r = rpc(os.path.join(d, "sluice.sock"), "framework_get_reactors")
+        busy = sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
+        return {"busy": busy, "other_cpu": cpu_of(p.pid, "reactor_"), "cpu": cpu_of(p.pid)}
+    return {"cpu": cpu_of(p.pid)}
+
+
+def run(kind, rnd):
+    d = os.path.join(RUN, f"svc-{kind}")
+    drop_caches()
+    p, q, sock = start(kind, d)
+    console = os.path.join(d, "console.log")
+    qemu = [f"{R}/usr/bin/qemu-system-x86_64", "-L", f"{R}/usr/share/qemu", "-L", f"{R}/usr/share/seabios",
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot", "-m", E["MEM"], "-smp", E["SMP"],
+            "-machine", "q35,accel=tcg", "-cpu", "max", "-initrd", f"{RUN}/initrd.gz", "-kernel", E["KERNEL"],
+            "-append", f"console=ttyS0 quiet panic=-1 sluice_bench=32,{WARMUP},{SECS},4096",
+            "-object", f"memory-backend-memfd,id=mem,size={E['MEM']},share=on", "-numa", "node,memdev=mem",
+            "-chardev", f"socket,id=vu,path={sock}", "-device", "vhost-user-blk-pci,chardev=vu,num-queues=1"]
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{R}/usr/lib/x86_64-linux-gnu")
+    vm = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=open(console, "wb"), stderr=subprocess.STDOUT, env=env)
+    s0 = s1 = None
+    t_end = time.time() + 600
+    while time.time() < t_end:
+        txt = open(console, "rb").read().decode("utf-8", "replace")
+        if s0 is None and "READER-START" in txt:
+            s0 = sample(kind, p, d)
+        m = re.search(r"READER-END ops=(\d+) secs=([\d.]+)", txt)
+        if m and s0 is not None:
+            s1 = sample(kind, p, d)
+            break
+        if "SLUICE-VM-RESULT" in txt or vm.poll() is not None:
+            break
+        time.sleep(0.05)
+    vm.wait(120)
+    txt = open(console, "rb").read().decode("utf-8", "replace")
+    p.terminate()
+    p.wait(30)
+    if "panicked" in open(os.path.join(d, "log")).read():
+        raise SystemExit(f"{kind} panicked")
+    if not m or s1 is None or "SLUICE-VM-RESULT: PASS" not in txt:
+        raise SystemExit(f"{kind}: the guest's reads failed or did not finish:\n{txt[-3000:]}")
+    ops, secs = int(m.group(1)), float(m.group(2))
+    res = {"server": kind, "round": rnd, "ops": ops, "secs": secs, "guest_iops_tcg": round(ops / secs)}
+    for k in s0:
+        res[k + "_us_per_req"] = round((s1[k] - s0[k]) / ops * 1e6, 2)
+    print(json.dumps(res), flush=True)
+    with open(E["OUT"], "a") as f:
+        f.write(json.dumps(res) + "\n")
+    return res
+
+
+kinds = ["sluice", "qsd", "qsd-best"]
+load = os.getloadavg()
+results = []
+for rnd in range(ROUNDS):
+    order = kinds if rnd % 2 == 0 else kinds[::-1]
+    for k in order:
+        results.append(run(k, rnd))
+print(f"\nload average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores; noisy above ~2)")
+print(f"{'server':10} {'round':>5} {'guest IOPS (TCG)':>17} {'reactor busy us/req':>20} "
+      f"{'other CPU us/req':>17} {'process CPU us/req':>19}")
+for r in results:
+    print(f"{r['server']:10} {r['round']:>5} {r['guest_iops_tcg']:>17} {r.get('busy_us_per_req', ''):>20} "
+          f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19}")
+def med(k, f):
+    v = sorted(r[f] for r in results if r["server"] == k)
+    return v[len(v) // 2]
+busy = med("sluice", "busy_us_per_req")
+work = busy + med("sluice", "other_cpu_us_per_req")
+for k in ("qsd", "qsd-best"):
+    c = med(k, "cpu_us_per_req")
+    print(f"sluice reactor busy / {k} CPU per request: {busy / c:.2f} (goal <= 0.5); "
+          f"sluice busy + non-reactor CPU / {k} CPU: {work / c:.2f}")
+PYEOF
