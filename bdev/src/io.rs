@@ -145,7 +145,7 @@ enum Memory {
     Many(Vec<DmaBuf>),
     /// Memory mapped elsewhere (a vhost-user guest's pages), kept mapped by
     /// the keeper for as long as the request holds it: [`BdevIo::over_foreign`].
-    Kept(#[allow(dead_code)] Box<dyn std::any::Any>),
+    Kept(#[allow(dead_code)] std::sync::Arc<dyn std::any::Any + Send + Sync>),
 }
 
 /// Who is told when a request completes. Called on the submitting reactor,
@@ -296,7 +296,7 @@ impl BdevIo {
 
     /// A request over memory it does not allocate, such as a vhost-user
     /// guest's pages: `segs` are (address, length) pairs inside a mapping that
-    /// `keeper` keeps alive (an `Arc` of it); the request holds the keeper until
+    /// `keeper` keeps alive (an `Arc` of it: no allocation per request); the request holds the keeper until
     /// it is dropped or its buffers are taken, so the mapping outlives every use
     /// the bdev makes of the segments. No copy is made; `len` is the segments'
     /// total. Bdevs that need other alignment bounce as they do for any buffer.
@@ -312,7 +312,7 @@ impl BdevIo {
         io_type: IoType,
         offset: u64,
         segs: &[(*mut u8, usize)],
-        keeper: Box<dyn std::any::Any>,
+        keeper: std::sync::Arc<dyn std::any::Any + Send + Sync>,
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
         let mut io = Self::new(io_type, offset, 0, None, done);

@@ -193,7 +193,7 @@ impl GuestMem {
         // the request is in flight (the guest owns them until it sees the
         // completion, as with a DMA device).
         Some(unsafe {
-            BdevIo::over_foreign(io_type, offset, &segs.segs, Box::new(self.clone()), done)
+            BdevIo::over_foreign(io_type, offset, &segs.segs, self.clone(), done)
         })
     }
 }
