@@ -192,8 +192,73 @@ impl GuestMem {
         // (checked above); nothing else in this process uses guest pages while
         // the request is in flight (the guest owns them until it sees the
         // completion, as with a DMA device).
-        Some(unsafe {
-            BdevIo::over_foreign(io_type, offset, &segs.segs, self.clone(), done)
-        })
+        Some(unsafe { BdevIo::over_foreign(io_type, offset, &segs.segs, self.clone(), done) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(len: u64) -> File {
+        let p = std::env::temp_dir().join(format!("vublk-mem-{}-{len}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(len).unwrap();
+        let _ = std::fs::remove_file(&p);
+        f
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_region_is_refused() {
+        let r = [VhostUserMemoryRegion::new(0, 1 << 20, 0x7000_0000, 0)];
+        let e = GuestMem::map(&r, vec![file(4096)]).unwrap_err();
+        assert!(e.contains("does not hold"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let r = [
+            VhostUserMemoryRegion::new(0, 8192, 0x7000_0000, 0),
+            VhostUserMemoryRegion::new(4096, 8192, 0x8000_0000, 0),
+        ];
+        let e = GuestMem::map(&r, vec![file(8192), file(8192)]).unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn addresses_translate_within_regions_only() {
+        let r = [
+            VhostUserMemoryRegion::new(0, 8192, 0x7000_0000, 0),
+            VhostUserMemoryRegion::new(8192, 8192, 0x9000_0000, 0),
+        ];
+        let m = Arc::new(GuestMem::map(&r, vec![file(8192), file(8192)]).unwrap());
+        assert_eq!(m.uva_to_gpa(0x9000_0010, 16), Some(8192 + 16));
+        assert_eq!(
+            m.uva_to_gpa(0x7000_1ff8, 16),
+            None,
+            "crosses the region's end"
+        );
+        let mut s = GuestSegs::default();
+        assert!(m.host_segments(4096, 8192, &mut s), "spans both regions");
+        assert_eq!(s.segs.len(), 2);
+        assert_eq!(s.len(), 8192);
+        assert!(m.request(IoType::Read, 0, &s, None).is_some());
+        let mut bad = GuestSegs::default();
+        assert!(
+            !m.host_segments(12288, 8192, &mut bad),
+            "runs past the memory"
+        );
+        let mut dup = GuestSegs::default();
+        assert!(m.host_segments(0, 4096, &mut dup) && m.host_segments(2048, 4096, &mut dup));
+        assert!(
+            m.request(IoType::Read, 0, &dup, None).is_none(),
+            "overlapping segments"
+        );
     }
 }
