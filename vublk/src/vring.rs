@@ -168,7 +168,7 @@ impl Worker {
         // iteration, so the eventfd is drained only now and then, not with a
         // syscall per iteration.
         self.polls = self.polls.wrapping_add(1);
-        if self.polls % 256 == 0 {
+        if self.polls.is_multiple_of(256) {
             let mut b = [0u8; 8];
             let _ = (&self.kick).read(&mut b);
         }
