@@ -73,7 +73,7 @@ def cpu_of(pid, skip_prefix=None):
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             st = open(f"/proc/{pid}/task/{tid}/stat").read()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
             continue
         name = st[st.index("(") + 1:st.rindex(")")]
         if skip_prefix and name.startswith(skip_prefix):
