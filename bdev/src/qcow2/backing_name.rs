@@ -51,7 +51,8 @@ type Protocols = Vec<(
 static PROTOCOLS: std::sync::Mutex<Protocols> = std::sync::Mutex::new(Vec::new());
 
 /// Registers `driver` (idempotent): backing names with one of `schemes`
-/// (`"nbd"` for `nbd://`) or `json:` names with that driver and `options`
+/// (`"nbd"` for `nbd://`; one ending in `:`, `"rbd:"`, for names that are
+/// `rbd:...` without `//`) or `json:` names with that driver and `options`
 /// open through `open`.
 pub fn register_protocol(
     driver: &'static str,
@@ -161,6 +162,30 @@ fn parse(name: &str, fmt: Option<&str>, image: Option<&Path>) -> Result<BackingN
         return Ok(BackingNode::Null {
             size: NULL_DEFAULT_SIZE,
             read_zeroes: false,
+        });
+    }
+    // A protocol whose names are `proto:...` without `//` (QEMU's
+    // `rbd:pool/image`) is registered with the scheme `"proto:"`.
+    let prefixed = name
+        .split_once(':')
+        .and_then(|(p, _)| protocol_by_scheme(&format!("{p}:")));
+    let scheme = name.split_once("://").map(|(p, _)| p);
+    if let Some(driver) = prefixed.or_else(|| scheme.and_then(protocol_by_scheme)) {
+        let format = match fmt {
+            None => PathFormat::Probe,
+            Some("raw") => PathFormat::Raw,
+            Some(f) if f == driver => PathFormat::Raw,
+            Some("qcow2") => PathFormat::Qcow2,
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "backing format {other:?} over {driver}"
+                )))
+            }
+        };
+        return Ok(BackingNode::Protocol {
+            driver,
+            spec: Value::from(name),
+            format,
         });
     }
     if let Some((proto, _)) = name.split_once("://") {

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod mirror;
 pub mod nbd;
 pub mod nbd_client;
+pub mod rbd;
 pub mod nodes;
 pub mod notify;
 pub mod nvme;
@@ -42,6 +43,7 @@ pub fn build_table() -> MethodTable {
     nvme::register(&mut t);
     nbd::register(&mut t);
     nbd_client::register(&mut t);
+    rbd::register(&mut t);
     perf::register(&mut t);
     record::register(&mut t);
     t
