@@ -135,7 +135,14 @@ fn random_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 impl Bdev for RbdBdev {
@@ -374,7 +381,8 @@ impl Channel for RbdChannel {
         }));
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: p is a live allocation the callback takes back; c an out-pointer.
-        let mut r = unsafe { ffi::rbd_aio_create_completion(p as *mut libc::c_void, on_complete, &mut c) };
+        let mut r =
+            unsafe { ffi::rbd_aio_create_completion(p as *mut libc::c_void, on_complete, &mut c) };
         if r >= 0 {
             // SAFETY: h is open (the route holds the image); the iovecs point
             // into the request's own memory, which stays put until it

@@ -53,7 +53,10 @@ impl Cluster {
         let mut h: ffi::rados_t = std::ptr::null_mut();
         // SAFETY: h is a valid out-pointer; user is NUL-terminated or null.
         let r = unsafe {
-            ffi::rados_create(&mut h, user.as_ref().map_or(std::ptr::null(), |u| u.as_ptr()))
+            ffi::rados_create(
+                &mut h,
+                user.as_ref().map_or(std::ptr::null(), |u| u.as_ptr()),
+            )
         };
         if r < 0 {
             return Err(RbdError::ceph("error initializing", r));
@@ -170,7 +173,9 @@ impl Clusters {
     /// Unregisters `name`; refused while bdevs use it.
     pub fn unregister(&self, name: &str) -> Result<(), RbdError> {
         let mut m = self.lock();
-        let c = m.get(name).ok_or_else(|| RbdError::NoCluster(name.into()))?;
+        let c = m
+            .get(name)
+            .ok_or_else(|| RbdError::NoCluster(name.into()))?;
         let users = Arc::strong_count(c) - 1;
         if users > 0 {
             return Err(RbdError::ClusterBusy {

@@ -154,7 +154,9 @@ impl RbdConfig {
             match m.get(k) {
                 None => Ok(None),
                 Some(Value::String(v)) => Ok(Some(v.clone())),
-                Some(_) => Err(format!("Invalid parameter type for '{k}', expected: string")),
+                Some(_) => Err(format!(
+                    "Invalid parameter type for '{k}', expected: string"
+                )),
             }
         };
         let pool = s("pool")?.ok_or("Parameter 'pool' is missing")?;
@@ -174,9 +176,10 @@ impl RbdConfig {
             };
             let mut hosts = Vec::new();
             for (i, h) in list.iter().enumerate() {
-                let host = h.get("host").and_then(Value::as_str).ok_or(format!(
-                    "Parameter 'server[{i}].host' is missing"
-                ))?;
+                let host = h
+                    .get("host")
+                    .and_then(Value::as_str)
+                    .ok_or(format!("Parameter 'server[{i}].host' is missing"))?;
                 let port = match h.get("port") {
                     None => "6789".to_string(),
                     Some(Value::String(p)) => p.clone(),
@@ -214,7 +217,10 @@ impl RbdConfig {
             cfg.options
                 .push(("auth_client_required".into(), modes.join(";")));
         }
-        for (k, v) in [("pool", &Some(cfg.pool.clone())), ("image", &Some(cfg.image.clone()))] {
+        for (k, v) in [
+            ("pool", &Some(cfg.pool.clone())),
+            ("image", &Some(cfg.image.clone())),
+        ] {
             if v.as_deref() == Some("") {
                 return Err(format!("Parameter '{k}' must not be empty"));
             }
@@ -249,7 +255,15 @@ mod tests {
         let c = RbdConfig::parse_filename("rbd:p/a\\@b:conf=/c").unwrap();
         assert_eq!(c.image, "a@b");
         assert_eq!(c.snapshot, None);
-        for bad in ["rbd:", "rbd:pool", "rbd:/im", "rbd:p/", "rbd:p/i@", "rbd:p/i:noval", "rbd:p/i\\"] {
+        for bad in [
+            "rbd:",
+            "rbd:pool",
+            "rbd:/im",
+            "rbd:p/",
+            "rbd:p/i@",
+            "rbd:p/i:noval",
+            "rbd:p/i\\",
+        ] {
             assert!(RbdConfig::parse_filename(bad).is_err(), "{bad}");
         }
     }
@@ -261,12 +275,17 @@ mod tests {
         let m = serde_json::json!({"pool": "rbd", "image": "i",
             "server": [{"host": "127.0.0.1", "port": "3300"}, {"host": "::1", "port": "1"}]});
         let c = RbdConfig::from_options(m.as_object().unwrap()).unwrap();
-        assert_eq!(c.options, vec![("mon_host".into(), "127.0.0.1:3300,[::1]:1".into())]);
+        assert_eq!(
+            c.options,
+            vec![("mon_host".into(), "127.0.0.1:3300,[::1]:1".into())]
+        );
         let e = RbdConfig::from_options(serde_json::json!({"pool": "rbd"}).as_object().unwrap())
             .unwrap_err();
         assert_eq!(e, "Parameter 'image' is missing");
         let e = RbdConfig::from_options(
-            serde_json::json!({"pool": 1, "image": "i"}).as_object().unwrap(),
+            serde_json::json!({"pool": 1, "image": "i"})
+                .as_object()
+                .unwrap(),
         )
         .unwrap_err();
         assert!(e.contains("'pool'"), "{e}");

@@ -27,8 +27,7 @@ pub const EVENT_TYPE_EVENTFD: c_int = 2;
 extern "C" {
     pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
     pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
-    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char)
-        -> c_int;
+    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
     pub fn rados_connect(cluster: rados_t) -> c_int;
     pub fn rados_shutdown(cluster: rados_t);
     pub fn rados_ioctx_create(
@@ -87,8 +86,7 @@ extern "C" {
         c: rbd_completion_t,
     ) -> c_int;
     pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
-    pub fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t)
-        -> c_int;
+    pub fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t) -> c_int;
     pub fn rbd_aio_write_zeroes(
         image: rbd_image_t,
         off: u64,
@@ -98,8 +96,7 @@ extern "C" {
         op_flags: c_int,
     ) -> c_int;
     pub fn rbd_set_image_notification(image: rbd_image_t, fd: c_int, kind: c_int) -> c_int;
-    pub fn rbd_poll_io_events(image: rbd_image_t, comps: *mut rbd_completion_t, n: c_int)
-        -> c_int;
+    pub fn rbd_poll_io_events(image: rbd_image_t, comps: *mut rbd_completion_t, n: c_int) -> c_int;
 }
 
 #[cfg(not(sluice_librbd))]
@@ -113,29 +110,113 @@ pub use absent::*;
 mod absent {
     use super::*;
     const NO: c_int = -libc::ENOSYS;
-    pub unsafe fn rados_create(_: *mut rados_t, _: *const c_char) -> c_int { NO }
-    pub unsafe fn rados_conf_read_file(_: rados_t, _: *const c_char) -> c_int { NO }
-    pub unsafe fn rados_conf_set(_: rados_t, _: *const c_char, _: *const c_char) -> c_int { NO }
-    pub unsafe fn rados_connect(_: rados_t) -> c_int { NO }
+    pub unsafe fn rados_create(_: *mut rados_t, _: *const c_char) -> c_int {
+        NO
+    }
+    pub unsafe fn rados_conf_read_file(_: rados_t, _: *const c_char) -> c_int {
+        NO
+    }
+    pub unsafe fn rados_conf_set(_: rados_t, _: *const c_char, _: *const c_char) -> c_int {
+        NO
+    }
+    pub unsafe fn rados_connect(_: rados_t) -> c_int {
+        NO
+    }
     pub unsafe fn rados_shutdown(_: rados_t) {}
-    pub unsafe fn rados_ioctx_create(_: rados_t, _: *const c_char, _: *mut rados_ioctx_t) -> c_int { NO }
+    pub unsafe fn rados_ioctx_create(_: rados_t, _: *const c_char, _: *mut rados_ioctx_t) -> c_int {
+        NO
+    }
     pub unsafe fn rados_ioctx_destroy(_: rados_ioctx_t) {}
     pub unsafe fn rados_ioctx_set_namespace(_: rados_ioctx_t, _: *const c_char) {}
-    pub unsafe fn rbd_open(_: rados_ioctx_t, _: *const c_char, _: *mut rbd_image_t, _: *const c_char) -> c_int { NO }
-    pub unsafe fn rbd_open_read_only(_: rados_ioctx_t, _: *const c_char, _: *mut rbd_image_t, _: *const c_char) -> c_int { NO }
-    pub unsafe fn rbd_close(_: rbd_image_t) -> c_int { NO }
-    pub unsafe fn rbd_get_size(_: rbd_image_t, _: *mut u64) -> c_int { NO }
-    pub unsafe fn rbd_resize(_: rbd_image_t, _: u64) -> c_int { NO }
-    pub unsafe fn rbd_diff_iterate2(_: rbd_image_t, _: *const c_char, _: u64, _: u64, _: u8, _: u8, _: diff_cb_t, _: *mut c_void) -> c_int { NO }
-    pub unsafe fn rbd_aio_create_completion(_: *mut c_void, _: rbd_callback_t, _: *mut rbd_completion_t) -> c_int { NO }
-    pub unsafe fn rbd_aio_get_return_value(_: rbd_completion_t) -> ssize_t { NO as ssize_t }
-    pub unsafe fn rbd_aio_get_arg(_: rbd_completion_t) -> *mut c_void { std::ptr::null_mut() }
+    pub unsafe fn rbd_open(
+        _: rados_ioctx_t,
+        _: *const c_char,
+        _: *mut rbd_image_t,
+        _: *const c_char,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_open_read_only(
+        _: rados_ioctx_t,
+        _: *const c_char,
+        _: *mut rbd_image_t,
+        _: *const c_char,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_close(_: rbd_image_t) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_get_size(_: rbd_image_t, _: *mut u64) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_resize(_: rbd_image_t, _: u64) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_diff_iterate2(
+        _: rbd_image_t,
+        _: *const c_char,
+        _: u64,
+        _: u64,
+        _: u8,
+        _: u8,
+        _: diff_cb_t,
+        _: *mut c_void,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_aio_create_completion(
+        _: *mut c_void,
+        _: rbd_callback_t,
+        _: *mut rbd_completion_t,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_aio_get_return_value(_: rbd_completion_t) -> ssize_t {
+        NO as ssize_t
+    }
+    pub unsafe fn rbd_aio_get_arg(_: rbd_completion_t) -> *mut c_void {
+        std::ptr::null_mut()
+    }
     pub unsafe fn rbd_aio_release(_: rbd_completion_t) {}
-    pub unsafe fn rbd_aio_readv(_: rbd_image_t, _: *const iovec, _: c_int, _: u64, _: rbd_completion_t) -> c_int { NO }
-    pub unsafe fn rbd_aio_writev(_: rbd_image_t, _: *const iovec, _: c_int, _: u64, _: rbd_completion_t) -> c_int { NO }
-    pub unsafe fn rbd_aio_flush(_: rbd_image_t, _: rbd_completion_t) -> c_int { NO }
-    pub unsafe fn rbd_aio_discard(_: rbd_image_t, _: u64, _: u64, _: rbd_completion_t) -> c_int { NO }
-    pub unsafe fn rbd_aio_write_zeroes(_: rbd_image_t, _: u64, _: size_t, _: rbd_completion_t, _: c_int, _: c_int) -> c_int { NO }
-    pub unsafe fn rbd_set_image_notification(_: rbd_image_t, _: c_int, _: c_int) -> c_int { NO }
-    pub unsafe fn rbd_poll_io_events(_: rbd_image_t, _: *mut rbd_completion_t, _: c_int) -> c_int { NO }
+    pub unsafe fn rbd_aio_readv(
+        _: rbd_image_t,
+        _: *const iovec,
+        _: c_int,
+        _: u64,
+        _: rbd_completion_t,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_aio_writev(
+        _: rbd_image_t,
+        _: *const iovec,
+        _: c_int,
+        _: u64,
+        _: rbd_completion_t,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_aio_flush(_: rbd_image_t, _: rbd_completion_t) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_aio_discard(_: rbd_image_t, _: u64, _: u64, _: rbd_completion_t) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_aio_write_zeroes(
+        _: rbd_image_t,
+        _: u64,
+        _: size_t,
+        _: rbd_completion_t,
+        _: c_int,
+        _: c_int,
+    ) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_set_image_notification(_: rbd_image_t, _: c_int, _: c_int) -> c_int {
+        NO
+    }
+    pub unsafe fn rbd_poll_io_events(_: rbd_image_t, _: *mut rbd_completion_t, _: c_int) -> c_int {
+        NO
+    }
 }

@@ -31,13 +31,20 @@ fn cstr(what: &str, s: &str) -> Result<CString, RbdError> {
 impl Image {
     /// Opens `cfg`'s image over `cluster` (blocks). A snapshot is opened
     /// read-only whatever `read_only` says.
-    pub fn open(cluster: Arc<Cluster>, cfg: &RbdConfig, read_only: bool) -> Result<Image, RbdError> {
+    pub fn open(
+        cluster: Arc<Cluster>,
+        cfg: &RbdConfig,
+        read_only: bool,
+    ) -> Result<Image, RbdError> {
         let pool = cstr("pool", &cfg.pool)?;
         let mut io: ffi::rados_ioctx_t = std::ptr::null_mut();
         // SAFETY: the cluster is connected; pool is NUL-terminated; io an out-pointer.
         let r = unsafe { ffi::rados_ioctx_create(cluster.handle(), pool.as_ptr(), &mut io) };
         if r < 0 {
-            return Err(RbdError::ceph(format!("error opening pool {}", cfg.pool), r));
+            return Err(RbdError::ceph(
+                format!("error opening pool {}", cfg.pool),
+                r,
+            ));
         }
         let destroy = |io| {
             // SAFETY: io was created above and nothing else holds it.
@@ -55,7 +62,11 @@ impl Image {
             unsafe { ffi::rados_ioctx_set_namespace(io, n.as_ptr()) };
         }
         let name = cstr("image", &cfg.image);
-        let snap = cfg.snapshot.as_deref().map(|s| cstr("snapshot", s)).transpose();
+        let snap = cfg
+            .snapshot
+            .as_deref()
+            .map(|s| cstr("snapshot", s))
+            .transpose();
         let (name, snap) = match (name, snap) {
             (Ok(n), Ok(s)) => (n, s),
             (Err(e), _) | (_, Err(e)) => {
@@ -115,7 +126,12 @@ impl Image {
             hi: u64,
             out: Vec<(u64, u64)>,
         }
-        extern "C" fn cb(o: u64, l: libc::size_t, exists: libc::c_int, arg: *mut libc::c_void) -> libc::c_int {
+        extern "C" fn cb(
+            o: u64,
+            l: libc::size_t,
+            exists: libc::c_int,
+            arg: *mut libc::c_void,
+        ) -> libc::c_int {
             // SAFETY: arg is the &mut Acc passed below, alive for the whole call.
             let acc = unsafe { &mut *(arg as *mut Acc) };
             if exists != 0 {

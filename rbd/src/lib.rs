@@ -32,19 +32,16 @@ pub fn available() -> bool {
 /// `rbd`): such a backing opens read-only through [`RbdBdev`] on a
 /// connection of its own.
 pub fn register_backing_protocol() {
-    ::bdev::qcow2::register_protocol(
-        "rbd",
-        &["rbd:"],
-        cluster::BLOCKDEV_OPTIONS,
-        open_backing,
-    );
+    ::bdev::qcow2::register_protocol("rbd", &["rbd:"], cluster::BLOCKDEV_OPTIONS, open_backing);
 }
 
 fn open_backing(
     name: String,
     spec: serde_json::Value,
-) -> futures::future::LocalBoxFuture<'static, Result<std::sync::Arc<dyn ::bdev::Bdev>, ::bdev::BdevError>>
-{
+) -> futures::future::LocalBoxFuture<
+    'static,
+    Result<std::sync::Arc<dyn ::bdev::Bdev>, ::bdev::BdevError>,
+> {
     Box::pin(async move {
         let config = match &spec {
             serde_json::Value::String(u) => RbdConfig::parse_filename(u),

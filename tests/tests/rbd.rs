@@ -23,7 +23,9 @@ fn missing() -> Option<String> {
             .map(|p| std::env::split_paths(&p).any(|d| Path::new(&d).join(t).exists()))
             .unwrap_or(false);
         if !found {
-            return Some(format!("{t} is not installed (ceph-mon, ceph-osd, ceph-common)"));
+            return Some(format!(
+                "{t} is not installed (ceph-mon, ceph-osd, ceph-common)"
+            ));
         }
     }
     None
