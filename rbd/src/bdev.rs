@@ -3,12 +3,23 @@
 //! Data path: a channel hands each request to librbd's asynchronous API
 //! (`rbd_aio_readv`, `rbd_aio_writev`, `rbd_aio_flush`, `rbd_aio_discard`,
 //! `rbd_aio_write_zeroes`), which never blocks; the request's memory, owned
-//! by the request, is handed to librbd as it is (no copy). librbd calls the
-//! completion on one of its own threads; the callback only reads the result
-//! and sends the request back to the submitting reactor as a message
-//! ([`reactor::RuntimeHandle::send_completion`], also during shutdown), where
-//! it completes: so a request always completes on its reactor and never
-//! inside `submit`. Errors at submission complete it on a later iteration.
+//! by the request, is handed to librbd as it is (no copy). Completions come
+//! back to the submitting reactor one of two ways ([`Completion`]):
+//!
+//! - `message` (the default): librbd calls the completion on one of its own
+//!   threads; the callback only reads the result and sends the request back
+//!   to the submitting reactor as a message
+//!   ([`reactor::RuntimeHandle::send_completion`], also during shutdown);
+//! - `eventfd`: librbd queues finished requests on the image and signals an
+//!   eventfd (`rbd_set_image_notification`) that wakes a parked reactor; a
+//!   poller on each reactor with a channel takes them
+//!   (`rbd_poll_io_events`), completing its own and sending the others'
+//!   back to their reactors.
+//!
+//! Either way a request completes on its reactor and never inside `submit`;
+//! errors at submission complete it on a later iteration. BENCHMARKS.md has
+//! the cost of each per request (`SLUICE_RBD_COMPLETION=message|eventfd`
+//! chooses, read when the image is opened).
 //!
 //! Durability: the connection runs with `rbd_cache=false` (see
 //! [`crate::cluster`]), so an acknowledged write is on the OSDs: FUA needs
@@ -28,6 +39,7 @@ use bdev::{
     complete_deferred, Bdev, BdevError, BdevIo, Channel, IoStatus, IoType, RangeStatus,
     RangeStatusFuture, ResizeFuture,
 };
+use reactor::PollStatus;
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
@@ -38,6 +50,25 @@ use std::sync::Arc;
 /// The most one allocation query asks librbd about (a stream asks again
 /// where the answer ends).
 const STATUS_WINDOW: u64 = 1 << 30;
+
+/// How completions come back to the reactors (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// librbd's callback sends a message to the submitting reactor.
+    Message,
+    /// librbd signals an eventfd; reactors poll `rbd_poll_io_events`.
+    Eventfd,
+}
+
+impl Completion {
+    /// `SLUICE_RBD_COMPLETION` (`message`, the default, or `eventfd`).
+    pub fn from_env() -> Completion {
+        match std::env::var("SLUICE_RBD_COMPLETION").as_deref() {
+            Ok("eventfd") => Completion::Eventfd,
+            _ => Completion::Message,
+        }
+    }
+}
 
 /// How an RBD bdev was made.
 #[derive(Debug, Clone)]
@@ -90,7 +121,10 @@ impl RbdBdev {
                 config: how.config.options.clone(),
             })?,
         };
-        let image = Image::open(cluster, &how.config, how.read_only)?;
+        let mut image = Image::open(cluster, &how.config, how.read_only)?;
+        if Completion::from_env() == Completion::Eventfd {
+            image.set_notification()?;
+        }
         let size = image.size()?;
         let uuid = match &how.uuid {
             Some(u) => u.clone(),
@@ -172,13 +206,25 @@ impl Bdev for RbdBdev {
             .ok_or_else(|| BdevError::Runtime("rbd channels live on reactors".into()))?;
         let idx = reactor::current_index()
             .ok_or_else(|| BdevError::Runtime("rbd channels live on reactors".into()))?;
-        Ok(Box::new(RbdChannel {
-            route: Arc::new(Route {
-                image: self.image.clone(),
-                rt,
-                idx,
-            }),
-        }))
+        let route = Arc::new(Route {
+            image: self.image.clone(),
+            rt,
+            idx,
+        });
+        let poller = match &self.image.efd {
+            None => None,
+            Some(efd) => {
+                use std::os::fd::AsRawFd;
+                let fd = efd.as_raw_fd();
+                reactor::register_fd(fd).map_err(|e| BdevError::os("rbd eventfd", e))?;
+                let image = self.image.clone();
+                Some((
+                    reactor::register_poller("rbd_completions", move || poll_events(&image, idx)),
+                    fd,
+                ))
+            }
+        };
+        Ok(Box::new(RbdChannel { route, poller }))
     }
     fn filename(&self) -> Option<String> {
         Some(self.how.config.filename())
@@ -318,6 +364,93 @@ struct Route {
 
 struct RbdChannel {
     route: Arc<Route>,
+    /// `eventfd` completions: this reactor's poller and the fd it wakes on.
+    poller: Option<(reactor::PollerHandle, libc::c_int)>,
+}
+
+impl Drop for RbdChannel {
+    fn drop(&mut self) {
+        if let Some((p, fd)) = self.poller.take() {
+            p.unregister();
+            if reactor::is_reactor_thread() {
+                let _ = reactor::unregister_fd(fd);
+            }
+        }
+    }
+}
+
+/// The `eventfd` path's poller: takes finished requests off the image and
+/// completes them (here) or sends them to their reactors.
+fn poll_events(image: &Image, here: usize) -> PollStatus {
+    const BATCH: usize = 32;
+    let mut comps: [ffi::rbd_completion_t; BATCH] = [std::ptr::null_mut(); BATCH];
+    let mut total = 0;
+    loop {
+        // SAFETY: h is open; comps has room for BATCH completions.
+        let n =
+            unsafe { ffi::rbd_poll_io_events(image.h, comps.as_mut_ptr(), BATCH as libc::c_int) };
+        if n <= 0 {
+            break;
+        }
+        for &c in &comps[..n as usize] {
+            // SAFETY: a completion librbd handed back, ours to read and release once.
+            let (arg, ret) = unsafe { (ffi::rbd_aio_get_arg(c), ffi::rbd_aio_get_return_value(c)) };
+            // SAFETY: as above.
+            unsafe { ffi::rbd_aio_release(c) };
+            // SAFETY: arg is the Box<Pending> leaked at submission, given back once.
+            let p = unsafe { Box::from_raw(arg as *mut Pending) };
+            finish(*p, ret, Some(here));
+        }
+        total += n as usize;
+        if (n as usize) < BATCH {
+            break;
+        }
+    }
+    if total == 0 {
+        return PollStatus::Idle;
+    }
+    if let Some(efd) = &image.efd {
+        use std::os::fd::AsRawFd;
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into v from a non-blocking eventfd (EAGAIN is fine).
+        unsafe { libc::read(efd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+    PollStatus::Busy
+}
+
+/// Completes a finished request: here if it is this reactor's (`here`),
+/// else by a message to its reactor.
+fn finish(p: Pending, ret: isize, here: Option<usize>) {
+    let status = if ret < 0 {
+        IoStatus::from_errno(ret as i32)
+    } else {
+        IoStatus::Success
+    };
+    let Pending { io, route, _iov } = p;
+    drop(_iov);
+    if here == Some(route.idx) {
+        // SAFETY: the request left this reactor as this pointer and comes
+        // back to it here, once.
+        let io = unsafe { Box::from_raw(io.0) };
+        drop(route);
+        io.complete(status);
+        return;
+    }
+    let rt = route.rt.clone();
+    let idx = route.idx;
+    let sent = rt.send_completion(idx, move || {
+        let io = io;
+        // SAFETY: the request left its reactor as this pointer and comes back
+        // to it here, once; nothing touched it in between.
+        let io = unsafe { Box::from_raw(io.0) };
+        drop(route);
+        io.complete(status);
+    });
+    if sent.is_err() {
+        // The reactor is gone (the process is ending): the request cannot
+        // be completed where it belongs, and is left.
+        tracing::warn!("rbd completion after its reactor stopped");
+    }
 }
 
 /// A request in librbd's hands.
@@ -335,29 +468,12 @@ extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut libc::c_void) {
     let ret = unsafe { ffi::rbd_aio_get_return_value(c) };
     // SAFETY: as above; released once, here.
     unsafe { ffi::rbd_aio_release(c) };
-    let status = if ret < 0 {
-        IoStatus::from_errno(ret as i32)
-    } else {
-        IoStatus::Success
-    };
-    let Pending { io, route, _iov } = *p;
-    drop(_iov);
-    let rt = route.rt.clone();
-    let idx = route.idx;
-    let sent = rt.send_completion(idx, move || {
-        let io = io;
-        // SAFETY: the request left its reactor as this pointer and comes back
-        // to it here, once; nothing touched it in between.
-        let io = unsafe { Box::from_raw(io.0) };
-        drop(route);
-        io.complete(status);
-    });
-    if sent.is_err() {
-        // The reactor is gone (the process is ending): the request cannot
-        // be completed where it belongs, and is left.
-        tracing::warn!("rbd completion after its reactor stopped");
-    }
+    finish(*p, ret, None);
 }
+
+/// The `eventfd` path's callback: librbd queues the request on the image
+/// for [`poll_events`]; nothing to do here.
+extern "C" fn on_complete_queued(_c: ffi::rbd_completion_t, _arg: *mut libc::c_void) {}
 
 impl Channel for RbdChannel {
     fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
@@ -380,9 +496,14 @@ impl Channel for RbdChannel {
             _iov: iov,
         }));
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
-        // SAFETY: p is a live allocation the callback takes back; c an out-pointer.
-        let mut r =
-            unsafe { ffi::rbd_aio_create_completion(p as *mut libc::c_void, on_complete, &mut c) };
+        let cb: ffi::rbd_callback_t = if self.poller.is_some() {
+            on_complete_queued
+        } else {
+            on_complete
+        };
+        // SAFETY: p is a live allocation given back once (by the callback or
+        // the poller); c is an out-pointer.
+        let mut r = unsafe { ffi::rbd_aio_create_completion(p as *mut libc::c_void, cb, &mut c) };
         if r >= 0 {
             // SAFETY: h is open (the route holds the image); the iovecs point
             // into the request's own memory, which stays put until it

@@ -14,6 +14,9 @@ use std::sync::Arc;
 /// An open image; closed (on a thread of its own) when the last reference goes.
 pub struct Image {
     pub(crate) h: ffi::rbd_image_t,
+    /// The eventfd librbd signals completions on, when it does
+    /// ([`Image::set_notification`]); closed after the image.
+    pub(crate) efd: Option<std::os::fd::OwnedFd>,
     io: ffi::rados_ioctx_t,
     // Keeps the connection up while the image is open (taken by the close).
     cluster: Option<Arc<Cluster>>,
@@ -93,6 +96,7 @@ impl Image {
         Ok(Image {
             h,
             io,
+            efd: None,
             cluster: Some(cluster),
         })
     }
@@ -171,14 +175,31 @@ impl Image {
         Ok(acc.out)
     }
 
-    /// Has librbd signal completions on `fd` (an eventfd) instead of
-    /// calling their callbacks.
-    pub fn set_notification(&self, fd: libc::c_int) -> Result<(), RbdError> {
-        // SAFETY: h is open; fd stays open as long as the image (the caller's).
-        let r = unsafe { ffi::rbd_set_image_notification(self.h, fd, ffi::EVENT_TYPE_EVENTFD) };
+    /// Has librbd queue completed requests on the image and signal a new
+    /// non-blocking eventfd (kept with the image) for each
+    /// (`rbd_set_image_notification`); `rbd_poll_io_events` takes them.
+    pub fn set_notification(&mut self) -> Result<(), RbdError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: eventfd has no memory arguments.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(RbdError::ceph(
+                "eventfd",
+                -std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            ));
+        }
+        // SAFETY: fd was just created and is owned by nothing else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: h is open; the fd outlives the image (closed after it in Drop).
+        let r = unsafe {
+            ffi::rbd_set_image_notification(self.h, owned.as_raw_fd(), ffi::EVENT_TYPE_EVENTFD)
+        };
         if r < 0 {
             return Err(RbdError::ceph("rbd_set_image_notification", r));
         }
+        self.efd = Some(owned);
         Ok(())
     }
 }
@@ -188,6 +209,7 @@ impl Drop for Image {
         let h = SendPtr(self.h);
         let io = SendPtr(self.io);
         let cluster = self.cluster.take();
+        let efd = self.efd.take();
         let close = move || {
             let (h, io) = (h, io);
             // SAFETY: the last reference is gone and every request completed
@@ -196,7 +218,8 @@ impl Drop for Image {
                 ffi::rbd_close(h.0);
                 ffi::rados_ioctx_destroy(io.0);
             }
-            // The connection goes after the image it served.
+            // The eventfd and the connection go after the image they served.
+            drop(efd);
             drop(cluster);
         };
         if std::thread::Builder::new()
