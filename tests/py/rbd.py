@@ -357,6 +357,54 @@ def case_evacuate(vm, d):
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", got, want)
 
 
+def case_evacuate_snapshot(vm, d):
+    """Evacuation by snapshot plus stream: a qcow2 overlay made on an RBD
+    image (by QEMU's rbd driver) goes over the live device's local chain
+    (blockdev-snapshot) while a client writes, and is streamed until it
+    stands alone: the device's data, old and new, then lives on RBD."""
+    if not have_qemu_rbd():
+        print("SKIP: making a qcow2 image on RBD needs QEMU's rbd driver (qemu-block-extra)")
+        return
+    with ceph(d) as c:
+        base = os.path.join(d, "base.qcow2")
+        top = os.path.join(d, "top.qcow2")
+        run("qemu-img", "create", "-f", "qcow2", base, "24M")
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 8M", base)
+        run("qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x32 4M 2M", top)
+        run("qemu-img", "create", "-f", "qcow2", c.qemu_name("ov"), "24M")
+        # Room for the image to grow: sluice's qcow2 grows inside its base
+        # node (QEMU's rbd driver would resize the RBD image on a write past
+        # its end; sluice's does not).
+        c.rbd("resize", "--size", "32M", "rbd/ov")
+        vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                 "file": {"driver": "file", "filename": top}})
+        uri = sluice_export(vm, d, "top", "dev")
+        vm.rcmd("blockdev-add", c.node("ovfile", "ov"))
+        vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov", "file": "ovfile", "backing": None})
+        vm.rcmd("blockdev-snapshot", {"node": "top", "overlay": "ov"})
+        errors = []
+        t = threading.Thread(target=writer, args=(uri, 12 * MiB, 8, errors))
+        t.start()
+        vm.rcmd("block-stream", {"device": "ov", "job-id": "s0"})
+        ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": "s0"})
+        expect("error" not in ev["data"], ev)
+        t.join(120)
+        expect(not errors, f"client errors: {errors}")
+        vm.rcmd("block-export-del", {"id": "dev"})
+        vm.rcmd("blockdev-del", {"node-name": "ov"})
+        vm.rcmd("blockdev-del", {"node-name": "ovfile"})
+        vm.rcmd("blockdev-del", {"node-name": "top"})
+        info = json.loads(run("qemu-img", "info", "--output=json", c.qemu_name("ov")).stdout)
+        expect("backing-filename" not in info, f"the RBD overlay still has a backing file: {info}")
+        run("qemu-img", "check", c.qemu_name("ov"))
+        want = os.path.join(d, "want.raw")
+        run("qemu-img", "convert", "-O", "raw", top, want)
+        wr = [x for k in range(8) for x in ("-c", f"write -P {0x80 + k} {12 * MiB + k * 256 * 1024} 64k")]
+        run("qemu-io", "-f", "raw", *wr, want)
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", c.qemu_name("ov"), want)
+
+
 def case_osd_outage(vm, d):
     """The OSD frozen mid-stream from an RBD backing: reads wait (nothing
     fails, the job does not end), and once it runs again the stream

@@ -71,6 +71,11 @@ fn evacuation_onto_rbd_by_mirror_with_pivot() {
 }
 
 #[test]
+fn evacuation_onto_rbd_by_snapshot_and_stream() {
+    scenario("evacuate_snapshot");
+}
+
+#[test]
 fn osd_outage_mid_stream_waits_then_completes() {
     scenario("osd_outage");
 }
