@@ -441,6 +441,40 @@ def case_osd_outage(vm, d):
         expect("backing-filename" not in info, info)
 
 
+def case_osd_outage_on_error_stop(vm, d):
+    """The OSD frozen mid-stream with librbd's `rados_osd_op_timeout` set
+    in the backing name: the reads fail, the stream (on-error: stop) pauses
+    with BLOCK_JOB_ERROR; once the OSD runs again block-job-resume retries
+    and the stream completes with the golden image's data."""
+    with ceph(d) as c:
+        golden = os.path.join(d, "golden.raw")
+        run("qemu-img", "create", "-f", "raw", golden, "48M")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x6b 0 48M", golden)
+        c.rbd("import", golden, "rbd/g")
+        ov = os.path.join(d, "ov.qcow2")
+        backing = c.qemu_name("g") + ":rados_osd_op_timeout=2"
+        run("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", ov, "48M")
+        vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov",
+                                 "file": {"driver": "file", "filename": ov}})
+        vm.rcmd("block-stream", {"device": "ov", "job-id": "s0", "speed": 8 * MiB, "on-error": "stop"})
+        time.sleep(0.5)
+        run(CLUSTER, "osd-pause", c.dir)
+        try:
+            ev = vm.event_wait("BLOCK_JOB_ERROR", 30, {"device": "s0"})
+            expect(ev["data"]["action"] == "stop", ev)
+            vm.pause_wait("s0", 10)
+            expect(not vm.events("BLOCK_JOB_COMPLETED"), "the job ended on an error with on-error stop")
+        finally:
+            run(CLUSTER, "osd-resume", c.dir)
+        vm.rcmd("block-job-set-speed", {"device": "s0", "speed": 0})
+        vm.rcmd("block-job-resume", {"device": "s0"})
+        ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": "s0"})
+        expect("error" not in ev["data"], ev)
+        vm.rcmd("blockdev-del", {"node-name": "ov"})
+        run("qemu-img", "check", ov)
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, golden)
+
+
 def main():
     a = parse_args()
     vm = Vm(a.qmp)

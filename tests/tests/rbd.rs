@@ -3,7 +3,9 @@
 //! data and block status against librbd's tools and QEMU's rbd driver,
 //! QEMU's errors, SPDK's bdev_rbd_* methods, rapid deployment (ten overlays
 //! on one RBD golden image streamed under client writes), evacuation onto
-//! RBD by mirror with a pivot, and an OSD outage mid-stream.
+//! RBD by mirror with a pivot and by snapshot plus stream, and an OSD
+//! outage mid-stream (requests wait; with an op timeout, on-error stop
+//! pauses the job and a resume completes it).
 //!
 //! Needs sluice built with librbd (librbd-dev, librados-dev) and the Ceph
 //! daemons (ceph-mon, ceph-osd, ceph-common); `scripts/ceph/install.sh`
@@ -78,4 +80,9 @@ fn evacuation_onto_rbd_by_snapshot_and_stream() {
 #[test]
 fn osd_outage_mid_stream_waits_then_completes() {
     scenario("osd_outage");
+}
+
+#[test]
+fn osd_outage_with_op_timeout_pauses_on_error_stop_then_resumes() {
+    scenario("osd_outage_on_error_stop");
 }
