@@ -5,4 +5,4 @@
 #   RUNTIME=5 ROUNDS=2 SLUICE_BIN=target/release/sluice scripts/bench/rbd.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec python3 scripts/bench/rbd.py "$@"
+exec "${PYTHON:-.venv/bin/python}" scripts/bench/rbd.py "$@"
