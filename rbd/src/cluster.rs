@@ -131,13 +131,7 @@ impl Drop for Cluster {
             unsafe { ffi::rados_shutdown(h.0) };
         };
         // Never on a reactor or a librbd callback thread: shutting down waits.
-        if std::thread::Builder::new()
-            .name("rbd-shutdown".into())
-            .spawn(shut)
-            .is_err()
-        {
-            tracing::warn!("could not start a thread to shut a RADOS connection down");
-        }
+        crate::image::spawn_closer("rbd-shutdown", shut);
     }
 }
 

@@ -222,13 +222,53 @@ impl Drop for Image {
             drop(efd);
             drop(cluster);
         };
-        if std::thread::Builder::new()
-            .name("rbd-close".into())
-            .spawn(close)
-            .is_err()
-        {
-            tracing::warn!("could not start a thread to close an RBD image");
+        spawn_closer("rbd-close", close);
+    }
+}
+
+/// Closes in flight ([`spawn_closer`]), and the condition their end signals.
+static CLOSING: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// Runs `close` (an image's close, a connection's shutdown: they block) on
+/// a thread of its own, counted so that [`wait_for_closes`] can wait for it.
+pub(crate) fn spawn_closer(name: &str, close: impl FnOnce() + Send + 'static) {
+    let (m, cv) = &CLOSING;
+    *m.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    let run = move || {
+        close();
+        let (m, cv) = &CLOSING;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        cv.notify_all();
+    };
+    if std::thread::Builder::new()
+        .name(name.into())
+        .spawn(run)
+        .is_err()
+    {
+        *m.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        cv.notify_all();
+        tracing::warn!("could not start a thread to close an RBD image or connection");
+    }
+}
+
+/// Waits (at most `limit`) until every image closed and every connection
+/// shut down so far has finished: called before the process exits, so that
+/// image locks are released and librados is not torn down under a close.
+pub fn wait_for_closes(limit: std::time::Duration) {
+    let (m, cv) = &CLOSING;
+    let deadline = std::time::Instant::now() + limit;
+    let mut n = m.lock().unwrap_or_else(|p| p.into_inner());
+    while *n > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            tracing::warn!(pending = *n, "RBD images still closing at exit");
+            return;
         }
+        n = cv
+            .wait_timeout(n, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 

@@ -21,6 +21,7 @@ pub use self::bdev::{RbdBdev, RbdOpen};
 pub use cluster::{Cluster, ClusterOptions, Clusters};
 pub use config::RbdConfig;
 pub use error::RbdError;
+pub use image::wait_for_closes;
 
 /// Whether this build links librbd.
 pub fn available() -> bool {

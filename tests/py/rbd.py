@@ -475,6 +475,33 @@ def case_osd_outage_on_error_stop(vm, d):
         run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, golden)
 
 
+def case_exit_releases_image(vm, d):
+    """`sluice perf` writing an image with the exclusive-lock feature, twice
+    in a row: each run closes its image before the process exits (the lock
+    released, librados not torn down under a close), so the second run
+    writes at once instead of waiting for the first one's lock to time out."""
+    with ceph(d) as c:
+        c.rbd("create", "rbd/lk", "--size", "16M")
+        cfg = os.path.join(d, "perf.json")
+        with open(cfg, "w") as f:
+            json.dump({"subsystems": [{"subsystem": "bdev", "config": [
+                {"method": "bdev_rbd_register_cluster", "params": {"name": "c", "config_file": c.conf}},
+                {"method": "bdev_rbd_create", "params": {"name": "r", "pool_name": "rbd", "rbd_name": "lk",
+                                                         "block_size": 512, "cluster_name": "c"}}]}]}, f)
+        binary = os.environ.get("SLUICE_BIN") or os.path.join(ROOT, "target", "debug", "sluice")
+        for i in range(2):
+            t0 = time.time()
+            r = subprocess.run([binary, "perf", "-c", cfg, "-T", "r", "-q", "8", "-w", "randwrite",
+                                "-t", "1", "--json"], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, RUST_LOG="warn"))
+            took = time.time() - t0
+            expect(r.returncode == 0, f"run {i}: exit {r.returncode}: {r.stderr[-2000:]}")
+            expect("foreign exception" not in r.stderr, r.stderr[-2000:])
+            j = json.loads(r.stdout[r.stdout.index("{"):])["results"][0]
+            expect(j["io_failed"] == 0 and j["iops"] > 20, f"run {i}: {j}")
+            expect(took < 15, f"run {i} took {took:.1f} s: the image lock was left behind")
+
+
 def main():
     a = parse_args()
     vm = Vm(a.qmp)

@@ -86,3 +86,8 @@ fn osd_outage_mid_stream_waits_then_completes() {
 fn osd_outage_with_op_timeout_pauses_on_error_stop_then_resumes() {
     scenario("osd_outage_on_error_stop");
 }
+
+#[test]
+fn exit_closes_images_and_releases_their_locks() {
+    scenario("exit_releases_image");
+}
