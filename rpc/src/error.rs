@@ -120,6 +120,17 @@ impl From<bdev::BdevError> for RpcError {
     }
 }
 
+impl From<rbd::RbdError> for RpcError {
+    fn from(e: rbd::RbdError) -> Self {
+        use rbd::RbdError as R;
+        let code = match &e {
+            R::Invalid(_) => codes::INVALID_PARAMS,
+            _ => -e.errno(),
+        };
+        RpcError::new(code, ErrorClass::GenericError, e.to_string())
+    }
+}
+
 impl From<reactor::ReactorError> for RpcError {
     fn from(e: reactor::ReactorError) -> Self {
         RpcError::errno(libc::ESHUTDOWN, e.to_string())

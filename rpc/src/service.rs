@@ -44,6 +44,8 @@ pub struct Service {
     pub nvme: bdev::nvme::NvmeControllers,
     /// How copying jobs copy: read from the environment once, at start-up.
     pub tuning: jobs::copy::Tuning,
+    /// SPDK's named RADOS clusters (`bdev_rbd_register_cluster`).
+    pub rbd: rbd::Clusters,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -54,6 +56,7 @@ impl Service {
         let graph = graph::Graph::new(rt.clone(), events.clone());
         publish_corruption(&graph);
         nbd::client::register_backing_protocol();
+        rbd::register_backing_protocol();
         let weak = Arc::downgrade(&graph);
         graph::qemu_name::register_describer(Arc::new(move |b| {
             weak.upgrade()
@@ -66,6 +69,7 @@ impl Service {
             jobs: jobs::job::JobManager::new(crate::methods::job_qapi::sink(events.clone())),
             tuning: jobs::copy::Tuning::from_env(|k| std::env::var(k).ok()),
             nbd: nbd::NbdServer::default(),
+            rbd: rbd::Clusters::default(),
             vhost: vublk::VhostServer::default(),
             events,
             runtime_dir,

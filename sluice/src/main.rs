@@ -42,8 +42,15 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Serve(a) => serve::run(a).map_err(|e| e.to_string()),
         Cmd::Rpc(a) => return client::run(a),
-        Cmd::Perf(a) => return perf_cli::run(a),
+        Cmd::Perf(a) => {
+            let code = perf_cli::run(a);
+            rbd::wait_for_closes(std::time::Duration::from_secs(10));
+            return code;
+        }
     };
+    // RBD images and connections close on threads of their own: let them
+    // finish (releasing image locks) before the process goes.
+    rbd::wait_for_closes(std::time::Duration::from_secs(10));
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

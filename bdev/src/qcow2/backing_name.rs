@@ -51,7 +51,8 @@ type Protocols = Vec<(
 static PROTOCOLS: std::sync::Mutex<Protocols> = std::sync::Mutex::new(Vec::new());
 
 /// Registers `driver` (idempotent): backing names with one of `schemes`
-/// (`"nbd"` for `nbd://`) or `json:` names with that driver and `options`
+/// (`"nbd"` for `nbd://`; one ending in `:`, `"rbd:"`, for names that are
+/// `rbd:...` without `//`) or `json:` names with that driver and `options`
 /// open through `open`.
 pub fn register_protocol(
     driver: &'static str,
@@ -163,25 +164,31 @@ fn parse(name: &str, fmt: Option<&str>, image: Option<&Path>) -> Result<BackingN
             read_zeroes: false,
         });
     }
-    if let Some((proto, _)) = name.split_once("://") {
-        if let Some(driver) = protocol_by_scheme(proto) {
-            let format = match fmt {
-                None => PathFormat::Probe,
-                Some("raw") => PathFormat::Raw,
-                Some(f) if f == driver => PathFormat::Raw,
-                Some("qcow2") => PathFormat::Qcow2,
-                Some(other) => {
-                    return Err(unsupported(format!(
-                        "backing format {other:?} over {driver}"
-                    )))
-                }
-            };
-            return Ok(BackingNode::Protocol {
-                driver,
-                spec: Value::from(name),
-                format,
-            });
-        }
+    // A protocol whose names are `proto:...` without `//` (QEMU's
+    // `rbd:pool/image`) is registered with the scheme `"proto:"`.
+    let prefixed = name
+        .split_once(':')
+        .and_then(|(p, _)| protocol_by_scheme(&format!("{p}:")));
+    let scheme = name.split_once("://").map(|(p, _)| p);
+    if let Some(driver) = prefixed.or_else(|| scheme.and_then(protocol_by_scheme)) {
+        let format = match fmt {
+            None => PathFormat::Probe,
+            Some("raw") => PathFormat::Raw,
+            Some(f) if f == driver => PathFormat::Raw,
+            Some("qcow2") => PathFormat::Qcow2,
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "backing format {other:?} over {driver}"
+                )))
+            }
+        };
+        return Ok(BackingNode::Protocol {
+            driver,
+            spec: Value::from(name),
+            format,
+        });
+    }
+    if let Some(proto) = scheme {
         // QEMU's other protocol filenames (nvme://...): sluice has none of
         // those drivers, and the name is no path.
         if !proto.is_empty() && proto.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
@@ -585,6 +592,31 @@ mod tests {
         _: Value,
     ) -> futures::future::LocalBoxFuture<'static, Result<Arc<dyn Bdev>, BdevError>> {
         Box::pin(async { Err(BdevError::Unsupported("test driver".into())) })
+    }
+
+    /// A protocol registered with a `"scheme:"` (RBD's `rbd:pool/image`
+    /// names, no `//`): such names are its, with or without a format; a
+    /// relative path that merely contains a colon elsewhere stays a path.
+    #[test]
+    fn registered_prefix_protocol_names() {
+        register_protocol("tpfx", &["tpfx:"], &["pool", "image"], never_opens);
+        let want = |format| BackingNode::Protocol {
+            driver: "tpfx",
+            spec: Value::from("tpfx:pool/img@s:conf=/c"),
+            format,
+        };
+        assert_eq!(
+            parse("tpfx:pool/img@s:conf=/c", Some("raw"), img()).unwrap(),
+            want(PathFormat::Raw)
+        );
+        assert_eq!(
+            parse("tpfx:pool/img@s:conf=/c", None, img()).unwrap(),
+            want(PathFormat::Probe)
+        );
+        assert!(matches!(
+            parse("dir/a:b.qcow2", Some("qcow2"), img()).unwrap(),
+            BackingNode::Path { .. }
+        ));
     }
 
     /// Names of a registered protocol driver (the NBD client's way in),

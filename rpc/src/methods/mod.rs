@@ -16,6 +16,7 @@ pub mod notify;
 pub mod nvme;
 pub mod perf;
 pub mod qcow2;
+pub mod rbd;
 pub mod record;
 pub mod resize;
 pub mod schema;
@@ -43,6 +44,7 @@ pub fn build_table() -> MethodTable {
     nvme::register(&mut t);
     nbd::register(&mut t);
     nbd_client::register(&mut t);
+    rbd::register(&mut t);
     perf::register(&mut t);
     record::register(&mut t);
     vhost::register(&mut t);

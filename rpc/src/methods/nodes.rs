@@ -372,6 +372,25 @@ pub(crate) fn locking_param(v: Option<&str>) -> Result<LockMode, RpcError> {
     }
 }
 
+/// Opens an RBD node (over a named cluster's connection, or one of its
+/// own). Connecting blocks on the cluster: this runs on the caller's
+/// (connection) thread, never on a reactor. QEMU's messages
+/// (`error connecting: ...`, `error reading header from IMAGE: ...`).
+pub fn open_rbd(
+    name: &str,
+    how: rbd::RbdOpen,
+    cluster: Option<Arc<rbd::Cluster>>,
+) -> Result<Arc<dyn Bdev>, RpcError> {
+    let b = rbd::RbdBdev::open(name, how, cluster).map_err(|e| match e {
+        rbd::RbdError::Ceph { what, errno } => RpcError::errno(
+            errno,
+            format!("{what}: {}", nix::errno::Errno::from_raw(errno).desc()),
+        ),
+        e => e.into(),
+    })?;
+    Ok(b)
+}
+
 /// Opens an NBD client node (not registered) on reactor 0. A read-only
 /// export needs `read-only` or `auto-read-only` (QEMU's error otherwise).
 pub fn open_nbd(

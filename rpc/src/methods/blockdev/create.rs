@@ -137,6 +137,17 @@ fn create_leaf(svc: &Service, name: &str, spec: &NodeSpec) -> Result<(), RpcErro
             spec.common.read_only.unwrap_or(false),
             spec.common.auto_read_only,
         )?,
+        Kind::Rbd { config } => nodes::open_rbd(
+            name,
+            rbd::RbdOpen {
+                config: config.clone(),
+                read_only: spec.common.read_only.unwrap_or(false),
+                block_size: 512,
+                cluster_name: None,
+                uuid: None,
+            },
+            None,
+        )?,
         _ => return Err(RpcError::internal("not a leaf node")),
     };
     register_bdev(svc, b)?;
@@ -197,7 +208,9 @@ pub fn create(svc: &Service, name: &str, spec: &NodeSpec) -> Result<Made, RpcErr
         file_ref: None,
     };
     match &spec.kind {
-        Kind::File { .. } | Kind::NullCo { .. } | Kind::Nbd { .. } => create_leaf(svc, name, spec)?,
+        Kind::File { .. } | Kind::NullCo { .. } | Kind::Nbd { .. } | Kind::Rbd { .. } => {
+            create_leaf(svc, name, spec)?
+        }
         Kind::Raw { file } => create_raw(svc, name, spec, file, &mut made)?,
         Kind::Qcow2 {
             file,

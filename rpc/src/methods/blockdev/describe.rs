@@ -44,6 +44,7 @@ pub fn describe(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<QemuNode> {
             Some(qemu_name::options("null-co", opts))
         }
         Driver::Nbd => Some(qemu_name::protocol("nbd", b.filename()?)),
+        Driver::Rbd => Some(qemu_name::protocol("rbd", b.filename()?)),
         Driver::Qcow2 => None,
     }
 }

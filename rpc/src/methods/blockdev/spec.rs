@@ -41,7 +41,6 @@ pub(super) const OTHER_DRIVERS: &[&str] = &[
     "qcow",
     "qed",
     "quorum",
-    "rbd",
     "replication",
     "ssh",
     "throttle",
@@ -108,6 +107,9 @@ pub enum Kind {
     },
     Nbd {
         config: nbd::client::ClientConfig,
+    },
+    Rbd {
+        config: rbd::RbdConfig,
     },
 }
 
@@ -240,6 +242,7 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
             "raw" => Driver::Raw,
             "null-co" => Driver::NullCo,
             "nbd" => Driver::Nbd,
+            "rbd" => Driver::Rbd,
             d if OTHER_DRIVERS.contains(&d) => {
                 return Err(RpcError::errno(
                     libc::ENOTSUP,
@@ -292,6 +295,17 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
                 Kind::Nbd { config },
                 &["tls-creds", "tls-hostname", "x-dirty-bitmap"],
             )
+        }
+        Driver::Rbd => {
+            let mut m = serde_json::Map::new();
+            for k in rbd::cluster::BLOCKDEV_OPTIONS {
+                if let Some(v) = a.any(k) {
+                    m.insert(k.to_string(), v.clone());
+                }
+            }
+            let config = rbd::RbdConfig::from_options(&m)
+                .map_err(|e| RpcError::invalid_params(prefix_param(&e, prefix)))?;
+            (Kind::Rbd { config }, &["encrypt", "key-secret"])
         }
         Driver::Raw => {
             let file = node_ref(&mut a, "file", &common)?;
