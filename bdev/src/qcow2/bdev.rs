@@ -568,10 +568,22 @@ impl Drop for Qcow2Bdev {
                 ENGINES.with(|m| m.borrow_mut().remove(&id));
             });
         }
-        let (claims, nodes) = {
+        let (claims, nodes, backing) = {
             let mut i = self.info();
-            (std::mem::take(&mut i.claims), i.nodes.clone())
+            (
+                std::mem::take(&mut i.claims),
+                i.nodes.clone(),
+                i.backing.clone(),
+            )
         };
+        // The file and a backing image no registry holds end with the image:
+        // every reactor's cached channel to them goes (else each would keep
+        // its file, ring and eventfd open for the life of the process).
+        for b in std::iter::once(self.base.clone()).chain(backing) {
+            if !nodes.as_ref().is_some_and(|r| r.holds(&b)) {
+                crate::release_hidden(b, &self.rt);
+            }
+        }
         if let Some(reg) = nodes {
             let me = Holder::Node(self.name.clone());
             for c in claims {
