@@ -718,6 +718,24 @@ impl Bdev for Qcow2Bdev {
             }
         }
     }
+    /// A node opened over another registered bdev (`base_bdev`: an error
+    /// injector, a recorder) is saved as such, with its backing node when
+    /// that is saved too; a node over its own file comes back from its
+    /// device's entry and the headers (none here). A device's root is saved
+    /// by the device (`rpc` drops the root's own entry).
+    fn config(&self) -> Option<Value> {
+        if self.filename().is_some() {
+            return None;
+        }
+        let mut params = json!({ "node_name": self.name, "base_bdev": self.base.name() });
+        if self.ro() {
+            params["read_only"] = json!(true);
+        }
+        if let Some(b) = self.backing().filter(|b| b.config().is_some()) {
+            params["backing"] = json!(b.name());
+        }
+        Some(json!({ "method": "bdev_qcow2_open", "params": params }))
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
