@@ -514,7 +514,7 @@ fn faults_under_load_lose_no_acknowledged_write() {
                 blocks as usize
             ],
             counts: Counts::default(),
-            rng: 0x9e37_79b9_7f4a_7c15 ^ (k as u64 + 1) * 0x1234_5678_9abc,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ ((k as u64 + 1) * 0x1234_5678_9abc),
         };
         let (sock, stop) = (nbd_sock.clone(), stop.clone());
         threads.push(
