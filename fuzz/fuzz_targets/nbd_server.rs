@@ -66,7 +66,10 @@ fuzz_target!(|data: &[u8]| {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                    return Err(format!("no end of the connection within {:?}", t0.elapsed()))
+                    return Err(format!(
+                        "no end of the connection within {:?}",
+                        t0.elapsed()
+                    ))
                 }
                 Err(_) => return Ok(()),
             }
@@ -76,6 +79,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = s.write_all(data);
     let _ = s.shutdown(std::net::Shutdown::Write);
     if let Err(e) = reader.join().expect("reader") {
-        panic!("the server hung on a client that sent {} bytes and hung up: {e}", data.len());
+        panic!(
+            "the server hung on a client that sent {} bytes and hung up: {e}",
+            data.len()
+        );
     }
 });

@@ -28,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.backing_format, h.backing_format);
     assert_eq!(again.size, h.size);
     assert_eq!(again.l1_table_offset, h.l1_table_offset);
-    assert_eq!(again.to_cluster().expect("again"), cluster, "a second write differs");
+    assert_eq!(
+        again.to_cluster().expect("again"),
+        cluster,
+        "a second write differs"
+    );
     if buf.len() == cluster.len() {
         if let Ok(p) = plan_update(buf, &h, 512) {
             assert!(p.head.len() == 512 || p.head.len() == cluster.len());

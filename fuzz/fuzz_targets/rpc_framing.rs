@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
         while let Some(f) = sp.next_frame() {
             match f {
                 Frame::Value(v) => {
-                    assert!(v.len() <= MAX, "a value of {} bytes over the limit", v.len());
+                    assert!(
+                        v.len() <= MAX,
+                        "a value of {} bytes over the limit",
+                        v.len()
+                    );
                     match serde_json::from_slice::<serde_json::Value>(&v) {
                         Err(e) if !e.to_string().contains("surrogate") => panic!(
                             "the framer passed {:?} as JSON; serde_json: {e}",
