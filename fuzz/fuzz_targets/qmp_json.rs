@@ -20,8 +20,16 @@ fuzz_target!(|data: &[u8]| {
     }
     for q in out.into_iter().flatten() {
         let text = q.to_qemu_json();
+        // A number beyond a double reads as infinity and is written `inf`,
+        // as QEMU's qnum_to_string does: not JSON, known, left alone.
+        if text.contains("inf") && !text.contains('"') || text.contains(": inf") {
+            continue;
+        }
         let mut again = Vec::new();
-        Stream::new(1 << 20, "too large".into()).feed(text.as_bytes(), &mut again);
+        // A top-level scalar ends at the byte after it, as in QEMU's lexer.
+        let mut st2 = Stream::new(1 << 20, "too large".into());
+        st2.feed(text.as_bytes(), &mut again);
+        st2.feed(b" ", &mut again);
         match again.as_slice() {
             [Ok(q2)] => assert_eq!(
                 numeric(q2.to_value()),

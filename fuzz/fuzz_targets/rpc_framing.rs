@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
                         v.len()
                     );
                     match serde_json::from_slice::<serde_json::Value>(&v) {
-                        Err(e) if !e.to_string().contains("surrogate") => panic!(
+                        Err(e) if !lone_surrogate(&e) => panic!(
                             "the framer passed {:?} as JSON; serde_json: {e}",
                             String::from_utf8_lossy(&v)
                         ),
@@ -42,3 +42,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = sp.has_partial();
 });
+
+/// serde_json's refusals of valid JSON grammar: a lone surrogate escape
+/// (`"\\ud83d"`), a number beyond a double (`1e999`); the server answers
+/// both with a Parse error.
+fn lone_surrogate(e: &serde_json::Error) -> bool {
+    let m = e.to_string();
+    m.contains("surrogate") || m.contains("hex escape") || m.contains("number out of range")
+}
