@@ -456,6 +456,11 @@ impl Bdev for Device {
             }
             None => params["base_bdev"] = json!(q.base().name()),
         }
+        // A backing node saved on its own (one over another bdev) is named:
+        // the header's file would be opened a second time.
+        if let Some(b) = q.backing().filter(|b| b.config().is_some()) {
+            params["backing"] = json!(b.name());
+        }
         Some(json!({ "method": "bdev_qcow2_open", "params": params }))
     }
     fn as_any(&self) -> &dyn Any {

@@ -29,7 +29,9 @@ pub mod uring;
 
 pub use async_io::{read_at, simple_io, submit_wait, write_at, IoResult};
 pub use bdev::{Bdev, Channel, RangeStatus, RangeStatusFuture, ResizeFuture};
-pub use channel::{channel, drop_cached_channels, local_stats, refresh_channel_sizes, IoChannel};
+pub use channel::{
+    channel, drop_cached_channels, local_stats, refresh_channel_sizes, release_hidden, IoChannel,
+};
 pub use claim::{Claim, Holder, Perm};
 pub use deferred::complete_deferred;
 pub use dma::DmaBuf;

@@ -609,6 +609,51 @@ fn crash_states_stream_to_completion() {
     report("stream to completion", &t, 100);
 }
 
+/// Header changes under guest writes: the backing name alternates between
+/// a short one and a long one naming the same file (past the first sector
+/// of the header cluster), each change durable. Torn at every sector (the
+/// replayer tears the header too), every state names one of the two whole:
+/// a header written in one piece (as QEMU does) leaves states whose first
+/// sector and backing name disagree (a name of NUL bytes, or a prefix of
+/// the long one), which open nowhere.
+#[test]
+fn crash_states_header_changes_torn() {
+    let vsize = 1u64 << 20;
+    let s = setup(
+        "header",
+        vsize,
+        "cluster_size=65536",
+        true,
+        8 << 20,
+        RecordOptions::default(),
+    );
+    let changes = soak(12);
+    let work = move |q: Arc<Qcow2Bdev>, rec: Arc<RecordBdev>, o: Rc<RefCell<Oracle>>| async move {
+        let b: Arc<dyn Bdev> = q.clone();
+        let long = format!("{}base.raw", "./".repeat(120));
+        let mut n = 0;
+        for i in 0..changes {
+            n += guest_rounds(b.clone(), rec.clone(), o.clone(), 2, 40 + i, MIXED, vsize).await;
+            let name = if i % 2 == 0 {
+                long.as_str()
+            } else {
+                "base.raw"
+            };
+            q.set_backing_file_with(Some(name), Some("raw"), true)
+                .await
+                .expect("header change");
+        }
+        guest_flush(&b, &rec, &o).await;
+        (n, None)
+    };
+    let p = Plan {
+        random: 12,
+        ..plan(21)
+    };
+    let t = record_and_replay(s, &p, 10, work).tally;
+    report("header changes, torn", &t, 150);
+}
+
 /// The checker can fail (1): a stream whose header change skips its flush
 /// (`durable: false`, fine for a killed process, not for a power loss) is
 /// caught: states after the reported completion still name the backing

@@ -64,3 +64,47 @@ fn qcow2_devices_survive_save_config_and_a_restart() {
     qemu_img(&["check", "-q", t]);
     qemu_io(&["-c", "read -P 0x5a 0 1M", t]);
 }
+
+/// A backing node opened over another bdev (here an error injector over the
+/// base's file) is saved with the device naming it: the restart opens the
+/// same graph instead of the header's file a second time (which failed on
+/// the image lock the base's file bdev holds).
+#[test]
+fn a_backing_node_over_another_bdev_survives_save_config_and_a_restart() {
+    let work = TempDir::new("cfgee");
+    let base = work.join("base.qcow2");
+    let top = work.join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", b, "8M"]);
+    qemu_io(&["-c", "write -P 0x5a 0 1M", b]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t]);
+    let cfg = work.join("sluice.json");
+    let mut d = Daemon::start(&[]);
+    d.call("bdev_uring_create", json!({"name": "bf0", "filename": b}));
+    d.call("bdev_error_create", json!({"base_name": "bf0"}));
+    d.call(
+        "bdev_qcow2_open",
+        json!({"node_name": "base0", "base_bdev": "EE_bf0"}),
+    );
+    d.call(
+        "bdev_qcow2_open",
+        json!({"name": "vm0", "node_name": "top0", "filename": t, "backing": "base0"}),
+    );
+    d.call("save_config", json!({"filename": cfg.to_str().unwrap()}));
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(d.stop(), Some(0));
+    let mut d = Daemon::start(&["--json", cfg.to_str().unwrap()]);
+    let b0 = d.call("bdev_get_bdevs", json!({"name": "base0"}));
+    assert_eq!(
+        b0[0]["driver_specific"]["qcow2"]["base_bdev"], "EE_bf0",
+        "{b0}"
+    );
+    let v = d.call("bdev_get_bdevs", json!({"name": "top0"}));
+    assert_eq!(
+        v[0]["driver_specific"]["qcow2"]["backing_bdev"], "base0",
+        "{v}"
+    );
+    assert_eq!(d.call("save_config", Value::Null), saved);
+    assert_eq!(d.stop(), Some(0));
+    qemu_io(&["-c", "read -P 0x5a 0 1M", t]);
+}

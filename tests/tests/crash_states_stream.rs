@@ -375,6 +375,127 @@ fn crash_states_of_an_active_commit_pivot_through_the_daemon() {
     assert!(t.states >= 100, "only {} states", t.states);
 }
 
+/// A mirror through the daemon with the target recorded: client writes
+/// before and while `blockdev-mirror` (sync full) copies the chain into a
+/// fresh image, `block-job-complete` pivots the export onto the target,
+/// writes go on there. Before the pivot a state of the target must only
+/// pass `qemu-img check` and open; once the completion was reported, it is
+/// the guest's disk: every write acknowledged before it, and every flushed
+/// one after, reads back.
+#[test]
+fn crash_states_of_a_mirror_pivot_through_the_daemon() {
+    let work = TempDir::new("crash-mirror");
+    let p = |n: &str| work.join(n).to_str().unwrap().to_string();
+    let (base, top, tgt, log) = (
+        p("base.qcow2"),
+        p("top.qcow2"),
+        p("tgt.qcow2"),
+        p("rec.log"),
+    );
+    qemu_img(&["create", "-q", "-f", "qcow2", &base, "8M"]);
+    qemu_io(&["-c", "write -P 0x11 0 6M", &base]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+    ]);
+    qemu_io(&[
+        "-c",
+        "write -P 0x31 1M 512k",
+        "-c",
+        "write -z 3M 256k",
+        &top,
+    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", &tgt, "8M"]);
+    let raw = p("before.raw");
+    qemu_img(&["convert", "-O", "raw", &top, &raw]);
+    let guest = std::fs::read(&raw).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tgt)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let initial = std::fs::read(&tgt).unwrap();
+
+    let mut d = NbdDaemon::start(&["-m", "0x1"], &[]);
+    d.d.call(
+        "bdev_uring_create",
+        json!({"name": "tgtfile", "filename": tgt, "direct": false}),
+    );
+    d.d.call(
+        "bdev_record_create",
+        json!({"name": "rec0", "base_bdev_name": "tgtfile", "log_path": log}),
+    );
+    d.d.call(
+        "bdev_qcow2_open",
+        json!({"node_name": "tgt0", "base_bdev": "rec0", "direct": false}),
+    );
+    d.d.open_qcow2_chain(
+        "vd0",
+        &[("base0", &base), ("top0", &top)],
+        json!({"direct": false}),
+    );
+    d.export("vd0", true);
+    let (nbd, size, _) = Raw::attach(&d.sock, "vd0", false, false);
+    assert_eq!(size, SIZE);
+    let mut c = Client {
+        d: &mut d,
+        nbd,
+        o: Oracle::new(guest),
+        cookie: 0,
+        rng: 0x3c3c_a5a5,
+    };
+    let rounds = soak() as u64 * 40 + 8;
+    for _ in 0..rounds {
+        c.round();
+    }
+    c.d.d.call(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "vd0", "target": "tgt0", "sync": "full",
+               "speed": 4 << 20}),
+    );
+    for _ in 0..rounds {
+        c.round();
+    }
+    let t0 = Instant::now();
+    loop {
+        let jobs = c.d.d.call("query-block-jobs", json!({}));
+        if jobs[0]["ready"] == json!(true) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never ready: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..rounds / 2 {
+        c.round();
+    }
+    c.d.d.call("block-job-complete", json!({"device": "m0"}));
+    while c.d.d.call("query-block-jobs", json!({})) != json!([]) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the mirror never ended"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let done = c.mark("mirror complete");
+    // The pivot made the target durable with every write acknowledged before it.
+    c.o.all_durable(done);
+    for _ in 0..rounds {
+        c.round();
+    }
+    let oracle = std::mem::replace(&mut c.o, Oracle::new(Vec::new()));
+    drop(c);
+    let (t, points) = check_log(&log, &initial, &work, &oracle, done, false);
+    println!(
+        "crash states [daemon: NBD writes, blockdev-mirror, pivot, writes on the target; {points} durability points]: {t}"
+    );
+    assert_eq!(d.d.stop(), Some(0));
+    assert!(t.clean(), "{t}");
+    assert!(t.states >= 100, "only {} states", t.states);
+}
+
 /// `bdev_record_*` refuse bad input with clear errors and leave nothing
 /// behind: a missing base, a log path that cannot be created (the base is
 /// not left claimed), a mark on a bdev that is no recorder, deleting a

@@ -568,10 +568,22 @@ impl Drop for Qcow2Bdev {
                 ENGINES.with(|m| m.borrow_mut().remove(&id));
             });
         }
-        let (claims, nodes) = {
+        let (claims, nodes, backing) = {
             let mut i = self.info();
-            (std::mem::take(&mut i.claims), i.nodes.clone())
+            (
+                std::mem::take(&mut i.claims),
+                i.nodes.clone(),
+                i.backing.clone(),
+            )
         };
+        // The file and a backing image no registry holds end with the image:
+        // every reactor's cached channel to them goes (else each would keep
+        // its file, ring and eventfd open for the life of the process).
+        for b in std::iter::once(self.base.clone()).chain(backing) {
+            if !nodes.as_ref().is_some_and(|r| r.holds(&b)) {
+                crate::release_hidden(b, &self.rt);
+            }
+        }
         if let Some(reg) = nodes {
             let me = Holder::Node(self.name.clone());
             for c in claims {
@@ -705,6 +717,24 @@ impl Bdev for Qcow2Bdev {
                 u.release_lock();
             }
         }
+    }
+    /// A node opened over another registered bdev (`base_bdev`: an error
+    /// injector, a recorder) is saved as such, with its backing node when
+    /// that is saved too; a node over its own file comes back from its
+    /// device's entry and the headers (none here). A device's root is saved
+    /// by the device (`rpc` drops the root's own entry).
+    fn config(&self) -> Option<Value> {
+        if self.filename().is_some() {
+            return None;
+        }
+        let mut params = json!({ "node_name": self.name, "base_bdev": self.base.name() });
+        if self.ro() {
+            params["read_only"] = json!(true);
+        }
+        if let Some(b) = self.backing().filter(|b| b.config().is_some()) {
+            params["backing"] = json!(b.name());
+        }
+        Some(json!({ "method": "bdev_qcow2_open", "params": params }))
     }
     fn as_any(&self) -> &dyn Any {
         self

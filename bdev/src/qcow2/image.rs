@@ -318,16 +318,39 @@ impl Image {
         Ok(())
     }
 
-    /// Writes the header cluster (whole, as QEMU does) and flushes.
+    /// Writes the header and flushes: every crash state holds the old
+    /// header or the new one, never a torn mix (see [`Image::write_header_unflushed`]).
     pub(crate) async fn write_header(&self) -> R<()> {
         self.write_header_unflushed().await?;
         self.flush_base().await
     }
 
-    /// Writes the header cluster, without the flush that makes it durable.
+    /// Writes the header, without the final flush that makes it durable, in
+    /// the steps of [`super::format::plan_update`]: what the new header uses
+    /// past the first sector goes to bytes the old one does not read, is
+    /// flushed, and only then the first sector (which names it) is written,
+    /// so a power loss never leaves a torn header (a backing name of the new
+    /// header under the old one's first sector). A change of the extensions
+    /// past the first sector is one whole-cluster write, as in QEMU.
     pub(crate) async fn write_header_unflushed(&self) -> R<()> {
-        let bytes = self.hdr.borrow().to_cluster().map_err(BdevError::from)?;
-        let buf = DmaBuf::from_slice(&bytes)?;
+        let unit = (self.align as usize).max(512);
+        let old = read_meta(&self.ch, self.capacity.get(), 0, self.cs).await?;
+        let plan =
+            super::format::plan_update(&old, &self.hdr.borrow(), unit).map_err(BdevError::from)?;
+        if let Some((off, tail)) = plan.tail {
+            let buf = DmaBuf::from_slice(&tail)?;
+            let res = match self.write_meta(OverlapChecks::MAIN_HEADER, off, buf).await {
+                Ok(()) => self.flush_base().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                // The header in memory is the new one already: refuse writes
+                // (as a failed write at offset 0 does).
+                self.broken.set(true);
+                return Err(e);
+            }
+        }
+        let buf = DmaBuf::from_slice(&plan.head)?;
         self.write_meta(OverlapChecks::MAIN_HEADER, 0, buf).await
     }
 

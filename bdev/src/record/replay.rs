@@ -18,13 +18,9 @@
 //!   completed one): the state of a sector is the newest version among those
 //!   that landed, never an older one over a newer one.
 //! - Granularity: a 512-byte sector is atomic. A request may land *torn*
-//!   (any subset of its sectors) when the plan allows it, except the image
-//!   header: a write at offset 0 lands whole or not at all. qcow2 rewrites
-//!   its header cluster in one write (QEMU's `qcow2_update_header` too), and
-//!   a header torn between its first sector and the backing name written
-//!   after the extensions names a backing file of NUL bytes (found by this
-//!   checker on a stream's final header change). A header update in two
-//!   flushed steps would close that window; until then it is modelled.
+//!   (any subset of its sectors) when the plan allows it, the image header
+//!   included (qcow2 changes it in flushed steps, first sector last:
+//!   `qcow2::format::plan_update`).
 //! - A discard or write-zeroes that lands makes its range zeroes; one that
 //!   does not land leaves it unchanged (QEMU's qcow2 over a file relies on a
 //!   discard only for space, so both must be safe).
@@ -469,9 +465,7 @@ pub fn replay<E>(
                         }
                         landed += 1;
                         let op = &ops[i];
-                        // The header (a write at offset 0) lands whole or
-                        // not at all: see "Granularity" above.
-                        if plan.torn && rng.next().is_multiple_of(4) && op.offset != 0 {
+                        if plan.torn && rng.next().is_multiple_of(4) {
                             let sectors = op.len.div_ceil(SECTOR) as usize;
                             let mask: Vec<bool> =
                                 (0..sectors).map(|_| rng.next() & 1 == 1).collect();

@@ -99,10 +99,16 @@ fn bdev_section(svc: &Service) -> Vec<Value> {
         );
         order.extend(rest);
     }
-    // Nodes made by blockdev-add are recreated by the `blockdev` section.
+    // Nodes made by blockdev-add are recreated by the `blockdev` section; a
+    // device's root by the device's entry.
+    let roots: BTreeSet<String> = bdevs
+        .values()
+        .filter_map(|b| b.as_any().downcast_ref::<bdev::device::Device>())
+        .map(|d| d.root().name().to_string())
+        .collect();
     order
         .into_iter()
-        .filter(|n| !owns(svc, n))
+        .filter(|n| !owns(svc, n) && !roots.contains(*n))
         .filter_map(|n| bdevs.get(n).and_then(|b| b.config()))
         .collect()
 }

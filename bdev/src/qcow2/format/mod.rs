@@ -7,6 +7,7 @@
 mod entry;
 mod error;
 mod header;
+mod header_update;
 mod layout;
 mod refcount;
 
@@ -18,6 +19,7 @@ pub use header::{
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2,
     INCOMPAT_EXTERNAL_DATA, MAGIC, MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
 };
+pub use header_update::{plan_update, used_ranges, HeaderWrite};
 pub use layout::{plan_create, CreateLayout};
 pub use refcount::RefcountFormat;
 
