@@ -21,6 +21,7 @@ pub mod resize;
 pub mod schema;
 pub mod snapshot;
 pub mod stream2011;
+pub mod throttle;
 
 use crate::table::MethodTable;
 
@@ -44,5 +45,6 @@ pub fn build_table() -> MethodTable {
     nbd_client::register(&mut t);
     perf::register(&mut t);
     record::register(&mut t);
+    throttle::register(&mut t);
     t
 }
