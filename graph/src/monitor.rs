@@ -21,6 +21,8 @@ pub enum Driver {
     NullCo,
     /// An NBD client (the data on an NBD server).
     Nbd,
+    /// QEMU's throttle filter (`bdev::throttle::ThrottleBdev`).
+    Throttle,
 }
 
 impl Driver {
@@ -33,6 +35,7 @@ impl Driver {
             Driver::Raw => "raw",
             Driver::NullCo => "null-co",
             Driver::Nbd => "nbd",
+            Driver::Throttle => "throttle",
         }
     }
 

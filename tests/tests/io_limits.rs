@@ -184,3 +184,155 @@ fn qemu_io_throttle_holds_under_fio() {
     let out = qemu_img(&["check", img]);
     assert!(out.contains("No errors"), "{out}");
 }
+
+/// Four streams sharing one `throttle-group` object (`x-throttle-group`,
+/// sluice's extension): their total rate is the group's within 5% over
+/// about 10 s, each job's progress stays within 20% of the mean while all
+/// run, and every streamed image reads as its chain did (`qemu-img compare`).
+#[test]
+fn streams_share_a_throttle_group() {
+    let dir = TempDir::new("tg");
+    let mut d = sluice_tests::Daemon::start_with(&["-m", "0x3"], &[]);
+    const N: usize = 4;
+    const MIB: u64 = 1 << 20;
+    let per_job = 30 * MIB;
+    let limit = 12 * MIB;
+    let mut tops = Vec::new();
+    for i in 0..N {
+        let base = dir.join(&format!("b{i}.qcow2"));
+        let top = dir.join(&format!("t{i}.qcow2"));
+        let (base, top) = (
+            base.to_str().unwrap().to_string(),
+            top.to_str().unwrap().to_string(),
+        );
+        qemu_img(&["create", "-f", "qcow2", &base, "32M"]);
+        sluice_tests::qemu_io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {} 0 30M", 0x10 + i),
+            &base,
+        ]);
+        qemu_img(&["create", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top]);
+        d.open_qcow2_chain(
+            &format!("dev{i}"),
+            &[(&format!("base{i}"), &base), (&format!("top{i}"), &top)],
+            json!({}),
+        );
+        tops.push((base, top));
+    }
+    let e = d.call_err(
+        "block-stream",
+        json!({"device": "dev0", "x-throttle-group": "tg"}),
+    );
+    assert_eq!(e["message"], "Throttle group 'tg' does not exist");
+    d.call(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "tg", "limits": {"bps-total": limit}}),
+    );
+    let t0 = std::time::Instant::now();
+    for i in 0..N {
+        d.call(
+            "block-stream",
+            json!({"device": format!("dev{i}"), "job-id": format!("j{i}"), "x-throttle-group": "tg"}),
+        );
+    }
+    let e = d.call_err("object-del", json!({"id": "tg"}));
+    assert_eq!(e["message"], "object 'tg' is in use, can not be deleted");
+    let mut worst = 0.0f64;
+    let mut baseline: Option<Vec<f64>> = None;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let jobs = d.call("query-block-jobs", Value::Null);
+        let jobs = jobs.as_array().unwrap();
+        if jobs.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "streams still running: {jobs:?}"
+        );
+        if jobs.len() == N {
+            let offs: Vec<f64> = jobs.iter().map(|j| j["offset"].as_f64().unwrap()).collect();
+            // Progress since the first look at which all four ran (the
+            // first started a little before the others).
+            let base = baseline.get_or_insert_with(|| offs.clone());
+            let prog: Vec<f64> = offs.iter().zip(base.iter()).map(|(o, b)| o - b).collect();
+            let mean = prog.iter().sum::<f64>() / N as f64;
+            // Judged once the mean is five 2 MiB chunks or more, while none is done.
+            if mean >= 10.0 * MIB as f64 && offs.iter().all(|o| *o < per_job as f64) {
+                let dev = prog
+                    .iter()
+                    .map(|p| (p / mean - 1.0).abs())
+                    .fold(0.0, f64::max);
+                worst = worst.max(dev);
+                eprintln!(
+                    "progress (MiB): {:?}",
+                    prog.iter()
+                        .map(|p| (p / MIB as f64) as u64)
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // The group lets a tenth of a second's worth go at once.
+    let want = (N as u64 * per_job) as f64 / limit as f64 - 0.1;
+    within(secs, want, 0.05, "4 streams at 12 MiB/s together: seconds");
+    eprintln!(
+        "worst deviation of a job's progress from the mean: {:.1}%",
+        worst * 100.0
+    );
+    assert!(
+        worst <= 0.2,
+        "unfair: a job's progress was {:.0}% off the mean",
+        worst * 100.0
+    );
+    d.call("object-del", json!({"id": "tg"}));
+    drop(d);
+    for (base, top) in &tops {
+        let out = qemu_img(&["compare", base, top]);
+        assert!(out.contains("Images are identical"), "{out}");
+    }
+}
+
+/// QEMU's throttle filter: `blockdev-add driver: throttle` over a null
+/// node, in a group object, exported over NBD: fio's rate is the group's
+/// within 5% over 10 s; the group cannot be deleted while the node uses it.
+#[test]
+fn throttle_node_holds_its_group_under_fio() {
+    if !have_fio() {
+        return;
+    }
+    let mut n = NbdDaemon::start(&["-m", "0x3"], &[]);
+    n.d.call(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n0", "size": 64 << 20}),
+    );
+    let e = n.d.call_err(
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "t0", "throttle-group": "g", "file": "n0"}),
+    );
+    assert_eq!(e["message"], "Throttle group 'g' does not exist");
+    n.d.call(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "g", "x-iops-total": 300}),
+    );
+    n.d.call(
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "t0", "throttle-group": "g", "file": "n0"}),
+    );
+    n.export("t0", true);
+    let (_, iops) = rates(
+        fio(&n.uri("t0"), "randrw", "4k", 10)
+            .wait_with_output()
+            .expect("fio"),
+    );
+    within(iops, 300.0, 0.05, "throttle node at 300 iops");
+    let e = n.d.call_err("object-del", json!({"id": "g"}));
+    assert_eq!(e["message"], "object 'g' is in use, can not be deleted");
+    n.d.call("block-export-del", json!({"id": "t0"}));
+    n.wait_exports(|v| v.as_array().is_some_and(|a| a.is_empty()));
+    n.d.call("blockdev-del", json!({"node-name": "t0"}));
+    n.d.call("object-del", json!({"id": "g"}));
+}

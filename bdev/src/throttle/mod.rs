@@ -32,15 +32,52 @@ mod bucket;
 mod config;
 mod gate;
 mod group;
+mod node;
 mod table;
 
 pub use bucket::ThrottleState;
 pub use config::{BucketKind, BucketLimit, ThrottleConfig, THROTTLE_VALUE_MAX};
 pub use gate::Gate;
 pub use group::ThrottleGroup;
+pub use node::ThrottleBdev;
 pub use table::{Membership, Throttles};
 
 /// Nanoseconds now on the reactor clock.
 pub fn now_ns() -> u64 {
     reactor::ticks_to_ns(reactor::ticks())
+}
+
+/// A group object taken by a user (a throttle node, a job): the object
+/// cannot be deleted while this lives.
+pub struct GroupUse {
+    nodes: std::sync::Arc<crate::Registry>,
+    group: std::sync::Arc<ThrottleGroup>,
+}
+
+impl GroupUse {
+    /// Takes the group object `name` of `nodes`' table; `None`: no such object.
+    pub fn new(nodes: &std::sync::Arc<crate::Registry>, name: &str) -> Option<GroupUse> {
+        let group = nodes.throttles().use_object(name)?;
+        Some(GroupUse {
+            nodes: nodes.clone(),
+            group,
+        })
+    }
+
+    /// The group.
+    pub fn group(&self) -> &std::sync::Arc<ThrottleGroup> {
+        &self.group
+    }
+}
+
+impl Drop for GroupUse {
+    fn drop(&mut self) {
+        self.nodes.throttles().unuse(self.group.name());
+    }
+}
+
+impl std::fmt::Debug for GroupUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GroupUse({})", self.group.name())
+    }
 }

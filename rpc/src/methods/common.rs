@@ -89,3 +89,17 @@ pub fn qemu_io_limits(svc: &Service, device: &str, v: &mut Value) {
     }
     v["group"] = serde_json::json!(g.name());
 }
+
+/// sluice's `x-throttle-group` on a job command: the group object taken for
+/// the job (QEMU's words when there is none).
+pub fn shared_limit(
+    svc: &Service,
+    name: Option<String>,
+) -> Result<Option<Arc<bdev::throttle::GroupUse>>, RpcError> {
+    let Some(g) = name else {
+        return Ok(None);
+    };
+    bdev::throttle::GroupUse::new(svc.graph.nodes(), &g)
+        .map(|u| Some(Arc::new(u)))
+        .ok_or_else(|| RpcError::invalid_params(format!("Throttle group '{g}' does not exist")))
+}

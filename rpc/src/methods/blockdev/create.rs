@@ -199,6 +199,23 @@ pub fn create(svc: &Service, name: &str, spec: &NodeSpec) -> Result<Made, RpcErr
     match &spec.kind {
         Kind::File { .. } | Kind::NullCo { .. } | Kind::Nbd { .. } => create_leaf(svc, name, spec)?,
         Kind::Raw { file } => create_raw(svc, name, spec, file, &mut made)?,
+        Kind::Throttle { file, group } => {
+            let nodes = svc.graph.nodes();
+            if !nodes.throttles().has_object(group) {
+                return Err(RpcError::invalid_params(format!(
+                    "Throttle group '{group}' does not exist"
+                )));
+            }
+            if !nodes.contains(file) {
+                return Err(not_found(file));
+            }
+            let b = bdev::throttle::ThrottleBdev::new(nodes, name, file, group)?;
+            let b: Arc<dyn Bdev> = b;
+            if let Err(e) = register_bdev(svc, b.clone()) {
+                b.on_delete();
+                return Err(e);
+            }
+        }
         Kind::Qcow2 {
             file,
             backing,

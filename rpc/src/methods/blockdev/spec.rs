@@ -44,7 +44,6 @@ pub(super) const OTHER_DRIVERS: &[&str] = &[
     "rbd",
     "replication",
     "ssh",
-    "throttle",
     "vdi",
     "vhdx",
     "virtio-blk-vfio-pci",
@@ -108,6 +107,10 @@ pub enum Kind {
     },
     Nbd {
         config: nbd::client::ClientConfig,
+    },
+    Throttle {
+        file: String,
+        group: String,
     },
 }
 
@@ -240,6 +243,7 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
             "raw" => Driver::Raw,
             "null-co" => Driver::NullCo,
             "nbd" => Driver::Nbd,
+            "throttle" => Driver::Throttle,
             d if OTHER_DRIVERS.contains(&d) => {
                 return Err(RpcError::errno(
                     libc::ENOTSUP,
@@ -292,6 +296,22 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
                 Kind::Nbd { config },
                 &["tls-creds", "tls-hostname", "x-dirty-bitmap"],
             )
+        }
+        Driver::Throttle => {
+            let group = a.req_str("throttle-group")?;
+            let file = match node_ref(&mut a, "file", &common)? {
+                NodeRef::Named(n) => n,
+                NodeRef::Nested(_) => {
+                    return Err(RpcError::errno(
+                        libc::ENOTSUP,
+                        format!(
+                            "Parameter '{}' is not supported by sluice as a nested definition (add the node first and name it)",
+                            a.path("file")
+                        ),
+                    ))
+                }
+            };
+            (Kind::Throttle { file, group }, &[])
         }
         Driver::Raw => {
             let file = node_ref(&mut a, "file", &common)?;
