@@ -336,3 +336,13 @@ fn throttle_node_holds_its_group_under_fio() {
     n.d.call("blockdev-del", json!({"node-name": "t0"}));
     n.d.call("object-del", json!({"id": "g"}));
 }
+
+/// Both dialects' surfaces (`tests/py/io_limits.py`): QSD side by side for
+/// `object-add` / `object-del` / `blockdev-add driver: throttle`, QEMU's
+/// words for `block_set_io_throttle`, SPDK's client for `bdev_set_qos_limit`.
+#[test]
+fn limit_surfaces_match_qemu_and_spdk() {
+    let d = sluice_tests::Daemon::start(&[]);
+    println!("{}", d.run_case("io_limits.py", "qmp"));
+    println!("{}", d.run_case("io_limits.py", "spdk"));
+}
