@@ -220,7 +220,16 @@ pub fn create(svc: &Service, name: &str, spec: &NodeSpec) -> Result<Made, RpcErr
             file,
             backing,
             overlap,
-        } => create_qcow2(svc, name, spec, file, backing, *overlap, &mut made)?,
+            cache,
+        } => create_qcow2(
+            svc,
+            name,
+            spec,
+            file,
+            backing,
+            (*overlap, *cache),
+            &mut made,
+        )?,
     }
     Ok(made)
 }
@@ -316,7 +325,7 @@ fn create_qcow2(
     spec: &NodeSpec,
     file: &NodeRef,
     backing: &Backing,
-    overlap: OverlapChecks,
+    (overlap, cache): (OverlapChecks, bdev::qcow2::CacheOptions),
     made: &mut Made,
 ) -> Result<(), RpcError> {
     let ro = spec.common.read_only.unwrap_or(false);
@@ -325,6 +334,7 @@ fn create_qcow2(
         read_only: ro,
         direct: Some(spec.common.direct.unwrap_or(false)),
         overlap_check: Some(overlap),
+        cache,
         force_share: spec.common.force_share,
         ..Open::default()
     };

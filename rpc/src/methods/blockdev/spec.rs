@@ -4,7 +4,7 @@
 use super::args::{bad_type, bad_value, missing, Args};
 use crate::error::RpcError;
 use bdev::lock::LockMode;
-use bdev::qcow2::OverlapChecks;
+use bdev::qcow2::{CacheOptions, OverlapChecks};
 use serde_json::Value;
 
 pub use graph::monitor::Driver;
@@ -97,6 +97,7 @@ pub enum Kind {
         file: NodeRef,
         backing: Backing,
         overlap: OverlapChecks,
+        cache: CacheOptions,
     },
     Raw {
         file: NodeRef,
@@ -221,11 +222,6 @@ const QCOW2_UNSUPPORTED: &[&str] = &[
     "pass-discard-snapshot",
     "pass-discard-other",
     "discard-no-unref",
-    "cache-size",
-    "l2-cache-size",
-    "l2-cache-entry-size",
-    "refcount-cache-size",
-    "cache-clean-interval",
     "encrypt",
     "data-file",
 ];
@@ -335,11 +331,19 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
                 Some(_) => return Err(bad_type(&a.path("backing"), "BlockdevRefOrNull")),
             };
             let overlap = overlap_check(&mut a)?;
+            let cache = CacheOptions {
+                cache_size: size(&mut a, "cache-size")?,
+                l2_cache_size: size(&mut a, "l2-cache-size")?,
+                refcount_cache_size: size(&mut a, "refcount-cache-size")?,
+                l2_cache_entry_size: size(&mut a, "l2-cache-entry-size")?,
+                cache_clean_interval: a.int("cache-clean-interval")?,
+            };
             (
                 Kind::Qcow2 {
                     file,
                     backing,
                     overlap,
+                    cache,
                 },
                 QCOW2_UNSUPPORTED,
             )
@@ -351,6 +355,22 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
         common,
         kind,
     })
+}
+
+/// A QAPI `size` member (QEMU's words for a negative one).
+fn size(a: &mut Args, k: &str) -> Result<Option<u64>, RpcError> {
+    match a.any(k) {
+        None => Ok(None),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(i)) => Err(RpcError::invalid_params(format!(
+                "Value '{i}' is out of range for parameter '{}'",
+                a.path(k)
+            ))),
+            _ => Err(bad_type(&a.path(k), "integer")),
+        },
+        Some(_) => Err(bad_type(&a.path(k), "integer")),
+    }
 }
 
 /// An NBD option error with the nested node's prefix in its parameter name.
