@@ -52,8 +52,6 @@ pub(crate) struct Image {
     pub(crate) rb: TableCache,
     /// What the two caches hold (read from any thread).
     pub(crate) usage: Arc<super::cache::CacheUsage>,
-    /// The timed poller freeing idle cache entries (`cache-clean-interval`).
-    pub(crate) cleaner: RefCell<Option<reactor::PollerHandle>>,
     pub(crate) meta: futures::lock::Mutex<()>,
     pub(crate) locks: Rc<ClusterLocks>,
     pub(crate) drain: Rc<Drain>,
@@ -186,7 +184,6 @@ impl Image {
             l2: TableCache::new(sizes.l2_tables, usage.clone(), true),
             rb: TableCache::new(sizes.refcount_blocks, usage.clone(), false),
             usage,
-            cleaner: RefCell::new(None),
             meta: futures::lock::Mutex::new(()),
             locks: Rc::new(ClusterLocks::default()),
             drain: Rc::new(Drain::default()),
@@ -529,33 +526,31 @@ pub(crate) async fn read_meta(ch: &IoChannel, capacity: u64, off: u64, len: u64)
 
 impl Image {
     /// Frees idle cache entries every `secs` seconds (QEMU's
-    /// `cache-clean-interval`), from a timed poller on the owner reactor
-    /// that lives as long as the image.
+    /// `cache-clean-interval`), from a timed poller on the owner reactor;
+    /// the poller removes itself at its first run after the image is gone.
     fn start_cleaner(self: &Rc<Self>, secs: u64) {
         let me = Rc::downgrade(self);
+        let handle: Rc<RefCell<Option<reactor::PollerHandle>>> = Rc::default();
+        let own = handle.clone();
         let h = reactor::register_timed_poller(
             "qcow2-cache-clean",
             std::time::Duration::from_secs(secs),
-            move || {
-                if let Some(img) = me.upgrade() {
+            move || match me.upgrade() {
+                Some(img) => {
                     let n = img.l2.clean_unused() + img.rb.clean_unused();
                     if n > 0 {
                         tracing::debug!(image = %img.name, freed = n, "idle cache entries freed");
                     }
                     reactor::PollStatus::Busy
-                } else {
+                }
+                None => {
+                    if let Some(h) = own.borrow_mut().take() {
+                        h.unregister();
+                    }
                     reactor::PollStatus::Idle
                 }
             },
         );
-        *self.cleaner.borrow_mut() = Some(h);
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        if let Some(h) = self.cleaner.get_mut().take() {
-            h.unregister();
-        }
+        *handle.borrow_mut() = Some(h);
     }
 }
