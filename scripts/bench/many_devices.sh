@@ -57,8 +57,11 @@ def run(kind, n):
                 shutil.copyfile(proto, f)
             files.append(f)
     with tempfile.TemporaryDirectory(prefix="sl-many-") as tmp:
+        # The log goes to a file: a pipe nobody reads would fill with one
+        # line per device and stop the daemon.
+        log = open(os.path.join(tmp, "log"), "w+b")
         p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", "0x3"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=log)
         try:
             sock = os.path.join(tmp, "sluice.sock")
             while not os.path.exists(sock):
@@ -87,7 +90,8 @@ def run(kind, n):
             q.cmd("quit")
             q.close()
             p.wait(120)
-            if b"panicked" in p.stderr.read():
+            log.seek(0)
+            if b"panicked" in log.read():
                 raise RuntimeError("sluice panicked")
             return {"create": t_create, "bdev_get_bdevs": t_get, "query-named-block-nodes": t_nodes,
                     "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "nodes": len(nodes)}
