@@ -15,6 +15,13 @@
 //! [`ActiveSync`]: while it is enabled a write goes on to the mirror's
 //! target once the root has it and completes to its client after both
 //! (`device/active.rs`).
+//!
+//! I/O limits ([`crate::throttle`]): a request to a device that the
+//! registry's throttle table limits (by the device's name, QEMU's
+//! `block_set_io_throttle`, or by its root's, SPDK's `bdev_set_qos_limit`
+//! on a node exported through a hidden device) first reserves its place in
+//! the group(s) and waits in this reactor's [`Gate`] until its time; with no
+//! limits the data path checks one atomic.
 
 use crate::bdev::{Bdev, Channel, RangeStatusFuture};
 use crate::channel::{channel, IoChannel};
@@ -24,6 +31,7 @@ use crate::error::BdevError;
 use crate::io::{BdevIo, IoDone, IoStatus, IoType};
 use crate::registry::Registry;
 use crate::stats::IoStats;
+use crate::throttle::{Gate, ThrottleGroup};
 use reactor::RuntimeHandle;
 use serde_json::{json, Value};
 use std::any::Any;
@@ -492,6 +500,12 @@ struct Local {
     slots: RefCell<Vec<Option<Slot>>>,
     free: RefCell<Vec<usize>>,
     flush_pending: Cell<bool>,
+    /// This reactor's queue of requests waiting for their limits' time.
+    gate: Rc<Gate>,
+    /// The groups limiting the device, as of `limits_gen`.
+    limits: RefCell<Vec<Arc<ThrottleGroup>>>,
+    /// (throttle table generation, root generation) `limits` was read at.
+    limits_gen: Cell<(u64, u64)>,
 }
 
 thread_local! {
@@ -518,6 +532,16 @@ impl Local {
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             flush_pending: Cell::new(false),
+            gate: {
+                let me = me.clone();
+                Gate::new(move |io| {
+                    if let Some(l) = me.upgrade() {
+                        l.released(io);
+                    }
+                })
+            },
+            limits: RefCell::new(Vec::new()),
+            limits_gen: Cell::new((u64::MAX, u64::MAX)),
         });
         LOCALS.with(|m| m.borrow_mut().insert(shared.id, Rc::downgrade(&l)));
         l
@@ -525,6 +549,54 @@ impl Local {
 
     fn paused(&self) -> bool {
         self.shared.paused.load(Ordering::Relaxed) > 0
+    }
+
+    /// The request if it may go now (with whether it was reserved in a
+    /// group); else it waits in the gate.
+    fn throttle(&self, io: Box<BdevIo>) -> Option<(Box<BdevIo>, bool)> {
+        let t = self.shared.nodes.throttles();
+        let now = (t.generation(), self.shared.gen.load(Ordering::Acquire));
+        if now != self.limits_gen.get() {
+            let mut v: Vec<Arc<ThrottleGroup>> = Vec::new();
+            for n in [
+                self.shared.name.clone(),
+                self.shared.root().name().to_string(),
+            ] {
+                if let Some(g) = t.of(&n) {
+                    if !v.iter().any(|x| Arc::ptr_eq(x, &g)) {
+                        v.push(g);
+                    }
+                }
+            }
+            *self.limits.borrow_mut() = v;
+            self.limits_gen.set(now);
+        }
+        let limits = self.limits.borrow();
+        if limits.is_empty() {
+            return Some((io, false));
+        }
+        self.gate.admit(io, &limits).map(|io| (io, true))
+    }
+
+    /// Parks the request or forwards it to the root; `Err(io)` when the
+    /// root's queue is full.
+    fn pass(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
+        if self.paused() || !self.parked.borrow().is_empty() {
+            self.parked.borrow_mut().push_back(io);
+            if !self.paused() {
+                self.wait_then_flush();
+            }
+            return Ok(());
+        }
+        self.forward(io)
+    }
+
+    /// A request the gate released: passed on, or parked when the root is full.
+    fn released(&self, io: Box<BdevIo>) {
+        if let Err(io) = self.pass(io) {
+            self.parked.borrow_mut().push_back(io);
+            self.wait_then_flush();
+        }
     }
 
     /// This reactor's channel of the current root.
@@ -800,15 +872,15 @@ struct DeviceChannel {
 
 impl Channel for DeviceChannel {
     fn submit(&self, io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        let l = &self.local;
-        if l.paused() || !l.parked.borrow().is_empty() {
-            l.parked.borrow_mut().push_back(io);
-            if !l.paused() {
-                l.wait_then_flush();
+        match self.local.throttle(io) {
+            Some((io, false)) => self.local.pass(io),
+            // Reserved: never handed back (a retry would reserve again).
+            Some((io, true)) => {
+                self.local.released(io);
+                Ok(())
             }
-            return Ok(());
+            None => Ok(()),
         }
-        l.forward(io)
     }
 
     fn wait_for_space(&self, f: Box<dyn FnOnce()>) {

@@ -18,6 +18,10 @@ pub enum BdevError {
     /// A parameter is wrong; the message names it.
     #[error("invalid parameter: {0}")]
     InvalidParam(String),
+    /// An option refused in the words of the tool it comes from (QEMU's
+    /// qcow2 cache options), shown as it is.
+    #[error("{0}")]
+    BadOption(String),
     /// The operation is not supported by this bdev.
     #[error("not supported: {0}")]
     Unsupported(String),
@@ -67,7 +71,7 @@ impl BdevError {
             BdevError::Exists(_) => libc::EEXIST,
             BdevError::Claimed { .. } => libc::EBUSY,
             BdevError::PermissionConflict(_) => libc::EPERM,
-            BdevError::InvalidParam(_) => libc::EINVAL,
+            BdevError::InvalidParam(_) | BdevError::BadOption(_) => libc::EINVAL,
             BdevError::Unsupported(_) => libc::ENOTSUP,
             BdevError::NoMem(_) => libc::ENOMEM,
             BdevError::Io(s) => s.errno(),

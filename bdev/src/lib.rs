@@ -25,6 +25,7 @@ pub mod qcow2;
 pub mod record;
 mod registry;
 mod stats;
+pub mod throttle;
 pub mod uring;
 
 pub use async_io::{read_at, simple_io, submit_wait, write_at, IoResult};

@@ -26,6 +26,8 @@ pub struct Registry {
     /// Hidden front doors (an export's device) still open: not named, yet
     /// moved with their root by a snapshot.
     hidden: Mutex<Vec<Weak<dyn Bdev>>>,
+    /// I/O limits of devices and nodes ([`crate::throttle`]).
+    throttles: crate::throttle::Throttles,
 }
 
 impl Registry {
@@ -36,6 +38,11 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The I/O limits of the registry's devices and nodes.
+    pub fn throttles(&self) -> &crate::throttle::Throttles {
+        &self.throttles
     }
 
     /// Adds a bdev under its name.
@@ -178,6 +185,8 @@ impl Registry {
         let e = m
             .remove(name)
             .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        // Limits die with their device or node (SPDK's QoS, QEMU's BlockBackend).
+        self.throttles.leave(name);
         tracing::info!(bdev = %name, "bdev unregistered");
         Ok(e.bdev)
     }

@@ -23,6 +23,8 @@ pub enum Driver {
     Nbd,
     /// A Ceph RBD image.
     Rbd,
+    /// QEMU's throttle filter (`bdev::throttle::ThrottleBdev`).
+    Throttle,
 }
 
 impl Driver {
@@ -36,6 +38,7 @@ impl Driver {
             Driver::NullCo => "null-co",
             Driver::Nbd => "nbd",
             Driver::Rbd => "rbd",
+            Driver::Throttle => "throttle",
         }
     }
 

@@ -261,6 +261,7 @@ fn start(name: &str, s: Setup) -> Run {
         auto_dismiss: false,
         legacy: false,
         nodes: vec![],
+        throttle: None,
     };
     let clients = Arc::new(AtomicU64::new(0));
     let driver = CopyDriver {

@@ -121,6 +121,7 @@ fn start(id: &str, how: Behaviour, auto_finalize: bool) -> Run {
         auto_dismiss: false,
         legacy: false,
         nodes: vec![],
+        throttle: None,
     };
     let d = Recorder {
         how,

@@ -231,6 +231,7 @@ fn start(s: Setup) -> Run {
         auto_dismiss: false,
         legacy: false,
         nodes: vec![],
+        throttle: None,
     };
     let tuning = Tuning {
         chunk: 4 * CS,

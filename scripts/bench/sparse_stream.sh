@@ -11,6 +11,10 @@
 # Goal: sluice within 2x of the floor, memory bounded.
 #   scripts/bench/sparse_stream.sh            # 4 TiB, 2 rounds
 #   VSIZE=1T ROUNDS=3 scripts/bench/sparse_stream.sh
+#   CACHE='{"l2-cache-size": 1048576}' scripts/bench/sparse_stream.sh
+# CACHE: qcow2 cache options (QEMU's) for both sides: sluice then opens the
+# image with blockdev-add (its backing files take them too), QSD with its
+# --blockdev (its backing file keeps QEMU's defaults).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VSIZE=${VSIZE:-4T}
@@ -29,6 +33,7 @@ sys.path.insert(0, "scripts/bench")
 from chainbench import MiB, Qmp, drop_caches, fio_disk, sh
 
 E = os.environ
+CACHE = json.loads(E.get("CACHE") or "{}")
 d = E["DISK_DIR"]
 os.makedirs(d, exist_ok=True)
 base, top = os.path.join(d, "base.qcow2"), os.path.join(d, "top.qcow2")
@@ -54,7 +59,7 @@ def fresh():
 def run_qsd(tmp):
     sock = os.path.join(tmp, "qsd.sock")
     p = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
-                          json.dumps({"driver": "qcow2", "node-name": "top",
+                          json.dumps({"driver": "qcow2", "node-name": "top", **CACHE,
                                       "file": {"driver": "file", "filename": top}}),
                           "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -72,11 +77,18 @@ def run_sluice(tmp):
     p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", "0x1"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     q = Qmp(os.path.join(tmp, "sluice-qmp.sock"))
-    q.cmd("bdev_qcow2_open", name="drive0", filename=top)
+    if CACHE:
+        q.cmd("blockdev-add", driver="qcow2", **{"node-name": "top"}, **CACHE,
+              file={"driver": "file", "filename": top, "cache": {"direct": True}})
+    else:
+        q.cmd("bdev_qcow2_open", name="drive0", filename=top)
     t0 = time.perf_counter()
-    q.cmd("block-stream", device="drive0")
+    q.cmd("block-stream", **{"job-id": "j", "device": "top" if CACHE else "drive0"})
     ev = q.wait("BLOCK_JOB_COMPLETED")
-    q.cmd("bdev_qcow2_delete", name="drive0")
+    if CACHE:
+        q.cmd("blockdev-del", **{"node-name": "top"})
+    else:
+        q.cmd("bdev_qcow2_delete", name="drive0")
     rss = open(f"/proc/{p.pid}/status").read().split("VmHWM:")[1].split()[0]
     q.cmd("quit")
     q.close()
@@ -106,7 +118,7 @@ for r in range(int(E["ROUNDS"])):
 drop_caches()
 floor = fio_disk(d, base, data, direct=False)
 q, s = statistics.median(t["qsd"]), statistics.median(t["sluice"])
-print(f"{E['VSIZE']} chain, {data // MiB} MiB of data: qsd {q:.3f}s, sluice {s:.3f}s (qsd/sluice {q / s:.1f}x); "
+print(f"{E['VSIZE']} chain, {data // MiB} MiB of data, cache options {CACHE or 'default'}: qsd {q:.3f}s, sluice {s:.3f}s (qsd/sluice {q / s:.1f}x); "
       f"floor (fio copy of the data) {floor:.3f}s: sluice at {s / floor:.2f}x it (goal <= 2); "
       f"sluice peak RSS {max(rss) // 1024} MiB; runs qsd {['%.3f' % x for x in t['qsd']]} "
       f"sluice {['%.3f' % x for x in t['sluice']]}")

@@ -129,6 +129,8 @@ pub struct Qcow2Bdev {
     pub(crate) base: Arc<dyn Bdev>,
     pub(crate) overlap_checks: super::OverlapChecks,
     pub(crate) info: Mutex<Info>,
+    /// How full the metadata caches are (`driver_specific`'s `cache`).
+    pub(crate) cache_usage: Arc<super::cache::CacheUsage>,
 }
 
 impl Qcow2Bdev {
@@ -642,6 +644,7 @@ impl Bdev for Qcow2Bdev {
             "backing_format": i.backing_format,
             "backing_bdev": i.backing.as_ref().map(|b| b.name().to_string()),
             "owner_reactor": self.owner,
+            "cache": self.cache_json(),
         }})
     }
     /// See [`Qcow2Bdev::reopen`] (`reopen.rs`).
@@ -760,5 +763,22 @@ impl Channel for LocalChannel {
             io.complete(st);
         });
         Ok(())
+    }
+}
+
+impl Qcow2Bdev {
+    /// The metadata caches: entries held and allowed, in bytes, and
+    /// entries freed as idle (sluice's `driver_specific.qcow2.cache`).
+    fn cache_json(&self) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let u = &self.cache_usage;
+        let cs = self.cluster_size;
+        json!({
+            "l2_bytes": u.l2.load(Relaxed) as u64 * cs,
+            "l2_max_bytes": u.l2_max.load(Relaxed) as u64 * cs,
+            "refcount_bytes": u.refcount.load(Relaxed) as u64 * cs,
+            "refcount_max_bytes": u.refcount_max.load(Relaxed) as u64 * cs,
+            "cleaned_entries": u.cleaned.load(Relaxed),
+        })
     }
 }

@@ -1,8 +1,29 @@
 //! A small write-back cache of metadata clusters (L2 tables, refcount blocks),
-//! keyed by host offset, with LRU eviction. Only the owner reactor touches it.
+//! keyed by host offset, with LRU eviction. Only the owner reactor touches it;
+//! how full it is can be read from anywhere ([`CacheUsage`]). Entries left
+//! unused for a whole `cache-clean-interval` are freed
+//! ([`TableCache::clean_unused`], QEMU's `qcow2_cache_clean_unused`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Entries held and allowed in an image's two caches, and entries freed
+/// as idle, readable from any thread.
+#[derive(Debug, Default)]
+pub struct CacheUsage {
+    /// L2 tables cached.
+    pub l2: AtomicUsize,
+    /// L2 tables allowed.
+    pub l2_max: AtomicUsize,
+    /// Refcount blocks cached.
+    pub refcount: AtomicUsize,
+    /// Refcount blocks allowed.
+    pub refcount_max: AtomicUsize,
+    /// Entries freed by the idle cleaner so far.
+    pub cleaned: AtomicU64,
+}
 
 struct Slot {
     data: Vec<u8>,
@@ -15,16 +36,56 @@ pub(crate) struct TableCache {
     slots: RefCell<HashMap<u64, Slot>>,
     capacity: usize,
     clock: Cell<u64>,
+    /// The clock at the last idle clean: entries not used since are idle.
+    clean_mark: Cell<u64>,
+    usage: Arc<CacheUsage>,
+    l2: bool,
 }
 
 impl TableCache {
-    /// A cache holding up to `capacity` clusters.
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// A cache holding up to `capacity` clusters (at least 4: the engine
+    /// holds a few at once), counted in `usage` as the L2 cache (`l2`) or
+    /// the refcount cache.
+    pub(crate) fn new(capacity: usize, usage: Arc<CacheUsage>, l2: bool) -> Self {
+        let capacity = capacity.max(4);
+        let max = if l2 {
+            &usage.l2_max
+        } else {
+            &usage.refcount_max
+        };
+        max.store(capacity, Ordering::Relaxed);
         Self {
             slots: RefCell::new(HashMap::new()),
-            capacity: capacity.max(4),
+            capacity,
             clock: Cell::new(0),
+            clean_mark: Cell::new(0),
+            usage,
+            l2,
         }
+    }
+
+    fn count(&self) {
+        let n = self.slots.borrow().len();
+        let c = if self.l2 {
+            &self.usage.l2
+        } else {
+            &self.usage.refcount
+        };
+        c.store(n, Ordering::Relaxed);
+    }
+
+    /// Frees the clean entries not used since the previous call; returns
+    /// how many.
+    pub(crate) fn clean_unused(&self) -> usize {
+        let mark = self.clean_mark.replace(self.clock.get());
+        let before = self.slots.borrow().len();
+        self.slots
+            .borrow_mut()
+            .retain(|_, s| s.dirty || s.last_use > mark);
+        let n = before - self.slots.borrow().len();
+        self.count();
+        self.usage.cleaned.fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     fn tick(&self) -> u64 {
@@ -68,6 +129,7 @@ impl TableCache {
                 last_use: t,
             },
         );
+        self.count();
     }
 
     /// Whether inserting one more cluster needs an eviction first.
@@ -87,6 +149,7 @@ impl TableCache {
     /// Drops a clean entry (dirty ones must be written first).
     pub(crate) fn remove(&self, off: u64) {
         self.slots.borrow_mut().remove(&off);
+        self.count();
     }
 
     /// Offsets and copies of every dirty cluster, sorted by offset.

@@ -19,7 +19,7 @@ pub(crate) type R<T> = Result<T, BdevError>;
 /// How an image is opened (engine level).
 pub(crate) struct LoadOptions {
     pub(crate) read_only: bool,
-    pub(crate) cache_bytes: u64,
+    pub(crate) cache: super::CacheOptions,
     /// Metadata overlap checks before writes.
     pub(crate) overlap_checks: OverlapChecks,
     /// The image's own length when the base was extended past it before the
@@ -50,6 +50,8 @@ pub(crate) struct Image {
     pub(crate) reftable_dirty: RefCell<BTreeSet<u64>>,
     pub(crate) l2: TableCache,
     pub(crate) rb: TableCache,
+    /// What the two caches hold (read from any thread).
+    pub(crate) usage: Arc<super::cache::CacheUsage>,
     pub(crate) meta: futures::lock::Mutex<()>,
     pub(crate) locks: Rc<ClusterLocks>,
     pub(crate) drain: Rc<Drain>,
@@ -158,7 +160,11 @@ impl Image {
         let reftable: Vec<u64> = (0..(rt_bytes / 8) as usize)
             .map(|i| be64(&rtb, i * 8))
             .collect();
-        let cache_clusters = (opts.cache_bytes / cs).clamp(16, 4096) as usize;
+        let sizes = opts
+            .cache
+            .resolve(cs, hdr.size)
+            .map_err(BdevError::BadOption)?;
+        let usage = Arc::new(super::cache::CacheUsage::default());
         let img = Image {
             name: name.to_string(),
             ch,
@@ -175,8 +181,9 @@ impl Image {
             l1_dirty: RefCell::new(BTreeSet::new()),
             reftable: RefCell::new(reftable),
             reftable_dirty: RefCell::new(BTreeSet::new()),
-            l2: TableCache::new(cache_clusters),
-            rb: TableCache::new(cache_clusters / 4),
+            l2: TableCache::new(sizes.l2_tables, usage.clone(), true),
+            rb: TableCache::new(sizes.refcount_blocks, usage.clone(), false),
+            usage,
             meta: futures::lock::Mutex::new(()),
             locks: Rc::new(ClusterLocks::default()),
             drain: Rc::new(Drain::default()),
@@ -209,6 +216,9 @@ impl Image {
         )?;
         img.refresh_meta_map();
         let img = Rc::new(img);
+        if sizes.clean_interval > 0 {
+            img.start_cleaner(sizes.clean_interval);
+        }
         if !img.read_only.get() {
             let (dirty, autoclear) = {
                 let h = img.hdr.borrow();
@@ -535,4 +545,35 @@ pub(crate) async fn read_meta(ch: &IoChannel, capacity: u64, off: u64, len: u64)
     let n = (b.len() - skip).min(out.len());
     out[..n].copy_from_slice(&b.as_slice()[skip..skip + n]);
     Ok(out)
+}
+
+impl Image {
+    /// Frees idle cache entries every `secs` seconds (QEMU's
+    /// `cache-clean-interval`), from a timed poller on the owner reactor;
+    /// the poller removes itself at its first run after the image is gone.
+    fn start_cleaner(self: &Rc<Self>, secs: u64) {
+        let me = Rc::downgrade(self);
+        let handle: Rc<RefCell<Option<reactor::PollerHandle>>> = Rc::default();
+        let own = handle.clone();
+        let h = reactor::register_timed_poller(
+            "qcow2-cache-clean",
+            std::time::Duration::from_secs(secs),
+            move || match me.upgrade() {
+                Some(img) => {
+                    let n = img.l2.clean_unused() + img.rb.clean_unused();
+                    if n > 0 {
+                        tracing::debug!(image = %img.name, freed = n, "idle cache entries freed");
+                    }
+                    reactor::PollStatus::Busy
+                }
+                None => {
+                    if let Some(h) = own.borrow_mut().take() {
+                        h.unregister();
+                    }
+                    reactor::PollStatus::Idle
+                }
+            },
+        );
+        *handle.borrow_mut() = Some(h);
+    }
 }

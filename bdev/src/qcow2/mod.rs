@@ -76,6 +76,7 @@ mod alloc;
 mod backing_name;
 mod bdev;
 mod cache;
+mod cache_opts;
 mod compress;
 mod create;
 mod fast;
@@ -95,6 +96,7 @@ mod verify;
 
 pub use backing_name::{register_protocol, ProtocolOpener};
 pub use bdev::{BlockStatus, Qcow2Bdev};
+pub use cache_opts::{CacheOptions, CacheSizes};
 pub use create::{create, create_file, create_file_locking, CreateOptions};
 pub use open::{open_file, open_file_as, resolve_backing_path, BackingSpec, OpenOptions};
 pub use overlap::{on_corruption, Corruption, OverlapChecks};

@@ -51,8 +51,9 @@ pub struct OpenOptions {
     /// [`BackingSpec::Named`] or linked later by `set_backing_bdev`); none:
     /// the image claims nothing.
     pub nodes: Option<Arc<Registry>>,
-    /// Bytes of metadata cache (L2 tables and refcount blocks).
-    pub cache_bytes: u64,
+    /// The metadata caches (L2 tables, refcount blocks): QEMU's options,
+    /// applied to the backing files this open opens too.
+    pub cache: super::CacheOptions,
     /// O_DIRECT for files this open opens (the image by [`open_file`], backing files).
     pub direct: bool,
     /// Which metadata every write is checked against (QEMU's `overlap-check`;
@@ -78,7 +79,7 @@ impl Default for OpenOptions {
             filename: None,
             backing: BackingSpec::FromHeader,
             nodes: None,
-            cache_bytes: 32 << 20,
+            cache: super::CacheOptions::default(),
             direct: true,
             overlap_check: OverlapChecks::default(),
             locking: LockMode::Auto,
@@ -488,7 +489,7 @@ pub(super) fn open_chain(
             &base,
             &LoadOptions {
                 read_only: opts.read_only,
-                cache_bytes: opts.cache_bytes,
+                cache: opts.cache,
                 overlap_checks: opts.overlap_check,
                 valid_len,
             },
@@ -535,6 +536,7 @@ pub(super) fn open_chain(
             version: img.version,
             base: base.clone(),
             overlap_checks: opts.overlap_check,
+            cache_usage: img.usage.clone(),
             info: Mutex::new(Info {
                 filename: opts.filename.clone(),
                 backing,

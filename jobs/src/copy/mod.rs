@@ -13,6 +13,8 @@
 //!   while clients are busy ([`CopyOps::client_ops`] moved since the last
 //!   sample) and grows it back by one per idle sample (AIMD, `window.rs`);
 //! - takes every chunk's bytes from the job's speed limit before starting it;
+//!   and, with `x-throttle-group`, reserves them in that throttle group
+//!   (shared with other jobs and devices) and waits for its turn;
 //! - applies the job's `on-error` policy to each failed extent query or
 //!   chunk: report ends the copy with the error, ignore goes on (the job
 //!   still fails at the end), stop pauses the job and retries the chunk

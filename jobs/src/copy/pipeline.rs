@@ -198,6 +198,14 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
             wait_kick_or(job, Duration::from_nanos(ns).min(RATE_POLL)).await;
             continue;
         }
+        // A throttle group shared with other jobs and devices: the chunk
+        // takes its place in the group's order and waits for it.
+        if let Some(limit) = &job.spec().throttle {
+            let ns = limit.reserve(c.len);
+            if ns > 0 {
+                reactor::sleep(Duration::from_nanos(ns)).await;
+            }
+        }
         st.borrow_mut().inflight += 1;
         let (job2, st2, ops2) = (job.clone(), st.clone(), ops.clone());
         reactor::spawn_local(async move {

@@ -66,6 +66,7 @@ pub fn start(
         auto_dismiss: false,
         legacy: false,
         nodes: Vec::new(),
+        throttle: None,
     };
     let driver = CreateDriver { work: Some(work) };
     job::start(mgr, rt, spec, REACTOR, Some(1), driver)

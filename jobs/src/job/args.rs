@@ -2,7 +2,7 @@
 //! `on-error`, `auto-finalize`, `auto-dismiss`), with their defaults and
 //! checks stated once for every driver's resolution.
 
-use super::{id_wellformed, JobError, JobKind, JobSpec, OnError};
+use super::{id_wellformed, JobError, JobKind, JobSpec, OnError, SharedLimit};
 use bdev::Bdev;
 use std::sync::Arc;
 
@@ -19,6 +19,11 @@ pub struct BlockJobArgs {
     pub auto_finalize: Option<bool>,
     /// Default true.
     pub auto_dismiss: Option<bool>,
+    /// sluice's extension `x-throttle-group`: a throttle group object whose
+    /// limits the job's copying shares with every other member (jobs,
+    /// devices, throttle nodes). Only the copier's jobs (stream, intermediate
+    /// commit) take it.
+    pub throttle: Option<Arc<bdev::throttle::GroupUse>>,
 }
 
 impl BlockJobArgs {
@@ -62,6 +67,7 @@ impl BlockJobArgs {
             auto_dismiss: self.auto_dismiss.unwrap_or(true),
             legacy,
             nodes,
+            throttle: self.throttle.clone().map(SharedLimit),
         }
     }
 }

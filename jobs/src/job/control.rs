@@ -127,6 +127,27 @@ pub struct JobSpec {
     pub legacy: bool,
     /// Nodes the job uses; other jobs on them are refused.
     pub nodes: Vec<String>,
+    /// A throttle group the job's copying shares (`x-throttle-group`).
+    pub throttle: Option<SharedLimit>,
+}
+
+/// A throttle group a job's copying is limited by, with every other member
+/// of the group (see `bdev::throttle`). Equal when it is the same use.
+#[derive(Debug, Clone)]
+pub struct SharedLimit(pub Arc<bdev::throttle::GroupUse>);
+
+impl PartialEq for SharedLimit {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &o.0)
+    }
+}
+impl Eq for SharedLimit {}
+
+impl SharedLimit {
+    /// Reserves `bytes` of copying: the nanoseconds to wait before starting.
+    pub fn reserve(&self, bytes: u64) -> u64 {
+        self.0.group().reserve(true, bytes)
+    }
 }
 
 /// A job's state at one moment, for `query-jobs` / `query-block-jobs`.

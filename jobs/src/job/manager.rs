@@ -140,6 +140,7 @@ mod tests {
             auto_dismiss: true,
             legacy: false,
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            throttle: None,
         }
     }
 

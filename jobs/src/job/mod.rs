@@ -14,7 +14,7 @@ mod run;
 pub mod state;
 
 pub use args::BlockJobArgs;
-pub use control::{IoOperation, Job, JobInfo, JobSpec, OnError, Verdict};
+pub use control::{IoOperation, Job, JobInfo, JobSpec, OnError, SharedLimit, Verdict};
 pub use driver::{JobDriver, Step};
 pub use event::{EventSink, JobEvent, JobSnapshot};
 pub use kind::JobKind;

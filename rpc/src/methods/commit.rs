@@ -113,6 +113,7 @@ fn block_commit(svc: &Service, p: Params) -> Result<Value, RpcError> {
             on_error,
             auto_finalize: a.auto_finalize,
             auto_dismiss: a.auto_dismiss,
+            throttle: None,
         },
         device: a.device,
         top_node: a.top_node,

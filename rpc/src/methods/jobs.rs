@@ -4,6 +4,7 @@
 use super::blockdev::args::{check_node_name, check_node_name_len, missing, Args};
 use super::job_qapi;
 use crate::error::RpcError;
+use crate::methods::common::shared_limit;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use jobs::drivers::stream::{self, StreamParams};
@@ -214,6 +215,8 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
     // sluice's extension: `false` skips the flush before the header drops the
     // backing file (QEMU's behaviour; still safe against a killed process).
     let x_durable = a.bool("x-durable")?;
+    // sluice's extension: a throttle group object the job's copying shares.
+    let throttle = shared_limit(svc, a.str("x-throttle-group")?)?;
     a.finish(&[])?;
     if let Some(f) = &filter_node_name {
         check_filter_name(svc, f)?;
@@ -225,6 +228,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
             on_error: on_error.as_deref().and_then(OnError::parse),
             auto_finalize,
             auto_dismiss,
+            throttle,
         },
         device,
         base,

@@ -23,6 +23,7 @@ pub mod schema;
 pub mod snapshot;
 pub mod stream2011;
 pub mod vhost;
+pub mod throttle;
 
 use crate::table::MethodTable;
 
@@ -48,5 +49,6 @@ pub fn build_table() -> MethodTable {
     perf::register(&mut t);
     record::register(&mut t);
     vhost::register(&mut t);
+    throttle::register(&mut t);
     t
 }

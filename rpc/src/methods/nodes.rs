@@ -69,6 +69,9 @@ pub(crate) struct Open {
     /// file node only (the image file shares everything, backing files not).
     #[serde(skip)]
     pub file_force_share: bool,
+    /// Not a parameter (`blockdev-add`): QEMU's qcow2 cache options.
+    #[serde(skip)]
+    pub cache: bdev::qcow2::CacheOptions,
 }
 
 fn node_name_of(name: &Option<String>, node_name: &Option<String>) -> Result<String, RpcError> {
@@ -155,6 +158,7 @@ pub(crate) fn open(svc: &Service, o: Open) -> Result<Value, RpcError> {
         locking: locking_param(o.locking.as_deref())?,
         force_share: o.force_share,
         file_force_share: o.file_force_share,
+        cache: o.cache,
         ..OpenOptions::default()
     };
     let base: Result<Arc<dyn Bdev>, PathBuf> = match (&o.filename, &o.base_bdev) {

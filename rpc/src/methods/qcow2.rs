@@ -9,7 +9,7 @@
 
 use crate::error::RpcError;
 use crate::methods::blockdev::state::{annotate, is_raw_node};
-use crate::methods::common::delete_bdev;
+use crate::methods::common::{delete_bdev, qemu_io_limits};
 use crate::methods::nodes::{check_names, delete_node, locking_param, open, Open};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
@@ -293,6 +293,8 @@ fn query_block(svc: &Service) -> Value {
         .filter(|b| !is_raw_node(svc, b.name()))
         .filter_map(|b| Device::from_bdev(b).map(|d| (b.name().to_string(), d.root())))
         .map(|(name, root)| {
+            let mut inserted = node_info(&root);
+            qemu_io_limits(svc, &name, &mut inserted);
             json!({
                 "device": name,
                 "qdev": "",
@@ -300,7 +302,7 @@ fn query_block(svc: &Service) -> Value {
                 "removable": false,
                 "type": "unknown",
                 "io-status": "ok",
-                "inserted": node_info(&root),
+                "inserted": inserted,
             })
         })
         .collect();

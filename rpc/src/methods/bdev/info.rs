@@ -1,6 +1,7 @@
 //! `bdev_get_bdevs` and `bdev_get_iostat`, in SPDK's output shapes.
 
 use crate::error::RpcError;
+use crate::methods::common::spdk_rate_limits;
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::{local_stats, Bdev, IoStatsSnapshot, IoType};
@@ -24,12 +25,7 @@ pub fn describe(svc: &Service, b: &Arc<dyn Bdev>) -> Value {
         "product_name": b.product_name(),
         "block_size": b.block_size(),
         "num_blocks": b.num_blocks(),
-        "assigned_rate_limits": {
-            "rw_ios_per_sec": 0,
-            "rw_mbytes_per_sec": 0,
-            "r_mbytes_per_sec": 0,
-            "w_mbytes_per_sec": 0,
-        },
+        "assigned_rate_limits": spdk_rate_limits(svc, b.name()),
         "claimed": !claims.is_empty(),
         "zoned": false,
         "supported_io_types": {

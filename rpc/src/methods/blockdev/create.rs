@@ -212,11 +212,37 @@ pub fn create(svc: &Service, name: &str, spec: &NodeSpec) -> Result<Made, RpcErr
             create_leaf(svc, name, spec)?
         }
         Kind::Raw { file } => create_raw(svc, name, spec, file, &mut made)?,
+        Kind::Throttle { file, group } => {
+            let nodes = svc.graph.nodes();
+            if !nodes.throttles().has_object(group) {
+                return Err(RpcError::invalid_params(format!(
+                    "Throttle group '{group}' does not exist"
+                )));
+            }
+            if !nodes.contains(file) {
+                return Err(not_found(file));
+            }
+            let b = bdev::throttle::ThrottleBdev::new(nodes, name, file, group)?;
+            let b: Arc<dyn Bdev> = b;
+            if let Err(e) = register_bdev(svc, b.clone()) {
+                b.on_delete();
+                return Err(e);
+            }
+        }
         Kind::Qcow2 {
             file,
             backing,
             overlap,
-        } => create_qcow2(svc, name, spec, file, backing, *overlap, &mut made)?,
+            cache,
+        } => create_qcow2(
+            svc,
+            name,
+            spec,
+            file,
+            backing,
+            (*overlap, *cache),
+            &mut made,
+        )?,
     }
     Ok(made)
 }
@@ -312,7 +338,7 @@ fn create_qcow2(
     spec: &NodeSpec,
     file: &NodeRef,
     backing: &Backing,
-    overlap: OverlapChecks,
+    (overlap, cache): (OverlapChecks, bdev::qcow2::CacheOptions),
     made: &mut Made,
 ) -> Result<(), RpcError> {
     let ro = spec.common.read_only.unwrap_or(false);
@@ -321,6 +347,7 @@ fn create_qcow2(
         read_only: ro,
         direct: Some(spec.common.direct.unwrap_or(false)),
         overlap_check: Some(overlap),
+        cache,
         force_share: spec.common.force_share,
         ..Open::default()
     };

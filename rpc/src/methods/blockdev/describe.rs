@@ -45,6 +45,13 @@ pub fn describe(g: &graph::Graph, b: &Arc<dyn Bdev>) -> Option<QemuNode> {
         }
         Driver::Nbd => Some(qemu_name::protocol("nbd", b.filename()?)),
         Driver::Rbd => Some(qemu_name::protocol("rbd", b.filename()?)),
+        Driver::Throttle => {
+            let t = b.as_any().downcast_ref::<bdev::throttle::ThrottleBdev>()?;
+            Some(QemuNode::Format {
+                driver: "throttle".into(),
+                file: Box::new(qemu_name::describe_file_child(t.child())),
+            })
+        }
         Driver::Qcow2 => None,
     }
 }

@@ -4,7 +4,7 @@
 use super::args::{bad_type, bad_value, missing, Args};
 use crate::error::RpcError;
 use bdev::lock::LockMode;
-use bdev::qcow2::OverlapChecks;
+use bdev::qcow2::{CacheOptions, OverlapChecks};
 use serde_json::Value;
 
 pub use graph::monitor::Driver;
@@ -43,7 +43,6 @@ pub(super) const OTHER_DRIVERS: &[&str] = &[
     "quorum",
     "replication",
     "ssh",
-    "throttle",
     "vdi",
     "vhdx",
     "virtio-blk-vfio-pci",
@@ -97,6 +96,7 @@ pub enum Kind {
         file: NodeRef,
         backing: Backing,
         overlap: OverlapChecks,
+        cache: CacheOptions,
     },
     Raw {
         file: NodeRef,
@@ -110,6 +110,10 @@ pub enum Kind {
     },
     Rbd {
         config: rbd::RbdConfig,
+    },
+    Throttle {
+        file: String,
+        group: String,
     },
 }
 
@@ -220,11 +224,6 @@ const QCOW2_UNSUPPORTED: &[&str] = &[
     "pass-discard-snapshot",
     "pass-discard-other",
     "discard-no-unref",
-    "cache-size",
-    "l2-cache-size",
-    "l2-cache-entry-size",
-    "refcount-cache-size",
-    "cache-clean-interval",
     "encrypt",
     "data-file",
 ];
@@ -243,6 +242,7 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
             "null-co" => Driver::NullCo,
             "nbd" => Driver::Nbd,
             "rbd" => Driver::Rbd,
+            "throttle" => Driver::Throttle,
             d if OTHER_DRIVERS.contains(&d) => {
                 return Err(RpcError::errno(
                     libc::ENOTSUP,
@@ -307,6 +307,22 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
                 .map_err(|e| RpcError::invalid_params(prefix_param(&e, prefix)))?;
             (Kind::Rbd { config }, &["encrypt", "key-secret"])
         }
+        Driver::Throttle => {
+            let group = a.req_str("throttle-group")?;
+            let file = match node_ref(&mut a, "file", &common)? {
+                NodeRef::Named(n) => n,
+                NodeRef::Nested(_) => {
+                    return Err(RpcError::errno(
+                        libc::ENOTSUP,
+                        format!(
+                            "Parameter '{}' is not supported by sluice as a nested definition (add the node first and name it)",
+                            a.path("file")
+                        ),
+                    ))
+                }
+            };
+            (Kind::Throttle { file, group }, &[])
+        }
         Driver::Raw => {
             let file = node_ref(&mut a, "file", &common)?;
             (Kind::Raw { file }, &["offset", "size"])
@@ -329,11 +345,19 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
                 Some(_) => return Err(bad_type(&a.path("backing"), "BlockdevRefOrNull")),
             };
             let overlap = overlap_check(&mut a)?;
+            let cache = CacheOptions {
+                cache_size: size(&mut a, "cache-size")?,
+                l2_cache_size: size(&mut a, "l2-cache-size")?,
+                refcount_cache_size: size(&mut a, "refcount-cache-size")?,
+                l2_cache_entry_size: size(&mut a, "l2-cache-entry-size")?,
+                cache_clean_interval: a.int("cache-clean-interval")?,
+            };
             (
                 Kind::Qcow2 {
                     file,
                     backing,
                     overlap,
+                    cache,
                 },
                 QCOW2_UNSUPPORTED,
             )
@@ -345,6 +369,22 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
         common,
         kind,
     })
+}
+
+/// A QAPI `size` member (QEMU's words for a negative one).
+fn size(a: &mut Args, k: &str) -> Result<Option<u64>, RpcError> {
+    match a.any(k) {
+        None => Ok(None),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(i)) => Err(RpcError::invalid_params(format!(
+                "Value '{i}' is out of range for parameter '{}'",
+                a.path(k)
+            ))),
+            _ => Err(bad_type(&a.path(k), "integer")),
+        },
+        Some(_) => Err(bad_type(&a.path(k), "integer")),
+    }
 }
 
 /// An NBD option error with the nested node's prefix in its parameter name.

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Many devices (issue 19): N null, malloc and qcow2-over-file devices made in
+# one sluice (N = 1000, 2000, 5000, 10000 by default), timed per step:
+# creation (SPDK's client, one connection), bdev_get_bdevs,
+# query-named-block-nodes and query-block-jobs (QMP); growth checked for
+# linearity (each step's time per device at the largest N against the
+# smallest: a ratio near 1 is linear, near N_max/N_min quadratic), and the
+# memory per device (RSS growth divided by the count). No peer runs: QSD
+# has no SPDK methods and its QMP answers are another program's cost; this
+# measures sluice's own scaling.
+#   scripts/bench/many_devices.sh
+#   COUNTS="1000 2000" KINDS="null qcow2" scripts/bench/many_devices.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+COUNTS=${COUNTS:-"1000 2000 5000 10000"}
+KINDS=${KINDS:-"null malloc qcow2"}
+DISK_DIR=${DISK_DIR:-/var/tmp/sluice-bench-devices}
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
+if [ -z "${SLUICE:-}" ]; then
+    cargo build --release -p sluice --bin sluice >&2
+    SLUICE=$PWD/target/release/sluice
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+export SLUICE COUNTS KINDS DISK_DIR
+exec "$PY" - <<'PYEOF'
+import json, os, shutil, subprocess, sys, tempfile, time
+sys.path.insert(0, "scripts/bench")
+from chainbench import Qmp, sh
+from spdk.rpc.client import JSONRPCClient
+
+E = os.environ
+counts = [int(x) for x in E["COUNTS"].split()]
+d = E["DISK_DIR"]
+os.makedirs(d, exist_ok=True)
+proto = os.path.join(d, "proto.qcow2")
+if not os.path.exists(proto):
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", proto, "1M")
+
+
+def rss_kb(pid):
+    return int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
+
+
+def timed(f):
+    t0 = time.perf_counter()
+    r = f()
+    return time.perf_counter() - t0, r
+
+
+def run(kind, n):
+    files = []
+    if kind == "qcow2":
+        for i in range(n):
+            f = os.path.join(d, f"i{i}.qcow2")
+            if not os.path.exists(f):
+                shutil.copyfile(proto, f)
+            files.append(f)
+    with tempfile.TemporaryDirectory(prefix="sl-many-") as tmp:
+        # The log goes to a file: a pipe nobody reads would fill with one
+        # line per device and stop the daemon.
+        log = open(os.path.join(tmp, "log"), "w+b")
+        p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", tmp, "-m", "0x3"],
+                             stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            sock = os.path.join(tmp, "sluice.sock")
+            while not os.path.exists(sock):
+                time.sleep(0.02)
+            time.sleep(0.1)
+            c = JSONRPCClient(sock)
+            q = Qmp(os.path.join(tmp, "sluice-qmp.sock"))
+            rss0 = rss_kb(p.pid)
+
+            def create():
+                for i in range(n):
+                    if kind == "null":
+                        c.call("bdev_null_create", {"name": f"d{i}", "num_blocks": 2048, "block_size": 512})
+                    elif kind == "malloc":
+                        c.call("bdev_malloc_create", {"name": f"d{i}", "num_blocks": 256, "block_size": 512})
+                    else:
+                        c.call("bdev_qcow2_open", {"name": f"d{i}", "filename": files[i]})
+            t_create, _ = timed(create)
+            rss = rss_kb(p.pid)
+            t_get, bdevs = timed(lambda: c.call("bdev_get_bdevs"))
+            want = n * (2 if kind == "qcow2" else 1)  # a qcow2 device has its image node too
+            if len(bdevs) < n:
+                raise RuntimeError(f"bdev_get_bdevs listed {len(bdevs)} of {want}")
+            t_nodes, nodes = timed(lambda: q.cmd("query-named-block-nodes"))
+            t_jobs, _ = timed(lambda: q.cmd("query-block-jobs"))
+            q.cmd("quit")
+            q.close()
+            p.wait(120)
+            log.seek(0)
+            if b"panicked" in log.read():
+                raise RuntimeError("sluice panicked")
+            return {"create": t_create, "bdev_get_bdevs": t_get, "query-named-block-nodes": t_nodes,
+                    "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "nodes": len(nodes)}
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+for kind in E["KINDS"].split():
+    res = {}
+    for n in counts:
+        res[n] = run(kind, n)
+        r = res[n]
+        print(f"{kind:6} n={n:6}: create {r['create']:.2f}s ({r['create'] / n * 1e6:.0f} us/dev), "
+              f"bdev_get_bdevs {r['bdev_get_bdevs'] * 1e3:.0f} ms, query-named-block-nodes "
+              f"{r['query-named-block-nodes'] * 1e3:.0f} ms ({r['nodes']} nodes), query-block-jobs "
+              f"{r['query-block-jobs'] * 1e3:.1f} ms, RSS {r['rss_per_dev_kb']:.1f} KiB/device", flush=True)
+    lo, hi = counts[0], counts[-1]
+    for k in ("create", "bdev_get_bdevs", "query-named-block-nodes"):
+        ratio = (res[hi][k] / hi) / (res[lo][k] / lo)
+        verdict = "linear" if ratio < 2 else ("QUADRATIC-looking" if ratio > hi / lo / 2 else "superlinear")
+        print(f"{kind:6} {k}: per-device time at {hi} / at {lo} = {ratio:.2f} ({verdict}; quadratic would be {hi / lo:.0f})")
+PYEOF
