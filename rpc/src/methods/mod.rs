@@ -22,8 +22,8 @@ pub mod resize;
 pub mod schema;
 pub mod snapshot;
 pub mod stream2011;
-pub mod vhost;
 pub mod throttle;
+pub mod vhost;
 
 use crate::table::MethodTable;
 
