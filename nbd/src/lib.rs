@@ -22,6 +22,7 @@ mod pool;
 pub mod proto;
 pub mod server;
 mod status;
+pub mod tls;
 #[cfg(test)]
 mod tests;
 

@@ -41,6 +41,8 @@ pub struct Service {
     pub nvme: bdev::nvme::NvmeControllers,
     /// How copying jobs copy: read from the environment once, at start-up.
     pub tuning: jobs::copy::Tuning,
+    /// User-created objects (`object-add`: TLS credentials, authorization).
+    pub objects: crate::objects::Objects,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -62,6 +64,7 @@ impl Service {
             rt,
             jobs: jobs::job::JobManager::new(crate::methods::job_qapi::sink(events.clone())),
             tuning: jobs::copy::Tuning::from_env(|k| std::env::var(k).ok()),
+            objects: Default::default(),
             nbd: nbd::NbdServer::default(),
             events,
             runtime_dir,
