@@ -263,8 +263,12 @@ impl Haggle<'_> {
             return Ok(());
         }
         if !data.is_empty() {
-            self.error(option, rep::ERR_INVALID, "OPT_STARTTLS should not have length")
-                .await?;
+            self.error(
+                option,
+                rep::ERR_INVALID,
+                "OPT_STARTTLS should not have length",
+            )
+            .await?;
             return Ok(());
         }
         let session = creds.server_session().map_err(HandshakeError::Protocol)?;
@@ -277,9 +281,7 @@ impl Haggle<'_> {
                 crate::net::Sock::Tls(t) => t.peer_certificate(),
                 _ => None,
             };
-            authz
-                .check(cert.as_deref())
-                .map_err(HandshakeError::Tls)?;
+            authz.check(cert.as_deref()).map_err(HandshakeError::Tls)?;
         }
         self.tls_on = true;
         Ok(())

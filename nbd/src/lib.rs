@@ -22,9 +22,9 @@ mod pool;
 pub mod proto;
 pub mod server;
 mod status;
-pub mod tls;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 pub use addr::ListenAddr;
 pub use error::NbdError;

@@ -13,6 +13,7 @@
 //! reads (or writes) until the kernel says "would block", then waits for the next
 //! edge. An idle reactor parks; an idle connection costs nothing.
 
+use crate::tls::TlsSock;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use reactor::{register_poller, PollStatus, PollerHandle};
 use slab::Slab;
@@ -25,7 +26,6 @@ use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use crate::tls::TlsSock;
 
 /// Least time between two empty harvests of a reactor's socket set: the most a
 /// spinning reactor adds to the latency of noticing a socket edge.

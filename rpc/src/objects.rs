@@ -66,9 +66,7 @@ impl Objects {
     pub fn tls_creds(&self, id: &str) -> Result<Arc<TlsCreds>, String> {
         match self.lock().get(id) {
             Some(Object::TlsCredsX509(c)) => Ok(c.clone()),
-            Some(_) => Err(format!(
-                "Object with id '{id}' is not TLS credentials"
-            )),
+            Some(_) => Err(format!("Object with id '{id}' is not TLS credentials")),
             None => Err(format!("No TLS credentials with id '{id}'")),
         }
     }
@@ -77,7 +75,9 @@ impl Objects {
     pub fn authz(&self, id: &str) -> Result<Arc<AuthzSimple>, String> {
         match self.lock().get(id) {
             Some(Object::AuthzSimple(a)) => Ok(a.clone()),
-            Some(_) => Err(format!("Object with id '{id}' is not an authorization object")),
+            Some(_) => Err(format!(
+                "Object with id '{id}' is not an authorization object"
+            )),
             None => Err(format!("No authorization object with id '{id}'")),
         }
     }

@@ -171,7 +171,9 @@ impl ClientConfig {
         let string = |k: &str| match m.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(format!("Invalid parameter type for '{k}', expected: string")),
+            Some(_) => Err(format!(
+                "Invalid parameter type for '{k}', expected: string"
+            )),
         };
         Ok(ClientConfig {
             server,

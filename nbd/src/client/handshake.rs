@@ -162,7 +162,10 @@ fn tls_words(e: &std::io::Error, hostname: Option<&str>) -> String {
     if m.contains("UnknownIssuer") || m.contains("BadSignature") {
         "The certificate hasn't got a known issuer".into()
     } else if m.contains("NotValidForName") {
-        format!("Certificate does not match the hostname {}", hostname.unwrap_or(""))
+        format!(
+            "Certificate does not match the hostname {}",
+            hostname.unwrap_or("")
+        )
     } else if m.contains("Expired") {
         "The certificate has expired".into()
     } else if e.kind() == std::io::ErrorKind::UnexpectedEof {

@@ -156,9 +156,7 @@ impl Write for TlsSock {
                 match st.conn.write_tls(&mut self.io) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(_) => {}
-                    Err(e) if done > 0 && e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(done)
-                    }
+                    Err(e) if done > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
                     Err(e) => return Err(e),
                 }
             }

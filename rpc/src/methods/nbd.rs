@@ -66,7 +66,10 @@ fn nbd_server_start(svc: &Service, p: Params) -> Result<Value, RpcError> {
 
 /// The server credentials `id`, in QEMU's words when missing or made for a client.
 fn server_creds(svc: &Service, id: &str) -> Result<std::sync::Arc<nbd::tls::TlsCreds>, RpcError> {
-    let c = svc.objects.tls_creds(id).map_err(RpcError::invalid_params)?;
+    let c = svc
+        .objects
+        .tls_creds(id)
+        .map_err(RpcError::invalid_params)?;
     if c.endpoint != nbd::tls::Endpoint::Server {
         return Err(RpcError::invalid_params(
             c.wrong_endpoint(nbd::tls::Endpoint::Server),

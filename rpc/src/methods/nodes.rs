@@ -382,7 +382,10 @@ pub fn open_nbd(
     auto_read_only: bool,
 ) -> Result<Arc<dyn Bdev>, RpcError> {
     if let Some(id) = &config.tls_creds {
-        let c = svc.objects.tls_creds(id).map_err(RpcError::invalid_params)?;
+        let c = svc
+            .objects
+            .tls_creds(id)
+            .map_err(RpcError::invalid_params)?;
         if c.endpoint != nbd::tls::Endpoint::Client {
             return Err(RpcError::invalid_params(
                 c.wrong_endpoint(nbd::tls::Endpoint::Client),

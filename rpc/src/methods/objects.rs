@@ -121,6 +121,8 @@ fn object_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
             )))
         }
     };
-    svc.objects.add(&id, obj).map_err(RpcError::invalid_params)?;
+    svc.objects
+        .add(&id, obj)
+        .map_err(RpcError::invalid_params)?;
     Ok(json!({}))
 }

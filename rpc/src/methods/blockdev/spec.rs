@@ -295,10 +295,7 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
             }
             let config = nbd::client::ClientConfig::from_options(&m)
                 .map_err(|e| RpcError::invalid_params(prefix_param(&e, prefix)))?;
-            (
-                Kind::Nbd { config },
-                &["x-dirty-bitmap"],
-            )
+            (Kind::Nbd { config }, &["x-dirty-bitmap"])
         }
         Driver::Raw => {
             let file = node_ref(&mut a, "file", &common)?;
