@@ -132,14 +132,16 @@ class Node:
         expect("panicked" not in log, f"node panicked: {log}")
 
 
-def qsd_server(ns, pki, img, fmt="qcow2"):
-    """qemu-storage-daemon in `ns` exporting `img` read-only over TLS on A_IP."""
+def qsd_server(ns, pki, img, fmt="qcow2", ip=A_IP, writable=False):
+    """qemu-storage-daemon in `ns` exporting `img` as "top" over TLS on `ip`
+    (read-only unless `writable`)."""
+    ro = "off" if writable else "on"
     p = subprocess.Popen(["ip", "netns", "exec", ns, "qemu-storage-daemon", "--object",
                           f"tls-creds-x509,id=ts,dir={pki},endpoint=server",
-                          "--blockdev", f"driver=file,node-name=f0,filename={img},read-only=on",
-                          "--blockdev", f"driver={fmt},node-name=top,file=f0,read-only=on",
-                          "--nbd-server", f"addr.type=inet,addr.host={A_IP},addr.port={PORT},tls-creds=ts",
-                          "--export", "type=nbd,id=e0,node-name=top,name=top"],
+                          "--blockdev", f"driver=file,node-name=f0,filename={img},read-only={ro}",
+                          "--blockdev", f"driver={fmt},node-name=top,file=f0,read-only={ro}",
+                          "--nbd-server", f"addr.type=inet,addr.host={ip},addr.port={PORT},tls-creds=ts",
+                          "--export", f"type=nbd,id=e0,node-name=top,name=top,writable={'on' if writable else 'off'}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 10
     while subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htln", f"( sport = :{PORT} )"],
@@ -253,6 +255,95 @@ def case_postcopy_tls_sluice(binary, d, pki, nets):
 
 def case_postcopy_tls_qsd_source(binary, d, pki, nets):
     postcopy(binary, d, pki, nets, "qsd")
+
+
+def sluice_server(binary, ns, d, name, pki, img, fmt, ip, writable):
+    """A sluice node in `ns` exporting `img` as "top" over TLS on `ip`."""
+    n = Node(binary, ns, d, name)
+    n.vm.rcmd("object-add", {"qom-type": "tls-creds-x509", "id": "ts", "dir": pki,
+                             "endpoint": "server"})
+    n.vm.rcmd("blockdev-add", {"driver": fmt, "node-name": "top", "read-only": not writable,
+                               "file": {"driver": "file", "filename": img,
+                                        "read-only": not writable}})
+    n.vm.rcmd("nbd-server-start", {"addr": {"type": "inet", "data": {"host": ip, "port": str(PORT)}},
+                                   "tls-creds": "ts"})
+    n.vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "name": "top",
+                                   "writable": writable})
+    return n
+
+
+def slow_writer(uri, n, base):
+    """A client writing n 8 KiB blocks 20 ms apart, then reading them back."""
+    cmds = []
+    for i in range(n):
+        cmds += ["-c", f"write -P 0x55 {base + i * 8192} 8k", "-c", "sleep 20"]
+    cmds += ["-c", f"read -P 0x55 {base} {n * 8}k"]
+    return subprocess.Popen(["qemu-io", "-f", "raw", *cmds, uri], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def precopy(binary, d, pki, nets, dest):
+    """libvirt's non-shared-storage migration: B serves an empty image over
+    NBD (TLS); A mirrors its device into it in write-blocking mode while a
+    client writes through A's export, pivots; the images compare equal."""
+    src, dst = os.path.join(d, "src.qcow2"), os.path.join(d, "dst.raw")
+    run("qemu-img", "create", "-f", "qcow2", src, "16M")
+    qemu_io(src, ["write -P 0x5a 0 6M", "write -P 0x5b 10M 3M"], "qcow2")
+    run("qemu-img", "create", "-f", "raw", dst, "16M")
+    ref = os.path.join(d, "ref.raw")
+    run("qemu-img", "convert", "-O", "raw", src, ref)
+    if dest == "sluice":
+        b = sluice_server(binary, nets.b, d, "B", pki, dst, "raw", B_IP, True)
+    else:
+        b = qsd_server(nets.b, pki, dst, "raw", B_IP, True)
+    a = Node(binary, nets.a, d, "A")
+    try:
+        vm = a.vm
+        vm.rcmd("object-add", {"qom-type": "tls-creds-x509", "id": "tc", "dir": pki})
+        vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                 "file": {"driver": "file", "filename": src}})
+        vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "tgt", "export": "top",
+                                 "tls-creds": "tc",
+                                 "server": {"type": "inet", "host": B_IP, "port": str(PORT)}})
+        sock = os.path.join(a.dir, "nbd.sock")
+        vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        vm.rcmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
+                                     "writable": True, "name": "vda"})
+        n = 150
+        p = slow_writer(f"nbd+unix:///vda?socket={sock}", n, 5 * MiB)
+        vm.rcmd("blockdev-mirror", {"job-id": "m0", "device": "src", "target": "tgt",
+                                    "sync": "full", "copy-mode": "write-blocking"})
+        vm.event_wait("BLOCK_JOB_READY", 60, {"device": "m0"})
+        expect(p.poll() is None, "the client finished before the mirror was ready: nothing overlapped")
+        out, _ = p.communicate(timeout=120)
+        expect(p.returncode == 0 and out.count("wrote 8192/8192") == n and "fail" not in out, out)
+        vm.rcmd("block-job-complete", {"device": "m0"})
+        vm.event_wait("JOB_STATUS_CHANGE", 60, {"id": "m0", "status": "null"})
+        done = [e for e in vm.pending if e["event"] == "BLOCK_JOB_COMPLETED"]
+        expect(len(done) == 1 and "error" not in done[0]["data"], f"m0: {done}")
+        vm.rcmd("block-export-del", {"id": "e0"})
+        vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "e0"})
+        vm.rcmd("blockdev-del", {"node-name": "src"})
+        vm.rcmd("blockdev-del", {"node-name": "tgt"})
+    finally:
+        a.stop()
+        if dest == "sluice":
+            b.stop()
+        else:
+            b.terminate()
+            b.wait(10)
+    qemu_io(ref, [f"write -P 0x55 {5 * MiB} {n * 8}k"])
+    run("qemu-img", "check", src)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", dst, ref)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, dst)
+
+
+def case_precopy_sluice(binary, d, pki, nets):
+    precopy(binary, d, pki, nets, "sluice")
+
+
+def case_precopy_qsd_dest(binary, d, pki, nets):
+    precopy(binary, d, pki, nets, "qsd")
 
 
 def main():

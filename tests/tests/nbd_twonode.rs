@@ -41,3 +41,13 @@ fn postcopy_migration_over_tls_sluice_to_sluice() {
 fn postcopy_migration_over_tls_from_qsd() {
     scenario("postcopy_tls_qsd_source");
 }
+
+#[test]
+fn precopy_mirror_write_blocking_into_sluice() {
+    scenario("precopy_sluice");
+}
+
+#[test]
+fn precopy_mirror_write_blocking_into_qsd() {
+    scenario("precopy_qsd_dest");
+}
