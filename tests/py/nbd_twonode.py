@@ -346,6 +346,78 @@ def case_precopy_qsd_dest(binary, d, pki, nets):
     precopy(binary, d, pki, nets, "qsd")
 
 
+def case_rapid_deployment(binary, d, pki, nets):
+    """A golden image on A (exported over TLS); B starts ten overlays on it at
+    once (each on its own nbd node: a stream holds the nodes it removes, in
+    sluice as in QEMU, so two streams cannot share one), serves a client on each (each writes and
+    verifies its own pattern), and streams all ten with a shared speed limit
+    (no throttle group for jobs yet: the limit is split evenly, each job
+    getting a tenth). Each overlay ends equal to golden plus its client's
+    writes, without a backing file."""
+    golden = os.path.join(d, "golden.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", golden, "16M")
+    qemu_io(golden, ["write -P 0x11 0 4M", "write -P 0x12 8M 4M"], "qcow2")
+    ref = os.path.join(d, "golden.raw")
+    run("qemu-img", "convert", "-O", "raw", golden, ref)
+    a = sluice_server(binary, nets.a, d, "A", pki, golden, "qcow2", A_IP, False)
+    b = Node(binary, nets.b, d, "B")
+    n, shared = 10, 20 * MiB
+    ovs = [os.path.join(d, f"ov{i}.qcow2") for i in range(n)]
+    try:
+        vm = b.vm
+        vm.rcmd("object-add", {"qom-type": "tls-creds-x509", "id": "tc", "dir": pki})
+        sock = os.path.join(b.dir, "nbd.sock")
+        vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        for i, ov in enumerate(ovs):
+            run("qemu-img", "create", "-f", "qcow2", "-u", "-b", f"nbd://{A_IP}:{PORT}/top",
+                "-F", "raw", ov, "16M")
+            vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": f"golden{i}", "read-only": True,
+                                     "export": "top", "tls-creds": "tc",
+                                     "server": {"type": "inet", "host": A_IP, "port": str(PORT)}})
+            vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": f"ov{i}",
+                                     "backing": f"golden{i}",
+                                     "file": {"driver": "file", "filename": ov}})
+            vm.rcmd("block-export-add", {"type": "nbd", "id": f"ov{i}", "node-name": f"ov{i}",
+                                         "writable": True, "name": f"ov{i}"})
+        clients = []
+        for i in range(n):
+            cmds = ["read -P 0x11 0 1M", f"write -P {0x40 + i} {13 * 1024 + i * 256}k 256k",
+                    f"read -P {0x40 + i} {13 * 1024 + i * 256}k 256k", "read -P 0x12 8M 1M"]
+            clients.append(subprocess.Popen(
+                ["qemu-io", "-f", "raw", *[x for c in cmds for x in ("-c", c)],
+                 f"nbd+unix:///ov{i}?socket={sock}"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for i in range(n):
+            vm.rcmd("block-stream", {"device": f"ov{i}", "job-id": f"s{i}", "speed": shared // n})
+        for p in clients:
+            out, _ = p.communicate(timeout=120)
+            expect(p.returncode == 0 and "fail" not in out and "error" not in out.lower(), out)
+        left = set(range(n))
+        deadline = time.time() + 120
+        while left:
+            ev = vm.event_wait("BLOCK_JOB_COMPLETED", max(1, deadline - time.time()))
+            i = int(ev["data"]["device"][1:])
+            expect("error" not in ev["data"], ev)
+            left.discard(i)
+        for i in range(n):
+            vm.rcmd("block-export-del", {"id": f"ov{i}"})
+            vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": f"ov{i}"})
+            vm.rcmd("blockdev-del", {"node-name": f"ov{i}"})
+            vm.rcmd("blockdev-del", {"node-name": f"golden{i}"})
+    finally:
+        b.stop()
+        a.stop()
+    for i, ov in enumerate(ovs):
+        info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
+        expect("backing-filename" not in info, f"ov{i} still has a backing file: {info}")
+        run("qemu-img", "check", ov)
+        want = os.path.join(d, f"want{i}.raw")
+        run("cp", ref, want)
+        qemu_io(want, [f"write -P {0x40 + i} {13 * 1024 + i * 256}k 256k"])
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, want)
+        os.unlink(want)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)

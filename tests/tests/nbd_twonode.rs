@@ -51,3 +51,8 @@ fn precopy_mirror_write_blocking_into_sluice() {
 fn precopy_mirror_write_blocking_into_qsd() {
     scenario("precopy_qsd_dest");
 }
+
+#[test]
+fn rapid_deployment_ten_overlays_on_one_golden_export() {
+    scenario("rapid_deployment");
+}
