@@ -122,6 +122,10 @@ class Node:
         self.check()
 
     def kill(self):
+        try:
+            self.vm.q.close()
+        except Exception:
+            pass  # (the session of a node being killed; nothing to report)
         self.p.kill()
         self.p.wait(10)
         self.check()
@@ -416,6 +420,105 @@ def case_rapid_deployment(binary, d, pki, nets):
         qemu_io(want, [f"write -P {0x40 + i} {13 * 1024 + i * 256}k 256k"])
         run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, want)
         os.unlink(want)
+
+
+def start_a(binary, nets, d, pki, top, k):
+    return sluice_server(binary, nets.a, d, f"A{k}", pki, top, "qcow2", A_IP, False)
+
+
+def case_faults(binary, d, pki, nets):
+    """Post-copy streams over TLS with faults: the link goes down mid-stream
+    (shorter and longer than reconnect-delay), node A is killed mid-stream
+    and restarted at once, and killed for longer than reconnect-delay (the
+    stream fails, a new one completes once A is back). Every overlay ends
+    equal to the chain plus its client's writes, clean, standalone."""
+    top = make_chain(d)
+    ref = reference(d, top)
+    a = start_a(binary, nets, d, pki, top, 0)
+    b = Node(binary, nets.b, d, "B")
+    restarts = [0]
+    log = []
+    try:
+        vm = b.vm
+        vm.rcmd("object-add", {"qom-type": "tls-creds-x509", "id": "tc", "dir": pki})
+        vm.rcmd("blockdev-add", {"driver": "nbd", "node-name": "remote", "read-only": True,
+                                 "export": "top", "tls-creds": "tc", "reconnect-delay": 3,
+                                 "server": {"type": "inet", "host": A_IP, "port": str(PORT)}})
+        sock = os.path.join(b.dir, "nbd.sock")
+        vm.rcmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+
+        def phase(k, fault):
+            nonlocal a
+            ov = os.path.join(d, f"f{k}.qcow2")
+            run("qemu-img", "create", "-f", "qcow2", "-u", "-b", f"nbd://{A_IP}:{PORT}/top",
+                "-F", "raw", ov, "16M")
+            vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": f"f{k}", "backing": "remote",
+                                     "file": {"driver": "file", "filename": ov}})
+            vm.rcmd("block-export-add", {"type": "nbd", "id": f"f{k}", "node-name": f"f{k}",
+                                         "writable": True, "name": f"f{k}"})
+            uri = f"nbd+unix:///f{k}?socket={sock}"
+            qemu_io(uri, CLIENT_WRITES)
+            vm.rcmd("block-stream", {"device": f"f{k}", "job-id": f"s{k}", "speed": 2 * MiB,
+                                     "on-error": "report"})
+            time.sleep(1)
+            t0 = time.time()
+            fault()
+            ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": f"s{k}"})
+            err = ev["data"].get("error")
+            log.append(f"phase {k}: stream {'failed: ' + err if err else 'completed'} "
+                       f"{time.time() - t0:.1f}s after the fault began")
+            if err:
+                # After the fault, once the client is connected again (every
+                # dropped connection re-established), a new stream completes.
+                deadline = time.time() + 20
+                while True:
+                    c = vm.rcmd("bdev_get_bdevs", {"name": "remote"})[0]["driver_specific"]["nbd"]
+                    if c["reconnects"] >= c["connections_dropped"]:
+                        break
+                    expect(time.time() < deadline, f"phase {k}: never reconnected: {c}")
+                    time.sleep(0.1)
+                vm.rcmd("block-stream", {"device": f"f{k}", "job-id": f"r{k}"})
+                ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": f"r{k}"})
+                expect("error" not in ev["data"], f"phase {k}: the new stream failed: {ev}")
+            qemu_io(uri, CLIENT_READS)
+            vm.rcmd("block-export-del", {"id": f"f{k}"})
+            vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": f"f{k}"})
+            vm.rcmd("blockdev-del", {"node-name": f"f{k}"})
+            return ov, err
+
+        def link_down(secs):
+            def f():
+                nets.link(False)
+                try:
+                    time.sleep(secs)
+                finally:
+                    nets.link(True)
+            return f
+
+        def kill_a(secs):
+            def f():
+                nonlocal a
+                a.kill()
+                time.sleep(secs)
+                restarts[0] += 1
+                a = start_a(binary, nets, d, pki, top, restarts[0])
+            return f
+
+        results = [phase(1, link_down(1.5)), phase(2, link_down(5)), phase(3, kill_a(0)),
+                   phase(4, kill_a(5))]
+        expect(results[0][1] is None, f"a 1.5 s link loss within reconnect-delay failed the stream: {log}")
+        expect(results[2][1] is None, f"a restart within reconnect-delay failed the stream: {log}")
+        expect(results[3][1] is not None, f"5 s without a server (reconnect-delay 3) did not fail the stream: {log}")
+        vm.rcmd("blockdev-del", {"node-name": "remote"})
+    finally:
+        b.stop()
+        a.stop()
+    for ov, _ in results:
+        info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
+        expect("backing-filename" not in info, f"{ov} still has a backing file: {info}")
+        run("qemu-img", "check", ov)
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, ref)
+    print("\n".join(log))
 
 
 def main():

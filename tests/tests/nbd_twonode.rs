@@ -27,7 +27,7 @@ fn scenario(case: &str) {
         "nbd_twonode.py --case {case}: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-    if let Some(l) = stdout.lines().find(|l| l.starts_with("skipped")) {
+    for l in stdout.lines().filter(|l| *l != "ok") {
         eprintln!("{case}: {l}");
     }
 }
@@ -55,4 +55,9 @@ fn precopy_mirror_write_blocking_into_qsd() {
 #[test]
 fn rapid_deployment_ten_overlays_on_one_golden_export() {
     scenario("rapid_deployment");
+}
+
+#[test]
+fn faults_link_down_and_source_killed_mid_stream() {
+    scenario("faults");
 }
