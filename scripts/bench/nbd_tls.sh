@@ -24,7 +24,7 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 export SLUICE GIB RUNS TLS DIR
 exec "$PY" - <<'PYEOF'
-import os, shutil, subprocess, sys, time
+import json, os, shutil, subprocess, sys, time
 sys.path.insert(0, "scripts/bench")
 sys.path.insert(0, "tests/py")
 from chainbench import Qmp, make_chain, drop_caches
@@ -62,9 +62,11 @@ def source(names, pki, tls):
     args = ["ip", "netns", "exec", NA, "qemu-storage-daemon",
             "--object", f"tls-creds-x509,id=ts,dir={pki},endpoint=server"]
     for i, p in enumerate(names):
-        args += ["--blockdev", f"driver=file,node-name=f{i},filename={p},read-only=on",
-                 "--blockdev", f"driver=qcow2,node-name=l{i},file=f{i},read-only=on"
-                 + (f",backing=l{i - 1}" if i else ",backing=null")]
+        args += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": p,
+                                           "read-only": True}),
+                 "--blockdev", json.dumps({"driver": "qcow2", "node-name": f"l{i}", "file": f"f{i}",
+                                           "read-only": True,
+                                           "backing": f"l{i - 1}" if i else None})]
     args += ["--nbd-server", f"addr.type=inet,addr.host={A_IP},addr.port={PORT}"
              + (",tls-creds=ts" if tls else ""),
              "--export", f"type=nbd,id=e0,node-name=l{len(names) - 1},name=top"]
@@ -77,18 +79,32 @@ def source(names, pki, tls):
     raise RuntimeError(f"source did not start: {p.stderr.read()}")
 
 
+def connect(p, path):
+    """A QMP session once the monitor answers (its socket appears a moment
+    before it does); the process's stderr if it died."""
+    for _ in range(400):
+        if p.poll() is not None:
+            raise RuntimeError(f"destination exited: {p.stderr.read()}")
+        try:
+            return Qmp(path)
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError(f"no QMP on {path}")
+
+
 def dest(kind, tmp):
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp, exist_ok=True)
     if kind == "sluice":
         p = subprocess.Popen(["ip", "netns", "exec", NB, E["SLUICE"], "serve", "--runtime-dir", tmp,
                               "-m", "0x1", "--nbd-allow-remote"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        return p, Qmp(os.path.join(tmp, "sluice-qmp.sock"))
+        return p, connect(p, os.path.join(tmp, "sluice-qmp.sock"))
     sock = os.path.join(tmp, "qsd.sock")
     p = subprocess.Popen(["ip", "netns", "exec", NB, "qemu-storage-daemon", "--chardev",
                           f"socket,id=m0,path={sock},server=on,wait=off", "--monitor", "chardev=m0"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return p, Qmp(sock)
+    return p, connect(p, sock)
 
 
 def one(kind, names, pki, tls, tmp):
