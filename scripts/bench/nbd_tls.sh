@@ -31,7 +31,7 @@ from chainbench import Qmp, make_chain, drop_caches
 from tls_pki import make_pki
 
 E = os.environ
-A_IP, B_IP, PORT = "10.198.0.1", "10.198.0.2", 10809
+A_IP, B_IP, PORT = "10.199.0.1", "10.199.0.2", 10809  # (in tls_pki.SERVER_SAN)
 NA, NB, VA, VB = "sbA", "sbB", "vbA", "vbB"
 
 
