@@ -1,6 +1,12 @@
 //! The fixed newstyle handshake: greeting, client flags, and option haggling
-//! (EXPORT_NAME, ABORT, LIST, STARTTLS refused, INFO, GO, STRUCTURED_REPLY,
+//! (EXPORT_NAME, ABORT, LIST, STARTTLS, INFO, GO, STRUCTURED_REPLY,
 //! LIST/SET_META_CONTEXT with `base:allocation`).
+//!
+//! TLS as QEMU's server does it (nbd/server.c): a server with credentials
+//! answers every option but `STARTTLS` and `ABORT` with `NBD_REP_ERR_TLS_REQD`
+//! until TLS runs, and drops a client that sends `EXPORT_NAME` before it; after
+//! the TLS handshake (and the `tls-authz` check) the haggle starts over inside
+//! the session. Without credentials `STARTTLS` gets `NBD_REP_ERR_POLICY`.
 
 use super::export::{Attached, Export, Kick};
 use super::net::AsyncSock;
@@ -33,6 +39,9 @@ pub(crate) enum HandshakeError {
     /// The client broke the protocol; the connection is dropped.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// TLS failed: the handshake, the client's certificate, or `tls-authz`.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The client aborted (`NBD_OPT_ABORT`).
     #[error("client aborted the negotiation")]
     Aborted,
@@ -49,6 +58,8 @@ struct Haggle<'a> {
     structured: bool,
     /// Export name the contexts were selected for, and whether base:allocation was.
     meta: Option<(String, bool)>,
+    /// TLS runs on the socket.
+    tls_on: bool,
 }
 
 /// Runs the handshake on `s`.
@@ -77,6 +88,7 @@ pub(crate) async fn negotiate(
         no_zeroes: cflags & proto::FLAG_C_NO_ZEROES != 0,
         structured: false,
         meta: None,
+        tls_on: false,
     };
     loop {
         let mut hdr = [0u8; 16];
@@ -97,6 +109,21 @@ pub(crate) async fn negotiate(
             h.s.skip(len as u64).await?;
             h.reply(option, rep::ERR_TOO_BIG, b"option data too large")
                 .await?;
+            continue;
+        }
+        if h.inst.tls.is_some() && !h.tls_on && option != opt::STARTTLS && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                return Err(HandshakeError::Protocol(
+                    "Option 0x1 not permitted before TLS".into(),
+                ));
+            }
+            h.s.skip(len as u64).await?;
+            h.error(
+                option,
+                rep::ERR_TLS_REQD,
+                &format!("Option {option:#x} not permitted before TLS"),
+            )
+            .await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
@@ -181,8 +208,7 @@ impl Haggle<'_> {
                 Ok(None)
             }
             opt::STARTTLS => {
-                self.error(option, rep::ERR_POLICY, "TLS is not offered by this server")
-                    .await?;
+                self.starttls(option, data).await?;
                 Ok(None)
             }
             opt::INFO | opt::GO => self.info_go(option, data).await,
@@ -221,6 +247,44 @@ impl Haggle<'_> {
                 Ok(None)
             }
         }
+    }
+
+    /// `NBD_OPT_STARTTLS`: the TLS handshake on the socket, then the
+    /// `tls-authz` check; a failure ends the connection.
+    async fn starttls(&mut self, option: u32, data: &[u8]) -> Result<(), HandshakeError> {
+        let Some(creds) = self.inst.tls.clone() else {
+            self.error(option, rep::ERR_POLICY, "TLS not configured")
+                .await?;
+            return Ok(());
+        };
+        if self.tls_on {
+            self.error(option, rep::ERR_INVALID, "TLS already enabled")
+                .await?;
+            return Ok(());
+        }
+        if !data.is_empty() {
+            self.error(
+                option,
+                rep::ERR_INVALID,
+                "OPT_STARTTLS should not have length",
+            )
+            .await?;
+            return Ok(());
+        }
+        let session = creds.server_session().map_err(HandshakeError::Protocol)?;
+        self.reply(option, rep::ACK, &[]).await?;
+        crate::tls::stream::handshake(self.s, session)
+            .await
+            .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+        if let Some(authz) = &self.inst.authz {
+            let cert = match &self.s.sock {
+                crate::net::Sock::Tls(t) => t.peer_certificate(),
+                _ => None,
+            };
+            authz.check(cert.as_deref()).map_err(HandshakeError::Tls)?;
+        }
+        self.tls_on = true;
+        Ok(())
     }
 
     /// Whether base:allocation was selected for export `name`.

@@ -24,6 +24,7 @@ pub mod server;
 mod status;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 pub use addr::ListenAddr;
 pub use error::NbdError;

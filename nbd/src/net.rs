@@ -13,6 +13,7 @@
 //! reads (or writes) until the kernel says "would block", then waits for the next
 //! edge. An idle reactor parks; an idle connection costs nothing.
 
+use crate::tls::TlsSock;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use reactor::{register_poller, PollStatus, PollerHandle};
 use slab::Slab;
@@ -188,6 +189,12 @@ impl Registration {
         self.src.readable.set(self.src.hup.get());
     }
 
+    /// Records that the fd may be readable after all (data may be buffered
+    /// above the socket, as a TLS session's plaintext is).
+    pub fn mark_readable(&self) {
+        self.src.readable.set(true);
+    }
+
     /// Records that a write would block (or was partial).
     pub fn clear_writable(&self) {
         self.src.writable.set(false);
@@ -230,12 +237,15 @@ impl Drop for Registration {
     }
 }
 
-/// A connected stream socket (TCP or Unix), non-blocking.
+/// A connected stream socket (TCP or Unix), non-blocking, plain or with a
+/// TLS session over it ([`crate::tls::stream`]).
 pub enum Sock {
     /// TCP.
     Tcp(TcpStream),
     /// Unix domain.
     Unix(UnixStream),
+    /// TLS over one of the others.
+    Tls(Box<TlsSock>),
 }
 
 impl Sock {
@@ -247,6 +257,7 @@ impl Sock {
                 s.set_nonblocking(true)
             }
             Sock::Unix(s) => s.set_nonblocking(true),
+            Sock::Tls(t) => t.inner().prepare(),
         }
     }
 
@@ -258,14 +269,34 @@ impl Sock {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp peer".into()),
             Sock::Unix(_) => "unix peer".into(),
+            Sock::Tls(t) => t.inner().peer(),
         }
     }
 
-    /// Shuts both directions down (the peer sees EOF).
-    pub fn shutdown(&self) {
+    /// A second handle on the same connection (a duplicate fd; a TLS session is shared).
+    pub fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(t) => Sock::Tcp(t.try_clone()?),
+            Sock::Unix(u) => Sock::Unix(u.try_clone()?),
+            Sock::Tls(t) => Sock::Tls(Box::new(t.try_clone()?)),
+        })
+    }
+
+    /// Whether a TLS session runs over the socket.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Sock::Tls(_))
+    }
+
+    /// Shuts both directions down (the peer sees EOF; a TLS peer gets its
+    /// close_notify first).
+    pub fn shutdown(&mut self) {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Tls(t) => {
+                t.shutdown();
+                Ok(())
+            }
         };
     }
 }
@@ -275,6 +306,7 @@ impl AsFd for Sock {
         match self {
             Sock::Tcp(s) => s.as_fd(),
             Sock::Unix(s) => s.as_fd(),
+            Sock::Tls(t) => t.inner().as_fd(),
         }
     }
 }
@@ -285,6 +317,7 @@ impl Read for Sock {
         match self {
             Sock::Tcp(s) => s.read(buf),
             Sock::Unix(s) => s.read(buf),
+            Sock::Tls(t) => t.read(buf),
         }
     }
 }
@@ -295,6 +328,7 @@ impl Write for Sock {
         match self {
             Sock::Tcp(s) => s.write(buf),
             Sock::Unix(s) => s.write(buf),
+            Sock::Tls(t) => t.write(buf),
         }
     }
     #[inline]
@@ -302,6 +336,7 @@ impl Write for Sock {
         match self {
             Sock::Tcp(s) => s.write_vectored(bufs),
             Sock::Unix(s) => s.write_vectored(bufs),
+            Sock::Tls(t) => t.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -86,6 +86,8 @@ pub mod rep {
     pub const ERR_INVALID: u32 = 0x8000_0003;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = 0x8000_0006;
+    /// The option needs TLS first.
+    pub const ERR_TLS_REQD: u32 = 0x8000_0005;
     /// The server is shutting down.
     pub const ERR_SHUTDOWN: u32 = 0x8000_0007;
     /// The option's data is too large.

@@ -33,6 +33,10 @@ pub struct StartOptions {
     pub max_connections: u32,
     /// Allow TCP addresses that are not loopback.
     pub allow_remote: bool,
+    /// TLS credentials (server endpoint): clients must start TLS first.
+    pub tls: Option<Arc<crate::tls::TlsCreds>>,
+    /// Who may connect over TLS (`tls-authz`): the client certificate's name.
+    pub authz: Option<Arc<crate::tls::AuthzSimple>>,
 }
 
 /// One started server (what `nbd-server-start` creates and `nbd-server-stop` ends).
@@ -44,6 +48,10 @@ pub(crate) struct Instance {
     live: AtomicUsize,
     next_reactor: AtomicUsize,
     max_connections: u32,
+    /// TLS required, with these credentials.
+    pub(crate) tls: Option<Arc<crate::tls::TlsCreds>>,
+    /// And this access control.
+    pub(crate) authz: Option<Arc<crate::tls::AuthzSimple>>,
     listeners: Mutex<Vec<Arc<Kick>>>,
     listener_tasks: Mutex<Vec<reactor::JoinHandle<()>>>,
 }
@@ -371,6 +379,8 @@ impl NbdServer {
             live: AtomicUsize::new(0),
             next_reactor: AtomicUsize::new(0),
             max_connections: opts.max_connections,
+            tls: opts.tls.clone(),
+            authz: opts.authz.clone(),
             listeners: Mutex::new(Vec::new()),
             listener_tasks: Mutex::new(Vec::new()),
         });

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod jsonrpc;
 pub mod methods;
+pub mod objects;
 pub mod qmp;
 pub mod service;
 pub mod subsystem;

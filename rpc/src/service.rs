@@ -46,6 +46,8 @@ pub struct Service {
     pub tuning: jobs::copy::Tuning,
     /// SPDK's named RADOS clusters (`bdev_rbd_register_cluster`).
     pub rbd: rbd::Clusters,
+    /// User-created objects (`object-add`: TLS credentials, authorization).
+    pub objects: crate::objects::Objects,
     stop: Mutex<Option<Sender<StopReason>>>,
 }
 
@@ -68,6 +70,7 @@ impl Service {
             rt,
             jobs: jobs::job::JobManager::new(crate::methods::job_qapi::sink(events.clone())),
             tuning: jobs::copy::Tuning::from_env(|k| std::env::var(k).ok()),
+            objects: Default::default(),
             nbd: nbd::NbdServer::default(),
             rbd: rbd::Clusters::default(),
             vhost: vublk::VhostServer::default(),

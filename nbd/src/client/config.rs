@@ -25,6 +25,18 @@ pub enum ServerAddr {
     },
 }
 
+/// Loaded client credentials (compared by identity).
+#[derive(Debug, Clone)]
+pub struct ClientTls(pub std::sync::Arc<crate::tls::TlsCreds>);
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ClientTls {}
+
 /// An NBD client's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -37,9 +49,37 @@ pub struct ClientConfig {
     pub reconnect_delay: Duration,
     /// How long the first connection is retried at open (0: one attempt).
     pub open_timeout: Duration,
+    /// `tls-creds`: the id of the credentials object (resolved into `tls` by
+    /// whoever holds the objects, before the open).
+    pub tls_creds: Option<String>,
+    /// `tls-hostname`: the name the server's certificate must carry (default:
+    /// the TCP host; on a Unix socket without it only the chain is checked).
+    pub tls_hostname: Option<String>,
+    /// The credentials `tls_creds` names: the client starts TLS and never
+    /// falls back to plain text.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
+    /// The TLS session to start on a new connection, if any: an error when
+    /// `tls-creds` was given and not resolved, or names server credentials.
+    pub fn tls_session(&self) -> Result<Option<(rustls::Connection, Option<String>)>, String> {
+        let Some(id) = &self.tls_creds else {
+            return Ok(None);
+        };
+        let Some(ClientTls(creds)) = &self.tls else {
+            return Err(format!("No TLS credentials with id '{id}'"));
+        };
+        let host = match (&self.tls_hostname, &self.server) {
+            (Some(h), _) => Some(h.as_str()),
+            (None, ServerAddr::Inet { host, .. }) => Some(host.as_str()),
+            (None, ServerAddr::Unix(_)) => None,
+        };
+        creds
+            .client_session(host)
+            .map(|c| Some((c, host.map(str::to_string))))
+    }
+
     /// The export name sent to the server.
     pub fn export_name(&self) -> &str {
         self.export.as_deref().unwrap_or("")
@@ -80,6 +120,12 @@ impl ClientConfig {
                 Value::from(self.open_timeout.as_secs()),
             );
         }
+        if let Some(t) = &self.tls_creds {
+            m.insert("tls-creds".into(), Value::from(t.clone()));
+        }
+        if let Some(h) = &self.tls_hostname {
+            m.insert("tls-hostname".into(), Value::from(h.clone()));
+        }
         m
     }
 
@@ -92,6 +138,8 @@ impl ClientConfig {
             "export",
             "reconnect-delay",
             "open-timeout",
+            "tls-creds",
+            "tls-hostname",
             "driver",
             "node-name",
             "read-only",
@@ -120,11 +168,21 @@ impl ClientConfig {
         {
             return Err("export name too long to send to server".into());
         }
+        let string = |k: &str| match m.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!(
+                "Invalid parameter type for '{k}', expected: string"
+            )),
+        };
         Ok(ClientConfig {
             server,
             export,
             reconnect_delay: Duration::from_secs(seconds(m, "reconnect-delay")?),
             open_timeout: Duration::from_secs(seconds(m, "open-timeout")?),
+            tls_creds: string("tls-creds")?,
+            tls_hostname: string("tls-hostname")?,
+            tls: None,
         })
     }
 
@@ -178,6 +236,9 @@ impl ClientConfig {
             export,
             reconnect_delay: Duration::ZERO,
             open_timeout: Duration::ZERO,
+            tls_creds: None,
+            tls_hostname: None,
+            tls: None,
         })
     }
 }
@@ -321,8 +382,12 @@ mod tests {
                 "port",
             ),
             (
-                json!({"server": {"type": "unix", "path": "/s"}, "tls-creds": "t"}),
+                json!({"server": {"type": "unix", "path": "/s"}, "tls-creds": 3}),
                 "tls-creds",
+            ),
+            (
+                json!({"server": {"type": "unix", "path": "/s"}, "x-dirty-bitmap": "b"}),
+                "x-dirty-bitmap",
             ),
             (
                 json!({"server": {"type": "unix", "path": "/s"}, "export": 3}),

@@ -97,7 +97,8 @@ pub async fn connect_and_negotiate(
 ) -> Result<(AsyncSock, ExportInfo), HandshakeError> {
     let work = async {
         let mut s = connect_to(&cfg.server).await.map_err(HandshakeError::Io)?;
-        let info = negotiate(&mut s, cfg.export_name()).await?;
+        let tls = cfg.tls_session().map_err(HandshakeError::Refused)?;
+        let info = negotiate(&mut s, cfg.export_name(), tls).await?;
         Ok((s, info))
     };
     let timeout = reactor::sleep(HANDSHAKE_TIMEOUT);
@@ -555,10 +556,7 @@ impl Conn {
     /// Runs one connected session until the connection breaks (`Err`) or the
     /// connection is closed (`Ok`).
     async fn session(&self, s: AsyncSock) -> io::Result<()> {
-        let dup = match &s.sock {
-            Sock::Tcp(t) => Sock::Tcp(t.try_clone()?),
-            Sock::Unix(u) => Sock::Unix(u.try_clone()?),
-        };
+        let dup = s.sock.try_clone()?;
         let mut w = s;
         let mut input = Input {
             s: AsyncSock::new(dup)?,

@@ -121,8 +121,67 @@ fn server_says(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// Negotiates the export `export` on a freshly connected socket.
-pub async fn negotiate(s: &mut AsyncSock, export: &str) -> Result<ExportInfo, HandshakeError> {
+/// `NBD_OPT_STARTTLS`, then the TLS handshake: QEMU's nbd_receive_starttls.
+/// A server that refuses ends the connection: no fallback to plain text.
+async fn starttls(
+    s: &mut AsyncSock,
+    session: rustls::Connection,
+    hostname: Option<&str>,
+) -> Result<(), HandshakeError> {
+    send_option(s, opt::STARTTLS, &[]).await?;
+    let (r, data) = read_reply(s, opt::STARTTLS).await?;
+    match r.ty {
+        rep::ACK => {}
+        rep::ERR_UNSUP => {
+            return Err(HandshakeError::Refused(
+                "Server don't support STARTTLS option".into(),
+            ))
+        }
+        rep::ERR_POLICY => {
+            tracing::warn!(server_says = %server_says(&data), "NBD server refused STARTTLS");
+            return Err(HandshakeError::Refused(
+                "Denied by server for option 5 (starttls)".into(),
+            ));
+        }
+        t if t & 0x8000_0000 != 0 => {
+            return Err(HandshakeError::Refused(format!(
+                "Server rejected request to start TLS {t:x}: server reported: {}",
+                server_says(&data)
+            )))
+        }
+        t => return Err(garbage(format!("reply type {t} to NBD_OPT_STARTTLS"))),
+    }
+    crate::tls::stream::handshake(s, session)
+        .await
+        .map_err(|e| HandshakeError::Refused(tls_words(&e, hostname)))
+}
+
+/// A TLS failure in the words QEMU (GnuTLS) uses where they differ.
+fn tls_words(e: &std::io::Error, hostname: Option<&str>) -> String {
+    let m = e.to_string();
+    if m.contains("UnknownIssuer") || m.contains("BadSignature") {
+        "The certificate hasn't got a known issuer".into()
+    } else if m.contains("NotValidForName") {
+        format!(
+            "Certificate does not match the hostname {}",
+            hostname.unwrap_or("")
+        )
+    } else if m.contains("Expired") {
+        "The certificate has expired".into()
+    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "the server closed the connection during the TLS handshake".into()
+    } else {
+        format!("TLS handshake failed: {m}")
+    }
+}
+
+/// Negotiates the export `export` on a freshly connected socket, over TLS
+/// when `tls` is given.
+pub async fn negotiate(
+    s: &mut AsyncSock,
+    export: &str,
+    tls: Option<(rustls::Connection, Option<String>)>,
+) -> Result<ExportInfo, HandshakeError> {
     let mut h = [0u8; 18];
     s.read_exact(&mut h).await?;
     if be64(&h[0..8]) != proto::NBDMAGIC {
@@ -143,6 +202,9 @@ pub async fn negotiate(s: &mut AsyncSock, export: &str) -> Result<ExportInfo, Ha
         cflags |= proto::FLAG_C_NO_ZEROES;
     }
     s.write_all(&cflags.to_be_bytes()).await?;
+    if let Some((session, hostname)) = tls {
+        starttls(s, session, hostname.as_deref()).await?;
+    }
 
     // Structured replies.
     send_option(s, opt::STRUCTURED_REPLY, &[]).await?;
@@ -235,6 +297,12 @@ pub async fn negotiate(s: &mut AsyncSock, export: &str) -> Result<ExportInfo, Ha
                 return finish(size, flags, blocks, structured, meta_id);
             }
             rep::ERR_UNSUP => return export_name(s, export, no_zeroes, structured, meta_id).await,
+            rep::ERR_TLS_REQD => {
+                tracing::warn!(export, server_says = %server_says(&data), "NBD server requires TLS");
+                return Err(HandshakeError::Refused(
+                    "TLS negotiation required before option 7 (go)".into(),
+                ));
+            }
             rep::ERR_UNKNOWN => {
                 tracing::warn!(export, server_says = %server_says(&data), "NBD export not available");
                 return Err(HandshakeError::Refused(

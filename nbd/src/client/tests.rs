@@ -41,6 +41,9 @@ fn cfg(sock: &Path, export: &str) -> ClientConfig {
         export: Some(export.into()),
         reconnect_delay: Duration::ZERO,
         open_timeout: Duration::ZERO,
+        tls_creds: None,
+        tls_hostname: None,
+        tls: None,
     }
 }
 

@@ -14,6 +14,7 @@ pub mod nbd_client;
 pub mod nodes;
 pub mod notify;
 pub mod nvme;
+pub mod objects;
 pub mod perf;
 pub mod qcow2;
 pub mod rbd;
@@ -31,6 +32,7 @@ use crate::table::MethodTable;
 pub fn build_table() -> MethodTable {
     let mut t = MethodTable::default();
     core::register(&mut t);
+    objects::register(&mut t);
     bdev::register(&mut t);
     notify::register(&mut t);
     qcow2::register(&mut t);

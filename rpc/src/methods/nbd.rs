@@ -44,19 +44,44 @@ struct StartParams {
 
 fn nbd_server_start(svc: &Service, p: Params) -> Result<Value, RpcError> {
     let p: StartParams = p.parse()?;
-    if p.tls_creds.is_some() || p.tls_authz.is_some() {
-        return Err(RpcError::invalid_params(
-            "TLS is not supported by this NBD server",
-        ));
-    }
+    let tls = p
+        .tls_creds
+        .as_deref()
+        .map(|id| server_creds(svc, id))
+        .transpose()?;
+    let authz = match (&p.tls_authz, &tls) {
+        (Some(_), None) => {
+            return Err(RpcError::invalid_params(
+                "'tls-authz' is supported only when 'tls-creds' is set",
+            ))
+        }
+        (Some(id), Some(_)) => Some(svc.objects.authz(id).map_err(RpcError::invalid_params)?),
+        (None, _) => None,
+    };
     let addr = ListenAddr::from_qmp(&p.addr)?;
     let opts = StartOptions {
         max_connections: p.max_connections.unwrap_or(0),
         allow_remote: false,
+        tls,
+        authz,
     };
     svc.nbd
         .start(&svc.rt, Some(svc.events.clone()), &[addr], opts)?;
     Ok(json!({}))
+}
+
+/// The server credentials `id`, in QEMU's words when missing or made for a client.
+fn server_creds(svc: &Service, id: &str) -> Result<std::sync::Arc<nbd::tls::TlsCreds>, RpcError> {
+    let c = svc
+        .objects
+        .tls_creds(id)
+        .map_err(RpcError::invalid_params)?;
+    if c.endpoint != nbd::tls::Endpoint::Server {
+        return Err(RpcError::invalid_params(
+            c.wrong_endpoint(nbd::tls::Endpoint::Server),
+        ));
+    }
+    Ok(c)
 }
 
 #[derive(Deserialize)]

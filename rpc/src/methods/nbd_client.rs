@@ -4,7 +4,8 @@
 //! names follow SPDK's `bdev_<driver>_create` / `_delete` with the driver
 //! named for what it is; the parameters are QEMU's `nbd` options in SPDK's
 //! spelling: `name`, `socket` (a Unix socket) or `host` and `port`, `export`,
-//! `reconnect_delay` and `open_timeout` (seconds), `readonly`.
+//! `reconnect_delay` and `open_timeout` (seconds), `readonly`, `tls_creds`
+//! (the id of client TLS credentials, `object-add`) and `tls_hostname`.
 
 use crate::error::RpcError;
 use crate::methods::common::{delete_typed, register_bdev, ByName};
@@ -38,6 +39,8 @@ struct Create {
     open_timeout: u64,
     #[serde(default)]
     readonly: bool,
+    tls_creds: Option<String>,
+    tls_hostname: Option<String>,
 }
 
 fn bdev_nbd_client_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
@@ -62,6 +65,9 @@ fn bdev_nbd_client_create(svc: &Service, p: Params) -> Result<Value, RpcError> {
         export: a.export,
         reconnect_delay: Duration::from_secs(a.reconnect_delay),
         open_timeout: Duration::from_secs(a.open_timeout),
+        tls_creds: a.tls_creds,
+        tls_hostname: a.tls_hostname,
+        tls: None,
     };
     let b = open_nbd(svc, &a.name, config, a.readonly, true)?;
     Ok(Value::String(register_bdev(svc, b)?))

@@ -400,10 +400,22 @@ pub fn open_rbd(
 pub fn open_nbd(
     svc: &Service,
     name: &str,
-    config: nbd::client::ClientConfig,
+    mut config: nbd::client::ClientConfig,
     read_only: bool,
     auto_read_only: bool,
 ) -> Result<Arc<dyn Bdev>, RpcError> {
+    if let Some(id) = &config.tls_creds {
+        let c = svc
+            .objects
+            .tls_creds(id)
+            .map_err(RpcError::invalid_params)?;
+        if c.endpoint != nbd::tls::Endpoint::Client {
+            return Err(RpcError::invalid_params(
+                c.wrong_endpoint(nbd::tls::Endpoint::Client),
+            ));
+        }
+        config.tls = Some(nbd::client::config::ClientTls(c));
+    }
     let ro = read_only;
     let n = name.to_string();
     let b = svc

@@ -11,25 +11,23 @@
 //!   QEMU), QEMU's checks and words (`throttle_is_valid`, `qmp_get_blk`);
 //!   `group` joins (or makes) a group; all zero lifts them. Shown in
 //!   `query-block`'s `inserted` as QEMU shows them.
-//! - `object-add qom-type: throttle-group` (`limits` and the `x-*`
-//!   properties, the latter winning as in QEMU) and `object-del`: groups that
-//!   devices (`block_set_io_throttle group`), throttle filter nodes
-//!   (`blockdev-add driver: throttle`) and jobs (`x-throttle-group`) share.
+//! - Groups made with `object-add qom-type: throttle-group` (the one
+//!   `object-add` is `methods/objects.rs`; the group's properties are read in
+//!   `crate::objects::throttle`) are shared by devices
+//!   (`block_set_io_throttle group`), throttle filter nodes
+//!   (`blockdev-add driver: throttle`) and jobs (`x-throttle-group`).
 
 use crate::error::{ErrorClass, RpcError};
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
-use bdev::throttle::{BucketKind, Membership, ThrottleConfig, ThrottleGroup, THROTTLE_VALUE_MAX};
+use bdev::throttle::{BucketKind, Membership, ThrottleConfig, THROTTLE_VALUE_MAX};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
-use std::sync::Arc;
+use serde_json::{json, Value};
 
 /// Registers the methods.
 pub fn register(t: &mut MethodTable) {
     t.add("bdev_set_qos_limit", bdev_set_qos_limit);
     t.add("block_set_io_throttle", block_set_io_throttle);
-    t.add("object-add", object_add);
-    t.add("object-del", object_del);
 }
 
 #[derive(Deserialize)]
@@ -191,146 +189,4 @@ fn block_set_io_throttle(svc: &Service, p: Params) -> Result<Value, RpcError> {
         table.leave(&device);
     }
     Ok(json!({}))
-}
-
-/// The `limits` / `x-*` property names, with the bucket and field each sets.
-fn property(name: &str) -> Option<(Option<BucketKind>, u8)> {
-    if name == "iops-size" {
-        return Some((None, 0));
-    }
-    let kinds = [
-        ("iops-total", BucketKind::OpsTotal),
-        ("iops-read", BucketKind::OpsRead),
-        ("iops-write", BucketKind::OpsWrite),
-        ("bps-total", BucketKind::BpsTotal),
-        ("bps-read", BucketKind::BpsRead),
-        ("bps-write", BucketKind::BpsWrite),
-    ];
-    kinds.iter().find_map(|(base, k)| {
-        let rest = name.strip_prefix(base)?;
-        match rest {
-            "" => Some((Some(*k), 0)),
-            "-max" => Some((Some(*k), 1)),
-            "-max-length" => Some((Some(*k), 2)),
-            _ => None,
-        }
-    })
-}
-
-/// Sets one property; `path` names it in errors.
-fn set_property(
-    cfg: &mut ThrottleConfig,
-    name: &str,
-    v: &Value,
-    path: &str,
-) -> Result<(), RpcError> {
-    let (k, field) = property(name)
-        .ok_or_else(|| RpcError::invalid_params(format!("Parameter '{path}' is unexpected")))?;
-    let n = v
-        .as_i64()
-        .map(|x| x as u64)
-        .or_else(|| v.as_u64())
-        .ok_or_else(|| {
-            RpcError::invalid_params(format!(
-                "Invalid parameter type for '{path}', expected: integer"
-            ))
-        })?;
-    match k {
-        None => cfg.op_size = n,
-        Some(k) => {
-            let b = cfg.get_mut(k);
-            match field {
-                0 => b.avg = n,
-                1 => b.max = n,
-                _ => b.burst_length = n,
-            }
-        }
-    }
-    Ok(())
-}
-
-/// QEMU's `id_wellformed`.
-fn id_wellformed(id: &str) -> bool {
-    let mut c = id.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic())
-        && c.all(|x| x.is_ascii_alphanumeric() || "-._".contains(x))
-}
-
-fn object_add(svc: &Service, p: Params) -> Result<Value, RpcError> {
-    let mut m: Map<String, Value> = match p.0 {
-        Some(Value::Object(m)) => m,
-        None | Some(Value::Null) => Map::new(),
-        Some(_) => return Err(RpcError::invalid_params("params must be an object")),
-    };
-    let qom_type = match m.remove("qom-type") {
-        Some(Value::String(s)) => s,
-        Some(_) => {
-            return Err(RpcError::invalid_params(
-                "Invalid parameter type for 'qom-type', expected: string",
-            ))
-        }
-        None => return Err(RpcError::invalid_params("Parameter 'qom-type' is missing")),
-    };
-    if qom_type != "throttle-group" {
-        return Err(RpcError::invalid_params(format!(
-            "Parameter 'qom-type' does not accept value '{qom_type}'"
-        )));
-    }
-    let id = match m.remove("id") {
-        Some(Value::String(s)) => s,
-        Some(_) => {
-            return Err(RpcError::invalid_params(
-                "Invalid parameter type for 'id', expected: string",
-            ))
-        }
-        None => return Err(RpcError::invalid_params("Parameter 'id' is missing")),
-    };
-    if !id_wellformed(&id) {
-        return Err(RpcError::invalid_params(
-            "Parameter 'id' expects an identifier",
-        ));
-    }
-    let mut cfg = ThrottleConfig::default();
-    if let Some(l) = m.remove("limits") {
-        let Value::Object(l) = l else {
-            return Err(RpcError::invalid_params(
-                "Invalid parameter type for 'limits', expected: object",
-            ));
-        };
-        for (k, v) in &l {
-            set_property(&mut cfg, k, v, &format!("limits.{k}"))?;
-        }
-    }
-    for (k, v) in &m {
-        let name = k
-            .strip_prefix("x-")
-            .ok_or_else(|| RpcError::invalid_params(format!("Parameter '{k}' is unexpected")))?;
-        set_property(&mut cfg, name, v, k)?;
-    }
-    cfg.check().map_err(RpcError::invalid_params)?;
-    let table = svc.graph.nodes().throttles();
-    if !table.add_object(Arc::new(ThrottleGroup::new(&id, cfg))) {
-        return Err(RpcError::invalid_params(format!(
-            "attempt to add duplicate property '{id}' to object (type 'container')"
-        )));
-    }
-    Ok(json!({}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ObjectDel {
-    id: String,
-}
-
-fn object_del(svc: &Service, p: Params) -> Result<Value, RpcError> {
-    let ObjectDel { id } = p.parse_qapi()?;
-    let _g = svc.graph.change();
-    match svc.graph.nodes().throttles().remove_object(&id) {
-        Ok(()) => Ok(json!({})),
-        Err(true) => Err(RpcError::invalid_params(format!(
-            "object '{id}' is in use, can not be deleted"
-        ))),
-        Err(false) => Err(RpcError::invalid_params(format!("object '{id}' not found"))),
-    }
 }

@@ -58,6 +58,7 @@ pub fn start(svc: &Arc<Service>, args: &ServeArgs) -> Result<Option<NbdSubsystem
     let opts = StartOptions {
         max_connections: 0,
         allow_remote: args.nbd_allow_remote,
+        ..Default::default()
     };
     server
         .start(&svc.rt, Some(svc.events.clone()), &addrs, opts)

@@ -284,17 +284,21 @@ pub fn parse(v: &Value, prefix: &str, inherited: Option<&Common>) -> Result<Node
         }
         Driver::Nbd => {
             let mut m = serde_json::Map::new();
-            for k in ["server", "export", "reconnect-delay", "open-timeout"] {
+            for k in [
+                "server",
+                "export",
+                "reconnect-delay",
+                "open-timeout",
+                "tls-creds",
+                "tls-hostname",
+            ] {
                 if let Some(v) = a.any(k) {
                     m.insert(k.into(), v.clone());
                 }
             }
             let config = nbd::client::ClientConfig::from_options(&m)
                 .map_err(|e| RpcError::invalid_params(prefix_param(&e, prefix)))?;
-            (
-                Kind::Nbd { config },
-                &["tls-creds", "tls-hostname", "x-dirty-bitmap"],
-            )
+            (Kind::Nbd { config }, &["x-dirty-bitmap"])
         }
         Driver::Rbd => {
             let mut m = serde_json::Map::new();

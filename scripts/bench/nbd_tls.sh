@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Post-copy streaming over NBD between two network namespaces: the three-layer
+# chain (chainbench.make_chain, 1 GiB by default) is exported read-only by
+# qemu-storage-daemon in namespace A (the same neutral source for both), and
+# the destination in namespace B (sluice, then qemu-storage-daemon, alternating
+# which goes first) opens it over NBD (plain TCP, then TLS with the same
+# certificates), puts a fresh overlay on it and streams it to completion.
+# Page caches are dropped before each run; each result's data is compared with
+# the chain (qemu-img compare) before its time counts. Prints times and ratios.
+#
+#   scripts/bench/nbd_tls.sh            # GIB=1 RUNS=2 TLS="off on"
+# Needs root (ip netns), the test venv, openssl.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+GIB=${GIB:-1}
+RUNS=${RUNS:-2}
+TLS=${TLS:-"off on"}
+DIR=${DIR:-/var/tmp/sluice-bench-nbd}
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || { echo "needs the test venv (scripts/test.sh makes it)" >&2; exit 1; }
+if [ -z "${SLUICE:-}" ]; then
+    cargo build --release -p sluice --bin sluice >&2
+    SLUICE=$PWD/target/release/sluice
+fi
+export SLUICE GIB RUNS TLS DIR
+exec "$PY" - <<'PYEOF'
+import json, os, shutil, subprocess, sys, time
+sys.path.insert(0, "scripts/bench")
+sys.path.insert(0, "tests/py")
+from chainbench import Qmp, make_chain, drop_caches
+from tls_pki import make_pki
+
+E = os.environ
+A_IP, B_IP, PORT = "10.199.0.1", "10.199.0.2", 10809  # (in tls_pki.SERVER_SAN)
+NA, NB, VA, VB = "sbA", "sbB", "vbA", "vbB"
+
+
+def sh(*a):
+    subprocess.run(a, check=True, capture_output=True)
+
+
+def nets_up():
+    for ns in (NA, NB):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    sh("ip", "netns", "add", NA)
+    sh("ip", "netns", "add", NB)
+    sh("ip", "link", "add", VA, "type", "veth", "peer", "name", VB)
+    sh("ip", "link", "set", VA, "netns", NA)
+    sh("ip", "link", "set", VB, "netns", NB)
+    for ns, v, ip in ((NA, VA, A_IP), (NB, VB, B_IP)):
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", v)
+        sh("ip", "-n", ns, "link", "set", v, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def nets_down():
+    for ns in (NA, NB):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def source(names, pki, tls):
+    args = ["ip", "netns", "exec", NA, "qemu-storage-daemon",
+            "--object", f"tls-creds-x509,id=ts,dir={pki},endpoint=server"]
+    for i, p in enumerate(names):
+        args += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": p,
+                                           "read-only": True}),
+                 "--blockdev", json.dumps({"driver": "qcow2", "node-name": f"l{i}", "file": f"f{i}",
+                                           "read-only": True,
+                                           "backing": f"l{i - 1}" if i else None})]
+    args += ["--nbd-server", f"addr.type=inet,addr.host={A_IP},addr.port={PORT}"
+             + (",tls-creds=ts" if tls else ""),
+             "--export", f"type=nbd,id=e0,node-name=l{len(names) - 1},name=top"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(200):
+        if subprocess.run(["ip", "netns", "exec", NA, "ss", "-Htln", f"( sport = :{PORT} )"],
+                          capture_output=True, text=True).stdout.strip():
+            return p
+        time.sleep(0.05)
+    raise RuntimeError(f"source did not start: {p.stderr.read()}")
+
+
+def connect(p, path):
+    """A QMP session once the monitor answers (its socket appears a moment
+    before it does); the process's stderr if it died."""
+    for _ in range(400):
+        if p.poll() is not None:
+            raise RuntimeError(f"destination exited: {p.stderr.read()}")
+        try:
+            return Qmp(path)
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError(f"no QMP on {path}")
+
+
+def dest(kind, tmp):
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, exist_ok=True)
+    if kind == "sluice":
+        p = subprocess.Popen(["ip", "netns", "exec", NB, E["SLUICE"], "serve", "--runtime-dir", tmp,
+                              "-m", "0x1", "--nbd-allow-remote"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return p, connect(p, os.path.join(tmp, "sluice-qmp.sock"))
+    sock = os.path.join(tmp, "qsd.sock")
+    p = subprocess.Popen(["ip", "netns", "exec", NB, "qemu-storage-daemon", "--chardev",
+                          f"socket,id=m0,path={sock},server=on,wait=off", "--monitor", "chardev=m0"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return p, connect(p, sock)
+
+
+def one(kind, names, pki, tls, tmp):
+    ov = os.path.join(tmp, f"ov-{kind}.qcow2")
+    if os.path.exists(ov):
+        os.unlink(ov)
+    sh("qemu-img", "create", "-f", "qcow2", "-u", "-b", f"nbd://{A_IP}:{PORT}/top", "-F", "raw",
+       ov, f"{E['GIB']}G")
+    src = source(names, pki, tls)
+    drop_caches()
+    p, q = dest(kind, os.path.join(tmp, kind))
+    try:
+        nbd = {"driver": "nbd", "node-name": "remote", "read-only": True, "export": "top",
+               "server": {"type": "inet", "host": A_IP, "port": str(PORT)}}
+        if tls:
+            q.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tc", "dir": pki})
+            nbd["tls-creds"] = "tc"
+        q.cmd("blockdev-add", **nbd)
+        q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "ov", "backing": "remote",
+                                 "file": {"driver": "file", "filename": ov}})
+        t0 = time.time()
+        q.cmd("block-stream", **{"device": "ov", "job-id": "s0"})
+        ev = q.wait("BLOCK_JOB_COMPLETED")
+        took = time.time() - t0
+        if "error" in ev["data"]:
+            raise RuntimeError(f"{kind}: {ev}")
+        q.cmd("blockdev-del", **{"node-name": "ov"})
+        q.cmd("blockdev-del", **{"node-name": "remote"})
+        q.cmd("quit")
+        q.close()
+        p.wait(120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        src.terminate()
+        src.wait(30)
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ov, names[-1]],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{kind}: the streamed image differs from the chain: {r.stdout}")
+    return took
+
+
+def main():
+    gib = int(E["GIB"])
+    names = make_chain(E["DIR"], gib)
+    tmp = os.path.join(E["DIR"], "run")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    pki = make_pki(os.path.join(tmp, "pki"))
+    nets_up()
+    res = {}
+    try:
+        k = 0
+        for tls in E["TLS"].split():
+            on = tls == "on"
+            for r in range(int(E["RUNS"])):
+                order = ("sluice", "qsd") if k % 2 == 0 else ("qsd", "sluice")
+                k += 1
+                for kind in order:
+                    t = one(kind, names, pki, on, tmp)
+                    res.setdefault((tls, kind), []).append(t)
+                    print(f"tls={tls} {kind}: {t:.2f}s (data compared equal)", flush=True)
+    finally:
+        nets_down()
+    print(f"\n{gib} GiB three-layer chain streamed over NBD between namespaces "
+          "(source: qemu-storage-daemon; best of runs)")
+    for tls in E["TLS"].split():
+        s, q = min(res[(tls, "sluice")]), min(res[(tls, "qsd")])
+        print(f"  tls={tls:3}  sluice {s:6.2f}s  qsd {q:6.2f}s  sluice is {q / s:.2f}x")
+
+
+main()
+PYEOF
