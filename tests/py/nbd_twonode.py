@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from stream_common import Vm
@@ -354,10 +355,12 @@ def case_rapid_deployment(binary, d, pki, nets):
     """A golden image on A (exported over TLS); B starts ten overlays on it at
     once (each on its own nbd node: a stream holds the nodes it removes, in
     sluice as in QEMU, so two streams cannot share one), serves a client on each (each writes and
-    verifies its own pattern), and streams all ten with a shared speed limit
-    (no throttle group for jobs yet: the limit is split evenly, each job
-    getting a tenth). Each overlay ends equal to golden plus its client's
-    writes, without a backing file."""
+    verifies its own pattern), and streams all ten under one shared speed
+    limit: a `throttle-group` object the ten jobs draw on (`x-throttle-group`,
+    docs/io-limits.md). The ten streams copy 8 MiB each (golden's data; its
+    holes are skipped by block status), so they cannot all be done before
+    80 MiB at the shared rate. Each overlay ends equal to golden plus its
+    client's writes, without a backing file."""
     golden = os.path.join(d, "golden.qcow2")
     run("qemu-img", "create", "-f", "qcow2", golden, "16M")
     qemu_io(golden, ["write -P 0x11 0 4M", "write -P 0x12 8M 4M"], "qcow2")
@@ -391,8 +394,12 @@ def case_rapid_deployment(binary, d, pki, nets):
                 ["qemu-io", "-f", "raw", *[x for c in cmds for x in ("-c", c)],
                  f"nbd+unix:///ov{i}?socket={sock}"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        vm.rcmd("object-add", {"qom-type": "throttle-group", "id": "streams",
+                               "limits": {"bps-total": shared}})
+        t0 = time.monotonic()
         for i in range(n):
-            vm.rcmd("block-stream", {"device": f"ov{i}", "job-id": f"s{i}", "speed": shared // n})
+            vm.rcmd("block-stream", {"device": f"ov{i}", "job-id": f"s{i}",
+                                     "x-throttle-group": "streams"})
         for p in clients:
             out, _ = p.communicate(timeout=120)
             expect(p.returncode == 0 and "fail" not in out and "error" not in out.lower(), out)
@@ -403,6 +410,13 @@ def case_rapid_deployment(binary, d, pki, nets):
             i = int(ev["data"]["device"][1:])
             expect("error" not in ev["data"], ev)
             left.discard(i)
+        took = time.monotonic() - t0
+        floor = n * 8 * MiB / shared
+        expect(took >= 0.8 * floor,
+               f"ten streams sharing {shared // MiB} MiB/s took {took:.2f} s, "
+               f"less than 0.8 x {floor:.1f} s: the shared limit did not hold")
+        print(f"rapid deployment: ten streams sharing {shared // MiB} MiB/s took {took:.2f} s "
+              f"(80 MiB at the shared rate: {floor:.1f} s)", file=sys.stderr)
         for i in range(n):
             vm.rcmd("block-export-del", {"id": f"ov{i}"})
             vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": f"ov{i}"})
