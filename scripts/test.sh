@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spdk, qemu.qmp' 2>
   .venv/bin/pip install --quiet spdk qemu-qmp
 fi
 cargo build --workspace --bins
-cargo test --workspace -- --test-threads="${SLUICE_TEST_THREADS:-2}" "$@"
+cargo test --workspace --no-fail-fast -- --test-threads="${SLUICE_TEST_THREADS:-2}" "$@"
