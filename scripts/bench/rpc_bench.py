@@ -115,12 +115,14 @@ def bulk():
     t0 = time.perf_counter()
     p = subprocess.run([spdk_rpc, "-s", args.rpc], input=script, capture_output=True, text=True)
     t_script = time.perf_counter() - t0
-    assert p.returncode == 0, p.stdout + p.stderr
+    if not (p.returncode == 0):
+        raise AssertionError(p.stdout + p.stderr)
     # The same script with --dry-run: spdk-rpc's own cost (start-up, argparse per line), no server.
     t0 = time.perf_counter()
     p = subprocess.run([spdk_rpc, "-s", args.rpc, "--dry-run"], input=script, capture_output=True, text=True)
     t_client = time.perf_counter() - t0
-    assert p.returncode == 0, p.stdout + p.stderr
+    if not (p.returncode == 0):
+        raise AssertionError(p.stdout + p.stderr)
 
     from spdk.rpc.client import JSONRPCClient
     c = JSONRPCClient(args.rpc)
@@ -131,17 +133,20 @@ def bulk():
     t0 = time.perf_counter()
     n = len(Raw(args.rpc).call("bdev_get_bdevs"))
     t_list = time.perf_counter() - t0
-    assert n == 2 * args.bdevs, n
+    if not (n == 2 * args.bdevs):
+        raise AssertionError(n)
     # SPDK's client re-decodes its whole buffer after every 4 KiB it receives:
     # quadratic in the reply size, whatever the server.
     t0 = time.perf_counter()
     n = len(c.bdev_get_bdevs())
     t_list_spdk = time.perf_counter() - t0
-    assert n == 2 * args.bdevs, n
+    if not (n == 2 * args.bdevs):
+        raise AssertionError(n)
     t0 = time.perf_counter()
     cfg = c.call("save_config")
     t_save = time.perf_counter() - t0
-    assert len(cfg["subsystems"][0]["config"]) >= 2 * args.bdevs
+    if not (len(cfg["subsystems"][0]["config"]) >= 2 * args.bdevs):
+        raise AssertionError('failed: len(cfg["subsystems"][0]["config"]) >= 2 * args.bdevs')
     for i in range(args.bdevs):
         c.bdev_null_delete(name=f"BenchA{i}")
         c.bdev_null_delete(name=f"BenchB{i}")

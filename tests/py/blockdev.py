@@ -15,7 +15,8 @@ MiB = 1 << 20
 
 
 def err(r):
-    assert "error" in r, r
+    if not ("error" in r):
+        raise AssertionError(r)
     return r["error"]
 
 
@@ -51,32 +52,42 @@ def case_qsd_way(vm, d):
     vm.cmd("blockdev-add", driver="file", node_name="top-file", filename=paths[-1])
     vm.cmd("blockdev-add", driver="qcow2", node_name="top", file="top-file")
     n = nodes(vm)
-    assert n["top"]["drv"] == "qcow2" and n["top"]["backing_file_depth"] == 2, n["top"]
-    assert n["top-file"]["drv"] == "file" and n["top-file"]["file"] == paths[-1], n["top-file"]
-    assert n["top"]["image"]["backing-image"]["filename"] == paths[1], n["top"]
+    if not (n["top"]["drv"] == "qcow2" and n["top"]["backing_file_depth"] == 2):
+        raise AssertionError(n["top"])
+    if not (n["top-file"]["drv"] == "file" and n["top-file"]["file"] == paths[-1]):
+        raise AssertionError(n["top-file"])
+    if not (n["top"]["image"]["backing-image"]["filename"] == paths[1]):
+        raise AssertionError(n["top"])
     sock = nbd_start(vm, d)
     vm.cmd("block-export-add", type="nbd", id="e0", node_name="top", writable=True)
     qemu_io("-f", "raw", "-c", "write -P 0x44 3M 64k", uri(sock, "top"))
     vm.cmd("block-stream", job_id="s0", device="top")
     vm.wait_until_completed(drive="s0")
-    assert nodes(vm)["top"]["backing_file_depth"] == 0
+    if not (nodes(vm)["top"]["backing_file_depth"] == 0):
+        raise AssertionError('failed: nodes(vm)["top"]["backing_file_depth"] == 0')
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "top"), ref],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    if not (r.returncode == 0):
+        raise AssertionError(r.stdout + r.stderr)
     export_del(vm, "e0")
     r = vm.qmp("blockdev-del", node_name="top-file")
-    assert err(r) == {"class": "GenericError", "desc": "Block device top-file is in use"}, r
+    if not (err(r) == {"class": "GenericError", "desc": "Block device top-file is in use"}):
+        raise AssertionError(r)
     vm.cmd("blockdev-del", node_name="top")
     # The file node is a node of its own again.
-    assert set(nodes(vm)) == {"top-file"}, nodes(vm)
+    if not (set(nodes(vm)) == {"top-file"}):
+        raise AssertionError(nodes(vm))
     vm.cmd("blockdev-del", node_name="top-file")
-    assert nodes(vm) == {}, nodes(vm)
+    if not (nodes(vm) == {}):
+        raise AssertionError(nodes(vm))
     check(paths[-1])
     i = info(paths[-1])
-    assert "backing-filename" not in i, i
+    if not ("backing-filename" not in i):
+        raise AssertionError(i)
     compare_raw(paths[-1], ref)
     # Closed cleanly: the file is trimmed back from its growth reserve.
-    assert os.path.getsize(paths[-1]) < 10 * MiB, os.path.getsize(paths[-1])
+    if not (os.path.getsize(paths[-1]) < 10 * MiB):
+        raise AssertionError(os.path.getsize(paths[-1]))
 
 
 def case_backing_forms(vm, d):
@@ -92,36 +103,46 @@ def case_backing_forms(vm, d):
     vm.cmd("blockdev-add", driver="qcow2", node_name="top", backing="base",
            file={"driver": "file", "filename": top, "node-name": "top-f"})
     n = nodes(vm)
-    assert n["top"]["backing_file_depth"] == 1, n["top"]
-    assert n["top-f"]["drv"] == "file", n
-    assert n["base"]["ro"] is True and n["base.file"]["drv"] == "file", n
+    if not (n["top"]["backing_file_depth"] == 1):
+        raise AssertionError(n["top"])
+    if not (n["top-f"]["drv"] == "file"):
+        raise AssertionError(n)
+    if not (n["base"]["ro"] is True and n["base.file"]["drv"] == "file"):
+        raise AssertionError(n)
     vm.cmd("block-export-add", type="nbd", id="e0", node_name="top")
     qemu_io("-f", "raw", "-r", "-c", "read -P 0x11 0 64k", "-c", "read -P 0x22 1M 64k",
             uri(sock, "top"))
     r = vm.qmp("blockdev-del", node_name="base")
-    assert err(r) == {"class": "GenericError",
-                      "desc": "Node 'base' is busy: node is used as backing hd of 'top'"}, r
+    if not (err(r) == {"class": "GenericError",
+                      "desc": "Node 'base' is busy: node is used as backing hd of 'top'"}):
+        raise AssertionError(r)
     r = vm.qmp("blockdev-del", node_name="top-f")
-    assert err(r) == {"class": "GenericError", "desc": "Node top-f is not owned by the monitor"}, r
+    if not (err(r) == {"class": "GenericError", "desc": "Node top-f is not owned by the monitor"}):
+        raise AssertionError(r)
     export_del(vm, "e0")
     vm.cmd("blockdev-del", node_name="top")
     # The monitor's backing node stays.
-    assert set(nodes(vm)) == {"base", "base.file"}, nodes(vm)
+    if not (set(nodes(vm)) == {"base", "base.file"}):
+        raise AssertionError(nodes(vm))
     vm.cmd("blockdev-del", node_name="base")
-    assert nodes(vm) == {}
+    if not (nodes(vm) == {}):
+        raise AssertionError('failed: nodes(vm) == {}')
 
     vm.cmd("blockdev-add", driver="qcow2", node_name="alone", backing=None,
            file={"driver": "file", "filename": top})
-    assert nodes(vm)["alone"]["backing_file_depth"] == 0
+    if not (nodes(vm)["alone"]["backing_file_depth"] == 0):
+        raise AssertionError('failed: nodes(vm)["alone"]["backing_file_depth"] == 0')
     vm.cmd("block-export-add", type="nbd", id="e1", node_name="alone")
     qemu_io("-f", "raw", "-r", "-c", "read -P 0 0 64k", "-c", "read -P 0x22 1M 64k",
             uri(sock, "alone"))
     export_del(vm, "e1")
     vm.cmd("blockdev-del", node_name="alone")
-    assert nodes(vm) == {}
+    if not (nodes(vm) == {}):
+        raise AssertionError('failed: nodes(vm) == {}')
     check(top)
     # Opening without the backing does not change the header.
-    assert info(top)["backing-filename"] == base, info(top)
+    if not (info(top)["backing-filename"] == base):
+        raise AssertionError(info(top))
 
 
 def case_null_raw(vm, d):
@@ -135,13 +156,19 @@ def case_null_raw(vm, d):
     vm.cmd("blockdev-add", driver="raw", node_name="r0", file={"driver": "file", "filename": img})
     vm.cmd("blockdev-add", driver="raw", node_name="r1", file="n0")
     n = nodes(vm)
-    assert n["n1"]["drv"] == "null-co" and n["n1"]["image"]["virtual-size"] == 1 << 30, n["n1"]
-    assert n["n0"]["image"]["virtual-size"] == MiB, n["n0"]
-    assert n["r0"]["drv"] == "raw" and n["r0"]["file"] == img, n["r0"]
-    assert n["r0.file"]["drv"] == "file", n
-    assert n["r1"]["drv"] == "raw", n["r1"]
+    if not (n["n1"]["drv"] == "null-co" and n["n1"]["image"]["virtual-size"] == 1 << 30):
+        raise AssertionError(n["n1"])
+    if not (n["n0"]["image"]["virtual-size"] == MiB):
+        raise AssertionError(n["n0"])
+    if not (n["r0"]["drv"] == "raw" and n["r0"]["file"] == img):
+        raise AssertionError(n["r0"])
+    if not (n["r0.file"]["drv"] == "file"):
+        raise AssertionError(n)
+    if not (n["r1"]["drv"] == "raw"):
+        raise AssertionError(n["r1"])
     # Raw nodes are nodes, not devices.
-    assert vm.cmd("query-block") == [], vm.cmd("query-block")
+    if not (vm.cmd("query-block") == []):
+        raise AssertionError(vm.cmd("query-block"))
     vm.cmd("block-export-add", type="nbd", id="e0", node_name="r0", writable=True)
     vm.cmd("block-export-add", type="nbd", id="e1", node_name="r1")
     vm.cmd("block-export-add", type="nbd", id="e2", node_name="n0")
@@ -150,14 +177,17 @@ def case_null_raw(vm, d):
     qemu_io("-f", "raw", "-r", "-c", "read -P 0 0 1M", uri(sock, "r1"))
     qemu_io("-f", "raw", "-r", "-c", "read -P 0 512k 64k", uri(sock, "n0"))
     r = vm.qmp("blockdev-del", node_name="n0")
-    assert err(r) == {"class": "GenericError", "desc": "Node n0 is in use"}, r
+    if not (err(r) == {"class": "GenericError", "desc": "Node n0 is in use"}):
+        raise AssertionError(r)
     for e in ("e0", "e1", "e2"):
         export_del(vm, e)
     r = vm.qmp("blockdev-del", node_name="n0")
-    assert err(r) == {"class": "GenericError", "desc": "Block device n0 is in use"}, r
+    if not (err(r) == {"class": "GenericError", "desc": "Block device n0 is in use"}):
+        raise AssertionError(r)
     for n in ("r1", "n0", "n1", "r0"):
         vm.cmd("blockdev-del", node_name=n)
-    assert nodes(vm) == {}, nodes(vm)
+    if not (nodes(vm) == {}):
+        raise AssertionError(nodes(vm))
     qemu_io("-f", "raw", "-c", "read -P 0x5a 0 64k", "-c", "read -P 0x66 64k 64k", img)
 
 
@@ -171,23 +201,30 @@ def case_snapshot_config(vm, d):
     vm.cmd("blockdev-snapshot-sync", node_name="top", snapshot_file=snap,
            snapshot_node_name="snap", format="qcow2")
     n = nodes(vm)
-    assert n["snap"]["backing_file_depth"] == 2, n["snap"]
-    assert info(snap)["backing-filename"] == top, info(snap)
+    if not (n["snap"]["backing_file_depth"] == 2):
+        raise AssertionError(n["snap"])
+    if not (info(snap)["backing-filename"] == top):
+        raise AssertionError(info(snap))
     cfg = vm.cmd("save_config")
     sub = {s["subsystem"]: s["config"] for s in cfg["subsystems"]}
     calls = sub["blockdev"]
-    assert [c["params"]["node-name"] for c in calls] == ["top", "snap"], calls
-    assert all(c["method"] == "blockdev-add" for c in calls), calls
+    if not ([c["params"]["node-name"] for c in calls] == ["top", "snap"]):
+        raise AssertionError(calls)
+    if not (all(c["method"] == "blockdev-add" for c in calls)):
+        raise AssertionError(calls)
     # Nothing of those nodes is saved twice as bdev_* calls.
-    assert all(c["params"].get("name") not in ("top.file", "snap.file")
-               for c in sub.get("bdev", [])), sub.get("bdev")
+    if not (all(c["params"].get("name") not in ("top.file", "snap.file")
+               for c in sub.get("bdev", []))):
+        raise AssertionError(sub.get("bdev"))
     vm.cmd("block-stream", job_id="s", device="snap")
     vm.wait_until_completed(drive="s")
     vm.cmd("blockdev-del", node_name="snap")
     vm.cmd("blockdev-del", node_name="top")
-    assert nodes(vm) == {}, nodes(vm)
+    if not (nodes(vm) == {}):
+        raise AssertionError(nodes(vm))
     check(snap)
-    assert "backing-filename" not in info(snap)
+    if not ("backing-filename" not in info(snap)):
+        raise AssertionError('failed: "backing-filename" not in info(snap)')
     qemu_io("-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 3M", snap)
 
 
@@ -227,10 +264,13 @@ def background_client(u, n=40):
 
 def background_done(p, ref, n=40):
     out, errs = p.communicate(timeout=60)
-    assert p.returncode == 0, out + errs
-    assert "failed" not in out and "error" not in (out + errs).lower(), out + errs
+    if not (p.returncode == 0):
+        raise AssertionError(out + errs)
+    if not ("failed" not in out and "error" not in (out + errs).lower()):
+        raise AssertionError(out + errs)
     # Every write and the verifying reads went through the one connection.
-    assert out.count("wrote 65536/65536") == n and out.count("read ") == 3, out
+    if not (out.count("wrote 65536/65536") == n and out.count("read ") == 3):
+        raise AssertionError(out)
     qemu_io("-f", "raw", "-c", f"write -P 0x55 {4 * MiB} {n * 64}k", ref)
 
 
@@ -238,18 +278,23 @@ def exported_moved(vm, sock, ref):
     """The export follows the snapshot: it is on ov, clients carry on and
     write into ov."""
     ex = vm.cmd("query-block-exports")
-    assert ex == [{"type": "nbd", "id": "e0", "node-name": "ov", "shutting-down": False}], ex
+    if not (ex == [{"type": "nbd", "id": "e0", "node-name": "ov", "shutting-down": False}]):
+        raise AssertionError(ex)
     # The export's front door is hidden: no device appears.
-    assert vm.cmd("query-block") == [], vm.cmd("query-block")
+    if not (vm.cmd("query-block") == []):
+        raise AssertionError(vm.cmd("query-block"))
     for img in (uri(sock, "top"), ref):
         qemu_io("-f", "raw", "-c", "write -P 0x66 7M 64k", img)
     n = nodes(vm)
-    assert n["ov"]["backing_file_depth"] == 2, n["ov"]
+    if not (n["ov"]["backing_file_depth"] == 2):
+        raise AssertionError(n["ov"])
     r = vm.qmp("blockdev-del", node_name="top")
-    assert err(r) == {"class": "GenericError",
-                      "desc": "Node 'top' is busy: node is used as backing hd of 'ov'"}, r
+    if not (err(r) == {"class": "GenericError",
+                      "desc": "Node 'top' is busy: node is used as backing hd of 'ov'"}):
+        raise AssertionError(r)
     r = vm.qmp("blockdev-del", node_name="ov")
-    assert err(r) == {"class": "GenericError", "desc": "Node ov is in use"}, r
+    if not (err(r) == {"class": "GenericError", "desc": "Node ov is in use"}):
+        raise AssertionError(r)
 
 
 def case_snapshot_export(vm, d):
@@ -265,27 +310,34 @@ def case_snapshot_export(vm, d):
     bg = background_client(uri(sock, "top"))
     time.sleep(0.3)
     vm.cmd("blockdev-snapshot", node="top", overlay="ov")
-    assert bg.poll() is None, "the client's connection must span the snapshot"
+    if not (bg.poll() is None):
+        raise AssertionError("the client's connection must span the snapshot")
     background_done(bg, ref)
     exported_moved(vm, sock, ref)
     # Written after the switch: in ov (its metadata is on disk as written).
-    assert depth_at(ov, 7 * MiB) == 0, qmap(ov)
+    if not (depth_at(ov, 7 * MiB) == 0):
+        raise AssertionError(qmap(ov))
     vm.cmd("block-stream", job_id="s0", device="ov")
     vm.wait_until_completed(drive="s0")
-    assert nodes(vm)["ov"]["backing_file_depth"] == 0
+    if not (nodes(vm)["ov"]["backing_file_depth"] == 0):
+        raise AssertionError('failed: nodes(vm)["ov"]["backing_file_depth"] == 0')
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "top"), ref],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    if not (r.returncode == 0):
+        raise AssertionError(r.stdout + r.stderr)
     export_del(vm, "e0")
     vm.cmd("blockdev-del", node_name="ov")
     vm.cmd("blockdev-del", node_name="top")
-    assert nodes(vm) == {}, nodes(vm)
+    if not (nodes(vm) == {}):
+        raise AssertionError(nodes(vm))
     for p in (ov, top):
         check(p)
-    assert "backing-filename" not in info(ov), info(ov)
+    if not ("backing-filename" not in info(ov)):
+        raise AssertionError(info(ov))
     compare_raw(ov, ref)
     # Nothing written after the switch reached the old top.
-    assert depth_at(top, 7 * MiB) != 0, qmap(top)
+    if not (depth_at(top, 7 * MiB) != 0):
+        raise AssertionError(qmap(top))
 
 
 def case_snapshot_sync_export(vm, d):
@@ -299,19 +351,25 @@ def case_snapshot_sync_export(vm, d):
     time.sleep(0.3)
     vm.cmd("blockdev-snapshot-sync", node_name="top", snapshot_file=ov,
            snapshot_node_name="ov", format="qcow2")
-    assert bg.poll() is None, "the client's connection must span the snapshot"
+    if not (bg.poll() is None):
+        raise AssertionError("the client's connection must span the snapshot")
     background_done(bg, ref)
     exported_moved(vm, sock, ref)
     export_del(vm, "e0")
-    assert vm.cmd("query-block-exports") == []
+    if not (vm.cmd("query-block-exports") == []):
+        raise AssertionError('failed: vm.cmd("query-block-exports") == []')
     vm.cmd("blockdev-del", node_name="ov")
     vm.cmd("blockdev-del", node_name="top")
-    assert nodes(vm) == {}, nodes(vm)
+    if not (nodes(vm) == {}):
+        raise AssertionError(nodes(vm))
     for p in (ov, top):
         check(p)
-    assert info(ov)["backing-filename"] == top, info(ov)
-    assert depth_at(ov, 7 * MiB) == 0, qmap(ov)
-    assert depth_at(top, 7 * MiB) != 0, qmap(top)
+    if not (info(ov)["backing-filename"] == top):
+        raise AssertionError(info(ov))
+    if not (depth_at(ov, 7 * MiB) == 0):
+        raise AssertionError(qmap(ov))
+    if not (depth_at(top, 7 * MiB) != 0):
+        raise AssertionError(qmap(top))
     compare_raw(ov, ref)
 
 
@@ -362,8 +420,10 @@ def case_snapshot_qsd(vm, d):
             check(p)
     for g, w in zip(runs["sluice"], runs["qsd"]):
         # The arguments differ only by the directory.
-        assert (g[0], g[2]) == (w[0], w[2]), f"\nsluice: {g}\nqsd:    {w}"
-    assert len(runs["sluice"]) == len(runs["qsd"])
+        if not ((g[0], g[2]) == (w[0], w[2])):
+            raise AssertionError(f"\nsluice: {g}\nqsd:    {w}")
+    if not (len(runs["sluice"]) == len(runs["qsd"])):
+        raise AssertionError('failed: len(runs["sluice"]) == len(runs["qsd"])')
 
 
 # --- errors, compared with qemu-storage-daemon ------------------------------
@@ -471,19 +531,26 @@ def case_errors(vm, d, rpc):
     script = error_script(d)
     want = qsd_answers(d, script)
     got = run_script(vm, script)
-    assert len(got) == len(want)
+    if not (len(got) == len(want)):
+        raise AssertionError('failed: len(got) == len(want)')
     for g, w in zip(got, want):
-        assert g == w, f"\nsluice: {g}\nqsd:    {w}"
+        if not (g == w):
+            raise AssertionError(f"\nsluice: {g}\nqsd:    {w}")
     # Every refusal is a GenericError, as QEMU gives it; something was refused.
-    assert sum(1 for g in got if g[2] != "ok" and isinstance(g[2], dict)) >= 30
+    if not (sum(1 for g in got if g[2] != "ok" and isinstance(g[2], dict)) >= 30):
+        raise AssertionError('failed: sum(1 for g in got if g[2] != "ok" and isinstance(g[2], dict)) >= 30')
     # The same method through the JSON-RPC socket.
     r = jsonrpc(rpc, "blockdev-del", {"node-name": "nosuch"})
-    assert r["error"]["message"] == "Failed to find node with node-name='nosuch'", r
+    if not (r["error"]["message"] == "Failed to find node with node-name='nosuch'"):
+        raise AssertionError(r)
     r = jsonrpc(rpc, "blockdev-add", {"driver": "null-co", "node-name": "j0", "size": 4096})
-    assert r["result"] == {}, r
+    if not (r["result"] == {}):
+        raise AssertionError(r)
     r = jsonrpc(rpc, "blockdev-add", {"driver": "null-co", "node-name": "j0"})
-    assert r["error"]["message"] == "Duplicate nodes with node-name='j0'", r
-    assert jsonrpc(rpc, "blockdev-del", {"node-name": "j0"})["result"] == {}
+    if not (r["error"]["message"] == "Duplicate nodes with node-name='j0'"):
+        raise AssertionError(r)
+    if not (jsonrpc(rpc, "blockdev-del", {"node-name": "j0"})["result"] == {}):
+        raise AssertionError('failed: jsonrpc(rpc, "blockdev-del", {"node-name": "j0"})["result"] == {}')
     for p in ("top", "other"):
         check(os.path.join(d, f"{p}.qcow2"))
 

@@ -38,7 +38,8 @@ def create(vm, jid, options):
     jobs = vm.cmd("query-jobs")
     vm.cmd("job-dismiss", id=jid)
     vm.event_wait("JOB_STATUS_CHANGE", 10, {"id": jid, "status": "null"})
-    assert vm.cmd("query-jobs") == [], vm.cmd("query-jobs")
+    if not (vm.cmd("query-jobs") == []):
+        raise AssertionError(vm.cmd("query-jobs"))
     return st, jobs
 
 
@@ -65,48 +66,66 @@ def case_flow(vm, d):
 
     ov = os.path.join(d, "ov.qcow2")
     st, jobs = create(vm, "c1", {"driver": "file", "filename": ov, "size": 0})
-    assert st == OK_STATUSES, st
-    assert jobs == [{"id": "c1", "type": "create", "status": "concluded",
-                     "current-progress": 1, "total-progress": 1}], jobs
-    assert os.path.getsize(ov) == 0
+    if not (st == OK_STATUSES):
+        raise AssertionError(st)
+    if not (jobs == [{"id": "c1", "type": "create", "status": "concluded",
+                     "current-progress": 1, "total-progress": 1}]):
+        raise AssertionError(jobs)
+    if not (os.path.getsize(ov) == 0):
+        raise AssertionError('failed: os.path.getsize(ov) == 0')
     vm.cmd("blockdev-add", driver="file", node_name="ov-file", filename=ov)
     size = nodes(vm)["top"]["image"]["virtual-size"]
-    assert size == 8 * MiB, size
+    if not (size == 8 * MiB):
+        raise AssertionError(size)
     st, jobs = create(vm, "c2", {"driver": "qcow2", "file": "ov-file", "size": size,
                                  "backing-file": top, "backing-fmt": "qcow2"})
-    assert st == OK_STATUSES, st
-    assert "error" not in jobs[0] and jobs[0]["type"] == "create", jobs
+    if not (st == OK_STATUSES):
+        raise AssertionError(st)
+    if not ("error" not in jobs[0] and jobs[0]["type"] == "create"):
+        raise AssertionError(jobs)
     # Written through the file node, which sees the image's length.
-    assert nodes(vm)["ov-file"]["image"]["virtual-size"] == os.path.getsize(ov) > 0
+    if not (nodes(vm)["ov-file"]["image"]["virtual-size"] == os.path.getsize(ov) > 0):
+        raise AssertionError('failed: nodes(vm)["ov-file"]["image"]["virtual-size"] == os.path.getsize(ov) > 0')
     i = info(ov)
-    assert i["format"] == "qcow2" and i["virtual-size"] == size, i
-    assert i["backing-filename"] == top and i["backing-filename-format"] == "qcow2", i
+    if not (i["format"] == "qcow2" and i["virtual-size"] == size):
+        raise AssertionError(i)
+    if not (i["backing-filename"] == top and i["backing-filename-format"] == "qcow2"):
+        raise AssertionError(i)
     vm.cmd("blockdev-add", driver="qcow2", node_name="ov", file="ov-file", backing=None)
     vm.cmd("blockdev-snapshot", node="top", overlay="ov")
     ex = vm.cmd("query-block-exports")
-    assert ex == [{"type": "nbd", "id": "e0", "node-name": "ov", "shutting-down": False}], ex
+    if not (ex == [{"type": "nbd", "id": "e0", "node-name": "ov", "shutting-down": False}]):
+        raise AssertionError(ex)
     for img in (uri(sock, "top"), ref):
         qemu_io("-f", "raw", "-c", "write -P 0x66 7M 64k", "-c", "write -P 0x77 0 64k", img)
-    assert nodes(vm)["ov"]["backing_file_depth"] == 2, nodes(vm)["ov"]
+    if not (nodes(vm)["ov"]["backing_file_depth"] == 2):
+        raise AssertionError(nodes(vm)["ov"])
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "top"), ref],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    if not (r.returncode == 0):
+        raise AssertionError(r.stdout + r.stderr)
     vm.cmd("block-export-del", id="e0")
     vm.event_wait("BLOCK_EXPORT_DELETED", 10, {"id": "e0"})
     vm.cmd("blockdev-del", node_name="ov")
     vm.cmd("blockdev-del", node_name="top")
-    assert set(nodes(vm)) == {"ov-file"}, nodes(vm)
+    if not (set(nodes(vm)) == {"ov-file"}):
+        raise AssertionError(nodes(vm))
     vm.cmd("blockdev-del", node_name="ov-file")
-    assert nodes(vm) == {}, nodes(vm)
+    if not (nodes(vm) == {}):
+        raise AssertionError(nodes(vm))
     for p in (ov, top):
         check(p)
     i = info(ov)
-    assert i["backing-filename"] == top and i["backing-filename-format"] == "qcow2", i
+    if not (i["backing-filename"] == top and i["backing-filename-format"] == "qcow2"):
+        raise AssertionError(i)
     compare_raw(ov, ref)
     # Written after the switch: in ov; the old top does not have it.
-    assert depth_at(ov, 7 * MiB) == 0 and depth_at(ov, 0) == 0, qmap(ov)
-    assert depth_at(ov, 1 * MiB) == 1, qmap(ov)
-    assert depth_at(top, 7 * MiB) != 0, qmap(top)
+    if not (depth_at(ov, 7 * MiB) == 0 and depth_at(ov, 0) == 0):
+        raise AssertionError(qmap(ov))
+    if not (depth_at(ov, 1 * MiB) == 1):
+        raise AssertionError(qmap(ov))
+    if not (depth_at(top, 7 * MiB) != 0):
+        raise AssertionError(qmap(top))
     qemu_io("-r", "-c", "read -P 0x77 0 64k", "-c", "read -P 0x11 64k 64k",
             "-c", "read -P 0x22 1M 64k", "-c", "read -P 0x66 7M 64k", ov)
 
@@ -168,8 +187,10 @@ def compare(vm, d, script_of):
         runs[who] = qsd_answers(sub, script) if who == "qsd" else run_script(vm, script, sub)
         check(os.path.join(sub, "top.qcow2"))
     for g, w in zip(runs["sluice"], runs["qsd"]):
-        assert g == w, f"\nsluice: {g}\nqsd:    {w}"
-    assert len(runs["sluice"]) == len(runs["qsd"])
+        if not (g == w):
+            raise AssertionError(f"\nsluice: {g}\nqsd:    {w}")
+    if not (len(runs["sluice"]) == len(runs["qsd"])):
+        raise AssertionError('failed: len(runs["sluice"]) == len(runs["qsd"])')
     return runs["sluice"], [os.path.join(d, w) for w in ("qsd", "sluice")]
 
 
@@ -218,16 +239,20 @@ def jobs_script(d):
 
 def case_jobs_qsd(vm, d):
     got, dirs = compare(vm, d, jobs_script)
-    assert [g[2][0] for g in got if g[0] == "job"] == [OK_STATUSES] * 4, got
+    if not ([g[2][0] for g in got if g[0] == "job"] == [OK_STATUSES] * 4):
+        raise AssertionError(got)
     for sub in dirs:
         ov = os.path.join(sub, "ov.qcow2")
         check(ov)
         i = info(ov)
-        assert i["backing-filename"] == os.path.join(sub, "top.qcow2"), i
+        if not (i["backing-filename"] == os.path.join(sub, "top.qcow2")):
+            raise AssertionError(i)
         i = info(os.path.join(sub, "v2.qcow2"))
-        assert i["format-specific"]["data"]["compat"] == "0.10" and i["cluster-size"] == 4096, i
+        if not (i["format-specific"]["data"]["compat"] == "0.10" and i["cluster-size"] == 4096):
+            raise AssertionError(i)
         check(os.path.join(sub, "v2.qcow2"))
-        assert os.path.getsize(os.path.join(sub, "f")) == 1000
+        if not (os.path.getsize(os.path.join(sub, "f")) == 1000):
+            raise AssertionError('failed: os.path.getsize(os.path.join(sub, "f")) == 1000')
 
 
 def errors_script(d):
@@ -295,10 +320,12 @@ def case_errors_qsd(vm, d):
     got, _ = compare(vm, d, errors_script)
     refused = [g for g in got if isinstance(g[2], dict)]
     failed = [g for g in got if g[0] == "job" and "error" in g[2][1][0]]
-    assert len(refused) == 18 and len(failed) == 17, (len(refused), len(failed))
+    if not (len(refused) == 18 and len(failed) == 17):
+        raise AssertionError((len(refused), len(failed)))
     # A failed job goes running -> aborting -> concluded.
     for g in failed:
-        assert g[2][0] == ["created", "running", "aborting", "concluded"], g
+        if not (g[2][0] == ["created", "running", "aborting", "concluded"]):
+            raise AssertionError(g)
 
 
 run_case(globals())

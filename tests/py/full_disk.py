@@ -36,7 +36,8 @@ def fill(mnt, leave):
             n = min(MIB, free_bytes(mnt) - leave)
             f.write(chunk[:n])
             f.flush()
-    assert free_bytes(mnt) <= leave, (free_bytes(mnt), leave)
+    if not (free_bytes(mnt) <= leave):
+        raise AssertionError((free_bytes(mnt), leave))
     return path
 
 
@@ -44,7 +45,8 @@ def check_report(path):
     """qemu-img check: no corruption; returns the JSON report (leaks are in it)."""
     r = subprocess.run(["qemu-img", "check", "-U", "--output=json", path], capture_output=True, text=True)
     # 0: clean, 3: leaked clusters only; 2 (corrupt) and 1 (check failed) are errors.
-    assert r.returncode in (0, 3), f"qemu-img check {path}: rc {r.returncode}: {r.stdout}{r.stderr}"
+    if not (r.returncode in (0, 3)):
+        raise AssertionError(f"qemu-img check {path}: rc {r.returncode}: {r.stdout}{r.stderr}")
     return json.loads(r.stdout)
 
 
@@ -80,13 +82,16 @@ def chain(d, mnt):
 def nospace_stop(vm, top):
     """The job meets the full disk and stops: BLOCK_JOB_ERROR (write, stop), paused, io-status nospace."""
     ev = vm.event_wait("BLOCK_JOB_ERROR", 30)
-    assert ev["data"] == {"device": "drive0", "operation": "write", "action": "stop"}, ev
+    if not (ev["data"] == {"device": "drive0", "operation": "write", "action": "stop"}):
+        raise AssertionError(ev)
     j = vm.pause_wait("drive0")
-    assert j["status"] == "paused" and j["io-status"] == "nospace", j
+    if not (j["status"] == "paused" and j["io-status"] == "nospace"):
+        raise AssertionError(j)
     # The offset is the done prefix, as QEMU's in-order copy reports it: every
     # byte of the base below it is in the top already. (It may be 0: with
     # chunks in flight, the first one can be the one that met the full disk.)
-    assert 0 <= j["offset"] < j["len"], j
+    if not (0 <= j["offset"] < j["len"]):
+        raise AssertionError(j)
     below_in_base = [e for e in qmap(top) if e["depth"] > 0 and e["data"] and e["start"] < j["offset"]]
     if below_in_base:
         raise AssertionError(f"offset {j['offset']} reported, base data below it not copied: {below_in_base}")
@@ -99,19 +104,25 @@ def case_stream_enospc(vm, d, mnt):
     vm.cmd("block-stream", device="drive0", on_error="enospc")
     j = nospace_stop(vm, top)
     # Paused, it stays paused (no busy loop of retries) and the daemon answers.
-    assert vm.job("drive0")["offset"] == j["offset"]
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1
+    if not (vm.job("drive0")["offset"] == j["offset"]):
+        raise AssertionError('failed: vm.job("drive0")["offset"] == j["offset"]')
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1')
     # Free the space and resume: the job copies the rest and drops the backing file.
     os.unlink(filler)
     vm.cmd("block-job-resume", device="drive0")
     ev = vm.wait_until_completed()
-    assert ev["offset"] == ev["len"] == 64 * MIB, ev
+    if not (ev["offset"] == ev["len"] == 64 * MIB):
+        raise AssertionError(ev)
     vm.assert_no_active_block_jobs()
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 0
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 0):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 0')
     vm.close("drive0")
-    assert "backing-filename" not in info(top), info(top)
+    if not ("backing-filename" not in info(top)):
+        raise AssertionError(info(top))
     rep = check_report(top)
-    assert rep.get("leaks", 0) == 0 and rep.get("corruptions", 0) == 0, rep
+    if not (rep.get("leaks", 0) == 0 and rep.get("corruptions", 0) == 0):
+        raise AssertionError(rep)
     compare_raw(top, ref)
 
 
@@ -120,30 +131,38 @@ def case_stream_report(vm, d, mnt):
     vm.open(name="drive0", node_name="top", filename=top)
     vm.cmd("block-stream", device="drive0")
     ev = vm.event_wait("BLOCK_JOB_ERROR", 30)
-    assert ev["data"] == {"device": "drive0", "operation": "write", "action": "report"}, ev
+    if not (ev["data"] == {"device": "drive0", "operation": "write", "action": "report"}):
+        raise AssertionError(ev)
     c = vm.wait_until_completed(error="No space left on device")
-    assert c["offset"] < c["len"], c
+    if not (c["offset"] < c["len"]):
+        raise AssertionError(c)
     vm.assert_no_active_block_jobs()
     # Still full: the device keeps its backing file, serves reads, and closes.
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1')
     vm.close("drive0")
-    assert info(top)["backing-filename"] == base, info(top)
+    if not (info(top)["backing-filename"] == base):
+        raise AssertionError(info(top))
     rep = check_report(top)
     print("check after the failed stream:", json.dumps({k: rep.get(k, 0) for k in ("leaks", "corruptions")}))
     # sluice gives back the clusters of a copy that failed: no leak either.
-    assert rep.get("corruptions", 0) == 0 and rep.get("leaks", 0) == 0, rep
+    if not (rep.get("corruptions", 0) == 0 and rep.get("leaks", 0) == 0):
+        raise AssertionError(rep)
     compare_raw(top, ref)
     # A writable open on the full disk works (the file is extended sparsely).
     vm.open(name="drive0", node_name="top", filename=top)
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1')
     # With space again, the same image streams to the end.
     os.unlink(filler)
     vm.cmd("block-stream", device="drive0")
     vm.wait_until_completed()
     vm.close("drive0")
-    assert "backing-filename" not in info(top), info(top)
+    if not ("backing-filename" not in info(top)):
+        raise AssertionError(info(top))
     rep = check_report(top)
-    assert rep.get("leaks", 0) == 0, rep
+    if not (rep.get("leaks", 0) == 0):
+        raise AssertionError(rep)
     compare_raw(top, ref)
 
 
@@ -171,21 +190,26 @@ def write_blocks(uri, blocks, bs):
     for line in out.splitlines():
         m = WROTE.match(line.strip())
         if m:
-            assert m.group(1) == m.group(2) == str(bs), line
+            if not (m.group(1) == m.group(2) == str(bs)):
+                raise AssertionError(line)
             acked.append(int(m.group(3)) // bs)
     failed = out.count("write failed: No space left on device")
-    assert len(acked) + failed == len(blocks), f"{len(acked)} acked + {failed} failed != {len(blocks)}:\n{out}"
+    if not (len(acked) + failed == len(blocks)):
+        raise AssertionError(f"{len(acked)} acked + {failed} failed != {len(blocks)}:\n{out}")
     # Any other error (EIO, EPERM from an image that gave up) is a failure.
     other = [l for l in out.splitlines() if "failed" in l and "No space left on device" not in l]
-    assert not other, out
+    if other:
+        raise AssertionError(out)
     frc, fout = nbd_io(uri, ["flush"])
-    assert frc == 0 or not fout.strip(), fout  # a failed flush prints nothing
+    if not (frc == 0 or not fout.strip()):
+        raise AssertionError(fout)  # a failed flush prints nothing
     return acked, [i for i in blocks if i not in acked], frc != 0
 
 
 def verify_blocks(uri, blocks, bs):
     rc, out = nbd_io(uri, [f"read -P {i + 1} {i * bs} {bs}" for i in blocks], read_only=True)
-    assert rc == 0 and "fail" not in out, out
+    if not (rc == 0 and "fail" not in out):
+        raise AssertionError(out)
 
 
 def nbd_writes(vm, d, mnt, cluster, bs, n, leave, free_later):
@@ -206,18 +230,23 @@ def nbd_writes(vm, d, mnt, cluster, bs, n, leave, free_later):
     acked, failed, flush_failed = write_blocks(uri, list(range(n)), bs)
     print(f"{len(acked)} writes of {bs} bytes acknowledged, {len(failed)} failed with ENOSPC; "
           f"flush {'failed' if flush_failed else 'ok'}")
-    assert failed, "the disk never filled up"
-    assert len(acked) >= 2, "too few writes succeeded"
+    if not (failed):
+        raise AssertionError("the disk never filled up")
+    if not (len(acked) >= 2):
+        raise AssertionError("too few writes succeeded")
     # New metadata clusters took their space when allocated: writing the
     # metadata needs none, so even on the full disk the flush succeeds.
-    assert not flush_failed, "the flush failed on the full disk"
+    if flush_failed:
+        raise AssertionError("the flush failed on the full disk")
     # The daemon keeps serving: a new client reads back what was acknowledged, QMP answers.
     verify_blocks(uri, acked, bs)
-    assert vm.cmd("query-block")[0]["inserted"]["node-name"] == "img"
+    if not (vm.cmd("query-block")[0]["inserted"]["node-name"] == "img"):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["node-name"] == "img"')
     if free_later:
         os.unlink(filler)
         again, still, flush_failed = write_blocks(uri, failed, bs)
-        assert not still and not flush_failed, (still, flush_failed)
+        if still and not flush_failed:
+            raise AssertionError((still, flush_failed))
         acked += again
         verify_blocks(uri, acked, bs)
     save_acked(d, img, [(i + 1, i * bs, bs) for i in sorted(acked)])
@@ -264,11 +293,14 @@ def case_metadata_enospc(vm, d, mnt):
     # The write (plain: a FUA write would need the L1 entry at once) is
     # acknowledged; the flush that needs the L1 entry fails.
     rc, out = nbd_io(uri, ["write -P 1 0 1M", "flush"], cache="writeback")
-    assert "wrote 1048576/1048576 bytes at offset 0" in out and "write failed" not in out, out
-    assert rc != 0, f"the flush did not fail:\n{out}"
+    if not ("wrote 1048576/1048576 bytes at offset 0" in out and "write failed" not in out):
+        raise AssertionError(out)
+    if not (rc != 0):
+        raise AssertionError(f"the flush did not fail:\n{out}")
     # Space is back (the injected error is used up): writes and flushes work again.
     rc, out = nbd_io(uri, ["write -P 9 8M 1M", "flush"])
-    assert rc == 0 and "wrote 1048576/1048576 bytes at offset 8388608" in out, out
+    if not (rc == 0 and "wrote 1048576/1048576 bytes at offset 8388608" in out):
+        raise AssertionError(out)
     verify_blocks(uri, [0, 8], MIB)
     save_acked(d, img, [(1, 0, MIB), (9, 8 * MIB, MIB)])
 

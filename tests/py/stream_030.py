@@ -28,29 +28,36 @@ def chain_nodes(vm, d):
 
 
 def err(r):
-    assert "error" in r, r
+    if not ("error" in r):
+        raise AssertionError(r)
     return r["error"]
 
 
 def case_stream(vm, d):
     paths, ref = chain3(d)
     vm.open(name="drive0", node_name="top", filename=paths[-1])
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2')
     vm.cmd("block-stream", device="drive0")
     ev = vm.wait_until_completed()
-    assert ev["len"] == 32 << 20 and ev["speed"] == 0, ev
+    if not (ev["len"] == 32 << 20 and ev["speed"] == 0):
+        raise AssertionError(ev)
     vm.assert_no_active_block_jobs()
     ins = vm.cmd("query-block")[0]["inserted"]
-    assert ins["backing_file_depth"] == 0 and "backing_file" not in ins, ins
+    if not (ins["backing_file_depth"] == 0 and "backing_file" not in ins):
+        raise AssertionError(ins)
     statuses = vm.statuses("drive0")
-    assert statuses == ["created", "running", "waiting", "pending", "concluded", "null"], statuses
+    if not (statuses == ["created", "running", "waiting", "pending", "concluded", "null"]):
+        raise AssertionError(statuses)
     vm.close("drive0")
-    assert "backing-filename" not in info(paths[-1])
+    if not ("backing-filename" not in info(paths[-1])):
+        raise AssertionError('failed: "backing-filename" not in info(paths[-1])')
     check(paths[-1])
     compare_raw(paths[-1], ref)
     # The zero range of mid (over base data) did not become data in top.
     m = [e for e in qmap(paths[-1]) if e["start"] <= 17 << 20 < e["start"] + e["length"]][0]
-    assert m["zero"] and not m["data"], m
+    if not (m["zero"] and not m["data"]):
+        raise AssertionError(m)
 
 
 def case_intermediate(vm, d):
@@ -58,10 +65,13 @@ def case_intermediate(vm, d):
     vm.cmd("block-stream", device="mid", job_id="stream-mid")
     vm.wait_until_completed(drive="stream-mid")
     vm.assert_no_active_block_jobs()
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1')
     vm.close("drive0")
-    assert "backing-filename" not in info(paths[1])
-    assert info(paths[2])["backing-filename"] == paths[1]
+    if not ("backing-filename" not in info(paths[1])):
+        raise AssertionError('failed: "backing-filename" not in info(paths[1])')
+    if not (info(paths[2])["backing-filename"] == paths[1]):
+        raise AssertionError('failed: info(paths[2])["backing-filename"] == paths[1]')
     for p in paths[1:]:
         check(p)
     compare_raw(paths[2], ref)
@@ -74,18 +84,22 @@ def case_pause(vm, d):
     vm.cmd("block-stream", device="drive0", speed=512 << 10)
     vm.cmd("block-job-pause", device="drive0")
     j = vm.pause_wait("drive0")
-    assert j["status"] == "paused", j
+    if not (j["status"] == "paused"):
+        raise AssertionError(j)
     offset = j["offset"]
     time.sleep(0.5)
     j = vm.job("drive0")
-    assert j["offset"] == offset and j["paused"], (offset, j)
+    if not (j["offset"] == offset and j["paused"]):
+        raise AssertionError((offset, j))
     r = vm.qmp("block-job-pause", device="drive0")
-    assert err(r)["desc"] == "Job is already paused", r
+    if not (err(r)["desc"] == "Job is already paused"):
+        raise AssertionError(r)
     vm.cmd("block-job-resume", device="drive0")
     vm.cmd("block-job-set-speed", device="drive0", speed=0)
     vm.wait_until_completed()
     statuses = vm.statuses("drive0")
-    assert "paused" in statuses and statuses[-1] == "null", statuses
+    if not ("paused" in statuses and statuses[-1] == "null"):
+        raise AssertionError(statuses)
     vm.close("drive0")
     compare_raw(paths[-1], ref)
     check(paths[-1])
@@ -96,10 +110,13 @@ def case_noop(vm, d):
     before = qmap(paths[-1])
     vm.cmd("block-stream", device="drive0", base_node="mid")
     ev = vm.wait_until_completed()
-    assert ev["len"] == ev["offset"], ev
+    if not (ev["len"] == ev["offset"]):
+        raise AssertionError(ev)
     vm.close("drive0")
-    assert qmap(paths[-1]) == before
-    assert info(paths[-1])["backing-filename"] == paths[1]
+    if not (qmap(paths[-1]) == before):
+        raise AssertionError('failed: qmap(paths[-1]) == before')
+    if not (info(paths[-1])["backing-filename"] == paths[1]):
+        raise AssertionError('failed: info(paths[-1])["backing-filename"] == paths[1]')
     compare_raw(paths[-1], ref)
 
 
@@ -108,38 +125,47 @@ def case_partial(vm, d):
     vm.open(name="drive0", node_name="top", filename=paths[-1])
     vm.cmd("block-stream", device="drive0", base=paths[0])
     vm.wait_until_completed()
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 1')
     vm.close("drive0")
     i = info(paths[-1])
-    assert i["backing-filename"] == paths[0], i  # the base's file name as opened (absolute)
+    if not (i["backing-filename"] == paths[0]):
+        raise AssertionError(i)  # the base's file name as opened (absolute)
     check(paths[-1])
     compare_raw(paths[-1], ref)
-    assert depth_at(paths[-1], 0) == 1, qmap(paths[-1])  # base-only data stays in base
-    assert depth_at(paths[-1], 2 << 20) == 0, qmap(paths[-1])  # mid's data was copied
+    if not (depth_at(paths[-1], 0) == 1):
+        raise AssertionError(qmap(paths[-1]))  # base-only data stays in base
+    if not (depth_at(paths[-1], 2 << 20) == 0):
+        raise AssertionError(qmap(paths[-1]))  # mid's data was copied
 
 
 def case_backing_file(vm, d):
     paths, ref = chain_nodes(vm, d)
     r = vm.qmp("block-stream", device="drive0", backing_file="base.qcow2")
-    assert err(r)["desc"] == "backing file specified, but streaming the entire chain", r
+    if not (err(r)["desc"] == "backing file specified, but streaming the entire chain"):
+        raise AssertionError(r)
     vm.cmd("block-stream", device="drive0", base_node="base", backing_file="base.qcow2")
     vm.wait_until_completed()
     vm.close("drive0")
-    assert info(paths[-1])["backing-filename"] == "base.qcow2"
+    if not (info(paths[-1])["backing-filename"] == "base.qcow2"):
+        raise AssertionError('failed: info(paths[-1])["backing-filename"] == "base.qcow2"')
     compare_raw(paths[-1], ref)
 
 
 def case_device_not_found(vm, d):
     r = vm.qmp("block-stream", device="nonexistent")
     e = err(r)
-    assert e["class"] == "GenericError", e
-    assert e["desc"] == "Cannot find device='nonexistent' nor node-name='nonexistent'", e
+    if not (e["class"] == "GenericError"):
+        raise AssertionError(e)
+    if not (e["desc"] == "Cannot find device='nonexistent' nor node-name='nonexistent'"):
+        raise AssertionError(e)
 
 
 def case_job_id_missing(vm, d):
     chain_nodes(vm, d)
     r = vm.qmp("block-stream", device="mid")
-    assert err(r)["desc"] == "Invalid job ID ''", r
+    if not (err(r)["desc"] == "Invalid job ID ''"):
+        raise AssertionError(r)
     vm.assert_no_active_block_jobs()
 
 
@@ -149,7 +175,8 @@ def case_read_only(vm, d):
     qemu_img("create", "-q", "-f", "qcow2", ro, SIZE)
     vm.open(node_name="ro-top", filename=ro, backing="mid", read_only=True)
     r = vm.qmp("block-stream", job_id="stream", device="ro-top", base_node="base")
-    assert err(r)["desc"] == "Block node is read-only", r
+    if not (err(r)["desc"] == "Block node is read-only"):
+        raise AssertionError(r)
 
 
 def nine(vm, d):
@@ -168,7 +195,8 @@ def case_parallel(vm, d):
         jid = f"stream-node{i}"
         vm.cmd("block-stream", device=f"node{i}", job_id=jid, bottom=f"node{i - 1}", speed=1024)
         jobs.append(jid)
-    assert sorted(j["device"] for j in vm.jobs()) == sorted(jobs)
+    if not (sorted(j["device"] for j in vm.jobs()) == sorted(jobs)):
+        raise AssertionError('failed: sorted(j["device"] for j in vm.jobs()) == sorted(jobs)')
     for jid in reversed(jobs):
         vm.cmd("block-job-set-speed", device=jid, speed=0)
     for jid in jobs:
@@ -176,7 +204,8 @@ def case_parallel(vm, d):
     vm.assert_no_active_block_jobs()
     vm.close("drive0")
     for i in range(2, 9, 2):
-        assert info(paths[i])["backing-filename"] == paths[i - 2], info(paths[i])
+        if not (info(paths[i])["backing-filename"] == paths[i - 2]):
+            raise AssertionError(info(paths[i]))
         check(paths[i])
         compare_raw(paths[i], reference(d, paths[i], f"n{i}.raw"))
     compare_raw(paths[-1], ref)
@@ -187,23 +216,29 @@ def case_overlapping(vm, d):
     vm.cmd("block-stream", device="node4", job_id="stream-node4", base=paths[1], speed=1 << 20)
     busy = "Node '{}' is busy: block device is in use by block job: stream"
     r = vm.qmp("block-stream", device="node5", job_id="stream-node5", base=paths[2])
-    assert err(r)["desc"] == busy.format("node4"), r
+    if not (err(r)["desc"] == busy.format("node4")):
+        raise AssertionError(r)
     r = vm.qmp("block-stream", device="node3", job_id="stream-node3", base=paths[2])
-    assert err(r)["desc"] == busy.format("node3"), r
+    if not (err(r)["desc"] == busy.format("node3")):
+        raise AssertionError(r)
     r = vm.qmp("block-stream", device="node4", job_id="stream-node4-v2")
-    assert err(r)["desc"] == busy.format("node4"), r
+    if not (err(r)["desc"] == busy.format("node4")):
+        raise AssertionError(r)
     r = vm.qmp("block-stream", device="node6", job_id="stream-node4", base_node="node5")
-    assert err(r)["desc"] == "Job ID 'stream-node4' already in use", r
+    if not (err(r)["desc"] == "Job ID 'stream-node4' already in use"):
+        raise AssertionError(r)
     # Above the job's nodes is free.
     vm.cmd("block-stream", device="node6", job_id="stream-node6", base_node="node4")
     vm.wait_until_completed(drive="stream-node6")
     vm.cmd("block-job-cancel", device="stream-node4")
     ev = vm.event_wait("BLOCK_JOB_CANCELLED", 30, {"device": "stream-node4"})
-    assert ev["data"]["offset"] <= ev["data"]["len"], ev
+    if not (ev["data"]["offset"] <= ev["data"]["len"]):
+        raise AssertionError(ev)
     vm.assert_no_active_block_jobs()
     vm.close("drive0")
     compare_raw(paths[-1], ref)
-    assert info(paths[4])["backing-filename"] == paths[3]
+    if not (info(paths[4])["backing-filename"] == paths[3]):
+        raise AssertionError('failed: info(paths[4])["backing-filename"] == paths[3]')
 
 
 def case_base_node_errors(vm, d):
@@ -222,7 +257,8 @@ def case_base_node_errors(vm, d):
     ]
     for kw, want in cases:
         r = vm.qmp("block-stream", **kw)
-        assert err(r)["desc"] == want, (kw, r)
+        if not (err(r)["desc"] == want):
+            raise AssertionError((kw, r))
     vm.assert_no_active_block_jobs()
 
 
@@ -238,7 +274,8 @@ def case_smaller_backing(vm, d):
     vm.cmd("block-stream", device="drive0")
     vm.wait_until_completed()
     vm.close("drive0")
-    assert "backing-filename" not in info(top)
+    if not ("backing-filename" not in info(top)):
+        raise AssertionError('failed: "backing-filename" not in info(top)')
     compare_raw(top, ref)
     check(top)
 
@@ -261,12 +298,15 @@ def error_chain(vm, d, error_type, on_error):
 def case_on_error_report(vm, d):
     paths, ref = error_chain(vm, d, "failure", "report")
     ev = vm.event_wait("BLOCK_JOB_ERROR", 30)
-    assert ev["data"] == {"device": "drive0", "operation": "read", "action": "report"}, ev
+    if not (ev["data"] == {"device": "drive0", "operation": "read", "action": "report"}):
+        raise AssertionError(ev)
     c = vm.wait_until_completed(error="Input/output error")
-    assert c["offset"] < c["len"], c
+    if not (c["offset"] < c["len"]):
+        raise AssertionError(c)
     vm.assert_no_active_block_jobs()
     vm.close("drive0")
-    assert info(paths[-1])["backing-filename"] == paths[1]
+    if not (info(paths[-1])["backing-filename"] == paths[1]):
+        raise AssertionError('failed: info(paths[-1])["backing-filename"] == paths[1]')
     compare_raw(paths[-1], ref)
     check(paths[-1])
 
@@ -274,24 +314,31 @@ def case_on_error_report(vm, d):
 def case_on_error_ignore(vm, d):
     paths, ref = error_chain(vm, d, "failure", "ignore")
     ev = vm.event_wait("BLOCK_JOB_ERROR", 30)
-    assert ev["data"]["action"] == "ignore", ev
+    if not (ev["data"]["action"] == "ignore"):
+        raise AssertionError(ev)
     c = vm.wait_until_completed(error="Input/output error")
-    assert c["offset"] == c["len"], c
+    if not (c["offset"] == c["len"]):
+        raise AssertionError(c)
     vm.close("drive0")
-    assert info(paths[-1])["backing-filename"] == paths[1]
+    if not (info(paths[-1])["backing-filename"] == paths[1]):
+        raise AssertionError('failed: info(paths[-1])["backing-filename"] == paths[1]')
     compare_raw(paths[-1], ref)
 
 
 def stop_then_resume(vm, paths, ref, io_status):
     ev = vm.event_wait("BLOCK_JOB_ERROR", 30)
-    assert ev["data"]["action"] == "stop", ev
+    if not (ev["data"]["action"] == "stop"):
+        raise AssertionError(ev)
     j = vm.pause_wait("drive0")
-    assert j["status"] == "paused" and j["io-status"] == io_status, j
+    if not (j["status"] == "paused" and j["io-status"] == io_status):
+        raise AssertionError(j)
     vm.cmd("block-job-resume", device="drive0")
-    assert vm.job("drive0")["io-status"] == "ok"
+    if not (vm.job("drive0")["io-status"] == "ok"):
+        raise AssertionError('failed: vm.job("drive0")["io-status"] == "ok"')
     vm.wait_until_completed()
     vm.close("drive0")
-    assert "backing-filename" not in info(paths[-1])
+    if not ("backing-filename" not in info(paths[-1])):
+        raise AssertionError('failed: "backing-filename" not in info(paths[-1])')
     compare_raw(paths[-1], ref)
     check(paths[-1])
 
@@ -309,7 +356,8 @@ def case_on_error_enospc(vm, d):
 def case_on_error_enospc_eio(vm, d):
     error_chain(vm, d, "failure", "enospc")
     ev = vm.event_wait("BLOCK_JOB_ERROR", 30)
-    assert ev["data"]["action"] == "report", ev
+    if not (ev["data"]["action"] == "report"):
+        raise AssertionError(ev)
     vm.wait_until_completed(error="Input/output error")
 
 
@@ -322,12 +370,15 @@ def case_cancel_paused(vm, d):
     # QEMU refuses to cancel a paused job without force (qemu-storage-daemon
     # 10 answers the same).
     r = vm.qmp("block-job-cancel", device="drive0")
-    assert err(r)["desc"] == "The block job for device 'drive0' is currently paused", r
+    if not (err(r)["desc"] == "The block job for device 'drive0' is currently paused"):
+        raise AssertionError(r)
     vm.cmd("block-job-cancel", device="drive0", force=True)
     ev = vm.event_wait("BLOCK_JOB_CANCELLED", 30, {"device": "drive0"})
-    assert ev["data"]["type"] == "stream", ev
+    if not (ev["data"]["type"] == "stream"):
+        raise AssertionError(ev)
     vm.assert_no_active_block_jobs()
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2')
     # A later stream finishes the job.
     vm.cmd("block-stream", device="drive0")
     vm.wait_until_completed()
@@ -340,19 +391,25 @@ def case_set_speed(vm, d):
     paths, ref = chain3(d)
     vm.open(name="drive0", node_name="top", filename=paths[-1])
     r = vm.qmp("block-stream", device="drive0", speed=-1)
-    assert err(r)["desc"] == "Parameter 'speed' expects a non-negative value", r
+    if not (err(r)["desc"] == "Parameter 'speed' expects a non-negative value"):
+        raise AssertionError(r)
     vm.assert_no_active_block_jobs()
     vm.cmd("block-stream", device="drive0", speed=1 << 20)
-    assert vm.job("drive0")["speed"] == 1 << 20
+    if not (vm.job("drive0")["speed"] == 1 << 20):
+        raise AssertionError('failed: vm.job("drive0")["speed"] == 1 << 20')
     vm.cmd("block-job-set-speed", device="drive0", speed=8 << 20)
-    assert vm.job("drive0")["speed"] == 8 << 20
+    if not (vm.job("drive0")["speed"] == 8 << 20):
+        raise AssertionError('failed: vm.job("drive0")["speed"] == 8 << 20')
     r = vm.qmp("block-job-set-speed", device="drive0", speed=-1)
-    assert err(r)["desc"] == "Parameter 'speed' expects a non-negative value", r
+    if not (err(r)["desc"] == "Parameter 'speed' expects a non-negative value"):
+        raise AssertionError(r)
     r = vm.qmp("block-job-set-speed", device="nope", speed=0)
-    assert err(r) == {"class": "DeviceNotActive", "desc": "Block job 'nope' not found"}, r
+    if not (err(r) == {"class": "DeviceNotActive", "desc": "Block job 'nope' not found"}):
+        raise AssertionError(r)
     vm.cmd("block-job-set-speed", device="drive0", speed=0)
     ev = vm.wait_until_completed()
-    assert ev["speed"] == 0, ev
+    if not (ev["speed"] == 0):
+        raise AssertionError(ev)
     vm.close("drive0")
     compare_raw(paths[-1], ref)
 
@@ -362,20 +419,27 @@ def case_manual_finalize(vm, d):
     vm.open(name="drive0", node_name="top", filename=paths[-1])
     vm.cmd("block-stream", device="drive0", job_id="j", auto_finalize=False, auto_dismiss=False)
     ev = vm.event_wait("BLOCK_JOB_PENDING", 60)
-    assert ev["data"] == {"type": "stream", "id": "j"}, ev
-    assert vm.job("j")["status"] == "pending"
+    if not (ev["data"] == {"type": "stream", "id": "j"}):
+        raise AssertionError(ev)
+    if not (vm.job("j")["status"] == "pending"):
+        raise AssertionError('failed: vm.job("j")["status"] == "pending"')
     r = vm.qmp("job-dismiss", id="j")
-    assert err(r)["desc"] == "Job 'j' in state 'pending' cannot accept command verb 'dismiss'", r
+    if not (err(r)["desc"] == "Job 'j' in state 'pending' cannot accept command verb 'dismiss'"):
+        raise AssertionError(r)
     # Not finalized yet: the backing file is still there.
-    assert vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2
+    if not (vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2):
+        raise AssertionError('failed: vm.cmd("query-block")[0]["inserted"]["backing_file_depth"] == 2')
     vm.cmd("job-finalize", id="j")
     vm.wait_until_completed(drive="j")
     jobs = vm.cmd("query-jobs")
-    assert jobs[0]["id"] == "j" and jobs[0]["status"] == "concluded", jobs
+    if not (jobs[0]["id"] == "j" and jobs[0]["status"] == "concluded"):
+        raise AssertionError(jobs)
     vm.cmd("job-dismiss", id="j")
-    assert vm.cmd("query-jobs") == []
+    if not (vm.cmd("query-jobs") == []):
+        raise AssertionError('failed: vm.cmd("query-jobs") == []')
     r = vm.qmp("job-dismiss", id="j")
-    assert err(r)["desc"] == "Job not found", r
+    if not (err(r)["desc"] == "Job not found"):
+        raise AssertionError(r)
     vm.close("drive0")
     compare_raw(paths[-1], ref)
 

@@ -17,7 +17,8 @@ rpc = JSONRPCClient(a.rpc)
 
 def qmp_error(cmd, args):
     r = vm.raw(cmd, args)
-    assert "error" in r, r
+    if not ("error" in r):
+        raise AssertionError(r)
     return r["error"]
 
 
@@ -33,55 +34,77 @@ def rpc_error(method, params):
 paths = make_chain(d, ["base", "mid", "top"], "128M",
                    [["write -P 0x1 0 48M"], ["write -P 0x2 40M 16M", "write -z 8M 1M"], ["write -P 0x3 1M 1M"]])
 ref = reference(d, paths[-1])
-assert rpc.call("bdev_qcow2_open", {"name": "drive0", "filename": paths[-1]}) == "drive0"
+if not (rpc.call("bdev_qcow2_open", {"name": "drive0", "filename": paths[-1]}) == "drive0"):
+    raise AssertionError('failed: rpc.call("bdev_qcow2_open", {"name": "drive0", "filename": paths[-1]}) == "drive0"')
 
 # Errors as the 2011 API names them.
 e = qmp_error("block_stream", {"device": "nope"})
-assert e == {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}, e
+if not (e == {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}):
+    raise AssertionError(e)
 e = qmp_error("block_stream_cancel", {"device": "drive0"})
-assert e == {"class": "DeviceNotActive", "desc": "Device 'drive0' has not been activated"}, e
+if not (e == {"class": "DeviceNotActive", "desc": "Device 'drive0' has not been activated"}):
+    raise AssertionError(e)
 solo = os.path.join(d, "solo.qcow2")
 make_chain(d, ["solo"], "1M", [])
 rpc.call("bdev_qcow2_open", {"name": "solo", "filename": solo})
 e = qmp_error("block_stream", {"device": "solo"})
-assert e["class"] == "NotSupported", e
-assert "Device 'nope' not found" in rpc_error("block_stream", {"device": "nope"})
+if not (e["class"] == "NotSupported"):
+    raise AssertionError(e)
+if not ("Device 'nope' not found" in rpc_error("block_stream", {"device": "nope"})):
+    raise AssertionError('failed: "Device \'nope\' not found" in rpc_error("block_stream", {"device": "nope"})')
 
 # Start, see it, refuse a second one, cancel (returns once stopped).
-assert vm.rcmd("block_stream", {"device": "drive0"}) == {}
+if not (vm.rcmd("block_stream", {"device": "drive0"}) == {}):
+    raise AssertionError('failed: vm.rcmd("block_stream", {"device": "drive0"}) == {}')
 vm.rcmd("block-job-set-speed", {"device": "drive0", "speed": 4 << 20})
 s = rpc.call("query-block-stream")
-assert len(s) == 1 and s[0]["device"] == "drive0" and s[0]["len"] == 128 << 20, s
+if not (len(s) == 1 and s[0]["device"] == "drive0" and s[0]["len"] == 128 << 20):
+    raise AssertionError(s)
 e = qmp_error("block_stream", {"device": "drive0"})
-assert e == {"class": "DeviceInUse", "desc": "Device 'drive0' is in use"}, e
-assert rpc.call("block_stream_cancel", {"device": "drive0"}) == {}
-assert rpc.call("query-block-stream") == []
-assert vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 2
-assert "has not been activated" in rpc_error("block_stream_cancel", {"device": "drive0"})
-assert vm.events("BLOCK_STREAM_COMPLETED") == []  # a cancel is not a completion
+if not (e == {"class": "DeviceInUse", "desc": "Device 'drive0' is in use"}):
+    raise AssertionError(e)
+if not (rpc.call("block_stream_cancel", {"device": "drive0"}) == {}):
+    raise AssertionError('failed: rpc.call("block_stream_cancel", {"device": "drive0"}) == {}')
+if not (rpc.call("query-block-stream") == []):
+    raise AssertionError('failed: rpc.call("query-block-stream") == []')
+if not (vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 2):
+    raise AssertionError('failed: vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 2')
+if not ("has not been activated" in rpc_error("block_stream_cancel", {"device": "drive0"})):
+    raise AssertionError('failed: "has not been activated" in rpc_error("block_stream_cancel", {"device": "drive0"})')
+if not (vm.events("BLOCK_STREAM_COMPLETED") == []):
+    raise AssertionError('failed: vm.events("BLOCK_STREAM_COMPLETED") == []')  # a cancel is not a completion
 
 # Stream again to the end: the event on QMP and as a JSON-RPC notification.
 last = rpc.call("notify_get_notifications", {"id": 0, "max": 0})
 last_id = last[-1]["id"] if last else 0
-assert rpc.call("block_stream", {"device": "drive0"}) == {}
+if not (rpc.call("block_stream", {"device": "drive0"}) == {}):
+    raise AssertionError('failed: rpc.call("block_stream", {"device": "drive0"}) == {}')
 ev = vm.event_wait("BLOCK_STREAM_COMPLETED", 120, {"device": "drive0"})
-assert ev["data"] == {"device": "drive0", "len": 128 << 20, "offset": 128 << 20}, ev
+if not (ev["data"] == {"device": "drive0", "len": 128 << 20, "offset": 128 << 20}):
+    raise AssertionError(ev)
 notes = rpc.call("notify_get_notifications", {"id": last_id + 1, "max": 0})
 done = [n for n in notes if n["type"] == "BLOCK_STREAM_COMPLETED"]
-assert [(n["ctx"], n["data"]) for n in done] == [("drive0", ev["data"])], notes
-assert vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 0
+if not ([(n["ctx"], n["data"]) for n in done] == [("drive0", ev["data"])]):
+    raise AssertionError(notes)
+if not (vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 0):
+    raise AssertionError('failed: vm.rcmd("query-block")[0]["inserted"]["backing_file_depth"] == 0')
 
 # Live block copy: snapshot_blkdev onto a new image, then stream into it.
 copy = os.path.join(d, "copy.qcow2")
 e = qmp_error("snapshot_blkdev", {"device": "drive0", "snapshot-file": copy, "format": "vmdk"})
-assert e["class"] == "NotSupported", e
-assert vm.rcmd("snapshot_blkdev", {"device": "drive0", "snapshot-file": copy, "format": "qcow2"}) == {}
+if not (e["class"] == "NotSupported"):
+    raise AssertionError(e)
+if not (vm.rcmd("snapshot_blkdev", {"device": "drive0", "snapshot-file": copy, "format": "qcow2"}) == {}):
+    raise AssertionError('failed: vm.rcmd("snapshot_blkdev", {"device": "drive0", "snapshot-file": copy, "format": "qcow2"}) == {}')
 ins = vm.rcmd("query-block")[0]["inserted"]
-assert ins["file"] == copy and ins["backing_file"] == paths[-1], ins
-assert vm.rcmd("block_stream", {"device": "drive0"}) == {}
+if not (ins["file"] == copy and ins["backing_file"] == paths[-1]):
+    raise AssertionError(ins)
+if not (vm.rcmd("block_stream", {"device": "drive0"}) == {}):
+    raise AssertionError('failed: vm.rcmd("block_stream", {"device": "drive0"}) == {}')
 vm.event_wait("BLOCK_STREAM_COMPLETED", 120, {"device": "drive0"})
 vm.close("drive0")
-assert "backing-filename" not in info(copy)
+if not ("backing-filename" not in info(copy)):
+    raise AssertionError('failed: "backing-filename" not in info(copy)')
 check(copy)
 compare_raw(copy, ref)
 compare_raw(paths[-1], ref)
@@ -92,11 +115,14 @@ ref2 = reference(d, p2[-1], "ref2.raw")
 rpc.call("bdev_qcow2_open", {"name": "drive1", "filename": p2[-1]})
 vm.rcmd("block_stream", {"device": "drive1", "base": p2[0]})
 ev = vm.event_wait("BLOCK_STREAM_COMPLETED", 60, {"device": "drive1"})
-assert "error" not in ev["data"], ev
+if not ("error" not in ev["data"]):
+    raise AssertionError(ev)
 vm.close("drive1")
-assert info(p2[-1])["backing-filename"] == p2[0]
+if not (info(p2[-1])["backing-filename"] == p2[0]):
+    raise AssertionError('failed: info(p2[-1])["backing-filename"] == p2[0]')
 compare_raw(p2[-1], ref2)
-assert depth_at(p2[-1], 0) == 1 and depth_at(p2[-1], 8 << 20) == 0, qmap(p2[-1])
+if not (depth_at(p2[-1], 0) == 1 and depth_at(p2[-1], 8 << 20) == 0):
+    raise AssertionError(qmap(p2[-1]))
 
 # A failing stream reports through the event's error member.
 p3 = make_chain(d, ["b3", "t3"], "8M", [["write -P 0x9 0 8M"], []])
@@ -109,10 +135,13 @@ rpc.call("bdev_error_inject_error", {"name": "EE_b3file", "io_type": "read", "er
                                      "num": 0, "offset": host, "length": 8 << 20})
 vm.rcmd("block_stream", {"device": "drive2"})
 ev = vm.event_wait("BLOCK_STREAM_COMPLETED", 60, {"device": "drive2"})
-assert ev["data"]["error"] == "Input/output error" and ev["data"]["offset"] < ev["data"]["len"], ev
+if not (ev["data"]["error"] == "Input/output error" and ev["data"]["offset"] < ev["data"]["len"]):
+    raise AssertionError(ev)
 # A JSON-RPC client reads the same error from the notification's data.
 notes = rpc.call("notify_get_notifications", {"id": 0, "max": 0})
 failed = [n["data"] for n in notes if n["type"] == "BLOCK_STREAM_COMPLETED" and n["ctx"] == "drive2"]
-assert failed == [ev["data"]], notes
-assert vm.rcmd("query-block-stream") == []
+if not (failed == [ev["data"]]):
+    raise AssertionError(notes)
+if not (vm.rcmd("query-block-stream") == []):
+    raise AssertionError('failed: vm.rcmd("query-block-stream") == []')
 print("ok")

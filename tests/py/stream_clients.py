@@ -23,7 +23,8 @@ class Model:
         self.blocks = []
         for i in range(len(data) // BS):
             b = data[i * BS:(i + 1) * BS]
-            assert b.count(b[0]) == BS, f"block {i} of the reference is not uniform"
+            if not (b.count(b[0]) == BS):
+                raise AssertionError(f"block {i} of the reference is not uniform")
             self.blocks.append(b[0])
 
     def write_raw(self, path):
@@ -71,7 +72,8 @@ class Workload(threading.Thread):
     def finish(self):
         self.stop.set()
         self.join(300)
-        assert not self.is_alive(), "workload hung"
+        if self.is_alive():
+            raise AssertionError("workload hung")
         if self.error:
             raise self.error
 
@@ -92,7 +94,8 @@ def finish(vm, d, w, uri):
     expect = os.path.join(d, "expect.raw")
     w.model.write_raw(expect)
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri, expect], capture_output=True, text=True)
-    assert r.returncode == 0, f"device content differs from the model: {r.stdout} {r.stderr}"
+    if not (r.returncode == 0):
+        raise AssertionError(f"device content differs from the model: {r.stdout} {r.stderr}")
     vm.cmd("block-export-del", id="exp0")
     vm.cmd("nbd-server-stop")
     return expect
@@ -104,13 +107,16 @@ def case_verify(vm, d):
     w.start()
     while w.batches < 1:
         w.join(0.05)
-        assert w.error is None, w.error
+        if not (w.error is None):
+            raise AssertionError(w.error)
     vm.cmd("block-stream", device="drive0", speed=16 << 20)
     vm.wait_until_completed(timeout=300)
     expect = finish(vm, d, w, uri)
-    assert w.batches >= 3, w.batches
+    if not (w.batches >= 3):
+        raise AssertionError(w.batches)
     vm.close("drive0")
-    assert "backing-filename" not in info(paths[-1])
+    if not ("backing-filename" not in info(paths[-1])):
+        raise AssertionError('failed: "backing-filename" not in info(paths[-1])')
     check(paths[-1])
     compare_raw(paths[-1], expect)
 
@@ -122,18 +128,22 @@ def case_live_copy(vm, d):
     w.start()
     while w.batches < 1:
         w.join(0.05)
-        assert w.error is None, w.error
+        if not (w.error is None):
+            raise AssertionError(w.error)
     vm.cmd("blockdev-snapshot-sync", device="drive0", snapshot_file="Copy0", snapshot_node_name="copy", format="qcow2")
     ins = vm.cmd("query-block")[0]["inserted"]
-    assert ins["node-name"] == "copy" and ins["backing_file_depth"] == 3, ins
+    if not (ins["node-name"] == "copy" and ins["backing_file_depth"] == 3):
+        raise AssertionError(ins)
     vm.cmd("block-stream", device="drive0")
     vm.wait_until_completed(timeout=300)
     ins = vm.cmd("query-block")[0]["inserted"]
-    assert ins["node-name"] == "copy" and ins["backing_file_depth"] == 0, ins
+    if not (ins["node-name"] == "copy" and ins["backing_file_depth"] == 0):
+        raise AssertionError(ins)
     finish(vm, d, w, uri)
     # The old chain was released and is consistent; the copy lives on Copy0 only.
     names = [b["name"] for b in vm.rcmd("bdev_get_bdevs")]
-    assert "top" not in names and "Copy0" in names and "copy" in names, names
+    if not ("top" not in names and "Copy0" in names and "copy" in names):
+        raise AssertionError(names)
     for p in paths:
         check(p)
 

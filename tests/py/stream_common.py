@@ -23,7 +23,8 @@ def parse_args():
 
 def qemu_img(*args):
     r = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
-    assert r.returncode == 0, f"qemu-img {args}: {r.stdout}{r.stderr}"
+    if not (r.returncode == 0):
+        raise AssertionError(f"qemu-img {args}: {r.stdout}{r.stderr}")
     return r.stdout
 
 
@@ -33,7 +34,8 @@ def qemu_img_rc(*args):
 
 def qemu_io(*args):
     r = subprocess.run(["qemu-io", *map(str, args)], capture_output=True, text=True)
-    assert r.returncode == 0 and "verification failed" not in r.stdout, f"qemu-io {args}: {r.stdout}{r.stderr}"
+    if not (r.returncode == 0 and "verification failed" not in r.stdout):
+        raise AssertionError(f"qemu-io {args}: {r.stdout}{r.stderr}")
     return r.stdout
 
 
@@ -55,12 +57,14 @@ def depth_at(path, off):
 
 def check(path):
     r = qemu_img_rc("check", "-U", path)
-    assert r.returncode == 0, f"qemu-img check {path}: {r.stdout}{r.stderr}"
+    if not (r.returncode == 0):
+        raise AssertionError(f"qemu-img check {path}: {r.stdout}{r.stderr}")
 
 
 def compare_raw(img, raw):
     r = qemu_img_rc("compare", "-U", "-F", "raw", img, raw)
-    assert r.returncode == 0, f"qemu-img compare {img} {raw}: {r.stdout}{r.stderr}"
+    if not (r.returncode == 0):
+        raise AssertionError(f"qemu-img compare {img} {raw}: {r.stdout}{r.stderr}")
 
 
 def make_chain(d, names, size, writes, fmt="qcow2"):
@@ -108,12 +112,14 @@ class Vm:
 
     def cmd(self, cmd, **kw):
         r = self.qmp(cmd, **kw)
-        assert "return" in r, f"{cmd} {kw}: {r}"
+        if not ("return" in r):
+            raise AssertionError(f"{cmd} {kw}: {r}")
         return r["return"]
 
     def rcmd(self, cmd, args=None):
         r = self.raw(cmd, args)
-        assert "return" in r, f"{cmd} {args}: {r}"
+        if not ("return" in r):
+            raise AssertionError(f"{cmd} {args}: {r}")
         return r["return"]
 
     def event_wait(self, name, timeout=60.0, match=None):
@@ -123,7 +129,8 @@ class Vm:
                 if ev["event"] == name and (match is None or all(ev["data"].get(k) == v for k, v in match.items())):
                     return self.pending.pop(i)
             left = deadline - time.time()
-            assert left > 0, f"no {name} {match} within {timeout}s; got {[e['event'] for e in self.pending]}"
+            if not (left > 0):
+                raise AssertionError(f"no {name} {match} within {timeout}s; got {[e['event'] for e in self.pending]}")
             try:
                 ev = self.q.pull_event(wait=min(left, 1.0))
             except (TimeoutError, asyncio.TimeoutError):
@@ -152,19 +159,24 @@ class Vm:
     def wait_until_completed(self, drive="drive0", timeout=120.0, error=None):
         ev = self.event_wait("BLOCK_JOB_COMPLETED", timeout, {"device": drive})
         d = ev["data"]
-        assert d["type"] == "stream", d
+        if not (d["type"] == "stream"):
+            raise AssertionError(d)
         if error is None:
-            assert "error" not in d, d
-            assert d["offset"] == d["len"], d
+            if not ("error" not in d):
+                raise AssertionError(d)
+            if not (d["offset"] == d["len"]):
+                raise AssertionError(d)
         else:
-            assert d.get("error") == error, d
+            if not (d.get("error") == error):
+                raise AssertionError(d)
         return d
 
     def jobs(self):
         return self.cmd("query-block-jobs")
 
     def assert_no_active_block_jobs(self):
-        assert self.jobs() == [], self.jobs()
+        if not (self.jobs() == []):
+            raise AssertionError(self.jobs())
 
     def job(self, jid):
         for j in self.jobs():
@@ -213,7 +225,8 @@ def qsd_monitor(d):
     try:
         deadline = time.time() + 10
         while not os.path.exists(sock):
-            assert p.poll() is None and time.time() < deadline, p.stderr.read()
+            if not (p.poll() is None and time.time() < deadline):
+                raise AssertionError(p.stderr.read())
             time.sleep(0.02)
         # The socket exists a moment before QSD's monitor answers on it: a
         # connection then may fail its negotiation. Try again.

@@ -21,7 +21,8 @@ else:
     vm.cmd("block-stream", device="drive0")
     vm.wait_until_completed(timeout=300)
     vm.close("drive0")
-    assert "backing-filename" not in info(top)
+    if not ("backing-filename" not in info(top)):
+        raise AssertionError('failed: "backing-filename" not in info(top)')
     check(top)
     compare_raw(top, os.path.join(a.dir, "ref.raw"))
 print("ok")
