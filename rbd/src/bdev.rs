@@ -421,6 +421,10 @@ fn poll_events(image: &Image, here: usize) -> PollStatus {
 /// Completes a finished request: here if it is this reactor's (`here`),
 /// else by a message to its reactor.
 fn finish(p: Pending, ret: isize, here: Option<usize>) {
+    if ret == -(libc::ETIMEDOUT as isize) {
+        // The OSD may have moved: fetch the map before anyone retries.
+        p.route.image.refresh_osd_map();
+    }
     let status = if ret < 0 {
         IoStatus::from_errno(ret as i32)
     } else {

@@ -11,6 +11,7 @@ use crate::ffi;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How to connect: SPDK's `bdev_rbd_register_cluster` parameters, which
@@ -31,6 +32,8 @@ pub struct ClusterOptions {
 pub struct Cluster {
     handle: ffi::rados_t,
     opts: ClusterOptions,
+    /// A refresh of the OSD map is under way ([`Cluster::refresh_osd_map`]).
+    refreshing: AtomicBool,
 }
 
 // SAFETY: a connected rados_t is used from any thread (librados is
@@ -65,6 +68,7 @@ impl Cluster {
         let c = Cluster {
             handle: h,
             opts: opts.clone(),
+            refreshing: AtomicBool::new(false),
         };
         c.set("client_mount_timeout", "10")?;
         match &opts.config_file {
@@ -119,6 +123,35 @@ impl Cluster {
     /// How it was connected.
     pub fn options(&self) -> &ClusterOptions {
         &self.opts
+    }
+
+    /// Fetches the newest OSD map, on a thread of its own (one at a time),
+    /// after a request timed out (`rados_osd_op_timeout`). librados asks the
+    /// monitor for a newer map only for requests outstanding longer than
+    /// `objecter_timeout` (10 s); one that times out sooner leaves the map
+    /// as it was, so an OSD restarted at a new address would never be
+    /// reached again and every retry would time out in turn. Never blocks
+    /// the caller (a librbd callback thread or a reactor).
+    pub(crate) fn refresh_osd_map(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let run = move || {
+            // SAFETY: the handle is connected and kept alive by `me`.
+            let r = unsafe { ffi::rados_wait_for_latest_osdmap(me.handle) };
+            if r < 0 {
+                tracing::warn!(errno = -r, "rbd: could not refresh the OSD map");
+            }
+            me.refreshing.store(false, Ordering::Release);
+        };
+        if std::thread::Builder::new()
+            .name("rbd-osdmap".into())
+            .spawn(run)
+            .is_err()
+        {
+            self.refreshing.store(false, Ordering::Release);
+        }
     }
 }
 

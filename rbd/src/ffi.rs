@@ -30,6 +30,7 @@ extern "C" {
     pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
     pub fn rados_connect(cluster: rados_t) -> c_int;
     pub fn rados_shutdown(cluster: rados_t);
+    pub fn rados_wait_for_latest_osdmap(cluster: rados_t) -> c_int;
     pub fn rados_ioctx_create(
         cluster: rados_t,
         pool_name: *const c_char,
@@ -123,6 +124,9 @@ mod absent {
         NO
     }
     pub unsafe fn rados_shutdown(_: rados_t) {}
+    pub unsafe fn rados_wait_for_latest_osdmap(_: rados_t) -> c_int {
+        NO
+    }
     pub unsafe fn rados_ioctx_create(_: rados_t, _: *const c_char, _: *mut rados_ioctx_t) -> c_int {
         NO
     }

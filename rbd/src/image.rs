@@ -101,6 +101,13 @@ impl Image {
         })
     }
 
+    /// After a request timed out: see [`Cluster::refresh_osd_map`].
+    pub(crate) fn refresh_osd_map(&self) {
+        if let Some(c) = &self.cluster {
+            c.refresh_osd_map();
+        }
+    }
+
     /// Size in bytes (cheap: librbd's cached header).
     pub fn size(&self) -> Result<u64, RbdError> {
         let mut s = 0u64;

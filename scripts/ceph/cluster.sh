@@ -5,10 +5,13 @@
 #   scripts/ceph/cluster.sh stop DIR               kills what start started (by PID)
 #   scripts/ceph/cluster.sh osd-pause DIR          freezes the OSD (SIGSTOP): requests wait
 #   scripts/ceph/cluster.sh osd-resume DIR         lets it run again (SIGCONT)
+#   scripts/ceph/cluster.sh osd-kill DIR           SIGKILLs the OSD (bluestore only)
+#   scripts/ceph/cluster.sh osd-restart DIR        starts it again on its data
 #
-# (A memstore OSD cannot be killed and restarted with its data: its objects
-# live only in its memory, and a restarted one here leaves its PGs unpeered
-# without a manager. A frozen OSD is the outage the tests inject.)
+# CEPH_STORE=bluestore puts the OSD on BlueStore over a sparse file of
+# SIZE_MIB in DIR (an OSD that survives SIGKILL and comes back with its data,
+# as a real one does); the default `memstore` keeps everything in memory (its
+# objects die with the process: it cannot be restarted).
 #
 # One monitor and one OSD on 127.0.0.1 (ports picked free), the OSD on
 # `memstore` (everything in memory, SIZE_MIB in all, default 512), pool size
@@ -50,7 +53,24 @@ start() {
   done
   if [ -f "$dir/pids" ]; then echo "$dir: a cluster was started there already; stop it first" >&2; exit 1; fi
   mkdir -p "$dir"/{mon/a,osd/0,run,log,crash}
-  local fsid port
+  local fsid port store_conf
+  case ${CEPH_STORE:-memstore} in
+    memstore) store_conf="osd objectstore = memstore
+memstore device bytes = $((size_mib << 20))" ;;
+    # Small caches (the default autotunes towards 4 GiB per OSD); the block
+    # device is a sparse file made at mkfs; fsync stays on (a kill must not
+    # lose what the OSD acknowledged).
+    bluestore) store_conf="osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = $((size_mib << 20))
+bluestore block db create = false
+bluestore block wal create = false
+bluestore cache autotune = false
+bluestore cache size = 67108864
+osd memory target = 536870912
+bluestore fsck on mount = false" ;;
+    *) echo "CEPH_STORE: memstore or bluestore" >&2; exit 2 ;;
+  esac
   fsid=$(cat /proc/sys/kernel/random/uuid)
   port=$(free_port)
   cat >"$dir/ceph.conf" <<CONF
@@ -86,8 +106,7 @@ mon data avail crit = 0
 paxos propose interval = 0.01
 paxos min wait = 0.01
 mon osd reporter subtree level = osd
-osd objectstore = memstore
-memstore device bytes = $((size_mib << 20))
+$store_conf
 osd data = $dir/osd/\$id
 mon data = $dir/mon/\$id
 osd heartbeat grace = 5
@@ -140,5 +159,10 @@ case $cmd in
   stop) stop ;;
   osd-pause) kill -STOP "$(cat "$dir/osd.pid")" ;;
   osd-resume) kill -CONT "$(cat "$dir/osd.pid")" ;;
+  osd-kill)
+    grep -q 'objectstore = bluestore' "$dir/ceph.conf" || { echo "osd-kill needs CEPH_STORE=bluestore" >&2; exit 2; }
+    pid=$(cat "$dir/osd.pid"); kill -KILL "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done ;;
+  osd-restart) start_osd ;;
   *) usage ;;
 esac

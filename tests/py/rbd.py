@@ -42,9 +42,10 @@ def run(*cmd, ok=True, timeout=120, env=None):
 class Ceph:
     """A started cluster: its conf, and `rbd` / qemu names for its images."""
 
-    def __init__(self, d):
+    def __init__(self, d, store="memstore"):
         self.dir = os.path.join(d, "ceph")
-        out = run(CLUSTER, "start", self.dir, "256", timeout=90).stdout
+        out = run(CLUSTER, "start", self.dir, "256" if store == "memstore" else "1024", timeout=90,
+                  env=dict(os.environ, CEPH_STORE=store)).stdout
         kv = dict(line.split("=", 1) for line in out.split() if "=" in line)
         self.conf = kv["CONF"]
         self.keyring = kv["KEYRING"]
@@ -65,8 +66,8 @@ class Ceph:
 
 
 @contextlib.contextmanager
-def ceph(d):
-    c = Ceph(d)
+def ceph(d, store="memstore"):
+    c = Ceph(d, store)
     try:
         yield c
     finally:
@@ -406,11 +407,29 @@ def case_evacuate_snapshot(vm, d):
         run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", c.qemu_name("ov"), want)
 
 
+def osd_down_for(c, secs, check):
+    """Kills the (BlueStore) OSD, runs `check` while it is dead for `secs`,
+    and starts it again on its data, whatever `check` did."""
+    run(CLUSTER, "osd-kill", c.dir)
+    try:
+        t0 = time.time()
+        check()
+        time.sleep(max(0.0, secs - (time.time() - t0)))
+    finally:
+        run(CLUSTER, "osd-restart", c.dir)
+
+
 def case_osd_outage(vm, d):
-    """The OSD frozen mid-stream from an RBD backing: reads wait (nothing
-    fails, the job does not end), and once it runs again the stream
-    completes and the overlay equals the golden image."""
-    with ceph(d) as c:
+    """The OSD killed mid-stream from an RBD backing and restarted on its
+    data (BlueStore: it keeps what it acknowledged): while it is dead the
+    reads wait (nothing fails, the job does not end, no progress); once it is
+    back the stream completes and the overlay equals the golden image.
+
+    (A SIGSTOP-frozen OSD is not used: Ceph 16.2's read leases can leave a
+    resumed single OSD's PGs laggy for good, every read parked in
+    `waiting for readable` until the next interval change, ceph/ceph#71663;
+    seen here in about one run in three.)"""
+    with ceph(d, "bluestore") as c:
         golden = os.path.join(d, "golden.raw")
         run("qemu-img", "create", "-f", "raw", golden, "48M")
         run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 48M", golden)
@@ -421,18 +440,18 @@ def case_osd_outage(vm, d):
                                  "file": {"driver": "file", "filename": ov}})
         vm.rcmd("block-stream", {"device": "ov", "job-id": "s0", "speed": 16 * MiB})
         time.sleep(0.5)
-        run(CLUSTER, "osd-pause", c.dir)
-        try:
-            time.sleep(3)
+
+        def dead():
+            time.sleep(2)
             jobs = vm.rcmd("query-block-jobs")
             expect(len(jobs) == 1 and jobs[0]["offset"] < jobs[0]["len"], f"job not waiting: {jobs}")
-            expect(not vm.events("BLOCK_JOB_COMPLETED"), "the job ended while the OSD was frozen")
+            expect(not vm.events("BLOCK_JOB_COMPLETED"), "the job ended while the OSD was dead")
             frozen_at = jobs[0]["offset"]
             time.sleep(1)
-            expect(vm.rcmd("query-block-jobs")[0]["offset"] == frozen_at, "progress with the OSD frozen")
+            expect(vm.rcmd("query-block-jobs")[0]["offset"] == frozen_at, "progress with the OSD dead")
             vm.rcmd("block-job-set-speed", {"device": "s0", "speed": 0})
-        finally:
-            run(CLUSTER, "osd-resume", c.dir)
+
+        osd_down_for(c, 4, dead)
         ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": "s0"})
         expect("error" not in ev["data"], ev)
         vm.rcmd("blockdev-del", {"node-name": "ov"})
@@ -440,14 +459,25 @@ def case_osd_outage(vm, d):
         run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, golden)
         info = json.loads(run("qemu-img", "info", "--output=json", ov).stdout)
         expect("backing-filename" not in info, info)
+        # A new stream over the restarted OSD completes too.
+        ov2 = os.path.join(d, "ov2.qcow2")
+        run("qemu-img", "create", "-f", "qcow2", "-u", "-b", c.qemu_name("g"), "-F", "raw", ov2, "48M")
+        vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov2",
+                                 "file": {"driver": "file", "filename": ov2}})
+        vm.rcmd("block-stream", {"device": "ov2", "job-id": "s1"})
+        ev = vm.event_wait("BLOCK_JOB_COMPLETED", 120, {"device": "s1"})
+        expect("error" not in ev["data"], ev)
+        vm.rcmd("blockdev-del", {"node-name": "ov2"})
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov2, golden)
 
 
 def case_osd_outage_on_error_stop(vm, d):
-    """The OSD frozen mid-stream with librbd's `rados_osd_op_timeout` set
+    """The OSD killed mid-stream with librbd's `rados_osd_op_timeout` set
     in the backing name: the reads fail, the stream (on-error: stop) pauses
-    with BLOCK_JOB_ERROR; once the OSD runs again block-job-resume retries
-    and the stream completes with the golden image's data."""
-    with ceph(d) as c:
+    with BLOCK_JOB_ERROR; once the OSD is restarted on its data
+    block-job-resume retries and the stream completes with the golden
+    image's data."""
+    with ceph(d, "bluestore") as c:
         golden = os.path.join(d, "golden.raw")
         run("qemu-img", "create", "-f", "raw", golden, "48M")
         run("qemu-io", "-f", "raw", "-c", "write -P 0x6b 0 48M", golden)
@@ -459,21 +489,21 @@ def case_osd_outage_on_error_stop(vm, d):
                                  "file": {"driver": "file", "filename": ov}})
         vm.rcmd("block-stream", {"device": "ov", "job-id": "s0", "speed": 8 * MiB, "on-error": "stop"})
         time.sleep(0.5)
-        run(CLUSTER, "osd-pause", c.dir)
-        try:
+
+        def dead():
             ev = vm.event_wait("BLOCK_JOB_ERROR", 30, {"device": "s0"})
             expect(ev["data"]["action"] == "stop", ev)
             vm.pause_wait("s0", 10)
             expect(not vm.events("BLOCK_JOB_COMPLETED"), "the job ended on an error with on-error stop")
-        finally:
-            run(CLUSTER, "osd-resume", c.dir)
+
+        osd_down_for(c, 0, dead)
         vm.rcmd("block-job-set-speed", {"device": "s0", "speed": 0})
         # The OSD serves again (an image's header read goes through it)
         # before the job is resumed ...
-        c.rbd("info", "rbd/g")
-        # ... but librbd's sessions to it may still time out a request or two
-        # after a long freeze on a loaded machine: as an operator would, resume
-        # again each time the job stops on such an error, a bounded number of
+        c.rbd("info", "rbd/g", timeout=90)
+        # ... but librbd's session may still time out a request that was
+        # sent to the dead OSD's address: as an operator would, resume again
+        # each time the job stops on such an error, a bounded number of
         # times within a bounded time.
         resumes, deadline = 0, time.time() + 120
         while True:

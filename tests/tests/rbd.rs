@@ -3,9 +3,10 @@
 //! data and block status against librbd's tools and QEMU's rbd driver,
 //! QEMU's errors, SPDK's bdev_rbd_* methods, rapid deployment (ten overlays
 //! on one RBD golden image streamed under client writes), evacuation onto
-//! RBD by mirror with a pivot and by snapshot plus stream, and an OSD
-//! outage mid-stream (requests wait; with an op timeout, on-error stop
-//! pauses the job and a resume completes it).
+//! RBD by mirror with a pivot and by snapshot plus stream, and the OSD
+//! killed mid-stream and restarted on its data (a BlueStore cluster: requests
+//! wait; with an op timeout, on-error stop pauses the job and a resume
+//! completes it; a new stream completes).
 //!
 //! Needs sluice built with librbd (librbd-dev, librados-dev) and the Ceph
 //! daemons (ceph-mon, ceph-osd, ceph-common); `scripts/ceph/install.sh`
@@ -78,12 +79,12 @@ fn evacuation_onto_rbd_by_snapshot_and_stream() {
 }
 
 #[test]
-fn osd_outage_mid_stream_waits_then_completes() {
+fn osd_killed_and_restarted_mid_stream_reads_wait_then_the_stream_completes() {
     scenario("osd_outage");
 }
 
 #[test]
-fn osd_outage_with_op_timeout_pauses_on_error_stop_then_resumes() {
+fn osd_killed_with_op_timeout_pauses_on_error_stop_then_resumes_after_restart() {
     scenario("osd_outage_on_error_stop");
 }
 
