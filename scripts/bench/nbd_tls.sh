@@ -8,7 +8,14 @@
 # Page caches are dropped before each run; each result's data is compared with
 # the chain (qemu-img compare) before its time counts. Prints times and ratios.
 #
-#   scripts/bench/nbd_tls.sh            # GIB=1 RUNS=2 TLS="off on"
+# Then, per destination and transport, the issue's latency goal: a client on
+# the destination (fio, 4 KiB random reads at QD 1 through an NBD export of the
+# overlay on a Unix socket) measures its read p99 idle (before the stream:
+# every read crosses the network) and while the stream runs at full speed
+# (fio runs for 70% of that destination's best stream time); goal: the p99
+# during the migration within 2x of the idle p99. Data compared again after.
+#
+#   scripts/bench/nbd_tls.sh            # GIB=1 RUNS=2 TLS="off on" LAT=1 IDLE_SECS=4
 # Needs root (ip netns), the test venv, openssl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +29,9 @@ if [ -z "${SLUICE:-}" ]; then
     cargo build --release -p sluice --bin sluice >&2
     SLUICE=$PWD/target/release/sluice
 fi
-export SLUICE GIB RUNS TLS DIR
+LAT=${LAT:-1}
+IDLE_SECS=${IDLE_SECS:-4}
+export SLUICE GIB RUNS TLS DIR LAT IDLE_SECS
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, subprocess, sys, time
 sys.path.insert(0, "scripts/bench")
@@ -148,6 +157,74 @@ def one(kind, names, pki, tls, tmp):
     return took
 
 
+def fio_p99(sock, secs, gib):
+    """4 KiB random reads at QD 1 over the export on `sock` for `secs`: (p50, p99) in µs."""
+    r = subprocess.run(["fio", "--name=lat", "--ioengine=nbd", f"--uri=nbd+unix:///ov?socket={sock}",
+                        "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based=1",
+                        f"--runtime={secs}", f"--size={gib}G", "--output-format=json"],
+                       capture_output=True, text=True, timeout=secs + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
+    if j["io_bytes"] == 0 or j.get("short_ios", 0) or j.get("drop_ios", 0):
+        raise RuntimeError(f"fio read nothing or failed: {j}")
+    pct = j["clat_ns"]["percentile"]
+    return pct["50.000000"] / 1000, pct["99.000000"] / 1000, j["total_ios"]
+
+
+def latency(kind, names, pki, tls, tmp, during_secs):
+    """The client's read p99 on the destination, idle and during the stream."""
+    gib = int(E["GIB"])
+    ov = os.path.join(tmp, f"ov-{kind}.qcow2")
+    if os.path.exists(ov):
+        os.unlink(ov)
+    sh("qemu-img", "create", "-f", "qcow2", "-u", "-b", f"nbd://{A_IP}:{PORT}/top", "-F", "raw",
+       ov, f"{gib}G")
+    src = source(names, pki, tls)
+    drop_caches()
+    d = os.path.join(tmp, kind)
+    p, q = dest(kind, d)
+    sock = os.path.join(d, "lat.sock")
+    try:
+        nbd = {"driver": "nbd", "node-name": "remote", "read-only": True, "export": "top",
+               "server": {"type": "inet", "host": A_IP, "port": str(PORT)}}
+        if tls:
+            q.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tc", "dir": pki})
+            nbd["tls-creds"] = "tc"
+        q.cmd("blockdev-add", **nbd)
+        q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "ov", "backing": "remote",
+                                 "file": {"driver": "file", "filename": ov}})
+        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        q.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "ov"}, name="ov")
+        idle = fio_p99(sock, int(E["IDLE_SECS"]), gib)
+        q.cmd("block-stream", **{"device": "ov", "job-id": "s0"})
+        during = fio_p99(sock, during_secs, gib)
+        jobs = q.cmd("query-block-jobs")
+        if not jobs:
+            raise RuntimeError(f"{kind}: the stream ended before the client did: lengthen GIB")
+        ev = q.wait("BLOCK_JOB_COMPLETED")
+        if "error" in ev["data"]:
+            raise RuntimeError(f"{kind}: {ev}")
+        q.cmd("block-export-del", id="e1")
+        q.wait("BLOCK_EXPORT_DELETED")
+        q.cmd("nbd-server-stop")
+        q.cmd("blockdev-del", **{"node-name": "ov"})
+        q.cmd("blockdev-del", **{"node-name": "remote"})
+        q.cmd("quit")
+        q.close()
+        p.wait(120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        src.terminate()
+        src.wait(30)
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ov, names[-1]],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{kind}: the streamed image differs from the chain: {r.stdout}")
+    return idle, during
+
+
 def main():
     gib = int(E["GIB"])
     names = make_chain(E["DIR"], gib)
@@ -168,6 +245,16 @@ def main():
                     t = one(kind, names, pki, on, tmp)
                     res.setdefault((tls, kind), []).append(t)
                     print(f"tls={tls} {kind}: {t:.2f}s (data compared equal)", flush=True)
+        lat = {}
+        if E["LAT"] == "1":
+            for tls in E["TLS"].split():
+                for kind in ("sluice", "qsd"):
+                    secs = max(1, int(0.7 * min(res[(tls, kind)])))
+                    lat[(tls, kind)] = latency(kind, names, pki, tls == "on", tmp, secs)
+                    (i50, i99, n_i), (d50, d99, n_d) = lat[(tls, kind)]
+                    print(f"tls={tls} {kind}: client read p50/p99 idle {i50:.0f}/{i99:.0f} us "
+                          f"({n_i} reads), during the stream {d50:.0f}/{d99:.0f} us ({n_d} reads, "
+                          f"{secs} s): p99 ratio {d99 / i99:.2f} (data compared equal)", flush=True)
     finally:
         nets_down()
     print(f"\n{gib} GiB three-layer chain streamed over NBD between namespaces "
@@ -175,6 +262,10 @@ def main():
     for tls in E["TLS"].split():
         s, q = min(res[(tls, "sluice")]), min(res[(tls, "qsd")])
         print(f"  tls={tls:3}  sluice {s:6.2f}s  qsd {q:6.2f}s  sluice is {q / s:.2f}x")
+    if lat:
+        print("\nclient read p99 on the destination, during the stream / idle (goal: at most 2)")
+        for (tls, kind), ((_, i99, _), (_, d99, _)) in sorted(lat.items()):
+            print(f"  tls={tls:3}  {kind:6}  idle {i99:7.0f} us  during {d99:7.0f} us  ratio {d99 / i99:.2f}")
 
 
 main()

@@ -429,6 +429,9 @@ fn faults_under_load_lose_no_acknowledged_write() {
         (24usize, Duration::from_secs(10), 1u32)
     };
     let at = |s: u64| Duration::from_secs(s) * scale;
+    // Job speeds slow down as the timeline stretches, so the faults injected
+    // at at(6) still find the jobs running.
+    let speed = |mib: u64| mib * MIB / u64::from(scale);
     let work = TempDir::new("soak");
     let img = |n: &str| work.join(n);
     // Ten chains base <- top, the base full of INITIAL.
@@ -571,16 +574,16 @@ fn faults_under_load_lose_no_acknowledged_write() {
     for i in 0..8 {
         d.call(
             "block-stream",
-            json!({"job-id": format!("s{i}"), "device": format!("vd{i}"), "speed": 2 * MIB}),
+            json!({"job-id": format!("s{i}"), "device": format!("vd{i}"), "speed": speed(2)}),
         );
     }
     d.call(
         "block-commit",
-        json!({"job-id": "c8", "device": "vd8", "speed": 4 * MIB}),
+        json!({"job-id": "c8", "device": "vd8", "speed": speed(4)}),
     );
     d.call(
         "blockdev-mirror",
-        json!({"job-id": "m9", "device": "vd9", "target": "tgt0", "sync": "full", "speed": 4 * MIB}),
+        json!({"job-id": "m9", "device": "vd9", "target": "tgt0", "sync": "full", "speed": speed(4)}),
     );
     wait_until(at(6), &d, &mut samples, &mut next_sample, false);
     d.call(
