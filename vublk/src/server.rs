@@ -357,22 +357,14 @@ fn connection(
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
     tracing::info!(id = %e.cfg.id, "vhost-user-blk front end connected");
-    let backend = Arc::new(BlkBackend::new(
+    let why = serve_connection(
         dev.clone(),
-        rt.clone(),
+        s,
+        rt,
         first,
         e.cfg.num_queues,
         e.cfg.logical_block_size,
-    ));
-    let mut h = BackendReqHandler::from_stream(s, backend.clone());
-    let why = loop {
-        match h.handle_request() {
-            Ok(()) => {}
-            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break None,
-            Err(err) => break Some(err),
-        }
-    };
-    backend.stop_all();
+    );
     e.completed
         .fetch_add(dev.completed.load(Ordering::Relaxed), Ordering::Relaxed);
     *e.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -383,4 +375,42 @@ fn connection(
         }
     }
     Ok(())
+}
+
+/// Serves one front end's control messages on `s` until it hangs up or sends
+/// what drops it (`None`: it hung up; else why it was dropped): the device is
+/// a [`BlkBackend`] over `dev` with `num_queues` rings from reactor `first`
+/// on. Every ring is stopped and the socket shut before it returns, so the
+/// front end sees the end even while a clone of the socket lives on. The
+/// export's control thread runs it for each connection (the fuzz target
+/// `vhost_user` drives it over a socket pair).
+pub fn serve_connection(
+    dev: Arc<DevShared>,
+    s: UnixStream,
+    rt: &RuntimeHandle,
+    first: usize,
+    num_queues: u16,
+    blk_size: u32,
+) -> Option<VuError> {
+    let closer = s.try_clone();
+    let backend = Arc::new(BlkBackend::new(
+        dev,
+        rt.clone(),
+        first,
+        num_queues,
+        blk_size,
+    ));
+    let mut h = BackendReqHandler::from_stream(s, backend.clone());
+    let why = loop {
+        match h.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break None,
+            Err(err) => break Some(err),
+        }
+    };
+    backend.stop_all();
+    if let Ok(c) = closer {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+    why
 }
