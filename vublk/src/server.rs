@@ -414,3 +414,66 @@ pub fn serve_connection(
     }
     why
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn msg(code: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        for w in [code, 1, body.len() as u32] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Runs `serve_connection` on a thread over a socket pair, sends `bytes`
+    /// (without hanging up) and returns what the front end read up to the
+    /// connection's end, and why the device ended it.
+    fn serve(bytes: &[u8]) -> (Vec<u8>, Option<String>) {
+        let mut cfg = reactor::RuntimeConfig::new(reactor::CoreSet::from_list("0").expect("cores"));
+        cfg.pin = false;
+        let rt = reactor::Runtime::start(cfg).expect("runtime");
+        let bdev: Arc<dyn Bdev> =
+            bdev::malloc::MallocBdev::new("m0", 64, 512, None).expect("malloc");
+        let (mut front, back) = UnixStream::pair().expect("pair");
+        let dev = Arc::new(DevShared {
+            bdev,
+            writable: true,
+            writeback: AtomicBool::new(true),
+            id: [0; blk::ID_BYTES],
+            conn: back.try_clone().expect("clone"),
+            completed: AtomicU64::new(0),
+        });
+        // The caller's clone of the socket outlives the connection.
+        let keep = dev.clone();
+        let h = rt.handle();
+        let t = std::thread::spawn(move || {
+            serve_connection(dev, back, &h, 0, 1, 512).map(|e| e.to_string())
+        });
+        front.write_all(bytes).expect("send");
+        front
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        front.read_to_end(&mut got).expect("the connection ends");
+        let why = t.join().expect("serve_connection");
+        drop(keep);
+        rt.shutdown();
+        (got, why)
+    }
+
+    #[test]
+    fn a_refused_message_ends_the_connection_though_a_clone_of_its_socket_lives() {
+        // GET_FEATURES is answered; SET_VRING_NUM of queue 7 (of 1) is refused.
+        let mut m = msg(1, &[]);
+        m.extend(msg(8, &[7, 0, 0, 0, 16, 0, 0, 0]));
+        let (got, why) = serve(&m);
+        assert_eq!(got.len(), 20, "the GET_FEATURES reply: {got:?}");
+        let f = u64::from_le_bytes(got[12..20].try_into().unwrap());
+        assert_ne!(f & blk::feature::VERSION_1, 0);
+        assert!(why.is_some(), "refused, not a hang-up");
+    }
+}
