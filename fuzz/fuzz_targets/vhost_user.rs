@@ -16,10 +16,11 @@
 //! (the vhost crate's `BackendReqHandler` over `vublk::backend::BlkBackend`)
 //! on a thread of its own, as an export's control thread runs it, over a Unix
 //! socket pair; rings it starts run on the process's reactor over a writable
-//! 1 MiB malloc bdev with two queues offered. What must hold: no panic; a
-//! message the device refuses drops the connection; the connection ends (the
-//! socket is shut) within 5 s of the front end hanging up, whatever rings
-//! were running and requests in flight.
+//! 1 MiB malloc bdev with two queues offered. What must hold: no panic; the
+//! connection ends (the socket is shut, and `serve_connection` returns)
+//! within 5 s of the front end hanging up or of a message the device refuses,
+//! whatever rings were running and requests in flight (that a refused message
+//! ends it is the unit test `server::tests` in `vublk`).
 #![no_main]
 
 use bdev::Bdev;
