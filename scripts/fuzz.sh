@@ -18,7 +18,7 @@
 # Crash inputs are left in fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
-all=(qcow2_header qcow2_tables qcow2_image nbd_server nbd_client rpc_framing qmp_json)
+all=(qcow2_header qcow2_tables qcow2_image nbd_server nbd_client rpc_framing qmp_json vhost_user vublk_virtqueue)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 triple=$(rustc -vV | sed -n 's/^host: //p')

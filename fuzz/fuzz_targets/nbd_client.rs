@@ -42,6 +42,9 @@ fuzz_target!(|data: &[u8]| {
         export: Some("x".into()),
         reconnect_delay: Duration::ZERO,
         open_timeout: Duration::ZERO,
+        tls_creds: None,
+        tls_hostname: None,
+        tls: None,
     };
     on_reactor(move || async move {
         let Ok(b) = NbdBdev::open("fuzz-nbd", cfg, false).await else {

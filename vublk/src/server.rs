@@ -357,22 +357,14 @@ fn connection(
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
     tracing::info!(id = %e.cfg.id, "vhost-user-blk front end connected");
-    let backend = Arc::new(BlkBackend::new(
+    let why = serve_connection(
         dev.clone(),
-        rt.clone(),
+        s,
+        rt,
         first,
         e.cfg.num_queues,
         e.cfg.logical_block_size,
-    ));
-    let mut h = BackendReqHandler::from_stream(s, backend.clone());
-    let why = loop {
-        match h.handle_request() {
-            Ok(()) => {}
-            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break None,
-            Err(err) => break Some(err),
-        }
-    };
-    backend.stop_all();
+    );
     e.completed
         .fetch_add(dev.completed.load(Ordering::Relaxed), Ordering::Relaxed);
     *e.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -383,4 +375,105 @@ fn connection(
         }
     }
     Ok(())
+}
+
+/// Serves one front end's control messages on `s` until it hangs up or sends
+/// what drops it (`None`: it hung up; else why it was dropped): the device is
+/// a [`BlkBackend`] over `dev` with `num_queues` rings from reactor `first`
+/// on. Every ring is stopped and the socket shut before it returns, so the
+/// front end sees the end even while a clone of the socket lives on. The
+/// export's control thread runs it for each connection (the fuzz target
+/// `vhost_user` drives it over a socket pair).
+pub fn serve_connection(
+    dev: Arc<DevShared>,
+    s: UnixStream,
+    rt: &RuntimeHandle,
+    first: usize,
+    num_queues: u16,
+    blk_size: u32,
+) -> Option<VuError> {
+    let closer = s.try_clone();
+    let backend = Arc::new(BlkBackend::new(
+        dev,
+        rt.clone(),
+        first,
+        num_queues,
+        blk_size,
+    ));
+    let mut h = BackendReqHandler::from_stream(s, backend.clone());
+    let why = loop {
+        match h.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break None,
+            Err(err) => break Some(err),
+        }
+    };
+    backend.stop_all();
+    if let Ok(c) = closer {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+    why
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn msg(code: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        for w in [code, 1, body.len() as u32] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Runs `serve_connection` on a thread over a socket pair, sends `bytes`
+    /// (without hanging up) and returns what the front end read up to the
+    /// connection's end, and why the device ended it.
+    fn serve(bytes: &[u8]) -> (Vec<u8>, Option<String>) {
+        let mut cfg = reactor::RuntimeConfig::new(reactor::CoreSet::from_list("0").expect("cores"));
+        cfg.pin = false;
+        let rt = reactor::Runtime::start(cfg).expect("runtime");
+        let bdev: Arc<dyn Bdev> =
+            bdev::malloc::MallocBdev::new("m0", 64, 512, None).expect("malloc");
+        let (mut front, back) = UnixStream::pair().expect("pair");
+        let dev = Arc::new(DevShared {
+            bdev,
+            writable: true,
+            writeback: AtomicBool::new(true),
+            id: [0; blk::ID_BYTES],
+            conn: back.try_clone().expect("clone"),
+            completed: AtomicU64::new(0),
+        });
+        // The caller's clone of the socket outlives the connection.
+        let keep = dev.clone();
+        let h = rt.handle();
+        let t = std::thread::spawn(move || {
+            serve_connection(dev, back, &h, 0, 1, 512).map(|e| e.to_string())
+        });
+        front.write_all(bytes).expect("send");
+        front
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        front.read_to_end(&mut got).expect("the connection ends");
+        let why = t.join().expect("serve_connection");
+        drop(keep);
+        rt.shutdown();
+        (got, why)
+    }
+
+    #[test]
+    fn a_refused_message_ends_the_connection_though_a_clone_of_its_socket_lives() {
+        // GET_FEATURES is answered; SET_VRING_NUM of queue 7 (of 1) is refused.
+        let mut m = msg(1, &[]);
+        m.extend(msg(8, &[7, 0, 0, 0, 16, 0, 0, 0]));
+        let (got, why) = serve(&m);
+        assert_eq!(got.len(), 20, "the GET_FEATURES reply: {got:?}");
+        let f = u64::from_le_bytes(got[12..20].try_into().unwrap());
+        assert_ne!(f & blk::feature::VERSION_1, 0);
+        assert!(why.is_some(), "refused, not a hang-up");
+    }
 }
