@@ -4,7 +4,7 @@
 //! read and change it under the graph's change lock.
 
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The drivers `blockdev-add` creates nodes of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,11 @@ pub struct Record {
 #[derive(Default)]
 pub struct MonitorTable {
     nodes: BTreeMap<String, Record>,
+    /// Each nested node's parent record: [`MonitorTable::driver_of`] and
+    /// [`MonitorTable::args_of`] are asked about every node of
+    /// `query-named-block-nodes`, and scanning every record's children for
+    /// each would make that quadratic in the number of nodes.
+    parent_of: HashMap<String, String>,
     next: u64,
 }
 
@@ -85,6 +90,12 @@ impl MonitorTable {
     ) {
         self.next += 1;
         let seq = self.next;
+        self.forget(name);
+        for (c, _) in &children {
+            self.parent_of
+                .entry(c.clone())
+                .or_insert_with(|| name.to_string());
+        }
         self.nodes.insert(
             name.to_string(),
             Record {
@@ -121,7 +132,18 @@ impl MonitorTable {
 
     /// Forgets a node.
     pub fn forget(&mut self, name: &str) {
-        self.nodes.remove(name);
+        if let Some(r) = self.nodes.remove(name) {
+            for (c, _) in &r.children {
+                if self.parent_of.get(c).is_some_and(|p| p == name) {
+                    self.parent_of.remove(c);
+                }
+            }
+        }
+    }
+
+    /// The record `name` is nested in.
+    fn parent(&self, name: &str) -> Option<&Record> {
+        self.parent_of.get(name).and_then(|p| self.nodes.get(p))
     }
 
     /// The record of a node (registered or not).
@@ -140,9 +162,7 @@ impl MonitorTable {
     /// in one, the parent's `file` member.
     pub fn args_of(&self, name: &str) -> Option<Value> {
         self.nodes.get(name).map(|r| r.args.clone()).or_else(|| {
-            self.nodes
-                .values()
-                .find(|r| r.children.iter().any(|(c, _)| c == name))
+            self.parent(name)
                 .and_then(|r| r.args.get("file").filter(|f| f.is_object()).cloned())
         })
     }
@@ -150,11 +170,53 @@ impl MonitorTable {
     /// The driver of a node made by `blockdev-add` or nested in one.
     pub fn driver_of(&self, name: &str) -> Option<Driver> {
         self.nodes.get(name).map(|r| r.driver).or_else(|| {
-            self.nodes
-                .values()
-                .flat_map(|r| r.children.iter())
+            self.parent(name)?
+                .children
+                .iter()
                 .find(|(c, _)| c == name)
                 .map(|(_, d)| *d)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nested_nodes_are_found_through_their_parent() {
+        let mut m = MonitorTable::default();
+        m.insert(
+            "img",
+            Driver::Qcow2,
+            json!({"file": {"driver": "file", "filename": "/x"}}),
+            vec![("img.file".into(), Driver::File)],
+            None,
+        );
+        m.insert("n", Driver::NullCo, json!({}), Vec::new(), None);
+        assert_eq!(m.driver_of("img"), Some(Driver::Qcow2));
+        assert_eq!(m.driver_of("img.file"), Some(Driver::File));
+        assert_eq!(
+            m.args_of("img.file"),
+            Some(json!({"driver": "file", "filename": "/x"}))
+        );
+        assert_eq!(m.driver_of("other"), None);
+        assert_eq!(m.args_of("other"), None);
+        // Replaced: the old children go, the new ones come.
+        m.insert(
+            "img",
+            Driver::Qcow2,
+            json!({}),
+            vec![("img.f2".into(), Driver::HostDevice)],
+            None,
+        );
+        assert_eq!(m.driver_of("img.file"), None);
+        assert_eq!(m.driver_of("img.f2"), Some(Driver::HostDevice));
+        assert_eq!(m.args_of("img.f2"), None); // no `file` object in the args
+        m.forget("img");
+        assert_eq!(m.driver_of("img.f2"), None);
+        assert_eq!(m.driver_of("n"), Some(Driver::NullCo));
+        assert!(m.parent_of.is_empty());
     }
 }

@@ -5,7 +5,10 @@
 # query-named-block-nodes and query-block-jobs (QMP); growth checked for
 # linearity (each step's time per device at the largest N against the
 # smallest: a ratio near 1 is linear, near N_max/N_min quadratic), and the
-# memory per device (RSS growth divided by the count). No peer runs: QSD
+# memory per device (RSS growth divided by the count). bdev_get_bdevs is read
+# over a plain socket (SPDK's client is quadratic in a large reply), and the
+# daemon's CPU time of each listing is shown beside its wall time (on a loaded
+# machine the wall time is mostly waiting for a core). No peer runs: QSD
 # has no SPDK methods and its QMP answers are another program's cost; this
 # measures sluice's own scaling.
 #   scripts/bench/many_devices.sh
@@ -36,6 +39,38 @@ os.makedirs(d, exist_ok=True)
 proto = os.path.join(d, "proto.qcow2")
 if not os.path.exists(proto):
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", proto, "1M")
+
+
+def cpu_s(pid):
+    """CPU time all of the daemon's threads have run (schedstat, ns)."""
+    t = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            t += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return t / 1e9
+
+
+def raw_call(path, method, pid):
+    """One JSON-RPC call over a plain socket, its reply read in chunks joined
+    once (SPDK's client re-parses its whole buffer on every chunk: quadratic
+    in the reply by itself). Returns the result and the daemon's CPU time for
+    it, read while the connection (and so its thread) is still open."""
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    c0 = cpu_s(pid)
+    s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method}).encode())
+    chunks = []
+    while not chunks or not chunks[-1].endswith(b"\n"):
+        b = s.recv(1 << 20)
+        if not b:
+            raise RuntimeError(f"{method}: connection closed")
+        chunks.append(b)
+    c1 = cpu_s(pid)
+    s.close()
+    return json.loads(b"".join(chunks))["result"], c1 - c0
 
 
 def rss_kb(pid):
@@ -81,11 +116,13 @@ def run(kind, n):
                         c.call("bdev_qcow2_open", {"name": f"d{i}", "filename": files[i]})
             t_create, _ = timed(create)
             rss = rss_kb(p.pid)
-            t_get, bdevs = timed(lambda: c.call("bdev_get_bdevs"))
+            t_get, (bdevs, cpu_get) = timed(lambda: raw_call(sock, "bdev_get_bdevs", p.pid))
+            c1 = cpu_s(p.pid)
             want = n * (2 if kind == "qcow2" else 1)  # a qcow2 device has its image node too
             if len(bdevs) < n:
                 raise RuntimeError(f"bdev_get_bdevs listed {len(bdevs)} of {want}")
             t_nodes, nodes = timed(lambda: q.cmd("query-named-block-nodes"))
+            c2 = cpu_s(p.pid)
             t_jobs, _ = timed(lambda: q.cmd("query-block-jobs"))
             q.cmd("quit")
             q.close()
@@ -94,7 +131,8 @@ def run(kind, n):
             if b"panicked" in log.read():
                 raise RuntimeError("sluice panicked")
             return {"create": t_create, "bdev_get_bdevs": t_get, "query-named-block-nodes": t_nodes,
-                    "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "nodes": len(nodes)}
+                    "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "nodes": len(nodes),
+                    "cpu_get": cpu_get, "cpu_nodes": c2 - c1}
         finally:
             if p.poll() is None:
                 p.kill()
@@ -109,9 +147,12 @@ for kind in E["KINDS"].split():
         print(f"{kind:6} n={n:6}: create {r['create']:.2f}s ({r['create'] / n * 1e6:.0f} us/dev), "
               f"bdev_get_bdevs {r['bdev_get_bdevs'] * 1e3:.0f} ms, query-named-block-nodes "
               f"{r['query-named-block-nodes'] * 1e3:.0f} ms ({r['nodes']} nodes), query-block-jobs "
-              f"{r['query-block-jobs'] * 1e3:.1f} ms, RSS {r['rss_per_dev_kb']:.1f} KiB/device", flush=True)
+              f"{r['query-block-jobs'] * 1e3:.1f} ms, RSS {r['rss_per_dev_kb']:.1f} KiB/device; per device: "
+              f"bdev_get_bdevs {r['bdev_get_bdevs'] / n * 1e6:.1f} us ({r['cpu_get'] / n * 1e6:.1f} us CPU), "
+              f"query-named-block-nodes {r['query-named-block-nodes'] / n * 1e6:.1f} us "
+              f"({r['cpu_nodes'] / n * 1e6:.1f} us CPU)", flush=True)
     lo, hi = counts[0], counts[-1]
-    for k in ("create", "bdev_get_bdevs", "query-named-block-nodes"):
+    for k in ("create", "bdev_get_bdevs", "query-named-block-nodes", "cpu_get", "cpu_nodes"):
         ratio = (res[hi][k] / hi) / (res[lo][k] / lo)
         verdict = "linear" if ratio < 2 else ("QUADRATIC-looking" if ratio > hi / lo / 2 else "superlinear")
         print(f"{kind:6} {k}: per-device time at {hi} / at {lo} = {ratio:.2f} ({verdict}; quadratic would be {hi / lo:.0f})")

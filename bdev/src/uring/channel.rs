@@ -90,6 +90,13 @@ struct Ring {
     waiters: RefCell<Vec<Box<dyn FnOnce()>>>,
     reaped: RefCell<Vec<(u64, i32)>>,
     efd: EventFd,
+    /// Hint SQEs ([`HINT`]) whose CQEs are not reaped yet.
+    hints: Cell<u32>,
+    /// The ring's poller, paused while nothing is queued or in flight (see
+    /// [`Ring::park_if_idle`]) and resumed by the next SQE.
+    poller: RefCell<Option<PollerHandle>>,
+    /// The poller is paused.
+    parked: Cell<bool>,
     /// Keeps the file open as long as the ring may use its descriptor.
     _file: Arc<File>,
 }
@@ -204,6 +211,9 @@ impl UringChannel {
             waiters: RefCell::new(Vec::new()),
             reaped: RefCell::new(Vec::with_capacity(RING_ENTRIES as usize * 2)),
             efd,
+            hints: Cell::new(0),
+            poller: RefCell::new(None),
+            parked: Cell::new(false),
             _file: keep,
         });
         reactor::register_fd(r.efd.as_fd().as_raw_fd())?;
@@ -214,6 +224,7 @@ impl UringChannel {
                 None => PollStatus::Idle,
             }
         });
+        *r.poller.borrow_mut() = Some(poller.clone());
         Ok(UringChannel { ring: r, poller })
     }
 }
@@ -390,7 +401,38 @@ impl Ring {
                 tracing::error!("io_uring submission queue stuck full");
             }
         }
+        drop(ring);
         self.unsubmitted.set(self.unsubmitted.get() + 1);
+        self.wake();
+    }
+
+    /// Resumes a parked poller: an SQE is queued.
+    fn wake(&self) {
+        if self.parked.replace(false) {
+            if let Some(p) = self.poller.borrow().as_ref() {
+                p.resume();
+            }
+        }
+    }
+
+    /// Pauses the poller while the ring has nothing queued, nothing in flight
+    /// (requests or hints) and nobody waiting for room: no CQE can come, and
+    /// a reactor with many devices open (each with a ring per reactor) would
+    /// otherwise poll every idle ring on every iteration, making each
+    /// iteration (and so each request, and each open) cost time in
+    /// proportion to the number of devices.
+    fn park_if_idle(&self) {
+        if !self.parked.get()
+            && self.unsubmitted.get() == 0
+            && self.hints.get() == 0
+            && self.free.borrow().len() as u32 == RING_ENTRIES
+            && self.waiters.borrow().is_empty()
+        {
+            if let Some(p) = self.poller.borrow().as_ref() {
+                p.pause();
+                self.parked.set(true);
+            }
+        }
     }
 
     fn rw_sqe(
@@ -491,11 +533,13 @@ impl Ring {
         }
         let n = self.reaped.borrow().len();
         if n == 0 {
+            self.park_if_idle();
             return busy.into();
         }
         for i in 0..n {
             let (ud, res) = self.reaped.borrow()[i];
             if ud == HINT {
+                self.hints.set(self.hints.get().saturating_sub(1));
                 continue;
             }
             self.finish(ud as u32, res);
@@ -507,6 +551,7 @@ impl Ring {
                 w();
             }
         }
+        self.park_if_idle();
         PollStatus::Busy
     }
 
@@ -523,6 +568,8 @@ impl Ring {
         // SAFETY: the SQE refers to no user memory.
         if unsafe { self.ring.borrow_mut().submission().push(&e) }.is_ok() {
             self.unsubmitted.set(self.unsubmitted.get() + 1);
+            self.hints.set(self.hints.get() + 1);
+            self.wake();
         }
     }
 
