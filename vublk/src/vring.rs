@@ -119,6 +119,10 @@ struct Worker {
     descs: Vec<(u64, u32, bool)>,
     segs: GuestSegs,
     polls: u32,
+    /// Notifications are armed (`enable_notification` returned "nothing
+    /// more") and nothing was popped since: the ring's event index or flag
+    /// still says so, and an idle poll need not write it again.
+    armed: bool,
 }
 
 /// Starts serving `s` on the current reactor.
@@ -143,6 +147,7 @@ pub fn start(s: QueueSetup) -> Result<(), String> {
         descs: Vec::new(),
         segs: GuestSegs::default(),
         polls: 0,
+        armed: false,
     })));
     w.0.borrow_mut().me = Rc::downgrade(&w);
     let wp = w.clone();
@@ -201,8 +206,14 @@ impl Worker {
                     return false;
                 }
                 if ahead.0 == 0 {
+                    if self.armed {
+                        return false;
+                    }
                     return match self.q.enable_notification(m) {
-                        Ok(more) => more,
+                        Ok(more) => {
+                            self.armed = !more;
+                            more
+                        }
                         Err(_) => {
                             self.broken("cannot write the avail event");
                             false
@@ -226,6 +237,7 @@ impl Worker {
                 break;
             };
             n += 1;
+            self.armed = false;
             let head = chain.head_index();
             self.descs.clear();
             self.descs
