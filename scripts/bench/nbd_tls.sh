@@ -106,7 +106,8 @@ def connect(p, path):
 def dest(kind, tmp):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp, exist_ok=True)
-XX, "--runtime-dir", tmp,
+    if kind == "sluice":
+        p = subprocess.Popen(["ip", "netns", "exec", NB, E["SLUICE"], "serve", "--runtime-dir", tmp,
                               "-m", "0x1", "--nbd-allow-remote"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return p, connect(p, os.path.join(tmp, "sluice-qmp.sock"))
@@ -124,64 +125,13 @@ def file_node(kind, ov):
     return f
 
 
-def one(kind, names, pki, tls, tmp):
-    ov = os.path.join(tmp, f"ov-{kind}.qcow2")
-    if os.path.exists(ov):
-        os.unlink(ov)
-    sh("qemu-img", "create", "-f", "qcow2", "-u", "-b", f"nbd://{A_IP}:{PORT}/top", "-F", "raw",
-       ov, f"{E['GIB']}G")
-    src = source(names, pki, tls)
-    drop_caches()
-    p, q = dest(kind, os.path.join(tmp, kind))
-    try:
-        nbd = {"driver": "nbd", "node-name": "remote", "read-only": True, "export": "top",
-               "server": {"type": "inet", "host": A_IP, "port": str(PORT)}}
-        if tls:
-            q.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tc", "dir": pki})
-            nbd["tls-creds"] = "tc"
-        q.cmd("blockdev-add", **nbd)
-        q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "ov", "backing": "remote",
-                                 "file": file_node(kind, ov)})
-        t0 = time.time()
-        q.cmd("block-stream", **{"device": "ov", "job-id": "s0"})
-        ev = q.wait("BLOCK_JOB_COMPLETED")
-        took = time.time() - t0
-        if "error" in ev["data"]:
-            raise RuntimeError(f"{kind}: {ev}")
-        q.cmd("blockdev-del", **{"node-name": "ov"})
-        q.cmd("blockdev-del", **{"node-name": "remote"})
-        q.cmd("quit")
-        q.close()
-        p.wait(120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        src.terminate()
-        src.wait(30)
-    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ov, names[-1]],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{kind}: the streamed image differs from the chain: {r.stdout}")
-    return took
-
-
-def fio_p99(sock, secs, gib):
-    """4 KiB random reads at QD 1 over the export on `sock` for `secs`: (p50, p99) in µs."""
-    r = subprocess.run(["fio", "--name=lat", "--ioengine=nbd", f"--uri=nbd+unix:///ov?socket={sock}",
-                        "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based=1",
-                        f"--runtime={secs}", f"--size={gib}G", "--output-format=json"],
-                       capture_output=True, text=True, timeout=secs + 120)
-    if r.returncode != 0:
-        raise RuntimeError(f"fio: {r.stdout[-2000:]} {r.stderr[-2000:]}")
-    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
-    if j["io_bytes"] == 0 or j.get("short_ios", 0) or j.get("drop_ios", 0):
-        raise RuntimeError(f"fio read nothing or failed: {j}")
-    pct = j["clat_ns"]["percentile"]
-    return pct["50.000000"] / 1000, pct["99.000000"] / 1000, j["total_ios"]
-
-
-def latency(kind, names, pki, tls, tmp, during_secs):
-    """The client's read p99 on the destination, idle and during the stream."""
+def migrate(kind, names, pki, tls, tmp, during_secs=None):
+    """One post-copy run on destination `kind`: a fresh overlay on the
+    source's export, streamed to completion, its data then compared with the
+    chain. Without `during_secs`: returns the stream's time. With it: a client
+    reads the overlay through an NBD export (idle first, then for
+    `during_secs` while the stream runs) and the two (p50, p99, reads) come
+    back instead."""
     gib = int(E["GIB"])
     ov = os.path.join(tmp, f"ov-{kind}.qcow2")
     if os.path.exists(ov):
@@ -202,20 +152,24 @@ def latency(kind, names, pki, tls, tmp, during_secs):
         q.cmd("blockdev-add", **nbd)
         q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "ov", "backing": "remote",
                                  "file": file_node(kind, ov)})
-        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
-        q.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "ov"}, name="ov")
-        idle = fio_p99(sock, int(E["IDLE_SECS"]), gib)
+        if during_secs:
+            q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+            q.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "ov"}, name="ov")
+            idle = fio_p99(sock, int(E["IDLE_SECS"]), gib)
+        t0 = time.time()
         q.cmd("block-stream", **{"device": "ov", "job-id": "s0"})
-        during = fio_p99(sock, during_secs, gib)
-        jobs = q.cmd("query-block-jobs")
-        if not jobs:
-            raise RuntimeError(f"{kind}: the stream ended before the client did: lengthen GIB")
+        if during_secs:
+            during = fio_p99(sock, during_secs, gib)
+            if not q.cmd("query-block-jobs"):
+                raise RuntimeError(f"{kind}: the stream ended before the client did: raise GIB")
         ev = q.wait("BLOCK_JOB_COMPLETED")
+        took = time.time() - t0
         if "error" in ev["data"]:
             raise RuntimeError(f"{kind}: {ev}")
-        q.cmd("block-export-del", id="e1")
-        q.wait("BLOCK_EXPORT_DELETED")
-        q.cmd("nbd-server-stop")
+        if during_secs:
+            q.cmd("block-export-del", id="e1")
+            q.wait("BLOCK_EXPORT_DELETED")
+            q.cmd("nbd-server-stop")
         q.cmd("blockdev-del", **{"node-name": "ov"})
         q.cmd("blockdev-del", **{"node-name": "remote"})
         q.cmd("quit")
@@ -230,7 +184,22 @@ def latency(kind, names, pki, tls, tmp, during_secs):
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{kind}: the streamed image differs from the chain: {r.stdout}")
-    return idle, during
+    return (idle, during) if during_secs else took
+
+
+def fio_p99(sock, secs, gib):
+    """4 KiB random reads at QD 1 over the export on `sock` for `secs`: (p50, p99) in µs."""
+    r = subprocess.run(["fio", "--name=lat", "--ioengine=nbd", f"--uri=nbd+unix:///ov?socket={sock}",
+                        "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based=1",
+                        f"--runtime={secs}", f"--size={gib}G", "--output-format=json"],
+                       capture_output=True, text=True, timeout=secs + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
+    if j["io_bytes"] == 0 or j.get("short_ios", 0) or j.get("drop_ios", 0):
+        raise RuntimeError(f"fio read nothing or failed: {j}")
+    pct = j["clat_ns"]["percentile"]
+    return pct["50.000000"] / 1000, pct["99.000000"] / 1000, j["total_ios"]
 
 
 def main():
@@ -253,7 +222,7 @@ def main():
                     order.reverse()
                 k += 1
                 for kind in order:
-                    t = one(kind, names, pki, on, tmp)
+                    t = migrate(kind, names, pki, on, tmp)
                     res.setdefault((tls, kind), []).append(t)
                     print(f"tls={tls} {kind}: {t:.2f}s (data compared equal)", flush=True)
         lat = {}
@@ -261,7 +230,7 @@ def main():
             for tls in E["TLS"].split():
                 for kind in ("sluice", "qsd", "qsd-best"):
                     secs = max(1, int(0.7 * min(res[(tls, kind)])))
-                    lat[(tls, kind)] = latency(kind, names, pki, tls == "on", tmp, secs)
+                    lat[(tls, kind)] = migrate(kind, names, pki, tls == "on", tmp, secs)
                     (i50, i99, n_i), (d50, d99, n_d) = lat[(tls, kind)]
                     print(f"tls={tls} {kind}: client read p50/p99 idle {i50:.0f}/{i99:.0f} us "
                           f"({n_i} reads), during the stream {d50:.0f}/{d99:.0f} us ({n_d} reads, "
