@@ -17,15 +17,26 @@ fn main() {
         "/usr/lib",
         "/usr/local/lib",
     ];
-    for d in dirs {
-        println!("cargo:rerun-if-changed={d}/librbd.so");
+    println!("cargo:rerun-if-changed=build.rs");
+    let found = dirs.iter().find(|d| {
+        Path::new(d).join("librbd.so").exists() && Path::new(d).join("librados.so").exists()
+    });
+    // Watch only paths that exist (a missing one makes cargo rerun this on
+    // every build): the libraries where they are, else the package
+    // database, which an install of librbd-dev changes.
+    match found {
+        Some(d) => {
+            println!("cargo:rerun-if-changed={d}/librbd.so");
+            println!("cargo:rerun-if-changed={d}/librados.so");
+        }
+        None if Path::new("/var/lib/dpkg/status").exists() => {
+            println!("cargo:rerun-if-changed=/var/lib/dpkg/status");
+        }
+        None => {}
     }
     if std::env::var_os("SLUICE_NO_LIBRBD").is_some() {
         return;
     }
-    let found = dirs.iter().find(|d| {
-        Path::new(d).join("librbd.so").exists() && Path::new(d).join("librados.so").exists()
-    });
     if let Some(d) = found {
         println!("cargo:rustc-link-search=native={d}");
         println!("cargo:rustc-link-lib=dylib=rbd");
