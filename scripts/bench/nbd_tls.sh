@@ -17,7 +17,12 @@
 # (fio runs for 70% of that destination's best stream time); goal: the p99
 # during the migration within 2x of the idle p99. Data compared again after.
 #
+# LAT_SPEED=N (MiB/s) runs the latency phase's stream at that speed limit
+# instead of full speed (a migration with a speed limit, as the issue's
+# post-copy scenario runs it), the client then reading for LAT_SECS (5).
+#
 #   scripts/bench/nbd_tls.sh            # GIB=1 RUNS=2 TLS="off on" LAT=1 IDLE_SECS=4
+#   RUNS=0 LAT_SPEED=100 scripts/bench/nbd_tls.sh   # only the latency phase, at 100 MiB/s
 # Needs root (ip netns), the test venv, openssl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,7 +38,9 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 LAT=${LAT:-1}
 IDLE_SECS=${IDLE_SECS:-4}
-export SLUICE GIB RUNS TLS DIR LAT IDLE_SECS
+LAT_SPEED=${LAT_SPEED:-0}
+LAT_SECS=${LAT_SECS:-5}
+export SLUICE GIB RUNS TLS DIR LAT IDLE_SECS LAT_SPEED LAT_SECS
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, subprocess, sys, time
 sys.path.insert(0, "scripts/bench")
@@ -157,7 +164,10 @@ def migrate(kind, names, pki, tls, tmp, during_secs=None):
             q.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "ov"}, name="ov")
             idle = fio_p99(sock, int(E["IDLE_SECS"]), gib)
         t0 = time.time()
-        q.cmd("block-stream", **{"device": "ov", "job-id": "s0"})
+        job = {"device": "ov", "job-id": "s0"}
+        if during_secs and int(E["LAT_SPEED"]):
+            job["speed"] = int(E["LAT_SPEED"]) << 20
+        q.cmd("block-stream", **job)
         if during_secs:
             during = fio_p99(sock, during_secs, gib)
             if not q.cmd("query-block-jobs"):
@@ -229,7 +239,8 @@ def main():
         if E["LAT"] == "1":
             for tls in E["TLS"].split():
                 for kind in ("sluice", "qsd", "qsd-best"):
-                    secs = max(1, int(0.7 * min(res[(tls, kind)])))
+                    secs = (int(E["LAT_SECS"]) if int(E["LAT_SPEED"])
+                            else max(1, int(0.7 * min(res[(tls, kind)]))))
                     lat[(tls, kind)] = migrate(kind, names, pki, tls == "on", tmp, secs)
                     (i50, i99, n_i), (d50, d99, n_d) = lat[(tls, kind)]
                     print(f"tls={tls} {kind}: client read p50/p99 idle {i50:.0f}/{i99:.0f} us "
@@ -240,11 +251,14 @@ def main():
     print(f"\n{gib} GiB three-layer chain streamed over NBD between namespaces "
           "(source: qemu-storage-daemon; best of runs)")
     for tls in E["TLS"].split():
+        if (tls, "sluice") not in res:  # RUNS=0: the latency phase only
+            continue
         s, q, b = min(res[(tls, "sluice")]), min(res[(tls, "qsd")]), min(res[(tls, "qsd-best")])
         print(f"  tls={tls:3}  sluice {s:6.2f}s  qsd (defaults) {q:6.2f}s  qsd (aio=io_uring) {b:6.2f}s  "
               f"sluice is {q / s:.2f}x / {b / s:.2f}x faster")
     if lat:
-        print("\nclient read p99 on the destination, during the stream / idle (goal: at most 2)")
+        how = f"at {E['LAT_SPEED']} MiB/s" if int(E["LAT_SPEED"]) else "at full speed"
+        print(f"\nclient read p99 on the destination, during the stream ({how}) / idle (goal: at most 2)")
         for (tls, kind), ((_, i99, _), (_, d99, _)) in sorted(lat.items()):
             print(f"  tls={tls:3}  {kind:8}  idle {i99:7.0f} us  during {d99:7.0f} us  ratio {d99 / i99:.2f}")
 
