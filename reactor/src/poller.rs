@@ -87,6 +87,10 @@ impl PollerHandle {
     pub fn resume(&self) {
         self.inner.paused.set(false);
     }
+    /// Whether it is paused.
+    pub fn is_paused(&self) -> bool {
+        self.inner.paused.get()
+    }
     /// Removes the poller; safe to call from inside its own poll.
     pub fn unregister(&self) {
         if !self.inner.removed.replace(true) {

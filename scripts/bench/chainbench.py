@@ -77,6 +77,25 @@ def restore(names):
     drop_caches()
 
 
+def threads_cpu(pid, skip_prefix=None):
+    """utime+stime in seconds of pid's threads, less those whose name starts
+    with skip_prefix (a thread that ends while sampled is skipped)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    t = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        name = st[st.index("(") + 1:st.rindex(")")]
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
+        f = st[st.rindex(")") + 2:].split()
+        t += int(f[11]) + int(f[12])
+    return t / hz
+
+
 def drop_caches():
     os.sync()
     try:

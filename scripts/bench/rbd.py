@@ -41,6 +41,9 @@ BIN = os.environ.get("SLUICE_BIN", os.path.join(ROOT, "target/release/sluice"))
 RUNTIME = int(os.environ.get("RUNTIME", "5"))
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 CLUSTER = os.path.join(ROOT, "scripts/ceph/cluster.sh")
+sys.path.insert(0, os.path.join(ROOT, "scripts/bench"))
+from chainbench import threads_cpu  # noqa: E402
+
 MiB = 1 << 20
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -67,22 +70,6 @@ def proc_cpu(pid):
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / HZ
-
-
-def threads_cpu(pid, skip_prefix):
-    """CPU seconds of `pid`'s threads whose name does not start with `skip_prefix`."""
-    total = 0.0
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{t}/comm") as f:
-                if f.read().startswith(skip_prefix):
-                    continue
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            total += (int(parts[11]) + int(parts[12])) / HZ
-        except OSError:
-            pass  # a thread that ended while sampled
-    return total
 
 
 def reactors_busy(sock):

@@ -43,15 +43,17 @@ export SLUICE RUN KERNEL=$kernel QEMU_ROOT=$R MEM SMP
 export ROUNDS=${ROUNDS:-2} SECS=${SECS:-15} WARMUP=${WARMUP:-3} SIZE_MB=${SIZE_MB:-256}
 export OUT=${OUT:-$BENCH_ROOT/bench-vhost.jsonl} DATA_DIR=${DATA_DIR:-/var/tmp/sluice-bench-vhost}
 PY=$BENCH_ROOT/.venv/bin/python
+export BENCH_ROOT
 exec "$PY" - <<'PYEOF'
 import json, os, re, shutil, struct, subprocess, sys, time
 from qemu.qmp.legacy import QEMUMonitorProtocol
+sys.path.insert(0, os.path.join(os.environ["BENCH_ROOT"], "scripts/bench"))
+from chainbench import threads_cpu
 
 E = os.environ
 RUN, DATA = E["RUN"], E["DATA_DIR"]
 R = E["QEMU_ROOT"]
 SECS, WARMUP, ROUNDS = float(E["SECS"]), float(E["WARMUP"]), int(E["ROUNDS"])
-HZ = os.sysconf("SC_CLK_TCK")
 os.makedirs(DATA, exist_ok=True)
 data = os.path.join(DATA, "data.raw")
 size = int(E["SIZE_MB"]) << 20
@@ -65,22 +67,6 @@ def drop_caches():
     subprocess.run(["sync"])
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
-
-
-def cpu_of(pid, skip_prefix=None):
-    """utime+stime in seconds of pid's threads (less those named skip_prefix*)."""
-    t = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            st = open(f"/proc/{pid}/task/{tid}/stat").read()
-        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
-            continue
-        name = st[st.index("(") + 1:st.rindex(")")]
-        if skip_prefix and name.startswith(skip_prefix):
-            continue
-        f = st[st.rindex(")") + 2:].split()
-        t += int(f[11]) + int(f[12])
-    return t / HZ
 
 
 def qmp(path):
@@ -153,8 +139,8 @@ def sample(kind, p, d):
     if kind == "sluice":
         r = rpc(os.path.join(d, "sluice.sock"), "framework_get_reactors")
         busy = sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
-        return {"busy": busy, "other_cpu": cpu_of(p.pid, "reactor_"), "cpu": cpu_of(p.pid)}
-    return {"cpu": cpu_of(p.pid)}
+        return {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid)}
+    return {"cpu": threads_cpu(p.pid)}
 
 
 def run(kind, rnd):

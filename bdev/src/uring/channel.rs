@@ -95,8 +95,6 @@ struct Ring {
     /// The ring's poller, paused while nothing is queued or in flight (see
     /// [`Ring::park_if_idle`]) and resumed by the next SQE.
     poller: RefCell<Option<PollerHandle>>,
-    /// The poller is paused.
-    parked: Cell<bool>,
     /// Keeps the file open as long as the ring may use its descriptor.
     _file: Arc<File>,
 }
@@ -213,7 +211,6 @@ impl UringChannel {
             efd,
             hints: Cell::new(0),
             poller: RefCell::new(None),
-            parked: Cell::new(false),
             _file: keep,
         });
         reactor::register_fd(r.efd.as_fd().as_raw_fd())?;
@@ -408,8 +405,8 @@ impl Ring {
 
     /// Resumes a parked poller: an SQE is queued.
     fn wake(&self) {
-        if self.parked.replace(false) {
-            if let Some(p) = self.poller.borrow().as_ref() {
+        if let Some(p) = self.poller.borrow().as_ref() {
+            if p.is_paused() {
                 p.resume();
             }
         }
@@ -422,15 +419,13 @@ impl Ring {
     /// iteration (and so each request, and each open) cost time in
     /// proportion to the number of devices.
     fn park_if_idle(&self) {
-        if !self.parked.get()
-            && self.unsubmitted.get() == 0
+        if self.unsubmitted.get() == 0
             && self.hints.get() == 0
             && self.free.borrow().len() as u32 == RING_ENTRIES
             && self.waiters.borrow().is_empty()
         {
             if let Some(p) = self.poller.borrow().as_ref() {
                 p.pause();
-                self.parked.set(true);
             }
         }
     }
