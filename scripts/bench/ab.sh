@@ -13,7 +13,11 @@
 #   nbd export of malloc: fio's nbd engine, randread/randwrite QD32 (server on
 #     core 0, fio on core 1)
 # Before any time counts, each build passes a `verify` run (write a pattern,
-# read it back) on malloc and on qcow2.
+# read it back) on malloc, on qcow2 and on the uring file, and a fio verify
+# pass through its NBD export.
+# The peer here is the other sluice build: no QEMU runs (the QSD comparisons
+# of the same workloads are qcow2.sh, nbd.sh, uring_randread.sh). Caches are
+# dropped before every run (only the uring workload touches a file).
 # The stream job is compared by scripts/bench/stream.sh, which takes SLUICE= too.
 #
 # Env: T seconds per run (4), ROUNDS (3), BENCH_DIR (/var/tmp), WORKLOADS (all
@@ -28,6 +32,8 @@ WORKLOADS=${WORKLOADS:-"null malloc qcow2 uring nbd"}
 command -v fio >/dev/null || { echo "needs fio (apt-get install fio)" >&2; exit 1; }
 exec python3 - "$OLD" "$NEW" "$T" "$ROUNDS" "$BENCH_DIR" "$WORKLOADS" <<'PY'
 import json, os, shutil, statistics, subprocess, sys, tempfile, time
+sys.path.insert(0, "scripts/bench")
+from chainbench import drop_caches, fio_verify_nbd
 
 old, new, t, rounds, bench_dir, workloads = sys.argv[1:]
 rounds, workloads = int(rounds), workloads.split()
@@ -36,14 +42,6 @@ builds = {"old": old, "new": new}
 
 def run(*a, **kw):
     return subprocess.run([str(x) for x in a], check=True, capture_output=True, text=True, **kw).stdout
-
-
-def drop_caches():
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 class Daemon:
@@ -69,8 +67,10 @@ class Daemon:
         return run(self.bin, "rpc", "-s", self.sock, method, *(f"{k}={v}" for k, v in kw.items()))
 
     def perf(self, *a):
-        out = run(self.bin, "perf", "-s", self.sock, *a, "--json")
-        return json.loads(out)["total"]
+        return self.perf_all(*a)["total"]
+
+    def perf_all(self, *a):
+        return json.loads(run(self.bin, "perf", "-s", self.sock, *a, "--json"))
 
     def stop(self):
         self.p.terminate()
@@ -110,12 +110,16 @@ def qcow2_rand(b):
         d.stop()
 
 
-def uring_randread(b):
+def uring_file():
     path = os.path.join(bench_dir, "ab-uring.raw")
     if not os.path.exists(path) or os.path.getsize(path) != 1 << 30:
         run("fio", "--name=fill", f"--filename={path}", "--size=1g", "--rw=write", "--bs=1m",
             "--direct=1", "--ioengine=psync")
-    drop_caches()
+    return path
+
+
+def uring_randread(b):
+    path = uring_file()
     return {"uring O_DIRECT randread QD32": local_perf(b, "--file", path, "-q", "32", "-w", "randread",
                                                       "-t", t)["iops"]}
 
@@ -126,6 +130,7 @@ def nbd_rand(b):
         d.rpc("bdev_malloc_create", name="M0", num_blocks=2097152, block_size=512)
         d.rpc("block-export-add", type="nbd", id="e0", **{"node-name": "M0", "writable": "true"})
         sock = d.nbd
+        fio_verify_nbd(f"nbd+unix:///M0?socket={sock}")
         r = {}
         for w in ("randread", "randwrite"):
             o = run("taskset", "-c", "1", "fio", "--name=ab", "--ioengine=nbd", f"--uri=nbd+unix:///M0?socket={sock}",
@@ -138,15 +143,24 @@ def nbd_rand(b):
         d.stop()
 
 
+def check(b, what, j):
+    if not j["ok"] or j["errors"] or j["total"]["io_failed"] or not j["total"]["iops"]:
+        raise RuntimeError(f"{b}: verify on {what} failed: {j}")
+
+
 def verify(b):
-    local_perf(b, "--malloc", "V0:64:512", "-q", "16", "-w", "verify", "-t", "1")
+    out = run(b, "perf", "--malloc", "V0:64:512", "-q", "16", "-w", "verify", "-t", "1", "-m", "0x1", "--json",
+              env=dict(os.environ, RUST_LOG="error"))
+    check(b, "malloc", json.loads(out))
+    if "uring" in workloads:
+        out = run(b, "perf", "--file", uring_file(), "-q", "16", "-w", "verify", "-t", "1", "-m", "0x1", "--json",
+                  env=dict(os.environ, RUST_LOG="error"))
+        check(b, "uring", json.loads(out))
     d = Daemon(b)
     try:
         d.rpc("bdev_malloc_create", name="M0", num_blocks=131072, block_size=512)
         d.rpc("bdev_qcow2_create", name="Q0", base_bdev="M0", size=33554432)
-        r = d.perf("-T", "Q0", "-w", "verify", "-q", "16", "-t", "1")
-        if r.get("failed", 0) or r.get("miscompares", 0):
-            raise RuntimeError(f"{b}: verify failed: {r}")
+        check(b, "qcow2", d.perf_all("-T", "Q0", "-w", "verify", "-q", "16", "-t", "1"))
     finally:
         d.stop()
 
@@ -161,9 +175,11 @@ for r in range(rounds):
     order = ("old", "new") if r % 2 == 0 else ("new", "old")
     for w in workloads:
         for who in order:
+            drop_caches()
             for k, v in table[w](builds[who]).items():
                 res.setdefault(k, {"old": [], "new": []})[who].append(v)
-print(f"{'workload':<34} {'old IOPS':>10} {'new IOPS':>10} {'new/old':>8}   (median of {rounds}, {t} s each)")
+print(f"{'workload':<34} {'old IOPS':>10} {'new IOPS':>10} {'new/old':>8}   (median of {rounds}, {t} s each; "
+      f"load {open('/proc/loadavg').read().split()[:3]})")
 for k, v in res.items():
     o, n = statistics.median(v["old"]), statistics.median(v["new"])
     print(f"{k:<34} {o:>10.0f} {n:>10.0f} {n / o:>8.2f}")

@@ -1,7 +1,10 @@
-"""Shared pieces of the chain benchmarks (commit.sh, mirror.sh): the
-three-layer chain, a QMP client, cache dropping, the disk's floor measured
-with fio, and result checks. Imported by the scripts' Python halves
-(`sys.path` holds scripts/bench).
+"""Shared pieces of the benchmarks' Python halves (commit.sh, mirror.sh,
+stream.sh, ...): the three-layer chain, a QMP client, cache dropping, the
+disk's floor measured with fio, the order of sides, and result checks.
+Imported with scripts/bench on `sys.path`; the shell halves share
+scripts/bench/lib.sh. Both serve the honesty rules of issue 19: the peer in
+the same run, alternating order, caches dropped, QEMU's defaults beside its
+best, data checked before a time counts, ratios printed.
 
 The chain: base/mid/top.qcow2 (64 KiB clusters), base 60%, mid 20%, top 10% of
 the virtual size written in 1 MiB extents of random data; pristine copies
@@ -13,8 +16,6 @@ import random
 import shutil
 import subprocess
 import time
-
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 MiB = 1 << 20
 LAYERS = ("base", "mid", "top")
@@ -96,6 +97,22 @@ def threads_cpu(pid, skip_prefix=None):
     return t / hz
 
 
+def rotate(sides, r):
+    """The sides rotated by round r: each goes first in turn."""
+    k = r % len(sides)
+    return list(sides[k:]) + list(sides[:k])
+
+
+def fio_verify_nbd(uri, size="32M"):
+    """Writes 4 KiB blocks at random offsets over size through fio's nbd
+    engine, each with a checksum, reads them back; raises on a mismatch."""
+    r = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+                        "--iodepth=16", f"--size={size}", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                        "--output-format=json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio verify through {uri} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+
+
 def drop_caches():
     os.sync()
     try:
@@ -128,6 +145,8 @@ def same_content(image, fmt="qcow2", names=None):
 
 class Qmp:
     def __init__(self, path):
+        from qemu.qmp.legacy import QEMUMonitorProtocol  # the venv's; the rest needs none
+
         for _ in range(400):
             if os.path.exists(path):
                 break

@@ -4,17 +4,20 @@
 #   fua:     4 KiB writes over NBD from `qemu-img bench` (QEMU's block layer as the
 #            client, the same requests for both servers) into a qcow2 image, once
 #            with -t writeback (plain writes) and once with -t writethrough (QEMU
-#            sends every write with FUA): sluice against qemu-storage-daemon, which
-#            goes first alternating per round. Both results are compared with
+#            sends every write with FUA): sluice against qemu-storage-daemon with
+#            its defaults (aio=threads) and with aio=io_uring (its best here), who
+#            goes first rotating per round. The three results are compared with
 #            `qemu-img compare` and `qemu-img check` before a time counts.
 #   overlap: sluice perf 4 KiB random writes (rewrite of an allocated image, and
 #            first writes into an empty one) on /dev/shm, where the CPU cost per I/O
-#            shows: the build before the overlap checks (OLD_BIN) against this one.
+#            shows: the build before the overlap checks (OLD_BIN) against this one
+#            (no QEMU: an A/B of two sluice builds; tmpfs has no cache to drop).
 #            Skipped without OLD_BIN.
 #   open:    opening a 1 TiB image whose L2 tables are all allocated
 #            (preallocation=metadata) writable, caches dropped first: sluice's
 #            bdev_qcow2_open (which now checks refcounts against references) against
-#            qemu-io -c quit (less qemu-io's own start on a tiny image).
+#            qemu-io -c quit (less qemu-io's own start on a tiny image), with its
+#            default aio=threads and with -i io_uring.
 #
 #   scripts/bench/data_safety.sh [fua|overlap|open|all]   (default all)
 #
@@ -25,6 +28,8 @@
 # its default when unset).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=lib.sh
+source scripts/bench/lib.sh
 WHAT="${1:-all}"
 BIN="${SLUICE_BIN:-target/release/sluice}"
 OLD="${OLD_BIN:-}"
@@ -43,9 +48,7 @@ SHM="$(mktemp -d /dev/shm/dsbench.XXXXXX)"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" "$SHM"; }
 trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
-ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/max(b,1e-9):.2f}')" "$1" "$2"; }
 if [ "$DIRECT" = 1 ]; then SDIRECT=true; QCACHE="cache.direct=on"; else SDIRECT=false; QCACHE="cache.direct=off"; fi
 
 # serve_sluice DIR IMAGE -> sets URI, SPID
@@ -59,16 +62,18 @@ serve_sluice() {
   "$BIN" rpc -s "$1/sluice.sock" block-export-add type=nbd id=e0 device=d0 writable=true >/dev/null
   URI="nbd+unix:///d0?socket=$1/nbd.sock"
 }
+# serve_qsd DIR IMAGE [AIO]: QSD with QEMU's default aio (threads) or AIO.
 serve_qsd() {
   mkdir -p "$1"
   taskset -c "$SERVER_CPU" qemu-storage-daemon \
-    --blockdev "driver=qcow2,node-name=d0,file.driver=file,file.filename=$2,file.$QCACHE,file.aio=io_uring" \
+    --blockdev "driver=qcow2,node-name=d0,file.driver=file,file.filename=$2,file.$QCACHE,file.aio=${3:-threads}" \
     --nbd-server "addr.type=unix,addr.path=$1/nbd.sock" \
     --export type=nbd,id=e0,node-name=d0,name=d0,writable=on >"$1/log" 2>&1 &
   SPID=$!; PIDS+=($SPID)
   wait_sock "$1/nbd.sock"
   URI="nbd+unix:///d0?socket=$1/nbd.sock"
 }
+serve_qsd_uring() { serve_qsd "$1" "$2" io_uring; }
 stop() { kill "$SPID"; wait "$SPID" 2>/dev/null || true; }
 # bench URI CACHE -> IOPS (qemu-img bench writes pattern 0xa5, a stride that wraps over the 1 GiB image)
 bench() {
@@ -83,22 +88,25 @@ if [ "$WHAT" = fua ] || [ "$WHAT" = all ]; then
   for kind in empty full; do
     for cache in writeback writethrough; do
       for r in $(seq "$ROUNDS"); do
-        for side in sluice qsd; do
+        for side in sluice qsd qsd_uring; do
           qemu-img create -q -f qcow2 "$WORK/$side.qcow2" 1G
           [ "$kind" = full ] && qemu-io -c 'write -P 0x11 0 1G' "$WORK/$side.qcow2" >/dev/null
         done
-        order="sluice qsd"; [ $((r % 2)) = 0 ] && order="qsd sluice"
+        order=$(rotate "$r" sluice qsd qsd_uring)
         declare -A IOPS=()
         for side in $order; do
-          drop
+          drop_caches
           "serve_$side" "$WORK/srv-$side-$kind-$cache-$r" "$WORK/$side.qcow2"
           IOPS[$side]=$(bench "$URI" "$cache")
           stop
         done
-        qemu-img check -q "$WORK/sluice.qcow2"
-        qemu-img compare -q "$WORK/sluice.qcow2" "$WORK/qsd.qcow2" || { echo "results differ" >&2; exit 1; }
-        printf '%-6s %-12s round %s (%s first): sluice %7d IOPS  qsd %7d IOPS  ratio %sx\n' \
-          "$kind" "$cache" "$r" "${order%% *}" "${IOPS[sluice]}" "${IOPS[qsd]}" "$(ratio "${IOPS[sluice]}" "${IOPS[qsd]}")"
+        for side in sluice qsd qsd_uring; do qemu-img check -q "$WORK/$side.qcow2"; done
+        for side in qsd qsd_uring; do
+          qemu-img compare -q "$WORK/sluice.qcow2" "$WORK/$side.qcow2" || { echo "results differ ($side)" >&2; exit 1; }
+        done
+        printf '%-6s %-12s round %s (%s first): sluice %7d IOPS  qsd (aio=threads) %7d  qsd (io_uring) %7d  ratio %sx / %sx\n' \
+          "$kind" "$cache" "$r" "${order%% *}" "${IOPS[sluice]}" "${IOPS[qsd]}" "${IOPS[qsd_uring]}" \
+          "$(ratio "${IOPS[sluice]}" "${IOPS[qsd]}")" "$(ratio "${IOPS[sluice]}" "${IOPS[qsd_uring]}")"
       done
     done
   done
@@ -154,22 +162,27 @@ if [ "$WHAT" = open ] || [ "$WHAT" = all ]; then
     stop
     echo $(((t1 - t0) / 1000000))
   }
-  open_qemu() {
+  open_qemu() { # [AIO]
     local t0 t1 t2 t3
-    t0=$(date +%s%N); qemu-io -c quit "$WORK/big.qcow2"; t1=$(date +%s%N)
-    t2=$(date +%s%N); qemu-io -c quit "$WORK/tiny.qcow2"; t3=$(date +%s%N)
+    t0=$(date +%s%N); qemu-io -i "${1:-threads}" -c quit "$WORK/big.qcow2"; t1=$(date +%s%N)
+    t2=$(date +%s%N); qemu-io -i "${1:-threads}" -c quit "$WORK/tiny.qcow2"; t3=$(date +%s%N)
     echo $(((t1 - t0 - (t3 - t2)) / 1000000))
   }
   for r in $(seq "$ROUNDS"); do
-    order="sluice qemu"; [ $((r % 2)) = 0 ] && order="qemu sluice"
+    order=$(rotate "$r" sluice qemu qemu_uring)
     declare -A MS=()
     for side in $order; do
-      drop
-      if [ "$side" = sluice ]; then MS[sluice]=$(open_sluice "$r"); else MS[qemu]=$(open_qemu); fi
+      drop_caches
+      case $side in
+        sluice) MS[sluice]=$(open_sluice "$r") ;;
+        qemu) MS[qemu]=$(open_qemu threads) ;;
+        qemu_uring) MS[qemu_uring]=$(open_qemu io_uring) ;;
+      esac
       # The image still holds its data after each open.
       qemu-io -r -c 'read -P 0x33 100G 64k' "$WORK/big.qcow2" >/dev/null
     done
-    printf 'round %s (%s first): sluice open %5d ms   qemu-io open %5d ms   ratio %sx\n' \
-      "$r" "${order%% *}" "${MS[sluice]}" "${MS[qemu]}" "$(ratio "${MS[sluice]}" "${MS[qemu]}")"
+    printf 'round %s (%s first): sluice open %5d ms   qemu-io open %5d ms (aio=threads), %5d ms (io_uring)   ratio %sx / %sx\n' \
+      "$r" "${order%% *}" "${MS[sluice]}" "${MS[qemu]}" "${MS[qemu_uring]}" \
+      "$(ratio "${MS[sluice]}" "${MS[qemu]}")" "$(ratio "${MS[sluice]}" "${MS[qemu_uring]}")"
   done
 fi
