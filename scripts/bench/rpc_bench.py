@@ -6,7 +6,10 @@
   JSONRPCClient;
 - throughput: RPCs per second from C concurrent clients (one process each);
 - bulk: B bdev_null_create calls from a script (spdk-rpc reading stdin, and
-  JSONRPCClient in a loop), then bdev_get_bdevs of all of them.
+  JSONRPCClient in a loop), then bdev_get_bdevs of all of them;
+- QMP (with --qmp and --qsd-qmp): N sequential query-version round trips on
+  sluice's QMP socket and on qemu-storage-daemon's, alternating who goes
+  first over two rounds, with the ratio.
 """
 
 import argparse
@@ -25,6 +28,8 @@ ap.add_argument("--calls", type=int, default=1000)
 ap.add_argument("--clients", type=int, default=8)
 ap.add_argument("--seconds", type=float, default=3.0)
 ap.add_argument("--bdevs", type=int, default=1000)
+ap.add_argument("--qmp", help="sluice's QMP socket")
+ap.add_argument("--qsd-qmp", help="qemu-storage-daemon's QMP socket")
 args = ap.parse_args()
 
 
@@ -154,6 +159,40 @@ def bulk():
     return t_script, t_client, t_loop, t_list, t_list_spdk, t_save
 
 
+def latency_qmp(path):
+    """N sequential query-version round trips on a QMP socket (after the
+    greeting and qmp_capabilities); (median, p99) in us."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    f = s.makefile("rb")
+
+    def call(cmd):
+        s.sendall(json.dumps({"execute": cmd}).encode() + b"\n")
+        while True:
+            line = f.readline()
+            if not line:
+                raise RuntimeError(f"{path}: connection closed")
+            r = json.loads(line)
+            if "event" in r:
+                continue
+            if "return" not in r:
+                raise RuntimeError(f"{path}: {cmd}: {r}")
+            return r["return"]
+
+    if "QMP" not in json.loads(f.readline()):
+        raise RuntimeError(f"{path}: no QMP greeting")
+    call("qmp_capabilities")
+    for _ in range(50):
+        call("query-version")
+    lat = []
+    for _ in range(args.calls):
+        t0 = time.perf_counter_ns()
+        call("query-version")
+        lat.append((time.perf_counter_ns() - t0) / 1000)
+    s.close()
+    return statistics.median(lat), pct(lat, 0.99)
+
+
 med, p99 = latency_raw()
 print(f"latency raw client:      {args.calls} sequential spdk_get_version: median {med:.1f} us, p99 {p99:.1f} us")
 med2, p992 = latency_spdk()
@@ -164,3 +203,13 @@ t_script, t_client, t_loop, t_list, t_list_spdk, t_save = bulk()
 print(f"bulk spdk-rpc script:    {args.bdevs} bdev_null_create: {t_script:.3f} s (the same script with --dry-run, no server: {t_client:.3f} s)")
 print(f"bulk JSONRPCClient loop: {args.bdevs} bdev_null_create: {t_loop:.3f} s")
 print(f"bdev_get_bdevs of {2 * args.bdevs}: raw client {t_list * 1000:.1f} ms, JSONRPCClient {t_list_spdk * 1000:.1f} ms; save_config: {t_save * 1000:.1f} ms")
+if args.qmp and args.qsd_qmp:
+    res = {"sluice": [], "qsd": []}
+    for r in range(2):
+        for who in (("sluice", "qsd") if r % 2 == 0 else ("qsd", "sluice")):
+            res[who].append(latency_qmp(args.qmp if who == "sluice" else args.qsd_qmp))
+    sm = statistics.median(m for m, _ in res["sluice"])
+    qm = statistics.median(m for m, _ in res["qsd"])
+    print(f"QMP query-version x {args.calls}, 2 rounds alternating: sluice median {sm:.1f} us "
+          f"(p99 {max(p for _, p in res['sluice']):.1f}), qemu-storage-daemon median {qm:.1f} us "
+          f"(p99 {max(p for _, p in res['qsd']):.1f}); sluice/qsd {sm / qm:.2f}")
