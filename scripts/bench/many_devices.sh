@@ -10,7 +10,9 @@
 # daemon's CPU time of each listing is shown beside its wall time (on a loaded
 # machine the wall time is mostly waiting for a core). No peer runs: QSD
 # has no SPDK methods and its QMP answers are another program's cost; this
-# measures sluice's own scaling.
+# measures sluice's own scaling (so no order to alternate and no QEMU
+# settings). Caches are dropped before each count's run; the listings are
+# checked to hold every device made before their times count.
 #   scripts/bench/many_devices.sh
 #   COUNTS="1000 2000" KINDS="null qcow2" scripts/bench/many_devices.sh
 set -euo pipefail
@@ -29,7 +31,7 @@ export SLUICE COUNTS KINDS DISK_DIR
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, subprocess, sys, tempfile, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import Qmp, sh
+from chainbench import Qmp, drop_caches, sh
 from spdk.rpc.client import JSONRPCClient
 
 E = os.environ
@@ -91,6 +93,7 @@ def run(kind, n):
             if not os.path.exists(f):
                 shutil.copyfile(proto, f)
             files.append(f)
+    drop_caches()
     with tempfile.TemporaryDirectory(prefix="sl-many-") as tmp:
         # The log goes to a file: a pipe nobody reads would fill with one
         # line per device and stop the daemon.
@@ -121,6 +124,8 @@ def run(kind, n):
             want = n * (2 if kind == "qcow2" else 1)  # a qcow2 device has its image node too
             if len(bdevs) < n:
                 raise RuntimeError(f"bdev_get_bdevs listed {len(bdevs)} of {want}")
+            if not {f"d{i}" for i in range(n)} <= {b["name"] for b in bdevs}:
+                raise RuntimeError("bdev_get_bdevs lacks some of the devices made")
             t_nodes, nodes = timed(lambda: q.cmd("query-named-block-nodes"))
             c2 = cpu_s(p.pid)
             t_jobs, _ = timed(lambda: q.cmd("query-block-jobs"))

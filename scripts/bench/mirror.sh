@@ -19,7 +19,9 @@
 # ACTIVE=1 (default) also runs an active mirror (copy-mode write-blocking) of the
 # chain under fio's random 4 KiB writes at QD 16 through NBD: client write p99
 # idle and while the mirror runs, whether the mirror converged (READY) under
-# the load, and the time it took.
+# the load, and the time it took; the target is then compared with the
+# written chain. The active part is sluice against itself (its own idle p99),
+# no QSD run.
 # SLUICE: a sluice binary to measure (default: build this tree).
 # Results: a table on stdout; JSON lines in $OUT (default /tmp/bench-mirror.jsonl).
 set -euo pipefail
@@ -129,7 +131,11 @@ def active(names, tmp):
         q.close()
     finally:
         p.wait(30)
-    # The pivot moved drive0 onto the target: it holds everything written.
+    # The pivot moved drive0 onto the target: it holds everything written,
+    # as does the source (write-blocking writes both).
+    c = subprocess.run(["qemu-img", "compare", "-q", top, target], capture_output=True, text=True)
+    if c.returncode != 0:
+        raise SystemExit(f"active mirror: the target differs from the source: {c.stdout}{c.stderr}")
     return idle[0], busy[0], ready, converged_under_load
 
 
@@ -138,7 +144,8 @@ gib = int(E["SIZE"])
 d = E["DISK_DIR"]
 names = make_chain(d, gib)
 copied = copied_bytes(names[2])
-print(f"{gib} GiB chain, {copied / MiB:.0f} MiB allocated; drive-mirror sync=full onto a new qcow2")
+print(f"{gib} GiB chain, {copied / MiB:.0f} MiB allocated; drive-mirror sync=full onto a new qcow2; "
+      f"load {os.getloadavg()[0]:.1f}")
 print(f"{'storage':>9} {'round':>5} {'first':>11} {'qsd dft':>8} {'qsd urg':>8} {'sluice':>8} "
       f"{'ratio':>6}  {'fio s':>6} {'vs disk':>7}   (durable seconds; ratio: sluice / the faster QSD)")
 for storage in E["STORAGE"].split():
@@ -170,6 +177,7 @@ for storage in E["STORAGE"].split():
 print("goal: ratio <= 0.5 (2x faster than QSD), vs disk <= 1.2x")
 if E["ACTIVE"] == "1":
     with tempfile.TemporaryDirectory(prefix="sl-mbench-", dir=d) as tmp:
+        drop_caches()
         (ip99, iiops), (bp99, biops), ready, conv = active(names, tmp)
     print(f"active mirror under fio randwrite 4k QD16: p99 idle {ip99:.0f} us ({iiops:.0f} IOPS), during the "
           f"mirror {bp99:.0f} us ({biops:.0f} IOPS): {bp99 / ip99:.2f}x (goal <= 2x); READY after {ready:.1f}s, "

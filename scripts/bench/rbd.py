@@ -6,16 +6,23 @@ QD 32 and 1 MiB sequential read and write on a 256 MiB image, by
   - `sluice perf` (its own process, the image through bdev_rbd_create),
     once per completion path (SLUICE_RBD_COMPLETION=message / eventfd),
   - sluice serve's NBD export of the image, driven by fio's nbd engine,
-  - qemu-storage-daemon's rbd driver (its defaults: cache=writeback means
-    rbd_cache on) exporting the image over NBD, driven by fio the same way,
+  - qemu-storage-daemon's rbd driver exporting the image over NBD, driven by
+    fio the same way: with its defaults (cache=writeback means rbd_cache on)
+    and with cache.direct=on (rbd_cache off: QEMU's other setting; the ratio
+    is taken against the faster of the two),
   - `rbd bench` (librbd's own tool, the floor of what a client can do),
 
 in alternating order round by round, with the client side's CPU time
 (user + system of the process that talks to librbd: sluice, QSD, rbd
 bench; never fio's) per I/O. Then a stream of a local qcow2 overlay whose
-backing is the RBD image (128 MiB of data in 256 MiB), sluice against QSD,
+backing is the RBD image (128 MiB of data in 256 MiB), sluice against QSD
+(the overlay's file node with its default aio=threads, and with io_uring),
 alternating, the result compared with the image before a time counts.
-Page caches are dropped before each run. Prints each figure and the ratios.
+Page caches are dropped before each run. Data: `sluice perf -w verify` on
+the image first, and every NBD server (sluice's, QSD's) passes a fio verify
+run (checksummed 4 KiB writes read back) before its times count; `rbd bench`
+is librbd's own tool and has no verify mode (it is the floor, not a peer
+under test). Prints each figure and the ratios.
 
   scripts/bench/rbd.sh              (RUNTIME=5 ROUNDS=2 by default)
 
@@ -42,7 +49,7 @@ RUNTIME = int(os.environ.get("RUNTIME", "5"))
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 CLUSTER = os.path.join(ROOT, "scripts/ceph/cluster.sh")
 sys.path.insert(0, os.path.join(ROOT, "scripts/bench"))
-from chainbench import threads_cpu  # noqa: E402
+from chainbench import fio_verify_nbd, threads_cpu  # noqa: E402
 
 MiB = 1 << 20
 HZ = os.sysconf("SC_CLK_TCK")
@@ -138,6 +145,13 @@ class Bench:
         ios = j["read"]["total_ios"] + j["write"]["total_ios"]
         return iops, ios
 
+    def verify_perf(self):
+        out = run(BIN, "perf", "-c", self.config, "-T", "r", "-q", "16", "-w", "verify", "-t", "1", "--json",
+                  "--length", "32m", env=dict(os.environ, RUST_LOG="warn"))
+        j = json.loads(out[out.index("{"):])
+        if not j["ok"] or j["errors"] or j["total"]["io_failed"]:
+            raise RuntimeError(f"sluice perf verify on RBD failed: {j}")
+
     def served(self, kind, rw, bs, qd):
         d = tempfile.mkdtemp(dir=self.work)
         sock = os.path.join(d, "nbd.sock")
@@ -149,14 +163,16 @@ class Bench:
             run(BIN, "rpc", "-s", os.path.join(d, "sluice.sock"), "block-export-add", "type=nbd", "id=e",
                 "node-name=r", "name=r", "writable=true")
         else:
+            direct = ",cache.direct=on" if kind == "qsd-direct" else ""
             p = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
-                                  f"driver=rbd,node-name=r,pool=rbd,image=bench,conf={self.conf}",
+                                  f"driver=rbd,node-name=r,pool=rbd,image=bench,conf={self.conf}{direct}",
                                   "--nbd-server", f"addr.type=unix,addr.path={sock}",
                                   "--export", "type=nbd,id=e,node-name=r,name=r,writable=on"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_path(sock, p)
         rpc = os.path.join(d, "sluice.sock")
         try:
+            fio_verify_nbd(f"nbd+unix:///r?socket={sock}", "8M")
             c0 = proc_cpu(p.pid)
             if kind == "sluice":
                 w0 = reactors_busy(rpc) + threads_cpu(p.pid, "reactor_")
@@ -211,8 +227,10 @@ class Bench:
                     time.sleep(0.05)
             drop_caches()
             c0 = proc_cpu(p.pid)
-            vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov",
-                                     "file": {"driver": "file", "filename": ov}})
+            f = {"driver": "file", "filename": ov}
+            if kind == "qsd-uring":
+                f["aio"] = "io_uring"
+            vm.rcmd("blockdev-add", {"driver": "qcow2", "node-name": "ov", "file": f})
             t0 = time.time()
             vm.rcmd("block-stream", {"device": "ov", "job-id": "s"})
             ev = vm.event_wait("BLOCK_JOB_COMPLETED", 600, {"device": "s"})
@@ -237,6 +255,7 @@ def main():
     b = Bench(work)
     try:
         print(f"load before: {open('/proc/loadavg').read().split()[:3]}")
+        b.verify_perf()
         res = {}
         for wl in WORKLOADS:
             rw, bs, qd = wl
@@ -244,6 +263,7 @@ def main():
                        ("sluice perf (eventfd)", lambda: b.sluice_perf(rw, bs, qd, "eventfd")),
                        ("sluice NBD + fio", lambda: b.served("sluice", rw, bs, qd)),
                        ("QSD rbd NBD + fio", lambda: b.served("qsd", rw, bs, qd)),
+                       ("QSD rbd direct NBD + fio", lambda: b.served("qsd-direct", rw, bs, qd)),
                        ("rbd bench", lambda: b.rbd_bench(rw, bs, qd))]
             for r in range(ROUNDS):
                 order = runners if r % 2 == 0 else list(reversed(runners))
@@ -261,11 +281,12 @@ def main():
                 us = sum(x[1] for x in v) / len(v)
                 print(f"  {name:24s} {iops:10.0f} IOPS  {us:8.1f} us client CPU/IO   runs {[int(x[0]) for x in v]}")
             s = res[(wl, "sluice NBD + fio")]
-            q = res[(wl, "QSD rbd NBD + fio")]
             w = res[(wl, "sluice NBD + fio (work)")]
-            print(f"  sluice/QSD over NBD: {sum(x[0] for x in s) / sum(x[0] for x in q):.2f}x IOPS, "
-                  f"{sum(x[1] for x in w) / sum(x[1] for x in q):.2f}x client CPU/IO "
-                  f"(sluice's work: reactor busy + other threads; goal: >= 1x IOPS at <= 0.5x CPU)")
+            for qn in ("QSD rbd NBD + fio", "QSD rbd direct NBD + fio"):
+                q = res[(wl, qn)]
+                print(f"  sluice/{qn[:-10]}: {sum(x[0] for x in s) / sum(x[0] for x in q):.2f}x IOPS, "
+                      f"{sum(x[1] for x in w) / sum(x[1] for x in q):.2f}x client CPU/IO "
+                      f"(sluice's work: reactor busy + other threads; goal: >= 1x IOPS at <= 0.5x CPU)")
             m = res[(wl, "sluice perf (message)")]
             e = res[(wl, "sluice perf (eventfd)")]
             print(f"  eventfd/message: {sum(x[0] for x in e) / sum(x[0] for x in m):.2f}x IOPS")
@@ -277,14 +298,15 @@ def main():
             cmds += ["-c", f"write -P {0x10 + i} {i * 8}M 4M"]
         run("qemu-io", "-f", "raw", *cmds, golden)
         run("rbd", "-c", b.conf, "import", golden, "rbd/golden")
-        st = {"sluice": [], "qsd": []}
+        st = {"sluice": [], "qsd": [], "qsd-uring": []}
         for r in range(ROUNDS):
-            for kind in (["sluice", "qsd"] if r % 2 == 0 else ["qsd", "sluice"]):
+            for kind in (list(st) if r % 2 == 0 else list(st)[::-1]):
                 st[kind].append(b.stream(kind, "golden"))
         print("\nstream of a 256 MiB overlay on RBD (128 MiB of data):")
         for k, v in st.items():
             print(f"  {k:8s} {[round(x[0], 2) for x in v]} s  CPU {[round(x[1], 2) for x in v]} s")
-        print(f"  QSD time / sluice time: {sum(x[0] for x in st['qsd']) / sum(x[0] for x in st['sluice']):.2f}x")
+        for k in ("qsd", "qsd-uring"):
+            print(f"  {k} time / sluice time: {sum(x[0] for x in st[k]) / sum(x[0] for x in st['sluice']):.2f}x")
         print(f"load after: {open('/proc/loadavg').read().split()[:3]}")
     finally:
         b.stop()

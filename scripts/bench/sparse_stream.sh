@@ -2,8 +2,9 @@
 # Streaming a sparse chain whose virtual size dwarfs its data (issue 19):
 # base.qcow2 of VSIZE (default 4T) holding three 64 MiB extents far apart
 # (at 0, at half the size, near the end), top.qcow2 empty over it; the whole
-# chain streamed into top, sluice and qemu-storage-daemon side by side
-# (alternating who goes first, caches dropped before each run), each result
+# chain streamed into top, sluice and qemu-storage-daemon (its defaults,
+# aio=threads, and aio=io_uring, its best here) side by side (rotating who
+# goes first, caches dropped before each run), each result
 # checked with `qemu-img compare` against base, timed until durable (the
 # job plus closing the images). The floor: fio copying the allocated volume
 # (read + write at once, 1 MiB, QD 16, fdatasync). sluice's peak RSS is
@@ -30,7 +31,7 @@ export SLUICE VSIZE ROUNDS DISK_DIR
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import MiB, Qmp, drop_caches, fio_disk, sh
+from chainbench import MiB, Qmp, drop_caches, fio_disk, rotate, sh
 
 E = os.environ
 CACHE = json.loads(E.get("CACHE") or "{}")
@@ -56,11 +57,11 @@ def fresh():
     drop_caches()
 
 
-def run_qsd(tmp):
+def run_qsd(tmp, aio="threads"):
     sock = os.path.join(tmp, "qsd.sock")
     p = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
                           json.dumps({"driver": "qcow2", "node-name": "top", **CACHE,
-                                      "file": {"driver": "file", "filename": top}}),
+                                      "file": {"driver": "file", "filename": top, "aio": aio}}),
                           "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     q = Qmp(sock)
@@ -98,13 +99,14 @@ def run_sluice(tmp):
     return time.perf_counter() - t0, ev, int(rss)
 
 
-t = {"qsd": [], "sluice": []}
+sides = {"qsd": run_qsd, "qsd-uring": lambda tmp: run_qsd(tmp, "io_uring"), "sluice": run_sluice}
+t = {k: [] for k in sides}
 rss = []
 for r in range(int(E["ROUNDS"])):
-    for side in (("qsd", "sluice") if r % 2 == 0 else ("sluice", "qsd")):
+    for side in rotate(list(sides), r):
         fresh()
         with tempfile.TemporaryDirectory(prefix="sl-sparse-") as tmp:
-            dt, ev, kb = (run_qsd if side == "qsd" else run_sluice)(tmp)
+            dt, ev, kb = sides[side](tmp)
         if "error" in ev["data"]:
             raise RuntimeError(f"{side}: {ev}")
         c = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", top, base])
@@ -117,9 +119,12 @@ for r in range(int(E["ROUNDS"])):
             rss.append(kb)
 drop_caches()
 floor = fio_disk(d, base, data, direct=False)
-q, s = statistics.median(t["qsd"]), statistics.median(t["sluice"])
-print(f"{E['VSIZE']} chain, {data // MiB} MiB of data, cache options {CACHE or 'default'}: qsd {q:.3f}s, sluice {s:.3f}s (qsd/sluice {q / s:.1f}x); "
+q, u, s = statistics.median(t["qsd"]), statistics.median(t["qsd-uring"]), statistics.median(t["sluice"])
+print(f"{E['VSIZE']} chain, {data // MiB} MiB of data, cache options {CACHE or 'default'}, load {os.getloadavg()[0]:.1f}: "
+      f"qsd (aio=threads) {q:.3f}s, qsd (aio=io_uring) {u:.3f}s, sluice {s:.3f}s "
+      f"(qsd/sluice {q / s:.1f}x, {u / s:.1f}x); "
       f"floor (fio copy of the data) {floor:.3f}s: sluice at {s / floor:.2f}x it (goal <= 2); "
       f"sluice peak RSS {max(rss) // 1024} MiB; runs qsd {['%.3f' % x for x in t['qsd']]} "
+      f"qsd-uring {['%.3f' % x for x in t['qsd-uring']]} "
       f"sluice {['%.3f' % x for x in t['sluice']]}")
 PYEOF
