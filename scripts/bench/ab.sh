@@ -169,7 +169,7 @@ table = {"null": null_randread, "malloc": malloc_rand, "qcow2": qcow2_rand, "uri
          "nbd": nbd_rand}
 for name, b in builds.items():
     verify(b)
-    print(f"{name}: {b}: verify on malloc and qcow2 passed", flush=True)
+    print(f"{name}: {b}: verify passed (malloc, qcow2{', uring file' if 'uring' in workloads else ''}; NBD is verified before its runs)", flush=True)
 res = {}
 for r in range(rounds):
     order = ("old", "new") if r % 2 == 0 else ("new", "old")
