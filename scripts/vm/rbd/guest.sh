@@ -92,11 +92,12 @@ rm -f /tmp/streams-done
     r=0
     while [ ! -e /tmp/streams-done ]; do
         r=$((r+1))
+        t=$(date +%s)
         # shellcheck disable=SC2086
-        $S perf -s $SOCK -w verify $TARGETS -q 2 -o 4096 -t ${PERF_TIME:-2} \
+        $S perf -s $SOCK -w verify $TARGETS -q 2 -o 4096 -t $PERF_TIME \
             --offset $PERF_OFF --length $PERF_LEN -m 0x3 > /tmp/perf-$r.log 2>&1 ||
             { echo "round $r: exit $?" > /tmp/perf-failed; exit 1; }
-        echo $r > /tmp/perf-rounds
+        echo "$r $t $(date +%s)" >> /tmp/perf-rounds
     done
 ) &
 CLIENTS=$!
@@ -122,9 +123,11 @@ STREAMED=$(( $(date +%s) - START ))
 kill -0 $CLIENTS 2>/dev/null || fail "the perf rounds ended before the streams did"
 touch /tmp/streams-done
 wait $CLIENTS || { cat /tmp/perf-*.log; fail "perf verify: $(cat /tmp/perf-failed 2>/dev/null)"; }
-ROUNDS=$(cat /tmp/perf-rounds)
+ROUNDS=$(wc -l < /tmp/perf-rounds)
 cat /tmp/perf-$ROUNDS.log
-step "$N streams completed in ${STREAMED} s under $ROUNDS perf verify rounds on all $N devices"
+# Each round's seconds from the start of the process to its end (the rest is
+# the gap between rounds: the client's start under TCG).
+step "$N streams completed in ${STREAMED} s under $ROUNDS perf verify rounds of ${PERF_TIME} s on all $N devices (round lengths: $(awk '{printf "%s ", $3 - $2}' /tmp/perf-rounds)s)"
 
 rpc query-block > /tmp/qb.json
 [ "$(grep -c '"backing_file_depth": 0' /tmp/qb.json)" = "$N" ] || { cat /tmp/qb.json; fail "an overlay still has a backing file"; }
@@ -137,4 +140,4 @@ done
 rpc bdev_nvme_detach_controller name=Nvme0 >/dev/null || fail "rpc detach"
 kill $SERVE; wait $SERVE 2>/dev/null
 grep -q panicked /tmp/serve.log && { cat /tmp/serve.log; fail "sluice serve panicked"; }
-echo "PASS $N qcow2 overlays on NVMe namespaces over RBD $BACKING streamed in ${STREAMED} s under $ROUNDS perf verify rounds, standalone and closed" > /tmp/result
+echo "PASS $N qcow2 overlays on NVMe namespaces over RBD $BACKING streamed in ${STREAMED} s under $ROUNDS perf verify rounds of ${PERF_TIME} s, standalone and closed" > /tmp/result
