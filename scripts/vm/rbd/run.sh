@@ -154,6 +154,7 @@ rbd_main() {
         log "building sluice ($PROFILE)"
         (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p sluice --bin sluice)
     fi
+    [[ -x $target/sluice ]] || { log "$target/sluice is not built"; exit 1; }
     why=$(ceph_missing "$target/sluice")
     [[ -z $why ]] || skip "$why"
     rm -rf "$RUN/ceph" "$RUN/etc-ceph"
