@@ -57,6 +57,10 @@ i=0; while [ ! -S $SOCK ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 [ -S $SOCK ] || { cat /tmp/serve.log; fail "sluice serve did not start"; }
 rpc() { $S rpc -t 120 "$@"; }
 rpc bdev_nvme_attach_controller name=Nvme0 trtype=PCIe traddr=$NVME >/dev/null || fail "rpc attach"
+# What one client process costs here before its first byte (the gap between
+# perf rounds below): a trivial call, timed.
+time -f "%e" -o /tmp/rpc-time $S rpc query-block-jobs >/dev/null || fail "rpc query-block-jobs"
+step "one sluice rpc call under TCG: $(cat /tmp/rpc-time) s"
 
 # The overlays, formatted by blockdev-create jobs (QEMU's way) and opened with
 # their backing from the header: librbd opens the snapshot N times.

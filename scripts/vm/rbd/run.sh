@@ -20,7 +20,7 @@
 # missing, or sluice was built without librbd.
 # Environment as scripts/vm/run.sh (VM_TIMEOUT, SLUICE_PROFILE, VM_SMP, VM_MEM
 # (default 1536M), VM_SKIP_BUILD, VM_RUN (default work/run-rbd)), and
-# RBD_OVERLAYS (10), PERF_TIME (seconds per perf round in the guest, 6),
+# RBD_OVERLAYS (10), PERF_TIME (seconds per perf round in the guest, 10),
 # STREAM_SPEED (bytes/s per stream, 8 MiB/s; 0: unlimited).
 set -euo pipefail
 RHERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -109,7 +109,7 @@ SIZE=$SIZE
 BACKING='$BACKING'
 PERF_OFF=$PERF_OFF
 PERF_LEN=$PERF_LEN
-PERF_TIME=${PERF_TIME:-6}
+PERF_TIME=${PERF_TIME:-10}
 STREAM_SPEED=${STREAM_SPEED:-$((8 << 20))}
 ENV
     python3 "$HERE/mkinitramfs.py" "$stage" "$RUN/initrd.gz"
@@ -191,4 +191,4 @@ rbd_main() {
     rbd_host_checks
 }
 
-rbd_main
+rbd_main; exit # one line: bash reads no further, even if this file changes while it runs
