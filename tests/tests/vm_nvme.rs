@@ -318,8 +318,15 @@ fn rbd_rapid_deployment_ten_overlays_on_nvme_in_a_qemu_guest() {
         "scripts/vm/rbd/run.sh failed ({:?}):\n{stdout}\n--- stderr\n{stderr}\n--- console (tail)\n{console_tail}",
         out.status
     );
+    // The guest's steps (stream time, perf rounds, a client call's time) and
+    // the host's per-namespace verdicts, for the record.
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("scenario:") || l.starts_with("vm: namespace"))
+        .collect();
     eprintln!(
-        "{stdout}(rbd/run.sh took {:.0} s, {profile} build)",
+        "{}\n{stdout}(rbd/run.sh took {:.0} s, {profile} build)",
+        steps.join("\n"),
         t0.elapsed().as_secs_f64()
     );
 
