@@ -6,7 +6,9 @@
 //! RBD by mirror with a pivot and by snapshot plus stream, and the OSD
 //! killed mid-stream and restarted on its data (a BlueStore cluster: requests
 //! wait; with an op timeout, on-error stop pauses the job and a resume
-//! completes it; a new stream completes).
+//! completes it; a new stream completes). Rapid deployment on NVMe in the
+//! guest harness, the guest's sluice reaching a cluster like these over the
+//! network, is `tests/tests/vm_nvme.rs` (`scripts/vm/rbd/run.sh`).
 //!
 //! Needs sluice built with librbd (librbd-dev, librados-dev) and the Ceph
 //! daemons (ceph-mon, ceph-osd, ceph-common); `scripts/ceph/install.sh`

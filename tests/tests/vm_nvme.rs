@@ -6,11 +6,24 @@
 //! qcow2 chain onto namespace 2 run; on the host, qemu-img checks what the guest
 //! left on the namespaces.
 //!
+//! Issue #16's rapid deployment on NVMe (`scripts/vm/rbd/run.sh`): the guest
+//! (ten namespaces, virtio-net on QEMU's user networking) reaches the host's
+//! throwaway Ceph cluster (`scripts/ceph/cluster.sh`), formats ten qcow2
+//! overlays on the namespaces whose backing file is an RBD snapshot of a
+//! golden image, streams them all at once under `sluice perf -w verify`
+//! rounds on every overlay, and closes them; on the host each namespace must
+//! be a clean, standalone qcow2 image equal to the golden image plus perf's
+//! writes (checked by `check.py` in the script, and here again with perf's
+//! own pattern code).
+//!
 //! Skipped (with a message, not failed) only when the QEMU packages are neither
-//! in `scripts/vm/cache` nor downloadable (`run.sh` exits 77). The binaries are
+//! in `scripts/vm/cache` nor downloadable (`run.sh` exits 77); the RBD test
+//! also when the Ceph daemons are missing or sluice lacks librbd, and under
+//! `CI=true` (which installs all of it) its skip fails. The binaries are
 //! built in the test's own profile (debug under `cargo test`, where
 //! `scripts/test.sh` has built them already) unless `SLUICE_PROFILE` says
-//! otherwise; `run.sh` alone builds release ones.
+//! otherwise; `run.sh` alone builds release ones (the RBD test uses the
+//! `sluice` already built).
 
 use serde_json::json;
 use sluice_tests::{qemu_img, qemu_io, run, sluice_bin, workspace_root, Daemon, TempDir};
@@ -23,14 +36,7 @@ const SKIP: i32 = 77;
 #[test]
 fn nvme_driver_in_a_qemu_guest() {
     let dir = TempDir::new("vm");
-    let profile = std::env::var("SLUICE_PROFILE").unwrap_or_else(|_| {
-        if cfg!(debug_assertions) {
-            "dev"
-        } else {
-            "release"
-        }
-        .to_string()
-    });
+    let profile = profile();
     let t0 = Instant::now();
     let out = Command::new("bash")
         .arg(workspace_root().join("scripts/vm/run.sh"))
@@ -251,4 +257,125 @@ fn perf_verify_on_a_qcow2_device_on_two_reactors_exits_cleanly() {
         "qemu-img check after perf: {}",
         String::from_utf8_lossy(&c.stdout)
     );
+}
+
+/// The test's build profile, as `run.sh` names it.
+fn profile() -> String {
+    std::env::var("SLUICE_PROFILE").unwrap_or_else(|_| {
+        if cfg!(debug_assertions) {
+            "dev"
+        } else {
+            "release"
+        }
+        .to_string()
+    })
+}
+
+/// What `scripts/vm/rbd/run.sh` gives the guest: overlays, their size and
+/// the range the perf rounds write.
+const RBD_OVERLAYS: usize = 10;
+const RBD_SIZE: usize = 32 << 20;
+const PERF_RANGE: std::ops::Range<usize> = (4 << 20)..(8 << 20);
+
+/// Issue #16 scenario 1 on NVMe in the guest: ten qcow2 overlays on the
+/// guest's NVMe namespaces (through VFIO) with an RBD snapshot of the host's
+/// cluster as backing, streamed at once while perf verify rounds write every
+/// one of them; afterwards each namespace holds a clean standalone image equal
+/// to the golden image plus the writes.
+#[test]
+fn rbd_rapid_deployment_ten_overlays_on_nvme_in_a_qemu_guest() {
+    let dir = TempDir::new("vm-rbd");
+    let profile = profile();
+    let t0 = Instant::now();
+    let out = Command::new("bash")
+        .arg(workspace_root().join("scripts/vm/rbd/run.sh"))
+        .env("SLUICE_PROFILE", &profile)
+        .env("VM_SKIP_BUILD", "1")
+        .env("VM_RUN", &dir.0)
+        .env(
+            "VM_TIMEOUT",
+            std::env::var("VM_TIMEOUT").unwrap_or_else(|_| "600".into()),
+        )
+        .output()
+        .expect("run scripts/vm/rbd/run.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(SKIP) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI installs the QEMU packages and the RBD test dependencies, but:\n{stderr}"
+        );
+        eprintln!("SKIPPED rbd_rapid_deployment_ten_overlays_on_nvme_in_a_qemu_guest:\n{stderr}");
+        return;
+    }
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    let console_tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    assert!(
+        out.status.success()
+            && stdout.contains("SLUICE-VM-RESULT: PASS")
+            && stdout.contains("SLUICE-VM-HOST: PASS"),
+        "scripts/vm/rbd/run.sh failed ({:?}):\n{stdout}\n--- stderr\n{stderr}\n--- console (tail)\n{console_tail}",
+        out.status
+    );
+    // The guest's steps (stream time, perf rounds, a client call's time) and
+    // the host's per-namespace verdicts, for the record.
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("scenario:") || l.starts_with("vm: namespace"))
+        .collect();
+    eprintln!(
+        "{}\n{stdout}(rbd/run.sh took {:.0} s, {profile} build)",
+        steps.join("\n"),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Each namespace again, with perf's own pattern code as the oracle.
+    let golden = std::fs::read(dir.join("golden.raw")).expect("golden image");
+    assert_eq!(golden.len(), RBD_SIZE);
+    for i in 1..=RBD_OVERLAYS {
+        let ns = dir.join(&format!("ns{i}.img"));
+        let ns = ns.to_str().expect("utf-8 path");
+        qemu_img(&["check", "-f", "qcow2", ns]);
+        let info = qemu_img(&["info", "-f", "qcow2", ns]);
+        assert!(info.contains("virtual size: 32 MiB"), "{info}");
+        assert!(
+            !info.contains("backing file"),
+            "namespace {i} kept a backing file:\n{info}"
+        );
+        let raw = dir.join(&format!("ns{i}.raw"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            ns,
+            raw.to_str().expect("utf-8 path"),
+        ]);
+        let data = std::fs::read(&raw).expect("converted namespace");
+        std::fs::remove_file(&raw).ok();
+        assert_eq!(data.len(), RBD_SIZE, "namespace {i}: virtual size");
+        assert!(
+            data[..PERF_RANGE.start] == golden[..PERF_RANGE.start]
+                && data[PERF_RANGE.end..] == golden[PERF_RANGE.end..],
+            "namespace {i}: outside perf's range the data is not the golden image's"
+        );
+        let mut scratch = Vec::new();
+        let mut written = 0;
+        for off in PERF_RANGE.step_by(perf::pattern::SECTOR) {
+            let s = &data[off..off + perf::pattern::SECTOR];
+            if s == &golden[off..off + perf::pattern::SECTOR] {
+                continue;
+            }
+            let word = |k: usize| u64::from_le_bytes(s[k * 8..k * 8 + 8].try_into().unwrap());
+            let m = perf::pattern::check(s, off as u64, word(1), word(2), &mut scratch);
+            assert!(
+                word(0) == off as u64 && m.is_none(),
+                "namespace {i}: the sector at {off} is neither golden nor perf's for its offset: {m:?}"
+            );
+            written += 1;
+        }
+        assert!(written > 0, "namespace {i}: no write of perf's landed");
+    }
 }
