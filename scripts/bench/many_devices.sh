@@ -9,7 +9,7 @@
 # device (the daemon's open fds, growth divided by the count; a failed
 # creation says at which device). bdev_get_bdevs is read
 # over a plain socket (SPDK's client is quadratic in a large reply), and the
-# daemon's CPU time of each listing is shown beside its wall time (on a loaded
+# daemon's CPU time of the creation and of each listing is shown beside its wall time (on a loaded
 # machine the wall time is mostly waiting for a core). No peer runs: QSD
 # has no SPDK methods and its QMP answers are another program's cost; this
 # measures sluice's own scaling.
@@ -128,7 +128,9 @@ def run(kind, n):
                     c.call("bdev_malloc_create", {"name": f"d{i}", "num_blocks": 256, "block_size": 512})
                 else:
                     c.call("bdev_qcow2_open", {"name": f"d{i}", "filename": files[i]})
+            c0 = cpu_s(p.pid)
             t_create, _ = timed(create)
+            cpu_create = cpu_s(p.pid) - c0
             rss = rss_kb(p.pid)
             fds = nfds(p.pid)
             t_get, (bdevs, cpu_get) = timed(lambda: raw_call(sock, "bdev_get_bdevs", p.pid))
@@ -147,7 +149,7 @@ def run(kind, n):
                 raise RuntimeError("sluice panicked")
             return {"create": t_create, "bdev_get_bdevs": t_get, "query-named-block-nodes": t_nodes,
                     "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "fds_per_dev": (fds - fds0) / n, "nodes": len(nodes),
-                    "cpu_get": cpu_get, "cpu_nodes": c2 - c1}
+                    "cpu_get": cpu_get, "cpu_nodes": c2 - c1, "cpu_create": cpu_create}
         finally:
             if p.poll() is None:
                 p.kill()
@@ -159,7 +161,8 @@ for kind in E["KINDS"].split():
     for n in counts:
         res[n] = run(kind, n)
         r = res[n]
-        print(f"{kind:6} n={n:6}: create {r['create']:.2f}s ({r['create'] / n * 1e6:.0f} us/dev), "
+        print(f"{kind:6} n={n:6}: create {r['create']:.2f}s ({r['create'] / n * 1e6:.0f} us/dev, "
+              f"{r['cpu_create'] / n * 1e6:.0f} us CPU/dev), "
               f"bdev_get_bdevs {r['bdev_get_bdevs'] * 1e3:.0f} ms, query-named-block-nodes "
               f"{r['query-named-block-nodes'] * 1e3:.0f} ms ({r['nodes']} nodes), query-block-jobs "
               f"{r['query-block-jobs'] * 1e3:.1f} ms, RSS {r['rss_per_dev_kb']:.1f} KiB/device, {r['fds_per_dev']:.2f} fds/device; per device: "
@@ -167,7 +170,7 @@ for kind in E["KINDS"].split():
               f"query-named-block-nodes {r['query-named-block-nodes'] / n * 1e6:.1f} us "
               f"({r['cpu_nodes'] / n * 1e6:.1f} us CPU)", flush=True)
     lo, hi = counts[0], counts[-1]
-    for k in ("create", "bdev_get_bdevs", "query-named-block-nodes", "cpu_get", "cpu_nodes"):
+    for k in ("create", "cpu_create", "bdev_get_bdevs", "query-named-block-nodes", "cpu_get", "cpu_nodes"):
         ratio = (res[hi][k] / hi) / (res[lo][k] / lo)
         verdict = "linear" if ratio < 2 else ("QUADRATIC-looking" if ratio > hi / lo / 2 else "superlinear")
         print(f"{kind:6} {k}: per-device time at {hi} / at {lo} = {ratio:.2f} ({verdict}; quadratic would be {hi / lo:.0f})")
