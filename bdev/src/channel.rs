@@ -1,8 +1,8 @@
 //! The generic front of every channel: validation, statistics and the
 //! per-reactor cache of channels (one per bdev per reactor).
 //!
-//! A cached channel holds its bdev (and a leaf's channel its file, ring and
-//! eventfd), so an entry lives until it is dropped: a registered node's by
+//! A cached channel holds its bdev (and a uring channel its file and a
+//! share of the reactor's ring), so an entry lives until it is dropped: a registered node's by
 //! its delete (`Registry::delete`, the graph's deletes), a hidden bdev's (one
 //! no registry holds, such as the file under an image or a backing image
 //! opened from its header's name) by [`release_hidden`] when its owner ends.
@@ -166,7 +166,7 @@ pub fn drop_cached_channels(bdev: &Arc<dyn Bdev>) {
 
 /// Drops every reactor's cached channel to `bdev` by message, without
 /// waiting (callable on any thread, a reactor included): for a hidden bdev
-/// whose owner is ending. The bdev, its file and its rings live until the
+/// whose owner is ending. The bdev and its file live until the
 /// last reactor has dropped its channel; a reactor already gone has none.
 pub fn release_hidden(bdev: Arc<dyn Bdev>, rt: &reactor::RuntimeHandle) {
     for i in 0..rt.num_reactors() {

@@ -5,9 +5,11 @@
 # query-named-block-nodes and query-block-jobs (QMP); growth checked for
 # linearity (each step's time per device at the largest N against the
 # smallest: a ratio near 1 is linear, near N_max/N_min quadratic), and the
-# memory per device (RSS growth divided by the count). bdev_get_bdevs is read
+# memory per device (RSS growth divided by the count) and the descriptors per
+# device (the daemon's open fds, growth divided by the count; a failed
+# creation says at which device). bdev_get_bdevs is read
 # over a plain socket (SPDK's client is quadratic in a large reply), and the
-# daemon's CPU time of each listing is shown beside its wall time (on a loaded
+# daemon's CPU time of the creation and of each listing is shown beside its wall time (on a loaded
 # machine the wall time is mostly waiting for a core). No peer runs: QSD
 # has no SPDK methods and its QMP answers are another program's cost; this
 # measures sluice's own scaling (so no order to alternate and no QEMU
@@ -75,6 +77,10 @@ def raw_call(path, method, pid):
     return json.loads(b"".join(chunks))["result"], c1 - c0
 
 
+def nfds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def rss_kb(pid):
     return int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
 
@@ -108,17 +114,28 @@ def run(kind, n):
             c = JSONRPCClient(sock)
             q = Qmp(os.path.join(tmp, "sluice-qmp.sock"))
             rss0 = rss_kb(p.pid)
+            fds0 = nfds(p.pid)
 
             def create():
                 for i in range(n):
-                    if kind == "null":
-                        c.call("bdev_null_create", {"name": f"d{i}", "num_blocks": 2048, "block_size": 512})
-                    elif kind == "malloc":
-                        c.call("bdev_malloc_create", {"name": f"d{i}", "num_blocks": 256, "block_size": 512})
-                    else:
-                        c.call("bdev_qcow2_open", {"name": f"d{i}", "filename": files[i]})
+                    try:
+                        create_one(i)
+                    except Exception as e:
+                        raise RuntimeError(f"{kind}: creating device {i} of {n} failed "
+                                           f"({nfds(p.pid)} fds open): {e}") from e
+
+            def create_one(i):
+                if kind == "null":
+                    c.call("bdev_null_create", {"name": f"d{i}", "num_blocks": 2048, "block_size": 512})
+                elif kind == "malloc":
+                    c.call("bdev_malloc_create", {"name": f"d{i}", "num_blocks": 256, "block_size": 512})
+                else:
+                    c.call("bdev_qcow2_open", {"name": f"d{i}", "filename": files[i]})
+            c0 = cpu_s(p.pid)
             t_create, _ = timed(create)
+            cpu_create = cpu_s(p.pid) - c0
             rss = rss_kb(p.pid)
+            fds = nfds(p.pid)
             t_get, (bdevs, cpu_get) = timed(lambda: raw_call(sock, "bdev_get_bdevs", p.pid))
             c1 = cpu_s(p.pid)
             want = n * (2 if kind == "qcow2" else 1)  # a qcow2 device has its image node too
@@ -136,8 +153,8 @@ def run(kind, n):
             if b"panicked" in log.read():
                 raise RuntimeError("sluice panicked")
             return {"create": t_create, "bdev_get_bdevs": t_get, "query-named-block-nodes": t_nodes,
-                    "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "nodes": len(nodes),
-                    "cpu_get": cpu_get, "cpu_nodes": c2 - c1}
+                    "query-block-jobs": t_jobs, "rss_per_dev_kb": (rss - rss0) / n, "fds_per_dev": (fds - fds0) / n, "nodes": len(nodes),
+                    "cpu_get": cpu_get, "cpu_nodes": c2 - c1, "cpu_create": cpu_create}
         finally:
             if p.poll() is None:
                 p.kill()
@@ -149,15 +166,16 @@ for kind in E["KINDS"].split():
     for n in counts:
         res[n] = run(kind, n)
         r = res[n]
-        print(f"{kind:6} n={n:6}: create {r['create']:.2f}s ({r['create'] / n * 1e6:.0f} us/dev), "
+        print(f"{kind:6} n={n:6}: create {r['create']:.2f}s ({r['create'] / n * 1e6:.0f} us/dev, "
+              f"{r['cpu_create'] / n * 1e6:.0f} us CPU/dev), "
               f"bdev_get_bdevs {r['bdev_get_bdevs'] * 1e3:.0f} ms, query-named-block-nodes "
               f"{r['query-named-block-nodes'] * 1e3:.0f} ms ({r['nodes']} nodes), query-block-jobs "
-              f"{r['query-block-jobs'] * 1e3:.1f} ms, RSS {r['rss_per_dev_kb']:.1f} KiB/device; per device: "
+              f"{r['query-block-jobs'] * 1e3:.1f} ms, RSS {r['rss_per_dev_kb']:.1f} KiB/device, {r['fds_per_dev']:.2f} fds/device; per device: "
               f"bdev_get_bdevs {r['bdev_get_bdevs'] / n * 1e6:.1f} us ({r['cpu_get'] / n * 1e6:.1f} us CPU), "
               f"query-named-block-nodes {r['query-named-block-nodes'] / n * 1e6:.1f} us "
               f"({r['cpu_nodes'] / n * 1e6:.1f} us CPU)", flush=True)
     lo, hi = counts[0], counts[-1]
-    for k in ("create", "bdev_get_bdevs", "query-named-block-nodes", "cpu_get", "cpu_nodes"):
+    for k in ("create", "cpu_create", "bdev_get_bdevs", "query-named-block-nodes", "cpu_get", "cpu_nodes"):
         ratio = (res[hi][k] / hi) / (res[lo][k] / lo)
         verdict = "linear" if ratio < 2 else ("QUADRATIC-looking" if ratio > hi / lo / 2 else "superlinear")
         print(f"{kind:6} {k}: per-device time at {hi} / at {lo} = {ratio:.2f} ({verdict}; quadratic would be {hi / lo:.0f})")

@@ -2,6 +2,7 @@
 //! client), `perf` (bdevperf, in its own process or inside a daemon).
 
 mod client;
+mod nofile;
 mod perf_cli;
 mod serve;
 mod startup;

@@ -123,6 +123,7 @@ pub enum ServeError {
 
 /// Runs the daemon until a signal or a stop request; returns once everything stopped.
 pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+    crate::nofile::raise_limit();
     let cores = args.core_set()?;
     std::fs::create_dir_all(&args.runtime_dir).map_err(|source| ServeError::File {
         what: "creating runtime directory",

@@ -11,6 +11,11 @@
 //!   in flight: after the opens, the reactor's running pollers are as many as
 //!   before them (SPDK's `thread_get_stats` counts), so a reactor iteration
 //!   does not grow with the number of images open.
+//! - Those images share the reactor's one io_uring (SPDK's group channel):
+//!   the daemon holds one ring and one eventfd however many images are open,
+//!   so an image costs only its file's descriptors (the file and its lock's).
+//! - The daemon raises its soft limit on open files to the hard limit at
+//!   start, so the devices are bounded by the hard limit.
 
 use serde_json::{json, Value};
 use sluice_tests::{qemu_img, Daemon, TempDir};
@@ -144,11 +149,29 @@ fn running_pollers(d: &mut Daemon) -> u64 {
         .sum()
 }
 
+/// (all, io_uring, eventfd) descriptors process `pid` holds.
+fn fds(pid: u32) -> (usize, usize, usize) {
+    let (mut all, mut rings, mut efds) = (0, 0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+    {
+        all += 1;
+        match std::fs::read_link(e.path()) {
+            Ok(l) if l.to_str() == Some("anon_inode:[io_uring]") => rings += 1,
+            Ok(l) if l.to_str() == Some("anon_inode:[eventfd]") => efds += 1,
+            _ => {}
+        }
+    }
+    (all, rings, efds)
+}
+
 #[test]
 fn idle_qcow2_images_are_not_polled() {
     let dir = TempDir::new("scale-q");
     let mut d = Daemon::start(&[]);
     let before = running_pollers(&mut d);
+    let fds_before = fds(d.pid());
     let n = 16;
     for i in 0..n {
         let f = dir.join(&format!("i{i}.qcow2"));
@@ -174,6 +197,20 @@ fn idle_qcow2_images_are_not_polled() {
         after <= before,
         "{before} pollers running before {n} opens, {after} after"
     );
+    // One reactor (-m 0x1): one ring and one eventfd for all the images; each
+    // image holds its file and its lock's descriptor (a ring and an eventfd
+    // per image would be 4 descriptors each).
+    let fds_after = fds(d.pid());
+    let (all, rings, efds) = (
+        fds_after.0 - fds_before.0,
+        fds_after.1 - fds_before.1,
+        fds_after.2 - fds_before.2,
+    );
+    assert!(
+        rings == 1 && efds <= 1 && all <= 2 * n + 2,
+        "{n} images opened: {all} more descriptors, {rings} more io_urings, {efds} more eventfds \
+         ({fds_before:?} -> {fds_after:?})"
+    );
     // A parked ring wakes for the next request: reads complete.
     let v = d.call(
         "bdev_perf_run",
@@ -181,4 +218,54 @@ fn idle_qcow2_images_are_not_polled() {
     );
     let iops = v["results"][0]["iops"].as_f64().unwrap_or(0.0);
     assert!(iops > 0.0, "{v}");
+}
+
+/// The soft and hard limits on open files of process `pid`.
+fn nofile(pid: u32) -> (u64, u64) {
+    let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = l
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match v[..] {
+        [soft, hard] => (soft, hard),
+        // "unlimited" is not a number: the kernel's ceiling applies.
+        [soft] => (soft, u64::MAX),
+        _ => panic!("{line}"),
+    }
+}
+
+#[test]
+fn the_daemon_raises_its_open_file_limit() {
+    let me = std::process::id();
+    let (soft, hard) = nofile(me);
+    if hard == u64::MAX || hard < 256 {
+        eprintln!("hard limit {hard}: skipped");
+        return;
+    }
+    // The daemon inherits a soft limit below the hard one (this process's,
+    // lowered for the start and put back).
+    let low = (hard / 2).max(128);
+    let set = |s: u64| {
+        std::process::Command::new("prlimit")
+            .args(["--pid", &me.to_string(), &format!("--nofile={s}:{hard}")])
+            .status()
+            .is_ok_and(|st| st.success())
+    };
+    if !set(low) {
+        eprintln!("no prlimit: skipped");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    assert!(set(soft), "putting back the soft limit {soft}");
+    let (dsoft, dhard) = nofile(d.pid());
+    assert_eq!(
+        (dsoft, dhard),
+        (hard, hard),
+        "started with a soft limit of {low} of {hard}"
+    );
 }

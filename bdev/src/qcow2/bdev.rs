@@ -580,7 +580,7 @@ impl Drop for Qcow2Bdev {
         };
         // The file and a backing image no registry holds end with the image:
         // every reactor's cached channel to them goes (else each would keep
-        // its file, ring and eventfd open for the life of the process).
+        // its file, and its reactor's ring, open for the life of the process).
         for b in std::iter::once(self.base.clone()).chain(backing) {
             if !nodes.as_ref().is_some_and(|r| r.holds(&b)) {
                 crate::release_hidden(b, &self.rt);

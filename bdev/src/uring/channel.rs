@@ -1,35 +1,33 @@
-//! One reactor's io_uring: requests become SQEs at submission, the ring is
-//! entered once per reactor iteration by a poller, which also reaps CQEs.
+//! A uring bdev's channel on one reactor: requests become SQEs on the
+//! reactor's shared ring ([`super::group`]) at submission; the ring's poller
+//! enters it once per reactor iteration and hands each CQE back to the
+//! channel's slot it names.
 
+use super::group::{Group, HINT};
 use crate::bdev::Channel;
-use crate::dma::{self, DmaBuf};
+use crate::dma::DmaBuf;
 use crate::io::{BdevIo, IoStatus, IoType};
-use io_uring::{opcode, squeue, types, IoUring};
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use reactor::{register_poller, PollStatus, PollerHandle};
+use io_uring::{opcode, squeue, types};
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::rc::Rc;
+use std::os::fd::RawFd;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
-/// Builds an SQE against the file: its registered index if the ring has one, else the raw fd.
+/// Builds an SQE against the file: its registered slot if it has one, else the raw fd.
 macro_rules! with_fd {
-    ($ring:expr, |$fd:ident| $e:expr) => {
-        if $ring.fixed_file.get() {
-            let $fd = types::Fixed(0);
+    ($chan:expr, |$fd:ident| $e:expr) => {
+        if let Some(i) = $chan.fixed_file.get() {
+            let $fd = types::Fixed(i);
             $e
         } else {
-            let $fd = types::Fd($ring.file.fd);
+            let $fd = types::Fd($chan.file.fd);
             $e
         }
     };
 }
 
-/// The user data of hint SQEs, whose completions are not requests.
-const HINT: u64 = u64::MAX;
-
-/// SQ entries per ring, and so requests in flight per channel.
+/// Requests in flight per channel (slots are made as they are first needed).
 pub(crate) const RING_ENTRIES: u32 = 512;
 
 /// What a channel needs to know about the file.
@@ -62,6 +60,7 @@ impl FileInfo {
 }
 
 /// One request in flight.
+#[derive(Default)]
 struct Slot {
     io: Option<Box<BdevIo>>,
     /// Aligned copy of the data for a misaligned O_DIRECT request.
@@ -77,208 +76,115 @@ struct Slot {
     fua_sync: bool,
 }
 
-struct Ring {
-    ring: RefCell<IoUring>,
+/// A channel's state, a member of its reactor's [`Group`].
+pub(crate) struct Chan {
+    group: Rc<Group>,
+    /// The member key in the group (the high half of its SQEs' user data).
+    key: u32,
     file: FileInfo,
-    /// The file is registered (index 0); cleared if a re-registration fails.
-    fixed_file: Cell<bool>,
-    /// Registered buffers: (start, len) by index.
-    fixed_bufs: Vec<(usize, usize)>,
+    /// The file's registered slot in the group's ring; cleared if a
+    /// re-registration fails (the descriptor is used from then on).
+    fixed_file: Cell<Option<u32>>,
+    /// A slot whose re-registration failed, freed when the channel goes.
+    stale_file: Cell<Option<u32>>,
+    /// Made as needed, up to [`RING_ENTRIES`]; an idle channel holds few.
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
-    unsubmitted: Cell<u32>,
     waiters: RefCell<Vec<Box<dyn FnOnce()>>>,
-    reaped: RefCell<Vec<(u64, i32)>>,
-    efd: EventFd,
     /// Hint SQEs ([`HINT`]) whose CQEs are not reaped yet.
     hints: Cell<u32>,
-    /// The ring's poller, paused while nothing is queued or in flight (see
-    /// [`Ring::park_if_idle`]) and resumed by the next SQE.
-    poller: RefCell<Option<PollerHandle>>,
+    /// This channel, for the group's list of channels waiting for room.
+    me: Weak<Chan>,
     /// Keeps the file open as long as the ring may use its descriptor.
     _file: Arc<File>,
 }
 
 /// The channel handed to the bdev layer.
 pub(crate) struct UringChannel {
-    ring: Rc<Ring>,
-    poller: PollerHandle,
-}
-
-fn build_ring() -> std::io::Result<IoUring> {
-    let mut b = IoUring::builder();
-    b.setup_cqsize(RING_ENTRIES * 2)
-        .setup_single_issuer()
-        .setup_clamp();
-    match b.build(RING_ENTRIES) {
-        Ok(r) => Ok(r),
-        // Older kernels lack SINGLE_ISSUER; plain rings work everywhere.
-        Err(_) => IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 2)
-            .build(RING_ENTRIES),
-    }
-}
-
-/// Lets the ring's io-wq workers (which do buffered file I/O in the kernel) run on
-/// the runtime's helper cores rather than inherit the reactor's pinning, where
-/// they would queue behind its polling.
-fn set_worker_affinity(ring: &IoUring) {
-    let Some(rt) = reactor::handle() else { return };
-    let cores = rt.helper_cores();
-    if cores.is_empty() {
-        return;
-    }
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cores {
-        if c < libc::CPU_SETSIZE as usize {
-            // SAFETY: `c` is below CPU_SETSIZE, so the bit lies inside `set`.
-            unsafe { libc::CPU_SET(c, &mut set) };
-        }
-    }
-    if let Err(e) = ring.submitter().register_iowq_aff(&set) {
-        tracing::debug!(error = %e, "io_uring: io-wq affinity not set");
-    }
+    chan: Rc<Chan>,
 }
 
 impl UringChannel {
-    pub(crate) fn new(
-        name: &str,
-        file: FileInfo,
-        keep: Arc<File>,
-    ) -> std::io::Result<UringChannel> {
-        if !reactor::is_reactor_thread() {
-            return Err(std::io::Error::other(
-                "uring channels are created on a reactor thread",
-            ));
-        }
-        let ring = build_ring()?;
-        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-        ring.submitter().register_eventfd(efd.as_fd().as_raw_fd())?;
-        set_worker_affinity(&ring);
-        let fixed_file = match ring.submitter().register_files(&[file.fd]) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "io_uring: registered files unavailable");
-                false
-            }
-        };
-        // The kernel takes buffers of at most 1 GiB each.
-        let regions: Vec<(usize, usize)> = dma::regions()
-            .into_iter()
-            .filter(|&(_, len)| len <= 1 << 30)
-            .collect();
-        let iovs: Vec<libc::iovec> = regions
-            .iter()
-            .map(|&(base, len)| libc::iovec {
-                iov_base: base as *mut libc::c_void,
-                iov_len: len,
-            })
-            .collect();
-        let fixed_bufs = if iovs.is_empty() {
-            Vec::new()
-        } else {
-            // SAFETY: the arena's regions stay mapped for the life of the process,
-            // so the kernel's pinned view of them never dangles.
-            match unsafe { ring.submitter().register_buffers(&iovs) } {
-                Ok(()) => regions,
-                Err(e) => {
-                    tracing::debug!(error = %e, "io_uring: registered buffers unavailable");
-                    Vec::new()
-                }
-            }
-        };
-        let slots = (0..RING_ENTRIES)
-            .map(|_| Slot {
-                io: None,
-                bounce: None,
-                done: 0,
-                iov: Vec::new(),
-                zero_fallback: false,
-                fua_sync: false,
-            })
-            .collect();
-        let r = Rc::new(Ring {
-            ring: RefCell::new(ring),
+    pub(crate) fn new(file: FileInfo, keep: Arc<File>) -> std::io::Result<UringChannel> {
+        let group = Group::current()?;
+        let fixed_file = group.register_file(file.fd);
+        let chan = Rc::new_cyclic(|me: &Weak<Chan>| Chan {
+            key: group.join(me.clone()),
+            group: group.clone(),
             file,
             fixed_file: Cell::new(fixed_file),
-            fixed_bufs,
-            slots: RefCell::new(slots),
-            free: RefCell::new((0..RING_ENTRIES).rev().collect()),
-            unsubmitted: Cell::new(0),
+            stale_file: Cell::new(None),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
-            reaped: RefCell::new(Vec::with_capacity(RING_ENTRIES as usize * 2)),
-            efd,
             hints: Cell::new(0),
-            poller: RefCell::new(None),
+            me: me.clone(),
             _file: keep,
         });
-        reactor::register_fd(r.efd.as_fd().as_raw_fd())?;
-        let weak = Rc::downgrade(&r);
-        let poller = register_poller(&format!("bdev_uring_{name}"), move || {
-            match weak.upgrade() {
-                Some(r) => r.poll(),
-                None => PollStatus::Idle,
-            }
-        });
-        *r.poller.borrow_mut() = Some(poller.clone());
-        Ok(UringChannel { ring: r, poller })
+        Ok(UringChannel { chan })
     }
 }
 
 impl Channel for UringChannel {
     /// The ring's registered copy of the file is the old open file: the one
     /// now behind the descriptor takes its place (requests in flight keep
-    /// the old one until they complete); if that fails, the ring uses the
+    /// the old one until they complete); if that fails, the channel uses the
     /// plain descriptor from now on.
     fn file_reopened(&self) {
-        let r = &self.ring;
-        if !r.fixed_file.get() {
+        let c = &self.chan;
+        let Some(idx) = c.fixed_file.get() else {
             return;
-        }
-        let res = r
-            .ring
-            .borrow()
-            .submitter()
-            .register_files_update(0, &[r.file.fd]);
-        if let Err(e) = res {
+        };
+        if let Err(e) = c.group.update_file(idx, c.file.fd) {
             tracing::warn!(error = %e, "io_uring: registered file not updated; using the descriptor");
-            r.fixed_file.set(false);
+            // Requests queued with the slot keep it until they are reaped:
+            // it is freed when the channel goes.
+            c.fixed_file.set(None);
+            c.stale_file.set(Some(idx));
         }
     }
 
     fn submit(&self, mut io: Box<BdevIo>) -> Result<(), Box<BdevIo>> {
-        if io.io_type == IoType::Read && self.ring.file.inline_reads() {
-            let st = read_inline(self.ring.file.fd, &mut io);
+        let c = &self.chan;
+        if io.io_type == IoType::Read && c.file.inline_reads() {
+            let st = read_inline(c.file.fd, &mut io);
             crate::complete_deferred(io, st);
             return Ok(());
         }
-        let Some(idx) = self.ring.free.borrow_mut().pop() else {
+        if !c.group.has_room() {
+            return Err(io);
+        }
+        let Some(idx) = c.take_slot() else {
             return Err(io);
         };
-        self.ring.start(idx, io);
+        c.start(idx, io);
         Ok(())
     }
 
     fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
-        self.ring.waiters.borrow_mut().push(f);
+        let c = &self.chan;
+        let first = c.waiters.borrow().is_empty();
+        c.waiters.borrow_mut().push(f);
+        if first {
+            c.group.starve(c.me.clone());
+        }
     }
 }
 
 impl Drop for UringChannel {
     fn drop(&mut self) {
-        crate::leaf::unregister(&self.poller);
-        // The kernel may still write into the buffers of requests in flight: wait
-        // for every one before the memory can go away.
-        let r = &self.ring;
-        while (r.free.borrow().len() as u32) < RING_ENTRIES {
-            let _ = r.ring.borrow_mut().submit_and_wait(1);
-            r.poll();
+        // The kernel may still write into the buffers of requests in flight,
+        // and a hint names the file's slot: wait for every CQE of this
+        // channel before the memory, the slot and the key can go.
+        let c = &self.chan;
+        while c.busy() {
+            c.group.complete_one();
         }
-        if reactor::is_reactor_thread() {
-            let _ = reactor::unregister_fd(r.efd.as_fd().as_raw_fd());
+        if let Some(idx) = c.fixed_file.take().or(c.stale_file.take()) {
+            c.group.unregister_file(idx);
         }
-        let ws = std::mem::take(&mut *r.waiters.borrow_mut());
+        c.group.leave(c.key);
+        let ws = std::mem::take(&mut *c.waiters.borrow_mut());
         for w in ws {
             w();
         }
@@ -322,7 +228,48 @@ fn misaligned(io: &BdevIo, f: &FileInfo) -> bool {
         .any(|v| (v.as_ptr() as usize) & mem != 0 || v.len() & blk != 0)
 }
 
-impl Ring {
+impl Chan {
+    /// Whether any SQE of this channel (request or hint) awaits its CQE.
+    fn busy(&self) -> bool {
+        self.hints.get() > 0 || self.free.borrow().len() < self.slots.borrow().len()
+    }
+
+    /// A free slot, made if there are fewer than [`RING_ENTRIES`].
+    fn take_slot(&self) -> Option<u32> {
+        if let Some(i) = self.free.borrow_mut().pop() {
+            return Some(i);
+        }
+        let mut slots = self.slots.borrow_mut();
+        if slots.len() as u32 >= RING_ENTRIES {
+            return None;
+        }
+        slots.push(Slot::default());
+        Some(slots.len() as u32 - 1)
+    }
+
+    /// Runs the waiters if a request may be taken now; `false` if not (the
+    /// channel is full: it stays on the group's list).
+    pub(super) fn wake_waiters(&self) -> bool {
+        if self.free.borrow().is_empty() && self.slots.borrow().len() as u32 >= RING_ENTRIES {
+            return false;
+        }
+        let ws = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in ws {
+            w();
+        }
+        true
+    }
+
+    /// Queues `entry` for slot `slot` of this channel.
+    ///
+    /// # Safety
+    /// Whatever memory the SQE names stays valid until its CQE is reaped.
+    unsafe fn push(&self, entry: squeue::Entry, slot: u32) {
+        let e = entry.user_data((self.key as u64) << 32 | slot as u64);
+        // SAFETY: passed on from the caller.
+        unsafe { self.group.push(&e) };
+    }
+
     /// Takes a request into slot `idx` and queues its SQE.
     fn start(&self, idx: u32, io: Box<BdevIo>) {
         if self.file.direct && io.io_type.has_data() && misaligned(&io, &self.file) {
@@ -385,49 +332,11 @@ impl Ring {
                     .build())
             }
         };
-        let entry = entry.user_data(idx as u64);
         drop(slots);
-        let mut ring = self.ring.borrow_mut();
         // SAFETY: the SQE's buffers (the request's segments, its bounce buffer or
-        // its iovec array) live in slot `idx` until its CQE is reaped.
-        if unsafe { ring.submission().push(&entry) }.is_err() {
-            // Not expected (one slot per SQ entry): make room by submitting, then retry.
-            let _ = ring.submit();
-            // SAFETY: as above.
-            if unsafe { ring.submission().push(&entry) }.is_err() {
-                tracing::error!("io_uring submission queue stuck full");
-            }
-        }
-        drop(ring);
-        self.unsubmitted.set(self.unsubmitted.get() + 1);
-        self.wake();
-    }
-
-    /// Resumes a parked poller: an SQE is queued.
-    fn wake(&self) {
-        if let Some(p) = self.poller.borrow().as_ref() {
-            if p.is_paused() {
-                p.resume();
-            }
-        }
-    }
-
-    /// Pauses the poller while the ring has nothing queued, nothing in flight
-    /// (requests or hints) and nobody waiting for room: no CQE can come, and
-    /// a reactor with many devices open (each with a ring per reactor) would
-    /// otherwise poll every idle ring on every iteration, making each
-    /// iteration (and so each request, and each open) cost time in
-    /// proportion to the number of devices.
-    fn park_if_idle(&self) {
-        if self.unsubmitted.get() == 0
-            && self.hints.get() == 0
-            && self.free.borrow().len() as u32 == RING_ENTRIES
-            && self.waiters.borrow().is_empty()
-        {
-            if let Some(p) = self.poller.borrow().as_ref() {
-                p.pause();
-            }
-        }
+        // its iovec array, all on the heap: they stay put when `slots` grows)
+        // live in slot `idx` until its CQE is reaped.
+        unsafe { self.push(entry, idx) };
     }
 
     fn rw_sqe(
@@ -450,19 +359,16 @@ impl Ring {
         let len = rest.min(u32::MAX as u64 & !4095) as u32;
         if let Some(p) = single {
             let a = p as usize;
-            let fixed = self
-                .fixed_bufs
-                .iter()
-                .position(|&(b, l)| a >= b && a + len as usize <= b + l);
+            let fixed = self.group.fixed_buf(a, len as usize);
             return match (fixed, write) {
                 (Some(i), false) => {
-                    with_fd!(self, |fd| opcode::ReadFixed::new(fd, p, len, i as u16)
+                    with_fd!(self, |fd| opcode::ReadFixed::new(fd, p, len, i)
                         .offset(off)
                         .rw_flags(flags)
                         .build())
                 }
                 (Some(i), true) => {
-                    with_fd!(self, |fd| opcode::WriteFixed::new(fd, p, len, i as u16)
+                    with_fd!(self, |fd| opcode::WriteFixed::new(fd, p, len, i)
                         .offset(off)
                         .rw_flags(flags)
                         .build())
@@ -506,70 +412,29 @@ impl Ring {
         }
     }
 
-    /// Submits queued SQEs, then completes what the kernel has finished.
-    fn poll(&self) -> PollStatus {
-        let mut busy = false;
-        {
-            let mut ring = self.ring.borrow_mut();
-            if self.unsubmitted.get() > 0 {
-                match ring.submit() {
-                    Ok(_) => self.unsubmitted.set(0),
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY)
-                            || e.raw_os_error() == Some(libc::EAGAIN) => {}
-                    Err(e) => tracing::warn!(error = %e, "io_uring submit failed"),
-                }
-                busy = true;
-            }
-            let mut reaped = self.reaped.borrow_mut();
-            for cqe in ring.completion() {
-                reaped.push((cqe.user_data(), cqe.result()));
-            }
-        }
-        let n = self.reaped.borrow().len();
-        if n == 0 {
-            self.park_if_idle();
-            return busy.into();
-        }
-        for i in 0..n {
-            let (ud, res) = self.reaped.borrow()[i];
-            if ud == HINT {
-                self.hints.set(self.hints.get().saturating_sub(1));
-                continue;
-            }
-            self.finish(ud as u32, res);
-        }
-        self.reaped.borrow_mut().clear();
-        if !self.waiters.borrow().is_empty() && !self.free.borrow().is_empty() {
-            let ws = std::mem::take(&mut *self.waiters.borrow_mut());
-            for w in ws {
-                w();
-            }
-        }
-        self.park_if_idle();
-        PollStatus::Busy
-    }
-
     /// Queues a `sync_file_range(SYNC_FILE_RANGE_WRITE)` of a range just written
     /// (a hint: skipped when the submission queue is full; its CQE, tagged
     /// [`HINT`], is ignored).
     fn start_writeback(&self, offset: u64, len: u64) {
         let Ok(len) = u32::try_from(len) else { return };
+        if !self.group.has_room() {
+            return;
+        }
         let e = with_fd!(self, |fd| opcode::SyncFileRange::new(fd, len)
             .offset(offset)
             .flags(libc::SYNC_FILE_RANGE_WRITE)
-            .build())
-        .user_data(HINT);
+            .build());
         // SAFETY: the SQE refers to no user memory.
-        if unsafe { self.ring.borrow_mut().submission().push(&e) }.is_ok() {
-            self.unsubmitted.set(self.unsubmitted.get() + 1);
-            self.hints.set(self.hints.get() + 1);
-            self.wake();
-        }
+        unsafe { self.push(e, HINT) };
+        self.hints.set(self.hints.get() + 1);
     }
 
-    /// Handles the CQE of slot `idx`.
-    fn finish(&self, idx: u32, res: i32) {
+    /// Handles the CQE of slot `idx` (or of a hint).
+    pub(super) fn finish(&self, idx: u32, res: i32) {
+        if idx == HINT {
+            self.hints.set(self.hints.get().saturating_sub(1));
+            return;
+        }
         let status = {
             let mut slots = self.slots.borrow_mut();
             let Some(s) = slots.get_mut(idx as usize) else {

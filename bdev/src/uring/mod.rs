@@ -1,5 +1,6 @@
 //! The uring bdev: a file or block device through io_uring, one ring per
-//! reactor (SPDK's `bdev_uring_create`). O_DIRECT by default, with a buffered
+//! reactor shared by every uring bdev's channel on it (SPDK's
+//! `bdev_uring_create` and its group channel; see `group.rs`). O_DIRECT by default, with a buffered
 //! option; the block size is detected (512 or 4096) or given.
 //!
 //! Unless `locking` is off, the bdev holds an image lock on its file for as
@@ -9,6 +10,7 @@
 //! no writes either, as QEMU's readers do. Deleting the bdev ends the lock.
 
 mod channel;
+mod group;
 mod probe;
 
 use crate::bdev::{Bdev, Channel};
@@ -384,7 +386,7 @@ impl Bdev for UringBdev {
             block: self.block_size,
             mem_align: self.mem_align,
         };
-        let ch = channel::UringChannel::new(&self.name, info, self.file.clone())
+        let ch = channel::UringChannel::new(info, self.file.clone())
             .map_err(|e| BdevError::os(format!("creating an io_uring for {}", self.name), e))?;
         Ok(Box::new(ch))
     }
