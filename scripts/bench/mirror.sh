@@ -6,6 +6,7 @@
 #
 #   scripts/bench/mirror.sh                  # 1 GiB, both storages, 2 rounds
 #   ROUNDS=4 STORAGE=direct scripts/bench/mirror.sh
+#   STORAGE= ROUNDS=3 scripts/bench/mirror.sh   # the active mirror only (ACTIVE)
 #
 # Each round runs QSD with its defaults (aio=threads), QSD with aio=io_uring (its
 # best here) and sluice, alternating who goes first, with the page cache
@@ -21,8 +22,10 @@
 # of the source on each side: QSD with its defaults (aio=threads), QSD with
 # aio=io_uring and sluice, ROUNDS rounds, the sides rotating so each goes first
 # in turn, a fresh copy of top and the page cache dropped before every run.
-# Each run: client write p99 idle, then while the mirror runs, whether the
-# mirror converged (READY) under the load and when; the job completed, the
+# Each run: client write p99 idle (5 s), then while the mirror runs (20 s of
+# fio, the mirror started 1 s in and completed after fio ends; write-blocking
+# keeps copying each write to the target after READY), whether the mirror
+# converged (READY) under the load and when; the job completed, the
 # daemon quit, the target compared with the written source (`qemu-img compare`)
 # before the run counts. sluice uses drive-mirror; QSD blockdev-mirror onto a
 # target made beforehand and added with its aio and cache.direct (drive-mirror
@@ -34,7 +37,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE=${SIZE:-1}
-STORAGE=${STORAGE:-"pagecache direct"}
+STORAGE=${STORAGE-"pagecache direct"}
 ROUNDS=${ROUNDS:-2}
 ACTIVE=${ACTIVE:-1}
 DISK_DIR=${DISK_DIR:-/var/tmp/sluice-bench-mirror}
