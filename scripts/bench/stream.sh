@@ -24,9 +24,10 @@
 # cache) idle and during a full stream: QSD with its defaults (aio=threads), QSD
 # with aio=io_uring and sluice, ROUNDS rounds, the sides rotating, the pristine
 # top restored and caches dropped before every run, the streamed top compared
-# with the chain (and checked) before the run counts. Idle: 5 s of reads before
-# the stream; during: from block-stream until BLOCK_JOB_COMPLETED (fio then
-# stopped), however long each side's stream lasts. Printed: each run (with a
+# with the chain (and checked) before the run counts. One fio run across each
+# stream, its per-read log cut in two: idle, the reads that completed in the 5 s
+# before block-stream; during, those from block-stream to BLOCK_JOB_COMPLETED,
+# however long each side's stream lasts. Printed: each run (with a
 # note when fewer than 1000 reads fell inside the stream), then each side's
 # median idle p99, during p99 and their ratio (sluice's goal: <= 1.5x), and
 # sluice's during p99 over the faster QSD's.
@@ -193,36 +194,62 @@ def write_floor(d, nbytes):
     return dt
 
 
-def fio_p99(uri, secs):
-    out = sh("fio", "--output-format=json", "--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
-             "--bs=4k", "--iodepth=1", "--time_based", f"--runtime={secs}", "--size=1G")
-    j = json.loads(out[out.index("{"):])["jobs"][0]["read"]  # the nbd engine prints a line first
-    return j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"]
+IDLE_S = 5  # seconds of reads before the stream
 
 
-def fio_p99_while_job(uri, q):
-    """fio_p99's reads from now until the job's BLOCK_JOB_COMPLETED, then fio
-    stopped (SIGINT makes it report): the window is the job's run, whatever it
-    lasts on each side. Returns (p99 us, IOPS, reads, the event)."""
+def p99(ns):
+    """The 99th percentile (nearest rank) of latencies in ns, in us."""
+    ns = sorted(ns)
+    return ns[max(0, -(-99 * len(ns) // 100) - 1)] / 1000.0
+
+
+def reads_across_job(uri, q, tmp, start):
+    """fio's 4 KiB random reads at QD 1 through uri, one run across the job:
+    IDLE_S seconds idle (after a second to connect), then start() (the job's
+    command) until its BLOCK_JOB_COMPLETED; fio then stopped (SIGINT makes it
+    finish its log). Every read's completion time (epoch ms) and latency come
+    from fio's per-read log, so each window holds exactly the reads that
+    completed in it. Returns ({idle,stream}_{p99_us,iops,reads}, stream_s)."""
+    log = os.path.join(tmp, "lat")
     f = subprocess.Popen(["fio", "--output-format=json", "--name=lat", "--ioengine=nbd", f"--uri={uri}",
-                          "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based", "--runtime=3600", "--size=1G"],
+                          "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based", "--runtime=3600",
+                          "--size=1G", f"--write_lat_log={log}", "--log_unix_epoch=1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        time.sleep(1 + IDLE_S)
+        if f.poll() is not None:
+            raise RuntimeError(f"fio through {uri} ended early: {f.communicate()[1][-2000:]}")
+        t0 = time.time()  # wall clock, as fio's log and the event's timestamp
+        start()
         ev = q.wait("BLOCK_JOB_COMPLETED")
     finally:
-        f.send_signal(signal.SIGINT)
-        out, err = f.communicate(timeout=60)
-    if "{" not in out:
-        raise RuntimeError(f"fio during the stream: no report: {err[-2000:]}")
-    j = json.loads(out[out.index("{"):])["jobs"][0]["read"]  # the nbd engine prints a line first
-    return j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"], j["total_ios"], ev
+        if f.poll() is None:
+            f.send_signal(signal.SIGINT)
+        f.communicate(timeout=60)
+    if "error" in ev["data"]:
+        raise RuntimeError(f"the stream failed: {ev}")
+    t1 = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+    idle, busy = [], []
+    with open(log + "_clat.1.log") as fh:
+        for line in fh:
+            ms, ns = line.split(",")[:2]
+            t = int(ms) / 1000.0
+            if t0 - IDLE_S <= t < t0:
+                idle.append(int(ns))
+            elif t0 <= t <= t1:
+                busy.append(int(ns))
+    if not idle or not busy:
+        raise RuntimeError(f"no reads completed {'idle' if not idle else 'during the stream'} ({t1 - t0:.2f}s)")
+    return {"idle_p99_us": p99(idle), "idle_iops": len(idle) / IDLE_S, "idle_reads": len(idle),
+            "stream_p99_us": p99(busy), "stream_iops": len(busy) / max(t1 - t0, 1e-3),
+            "stream_reads": len(busy)}, t1 - t0
 
 
 def latency(who, names, tmp):
     """Client 4 KiB random reads at QD 1 over an NBD export of the chain's top
     (page cache): p99 idle, then during a full stream. Raises unless the
-    streamed top then reads as the pristine chain. "During" is from just
-    after block-stream until its BLOCK_JOB_COMPLETED."""
+    streamed top then reads as the pristine chain. "During": the reads that
+    completed from block-stream until its BLOCK_JOB_COMPLETED."""
     fresh_top(names)
     drop_caches()
     sock = os.path.join(tmp, "nbd.sock")
@@ -237,13 +264,7 @@ def latency(who, names, tmp):
             "--nbd-server", f"addr.type=unix,addr.path={sock}", "--export", "type=nbd,id=e0,node-name=top,name=top"])
         uri, kw = f"nbd+unix:///top?socket={sock}", {"job-id": "job0", "device": "top"}
     try:
-        idle, idle_iops = fio_p99(uri, 5)
-        t0 = time.time()  # wall clock, as the event's timestamp
-        q.cmd("block-stream", **kw)
-        busy, busy_iops, reads, ev = fio_p99_while_job(uri, q)
-        dt = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6 - t0
-        if "error" in ev["data"]:
-            raise RuntimeError(f"{who}: stream failed: {ev}")
+        lat, dt = reads_across_job(uri, q, tmp, lambda: q.cmd("block-stream", **kw))
         if who == "sluice":
             q.cmd("block-export-del", id="e0")
             q.cmd("bdev_qcow2_delete", name="drive0")  # flush (already done by the job) and trim
@@ -253,8 +274,7 @@ def latency(who, names, tmp):
             p.kill()
         p.wait(30)
     check_top(names, who)
-    return {"idle_p99_us": idle, "stream_p99_us": busy, "ratio": busy / idle, "idle_iops": idle_iops,
-            "stream_iops": busy_iops, "stream_reads": reads, "stream_s": dt}
+    return {**lat, "ratio": lat["stream_p99_us"] / lat["idle_p99_us"], "stream_s": dt}
 
 
 results = []
