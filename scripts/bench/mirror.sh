@@ -74,7 +74,8 @@ def mirror(q, p, device, target, close=None):
     tr = time.perf_counter() - t0
     q.cmd("block-job-complete", device="m0")
     ev = q.wait("BLOCK_JOB_COMPLETED")
-    assert "error" not in ev["data"], ev
+    if "error" in ev["data"]:
+        raise RuntimeError(f"the job failed: {ev}")
     td = time.perf_counter() - t0
     if close:
         q.cmd("bdev_qcow2_delete", name=close)  # flushes and closes the target
