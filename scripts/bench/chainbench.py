@@ -113,6 +113,19 @@ def fio_verify_nbd(uri, size="32M"):
         raise RuntimeError(f"fio verify through {uri} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
 
 
+def clat_log(prefix):
+    """(completion time in epoch seconds, latency in ns) of every I/O of a fio
+    job run with --write_lat_log=prefix --log_unix_epoch=1."""
+    with open(prefix + "_clat.1.log") as f:
+        return [(int(ms) / 1000.0, int(ns)) for ms, ns in (line.split(",")[:2] for line in f)]
+
+
+def p99_us(ns):
+    """The 99th percentile (nearest rank) of latencies in ns, in us."""
+    ns = sorted(ns)
+    return ns[max(0, -(-99 * len(ns) // 100) - 1)] / 1000.0
+
+
 def drop_caches():
     os.sync()
     try:

@@ -24,10 +24,11 @@
 # in turn, a fresh copy of top and the page cache dropped before every run.
 # Each run: client write p99 idle (5 s), then while the mirror runs (20 s of
 # fio, the mirror started 1 s in and completed after fio ends; write-blocking
-# keeps copying each write to the target after READY), whether the mirror
-# converged (READY) under the load and when; the job completed, the
-# daemon quit, the target compared with the written source (`qemu-img compare`)
-# before the run counts. sluice uses drive-mirror; QSD blockdev-mirror onto a
+# keeps copying each write to the target after READY; only the writes that
+# completed after the mirror's command count, from fio's per-write log; both
+# p99s nearest-rank over that log), whether the mirror converged (READY) under
+# the load and when; the job completed, the daemon quit, the target compared
+# with the written source (`qemu-img compare`) before the run counts. sluice uses drive-mirror; QSD blockdev-mirror onto a
 # target made beforehand and added with its aio and cache.direct (drive-mirror
 # would open it with QEMU's default aio). Printed: each run, then medians: each
 # side's idle and during p99, its own ratio (goal <= 2x), and sluice's during
@@ -53,7 +54,8 @@ export SLUICE SIZE STORAGE ROUNDS ACTIVE DISK_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import MiB, drop_caches, fio_disk, make_chain, rotate, sh, start_qsd, start_sluice, stop
+from chainbench import (MiB, clat_log, drop_caches, fio_disk, make_chain, p99_us, rotate, sh, start_qsd,
+                        start_sluice, stop)
 
 E = os.environ
 
@@ -102,11 +104,11 @@ def run_sluice(names, direct, target, tmp):
         p.wait(30)
 
 
-def fio_writes(uri, secs, res):
+def fio_writes(uri, secs, res, log=()):
     out = sh("fio", "--output-format=json", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-             "--bs=4k", "--iodepth=16", "--time_based", f"--runtime={secs}", "--size=1G")
+             "--bs=4k", "--iodepth=16", "--time_based", f"--runtime={secs}", "--size=1G", *log)
     j = json.loads(out[out.index("{"):])["jobs"][0]["write"]  # the nbd engine prints a line first
-    res.append((j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"]))
+    res.append(j["iops"])
 
 
 def active_sluice(chain, tmp, target):
@@ -159,19 +161,26 @@ def active(who, names, tmp):
         p, q, uri, go = active_qsd(chain, tmp, target, "threads" if who == "qsd-default" else "io_uring")
     try:
         idle = []
-        fio_writes(uri, 5, idle)
+        idle_log = os.path.join(tmp, "idle")
+        fio_writes(uri, 5, idle, (f"--write_lat_log={idle_log}", "--log_unix_epoch=1"))
+        idle_p99 = p99_us(ns for _, ns in clat_log(idle_log))
         busy = []
-        t = threading.Thread(target=fio_writes, args=(uri, 20, busy))
+        log = os.path.join(tmp, "lat")  # every write's completion time: the window starts with the mirror
+        t = threading.Thread(target=fio_writes,
+                             args=(uri, 20, busy, (f"--write_lat_log={log}", "--log_unix_epoch=1")))
         t.start()
         time.sleep(1)
-        t0 = time.perf_counter()
+        t0 = time.time()  # wall clock, as fio's log
         go()
         q.wait("BLOCK_JOB_READY", timeout=120)
-        ready = time.perf_counter() - t0
+        ready = time.time() - t0
         converged_under_load = t.is_alive()
         t.join()
         if not busy:
             raise RuntimeError(f"{who}: fio's writes during the mirror failed")
+        lat = [(tc, ns) for tc, ns in clat_log(log) if tc >= t0]
+        if not lat:
+            raise RuntimeError(f"{who}: no write completed while the mirror ran")
         q.cmd("block-job-complete", device="a0")
         ev = q.wait("BLOCK_JOB_COMPLETED")
         if "error" in ev["data"]:
@@ -188,8 +197,10 @@ def active(who, names, tmp):
     c = subprocess.run(["qemu-img", "compare", "-q", top, target], capture_output=True, text=True)
     if c.returncode != 0:
         raise RuntimeError(f"{who}: active mirror: the target differs from the source: {c.stdout}{c.stderr}")
-    return {"idle_p99_us": idle[0][0], "idle_iops": idle[0][1], "mirror_p99_us": busy[0][0],
-            "mirror_iops": busy[0][1], "ratio": busy[0][0] / idle[0][0], "ready_s": ready,
+    mirror_p99 = p99_us(ns for _, ns in lat)
+    return {"idle_p99_us": idle_p99, "idle_iops": idle[0], "mirror_p99_us": mirror_p99,
+            "mirror_iops": len(lat) / max(max(tc for tc, _ in lat) - t0, 1e-3), "mirror_writes": len(lat),
+            "ratio": mirror_p99 / idle_p99, "ready_s": ready,
             "converged_under_load": converged_under_load}
 
 

@@ -61,7 +61,7 @@ export SLUICE SIZES STORAGE MODES ROUNDS LATENCY DISK_DIR TMPFS_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import Qmp, drop_caches, make_chain, rotate, sh, start_qsd, stop
+from chainbench import Qmp, clat_log, drop_caches, make_chain, p99_us, rotate, sh, start_qsd, stop
 
 E = os.environ
 MiB = 1 << 20
@@ -199,12 +199,6 @@ def write_floor(d, nbytes):
 IDLE_S = 5  # seconds of reads before the stream
 
 
-def p99(ns):
-    """The 99th percentile (nearest rank) of latencies in ns, in us."""
-    ns = sorted(ns)
-    return ns[max(0, -(-99 * len(ns) // 100) - 1)] / 1000.0
-
-
 def reads_across_job(uri, q, tmp, start):
     """fio's 4 KiB random reads at QD 1 through uri, one run across the job:
     IDLE_S seconds idle (after a second to connect), then start() (the job's
@@ -231,19 +225,13 @@ def reads_across_job(uri, q, tmp, start):
     if "error" in ev["data"]:
         raise RuntimeError(f"the stream failed: {ev}")
     t1 = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
-    idle, busy = [], []
-    with open(log + "_clat.1.log") as fh:
-        for line in fh:
-            ms, ns = line.split(",")[:2]
-            t = int(ms) / 1000.0
-            if t0 - IDLE_S <= t < t0:
-                idle.append(int(ns))
-            elif t0 <= t <= t1:
-                busy.append(int(ns))
+    lat = clat_log(log)
+    idle = [ns for t, ns in lat if t0 - IDLE_S <= t < t0]
+    busy = [ns for t, ns in lat if t0 <= t <= t1]
     if not idle or not busy:
         raise RuntimeError(f"no reads completed {'idle' if not idle else 'during the stream'} ({t1 - t0:.2f}s)")
-    return {"idle_p99_us": p99(idle), "idle_iops": len(idle) / IDLE_S, "idle_reads": len(idle),
-            "stream_p99_us": p99(busy), "stream_iops": len(busy) / max(t1 - t0, 1e-3),
+    return {"idle_p99_us": p99_us(idle), "idle_iops": len(idle) / IDLE_S, "idle_reads": len(idle),
+            "stream_p99_us": p99_us(busy), "stream_iops": len(busy) / max(t1 - t0, 1e-3),
             "stream_reads": len(busy)}, t1 - t0
 
 
