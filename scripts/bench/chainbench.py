@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks' Python halves (commit.sh, mirror.sh,
 stream.sh, ...): the three-layer chain, a QMP client, cache dropping, the
-disk's floor measured with fio, the order of sides, and result checks.
+disk's floor measured with fio, the order of sides, result checks, and p99s from
+fio's per-I/O latency logs.
 Imported with scripts/bench on `sys.path`; the shell halves share
 scripts/bench/lib.sh. Both serve the honesty rules of issue 19: the peer in
 the same run, alternating order, caches dropped, QEMU's defaults beside its
