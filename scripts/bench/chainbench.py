@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks' Python halves (commit.sh, mirror.sh,
 stream.sh, ...): the three-layer chain, a QMP client, cache dropping, the
-disk's floor measured with fio, the order of sides, and result checks.
+disk's floor measured with fio, the order of sides, result checks, and p99s from
+fio's per-I/O latency logs.
 Imported with scripts/bench on `sys.path`; the shell halves share
 scripts/bench/lib.sh. Both serve the honesty rules of issue 19: the peer in
 the same run, alternating order, caches dropped, QEMU's defaults beside its
@@ -111,6 +112,19 @@ def fio_verify_nbd(uri, size="32M"):
                         "--output-format=json"], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"fio verify through {uri} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+
+
+def clat_log(prefix):
+    """(completion time in epoch seconds, latency in ns) of every I/O of a fio
+    job run with --write_lat_log=prefix --log_unix_epoch=1."""
+    with open(prefix + "_clat.1.log") as f:
+        return [(int(ms) / 1000.0, int(ns)) for ms, ns in (line.split(",")[:2] for line in f)]
+
+
+def p99_us(ns):
+    """The 99th percentile (nearest rank) of latencies in ns, in us."""
+    ns = sorted(ns)
+    return ns[max(0, -(-99 * len(ns) // 100) - 1)] / 1000.0
 
 
 def drop_caches():

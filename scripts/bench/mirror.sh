@@ -6,6 +6,7 @@
 #
 #   scripts/bench/mirror.sh                  # 1 GiB, both storages, 2 rounds
 #   ROUNDS=4 STORAGE=direct scripts/bench/mirror.sh
+#   STORAGE= ROUNDS=3 scripts/bench/mirror.sh   # the active mirror only (ACTIVE)
 #
 # Each round runs QSD with its defaults (aio=threads), QSD with aio=io_uring (its
 # best here) and sluice, alternating who goes first, with the page cache
@@ -17,17 +18,27 @@
 # copied bytes read from the chain's base file and written to a scratch file at
 # once (1 MiB, QD 16, O_DIRECT), and for the page cache the same plus fdatasync.
 # ACTIVE=1 (default) also runs an active mirror (copy-mode write-blocking) of the
-# chain under fio's random 4 KiB writes at QD 16 through NBD: client write p99
-# idle and while the mirror runs, whether the mirror converged (READY) under
-# the load, and the time it took; the target is then compared with the
-# written chain. The active part is sluice against itself (its own idle p99),
-# no QSD run.
+# chain (O_DIRECT) under fio's random 4 KiB writes at QD 16 through an NBD export
+# of the source on each side: QSD with its defaults (aio=threads), QSD with
+# aio=io_uring and sluice, ROUNDS rounds, the sides rotating so each goes first
+# in turn, a fresh copy of top and the page cache dropped before every run.
+# Each run: client write p99 idle (5 s), then while the mirror runs (20 s of
+# fio, the mirror started 1 s in and completed after fio ends; write-blocking
+# keeps copying each write to the target after READY; only the writes that
+# completed after the mirror's command count, from fio's per-write log; both
+# p99s nearest-rank over that log), whether the mirror converged (READY) under
+# the load and when; the job completed, the daemon quit, the target compared
+# with the written source (`qemu-img compare`) before the run counts. sluice uses drive-mirror; QSD blockdev-mirror onto a
+# target made beforehand and added with its aio and cache.direct (drive-mirror
+# would open it with QEMU's default aio). Printed: each run, then medians: each
+# side's idle and during p99, its own ratio (goal <= 2x), and sluice's during
+# p99 over the faster QSD's.
 # SLUICE: a sluice binary to measure (default: build this tree).
 # Results: a table on stdout; JSON lines in $OUT (default /tmp/bench-mirror.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE=${SIZE:-1}
-STORAGE=${STORAGE:-"pagecache direct"}
+STORAGE=${STORAGE-"pagecache direct"}
 ROUNDS=${ROUNDS:-2}
 ACTIVE=${ACTIVE:-1}
 DISK_DIR=${DISK_DIR:-/var/tmp/sluice-bench-mirror}
@@ -41,9 +52,10 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 export SLUICE SIZE STORAGE ROUNDS ACTIVE DISK_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
-import json, os, shutil, subprocess, sys, tempfile, threading, time
+import json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import MiB, drop_caches, fio_disk, make_chain, sh, start_qsd, start_sluice
+from chainbench import (MiB, clat_log, drop_caches, fio_disk, make_chain, p99_us, rotate, sh, start_qsd,
+                        start_sluice, stop)
 
 E = os.environ
 
@@ -64,7 +76,8 @@ def mirror(q, p, device, target, close=None):
     tr = time.perf_counter() - t0
     q.cmd("block-job-complete", device="m0")
     ev = q.wait("BLOCK_JOB_COMPLETED")
-    assert "error" not in ev["data"], ev
+    if "error" in ev["data"]:
+        raise RuntimeError(f"the job failed: {ev}")
     td = time.perf_counter() - t0
     if close:
         q.cmd("bdev_qcow2_delete", name=close)  # flushes and closes the target
@@ -91,52 +104,104 @@ def run_sluice(names, direct, target, tmp):
         p.wait(30)
 
 
-def fio_writes(uri, secs, res):
+def fio_writes(uri, secs, res, log=()):
     out = sh("fio", "--output-format=json", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-             "--bs=4k", "--iodepth=16", "--time_based", f"--runtime={secs}", "--size=1G")
-    j = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-    res.append((j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"]))
+             "--bs=4k", "--iodepth=16", "--time_based", f"--runtime={secs}", "--size=1G", *log)
+    j = json.loads(out[out.index("{"):])["jobs"][0]["write"]  # the nbd engine prints a line first
+    res.append(j["iops"])
 
 
-def active(names, tmp):
+def active_sluice(chain, tmp, target):
+    """sluice with the chain (O_DIRECT), drive0 exported writable over NBD;
+    returns (p, q, uri, start the mirror)."""
+    p, q = start_sluice(E["SLUICE"], chain, True, tmp, E["CORES"])
+    sock = os.path.join(tmp, "nbd.sock")
+    q.cmd("nbd-server-start", addr={"type": "unix", "path": sock})
+    q.cmd("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "drive0"})
+
+    def go():
+        q.cmd("drive-mirror", **{"job-id": "a0", "device": "drive0", "target": target, "sync": "full",
+                                 "format": "qcow2", "copy-mode": "write-blocking"})
+    return p, q, f"nbd+unix:///drive0?socket={sock}", go
+
+
+def active_qsd(chain, tmp, target, aio):
+    """QSD with the chain (cache.direct=on, aio as given), top exported
+    writable over NBD; the target made beforehand and added with the same aio
+    and cache (drive-mirror would open it with QEMU's default aio), mirrored
+    with blockdev-mirror; returns (p, q, uri, start the mirror)."""
+    sock = os.path.join(tmp, "nbd.sock")
+    p, q = start_qsd(chain, True, tmp, aio=aio, extra=[
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=top,name=top,writable=on"])
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", target, f"{E['SIZE']}G")
+    q.cmd("blockdev-add", driver="qcow2", cache={"direct": True}, **{
+        "node-name": "tgt", "file": {"driver": "file", "filename": target, "aio": aio,
+                                     "cache": {"direct": True, "no-flush": False}}})
+
+    def go():
+        q.cmd("blockdev-mirror", **{"job-id": "a0", "device": "top", "target": "tgt", "sync": "full",
+                                    "copy-mode": "write-blocking"})
+    return p, q, f"nbd+unix:///top?socket={sock}", go
+
+
+def active(who, names, tmp):
     """Client 4 KiB random writes at QD 16 through NBD: p99 idle, then while a
-    write-blocking mirror runs; whether it converged under the load."""
+    write-blocking mirror of the chain runs; whether it converged under the
+    load. Raises unless the target then reads as the written source."""
     target = os.path.join(tmp, "active.qcow2")
     # The client writes into top: a copy of it, the chain stays as made.
     top = os.path.join(tmp, "top.qcow2")
     shutil.copyfile(names[2], top)
-    p, q = start_sluice(E["SLUICE"], [names[0], names[1], top], True, tmp, E["CORES"])
+    chain = [names[0], names[1], top]
+    drop_caches()
+    if who == "sluice":
+        p, q, uri, go = active_sluice(chain, tmp, target)
+    else:  # QEMU's default aio=threads, and io_uring (its best here)
+        p, q, uri, go = active_qsd(chain, tmp, target, "threads" if who == "qsd-default" else "io_uring")
     try:
-        sock = os.path.join(tmp, "nbd.sock")
-        q.cmd("nbd-server-start", addr={"type": "unix", "path": sock})
-        q.cmd("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "drive0"})
-        uri = f"nbd+unix:///drive0?socket={sock}"
         idle = []
-        fio_writes(uri, 5, idle)
+        idle_log = os.path.join(tmp, "idle")
+        fio_writes(uri, 5, idle, (f"--write_lat_log={idle_log}", "--log_unix_epoch=1"))
+        idle_p99 = p99_us(ns for _, ns in clat_log(idle_log))
         busy = []
-        t = threading.Thread(target=fio_writes, args=(uri, 20, busy))
+        log = os.path.join(tmp, "lat")  # every write's completion time: the window starts with the mirror
+        t = threading.Thread(target=fio_writes,
+                             args=(uri, 20, busy, (f"--write_lat_log={log}", "--log_unix_epoch=1")))
         t.start()
         time.sleep(1)
-        t0 = time.perf_counter()
-        q.cmd("drive-mirror", **{"job-id": "a0", "device": "drive0", "target": target, "sync": "full",
-                                 "format": "qcow2", "copy-mode": "write-blocking"})
+        t0 = time.time()  # wall clock, as fio's log
+        go()
         q.wait("BLOCK_JOB_READY", timeout=120)
-        ready = time.perf_counter() - t0
+        ready = time.time() - t0
         converged_under_load = t.is_alive()
         t.join()
+        if not busy:
+            raise RuntimeError(f"{who}: fio's writes during the mirror failed")
+        lat = [(tc, ns) for tc, ns in clat_log(log) if tc >= t0]
+        if not lat:
+            raise RuntimeError(f"{who}: no write completed while the mirror ran")
         q.cmd("block-job-complete", device="a0")
-        q.wait("BLOCK_JOB_COMPLETED")
-        q.cmd("block-export-del", id="e0")
-        q.cmd("quit")
-        q.close()
+        ev = q.wait("BLOCK_JOB_COMPLETED")
+        if "error" in ev["data"]:
+            raise RuntimeError(f"{who}: active mirror failed: {ev}")
+        if who == "sluice":
+            q.cmd("block-export-del", id="e0")
+        stop(p, q, who)  # closing the images flushes them
     finally:
+        if p.poll() is None:
+            p.kill()
         p.wait(30)
-    # The pivot moved drive0 onto the target: it holds everything written,
+    # The pivot moved the device onto the target: it holds everything written,
     # as does the source (write-blocking writes both).
     c = subprocess.run(["qemu-img", "compare", "-q", top, target], capture_output=True, text=True)
     if c.returncode != 0:
-        raise SystemExit(f"active mirror: the target differs from the source: {c.stdout}{c.stderr}")
-    return idle[0], busy[0], ready, converged_under_load
+        raise RuntimeError(f"{who}: active mirror: the target differs from the source: {c.stdout}{c.stderr}")
+    mirror_p99 = p99_us(ns for _, ns in lat)
+    return {"idle_p99_us": idle_p99, "idle_iops": idle[0], "mirror_p99_us": mirror_p99,
+            "mirror_iops": len(lat) / max(max(tc for tc, _ in lat) - t0, 1e-3), "mirror_writes": len(lat),
+            "ratio": mirror_p99 / idle_p99, "ready_s": ready,
+            "converged_under_load": converged_under_load}
 
 
 out = open(E["OUT"], "a")
@@ -176,12 +241,29 @@ for storage in E["STORAGE"].split():
         out.write(json.dumps(rec) + "\n")
 print("goal: ratio <= 0.5 (2x faster than QSD), vs disk <= 1.2x")
 if E["ACTIVE"] == "1":
-    with tempfile.TemporaryDirectory(prefix="sl-mbench-", dir=d) as tmp:
-        drop_caches()
-        (ip99, iiops), (bp99, biops), ready, conv = active(names, tmp)
-    print(f"active mirror under fio randwrite 4k QD16: p99 idle {ip99:.0f} us ({iiops:.0f} IOPS), during the "
-          f"mirror {bp99:.0f} us ({biops:.0f} IOPS): {bp99 / ip99:.2f}x (goal <= 2x); READY after {ready:.1f}s, "
-          f"{'under the load' if conv else 'NOT under the load'}")
-    out.write(json.dumps({"active_p99_idle_us": ip99, "active_p99_mirror_us": bp99, "ratio": bp99 / ip99,
-                          "ready_s": ready, "converged_under_load": conv}) + "\n")
+    print(f"active mirror (copy-mode write-blocking, O_DIRECT) under fio randwrite 4k QD16 through NBD; "
+          f"client write p99 in us; load {os.getloadavg()[0]:.1f}")
+    print(f"{'round':>5} {'side':>11} {'idle p99':>9} {'mirror p99':>10} {'ratio':>6} {'idle IOPS':>9} "
+          f"{'mirror IOPS':>11} {'READY s':>7}  converged")
+    sides = ["qsd-default", "qsd-uring", "sluice"]
+    runs = {k: [] for k in sides}
+    for r in range(int(E["ROUNDS"])):
+        for who in rotate(sides, r):
+            with tempfile.TemporaryDirectory(prefix="sl-mbench-", dir=d) as tmp:
+                a = active(who, names, tmp)  # the target compared before it counts
+            runs[who].append(a)
+            print(f"{r:>5} {who:>11} {a['idle_p99_us']:>9.0f} {a['mirror_p99_us']:>10.0f} {a['ratio']:>6.2f} "
+                  f"{a['idle_iops']:>9.0f} {a['mirror_iops']:>11.0f} {a['ready_s']:>7.1f}  "
+                  f"{'under the load' if a['converged_under_load'] else 'NOT under the load'}", flush=True)
+            out.write(json.dumps({"active": who, "round": r, **a}) + "\n")
+    med = {k: {m: statistics.median(a[m] for a in v) for m in ("idle_p99_us", "mirror_p99_us", "ratio")}
+           for k, v in runs.items()}
+    best = min(("qsd-default", "qsd-uring"), key=lambda k: med[k]["mirror_p99_us"])
+    s_, b_ = med["sluice"], med[best]
+    print(f"medians of {E['ROUNDS']} round(s): sluice p99 idle {s_['idle_p99_us']:.0f} us, during the mirror "
+          f"{s_['mirror_p99_us']:.0f} us ({s_['ratio']:.2f}x its idle, goal <= 2x); the faster QSD ({best}) "
+          f"{b_['idle_p99_us']:.0f} / {b_['mirror_p99_us']:.0f} us ({b_['ratio']:.2f}x); "
+          f"sluice / QSD during the mirror: {s_['mirror_p99_us'] / b_['mirror_p99_us']:.2f}")
+    out.write(json.dumps({"active_medians": med, "qsd_best": best,
+                          "mirror_p99_ratio": s_["mirror_p99_us"] / b_["mirror_p99_us"]}) + "\n")
 PYEOF

@@ -10,6 +10,7 @@
 #
 #   scripts/bench/stream.sh                 # 1 GiB and 4 GiB, every storage, both modes
 #   SIZES="1" STORAGE="pagecache" scripts/bench/stream.sh
+#   SIZES= ROUNDS=3 scripts/bench/stream.sh   # the client p99 part only (LATENCY)
 #
 # Storage: pagecache (files, page cache), direct (files, O_DIRECT), tmpfs (chain in
 # /dev/shm, page cache). Modes: full (whole chain) and base (base-node=base).
@@ -18,10 +19,18 @@
 # For the page cache it measures the disk floor of a durable stream: writing the
 # copied volume to a new file and fdatasync (sluice makes the copy durable before
 # the header drops the backing file; QSD does not flush).
-# LATENCY=1 (default) also measures client 4 KiB random-read p99 over NBD
-# (fio's nbd engine) idle and during a full stream of the 1 GiB chain: sluice
-# against itself (the goal is a ratio of its own p99s; nbd_tls.sh measures the
-# same for QSD as a destination).
+# LATENCY=1 (default) also measures client 4 KiB random-read p99 at QD 1 over
+# NBD (fio's nbd engine; each daemon exports the chain's top, 1 GiB chain, page
+# cache) idle and during a full stream: QSD with its defaults (aio=threads), QSD
+# with aio=io_uring and sluice, ROUNDS rounds, the sides rotating, the pristine
+# top restored and caches dropped before every run, the streamed top compared
+# with the chain (and checked) before the run counts. One fio run across each
+# stream, its per-read log cut in two: idle, the reads that completed in the 5 s
+# before block-stream; during, those from block-stream to BLOCK_JOB_COMPLETED,
+# however long each side's stream lasts. Printed: each run (with a
+# note when fewer than 1000 reads fell inside the stream), then each side's
+# median idle p99, during p99 and their ratio (sluice's goal: <= 1.5x), and
+# sluice's during p99 over the faster QSD's.
 # PARK_US: sluice's --park-after-us (default 500; 50 lets the reactor park while it
 # only waits for buffered io_uring work done by the kernel's io-wq threads).
 # sluice runs each stream twice: by default (the copy is made durable before the
@@ -33,7 +42,7 @@
 # Results: a table on stdout; JSON lines in $OUT (default bench-stream.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SIZES=${SIZES:-"1 4"}
+SIZES=${SIZES-"1 4"}
 STORAGE=${STORAGE:-"pagecache direct tmpfs"}
 MODES=${MODES:-"full base"}
 ROUNDS=${ROUNDS:-1}
@@ -50,9 +59,9 @@ if [ -z "${SLUICE:-}" ]; then
 fi
 export SLUICE SIZES STORAGE MODES ROUNDS LATENCY DISK_DIR TMPFS_DIR CORES OUT
 exec "$PY" - <<'PYEOF'
-import json, os, shutil, statistics, subprocess, sys, tempfile, time
+import json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, "scripts/bench")
-from chainbench import Qmp, drop_caches, make_chain, rotate, sh
+from chainbench import Qmp, clat_log, drop_caches, make_chain, p99_us, rotate, sh, start_qsd, stop
 
 E = os.environ
 MiB = 1 << 20
@@ -107,7 +116,8 @@ def run_qsd(names, mode, direct, tmp, aio="threads"):
         q.cmd("block-stream", **kw)
         ev = q.wait("BLOCK_JOB_COMPLETED")
         dt = time.perf_counter() - t0
-        assert "error" not in ev["data"], ev
+        if "error" in ev["data"]:
+            raise RuntimeError(f"the job failed: {ev}")
         q.cmd("quit")
         q.close()
         p.wait(120)  # closing the images flushes them
@@ -143,7 +153,8 @@ def run_sluice(names, mode, direct, tmp, durable=True):
         q.cmd("block-stream", **kw)
         ev = q.wait("BLOCK_JOB_COMPLETED")
         dt = time.perf_counter() - t0
-        assert "error" not in ev["data"], ev
+        if "error" in ev["data"]:
+            raise RuntimeError(f"the job failed: {ev}")
         q.cmd("bdev_qcow2_delete", name="drive0")  # flush (already done by the job) and trim
         durable = time.perf_counter() - t0
         q.cmd("quit")
@@ -185,35 +196,75 @@ def write_floor(d, nbytes):
     return dt
 
 
-def fio_p99(uri, secs):
-    out = sh("fio", "--output-format=json", "--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
-             "--bs=4k", "--iodepth=1", "--time_based", f"--runtime={secs}", "--size=1G")
-    j = json.loads(out[out.index("{"):])["jobs"][0]["read"]  # the nbd engine prints a line first
-    return j["clat_ns"]["percentile"]["99.000000"] / 1000.0, j["iops"]
+IDLE_S = 5  # seconds of reads before the stream
 
 
-def latency(names, tmp):
+def reads_across_job(uri, q, tmp, start):
+    """fio's 4 KiB random reads at QD 1 through uri, one run across the job:
+    IDLE_S seconds idle (after a second to connect), then start() (the job's
+    command) until its BLOCK_JOB_COMPLETED; fio then stopped (SIGINT makes it
+    finish its log). Every read's completion time (epoch ms) and latency come
+    from fio's per-read log, so each window holds exactly the reads that
+    completed in it. Returns ({idle,stream}_{p99_us,iops,reads}, stream_s)."""
+    log = os.path.join(tmp, "lat")
+    f = subprocess.Popen(["fio", "--output-format=json", "--name=lat", "--ioengine=nbd", f"--uri={uri}",
+                          "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based", "--runtime=3600",
+                          "--size=1G", f"--write_lat_log={log}", "--log_unix_epoch=1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1 + IDLE_S)
+        if f.poll() is not None:
+            raise RuntimeError(f"fio through {uri} ended early: {f.communicate()[1][-2000:]}")
+        t0 = time.time()  # wall clock, as fio's log and the event's timestamp
+        start()
+        ev = q.wait("BLOCK_JOB_COMPLETED")
+    finally:
+        if f.poll() is None:
+            f.send_signal(signal.SIGINT)
+        f.communicate(timeout=60)
+    if "error" in ev["data"]:
+        raise RuntimeError(f"the stream failed: {ev}")
+    t1 = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+    lat = clat_log(log)
+    idle = [ns for t, ns in lat if t0 - IDLE_S <= t < t0]
+    busy = [ns for t, ns in lat if t0 <= t <= t1]
+    if not idle or not busy:
+        raise RuntimeError(f"no reads completed {'idle' if not idle else 'during the stream'} ({t1 - t0:.2f}s)")
+    return {"idle_p99_us": p99_us(idle), "idle_iops": len(idle) / IDLE_S, "idle_reads": len(idle),
+            "stream_p99_us": p99_us(busy), "stream_iops": len(busy) / max(t1 - t0, 1e-3),
+            "stream_reads": len(busy)}, t1 - t0
+
+
+def latency(who, names, tmp):
+    """Client 4 KiB random reads at QD 1 over an NBD export of the chain's top
+    (page cache): p99 idle, then during a full stream. Raises unless the
+    streamed top then reads as the pristine chain. "During": the reads that
+    completed from block-stream until its BLOCK_JOB_COMPLETED."""
     fresh_top(names)
     drop_caches()
-    p, q = start_sluice(tmp)
-    try:
+    sock = os.path.join(tmp, "nbd.sock")
+    if who == "sluice":
+        p, q = start_sluice(tmp)
         open_sluice(q, names, False)
-        sock = os.path.join(tmp, "nbd.sock")
         q.cmd("nbd-server-start", addr={"type": "unix", "path": sock})
         q.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"})
-        uri = f"nbd+unix:///drive0?socket={sock}"
-        idle, idle_iops = fio_p99(uri, 5)
-        t0 = time.perf_counter()
-        q.cmd("block-stream", device="drive0")
-        busy, busy_iops = fio_p99(uri, 3)
-        q.wait("BLOCK_JOB_COMPLETED")
-        dt = time.perf_counter() - t0
-        q.cmd("block-export-del", id="e0")
-        q.cmd("quit")
-        q.close()
+        uri, kw = f"nbd+unix:///drive0?socket={sock}", {"device": "drive0"}
+    else:  # QEMU's default aio=threads, and io_uring (its best here)
+        p, q = start_qsd(names, False, tmp, aio="threads" if who == "qsd-default" else "io_uring", extra=[
+            "--nbd-server", f"addr.type=unix,addr.path={sock}", "--export", "type=nbd,id=e0,node-name=top,name=top"])
+        uri, kw = f"nbd+unix:///top?socket={sock}", {"job-id": "job0", "device": "top"}
+    try:
+        lat, dt = reads_across_job(uri, q, tmp, lambda: q.cmd("block-stream", **kw))
+        if who == "sluice":
+            q.cmd("block-export-del", id="e0")
+            q.cmd("bdev_qcow2_delete", name="drive0")  # flush (already done by the job) and trim
+        stop(p, q, who)  # closing the images flushes them
     finally:
+        if p.poll() is None:
+            p.kill()
         p.wait(30)
-    return idle, busy, dt, idle_iops, busy_iops
+    check_top(names, who)
+    return {**lat, "ratio": lat["stream_p99_us"] / lat["idle_p99_us"], "stream_s": dt}
 
 
 results = []
@@ -276,10 +327,30 @@ for gib in [int(x) for x in E["SIZES"].split()]:
             out.write(json.dumps(rec) + "\n")
 if E["LATENCY"] == "1":
     names = make_chain(E["DISK_DIR"], 1, pristine=("top",))
-    with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
-        idle, busy, dt, ii, bi = latency(names, tmp)
-    print(f"client 4 KiB randread p99: idle {idle:.0f} us ({ii:.0f} IOPS), during stream {busy:.0f} us "
-          f"({bi:.0f} IOPS): {busy / idle:.2f}x (goal <= 1.5x); the stream finished in {dt:.2f}s")
-    out.write(json.dumps({"latency_p99_idle_us": idle, "latency_p99_stream_us": busy, "ratio": busy / idle,
-                          "stream_s": dt}) + "\n")
+    print(f"client 4 KiB randread p99 (us) over NBD, QD 1, idle and during a full stream of the 1 GiB chain "
+          f"(page cache); load {os.getloadavg()[0]:.1f}")
+    print(f"{'round':>5} {'side':>11} {'idle p99':>9} {'during':>7} {'ratio':>6} {'idle IOPS':>9} {'during IOPS':>11} "
+          f"{'stream s':>8}  notes")
+    sides = ["qsd-default", "qsd-uring", "sluice"]
+    runs = {k: [] for k in sides}
+    for r in range(int(E["ROUNDS"])):
+        for who in rotate(sides, r):
+            with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
+                a = latency(who, names, tmp)  # the streamed top compared before it counts
+            runs[who].append(a)
+            note = f"only {a['stream_reads']} reads during the stream" if a["stream_reads"] < 1000 else ""
+            print(f"{r:>5} {who:>11} {a['idle_p99_us']:>9.0f} {a['stream_p99_us']:>7.0f} {a['ratio']:>6.2f} "
+                  f"{a['idle_iops']:>9.0f} {a['stream_iops']:>11.0f} {a['stream_s']:>8.2f}  {note}", flush=True)
+            out.write(json.dumps({"latency": who, "round": r, **a}) + "\n")
+    fresh_top(names)
+    med = {k: {m: statistics.median(a[m] for a in v) for m in ("idle_p99_us", "stream_p99_us", "ratio")}
+           for k, v in runs.items()}
+    best = min(("qsd-default", "qsd-uring"), key=lambda k: med[k]["stream_p99_us"])
+    for who in sides:
+        m = med[who]
+        print(f"{who:>11}: p99 idle {m['idle_p99_us']:.0f} us, during the stream {m['stream_p99_us']:.0f} us: "
+              f"{m['ratio']:.2f}x" + (" (goal <= 1.5x)" if who == "sluice" else ""))
+    ratio_q = med["sluice"]["stream_p99_us"] / med[best]["stream_p99_us"]
+    print(f"medians of {E['ROUNDS']} round(s); sluice / the faster QSD ({best}) during the stream: {ratio_q:.2f}")
+    out.write(json.dumps({"latency_medians": med, "qsd_best": best, "stream_p99_ratio": ratio_q}) + "\n")
 PYEOF
