@@ -201,6 +201,13 @@ pub struct BdevIo {
     /// job's bulk copy), so the disk works while the copy goes on and the final
     /// flush finds little left. Other bdevs ignore it.
     pub write_behind: bool,
+    /// A hint: this is a job's bulk copy (a stream or commit reading its
+    /// source), not a client's request; bdevs that queue requests on a shared
+    /// path (the NBD client's connections) let the others go first, so that a
+    /// client does not wait behind megabytes of job data. Sub-requests
+    /// ([`BdevIo::sub_io`]) inherit it, so it reaches a qcow2 image's backing
+    /// file; bdevs that forward a request keep it. Others ignore it.
+    pub background: bool,
     /// The outcome, set on completion.
     pub status: IoStatus,
     /// Free for the submitter (a slot index, a sequence number).
@@ -249,6 +256,7 @@ impl BdevIo {
             len,
             fua: false,
             write_behind: false,
+            background: false,
             status: IoStatus::Pending,
             tag: 0,
             submit_tick: 0,
@@ -338,6 +346,8 @@ impl BdevIo {
     /// may read or write `[start, start+len)` of it meanwhile (no other
     /// sub-request over an overlapping range, no `copy_in` / `copy_out` / `zero`
     /// there).
+    ///
+    /// The sub-request inherits the parent's [`BdevIo::background`] hint.
     pub unsafe fn sub_io(
         parent: &BdevIo,
         start: u64,
@@ -347,6 +357,7 @@ impl BdevIo {
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
         let mut io = Self::new(io_type, offset, len, None, done);
+        io.background = parent.background;
         if io_type.has_data() {
             let mut skip = start as usize;
             let mut want = len as usize;

@@ -8,6 +8,8 @@ use bdev::{submit_wait, BdevIo, DmaBuf, IoChannel};
 /// `c`'s data in a buffer taken from `pool`: read through `ch` at the chunk's
 /// offset, or zero-filled for a chunk the walk found reading as zeroes. A
 /// failed read gives its buffer back to the pool and reports a read error.
+/// The read is marked [`BdevIo::background`]: clients' requests on a shared
+/// path (a backing file on an NBD server) go ahead of it.
 pub async fn read_chunk(pool: &BufPool, ch: &IoChannel, c: &Chunk) -> Result<DmaBuf, CopyError> {
     let read_err = |errno| CopyError {
         op: IoOperation::Read,
@@ -20,7 +22,9 @@ pub async fn read_chunk(pool: &BufPool, ch: &IoChannel, c: &Chunk) -> Result<Dma
         buf.as_mut_slice().fill(0);
         return Ok(buf);
     }
-    let mut io = submit_wait(ch, BdevIo::read(c.offset, buf, None)).await;
+    let mut io = BdevIo::read(c.offset, buf, None);
+    io.background = true;
+    let mut io = submit_wait(ch, io).await;
     let st = io.status;
     let b = io.take_buf();
     if !st.is_ok() {

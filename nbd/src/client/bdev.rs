@@ -9,6 +9,14 @@
 //!   (its owner); a channel on another reactor forwards each request there
 //!   (the data copied into a message and back) and completes it on its own
 //!   reactor. A server limited to one client (qemu-nbd's default) works.
+//! - Background requests ([`BdevIo::background`]: a job's bulk copy through
+//!   a qcow2 overlay's NBD backing) must not delay clients' requests. With
+//!   multi-conn, each reactor's channel opens a second connection at the
+//!   first background request and sends background requests on it once it
+//!   is up (on the first connection until then), so a client's read never
+//!   waits behind job data in the socket. On one connection, its queue sends
+//!   foreground requests first and holds background ones back while a
+//!   foreground one is in flight (`conn.rs`).
 //! - Reads and writes larger than the server's maximum payload (at most
 //!   32 MiB), and trims or write-zeroes of 4 GiB or more, are refused with
 //!   EINVAL; the block size is the server's minimum block size, at least 512
@@ -167,6 +175,7 @@ impl NbdBdev {
         }
         let mut io = BdevIo::new(f.io_type, f.offset, f.len, buf, None);
         io.fua = f.fua;
+        io.background = f.background;
         let mut io = bdev::submit_wait(&ch, io).await;
         let st = io.status;
         let data = (f.io_type == IoType::Read && st.is_ok())
@@ -208,6 +217,7 @@ impl Bdev for NbdBdev {
         if !self.multi_conn() && here != Some(self.owner) {
             return Ok(Box::new(NbdChannel {
                 target: Target::Remote(self.owner),
+                bg: RefCell::new(None),
                 bdev: self.me.clone(),
             }));
         }
@@ -228,6 +238,7 @@ impl Bdev for NbdBdev {
         };
         Ok(Box::new(NbdChannel {
             target: Target::Local(conn),
+            bg: RefCell::new(None),
             bdev: self.me.clone(),
         }))
     }
@@ -312,6 +323,7 @@ struct Forward {
     offset: u64,
     len: u64,
     fua: bool,
+    background: bool,
     data: Option<Vec<u8>>,
 }
 
@@ -325,7 +337,35 @@ enum Target {
 /// One reactor's channel.
 struct NbdChannel {
     target: Target,
+    /// With multi-conn: this reactor's connection for background requests
+    /// (made at the first one).
+    bg: RefCell<Option<Rc<Conn>>>,
     bdev: Weak<NbdBdev>,
+}
+
+impl NbdChannel {
+    /// The connection for background request `io` on `fg`'s reactor: the
+    /// second connection when the server allows several and it is up.
+    fn background_conn(&self, b: &NbdBdev, fg: &Rc<Conn>) -> Rc<Conn> {
+        if !b.multi_conn() {
+            return fg.clone();
+        }
+        let mut bg = self.bg.borrow_mut();
+        let c = bg.get_or_insert_with(|| {
+            Conn::start(
+                format!("{} (background)", b.name),
+                b.cfg.clone(),
+                b.info,
+                b.counters.clone(),
+                None,
+            )
+        });
+        if c.is_up() {
+            c.clone()
+        } else {
+            fg.clone()
+        }
+    }
 }
 
 impl Channel for NbdChannel {
@@ -351,6 +391,7 @@ impl Channel for NbdChannel {
             _ => {}
         }
         match &self.target {
+            Target::Local(c) if io.background => self.background_conn(&b, c).submit(io),
             Target::Local(c) => c.submit(io),
             Target::Remote(owner) => {
                 forward(b, *owner, io);
@@ -360,7 +401,13 @@ impl Channel for NbdChannel {
     }
 
     fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
+        let bg = self.bg.borrow().clone();
         match &self.target {
+            Target::Local(_) if bg.as_ref().is_some_and(|c| c.is_full()) => {
+                if let Some(c) = bg {
+                    c.wait_for_space(f)
+                }
+            }
             Target::Local(c) => c.wait_for_space(f),
             Target::Remote(_) => reactor::spawn_local(async move { f() }).detach(),
         }
@@ -379,6 +426,7 @@ fn forward(b: Arc<NbdBdev>, owner: usize, mut io: Box<BdevIo>) {
         offset: io.offset,
         len: io.len,
         fua: io.fua,
+        background: io.background,
         data,
     };
     let Some(rt) = reactor::handle() else {
@@ -403,6 +451,9 @@ fn forward(b: Arc<NbdBdev>, owner: usize, mut io: Box<BdevIo>) {
 impl Drop for NbdChannel {
     fn drop(&mut self) {
         if let Target::Local(c) = &self.target {
+            c.close();
+        }
+        if let Some(c) = self.bg.borrow_mut().take() {
             c.close();
         }
     }

@@ -11,6 +11,12 @@
 //! 0) every queued request fails with EIO, and so do new ones until a
 //! reconnection succeeds (attempts go on in the background).
 //!
+//! Background requests ([`BdevIo::background`]: a job's bulk copy) queue
+//! apart: the writer sends every queued foreground request first, and while a
+//! foreground request is queued or in flight at most [`BG_WHILE_BUSY`]
+//! background requests are in flight, so a client's read waits behind little
+//! job data in the socket and at the server.
+//!
 //! Nothing here holds a `RefCell` borrow across an `await` or while a request
 //! completes (a completion may submit again).
 
@@ -33,6 +39,8 @@ use std::time::{Duration, Instant};
 
 /// Requests queued or in flight on one connection before `submit` pushes back.
 pub const MAX_REQUESTS: usize = 128;
+/// Background requests in flight while a foreground one is queued or in flight.
+pub const BG_WHILE_BUSY: usize = 1;
 /// Longest the handshake of a reconnection may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of replies read ahead.
@@ -63,6 +71,8 @@ enum Kind {
 
 struct Pending {
     kind: Kind,
+    /// A background request (counted in `Conn::bg_inflight` once sent).
+    bg: bool,
     /// The flush that makes an earlier FUA write durable on a server without FUA.
     flush_stage: bool,
 }
@@ -82,8 +92,15 @@ pub struct Conn {
     cfg: Arc<ClientConfig>,
     info: Cell<ExportInfo>,
     counters: Arc<Counters>,
+    /// Foreground requests to send.
     queue: RefCell<VecDeque<Pending>>,
+    /// Background requests to send (after the foreground ones).
+    bg_queue: RefCell<VecDeque<Pending>>,
     inflight: RefCell<HashMap<u64, Inflight>>,
+    /// Background requests among `inflight`.
+    bg_inflight: Cell<usize>,
+    /// A session is running (connected and negotiated).
+    up: Cell<bool>,
     next_cookie: Cell<u64>,
     writer_waker: RefCell<Option<Waker>>,
     space: RefCell<Vec<Box<dyn FnOnce()>>>,
@@ -141,7 +158,10 @@ impl Conn {
             info: Cell::new(info),
             counters,
             queue: RefCell::new(VecDeque::new()),
+            bg_queue: RefCell::new(VecDeque::new()),
             inflight: RefCell::new(HashMap::new()),
+            bg_inflight: Cell::new(0),
+            up: Cell::new(false),
             next_cookie: Cell::new(1),
             writer_waker: RefCell::new(None),
             space: RefCell::new(Vec::new()),
@@ -159,7 +179,47 @@ impl Conn {
     }
 
     fn load(&self) -> usize {
-        self.queue.borrow().len() + self.inflight.borrow().len()
+        self.queue.borrow().len() + self.bg_queue.borrow().len() + self.inflight.borrow().len()
+    }
+
+    /// Whether `submit` would push back.
+    pub fn is_full(&self) -> bool {
+        self.load() >= MAX_REQUESTS
+    }
+
+    /// Connected, and not failing requests.
+    pub fn is_up(&self) -> bool {
+        self.up.get() && !self.failing.get() && !self.closed.get()
+    }
+
+    /// The next request to send: a foreground one, else a background one
+    /// unless [`BG_WHILE_BUSY`] of them are in flight beside a foreground one.
+    fn next_to_send(&self) -> Option<Pending> {
+        if let Some(p) = self.queue.borrow_mut().pop_front() {
+            return Some(p);
+        }
+        let bg = self.bg_inflight.get();
+        let fg_busy = self.inflight.borrow().len() > bg;
+        if fg_busy && bg >= BG_WHILE_BUSY {
+            return None;
+        }
+        let p = self.bg_queue.borrow_mut().pop_front()?;
+        self.bg_inflight.set(bg + 1);
+        Some(p)
+    }
+
+    /// Queues `p` at the back (`front`: the front) of its class's queue.
+    fn enqueue(&self, p: Pending, front: bool) {
+        let mut q = if p.bg {
+            self.bg_queue.borrow_mut()
+        } else {
+            self.queue.borrow_mut()
+        };
+        if front {
+            q.push_front(p);
+        } else {
+            q.push_back(p);
+        }
     }
 
     fn wake_writer(&self) {
@@ -178,10 +238,15 @@ impl Conn {
         if self.load() >= MAX_REQUESTS {
             return Err(io);
         }
-        self.queue.borrow_mut().push_back(Pending {
-            kind: Kind::Io(io),
-            flush_stage: false,
-        });
+        let bg = io.background;
+        self.enqueue(
+            Pending {
+                kind: Kind::Io(io),
+                bg,
+                flush_stage: false,
+            },
+            false,
+        );
         self.wake_writer();
         Ok(())
     }
@@ -209,6 +274,7 @@ impl Conn {
                 len: len.min(max) as u32,
                 tx,
             },
+            bg: false,
             flush_stage: false,
         });
         self.wake_writer();
@@ -228,7 +294,9 @@ impl Conn {
     /// Completes (or fails) every queued and in-flight request with `st`.
     fn fail_all(&self, st: IoStatus) {
         let mut all: Vec<Pending> = self.queue.borrow_mut().drain(..).collect();
+        all.extend(self.bg_queue.borrow_mut().drain(..));
         all.extend(self.inflight.borrow_mut().drain().map(|(_, e)| e.p));
+        self.bg_inflight.set(0);
         for p in all {
             match p.kind {
                 Kind::Io(io) => io.complete(st),
@@ -246,10 +314,10 @@ impl Conn {
     /// Puts the requests in flight back at the front of the queue, in order.
     fn requeue_inflight(&self) {
         let mut v: Vec<(u64, Inflight)> = self.inflight.borrow_mut().drain().collect();
+        self.bg_inflight.set(0);
         v.sort_by_key(|(k, _)| *k);
-        let mut q = self.queue.borrow_mut();
         for (_, e) in v.into_iter().rev() {
-            q.push_front(e.p);
+            self.enqueue(e.p, true);
         }
     }
 
@@ -304,6 +372,14 @@ impl Conn {
 
     /// A request's final reply: complete it, or go on to its flush stage.
     fn finish(&self, e: Inflight) {
+        if e.p.bg {
+            self.bg_inflight
+                .set(self.bg_inflight.get().saturating_sub(1));
+        }
+        if !self.bg_queue.borrow().is_empty() {
+            // A background request may have been held back by this one.
+            self.wake_writer();
+        }
         let st = e.error.unwrap_or(IoStatus::Success);
         match e.p.kind {
             Kind::Io(io) => {
@@ -318,10 +394,14 @@ impl Conn {
                         IoType::Write | IoType::Unmap | IoType::WriteZeroes
                     )
                 {
-                    self.queue.borrow_mut().push_front(Pending {
-                        kind: Kind::Io(io),
-                        flush_stage: true,
-                    });
+                    self.enqueue(
+                        Pending {
+                            kind: Kind::Io(io),
+                            bg: e.p.bg,
+                            flush_stage: true,
+                        },
+                        true,
+                    );
                     self.wake_writer();
                     return;
                 }
@@ -346,7 +426,7 @@ impl Conn {
                 if self.closed.get() {
                     return Poll::Ready(None);
                 }
-                if let Some(p) = self.queue.borrow_mut().pop_front() {
+                if let Some(p) = self.next_to_send() {
                     return Poll::Ready(Some(p));
                 }
                 *self.writer_waker.borrow_mut() = Some(cx.waker().clone());
@@ -384,7 +464,7 @@ impl Conn {
                 if buf.len() >= 1 << 20 {
                     break;
                 }
-                match self.queue.borrow_mut().pop_front() {
+                match self.next_to_send() {
                     Some(n) => p = n,
                     None => break,
                 }
@@ -648,7 +728,10 @@ async fn supervise(c: Rc<Conn>, first: Option<Sock>) {
         c.failing.set(false);
         backoff = Duration::from_millis(50);
         logged = false;
-        match c.session(s).await {
+        c.up.set(true);
+        let r = c.session(s).await;
+        c.up.set(false);
+        match r {
             Ok(()) => break,
             Err(e) => {
                 c.counters.drops.fetch_add(1, Ordering::Relaxed);

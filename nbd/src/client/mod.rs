@@ -20,6 +20,8 @@ mod conn;
 mod connect;
 pub mod handshake;
 #[cfg(test)]
+mod priority_tests;
+#[cfg(test)]
 mod tests;
 
 pub use self::bdev::NbdBdev;

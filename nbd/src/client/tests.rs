@@ -18,7 +18,7 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 static N: AtomicU32 = AtomicU32::new(0);
 
-fn tmpdir(tag: &str) -> PathBuf {
+pub(super) fn tmpdir(tag: &str) -> PathBuf {
     let p = PathBuf::from(format!(
         "/tmp/sl-nbdcl-{}-{}-{tag}",
         std::process::id(),
@@ -29,13 +29,13 @@ fn tmpdir(tag: &str) -> PathBuf {
     p
 }
 
-fn runtime(cores: &str) -> Runtime {
+pub(super) fn runtime(cores: &str) -> Runtime {
     let mut cfg = RuntimeConfig::new(CoreSet::from_list(cores).expect("cores"));
     cfg.pin = false;
     Runtime::start(cfg).expect("runtime")
 }
 
-fn cfg(sock: &Path, export: &str) -> ClientConfig {
+pub(super) fn cfg(sock: &Path, export: &str) -> ClientConfig {
     ClientConfig {
         server: ServerAddr::Unix(sock.to_path_buf()),
         export: Some(export.into()),
@@ -47,7 +47,7 @@ fn cfg(sock: &Path, export: &str) -> ClientConfig {
     }
 }
 
-fn open(rt: &RuntimeHandle, c: ClientConfig) -> Result<Arc<NbdBdev>, BdevError> {
+pub(super) fn open(rt: &RuntimeHandle, c: ClientConfig) -> Result<Arc<NbdBdev>, BdevError> {
     rt.spawn_on(
         0,
         move || async move { NbdBdev::open("nbdc", c, false).await },

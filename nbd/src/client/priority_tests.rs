@@ -1,0 +1,234 @@
+//! Clients' requests go ahead of a job's background requests
+//! ([`bdev::BdevIo::background`]): on one connection the foreground read is
+//! sent first and background ones are held back while it is in flight; with
+//! multi-conn, background reads travel on a connection of their own.
+//!
+//! A fake server (simple replies, no structured replies) logs every request
+//! it receives, with the connection it came on, and answers the foreground
+//! read (at [`FG_OFF`]) only after [`FG_DELAY`], noting how many requests
+//! had arrived by then.
+
+use super::tests::{cfg, open, runtime, tmpdir};
+use super::NbdBdev;
+use crate::proto;
+use bdev::{Bdev, BdevIo, DmaBuf, IoStatus};
+use futures::future::{FutureExt, LocalBoxFuture};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+/// The foreground read's offset (background reads are below it).
+const FG_OFF: u64 = 512 << 10;
+/// How long the server holds the foreground read's reply.
+const FG_DELAY: Duration = Duration::from_millis(150);
+/// Background reads queued before the foreground one.
+const BG_READS: u64 = 8;
+
+/// What the server saw.
+#[derive(Default)]
+struct Log {
+    /// (connection, offset) of each request, in arrival order.
+    reqs: Vec<(usize, u64)>,
+    /// Requests that had arrived when the foreground reply went out.
+    before_fg_reply: Option<usize>,
+}
+
+/// The handshake up to `NBD_OPT_GO`, for an export of 1 MiB with `tflags`.
+fn handshake(s: &mut UnixStream, tflags: u16) -> Option<()> {
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello).ok()?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf).ok()?;
+    loop {
+        let mut oh = [0u8; 16];
+        s.read_exact(&mut oh).ok()?;
+        let o = proto::be32(&oh[8..12]);
+        let mut data = vec![0u8; proto::be32(&oh[12..16]) as usize];
+        s.read_exact(&mut data).ok()?;
+        if o == proto::opt::GO {
+            let mut d = proto::info::EXPORT.to_be_bytes().to_vec();
+            d.extend_from_slice(&MIB.to_be_bytes());
+            d.extend_from_slice(&(proto::tflags::HAS_FLAGS | tflags).to_be_bytes());
+            let mut out = proto::option_reply(o, proto::rep::INFO, &d);
+            out.extend(proto::option_reply(o, proto::rep::ACK, &[]));
+            s.write_all(&out).ok()?;
+            return Some(());
+        }
+        s.write_all(&proto::option_reply(o, proto::rep::ERR_UNSUP, &[]))
+            .ok()?;
+    }
+}
+
+/// Serves one connection: a reader logs requests and hands them to a
+/// replier, which answers in order (the foreground read after [`FG_DELAY`]).
+fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if handshake(&mut s, tflags).is_none() {
+        return;
+    }
+    let Ok(mut w) = s.try_clone() else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel::<proto::Request>();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for r in rx {
+            if r.offset == FG_OFF {
+                std::thread::sleep(FG_DELAY);
+                let mut l = log2.lock().unwrap_or_else(|e| e.into_inner());
+                l.before_fg_reply = Some(l.reqs.len());
+            }
+            let mut v = proto::Head::simple(0, r.cookie).bytes().to_vec();
+            v.extend(std::iter::repeat_n(0x42u8, r.len as usize));
+            if w.write_all(&v).is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        let mut rq = [0u8; proto::REQUEST_LEN];
+        if s.read_exact(&mut rq).is_err() {
+            return;
+        }
+        let Some(r) = proto::decode_request(&rq) else {
+            return;
+        };
+        if r.cmd == proto::cmd::DISC {
+            return;
+        }
+        if r.cmd != proto::cmd::READ {
+            return;
+        }
+        log.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reqs
+            .push((k, r.offset));
+        if tx.send(r).is_err() {
+            return;
+        }
+    }
+}
+
+/// A fake server accepting any number of connections (numbered from 0).
+fn fake_server(listener: UnixListener, tflags: u16) -> Arc<Mutex<Log>> {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for (k, s) in listener.incoming().enumerate() {
+            let Ok(s) = s else {
+                return;
+            };
+            let l = l.clone();
+            std::thread::spawn(move || serve_conn(s, k, tflags, l));
+        }
+    });
+    log
+}
+
+/// A 4 KiB read at `off`, background or not; its status.
+async fn read(ch: &bdev::IoChannel, off: u64, background: bool) -> IoStatus {
+    let Ok(buf) = DmaBuf::new(4096) else {
+        return IoStatus::Nomem;
+    };
+    let mut io = BdevIo::read(off, buf, None);
+    io.background = background;
+    bdev::submit_wait(ch, io).await.status
+}
+
+/// Queues [`BG_READS`] background reads and then one foreground read, all
+/// before the connection's writer runs; every status.
+async fn burst(ch: &bdev::IoChannel) -> Vec<IoStatus> {
+    let mut all: Vec<LocalBoxFuture<'_, IoStatus>> = (0..BG_READS)
+        .map(|i| read(ch, i * 4096, true).boxed_local())
+        .collect();
+    all.push(read(ch, FG_OFF, false).boxed_local());
+    futures::future::join_all(all).await
+}
+
+fn run_on(rt: &reactor::RuntimeHandle, b: &Arc<NbdBdev>, prelude: bool) -> Vec<IoStatus> {
+    let b: Arc<dyn Bdev> = b.clone();
+    rt.spawn_on(0, move || async move {
+        let ch = match bdev::channel(&b) {
+            Ok(c) => c,
+            Err(_) => return vec![IoStatus::Eio],
+        };
+        let mut st = Vec::new();
+        if prelude {
+            // The first background read makes the second connection; the
+            // reads after it use it once it is up.
+            st.push(read(&ch, 0, true).await);
+            for _ in 0..100 {
+                reactor::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        st.extend(burst(&ch).await);
+        st
+    })
+    .block()
+    .expect("join")
+}
+
+#[test]
+fn one_connection_sends_the_foreground_read_first_and_holds_background_ones() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("prio1");
+    let sock = dir.join("p.sock");
+    let log = fake_server(UnixListener::bind(&sock).expect("bind"), 0);
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let st = run_on(&h, &b, false);
+    assert!(st.iter().all(|s| s.is_ok()), "statuses {st:?}");
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(l.reqs.len() as u64, BG_READS + 1, "{:?}", l.reqs);
+    assert_eq!(
+        l.reqs[0],
+        (0, FG_OFF),
+        "the foreground read goes first: {:?}",
+        l.reqs
+    );
+    let before = l.before_fg_reply.expect("foreground reply");
+    assert!(
+        before <= 1 + super::conn::BG_WHILE_BUSY,
+        "{before} requests sent while the foreground read was in flight: {:?}",
+        l.reqs
+    );
+    drop(l);
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn multi_conn_sends_background_reads_on_a_connection_of_their_own() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("prio2");
+    let sock = dir.join("p.sock");
+    let log = fake_server(
+        UnixListener::bind(&sock).expect("bind"),
+        proto::tflags::CAN_MULTI_CONN,
+    );
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let st = run_on(&h, &b, true);
+    assert!(st.iter().all(|s| s.is_ok()), "statuses {st:?}");
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    // The prelude's read went on connection 0 (the second one was not up).
+    assert_eq!(l.reqs.len() as u64, BG_READS + 2, "{:?}", l.reqs);
+    let fg: Vec<_> = l.reqs.iter().filter(|r| r.1 == FG_OFF).collect();
+    assert_eq!(fg, [&(0, FG_OFF)], "foreground on the first connection");
+    let bg_on_1 = l.reqs.iter().filter(|r| r.0 == 1).count() as u64;
+    assert_eq!(
+        bg_on_1, BG_READS,
+        "the burst's background reads on the second connection: {:?}",
+        l.reqs
+    );
+    drop(l);
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
