@@ -61,7 +61,7 @@ fn crash_cycles(tag: &str, cluster_size: &str, cycles: u64) {
             .expect("spawn writer");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(g) = line
                     .strip_prefix("flushed ")
@@ -89,6 +89,10 @@ fn crash_cycles(tag: &str, cluster_size: &str, cycles: u64) {
         // SIGKILL.
         child.kill().expect("kill");
         child.wait().expect("wait");
+        // Every line the writer printed before it died must be counted: the
+        // reader may still be behind in the pipe (a loaded machine), so wait
+        // for it to reach the end of the pipe before draining.
+        reader.join().expect("stdout reader");
         while let Ok(g) = rx.try_recv() {
             flushed = Some(flushed.map_or(g, |f: u64| f.max(g)));
         }
