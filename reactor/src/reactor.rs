@@ -1,6 +1,16 @@
 //! The reactor loop.
+//!
+//! Busy and idle time: an iteration in which a message, poller, timer or task
+//! did work is busy, and adds the CPU time the thread ran during it (read from
+//! the thread's CPU clock at the end of every iteration); the rest of the wall
+//! time (idle iterations, parked time, and time the thread sat preempted
+//! inside a busy iteration) is idle. Counting the wall time of busy iterations
+//! instead would charge the reactor with whatever ran on its core while it was
+//! preempted (on a loaded machine, or when the thread a completion wakes
+//! takes the core at once). Without a thread CPU clock, busy iterations count
+//! their wall time.
 
-use crate::clock::{duration_to_ticks, ticks, ticks_hz};
+use crate::clock::{duration_to_ticks, ns_to_ticks, thread_cpu_ns, ticks, ticks_hz};
 use crate::error::ReactorError;
 use crate::executor::Executor;
 use crate::local::{self, LocalReactor};
@@ -100,6 +110,7 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
     let c = &r.counters;
     let sub_ms = duration_to_ticks(Duration::from_millis(1));
     let mut last = ticks();
+    let mut cpu_last = thread_cpu_ns();
     let mut idle_since: Option<u64> = None;
     let mut stop_deadline: Option<u64> = None;
     loop {
@@ -124,15 +135,24 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         busy |= r.timers.fire(last);
         busy |= r.executor.run_ready(task_batch);
         r.pollers.sweep();
-        // One clock read per iteration: it ends this iteration's accounting and is
-        // "now" for the next iteration's timers.
+        // One tick read per iteration: it ends this iteration's accounting and is
+        // "now" for the next iteration's timers. The CPU clock read ends this
+        // iteration's CPU time and starts the next one's.
         let end = ticks();
+        let cpu = thread_cpu_ns();
+        let span = end - last;
         if busy {
-            add(&c.busy, end - last);
+            let ran = match (cpu_last, cpu) {
+                (Some(a), Some(b)) => ns_to_ticks(b.saturating_sub(a)).min(span),
+                _ => span,
+            };
+            add(&c.busy, ran);
+            add(&c.idle, span - ran);
         } else {
-            add(&c.idle, end - last);
+            add(&c.idle, span);
         }
         last = end;
+        cpu_last = cpu;
         add(&c.iterations, 1);
 
         if rt.shared.stopping.load(Ordering::Relaxed) {
@@ -176,6 +196,7 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         let after = ticks();
         add(&c.idle, after - last);
         last = after;
+        cpu_last = thread_cpu_ns();
         idle_since = None;
     }
 }
