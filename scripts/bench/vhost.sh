@@ -5,9 +5,11 @@
 # block checked to hold its own number) on a data disk served over
 # vhost-user-blk by each service in turn, from the same raw file (page cache
 # dropped before each run). Around the measured window the host samples:
-#   sluice: reactor busy time (framework_get_reactors) and the process's CPU
-#           time outside the reactor threads (io-wq workers doing buffered file
-#           reads), per request;
+#   sluice: reactor busy time (framework_get_reactors: the reactors' CPU time
+#           in iterations that did work) and the process's CPU time outside the
+#           reactor threads (io-wq workers doing buffered file reads), per
+#           request; also the time the reactors sat runnable but preempted
+#           (reactor_wait: how loaded the machine was for them);
 #   QSD:    its process CPU time per request (defaults; and "best":
 #           aio=io_uring, the export in an iothread).
 # Requests are the guest's completed reads. Order alternates between rounds.
@@ -139,11 +141,25 @@ def start(kind, d):
     return p, q, sock
 
 
+def reactor_wait(pid):
+    """Seconds the reactor threads sat runnable but off the CPU (schedstat's
+    run delay): how loaded the machine was for them."""
+    t = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if open(f"/proc/{pid}/task/{tid}/comm").read().startswith("reactor_"):
+                t += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return t / 1e9
+
+
 def sample(kind, p, d):
     if kind.startswith("sluice"):
         r = rpc(os.path.join(d, "sluice.sock"), "framework_get_reactors")
         busy = sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
-        return {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid)}
+        return {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid),
+                "reactor_wait": reactor_wait(p.pid)}
     return {"cpu": threads_cpu(p.pid)}
 
 
@@ -217,10 +233,11 @@ for rnd in range(ROUNDS):
         results.append(run_clean(k, rnd))
 print(f"\nload average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores; noisy above ~2)")
 print(f"{'server':10} {'round':>5} {'guest IOPS (TCG)':>17} {'reactor busy us/req':>20} "
-      f"{'other CPU us/req':>17} {'process CPU us/req':>19}")
+      f"{'other CPU us/req':>17} {'process CPU us/req':>19} {'reactor wait us/req':>20}")
 for r in results:
     print(f"{r['server']:10} {r['round']:>5} {r['guest_iops_tcg']:>17} {r.get('busy_us_per_req', ''):>20} "
-          f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19}")
+          f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19} "
+          f"{r.get('reactor_wait_us_per_req', ''):>20}")
 def med(k, f):
     v = sorted(r[f] for r in results if r["server"] == k)
     return v[len(v) // 2]
