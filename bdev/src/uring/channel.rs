@@ -87,6 +87,8 @@ struct Ring {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
     unsubmitted: Cell<u32>,
+    /// [`Ring::poll`] is running (a kick from inside a completion waits).
+    in_poll: Cell<bool>,
     waiters: RefCell<Vec<Box<dyn FnOnce()>>>,
     reaped: RefCell<Vec<(u64, i32)>>,
     efd: EventFd,
@@ -206,6 +208,7 @@ impl UringChannel {
             slots: RefCell::new(slots),
             free: RefCell::new((0..RING_ENTRIES).rev().collect()),
             unsubmitted: Cell::new(0),
+            in_poll: Cell::new(false),
             waiters: RefCell::new(Vec::new()),
             reaped: RefCell::new(Vec::with_capacity(RING_ENTRIES as usize * 2)),
             efd,
@@ -262,6 +265,17 @@ impl Channel for UringChannel {
 
     fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
         self.ring.waiters.borrow_mut().push(f);
+    }
+
+    /// Enters the ring now for the SQEs queued (buffered reads served from
+    /// the page cache complete inside the submission) and completes what it
+    /// finds; skipped while the ring's own poll is running (a completion
+    /// that kicks), which submits at its next round anyway.
+    fn kick(&self) {
+        let r = &self.ring;
+        if r.unsubmitted.get() > 0 && !r.in_poll.get() {
+            r.poll();
+        }
     }
 }
 
@@ -508,6 +522,13 @@ impl Ring {
 
     /// Submits queued SQEs, then completes what the kernel has finished.
     fn poll(&self) -> PollStatus {
+        self.in_poll.set(true);
+        let st = self.poll_inner();
+        self.in_poll.set(false);
+        st
+    }
+
+    fn poll_inner(&self) -> PollStatus {
         let mut busy = false;
         {
             let mut ring = self.ring.borrow_mut();
