@@ -150,6 +150,15 @@ pub trait Channel {
         reactor::spawn_local(async move { f() });
     }
 
+    /// Starts what is queued now rather than at the channel's next poll, and
+    /// completes what has finished already: for a caller that has just
+    /// submitted a batch and would otherwise wait a reactor iteration for the
+    /// channel's poller (and another for its own, to see the completions).
+    /// Unlike [`Channel::submit`], requests may complete inside this call, so
+    /// call it with nothing borrowed that their completions need. The default
+    /// does nothing: the channel's poller does it all.
+    fn kick(&self) {}
+
     /// The bdev's file was reopened behind the same descriptor
     /// ([`Bdev::reopen`]): a channel holding its own reference to the old
     /// open file (an io_uring's registered file) takes the new one. Called by

@@ -122,6 +122,12 @@ impl IoChannel {
     pub fn wait_for_space(&self, f: Box<dyn FnOnce()>) {
         self.inner.wait_for_space(f)
     }
+
+    /// See [`Channel::kick`].
+    #[inline]
+    pub fn kick(&self) {
+        self.inner.kick()
+    }
 }
 
 thread_local! {

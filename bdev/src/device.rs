@@ -891,6 +891,12 @@ impl Channel for DeviceChannel {
             }
         }
     }
+
+    fn kick(&self) {
+        if let Ok(c) = self.local.root_channel() {
+            c.kick();
+        }
+    }
 }
 
 mod active;

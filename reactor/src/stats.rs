@@ -8,9 +8,10 @@ pub struct ReactorStats {
     pub index: usize,
     /// The CPU core this reactor is pinned to.
     pub core: usize,
-    /// Ticks spent in iterations that did work.
+    /// The CPU time (in ticks) the reactor ran in iterations that did work.
     pub busy_ticks: u64,
-    /// Ticks spent in iterations that did nothing (including parked time).
+    /// The rest of the wall time, in ticks: iterations that did nothing,
+    /// parked time, and time preempted inside busy iterations.
     pub idle_ticks: u64,
     /// Loop iterations.
     pub iterations: u64,

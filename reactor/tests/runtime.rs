@@ -249,6 +249,76 @@ fn stats_add_up() {
     assert!(total_s > 0.04 && total_s < 30.0, "{total_s}");
 }
 
+/// The calling thread's CPU time (from the kernel's schedstat, independently
+/// of the reactor's own clock).
+fn thread_cpu() -> Duration {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    let ns: u64 = s
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat's first field");
+    Duration::from_nanos(ns)
+}
+
+/// Busy time is the CPU time of busy iterations: a poll that sleeps 80 ms off
+/// the CPU adds (almost) nothing, one that computes for 40 ms of CPU time adds
+/// at least that, however long it was preempted meanwhile.
+#[test]
+fn busy_time_is_cpu_time() {
+    let rt = runtime(1);
+    let h = rt.handle();
+    let busy = |h: &reactor::RuntimeHandle| {
+        let s = futures_block(h.stats()).remove(0);
+        Duration::from_nanos((s.busy_ticks as u128 * 1_000_000_000 / s.tick_rate as u128) as u64)
+    };
+    let off_cpu = |h: &reactor::RuntimeHandle, work: fn()| {
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        h.call_on(0, move || {
+            let mut ran = false;
+            let p: Rc<RefCell<Option<PollerHandle>>> = Rc::new(RefCell::new(None));
+            let p2 = p.clone();
+            *p.borrow_mut() = Some(register_poller("work", move || {
+                if ran {
+                    return PollStatus::Idle;
+                }
+                ran = true;
+                work();
+                if let Some(p) = p2.borrow_mut().take() {
+                    p.unregister();
+                }
+                d.store(1, Ordering::Release);
+                PollStatus::Busy
+            }));
+        })
+        .block()
+        .unwrap();
+        while done.load(Ordering::Acquire) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let b0 = busy(&h);
+    off_cpu(&h, || std::thread::sleep(Duration::from_millis(80)));
+    let slept = busy(&h) - b0;
+    assert!(
+        slept < Duration::from_millis(30),
+        "sleeping counted busy: {slept:?}"
+    );
+    let b1 = busy(&h);
+    off_cpu(&h, || {
+        let t0 = thread_cpu();
+        while thread_cpu() - t0 < Duration::from_millis(40) {
+            std::hint::spin_loop();
+        }
+    });
+    let computed = busy(&h) - b1;
+    assert!(
+        computed >= Duration::from_millis(39),
+        "computing not counted busy: {computed:?}"
+    );
+}
+
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     futures::executor::block_on(f)
 }

@@ -5,9 +5,11 @@
 # block checked to hold its own number) on a data disk served over
 # vhost-user-blk by each service in turn, from the same raw file (page cache
 # dropped before each run). Around the measured window the host samples:
-#   sluice: reactor busy time (framework_get_reactors) and the process's CPU
-#           time outside the reactor threads (io-wq workers doing buffered file
-#           reads), per request;
+#   sluice: reactor busy time (framework_get_reactors: the reactors' CPU time
+#           in iterations that did work) and the process's CPU time outside the
+#           reactor threads (io-wq workers doing buffered file reads), per
+#           request; also the time the reactors sat runnable but preempted
+#           (reactor_wait: how loaded the machine was for them);
 #   QSD:    its process CPU time per request (defaults; and "best":
 #           aio=io_uring, the export in an iothread).
 # Requests are the guest's completed reads. Order alternates between rounds.
@@ -16,8 +18,11 @@
 # half of QSD's CPU time per request.
 #
 #   scripts/bench/vhost.sh            # ROUNDS=2 SECS=15 WARMUP=3 SIZE_MB=256
-# SLUICE: the binary (default: cargo build --release). Results: a table on
-# stdout, JSON lines in $OUT (default bench-vhost.jsonl).
+# SLUICE: the binary (default: cargo build --release). SLUICE_B: a second
+# sluice binary (say, the one before a change), run as "sluice-b" in every
+# round next to the others, with its ratios to SLUICE printed. KINDS: which
+# servers to run (default "sluice qsd qsd-best", plus sluice-b when given).
+# Results: a table on stdout, JSON lines in $OUT (default bench-vhost.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BENCH_ROOT=$PWD
@@ -39,7 +44,7 @@ flock -u 9
 gcc -O2 -static -Wall -o "$RUN/randread" "$BENCH_ROOT/scripts/bench/vhost_randread.c"
 guest_initramfs "${kpkg#linux-image-}"
 R="$WORK/root"
-export SLUICE RUN KERNEL=$kernel QEMU_ROOT=$R MEM SMP
+export SLUICE SLUICE_B=${SLUICE_B:-} KINDS=${KINDS:-} RUN KERNEL=$kernel QEMU_ROOT=$R MEM SMP
 export ROUNDS=${ROUNDS:-2} SECS=${SECS:-15} WARMUP=${WARMUP:-3} SIZE_MB=${SIZE_MB:-256}
 export OUT=${OUT:-$BENCH_ROOT/bench-vhost.jsonl} DATA_DIR=${DATA_DIR:-/var/tmp/sluice-bench-vhost}
 PY=$BENCH_ROOT/.venv/bin/python
@@ -107,8 +112,9 @@ def start(kind, d):
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     sock = os.path.join(d, "vhost.sock")
-    if kind == "sluice":
-        p = subprocess.Popen([E["SLUICE"], "serve", "--runtime-dir", d, "--no-pin", "-m", "0x1"],
+    if kind.startswith("sluice"):
+        binary = E["SLUICE_B"] if kind == "sluice-b" else E["SLUICE"]
+        p = subprocess.Popen([binary, "serve", "--runtime-dir", d, "--no-pin", "-m", "0x1"],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
         q = qmp(os.path.join(d, "sluice-qmp.sock"))
         cmd(q, "blockdev-add", {"driver": "file", "filename": data, "node-name": "f", "read-only": True})
@@ -135,11 +141,25 @@ def start(kind, d):
     return p, q, sock
 
 
+def reactor_wait(pid):
+    """Seconds the reactor threads sat runnable but off the CPU (schedstat's
+    run delay): how loaded the machine was for them."""
+    t = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if open(f"/proc/{pid}/task/{tid}/comm").read().startswith("reactor_"):
+                t += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return t / 1e9
+
+
 def sample(kind, p, d):
-    if kind == "sluice":
+    if kind.startswith("sluice"):
         r = rpc(os.path.join(d, "sluice.sock"), "framework_get_reactors")
         busy = sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
-        return {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid)}
+        return {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid),
+                "reactor_wait": reactor_wait(p.pid)}
     return {"cpu": threads_cpu(p.pid)}
 
 
@@ -202,7 +222,9 @@ def run_clean(kind, rnd):
         raise
 
 
-kinds = ["sluice", "qsd", "qsd-best"]
+kinds = E["KINDS"].split() or ["sluice", "qsd", "qsd-best"]
+if E["SLUICE_B"] and "sluice-b" not in kinds:
+    kinds.insert(1, "sluice-b")
 load = os.getloadavg()
 results = []
 for rnd in range(ROUNDS):
@@ -211,17 +233,27 @@ for rnd in range(ROUNDS):
         results.append(run_clean(k, rnd))
 print(f"\nload average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores; noisy above ~2)")
 print(f"{'server':10} {'round':>5} {'guest IOPS (TCG)':>17} {'reactor busy us/req':>20} "
-      f"{'other CPU us/req':>17} {'process CPU us/req':>19}")
+      f"{'other CPU us/req':>17} {'process CPU us/req':>19} {'reactor wait us/req':>20}")
 for r in results:
     print(f"{r['server']:10} {r['round']:>5} {r['guest_iops_tcg']:>17} {r.get('busy_us_per_req', ''):>20} "
-          f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19}")
+          f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19} "
+          f"{r.get('reactor_wait_us_per_req', ''):>20}")
 def med(k, f):
     v = sorted(r[f] for r in results if r["server"] == k)
     return v[len(v) // 2]
-busy = med("sluice", "busy_us_per_req")
-work = busy + med("sluice", "other_cpu_us_per_req")
-for k in ("qsd", "qsd-best"):
-    c = med(k, "cpu_us_per_req")
-    print(f"sluice reactor busy / {k} CPU per request: {busy / c:.2f} (goal <= 0.5); "
-          f"sluice busy + non-reactor CPU / {k} CPU: {work / c:.2f}")
+def busy_work(k):
+    b = med(k, "busy_us_per_req")
+    return b, b + med(k, "other_cpu_us_per_req")
+if "sluice" in kinds:
+    busy, work = busy_work("sluice")
+    for k in ("qsd", "qsd-best"):
+        if k not in kinds:
+            continue
+        c = med(k, "cpu_us_per_req")
+        print(f"sluice reactor busy / {k} CPU per request: {busy / c:.2f} (goal <= 0.5); "
+              f"sluice busy + non-reactor CPU / {k} CPU: {work / c:.2f}")
+    if "sluice-b" in kinds:
+        b_busy, b_work = busy_work("sluice-b")
+        print(f"sluice / sluice-b (SLUICE_B={E['SLUICE_B']}): reactor busy {busy / b_busy:.2f}, "
+              f"busy + non-reactor CPU {work / b_work:.2f}")
 PYEOF

@@ -58,6 +58,8 @@ pub(crate) struct Group {
     poller: RefCell<Option<PollerHandle>>,
     /// SQEs pushed but not yet handed to the kernel.
     unsubmitted: Cell<u32>,
+    /// [`Group::poll`] is running (a kick from inside a completion waits).
+    in_poll: Cell<bool>,
     /// SQEs pushed whose CQE is not taken from [`Group::reaped`] yet.
     in_flight: Cell<u32>,
     /// Most SQEs in flight: the CQ's size.
@@ -199,6 +201,7 @@ impl Group {
             efd,
             poller: RefCell::new(None),
             unsubmitted: Cell::new(0),
+            in_poll: Cell::new(false),
             in_flight: Cell::new(0),
             cap,
             members: RefCell::new(Vec::new()),
@@ -438,8 +441,26 @@ impl Group {
         }
     }
 
+    /// Enters the ring now for the SQEs queued (buffered reads served from
+    /// the page cache complete inside the submission) and completes what it
+    /// finds ([`crate::bdev::Channel::kick`]); skipped while the group's own
+    /// poll is running (a completion that kicks), which submits at its next
+    /// round anyway.
+    pub(crate) fn kick(&self) {
+        if self.unsubmitted.get() > 0 && !self.in_poll.get() {
+            self.poll();
+        }
+    }
+
     /// Submits queued SQEs, then completes what the kernel has finished.
     fn poll(&self) -> PollStatus {
+        self.in_poll.set(true);
+        let st = self.poll_inner();
+        self.in_poll.set(false);
+        st
+    }
+
+    fn poll_inner(&self) -> PollStatus {
         let mut busy = self.enter(false);
         while self.dispatch_one() {}
         if !self.starved.borrow().is_empty() && self.has_room() {
