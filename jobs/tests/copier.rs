@@ -225,6 +225,9 @@ impl Default for Setup {
             tuning: Tuning {
                 chunk: 4 * G,
                 max_inflight: 4,
+                // The tests run at once on one reactor: each keeps its own
+                // window (the fair share is tested on a reactor of its own).
+                reactor_inflight: 1024,
                 yield_to_clients: false,
                 sample: Duration::from_millis(1),
             },
@@ -427,6 +430,7 @@ fn window_shrinks_while_clients_are_busy_and_grows_back() {
             tuning: Tuning {
                 chunk: 4 * G,
                 max_inflight: 4,
+                reactor_inflight: 1024,
                 yield_to_clients: true,
                 sample: Duration::from_millis(1),
             },

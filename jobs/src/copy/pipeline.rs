@@ -1,6 +1,6 @@
 //! The copy loop (see the module doc of `copy`).
 
-use super::{strerror, Chunk, CopyError, CopyOps, Prefix, Tuning, Window};
+use super::{strerror, Chunk, CopyError, CopyOps, Prefix, Share, Tuning, Window};
 use crate::job::{IoOperation, Job, Verdict};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -97,12 +97,16 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
     let mut cursor = 0u64;
     // The extent being copied: [cursor, end), and whether it reads as zeroes.
     let mut extent: Option<(u64, bool)> = None;
+    // This copy's part of the reactor's budget (left when the loop ends).
+    let share = Share::join(t.reactor_inflight);
     loop {
-        let (inflight, report) = {
+        let (inflight, report, queued) = {
             let s = st.borrow();
-            (s.inflight, s.report)
+            (s.inflight, s.report, !s.queue.is_empty())
         };
-        if job.is_cancelled() || report || job.pause_requested() {
+        let stopping = job.is_cancelled() || report || job.pause_requested();
+        share.set_hungry(!stopping && (queued || cursor < size));
+        if stopping {
             if inflight > 0 {
                 job.wait_kick().await;
                 continue;
@@ -188,7 +192,8 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
             job.wait_kick().await;
             continue;
         };
-        if inflight >= win.sample(clients(&ops), reactor::ticks()) {
+        let w = win.sample(clients(&ops), reactor::ticks());
+        if inflight >= share.limit(w) {
             st.borrow_mut().queue.push_front(c);
             wait_kick_or(job, t.sample).await;
             continue;
