@@ -128,6 +128,7 @@ fn copies_on_one_reactor_progress_at_the_same_pace() {
         chunk: G,
         max_inflight: 4,
         reactor_inflight: SLOTS,
+        slow_start: true,
         yield_to_clients: false,
         sample: Duration::from_millis(1),
     };

@@ -237,6 +237,7 @@ fn start(s: Setup) -> Run {
         chunk: 4 * CS,
         max_inflight: 4,
         reactor_inflight: 1024,
+        slow_start: false,
         yield_to_clients: false,
         sample: Duration::from_millis(1),
     };

@@ -60,6 +60,9 @@ pub struct Tuning {
     /// Chunks in flight for all the copies on one reactor together, shared
     /// fairly among them (one copy alone still has `max_inflight`).
     pub reactor_inflight: usize,
+    /// Start with one chunk in flight and add one per chunk ended, up to the
+    /// share (`share.rs`).
+    pub slow_start: bool,
     /// Lower the in-flight count while clients use the device.
     pub yield_to_clients: bool,
     /// How often client activity is sampled.
@@ -72,6 +75,7 @@ impl Default for Tuning {
             chunk: 2 << 20,
             max_inflight: 8,
             reactor_inflight: 16,
+            slow_start: true,
             yield_to_clients: true,
             sample: Duration::from_millis(5),
         }
@@ -80,8 +84,8 @@ impl Default for Tuning {
 
 impl Tuning {
     /// The defaults, with `SLUICE_STREAM_CHUNK_KB`, `SLUICE_STREAM_INFLIGHT`,
-    /// `SLUICE_STREAM_REACTOR_INFLIGHT` and `SLUICE_STREAM_YIELD=0` from `env`
-    /// (benchmarks). Read once, at start-up, by the service.
+    /// `SLUICE_STREAM_REACTOR_INFLIGHT`, `SLUICE_STREAM_SLOW_START=0` and
+    /// `SLUICE_STREAM_YIELD=0` from `env` (benchmarks). Read once, at start-up, by the service.
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Self {
         let mut t = Tuning::default();
         let num = |k: &str| env(k).and_then(|v| v.parse::<u64>().ok());
@@ -96,6 +100,9 @@ impl Tuning {
         }
         if num("SLUICE_STREAM_YIELD") == Some(0) {
             t.yield_to_clients = false;
+        }
+        if num("SLUICE_STREAM_SLOW_START") == Some(0) {
+            t.slow_start = false;
         }
         t
     }
@@ -184,8 +191,10 @@ mod tests {
             ("SLUICE_STREAM_CHUNK_KB", "1"),
             ("SLUICE_STREAM_INFLIGHT", "5000"),
             ("SLUICE_STREAM_REACTOR_INFLIGHT", "0"),
+            ("SLUICE_STREAM_SLOW_START", "0"),
             ("SLUICE_STREAM_YIELD", "0"),
         ]));
+        assert!(!t.slow_start);
         assert_eq!(
             (
                 t.chunk,

@@ -11,6 +11,8 @@ use std::time::Duration;
 /// State shared by the loop and its chunk tasks (one reactor).
 struct Shared {
     inflight: usize,
+    /// Chunks that ended (done or failed): the slow start's ramp.
+    ended: usize,
     /// Chunks to (re)try before walking on: stopped by the error policy, or
     /// put back while the window or the speed limit is full.
     queue: VecDeque<Chunk>,
@@ -80,6 +82,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
     let max = t.max_inflight.max(1);
     let st = Rc::new(RefCell::new(Shared {
         inflight: 0,
+        ended: 0,
         queue: VecDeque::with_capacity(max + 1),
         error: None,
         report: false,
@@ -100,9 +103,9 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
     // This copy's part of the reactor's budget (left when the loop ends).
     let share = Share::join(t.reactor_inflight);
     loop {
-        let (inflight, report, queued) = {
+        let (inflight, report, queued, ended) = {
             let s = st.borrow();
-            (s.inflight, s.report, !s.queue.is_empty())
+            (s.inflight, s.report, !s.queue.is_empty(), s.ended)
         };
         let stopping = job.is_cancelled() || report || job.pause_requested();
         share.set_hungry(!stopping && (queued || cursor < size));
@@ -193,7 +196,8 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
             continue;
         };
         let w = win.sample(clients(&ops), reactor::ticks());
-        if inflight >= share.limit(w) {
+        let ramp = if t.slow_start { ended } else { usize::MAX };
+        if inflight >= share.limit(w, ramp) {
             st.borrow_mut().queue.push_front(c);
             wait_kick_or(job, t.sample).await;
             continue;
@@ -219,7 +223,11 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
                 Ok(()) => st2.borrow_mut().chunk_done(&job2, c),
                 Err(e) => on_failure(&job2, &st2, c, e),
             }
-            st2.borrow_mut().inflight -= 1;
+            {
+                let mut s = st2.borrow_mut();
+                s.inflight -= 1;
+                s.ended += 1;
+            }
             job2.kick();
         });
     }

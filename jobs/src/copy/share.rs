@@ -13,6 +13,11 @@
 //! copy alone still gets its whole window, and a copy that stops being
 //! hungry hands its share to the others at once.
 //!
+//! A copy also starts slowly: one chunk in flight, one more for each chunk
+//! that ended, up to its share. Copies are started one command at a time;
+//! without it the first started put its whole window before the device
+//! before the others joined, and kept that lead to the end.
+//!
 //! The count is the reactor's own (a thread-local cell: no lock or atomic
 //! per chunk); a copy joins it for its whole run through a [`Share`].
 
@@ -57,9 +62,9 @@ impl Share {
     }
 
     /// The most chunks this copy may have in flight now, given its own
-    /// window.
-    pub fn limit(&self, window: usize) -> usize {
-        fair_share(self.budget, HUNGRY.with(Cell::get), window)
+    /// window and how many of its chunks ended so far (the slow start).
+    pub fn limit(&self, window: usize, ended: usize) -> usize {
+        fair_share(self.budget, HUNGRY.with(Cell::get), window).min(ended.saturating_add(1))
     }
 }
 
@@ -86,29 +91,39 @@ mod tests {
     }
 
     #[test]
-    fn shares_follow_the_hungry_copies_of_this_thread() {
+    fn shares_follow_the_hungry_copies_of_this_thread_after_a_slow_start() {
         std::thread::spawn(|| {
             let a = Share::join(16);
-            assert_eq!(a.limit(8), 8);
+            assert_eq!(a.limit(8, 100), 8);
+            let ramp: Vec<_> = (0..10).map(|ended| a.limit(8, ended)).collect();
+            assert_eq!(ramp, [1, 2, 3, 4, 5, 6, 7, 8, 8, 8], "the slow start");
             let b = Share::join(16);
             let c = Share::join(16);
             for s in [&a, &b, &c] {
                 s.set_hungry(true);
                 s.set_hungry(true);
             }
-            assert_eq!((a.limit(8), b.limit(8)), (5, 5));
+            assert_eq!((a.limit(8, 100), b.limit(8, 100)), (5, 5));
             b.set_hungry(false);
-            assert_eq!(a.limit(8), 8, "a copy no longer hungry hands on its share");
+            assert_eq!(
+                a.limit(8, 100),
+                8,
+                "a copy no longer hungry hands on its share"
+            );
             drop(c);
             drop(b);
-            assert_eq!(a.limit(8), 8);
+            assert_eq!(a.limit(8, 100), 8);
             let others = std::thread::spawn(|| {
                 let s: Vec<_> = (0..16).map(|_| Share::join(16)).collect();
                 s.iter().for_each(|s| s.set_hungry(true));
-                s[0].limit(8)
+                s[0].limit(8, 100)
             });
             assert_eq!(others.join().unwrap(), 1);
-            assert_eq!(a.limit(8), 8, "another reactor's copies do not count here");
+            assert_eq!(
+                a.limit(8, 100),
+                8,
+                "another reactor's copies do not count here"
+            );
             drop(a);
             assert_eq!(HUNGRY.with(Cell::get), 0);
         })
