@@ -225,6 +225,11 @@ impl Default for Setup {
             tuning: Tuning {
                 chunk: 4 * G,
                 max_inflight: 4,
+                // The tests run at once on one reactor: each keeps its own
+                // window from the start (the fair share and the slow start
+                // are tested on a reactor of their own, copy_fairness.rs).
+                reactor_inflight: 1024,
+                slow_start: false,
                 yield_to_clients: false,
                 sample: Duration::from_millis(1),
             },
@@ -427,6 +432,8 @@ fn window_shrinks_while_clients_are_busy_and_grows_back() {
             tuning: Tuning {
                 chunk: 4 * G,
                 max_inflight: 4,
+                reactor_inflight: 1024,
+                slow_start: false,
                 yield_to_clients: true,
                 sample: Duration::from_millis(1),
             },

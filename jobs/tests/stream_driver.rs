@@ -236,6 +236,8 @@ fn start(s: Setup) -> Run {
     let tuning = Tuning {
         chunk: 4 * CS,
         max_inflight: 4,
+        reactor_inflight: 1024,
+        slow_start: false,
         yield_to_clients: false,
         sample: Duration::from_millis(1),
     };

@@ -8,7 +8,9 @@
 //!
 //! - skips what need not be copied, splits what must into aligned chunks of
 //!   at most [`Tuning::chunk`] bytes and copies up to [`Tuning::max_inflight`]
-//!   of them at once, each as its own local task;
+//!   of them at once, each as its own local task, and no more than its fair
+//!   share of its reactor's budget ([`Tuning::reactor_inflight`] divided
+//!   among the copies on that reactor that have chunks to start; `share.rs`);
 //! - shrinks the window (and with it the chunk size, down to one granule)
 //!   while clients are busy ([`CopyOps::client_ops`] moved since the last
 //!   sample) and grows it back by one per idle sample (AIMD, `window.rs`);
@@ -34,12 +36,14 @@ mod bufpool;
 mod pipeline;
 mod prefix;
 mod read;
+mod share;
 mod window;
 
 pub use bufpool::BufPool;
 pub use pipeline::copy_all;
 pub use prefix::Prefix;
 pub use read::read_chunk;
+pub use share::{fair_share, Share};
 pub use window::Window;
 
 use crate::job::IoOperation;
@@ -53,6 +57,12 @@ pub struct Tuning {
     pub chunk: u64,
     /// Chunks in flight while clients are idle.
     pub max_inflight: usize,
+    /// Chunks in flight for all the copies on one reactor together, shared
+    /// fairly among them (one copy alone still has `max_inflight`).
+    pub reactor_inflight: usize,
+    /// Start with one chunk in flight and add one per chunk ended, up to the
+    /// share (`share.rs`).
+    pub slow_start: bool,
     /// Lower the in-flight count while clients use the device.
     pub yield_to_clients: bool,
     /// How often client activity is sampled.
@@ -64,6 +74,8 @@ impl Default for Tuning {
         Self {
             chunk: 2 << 20,
             max_inflight: 8,
+            reactor_inflight: 16,
+            slow_start: true,
             yield_to_clients: true,
             sample: Duration::from_millis(5),
         }
@@ -71,9 +83,9 @@ impl Default for Tuning {
 }
 
 impl Tuning {
-    /// The defaults, with `SLUICE_STREAM_CHUNK_KB`, `SLUICE_STREAM_INFLIGHT`
-    /// and `SLUICE_STREAM_YIELD=0` from `env` (benchmarks). Read once, at
-    /// start-up, by the service.
+    /// The defaults, with `SLUICE_STREAM_CHUNK_KB`, `SLUICE_STREAM_INFLIGHT`,
+    /// `SLUICE_STREAM_REACTOR_INFLIGHT`, `SLUICE_STREAM_SLOW_START=0` and
+    /// `SLUICE_STREAM_YIELD=0` from `env` (benchmarks). Read once, at start-up, by the service.
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Self {
         let mut t = Tuning::default();
         let num = |k: &str| env(k).and_then(|v| v.parse::<u64>().ok());
@@ -83,8 +95,14 @@ impl Tuning {
         if let Some(n) = num("SLUICE_STREAM_INFLIGHT") {
             t.max_inflight = n.clamp(1, 1024) as usize;
         }
+        if let Some(n) = num("SLUICE_STREAM_REACTOR_INFLIGHT") {
+            t.reactor_inflight = n.clamp(1, 65536) as usize;
+        }
         if num("SLUICE_STREAM_YIELD") == Some(0) {
             t.yield_to_clients = false;
+        }
+        if num("SLUICE_STREAM_SLOW_START") == Some(0) {
+            t.slow_start = false;
         }
         t
     }
@@ -172,20 +190,34 @@ mod tests {
         let t = Tuning::from_env(env(&[
             ("SLUICE_STREAM_CHUNK_KB", "1"),
             ("SLUICE_STREAM_INFLIGHT", "5000"),
+            ("SLUICE_STREAM_REACTOR_INFLIGHT", "0"),
+            ("SLUICE_STREAM_SLOW_START", "0"),
             ("SLUICE_STREAM_YIELD", "0"),
         ]));
+        assert!(!t.slow_start);
         assert_eq!(
-            (t.chunk, t.max_inflight, t.yield_to_clients),
-            (4 << 10, 1024, false)
+            (
+                t.chunk,
+                t.max_inflight,
+                t.reactor_inflight,
+                t.yield_to_clients
+            ),
+            (4 << 10, 1024, 1, false)
         );
         let t = Tuning::from_env(env(&[
             ("SLUICE_STREAM_CHUNK_KB", "x"),
             ("SLUICE_STREAM_INFLIGHT", "0"),
+            ("SLUICE_STREAM_REACTOR_INFLIGHT", "64"),
             ("SLUICE_STREAM_YIELD", "1"),
         ]));
         assert_eq!(
-            (t.chunk, t.max_inflight, t.yield_to_clients),
-            (2 << 20, 1, true)
+            (
+                t.chunk,
+                t.max_inflight,
+                t.reactor_inflight,
+                t.yield_to_clients
+            ),
+            (2 << 20, 1, 64, true)
         );
     }
 }

@@ -1,6 +1,6 @@
 //! The copy loop (see the module doc of `copy`).
 
-use super::{strerror, Chunk, CopyError, CopyOps, Prefix, Tuning, Window};
+use super::{strerror, Chunk, CopyError, CopyOps, Prefix, Share, Tuning, Window};
 use crate::job::{IoOperation, Job, Verdict};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -11,6 +11,8 @@ use std::time::Duration;
 /// State shared by the loop and its chunk tasks (one reactor).
 struct Shared {
     inflight: usize,
+    /// Chunks that ended (done or failed): the slow start's ramp.
+    ended: usize,
     /// Chunks to (re)try before walking on: stopped by the error policy, or
     /// put back while the window or the speed limit is full.
     queue: VecDeque<Chunk>,
@@ -80,6 +82,7 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
     let max = t.max_inflight.max(1);
     let st = Rc::new(RefCell::new(Shared {
         inflight: 0,
+        ended: 0,
         queue: VecDeque::with_capacity(max + 1),
         error: None,
         report: false,
@@ -97,12 +100,16 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
     let mut cursor = 0u64;
     // The extent being copied: [cursor, end), and whether it reads as zeroes.
     let mut extent: Option<(u64, bool)> = None;
+    // This copy's part of the reactor's budget (left when the loop ends).
+    let share = Share::join(t.reactor_inflight);
     loop {
-        let (inflight, report) = {
+        let (inflight, report, queued, ended) = {
             let s = st.borrow();
-            (s.inflight, s.report)
+            (s.inflight, s.report, !s.queue.is_empty(), s.ended)
         };
-        if job.is_cancelled() || report || job.pause_requested() {
+        let stopping = job.is_cancelled() || report || job.pause_requested();
+        share.set_hungry(!stopping && (queued || cursor < size));
+        if stopping {
             if inflight > 0 {
                 job.wait_kick().await;
                 continue;
@@ -188,7 +195,9 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
             job.wait_kick().await;
             continue;
         };
-        if inflight >= win.sample(clients(&ops), reactor::ticks()) {
+        let w = win.sample(clients(&ops), reactor::ticks());
+        let ramp = if t.slow_start { ended } else { usize::MAX };
+        if inflight >= share.limit(w, ramp) {
             st.borrow_mut().queue.push_front(c);
             wait_kick_or(job, t.sample).await;
             continue;
@@ -214,7 +223,11 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
                 Ok(()) => st2.borrow_mut().chunk_done(&job2, c),
                 Err(e) => on_failure(&job2, &st2, c, e),
             }
-            st2.borrow_mut().inflight -= 1;
+            {
+                let mut s = st2.borrow_mut();
+                s.inflight -= 1;
+                s.ended += 1;
+            }
             job2.kick();
         });
     }
