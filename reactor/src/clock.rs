@@ -1,6 +1,4 @@
-//! A cheap monotonic tick counter (the TSC on x86_64) and its rate, and the
-//! calling thread's CPU time (a system call: what the reactor's busy time
-//! counts, see `reactor.rs`).
+//! A cheap monotonic tick counter (the TSC on x86_64) and its rate.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -57,24 +55,4 @@ pub fn ticks_to_ns(t: u64) -> u64 {
 #[inline]
 pub(crate) fn duration_to_ticks(d: Duration) -> u64 {
     (d.as_nanos() * ticks_hz() as u128 / 1_000_000_000) as u64
-}
-
-/// The CPU time the calling thread has run so far, in nanoseconds
-/// (`CLOCK_THREAD_CPUTIME_ID`: a system call, not the vDSO, so about a
-/// hundred nanoseconds or more); `None` where that clock is unavailable.
-#[inline]
-pub(crate) fn thread_cpu_ns() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
-/// Converts nanoseconds to ticks.
-#[inline]
-pub(crate) fn ns_to_ticks(ns: u64) -> u64 {
-    (ns as u128 * ticks_hz() as u128 / 1_000_000_000) as u64
 }

@@ -1,17 +1,6 @@
 //! The reactor loop.
-//!
-//! Busy and idle time: an iteration in which a message, poller, timer or task
-//! did work is busy; the rest of the wall time (idle iterations, parked time)
-//! is idle. A busy iteration that follows a busy one adds the CPU time the
-//! thread ran during it (the thread's CPU clock, read at the end of every
-//! busy iteration only: it is a system call, and idle iterations stay a few
-//! nanoseconds), and the time it sat preempted goes to idle; so a run of busy
-//! iterations on a loaded machine is not charged with whatever ran on its
-//! core meanwhile. The first busy iteration after idle ones, whose start has
-//! no CPU reading, adds its wall time, as does every busy iteration where the
-//! thread CPU clock is unavailable.
 
-use crate::clock::{duration_to_ticks, ns_to_ticks, thread_cpu_ns, ticks, ticks_hz};
+use crate::clock::{duration_to_ticks, ticks, ticks_hz};
 use crate::error::ReactorError;
 use crate::executor::Executor;
 use crate::local::{self, LocalReactor};
@@ -111,7 +100,6 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
     let c = &r.counters;
     let sub_ms = duration_to_ticks(Duration::from_millis(1));
     let mut last = ticks();
-    let mut cpu_last: Option<u64> = None;
     let mut idle_since: Option<u64> = None;
     let mut stop_deadline: Option<u64> = None;
     loop {
@@ -136,24 +124,13 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         busy |= r.timers.fire(last);
         busy |= r.executor.run_ready(task_batch);
         r.pollers.sweep();
-        // One tick read per iteration: it ends this iteration's accounting and is
-        // "now" for the next iteration's timers. A busy iteration also reads the
-        // CPU clock: it ends this iteration's CPU time and starts the next one's
-        // (an idle iteration does not, so the next one starts without).
+        // One clock read per iteration: it ends this iteration's accounting and is
+        // "now" for the next iteration's timers.
         let end = ticks();
-        let span = end - last;
         if busy {
-            let cpu = thread_cpu_ns();
-            let ran = match (cpu_last, cpu) {
-                (Some(a), Some(b)) => ns_to_ticks(b.saturating_sub(a)).min(span),
-                _ => span,
-            };
-            add(&c.busy, ran);
-            add(&c.idle, span - ran);
-            cpu_last = cpu;
+            add(&c.busy, end - last);
         } else {
-            add(&c.idle, span);
-            cpu_last = None;
+            add(&c.idle, end - last);
         }
         last = end;
         add(&c.iterations, 1);
@@ -199,7 +176,6 @@ fn run_loop(r: &LocalReactor, rt: &RuntimeHandle) {
         let after = ticks();
         add(&c.idle, after - last);
         last = after;
-        cpu_last = None;
         idle_since = None;
     }
 }

@@ -8,10 +8,9 @@ pub struct ReactorStats {
     pub index: usize,
     /// The CPU core this reactor is pinned to.
     pub core: usize,
-    /// The CPU time (in ticks) the reactor ran in iterations that did work.
+    /// Ticks spent in iterations that did work.
     pub busy_ticks: u64,
-    /// The rest of the wall time, in ticks: iterations that did nothing,
-    /// parked time, and time preempted inside busy iterations.
+    /// Ticks spent in iterations that did nothing (including parked time).
     pub idle_ticks: u64,
     /// Loop iterations.
     pub iterations: u64,
