@@ -2,8 +2,10 @@
 //! qemu-img, qemu-io and qemu-storage-daemon see each other's locks both ways.
 //!
 //! The contract: a node that opens a file takes an [`ImageLock`] on it for as
-//! long as the node lives (the lock belongs to its own open file description:
-//! dropping the lock ends it). The lock is a set
+//! long as the node lives. The lock lives on the node's own open file
+//! description, the one its I/O goes through (QEMU's locks are on `s->fd`):
+//! it holds that file as an `Arc<File>` shared with the I/O, so an image
+//! costs one descriptor; dropping the lock unlocks its bytes. The lock is a set
 //! of open-file-description byte-range read locks (`F_OFD_SETLK`), one byte
 //! per permission: byte `100 + i` for each permission `i` the node holds,
 //! byte `200 + i` for each permission it does not share. Taking permission
@@ -17,6 +19,17 @@
 //! [`ImageLock::set_perms`], as QEMU's `raw_set_perm`: on the same open file
 //! description, the new bytes taken before the old ones are dropped.
 //!
+//! A node that reopens its file (a new open file description put behind the
+//! same descriptor number) moves its lock with [`ImageLock::move_to`], as
+//! QEMU's `raw_reopen_prepare`/`raw_set_perm` move theirs to the new
+//! descriptor: the new permissions are checked against everyone else from
+//! the old description before the new one holds anything (our own second
+//! description would read as "another holder": every byte is a read lock,
+//! so the two never conflict with each other, but `F_OFD_GETLK` reports
+//! one to the other), then the new description takes them, the old lets go
+//! of what the new does not hold, and the new one takes the old one's place.
+//! The file is never without its lock.
+//!
 //! A conflict is [`BdevError::Locked`], in QEMU's words (`Failed to get
 //! "write" lock`, `Is another process using the image [path]?`). Nothing is
 //! written to the file here: callers take the lock before they write,
@@ -28,6 +41,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// QEMU's `BLK_PERM_CONSISTENT_READ`.
 pub const PERM_CONSISTENT_READ: u8 = 1 << 0;
@@ -114,6 +128,12 @@ impl Perms {
         shared: PERM_ALL & !PERM_RESIZE,
     };
 
+    /// Nothing held, everything shared: no byte locked.
+    const NONE: Perms = Perms {
+        perm: 0,
+        shared: PERM_ALL,
+    };
+
     /// A read-only open with `force-share` (QEMU's `force_share` node asks
     /// its children to share everything): reads, and shares all.
     pub const SHARER: Perms = Perms {
@@ -141,10 +161,11 @@ impl Perms {
     }
 }
 
-/// Held locks on a file, released on drop (the descriptor closes).
+/// Held locks on a file, unlocked on drop (the file may stay open). The file is shared with whoever
+/// does I/O through it (the lock is on that open file description).
 #[derive(Debug)]
 pub struct ImageLock {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     perms: Perms,
 }
@@ -161,7 +182,9 @@ fn flock(kind: i32, byte: i64) -> libc::flock {
 
 impl ImageLock {
     /// Takes `perms` on `path` through a descriptor of its own (opened
-    /// read-only and non-blocking: it never reads, writes or waits).
+    /// read-only and non-blocking: it never reads, writes or waits): for a
+    /// holder that does no I/O; a node's I/O shares its lock's file
+    /// ([`ImageLock::on_file`]).
     /// `Ok(None)` when `mode` is [`LockMode::Off`].
     pub fn take(path: &Path, mode: LockMode, perms: Perms) -> Result<Option<ImageLock>, BdevError> {
         if !mode.enabled() {
@@ -172,34 +195,33 @@ impl ImageLock {
             .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| BdevError::os(format!("opening {}", path.display()), e))?;
-        Self::on_file(file, path, perms).map(Some)
+        Self::on_file(Arc::new(file), path, perms).map(Some)
     }
 
     /// The creator's lock on a file about to be (re)written from scratch
-    /// (`blockdev-create`, `bdev_qcow2_create`): [`Perms::CREATOR`] through a
-    /// clone of `file`'s descriptor. A file some node holds open, in this
+    /// (`blockdev-create`, `bdev_qcow2_create`): [`Perms::CREATOR`] on
+    /// `file`'s open file description (through a clone of its descriptor). A file some node holds open, in this
     /// process or another, is refused with [`BdevError::Locked`].
     pub fn for_create(file: &File, path: &Path) -> Result<ImageLock, BdevError> {
         let lf = file
             .try_clone()
             .map_err(|e| BdevError::os(format!("locking {}", path.display()), e))?;
-        Self::on_file(lf, path, Perms::CREATOR)
+        Self::on_file(Arc::new(lf), path, Perms::CREATOR)
     }
 
-    /// Takes `perms` on `path` through `file` (a descriptor of the caller's,
-    /// open for reading), which the lock then owns.
-    pub fn on_file(file: File, path: &Path, perms: Perms) -> Result<ImageLock, BdevError> {
-        let l = ImageLock {
+    /// Takes `perms` on `path` through `file` (the caller's open file
+    /// description, open for reading, which its I/O shares), held until the
+    /// lock is dropped.
+    pub fn on_file(file: Arc<File>, path: &Path, perms: Perms) -> Result<ImageLock, BdevError> {
+        let mut l = ImageLock {
             file,
             path: path.to_path_buf(),
-            perms: Perms {
-                perm: 0,
-                shared: PERM_ALL,
-            },
+            perms: Perms::NONE,
         };
         l.apply(perms)?;
         l.check(perms)?;
-        Ok(ImageLock { perms, ..l })
+        l.perms = perms;
+        Ok(l)
     }
 
     /// Changes the permissions held to `perms` in place, on the same open
@@ -231,6 +253,50 @@ impl ImageLock {
         Ok(())
     }
 
+    /// Moves the lock, holding `perms` from then on, to `new`: another open
+    /// file description of the same file that `swap` puts in the place of
+    /// the lock's own, behind its descriptor number (a reopen's `dup3`;
+    /// the lock's file then is `new`'s description). In order: the lock's
+    /// description takes the bytes of both the old permissions and `perms`,
+    /// `perms` is checked against everyone else from there (before `new`
+    /// holds anything), `new` takes the bytes of `perms`, the old
+    /// description lets go of the bytes `perms` does not hold (it is
+    /// closed by `swap`, unless a request in flight keeps it a while), and
+    /// `swap` runs. A conflict ([`BdevError::Locked`]) or a failure of
+    /// `swap` leaves the old permissions held on the old description and
+    /// nothing on `new`.
+    pub fn move_to(
+        &mut self,
+        new: &File,
+        perms: Perms,
+        swap: impl FnOnce() -> Result<(), BdevError>,
+    ) -> Result<(), BdevError> {
+        let old = self.perms;
+        let both = Perms {
+            perm: old.perm | perms.perm,
+            shared: old.shared & perms.shared,
+        };
+        let none = Perms::NONE;
+        if let Err(e) = self.apply(both).and_then(|()| self.check(perms)) {
+            let _ = self.apply(old);
+            return Err(e);
+        }
+        if let Err(e) = self.apply_to(new, perms) {
+            let _ = self.apply_to(new, none);
+            let _ = self.apply(old);
+            return Err(e);
+        }
+        // Both descriptions hold `perms` now: the old one lets go of the rest.
+        let r = self.apply(perms).and_then(|()| swap());
+        if let Err(e) = r {
+            let _ = self.apply_to(new, none);
+            let _ = self.apply(old);
+            return Err(e);
+        }
+        self.perms = perms;
+        Ok(())
+    }
+
     /// The permissions held.
     pub fn perms(&self) -> Perms {
         self.perms
@@ -243,7 +309,12 @@ impl ImageLock {
 
     /// Locks the bytes of `p` and unlocks the others (QEMU's `raw_apply_lock_bytes`).
     fn apply(&self, p: Perms) -> Result<(), BdevError> {
-        let fd = self.file.as_raw_fd();
+        self.apply_to(&self.file, p)
+    }
+
+    /// [`ImageLock::apply`] on the open file description of `file`.
+    fn apply_to(&self, file: &File, p: Perms) -> Result<(), BdevError> {
+        let fd = file.as_raw_fd();
         let unshared = PERM_ALL & !p.shared;
         for i in 0..PERM_NAMES.len() {
             let bit = 1u8 << i;
@@ -299,6 +370,15 @@ impl ImageLock {
             format!("{what} of {}", self.path.display()),
             std::io::Error::from_raw_os_error(e as i32),
         )
+    }
+}
+
+impl Drop for ImageLock {
+    /// Unlocks every byte: the file, shared with I/O, may stay open a while.
+    fn drop(&mut self) {
+        if let Err(e) = self.apply(Perms::NONE) {
+            tracing::warn!(path = %self.path.display(), error = %e, "image lock not released");
+        }
     }
 }
 
@@ -439,6 +519,77 @@ mod tests {
         assert_eq!(held_bytes(&p), [100]);
         take(&p, Perms::WRITER).unwrap();
         drop(l);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    fn access_mode(f: &File) -> i32 {
+        fcntl(f.as_raw_fd(), FcntlArg::F_GETFL).unwrap() & libc::O_ACCMODE
+    }
+
+    fn open_as(p: &Path, write: bool) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(p)
+            .unwrap()
+    }
+
+    /// A reopen's move: the lock on the file the I/O shares goes to a new
+    /// open file description put behind the same descriptor number, and
+    /// only one set of bytes is held after it; a conflict or a failed swap
+    /// leaves the old description and its bytes as they were and nothing
+    /// on the new one; dropping the lock unlocks while the file stays open.
+    #[test]
+    fn move_to_a_reopened_file() {
+        let p = scratch("move");
+        let file = Arc::new(open_as(&p, true));
+        let mut l = ImageLock::on_file(file.clone(), &p, Perms::WRITER).unwrap();
+        let swap_in = |new: &File| {
+            let (new, to) = (new.as_raw_fd(), file.as_raw_fd());
+            move || {
+                nix::unistd::dup3(new, to, nix::fcntl::OFlag::O_CLOEXEC)
+                    .map(drop)
+                    .map_err(|e| BdevError::os("dup3", std::io::Error::from(e)))
+            }
+        };
+        let ro = open_as(&p, false);
+        l.move_to(&ro, Perms::READER, swap_in(&ro)).unwrap();
+        drop(ro);
+        assert_eq!(access_mode(&file), libc::O_RDONLY);
+        assert_eq!(l.perms(), Perms::READER);
+        assert_eq!(held_bytes(&p), [100, 201, 203]);
+        let r = take(&p, Perms::READER).unwrap();
+        // Back to a writer while another reader holds the file: refused.
+        let rw = open_as(&p, true);
+        match l.move_to(&rw, Perms::WRITER, swap_in(&rw)) {
+            Err(BdevError::Locked { message, .. }) => {
+                assert_eq!(message, "Failed to get \"write\" lock")
+            }
+            other => panic!("expected a lock conflict, got {other:?}"),
+        }
+        assert_eq!(access_mode(&file), libc::O_RDONLY);
+        assert_eq!(l.perms(), Perms::READER);
+        assert_eq!(held_bytes(&p), [100, 100, 201, 201, 203, 203]);
+        drop(r);
+        // A swap that fails leaves the old description holding the old bytes.
+        let failed = l.move_to(&rw, Perms::WRITER, || {
+            Err(BdevError::InvalidParam("no swap".into()))
+        });
+        assert!(matches!(failed, Err(BdevError::InvalidParam(_))));
+        assert_eq!(l.perms(), Perms::READER);
+        assert_eq!(held_bytes(&p), [100, 201, 203]);
+        l.move_to(&rw, Perms::WRITER, swap_in(&rw)).unwrap();
+        drop(rw);
+        assert_eq!(access_mode(&file), libc::O_RDWR);
+        assert_eq!(held_bytes(&p), [100, 101, 103, 201, 203]);
+        assert_eq!(
+            conflict(take(&p, Perms::READER)),
+            "Failed to get shared \"write\" lock"
+        );
+        drop(l);
+        assert_eq!(held_bytes(&p), Vec::<u64>::new());
+        take(&p, Perms::WRITER).unwrap();
+        drop(file);
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -3,11 +3,14 @@
 //! read-only become writable on every reactor that already had a channel
 //! to them (the io_uring's registered copy of the file included), with a
 //! writer's lock, and go back to read-only with a reader's; the image is
-//! whole after it (qemu-img check, contents through qemu-img).
+//! whole after it (qemu-img check, contents through qemu-img). The lock
+//! moves with the file: one descriptor on it throughout, its bytes
+//! keeping others out (a reopen read-write while another reader holds the
+//! file is refused and changes nothing) and letting them in again after.
 
 mod qcow2_common;
 
-use bdev::lock::Perms;
+use bdev::lock::{ImageLock, LockMode, Perms};
 use bdev::qcow2::OpenOptions;
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{channel, read_at, write_at, Bdev, BdevError, DmaBuf};
@@ -69,6 +72,20 @@ fn reopen(rt: &RuntimeHandle, b: &Arc<dyn Bdev>, read_only: bool) -> Result<(), 
     r
 }
 
+/// The descriptors this process holds on `path`.
+fn fds_on(path: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+        .count()
+}
+
+/// Another holder's reader lock on `path` (as `qemu-io -r` would take).
+fn other_reader(path: &std::path::Path) -> Result<Option<ImageLock>, BdevError> {
+    ImageLock::take(path, LockMode::On, Perms::READER)
+}
+
 #[test]
 fn a_file_opened_read_only_is_written_after_a_reopen_on_every_reactor() {
     let d = scratch("reopen-file");
@@ -91,10 +108,32 @@ fn a_file_opened_read_only_is_written_after_a_reopen_on_every_reactor() {
         "read-only file written"
     );
     assert_eq!(b.lock_perms(), Some(Perms::READER));
+    assert_eq!(fds_on(&path), 1, "descriptors on the file");
+
+    // Another reader keeps the writer out: refused, nothing changes.
+    let r = other_reader(&path).expect("a second reader");
+    match reopen(&h, &b, false) {
+        Err(BdevError::Locked { message, .. }) => {
+            assert_eq!(message, "Failed to get \"write\" lock")
+        }
+        other => panic!("reopen read-write under a reader: {other:?}"),
+    }
+    assert!(b.read_only());
+    assert_eq!(b.lock_perms(), Some(Perms::READER));
+    assert!(
+        try_write(&h, 1, &b, 0, 0x22).is_err(),
+        "written after a refusal"
+    );
+    drop(r);
 
     reopen(&h, &b, false).expect("reopen read-write");
     assert!(!b.read_only());
     assert_eq!(b.lock_perms(), Some(Perms::WRITER));
+    assert_eq!(fds_on(&path), 1, "descriptors on the file");
+    assert!(
+        matches!(other_reader(&path), Err(BdevError::Locked { .. })),
+        "a reader got in beside the writer"
+    );
     for r in 0..REACTORS {
         // Through each reactor's ring, whose registered file was the
         // read-only one.
@@ -108,6 +147,10 @@ fn a_file_opened_read_only_is_written_after_a_reopen_on_every_reactor() {
     reopen(&h, &b, true).expect("reopen read-only");
     assert!(b.read_only());
     assert_eq!(b.lock_perms(), Some(Perms::READER));
+    assert_eq!(fds_on(&path), 1, "descriptors on the file");
+    // The writer's bytes went with the old open file.
+    let r = other_reader(&path).expect("a reader beside a reader");
+    drop(r);
     assert!(
         try_write(&h, 1, &b, 0, 0x33).is_err(),
         "written after going back"
@@ -144,14 +187,31 @@ fn an_image_opened_read_only_is_written_after_a_reopen_and_trimmed_after() {
         "read-only image written"
     );
 
+    assert_eq!(fds_on(&path), 1, "descriptors on the image");
+    assert_eq!(b.lock_perms(), Some(Perms::READER));
+
     reopen(&h, &b, false).expect("reopen read-write");
     assert!(!b.read_only() && !q.base().read_only());
+    // The image's lock moved to the writable file as it was (its caller
+    // raises it): one descriptor, readers still welcome, writers not.
+    assert_eq!(fds_on(&path), 1, "descriptors on the image");
+    assert_eq!(b.lock_perms(), Some(Perms::READER));
+    drop(other_reader(&path).expect("a reader beside the image"));
+    assert!(
+        matches!(
+            ImageLock::take(&path, LockMode::On, Perms::WRITER),
+            Err(BdevError::Locked { .. })
+        ),
+        "a writer got in beside the image"
+    );
     // New clusters (past the file's old end) from both reactors.
     try_write(&h, 0, &b, 2 << 20, 0x22).expect("write on the owner");
     try_write(&h, 1, &b, 3 << 20, 0x33).expect("write from the other reactor");
 
     reopen(&h, &b, true).expect("reopen read-only");
     assert!(b.read_only() && q.base().read_only());
+    assert_eq!(fds_on(&path), 1, "descriptors on the image");
+    assert_eq!(b.lock_perms(), Some(Perms::READER));
     assert!(
         try_write(&h, 0, &b, 0, 0x44).is_err(),
         "written after going back"
@@ -170,4 +230,9 @@ fn an_image_opened_read_only_is_written_after_a_reopen_and_trimmed_after() {
     drop(b);
     drop(q);
     rt.shutdown();
+    // The image's lock ended with it (its reactors' channels gone too).
+    drop(
+        ImageLock::take(&path, LockMode::On, Perms::WRITER)
+            .expect("a writer after the image is gone"),
+    );
 }

@@ -88,9 +88,6 @@ pub(crate) struct Info {
     /// The file is never trimmed below this length (past the image's end it
     /// held data at open that no refcount accounts for).
     pub(crate) keep_len: u64,
-    /// The image lock on `filename` that [`super::open_file`] took (ended
-    /// when the image is deleted or dropped).
-    pub(crate) lock: Option<crate::lock::ImageLock>,
     /// The header's features at open.
     pub(crate) features: Qcow2Features,
 }
@@ -141,6 +138,10 @@ impl Qcow2Bdev {
     /// The bdev the image is stored on.
     pub fn base(&self) -> &Arc<dyn Bdev> {
         &self.base
+    }
+    /// The base when it is a uring bdev (a file).
+    fn uring_base(&self) -> Option<&crate::uring::UringBdev> {
+        self.base.as_any().downcast_ref::<crate::uring::UringBdev>()
     }
     /// The backing bdev (a raw leaf or another [`Qcow2Bdev`]), if any.
     pub fn backing(&self) -> Option<Arc<dyn Bdev>> {
@@ -562,6 +563,11 @@ impl Qcow2Bdev {
 
 impl Drop for Qcow2Bdev {
     fn drop(&mut self) {
+        // The lock its open took on its file ends with the image, however
+        // long cached channels keep the file's bdev.
+        if let Some(u) = self.uring_base().filter(|u| u.holds_image_lock()) {
+            u.release_lock();
+        }
         let id = self.id;
         if reactor::current_index() == Some(self.owner) {
             ENGINES.with(|m| m.borrow_mut().remove(&id));
@@ -692,31 +698,31 @@ impl Bdev for Qcow2Bdev {
             })
         }))
     }
-    /// The lock its open took on its file, else its base's.
+    /// The lock its open took on its file (carried by the file's bdev:
+    /// [`crate::uring::UringFile::for_image`]), else its base's.
     fn lock_perms(&self) -> Option<crate::lock::Perms> {
-        if let Some(l) = self.info().lock.as_ref() {
-            return Some(l.perms());
-        }
-        self.base.lock_perms()
+        self.uring_base()
+            .and_then(|u| u.image_lock_perms())
+            .or_else(|| self.base.lock_perms())
     }
     /// The lock its open took on its file, else its base's.
     fn set_lock_perms(&self, perms: crate::lock::Perms) -> Result<bool, BdevError> {
-        if let Some(l) = self.info().lock.as_mut() {
-            return l.set_perms(perms).map(|()| true);
+        if let Some(u) = self.uring_base() {
+            if u.set_image_lock_perms(perms)? {
+                return Ok(true);
+            }
         }
         self.base.set_lock_perms(perms)
     }
     fn on_delete(&self) {
         // Deleted: the file is free for others now, whoever still holds a
-        // last reference on its way out.
-        let l = self.info().lock.take();
-        drop(l);
-        // A uring bdev of the image's own (a backing file opened from the
-        // header holds its lock there, unregistered) ends its lock with the
-        // image: a registered one ends it when it is deleted itself.
-        if let Some(u) = self.base.as_any().downcast_ref::<crate::uring::UringBdev>() {
+        // last reference on its way out. The lock its open took on its file
+        // ends with the image; so does that of a uring bdev of the image's
+        // own (a backing file opened from the header holds its lock there,
+        // unregistered): a registered one's ends when it is deleted itself.
+        if let Some(u) = self.uring_base() {
             let nodes = self.info().nodes.clone();
-            if !nodes.is_some_and(|r| r.holds(&self.base)) {
+            if u.holds_image_lock() || !nodes.is_some_and(|r| r.holds(&self.base)) {
                 u.release_lock();
             }
         }

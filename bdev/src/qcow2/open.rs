@@ -10,9 +10,9 @@ use super::format::{
 use super::image::{check_tables, Image, LoadOptions};
 use super::overlap::OverlapChecks;
 use crate::claim::{Claim, Holder};
-use crate::lock::{ImageLock, LockMode, Perms};
+use crate::lock::{LockMode, Perms};
 use crate::registry::Registry;
-use crate::uring::{UringBdev, UringOptions};
+use crate::uring::{UringBdev, UringFile, UringOptions};
 use crate::{Bdev, BdevError};
 use futures::future::LocalBoxFuture;
 use std::fs::File;
@@ -139,7 +139,18 @@ pub async fn open_file_as(
 ) -> Result<Arc<Qcow2Bdev>, BdevError> {
     let sharing = opts.force_share || opts.file_force_share;
     let perms = Perms::for_open_sharing(opts.read_only, sharing);
-    let lock = ImageLock::take(path, opts.locking, perms)?;
+    // The lock is on the open file the image's I/O goes through (one
+    // descriptor per image), taken before anything reads or writes it.
+    let file = UringFile::for_image(
+        path,
+        UringOptions {
+            direct: opts.direct,
+            read_only: opts.read_only,
+            block_size: None,
+            locking: opts.locking,
+        },
+        perms,
+    )?;
     // Nothing is written to a file before it passed the checks of a
     // read-only open: a damaged image is refused as it is.
     let valid_len = if opts.read_only {
@@ -161,17 +172,7 @@ pub async fn open_file_as(
         }
         e
     };
-    let base = UringBdev::open_under_lock(
-        file_name,
-        path,
-        UringOptions {
-            direct: opts.direct,
-            read_only: opts.read_only,
-            block_size: None,
-            locking: opts.locking,
-        },
-    )
-    .map_err(restore)?;
+    let base = UringBdev::from_file(file_name, file, None, false).map_err(restore)?;
     opts.filename = Some(path.to_path_buf());
     let direct = opts.direct;
     let dyn_base: Arc<dyn Bdev> = base;
@@ -196,7 +197,6 @@ pub async fn open_file_as(
             if let Some(g) = growth {
                 track_grown(&q, g.keep);
             }
-            q.info().lock = lock;
             Ok(q)
         }
         Err(e) => {
@@ -546,7 +546,6 @@ pub(super) fn open_chain(
                 nodes: opts.nodes.clone(),
                 grown: false,
                 keep_len: 0,
-                lock: None,
                 features: {
                     use super::format::{
                         COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_EXTENDED_L2,

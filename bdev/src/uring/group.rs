@@ -21,7 +21,12 @@
 //! ([`Group::starve`]) when CQEs are reaped. Files are registered in a
 //! sparse table, a slot per channel while there are free ones (else the
 //! channel uses its descriptor); the DMA arena's regions are registered as
-//! fixed buffers as they appear.
+//! fixed buffers as they appear. A slot holds an open file description of
+//! its own of the channel's file (opened again through `/proc/self/fd`, same
+//! access mode and O_DIRECT, its descriptor closed at once): the kernel
+//! tears a ring down, and lets go of its table, only a while after the
+//! process is gone, and the bdev's own description carries its image lock
+//! ([`crate::lock`]), which must go with a killed process as QEMU's does.
 
 use super::channel::{Chan, RING_ENTRIES};
 use crate::dma;
@@ -144,6 +149,19 @@ fn iovecs(regions: &[(usize, usize)]) -> Vec<libc::iovec> {
             iov_len: len,
         })
         .collect()
+}
+
+/// The ring's own open file description of the file behind `fd` (see the
+/// module doc); its descriptor is the caller's to close once registered.
+fn ring_copy(fd: RawFd) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fl = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let mode = fl & libc::O_ACCMODE;
+    std::fs::OpenOptions::new()
+        .read(mode != libc::O_WRONLY)
+        .write(mode != libc::O_RDONLY)
+        .custom_flags(libc::O_CLOEXEC | (fl & libc::O_DIRECT))
+        .open(format!("/proc/self/fd/{fd}"))
 }
 
 impl Group {
@@ -277,14 +295,22 @@ impl Group {
         }
     }
 
-    /// Registers `fd` in a free file slot; `None`: none free (or no table).
+    /// Registers the file behind `fd` (a copy of it: see the module doc) in
+    /// a free file slot; `None`: none free (or no table, or no copy).
     pub(crate) fn register_file(&self, fd: RawFd) -> Option<u32> {
+        let copy = match ring_copy(fd) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "io_uring: file not registered");
+                return None;
+            }
+        };
         let idx = self.free_files.borrow_mut().pop()?;
         match self
             .ring
             .borrow()
             .submitter()
-            .register_files_update(idx, &[fd])
+            .register_files_update(idx, &[copy.as_raw_fd()])
         {
             Ok(_) => Some(idx),
             Err(e) => {
@@ -298,10 +324,11 @@ impl Group {
     /// Puts the open file now behind `fd` in slot `idx` (requests in flight
     /// keep the one they started with).
     pub(crate) fn update_file(&self, idx: u32, fd: RawFd) -> std::io::Result<()> {
+        let copy = ring_copy(fd)?;
         self.ring
             .borrow()
             .submitter()
-            .register_files_update(idx, &[fd])
+            .register_files_update(idx, &[copy.as_raw_fd()])
             .map(drop)
     }
 

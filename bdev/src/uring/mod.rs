@@ -4,7 +4,9 @@
 //! option; the block size is detected (512 or 4096) or given.
 //!
 //! Unless `locking` is off, the bdev holds an image lock on its file for as
-//! long as it lives ([`crate::lock`]): a writable one holds consistent reads
+//! long as it lives ([`crate::lock`]), on the open file description its I/O
+//! uses (one descriptor per bdev; a reopen moves the lock to the new
+//! description, see [`UringBdev::set_read_only`]): a writable one holds consistent reads
 //! and writes and shares neither writes nor resizes (an exclusive writer, as
 //! a user of SPDK expects); a read-only one holds consistent reads and shares
 //! no writes either, as QEMU's readers do. Deleting the bdev ends the lock.
@@ -50,6 +52,85 @@ impl Default for UringOptions {
     }
 }
 
+/// A file opened as a uring bdev opens it, holding its image lock (unless
+/// locking is off or the caller holds the lock): what a caller that must
+/// hold the lock before it touches the file (a qcow2 open that extends it)
+/// opens first, then makes a bdev of with [`UringBdev::from_file`]. The lock
+/// is on this very open file description, which the bdev's I/O uses.
+pub struct UringFile {
+    path: PathBuf,
+    opts: UringOptions,
+    file: Arc<File>,
+    lock: Option<ImageLock>,
+    /// The lock is an image's above the bdev (see [`UringFile::for_image`]).
+    image_lock: bool,
+}
+
+impl UringFile {
+    /// Opens `path` as [`UringBdev::open`] would, taking `lock`'s
+    /// permissions of its image lock on it (none when `None` or when
+    /// `opts.locking` is off). Nothing is read or written.
+    pub fn open(
+        path: &Path,
+        opts: UringOptions,
+        lock: Option<Perms>,
+    ) -> Result<UringFile, BdevError> {
+        if let Some(bs) = opts.block_size {
+            if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
+                return Err(BdevError::InvalidParam(format!(
+                    "block_size: {bs} is not a power of two between 512 and 65536"
+                )));
+            }
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        // Never blocks (a FIFO is refused before it is opened): see `open_checked`.
+        let file = crate::open_checked::open_checked(path, &mut oo, flags, "opening").map_err(
+            |e| match e {
+                BdevError::Os { source, .. }
+                    if source.raw_os_error() == Some(libc::EINVAL) && opts.direct =>
+                {
+                    BdevError::os(format!("opening {} with O_DIRECT (the filesystem may not support it; try direct=false)", path.display()), source)
+                }
+                e => e,
+            },
+        )?;
+        let file = Arc::new(file);
+        let lock = match lock.filter(|_| opts.locking.enabled()) {
+            Some(perms) => Some(ImageLock::on_file(file.clone(), path, perms)?),
+            None => None,
+        };
+        Ok(UringFile {
+            path: path.to_path_buf(),
+            opts,
+            file,
+            lock,
+            image_lock: false,
+        })
+    }
+
+    /// Like [`UringFile::open`] with the image lock of a qcow2 image opened
+    /// over the file (`qcow2::open_file`): the bdev carries the lock on its
+    /// open file description for the image, whose permissions they are. The
+    /// bdev's own [`Bdev::lock_perms`] and [`Bdev::set_lock_perms`] see no
+    /// lock (the image's do, through [`UringBdev::image_lock_perms`] and
+    /// [`UringBdev::set_image_lock_perms`]), and a reopen moves the lock to
+    /// the new open file unchanged (the image's caller raises or lowers it).
+    pub fn for_image(
+        path: &Path,
+        opts: UringOptions,
+        perms: Perms,
+    ) -> Result<UringFile, BdevError> {
+        let mut f = Self::open(path, opts, Some(perms))?;
+        f.image_lock = true;
+        Ok(f)
+    }
+}
+
 /// A bdev over a file or block device.
 pub struct UringBdev {
     name: String,
@@ -63,8 +144,10 @@ pub struct UringBdev {
     memory_backed: bool,
     uuid: String,
     /// The image lock this bdev holds (`None`: locking off, or held by the
-    /// caller of [`UringBdev::open_under_lock`]).
+    /// caller of [`UringBdev::open_under_lock`]), on `file`.
     lock: Mutex<Option<ImageLock>>,
+    /// `lock` is the image's above ([`UringFile::for_image`]).
+    image_lock: bool,
     /// Writes refused; changed in place by [`UringBdev::set_read_only`].
     read_only: AtomicBool,
 }
@@ -112,6 +195,41 @@ impl UringBdev {
         Self::open_inner(name, path, opts, None, false, None)
     }
 
+    /// The permissions of the lock an image above holds on this file
+    /// ([`UringFile::for_image`]), if it does.
+    pub fn image_lock_perms(&self) -> Option<Perms> {
+        self.held_lock_perms().filter(|_| self.image_lock)
+    }
+
+    /// Changes the permissions of the lock an image above holds on this
+    /// file in place ([`ImageLock::set_perms`]); `Ok(false)` when it holds none.
+    pub fn set_image_lock_perms(&self, perms: Perms) -> Result<bool, BdevError> {
+        if !self.image_lock {
+            return Ok(false);
+        }
+        self.set_held_lock_perms(perms)
+    }
+
+    /// Whether the lock this bdev carries is an image's above it.
+    pub fn holds_image_lock(&self) -> bool {
+        self.image_lock && self.held_lock_perms().is_some()
+    }
+
+    fn held_lock_perms(&self) -> Option<Perms> {
+        self.lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(ImageLock::perms)
+    }
+
+    fn set_held_lock_perms(&self, perms: Perms) -> Result<bool, BdevError> {
+        match self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(l) => l.set_perms(perms).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Ends the bdev's image lock now (it is deleted; a last reference may
     /// still be on its way out).
     pub fn release_lock(&self) {
@@ -144,35 +262,32 @@ impl UringBdev {
         if name.is_empty() {
             return Err(BdevError::InvalidParam("name: must not be empty".into()));
         }
-        if let Some(bs) = opts.block_size {
-            if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
-                return Err(BdevError::InvalidParam(format!(
-                    "block_size: {bs} is not a power of two between 512 and 65536"
-                )));
-            }
+        let f = UringFile::open(path, opts, lock)?;
+        Self::from_file(name, f, Some(uuid), allow_empty)
+    }
+
+    /// The bdev `name` over `f` (holding its lock), with a given UUID (a
+    /// random one when `None`); `allow_empty` as [`UringBdev::open_allow_empty`].
+    /// The file's size is read now.
+    pub fn from_file(
+        name: &str,
+        f: UringFile,
+        uuid: Option<String>,
+        allow_empty: bool,
+    ) -> Result<Arc<UringBdev>, BdevError> {
+        let UringFile {
+            path,
+            opts,
+            file,
+            lock,
+            image_lock,
+        } = f;
+        let path = path.as_path();
+        let uuid = uuid_or_random(uuid)?;
+        if name.is_empty() {
+            return Err(BdevError::InvalidParam("name: must not be empty".into()));
         }
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(!opts.read_only);
-        let mut flags = libc::O_CLOEXEC;
-        if opts.direct {
-            flags |= libc::O_DIRECT;
-        }
-        // Never blocks (a FIFO is refused before it is opened): see `open_checked`.
-        let file = crate::open_checked::open_checked(path, &mut oo, flags, "opening").map_err(
-            |e| match e {
-                BdevError::Os { source, .. }
-                    if source.raw_os_error() == Some(libc::EINVAL) && opts.direct =>
-                {
-                    BdevError::os(format!("opening {} with O_DIRECT (the filesystem may not support it; try direct=false)", path.display()), source)
-                }
-                e => e,
-            },
-        )?;
         let g = probe::probe(&file, path)?;
-        let lock = match lock {
-            Some(perms) => ImageLock::take(path, opts.locking, perms)?,
-            None => None,
-        };
         let detected = if opts.direct {
             g.dio_block.clamp(512, 4096)
         } else {
@@ -209,7 +324,7 @@ impl UringBdev {
         Ok(Arc::new(UringBdev {
             name: name.to_string(),
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file,
             opts,
             block_size,
             num_blocks: std::sync::atomic::AtomicU64::new(num_blocks),
@@ -222,6 +337,7 @@ impl UringBdev {
             memory_backed: g.memory_backed,
             uuid,
             lock: Mutex::new(lock),
+            image_lock,
             read_only: AtomicBool::new(opts.read_only),
         }))
     }
@@ -251,8 +367,13 @@ impl UringBdev {
     /// `dup3`, so every reactor's channel (and a submission already queued on
     /// a ring) uses it from then on without a channel being rebuilt; a request
     /// the kernel already holds keeps the old open file until it completes,
-    /// which is closed then. The image lock this bdev holds (if any) takes a
-    /// reader's or a writer's permissions first. Cached channels check writes
+    /// which is closed then. The image lock this bdev holds (if any) moves
+    /// to the new open file first ([`ImageLock::move_to`]: checked from the
+    /// old one, taken on the new one, then the swap), with a reader's or a
+    /// writer's permissions (an image's lock, [`UringFile::for_image`], with
+    /// the ones it holds); a conflict is [`BdevError::Locked`] and nothing
+    /// changes. The rings' registered copies of the file follow when the
+    /// channels are refreshed ([`Channel::file_reopened`]). Cached channels check writes
     /// against the new mode once refreshed ([`crate::refresh_channel_sizes`]
     /// on every reactor). A file that cannot be opened for writing is refused
     /// with [`BdevError::Os`] ("Could not open '<path>'", QEMU's words) and
@@ -274,21 +395,32 @@ impl UringBdev {
                 BdevError::Os { source, .. } => BdevError::os(what.clone(), source),
                 e => e,
             })?;
+        // The new open file takes the old one's place behind the descriptor
+        // number; the old one closes once no request in flight holds it.
+        let swap = || {
+            nix::unistd::dup3(
+                new.as_raw_fd(),
+                self.file.as_raw_fd(),
+                nix::fcntl::OFlag::O_CLOEXEC,
+            )
+            .map(drop)
+            .map_err(|e| BdevError::os(what.clone(), std::io::Error::from(e)))
+        };
         let mut lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let old_perms = lock.as_ref().map(ImageLock::perms);
-        if let Some(l) = lock.as_mut() {
-            l.set_perms(Perms::for_open(read_only))?;
-        }
-        if let Err(e) = nix::unistd::dup3(
-            new.as_raw_fd(),
-            self.file.as_raw_fd(),
-            nix::fcntl::OFlag::O_CLOEXEC,
-        ) {
-            if let (Some(l), Some(p)) = (lock.as_mut(), old_perms) {
-                let _ = l.set_perms(p);
+        match lock.as_mut() {
+            // The lock moves with the file: checked from the old one, taken
+            // on the new one, then the swap (see `ImageLock::move_to`).
+            Some(l) => {
+                let perms = if self.image_lock {
+                    l.perms()
+                } else {
+                    Perms::for_open(read_only)
+                };
+                l.move_to(&new, perms, swap)?
             }
-            return Err(BdevError::os(what, std::io::Error::from(e)));
+            None => swap()?,
         }
+        drop(lock);
         self.read_only.store(read_only, Ordering::Release);
         tracing::info!(bdev = %self.name, read_only, "file reopened");
         Ok(())
@@ -297,21 +429,19 @@ impl UringBdev {
 
 impl Bdev for UringBdev {
     /// Changes the permissions of the image lock this bdev holds in place
-    /// (see [`ImageLock::set_perms`]); `Ok(false)` when it holds none.
+    /// (see [`ImageLock::set_perms`]); `Ok(false)` when it holds none (or
+    /// carries an image's: [`UringFile::for_image`]).
     fn set_lock_perms(&self, perms: Perms) -> Result<bool, BdevError> {
-        match self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            Some(l) => l.set_perms(perms).map(|()| true),
-            None => Ok(false),
+        if self.image_lock {
+            return Ok(false);
         }
+        self.set_held_lock_perms(perms)
     }
 
-    /// The permissions of the image lock this bdev holds, if any.
+    /// The permissions of the image lock this bdev holds, if any (none when
+    /// it carries an image's: [`UringFile::for_image`]).
     fn lock_perms(&self) -> Option<Perms> {
-        self.lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(ImageLock::perms)
+        self.held_lock_perms().filter(|_| !self.image_lock)
     }
 
     fn name(&self) -> &str {
