@@ -9,6 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+mod vm;
+pub use vm::{run_guest, vm_profile, GuestRun, VM_SKIP};
+
 /// Whether this is the slow soak run (`SLUICE_SOAK=1 scripts/test.sh`):
 /// tests then repeat their crash and kill rounds many more times.
 pub fn soak() -> bool {

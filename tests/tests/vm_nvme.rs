@@ -26,51 +26,21 @@
 //! `sluice` already built).
 
 use serde_json::json;
-use sluice_tests::{qemu_img, qemu_io, run, sluice_bin, workspace_root, Daemon, TempDir};
+use sluice_tests::{qemu_img, qemu_io, run, run_guest, sluice_bin, vm_profile, Daemon, TempDir};
 use std::process::Command;
 use std::time::Instant;
-
-/// What `run.sh` returns when the packages cannot be had.
-const SKIP: i32 = 77;
 
 #[test]
 fn nvme_driver_in_a_qemu_guest() {
     let dir = TempDir::new("vm");
-    let profile = profile();
-    let t0 = Instant::now();
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/vm/run.sh"))
-        .env("SLUICE_PROFILE", &profile)
-        .env("VM_RUN", &dir.0)
-        .env(
-            "VM_TIMEOUT",
-            std::env::var("VM_TIMEOUT").unwrap_or_else(|_| "600".into()),
-        )
-        .output()
-        .expect("run scripts/vm/run.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(SKIP) {
-        eprintln!(
-            "SKIPPED nvme_driver_in_a_qemu_guest: the QEMU packages cannot be downloaded\n{stderr}"
-        );
+    let Some(guest) = run_guest("scripts/vm/run.sh", &[], &dir, false) else {
         return;
-    }
-    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-    let console_tail: String = {
-        let lines: Vec<&str> = console.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
     };
-    assert!(
-        out.status.success()
-            && stdout.contains("SLUICE-VM-RESULT: PASS")
-            && stdout.contains("SLUICE-VM-HOST: PASS"),
-        "scripts/vm/run.sh failed ({:?}):\n{stdout}\n--- stderr\n{stderr}\n--- console (tail)\n{console_tail}",
-        out.status
-    );
     eprintln!(
-        "{stdout}(run.sh took {:.0} s, {profile} build)",
-        t0.elapsed().as_secs_f64()
+        "{}(run.sh took {:.0} s, {} build)",
+        guest.stdout,
+        guest.secs,
+        vm_profile()
     );
 
     // The live copy on namespace 2, checked here again and against the
@@ -260,17 +230,6 @@ fn perf_verify_on_a_qcow2_device_on_two_reactors_exits_cleanly() {
 }
 
 /// The test's build profile, as `run.sh` names it.
-fn profile() -> String {
-    std::env::var("SLUICE_PROFILE").unwrap_or_else(|_| {
-        if cfg!(debug_assertions) {
-            "dev"
-        } else {
-            "release"
-        }
-        .to_string()
-    })
-}
-
 /// What `scripts/vm/rbd/run.sh` gives the guest: overlays, their size and
 /// the range the perf rounds write.
 const RBD_OVERLAYS: usize = 10;
@@ -285,49 +244,22 @@ const PERF_RANGE: std::ops::Range<usize> = (4 << 20)..(8 << 20);
 #[test]
 fn rbd_rapid_deployment_ten_overlays_on_nvme_in_a_qemu_guest() {
     let dir = TempDir::new("vm-rbd");
-    let profile = profile();
-    let t0 = Instant::now();
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/vm/rbd/run.sh"))
-        .env("SLUICE_PROFILE", &profile)
-        .env("VM_SKIP_BUILD", "1")
-        .env("VM_RUN", &dir.0)
-        .env(
-            "VM_TIMEOUT",
-            std::env::var("VM_TIMEOUT").unwrap_or_else(|_| "600".into()),
-        )
-        .output()
-        .expect("run scripts/vm/rbd/run.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(SKIP) {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI installs the QEMU packages and the RBD test dependencies, but:\n{stderr}"
-        );
-        eprintln!("SKIPPED rbd_rapid_deployment_ten_overlays_on_nvme_in_a_qemu_guest:\n{stderr}");
+    let Some(guest) = run_guest("scripts/vm/rbd/run.sh", &[], &dir, true) else {
         return;
-    }
-    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-    let lines: Vec<&str> = console.lines().collect();
-    let console_tail = lines[lines.len().saturating_sub(60)..].join("\n");
-    assert!(
-        out.status.success()
-            && stdout.contains("SLUICE-VM-RESULT: PASS")
-            && stdout.contains("SLUICE-VM-HOST: PASS"),
-        "scripts/vm/rbd/run.sh failed ({:?}):\n{stdout}\n--- stderr\n{stderr}\n--- console (tail)\n{console_tail}",
-        out.status
-    );
+    };
     // The guest's steps (stream time, perf rounds, a client call's time) and
     // the host's per-namespace verdicts, for the record.
-    let steps: Vec<&str> = stderr
+    let steps: Vec<&str> = guest
+        .stderr
         .lines()
         .filter(|l| l.starts_with("scenario:") || l.starts_with("vm: namespace"))
         .collect();
     eprintln!(
-        "{}\n{stdout}(rbd/run.sh took {:.0} s, {profile} build)",
+        "{}\n{}(rbd/run.sh took {:.0} s, {} build)",
         steps.join("\n"),
-        t0.elapsed().as_secs_f64()
+        guest.stdout,
+        guest.secs,
+        vm_profile()
     );
 
     // Each namespace again, with perf's own pattern code as the oracle.
