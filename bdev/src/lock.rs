@@ -458,10 +458,24 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
     }
 
+    /// `/proc/locks` as of one moment. The kernel builds it a read at a
+    /// time and lets the lock list change between reads, so a line can be
+    /// skipped when other threads (tests running beside this one) lock and
+    /// unlock meanwhile: read it until two reads in a row agree.
+    fn proc_locks() -> String {
+        let mut last = std::fs::read_to_string("/proc/locks").unwrap();
+        loop {
+            let now = std::fs::read_to_string("/proc/locks").unwrap();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     fn held_bytes(p: &Path) -> Vec<u64> {
         let ino = std::fs::metadata(p).unwrap().ino();
-        let mut bytes: Vec<u64> = std::fs::read_to_string("/proc/locks")
-            .unwrap()
+        let mut bytes: Vec<u64> = proc_locks()
             .lines()
             .filter(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
             .flat_map(|l| {
