@@ -28,10 +28,17 @@
 use serde_json::json;
 use sluice_tests::{qemu_img, qemu_io, run, run_guest, sluice_bin, vm_profile, Daemon, TempDir};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Instant;
+
+/// The tests of this file run one at a time: the NVMe test's `run.sh` builds
+/// `-p sluice` (its own feature set, so it may relink the binary) while the
+/// others would run that binary or copy it into a guest.
+static GUEST: Mutex<()> = Mutex::new(());
 
 #[test]
 fn nvme_driver_in_a_qemu_guest() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("vm");
     let Some(guest) = run_guest("scripts/vm/run.sh", &[], &dir, false) else {
         return;
@@ -137,6 +144,7 @@ fn make_chain(dir: &TempDir) -> (String, String) {
 /// detached), and the live copy equals the chain.
 #[test]
 fn live_copy_onto_a_bdev_then_the_bdev_is_free_again() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let mut d = Daemon::start_with(&["-m", "0x3"], &[]);
     let dir = TempDir::new("vmh");
     let (_, top) = make_chain(&dir);
@@ -190,6 +198,7 @@ fn live_copy_onto_a_bdev_then_the_bdev_is_free_again() {
 /// outlives nothing it needs when the reactor threads end.
 #[test]
 fn perf_verify_on_a_qcow2_device_on_two_reactors_exits_cleanly() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("vmp");
     let img = dir.join("ns1.img");
     std::fs::File::create(&img)
@@ -243,6 +252,7 @@ const PERF_RANGE: std::ops::Range<usize> = (4 << 20)..(8 << 20);
 /// to the golden image plus the writes.
 #[test]
 fn rbd_rapid_deployment_ten_overlays_on_nvme_in_a_qemu_guest() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("vm-rbd");
     let Some(guest) = run_guest("scripts/vm/rbd/run.sh", &[], &dir, true) else {
         return;
