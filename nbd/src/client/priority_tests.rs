@@ -8,7 +8,7 @@
 //! read (at [`FG_OFF`]) only after [`FG_DELAY`], noting how many requests
 //! had arrived by then.
 
-use super::tests::{cfg, open, runtime, tmpdir};
+use super::tests::{cfg, next_request, open, runtime, tmpdir};
 use super::NbdBdev;
 use crate::proto;
 use bdev::{Bdev, BdevIo, DmaBuf, IoStatus};
@@ -91,16 +91,9 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
         }
     });
     loop {
-        let mut rq = [0u8; proto::REQUEST_LEN];
-        if s.read_exact(&mut rq).is_err() {
-            return;
-        }
-        let Some(r) = proto::decode_request(&rq) else {
+        let Some(r) = next_request(&mut s) else {
             return;
         };
-        if r.cmd == proto::cmd::DISC {
-            return;
-        }
         if r.cmd != proto::cmd::READ {
             return;
         }

@@ -57,6 +57,14 @@ pub(super) fn open(rt: &RuntimeHandle, c: ClientConfig) -> Result<Arc<NbdBdev>, 
 }
 
 /// A server on a Unix socket exporting `bdev` as `name`.
+/// A fake server's next request: `None` at the end of the stream, on garbage
+/// or on `NBD_CMD_DISC`.
+pub(super) fn next_request(s: &mut impl Read) -> Option<proto::Request> {
+    let mut rq = [0u8; proto::REQUEST_LEN];
+    s.read_exact(&mut rq).ok()?;
+    proto::decode_request(&rq).filter(|r| r.cmd != proto::cmd::DISC)
+}
+
 fn serve(
     rt: &RuntimeHandle,
     dir: &Path,
@@ -440,16 +448,9 @@ fn legacy_server(listener: UnixListener) {
             }
         }
         loop {
-            let mut rq = [0u8; proto::REQUEST_LEN];
-            if s.read_exact(&mut rq).is_err() {
-                return;
-            }
-            let Some(r) = proto::decode_request(&rq) else {
+            let Some(r) = next_request(&mut s) else {
                 return;
             };
-            if r.cmd == proto::cmd::DISC {
-                return;
-            }
             if r.cmd == proto::cmd::WRITE {
                 let mut sink = vec![0u8; r.len as usize];
                 if s.read_exact(&mut sink).is_err() {
