@@ -122,15 +122,8 @@ fn set_worker_affinity(ring: &IoUring) {
 
 /// The soft `RLIMIT_NOFILE`, which bounds a registered file table.
 fn nofile_limit() -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit through the valid pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
-        return 1024;
-    }
-    l.rlim_cur
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
 }
 
 /// The arena's regions the kernel can take as fixed buffers (1 GiB at most each).
