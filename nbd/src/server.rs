@@ -40,6 +40,9 @@ pub struct StartOptions {
 }
 
 /// One started server (what `nbd-server-start` creates and `nbd-server-stop` ends).
+/// Longest `nbd-server-stop` waits for its connections to close.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 pub(crate) struct Instance {
     rt: RuntimeHandle,
     events: Option<EventBus>,
@@ -139,6 +142,16 @@ impl Instance {
         for t in tasks {
             let _ = t.block();
         }
+    }
+
+    /// Waits up to `timeout` for every connection to close; `false` if some
+    /// are still open then.
+    fn wait_closed(&self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while self.live.load(Ordering::SeqCst) > 0 && t0.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.live.load(Ordering::SeqCst) == 0
     }
 
     fn close_all(&self) {
@@ -413,7 +426,8 @@ impl NbdServer {
     }
 
     /// Stops listening and closes every export (connections finish what is in
-    /// flight, then close). Returns at once; see [`NbdServer::shutdown`].
+    /// flight, then close), and waits up to 5 s for them to be gone, as QEMU's
+    /// `nbd-server-stop` does; see [`NbdServer::shutdown`].
     pub fn stop(&self) -> Result<(), NbdError> {
         let inst = self
             .inner
@@ -423,6 +437,11 @@ impl NbdServer {
             .ok_or(NbdError::NotRunning)?;
         inst.close_all();
         inst.join_listeners();
+        // As QEMU's nbd-server-stop: when it returns, the exports' connections
+        // are gone, so their nodes can be deleted at once.
+        if !inst.wait_closed(STOP_WAIT) {
+            tracing::warn!("NBD connections still closing after nbd-server-stop");
+        }
         tracing::info!("NBD server stopped");
         Ok(())
     }
@@ -433,12 +452,8 @@ impl NbdServer {
         if let Some(inst) = inst {
             inst.close_all();
             inst.join_listeners();
-            let t0 = Instant::now();
-            while inst.live.load(Ordering::SeqCst) > 0 && t0.elapsed() < timeout {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let left = inst.live.load(Ordering::SeqCst);
-            if left > 0 {
+            if !inst.wait_closed(timeout) {
+                let left = inst.live.load(Ordering::SeqCst);
                 tracing::warn!(connections = left, "NBD connections still open at shutdown");
             }
         }
