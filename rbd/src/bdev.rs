@@ -28,16 +28,19 @@
 //! Control path: opening, resizing, allocation queries and closing block on
 //! the cluster, so they run on helper threads ([`crate::image::off_reactor`]);
 //! allocation comes from `rbd_diff_iterate2` at whole-object granularity
-//! (the parent's included), holes read as zeroes.
+//! (the parent's included), holes read as zeroes; each answer covers up to
+//! 1 GiB and answers the next queries inside it while no write
+//! went through the image ([`crate::status`]).
 
 use crate::cluster::{Cluster, ClusterOptions, SendPtr};
 use crate::config::RbdConfig;
 use crate::error::RbdError;
 use crate::ffi;
 use crate::image::{off_reactor, Image};
+use crate::status::Answer;
 use bdev::{
-    complete_deferred, Bdev, BdevError, BdevIo, Channel, IoStatus, IoType, RangeStatus,
-    RangeStatusFuture, ResizeFuture,
+    complete_deferred, Bdev, BdevError, BdevIo, Channel, IoStatus, IoType, RangeStatusFuture,
+    ResizeFuture,
 };
 use reactor::PollStatus;
 use reactor::RuntimeHandle;
@@ -46,9 +49,10 @@ use smallvec::SmallVec;
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The most one allocation query asks librbd about (a stream asks again
-/// where the answer ends).
+/// where the answer ends; the queries before that are answered from it).
 const STATUS_WINDOW: u64 = 1 << 30;
 
 /// How completions come back to the reactors (see the module's doc).
@@ -299,24 +303,20 @@ impl Bdev for RbdBdev {
                     "offset {offset} is at or beyond the end of the image"
                 )));
             }
-            let ext = off_reactor(move || image.allocated(offset, len)).await?;
-            Ok(match ext.first() {
-                Some(&(s, l)) if s == offset => RangeStatus {
-                    len: l,
-                    allocated: true,
-                    zero: false,
-                },
-                Some(&(s, _)) => RangeStatus {
-                    len: s - offset,
-                    allocated: false,
-                    zero: true,
-                },
-                None => RangeStatus {
-                    len,
-                    allocated: false,
-                    zero: true,
-                },
-            })
+            if let Some(s) = image.status.lookup(offset, len, Instant::now()) {
+                return Ok(s);
+            }
+            let (generation, at) = (image.status.generation(), Instant::now());
+            let img = image.clone();
+            let extents = off_reactor(move || img.allocated(offset, len)).await?;
+            let answer = Answer {
+                lo: offset,
+                hi: offset + len,
+                extents,
+            };
+            let s = answer.at(offset, len);
+            image.status.store(answer, generation, at);
+            Ok(s)
         }))
     }
     fn resize(&self, size: u64) -> Option<ResizeFuture> {
@@ -430,8 +430,16 @@ fn finish(p: Pending, ret: isize, here: Option<usize>) {
     } else {
         IoStatus::Success
     };
-    let Pending { io, route, _iov } = p;
+    let Pending {
+        io,
+        route,
+        _iov,
+        modifies,
+    } = p;
     drop(_iov);
+    if modifies {
+        route.image.status.invalidate();
+    }
     if here == Some(route.idx) {
         // SAFETY: the request left this reactor as this pointer and comes
         // back to it here, once.
@@ -463,6 +471,8 @@ struct Pending {
     route: Arc<Route>,
     // Alive until the completion: librbd keeps the vector for reads.
     _iov: SmallVec<[libc::iovec; 4]>,
+    /// A write, discard or write-zeroes: may change the allocation.
+    modifies: bool,
 }
 
 extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut libc::c_void) {
@@ -493,11 +503,16 @@ impl Channel for RbdChannel {
             .collect();
         let iov_ptr = iov.as_ptr();
         let iov_cnt = iov.len() as libc::c_int;
+        let modifies = matches!(ty, IoType::Write | IoType::Unmap | IoType::WriteZeroes);
+        if modifies {
+            self.route.image.status.invalidate();
+        }
         let raw = Box::into_raw(io);
         let p = Box::into_raw(Box::new(Pending {
             io: SendPtr(raw),
             route: self.route.clone(),
             _iov: iov,
+            modifies,
         }));
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         let cb: ffi::rbd_callback_t = if self.poller.is_some() {

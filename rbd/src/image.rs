@@ -8,6 +8,7 @@ use crate::cluster::{Cluster, SendPtr};
 use crate::config::RbdConfig;
 use crate::error::RbdError;
 use crate::ffi;
+use crate::status::StatusCache;
 use std::ffi::CString;
 use std::sync::Arc;
 
@@ -17,6 +18,8 @@ pub struct Image {
     /// The eventfd librbd signals completions on, when it does
     /// ([`Image::set_notification`]); closed after the image.
     pub(crate) efd: Option<std::os::fd::OwnedFd>,
+    /// The last allocation answer, and what makes it stale.
+    pub(crate) status: StatusCache,
     io: ffi::rados_ioctx_t,
     // Keeps the connection up while the image is open (taken by the close).
     cluster: Option<Arc<Cluster>>,
@@ -97,6 +100,7 @@ impl Image {
             h,
             io,
             efd: None,
+            status: StatusCache::default(),
             cluster: Some(cluster),
         })
     }
@@ -121,8 +125,10 @@ impl Image {
 
     /// Resizes (blocks).
     pub fn resize(&self, size: u64) -> Result<(), RbdError> {
+        self.status.invalidate();
         // SAFETY: h is open.
         let r = unsafe { ffi::rbd_resize(self.h, size) };
+        self.status.invalidate();
         if r < 0 {
             return Err(RbdError::ceph("failed to resize rbd image", r));
         }

@@ -9,6 +9,7 @@
 //! - [`image`]: an open image's blocking calls, run off the reactors.
 //! - [`bdev`]: [`RbdBdev`], the data-path contract over `rbd_aio_*` with
 //!   completions brought back to the submitting reactor.
+//! - [`status`]: an image's last allocation answer, for the next query.
 
 pub mod bdev;
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod image;
+pub mod status;
 
 pub use self::bdev::{RbdBdev, RbdOpen};
 pub use cluster::{Cluster, ClusterOptions, Clusters};
