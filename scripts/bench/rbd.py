@@ -18,6 +18,10 @@ bench; never fio's) per I/O. Then a stream of a local qcow2 overlay whose
 backing is the RBD image (128 MiB of data in 256 MiB), sluice against QSD
 (the overlay's file node with its default aio=threads, and with io_uring),
 alternating, the result compared with the image before a time counts.
+With STREAM_MIB=512 (say) a second stream row copies that much data (in
+an image twice as large) the same way, where fixed costs weigh less;
+STREAM_ONLY=1 runs the streams alone; SLUICE_BIN2 (another build) streams
+beside SLUICE_BIN as "sluice2", in the same alternation (before/after).
 Page caches are dropped before each run. Data: `sluice perf -w verify` on
 the image first, and every NBD server (sluice's, QSD's) passes a fio verify
 run (checksummed 4 KiB writes read back) before its times count; `rbd bench`
@@ -45,7 +49,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.environ.get("SLUICE_BIN", os.path.join(ROOT, "target/release/sluice"))
+BIN2 = os.environ.get("SLUICE_BIN2")
 RUNTIME = int(os.environ.get("RUNTIME", "5"))
+STREAM_MIB = int(os.environ.get("STREAM_MIB", "0"))
+STREAM_ONLY = os.environ.get("STREAM_ONLY") == "1"
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 CLUSTER = os.path.join(ROOT, "scripts/ceph/cluster.sh")
 sys.path.insert(0, os.path.join(ROOT, "scripts/bench"))
@@ -200,16 +207,16 @@ class Bench:
         ops = int(f[3])
         return float(f[5]), cpu, ops
 
-    def stream(self, kind, golden_name):
+    def stream(self, kind, golden_name, size_mib=256):
         ov = os.path.join(self.work, f"ov-{kind}.qcow2")
         if os.path.exists(ov):
             os.unlink(ov)
         backing = f"rbd:rbd/{golden_name}:conf={self.conf}"
-        run("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", ov, "256M")
+        run("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", ov, f"{size_mib}M")
         d = tempfile.mkdtemp(dir=self.work)
         qmp = os.path.join(d, "qmp.sock")
-        if kind == "sluice":
-            p = subprocess.Popen([BIN, "serve", "--runtime-dir", d, "--cores", "0", "--qmp-socket", qmp],
+        if kind in ("sluice", "sluice2"):
+            p = subprocess.Popen([BIN if kind == "sluice" else BIN2, "serve", "--runtime-dir", d, "--cores", "0", "--qmp-socket", qmp],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
             p = subprocess.Popen(["qemu-storage-daemon", "--chardev",
@@ -243,7 +250,7 @@ class Bench:
         finally:
             p.terminate()
             p.wait(20)
-        ref = os.path.join(self.work, "golden.raw")
+        ref = os.path.join(self.work, f"{golden_name}.raw")
         run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov, ref)
         return t, cpu
 
@@ -257,7 +264,7 @@ def main():
         print(f"load before: {open('/proc/loadavg').read().split()[:3]}")
         b.verify_perf()
         res = {}
-        for wl in WORKLOADS:
+        for wl in [] if STREAM_ONLY else WORKLOADS:
             rw, bs, qd = wl
             runners = [("sluice perf (message)", lambda: b.sluice_perf(rw, bs, qd, "message")),
                        ("sluice perf (eventfd)", lambda: b.sluice_perf(rw, bs, qd, "eventfd")),
@@ -290,23 +297,27 @@ def main():
             m = res[(wl, "sluice perf (message)")]
             e = res[(wl, "sluice perf (eventfd)")]
             print(f"  eventfd/message: {sum(x[0] for x in e) / sum(x[0] for x in m):.2f}x IOPS")
-        # Stream: 128 MiB of data in a 256 MiB image.
-        golden = os.path.join(work, "golden.raw")
-        run("qemu-img", "create", "-f", "raw", golden, "256M")
-        cmds = []
-        for i in range(32):
-            cmds += ["-c", f"write -P {0x10 + i} {i * 8}M 4M"]
-        run("qemu-io", "-f", "raw", *cmds, golden)
-        run("rbd", "-c", b.conf, "import", golden, "rbd/golden")
-        st = {"sluice": [], "qsd": [], "qsd-uring": []}
-        for r in range(ROUNDS):
-            for kind in (list(st) if r % 2 == 0 else list(st)[::-1]):
-                st[kind].append(b.stream(kind, "golden"))
-        print("\nstream of a 256 MiB overlay on RBD (128 MiB of data):")
-        for k, v in st.items():
-            print(f"  {k:8s} {[round(x[0], 2) for x in v]} s  CPU {[round(x[1], 2) for x in v]} s")
-        for k in ("qsd", "qsd-uring"):
-            print(f"  {k} time / sluice time: {sum(x[0] for x in st[k]) / sum(x[0] for x in st['sluice']):.2f}x")
+        # Stream: 128 MiB of data in a 256 MiB image (and STREAM_MIB in twice that).
+        rows = [("golden", 128)] + ([(f"golden{STREAM_MIB}", STREAM_MIB)] if STREAM_MIB else [])
+        for name, data_mib in rows:
+            golden = os.path.join(work, f"{name}.raw")
+            run("qemu-img", "create", "-f", "raw", golden, f"{2 * data_mib}M")
+            cmds = []
+            for i in range(data_mib // 4):
+                cmds += ["-c", f"write -P {0x10 + i % 0xe0} {i * 8}M 4M"]
+            run("qemu-io", "-f", "raw", *cmds, golden)
+            run("rbd", "-c", b.conf, "import", golden, f"rbd/{name}")
+            st = {"sluice": []} | ({"sluice2": []} if BIN2 else {}) | {"qsd": [], "qsd-uring": []}
+            for r in range(ROUNDS):
+                for kind in (list(st) if r % 2 == 0 else list(st)[::-1]):
+                    st[kind].append(b.stream(kind, name, 2 * data_mib))
+            print(f"\nstream of a {2 * data_mib} MiB overlay on RBD ({data_mib} MiB of data):")
+            for k, v in st.items():
+                print(f"  {k:9s} {[round(x[0], 2) for x in v]} s  CPU {[round(x[1], 2) for x in v]} s")
+            for k in [k for k in st if k != "sluice"]:
+                print(f"  {k} time / sluice time: {sum(x[0] for x in st[k]) / sum(x[0] for x in st['sluice']):.2f}x")
+            if BIN2:
+                print(f"  qsd time / sluice2 time: {sum(x[0] for x in st['qsd']) / sum(x[0] for x in st['sluice2']):.2f}x")
         print(f"load after: {open('/proc/loadavg').read().split()[:3]}")
     finally:
         b.stop()
