@@ -405,4 +405,8 @@ impl CopyOps for CommitOps {
     fn client_ops(&self) -> Option<u64> {
         self.watch.as_ref().map(|w| w.activity().ops)
     }
+
+    async fn settle(&self) {
+        copy::settle_flush(&self.base_ch).await
+    }
 }

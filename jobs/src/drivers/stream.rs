@@ -189,4 +189,8 @@ impl CopyOps for StreamOps {
     fn client_ops(&self) -> Option<u64> {
         self.watch.as_ref().map(|w| w.activity().ops)
     }
+
+    async fn settle(&self) {
+        copy::settle_flush(&self.ch).await
+    }
 }
