@@ -41,7 +41,10 @@ ceph_missing() { # why the Ceph side cannot run here, if it cannot
     for t in ceph-mon ceph-osd ceph rbd; do
         command -v "$t" >/dev/null || { echo "$t is not installed (ceph-mon, ceph-osd, ceph-common)"; return; }
     done
-    ldd "$1" | grep -q librbd || echo "sluice was built without librbd (librbd-dev, librados-dev)"
+    # grep reads all of ldd's output: `grep -q` would stop at the first
+    # match and, under pipefail, ldd's SIGPIPE would fail the pipeline (about
+    # one check in ten said "built without librbd" of a binary linking it).
+    ldd "$1" | grep librbd >/dev/null || echo "sluice was built without librbd (librbd-dev, librados-dev)"
 }
 
 # The cluster, the golden image (8 MiB of data in 1 MiB pieces, holes between)
@@ -113,8 +116,8 @@ rbd_host_checks() {
         out=$(qemu-img check -f qcow2 "$img" 2>&1) || rc=$?
         [[ $rc == 0 ]] || { why+=("namespace $i: qemu-img check exit $rc: $(echo "$out" | tr '\n' ' ')"); continue; }
         out=$(qemu-img info -f qcow2 "$img")
-        if echo "$out" | grep -q "^backing file"; then why+=("namespace $i still has a backing file"); fi
-        echo "$out" | grep -q "^virtual size: 32 MiB" || why+=("namespace $i: $(echo "$out" | grep '^virtual size')")
+        if grep "^backing file" <<<"$out" >/dev/null; then why+=("namespace $i still has a backing file"); fi
+        grep "^virtual size: 32 MiB" <<<"$out" >/dev/null || why+=("namespace $i: $(echo "$out" | grep '^virtual size')")
         rc=0
         out=$(timeout 120 python3 "$RHERE/check.py" "$RUN/golden.raw" "$img" "$PERF_OFF" "$PERF_LEN" 2>&1) || rc=$?
         log "namespace $i: ${out##*$'\n'}"
