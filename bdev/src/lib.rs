@@ -14,6 +14,7 @@ pub mod device;
 pub mod dma;
 mod error;
 pub mod error_bdev;
+pub mod filter;
 mod io;
 mod leaf;
 pub mod lock;

@@ -39,7 +39,6 @@ use crate::BdevError;
 use nix::fcntl::{fcntl, FcntlArg};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -185,8 +184,11 @@ impl ImageLock {
     /// read-only and non-blocking: it never reads, writes or waits): for a
     /// holder that does no I/O; a node's I/O shares its lock's file
     /// ([`ImageLock::on_file`]).
-    /// `Ok(None)` when `mode` is [`LockMode::Off`].
-    pub fn take(path: &Path, mode: LockMode, perms: Perms) -> Result<Option<ImageLock>, BdevError> {
+    /// `Ok(None)` when `mode` is [`LockMode::Off`]. Only this module's tests
+    /// take one so: every holder in the service does I/O on its file.
+    #[cfg(test)]
+    fn take(path: &Path, mode: LockMode, perms: Perms) -> Result<Option<ImageLock>, BdevError> {
+        use std::os::unix::fs::OpenOptionsExt;
         if !mode.enabled() {
             return Ok(None);
         }

@@ -10,7 +10,7 @@
 
 mod qcow2_common;
 
-use bdev::lock::{ImageLock, LockMode, Perms};
+use bdev::lock::{ImageLock, Perms};
 use bdev::qcow2::OpenOptions;
 use bdev::uring::{UringBdev, UringOptions};
 use bdev::{channel, read_at, write_at, Bdev, BdevError, DmaBuf};
@@ -81,9 +81,16 @@ fn fds_on(path: &std::path::Path) -> usize {
         .count()
 }
 
+/// Another holder's lock on `path`, through a descriptor of its own (as
+/// another process would take it).
+fn other_lock(path: &std::path::Path, perms: Perms) -> Result<ImageLock, BdevError> {
+    let f = std::fs::File::open(path).expect("open the file to lock it");
+    ImageLock::on_file(Arc::new(f), path, perms)
+}
+
 /// Another holder's reader lock on `path` (as `qemu-io -r` would take).
-fn other_reader(path: &std::path::Path) -> Result<Option<ImageLock>, BdevError> {
-    ImageLock::take(path, LockMode::On, Perms::READER)
+fn other_reader(path: &std::path::Path) -> Result<ImageLock, BdevError> {
+    other_lock(path, Perms::READER)
 }
 
 #[test]
@@ -199,7 +206,7 @@ fn an_image_opened_read_only_is_written_after_a_reopen_and_trimmed_after() {
     drop(other_reader(&path).expect("a reader beside the image"));
     assert!(
         matches!(
-            ImageLock::take(&path, LockMode::On, Perms::WRITER),
+            other_lock(&path, Perms::WRITER),
             Err(BdevError::Locked { .. })
         ),
         "a writer got in beside the image"
@@ -231,8 +238,5 @@ fn an_image_opened_read_only_is_written_after_a_reopen_and_trimmed_after() {
     drop(q);
     rt.shutdown();
     // The image's lock ended with it (its reactors' channels gone too).
-    drop(
-        ImageLock::take(&path, LockMode::On, Perms::WRITER)
-            .expect("a writer after the image is gone"),
-    );
+    drop(other_lock(&path, Perms::WRITER).expect("a writer after the image is gone"));
 }

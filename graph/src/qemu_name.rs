@@ -20,11 +20,15 @@
 //! front door) is its root; a null bdev is `null-co`; a malloc bdev, an error
 //! bdev and an NVMe namespace have no QEMU equivalent that could be reopened,
 //! and get sluice-only `json:` names (`malloc`, `error`) or QEMU's `nvme://`.
+//! A job's filter node (`bdev::filter`) is QEMU's: `copy-on-read` known by
+//! its options (`json:{"driver": "copy-on-read", "file": {...}}`),
+//! `commit_top` and `mirror_top` by their child's name.
 //! The management layer (`blockdev-add` nodes, whose options it knows)
 //! answers first through [`register_describer`].
 
 use bdev::device::Device;
 use bdev::error_bdev::ErrorBdev;
+use bdev::filter::{FilterBdev, FilterKind};
 use bdev::malloc::MallocBdev;
 use bdev::null::NullBdev;
 use bdev::nvme::bdev::NvmeBdev;
@@ -121,6 +125,21 @@ fn describe_as(b: &Arc<dyn Bdev>, as_file: bool) -> QemuNode {
     }
     if let Some(d) = Device::from_bdev(b) {
         return describe_as(&d.root(), as_file);
+    }
+    if let Some(f) = FilterBdev::from_bdev(b) {
+        let child = f.child().map(|c| describe(&c));
+        return match (f.kind(), child) {
+            // QEMU names a copy-on-read node by its options; commit_top and
+            // mirror_top take their child's name.
+            (FilterKind::CopyOnRead, Some(c)) => {
+                options(f.kind().driver(), [("file", Value::Object(to_qdict(&c)))])
+            }
+            (_, Some(c)) => QemuNode::Format {
+                driver: f.kind().driver().into(),
+                file: Box::new(c),
+            },
+            (_, None) => options(f.kind().driver(), [("node-name", Value::from(b.name()))]),
+        };
     }
     if let Some(n) = any.downcast_ref::<NullBdev>() {
         let mut o = vec![("size", Value::from(b.size()))];

@@ -67,6 +67,8 @@ struct State {
     progress_violations: Vec<(u64, u64)>,
     job: Option<Arc<Job>>,
     hook: Option<Hook>,
+    /// Every settle: (chunks in flight, the job's offset) at the time.
+    settles: Vec<(usize, u64)>,
 }
 
 struct Model {
@@ -162,6 +164,13 @@ impl CopyOps for Model {
             }
             Ok(())
         })
+    }
+
+    fn settle(&self) -> impl std::future::Future<Output = ()> {
+        let mut s = self.lock();
+        let at = (s.inflight, s.job.as_ref().map_or(0, |j| j.progress().0));
+        s.settles.push(at);
+        async {}
     }
 
     /// While the test says clients are busy (`clients` odd), every look
@@ -605,6 +614,11 @@ fn stop_then_retry(name: &str, on_error: OnError, errno: i32, io_status: &str) {
         assert_eq!(i.io_status, io_status, "round {round}");
         assert!(i.paused && !i.busy);
         assert_eq!(r.st().inflight, 0, "paused with I/O in flight");
+        // The target settled once before this pause, with nothing in
+        // flight, at the offset the paused job reports.
+        let settles = r.st().settles.clone();
+        assert_eq!(settles.len(), round + 1, "round {round}: {settles:?}");
+        assert_eq!(settles[round], (0, i.offset), "round {round}");
         r.job.resume().unwrap();
     }
     r.wait_concluded();

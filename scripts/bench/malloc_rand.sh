@@ -42,7 +42,7 @@ qemu_iops() { # RW AIO
     out=$(taskset -c "$CORE" qemu-img bench -f raw -t writeback -i "$2" -d 32 -s 4096 -c "$COUNT" \
         -S $((4096 * 16411)) "${w[@]}" "$SHM" 2>&1) || { echo "qemu-img bench failed: $out" >&2; exit 1; }
     if [ "$1" = randwrite ]; then
-        qemu-io -f raw -c 'read -P 0xa5 0 4k' "$SHM" | grep -q '^read' || { echo "qemu-img bench's data is not there" >&2; exit 1; }
+        qemu-io -f raw -c 'read -P 0xa5 0 4k' "$SHM" | grep '^read' >/dev/null || { echo "qemu-img bench's data is not there" >&2; exit 1; }
     fi
     python3 -c 'import re,sys; t=float(re.search(r"completed in ([0-9.]+)", sys.argv[2]).group(1)); print(int(sys.argv[1])/t)' "$COUNT" "$out"
 }

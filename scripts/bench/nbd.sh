@@ -35,7 +35,7 @@ BENCH_DIR="${BENCH_DIR:-/var/tmp}"
 BIN="${SLUICE_BIN:-target/release/sluice}"
 
 command -v fio >/dev/null || { echo "fio is missing (apt-get install fio)"; exit 1; }
-fio --enghelp 2>/dev/null | grep -qw nbd || { echo "this fio has no nbd engine"; exit 1; }
+fio --enghelp 2>/dev/null | grep -w nbd >/dev/null || { echo "this fio has no nbd engine"; exit 1; }
 command -v qemu-storage-daemon >/dev/null || { echo "qemu-storage-daemon is missing"; exit 1; }
 [ -x "$BIN" ] || cargo build --release -p sluice --bin sluice
 

@@ -64,7 +64,7 @@ for t in qemu-img qemu-storage-daemon python3; do
   command -v "$t" >/dev/null || { echo "$t is missing"; exit 1; }
 done
 if [ "$NBD" = 1 ]; then
-  command -v fio >/dev/null && fio --enghelp 2>/dev/null | grep -qw nbd ||
+  command -v fio >/dev/null && fio --enghelp 2>/dev/null | grep -w nbd >/dev/null ||
     { echo "fio with the nbd engine is missing (NBD=0 skips the NBD part)"; exit 1; }
 fi
 [ -x "$BIN" ] || cargo build --release -p sluice --bin sluice
@@ -99,7 +99,7 @@ qemu_bench() {
   out=$(taskset -c "$SERVER_CPU" qemu-img bench -f "$fmt" -t "$QCACHE" -i "$aio" -d "$QD" -s 4096 \
     -c "$QIB_COUNT" -S "$STEP" "$@" "$file" 2>&1) || { echo "qemu-img bench failed: $out" >&2; exit 1; }
   if [ "${1:-}" = -w ]; then
-    qemu-io -f "$fmt" -c 'read -P 0xa5 0 4k' "$file" | grep -q '^read' ||
+    qemu-io -f "$fmt" -c 'read -P 0xa5 0 4k' "$file" | grep '^read' >/dev/null ||
       { echo "qemu-img bench's writes are not in $file" >&2; exit 1; }
   fi
   python3 -c 'import re,sys; t=float(re.search(r"completed in ([0-9.]+)", sys.argv[2]).group(1)); print(int(int(sys.argv[1])/t))' \

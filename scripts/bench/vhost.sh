@@ -30,21 +30,16 @@ export VM_RUN=${VM_RUN:-$PWD/scripts/vm/work/run-bench}
 set --
 # shellcheck source=../vm/vhost/run.sh
 source scripts/vm/vhost/run.sh
-mkdir -p "$WORK" "$RUN"
 if [[ -z ${SLUICE:-} ]]; then
-    (cd "$BENCH_ROOT" && cargo build -q --release -p sluice --bin sluice)
+    # The workspace's feature set, as scripts/test.sh builds it (lib.sh's build_sluice).
+    (cd "$BENCH_ROOT" && cargo build -q --release --workspace --bins)
     SLUICE=$BENCH_ROOT/target/release/sluice
 fi
-exec 9> "$WORK/.lock"
-flock 9
-kpkg=$(fetch)
-unpack
-kernel=$(vmlinux)
-flock -u 9
+prepare_guest
 gcc -O2 -static -Wall -o "$RUN/randread" "$BENCH_ROOT/scripts/bench/vhost_randread.c"
-guest_initramfs "${kpkg#linux-image-}"
+guest_initramfs
 R="$WORK/root"
-export SLUICE SLUICE_B=${SLUICE_B:-} KINDS=${KINDS:-} RUN KERNEL=$kernel QEMU_ROOT=$R MEM SMP
+export SLUICE SLUICE_B=${SLUICE_B:-} KINDS=${KINDS:-} RUN KERNEL QEMU_ROOT=$R MEM SMP
 export ROUNDS=${ROUNDS:-2} SECS=${SECS:-15} WARMUP=${WARMUP:-3} SIZE_MB=${SIZE_MB:-256}
 export OUT=${OUT:-$BENCH_ROOT/bench-vhost.jsonl} DATA_DIR=${DATA_DIR:-/var/tmp/sluice-bench-vhost}
 PY=$BENCH_ROOT/.venv/bin/python

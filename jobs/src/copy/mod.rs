@@ -26,7 +26,12 @@
 //!   complete beyond one still in flight or failed are counted once it is
 //!   done, so the offset on an error means what QEMU's sequential copy
 //!   means by it: everything before it is done;
-//! - stops at pause points with nothing in flight (pause, cancel, error).
+//! - stops at pause points with nothing in flight (pause, cancel, error);
+//!   before a pause it lets the target settle ([`CopyOps::settle`]: the
+//!   stream and the commit flush it), so the offset a paused job reports is
+//!   on the disk with its metadata, what a crash would keep: an image's new
+//!   L2 entries otherwise wait in its cache for the next flush, which a job
+//!   paused on a full disk could wait for indefinitely.
 //!
 //! Returns `Ok` when everything was copied, the error (the first errno's
 //! text, as QEMU reports it) when an error was reported or ignored, and
@@ -160,6 +165,22 @@ pub trait CopyOps: 'static {
     /// or `None`: no clients to yield to.
     fn client_ops(&self) -> Option<u64> {
         None
+    }
+    /// Makes what the chunks copied so far wrote reach the target's disk,
+    /// metadata included (the copier is about to pause with nothing in
+    /// flight). Best effort: a failure (a full disk) is the next chunk's to
+    /// report. The default does nothing.
+    fn settle(&self) -> impl Future<Output = ()> {
+        async {}
+    }
+}
+
+/// Flushes `ch` (a copy's target) for [`CopyOps::settle`]; a failure is
+/// logged, not returned.
+pub async fn settle_flush(ch: &bdev::IoChannel) {
+    let io = bdev::submit_wait(ch, bdev::BdevIo::new(bdev::IoType::Flush, 0, 0, None, None)).await;
+    if !io.status.is_ok() {
+        tracing::debug!(status = ?io.status, "flush of a copy's target before a pause failed");
     }
 }
 

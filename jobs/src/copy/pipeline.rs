@@ -114,7 +114,12 @@ pub async fn copy_all<O: CopyOps>(job: &Arc<Job>, ops: Rc<O>, t: &Tuning) -> Res
                 job.wait_kick().await;
                 continue;
             }
-            if report || !job.pause_point().await {
+            if report || job.is_cancelled() {
+                break;
+            }
+            // Pausing: the done prefix reaches the disk first (see the module doc).
+            ops.settle().await;
+            if !job.pause_point().await {
                 break;
             }
             continue;

@@ -39,8 +39,10 @@ mod resolve;
 pub use resolve::{resolve, CommitError, CommitParams, CommitPlan};
 
 use crate::copy::{self, BufPool, Chunk, CopyError, CopyOps, Extent, Tuning};
+use crate::job::filter::{FilterNode, Filtered};
 use crate::job::{self, IoOperation, Job, JobDriver, JobKind, JobManager, Step};
 use bdev::device::{ClientWatch, Device};
+use bdev::filter::FilterKind;
 use bdev::{submit_wait, Bdev, BdevError, BdevIo, IoChannel, IoType};
 use graph::lock::WriterLock;
 use graph::node::{self, ImageNode};
@@ -66,6 +68,28 @@ pub fn start(
 ) -> Result<Arc<Job>, CommitError> {
     let (mut plan, spec) = resolve(g, mgr, &p)?;
     let owner = plan.owner;
+    // QEMU's filter over top: an active commit's mirror_top comes before
+    // the job (a bad name: no job), an intermediate one's commit_top after
+    // it (a bad name: the job is created and ends at once).
+    let filter = match &p.job.filter_node_name {
+        Some(n) => {
+            let kind = if plan.overlay.is_none() {
+                FilterKind::MirrorTop
+            } else {
+                FilterKind::CommitTop
+            };
+            match FilterNode::insert(g, n, kind, &plan.top_bdev) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    if plan.overlay.is_some() {
+                        mgr.create(spec).map_err(CommitError::Job)?.abandon();
+                    }
+                    return Err(CommitError::Invalid(e.to_string()));
+                }
+            }
+        }
+        None => None,
+    };
     // A read-only base (libvirt adds the lower layers so) is reopened
     // read-write for the job and read-only again in `clean`, as QEMU's
     // commit_start / commit_active_start do; an active commit's base stays
@@ -100,7 +124,7 @@ pub fn start(
             inner: active::ActiveCommit::new(plan, tuning, spec.on_error),
             rw: slot.clone(),
         };
-        job::start(mgr, rt, spec, owner, Some(0), driver)
+        job::start(mgr, rt, spec, owner, Some(0), Filtered::new(driver, filter))
     } else {
         let len = Some(plan.top_bdev.size());
         let driver = CommitDriver {
@@ -108,7 +132,7 @@ pub fn start(
             tuning,
             base_rw: slot.clone(),
         };
-        job::start(mgr, rt, spec, owner, len, driver)
+        job::start(mgr, rt, spec, owner, len, Filtered::new(driver, filter))
     };
     r.map_err(|e| {
         if let Some(rw) = take(&slot) {
@@ -404,5 +428,9 @@ impl CopyOps for CommitOps {
 
     fn client_ops(&self) -> Option<u64> {
         self.watch.as_ref().map(|w| w.activity().ops)
+    }
+
+    async fn settle(&self) {
+        copy::settle_flush(&self.base_ch).await
     }
 }

@@ -30,7 +30,9 @@ pub use self::core::{CopyMode, Init, Mirror, Setup};
 pub use resolve::{resolve, source_of, MirrorError, MirrorParams, MirrorPlan, SyncMode};
 
 use crate::copy::Tuning;
+use crate::job::filter::{FilterNode, Filtered};
 use crate::job::{self, Job, JobDriver, JobKind, JobManager, JobSpec, Step};
+use bdev::filter::FilterKind;
 use graph::Graph;
 use reactor::RuntimeHandle;
 use std::sync::Arc;
@@ -50,6 +52,14 @@ pub fn start(
     tuning: Tuning,
 ) -> Result<Arc<Job>, MirrorError> {
     let (plan, spec) = resolve(g, mgr, &p)?;
+    // QEMU's mirror_top node comes before the job (a bad name: no job).
+    let filter = match &p.job.filter_node_name {
+        Some(n) => Some(
+            FilterNode::insert(g, n, FilterKind::MirrorTop, &plan.source)
+                .map_err(|e| MirrorError::Invalid(e.to_string()))?,
+        ),
+        None => None,
+    };
     // QEMU creates the job, then refuses a negative speed or the target:
     // created, null.
     let refusal = match p.job.speed() {
@@ -78,7 +88,7 @@ pub fn start(
     );
     let mode = mirror.mode();
     let owner = plan.owner;
-    let driver = MirrorDriver { mirror, plan };
+    let driver = Filtered::new(MirrorDriver { mirror, plan }, filter);
     let job = job::start(mgr, rt, spec, owner, Some(0), driver).map_err(MirrorError::Job)?;
     job.set_ext(mode);
     Ok(job)

@@ -16,8 +16,10 @@ pub(crate) use resolve::matches_file;
 pub use resolve::{resolve, StreamError, StreamParams, StreamPlan};
 
 use crate::copy::{self, BufPool, Chunk, CopyError, CopyOps, Extent, Tuning};
+use crate::job::filter::{FilterNode, Filtered};
 use crate::job::{self, IoOperation, Job, JobDriver, JobKind, JobManager, Step};
 use bdev::device::{ClientWatch, Device};
+use bdev::filter::FilterKind;
 use bdev::{Bdev, BdevError, IoChannel};
 use graph::node::ImageNode;
 use reactor::RuntimeHandle;
@@ -49,7 +51,14 @@ pub fn start(
     let owner = plan.owner;
     // QEMU's job sets its length on its first run, inside the command.
     let len = (!plan.noop).then(|| plan.top_bdev.size());
-    let driver = StreamDriver { plan, tuning };
+    let filter = match &p.job.filter_node_name {
+        Some(n) => Some(
+            FilterNode::insert(g, n, FilterKind::CopyOnRead, &plan.top_bdev)
+                .map_err(|e| StreamError::Invalid(format!("Could not create node: {e}")))?,
+        ),
+        None => None,
+    };
+    let driver = Filtered::new(StreamDriver { plan, tuning }, filter);
     job::start(mgr, rt, spec, owner, len, driver).map_err(StreamError::Job)
 }
 
@@ -188,5 +197,9 @@ impl CopyOps for StreamOps {
 
     fn client_ops(&self) -> Option<u64> {
         self.watch.as_ref().map(|w| w.activity().ops)
+    }
+
+    async fn settle(&self) {
+        copy::settle_flush(&self.ch).await
     }
 }

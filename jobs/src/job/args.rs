@@ -24,6 +24,9 @@ pub struct BlockJobArgs {
     /// devices, throttle nodes). Only the copier's jobs (stream, intermediate
     /// commit) take it.
     pub throttle: Option<Arc<bdev::throttle::GroupUse>>,
+    /// `filter-node-name` (stream, commit, mirror): the name of the filter
+    /// node shown above the job's node while it runs (`filter.rs`).
+    pub filter_node_name: Option<String>,
 }
 
 impl BlockJobArgs {

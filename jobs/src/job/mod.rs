@@ -8,6 +8,7 @@ mod args;
 mod control;
 pub mod driver;
 pub mod event;
+pub mod filter;
 mod kind;
 mod manager;
 mod run;

@@ -28,9 +28,8 @@ struct BlockCommit {
     backing_mask_protocol: Option<bool>,
     speed: Option<i64>,
     on_error: Option<String>,
-    /// Accepted as QEMU does; sluice inserts no filter node, so the name
-    /// never appears in the graph.
-    #[allow(dead_code)]
+    /// The commit_top (mirror_top for an active commit) node shown above
+    /// top while the job runs.
     filter_node_name: Option<String>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
@@ -114,6 +113,7 @@ fn block_commit(svc: &Service, p: Params) -> Result<Value, RpcError> {
             auto_finalize: a.auto_finalize,
             auto_dismiss: a.auto_dismiss,
             throttle: None,
+            filter_node_name: a.filter_node_name,
         },
         device: a.device,
         top_node: a.top_node,

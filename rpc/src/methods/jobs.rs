@@ -229,6 +229,7 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
             auto_finalize,
             auto_dismiss,
             throttle,
+            filter_node_name,
         },
         device,
         base,
@@ -244,9 +245,11 @@ fn block_stream(svc: &Service, p: Params) -> Result<Value, RpcError> {
 }
 
 /// QEMU names the copy-on-read filter it inserts `filter-node-name`: a
-/// name that could not be given to a new node is refused as QEMU refuses it.
-/// (sluice's stream needs no filter node: guest reads during the job are
-/// served through the chain, and the copier populates the top.)
+/// name that could not be given to a new node is refused as QEMU refuses it
+/// (before the stream's own checks). sluice's stream needs no filter in the
+/// data path (guest reads during the job are served through the chain, and
+/// the copier populates the top): the node is only shown while the job runs
+/// (`jobs::job::filter`).
 fn check_filter_name(svc: &Service, name: &str) -> Result<(), RpcError> {
     let prefixed = |e: RpcError| RpcError {
         message: format!("Could not create node: {}", e.message),

@@ -72,8 +72,8 @@ fn blockdev_mirror(svc: &Service, p: Params) -> Result<Value, RpcError> {
     common_tail(&mut a, &mut m)?;
     m.on_source = on_error(&mut a, "on-source-error")?;
     m.on_target = on_error(&mut a, "on-target-error")?;
-    // Accepted as QEMU does; sluice inserts no filter node.
-    a.str("filter-node-name")?;
+    // The mirror_top node shown above the source while the job runs.
+    m.job.filter_node_name = a.str("filter-node-name")?;
     m.write_blocking = a.enumeration("copy-mode", &COPY_MODE)?.as_deref() == Some("write-blocking");
     m.job.auto_finalize = a.bool("auto-finalize")?;
     m.job.auto_dismiss = a.bool("auto-dismiss")?;

@@ -14,6 +14,7 @@ use crate::methods::nodes::{check_names, delete_node, locking_param, open, Open}
 use crate::service::Service;
 use crate::table::{MethodTable, Params};
 use bdev::device::Device;
+use bdev::filter::FilterBdev;
 use bdev::lock::LockMode;
 use bdev::qcow2::{self, CreateOptions};
 use bdev::Bdev;
@@ -258,8 +259,48 @@ fn image_info(b: &Arc<dyn Bdev>, depth: usize) -> Value {
     v
 }
 
+/// QAPI `BlockDeviceInfo` of a job's filter node (QEMU's `copy-on-read`,
+/// `commit_top`, `mirror_top`): its own `image` of the filter's format over
+/// its child's, and the child's chain in its depth.
+fn filter_info(b: &Arc<dyn Bdev>, child: Option<Arc<dyn Bdev>>) -> Value {
+    let format = node::format_of(b);
+    let file = node::filename_of(b);
+    let mut image = json!({
+        "filename": file,
+        "format": format,
+        "virtual-size": b.size(),
+        "dirty-flag": false,
+    });
+    let mut depth = 0;
+    if let Some(c) = &child {
+        image["actual-size"] = json!(actual_size(c));
+        if let Some(img) = node::image(c) {
+            image["cluster-size"] = json!(img.cluster_size());
+        }
+        image["backing-image"] = image_info(c, 1);
+        depth = node::chain(c).len();
+    }
+    json!({
+        "node-name": b.name(),
+        "active": true,
+        "file": file,
+        "ro": b.read_only(),
+        "drv": format,
+        "backing_file_depth": depth,
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "cache": {"writeback": true, "direct": false, "no-flush": false},
+        "image": image,
+    })
+}
+
 /// QAPI `BlockDeviceInfo` of a node.
 fn node_info(b: &Arc<dyn Bdev>) -> Value {
+    if let Some(f) = FilterBdev::from_bdev(b) {
+        return filter_info(b, f.child());
+    }
     let depth = node::chain(b).len() - 1;
     let mut v = json!({
         "node-name": b.name(),

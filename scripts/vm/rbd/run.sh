@@ -24,21 +24,15 @@
 # STREAM_SPEED (bytes/s per stream, 8 MiB/s; 0: unlimited).
 set -euo pipefail
 RHERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-export VM_CACHE=${VM_CACHE:-$RHERE/../cache} VM_WORK=${VM_WORK:-$RHERE/../work}
-set --
-# shellcheck source=../run.sh
-source "$RHERE/../run.sh"
-HERE=$(cd "$RHERE/.." && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+# shellcheck source=../lib.sh
+source "$RHERE/../lib.sh"
+HERE=$VM_DIR
 RUN=${VM_RUN:-$WORK/run-rbd}
 MEM=${VM_MEM:-1536M}
 N=${RBD_OVERLAYS:-10}
 SIZE=$((32 << 20))
 PERF_OFF=$((4 << 20)) PERF_LEN=$((4 << 20))
 BACKING="rbd:rbd/golden@v1:conf=/etc/ceph/ceph.conf"
-NVME_MODULES="crc64 crc64-rocksoft crct10dif_common crc-t10dif t10-pi nvme-core nvme vfio irqbypass
-    vfio_virqfd vfio-pci-core vfio-pci vfio_iommu_type1"
 NET_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover
     net_failover virtio_net"
 
@@ -47,7 +41,10 @@ ceph_missing() { # why the Ceph side cannot run here, if it cannot
     for t in ceph-mon ceph-osd ceph rbd; do
         command -v "$t" >/dev/null || { echo "$t is not installed (ceph-mon, ceph-osd, ceph-common)"; return; }
     done
-    ldd "$1" | grep -q librbd || echo "sluice was built without librbd (librbd-dev, librados-dev)"
+    # grep reads all of ldd's output: `grep -q` would stop at the first
+    # match and, under pipefail, ldd's SIGPIPE would fail the pipeline (about
+    # one check in ten said "built without librbd" of a binary linking it).
+    ldd "$1" | grep librbd >/dev/null || echo "sluice was built without librbd (librbd-dev, librados-dev)"
 }
 
 # The cluster, the golden image (8 MiB of data in 1 MiB pieces, holes between)
@@ -89,15 +86,9 @@ CONF
 }
 
 rbd_initramfs() {
-    local kver=$1 stage="$RUN/initramfs" target=$2 m f
-    rm -rf "$stage"
-    mkdir -p "$stage"/{bin,lib/modules,scripts,etc}
-    cp "$WORK/root/bin/busybox" "$stage/bin/busybox"
-    for m in $NVME_MODULES $NET_MODULES; do
-        f=$(find "$WORK/root/lib/modules/$kver" -name "$m.ko" | head -1)
-        [[ -n $f ]] || { log "module $m missing from the kernel package"; exit 1; }
-        cp "$f" "$stage/lib/modules/$m.ko"
-    done
+    local stage="$RUN/initramfs" target=$1
+    stage_initramfs "$stage" $NVME_MODULES $NET_MODULES
+    mkdir -p "$stage"/{scripts,etc}
     copy_with_libs "$target/sluice" "$stage"
     install -m 0755 "$HERE/init.sh" "$stage/init"
     install -m 0755 "$RHERE/guest.sh" "$stage/scenario.sh"
@@ -125,8 +116,8 @@ rbd_host_checks() {
         out=$(qemu-img check -f qcow2 "$img" 2>&1) || rc=$?
         [[ $rc == 0 ]] || { why+=("namespace $i: qemu-img check exit $rc: $(echo "$out" | tr '\n' ' ')"); continue; }
         out=$(qemu-img info -f qcow2 "$img")
-        if echo "$out" | grep -q "^backing file"; then why+=("namespace $i still has a backing file"); fi
-        echo "$out" | grep -q "^virtual size: 32 MiB" || why+=("namespace $i: $(echo "$out" | grep '^virtual size')")
+        if grep "^backing file" <<<"$out" >/dev/null; then why+=("namespace $i still has a backing file"); fi
+        grep "^virtual size: 32 MiB" <<<"$out" >/dev/null || why+=("namespace $i: $(echo "$out" | grep '^virtual size')")
         rc=0
         out=$(timeout 120 python3 "$RHERE/check.py" "$RUN/golden.raw" "$img" "$PERF_OFF" "$PERF_LEN" 2>&1) || rc=$?
         log "namespace $i: ${out##*$'\n'}"
@@ -140,54 +131,25 @@ rbd_host_checks() {
 }
 
 rbd_main() {
-    mkdir -p "$WORK" "$RUN"
-    local kpkg kver kernel target="$TARGET/$PROFILE" why
-    [[ $PROFILE == dev ]] && target="$TARGET/debug"
-    exec 9> "$WORK/.lock"
-    flock 9
-    kpkg=$(fetch)
-    unpack
-    kver=${kpkg#linux-image-}
-    kernel=$(vmlinux)
-    flock -u 9
-    if [[ ${VM_SKIP_BUILD:-0} != 1 ]]; then
-        log "building sluice ($PROFILE)"
-        (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p sluice --bin sluice)
-    fi
+    local target why
+    target=$(bin_dir)
+    prepare_guest
+    build_sluice
     [[ -x $target/sluice ]] || { log "$target/sluice is not built"; exit 1; }
     why=$(ceph_missing "$target/sluice")
     [[ -z $why ]] || skip "$why"
     rm -rf "$RUN/ceph" "$RUN/etc-ceph"
     trap '"$ROOT/scripts/ceph/cluster.sh" stop "$RUN/ceph" || true' EXIT
     make_cluster
-    rbd_initramfs "$kver" "$target"
+    rbd_initramfs "$target"
     local ns=() i
     for i in $(seq 1 "$N"); do
         rm -f "$RUN/ns$i.img"
         truncate -s 40M "$RUN/ns$i.img"
         ns+=(-drive "file=$RUN/ns$i.img,if=none,id=ns$i,format=raw" -device "nvme-ns,drive=ns$i,bus=nvme0,nsid=$i")
     done
-    local R="$WORK/root" out="${VM_KEEP_LOG:-$RUN/console.log}"
-    log "booting the guest (TCG, $N namespaces, timeout ${TIMEOUT}s); console in $out"
-    local start=$SECONDS rc=0
-    LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu timeout "$TIMEOUT" "$R/usr/bin/qemu-system-x86_64" \
-        -L "$R/usr/share/qemu" -L "$R/usr/share/seabios" -nodefaults -display none \
-        -serial stdio -no-reboot -m "$MEM" -smp "$SMP" -machine q35,accel=tcg -cpu max \
-        -device intel-iommu,intremap=on,caching-mode=on \
-        -device nvme,id=nvme0,serial=deadbeef "${ns[@]}" \
-        -netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile= \
-        -initrd "$RUN/initrd.gz" -kernel "$kernel" \
-        -append 'console=ttyS0 intel_iommu=on iommu=pt quiet panic=-1' < /dev/null > "$out" 2>&1 || rc=$?
-    local line
-    line=$(grep -a "^SLUICE-VM-RESULT:" "$out" | tail -1 | tr -d '\r' || true)
-    grep -a -E "^(scenario|init|setup|vm)" "$out" | tr -d '\r' >&2 || true
-    if [[ -z $line ]]; then
-        tail -n 40 "$out" >&2
-        echo "SLUICE-VM-RESULT: FAIL no result line (qemu exit $rc after $((SECONDS - start)) s)"
-        exit 1
-    fi
-    echo "$line (guest ran $((SECONDS - start)) s under TCG)"
-    [[ $line == "SLUICE-VM-RESULT: PASS"* ]] || exit 1
+    boot_nvme_guest "^(scenario|init|setup|vm)" "${ns[@]}" \
+        -netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile=
     rbd_host_checks
 }
 

@@ -27,28 +27,18 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]] && [[ $MODE != vhost && $MODE != nbd ]]; then
     echo "usage: $0 vhost|nbd" >&2
     exit 2
 fi
-export VM_CACHE=${VM_CACHE:-$VHERE/../cache} VM_WORK=${VM_WORK:-$VHERE/../work}
-set --
-# shellcheck source=../run.sh
-source "$VHERE/../run.sh"
-HERE=$(cd "$VHERE/.." && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+# shellcheck source=../lib.sh
+source "$VHERE/../lib.sh"
+HERE=$VM_DIR
 RUN=${VM_RUN:-$WORK/run-$MODE}
 MEM=${VM_MEM:-512M}
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4"
 
+# The guest's initramfs (after prepare_guest: $KVER).
 guest_initramfs() {
-    local kver=$1 stage="$RUN/initramfs"
-    rm -rf "$stage"
-    mkdir -p "$stage"/{bin,lib/modules,etc,usr/bin}
-    cp "$WORK/root/bin/busybox" "$stage/bin/busybox"
-    for m in $MODULES; do
-        local f
-        f=$(find "$WORK/root/lib/modules/$kver" -name "$m.ko" | head -1)
-        [[ -n $f ]] || { log "module $m missing from the kernel package"; exit 1; }
-        cp "$f" "$stage/lib/modules/$m.ko"
-    done
+    local stage="$RUN/initramfs"
+    stage_initramfs "$stage" $MODULES
+    mkdir -p "$stage"/{etc,usr/bin}
     echo "$MODULES" > "$stage/lib/modules/load.list"
     local mke2fs e2fsck
     mke2fs=$(command -v mke2fs || echo /sbin/mke2fs)
@@ -68,21 +58,11 @@ guest_initramfs() {
 }
 
 vhost_main() {
-    mkdir -p "$WORK" "$RUN"
-    local kpkg kver kernel target="$TARGET/$PROFILE"
-    [[ $PROFILE == dev ]] && target="$TARGET/debug"
-    exec 9> "$WORK/.lock"
-    flock 9
-    kpkg=$(fetch)
-    unpack
-    kver=${kpkg#linux-image-}
-    kernel=$(vmlinux)
-    flock -u 9
-    if [[ ${VM_SKIP_BUILD:-0} != 1 ]]; then
-        log "building sluice ($PROFILE)"
-        (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p sluice --bin sluice)
-    fi
-    guest_initramfs "$kver"
+    local target
+    target=$(bin_dir)
+    prepare_guest
+    build_sluice
+    guest_initramfs
     local py="$ROOT/.venv/bin/python"
     [[ -x $py ]] || py=python3
     rm -rf "$RUN/rd"
@@ -94,7 +74,7 @@ vhost_main() {
         --qmp "$RUN/rd/sluice-qmp.sock" --run "$RUN" --mode "$MODE" --mem "$MEM" --timeout "$TIMEOUT" -- \
         "$R/usr/bin/qemu-system-x86_64" -L "$R/usr/share/qemu" -L "$R/usr/share/seabios" -nodefaults \
         -display none -serial stdio -no-reboot -m "$MEM" -smp "$SMP" -machine q35,accel=tcg -cpu max \
-        -initrd "$RUN/initrd.gz" -kernel "$kernel" \
+        -initrd "$RUN/initrd.gz" -kernel "$KERNEL" \
         -append 'console=ttyS0 quiet panic=-1' || rc=$?
     kill "$spid" 2>/dev/null || true
     wait "$spid" 2>/dev/null || true
@@ -107,5 +87,5 @@ vhost_main() {
     exit "$rc"
 }
 
-# scripts/bench/vhost.sh sources this file for guest_initramfs.
+# scripts/bench/vhost.sh sources this file for guest_initramfs (and lib.sh's helpers).
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then vhost_main; fi

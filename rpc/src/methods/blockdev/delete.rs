@@ -9,6 +9,7 @@ use crate::methods::common::delete_bdev;
 use crate::methods::nodes::delete_node;
 use crate::service::Service;
 use bdev::device::Device;
+use bdev::filter::{FilterBdev, FilterKind};
 use bdev::{Bdev, Holder};
 use std::sync::Arc;
 
@@ -17,6 +18,29 @@ pub(super) fn failed_to_find(name: &str) -> RpcError {
         libc::ENODEV,
         format!("Failed to find node with node-name='{name}'"),
     )
+}
+
+/// Why a job's filter node cannot be deleted while its job runs, in QEMU's
+/// words: a copy-on-read node is the job's, a commit_top node the backing
+/// of the image above the committed top, a mirror_top node blocked by the
+/// job.
+fn filter_busy(svc: &Service, name: &str, f: &FilterBdev) -> RpcError {
+    let child = f.child().map(|c| c.name().to_string()).unwrap_or_default();
+    let msg = match f.kind() {
+        FilterKind::CopyOnRead => format!("Node {name} is in use"),
+        FilterKind::CommitTop => match backing_user(svc, &child) {
+            Some(user) => format!("Node '{name}' is busy: node is used as backing hd of '{user}'"),
+            None => format!("Node {name} is in use"),
+        },
+        FilterKind::MirrorTop => match svc.jobs.job_on_node(&child) {
+            Some(j) => format!(
+                "Node '{name}' is busy: block device is in use by block job: {}",
+                j.spec().kind.as_str()
+            ),
+            None => format!("Node {name} is in use"),
+        },
+    };
+    RpcError::errno(libc::EBUSY, msg)
 }
 
 /// Why `name` cannot be deleted, in QEMU's order and words.
@@ -29,6 +53,9 @@ fn check_deletable(svc: &Service, name: &str) -> Result<Arc<dyn Bdev>, RpcError>
     if Device::from_bdev(&b).is_some() && !is_raw_node(svc, name) {
         // A device is QEMU's block backend, not a node.
         return Err(failed_to_find(name));
+    }
+    if let Some(f) = FilterBdev::from_bdev(&b) {
+        return Err(filter_busy(svc, name, f));
     }
     let claims = state::users(&svc.graph, name);
     // QEMU's block backends: an export's, a device's (a raw node is a node).
