@@ -516,7 +516,8 @@ def case_coalescing(vm, d):
     for bad in ({"ctrlr": "co", "delay_base_us": 10, "iops_threshold": 99},
                 {"ctrlr": "nope", "delay_base_us": 10, "iops_threshold": 60000},
                 {"ctrlr": "co", "delay_base_us": 10},
-                {"ctrlr": "co", "delay_base_us": -1, "iops_threshold": 60000}):
+                {"ctrlr": "co", "delay_base_us": -1, "iops_threshold": 60000},
+                {"ctrlr": "co", "delay_base_us": 4000000000, "iops_threshold": 60000}):
         try:
             rpc.call("vhost_controller_set_coalescing", bad)
             raise Failure(f"vhost_controller_set_coalescing {bad} accepted")

@@ -46,8 +46,8 @@ impl Default for Coalescing {
 
 impl Coalescing {
     /// Sets both, after checking them as SPDK does: the threshold must leave at
-    /// least one request per window (100 IOPS), the delay must fit SPDK's
-    /// 32-bit tick count (here: at most 1000 s).
+    /// least one request per window (100 IOPS), the delay must be under 2^32
+    /// ticks of the reactors' clock (about 1.4 s at 3 GHz).
     pub fn set(&self, delay_base_us: u32, iops_threshold: u32) -> Result<(), String> {
         if window_threshold(iops_threshold) == 0 {
             return Err(format!(
@@ -55,7 +55,8 @@ impl Coalescing {
                 1000 / WINDOW_MS
             ));
         }
-        if u64::from(delay_base_us) > 1_000_000_000 {
+        let ticks = u128::from(delay_base_us) * u128::from(reactor::ticks_hz()) / 1_000_000;
+        if ticks >= u128::from(u32::MAX) {
             return Err(format!("Delay time of {delay_base_us} is too big"));
         }
         self.delay_base_us.store(delay_base_us, Ordering::Relaxed);
