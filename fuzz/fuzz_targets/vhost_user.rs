@@ -155,6 +155,7 @@ fuzz_target!(|data: &[u8]| {
         id,
         conn: back.try_clone().expect("clone"),
         completed: AtomicU64::new(0),
+        coalescing: Default::default(),
     });
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let h = rt();

@@ -169,6 +169,7 @@ fuzz_target!(|data: &[u8]| {
         id,
         conn,
         completed: AtomicU64::new(0),
+        coalescing: Default::default(),
     });
     let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).expect("kick");
     let kick = File::from(std::os::fd::OwnedFd::from(kick));

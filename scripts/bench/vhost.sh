@@ -21,7 +21,10 @@
 # SLUICE: the binary (default: cargo build --release). SLUICE_B: a second
 # sluice binary (say, the one before a change), run as "sluice-b" in every
 # round next to the others, with its ratios to SLUICE printed. KINDS: which
-# servers to run (default "sluice qsd qsd-best", plus sluice-b when given).
+# servers to run (default "sluice qsd qsd-best", plus sluice-b when given;
+# "sluice-co" is SLUICE with SPDK's interrupt coalescing on, set through
+# vhost_controller_set_coalescing to COALESCING="delay_base_us iops_threshold",
+# default "50 10000"; "sluice" and "sluice-b" run with SPDK's default, off).
 # Results: a table on stdout, JSON lines in $OUT (default bench-vhost.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,6 +44,7 @@ guest_initramfs
 R="$WORK/root"
 export SLUICE SLUICE_B=${SLUICE_B:-} KINDS=${KINDS:-} RUN KERNEL QEMU_ROOT=$R MEM SMP
 export ROUNDS=${ROUNDS:-2} SECS=${SECS:-15} WARMUP=${WARMUP:-3} SIZE_MB=${SIZE_MB:-256}
+export COALESCING=${COALESCING:-50 10000}
 export OUT=${OUT:-$BENCH_ROOT/bench-vhost.jsonl} DATA_DIR=${DATA_DIR:-/var/tmp/sluice-bench-vhost}
 PY=$BENCH_ROOT/.venv/bin/python
 export BENCH_ROOT
@@ -89,18 +93,24 @@ def cmd(q, name, args):
     return r["return"]
 
 
-def rpc(sock, method):
+def rpc(sock, method, params=None):
     import socket
     s = socket.socket(socket.AF_UNIX)
     s.connect(sock)
-    s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method}).encode())
+    req = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params is not None:
+        req["params"] = params
+    s.sendall(json.dumps(req).encode())
     buf = b""
     while True:
         buf += s.recv(65536)
         try:
-            return json.loads(buf)["result"]
+            r = json.loads(buf)
         except ValueError:
             continue
+        if "result" not in r:
+            raise SystemExit(f"{method} {params}: {r}")
+        return r["result"]
 
 
 def start(kind, d):
@@ -108,13 +118,17 @@ def start(kind, d):
     os.makedirs(d)
     sock = os.path.join(d, "vhost.sock")
     if kind.startswith("sluice"):
-        binary = E["SLUICE_B"] if kind == "sluice-b" else E["SLUICE"]
+        binary = E["SLUICE_B"] if kind == "sluice-b" else E["SLUICE"]  # sluice-co: SLUICE
         p = subprocess.Popen([binary, "serve", "--runtime-dir", d, "--no-pin", "-m", "0x1"],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
         q = qmp(os.path.join(d, "sluice-qmp.sock"))
         cmd(q, "blockdev-add", {"driver": "file", "filename": data, "node-name": "f", "read-only": True})
         cmd(q, "block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "f",
                                     "addr": {"type": "unix", "path": sock}})
+        if kind == "sluice-co":
+            base, thr = (int(x) for x in E["COALESCING"].split())
+            rpc(os.path.join(d, "sluice.sock"), "vhost_controller_set_coalescing",
+                {"ctrlr": "e", "delay_base_us": base, "iops_threshold": thr})
     else:
         best = kind == "qsd-best"
         mon = os.path.join(d, "qmp.sock")
@@ -239,16 +253,20 @@ def med(k, f):
 def busy_work(k):
     b = med(k, "busy_us_per_req")
     return b, b + med(k, "other_cpu_us_per_req")
-if "sluice" in kinds:
-    busy, work = busy_work("sluice")
+for s in ("sluice", "sluice-co"):
+    if s not in kinds:
+        continue
+    busy, work = busy_work(s)
+    what = s + (f" (coalescing {E['COALESCING']})" if s == "sluice-co" else "")
     for k in ("qsd", "qsd-best"):
         if k not in kinds:
             continue
         c = med(k, "cpu_us_per_req")
-        print(f"sluice reactor busy / {k} CPU per request: {busy / c:.2f} (goal <= 0.5); "
-              f"sluice busy + non-reactor CPU / {k} CPU: {work / c:.2f}")
-    if "sluice-b" in kinds:
-        b_busy, b_work = busy_work("sluice-b")
-        print(f"sluice / sluice-b (SLUICE_B={E['SLUICE_B']}): reactor busy {busy / b_busy:.2f}, "
-              f"busy + non-reactor CPU {work / b_work:.2f}")
+        print(f"{what} reactor busy / {k} CPU per request: {busy / c:.2f} (goal <= 0.5); "
+              f"busy + non-reactor CPU / {k} CPU: {work / c:.2f}")
+    for b in ("sluice-b", "sluice"):
+        if b in kinds and b != s:
+            b_busy, b_work = busy_work(b)
+            print(f"{s} / {b}: reactor busy {busy / b_busy:.2f}, "
+                  f"busy + non-reactor CPU {work / b_work:.2f}")
 PYEOF

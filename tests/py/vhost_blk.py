@@ -3,11 +3,13 @@ the test front end in vhost_client.py: verified I/O over several queues (the
 image judged by qemu-img compare), hostile front ends beside a healthy one,
 the QMP conversation compared with qemu-storage-daemon 10 (whose own export
 also serves the same verified I/O, which checks the client), SPDK's
-vhost_*_controller methods, and an export following its node through a
-snapshot."""
+vhost_*_controller methods, SPDK's interrupt coalescing
+(vhost_controller_set_coalescing), and an export following its node through
+a snapshot."""
 
 import os
 import random
+import select
 import struct
 import subprocess
 import time
@@ -465,6 +467,98 @@ def case_spdk(vm, d):
     expect(rpc.call("vhost_get_controllers") == [], "controllers after delete")
     expect(not os.path.exists(sock), "socket left behind")
     rpc.call("bdev_aio_delete", {"name": "s0"})
+
+
+def signalled_stream(c, ring, secs, depth=32):
+    """Keeps `depth` 4 KiB reads in flight for `secs` (then lets them drain),
+    reaping only when the call eventfd says so: (completions, signals,
+    seconds). A signal never sent (or held back for good) fails it."""
+    inflight, done, signals = {}, 0, 0
+    rng = random.Random(5)
+    t0 = time.time()
+    t_end = t0 + secs
+
+    def submit():
+        head, st, _ = c.submit(ring, vc.T_IN, rng.randrange(0, 2 * MiB // 512 - 8), read_len=4096)
+        inflight[head] = st
+
+    for _ in range(depth):
+        submit()
+    while inflight:
+        r, _, _ = select.select([ring.call], [], [], 5)
+        if not r:
+            raise Failure(f"no signal within 5 s with {len(inflight)} requests in flight "
+                          f"({len(ring.reap())} of them used): a signal was lost")
+        signals += os.eventfd_read(ring.call)
+        for i, _n in ring.reap():
+            ring.free.extend(ring.pending.pop(i, [i]))
+            st = inflight.pop(i, None)
+            expect(st is not None and c.mem.read(st, 1)[0] == vc.S_OK, f"read {i}: not in flight or failed")
+            done += 1
+            if time.time() < t_end:
+                submit()
+    return done, signals, time.time() - t0
+
+
+def case_coalescing(vm, d):
+    """SPDK's vhost_controller_set_coalescing: SPDK's defaults (off, 60000
+    IOPS) and checks; with it off, a front end without EVENT_IDX hears of
+    nearly every completion on its own; with it on (any rate above 100 IOPS
+    delays), one signal covers many completions, and every held-back signal
+    still comes (the stream's last batch waits on it alone)."""
+    a = parse_args()
+    rpc = JSONRPCClient(a.rpc)
+    img = raw_image(d, "c.raw", 2 * MiB, fill=bytes(range(256)) * (2 * MiB // 256))
+    rpc.call("bdev_aio_create", {"filename": img, "name": "c0", "block_size": 512})
+    rpc.call("vhost_create_blk_controller", {"ctrlr": "co", "dev_name": "c0"})
+    (ctrl,) = rpc.call("vhost_get_controllers", {"name": "co"})
+    expect((ctrl["delay_base_us"], ctrl["iops_threshold"]) == (0, 60000), f"SPDK's defaults: {ctrl}")
+    for bad in ({"ctrlr": "co", "delay_base_us": 10, "iops_threshold": 99},
+                {"ctrlr": "nope", "delay_base_us": 10, "iops_threshold": 60000},
+                {"ctrlr": "co", "delay_base_us": 10},
+                {"ctrlr": "co", "delay_base_us": -1, "iops_threshold": 60000},
+                {"ctrlr": "co", "delay_base_us": 4000000000, "iops_threshold": 60000}):
+        try:
+            rpc.call("vhost_controller_set_coalescing", bad)
+            raise Failure(f"vhost_controller_set_coalescing {bad} accepted")
+        except JSONRPCException as e:
+            print("refused:", bad, e.message.strip())
+    c = vc.Client(ctrl["socket"])
+    (ring,) = c.start(queues=1, event_idx=False)
+    # Off: one request at a time, each completion has its own signal.
+    off = signalled_stream(c, ring, 0.5, depth=1)
+    expect(off[1] == off[0], f"coalescing off: {off[1]} signals for {off[0]} completions")
+    expect(rpc.call("vhost_controller_set_coalescing",
+                    {"ctrlr": "co", "delay_base_us": 5000, "iops_threshold": 100}) is True, "set")
+    (ctrl,) = rpc.call("vhost_get_controllers", {"name": "co"})
+    expect((ctrl["delay_base_us"], ctrl["iops_threshold"]) == (5000, 100), f"set: {ctrl}")
+    on = signalled_stream(c, ring, 1.0)
+    per = lambda x: x[0] / max(1, x[1])  # noqa: E731
+    print(f"off: {off[0]} completions, {off[1]} signals in {off[2]:.2f} s; "
+          f"on: {on[0]} completions, {on[1]} signals in {on[2]:.2f} s")
+    # On, 32 in flight: above the threshold the delay (5 ms per request over
+    # one a window) is longer than the 10 ms window, which ends it: about a
+    # signal per window, each covering most of the requests in flight.
+    expect(on[1] / on[2] <= 150 and per(on) >= 8,
+           f"coalescing on: {on[1] / on[2]:.0f} signals a second, {per(on):.1f} completions each")
+    # Back off: signals follow completions again (from the next 10 ms window).
+    rpc.call("vhost_controller_set_coalescing", {"ctrlr": "co", "delay_base_us": 0, "iops_threshold": 60000})
+    time.sleep(0.05)
+    back = signalled_stream(c, ring, 0.3, depth=1)
+    expect(back[1] == back[0] and back[0] / back[2] > 150,
+           f"coalescing off again: {back[1]} signals for {back[0]} completions in {back[2]:.2f} s")
+    expect(c.read(ring, 0, 4096) == bytes(range(256)) * 16, "data after coalescing")
+    c.close()
+    t0 = time.time()
+    while True:
+        try:
+            rpc.call("vhost_delete_controller", {"ctrlr": "co"})
+            break
+        except JSONRPCException:
+            if time.time() - t0 > 10:
+                raise
+            time.sleep(0.1)
+    rpc.call("bdev_aio_delete", {"name": "c0"})
 
 
 def case_snapshot(vm, d):

@@ -174,13 +174,14 @@ class Client:
             return False
 
     # --- set-up -----------------------------------------------------------------
-    def negotiate(self, want=None):
+    def negotiate(self, want=None, event_idx=True):
         offered = self.get_u64(GET_FEATURES)
         self.offered = offered
         if want is None:
             want = offered & ((1 << F_VERSION_1) | (1 << F_PROTOCOL) | (1 << F_FLUSH) | (1 << F_BLK_SIZE)
                               | (1 << F_DISCARD) | (1 << F_WRITE_ZEROES) | (1 << F_MQ) | (1 << F_SEG_MAX)
-                              | (1 << F_RO) | (1 << F_CONFIG_WCE) | (1 << F_INDIRECT) | (1 << F_EVENT_IDX))
+                              | (1 << F_RO) | (1 << F_CONFIG_WCE) | (1 << F_INDIRECT)
+                              | ((1 << F_EVENT_IDX) if event_idx else 0))
         self.send(SET_OWNER)
         if offered & (1 << F_PROTOCOL):
             pf = self.get_u64(GET_PROTOCOL_FEATURES)
@@ -227,8 +228,8 @@ class Client:
         self.rings.append(r)
         return r
 
-    def start(self, queues=1, size=128):
-        self.negotiate()
+    def start(self, queues=1, size=128, event_idx=True):
+        self.negotiate(event_idx=event_idx)
         self.set_mem_table()
         return [self.setup_ring(i, size) for i in range(queues)]
 

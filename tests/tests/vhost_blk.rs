@@ -2,8 +2,9 @@
 //! front end tests/py/vhost_client.py): verified I/O over two queues on two
 //! reactors judged by qemu-img compare; hostile front ends beside a healthy
 //! one; the QMP conversation and the same verified I/O compared with
-//! qemu-storage-daemon 10; SPDK's vhost controller methods; an export
-//! following its node onto a snapshot overlay.
+//! qemu-storage-daemon 10; SPDK's vhost controller methods; SPDK's interrupt
+//! coalescing (signals held back, never lost); an export following its node
+//! onto a snapshot overlay.
 
 use sluice_tests::Daemon;
 
@@ -31,6 +32,11 @@ fn export_conversation_and_device_match_qsd() {
 #[test]
 fn spdk_vhost_controller_methods() {
     scenario("spdk");
+}
+
+#[test]
+fn spdk_interrupt_coalescing_holds_signals_back_and_never_loses_one() {
+    scenario("coalescing");
 }
 
 #[test]

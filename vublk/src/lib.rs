@@ -18,12 +18,15 @@
 //!   a queue index out of range, a disconnect mid-request) fails the request
 //!   with an error status or drops that connection; nothing panics and the
 //!   service, its other exports and their guests go on.
+//! - The used-ring signal may be coalesced as SPDK's is
+//!   (`vhost_controller_set_coalescing`, off by default; [`coalesce`]).
 //! - An export claims its node as an NBD export does (`Holder::Export`, a
 //!   hidden device over a plain node), and so follows it through snapshots,
 //!   streams and pivots.
 
 pub mod backend;
 pub mod blk;
+pub mod coalesce;
 mod error;
 pub mod memory;
 pub mod server;

@@ -12,6 +12,7 @@
 
 use crate::backend::BlkBackend;
 use crate::blk;
+use crate::coalesce::Coalescing;
 use crate::error::VublkError;
 use crate::vring::DevShared;
 use bdev::device::Device;
@@ -67,6 +68,8 @@ pub struct ExportInfo {
     pub connected: bool,
     /// Requests completed since the export was added.
     pub completed: u64,
+    /// Interrupt coalescing: `(delay_base_us, iops_threshold)`.
+    pub coalescing: (u32, u32),
 }
 
 impl ExportInfo {
@@ -81,8 +84,8 @@ impl ExportInfo {
         json!({
             "ctrlr": self.cfg.id,
             "cpumask": "",
-            "delay_base_us": 0,
-            "iops_threshold": 60000,
+            "delay_base_us": self.coalescing.0,
+            "iops_threshold": self.coalescing.1,
             "socket": self.cfg.path.display().to_string(),
             "sessions": if self.connected { json!([{"vid": 0, "id": 0, "name": format!("{}s0", self.cfg.id), "started": true}]) } else { json!([]) },
             "backend_specific": {"block": {"readonly": !self.cfg.writable, "bdev": self.node, "transport": "vhost_user_blk"}},
@@ -98,6 +101,7 @@ struct Export {
     conn: Mutex<Option<UnixStream>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     completed: Arc<AtomicU64>,
+    coalescing: Arc<Coalescing>,
     on_gone: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
@@ -199,6 +203,7 @@ impl VhostServer {
             conn: Mutex::new(None),
             thread: Mutex::new(None),
             completed: Arc::new(AtomicU64::new(0)),
+            coalescing: Arc::new(Coalescing::default()),
             on_gone: Mutex::new(Some(on_gone)),
         });
         let first = self.next_reactor.fetch_add(1, Ordering::Relaxed);
@@ -273,8 +278,27 @@ impl VhostServer {
                 node: e.node_name(),
                 connected: e.connected(),
                 completed: e.completed.load(Ordering::Relaxed),
+                coalescing: e.coalescing.get(),
             })
             .collect()
+    }
+
+    /// Sets an export's interrupt coalescing (SPDK's
+    /// `vhost_controller_set_coalescing`; [`crate::coalesce`]): its queues,
+    /// running or not, follow from their next measuring window.
+    pub fn set_coalescing(
+        &self,
+        id: &str,
+        delay_base_us: u32,
+        iops_threshold: u32,
+    ) -> Result<(), VublkError> {
+        let m = self.exports.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m
+            .get(id)
+            .ok_or_else(|| VublkError::NoSuchExport(id.to_string()))?;
+        e.coalescing
+            .set(delay_base_us, iops_threshold)
+            .map_err(VublkError::Invalid)
     }
 
     /// Removes every export (service shutdown).
@@ -351,6 +375,7 @@ fn connection(
         id,
         conn: s.try_clone()?,
         completed: AtomicU64::new(0),
+        coalescing: e.coalescing.clone(),
     });
     *e.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.try_clone()?);
     if e.stop.load(Ordering::SeqCst) {
@@ -446,6 +471,7 @@ mod tests {
             id: [0; blk::ID_BYTES],
             conn: back.try_clone().expect("clone"),
             completed: AtomicU64::new(0),
+            coalescing: Default::default(),
         });
         // The caller's clone of the socket outlives the connection.
         let keep = dev.clone();

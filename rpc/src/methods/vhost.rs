@@ -1,5 +1,7 @@
 //! SPDK's vhost-user-blk controllers: `vhost_create_blk_controller`,
-//! `vhost_delete_controller`, `vhost_get_controllers`. A controller is a
+//! `vhost_delete_controller`, `vhost_get_controllers`,
+//! `vhost_controller_set_coalescing` (any export's id is a controller name
+//! for it, whichever dialect added the export). A controller is a
 //! vhost-user-blk export (`vublk`) whose socket is `<runtime dir>/<ctrlr>`, as
 //! SPDK puts it in its `-S` directory. QMP's `block-export-add` type
 //! `vhost-user-blk` is in `nbd.rs`, beside the other export types.
@@ -15,6 +17,7 @@ pub fn register(t: &mut MethodTable) {
     t.add("vhost_create_blk_controller", create);
     t.add("vhost_delete_controller", delete);
     t.add("vhost_get_controllers", list);
+    t.add("vhost_controller_set_coalescing", set_coalescing);
 }
 
 #[derive(Deserialize)]
@@ -97,4 +100,26 @@ fn list(svc: &Service, p: Params) -> Result<Value, RpcError> {
             .map(|e| e.to_spdk())
             .collect(),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoalescingParams {
+    ctrlr: String,
+    delay_base_us: u32,
+    iops_threshold: u32,
+}
+
+fn set_coalescing(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    let p: CoalescingParams = p.parse()?;
+    svc.vhost
+        .set_coalescing(&p.ctrlr, p.delay_base_us, p.iops_threshold)
+        .map_err(|e| match e {
+            vublk::VublkError::NoSuchExport(_) => RpcError::errno(
+                libc::ENODEV,
+                format!("vhost controller '{}' does not exist", p.ctrlr),
+            ),
+            e => e.into(),
+        })?;
+    Ok(json!(true))
 }
