@@ -14,9 +14,10 @@
 //!   multi-conn, each reactor's channel opens a second connection at the
 //!   first background request and sends background requests on it once it
 //!   is up (on the first connection until then), so a client's read never
-//!   waits behind job data in the socket. On one connection, its queue sends
-//!   foreground requests first and holds background ones back while a
-//!   foreground one is in flight (`conn.rs`).
+//!   waits behind job data in the socket. Each connection's queue sends
+//!   foreground requests first (`conn.rs`), and a reactor's connections of
+//!   the bdev share one gate (`gate.rs`): while a client is busy, background
+//!   requests go one at a time over all of them.
 //! - Reads and writes larger than the server's maximum payload (at most
 //!   32 MiB), and trims or write-zeroes of 4 GiB or more, are refused with
 //!   EINVAL; the block size is the server's minimum block size, at least 512
@@ -35,6 +36,7 @@
 
 use super::config::ClientConfig;
 use super::conn::{connect_and_negotiate, Conn, Counters};
+use super::gate::Gate;
 use super::handshake::{ExportInfo, HandshakeError};
 use crate::net::Sock;
 use crate::proto::tflags;
@@ -231,6 +233,7 @@ impl Bdev for NbdBdev {
                     self.info,
                     self.counters.clone(),
                     first,
+                    Gate::new(),
                 );
                 CONNS.with(|m| m.borrow_mut().insert(self.id, Rc::downgrade(&conn)));
                 conn
@@ -358,6 +361,7 @@ impl NbdChannel {
                 b.info,
                 b.counters.clone(),
                 None,
+                fg.gate(),
             )
         });
         if c.is_up() {

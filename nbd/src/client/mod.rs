@@ -18,6 +18,7 @@ pub mod bdev;
 pub mod config;
 mod conn;
 mod connect;
+mod gate;
 pub mod handshake;
 #[cfg(test)]
 mod priority_tests;

@@ -1,12 +1,16 @@
 //! Clients' requests go ahead of a job's background requests
 //! ([`bdev::BdevIo::background`]): on one connection the foreground read is
 //! sent first and background ones are held back while it is in flight; with
-//! multi-conn, background reads travel on a connection of their own.
+//! multi-conn, background reads travel on a connection of their own, one at a
+//! time over both connections while a client's read waits, and all at once
+//! again when the client is quiet (`gate.rs`).
 //!
 //! A fake server (simple replies, no structured replies) logs every request
 //! it receives, with the connection it came on, and answers the foreground
 //! read (at [`FG_OFF`]) only after [`FG_DELAY`], noting how many requests
-//! had arrived by then.
+//! had arrived by then, and background ones after [`BG_DELAY`]; it counts
+//! the background requests it holds (arrived, not yet answered) over all
+//! connections, and the most it held while a foreground one waited.
 
 use super::tests::{cfg, next_request, open, runtime, tmpdir};
 use super::NbdBdev;
@@ -23,6 +27,8 @@ const MIB: u64 = 1 << 20;
 const FG_OFF: u64 = 512 << 10;
 /// How long the server holds the foreground read's reply.
 const FG_DELAY: Duration = Duration::from_millis(150);
+/// How long the server holds each background read's reply.
+const BG_DELAY: Duration = Duration::from_millis(3);
 /// Background reads queued before the foreground one.
 const BG_READS: u64 = 8;
 
@@ -33,6 +39,40 @@ struct Log {
     reqs: Vec<(usize, u64)>,
     /// Requests that had arrived when the foreground reply went out.
     before_fg_reply: Option<usize>,
+    /// Foreground requests held (arrived, not answered).
+    fg_held: usize,
+    /// Background requests held.
+    bg_held: usize,
+    /// The most background requests held while a foreground one was.
+    max_bg_while_fg: usize,
+    /// The most background requests held at once.
+    max_bg: usize,
+}
+
+impl Log {
+    /// A request arrived.
+    fn arrived(&mut self, k: usize, offset: u64) {
+        self.reqs.push((k, offset));
+        if offset == FG_OFF {
+            self.fg_held += 1;
+        } else {
+            self.bg_held += 1;
+        }
+        self.max_bg = self.max_bg.max(self.bg_held);
+        if self.fg_held > 0 {
+            self.max_bg_while_fg = self.max_bg_while_fg.max(self.bg_held);
+        }
+    }
+
+    /// A reply goes out.
+    fn answered(&mut self, offset: u64) {
+        if offset == FG_OFF {
+            self.fg_held -= 1;
+            self.before_fg_reply = Some(self.reqs.len());
+        } else {
+            self.bg_held -= 1;
+        }
+    }
 }
 
 /// The handshake up to `NBD_OPT_GO`, for an export of 1 MiB with `tflags`.
@@ -78,11 +118,14 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
     let log2 = log.clone();
     std::thread::spawn(move || {
         for r in rx {
-            if r.offset == FG_OFF {
-                std::thread::sleep(FG_DELAY);
-                let mut l = log2.lock().unwrap_or_else(|e| e.into_inner());
-                l.before_fg_reply = Some(l.reqs.len());
-            }
+            std::thread::sleep(if r.offset == FG_OFF {
+                FG_DELAY
+            } else {
+                BG_DELAY
+            });
+            log2.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answered(r.offset);
             let mut v = proto::Head::simple(0, r.cookie).bytes().to_vec();
             v.extend(std::iter::repeat_n(0x42u8, r.len as usize));
             if w.write_all(&v).is_err() {
@@ -99,8 +142,7 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
         }
         log.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .reqs
-            .push((k, r.offset));
+            .arrived(k, r.offset);
         if tx.send(r).is_err() {
             return;
         }
@@ -186,7 +228,7 @@ fn one_connection_sends_the_foreground_read_first_and_holds_background_ones() {
     );
     let before = l.before_fg_reply.expect("foreground reply");
     assert!(
-        before <= 1 + super::conn::BG_WHILE_BUSY,
+        before <= 1 + super::gate::BG_WHILE_BUSY,
         "{before} requests sent while the foreground read was in flight: {:?}",
         l.reqs
     );
@@ -219,6 +261,64 @@ fn multi_conn_sends_background_reads_on_a_connection_of_their_own() {
         bg_on_1, BG_READS,
         "the burst's background reads on the second connection: {:?}",
         l.reqs
+    );
+    drop(l);
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn multi_conn_sends_background_reads_one_at_a_time_while_a_client_reads() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("prio3");
+    let sock = dir.join("p.sock");
+    let log = fake_server(
+        UnixListener::bind(&sock).expect("bind"),
+        proto::tflags::CAN_MULTI_CONN,
+    );
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let st = run_on(&h, &b, true);
+    assert!(st.iter().all(|s| s.is_ok()), "statuses {st:?}");
+    {
+        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            l.reqs.iter().any(|r| r.0 == 1),
+            "background reads on the second connection: {:?}",
+            l.reqs
+        );
+        assert!(
+            l.max_bg_while_fg <= super::gate::BG_WHILE_BUSY,
+            "{} background reads at the server, over both connections, while the \
+             foreground read waited: {:?}",
+            l.max_bg_while_fg,
+            l.reqs
+        );
+        l.max_bg = 0;
+    }
+    // Once the client is quiet, the job's reads go together again.
+    let bd: Arc<dyn Bdev> = b.clone();
+    let st = h
+        .spawn_on(0, move || async move {
+            let ch = match bdev::channel(&bd) {
+                Ok(c) => c,
+                Err(_) => return vec![IoStatus::Eio],
+            };
+            reactor::sleep(super::gate::QUIET * 4).await;
+            let all: Vec<LocalBoxFuture<'_, IoStatus>> = (0..BG_READS)
+                .map(|i| read(&ch, i * 4096, true).boxed_local())
+                .collect();
+            futures::future::join_all(all).await
+        })
+        .block()
+        .expect("join");
+    assert!(st.iter().all(|s| s.is_ok()), "statuses {st:?}");
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        l.max_bg > super::gate::BG_WHILE_BUSY,
+        "an idle client: background reads together ({} at most)",
+        l.max_bg
     );
     drop(l);
     drop(b);
