@@ -17,7 +17,8 @@
 //!   waits behind job data in the socket. Each connection's queue sends
 //!   foreground requests first (`conn.rs`), and a reactor's connections of
 //!   the bdev share one gate (`gate.rs`): while a client is busy, background
-//!   requests go one at a time over all of them.
+//!   requests go one at a time over all of them, and a background read
+//!   submitted then goes in pieces of at most 64 KiB (`split.rs`).
 //! - Reads and writes larger than the server's maximum payload (at most
 //!   32 MiB), and trims or write-zeroes of 4 GiB or more, are refused with
 //!   EINVAL; the block size is the server's minimum block size, at least 512
@@ -37,6 +38,7 @@
 use super::config::ClientConfig;
 use super::conn::{connect_and_negotiate, Conn, Counters};
 use super::gate::Gate;
+use super::split;
 use super::handshake::{ExportInfo, HandshakeError};
 use crate::net::Sock;
 use crate::proto::tflags;
@@ -395,6 +397,10 @@ impl Channel for NbdChannel {
             _ => {}
         }
         match &self.target {
+            Target::Local(c) if io.background && split::wanted(&io, &c.gate()) => {
+                split::read_in_pieces(b, c.gate(), io);
+                Ok(())
+            }
             Target::Local(c) if io.background => self.background_conn(&b, c).submit(io),
             Target::Local(c) => c.submit(io),
             Target::Remote(owner) => {

@@ -19,6 +19,7 @@ pub mod config;
 mod conn;
 mod connect;
 mod gate;
+mod split;
 pub mod handshake;
 #[cfg(test)]
 mod priority_tests;

@@ -37,6 +37,8 @@ const BG_READS: u64 = 8;
 struct Log {
     /// (connection, offset) of each request, in arrival order.
     reqs: Vec<(usize, u64)>,
+    /// The length of each background request, in arrival order.
+    bg_lens: Vec<u32>,
     /// Requests that had arrived when the foreground reply went out.
     before_fg_reply: Option<usize>,
     /// Foreground requests held (arrived, not answered).
@@ -51,12 +53,13 @@ struct Log {
 
 impl Log {
     /// A request arrived.
-    fn arrived(&mut self, k: usize, offset: u64) {
+    fn arrived(&mut self, k: usize, offset: u64, len: u32) {
         self.reqs.push((k, offset));
         if offset == FG_OFF {
             self.fg_held += 1;
         } else {
             self.bg_held += 1;
+            self.bg_lens.push(len);
         }
         self.max_bg = self.max_bg.max(self.bg_held);
         if self.fg_held > 0 {
@@ -127,7 +130,7 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
                 .unwrap_or_else(|e| e.into_inner())
                 .answered(r.offset);
             let mut v = proto::Head::simple(0, r.cookie).bytes().to_vec();
-            v.extend(std::iter::repeat_n(0x42u8, r.len as usize));
+            v.extend((r.offset..r.offset + r.len as u64).map(pattern));
             if w.write_all(&v).is_err() {
                 return;
             }
@@ -142,11 +145,16 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
         }
         log.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .arrived(k, r.offset);
+            .arrived(k, r.offset, r.len);
         if tx.send(r).is_err() {
             return;
         }
     }
+}
+
+/// The export's byte at `pos`.
+fn pattern(pos: u64) -> u8 {
+    (pos / 512 % 251) as u8
 }
 
 /// A fake server accepting any number of connections (numbered from 0).
@@ -319,6 +327,74 @@ fn multi_conn_sends_background_reads_one_at_a_time_while_a_client_reads() {
         l.max_bg > super::gate::BG_WHILE_BUSY,
         "an idle client: background reads together ({} at most)",
         l.max_bg
+    );
+    drop(l);
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_background_read_while_a_client_reads_goes_in_pieces() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("prio4");
+    let sock = dir.join("p.sock");
+    let log = fake_server(
+        UnixListener::bind(&sock).expect("bind"),
+        proto::tflags::CAN_MULTI_CONN,
+    );
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let bd: Arc<dyn Bdev> = b.clone();
+    const BIG: u64 = 4 * super::split::BG_PIECE;
+    // A big background read beside a waiting foreground read (its pieces on
+    // the background connection, answered while the foreground one waits),
+    // then (the client quiet) another: the statuses, and whether each read's
+    // data is the export's.
+    let r = h
+        .spawn_on(0, move || async move {
+            let ch = bdev::channel(&bd).ok()?;
+            // The background connection, up.
+            if !read(&ch, 0, true).await.is_ok() {
+                return None;
+            }
+            for _ in 0..100 {
+                reactor::sleep(Duration::from_millis(10)).await;
+            }
+            let big = |off: u64| {
+                let ch = ch.clone();
+                async move {
+                    let mut io = BdevIo::read(off, DmaBuf::new(BIG as usize).ok()?, None);
+                    io.background = true;
+                    let mut io = bdev::submit_wait(&ch, io).await;
+                    let buf = io.take_buf()?;
+                    let same = buf
+                        .as_slice()
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &x)| x == pattern(off + i as u64));
+                    Some((io.status, same))
+                }
+            };
+            let fg = read(&ch, FG_OFF, false).boxed_local();
+            let (f, first) = futures::future::join(fg, big(0)).await;
+            reactor::sleep(super::gate::QUIET * 4).await;
+            let second = big(BIG).await;
+            Some((f, first?, second?))
+        })
+        .block()
+        .expect("join");
+    let (f, first, second) = r.expect("reads");
+    assert!(f.is_ok(), "{f:?}");
+    assert_eq!(first, (IoStatus::Success, true), "the read in pieces");
+    assert_eq!(second, (IoStatus::Success, true), "the read in one");
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    let p = super::split::BG_PIECE as u32;
+    assert_eq!(
+        l.bg_lens,
+        [4096, p, p, p, p, BIG as u32],
+        "pieces while the client read, one request once it was quiet: {:?}",
+        l.reqs
     );
     drop(l);
     drop(b);
