@@ -38,8 +38,8 @@
 use super::config::ClientConfig;
 use super::conn::{connect_and_negotiate, Conn, Counters};
 use super::gate::Gate;
-use super::split;
 use super::handshake::{ExportInfo, HandshakeError};
+use super::split;
 use crate::net::Sock;
 use crate::proto::tflags;
 use bdev::{Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus, IoType, RangeStatusFuture};

@@ -7,18 +7,47 @@
 //! background reads through the bdev's channel on this reactor, so the gate
 //! orders them like any other; the request completes with the first failed
 //! piece's status, or success when all arrived.
+//!
+//! The piece size is [`BG_PIECE`] unless the service set another at start-up
+//! ([`piece_from_env`]: `SLUICE_NBD_BG_PIECE_KB`, 0 for no pieces; for
+//! benchmarks).
 
 use super::gate::Gate;
 use bdev::{Bdev, BdevIo, DmaBuf, IoStatus};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The largest piece of a background read while a client is busy.
 pub const BG_PIECE: u64 = 64 << 10;
 
+/// The piece size in use (0: no pieces).
+static PIECE: AtomicU64 = AtomicU64::new(BG_PIECE);
+
+/// Sets the piece size from `SLUICE_NBD_BG_PIECE_KB` in `env` (KiB, at least
+/// 4; 0: background reads are never cut); junk is ignored. Read once, at
+/// start-up, by the service. Returns the size in use.
+pub fn piece_from_env(env: impl Fn(&str) -> Option<String>) -> u64 {
+    if let Some(b) = parse_piece(env("SLUICE_NBD_BG_PIECE_KB")) {
+        PIECE.store(b, Ordering::Relaxed);
+    }
+    PIECE.load(Ordering::Relaxed)
+}
+
+/// The piece size in bytes a value of `SLUICE_NBD_BG_PIECE_KB` asks for.
+fn parse_piece(v: Option<String>) -> Option<u64> {
+    let kb = v?.trim().parse::<u64>().ok()?;
+    Some(if kb == 0 {
+        0
+    } else {
+        kb.clamp(4, 1 << 20) << 10
+    })
+}
+
 /// Whether background read `io` is to be read in pieces now.
 pub fn wanted(io: &BdevIo, gate: &Gate) -> bool {
-    io.io_type == bdev::IoType::Read && io.len > BG_PIECE && gate.busy()
+    let piece = PIECE.load(Ordering::Relaxed);
+    piece > 0 && io.io_type == bdev::IoType::Read && io.len > piece && gate.busy()
 }
 
 /// Reads `io` (a background read) from `b` in pieces, on this reactor, and
@@ -31,7 +60,8 @@ pub fn read_in_pieces(b: Arc<dyn Bdev>, gate: Rc<Gate>, mut io: Box<BdevIo>) {
                 let mut st = IoStatus::Success;
                 while at < io.len {
                     let rest = io.len - at;
-                    let n = if gate.busy() { rest.min(BG_PIECE) } else { rest };
+                    let piece = PIECE.load(Ordering::Relaxed).max(4096);
+                    let n = if gate.busy() { rest.min(piece) } else { rest };
                     let Ok(buf) = DmaBuf::new(n as usize) else {
                         st = IoStatus::Nomem;
                         break;
@@ -55,4 +85,23 @@ pub fn read_in_pieces(b: Arc<dyn Bdev>, gate: Rc<Gate>, mut io: Box<BdevIo>) {
         io.complete(st);
     })
     .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_piece_size_parses_clamps_and_ignores_junk() {
+        let p = |v: &str| parse_piece(Some(v.to_string()));
+        assert_eq!(parse_piece(None), None);
+        assert_eq!(p("junk"), None);
+        assert_eq!(p("-1"), None);
+        assert_eq!(p("0"), Some(0), "0: never cut");
+        assert_eq!(p("1"), Some(4 << 10));
+        assert_eq!(p(" 128 "), Some(128 << 10));
+        assert_eq!(p("99999999999"), Some(1 << 30));
+        // Nothing set: the default stays (other tests cut reads meanwhile).
+        assert_eq!(piece_from_env(|_| None), BG_PIECE);
+    }
 }
