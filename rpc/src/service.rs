@@ -58,6 +58,7 @@ impl Service {
         let graph = graph::Graph::new(rt.clone(), events.clone());
         publish_corruption(&graph);
         nbd::client::register_backing_protocol();
+        nbd::client::piece_from_env(|k| std::env::var(k).ok());
         rbd::register_backing_protocol();
         let weak = Arc::downgrade(&graph);
         graph::qemu_name::register_describer(Arc::new(move |b| {

@@ -16,6 +16,11 @@
 # every read crosses the network) and while the stream runs at full speed
 # (fio runs for 70% of that destination's best stream time); goal: the p99
 # during the migration within 2x of the idle p99. Data compared again after.
+# Each latency line also gives the job's progress per second while the
+# client read (its offset, which counts ranges with nothing to copy too): a
+# stream that stops while a guest reads is not a migration. sluice's
+# destination cuts a job's reads into 64 KiB pieces while a client reads
+# (SLUICE_NBD_BG_PIECE_KB=0 in the environment turns that off, to compare).
 #
 # LAT_SPEED=N (MiB/s) runs the latency phase's stream at that speed limit
 # instead of full speed (a migration with a speed limit, as the issue's
@@ -54,6 +59,7 @@ from chainbench import Qmp, make_chain, drop_caches
 from tls_pki import make_pki
 
 E = os.environ
+MiB = 1 << 20
 A_IP, B_IP, PORT = "10.199.0.1", "10.199.0.2", 10809  # (in tls_pki.SERVER_SAN)
 NA, NB, VA, VB = "sbA", "sbB", "vbA", "vbB"
 
@@ -174,9 +180,14 @@ def migrate(kind, names, pki, tls, tmp, during_secs=None):
             job["speed"] = int(E["LAT_SPEED"]) << 20
         q.cmd("block-stream", **job)
         if during_secs:
+            j0, c0 = job_offset(q), time.time()
             during = fio_p99(sock, during_secs, gib)
-            if not q.cmd("query-block-jobs"):
+            j1, c1 = job_offset(q), time.time()
+            if j1 is None:
                 raise RuntimeError(f"{kind}: the stream ended before the client did: raise GIB")
+            # The job's progress per second while the client read (it must
+            # go on; progress also counts ranges with nothing to copy).
+            during = during + ((j1 - (j0 or 0)) / (c1 - c0),)
         ev = q.wait("BLOCK_JOB_COMPLETED")
         took = time.time() - t0
         if "error" in ev["data"]:
@@ -200,6 +211,12 @@ def migrate(kind, names, pki, tls, tmp, during_secs=None):
     if r.returncode != 0:
         raise RuntimeError(f"{kind}: the streamed image differs from the chain: {r.stdout}")
     return (idle, during) if during_secs else took
+
+
+def job_offset(q):
+    """The stream's offset, or None once it ended."""
+    jobs = q.cmd("query-block-jobs")
+    return jobs[0]["offset"] if jobs else None
 
 
 def fio_p99(sock, secs, gib):
@@ -247,10 +264,11 @@ def main():
                     secs = (int(E["LAT_SECS"]) if int(E["LAT_SPEED"]) or (tls, kind) not in res
                             else max(1, int(0.7 * min(res[(tls, kind)]))))
                     lat[(tls, kind)] = migrate(kind, names, pki, tls == "on", tmp, secs)
-                    (i50, i99, n_i), (d50, d99, n_d) = lat[(tls, kind)]
+                    (i50, i99, n_i), (d50, d99, n_d, bps) = lat[(tls, kind)]
                     print(f"tls={tls} {kind}: client read p50/p99 idle {i50:.0f}/{i99:.0f} us "
                           f"({n_i} reads), during the stream {d50:.0f}/{d99:.0f} us ({n_d} reads, "
-                          f"{secs} s): p99 ratio {d99 / i99:.2f} (data compared equal)", flush=True)
+                          f"{secs} s; the job progressed meanwhile at {bps / MiB:.0f} MiB/s): "
+                          f"p99 ratio {d99 / i99:.2f} (data compared equal)", flush=True)
     finally:
         nets_down()
     print(f"\n{gib} GiB three-layer chain streamed over NBD between namespaces "
@@ -264,8 +282,9 @@ def main():
     if lat:
         how = f"at {E['LAT_SPEED']} MiB/s" if int(E["LAT_SPEED"]) else "at full speed"
         print(f"\nclient read p99 on the destination, during the stream ({how}) / idle (goal: at most 2)")
-        for (tls, kind), ((_, i99, _), (_, d99, _)) in sorted(lat.items()):
-            print(f"  tls={tls:3}  {kind:8}  idle {i99:7.0f} us  during {d99:7.0f} us  ratio {d99 / i99:.2f}")
+        for (tls, kind), ((_, i99, _), (_, d99, _, bps)) in sorted(lat.items()):
+            print(f"  tls={tls:3}  {kind:8}  idle {i99:7.0f} us  during {d99:7.0f} us  ratio {d99 / i99:.2f}"
+                  f"  (job progress meanwhile {bps / MiB:5.0f} MiB/s)")
 
 
 main()

@@ -14,9 +14,11 @@
 //!   multi-conn, each reactor's channel opens a second connection at the
 //!   first background request and sends background requests on it once it
 //!   is up (on the first connection until then), so a client's read never
-//!   waits behind job data in the socket. On one connection, its queue sends
-//!   foreground requests first and holds background ones back while a
-//!   foreground one is in flight (`conn.rs`).
+//!   waits behind job data in the socket. Each connection's queue sends
+//!   foreground requests first (`conn.rs`), and a reactor's connections of
+//!   the bdev share one gate (`gate.rs`): while a client is busy, background
+//!   requests go one at a time over all of them, and a background read
+//!   submitted then goes in pieces of at most 64 KiB (`split.rs`).
 //! - Reads and writes larger than the server's maximum payload (at most
 //!   32 MiB), and trims or write-zeroes of 4 GiB or more, are refused with
 //!   EINVAL; the block size is the server's minimum block size, at least 512
@@ -35,7 +37,9 @@
 
 use super::config::ClientConfig;
 use super::conn::{connect_and_negotiate, Conn, Counters};
+use super::gate::Gate;
 use super::handshake::{ExportInfo, HandshakeError};
+use super::split;
 use crate::net::Sock;
 use crate::proto::tflags;
 use bdev::{Bdev, BdevError, BdevIo, Channel, DmaBuf, IoStatus, IoType, RangeStatusFuture};
@@ -231,6 +235,7 @@ impl Bdev for NbdBdev {
                     self.info,
                     self.counters.clone(),
                     first,
+                    Gate::new(),
                 );
                 CONNS.with(|m| m.borrow_mut().insert(self.id, Rc::downgrade(&conn)));
                 conn
@@ -358,6 +363,7 @@ impl NbdChannel {
                 b.info,
                 b.counters.clone(),
                 None,
+                fg.gate(),
             )
         });
         if c.is_up() {
@@ -391,6 +397,10 @@ impl Channel for NbdChannel {
             _ => {}
         }
         match &self.target {
+            Target::Local(c) if io.background && split::wanted(&io, &c.gate()) => {
+                split::read_in_pieces(b, c.gate(), io);
+                Ok(())
+            }
             Target::Local(c) if io.background => self.background_conn(&b, c).submit(io),
             Target::Local(c) => c.submit(io),
             Target::Remote(owner) => {

@@ -12,9 +12,10 @@
 //! reconnection succeeds (attempts go on in the background).
 //!
 //! Background requests ([`BdevIo::background`]: a job's bulk copy) queue
-//! apart: the writer sends every queued foreground request first, and while a
-//! foreground request is queued or in flight at most [`BG_WHILE_BUSY`]
-//! background requests are in flight, so a client's read waits behind little
+//! apart: the writer sends every queued foreground request first, and sends
+//! a background one only when the reactor's [`Gate`] for the bdev (shared
+//! with its other connections) lets it: while a client is busy, one at a
+//! time over all of them (`gate.rs`), so a client's read waits behind little
 //! job data in the socket and at the server.
 //!
 //! Nothing here holds a `RefCell` borrow across an `await` or while a request
@@ -22,6 +23,7 @@
 
 use super::config::ClientConfig;
 use super::connect::connect_to;
+use super::gate::Gate;
 use super::handshake::{negotiate, ExportInfo, HandshakeError};
 use crate::net::{AsyncSock, Sock};
 use crate::proto::{self, be16, be32, be64, cflags, chunk, cmd, errno, state, tflags};
@@ -39,8 +41,6 @@ use std::time::{Duration, Instant};
 
 /// Requests queued or in flight on one connection before `submit` pushes back.
 pub const MAX_REQUESTS: usize = 128;
-/// Background requests in flight while a foreground one is queued or in flight.
-pub const BG_WHILE_BUSY: usize = 1;
 /// Longest the handshake of a reconnection may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of replies read ahead.
@@ -71,7 +71,7 @@ enum Kind {
 
 struct Pending {
     kind: Kind,
-    /// A background request (counted in `Conn::bg_inflight` once sent).
+    /// A background request (counted in the gate once sent).
     bg: bool,
     /// The flush that makes an earlier FUA write durable on a server without FUA.
     flush_stage: bool,
@@ -97,8 +97,8 @@ pub struct Conn {
     /// Background requests to send (after the foreground ones).
     bg_queue: RefCell<VecDeque<Pending>>,
     inflight: RefCell<HashMap<u64, Inflight>>,
-    /// Background requests among `inflight`.
-    bg_inflight: Cell<usize>,
+    /// Shared with the reactor's other connections of the bdev.
+    gate: Rc<Gate>,
     /// A session is running (connected and negotiated).
     up: Cell<bool>,
     next_cookie: Cell<u64>,
@@ -144,13 +144,14 @@ fn garbage(m: impl Into<String>) -> io::Error {
 
 impl Conn {
     /// Starts a connection on the current reactor: `first`, a socket already
-    /// negotiated (with `info`), or none (it connects).
+    /// negotiated (with `info`), or none (it connects). It joins `gate`.
     pub fn start(
         name: String,
         cfg: Arc<ClientConfig>,
         info: ExportInfo,
         counters: Arc<Counters>,
         first: Option<Sock>,
+        gate: Rc<Gate>,
     ) -> Rc<Conn> {
         let c = Rc::new(Conn {
             name,
@@ -160,7 +161,7 @@ impl Conn {
             queue: RefCell::new(VecDeque::new()),
             bg_queue: RefCell::new(VecDeque::new()),
             inflight: RefCell::new(HashMap::new()),
-            bg_inflight: Cell::new(0),
+            gate,
             up: Cell::new(false),
             next_cookie: Cell::new(1),
             writer_waker: RefCell::new(None),
@@ -168,8 +169,14 @@ impl Conn {
             failing: Cell::new(false),
             closed: Cell::new(false),
         });
+        c.gate.register(&c);
         reactor::spawn_local(supervise(c.clone(), first)).detach();
         c
+    }
+
+    /// The gate this connection shares.
+    pub fn gate(&self) -> Rc<Gate> {
+        self.gate.clone()
     }
 
     /// Stops the connection (its task sends `NBD_CMD_DISC` and exits).
@@ -193,19 +200,27 @@ impl Conn {
     }
 
     /// The next request to send: a foreground one, else a background one
-    /// unless [`BG_WHILE_BUSY`] of them are in flight beside a foreground one.
+    /// if the gate lets it go.
     fn next_to_send(&self) -> Option<Pending> {
         if let Some(p) = self.queue.borrow_mut().pop_front() {
             return Some(p);
         }
-        let bg = self.bg_inflight.get();
-        let fg_busy = self.inflight.borrow().len() > bg;
-        if fg_busy && bg >= BG_WHILE_BUSY {
+        if self.bg_queue.borrow().is_empty() || !self.gate.may_send_bg() {
             return None;
         }
         let p = self.bg_queue.borrow_mut().pop_front()?;
-        self.bg_inflight.set(bg + 1);
+        self.gate.bg_start();
         Some(p)
+    }
+
+    /// A background request left the wire (answered, failed or taken back):
+    /// every connection of the gate looks at its queue again.
+    fn bg_ended(&self) {
+        for c in self.gate.bg_end() {
+            if !c.bg_queue.borrow().is_empty() {
+                c.wake_writer();
+            }
+        }
     }
 
     /// Queues `p` at the back (`front`: the front) of its class's queue.
@@ -239,6 +254,9 @@ impl Conn {
             return Err(io);
         }
         let bg = io.background;
+        if !bg {
+            self.gate.fg_start();
+        }
         self.enqueue(
             Pending {
                 kind: Kind::Io(io),
@@ -268,6 +286,7 @@ impl Conn {
         let align = self.info.get().min_block.max(1) as u64;
         let max = (u32::MAX as u64) & !(align - 1);
         let (tx, rx) = oneshot::channel();
+        self.gate.fg_start();
         self.queue.borrow_mut().push_back(Pending {
             kind: Kind::Status {
                 offset,
@@ -295,9 +314,22 @@ impl Conn {
     fn fail_all(&self, st: IoStatus) {
         let mut all: Vec<Pending> = self.queue.borrow_mut().drain(..).collect();
         all.extend(self.bg_queue.borrow_mut().drain(..));
-        all.extend(self.inflight.borrow_mut().drain().map(|(_, e)| e.p));
-        self.bg_inflight.set(0);
+        let sent: Vec<Pending> = self
+            .inflight
+            .borrow_mut()
+            .drain()
+            .map(|(_, e)| e.p)
+            .collect();
+        for p in &sent {
+            if p.bg {
+                self.bg_ended();
+            }
+        }
+        all.extend(sent);
         for p in all {
+            if !p.bg {
+                self.gate.fg_end();
+            }
             match p.kind {
                 Kind::Io(io) => io.complete(st),
                 Kind::Status { tx, .. } => {
@@ -314,7 +346,11 @@ impl Conn {
     /// Puts the requests in flight back at the front of the queue, in order.
     fn requeue_inflight(&self) {
         let mut v: Vec<(u64, Inflight)> = self.inflight.borrow_mut().drain().collect();
-        self.bg_inflight.set(0);
+        for (_, e) in &v {
+            if e.p.bg {
+                self.bg_ended();
+            }
+        }
         v.sort_by_key(|(k, _)| *k);
         for (_, e) in v.into_iter().rev() {
             self.enqueue(e.p, true);
@@ -373,12 +409,7 @@ impl Conn {
     /// A request's final reply: complete it, or go on to its flush stage.
     fn finish(&self, e: Inflight) {
         if e.p.bg {
-            self.bg_inflight
-                .set(self.bg_inflight.get().saturating_sub(1));
-        }
-        if !self.bg_queue.borrow().is_empty() {
-            // A background request may have been held back by this one.
-            self.wake_writer();
+            self.bg_ended();
         }
         let st = e.error.unwrap_or(IoStatus::Success);
         match e.p.kind {
@@ -405,9 +436,13 @@ impl Conn {
                     self.wake_writer();
                     return;
                 }
+                if !e.p.bg {
+                    self.gate.fg_end();
+                }
                 io.complete(st);
             }
             Kind::Status { tx, .. } => {
+                self.gate.fg_end();
                 let r = match (st, e.status) {
                     (IoStatus::Success, Some(s)) => Ok(s),
                     (IoStatus::Success, None) => Err(IoStatus::Eio),

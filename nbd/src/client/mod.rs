@@ -18,15 +18,18 @@ pub mod bdev;
 pub mod config;
 mod conn;
 mod connect;
+mod gate;
 pub mod handshake;
 #[cfg(test)]
 mod priority_tests;
+mod split;
 #[cfg(test)]
 mod tests;
 
 pub use self::bdev::NbdBdev;
 pub use config::{ClientConfig, ServerAddr, DEFAULT_PORT};
 pub use handshake::ExportInfo;
+pub use split::piece_from_env;
 
 /// Lets qcow2 headers name backing files on NBD servers, as QEMU writes them
 /// (`nbd://`, `nbd+tcp://`, `nbd+unix://` URIs and `json:` names with driver

@@ -1,12 +1,16 @@
 //! Clients' requests go ahead of a job's background requests
 //! ([`bdev::BdevIo::background`]): on one connection the foreground read is
 //! sent first and background ones are held back while it is in flight; with
-//! multi-conn, background reads travel on a connection of their own.
+//! multi-conn, background reads travel on a connection of their own, one at a
+//! time over both connections while a client's read waits, and all at once
+//! again when the client is quiet (`gate.rs`).
 //!
 //! A fake server (simple replies, no structured replies) logs every request
 //! it receives, with the connection it came on, and answers the foreground
 //! read (at [`FG_OFF`]) only after [`FG_DELAY`], noting how many requests
-//! had arrived by then.
+//! had arrived by then, and background ones after [`BG_DELAY`]; it counts
+//! the background requests it holds (arrived, not yet answered) over all
+//! connections, and the most it held while a foreground one waited.
 
 use super::tests::{cfg, next_request, open, runtime, tmpdir};
 use super::NbdBdev;
@@ -23,6 +27,8 @@ const MIB: u64 = 1 << 20;
 const FG_OFF: u64 = 512 << 10;
 /// How long the server holds the foreground read's reply.
 const FG_DELAY: Duration = Duration::from_millis(150);
+/// How long the server holds each background read's reply.
+const BG_DELAY: Duration = Duration::from_millis(3);
 /// Background reads queued before the foreground one.
 const BG_READS: u64 = 8;
 
@@ -31,8 +37,45 @@ const BG_READS: u64 = 8;
 struct Log {
     /// (connection, offset) of each request, in arrival order.
     reqs: Vec<(usize, u64)>,
+    /// The length of each background request, in arrival order.
+    bg_lens: Vec<u32>,
     /// Requests that had arrived when the foreground reply went out.
     before_fg_reply: Option<usize>,
+    /// Foreground requests held (arrived, not answered).
+    fg_held: usize,
+    /// Background requests held.
+    bg_held: usize,
+    /// The most background requests held while a foreground one was.
+    max_bg_while_fg: usize,
+    /// The most background requests held at once.
+    max_bg: usize,
+}
+
+impl Log {
+    /// A request arrived.
+    fn arrived(&mut self, k: usize, offset: u64, len: u32) {
+        self.reqs.push((k, offset));
+        if offset == FG_OFF {
+            self.fg_held += 1;
+        } else {
+            self.bg_held += 1;
+            self.bg_lens.push(len);
+        }
+        self.max_bg = self.max_bg.max(self.bg_held);
+        if self.fg_held > 0 {
+            self.max_bg_while_fg = self.max_bg_while_fg.max(self.bg_held);
+        }
+    }
+
+    /// A reply goes out.
+    fn answered(&mut self, offset: u64) {
+        if offset == FG_OFF {
+            self.fg_held -= 1;
+            self.before_fg_reply = Some(self.reqs.len());
+        } else {
+            self.bg_held -= 1;
+        }
+    }
 }
 
 /// The handshake up to `NBD_OPT_GO`, for an export of 1 MiB with `tflags`.
@@ -78,13 +121,16 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
     let log2 = log.clone();
     std::thread::spawn(move || {
         for r in rx {
-            if r.offset == FG_OFF {
-                std::thread::sleep(FG_DELAY);
-                let mut l = log2.lock().unwrap_or_else(|e| e.into_inner());
-                l.before_fg_reply = Some(l.reqs.len());
-            }
+            std::thread::sleep(if r.offset == FG_OFF {
+                FG_DELAY
+            } else {
+                BG_DELAY
+            });
+            log2.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answered(r.offset);
             let mut v = proto::Head::simple(0, r.cookie).bytes().to_vec();
-            v.extend(std::iter::repeat_n(0x42u8, r.len as usize));
+            v.extend((r.offset..r.offset + r.len as u64).map(pattern));
             if w.write_all(&v).is_err() {
                 return;
             }
@@ -99,12 +145,16 @@ fn serve_conn(mut s: UnixStream, k: usize, tflags: u16, log: Arc<Mutex<Log>>) {
         }
         log.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .reqs
-            .push((k, r.offset));
+            .arrived(k, r.offset, r.len);
         if tx.send(r).is_err() {
             return;
         }
     }
+}
+
+/// The export's byte at `pos`.
+fn pattern(pos: u64) -> u8 {
+    (pos / 512 % 251) as u8
 }
 
 /// A fake server accepting any number of connections (numbered from 0).
@@ -186,7 +236,7 @@ fn one_connection_sends_the_foreground_read_first_and_holds_background_ones() {
     );
     let before = l.before_fg_reply.expect("foreground reply");
     assert!(
-        before <= 1 + super::conn::BG_WHILE_BUSY,
+        before <= 1 + super::gate::BG_WHILE_BUSY,
         "{before} requests sent while the foreground read was in flight: {:?}",
         l.reqs
     );
@@ -218,6 +268,132 @@ fn multi_conn_sends_background_reads_on_a_connection_of_their_own() {
     assert_eq!(
         bg_on_1, BG_READS,
         "the burst's background reads on the second connection: {:?}",
+        l.reqs
+    );
+    drop(l);
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn multi_conn_sends_background_reads_one_at_a_time_while_a_client_reads() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("prio3");
+    let sock = dir.join("p.sock");
+    let log = fake_server(
+        UnixListener::bind(&sock).expect("bind"),
+        proto::tflags::CAN_MULTI_CONN,
+    );
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let st = run_on(&h, &b, true);
+    assert!(st.iter().all(|s| s.is_ok()), "statuses {st:?}");
+    {
+        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            l.reqs.iter().any(|r| r.0 == 1),
+            "background reads on the second connection: {:?}",
+            l.reqs
+        );
+        assert!(
+            l.max_bg_while_fg <= super::gate::BG_WHILE_BUSY,
+            "{} background reads at the server, over both connections, while the \
+             foreground read waited: {:?}",
+            l.max_bg_while_fg,
+            l.reqs
+        );
+        l.max_bg = 0;
+    }
+    // Once the client is quiet, the job's reads go together again.
+    let bd: Arc<dyn Bdev> = b.clone();
+    let st = h
+        .spawn_on(0, move || async move {
+            let ch = match bdev::channel(&bd) {
+                Ok(c) => c,
+                Err(_) => return vec![IoStatus::Eio],
+            };
+            reactor::sleep(super::gate::QUIET * 4).await;
+            let all: Vec<LocalBoxFuture<'_, IoStatus>> = (0..BG_READS)
+                .map(|i| read(&ch, i * 4096, true).boxed_local())
+                .collect();
+            futures::future::join_all(all).await
+        })
+        .block()
+        .expect("join");
+    assert!(st.iter().all(|s| s.is_ok()), "statuses {st:?}");
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        l.max_bg > super::gate::BG_WHILE_BUSY,
+        "an idle client: background reads together ({} at most)",
+        l.max_bg
+    );
+    drop(l);
+    drop(b);
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_background_read_while_a_client_reads_goes_in_pieces() {
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("prio4");
+    let sock = dir.join("p.sock");
+    let log = fake_server(
+        UnixListener::bind(&sock).expect("bind"),
+        proto::tflags::CAN_MULTI_CONN,
+    );
+    let b = open(&h, cfg(&sock, "x")).expect("open");
+    let bd: Arc<dyn Bdev> = b.clone();
+    const BIG: u64 = 4 * super::split::BG_PIECE;
+    // A big background read beside a waiting foreground read (its pieces on
+    // the background connection, answered while the foreground one waits),
+    // then (the client quiet) another: the statuses, and whether each read's
+    // data is the export's.
+    let r = h
+        .spawn_on(0, move || async move {
+            let ch = bdev::channel(&bd).ok()?;
+            // The background connection, up.
+            if !read(&ch, 0, true).await.is_ok() {
+                return None;
+            }
+            for _ in 0..100 {
+                reactor::sleep(Duration::from_millis(10)).await;
+            }
+            let big = |off: u64| {
+                let ch = ch.clone();
+                async move {
+                    let mut io = BdevIo::read(off, DmaBuf::new(BIG as usize).ok()?, None);
+                    io.background = true;
+                    let mut io = bdev::submit_wait(&ch, io).await;
+                    let buf = io.take_buf()?;
+                    let same = buf
+                        .as_slice()
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &x)| x == pattern(off + i as u64));
+                    Some((io.status, same))
+                }
+            };
+            let fg = read(&ch, FG_OFF, false).boxed_local();
+            let (f, first) = futures::future::join(fg, big(0)).await;
+            reactor::sleep(super::gate::QUIET * 4).await;
+            let second = big(BIG).await;
+            Some((f, first?, second?))
+        })
+        .block()
+        .expect("join");
+    let (f, first, second) = r.expect("reads");
+    assert!(f.is_ok(), "{f:?}");
+    assert_eq!(first, (IoStatus::Success, true), "the read in pieces");
+    assert_eq!(second, (IoStatus::Success, true), "the read in one");
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    let p = super::split::BG_PIECE as u32;
+    assert_eq!(
+        l.bg_lens,
+        [4096, p, p, p, p, BIG as u32],
+        "pieces while the client read, one request once it was quiet: {:?}",
         l.reqs
     );
     drop(l);

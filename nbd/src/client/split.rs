@@ -1,0 +1,107 @@
+//! A job's background read submitted while a client is busy (`gate.rs`)
+//! goes to the server in pieces of at most [`BG_PIECE`] bytes, one after the
+//! other, each into a buffer of its own and copied into the request when it
+//! arrives: a client's read then waits behind at most one piece at the
+//! server and on its disk, not behind a whole chunk of the job. Once the
+//! client is quiet again, the rest goes as one request. The pieces are
+//! background reads through the bdev's channel on this reactor, so the gate
+//! orders them like any other; the request completes with the first failed
+//! piece's status, or success when all arrived.
+//!
+//! The piece size is [`BG_PIECE`] unless the service set another at start-up
+//! ([`piece_from_env`]: `SLUICE_NBD_BG_PIECE_KB`, 0 for no pieces; for
+//! benchmarks).
+
+use super::gate::Gate;
+use bdev::{Bdev, BdevIo, DmaBuf, IoStatus};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The largest piece of a background read while a client is busy.
+pub const BG_PIECE: u64 = 64 << 10;
+
+/// The piece size in use (0: no pieces).
+static PIECE: AtomicU64 = AtomicU64::new(BG_PIECE);
+
+/// Sets the piece size from `SLUICE_NBD_BG_PIECE_KB` in `env` (KiB, at least
+/// 4; 0: background reads are never cut); junk is ignored. Read once, at
+/// start-up, by the service. Returns the size in use.
+pub fn piece_from_env(env: impl Fn(&str) -> Option<String>) -> u64 {
+    if let Some(b) = parse_piece(env("SLUICE_NBD_BG_PIECE_KB")) {
+        PIECE.store(b, Ordering::Relaxed);
+    }
+    PIECE.load(Ordering::Relaxed)
+}
+
+/// The piece size in bytes a value of `SLUICE_NBD_BG_PIECE_KB` asks for.
+fn parse_piece(v: Option<String>) -> Option<u64> {
+    let kb = v?.trim().parse::<u64>().ok()?;
+    Some(if kb == 0 {
+        0
+    } else {
+        kb.clamp(4, 1 << 20) << 10
+    })
+}
+
+/// Whether background read `io` is to be read in pieces now.
+pub fn wanted(io: &BdevIo, gate: &Gate) -> bool {
+    let piece = PIECE.load(Ordering::Relaxed);
+    piece > 0 && io.io_type == bdev::IoType::Read && io.len > piece && gate.busy()
+}
+
+/// Reads `io` (a background read) from `b` in pieces, on this reactor, and
+/// completes it.
+pub fn read_in_pieces(b: Arc<dyn Bdev>, gate: Rc<Gate>, mut io: Box<BdevIo>) {
+    reactor::spawn_local(async move {
+        let st = match bdev::channel(&b) {
+            Ok(ch) => {
+                let mut at = 0u64;
+                let mut st = IoStatus::Success;
+                while at < io.len {
+                    let rest = io.len - at;
+                    let piece = PIECE.load(Ordering::Relaxed).max(4096);
+                    let n = if gate.busy() { rest.min(piece) } else { rest };
+                    let Ok(buf) = DmaBuf::new(n as usize) else {
+                        st = IoStatus::Nomem;
+                        break;
+                    };
+                    let mut p = BdevIo::read(io.offset + at, buf, None);
+                    p.background = true;
+                    let mut p = bdev::submit_wait(&ch, p).await;
+                    match (p.status, p.take_buf()) {
+                        (s, Some(buf)) if s.is_ok() => io.copy_in(at as usize, buf.as_slice()),
+                        (s, _) => {
+                            st = if s.is_ok() { IoStatus::Eio } else { s };
+                            break;
+                        }
+                    }
+                    at += n;
+                }
+                st
+            }
+            Err(_) => IoStatus::Eio,
+        };
+        io.complete(st);
+    })
+    .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_piece_size_parses_clamps_and_ignores_junk() {
+        let p = |v: &str| parse_piece(Some(v.to_string()));
+        assert_eq!(parse_piece(None), None);
+        assert_eq!(p("junk"), None);
+        assert_eq!(p("-1"), None);
+        assert_eq!(p("0"), Some(0), "0: never cut");
+        assert_eq!(p("1"), Some(4 << 10));
+        assert_eq!(p(" 128 "), Some(128 << 10));
+        assert_eq!(p("99999999999"), Some(1 << 30));
+        // Nothing set: the default stays (other tests cut reads meanwhile).
+        assert_eq!(piece_from_env(|_| None), BG_PIECE);
+    }
+}
