@@ -28,7 +28,10 @@
 # KINDS="sluice" (default "sluice qsd qsd-best") runs only those destinations
 # (ratios are printed when all three ran). With RUNS=0 and no
 # LAT_SPEED the client reads for LAT_SECS at full speed (keep it shorter than
-# the stream: the script fails if the stream ends first).
+# the stream: the script fails if the stream ends first). LINK_MBIT=N shapes
+# the veth pair to N Mbit/s each way (a token bucket, `tc tbf`), as a link
+# between two real hosts is: there a job's data queued on the link is what a
+# client's reply waits behind (the unshaped veth pair is as fast as memory).
 #
 #   scripts/bench/nbd_tls.sh            # GIB=1 RUNS=2 TLS="off on" LAT=1 IDLE_SECS=4
 #   RUNS=0 LAT_SPEED=100 scripts/bench/nbd_tls.sh   # only the latency phase, at 100 MiB/s
@@ -50,7 +53,8 @@ IDLE_SECS=${IDLE_SECS:-4}
 LAT_SPEED=${LAT_SPEED:-0}
 LAT_SECS=${LAT_SECS:-5}
 KINDS=${KINDS:-"sluice qsd qsd-best"}
-export SLUICE GIB RUNS TLS DIR LAT IDLE_SECS LAT_SPEED LAT_SECS KINDS
+LINK_MBIT=${LINK_MBIT:-0}
+export SLUICE GIB RUNS TLS DIR LAT IDLE_SECS LAT_SPEED LAT_SECS KINDS LINK_MBIT
 exec "$PY" - <<'PYEOF'
 import json, os, shutil, subprocess, sys, time
 sys.path.insert(0, "scripts/bench")
@@ -80,6 +84,11 @@ def nets_up():
         sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", v)
         sh("ip", "-n", ns, "link", "set", v, "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
+        if int(E.get("LINK_MBIT", "0")):
+            # A link of that speed (both ways), as between two real hosts.
+            # (A token bucket: netem is not in every kernel.)
+            sh("tc", "-n", ns, "qdisc", "add", "dev", v, "root", "tbf",
+               "rate", f"{int(E['LINK_MBIT'])}mbit", "burst", "64kb", "latency", "100ms")
 
 
 def nets_down():

@@ -188,6 +188,13 @@ impl NbdBdev {
         (st, data)
     }
 
+    /// Whether this reactor's gate for the bdev counts a client as busy
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn client_busy_here(&self) -> Option<bool> {
+        self.local_conn().map(|c| c.gate().busy())
+    }
+
     fn local_conn(&self) -> Option<Rc<Conn>> {
         CONNS.with(|m| m.borrow().get(&self.id).and_then(|w| w.upgrade()))
     }

@@ -194,6 +194,30 @@ fn reads_writes_zeroes_flush_and_block_status_through_the_crates_server() {
     })
     .expect("status");
     assert!(st.allocated && st.len > 0 && st.len <= 8 * MIB);
+    // A job walks block status between its background reads: the queries
+    // must not count as a client's requests, or the gate holds the job's
+    // reads back as if a client were reading.
+    let busy = h
+        .spawn_on(1, {
+            let b = b.clone();
+            move || async move {
+                let d: Arc<dyn Bdev> = b.clone();
+                // Past the quiet time of this reactor's earlier reads.
+                reactor::sleep(super::gate::QUIET * 4).await;
+                for i in 0..4u64 {
+                    let f = d.range_status(i * MIB, MIB).expect("block status");
+                    f.await.expect("status");
+                }
+                b.client_busy_here()
+            }
+        })
+        .block()
+        .expect("join");
+    assert_eq!(
+        busy,
+        Some(false),
+        "block status queries made the gate count a busy client"
+    );
     let fname = b.filename().expect("filename");
     assert_eq!(fname, format!("nbd+unix:///m0?socket={}", sock.display()));
     drop(b);
