@@ -143,6 +143,8 @@ struct Worker {
     coal: Coalescer,
     /// Held while a signal is held back, so the reactor cannot park on it.
     awake: Option<AwakeGuard>,
+    /// Requests completed and not yet added to [`DevShared::completed`].
+    completed: u64,
 }
 
 /// Starts serving `s` on the current reactor.
@@ -171,6 +173,7 @@ pub fn start(s: QueueSetup) -> Result<(), String> {
         armed: false,
         coal,
         awake: None,
+        completed: 0,
     })));
     w.0.borrow_mut().me = Rc::downgrade(&w);
     let wp = w.clone();
@@ -233,6 +236,7 @@ impl Worker {
     /// Ends a poll: signals what completed (whether it did), and hands a
     /// stopped ring back.
     fn settle(&mut self) -> bool {
+        self.count_completed();
         let signalled = self.flush_signal(self.stopping);
         if self.stopping && self.reqs.is_empty() {
             self.finish();
@@ -565,7 +569,7 @@ impl Worker {
             return;
         };
         let st = if ok { status::OK } else { status::IOERR };
-        self.dev.completed.fetch_add(1, Ordering::Relaxed);
+        self.completed += 1;
         self.finish_now(r.head, r.status, if ok { r.written } else { 1 }, st);
         if self.stopping {
             self.flush_signal(true);
@@ -604,8 +608,19 @@ impl Worker {
         true
     }
 
+    /// Adds the completions counted since the last time to the connection's
+    /// statistics (one atomic add per poll, not per request).
+    fn count_completed(&mut self) {
+        if self.completed > 0 {
+            self.dev
+                .completed
+                .fetch_add(std::mem::take(&mut self.completed), Ordering::Relaxed);
+        }
+    }
+
     /// Stopped with nothing in flight: hands the ring back to the control thread.
     fn finish(&mut self) {
+        self.count_completed();
         self.flush_signal(true);
         self.awake = None;
         if let Some(p) = self.poller.take() {
