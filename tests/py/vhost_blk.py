@@ -455,6 +455,15 @@ def case_spdk(vm, d):
     except JSONRPCException as e:
         print("in use:", e.message.strip())
     c.close()
+    # Once the front end is gone, the controller counts every request it
+    # served (each went to the bdev): none lost between polls.
+    t0 = time.time()
+    while rpc.call("vhost_get_controllers")[0]["sessions"]:
+        expect(time.time() - t0 < 10, "the session outlived its front end")
+        time.sleep(0.05)
+    done = rpc.call("vhost_get_controllers")[0]["completed_requests"]
+    print("completed_requests:", done)
+    expect(done == c.submitted, f"completed_requests {done}, {c.submitted} requests served")
     t0 = time.time()
     while True:
         try:
