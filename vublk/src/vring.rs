@@ -15,6 +15,11 @@
 //! for a batch rather than one to pop, one for the channel to submit and reap,
 //! and the call eventfd after that.
 //!
+//! A chain of direct descriptors is read straight from the descriptor table
+//! (one slice of guest memory per poll, [`walk_direct`]); anything else (an
+//! indirect table, a chain `virtio-queue` would cut short) is left to
+//! `virtio-queue`'s own walk, so both read the same chain.
+//!
 //! With interrupt coalescing on ([`crate::coalesce`], SPDK's
 //! `vhost_controller_set_coalescing`), a busy queue's signal may be held back
 //! for a while after the previous one; while one is held the reactor does not
@@ -51,9 +56,44 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 
+/// Reads the chain at `head` from the descriptor table `table` (of `size`
+/// entries) into `out` as (address, length, writable), when it is a chain of
+/// direct descriptors that `virtio-queue`'s walk takes whole; `false` (with
+/// `out` partly filled) for anything that walk must judge (an indirect table,
+/// an index out of the table, a chain as long as the queue or of more than
+/// 4 GiB), so that the chain is the same whichever reads it.
+fn walk_direct<B: BitmapSlice>(
+    table: &VolatileSlice<'_, B>,
+    head: u16,
+    size: u16,
+    out: &mut Vec<(u64, u32, bool)>,
+) -> bool {
+    let (mut i, mut ttl, mut total) = (head, size, 0u64);
+    loop {
+        if ttl == 0 || i >= size {
+            return false;
+        }
+        let Ok(d) = table.read_obj::<Descriptor>(usize::from(i) * 16) else {
+            return false;
+        };
+        total += u64::from(d.len());
+        if d.refers_to_indirect_table() || total > u64::from(u32::MAX) {
+            return false;
+        }
+        out.push((d.addr().0, d.len(), d.is_write_only()));
+        if !d.has_next() {
+            return true;
+        }
+        i = d.next();
+        ttl -= 1;
+    }
+}
+
 /// The worker behind its cell (the completion target of its requests).
 struct Cell(RefCell<Worker>);
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 /// What the export's queues share (one per connection).
 pub struct DevShared {
@@ -276,8 +316,15 @@ impl Worker {
                 return false;
             }
         }
+        // The descriptor table as one slice (it lies in one region where the
+        // guest's memory is one region, as QEMU's is): direct chains are read
+        // from it without a region lookup per descriptor.
+        let size = self.q.size();
+        let table = m
+            .get_slice(GuestAddress(self.q.desc_table()), 16 * usize::from(size))
+            .ok();
         let mut n = 0;
-        while n < self.q.size() {
+        while n < size {
             let Some(chain) = self.q.pop_descriptor_chain(m) else {
                 if n == 0 {
                     // Entries are available but none reads as a chain.
@@ -290,8 +337,14 @@ impl Worker {
             self.armed = false;
             let head = chain.head_index();
             self.descs.clear();
-            self.descs
-                .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+            let direct = table
+                .as_ref()
+                .is_some_and(|t| walk_direct(t, head, size, &mut self.descs));
+            if !direct {
+                self.descs.clear();
+                self.descs
+                    .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+            }
             if !self.start_request(head) || self.stopping {
                 break;
             }
