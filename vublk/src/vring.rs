@@ -16,7 +16,7 @@
 //! and the call eventfd after that.
 //!
 //! A chain of direct descriptors is read straight from the descriptor table
-//! (one slice of guest memory per poll, [`walk_direct`]); anything else (an
+//! (one slice of guest memory per poll, `walk_direct`); anything else (an
 //! indirect table, a chain `virtio-queue` would cut short) is left to
 //! `virtio-queue`'s own walk, so both read the same chain.
 //!
