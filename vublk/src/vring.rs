@@ -377,8 +377,17 @@ impl Worker {
         let Some(status_at) = status_at else {
             return self.fail_or_break(head, None, "no status byte");
         };
+        // The header usually starts a descriptor of its own: one slice for
+        // it, else the general copy across descriptors.
         let mut hdr = [0u8; 16];
-        if self.gather(0, nread, 0, &mut hdr).is_none() {
+        let whole = nread > 0
+            && self.descs[0].1 >= 16
+            && self
+                .mem
+                .mem
+                .get_slice(GuestAddress(self.descs[0].0), 16)
+                .is_ok_and(|s| s.read_slice(&mut hdr, 0).is_ok());
+        if !whole && self.gather(0, nread, 0, &mut hdr).is_none() {
             return self.fail_or_break(head, Some(status_at), "bad request header");
         }
         let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
@@ -605,7 +614,12 @@ impl Worker {
 
     /// Completes a chain at once (no bdev request).
     fn finish_now(&mut self, head: u16, status_at: u64, written: u32, st: u8) {
-        let _ = self.mem.mem.write_obj(st, GuestAddress(status_at));
+        // One slice for the byte (a plain `write_obj` walks the general
+        // access path for it); an address outside memory writes nothing, as
+        // before.
+        if let Ok(s) = self.mem.mem.get_slice(GuestAddress(status_at), 1) {
+            let _ = s.write_obj(st, 0);
+        }
         if self.q.add_used(&self.mem.mem, head, written).is_err() {
             self.broken("cannot write the used ring");
             return;
