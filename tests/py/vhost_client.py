@@ -113,6 +113,7 @@ class Client:
         self.rings = []
         self.features = 0
         self.reply_ack = False
+        self.submitted = 0  # chains queued by submit / submit_chain
 
     def close(self):
         try:
@@ -268,6 +269,7 @@ class Client:
             ring.put_desc(ids[k], a, n, f | (0 if last else D_NEXT), 0 if last else ids[k + 1])
         ring.pending = getattr(ring, "pending", {})
         ring.pending[ids[0]] = ids
+        self.submitted += 1
         ring.publish(ids[0])
         return (ids[0],)
 

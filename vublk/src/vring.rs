@@ -15,6 +15,11 @@
 //! for a batch rather than one to pop, one for the channel to submit and reap,
 //! and the call eventfd after that.
 //!
+//! A chain of direct descriptors is read straight from the descriptor table
+//! (one slice of guest memory per poll, `walk_direct`); anything else (an
+//! indirect table, a chain `virtio-queue` would cut short) is left to
+//! `virtio-queue`'s own walk, so both read the same chain.
+//!
 //! With interrupt coalescing on ([`crate::coalesce`], SPDK's
 //! `vhost_controller_set_coalescing`), a busy queue's signal may be held back
 //! for a while after the previous one; while one is held the reactor does not
@@ -51,9 +56,44 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 
+/// Reads the chain at `head` from the descriptor table `table` (of `size`
+/// entries) into `out` as (address, length, writable), when it is a chain of
+/// direct descriptors that `virtio-queue`'s walk takes whole; `false` (with
+/// `out` partly filled) for anything that walk must judge (an indirect table,
+/// an index out of the table, a chain as long as the queue or of more than
+/// 4 GiB), so that the chain is the same whichever reads it.
+fn walk_direct<B: BitmapSlice>(
+    table: &VolatileSlice<'_, B>,
+    head: u16,
+    size: u16,
+    out: &mut Vec<(u64, u32, bool)>,
+) -> bool {
+    let (mut i, mut ttl, mut total) = (head, size, 0u64);
+    loop {
+        if ttl == 0 || i >= size {
+            return false;
+        }
+        let Ok(d) = table.read_obj::<Descriptor>(usize::from(i) * 16) else {
+            return false;
+        };
+        total += u64::from(d.len());
+        if d.refers_to_indirect_table() || total > u64::from(u32::MAX) {
+            return false;
+        }
+        out.push((d.addr().0, d.len(), d.is_write_only()));
+        if !d.has_next() {
+            return true;
+        }
+        i = d.next();
+        ttl -= 1;
+    }
+}
+
 /// The worker behind its cell (the completion target of its requests).
 struct Cell(RefCell<Worker>);
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 /// What the export's queues share (one per connection).
 pub struct DevShared {
@@ -143,6 +183,8 @@ struct Worker {
     coal: Coalescer,
     /// Held while a signal is held back, so the reactor cannot park on it.
     awake: Option<AwakeGuard>,
+    /// Requests completed and not yet added to [`DevShared::completed`].
+    completed: u64,
 }
 
 /// Starts serving `s` on the current reactor.
@@ -171,6 +213,7 @@ pub fn start(s: QueueSetup) -> Result<(), String> {
         armed: false,
         coal,
         awake: None,
+        completed: 0,
     })));
     w.0.borrow_mut().me = Rc::downgrade(&w);
     let wp = w.clone();
@@ -233,6 +276,7 @@ impl Worker {
     /// Ends a poll: signals what completed (whether it did), and hands a
     /// stopped ring back.
     fn settle(&mut self) -> bool {
+        self.count_completed();
         let signalled = self.flush_signal(self.stopping);
         if self.stopping && self.reqs.is_empty() {
             self.finish();
@@ -272,8 +316,15 @@ impl Worker {
                 return false;
             }
         }
+        // The descriptor table as one slice (it lies in one region where the
+        // guest's memory is one region, as QEMU's is): direct chains are read
+        // from it without a region lookup per descriptor.
+        let size = self.q.size();
+        let table = m
+            .get_slice(GuestAddress(self.q.desc_table()), 16 * usize::from(size))
+            .ok();
         let mut n = 0;
-        while n < self.q.size() {
+        while n < size {
             let Some(chain) = self.q.pop_descriptor_chain(m) else {
                 if n == 0 {
                     // Entries are available but none reads as a chain.
@@ -286,8 +337,14 @@ impl Worker {
             self.armed = false;
             let head = chain.head_index();
             self.descs.clear();
-            self.descs
-                .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+            let direct = table
+                .as_ref()
+                .is_some_and(|t| walk_direct(t, head, size, &mut self.descs));
+            if !direct {
+                self.descs.clear();
+                self.descs
+                    .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+            }
             if !self.start_request(head) || self.stopping {
                 break;
             }
@@ -320,8 +377,17 @@ impl Worker {
         let Some(status_at) = status_at else {
             return self.fail_or_break(head, None, "no status byte");
         };
+        // The header usually starts a descriptor of its own: one slice for
+        // it, else the general copy across descriptors.
         let mut hdr = [0u8; 16];
-        if self.gather(0, nread, 0, &mut hdr).is_none() {
+        let whole = nread > 0
+            && self.descs[0].1 >= 16
+            && self
+                .mem
+                .mem
+                .get_slice(GuestAddress(self.descs[0].0), 16)
+                .is_ok_and(|s| s.read_slice(&mut hdr, 0).is_ok());
+        if !whole && self.gather(0, nread, 0, &mut hdr).is_none() {
             return self.fail_or_break(head, Some(status_at), "bad request header");
         }
         let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
@@ -548,7 +614,12 @@ impl Worker {
 
     /// Completes a chain at once (no bdev request).
     fn finish_now(&mut self, head: u16, status_at: u64, written: u32, st: u8) {
-        let _ = self.mem.mem.write_obj(st, GuestAddress(status_at));
+        // One slice for the byte (a plain `write_obj` walks the general
+        // access path for it); an address outside memory writes nothing, as
+        // before.
+        if let Ok(s) = self.mem.mem.get_slice(GuestAddress(status_at), 1) {
+            let _ = s.write_obj(st, 0);
+        }
         if self.q.add_used(&self.mem.mem, head, written).is_err() {
             self.broken("cannot write the used ring");
             return;
@@ -565,7 +636,7 @@ impl Worker {
             return;
         };
         let st = if ok { status::OK } else { status::IOERR };
-        self.dev.completed.fetch_add(1, Ordering::Relaxed);
+        self.completed += 1;
         self.finish_now(r.head, r.status, if ok { r.written } else { 1 }, st);
         if self.stopping {
             self.flush_signal(true);
@@ -604,8 +675,19 @@ impl Worker {
         true
     }
 
+    /// Adds the completions counted since the last time to the connection's
+    /// statistics (one atomic add per poll, not per request).
+    fn count_completed(&mut self) {
+        if self.completed > 0 {
+            self.dev
+                .completed
+                .fetch_add(std::mem::take(&mut self.completed), Ordering::Relaxed);
+        }
+    }
+
     /// Stopped with nothing in flight: hands the ring back to the control thread.
     fn finish(&mut self) {
+        self.count_completed();
         self.flush_signal(true);
         self.awake = None;
         if let Some(p) = self.poller.take() {
