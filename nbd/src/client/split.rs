@@ -1,7 +1,8 @@
 //! A job's background read submitted while a client is busy (`gate.rs`)
 //! goes to the server in pieces of at most [`BG_PIECE`] bytes, one after the
-//! other, each into a buffer of its own and copied into the request when it
-//! arrives: a client's read then waits behind at most one piece at the
+//! other, each a sub-request over its range of the request's own memory
+//! ([`BdevIo::sub_io`]: no buffer or copy per piece): a client's read then
+//! waits behind at most one piece at the
 //! server and on its disk, not behind a whole chunk of the job. Once the
 //! client is quiet again, the rest goes as one request. The pieces are
 //! background reads through the bdev's channel on this reactor, so the gate
@@ -13,7 +14,7 @@
 //! benchmarks).
 
 use super::gate::Gate;
-use bdev::{Bdev, BdevIo, DmaBuf, IoStatus};
+use bdev::{Bdev, BdevIo, IoStatus};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,7 +53,7 @@ pub fn wanted(io: &BdevIo, gate: &Gate) -> bool {
 
 /// Reads `io` (a background read) from `b` in pieces, on this reactor, and
 /// completes it.
-pub fn read_in_pieces(b: Arc<dyn Bdev>, gate: Rc<Gate>, mut io: Box<BdevIo>) {
+pub fn read_in_pieces(b: Arc<dyn Bdev>, gate: Rc<Gate>, io: Box<BdevIo>) {
     reactor::spawn_local(async move {
         let st = match bdev::channel(&b) {
             Ok(ch) => {
@@ -62,19 +63,17 @@ pub fn read_in_pieces(b: Arc<dyn Bdev>, gate: Rc<Gate>, mut io: Box<BdevIo>) {
                     let rest = io.len - at;
                     let piece = PIECE.load(Ordering::Relaxed).max(4096);
                     let n = if gate.busy() { rest.min(piece) } else { rest };
-                    let Ok(buf) = DmaBuf::new(n as usize) else {
-                        st = IoStatus::Nomem;
-                        break;
+                    // SAFETY: `io` is owned by this task and completed only
+                    // after the loop; the pieces go one at a time over
+                    // disjoint ranges, each awaited before the next, and
+                    // nothing else touches `io`'s memory meanwhile.
+                    let p = unsafe {
+                        BdevIo::sub_io(&io, at, n, bdev::IoType::Read, io.offset + at, None)
                     };
-                    let mut p = BdevIo::read(io.offset + at, buf, None);
-                    p.background = true;
-                    let mut p = bdev::submit_wait(&ch, p).await;
-                    match (p.status, p.take_buf()) {
-                        (s, Some(buf)) if s.is_ok() => io.copy_in(at as usize, buf.as_slice()),
-                        (s, _) => {
-                            st = if s.is_ok() { IoStatus::Eio } else { s };
-                            break;
-                        }
+                    let s = bdev::submit_wait(&ch, p).await.status;
+                    if !s.is_ok() {
+                        st = s;
+                        break;
                     }
                     at += n;
                 }
