@@ -8,10 +8,13 @@
 //! empty one it waits [`HARVEST_INTERVAL`] before asking the kernel again, so a
 //! spinning reactor does not spend itself on a system call per iteration; after
 //! a harvest that found events it asks again on the next iteration (a burst is
-//! likely to go on). A reactor parks only after a long idle spell, so one woken
-//! from a park by a socket harvests at once. Sockets are edge-triggered: a task
+//! likely to go on). Sockets are edge-triggered: a task
 //! reads (or writes) until the kernel says "would block", then waits for the next
-//! edge. An idle reactor parks; an idle connection costs nothing.
+//! edge. An idle reactor parks; an idle connection costs nothing. A reactor
+//! woken from a park harvests on its next iteration whatever the interval says
+//! ([`reactor::parks`]): the park took the edge that woke it, and with a short
+//! `--park-after-us` the reactor would otherwise park again before the
+//! interval ended and sleep through the socket's readiness.
 
 use crate::tls::TlsSock;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -34,7 +37,13 @@ pub const HARVEST_INTERVAL: Duration = Duration::from_micros(4);
 /// [`HARVEST_INTERVAL`] in reactor ticks (computed once per reactor, when
 /// its socket set is made).
 fn harvest_interval_ticks() -> u64 {
-    (HARVEST_INTERVAL.as_nanos() * reactor::ticks_hz() as u128 / 1_000_000_000) as u64
+    #[cfg(test)]
+    let interval = tests::INTERVAL
+        .with(|i| i.get())
+        .unwrap_or(HARVEST_INTERVAL);
+    #[cfg(not(test))]
+    let interval = HARVEST_INTERVAL;
+    (interval.as_nanos() * reactor::ticks_hz() as u128 / 1_000_000_000) as u64
 }
 
 /// Readiness of one registered fd.
@@ -57,6 +66,8 @@ struct Net {
     next_harvest: Cell<u64>,
     /// [`harvest_interval_ticks`], cached.
     interval: u64,
+    /// The reactor's park count at the last harvest ([`reactor::parks`]).
+    parks_seen: Cell<u64>,
     _poller: PollerHandle,
 }
 
@@ -77,6 +88,7 @@ fn net() -> io::Result<Rc<Net>> {
         next_gen: Cell::new(0),
         next_harvest: Cell::new(0),
         interval: harvest_interval_ticks(),
+        parks_seen: Cell::new(reactor::parks()),
         _poller: poller,
     });
     NET.with(|c| *c.borrow_mut() = Some(n.clone()));
@@ -93,8 +105,14 @@ fn poll_sockets() -> PollStatus {
     }
     let now = reactor::ticks();
     let due = n.next_harvest.get();
+    // A reactor that parked since the last harvest looks at once: a socket's
+    // edge may be what woke it, and the park consumed that edge (waiting out
+    // the interval, the reactor could park again and sleep through it).
+    let parks = reactor::parks();
+    let woke = parks != n.parks_seen.get();
+    n.parks_seen.set(parks);
     // (The second test guards against a clock that went backwards.)
-    if now < due && due - now <= n.interval {
+    if !woke && now < due && due - now <= n.interval {
         return PollStatus::Idle;
     }
     let mut events = [EpollEvent::empty(); 64];
@@ -401,5 +419,62 @@ impl AsyncSock {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AsyncSock, Sock};
+    use reactor::{CoreSet, Runtime, RuntimeConfig};
+    use std::cell::Cell;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    thread_local! {
+        /// A harvest interval for this thread's socket set, set before it is made.
+        pub(super) static INTERVAL: Cell<Option<Duration>> = const { Cell::new(None) };
+    }
+
+    /// A reactor that parks as soon as it idles (`--park-after-us 0`) must not
+    /// sleep through a socket's edge that woke it while the harvest interval
+    /// still ran: the park consumed the edge and no other comes. The interval
+    /// is stretched to 10 s here so the window is certain to be hit: each echo
+    /// below would otherwise wait for it (or forever: nothing else wakes the
+    /// reactor).
+    #[test]
+    fn a_reactor_woken_from_a_park_by_a_socket_harvests_at_once() {
+        let mut cfg = RuntimeConfig::new(CoreSet::from_list("0").expect("cores"));
+        cfg.pin = false;
+        cfg.idle_before_park = Duration::ZERO;
+        let rt = Runtime::start(cfg).expect("runtime");
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        const ROUNDS: usize = 20;
+        let echo = rt.handle().spawn_on(0, move || async move {
+            INTERVAL.with(|i| i.set(Some(Duration::from_secs(10))));
+            let mut s = AsyncSock::new(Sock::Unix(ours)).expect("register");
+            for _ in 0..ROUNDS {
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await.expect("read");
+                s.write_all(&b).await.expect("write");
+            }
+        });
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        for i in 0..ROUNDS {
+            // Let the reactor go idle and park before the byte comes.
+            std::thread::sleep(Duration::from_millis(5));
+            let t = Instant::now();
+            theirs.write_all(&[i as u8]).expect("send");
+            let mut b = [0u8; 1];
+            if let Err(e) = theirs.read_exact(&mut b) {
+                panic!("echo {i} not back after {:?} ({e}): the reactor slept through the socket's edge", t.elapsed());
+            }
+            assert_eq!(b[0], i as u8);
+        }
+        echo.block().expect("echo task");
+        rt.shutdown();
     }
 }

@@ -26,8 +26,8 @@ pub use cores::CoreSet;
 pub use error::ReactorError;
 pub use executor::{spawn_local, JoinError, JoinHandle};
 pub use local::{
-    current_core, current_index, handle, is_reactor_thread, is_stopping, keep_awake, register_fd,
-    unregister_fd, AwakeGuard,
+    current_core, current_index, handle, is_reactor_thread, is_stopping, keep_awake, parks,
+    register_fd, unregister_fd, AwakeGuard,
 };
 pub use poller::{register_poller, register_timed_poller, PollStatus, PollerHandle};
 pub use ring::{ring_here, RingSender};

@@ -82,6 +82,16 @@ pub fn is_stopping() -> bool {
     try_with(|r| r.runtime.is_stopping()).unwrap_or(false)
 }
 
+/// How many times the current reactor has parked (0 off reactors). A poller
+/// that skips system calls between polls (rate-limited, like the NBD socket
+/// harvest) compares it with the count it last saw: a change means the reactor
+/// slept since, and a registered fd's edge that woke it may be waiting for
+/// that poller's next look, which must then come at once: the edge was
+/// consumed by the park, and another will not come for the same readiness.
+pub fn parks() -> u64 {
+    try_with(|r| r.counters.parks()).unwrap_or(0)
+}
+
 /// Adds `fd` to the set whose activity wakes the current reactor from parking
 /// (edge-triggered). The caller keeps it open until [`unregister_fd`].
 pub fn register_fd(fd: RawFd) -> std::io::Result<()> {

@@ -26,6 +26,12 @@ pub(crate) struct Counters {
     messages: Cell<u64>,
 }
 
+impl Counters {
+    pub(crate) fn parks(&self) -> u64 {
+        self.parks.get()
+    }
+}
+
 #[inline(always)]
 fn add(c: &Cell<u64>, v: u64) {
     c.set(c.get() + v);

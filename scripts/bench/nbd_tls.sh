@@ -32,6 +32,10 @@
 # the veth pair to N Mbit/s each way (a token bucket, `tc tbf`), as a link
 # between two real hosts is: there a job's data queued on the link is what a
 # client's reply waits behind (the unshaped veth pair is as fast as memory).
+# SLUICE_ARGS adds options to sluice's `serve` (e.g. "--park-after-us 0").
+# LAT_LOG=PREFIX keeps fio's per-read latency log (with offsets: a read below
+# the job's offset at its time was local) as PREFIX_clat.1.log (the phase
+# during the stream overwrites the idle one's).
 #
 #   scripts/bench/nbd_tls.sh            # GIB=1 RUNS=2 TLS="off on" LAT=1 IDLE_SECS=4
 #   RUNS=0 LAT_SPEED=100 scripts/bench/nbd_tls.sh   # only the latency phase, at 100 MiB/s
@@ -135,7 +139,7 @@ def dest(kind, tmp):
     os.makedirs(tmp, exist_ok=True)
     if kind == "sluice":
         p = subprocess.Popen(["ip", "netns", "exec", NB, E["SLUICE"], "serve", "--runtime-dir", tmp,
-                              "-m", "0x1", "--nbd-allow-remote"],
+                              "-m", "0x1", "--nbd-allow-remote"] + E.get("SLUICE_ARGS", "").split(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return p, connect(p, os.path.join(tmp, "sluice-qmp.sock"))
     sock = os.path.join(tmp, "qsd.sock")
@@ -232,7 +236,8 @@ def fio_p99(sock, secs, gib):
     """4 KiB random reads at QD 1 over the export on `sock` for `secs`: (p50, p99) in µs."""
     r = subprocess.run(["fio", "--name=lat", "--ioengine=nbd", f"--uri=nbd+unix:///ov?socket={sock}",
                         "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based=1",
-                        f"--runtime={secs}", f"--size={gib}G", "--output-format=json"],
+                        f"--runtime={secs}", f"--size={gib}G", "--output-format=json"]
+                       + ([f"--write_lat_log={E['LAT_LOG']}", "--log_offset=1"] if E.get("LAT_LOG") else []),
                        capture_output=True, text=True, timeout=secs + 120)
     if r.returncode != 0:
         raise RuntimeError(f"fio: {r.stdout[-2000:]} {r.stderr[-2000:]}")
