@@ -20,7 +20,9 @@
 # client read (its offset, which counts ranges with nothing to copy too): a
 # stream that stops while a guest reads is not a migration. sluice's
 # destination cuts a job's reads into 64 KiB pieces while a client reads
-# (SLUICE_NBD_BG_PIECE_KB=0 in the environment turns that off, to compare).
+# (SLUICE_NBD_BG_PIECE_KB=0 in the environment turns that off, to compare)
+# and paces them at 64 MiB/s (SLUICE_NBD_BG_BUSY_MIBS=N sets another rate,
+# 0 none).
 #
 # LAT_SPEED=N (MiB/s) runs the latency phase's stream at that speed limit
 # instead of full speed (a migration with a speed limit, as the issue's

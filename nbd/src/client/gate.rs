@@ -17,6 +17,15 @@
 //!
 //! Each connection registers with the gate; when a background request ends,
 //! every registered connection's writer is woken to look again.
+//!
+//! The gate also paces a job's data while the client is busy
+//! ([`Gate::reserve`], used by `split.rs` for each piece of a background
+//! read): the pieces of all of the reactor's background reads of the bdev
+//! take turns on one timeline at the busy rate, so a client reading without
+//! pause shares the source, the link and both hosts' CPUs with at most that
+//! many bytes per second of the job's. A pause of the client earns no credit:
+//! the timeline restarts from now, and once the client is quiet there is no
+//! pacing at all.
 
 use super::conn::Conn;
 use std::cell::{Cell, RefCell};
@@ -38,6 +47,8 @@ pub struct Gate {
     last_fg: Cell<Option<Instant>>,
     /// Background requests in flight (sent, not yet answered).
     bg: Cell<usize>,
+    /// When the next paced background bytes may go ([`Self::reserve`]).
+    next_bg: Cell<Option<Instant>>,
     /// The connections to wake when a background request ends.
     conns: RefCell<Vec<Weak<Conn>>>,
 }
@@ -74,6 +85,20 @@ impl Gate {
     /// Whether a background request may be sent now (then call [`Self::bg_start`]).
     pub fn may_send_bg(&self) -> bool {
         self.bg.get() < BG_WHILE_BUSY.max(1) || !self.busy()
+    }
+
+    /// Books `bytes` of background data at `rate` bytes per second on the
+    /// gate's timeline and returns how long after `now` they may go: when
+    /// the bytes booked before them have had their time. A timeline that
+    /// ended before `now` restarts at `now` (no credit for idle time).
+    pub fn reserve(&self, now: Instant, bytes: u64, rate: u64) -> Duration {
+        let start = self.next_bg.get().filter(|t| *t > now).unwrap_or(now);
+        let span = Duration::from_nanos(
+            (u128::from(bytes) * 1_000_000_000 / u128::from(rate.max(1))).min(u64::MAX as u128)
+                as u64,
+        );
+        self.next_bg.set(Some(start + span));
+        start - now
     }
 
     /// A background request was sent.
@@ -120,5 +145,34 @@ mod tests {
         assert!(g.may_send_bg(), "the limit lifts once the client is quiet");
         let _ = g.bg_end();
         assert!(g.may_send_bg());
+    }
+
+    #[test]
+    fn paced_bytes_take_turns_on_one_timeline_without_credit_for_idle_time() {
+        let g = Gate::new();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // 64 KiB at 64 MiB/s: about 1 ms each.
+        let (piece, rate) = (64u64 << 10, 64u64 << 20);
+        let span = Duration::from_nanos(piece * 1_000_000_000 / rate);
+        assert_eq!(
+            g.reserve(t0, piece, rate),
+            Duration::ZERO,
+            "the first goes at once"
+        );
+        assert_eq!(
+            g.reserve(t0, piece, rate),
+            span,
+            "the second after the first's time"
+        );
+        assert_eq!(g.reserve(t0, piece, rate), span * 2);
+        // Later, with the timeline still running: it waits for the rest.
+        assert_eq!(g.reserve(t0 + span, piece, rate), span * 2);
+        // Long after the timeline ended: at once, and no burst of credit.
+        let late = t0 + ms(100);
+        assert_eq!(g.reserve(late, piece, rate), Duration::ZERO);
+        assert_eq!(g.reserve(late, piece, rate), span);
+        // A rate of 0 is taken as 1 byte per second, never a division by zero.
+        assert!(g.reserve(late, 1, 0) >= span * 2);
     }
 }

@@ -226,6 +226,95 @@ fn reads_writes_zeroes_flush_and_block_status_through_the_crates_server() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A job's background read while a client reads without pause goes at the
+/// busy rate (`split.rs`, `Gate::reserve`): 8 MiB at 64 MiB/s takes at least
+/// 125 ms, whatever the machine; the client's reads go on meanwhile, and the
+/// data is the export's.
+#[test]
+fn a_background_read_beside_a_client_reading_without_pause_is_paced() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let rt = runtime("0");
+    let h = rt.handle();
+    let dir = tmpdir("pace");
+    let reg = bdev::Registry::new();
+    let m: Arc<dyn Bdev> =
+        bdev::malloc::MallocBdev::new("m0", 16 * MIB / 512, 512, None).expect("malloc");
+    let (srv, sock) = serve(&h, &dir, &reg, m.clone(), true);
+    let b = open(&h, cfg(&sock, "m0")).expect("open");
+    const BIG: u64 = 8 * MIB;
+    // The export's data: each 4 KiB block holds its number.
+    let filled = on(&h, 0, &b, move |b| {
+        Box::pin(async move {
+            let ch = bdev::channel(&b).expect("channel");
+            let mut ok = true;
+            for m in 0..2 * BIG / MIB {
+                let mut buf = DmaBuf::new(MIB as usize).expect("buf");
+                for (i, c) in buf.as_mut_slice().chunks_mut(4096).enumerate() {
+                    c.fill((m * 256 + i as u64) as u8);
+                }
+                ok &= bdev::write_at(&ch, m * MIB, buf).await.is_ok();
+            }
+            ok
+        })
+    });
+    assert!(filled, "fill");
+    let rate = super::split::BG_BUSY_RATE;
+    let (took, fg_reads, good) = on(&h, 0, &b, move |b| {
+        Box::pin(async move {
+            let ch = bdev::channel(&b).expect("channel");
+            let done = Rc::new(Cell::new(false));
+            let client = {
+                let (ch, done) = (ch.clone(), done.clone());
+                async move {
+                    let mut n = 0u64;
+                    while !done.get() {
+                        let off = BIG + (n % 256) * 4096;
+                        let ok = bdev::read_at(&ch, off, 4096).await.is_ok();
+                        assert!(ok, "client read");
+                        n += 1;
+                    }
+                    n
+                }
+            };
+            let job = async {
+                // The client's first read is on its way before the job's.
+                reactor::sleep(Duration::from_millis(2)).await;
+                let t = std::time::Instant::now();
+                let mut io = bdev::BdevIo::read(0, DmaBuf::new(BIG as usize).expect("buf"), None);
+                io.background = true;
+                let mut io = bdev::submit_wait(&ch, io).await;
+                let took = t.elapsed();
+                done.set(true);
+                let good = io.status.is_ok()
+                    && io.take_buf().is_some_and(|buf| {
+                        buf.as_slice()
+                            .chunks(4096)
+                            .enumerate()
+                            .all(|(i, c)| c.iter().all(|&x| x == i as u8))
+                    });
+                (took, good)
+            };
+            let (n, (took, good)) = futures::future::join(client, job).await;
+            (took, n, good)
+        })
+    });
+    assert!(good, "the paced read's data is the export's");
+    let least = Duration::from_nanos(BIG * 1_000_000_000 / rate) - Duration::from_millis(2);
+    assert!(
+        took >= least,
+        "{BIG} bytes in {took:?} beside a busy client: faster than the busy rate allows ({least:?})"
+    );
+    assert!(
+        fg_reads >= 10,
+        "the client went on meanwhile: {fg_reads} reads"
+    );
+    drop(b);
+    srv.shutdown(Duration::from_secs(2));
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn read_only_export_and_handshake_refusals() {
     let rt = runtime("0");
