@@ -631,7 +631,8 @@ impl Worker {
     fn complete(&mut self, io: Box<BdevIo>) {
         let ok = io.status == IoStatus::Success;
         let key = io.tag as usize;
-        drop(io);
+        // Lets go of the guest mapping and keeps the box for the next request.
+        io.recycle();
         let Some(r) = self.reqs.try_remove(key) else {
             return;
         };
