@@ -30,6 +30,7 @@ pub mod coalesce;
 mod error;
 pub mod memory;
 pub mod server;
+mod used;
 pub mod vring;
 
 pub use error::VublkError;

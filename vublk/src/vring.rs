@@ -1,8 +1,9 @@
 //! One virtqueue served on one reactor: a poller pops the guest's descriptor
 //! chains, turns each into a bdev request over the guest's own pages (no copy),
-//! and on completion writes the status byte, returns the chain to the used ring
-//! and signals the call eventfd when the guest wants to hear (`EVENT_IDX` or
-//! the ring's flags, through `virtio-queue`).
+//! and on completion writes the status byte; at the end of the poll the chains
+//! completed go to the used ring with one index update, and the call eventfd is
+//! signalled when the guest wants to hear (`EVENT_IDX`: the private `used`
+//! module).
 //!
 //! The kick eventfd is in the reactor's wake set, so a parked reactor wakes on a
 //! guest's kick; while it runs, the poller reads the avail ring every iteration
@@ -42,6 +43,7 @@
 use crate::blk::{self, req, status};
 use crate::coalesce::{Coalescer, Coalescing};
 use crate::memory::{GuestMem, GuestSegs};
+use crate::used::UsedRing;
 use bdev::{Bdev, BdevIo, IoChannel, IoDone, IoStatus, IoType};
 use reactor::{AwakeGuard, PollStatus, PollerHandle};
 use slab::Slab;
@@ -165,6 +167,8 @@ struct Worker {
     dev: Arc<DevShared>,
     ctl: Arc<QueueCtl>,
     ch: Rc<IoChannel>,
+    /// Completions written into the used ring once per poll (`used`).
+    used: UsedRing,
     reqs: Slab<Req>,
     backlog: VecDeque<Box<BdevIo>>,
     signal: bool,
@@ -192,7 +196,9 @@ pub fn start(s: QueueSetup) -> Result<(), String> {
     let ch = bdev::channel(&s.dev.bdev).map_err(|e| format!("channel: {e}"))?;
     let coal = Coalescer::new(reactor::ticks_hz(), &s.dev.coalescing, reactor::ticks());
     reactor::register_fd(s.kick.as_raw_fd()).map_err(|e| format!("kick fd: {e}"))?;
+    let used = UsedRing::new(&s.queue);
     let w = Rc::new(Cell(RefCell::new(Worker {
+        used,
         q: s.queue,
         mem: s.mem,
         kick: s.kick,
@@ -620,10 +626,7 @@ impl Worker {
         if let Ok(s) = self.mem.mem.get_slice(GuestAddress(status_at), 1) {
             let _ = s.write_obj(st, 0);
         }
-        if self.q.add_used(&self.mem.mem, head, written).is_err() {
-            self.broken("cannot write the used ring");
-            return;
-        }
+        self.used.push(head, written);
         self.coal.completed(1);
         self.signal = true;
     }
@@ -651,6 +654,9 @@ impl Worker {
     /// coalescing lets it go now (or `now` says so); whether it wrote the call
     /// eventfd. A signal held back keeps the reactor awake until it goes.
     fn flush_signal(&mut self, now: bool) -> bool {
+        if self.used.publish(&mut self.q, &self.mem.mem).is_err() {
+            self.broken("cannot write the used ring");
+        }
         if !self.signal {
             return false;
         }
@@ -665,7 +671,11 @@ impl Worker {
         let Some(call) = &self.call else {
             return false;
         };
-        if !self.q.needs_notification(&self.mem.mem).unwrap_or(true) {
+        if !self
+            .used
+            .needs_notification(&self.q, &self.mem.mem)
+            .unwrap_or(true)
+        {
             return false;
         }
         let _ = (&*call).write(&1u64.to_ne_bytes());
