@@ -271,6 +271,19 @@ impl BdevIo {
             Some(b) => Memory::One(b),
             None => Memory::None,
         };
+        Self::boxed(io_type, offset, len, iovs, mem, done)
+    }
+
+    /// A fresh request in a box from this thread's pool, else a new one.
+    #[inline]
+    fn boxed(
+        io_type: IoType,
+        offset: u64,
+        len: u64,
+        iovs: SmallVec<[IoVec; 2]>,
+        mem: Memory,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Box<Self> {
         let io = Self {
             io_type,
             offset,
@@ -290,7 +303,9 @@ impl BdevIo {
         // The pool's borrow runs no code of ours (a pop), so it cannot nest.
         match POOL.try_with(|p| p.borrow_mut().pop()) {
             Ok(Some(mut b)) => {
-                *b = io;
+                // A pooled request holds nothing (`recycle` emptied it, its
+                // segment list inline): forgetting it drops nothing.
+                std::mem::forget(std::mem::replace(&mut *b, io));
                 b
             }
             _ => Box::new(io),
@@ -306,7 +321,11 @@ impl BdevIo {
         self.mem = Memory::None;
         self.done = None;
         self.stats = None;
-        self.iovs.clear();
+        if self.iovs.spilled() {
+            self.iovs = SmallVec::new();
+        } else {
+            self.iovs.clear();
+        }
         let full = POOL.try_with(move |p| {
             let mut p = p.borrow_mut();
             if p.len() < POOL_MAX {
@@ -374,15 +393,15 @@ impl BdevIo {
         keeper: std::sync::Arc<dyn std::any::Any + Send + Sync>,
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
-        let mut io = Self::new(io_type, offset, 0, None, done);
+        let mut iovs = SmallVec::new();
+        let mut total = 0;
         if io_type.has_data() {
             for &(ptr, len) in segs {
-                io.iovs.push(IoVec { ptr, len });
-                io.len += len as u64;
+                iovs.push(IoVec { ptr, len });
+                total += len as u64;
             }
         }
-        io.mem = Memory::Kept(keeper);
-        io
+        Self::boxed(io_type, offset, total, iovs, Memory::Kept(keeper), done)
     }
 
     /// A request of `io_type` at `offset` over bytes `[start, start+len)` of
