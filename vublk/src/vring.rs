@@ -75,9 +75,12 @@ fn walk_direct<B: BitmapSlice>(
         if ttl == 0 || i >= size {
             return false;
         }
-        let Ok(d) = table.read_obj::<Descriptor>(usize::from(i) * 16) else {
+        // One volatile load of the 16 bytes (`read_obj` copies them through
+        // a general byte copy).
+        let Ok(d) = table.get_ref::<Descriptor>(usize::from(i) * 16) else {
             return false;
         };
+        let d = d.load();
         total += u64::from(d.len());
         if d.refers_to_indirect_table() || total > u64::from(u32::MAX) {
             return false;
@@ -95,7 +98,7 @@ fn walk_direct<B: BitmapSlice>(
 struct Cell(RefCell<Worker>);
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory, VolatileSlice};
 
 /// What the export's queues share (one per connection).
 pub struct DevShared {
@@ -388,11 +391,14 @@ impl Worker {
         let mut hdr = [0u8; 16];
         let whole = nread > 0
             && self.descs[0].1 >= 16
-            && self
-                .mem
-                .mem
-                .get_slice(GuestAddress(self.descs[0].0), 16)
-                .is_ok_and(|s| s.read_slice(&mut hdr, 0).is_ok());
+            && match self.mem.mem.get_slice(GuestAddress(self.descs[0].0), 16) {
+                // One volatile load of the 16 bytes.
+                Ok(h) => h.get_ref::<[u8; 16]>(0).is_ok_and(|r| {
+                    hdr = r.load();
+                    true
+                }),
+                Err(_) => false,
+            };
         if !whole && self.gather(0, nread, 0, &mut hdr).is_none() {
             return self.fail_or_break(head, Some(status_at), "bad request header");
         }
