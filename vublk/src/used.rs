@@ -18,7 +18,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
 /// The used ring cannot be written (an address outside the guest's memory,
 /// a head outside the queue).
@@ -78,7 +78,11 @@ impl UsedRing {
             // The element: le32 id (the head), le32 len.
             let elem = u64::to_le(u64::from(len) << 32 | u64::from(head));
             let ok = match &ring {
-                Some(r) => r.write_obj(elem, off as usize).is_ok(),
+                // One volatile store (`write_obj` copies byte-wise).
+                Some(r) => r
+                    .get_ref::<u64>(off as usize)
+                    .map(|e| e.store(elem))
+                    .is_ok(),
                 None => base
                     .checked_add(off)
                     .is_some_and(|a| mem.write_obj(elem, GuestAddress(a)).is_ok()),

@@ -16,10 +16,13 @@
 //! for a batch rather than one to pop, one for the channel to submit and reap,
 //! and the call eventfd after that.
 //!
-//! A chain of direct descriptors is read straight from the descriptor table
-//! (one slice of guest memory per poll, `walk_direct`); anything else (an
-//! indirect table, a chain `virtio-queue` would cut short) is left to
-//! `virtio-queue`'s own walk, so both read the same chain.
+//! A poll reads the avail index once (acquire) and the heads it covers from
+//! the avail ring as one slice; a chain of direct descriptors is read
+//! straight from the descriptor table (one slice of guest memory per poll,
+//! `walk_direct`, a volatile load per descriptor); anything else (an indirect
+//! table, a chain `virtio-queue` would cut short, a ring outside one region)
+//! is left to `virtio-queue`'s own pop and walk of the same entry, so both
+//! read the same chain.
 //!
 //! With interrupt coalescing on ([`crate::coalesce`], SPDK's
 //! `vhost_controller_set_coalescing`), a busy queue's signal may be held back
@@ -297,7 +300,7 @@ impl Worker {
     fn pop_all(&mut self) -> bool {
         let mem = self.mem.clone();
         let m = &mem.mem;
-        match self.q.avail_idx(m, Ordering::Acquire) {
+        let ahead = match self.q.avail_idx(m, Ordering::Acquire) {
             Ok(avail) => {
                 let ahead = avail - std::num::Wrapping(self.q.next_avail());
                 if ahead.0 > self.q.size() {
@@ -319,12 +322,13 @@ impl Worker {
                         }
                     };
                 }
+                ahead.0
             }
             Err(_) => {
                 self.broken("cannot read the avail ring");
                 return false;
             }
-        }
+        };
         // The descriptor table as one slice (it lies in one region where the
         // guest's memory is one region, as QEMU's is): direct chains are read
         // from it without a region lookup per descriptor.
@@ -332,28 +336,45 @@ impl Worker {
         let table = m
             .get_slice(GuestAddress(self.q.desc_table()), 16 * usize::from(size))
             .ok();
+        // The avail ring's entries likewise: the heads of the `ahead` chains
+        // the index just read (with acquire) covers are read from it.
+        let ring = m
+            .get_slice(GuestAddress(self.q.avail_ring()), 4 + 2 * usize::from(size))
+            .ok();
         let mut n = 0;
-        while n < size {
-            let Some(chain) = self.q.pop_descriptor_chain(m) else {
-                if n == 0 {
-                    // Entries are available but none reads as a chain.
-                    self.broken("an available head the ring cannot hold");
-                    return false;
+        while n < ahead {
+            let next = self.q.next_avail();
+            let at = 4 + 2 * usize::from(next % size);
+            let head = ring
+                .as_ref()
+                .and_then(|r| r.load::<u16>(at, Ordering::Acquire).ok())
+                .map(u16::from_le);
+            self.descs.clear();
+            let head = match (head, &table) {
+                (Some(h), Some(t)) if walk_direct(t, h, size, &mut self.descs) => {
+                    self.q.set_next_avail(next.wrapping_add(1));
+                    h
                 }
-                break;
+                _ => {
+                    // Anything else is `virtio-queue`'s to read (the same
+                    // entry: the next available one).
+                    let Some(chain) = self.q.pop_descriptor_chain(m) else {
+                        if n == 0 {
+                            // Entries are available but none reads as a chain.
+                            self.broken("an available head the ring cannot hold");
+                            return false;
+                        }
+                        break;
+                    };
+                    self.descs.clear();
+                    let head = chain.head_index();
+                    self.descs
+                        .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+                    head
+                }
             };
             n += 1;
             self.armed = false;
-            let head = chain.head_index();
-            self.descs.clear();
-            let direct = table
-                .as_ref()
-                .is_some_and(|t| walk_direct(t, head, size, &mut self.descs));
-            if !direct {
-                self.descs.clear();
-                self.descs
-                    .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
-            }
             if !self.start_request(head) || self.stopping {
                 break;
             }
@@ -630,7 +651,9 @@ impl Worker {
         // access path for it); an address outside memory writes nothing, as
         // before.
         if let Ok(s) = self.mem.mem.get_slice(GuestAddress(status_at), 1) {
-            let _ = s.write_obj(st, 0);
+            if let Ok(r) = s.get_ref::<u8>(0) {
+                r.store(st);
+            }
         }
         self.used.push(head, written);
         self.coal.completed(1);
