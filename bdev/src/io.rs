@@ -22,7 +22,9 @@ use std::rc::Rc;
 const POOL_MAX: usize = 1024;
 
 thread_local! {
-    /// This thread's empty request boxes (see the module doc).
+    /// This thread's empty request boxes (see the module doc): the boxes
+    /// themselves are what is kept, so `Vec<Box<_>>` is the point.
+    #[allow(clippy::vec_box)]
     static POOL: RefCell<Vec<Box<BdevIo>>> = const { RefCell::new(Vec::new()) };
 }
 
