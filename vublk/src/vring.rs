@@ -344,11 +344,13 @@ impl Worker {
         let mut n = 0;
         while n < ahead {
             let next = self.q.next_avail();
-            let at = 4 + 2 * usize::from(next % size);
-            let head = ring
-                .as_ref()
-                .and_then(|r| r.load::<u16>(at, Ordering::Acquire).ok())
-                .map(u16::from_le);
+            // (`ahead` > 0 means a queue size > 0: the remainder is defined.)
+            let head = next.checked_rem(size).and_then(|i| {
+                let r = ring.as_ref()?;
+                r.load::<u16>(4 + 2 * usize::from(i), Ordering::Acquire)
+                    .ok()
+            });
+            let head = head.map(u16::from_le);
             self.descs.clear();
             let head = match (head, &table) {
                 (Some(h), Some(t)) if walk_direct(t, h, size, &mut self.descs) => {
