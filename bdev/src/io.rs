@@ -1,9 +1,32 @@
 //! The I/O request: what to do, where, with which memory, and who to tell.
+//!
+//! Requests are boxed ([`Box<BdevIo>`] is what travels) and the boxes are
+//! recycled per thread, as SPDK caches its `spdk_bdev_io`s per thread: a
+//! submitter done with a request hands it to [`BdevIo::recycle`], which
+//! drops everything the request holds (its buffers, a foreign mapping's
+//! keeper, its completion target and statistics) at once and keeps the
+//! empty box in this thread's pool (at most `POOL_MAX`); the next request
+//! made on the thread ([`BdevIo::new`] and every constructor built on it)
+//! takes a box from there instead of the allocator. Only a box given up by
+//! value goes in, so a request still referenced is never handed out again;
+//! a request simply dropped is freed as any box is. Requests are not
+//! `Send`, so a box is recycled on the thread that made it.
 
 use crate::dma::DmaBuf;
 use crate::stats::IoStats;
 use smallvec::SmallVec;
+use std::cell::RefCell;
 use std::rc::Rc;
+
+/// Most empty boxes a thread keeps for its next requests ([`BdevIo::recycle`]).
+const POOL_MAX: usize = 1024;
+
+thread_local! {
+    /// This thread's empty request boxes (see the module doc): the boxes
+    /// themselves are what is kept, so `Vec<Box<_>>` is the point.
+    #[allow(clippy::vec_box)]
+    static POOL: RefCell<Vec<Box<BdevIo>>> = const { RefCell::new(Vec::new()) };
+}
 
 /// The kinds of I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -250,7 +273,20 @@ impl BdevIo {
             Some(b) => Memory::One(b),
             None => Memory::None,
         };
-        Box::new(Self {
+        Self::boxed(io_type, offset, len, iovs, mem, done)
+    }
+
+    /// A fresh request in a box from this thread's pool, else a new one.
+    #[inline]
+    fn boxed(
+        io_type: IoType,
+        offset: u64,
+        len: u64,
+        iovs: SmallVec<[IoVec; 2]>,
+        mem: Memory,
+        done: Option<Rc<dyn IoDone>>,
+    ) -> Box<Self> {
+        let io = Self {
             io_type,
             offset,
             len,
@@ -265,7 +301,43 @@ impl BdevIo {
             mem,
             done,
             stats: None,
-        })
+        };
+        // The pool's borrow runs no code of ours (a pop), so it cannot nest.
+        match POOL.try_with(|p| p.borrow_mut().pop()) {
+            Ok(Some(mut b)) => {
+                // A pooled request holds nothing (`recycle` emptied it, its
+                // segment list inline): forgetting it drops nothing.
+                std::mem::forget(std::mem::replace(&mut *b, io));
+                b
+            }
+            _ => Box::new(io),
+        }
+    }
+
+    /// Drops what the request holds (its buffers, a mapping's keeper, its
+    /// completion target) now and keeps the empty box for this thread's next
+    /// request (see the module doc); a plain drop when the pool is full.
+    pub fn recycle(mut self: Box<Self>) {
+        // Emptied before the pool is borrowed: these drops may run any code
+        // (a last `Rc` of a completion target), new requests included.
+        self.mem = Memory::None;
+        self.done = None;
+        self.stats = None;
+        if self.iovs.spilled() {
+            self.iovs = SmallVec::new();
+        } else {
+            self.iovs.clear();
+        }
+        let full = POOL.try_with(move |p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(self);
+                None
+            } else {
+                Some(self)
+            }
+        });
+        drop(full);
     }
 
     /// A read of `buf.len()` bytes at `offset` into `buf`.
@@ -323,15 +395,15 @@ impl BdevIo {
         keeper: std::sync::Arc<dyn std::any::Any + Send + Sync>,
         done: Option<Rc<dyn IoDone>>,
     ) -> Box<Self> {
-        let mut io = Self::new(io_type, offset, 0, None, done);
+        let mut iovs = SmallVec::new();
+        let mut total = 0;
         if io_type.has_data() {
             for &(ptr, len) in segs {
-                io.iovs.push(IoVec { ptr, len });
-                io.len += len as u64;
+                iovs.push(IoVec { ptr, len });
+                total += len as u64;
             }
         }
-        io.mem = Memory::Kept(keeper);
-        io
+        Self::boxed(io_type, offset, total, iovs, Memory::Kept(keeper), done)
     }
 
     /// A request of `io_type` at `offset` over bytes `[start, start+len)` of
@@ -580,6 +652,56 @@ mod tests {
             .collect();
         assert_eq!(back, want);
         assert_eq!(io.segments().count(), 0, "no memory left in the request");
+    }
+
+    /// A recycled box comes back as the thread's next request, with nothing
+    /// of the old one (a keeper, a target, buffers) held or seen.
+    #[test]
+    fn recycled_box_is_reused_empty() {
+        use std::sync::Arc;
+        let keeper: Arc<dyn std::any::Any + Send + Sync> = Arc::new(7u32);
+        let mut page = vec![0u8; 4096];
+        let segs = [(page.as_mut_ptr(), page.len())];
+        // SAFETY: `page` outlives the request and nothing else uses it meanwhile.
+        let mut io =
+            unsafe { BdevIo::over_foreign(IoType::Read, 8192, &segs, keeper.clone(), None) };
+        io.tag = 99;
+        io.fua = true;
+        io.status = super::IoStatus::Eio;
+        let at = &*io as *const BdevIo;
+        assert_eq!(Arc::strong_count(&keeper), 2);
+        io.recycle();
+        assert_eq!(
+            Arc::strong_count(&keeper),
+            1,
+            "recycling lets go of the keeper"
+        );
+        let io = BdevIo::new(IoType::Flush, 0, 0, None, None);
+        assert_eq!(
+            &*io as *const BdevIo, at,
+            "the box comes back from the pool"
+        );
+        assert_eq!(
+            (io.tag, io.fua, io.status, io.len, io.segments().count()),
+            (0, false, super::IoStatus::Pending, 0, 0)
+        );
+        let io2 = BdevIo::read(0, DmaBuf::new(512).unwrap(), None);
+        assert_ne!(&*io2 as *const BdevIo, at);
+        assert_eq!(io2.len, 512);
+        io2.recycle();
+        io.recycle();
+    }
+
+    /// The pool keeps at most `POOL_MAX` boxes; more are freed.
+    #[test]
+    fn pool_is_bounded() {
+        let many: Vec<_> = (0..super::POOL_MAX + 10)
+            .map(|_| BdevIo::new(IoType::Flush, 0, 0, None, None))
+            .collect();
+        for io in many {
+            io.recycle();
+        }
+        assert_eq!(super::POOL.with(|p| p.borrow().len()), super::POOL_MAX);
     }
 
     /// A sub-request sees exactly its range of the parent's memory.

@@ -18,6 +18,9 @@
 //!   a queue index out of range, a disconnect mid-request) fails the request
 //!   with an error status or drops that connection; nothing panics and the
 //!   service, its other exports and their guests go on.
+//! - A poll's completions reach the used ring together: their elements, then
+//!   one release store of `used.idx`, and the `EVENT_IDX` decision on that
+//!   published index (the `used` module).
 //! - The used-ring signal may be coalesced as SPDK's is
 //!   (`vhost_controller_set_coalescing`, off by default; [`coalesce`]).
 //! - An export claims its node as an NBD export does (`Holder::Export`, a
@@ -30,6 +33,7 @@ pub mod coalesce;
 mod error;
 pub mod memory;
 pub mod server;
+mod used;
 pub mod vring;
 
 pub use error::VublkError;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MmapRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 /// The most regions accepted (QEMU sends at most 8 in one table).
@@ -130,7 +130,8 @@ impl GuestMem {
             };
             let off = at - r.start_addr().0;
             let take = (r.len() - off).min(left);
-            let Ok(p) = self.mem.get_host_address(GuestAddress(at)) else {
+            // The region found: no second lookup for the address.
+            let Ok(p) = r.get_host_address(MemoryRegionAddress(off)) else {
                 return false;
             };
             out.push((p, take as usize));

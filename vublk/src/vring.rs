@@ -1,8 +1,9 @@
 //! One virtqueue served on one reactor: a poller pops the guest's descriptor
 //! chains, turns each into a bdev request over the guest's own pages (no copy),
-//! and on completion writes the status byte, returns the chain to the used ring
-//! and signals the call eventfd when the guest wants to hear (`EVENT_IDX` or
-//! the ring's flags, through `virtio-queue`).
+//! and on completion writes the status byte; at the end of the poll the chains
+//! completed go to the used ring with one index update, and the call eventfd is
+//! signalled when the guest wants to hear (`EVENT_IDX`: the private `used`
+//! module).
 //!
 //! The kick eventfd is in the reactor's wake set, so a parked reactor wakes on a
 //! guest's kick; while it runs, the poller reads the avail ring every iteration
@@ -15,10 +16,13 @@
 //! for a batch rather than one to pop, one for the channel to submit and reap,
 //! and the call eventfd after that.
 //!
-//! A chain of direct descriptors is read straight from the descriptor table
-//! (one slice of guest memory per poll, `walk_direct`); anything else (an
-//! indirect table, a chain `virtio-queue` would cut short) is left to
-//! `virtio-queue`'s own walk, so both read the same chain.
+//! A poll reads the avail index once (acquire) and the heads it covers from
+//! the avail ring as one slice; a chain of direct descriptors is read
+//! straight from the descriptor table (one slice of guest memory per poll,
+//! `walk_direct`, a volatile load per descriptor); anything else (an indirect
+//! table, a chain `virtio-queue` would cut short, a ring outside one region)
+//! is left to `virtio-queue`'s own pop and walk of the same entry, so both
+//! read the same chain.
 //!
 //! With interrupt coalescing on ([`crate::coalesce`], SPDK's
 //! `vhost_controller_set_coalescing`), a busy queue's signal may be held back
@@ -42,6 +46,7 @@
 use crate::blk::{self, req, status};
 use crate::coalesce::{Coalescer, Coalescing};
 use crate::memory::{GuestMem, GuestSegs};
+use crate::used::UsedRing;
 use bdev::{Bdev, BdevIo, IoChannel, IoDone, IoStatus, IoType};
 use reactor::{AwakeGuard, PollStatus, PollerHandle};
 use slab::Slab;
@@ -73,9 +78,12 @@ fn walk_direct<B: BitmapSlice>(
         if ttl == 0 || i >= size {
             return false;
         }
-        let Ok(d) = table.read_obj::<Descriptor>(usize::from(i) * 16) else {
+        // One volatile load of the 16 bytes (`read_obj` copies them through
+        // a general byte copy).
+        let Ok(d) = table.get_ref::<Descriptor>(usize::from(i) * 16) else {
             return false;
         };
+        let d = d.load();
         total += u64::from(d.len());
         if d.refers_to_indirect_table() || total > u64::from(u32::MAX) {
             return false;
@@ -93,7 +101,7 @@ fn walk_direct<B: BitmapSlice>(
 struct Cell(RefCell<Worker>);
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory, VolatileSlice};
 
 /// What the export's queues share (one per connection).
 pub struct DevShared {
@@ -165,6 +173,8 @@ struct Worker {
     dev: Arc<DevShared>,
     ctl: Arc<QueueCtl>,
     ch: Rc<IoChannel>,
+    /// Completions written into the used ring once per poll (`used`).
+    used: UsedRing,
     reqs: Slab<Req>,
     backlog: VecDeque<Box<BdevIo>>,
     signal: bool,
@@ -192,7 +202,9 @@ pub fn start(s: QueueSetup) -> Result<(), String> {
     let ch = bdev::channel(&s.dev.bdev).map_err(|e| format!("channel: {e}"))?;
     let coal = Coalescer::new(reactor::ticks_hz(), &s.dev.coalescing, reactor::ticks());
     reactor::register_fd(s.kick.as_raw_fd()).map_err(|e| format!("kick fd: {e}"))?;
+    let used = UsedRing::new(&s.queue);
     let w = Rc::new(Cell(RefCell::new(Worker {
+        used,
         q: s.queue,
         mem: s.mem,
         kick: s.kick,
@@ -288,7 +300,7 @@ impl Worker {
     fn pop_all(&mut self) -> bool {
         let mem = self.mem.clone();
         let m = &mem.mem;
-        match self.q.avail_idx(m, Ordering::Acquire) {
+        let ahead = match self.q.avail_idx(m, Ordering::Acquire) {
             Ok(avail) => {
                 let ahead = avail - std::num::Wrapping(self.q.next_avail());
                 if ahead.0 > self.q.size() {
@@ -310,12 +322,13 @@ impl Worker {
                         }
                     };
                 }
+                ahead.0
             }
             Err(_) => {
                 self.broken("cannot read the avail ring");
                 return false;
             }
-        }
+        };
         // The descriptor table as one slice (it lies in one region where the
         // guest's memory is one region, as QEMU's is): direct chains are read
         // from it without a region lookup per descriptor.
@@ -323,28 +336,47 @@ impl Worker {
         let table = m
             .get_slice(GuestAddress(self.q.desc_table()), 16 * usize::from(size))
             .ok();
+        // The avail ring's entries likewise: the heads of the `ahead` chains
+        // the index just read (with acquire) covers are read from it.
+        let ring = m
+            .get_slice(GuestAddress(self.q.avail_ring()), 4 + 2 * usize::from(size))
+            .ok();
         let mut n = 0;
-        while n < size {
-            let Some(chain) = self.q.pop_descriptor_chain(m) else {
-                if n == 0 {
-                    // Entries are available but none reads as a chain.
-                    self.broken("an available head the ring cannot hold");
-                    return false;
+        while n < ahead {
+            let next = self.q.next_avail();
+            // (`ahead` > 0 means a queue size > 0: the remainder is defined.)
+            let head = next.checked_rem(size).and_then(|i| {
+                let r = ring.as_ref()?;
+                r.load::<u16>(4 + 2 * usize::from(i), Ordering::Acquire)
+                    .ok()
+            });
+            let head = head.map(u16::from_le);
+            self.descs.clear();
+            let head = match (head, &table) {
+                (Some(h), Some(t)) if walk_direct(t, h, size, &mut self.descs) => {
+                    self.q.set_next_avail(next.wrapping_add(1));
+                    h
                 }
-                break;
+                _ => {
+                    // Anything else is `virtio-queue`'s to read (the same
+                    // entry: the next available one).
+                    let Some(chain) = self.q.pop_descriptor_chain(m) else {
+                        if n == 0 {
+                            // Entries are available but none reads as a chain.
+                            self.broken("an available head the ring cannot hold");
+                            return false;
+                        }
+                        break;
+                    };
+                    self.descs.clear();
+                    let head = chain.head_index();
+                    self.descs
+                        .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
+                    head
+                }
             };
             n += 1;
             self.armed = false;
-            let head = chain.head_index();
-            self.descs.clear();
-            let direct = table
-                .as_ref()
-                .is_some_and(|t| walk_direct(t, head, size, &mut self.descs));
-            if !direct {
-                self.descs.clear();
-                self.descs
-                    .extend(chain.map(|d| (d.addr().0, d.len(), d.is_write_only())));
-            }
             if !self.start_request(head) || self.stopping {
                 break;
             }
@@ -382,11 +414,14 @@ impl Worker {
         let mut hdr = [0u8; 16];
         let whole = nread > 0
             && self.descs[0].1 >= 16
-            && self
-                .mem
-                .mem
-                .get_slice(GuestAddress(self.descs[0].0), 16)
-                .is_ok_and(|s| s.read_slice(&mut hdr, 0).is_ok());
+            && match self.mem.mem.get_slice(GuestAddress(self.descs[0].0), 16) {
+                // One volatile load of the 16 bytes.
+                Ok(h) => h.get_ref::<[u8; 16]>(0).is_ok_and(|r| {
+                    hdr = r.load();
+                    true
+                }),
+                Err(_) => false,
+            };
         if !whole && self.gather(0, nread, 0, &mut hdr).is_none() {
             return self.fail_or_break(head, Some(status_at), "bad request header");
         }
@@ -618,12 +653,11 @@ impl Worker {
         // access path for it); an address outside memory writes nothing, as
         // before.
         if let Ok(s) = self.mem.mem.get_slice(GuestAddress(status_at), 1) {
-            let _ = s.write_obj(st, 0);
+            if let Ok(r) = s.get_ref::<u8>(0) {
+                r.store(st);
+            }
         }
-        if self.q.add_used(&self.mem.mem, head, written).is_err() {
-            self.broken("cannot write the used ring");
-            return;
-        }
+        self.used.push(head, written);
         self.coal.completed(1);
         self.signal = true;
     }
@@ -631,7 +665,8 @@ impl Worker {
     fn complete(&mut self, io: Box<BdevIo>) {
         let ok = io.status == IoStatus::Success;
         let key = io.tag as usize;
-        drop(io);
+        // Lets go of the guest mapping and keeps the box for the next request.
+        io.recycle();
         let Some(r) = self.reqs.try_remove(key) else {
             return;
         };
@@ -650,6 +685,9 @@ impl Worker {
     /// coalescing lets it go now (or `now` says so); whether it wrote the call
     /// eventfd. A signal held back keeps the reactor awake until it goes.
     fn flush_signal(&mut self, now: bool) -> bool {
+        if self.used.publish(&mut self.q, &self.mem.mem).is_err() {
+            self.broken("cannot write the used ring");
+        }
         if !self.signal {
             return false;
         }
@@ -664,7 +702,11 @@ impl Worker {
         let Some(call) = &self.call else {
             return false;
         };
-        if !self.q.needs_notification(&self.mem.mem).unwrap_or(true) {
+        if !self
+            .used
+            .needs_notification(&self.q, &self.mem.mem)
+            .unwrap_or(true)
+        {
             return false;
         }
         let _ = (&*call).write(&1u64.to_ne_bytes());
