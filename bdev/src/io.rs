@@ -305,9 +305,10 @@ impl BdevIo {
         // The pool's borrow runs no code of ours (a pop), so it cannot nest.
         match POOL.try_with(|p| p.borrow_mut().pop()) {
             Ok(Some(mut b)) => {
-                // A pooled request holds nothing (`recycle` emptied it, its
-                // segment list inline): forgetting it drops nothing.
-                std::mem::forget(std::mem::replace(&mut *b, io));
+                // A pooled request holds nothing (`recycle` emptied it), so
+                // dropping it here frees nothing; a plain assignment keeps
+                // that true for any field added later.
+                *b = io;
                 b
             }
             _ => Box::new(io),
