@@ -38,11 +38,26 @@ where
         .unwrap_or_else(|e| panic!("the reactor did not finish the input within {HANG:?}: {e}"))
 }
 
-/// A scratch directory of this process (for sockets).
+/// A scratch directory of this process (for sockets). libFuzzer ends the
+/// process with `exit`, so nothing removes it then: each new one first
+/// removes those of fuzzing processes that are gone.
 pub fn scratch() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("sluice-fuzz-{}", std::process::id()));
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let pid = name.to_str().and_then(|n| n.strip_prefix("sluice-fuzz-"));
+                if pid.is_some_and(|pid| {
+                    pid.parse::<u32>().is_ok()
+                        && !std::path::Path::new("/proc").join(pid).exists()
+                }) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let p = tmp.join(format!("sluice-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("scratch dir");
         p
