@@ -137,6 +137,7 @@ class Client:
         self.features = 0
         self.reply_ack = False
         self.submitted = 0  # chains queued by submit / submit_chain
+        self.split_waits = 0  # sleeps of `wait` with part of its heads used
 
     def close(self):
         try:
@@ -310,6 +311,8 @@ class Client:
             mb()  # the store above before the load below (see the module doc)
             if ring.used_idx() != ring.used_seen:
                 continue
+            if got:
+                self.split_waits += 1
             r, _, _ = select.select([ring.call], [], [], timeout)
             if not r:
                 raise VhostError(f"no completion of {sorted(want - set(got))} within {timeout}s")
