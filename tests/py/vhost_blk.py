@@ -598,9 +598,10 @@ def case_parked(vm, d):
     raw file on disk (the io_uring path) whose page cache is dropped every
     few batches, so that batches come back over several polls (some reads
     served from the cache at once, the others by the disk later) and the
-    reactor parks in between with requests in flight. Every batch must be
-    back within 5 s: a kick or a CQE a parked reactor sleeps through, or a
-    signal not sent, fails it."""
+    reactor parks in between with requests in flight; and a flush alone
+    every 4 batches. Every batch and flush must be back within 5 s: a kick
+    or a CQE a parked reactor sleeps through, or a signal not sent, fails
+    it."""
     blocks, qd, batches = 4096, 32, 400
     img = os.path.join(d, "parked.raw")
     with open(img, "wb") as f:  # each 4 KiB block starts with its number
@@ -624,6 +625,7 @@ def case_parked(vm, d):
         ring.put_desc(3 * i + 1, din[i], 4096, vc.D_WRITE | vc.D_NEXT, 3 * i + 2)
         ring.put_desc(3 * i + 2, st[i], 1, vc.D_WRITE)
     ring.pending = {}
+    ring.free = [i for i in ring.free if i >= 3 * qd]  # the rest for c.submit
     fd = os.open(img, os.O_RDONLY)
     zeros = bytes(4088)
     kicks = 0
@@ -631,6 +633,13 @@ def case_parked(vm, d):
         for n in range(batches):
             if n % 4 == 0:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                # A flush alone (a request of another kind, kicked at once).
+                head, fst, _ = c.submit(ring, vc.T_FLUSH)
+                try:
+                    c.wait(ring, [head], timeout=5)
+                except vc.VhostError as e:
+                    raise Failure(f"flush before batch {n}: {e}") from e
+                expect(m.read(fst, 1)[0] == vc.S_OK, f"flush before batch {n}: status {m.read(fst, 1)[0]}")
             want = [rng.randrange(blocks) for _ in range(qd)]
             for i, b in enumerate(want):
                 m.write(hdr[i], struct.pack("<IIQ", vc.T_IN, 0, b * 8))
@@ -653,6 +662,7 @@ def case_parked(vm, d):
                 got = c.wait(ring, [3 * i for i in range(qd)], timeout=5)
             except vc.VhostError as e:
                 raise Failure(f"batch {n} (after {n * qd} reads): {e}") from e
+            ring.free = [i for i in ring.free if i >= 3 * qd]  # wait freed the slots' heads
             for i, b in enumerate(want):
                 expect(got[3 * i] == 4097, f"batch {n} slot {i}: used length {got[3 * i]}")
                 expect(m.read(st[i], 1)[0] == vc.S_OK, f"batch {n} slot {i}: status {m.read(st[i], 1)[0]}")
@@ -661,7 +671,7 @@ def case_parked(vm, d):
                        f"batch {n} slot {i}: block {b} read as block {struct.unpack_from('<Q', data)[0]}")
     finally:
         os.close(fd)
-    print(f"{batches * qd} reads in {batches} batches, {kicks} kicks; "
+    print(f"{batches * qd} reads in {batches} batches, {kicks} kicks, {batches // 4} flushes; "
           f"{c.split_waits} waits with part of a batch back")
     # Without batches split over polls the case tested nothing of the kind.
     expect(c.split_waits > 0, "no batch came back over more than one signal")
