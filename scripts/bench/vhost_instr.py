@@ -96,6 +96,11 @@ def drive(sock, blocks, n, qd, lockstep):
             if not got:
                 # Ask for a call at the next used entry, then look again before sleeping.
                 mv[avail + 4 + 2 * size:avail + 6 + 2 * size] = struct.pack("<H", ring.used_seen)
+                # A full barrier between that store and the load of used.idx
+                # (vhost_client's module doc): without it the load may come
+                # first, the server read the old used_event and rightly not
+                # signal, and this loop sleep with its completions in the ring.
+                vc.mb()
                 if ring.used_idx() != ring.used_seen:
                     continue
                 r, _, _ = select.select([ring.call], [], [], 60)

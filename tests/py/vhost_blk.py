@@ -589,6 +589,96 @@ def case_coalescing(vm, d):
     rpc.call("bdev_aio_delete", {"name": "c0"})
 
 
+def case_parked(vm, d):
+    """A reactor that parks as soon as an iteration finds no work (the daemon
+    runs with --park-after-us 0, one reactor): 12,800 verified 4 KiB reads
+    at QD 32 in lockstep batches (one avail index update and one kick per
+    batch, the next batch once the last is all back), EVENT_IDX on (the
+    kick sent only when the server's avail_event asks for it), from a
+    raw file on disk (the io_uring path) whose page cache is dropped every
+    few batches, so that batches come back over several polls (some reads
+    served from the cache at once, the others by the disk later) and the
+    reactor parks in between with requests in flight; and a flush alone
+    every 4 batches. Every batch and flush must be back within 5 s: a kick
+    or a CQE a parked reactor sleeps through, or a signal not sent, fails
+    it."""
+    blocks, qd, batches = 4096, 32, 400
+    img = os.path.join(d, "parked.raw")
+    with open(img, "wb") as f:  # each 4 KiB block starts with its number
+        for b in range(blocks):
+            f.write(struct.pack("<Q", b) + bytes(4088))
+        f.flush()
+        os.fsync(f.fileno())  # clean pages, so that dropping them works
+    ok(vm, "blockdev-add", driver="file", filename=img, node_name="pk", read_only=True)
+    sock = export(vm, d, "pk", "parked", writable=False)
+    wait_for_socket(sock)
+    c = vc.Client(sock, mem_size=4 * MiB)
+    (ring,) = c.start(queues=1, size=128)
+    expect(c.features & (1 << vc.F_EVENT_IDX), "EVENT_IDX negotiated")
+    m, rng = c.mem, random.Random(11)
+    # Slot i: descriptors 3i (header), 3i+1 (data in), 3i+2 (status).
+    hdr = [m.alloc(16, 16) for _ in range(qd)]
+    din = [m.alloc(4096) for _ in range(qd)]
+    st = [m.alloc(1, 1) for _ in range(qd)]
+    for i in range(qd):
+        ring.put_desc(3 * i, hdr[i], 16, vc.D_NEXT, 3 * i + 1)
+        ring.put_desc(3 * i + 1, din[i], 4096, vc.D_WRITE | vc.D_NEXT, 3 * i + 2)
+        ring.put_desc(3 * i + 2, st[i], 1, vc.D_WRITE)
+    ring.pending = {}
+    ring.free = [i for i in ring.free if i >= 3 * qd]  # the rest for c.submit
+    fd = os.open(img, os.O_RDONLY)
+    zeros = bytes(4088)
+    kicks = 0
+    try:
+        for n in range(batches):
+            if n % 4 == 0:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                # A flush alone (a request of another kind, kicked at once).
+                head, fst, _ = c.submit(ring, vc.T_FLUSH)
+                try:
+                    c.wait(ring, [head], timeout=5)
+                except vc.VhostError as e:
+                    raise Failure(f"flush before batch {n}: {e}") from e
+                expect(m.read(fst, 1)[0] == vc.S_OK, f"flush before batch {n}: status {m.read(fst, 1)[0]}")
+            want = [rng.randrange(blocks) for _ in range(qd)]
+            for i, b in enumerate(want):
+                m.write(hdr[i], struct.pack("<IIQ", vc.T_IN, 0, b * 8))
+                m.write(st[i], b"\xff")
+                m.write(din[i], b"\xa5" * 8)
+                m.write(ring.avail + 4 + 2 * (ring.avail_idx % ring.size), struct.pack("<H", 3 * i))
+                ring.avail_idx = (ring.avail_idx + 1) & 0xFFFF
+            m.write(ring.avail + 2, struct.pack("<H", ring.avail_idx))
+            # Kick only when the server asked (EVENT_IDX's avail_event, as
+            # Linux's virtqueue_kick_prepare: the index store, a full
+            # barrier, then the load): a server that parks without
+            # re-arming its avail_event is never kicked.
+            vc.mb()
+            (event,) = struct.unpack("<H", m.read(ring.used + 4 + 8 * ring.size, 2))
+            new, old = ring.avail_idx, (ring.avail_idx - qd) & 0xFFFF
+            if (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF:
+                os.eventfd_write(ring.kick, 1)
+                kicks += 1
+            try:
+                got = c.wait(ring, [3 * i for i in range(qd)], timeout=5)
+            except vc.VhostError as e:
+                raise Failure(f"batch {n} (after {n * qd} reads): {e}") from e
+            ring.free = [i for i in ring.free if i >= 3 * qd]  # wait freed the slots' heads
+            for i, b in enumerate(want):
+                expect(got[3 * i] == 4097, f"batch {n} slot {i}: used length {got[3 * i]}")
+                expect(m.read(st[i], 1)[0] == vc.S_OK, f"batch {n} slot {i}: status {m.read(st[i], 1)[0]}")
+                data = m.read(din[i], 4096)
+                expect(struct.unpack_from("<Q", data)[0] == b and data[8:] == zeros,
+                       f"batch {n} slot {i}: block {b} read as block {struct.unpack_from('<Q', data)[0]}")
+    finally:
+        os.close(fd)
+    print(f"{batches * qd} reads in {batches} batches, {kicks} kicks, {batches // 4} flushes; "
+          f"{c.split_waits} waits with part of a batch back")
+    # Without batches split over polls the case tested nothing of the kind.
+    expect(c.split_waits > 0, "no batch came back over more than one signal")
+    c.close()
+    ok(vm, "block-export-del", id="parked")
+
+
 def case_snapshot(vm, d):
     """An export of a qcow2 node follows it onto a snapshot overlay: writes
     after the snapshot land in the overlay, the base keeps the old data, and

@@ -5,13 +5,23 @@ can also misbehave on purpose (bad descriptors, addresses outside memory,
 out-of-range queue indexes, a runaway avail index, hang-ups mid-request).
 
 Errors are raised as VhostError (never bare asserts): a test decides what it
-expected."""
+expected.
+
+Waiting for a completion follows the driver's side of virtio's "publish,
+then re-check" rule (virtio 1.2 2.7.10, Linux's virtqueue_enable_cb_delayed):
+store `used_event`, a full memory barrier (`mb`), then read `used.idx`
+again before sleeping on the call eventfd. Without the barrier the CPU may
+satisfy the read before the store is visible (x86 reorders a store with a
+later load), the device may read the old `used_event` after publishing,
+rightly send no signal, and the front end sleeps with its completions in
+the ring."""
 
 import mmap
 import os
 import select
 import socket
 import struct
+import threading
 
 # Front-end requests.
 GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER, SET_MEM_TABLE = 1, 2, 3, 4, 5
@@ -36,6 +46,19 @@ UVA_BASE = 0x7F00_0000_0000  # the "front end's" virtual address of guest addres
 
 class VhostError(Exception):
     pass
+
+
+_FENCE = threading.Lock()
+
+
+def mb():
+    """A full memory barrier: this thread's stores before it are visible
+    before its loads after it (virtio_mb). Python has no fence of its own;
+    taking and releasing a lock runs locked read-modify-write instructions
+    (glibc's semaphore or CPython's mutex), each a full barrier on x86-64,
+    where these tests run."""
+    with _FENCE:
+        pass
 
 
 class Disconnected(VhostError):
@@ -114,6 +137,7 @@ class Client:
         self.features = 0
         self.reply_ack = False
         self.submitted = 0  # chains queued by submit / submit_chain
+        self.split_waits = 0  # sleeps of `wait` with part of its heads used
 
     def close(self):
         try:
@@ -284,8 +308,11 @@ class Client:
                 break
             # EVENT_IDX: ask for a call once the next one is used, then look again.
             self.mem.write(ring.avail + 4 + 2 * ring.size, struct.pack("<H", ring.used_seen))
+            mb()  # the store above before the load below (see the module doc)
             if ring.used_idx() != ring.used_seen:
                 continue
+            if got:
+                self.split_waits += 1
             r, _, _ = select.select([ring.call], [], [], timeout)
             if not r:
                 raise VhostError(f"no completion of {sorted(want - set(got))} within {timeout}s")

@@ -4,7 +4,8 @@
 //! one; the QMP conversation and the same verified I/O compared with
 //! qemu-storage-daemon 10; SPDK's vhost controller methods; SPDK's interrupt
 //! coalescing (signals held back, never lost); an export following its node
-//! onto a snapshot overlay.
+//! onto a snapshot overlay; no wake-up lost by a reactor that parks as soon
+//! as it idles.
 
 use sluice_tests::Daemon;
 
@@ -42,4 +43,11 @@ fn spdk_interrupt_coalescing_holds_signals_back_and_never_loses_one() {
 #[test]
 fn export_follows_its_node_onto_a_snapshot() {
     scenario("snapshot");
+}
+
+#[test]
+fn a_reactor_parking_at_once_loses_no_kick_completion_or_signal() {
+    let d = Daemon::start_with(&["-m", "0x1"], &["--park-after-us", "0"]);
+    println!("{}", d.run_case("vhost_blk.py", "parked"));
+    assert_eq!(d.stop(), Some(0), "daemon exit status");
 }

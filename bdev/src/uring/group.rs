@@ -11,6 +11,13 @@
 //! [`Chan::finish`]. A channel waits for all its SQEs (requests and hints)
 //! before it leaves, so a key never receives a CQE of an earlier member.
 //!
+//! `io_uring_enter` may take fewer SQEs than it is given (it stops at one it
+//! cannot even start, whose error CQE it posts, or when it cannot allocate a
+//! request): the ones it left stay queued, counted, and the poller, busy
+//! while any are, hands them over at its next round. (Taking them all as
+//! submitted left them in the SQ with nothing to submit them, and the
+//! reactor free to park for good: no CQE can come for them.)
+//!
 //! Reaped CQEs wait in a queue on the group, taken one at a time, so a
 //! completion that drops another channel (whose drop waits for its own
 //! CQEs, possibly reaped already) finds them there.
@@ -61,7 +68,8 @@ pub(crate) struct Group {
     /// The group's poller, paused while nothing is queued or in flight and
     /// nobody waits for room ([`Group::park_if_idle`]); resumed by the next SQE.
     poller: RefCell<Option<PollerHandle>>,
-    /// SQEs pushed but not yet handed to the kernel.
+    /// SQEs pushed but not yet handed to the kernel (after an enter, the
+    /// ones it left in the SQ: see the module doc).
     unsubmitted: Cell<u32>,
     /// [`Group::poll`] is running (a kick from inside a completion waits).
     in_poll: Cell<bool>,
@@ -363,9 +371,8 @@ impl Group {
             // More queued this iteration than the SQ holds: hand them over now.
             if let Err(e) = ring.submit() {
                 tracing::warn!(error = %e, "io_uring submit failed");
-            } else {
-                self.unsubmitted.set(0);
             }
+            self.unsubmitted.set(ring.submission().len() as u32);
             // SAFETY: as above.
             if unsafe { ring.submission().push(entry) }.is_err() {
                 tracing::error!("io_uring submission queue stuck full");
@@ -415,13 +422,16 @@ impl Group {
                 ring.submit()
             };
             match r {
-                Ok(_) => self.unsubmitted.set(0),
+                Ok(_) => {}
                 Err(e)
                     if e.raw_os_error() == Some(libc::EBUSY)
                         || e.raw_os_error() == Some(libc::EAGAIN)
                         || e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => tracing::warn!(error = %e, "io_uring submit failed"),
             }
+            // What the kernel did not take stays queued, for the next round
+            // (see the module doc).
+            self.unsubmitted.set(ring.submission().len() as u32);
             busy = true;
         }
         let mut reaped = self.reaped.borrow_mut();
@@ -505,5 +515,56 @@ impl Drop for Group {
         if reactor::is_reactor_thread() {
             let _ = reactor::unregister_fd(self.efd.as_fd().as_raw_fd());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+    use reactor::{CoreSet, Runtime, RuntimeConfig};
+
+    /// An SQE the kernel cannot start (a flag bit it does not know: its
+    /// error CQE is posted and `io_uring_enter` stops there) ahead of a good
+    /// one: the good one, left in the SQ, is handed over at a later poll and
+    /// completes, and nothing stays in flight. (A count of unsubmitted SQEs
+    /// set to zero after the first enter left it there for good.)
+    #[test]
+    fn sqes_the_kernel_did_not_take_are_submitted_at_the_next_poll() {
+        let mut cfg = RuntimeConfig::new(CoreSet::from_list("0").unwrap());
+        cfg.pin = false;
+        let rt = Runtime::start(cfg).unwrap();
+        let res = rt
+            .handle()
+            .call_on(0, || {
+                let g = Group::current().map_err(|e| e.to_string())?;
+                // Keys of no member: their CQEs are counted and dropped.
+                let bad = opcode::Nop::new()
+                    .build()
+                    .flags(squeue::Flags::from_bits_retain(0x80))
+                    .user_data(u64::from(u32::MAX - 1) << 32 | u64::from(HINT));
+                let good = opcode::Nop::new()
+                    .build()
+                    .user_data(u64::from(u32::MAX - 1) << 32 | u64::from(HINT));
+                // SAFETY: NOPs name no memory.
+                unsafe {
+                    g.push(&bad);
+                    g.push(&good);
+                }
+                let mut polls = 0;
+                while g.in_flight.get() > 0 && polls < 100 {
+                    g.poll();
+                    polls += 1;
+                }
+                let left = (g.in_flight.get(), g.unsubmitted.get());
+                // The ring goes with the last holder, on this thread.
+                drop(g);
+                Ok::<_, String>((left, polls))
+            })
+            .block()
+            .unwrap();
+        rt.shutdown();
+        let (left, polls) = res.unwrap();
+        assert_eq!(left, (0, 0), "(in flight, unsubmitted) after {polls} polls");
     }
 }
