@@ -152,3 +152,63 @@ fn tmpfs_reads_inline_return_the_data() {
         .unwrap();
     std::fs::remove_file(&p).unwrap();
 }
+
+/// A reactor that parks as soon as it idles (`--park-after-us 0`) is woken
+/// when an io-wq worker completes its write (tmpfs writes always go to a
+/// worker): each of many writes, awaited one at a time, comes back, and the
+/// reactor parked while most of them were in flight, so a wake-up, not
+/// polling, is what brought them back. (The kernel's task work for the
+/// reactor's thread interrupts its `epoll_wait` as well as the ring's
+/// eventfd does: with the eventfd left out of the wake set this still
+/// passes, so it does not prove the eventfd alone.)
+#[test]
+fn a_parked_reactor_is_woken_by_the_completions_of_io_workers() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: needs /dev/shm");
+        return;
+    }
+    let p = shm.join(format!("sluice-iowq-park-{}.img", std::process::id()));
+    std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+    let b: Arc<dyn Bdev> = UringBdev::open(
+        "iowq2",
+        &p,
+        UringOptions {
+            direct: false,
+            ..UringOptions::default()
+        },
+    )
+    .unwrap();
+    let mut cfg = RuntimeConfig::new(CoreSet::from_list("0").unwrap());
+    cfg.pin = false;
+    cfg.idle_before_park = std::time::Duration::ZERO;
+    let rt = Runtime::start(cfg).unwrap();
+    const WRITES: u64 = 200;
+    let job = rt.handle().spawn_on(0, move || async move {
+        let ch = channel(&b).unwrap();
+        let parks = reactor::parks();
+        for i in 0..WRITES {
+            let data = vec![i as u8; 4096];
+            write_at(&ch, (i % 1024) * 4096, DmaBuf::from_slice(&data).unwrap())
+                .await
+                .unwrap();
+        }
+        let back = read_at(&ch, (WRITES - 1) * 4096, 4096).await.unwrap();
+        assert!(back.as_slice().iter().all(|&x| x == (WRITES - 1) as u8));
+        reactor::parks() - parks
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(job.block());
+    });
+    let parked = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the writes did not all come back within 30 s: a completion slept through")
+        .unwrap();
+    rt.shutdown();
+    std::fs::remove_file(&p).unwrap();
+    assert!(
+        parked >= WRITES / 4,
+        "the reactor parked {parked} times over {WRITES} writes: the wake path was not exercised"
+    );
+}
