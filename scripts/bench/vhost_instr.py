@@ -14,7 +14,6 @@ Prints "reads=N". Errors raise (a SystemExit with the reason)."""
 
 import os
 import random
-import select
 import signal
 import struct
 import subprocess
@@ -94,22 +93,10 @@ def drive(sock, blocks, n, qd, lockstep):
         while done < n:
             got = ring.reap()
             if not got:
-                # Ask for a call at the next used entry, then look again before sleeping.
-                mv[avail + 4 + 2 * size:avail + 6 + 2 * size] = struct.pack("<H", ring.used_seen)
-                # A full barrier between that store and the load of used.idx
-                # (vhost_client's module doc): without it the load may come
-                # first, the server read the old used_event and rightly not
-                # signal, and this loop sleep with its completions in the ring.
-                vc.mb()
-                if ring.used_idx() != ring.used_seen:
-                    continue
-                r, _, _ = select.select([ring.call], [], [], 60)
-                if not r:
+                # Ask for a call at the next used entry and look again before
+                # sleeping (with the barrier between: vhost_client's module doc).
+                if ring.arm_call() and not ring.sleep_on_call(60):
                     raise SystemExit(f"no completion within 60 s after {done} reads")
-                try:
-                    os.eventfd_read(ring.call)
-                except BlockingIOError:
-                    pass
                 continue
             for head, ln in got:
                 if head % 3 or head // 3 >= qd:

@@ -92,6 +92,25 @@ class Ring:
     def used_idx(self):
         return struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
 
+    def arm_call(self):
+        """EVENT_IDX: asks for a call once the next entry is used, then looks
+        again, across a full barrier (see the module doc). True when nothing
+        was used meanwhile, so sleeping on the call eventfd is safe."""
+        self.mem.write(self.avail + 4 + 2 * self.size, struct.pack("<H", self.used_seen))
+        mb()  # the store above before the load below
+        return self.used_idx() == self.used_seen
+
+    def sleep_on_call(self, timeout):
+        """Waits at most `timeout` s for a call (after `arm_call`); whether one came."""
+        r, _, _ = select.select([self.call], [], [], timeout)
+        if not r:
+            return False
+        try:
+            os.eventfd_read(self.call)
+        except BlockingIOError:
+            pass
+        return True
+
     def reap(self):
         """(id, len) of every newly used chain."""
         out = []
@@ -306,20 +325,12 @@ class Client:
                 ring.free.extend(ring.pending.pop(i, [i]))
             if not want - set(got):
                 break
-            # EVENT_IDX: ask for a call once the next one is used, then look again.
-            self.mem.write(ring.avail + 4 + 2 * ring.size, struct.pack("<H", ring.used_seen))
-            mb()  # the store above before the load below (see the module doc)
-            if ring.used_idx() != ring.used_seen:
+            if not ring.arm_call():
                 continue
             if got:
                 self.split_waits += 1
-            r, _, _ = select.select([ring.call], [], [], timeout)
-            if not r:
+            if not ring.sleep_on_call(timeout):
                 raise VhostError(f"no completion of {sorted(want - set(got))} within {timeout}s")
-            try:
-                os.eventfd_read(ring.call)
-            except BlockingIOError:
-                pass
         return got
 
     def io(self, ring, rtype, sector=0, data=None, read_len=0):
