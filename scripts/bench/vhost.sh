@@ -25,6 +25,17 @@
 # "sluice-co" is SLUICE with SPDK's interrupt coalescing on, set through
 # vhost_controller_set_coalescing to COALESCING="delay_base_us iops_threshold",
 # default "50 10000"; "sluice" and "sluice-b" run with SPDK's default, off).
+# PIN=1 (default): each service on CPU 0 (sluice's reactor pinned there, as
+# it runs by default; QSD under taskset) and the guest's QEMU on CPU 1, as a
+# storage node keeps its cores apart from its VMs'. Unpinned (PIN=0) the
+# guest's threads preempt the reactor inside busy iterations, and that wait
+# counts in its busy time (not in QSD's CPU time).
+# BACKING=file (default): the raw file, read through the page cache.
+# BACKING=null: a null-co node of the same size reading as zeroes
+# (read-zeroes=on) on both sides, the guest checking each block comes back
+# zeroed: the export's own cost, without the file read both services pay.
+# The table also gives each service's read and write system calls per 100
+# requests (/proc/PID/io): the call eventfd's writes are most of the writes.
 # Results: a table on stdout, JSON lines in $OUT (default bench-vhost.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,7 +55,7 @@ guest_initramfs
 R="$WORK/root"
 export SLUICE SLUICE_B=${SLUICE_B:-} KINDS=${KINDS:-} RUN KERNEL QEMU_ROOT=$R MEM SMP
 export ROUNDS=${ROUNDS:-2} SECS=${SECS:-15} WARMUP=${WARMUP:-3} SIZE_MB=${SIZE_MB:-256}
-export COALESCING=${COALESCING:-50 10000}
+export COALESCING=${COALESCING:-50 10000} PIN=${PIN:-1} BACKING=${BACKING:-file}
 export OUT=${OUT:-$BENCH_ROOT/bench-vhost.jsonl} DATA_DIR=${DATA_DIR:-/var/tmp/sluice-bench-vhost}
 PY=$BENCH_ROOT/.venv/bin/python
 export BENCH_ROOT
@@ -58,6 +69,10 @@ E = os.environ
 RUN, DATA = E["RUN"], E["DATA_DIR"]
 R = E["QEMU_ROOT"]
 SECS, WARMUP, ROUNDS = float(E["SECS"]), float(E["WARMUP"]), int(E["ROUNDS"])
+PIN = E["PIN"] == "1"
+NULL = E["BACKING"] == "null"
+if E["BACKING"] not in ("file", "null"):
+    raise SystemExit(f"BACKING={E['BACKING']}: file or null")
 os.makedirs(DATA, exist_ok=True)
 data = os.path.join(DATA, "data.raw")
 size = int(E["SIZE_MB"]) << 20
@@ -119,10 +134,14 @@ def start(kind, d):
     sock = os.path.join(d, "vhost.sock")
     if kind.startswith("sluice"):
         binary = E["SLUICE_B"] if kind == "sluice-b" else E["SLUICE"]  # sluice-co: SLUICE
-        p = subprocess.Popen([binary, "serve", "--runtime-dir", d, "--no-pin", "-m", "0x1"],
+        pin = [] if PIN else ["--no-pin"]
+        p = subprocess.Popen([binary, "serve", "--runtime-dir", d, *pin, "-m", "0x1"],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
         q = qmp(os.path.join(d, "sluice-qmp.sock"))
-        cmd(q, "blockdev-add", {"driver": "file", "filename": data, "node-name": "f", "read-only": True})
+        if NULL:
+            cmd(q, "blockdev-add", {"driver": "null-co", "size": size, "read-zeroes": True, "node-name": "f"})
+        else:
+            cmd(q, "blockdev-add", {"driver": "file", "filename": data, "node-name": "f", "read-only": True})
         cmd(q, "block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "f",
                                     "addr": {"type": "unix", "path": sock}})
         if kind == "sluice-co":
@@ -132,10 +151,10 @@ def start(kind, d):
     else:
         best = kind == "qsd-best"
         mon = os.path.join(d, "qmp.sock")
-        a = ["qemu-storage-daemon", "--chardev", f"socket,path={mon},server=on,wait=off,id=m",
+        a = (["taskset", "-c", "0"] if PIN else []) + ["qemu-storage-daemon", "--chardev", f"socket,path={mon},server=on,wait=off,id=m",
              "--monitor", "chardev=m",
-             "--blockdev", f"driver=file,node-name=f,filename={data},read-only=on"
-             + (",aio=io_uring" if best else "")]
+             "--blockdev", f"driver=null-co,node-name=f,size={size},read-zeroes=on" if NULL else
+             f"driver=file,node-name=f,filename={data},read-only=on" + (",aio=io_uring" if best else "")]
         exp = f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock}"
         if best:
             a += ["--object", "iothread,id=io0"]
@@ -163,13 +182,24 @@ def reactor_wait(pid):
     return t / 1e9
 
 
+def syscalls(pid):
+    """The process's read and write system calls so far (/proc/PID/io): the
+    call eventfd's writes are most of its writes."""
+    io = dict(line.split(":") for line in open(f"/proc/{pid}/io"))
+    return int(io["syscr"]), int(io["syscw"])
+
+
 def sample(kind, p, d):
+    r, w = syscalls(p.pid)
+    s = {"reads": r, "writes": w}
     if kind.startswith("sluice"):
         r = rpc(os.path.join(d, "sluice.sock"), "framework_get_reactors")
         busy = sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
-        return {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid),
-                "reactor_wait": reactor_wait(p.pid)}
-    return {"cpu": threads_cpu(p.pid)}
+        s["time"] = {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid),
+                     "reactor_wait": reactor_wait(p.pid)}
+    else:
+        s["time"] = {"cpu": threads_cpu(p.pid)}
+    return s
 
 
 def run(kind, rnd):
@@ -177,10 +207,10 @@ def run(kind, rnd):
     drop_caches()
     p, q, sock = start(kind, d)
     console = os.path.join(d, "console.log")
-    qemu = [f"{R}/usr/bin/qemu-system-x86_64", "-L", f"{R}/usr/share/qemu", "-L", f"{R}/usr/share/seabios",
+    qemu = (["taskset", "-c", "1"] if PIN else []) + [f"{R}/usr/bin/qemu-system-x86_64", "-L", f"{R}/usr/share/qemu", "-L", f"{R}/usr/share/seabios",
             "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot", "-m", E["MEM"], "-smp", E["SMP"],
             "-machine", "q35,accel=tcg", "-cpu", "max", "-initrd", f"{RUN}/initrd.gz", "-kernel", E["KERNEL"],
-            "-append", f"console=ttyS0 quiet panic=-1 sluice_bench=32,{WARMUP},{SECS},4096",
+            "-append", f"console=ttyS0 quiet panic=-1 sluice_bench=32,{WARMUP},{SECS},4096{',zero' if NULL else ''}",
             "-object", f"memory-backend-memfd,id=mem,size={E['MEM']},share=on", "-numa", "node,memdev=mem",
             "-chardev", f"socket,id=vu,path={sock}", "-device", "vhost-user-blk-pci,chardev=vu,num-queues=1"]
     env = dict(os.environ, LD_LIBRARY_PATH=f"{R}/usr/lib/x86_64-linux-gnu")
@@ -208,8 +238,10 @@ def run(kind, rnd):
         raise SystemExit(f"{kind}: the guest's reads failed or did not finish:\n{txt[-3000:]}")
     ops, secs = int(m.group(1)), float(m.group(2))
     res = {"server": kind, "round": rnd, "ops": ops, "secs": secs, "guest_iops_tcg": round(ops / secs)}
-    for k in s0:
-        res[k + "_us_per_req"] = round((s1[k] - s0[k]) / ops * 1e6, 2)
+    for k in s0["time"]:
+        res[k + "_us_per_req"] = round((s1["time"][k] - s0["time"][k]) / ops * 1e6, 2)
+    for k in ("reads", "writes"):
+        res[k + "_per_100_req"] = round((s1[k] - s0[k]) / ops * 100, 2)
     print(json.dumps(res), flush=True)
     with open(E["OUT"], "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -242,11 +274,13 @@ for rnd in range(ROUNDS):
         results.append(run_clean(k, rnd))
 print(f"\nload average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores; noisy above ~2)")
 print(f"{'server':10} {'round':>5} {'guest IOPS (TCG)':>17} {'reactor busy us/req':>20} "
-      f"{'other CPU us/req':>17} {'process CPU us/req':>19} {'reactor wait us/req':>20}")
+      f"{'other CPU us/req':>17} {'process CPU us/req':>19} {'reactor wait us/req':>20} "
+      f"{'read/write syscalls per 100 req':>32}")
 for r in results:
     print(f"{r['server']:10} {r['round']:>5} {r['guest_iops_tcg']:>17} {r.get('busy_us_per_req', ''):>20} "
           f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19} "
-          f"{r.get('reactor_wait_us_per_req', ''):>20}")
+          f"{r.get('reactor_wait_us_per_req', ''):>20} "
+          f"{r['reads_per_100_req']:>15} / {r['writes_per_100_req']:<14}")
 def med(k, f):
     v = sorted(r[f] for r in results if r["server"] == k)
     return v[len(v) // 2]

@@ -3,9 +3,11 @@
  * device, QD requests kept in flight at random aligned offsets. Prints
  * "READER-START" after the warm-up, then "READER-END ops=N secs=S" after the
  * measured window, and checks every read came back whole and holds its
- * block's number in its first 8 bytes (the host writes the data so).
+ * block's number in its first 8 bytes (the host writes the data so); with
+ * "zero" (a null device that reads as zeroes), that its first 8 bytes, set to
+ * a marker before each read, came back zero.
  *
- *   randread DEV QD WARMUP_S SECS [BS]
+ *   randread DEV QD WARMUP_S SECS [BS [zero]]
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -29,10 +31,12 @@ static uint64_t rng = 88172645463325252ull;
 static uint64_t next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 
 int main(int argc, char **argv) {
-    if (argc < 5) { fprintf(stderr, "usage: randread DEV QD WARMUP_S SECS [BS]\n"); return 2; }
+    if (argc < 5) { fprintf(stderr, "usage: randread DEV QD WARMUP_S SECS [BS [zero]]\n"); return 2; }
     int qd = atoi(argv[2]);
     double warm = atof(argv[3]), secs = atof(argv[4]);
     long bs = argc > 5 ? atol(argv[5]) : 4096;
+    int zero = argc > 6 && argv[6][0] == 'z';
+    const uint64_t marker = 0x5a5a5a5a5a5a5a5aull;
     int fd = open(argv[1], O_RDONLY | O_DIRECT);
     if (fd < 0) { perror("open"); return 1; }
     uint64_t size = 0;
@@ -52,6 +56,7 @@ int main(int argc, char **argv) {
         cbs[i].aio_nbytes = bs;
         cbs[i].aio_offset = (next() % blocks) * bs;
         cbs[i].aio_data = i;
+        if (zero) *(uint64_t *)(buf + (size_t)i * bs) = marker;
         ptrs[i] = &cbs[i];
     }
     if (syscall(SYS_io_submit, ctx, qd, ptrs) != qd) { perror("io_submit"); return 1; }
@@ -64,12 +69,13 @@ int main(int argc, char **argv) {
             if (ev[k].res != bs) { fprintf(stderr, "READER-ERROR res=%lld\n", (long long)ev[k].res); return 1; }
             struct iocb *cb = &cbs[ev[k].data];
             uint64_t got = *(uint64_t *)(uintptr_t)cb->aio_buf;
-            if (got != cb->aio_offset / bs) {
+            if (got != (zero ? 0 : cb->aio_offset / bs)) {
                 fprintf(stderr, "READER-ERROR block %llu holds %llu\n",
                         (unsigned long long)(cb->aio_offset / bs), (unsigned long long)got);
                 return 1;
             }
             cb->aio_offset = (next() % blocks) * bs;
+            if (zero) *(uint64_t *)(uintptr_t)cb->aio_buf = marker;
             ptrs[k] = cb;
         }
         double t = now();
