@@ -45,9 +45,20 @@ if not (ver["version"].startswith("sluice")):
     raise AssertionError(ver)
 methods = c.rpc_get_methods(current=True)
 for m in ["bdev_malloc_create", "bdev_null_create", "bdev_aio_create", "bdev_uring_create",
-          "bdev_error_create", "bdev_get_bdevs", "bdev_get_iostat", "save_config", "notify_get_notifications"]:
+          "bdev_error_create", "bdev_get_bdevs", "bdev_get_iostat", "save_config", "notify_get_notifications",
+          "thread_get_stats", "thread_get_pollers"]:
     if not (m in methods):
         raise AssertionError(f"{m} not in rpc_get_methods")
+# The shape SPDK's `spdk_top` and `rpc.py thread_get_pollers` read.
+pollers = c.thread_get_pollers()
+if not (pollers["tick_rate"] > 0 and pollers["threads"]):
+    raise AssertionError(pollers)
+for t in pollers["threads"]:
+    if not ({"name", "id", "active_pollers", "timed_pollers", "paused_pollers"} <= set(t)):
+        raise AssertionError(t)
+    for p in t["active_pollers"] + t["timed_pollers"]:
+        if not (p["state"] == "waiting" and p["busy_count"] <= p["run_count"]):
+            raise AssertionError(p)
 
 # Create every leaf type with the parameters SPDK's client sends.
 if not (c.bdev_malloc_create(num_blocks=2048, block_size=512) == "Malloc0"):

@@ -131,3 +131,86 @@ fn get_bdevs_waits_up_to_its_timeout_for_a_bdev() {
     assert_eq!(e["code"], -19);
     assert!(t0.elapsed() >= std::time::Duration::from_millis(200));
 }
+
+/// SPDK's `thread_get_pollers`: every reactor with its pollers, counted.
+/// Reads through a null bdev make its completion poller run and report busy.
+#[test]
+fn thread_get_pollers_counts_the_polls_that_did_work() {
+    let mut d = Daemon::start_with(&["-m", "0x3"], &[]);
+    let nbd = d.dir.join("nbd.sock");
+    d.call(
+        "bdev_null_create",
+        json!({"name": "N0", "num_blocks": 2048, "block_size": 512}),
+    );
+    d.call(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": nbd.to_str().unwrap()}}),
+    );
+    d.call(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "N0"}),
+    );
+    let uri = format!("nbd+unix:///N0?socket={}", nbd.display());
+    let busy = |v: &Value| -> (u64, u64) {
+        let mut n = (0, 0);
+        for t in v["threads"].as_array().unwrap() {
+            for p in t["active_pollers"].as_array().unwrap() {
+                if p["name"] == "bdev_null_N0" {
+                    n.0 += p["run_count"].as_u64().unwrap();
+                    n.1 += p["busy_count"].as_u64().unwrap();
+                }
+            }
+        }
+        n
+    };
+    let before = d.call("thread_get_pollers", Value::Null);
+    qemu_io(&[
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0 0 4k",
+        "-c",
+        "read -P 0 64k 4k",
+        "-c",
+        "read -P 0 512k 4k",
+        &uri,
+    ]);
+    let v = d.call("thread_get_pollers", Value::Null);
+    assert!(v["tick_rate"].as_u64().unwrap() > 0, "{v}");
+    let threads = v["threads"].as_array().unwrap();
+    assert_eq!(threads.len(), 2, "{v}");
+    for (i, t) in threads.iter().enumerate() {
+        assert_eq!(t["name"], format!("reactor_{i}"), "{v}");
+        assert_eq!(t["id"], i as u64 + 1, "{v}");
+        for kind in ["active_pollers", "timed_pollers", "paused_pollers"] {
+            for p in t[kind].as_array().unwrap_or_else(|| panic!("{kind}: {v}")) {
+                let (run, b) = (p["run_count"].as_u64(), p["busy_count"].as_u64());
+                assert!(b <= run, "{p}");
+                assert!(p["name"].is_string() && p["id"].is_u64(), "{p}");
+                let want = if kind == "paused_pollers" {
+                    "paused"
+                } else {
+                    "waiting"
+                };
+                assert_eq!(p["state"], want, "{p}");
+                assert_eq!(
+                    p.get("period_ticks").is_some(),
+                    kind == "timed_pollers",
+                    "{p}"
+                );
+            }
+        }
+    }
+    let (run0, busy0) = busy(&before);
+    let (run1, busy1) = busy(&v);
+    assert!(run1 > run0, "the null bdev's poller did not run: {v}");
+    assert!(
+        (1..=3).contains(&(busy1 - busy0)),
+        "three reads complete in one to three busy polls, not {}: {v}",
+        busy1 - busy0
+    );
+    let e = d.call_err("thread_get_pollers", json!({"x": 1}));
+    assert_eq!(e["code"], -32602, "{e}");
+    d.stop();
+}

@@ -19,6 +19,7 @@ pub fn register(t: &mut MethodTable) {
     });
     t.add("framework_get_reactors", framework_get_reactors);
     t.add("thread_get_stats", thread_get_stats);
+    t.add("thread_get_pollers", thread_get_pollers);
     t.add("framework_get_subsystems", framework_get_subsystems);
     t.add("framework_get_config", framework_get_config);
     t.add("save_config", save_config);
@@ -141,6 +142,48 @@ fn thread_get_stats(svc: &Service, p: Params) -> Result<Value, RpcError> {
         })
         .collect();
     Ok(json!({"tick_rate": reactor::ticks_hz(), "threads": threads}))
+}
+
+/// SPDK's `thread_get_pollers`: each reactor's pollers with their run and
+/// busy counts, active, timed (with `period_ticks`) and paused. A poller is
+/// "waiting" as SPDK reports one that is not running at the moment (none
+/// runs while its reactor answers).
+fn thread_get_pollers(svc: &Service, p: Params) -> Result<Value, RpcError> {
+    p.none()?;
+    let hz = reactor::ticks_hz();
+    let threads: Vec<Value> = reactor_stats(svc)
+        .iter()
+        .map(|s| {
+            let list = |keep: &dyn Fn(&reactor::PollerStats) -> bool| -> Vec<Value> {
+                s.pollers
+                    .iter()
+                    .filter(|p| keep(p))
+                    .map(|p| {
+                        let mut v = json!({
+                            "name": p.name,
+                            "id": p.id,
+                            "state": if p.state == "running" { "waiting" } else { p.state },
+                            "run_count": p.run_count,
+                            "busy_count": p.busy_count,
+                        });
+                        if let Some(us) = p.period_us {
+                            v["period_ticks"] = json!(us.saturating_mul(hz) / 1_000_000);
+                        }
+                        v
+                    })
+                    .collect()
+            };
+            let running = |p: &reactor::PollerStats| p.state == "running";
+            json!({
+                "name": thread_name(s),
+                "id": s.index + 1,
+                "active_pollers": list(&|p| running(p) && p.period_us.is_none()),
+                "timed_pollers": list(&|p| running(p) && p.period_us.is_some()),
+                "paused_pollers": list(&|p| !running(p)),
+            })
+        })
+        .collect();
+    Ok(json!({"tick_rate": hz, "threads": threads}))
 }
 
 fn framework_get_subsystems(svc: &Service, p: Params) -> Result<Value, RpcError> {
