@@ -35,7 +35,9 @@
 # (read-zeroes=on) on both sides, the guest checking each block comes back
 # zeroed: the export's own cost, without the file read both services pay.
 # The table also gives each service's read and write system calls per 100
-# requests (/proc/PID/io): the call eventfd's writes are most of the writes.
+# requests (/proc/PID/io): the call eventfd's writes are most of the writes;
+# and for sluice, requests per busy poll of the virtqueue (thread_get_pollers;
+# a busy poll took requests from the avail ring or signalled the guest).
 # Results: a table on stdout, JSON lines in $OUT (default bench-vhost.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -197,6 +199,9 @@ def sample(kind, p, d):
         busy = sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
         s["time"] = {"busy": busy, "other_cpu": threads_cpu(p.pid, "reactor_"), "cpu": threads_cpu(p.pid),
                      "reactor_wait": reactor_wait(p.pid)}
+        tp = rpc(os.path.join(d, "sluice.sock"), "thread_get_pollers")
+        s["queue_busy_polls"] = sum(x["busy_count"] for t in tp["threads"] for x in t["active_pollers"]
+                                    if x["name"] == "vhost-blk-queue")
     else:
         s["time"] = {"cpu": threads_cpu(p.pid)}
     return s
@@ -242,6 +247,8 @@ def run(kind, rnd):
         res[k + "_us_per_req"] = round((s1["time"][k] - s0["time"][k]) / ops * 1e6, 2)
     for k in ("reads", "writes"):
         res[k + "_per_100_req"] = round((s1[k] - s0[k]) / ops * 100, 2)
+    if "queue_busy_polls" in s0:
+        res["req_per_busy_queue_poll"] = round(ops / max(1, s1["queue_busy_polls"] - s0["queue_busy_polls"]), 2)
     print(json.dumps(res), flush=True)
     with open(E["OUT"], "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -275,12 +282,13 @@ for rnd in range(ROUNDS):
 print(f"\nload average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores; noisy above ~2)")
 print(f"{'server':10} {'round':>5} {'guest IOPS (TCG)':>17} {'reactor busy us/req':>20} "
       f"{'other CPU us/req':>17} {'process CPU us/req':>19} {'reactor wait us/req':>20} "
-      f"{'read/write syscalls per 100 req':>32}")
+      f"{'read/write syscalls per 100 req':>32} {'req per busy queue poll':>24}")
 for r in results:
     print(f"{r['server']:10} {r['round']:>5} {r['guest_iops_tcg']:>17} {r.get('busy_us_per_req', ''):>20} "
           f"{r.get('other_cpu_us_per_req', ''):>17} {r['cpu_us_per_req']:>19} "
           f"{r.get('reactor_wait_us_per_req', ''):>20} "
-          f"{r['reads_per_100_req']:>15} / {r['writes_per_100_req']:<14}")
+          f"{r['reads_per_100_req']:>15} / {r['writes_per_100_req']:<14} "
+          f"{r.get('req_per_busy_queue_poll', ''):>24}")
 def med(k, f):
     v = sorted(r[f] for r in results if r["server"] == k)
     return v[len(v) // 2]
